@@ -1,0 +1,1 @@
+"""The database edge: engines, the reflected table, every statement, migrations."""

@@ -1,0 +1,317 @@
+"""Every statement stuck-runs runs on `scrape_runs`, in one place.
+
+Built once per reflected table (`RunQueries(runs)`), reused for every batch. Each state change is
+an UPDATE conditional on the state it expects; callers read RETURNING to learn what really
+changed. Per-row values computed by the rules travel as arrays through `unnest`, so a batch is
+a constant number of statements whatever its size.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY, insert
+
+from db import locks
+from db.dead_letters import dead_letters_table, insert_from_failed
+from db.table import RunsTable
+from jobs.rules import FailureOutcome
+
+NOW = sa.bindparam("sr_now", type_=sa.DateTime(timezone=True))
+
+
+def _arrays(**columns: sa.types.TypeEngine) -> sa.TableValuedAlias:
+    """`unnest(:sr_ids, :sr_messages, ...) AS v(id, message, ...)`: one row per element, in order.
+
+    Each column `x` is bound from the array parameter `sr_xs`. Every parameter name starts with
+    `sr_`: SQLAlchemy takes a parameter named like a column for a SET value, and the scraper's
+    table has columns we do not know.
+    """
+    arrays = [sa.cast(sa.bindparam(f"sr_{name}s", type_=ARRAY(kind)), ARRAY(kind)) for name, kind in columns.items()]
+    return (
+        sa.func.unnest(*arrays)
+        .table_valued(*(sa.column(name, kind) for name, kind in columns.items()))
+        .render_derived(name="v")
+    )
+
+
+def fail_params(items: list[tuple[object, FailureOutcome, str | None]]) -> dict[str, list]:
+    """Bind values for `fail_running` / `fail_reported`: (run id, outcome, detail) per attempt."""
+    return {
+        "sr_ids": [run_id for run_id, _, _ in items],
+        "sr_messages": [outcome.message for _, outcome, _ in items],
+        "sr_budgets": [outcome.budget for _, outcome, _ in items],
+        "sr_dues": [outcome.retry_due for _, outcome, _ in items],
+        "sr_patterns": [outcome.pattern for _, outcome, _ in items],
+        "sr_details": [detail for _, _, detail in items],
+    }
+
+
+class RunQueries:
+    """The statements for one table. Parameters are bound by name, all prefixed `sr_`: `sr_now`, `sr_run_id`..."""
+
+    def __init__(self, runs: RunsTable) -> None:
+        self.runs = runs
+        self.t = t = runs.table
+        self.dead_letters = dead_letters_table(t.schema)
+        self.runs_ns = locks.namespace(runs.qualified_name, locks.RUNS)
+
+        self.stuck_batch = self._stuck_batch(lock=True)
+        self.stuck_preview = self._stuck_batch(lock=False)
+        self.fail_running = self._fail("running", reported=False)
+        self.fail_reported = self._fail("failed", reported=True)
+        self.superseded_batch = self._superseded(lock=True)
+        self.superseded_preview = self._superseded(lock=False)
+        self.cancel_superseded = self._transition("pending_retry", "cancelled")
+        self.claim_due = self._claim_due()
+        self.due_preview = self._due(lock=False).add_columns(t.c.next_retry_at)
+        self.complete = (
+            sa.update(t)
+            .values(status=runs.status("completed"), completed_at=NOW)
+            .where(t.c.id == sa.bindparam("sr_run_id"), t.c.status == runs.status("running"))
+            .returning(t.c.id)
+        )
+        self.release = (
+            sa.update(t)
+            .values(
+                status=runs.status("pending_retry"),
+                next_retry_at=NOW,
+                started_at=runs.fresh_attempt_values(NOW).get("started_at", t.c.started_at),
+            )
+            .where(t.c.id.in_(sa.bindparam("sr_ids", expanding=True)), t.c.status == runs.status("running"))
+            .returning(t.c.id)
+        )
+        self.schedule_manual = self._schedule_manual()
+        self.get = sa.select(t).where(t.c.id == sa.bindparam("sr_run_id"))
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def chain(self) -> sa.Select:
+        """Every attempt of the chain rooted at `:sr_root`, oldest first."""
+        t = self.t
+        return (
+            sa.select(t)
+            .where(
+                sa.or_(
+                    t.c.id == sa.bindparam("sr_root"),
+                    sa.and_(t.c.is_retry, t.c.original_run_id == sa.bindparam("sr_root")),
+                )
+            )
+            .order_by(t.c.retry_count, t.c.started_at.asc().nulls_last())
+        )
+
+    def _executing(self) -> sa.ColumnElement:
+        """True for runs a live stuck-runs process is executing (it holds the run's lock)."""
+        key = locks.as_oid(locks.run_key(self.t.c.id))
+        return key.in_(locks.held_keys(self.runs_ns))
+
+    def _stuck_batch(self, *, lock: bool) -> sa.Select:
+        t, runs = self.t, self.runs
+        progress = runs.progress()
+        query = (
+            sa.select(
+                t.c.id,
+                progress.label("since"),
+                t.c.retry_count,
+                t.c.max_retries,
+                t.c.is_retry,
+                t.c.original_run_id,
+                t.c.search_query,
+                t.c.location_query,
+            )
+            .where(t.c.status == runs.status("running"), progress < sa.bindparam("sr_cutoff"), ~self._executing())
+            .order_by(progress)
+            .limit(sa.bindparam("sr_limit"))
+        )
+        return query.with_for_update(skip_locked=True, of=t) if lock else query
+
+    def _chain_completed(self, pending: sa.FromClause) -> sa.Select:
+        """The completed runs of `pending`'s chain, earliest completion first."""
+        done = self.t.alias("done")
+        return (
+            sa.select(done.c.id)
+            .where(
+                done.c.status == self.runs.status("completed"),
+                sa.or_(
+                    done.c.id == pending.c.original_run_id,
+                    sa.and_(done.c.is_retry, done.c.original_run_id == pending.c.original_run_id),
+                ),
+            )
+            .order_by(done.c.completed_at)
+        )
+
+    def _superseded(self, *, lock: bool) -> sa.Select:
+        """Pending retries whose chain already has a completed run, with that run's id."""
+        t = self.t
+        completed = self._chain_completed(t)
+        query = sa.select(
+            t.c.id,
+            t.c.retry_count,
+            t.c.max_retries,
+            t.c.search_query,
+            t.c.location_query,
+            completed.limit(1).scalar_subquery().label("completed_id"),
+        ).where(t.c.status == self.runs.status("pending_retry"), completed.exists())
+        return query.with_for_update(skip_locked=True, of=t) if lock else query
+
+    def _due(self, *, lock: bool) -> sa.Select:
+        t = self.t
+        query = (
+            sa.select(t.c.id, t.c.retry_count, t.c.max_retries, t.c.search_query, t.c.location_query)
+            .where(
+                t.c.status == self.runs.status("pending_retry"),
+                t.c.next_retry_at <= NOW,
+                ~self._chain_completed(t).exists(),
+            )
+            .order_by(t.c.next_retry_at)
+            .limit(sa.bindparam("sr_limit"))
+        )
+        return query.with_for_update(skip_locked=True, of=t) if lock else query
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def _retry_rows(self, failed: sa.CTE) -> sa.Insert:
+        """One pending retry for every row of `failed` that has a retry due, copying its inputs.
+
+        The unique index on (original_run_id, retry_count) WHERE is_retry makes a second
+        retry of the same attempt impossible; ON CONFLICT turns it into nothing.
+        """
+        t, runs = self.t, self.runs
+        values: dict[str, sa.ColumnElement] = {name: failed.c[name] for name in runs.input_columns}
+        values.update(
+            status=runs.status("pending_retry"),
+            retry_count=failed.c.retry_count + 1,
+            max_retries=failed.c.max_retries,
+            next_retry_at=failed.c.next_retry_at,
+            original_run_id=sa.func.coalesce(failed.c.original_run_id, failed.c.id),
+            is_retry=sa.true(),
+        )
+        values.update(runs.fresh_attempt_values(NOW))
+        rows = sa.select(*(value.label(name) for name, value in values.items())).where(
+            failed.c.next_retry_at.is_not(None)
+        )
+        return (
+            insert(t)
+            .from_select(list(values), rows)
+            .on_conflict_do_nothing()
+            .returning(t.c.id, t.c.original_run_id, t.c.retry_count)
+        )
+
+    def _inputs_json(self, failed: sa.CTE) -> sa.ColumnElement:
+        lifecycle = [name for name in failed.c.keys() if name not in self.runs.input_columns]
+        return sa.func.to_jsonb(failed.table_valued()).op("-")(
+            sa.cast(sa.literal(lifecycle, ARRAY(sa.Text)), ARRAY(sa.Text))
+        )
+
+    def _fail(self, from_status: str, *, reported: bool) -> sa.Select:
+        """Fails the attempts in the arrays and, in the same statement, creates their retries
+        and dead letters.
+
+        `running` attempts (stuck, or executed and failed) get `completed_at = now`. With
+        `reported`, the attempts are ones the scraper itself already marked `failed`: only those
+        without a scheduled retry are touched and their `completed_at` is kept.
+        Returns one row per attempt really failed, with `retry_id` when a retry was created.
+        """
+        t, runs = self.t, self.runs
+        v = _arrays(
+            id=sa.Uuid(),
+            message=sa.Text(),
+            budget=sa.Integer(),
+            due=sa.DateTime(timezone=True),
+            pattern=sa.Text(),
+            detail=sa.Text(),
+        )
+        where = [t.c.id == v.c.id, t.c.status == runs.status(from_status)]
+        completed_at: sa.ColumnElement = NOW
+        if reported:
+            where.append(t.c.next_retry_at.is_(None))
+            completed_at = sa.func.coalesce(t.c.completed_at, NOW)
+        failed = (
+            sa.update(t)
+            .values(
+                status=runs.status("failed"),
+                error_message=v.c.message,
+                completed_at=completed_at,
+                max_retries=v.c.budget,
+                next_retry_at=v.c.due,
+            )
+            .where(*where)
+            .returning(*t.c, v.c.pattern.label("_sr_pattern"), v.c.detail.label("_sr_detail"))
+            .cte("failed")
+        )
+        retried = self._retry_rows(failed).cte("retried")
+        dead = insert_from_failed(self.dead_letters, failed, self._inputs_json(failed), NOW).cte("dead")
+        return (
+            sa.select(
+                failed.c.id,
+                failed.c.search_query,
+                failed.c.location_query,
+                failed.c.retry_count,
+                failed.c.max_retries,
+                failed.c.next_retry_at,
+                failed.c.error_message,
+                failed.c._sr_pattern.label("pattern"),
+                retried.c.id.label("retry_id"),
+                dead.c.run_id.label("dead_letter_run_id"),
+            )
+            .select_from(failed)
+            .outerjoin(
+                retried,
+                sa.and_(
+                    retried.c.original_run_id == sa.func.coalesce(failed.c.original_run_id, failed.c.id),
+                    retried.c.retry_count == failed.c.retry_count + 1,
+                ),
+            )
+            .outerjoin(dead, dead.c.run_id == failed.c.id)
+        )
+
+    def _transition(self, from_status: str, to_status: str) -> sa.Update:
+        """Moves the runs in `:ids` from one status to another, each with its own message."""
+        t, runs = self.t, self.runs
+        v = _arrays(id=sa.Uuid(), message=sa.Text())
+        return (
+            sa.update(t)
+            .values(status=runs.status(to_status), error_message=v.c.message, completed_at=NOW, next_retry_at=None)
+            .where(t.c.id == v.c.id, t.c.status == runs.status(from_status))
+            .returning(t.c.id)
+        )
+
+    def _claim_due(self) -> sa.Update:
+        """Claims up to `:limit` due retries for execution and takes their run locks.
+
+        The run lock (session-level, in the claiming connection) tells the stuck checker the
+        run is being executed by a live process; it goes away with that process.
+        """
+        t, runs = self.t, self.runs
+        values: dict[str, object] = {
+            "status": runs.status("running"),
+            "started_at": NOW,
+            "completed_at": None,
+            "error_message": None,
+        }
+        if runs.heartbeat:
+            values[runs.heartbeat] = NOW
+        # MATERIALIZED: the LIMIT ... SKIP LOCKED must run once. As an IN (subquery) PostgreSQL
+        # may rescan it per outer row and claim more rows than the limit.
+        due = self._due(lock=True).with_only_columns(t.c.id).cte("due").prefix_with("MATERIALIZED")
+        return (
+            sa.update(t)
+            .values(**values)
+            .where(t.c.id == due.c.id, t.c.status == runs.status("pending_retry"))
+            .returning(*t.c, sa.func.pg_try_advisory_lock(self.runs_ns, locks.run_key(t.c.id)).label("_sr_locked"))
+        )
+
+    def _schedule_manual(self) -> sa.Select:
+        """Schedules a retry of failed attempt `:sr_run_id` due `:sr_due_at`, with chain budget `:sr_new_budget`."""
+        t, runs = self.t, self.runs
+        attempt = (
+            sa.update(t)
+            .values(
+                next_retry_at=sa.bindparam("sr_due_at", type_=sa.DateTime(timezone=True)),
+                max_retries=sa.bindparam("sr_new_budget"),
+            )
+            .where(t.c.id == sa.bindparam("sr_run_id"), t.c.status == runs.status("failed"))
+            .returning(*t.c)
+            .cte("failed")
+        )
+        retried = self._retry_rows(attempt).cte("retried")
+        return sa.select(retried.c.id, retried.c.retry_count)

@@ -1,0 +1,1 @@
+"""The service layer: rules, sweeps, retries and the one recovery entry point."""

@@ -1,0 +1,247 @@
+"""Configuration: read once from the environment (and `.env`), overridden by flags, validated.
+
+Every value is checked before the database is touched; a bad one raises `ConfigError` with one
+line naming the variable (or flag), the value and what is accepted. The result is a frozen
+`Settings` passed down; nothing below reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import string
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+
+from dotenv import find_dotenv, load_dotenv
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from jobs.errors import ConfigError
+from jobs.patterns import DEFAULT_PERMANENT, KNOWN_PATTERNS
+from jobs.rules import RetryPolicy
+
+DURATION_HELP = "use 90s, 30m, 1h, 4h, 1d or plain seconds"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+COMMAND_PLACEHOLDERS = frozenset({"run_id", "search_query", "location_query"})
+
+
+def parse_duration(text: str, name: str, *, allow_zero: bool = False) -> timedelta:
+    """`90s`, `30m`, `1h`, `4h`, `1d` or plain seconds (`3600`)."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ConfigError(f"{name}={text!r} is not a duration: {DURATION_HELP}")
+    value = timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()])
+    if value <= timedelta(0) and not (allow_zero and value == timedelta(0)):
+        raise ConfigError(f"{name}={text!r} must be longer than zero: {DURATION_HELP}")
+    return value
+
+
+def parse_int(text: str, name: str, *, minimum: int, maximum: int | None = None) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum or (maximum is not None and value > maximum):
+        bounds = f"from {minimum} to {maximum}" if maximum is not None else f"{minimum} or more"
+        raise ConfigError(f"{name}={text!r} is not accepted: use a whole number {bounds}")
+    return value
+
+
+def parse_fraction(text: str, name: str) -> float:
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name}={text!r} is not accepted: use a fraction from 0 to 1, such as 0.1")
+    return value
+
+
+def parse_choice(text: str, name: str, choices: tuple[str, ...], *, upper: bool = False) -> str:
+    value = str(text).strip()
+    value = value.upper() if upper else value.lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={text!r} is not accepted: use one of {', '.join(choices)}")
+    return value
+
+
+def parse_identifier(text: str, name: str, *, qualified: bool = False) -> str:
+    parts = str(text).strip().split(".")
+    if not (1 <= len(parts) <= (2 if qualified else 1)) or not all(_IDENTIFIER.match(p) for p in parts):
+        shape = "a table name such as scrape_runs or myschema.scrape_runs" if qualified else "a column name"
+        raise ConfigError(f"{name}={text!r} is not accepted: use {shape} (letters, digits, _)")
+    return str(text).strip()
+
+
+def parse_database_url(text: str, name: str) -> str:
+    """A PostgreSQL URL, normalised to the psycopg2 driver. The error never repeats the password."""
+    try:
+        url = make_url(str(text).strip())
+    except ArgumentError:
+        raise ConfigError(f"{name} is not a database URL: use postgresql://user:password@host:5432/dbname") from None
+    if url.get_backend_name() != "postgresql":
+        shown = url.render_as_string(hide_password=True)
+        raise ConfigError(f"{name}={shown!r} is not a PostgreSQL URL: use postgresql://user:password@host/dbname")
+    return url.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+
+
+def parse_command(text: str, name: str) -> tuple[str, ...]:
+    """An argv template; placeholders stay inside single argv items, nothing goes through a shell."""
+    try:
+        argv = tuple(shlex.split(str(text)))
+    except ValueError as exc:
+        raise ConfigError(f"{name}={text!r} cannot be split into arguments ({exc}): check its quotes") from None
+    if not argv:
+        raise ConfigError(f"{name} is empty: give a command such as 'python -m scraper --run-id {{run_id}}'")
+    for item in argv:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(item) if f is not None]
+        except ValueError as exc:
+            raise ConfigError(
+                f"{name}: {item!r} is not a valid template ({exc}); write {{{{ for a literal brace"
+            ) from None
+        unknown = sorted(set(fields) - COMMAND_PLACEHOLDERS)
+        if unknown:
+            allowed = ", ".join("{" + p + "}" for p in sorted(COMMAND_PLACEHOLDERS))
+            raise ConfigError(f"{name}: unknown placeholder {{{unknown[0]}}}; use {allowed}")
+    return argv
+
+
+def parse_callable(text: str, name: str) -> str:
+    module, sep, func = str(text).strip().partition(":")
+    if not sep or not all(_IDENTIFIER.match(p) for p in module.split(".") + func.split(".")):
+        raise ConfigError(f"{name}={text!r} is not accepted: use package.module:function")
+    return str(text).strip()
+
+
+def parse_patterns(text: str, name: str) -> frozenset[str]:
+    chosen = frozenset(p.strip() for p in str(text).split(",") if p.strip())
+    unknown = sorted(chosen - KNOWN_PATTERNS)
+    if unknown:
+        raise ConfigError(
+            f"{name}: unknown failure pattern {unknown[0]!r}; use some of {', '.join(sorted(KNOWN_PATTERNS))}"
+        )
+    return chosen
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything stuck-runs is configured with, validated."""
+
+    database_url: str | None = None
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    check_interval: timedelta = timedelta(hours=1)
+    process_interval: timedelta = timedelta(minutes=30)
+    dispatch_poll: timedelta = timedelta(seconds=5)
+    max_concurrent_retries: int = 1
+    execution_timeout: timedelta | None = None  # None: the stuck threshold
+    batch_size: int = 1000
+    heartbeat_column: str | None = None
+    table: str = "scrape_runs"
+    log_level: str = "INFO"
+    log_format: str = "text"
+    metrics_port: int | None = None
+    command: tuple[str, ...] | None = None
+    callable_path: str | None = None
+
+    @property
+    def timeout(self) -> timedelta:
+        return self.execution_timeout or self.policy.stuck_after
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise ConfigError(
+                "DATABASE_URL is not set: put DATABASE_URL=postgresql://user:password@host/dbname "
+                "in the environment or in .env"
+            )
+        return self.database_url
+
+    def with_policy(self, **changes: object) -> Settings:
+        return replace(self, policy=replace(self.policy, **changes))
+
+
+# (environment variable, flag, parser, Settings or RetryPolicy field)
+_Parser = Callable[[str, str], object]
+_FIELDS: tuple[tuple[str, str, _Parser, str], ...] = (
+    ("DATABASE_URL", "--database-url", parse_database_url, "database_url"),
+    ("STUCK_AFTER", "--stuck-after", parse_duration, "policy.stuck_after"),
+    ("RETRY_DELAY", "--retry-delay", lambda t, n: parse_duration(t, n, allow_zero=True), "policy.retry_delay"),
+    ("MAX_RETRIES", "--max-retries", lambda t, n: parse_int(t, n, minimum=0, maximum=1000), "policy.max_retries"),
+    ("RETRY_BACKOFF", "--retry-backoff", lambda t, n: parse_choice(t, n, ("fixed", "exponential")), "policy.backoff"),
+    ("RETRY_MAX_DELAY", "--retry-max-delay", parse_duration, "policy.max_delay"),
+    ("RETRY_JITTER", "--retry-jitter", parse_fraction, "policy.jitter"),
+    ("PERMANENT_PATTERNS", "--permanent-patterns", parse_patterns, "policy.permanent_patterns"),
+    ("CHECK_INTERVAL", "--check-interval", parse_duration, "check_interval"),
+    ("PROCESS_INTERVAL", "--process-interval", parse_duration, "process_interval"),
+    ("DISPATCH_POLL", "--dispatch-poll", parse_duration, "dispatch_poll"),
+    (
+        "MAX_CONCURRENT_RETRIES",
+        "--max-concurrent-retries",
+        lambda t, n: parse_int(t, n, minimum=1, maximum=256),
+        "max_concurrent_retries",
+    ),
+    ("EXECUTION_TIMEOUT", "--execution-timeout", parse_duration, "execution_timeout"),
+    ("BATCH_SIZE", "--batch-size", lambda t, n: parse_int(t, n, minimum=1, maximum=100_000), "batch_size"),
+    ("HEARTBEAT_COLUMN", "--heartbeat-column", parse_identifier, "heartbeat_column"),
+    ("SCRAPE_RUNS_TABLE", "--table", lambda t, n: parse_identifier(t, n, qualified=True), "table"),
+    ("LOG_LEVEL", "--log-level", lambda t, n: parse_choice(t, n, LOG_LEVELS, upper=True), "log_level"),
+    ("LOG_FORMAT", "--log-format", lambda t, n: parse_choice(t, n, ("text", "json")), "log_format"),
+    ("METRICS_PORT", "--metrics-port", lambda t, n: parse_int(t, n, minimum=1, maximum=65535), "metrics_port"),
+    ("SCRAPE_RUN_COMMAND", "--command", parse_command, "command"),
+    ("SCRAPE_RUN_CALLABLE", "--callable", parse_callable, "callable_path"),
+)
+ENV_VARS = tuple(env for env, _, _, _ in _FIELDS)
+FLAG_FOR = {env: flag for env, flag, _, _ in _FIELDS}
+
+
+def load_settings(env: Mapping[str, str], flags: Mapping[str, object] | None = None) -> Settings:
+    """Settings from `env` (the process environment with `.env` folded in), `flags` winning.
+
+    `flags` maps environment-variable names to the values given on the command line (None or
+    absent: not given). Empty environment values count as unset.
+    """
+    top: dict[str, object] = {}
+    policy: dict[str, object] = {"permanent_patterns": DEFAULT_PERMANENT}
+    for env_name, flag, parse, target in _FIELDS:
+        given = (flags or {}).get(env_name)
+        if given is not None:
+            value = given if not isinstance(given, str) else parse(given, flag)
+        elif env.get(env_name, "").strip():
+            value = parse(env[env_name], env_name)
+        else:
+            continue
+        if target.startswith("policy."):
+            policy[target.removeprefix("policy.")] = value
+        else:
+            top[target] = value
+    settings = Settings(policy=RetryPolicy(**policy), **top)  # type: ignore[arg-type]
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    if settings.command and settings.callable_path:
+        raise ConfigError(
+            "SCRAPE_RUN_COMMAND and SCRAPE_RUN_CALLABLE are both set: keep the one that runs your scraper"
+        )
+    policy = settings.policy
+    if policy.backoff == "exponential" and policy.max_delay < policy.retry_delay:
+        raise ConfigError(
+            f"RETRY_MAX_DELAY ({policy.max_delay}) is shorter than RETRY_DELAY ({policy.retry_delay}): "
+            "raise RETRY_MAX_DELAY or lower RETRY_DELAY"
+        )
+
+
+def settings_from_environment(flags: Mapping[str, object] | None = None) -> Settings:
+    """Settings from the process environment, `.env` (current directory upwards) and `flags`.
+
+    Real environment variables win over `.env`; flags win over both.
+    """
+    load_dotenv(find_dotenv(usecwd=True), override=False)
+    return load_settings(os.environ, flags)

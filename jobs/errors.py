@@ -1,0 +1,54 @@
+"""Errors meant for operators: each becomes one line and an exit code at the CLI entry.
+
+Anything else that escapes is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0  # Everything asked for was done.
+EXIT_REFUSED = 1  # Refused, or done in part (a run not found, a retry refused, a tick that failed).
+EXIT_USAGE = 2  # Bad flags, bad configuration: nothing was touched.
+
+
+class OperatorError(Exception):
+    """A mistake or a condition the operator can fix; the message says how."""
+
+    exit_code = EXIT_REFUSED
+
+
+class ConfigError(OperatorError):
+    """A configuration value is missing or invalid; raised before the database is touched."""
+
+    exit_code = EXIT_USAGE
+
+
+class UsageError(OperatorError):
+    """An argument is malformed (a run id that is not a UUID, say)."""
+
+    exit_code = EXIT_USAGE
+
+
+class DatabaseUnavailable(OperatorError):
+    """The database could not be reached or answered with an error (password never included)."""
+
+
+class NotMigrated(OperatorError):
+    """The table lacks the columns stuck-runs adds; `stuck-runs migrate` fixes it."""
+
+
+class SchemaError(OperatorError):
+    """The table's shape makes stuck-runs impossible (no `id`, a CHECK on status...)."""
+
+
+class RunNotFound(OperatorError):
+    """No row has the given id."""
+
+
+class RetryRefused(OperatorError):
+    """A manual retry that cannot be done; the message says why."""
+
+
+class ExecutorError(OperatorError):
+    """The configured executor cannot be built (callable not importable, command not found)."""
+
+    exit_code = EXIT_USAGE

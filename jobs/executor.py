@@ -1,0 +1,223 @@
+"""Executors run one retry attempt of the scraper. One small protocol, chosen by configuration:
+
+- `CommandExecutor`: `SCRAPE_RUN_COMMAND`, an argv template run without a shell, in its own
+  process group so a timeout or a shutdown kills the whole scraper.
+- `CallableExecutor`: `SCRAPE_RUN_CALLABLE`, `package.module:function` called with the run, in a
+  spawned process so it too can be killed.
+
+An executor only reports what happened; the processor decides what it means.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol
+
+from jobs.config import Settings
+from jobs.errors import ConfigError, ExecutorError
+from jobs.model import Run
+from jobs.patterns import parse_retry_after
+
+STDERR_TAIL_BYTES = 8192  # kept for the dead-letter record
+ERROR_LINE_CHARS = 500  # the part that goes into error_message
+KILL_GRACE_SECONDS = 5  # between SIGTERM and SIGKILL
+POLL_SECONDS = 0.2  # how often a wait looks at the cancel flag
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    """What one execution did. `cancelled`: stopped by a shutdown, so it does not count."""
+
+    ok: bool
+    error: str | None = None
+    detail: str | None = None  # stderr tail or traceback
+    timed_out: bool = False
+    cancelled: bool = False
+    retry_after: timedelta | None = None
+
+
+class Executor(Protocol):
+    def execute(self, run: Run, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
+        """Runs the scraper for `run`; gives up after `timeout` (wall time) or when `cancel` is set."""
+
+
+def run_environment(run: Run) -> dict[str, str]:
+    """The run's fields as `SCRAPE_RUN_*` variables (JSON for structured inputs)."""
+    fields: dict[str, Any] = {
+        "id": run.id,
+        "retry_count": run.retry_count,
+        "max_retries": run.max_retries,
+        "original_run_id": run.chain_id,
+        **run.inputs,
+    }
+    env = {}
+    for name, value in fields.items():
+        if value is None:
+            text = ""
+        elif isinstance(value, (dict, list)):
+            text = json.dumps(value, default=str)
+        else:
+            text = str(value)
+        env[f"SCRAPE_RUN_{name.upper()}"] = text
+    env["SCRAPE_RUN_INPUTS"] = json.dumps(dict(run.inputs), default=str)
+    return env
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:ERROR_LINE_CHARS] if lines else ""
+
+
+class CommandExecutor:
+    def __init__(self, argv_template: tuple[str, ...]) -> None:
+        self.argv_template = argv_template
+
+    def argv(self, run: Run) -> list[str]:
+        """Each template item becomes exactly one argument; a query is text, never shell."""
+        values = {
+            "run_id": str(run.id),
+            "search_query": run.search_query or "",
+            "location_query": run.location_query or "",
+        }
+        return [item.format_map(values) for item in self.argv_template]
+
+    def execute(self, run: Run, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
+        with tempfile.TemporaryFile() as stderr:
+            try:
+                process = subprocess.Popen(
+                    self.argv(run),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    env={**os.environ, **run_environment(run)},
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                return ExecutionResult(ok=False, error=f"Command could not start: {exc}")
+            stopped = _wait(process.poll, timeout, cancel)
+            if stopped is not None:
+                _kill_group(process)
+            stderr.seek(max(0, os.fstat(stderr.fileno()).st_size - STDERR_TAIL_BYTES))
+            tail = stderr.read().decode("utf-8", "replace")
+        if stopped is not None:
+            return ExecutionResult(ok=False, detail=tail, timed_out=stopped == "timeout", cancelled=stopped == "cancel")
+        if process.returncode == 0:
+            return ExecutionResult(ok=True, detail=tail)
+        code = process.returncode
+        fallback = f"Command exited with code {code}" if code > 0 else f"Command killed by signal {-code}"
+        return ExecutionResult(
+            ok=False, error=last_line(tail) or fallback, detail=tail, retry_after=parse_retry_after(tail)
+        )
+
+
+def _wait(poll: Callable[[], object], timeout: timedelta, cancel: threading.Event) -> str | None:
+    """Waits for `poll()` to return non-None; 'timeout' or 'cancel' if it had to stop waiting."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    while poll() is None:
+        if cancel.is_set():
+            return "cancel"
+        if time.monotonic() >= deadline:
+            return "timeout"
+        cancel.wait(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+    return None
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    process.wait()
+
+
+def _call_in_child(path: str, run: Run, channel: Any) -> None:
+    """Runs in the spawned process: calls the function, reports success or the traceback."""
+    try:
+        resolve_callable(path)(run)
+    except BaseException as exc:  # noqa: BLE001 - everything the scraper raises is a failed attempt
+        retry_after = getattr(exc, "retry_after", None)
+        seconds = retry_after.total_seconds() if isinstance(retry_after, timedelta) else retry_after
+        channel.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc(), seconds))
+    else:
+        channel.send(("ok", None, None, None))
+
+
+def resolve_callable(path: str) -> Callable[[Run], object]:
+    module_name, _, attribute = path.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise ExecutorError(f"SCRAPE_RUN_CALLABLE={path!r} cannot be imported ({exc}): check the module path") from None
+    if not callable(target):
+        raise ExecutorError(f"SCRAPE_RUN_CALLABLE={path!r} is not callable")
+    return target
+
+
+class CallableExecutor:
+    def __init__(self, path: str) -> None:
+        resolve_callable(path)  # fail at start-up, not at the first retry
+        self.path = path
+        self._context = multiprocessing.get_context("spawn")
+
+    def execute(self, run: Run, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
+        receiver, sender = self._context.Pipe(duplex=False)
+        process = self._context.Process(target=_call_in_child, args=(self.path, run, sender), daemon=True)
+        process.start()
+        sender.close()
+        try:
+            stopped = _wait(lambda: True if receiver.poll() or not process.is_alive() else None, timeout, cancel)
+            if stopped is not None:
+                process.terminate()
+                process.join(KILL_GRACE_SECONDS)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+                return ExecutionResult(ok=False, timed_out=stopped == "timeout", cancelled=stopped == "cancel")
+            try:
+                kind, error, detail, retry_after = receiver.recv()
+            except EOFError:
+                process.join()
+                return ExecutionResult(ok=False, error=f"Scraper process died (exit code {process.exitcode})")
+            process.join()
+        finally:
+            receiver.close()
+        if kind == "ok":
+            return ExecutionResult(ok=True)
+        after = timedelta(seconds=retry_after) if retry_after else parse_retry_after(detail)
+        return ExecutionResult(ok=False, error=str(error)[:ERROR_LINE_CHARS], detail=detail, retry_after=after)
+
+
+def build_executor(settings: Settings) -> Executor:
+    """The executor the settings ask for; `ConfigError` when none is configured."""
+    if settings.command:
+        program = settings.command[0]
+        if shutil.which(program) is None:
+            raise ExecutorError(f"SCRAPE_RUN_COMMAND: {program!r} is not found or not executable: check PATH")
+        return CommandExecutor(settings.command)
+    if settings.callable_path:
+        return CallableExecutor(settings.callable_path)
+    raise ConfigError(
+        "no executor configured: set SCRAPE_RUN_COMMAND (e.g. 'python -m scraper --run-id {run_id}') "
+        "or SCRAPE_RUN_CALLABLE (package.module:function)"
+    )

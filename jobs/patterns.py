@@ -1,0 +1,60 @@
+"""Failure patterns: what kind of failure an execution error is, and a Retry-After it reported.
+
+Pure text rules. HTTP status codes only count with HTTP context around them ("HTTP 404",
+"404 Not Found", "status code 503"), so "processed 404 items" is not a missing page.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+# Order matters: the first match wins, the specific before the general ("504 Gateway
+# Timeout" is a server error, not a timeout).
+_HTTP = r"(?:https?|status(?:[ _]code)?|response|code|error)\D{0,3}"
+
+DEFAULT_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("rate_limited", rf"{_HTTP}\b429\b|\b429\s+too many requests|too many requests|rate[ -]?limit"),
+    ("not_found", rf"{_HTTP}\b(?:404|410)\b|\b(?:404|410)\b\s*[:\-]?\s*(?:not found|gone|client error)"),
+    ("forbidden", rf"{_HTTP}\b(?:401|403)\b|\b(?:401|403)\b\s*[:\-]?\s*(?:forbidden|unauthori[sz]ed|client error)"),
+    (
+        "server_error",
+        rf"{_HTTP}\b5\d\d\b|\b5\d\d\b\s*[:\-]?\s*(?:server error|internal|bad gateway|service unavailable|gateway)"
+        r"|internal server error|bad gateway|service unavailable",
+    ),
+    (
+        "dns",
+        r"name or service not known|nodename nor servname|temporary failure in name resolution"
+        r"|getaddrinfo|nxdomain|no address associated|could not resolve host|dns",
+    ),
+    ("timeout", r"timed? ?out|timeout|etimedout|deadline exceeded"),
+    (
+        "network_connectivity",
+        r"connection (?:refused|reset|aborted|closed)|network is unreachable|no route to host"
+        r"|econnrefused|econnreset|remote ?disconnected|broken pipe|ssl|proxy error",
+    ),
+)
+DEFAULT_PERMANENT = frozenset({"not_found", "forbidden"})
+KNOWN_PATTERNS = frozenset(name for name, _ in DEFAULT_PATTERNS) | {"stuck", "unknown"}
+UNKNOWN = "unknown"
+
+_RETRY_AFTER = re.compile(r"retry-after\s*[:=]\s*(\d+)", re.IGNORECASE)
+
+
+class Classifier:
+    """Maps an error text to the first pattern whose regular expression matches it."""
+
+    def __init__(self, patterns: tuple[tuple[str, str], ...] = DEFAULT_PATTERNS) -> None:
+        self._compiled = tuple((name, re.compile(expr, re.IGNORECASE)) for name, expr in patterns)
+
+    def classify(self, text: str | None) -> str:
+        for name, expr in self._compiled:
+            if text and expr.search(text):
+                return name
+        return UNKNOWN
+
+
+def parse_retry_after(text: str | None) -> timedelta | None:
+    """The last `Retry-After: <seconds>` an executor reported (on stderr, say), if any."""
+    found = _RETRY_AFTER.findall(text or "")
+    return timedelta(seconds=int(found[-1])) if found else None

@@ -1,0 +1,296 @@
+"""The retry processor: supersede, claim, execute, record.
+
+- Pending retries whose chain completed late (the scraper finished the "stuck" run after all)
+  are cancelled as superseded.
+- Due retries are claimed under a global limit of MAX_CONCURRENT_RETRIES: a slot is a session
+  advisory lock held by the executing process, so a slot held by a process that died is free
+  at once. The claim also takes the run's own lock, which keeps the stuck checker off runs a
+  live process is executing.
+- The outcome is recorded with a conditional update: a terminal status the scraper wrote
+  itself stands (its `failed` still continues the chain).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from loguru import logger
+from sqlalchemy.engine import Connection
+
+from db import locks
+from db.engine import database_errors
+from db.queries import fail_params
+from jobs.executor import ExecutionResult
+from jobs.model import Run
+from jobs.rules import (
+    FailureOutcome,
+    RetryPolicy,
+    chain_budget,
+    decide_failure,
+    run_label,
+    superseded_message,
+    timeout_error,
+)
+from jobs.runtime import Runtime
+
+PREVIEW_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class SupersededRetry:
+    run_id: uuid.UUID
+    label: str
+    completed_run_id: uuid.UUID
+    message: str
+
+
+@dataclass(frozen=True)
+class RetryOutcome:
+    """What became of one executed retry attempt."""
+
+    run_id: uuid.UUID
+    label: str
+    status: str  # completed | failed | released (shutdown) | whatever the scraper wrote
+    message: str | None = None
+    pattern: str | None = None
+    retry_id: uuid.UUID | None = None
+    retry_due: datetime | None = None
+    dead_lettered: bool = False
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class DueRetry:
+    run_id: uuid.UUID
+    label: str
+    due: datetime
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    superseded: tuple[SupersededRetry, ...] = ()
+    executed: tuple[RetryOutcome, ...] = ()
+    due: tuple[DueRetry, ...] = ()  # dry run: what would be executed
+    dry_run: bool = False
+    seconds: float = 0.0
+
+    @property
+    def succeeded(self) -> int:
+        return sum(1 for o in self.executed if o.status == "completed")
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for o in self.executed if o.status == "failed")
+
+
+def process_due_retries(
+    rt: Runtime,
+    policy: RetryPolicy | None = None,
+    *,
+    dry_run: bool = False,
+    stop: threading.Event | None = None,
+) -> ProcessResult:
+    """Supersedes what completed late, then executes due retries until none is due.
+
+    Executes up to MAX_CONCURRENT_RETRIES at once, counted across every process on the
+    database; returns when nothing is due or every slot is taken by others.
+    """
+    policy = policy or rt.settings.policy
+    started = time.monotonic()
+    superseded = supersede_completed_chains(rt, dry_run=dry_run)
+    if dry_run:
+        return ProcessResult(superseded, due=preview_due(rt), dry_run=True, seconds=time.monotonic() - started)
+    executed = RetryDispatcher(rt, policy).drain(stop or threading.Event())
+    return ProcessResult(superseded, tuple(executed), seconds=time.monotonic() - started)
+
+
+def supersede_completed_chains(rt: Runtime, *, dry_run: bool = False) -> tuple[SupersededRetry, ...]:
+    """Cancels pending retries whose chain has a completed run: `Superseded: run <id> completed`."""
+    q = rt.queries
+    now = rt.clock.now()
+    with database_errors(rt.engine, "superseding retries"), rt.engine.connect() as conn:
+        with conn.begin():
+            rows = conn.execute(q.superseded_preview if dry_run else q.superseded_batch).mappings().all()
+            found = [
+                SupersededRetry(
+                    run_id=row["id"],
+                    label=run_label(row["search_query"], row["location_query"], row["retry_count"], row["max_retries"]),
+                    completed_run_id=row["completed_id"],
+                    message=superseded_message(row["completed_id"]),
+                )
+                for row in rows
+            ]
+            if dry_run or not found:
+                return tuple(found)
+            params = {"sr_now": now, "sr_ids": [s.run_id for s in found], "sr_messages": [s.message for s in found]}
+            cancelled = set(conn.execute(q.cancel_superseded, params).scalars())
+    done = tuple(s for s in found if s.run_id in cancelled)
+    for s in done:
+        logger.bind(run_id=str(s.run_id), event="superseded").info("{}: {}", s.label, s.message)
+    return done
+
+
+def preview_due(rt: Runtime) -> tuple[DueRetry, ...]:
+    with database_errors(rt.engine, "listing due retries"), rt.engine.connect() as conn:
+        rows = conn.execute(rt.queries.due_preview, {"sr_now": rt.clock.now(), "sr_limit": PREVIEW_LIMIT}).mappings()
+        return tuple(
+            DueRetry(
+                row["id"],
+                run_label(row["search_query"], row["location_query"], row["retry_count"], row["max_retries"]),
+                row["next_retry_at"],
+            )
+            for row in rows
+        )
+
+
+class RetryDispatcher:
+    """Claims and executes due retries in the slots it can take."""
+
+    def __init__(self, rt: Runtime, policy: RetryPolicy) -> None:
+        self.rt = rt
+        self.policy = policy
+        self.slots_ns = locks.namespace(rt.runs.qualified_name, locks.SLOTS)
+
+    def drain(self, stop: threading.Event) -> list[RetryOutcome]:
+        """Executes due retries in every free slot until none is due (or `stop` is set)."""
+        slots = range(self.rt.settings.max_concurrent_retries)
+        if len(slots) == 1:
+            return self.work_slot(0, stop)
+        with ThreadPoolExecutor(len(slots), thread_name_prefix="retry-slot") as pool:
+            return [o for outcomes in pool.map(lambda slot: self.work_slot(slot, stop), slots) for o in outcomes]
+
+    def work_slot(self, slot: int, stop: threading.Event) -> list[RetryOutcome]:
+        """Holds slot `slot` (if free) and executes due retries one after another in it."""
+        outcomes: list[RetryOutcome] = []
+        with database_errors(self.rt.engine, "claiming retries"):
+            conn = self.rt.engine.connect()
+        try:
+            if not locks.try_lock(conn, self.slots_ns, slot):
+                conn.rollback()
+                return outcomes
+            conn.commit()
+            while not stop.is_set():
+                run, run_locked = self.claim(conn)
+                if run is None:
+                    break
+                try:
+                    outcomes.append(self.execute_and_record(run, stop))
+                finally:
+                    if run_locked:
+                        locks.unlock_run(conn, self.rt.queries.runs_ns, run.id)
+                        conn.commit()
+            locks.unlock(conn, self.slots_ns, slot)
+            conn.commit()
+        except BaseException:
+            conn.invalidate()  # the session ends, and every lock it held with it
+            raise
+        finally:
+            conn.close()
+        return outcomes
+
+    def claim(self, conn: Connection) -> tuple[Run | None, bool]:
+        """Claims the most overdue retry in `conn`'s session: `running`, its run lock held there.
+
+        Returns the run (None when nothing is due) and whether the run lock was taken.
+        """
+        with database_errors(self.rt.engine, "claiming a due retry"), conn.begin():
+            row = (
+                conn.execute(self.rt.queries.claim_due, {"sr_now": self.rt.clock.now(), "sr_limit": 1})
+                .mappings()
+                .first()
+            )
+        if row is None:
+            return None, False
+        run = Run.from_row(row, self.rt.runs.input_columns)
+        logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count, event="started").info(
+            "{}: started", run.label
+        )
+        return run, bool(row["_sr_locked"])
+
+    def execute_and_record(self, run: Run, stop: threading.Event) -> RetryOutcome:
+        started = time.monotonic()
+        timeout = self.rt.clock.real(self.rt.settings.timeout)
+        result = self.rt.executor.execute(run, timeout, stop)
+        outcome = record_outcome(self.rt, self.policy, run, result)
+        return replace(outcome, seconds=time.monotonic() - started)
+
+
+def record_outcome(rt: Runtime, policy: RetryPolicy, run: Run, result: ExecutionResult) -> RetryOutcome:
+    """Writes what an execution did, never over a status someone else wrote.
+
+    Success → `completed`. Failure → `failed` with the next retry or the end of the chain.
+    Cancelled by a shutdown → back to `pending_retry`, due now, no budget spent. If the row is
+    no longer `running` the scraper wrote its own status: `completed` and others stand, and a
+    `failed` it wrote continues the chain like any failure.
+    """
+    q = rt.queries
+    now = rt.clock.now()
+    log = logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count)
+    with database_errors(rt.engine, f"recording the outcome of run {run.id}"), rt.engine.begin() as conn:
+        if result.cancelled:
+            released = conn.execute(q.release, {"sr_now": now, "sr_ids": [run.id]}).first()
+            if released:
+                log.bind(event="released").info("{}: put back to pending_retry (shutdown)", run.label)
+                return RetryOutcome(run.id, run.label, "released")
+        elif result.ok:
+            if conn.execute(q.complete, {"sr_now": now, "sr_run_id": run.id}).first():
+                log.bind(event="completed").success("{}: completed", run.label)
+                return RetryOutcome(run.id, run.label, "completed")
+        else:
+            error = timeout_error(rt.settings.timeout) if result.timed_out else (result.error or "Run failed")
+            outcome = _decide(rt, policy, run, error, result, now)
+            row = (
+                conn.execute(q.fail_running, {"sr_now": now, **fail_params([(run.id, outcome, result.detail)])})
+                .mappings()
+                .first()
+            )
+            if row:
+                return _failed(log, run, row)
+        current = conn.execute(q.get, {"sr_run_id": run.id}).mappings().one()
+        if current["status"] == "failed" and current["next_retry_at"] is None:
+            error = current["error_message"] or result.error or "Run failed"
+            outcome = _decide(rt, policy, run, error, result, now)
+            params = {"sr_now": now, **fail_params([(run.id, outcome, result.detail)])}
+            row = conn.execute(q.fail_reported, params).mappings().first()
+            if row:
+                return _failed(log, run, row)
+    log.bind(event="kept").info("{}: the scraper wrote {}; it stands", run.label, current["status"])
+    return RetryOutcome(run.id, run.label, current["status"], message=current["error_message"])
+
+
+def _decide(
+    rt: Runtime, policy: RetryPolicy, run: Run, error: str, result: ExecutionResult, now: datetime
+) -> FailureOutcome:
+    pattern = "timeout" if result.timed_out else rt.classifier.classify(error)
+    if pattern == "unknown" and result.detail:
+        pattern = rt.classifier.classify(result.detail)
+    return decide_failure(
+        error=error,
+        pattern=pattern,
+        retry_count=run.retry_count,
+        budget=chain_budget(run.is_retry, run.max_retries, policy),
+        now=now,
+        policy=policy,
+        rng=rt.rng,
+        retry_after=result.retry_after,
+    )
+
+
+def _failed(log, run: Run, row) -> RetryOutcome:
+    outcome = RetryOutcome(
+        run.id,
+        run.label,
+        "failed",
+        message=row["error_message"],
+        pattern=row["pattern"],
+        retry_id=row["retry_id"],
+        retry_due=row["next_retry_at"],
+        dead_lettered=row["dead_letter_run_id"] is not None,
+    )
+    log.bind(event="failed", pattern=outcome.pattern).warning("{}: {}", run.label, outcome.message)
+    return outcome

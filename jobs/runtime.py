@@ -1,0 +1,60 @@
+"""The runtime: what every service call needs, assembled once at the edge from `Settings`.
+
+The CLI, the script and the daemon each open one `Runtime` and pass it down; services never
+build engines or read configuration themselves.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from sqlalchemy.engine import Engine
+
+from db.engine import database_errors, make_engine
+from db.queries import RunQueries
+from db.table import RunsTable, load_runs_table
+from jobs.clock import SystemClock
+from jobs.config import Settings
+from jobs.executor import Executor, build_executor
+from jobs.patterns import Classifier
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    runs: RunsTable
+    clock: SystemClock = field(default_factory=SystemClock)
+    rng: random.Random = field(default_factory=random.Random)
+    classifier: Classifier = field(default_factory=Classifier)
+    executor_override: Executor | None = None
+
+    @classmethod
+    def open(
+        cls,
+        settings: Settings,
+        *,
+        role: str = "cli",
+        clock: SystemClock | None = None,
+        executor: Executor | None = None,
+    ) -> Runtime:
+        """Connects, reflects and checks the table; raises an operator error if it cannot."""
+        url = settings.require_database_url()
+        engine = make_engine(url, role=role, pool_size=settings.max_concurrent_retries + 2)
+        with database_errors(engine, "connecting"), engine.connect() as conn:
+            runs = load_runs_table(conn, settings.table, settings.heartbeat_column)
+        return cls(settings, engine, runs, clock or SystemClock(), executor_override=executor)
+
+    @cached_property
+    def queries(self) -> RunQueries:
+        return RunQueries(self.runs)
+
+    @cached_property
+    def executor(self) -> Executor:
+        """Built on first use, so commands that execute nothing need no executor configured."""
+        return self.executor_override or build_executor(self.settings)
+
+    def close(self) -> None:
+        self.engine.dispose()

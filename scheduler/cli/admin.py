@@ -1,0 +1,73 @@
+"""Commands that run or set up the tool: migrate, daemon, demo."""
+
+from __future__ import annotations
+
+import click
+
+from db.engine import make_engine
+from db.migrate import head_revision, migrate, migration_sql
+from jobs.errors import EXIT_OK
+from jobs.runtime import Runtime
+from scheduler.cli import EXECUTION, POLICY, cli, config_options, load_settings
+
+
+@cli.command("migrate")
+@click.option("--sql", "as_sql", is_flag=True, help="Print the DDL for a DBA instead of running it.")
+@config_options("SCRAPE_RUNS_TABLE")
+@click.pass_context
+def migrate_command(ctx: click.Context, as_sql: bool) -> int:
+    """Add the retry columns, status values and indexes to the runs table (idempotent).
+
+    \b
+    Examples:
+      stuck-runs migrate
+      stuck-runs migrate --sql > stuck-runs.sql
+    """
+    settings = load_settings(ctx)
+    if as_sql:
+        click.echo(migration_sql(settings.table), nl=False)
+        return EXIT_OK
+    engine = make_engine(settings.require_database_url(), role="migrate", pool_size=1)
+    try:
+        result = migrate(engine, settings.table)
+    finally:
+        engine.dispose()
+    if result.changed:
+        click.echo(f"Migrated {result.table} from revision {result.before or 'none'} to {result.after}.")
+    else:
+        click.echo(f"{result.table} is already at revision {head_revision()}; nothing changed.")
+    return EXIT_OK
+
+
+@cli.command()
+@config_options(*POLICY, *EXECUTION, "CHECK_INTERVAL", "PROCESS_INTERVAL", "DISPATCH_POLL", "METRICS_PORT")
+@click.pass_context
+def daemon(ctx: click.Context) -> int:
+    """Run the stuck-run checker (hourly) and the retry processor (every 30 min) until SIGTERM.
+
+    \b
+    Example:
+      stuck-runs daemon --check-interval 1h --process-interval 30m
+    """
+    from scheduler.daemon import Daemon
+
+    runtime = Runtime.open(load_settings(ctx), role="daemon")
+    try:
+        Daemon(runtime).run()
+    finally:
+        runtime.close()
+    return EXIT_OK
+
+
+@cli.command()
+@click.option("--keep", is_flag=True, help="Keep the embedded database directory and print its path.")
+def demo(keep: bool) -> int:
+    """Run the whole story on an embedded PostgreSQL, a virtual day in about half a minute.
+
+    \b
+    Example:
+      stuck-runs demo
+    """
+    from scheduler.demo import run_demo
+
+    return run_demo(keep=keep)

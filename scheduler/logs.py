@@ -1,0 +1,34 @@
+"""Logging for operators (text) and for log shippers (one JSON object per line)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from loguru import logger
+
+TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss!UTC}Z | {level: <7} | {message}"
+CONTEXT_KEYS = ("event", "run_id", "chain", "attempt", "retry_id", "pattern", "job")
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    entry = {
+        "time": record["time"].isoformat(),
+        "level": record["level"].name,
+        "message": record["message"],
+        **{k: v for k, v in record["extra"].items() if v not in (None, "")},
+    }
+    if record["exception"] is not None:
+        entry["exception"] = repr(record["exception"].value)
+    record["extra"]["_json"] = json.dumps(entry, default=str)
+    return "{extra[_json]}\n"
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Replaces loguru's default sink with one on stderr in the chosen format."""
+    logger.remove()
+    if fmt == "json":
+        logger.add(sys.stderr, level=level, format=_json_line, backtrace=False, diagnose=False)
+    else:
+        logger.add(sys.stderr, level=level, format=TEXT_FORMAT, backtrace=False, diagnose=False)

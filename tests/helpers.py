@@ -1,0 +1,70 @@
+"""Small helpers the tests share: rows in, rows out, a runtime, a scripted scraper."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from jobs.config import Settings
+from jobs.executor import ExecutionResult
+from jobs.model import Run
+from jobs.rules import RetryPolicy
+from jobs.runtime import Runtime
+
+
+def make_runtime(url: str, executor: Any = None, *, policy: RetryPolicy | None = None, **settings: Any) -> Runtime:
+    return Runtime.open(Settings(database_url=url, policy=policy or RetryPolicy(), **settings), executor=executor)
+
+
+def insert_run(
+    conn: sa.Connection,
+    *,
+    status: str = "running",
+    started_at: datetime | None = None,
+    search_query: str = "Data Architect",
+    location_query: str = "Belgium",
+    table: str = "scrape_runs",
+    **columns: Any,
+) -> uuid.UUID:
+    values = {
+        "status": status,
+        "started_at": started_at,
+        "search_query": search_query,
+        "location_query": location_query,
+        **columns,
+    }
+    names = ", ".join(values)
+    params = ", ".join(f":{k}" for k in values)
+    return conn.execute(sa.text(f"INSERT INTO {table} ({names}) VALUES ({params}) RETURNING id"), values).scalar_one()
+
+
+def row(conn: sa.Connection, run_id: uuid.UUID, table: str = "scrape_runs") -> dict:
+    return dict(conn.execute(sa.text(f"SELECT * FROM {table} WHERE id = :id"), {"id": run_id}).mappings().one())
+
+
+def rows(conn: sa.Connection, where: str = "true", table: str = "scrape_runs", **params: Any) -> list[dict]:
+    result = conn.execute(sa.text(f"SELECT * FROM {table} WHERE {where} ORDER BY retry_count, started_at"), params)
+    return [dict(r) for r in result.mappings()]
+
+
+def chain_of(conn: sa.Connection, root: uuid.UUID) -> list[dict]:
+    return rows(conn, "id = :root OR original_run_id = :root", root=root)
+
+
+class ScriptedScraper:
+    """An in-process executor: `script(run)` says what the scraper does for each attempt."""
+
+    def __init__(self, script: Callable[[Run], ExecutionResult] | None = None) -> None:
+        self.script = script or (lambda run: ExecutionResult(ok=True))
+        self.calls: list[Run] = []
+        self.lock = threading.Lock()
+
+    def execute(self, run: Run, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
+        with self.lock:
+            self.calls.append(run)
+        return self.script(run)
