@@ -287,6 +287,8 @@ class RunQueries:
             "started_at": NOW,
             "completed_at": None,
             "error_message": None,
+            # next_retry_at is when a failed attempt's retry is due; a running attempt has none.
+            "next_retry_at": None,
         }
         if runs.heartbeat:
             values[runs.heartbeat] = NOW

@@ -179,7 +179,10 @@ class RetryDispatcher:
                 if run is None:
                     break
                 try:
-                    outcomes.append(self.execute_and_record(run, stop))
+                    outcome = self.execute_and_record(run, stop)
+                    outcomes.append(outcome)
+                    if outcome.status == "released":
+                        break  # executions are only cancelled when stopping
                 finally:
                     if run_locked:
                         locks.unlock_run(conn, self.rt.queries.runs_ns, run.id)

@@ -30,6 +30,7 @@ from jobs.manual import ChainHistory, chain_history
 from jobs.model import Run
 from jobs.runtime import Runtime
 from scheduler.daemon import Daemon
+from scheduler.logs import route_library_logs
 
 SCALE = 3600.0  # one virtual hour per real second
 VIRTUAL_START = datetime(2026, 11, 22, 9, 0, tzinfo=timezone.utc)
@@ -201,6 +202,7 @@ def run_demo(keep: bool = False) -> int:
         logger.remove()
         logger.add(lambda m: click.echo(m, nl=False, err=True), format="{extra[vtime]} | {message}", level="INFO")
         logger.configure(patcher=lambda record: record["extra"].setdefault("vtime", _hhmm(clock.now())))
+        route_library_logs()
         done = threading.Event()
         threading.Thread(target=_fleet, args=(engine, clock, ids, done), daemon=True).start()
 

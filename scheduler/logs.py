@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
@@ -25,8 +26,25 @@ def _json_line(record: dict[str, Any]) -> str:
     return "{extra[_json]}\n"
 
 
+class _ToLoguru(logging.Handler):
+    """Routes a library's standard-logging records (APScheduler's) into our sink and format."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = record.levelname if record.levelname in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO"
+        logger.bind(source=record.name).opt(exception=record.exc_info).log(level, record.getMessage())
+
+
+def route_library_logs() -> None:
+    """APScheduler's warnings and errors (a missed run...) in our format; its INFO chatter is ours to say."""
+    library = logging.getLogger("apscheduler")
+    library.handlers[:] = [_ToLoguru()]
+    library.propagate = False
+    library.setLevel(logging.WARNING)
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Replaces loguru's default sink with one on stderr in the chosen format."""
+    route_library_logs()
     logger.remove()
     if fmt == "json":
         logger.add(sys.stderr, level=level, format=_json_line, backtrace=False, diagnose=False)

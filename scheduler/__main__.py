@@ -1,0 +1,5 @@
+"""`python -m scheduler` is `stuck-runs`."""
+
+from scheduler.cli import main
+
+main()

@@ -1,0 +1,47 @@
+"""A stand-in scraper for tests: a real program the command executor runs.
+
+It records its argv and SCRAPE_RUN_* environment in $FAKE_SCRAPER_LOG/<run id>.json, then
+behaves as its search query says: `ok...` succeeds, `fail503...` fails with a 503, `404...`
+with a 404, `ratelimited...` with a Retry-After, `hang...` never finishes (with a child of its
+own, to prove the whole group is killed), `slow...` takes a second.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+query = os.environ.get("SCRAPE_RUN_SEARCH_QUERY", "")
+log_dir = os.environ.get("FAKE_SCRAPER_LOG")
+if log_dir:
+    record = {
+        "argv": sys.argv[1:],
+        "env": {k: v for k, v in os.environ.items() if k.startswith("SCRAPE_RUN_")},
+        "pid": os.getpid(),
+    }
+    if query.startswith("hang"):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        record["child_pid"] = child.pid
+    Path(log_dir, f"{os.environ['SCRAPE_RUN_ID']}.json").write_text(json.dumps(record))
+
+if query.startswith("hang"):
+    time.sleep(600)
+if query.startswith("slow"):
+    started = time.time()
+    time.sleep(1)
+    if log_dir:
+        record["started"], record["ended"] = started, time.time()
+        Path(log_dir, f"{os.environ['SCRAPE_RUN_ID']}.json").write_text(json.dumps(record))
+if query.startswith("fail503"):
+    print("fetching page 1", file=sys.stderr)
+    print("requests.exceptions.HTTPError: 503 Server Error: Service Unavailable", file=sys.stderr)
+    sys.exit(1)
+if query.startswith("404"):
+    print("HTTP Error 404: Not Found", file=sys.stderr)
+    sys.exit(2)
+if query.startswith("ratelimited"):
+    print("HTTP 429 Too Many Requests\nRetry-After: 7200", file=sys.stderr)
+    sys.exit(1)
+sys.exit(0)

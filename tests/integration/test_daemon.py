@@ -1,0 +1,128 @@
+"""The daemon as a real process: first run at start-up, schedule visible elsewhere, clean stop."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from db.engine import make_engine
+from jobs.config import load_settings
+from scheduler import get_scheduler
+from scheduler.schedule import RecordedSchedule
+from tests.conftest import REPO
+from tests.helpers import insert_run, row
+
+pytestmark = pytest.mark.slow
+FAKE = REPO / "tests" / "fake_scraper.py"
+
+
+def start_daemon(db_url: str, log_dir, **env: str) -> subprocess.Popen:
+    settings = {
+        "DATABASE_URL": db_url,
+        "SCRAPE_RUN_COMMAND": f"{shlex.quote(sys.executable)} {shlex.quote(str(FAKE))} {{run_id}}",
+        "FAKE_SCRAPER_LOG": str(log_dir),
+        "CHECK_INTERVAL": "1h",
+        "PROCESS_INTERVAL": "30m",
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "scheduler", "daemon"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), **settings},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_until(condition, timeout: float = 30, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not met in time")
+
+
+def test_the_daemon_checks_at_start_shows_its_schedule_and_stops_cleanly(db_url, tmp_path):
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        stuck = insert_run(conn, started_at=datetime.now(timezone.utc) - timedelta(hours=2))
+    daemon = start_daemon(db_url, tmp_path)
+    try:
+
+        def failed():
+            with engine.connect() as conn:
+                return row(conn, stuck)["status"] == "failed"
+
+        wait_until(failed)
+        schedule = RecordedSchedule(load_settings({"DATABASE_URL": db_url}))
+        jobs = wait_until(lambda: [j for j in schedule.get_scheduled_jobs() if j.next_run_time])
+        by_id = {j.id: j for j in schedule.get_scheduled_jobs()}
+        assert set(by_id) == {"stuck_run_checker", "retry_processor"}
+        now = datetime.now(timezone.utc)
+        assert timedelta(minutes=50) < by_id["stuck_run_checker"].next_run_time - now <= timedelta(hours=1)
+        assert timedelta(minutes=20) < by_id["retry_processor"].next_run_time - now <= timedelta(minutes=30)
+        assert all(j.pid == daemon.pid for j in jobs)
+        with engine.connect() as conn:
+            last = dict(
+                conn.execute(
+                    sa.text(
+                        "SELECT DISTINCT ON (job_id) job_id, outcome || ' failed=' || (counts->>'failed')"
+                        " FROM stuck_runs_job_runs WHERE job_id = 'stuck_run_checker' ORDER BY job_id, started_at"
+                    )
+                ).all()
+            )
+        assert last == {"stuck_run_checker": "ok failed=1"}
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        out, err = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, err
+    assert "daemon stopped" in err and "Traceback" not in err
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT stopped_at IS NOT NULL FROM stuck_runs_daemons")).scalar_one()
+    engine.dispose()
+
+
+def test_get_scheduler_in_another_process_without_a_daemon_lists_both_jobs_unscheduled(db_url, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    jobs = get_scheduler().get_scheduled_jobs()
+    assert [(j.id, j.next_run_time) for j in jobs] == [("stuck_run_checker", None), ("retry_processor", None)]
+
+
+def test_sigterm_puts_an_executing_retry_back_without_spending_budget(db_url, tmp_path):
+    engine = make_engine(db_url)
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:
+        root = insert_run(conn, status="failed", started_at=now - timedelta(hours=5), search_query="hang")
+        retry = insert_run(
+            conn,
+            status="pending_retry",
+            search_query="hang",
+            retry_count=1,
+            is_retry=True,
+            original_run_id=root,
+            next_retry_at=now - timedelta(minutes=1),
+        )
+    daemon = start_daemon(db_url, tmp_path)
+    wait_until(lambda: (tmp_path / f"{retry}.json").exists())
+    started = time.monotonic()
+    daemon.send_signal(signal.SIGTERM)
+    out, err = daemon.communicate(timeout=30)
+    stop_seconds = time.monotonic() - started
+    assert daemon.returncode == 0, err
+    with engine.connect() as conn:
+        back = row(conn, retry)
+    assert (back["status"], back["retry_count"]) == ("pending_retry", 1)
+    assert back["next_retry_at"] >= now
+    assert stop_seconds < 30
+    engine.dispose()

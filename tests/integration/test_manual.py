@@ -1,0 +1,182 @@
+"""Manual retry: the refusals of a retry API, and what a success schedules."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+from freezegun import freeze_time
+
+from jobs.errors import RetryRefused, RunNotFound, UsageError
+from jobs.manual import chain_history, parse_run_id, retry_run
+from jobs.rules import RetryPolicy
+from tests.helpers import chain_of, insert_run, make_runtime
+
+NOW = datetime(2026, 11, 22, 10, 0, tzinfo=timezone.utc)
+pytestmark = pytest.mark.usefixtures("frozen")
+
+
+@pytest.fixture
+def frozen():
+    with freeze_time(NOW) as frozen:
+        yield frozen
+
+
+@pytest.fixture
+def rt(db_url):
+    runtime = make_runtime(db_url)
+    yield runtime
+    runtime.close()
+
+
+def test_a_failed_run_is_scheduled_now_with_the_policy_budget(rt):
+    with rt.engine.begin() as conn:
+        run_id = insert_run(
+            conn,
+            status="failed",
+            started_at=NOW - timedelta(hours=1),
+            error_message="boom",
+            max_retries=9,
+            config='{"pages": 2}',
+        )
+    result = retry_run(rt, run_id, policy=RetryPolicy(max_retries=3))
+    assert result.message == "Run scheduled for retry (attempt 1/3)"
+    with rt.engine.connect() as conn:
+        original, retry = chain_of(conn, run_id)
+    assert (original["status"], original["max_retries"], original["next_retry_at"]) == ("failed", 3, NOW)
+    assert (retry["status"], retry["retry_count"], retry["max_retries"], retry["next_retry_at"]) == (
+        "pending_retry",
+        1,
+        3,
+        NOW,
+    )
+    assert retry["config"] == {"pages": 2} and retry["id"] == result.retry_id
+
+
+@pytest.mark.parametrize(
+    ("status", "fragment"),
+    [
+        ("completed", "completed: there is nothing to retry"),
+        ("running", "is running for 2.0h: wait for it to finish"),
+        ("pending_retry", "already scheduled for retry at 2026-11-22T12:00"),
+        ("cancelled", "was cancelled (Superseded"),
+    ],
+)
+def test_statuses_that_cannot_be_retried_say_why(rt, status, fragment):
+    with rt.engine.begin() as conn:
+        run_id = insert_run(
+            conn,
+            status=status,
+            started_at=NOW - timedelta(hours=2),
+            next_retry_at=NOW + timedelta(hours=2),
+            error_message="Superseded: run x completed" if status == "cancelled" else None,
+        )
+    with pytest.raises(RetryRefused, match=fragment.replace("(", r"\(")):
+        retry_run(rt, run_id)
+
+
+def test_unknown_and_malformed_run_ids(rt):
+    with pytest.raises(RunNotFound, match="not found in scrape_runs"):
+        retry_run(rt, uuid.uuid4())
+    with pytest.raises(UsageError, match="'not-a-uuid' is not a run id"):
+        parse_run_id("not-a-uuid")
+
+
+def test_a_spent_budget_is_refused_with_attempts_error_and_pattern_unless_reset(rt):
+    with rt.engine.begin() as conn:
+        root = insert_run(conn, status="failed", started_at=NOW - timedelta(days=1))
+        last = insert_run(
+            conn,
+            status="failed",
+            retry_count=4,
+            max_retries=4,
+            is_retry=True,
+            original_run_id=root,
+            error_message="HTTP 503 Service Unavailable - permanently failed after 4 attempts",
+        )
+    with pytest.raises(RetryRefused) as refused:
+        retry_run(rt, last)
+    message = str(refused.value)
+    assert "4 of 4 retries, 5 attempts" in message and "HTTP 503 Service Unavailable" in message
+    assert "failure pattern: server_error" in message and "--reset-budget" in message
+    result = retry_run(rt, last, reset_budget=True)
+    assert result.message == "Run scheduled for retry (attempt 5/8)"
+
+
+def test_an_older_attempt_retries_the_chains_latest_failed_attempt(rt):
+    with rt.engine.begin() as conn:
+        root = insert_run(conn, status="failed", started_at=NOW - timedelta(days=1))
+        latest = insert_run(conn, status="failed", retry_count=1, max_retries=4, is_retry=True, original_run_id=root)
+    result = retry_run(rt, root)
+    assert (result.failed_run_id, result.message) == (latest, "Run scheduled for retry (attempt 2/4)")
+
+
+def test_a_chain_that_completed_is_not_retried(rt):
+    with rt.engine.begin() as conn:
+        root = insert_run(conn, status="failed", started_at=NOW - timedelta(days=1))
+        done = insert_run(conn, status="completed", retry_count=1, is_retry=True, original_run_id=root)
+    with pytest.raises(RetryRefused, match=f"its chain completed with run {done}"):
+        retry_run(rt, root)
+
+
+def test_a_chain_with_a_retry_already_pending_is_not_retried_twice(rt):
+    with rt.engine.begin() as conn:
+        root = insert_run(conn, status="failed", started_at=NOW - timedelta(days=1))
+        insert_run(
+            conn,
+            status="pending_retry",
+            retry_count=1,
+            is_retry=True,
+            original_run_id=root,
+            next_retry_at=NOW + timedelta(hours=1),
+        )
+    with pytest.raises(RetryRefused, match="latest attempt .* is already scheduled"):
+        retry_run(rt, root)
+
+
+def test_retrying_a_dead_lettered_run_marks_its_record_requeued(rt):
+    with rt.engine.begin() as conn:
+        run_id = insert_run(
+            conn,
+            status="failed",
+            started_at=NOW - timedelta(hours=3),
+            max_retries=0,
+            error_message="x - not retried: permanent error (not_found)",
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO scrape_run_dead_letters (run_id, chain_id, attempts, budget, pattern)"
+                " VALUES (:id, :id, 1, 0, 'not_found')"
+            ),
+            {"id": run_id},
+        )
+    result = retry_run(rt, run_id)
+    with rt.engine.connect() as conn:
+        letter = conn.execute(sa.text("SELECT requeued_at, requeued_run_id FROM scrape_run_dead_letters")).one()
+    assert tuple(letter) == (NOW, result.retry_id)
+
+
+def test_history_lists_the_chain_oldest_first_from_any_attempt(rt):
+    with rt.engine.begin() as conn:
+        root = insert_run(conn, status="failed", started_at=NOW - timedelta(hours=9))
+        first = insert_run(
+            conn,
+            status="failed",
+            retry_count=1,
+            is_retry=True,
+            original_run_id=root,
+            started_at=NOW - timedelta(hours=5),
+        )
+        second = insert_run(
+            conn,
+            status="completed",
+            retry_count=2,
+            is_retry=True,
+            original_run_id=root,
+            started_at=NOW - timedelta(hours=1),
+        )
+    history = chain_history(rt, second)
+    assert [a.id for a in history.attempts] == [root, first, second]
+    assert history.final_status == "success"

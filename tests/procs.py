@@ -1,0 +1,74 @@
+"""Entry points for the real processes race tests start: `python -m tests.procs <role> ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+
+def wait_for(path: str | None) -> None:
+    """A start line: every process begins when the file appears."""
+    while path and not Path(path).exists():
+        time.sleep(0.01)
+
+
+def sweeper(args: argparse.Namespace) -> None:
+    from datetime import timedelta
+
+    from jobs.rules import RetryPolicy
+    from jobs.stuck import sweep_stuck_runs
+    from tests.helpers import make_runtime
+
+    rt = make_runtime(args.url, batch_size=args.batch)
+    wait_for(args.start)
+    failed = 0
+    for _ in range(args.rounds):
+        result = sweep_stuck_runs(rt, RetryPolicy(stuck_after=timedelta(hours=1)), use_lock=not args.no_lock)
+        failed += result.failed
+    print(json.dumps({"failed": failed}))
+
+
+def scraper(args: argparse.Namespace) -> None:
+    """Completes the given runs one by one, unconditionally, as a scraper finishing late would."""
+    engine = sa.create_engine(args.url)
+    ids = json.loads(Path(args.ids).read_text())
+    random.Random(args.seed).shuffle(ids)
+    wait_for(args.start)
+    completed = []
+    with engine.connect() as conn:
+        for run_id in ids:
+            done = conn.execute(
+                sa.text(
+                    "UPDATE scrape_runs SET status = 'completed', completed_at = now() WHERE id = :id RETURNING id"
+                ),
+                {"id": run_id},
+            ).scalar()
+            conn.commit()
+            if done:
+                completed.append(str(done))
+    print(json.dumps({"completed": completed}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("role", choices=["sweeper", "scraper"])
+    parser.add_argument("url")
+    parser.add_argument("--start")
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--no-lock", action="store_true")
+    parser.add_argument("--ids")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    {"sweeper": sweeper, "scraper": scraper}[args.role](args)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
