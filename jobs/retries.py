@@ -167,33 +167,33 @@ class RetryDispatcher:
     def work_slot(self, slot: int, stop: threading.Event) -> list[RetryOutcome]:
         """Holds slot `slot` (if free) and executes due retries one after another in it."""
         outcomes: list[RetryOutcome] = []
-        with database_errors(self.rt.engine, "claiming retries"):
+        with database_errors(self.rt.engine, "executing due retries"):
             conn = self.rt.engine.connect()
-        try:
-            if not locks.try_lock(conn, self.slots_ns, slot):
-                conn.rollback()
-                return outcomes
-            conn.commit()
-            while not stop.is_set():
-                run, run_locked = self.claim(conn)
-                if run is None:
-                    break
-                try:
-                    outcome = self.execute_and_record(run, stop)
-                    outcomes.append(outcome)
-                    if outcome.status == "released":
-                        break  # executions are only cancelled when stopping
-                finally:
-                    if run_locked:
-                        locks.unlock_run(conn, self.rt.queries.runs_ns, run.id)
-                        conn.commit()
-            locks.unlock(conn, self.slots_ns, slot)
-            conn.commit()
-        except BaseException:
-            conn.invalidate()  # the session ends, and every lock it held with it
-            raise
-        finally:
-            conn.close()
+            try:
+                if not locks.try_lock(conn, self.slots_ns, slot):
+                    conn.rollback()
+                    return outcomes
+                conn.commit()
+                while not stop.is_set():
+                    run, run_locked = self.claim(conn)
+                    if run is None:
+                        break
+                    try:
+                        outcome = self.execute_and_record(run, stop)
+                        outcomes.append(outcome)
+                        if outcome.status == "released":
+                            break  # executions are only cancelled when stopping
+                    finally:
+                        if run_locked:
+                            locks.unlock_run(conn, self.rt.queries.runs_ns, run.id)
+                            conn.commit()
+                locks.unlock(conn, self.slots_ns, slot)
+                conn.commit()
+            except BaseException:
+                conn.invalidate()  # the session ends, and every lock it held with it
+                raise
+            finally:
+                conn.close()
         return outcomes
 
     def claim(self, conn: Connection) -> tuple[Run | None, bool]:
@@ -201,7 +201,7 @@ class RetryDispatcher:
 
         Returns the run (None when nothing is due) and whether the run lock was taken.
         """
-        with database_errors(self.rt.engine, "claiming a due retry"), conn.begin():
+        with conn.begin():
             row = (
                 conn.execute(self.rt.queries.claim_due, {"sr_now": self.rt.clock.now(), "sr_limit": 1})
                 .mappings()

@@ -126,3 +126,32 @@ def test_sigterm_puts_an_executing_retry_back_without_spending_budget(db_url, tm
     assert back["next_retry_at"] >= now
     assert stop_seconds < 30
     engine.dispose()
+
+
+def test_get_scheduler_in_the_daemons_own_process_is_the_live_scheduler(db_url):
+    import threading
+
+    from scheduler.daemon import Daemon
+    from scheduler.schedule import LiveSchedule
+    from tests.helpers import ScriptedScraper, make_runtime
+
+    rt = make_runtime(db_url, ScriptedScraper())
+    daemon = Daemon(rt)
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        schedule = wait_until(lambda: isinstance(get_scheduler(), LiveSchedule) and get_scheduler())
+
+        def both_ran_once():
+            later = [j for j in schedule.get_scheduled_jobs() if j.next_run_time > datetime.now(timezone.utc)]
+            return later if len(later) == 2 else None
+
+        jobs = wait_until(both_ran_once)
+        assert sorted(j.id for j in jobs) == ["retry_processor", "stuck_run_checker"]
+        assert all(j.pid == os.getpid() for j in jobs)
+    finally:
+        daemon.request_stop()
+        runner.join(30)
+    assert not runner.is_alive()
+    assert not isinstance(get_scheduler(), LiveSchedule)
+    rt.close()

@@ -144,3 +144,41 @@ def test_a_hanging_callable_is_killed_at_the_timeout():
 def test_a_callable_that_cannot_be_imported_is_refused_at_start(path):
     with pytest.raises(ExecutorError, match="cannot be imported"):
         CallableExecutor(path)
+
+
+@pytest.mark.parametrize(
+    ("query", "message", "retried"),
+    [
+        (
+            "fail503 jobs",
+            "requests.exceptions.HTTPError: 503 Server Error: Service Unavailable - retry 2/4 scheduled",
+            True,
+        ),
+        ("404 jobs", "HTTP Error 404: Not Found - not retried: permanent error (not_found)", False),
+        ("hang jobs", "Execution timed out after 0.0h - retry 2/4 scheduled", True),
+    ],
+)
+def test_real_commands_through_the_processor(db_url, log_dir, query, message, retried):
+    from datetime import datetime, timezone
+
+    from jobs.retries import process_due_retries
+    from tests.helpers import insert_run, make_runtime
+
+    rt = make_runtime(
+        db_url, command=load_settings({"SCRAPE_RUN_COMMAND": COMMAND}).command, execution_timeout=timedelta(seconds=1)
+    )
+    now = datetime.now(timezone.utc)
+    with rt.engine.begin() as conn:
+        root = insert_run(conn, status="failed", search_query=query, started_at=now - timedelta(hours=5))
+        insert_run(
+            conn,
+            status="pending_retry",
+            search_query=query,
+            retry_count=1,
+            is_retry=True,
+            original_run_id=root,
+            next_retry_at=now,
+        )
+    [outcome] = process_due_retries(rt).executed
+    assert (outcome.message, outcome.retry_due is not None) == (message, retried)
+    rt.close()
