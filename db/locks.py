@@ -11,10 +11,12 @@ import zlib
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 
 SWEEP = "sweep"  # one stuck-run sweep at a time
 SLOTS = "slots"  # key = slot number, 0 .. MAX_CONCURRENT_RETRIES-1
 RUNS = "runs"  # key = hashtext(run id): held while the run is being executed
+LOCK_NOT_AVAILABLE = "55P03"
 
 
 def namespace(table: str, purpose: str) -> int:
@@ -25,6 +27,23 @@ def namespace(table: str, purpose: str) -> int:
 
 def try_lock(conn: Connection, ns: int, key: int) -> bool:
     return bool(conn.execute(sa.select(sa.func.pg_try_advisory_lock(ns, key))).scalar_one())
+
+
+def lock_within(conn: Connection, ns: int, key: int, wait_ms: int) -> bool:
+    """Takes the session lock, waiting up to `wait_ms`; False if it stayed taken.
+
+    Waiting a little lets a lock held by a session whose process was just killed go away
+    (PostgreSQL notices the dead client at its next read or write) instead of skipping work.
+    """
+    try:
+        with conn.begin():
+            conn.execute(sa.text(f"SET LOCAL lock_timeout = {int(wait_ms)}"))
+            conn.execute(sa.select(sa.func.pg_advisory_lock(ns, key)))
+        return True
+    except OperationalError as exc:
+        if getattr(exc.orig, "pgcode", None) == LOCK_NOT_AVAILABLE:
+            return False
+        raise
 
 
 def unlock(conn: Connection, ns: int, key: int) -> bool:

@@ -99,6 +99,28 @@ class RunQueries:
             .order_by(t.c.retry_count, t.c.started_at.asc().nulls_last())
         )
 
+    def counts(self) -> sa.Select:
+        """How many runs are running, stuck (progress before `:sr_cutoff`), pending a retry, and
+        how many chains ended dead-lettered; each an index probe, never a table scan."""
+        t, runs, dead = self.t, self.runs, self.dead_letters
+        running = t.c.status == runs.status("running")
+        pending = t.c.status == runs.status("pending_retry")
+
+        def count(*where: sa.ColumnElement) -> sa.ScalarSelect:
+            return sa.select(sa.func.count()).select_from(t).where(*where).scalar_subquery()
+
+        return sa.select(
+            count(running).label("running"),
+            count(running, runs.progress() < sa.bindparam("sr_cutoff")).label("stuck"),
+            count(pending).label("pending_retry"),
+            sa.select(sa.func.min(t.c.next_retry_at)).where(pending).scalar_subquery().label("next_due"),
+            sa.select(sa.func.count())
+            .select_from(dead)
+            .where(dead.c.requeued_at.is_(None))
+            .scalar_subquery()
+            .label("permanently_failed"),
+        )
+
     def _executing(self) -> sa.ColumnElement:
         """True for runs a live stuck-runs process is executing (it holds the run's lock)."""
         key = locks.as_oid(locks.run_key(self.t.c.id))

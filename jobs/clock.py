@@ -20,18 +20,21 @@ class SystemClock:
 
 
 class ScaledClock:
-    """Clock time starts at `start` and runs `scale` times faster than the wall."""
+    """Clock time stands at `start` until `run()`, then runs `scale` times faster than the wall."""
 
     def __init__(self, start: datetime, scale: float) -> None:
         self._start = start
         self._scale = scale
-        self._origin = time.monotonic()
+        self._origin: float | None = None
 
-    def restart(self) -> None:
-        """Clock time is `start` again from this moment."""
-        self._origin = time.monotonic()
+    def run(self) -> None:
+        """Clock time starts running from `start` now; later calls change nothing."""
+        if self._origin is None:
+            self._origin = time.monotonic()
 
     def now(self) -> datetime:
+        if self._origin is None:
+            return self._start
         return self._start + timedelta(seconds=(time.monotonic() - self._origin) * self._scale)
 
     def real(self, duration: timedelta) -> timedelta:

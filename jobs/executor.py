@@ -107,7 +107,7 @@ class CommandExecutor:
                 )
             except OSError as exc:
                 return ExecutionResult(ok=False, error=f"Command could not start: {exc}")
-            stopped = _wait(process.poll, timeout, cancel)
+            stopped = _wait(_exited(process), timeout, cancel)
             if stopped is not None:
                 _kill_group(process)
             stderr.seek(max(0, os.fstat(stderr.fileno()).st_size - STDERR_TAIL_BYTES))
@@ -123,16 +123,30 @@ class CommandExecutor:
         )
 
 
-def _wait(poll: Callable[[], object], timeout: timedelta, cancel: threading.Event) -> str | None:
-    """Waits for `poll()` to return non-None; 'timeout' or 'cancel' if it had to stop waiting."""
+def _wait(finished: Callable[[float], bool], timeout: timedelta, cancel: threading.Event) -> str | None:
+    """Waits until `finished(seconds)` (which blocks up to `seconds`) says done.
+
+    Returns None when it finished, 'timeout' or 'cancel' when waiting had to stop. The cancel
+    flag is looked at every POLL_SECONDS; a finished child is noticed at once.
+    """
     deadline = time.monotonic() + timeout.total_seconds()
-    while poll() is None:
+    while not finished(max(0.0, min(POLL_SECONDS, deadline - time.monotonic()))):
         if cancel.is_set():
             return "cancel"
         if time.monotonic() >= deadline:
             return "timeout"
-        cancel.wait(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
     return None
+
+
+def _exited(process: subprocess.Popen) -> Callable[[float], bool]:
+    def finished(seconds: float) -> bool:
+        try:
+            process.wait(seconds)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    return finished
 
 
 def _kill_group(process: subprocess.Popen) -> None:
@@ -186,7 +200,7 @@ class CallableExecutor:
         process.start()
         sender.close()
         try:
-            stopped = _wait(lambda: True if receiver.poll() or not process.is_alive() else None, timeout, cancel)
+            stopped = _wait(lambda seconds: receiver.poll(seconds) or not process.is_alive(), timeout, cancel)
             if stopped is not None:
                 process.terminate()
                 process.join(KILL_GRACE_SECONDS)

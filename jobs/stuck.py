@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from loguru import logger
 
@@ -25,6 +25,7 @@ from jobs.rules import FailureOutcome, RetryPolicy, decide_stuck, run_label
 from jobs.runtime import Runtime
 
 PREVIEW_LIMIT = 100_000  # rows a dry run lists at most
+SWEEP_LOCK_WAIT = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,13 @@ def sweep_stuck_runs(
     dry_run: bool = False,
     stop: threading.Event | None = None,
     use_lock: bool = True,
+    lock_wait: timedelta = SWEEP_LOCK_WAIT,
 ) -> SweepResult:
     """Fails every run stuck longer than `policy.stuck_after`, batch by batch.
 
     Runs being executed by a live stuck-runs process are not stuck. With `stop` set the sweep
-    finishes its current batch and returns. `use_lock=False` skips the sweep lock, which only
+    finishes its current batch and returns. Another sweep holding the sweep lock for longer than
+    `lock_wait` makes this one a no-op (`skipped`). `use_lock=False` skips the lock, which only
     saves work: correctness rests on the row locks and conditional updates.
     """
     policy = policy or rt.settings.policy
@@ -91,11 +94,10 @@ def sweep_stuck_runs(
     batches = 0
     sweep_ns = locks.namespace(rt.runs.qualified_name, locks.SWEEP)
     with database_errors(rt.engine, "sweeping stuck runs"), rt.engine.connect() as conn:
-        if use_lock and not locks.try_lock(conn, sweep_ns, 0):
+        if use_lock and not locks.lock_within(conn, sweep_ns, 0, int(lock_wait.total_seconds() * 1000)):
             holder = locks.holder(conn, sweep_ns, 0) or "another process"
             conn.rollback()
             return SweepResult(seconds=time.monotonic() - started, skipped=f"another sweep is running ({holder})")
-        conn.commit()
         try:
             while not (stop and stop.is_set()):
                 with conn.begin():

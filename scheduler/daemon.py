@@ -1,8 +1,10 @@
 """`stuck-runs daemon`: APScheduler 3 running the two jobs, and nothing else of substance.
 
-The jobs call the service functions; listeners on APScheduler's events log what happened and
-record each job run in the database, so `jobs/` knows nothing of the scheduler. A tick that
-fires late still runs (misfire grace of one interval, coalesced, one instance at a time).
+The jobs call the service functions; listeners on APScheduler's events log what happened,
+record each job run in the database and tell systemd. Retries execute beside the scheduler
+(`ContinuousDispatch`), so a long scrape never delays the stuck checker. A tick that fires late
+still runs (misfire grace of one interval, coalesced, one instance at a time). The watchdog is
+fed by a job the scheduler itself dispatches, so a wedged scheduler gets the daemon restarted.
 """
 
 from __future__ import annotations
@@ -11,27 +13,34 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MISSED, EVENT_JOB_SUBMITTED, JobEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.blocking import BlockingScheduler
 from loguru import logger
 
 from db.daemons import DaemonRecords
 from db.engine import describe_db_error
-from jobs.errors import OperatorError
-from jobs.retries import ProcessResult, process_due_retries
+from jobs.config import Settings
+from jobs.errors import DatabaseUnavailable, OperatorError
+from jobs.retries import ProcessResult, supersede_completed_chains
 from jobs.runtime import Runtime
 from jobs.stuck import SweepResult, sweep_stuck_runs
+from scheduler.dispatch import ContinuousDispatch
+from scheduler.notify import Notifier
 
 CHECKER = "stuck_run_checker"
 PROCESSOR = "retry_processor"
 HEARTBEAT = "daemon_heartbeat"
+WATCHDOG = "systemd_watchdog"
 HEARTBEAT_INTERVAL = timedelta(seconds=15)
-STOP_TIMEOUT = timedelta(seconds=25)  # systemd's TimeoutStopSec leaves room above this
+STOP_TIMEOUT = timedelta(seconds=25)  # systemd's TimeoutStopSec (45 s) leaves room above this
+STARTUP_RETRY = timedelta(seconds=5)
 
 
 def summarize(result: object) -> dict[str, Any]:
@@ -55,31 +64,39 @@ def summarize(result: object) -> dict[str, Any]:
 
 
 class Daemon:
-    """The scheduler, its two jobs, and the records other processes read."""
+    """The scheduler, its two jobs, the retry slots, and the records other processes read."""
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, notifier: Notifier | None = None, stopping: threading.Event | None = None) -> None:
         self.rt = rt
-        self.stopping = threading.Event()
+        self.notifier = notifier or Notifier({})
+        self.stopping = stopping or threading.Event()
         self.records = DaemonRecords(rt.runs.table.schema, rt.runs.qualified_name)
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.daemon_id: int | None = None
+        self.dispatch = ContinuousDispatch(rt, self.stopping)
+        self._ready = False
+        self._db_down = False
+        self._stop_lock = threading.Lock()
+        self._stop_requested = False
         self._started: dict[str, datetime] = {}
+        self._last: dict[str, str] = {}
         self._idle = threading.Condition()
         self._busy = 0
-        self.scheduler = BlockingScheduler(
-            timezone=timezone.utc, executors={"default": ThreadPoolExecutor(max_workers=4)}
-        )
+        self.scheduler = BlockingScheduler(timezone=timezone.utc, executors={"default": ThreadPoolExecutor(4)})
         settings = rt.settings
         self._add(CHECKER, self.check, rt.clock.real(settings.check_interval))
         self._add(PROCESSOR, self.process, rt.clock.real(settings.process_interval))
         self._add(HEARTBEAT, self.heartbeat, HEARTBEAT_INTERVAL)
+        if self.notifier.watchdog_interval:
+            # Its own job, never held up by a slow database: only a scheduler that stopped
+            # dispatching jobs stops feeding it.
+            self._add(WATCHDOG, self.notifier.watchdog, self.notifier.watchdog_interval)
         self.scheduler.add_listener(self._on_submitted, EVENT_JOB_SUBMITTED)
         self.scheduler.add_listener(self._on_finished, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
         self.scheduler.add_listener(self._on_missed, EVENT_JOB_MISSED)
 
-    def _add(self, job_id: str, func: Callable[[], object], every: timedelta, *, first_run: bool = True) -> None:
+    def _add(self, job_id: str, func: Callable[[], object], every: timedelta) -> None:
         seconds = max(every.total_seconds(), 0.001)
-        first = {"next_run_time": datetime.now(timezone.utc)} if first_run else {}
         self.scheduler.add_job(
             self._tracked(func),
             "interval",
@@ -89,7 +106,7 @@ class Daemon:
             coalesce=True,
             max_instances=1,
             misfire_grace_time=max(1, int(seconds)),
-            **first,
+            next_run_time=datetime.now(timezone.utc),
         )
 
     # -- the jobs ---------------------------------------------------------------------------
@@ -98,11 +115,20 @@ class Daemon:
         return sweep_stuck_runs(self.rt, stop=self.stopping)
 
     def process(self) -> ProcessResult:
-        return process_due_retries(self.rt, stop=self.stopping)
+        """The floor under continuous dispatch: supersede, wake the slots, report what ran."""
+        superseded = supersede_completed_chains(self.rt)
+        self.dispatch.poke()
+        return ProcessResult(superseded, self.dispatch.take_finished())
 
     def heartbeat(self) -> None:
-        """Tells other processes this daemon is alive and when its jobs run next."""
-        self._write(self.records.heartbeat(self.daemon_id, datetime.now(timezone.utc), self.next_runs()))
+        """Tells other processes this daemon is alive and when its jobs run next; READY=1 once."""
+        if self.stopping.is_set():  # a stop that came while the scheduler was starting
+            self._shutdown_scheduler()
+            return
+        if self._write(self.records.heartbeat(self.daemon_id, datetime.now(timezone.utc), self.next_runs())):
+            if not self._ready:
+                self._ready = True
+                self.notifier.ready(f"running; table {self.rt.runs.qualified_name}")
 
     def next_runs(self) -> dict[str, str | None]:
         return {
@@ -124,19 +150,20 @@ class Daemon:
 
         return run
 
-    # -- events: logs and records -------------------------------------------------------------
+    # -- events: logs, records, systemd status ---------------------------------------------
 
     def _on_submitted(self, event: JobEvent) -> None:
         self._started[event.job_id] = datetime.now(timezone.utc)
 
     def _on_finished(self, event: JobEvent) -> None:
-        if event.job_id == HEARTBEAT and event.exception is None:
+        if event.job_id in (HEARTBEAT, WATCHDOG):
             return
         log = logger.bind(job=event.job_id, event="job_run")
         started = self._started.pop(event.job_id, datetime.now(timezone.utc))
         if event.exception is None:
             counts, outcome, error = summarize(event.retval), "ok", None
-            log.info("{} finished: {}", event.job_id, ", ".join(f"{k}={v}" for k, v in counts.items()) or "done")
+            text = ", ".join(f"{k}={v}" for k, v in counts.items()) or "done"
+            log.info("{} finished: {}", event.job_id, text)
         else:
             counts, outcome = {}, "error"
             error = (
@@ -144,78 +171,130 @@ class Daemon:
                 if isinstance(event.exception, OperatorError)
                 else (f"{type(event.exception).__name__}: {describe_db_error(event.exception, self.rt.engine.url)}")
             )
+            text = f"error: {error}"
             log.error("{} failed: {}", event.job_id, error)
-        if event.job_id == HEARTBEAT:
-            return
+        self._last[event.job_id] = f"{event.job_id} {started:%H:%M:%S} {text}"
+        if not self.stopping.is_set():  # "stopping" stays the last word
+            self.notifier.status("; ".join(self._last[j] for j in (CHECKER, PROCESSOR) if j in self._last))
         job = self.scheduler.get_job(event.job_id)
         next_run = job.next_run_time if job else None
-        statement = self.records.job_started(self.daemon_id, event.job_id, self.host, self.pid, started)
-        self._write_job_run(statement, outcome, counts, error, next_run)
-        self.heartbeat()
+        finished = datetime.now(timezone.utc)
+        self._write(
+            self.records.job_started(self.daemon_id, event.job_id, self.host, self.pid, started),
+            lambda run_id: self.records.job_finished(run_id, finished, outcome, counts, error, next_run),
+        )
 
     def _on_missed(self, event: JobEvent) -> None:
         logger.bind(job=event.job_id, event="job_missed").warning(
             "{} missed its run at {} (more than one interval late)", event.job_id, event.scheduled_run_time
         )
 
-    def _write(self, statement: Any) -> bool:
+    def _write(self, statement: Any, then: Callable[[Any], Any] | None = None) -> bool:
+        """Writes a record; an outage is logged when it starts and when it ends, not per write."""
         try:
             with self.rt.engine.begin() as conn:
-                conn.execute(statement)
-            return True
+                result = conn.execute(statement)
+                if then is not None:
+                    conn.execute(then(result.scalar_one()))
         except Exception as exc:  # noqa: BLE001 - a record lost in an outage must not stop the daemon
-            logger.warning("could not write the daemon record: {}", describe_db_error(exc, self.rt.engine.url))
-            return False
-
-    def _write_job_run(self, started: Any, outcome: str, counts: dict, error: str | None, next_run: Any) -> None:
-        try:
-            with self.rt.engine.begin() as conn:
-                run_id = conn.execute(started).scalar_one()
-                conn.execute(
-                    self.records.job_finished(run_id, datetime.now(timezone.utc), outcome, counts, error, next_run)
+            if not self._db_down:
+                logger.bind(event="records_down").warning(
+                    "cannot write the daemon's records: {}", describe_db_error(exc, self.rt.engine.url)
                 )
-        except Exception as exc:  # noqa: BLE001
-            logger.warning("could not record the job run: {}", describe_db_error(exc, self.rt.engine.url))
+            self._db_down = True
+            return False
+        if self._db_down:
+            logger.bind(event="records_up").info("the database answers again")
+        self._db_down = False
+        return True
 
-    # -- life cycle -----------------------------------------------------------------------------
+    # -- life cycle -------------------------------------------------------------------------
 
     def request_stop(self, *_: object) -> None:
-        """Stop claiming work; running jobs finish their batch or put their retries back."""
-        if not self.stopping.is_set():
-            logger.info("stopping: finishing the current batch, putting executing retries back")
-            self.stopping.set()
+        """Stop claiming work; a sweep finishes its batch, executing retries go back.
+
+        Call it from any thread but the scheduler's own (not from a signal handler).
+        """
+        with self._stop_lock:
+            if self._stop_requested:
+                return
+            self._stop_requested = True
+        logger.info("stopping: finishing the current batch, putting executing retries back")
+        self.notifier.stopping()
+        self.stopping.set()
+        self.dispatch.poke()
+        self._shutdown_scheduler()
+
+    def _shutdown_scheduler(self) -> None:
+        try:
             self.scheduler.shutdown(wait=False)
+        except SchedulerNotRunningError:
+            pass  # not started yet: run() sees `stopping` and does not start it
 
     def run(self) -> None:
-        """Runs until `request_stop` (SIGTERM, SIGINT); returns once in-flight work is safe."""
+        """Runs until `request_stop`; returns once in-flight work is safe."""
         from scheduler import _set_running
 
         _ = self.rt.executor  # a misconfigured executor stops the daemon before it starts
         with self.rt.engine.begin() as conn:
             self.daemon_id = conn.execute(
-                self.records.register(self.host, self.pid, self.rt.clock.now(), {})
+                self.records.register(self.host, self.pid, datetime.now(timezone.utc), {})
             ).scalar_one()
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self.request_stop)
-            signal.signal(signal.SIGINT, self.request_stop)
         _set_running(self)
         settings = self.rt.settings
         logger.info(
-            "daemon started: {} every {}, {} every {}, table {}",
+            "daemon started: {} every {}, {} every {}, {} retry slot(s), table {}",
             CHECKER,
             settings.check_interval,
             PROCESSOR,
             settings.process_interval,
+            settings.max_concurrent_retries,
             self.rt.runs.qualified_name,
         )
+        self.dispatch.start()
         try:
-            self.scheduler.start()
+            if not self.stopping.is_set():
+                self.scheduler.start()
         finally:
             _set_running(None)
-            self._wait_idle(STOP_TIMEOUT)
-            self._write(self.records.stopped(self.daemon_id, self.rt.clock.now()))
+            deadline = time.monotonic() + STOP_TIMEOUT.total_seconds()
+            with self._idle:
+                self._idle.wait_for(lambda: self._busy == 0, STOP_TIMEOUT.total_seconds())
+            if not self.dispatch.join(timedelta(seconds=max(0.0, deadline - time.monotonic()))):
+                logger.warning("a retry slot was still busy at the stop deadline")
+            self._write(self.records.stopped(self.daemon_id, datetime.now(timezone.utc)))
+            self.notifier.close()
             logger.info("daemon stopped")
 
-    def _wait_idle(self, timeout: timedelta) -> None:
-        with self._idle:
-            self._idle.wait_for(lambda: self._busy == 0, timeout.total_seconds())
+
+def run_daemon(settings: Settings, *, role: str = "daemon") -> None:
+    """The `daemon` command: waits for the database if it must, then runs until SIGTERM/SIGINT."""
+    notifier = Notifier()
+    stopping = threading.Event()
+    daemon: Daemon | None = None
+
+    def on_signal(*_: object) -> None:
+        stopping.set()
+        if daemon is not None:
+            # Not from the handler itself: it interrupts the main thread, which may be inside the
+            # scheduler's job processing; a shutdown there would pull the jobs from under it.
+            threading.Thread(target=daemon.request_stop, name="stop", daemon=True).start()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    runtime = None
+    while runtime is None and not stopping.is_set():
+        try:
+            runtime = Runtime.open(settings, role=role)
+        except DatabaseUnavailable as exc:
+            logger.error("{}; trying again in {}s", exc, int(STARTUP_RETRY.total_seconds()))
+            notifier.status(f"waiting for the database: {exc}")
+            stopping.wait(STARTUP_RETRY.total_seconds())
+    if runtime is None:
+        return
+    try:
+        daemon = Daemon(runtime, notifier, stopping)
+        daemon.run()
+    finally:
+        runtime.close()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 import sqlalchemy as sa
+from apscheduler.events import EVENT_JOB_EXECUTED
 from loguru import logger
 
 from db.engine import make_engine
@@ -190,7 +191,7 @@ def run_demo(keep: bool = False) -> int:
     try:
         ids = _seed(engine)
         migrate(engine, "scrape_runs")
-        settings = Settings(database_url=url, max_concurrent_retries=1)
+        settings = Settings(database_url=url, max_concurrent_retries=1, dispatch_poll=timedelta(minutes=5))
         runtime = Runtime.open(
             settings,
             role="demo",
@@ -198,7 +199,10 @@ def run_demo(keep: bool = False) -> int:
             executor=SimulatedScraper(clock, {s.search_query: s.part for s in SEEDS}),
         )
         daemon = Daemon(runtime)
-        clock.restart()  # virtual 09:00 is when the daemon starts
+        # Virtual time stands at 09:00 until the first check has run: "the 09:00 check".
+        daemon.scheduler.add_listener(
+            lambda event: event.job_id == "stuck_run_checker" and clock.run(), EVENT_JOB_EXECUTED
+        )
         logger.remove()
         logger.add(lambda m: click.echo(m, nl=False, err=True), format="{extra[vtime]} | {message}", level="INFO")
         logger.configure(patcher=lambda record: record["extra"].setdefault("vtime", _hhmm(clock.now())))

@@ -40,6 +40,9 @@ def route_library_logs() -> None:
     library.handlers[:] = [_ToLoguru()]
     library.propagate = False
     library.setLevel(logging.WARNING)
+    # A job that raises is reported by the daemon's own listener, in one line; APScheduler's
+    # executor would add a traceback per failed tick.
+    logging.getLogger("apscheduler.executors").setLevel(logging.CRITICAL)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:

@@ -7,19 +7,17 @@ recorded in the database (their heartbeat carries each job's next run time).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from db.daemons import DaemonRecords
 from db.engine import database_errors, make_engine
 from db.table import split_name
 from jobs.config import Settings, settings_from_environment
+from jobs.status import ALIVE_WITHIN, JOB_IDS
 
 if TYPE_CHECKING:
     from scheduler.daemon import Daemon
-
-JOB_IDS = ("stuck_run_checker", "retry_processor")
-ALIVE_WITHIN = timedelta(seconds=60)  # four missed heartbeats and a daemon counts as gone
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,17 @@ if log_dir:
         "env": {k: v for k, v in os.environ.items() if k.startswith("SCRAPE_RUN_")},
         "pid": os.getpid(),
     }
-    if query.startswith("hang"):
+    if query.startswith("hang") and not query.startswith("hangonce"):
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         record["child_pid"] = child.pid
     Path(log_dir, f"{os.environ['SCRAPE_RUN_ID']}.json").write_text(json.dumps(record))
 
-if query.startswith("hang"):
+if query.startswith("hangonce"):
+    marker = Path(log_dir or "/tmp", f"hung-{os.environ['SCRAPE_RUN_ORIGINAL_RUN_ID']}")
+    if not marker.exists():
+        marker.touch()
+        time.sleep(600)
+elif query.startswith("hang"):
     time.sleep(600)
 if query.startswith("slow"):
     started = time.time()

@@ -7,8 +7,9 @@ import click
 from db.engine import make_engine
 from db.migrate import head_revision, migrate, migration_sql
 from jobs.errors import EXIT_OK
-from jobs.runtime import Runtime
-from scheduler.cli import EXECUTION, POLICY, cli, config_options, load_settings
+from jobs.status import read_status
+from scheduler.cli import EXECUTION, POLICY, cli, config_options, json_option, load_settings, open_runtime
+from scheduler.cli.output import emit_json, short, table, when
 
 
 @cli.command("migrate")
@@ -40,6 +41,50 @@ def migrate_command(ctx: click.Context, as_sql: bool) -> int:
 
 
 @cli.command()
+@config_options("STUCK_AFTER", "HEARTBEAT_COLUMN", "SCRAPE_RUNS_TABLE")
+@json_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> int:
+    """Each job's last run and next run (from any host), live daemons, and where the runs stand.
+
+    \b
+    Example:
+      stuck-runs status
+    """
+    with open_runtime(ctx) as rt:
+        report = read_status(rt)
+    if as_json:
+        emit_json(report)
+        return EXIT_OK
+    if report.daemons:
+        for d in report.daemons:
+            age = (report.checked_at - d.heartbeat_at).total_seconds()
+            click.echo(f"Daemon alive: {d.host}:{d.pid}, up since {when(d.started_at)}, heartbeat {age:.0f}s ago")
+    else:
+        click.echo("No daemon alive (none has sent a heartbeat in the last minute).")
+    table(
+        ("JOB", "LAST RUN", "ON", "OUTCOME", "COUNTS", "NEXT RUN"),
+        (
+            (
+                j.job_id,
+                when(j.last_started),
+                f"{j.host}:{j.pid}" if j.host else "-",
+                j.outcome or "never ran",
+                short(j.error if j.error else ", ".join(f"{k}={v}" for k, v in (j.counts or {}).items()) or "-", 60),
+                when(j.next_run),
+            )
+            for j in report.jobs
+        ),
+    )
+    runs = report.runs
+    click.echo(
+        f"Runs: {runs.running} running ({runs.stuck} stuck) · {runs.pending_retry} pending_retry "
+        f"(next due {when(runs.next_due)}) · {runs.permanently_failed} permanently failed"
+    )
+    return EXIT_OK
+
+
+@cli.command()
 @config_options(*POLICY, *EXECUTION, "CHECK_INTERVAL", "PROCESS_INTERVAL", "DISPATCH_POLL", "METRICS_PORT")
 @click.pass_context
 def daemon(ctx: click.Context) -> int:
@@ -49,13 +94,9 @@ def daemon(ctx: click.Context) -> int:
     Example:
       stuck-runs daemon --check-interval 1h --process-interval 30m
     """
-    from scheduler.daemon import Daemon
+    from scheduler.daemon import run_daemon
 
-    runtime = Runtime.open(load_settings(ctx), role="daemon")
-    try:
-        Daemon(runtime).run()
-    finally:
-        runtime.close()
+    run_daemon(load_settings(ctx))
     return EXIT_OK
 
 

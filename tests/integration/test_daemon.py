@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -18,39 +16,14 @@ from jobs.config import load_settings
 from scheduler import get_scheduler
 from scheduler.schedule import RecordedSchedule
 from tests.conftest import REPO
+from tests.daemons import DaemonProcess, wait_until
 from tests.helpers import insert_run, row
 
 pytestmark = pytest.mark.slow
-FAKE = REPO / "tests" / "fake_scraper.py"
 
 
-def start_daemon(db_url: str, log_dir, **env: str) -> subprocess.Popen:
-    settings = {
-        "DATABASE_URL": db_url,
-        "SCRAPE_RUN_COMMAND": f"{shlex.quote(sys.executable)} {shlex.quote(str(FAKE))} {{run_id}}",
-        "FAKE_SCRAPER_LOG": str(log_dir),
-        "CHECK_INTERVAL": "1h",
-        "PROCESS_INTERVAL": "30m",
-        **env,
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "scheduler", "daemon"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), **settings},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_until(condition, timeout: float = 30, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
+def start_daemon(db_url: str, log_dir, **env: str) -> DaemonProcess:
+    return DaemonProcess(db_url, FAKE_SCRAPER_LOG=str(log_dir), CHECK_INTERVAL="1h", PROCESS_INTERVAL="30m", **env)
 
 
 def test_the_daemon_checks_at_start_shows_its_schedule_and_stops_cleanly(db_url, tmp_path):
@@ -84,8 +57,7 @@ def test_the_daemon_checks_at_start_shows_its_schedule_and_stops_cleanly(db_url,
             )
         assert last == {"stuck_run_checker": "ok failed=1"}
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        out, err = daemon.communicate(timeout=30)
+        err = daemon.stop()
     assert daemon.returncode == 0, err
     assert "daemon stopped" in err and "Traceback" not in err
     with engine.connect() as conn:
@@ -116,8 +88,7 @@ def test_sigterm_puts_an_executing_retry_back_without_spending_budget(db_url, tm
     daemon = start_daemon(db_url, tmp_path)
     wait_until(lambda: (tmp_path / f"{retry}.json").exists())
     started = time.monotonic()
-    daemon.send_signal(signal.SIGTERM)
-    out, err = daemon.communicate(timeout=30)
+    err = daemon.stop()
     stop_seconds = time.monotonic() - started
     assert daemon.returncode == 0, err
     with engine.connect() as conn:
@@ -155,3 +126,55 @@ def test_get_scheduler_in_the_daemons_own_process_is_the_live_scheduler(db_url):
     assert not runner.is_alive()
     assert not isinstance(get_scheduler(), LiveSchedule)
     rt.close()
+
+
+def test_status_from_another_process_shows_jobs_daemon_and_counts(db_url, tmp_path):
+    import json
+
+    engine = make_engine(db_url)
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:
+        insert_run(conn, started_at=now - timedelta(hours=3))
+        insert_run(conn, started_at=now - timedelta(minutes=5))
+    daemon = start_daemon(db_url, tmp_path, RETRY_DELAY="2h")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DATABASE_URL": db_url}
+    try:
+        wait_until(lambda: scalar_count(engine, "SELECT count(*) FROM stuck_runs_job_runs") >= 2)
+        with engine.begin() as conn:
+            insert_run(conn, started_at=now - timedelta(hours=2))  # stuck, not yet seen by the checker
+        text = subprocess.run(
+            [sys.executable, "-m", "scheduler", "status"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        report = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "scheduler", "status", "--json"],
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
+        )
+    finally:
+        err = daemon.stop()
+    assert daemon.returncode == 0, err
+    assert text.returncode == 0, text.stderr
+    assert f":{daemon.pid}, up since" in text.stdout and "Daemon alive" in text.stdout
+    lines = {line.split()[0]: line for line in text.stdout.splitlines() if line.startswith(("stuck_run", "retry_proc"))}
+    assert "ok" in lines["stuck_run_checker"] and "failed=1" in lines["stuck_run_checker"]
+    assert "ok" in lines["retry_processor"]
+    assert "Runs: 2 running (1 stuck) · 1 pending_retry (next due" in text.stdout
+    assert "· 0 permanently failed" in text.stdout
+    assert report["daemon_alive"] and report["runs"]["pending_retry"] == 1 and report["runs"]["stuck"] == 1
+    jobs = {j["job_id"]: j for j in report["jobs"]}
+    assert jobs["stuck_run_checker"]["next_run"] and jobs["retry_processor"]["outcome"] == "ok"
+
+
+def scalar_count(engine, sql: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql)).scalar_one()

@@ -191,8 +191,8 @@ def test_a_second_sweeper_skips_while_the_lock_is_held(db_url):
     locks.try_lock(holder, locks.namespace("scrape_runs", locks.SWEEP), 0)
     holder.commit()
     try:
-        result = sweep_stuck_runs(rt)
-        assert result.skipped and "another sweep is running" in result.skipped and result.failed == 0
+        result = sweep_stuck_runs(rt, lock_wait=timedelta(milliseconds=200))
+        assert result.skipped and "another sweep is running (stuck-runs" in result.skipped and result.failed == 0
     finally:
         holder.invalidate()
         holder.close()

@@ -1,0 +1,333 @@
+"""The daemon an on-call engineer can forget about: systemd, outages, crashes, replicas."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from db.engine import make_engine
+from db.migrate import migrate
+from scheduler.daemon import Daemon
+from scheduler.notify import Notifier
+from tests.conftest import REPO
+from tests.daemons import DaemonProcess, wait_until
+from tests.helpers import ScriptedScraper, insert_run, make_runtime, row
+from tests.own_server import OwnServer
+from tests.schema import TEXT_STATUS
+
+pytestmark = pytest.mark.slow
+
+
+def start_daemon(db_url: str, **env: str) -> DaemonProcess:
+    return DaemonProcess(db_url, **env)
+
+
+def stop(daemon: DaemonProcess, timeout: float = 30) -> str:
+    return daemon.stop(timeout)
+
+
+def scalar(engine: sa.Engine, sql: str, **params):
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql), params).scalar_one()
+
+
+def due_retry(engine: sa.Engine, query: str, due: datetime | None = None):
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:
+        root = insert_run(conn, status="failed", started_at=now - timedelta(hours=5), search_query=query)
+        return insert_run(
+            conn,
+            status="pending_retry",
+            search_query=query,
+            retry_count=1,
+            is_retry=True,
+            original_run_id=root,
+            next_retry_at=due or now - timedelta(seconds=1),
+        )
+
+
+# -- systemd ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.2)
+    yield sock, str(path)
+    sock.close()
+
+
+def receive(sock: socket.socket, until: float) -> list[str]:
+    messages = []
+    while time.monotonic() < until:
+        try:
+            messages.append(sock.recv(4096).decode())
+        except TimeoutError:
+            continue
+    return messages
+
+
+def test_sd_notify_ready_status_watchdog_and_stopping_on_a_real_socket(db_url, notify_socket):
+    sock, path = notify_socket
+    daemon = start_daemon(db_url, NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000", CHECK_INTERVAL="1s")
+    messages = receive(sock, time.monotonic() + 4)
+    err = stop(daemon)
+    messages += receive(sock, time.monotonic() + 0.5)
+    assert daemon.returncode == 0, err
+    fields = [field for message in messages for field in message.split("\n")]
+    assert "READY=1" in fields
+    assert any(f.startswith("STATUS=stuck_run_checker") and "failed=0" in f for f in fields)
+    assert fields.count("WATCHDOG=1") >= 4  # every half WatchdogSec
+    assert fields[-2:] == ["STOPPING=1", "STATUS=stopping"]
+
+
+def test_the_watchdog_is_fed_only_while_the_scheduler_dispatches(db_url, notify_socket):
+    sock, path = notify_socket
+    rt = make_runtime(db_url, ScriptedScraper())
+    daemon = Daemon(rt, Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}))
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        assert "WATCHDOG=1" in receive(sock, time.monotonic() + 1.5)
+        daemon.scheduler.pause()  # a wedged scheduler: nothing is dispatched any more
+        receive(sock, time.monotonic() + 0.3)
+        assert "WATCHDOG=1" not in receive(sock, time.monotonic() + 1.5)
+        daemon.scheduler.resume()
+        assert "WATCHDOG=1" in receive(sock, time.monotonic() + 1.5)
+    finally:
+        daemon.request_stop()
+        runner.join(30)
+    rt.close()
+
+
+def test_without_notify_socket_nothing_is_sent():
+    notifier = Notifier({})
+    assert not notifier.enabled and notifier.watchdog_interval is None
+    notifier.ready("x")  # no socket, no error
+
+
+def test_the_unit_is_hardened_to_an_exposure_of_at_most_1_5():
+    analyze = "/usr/bin/systemd-analyze"
+    if not os.path.exists(analyze):
+        pytest.skip("systemd-analyze is not installed here")
+    result = subprocess.run(
+        [analyze, "security", "--offline=true", "--threshold=15", str(REPO / "systemd" / "stuck-runs.service")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout[-2000:]
+    exposure = float(result.stdout.strip().splitlines()[-1].split("service:")[1].split()[0])
+    assert exposure <= 1.5
+    unit = (REPO / "systemd" / "stuck-runs.service").read_text()
+    for directive in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "EnvironmentFile=", "User=stuck-runs"):
+        assert directive in unit
+
+
+def test_the_daemon_works_sandboxed_as_the_unit_sandboxes_it(db_url, tmp_path):
+    """Read-only file system, private /tmp, no home, unprivileged user, no new privileges."""
+    if os.geteuid() != 0:
+        pytest.skip("building the sandbox needs root")
+    socket_dir = sa.engine.make_url(db_url).query.get("host")
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        stuck = insert_run(conn, started_at=datetime.now(timezone.utc) - timedelta(hours=2))
+    retry = due_retry(engine, "ok sandboxed")
+    outside = tempfile.mkdtemp(prefix="sr-sandbox-", dir="/var/tmp")  # not under the private /tmp
+    # The interpreter may live in a home directory here (pyenv); production's lives in /usr or /opt.
+    interpreter = os.path.realpath(sys.base_prefix)
+    keep_interpreter = interpreter.startswith(("/root/", "/home/"))
+    staging = tempfile.mkdtemp(prefix="sr-python-", dir="/var/tmp")
+    # An unprivileged identity that may open the database's socket: its owner when the server is
+    # local (pgserver's own user), else nobody.
+    local = bool(socket_dir) and os.path.isdir(socket_dir)
+    owner = os.stat(socket_dir).st_uid if local else 0
+    uid = owner if owner != 0 else 65534
+    gid = pwd.getpwuid(uid).pw_gid
+    sandbox = (
+        "set -e; mount --make-rprivate /; "
+        + (f"mount --bind {socket_dir} {outside}; " if local else "")  # keep the database socket reachable
+        + (f"mount --bind {interpreter} {staging}; " if keep_interpreter else "")
+        + "mount -t tmpfs tmpfs /tmp; mount -t tmpfs -o mode=755 tmpfs /root; mount -t tmpfs tmpfs /home; "
+        + (f"mkdir -p {socket_dir}; mount --bind {outside} {socket_dir}; " if local else "")
+        + (f"mkdir -p {interpreter}; mount --bind {staging} {interpreter}; " if keep_interpreter else "")
+        + "mount -o remount,bind,ro /; "
+        + f"exec setpriv --reuid={uid} --regid={gid} --clear-groups --no-new-privs "
+        "--inh-caps=-all "
+        f"--bounding-set=-all {shlex.quote(sys.executable)} -m scheduler daemon"
+    )
+    env = {"PYTHONDONTWRITEBYTECODE": "1", "HOME": "/nonexistent", "SCRAPE_RUN_COMMAND": "true", "CHECK_INTERVAL": "1s"}
+    daemon = DaemonProcess(db_url, "unshare", "--mount", "sh", "-c", sandbox, **env)
+    try:
+
+        def done():
+            with engine.connect() as conn:
+                return row(conn, stuck)["status"] == "failed" and row(conn, retry)["status"] == "completed"
+
+        wait_until(done, timeout=30)
+    finally:
+        err = stop(daemon)
+        os.rmdir(outside)
+        os.rmdir(staging)
+    assert daemon.returncode == 0, err
+    engine.dispose()
+
+
+# -- dispatch and shutdown -------------------------------------------------------------------------
+
+
+def test_a_due_retry_starts_within_seconds_not_at_the_next_tick(db_url, tmp_path):
+    engine = make_engine(db_url)
+    daemon = start_daemon(
+        db_url, PROCESS_INTERVAL="1h", CHECK_INTERVAL="1h", DISPATCH_POLL="1s", FAKE_SCRAPER_LOG=str(tmp_path)
+    )
+    try:
+        wait_until(lambda: scalar(engine, "SELECT count(*) FROM stuck_runs_job_runs") >= 2)
+        retry = due_retry(engine, "ok late arrival")
+        wait_until(
+            lambda: scalar(engine, "SELECT status FROM scrape_runs WHERE id = :id", id=retry) == "completed", timeout=15
+        )
+    finally:
+        err = stop(daemon)
+    assert daemon.returncode == 0, err
+    engine.dispose()
+
+
+def test_a_long_scrape_never_delays_the_stuck_checker(db_url, tmp_path):
+    engine = make_engine(db_url)
+    retry = due_retry(engine, "hang")
+    daemon = start_daemon(db_url, CHECK_INTERVAL="1s", FAKE_SCRAPER_LOG=str(tmp_path))
+    try:
+        wait_until(lambda: (tmp_path / f"{retry}.json").exists())
+        before = scalar(engine, "SELECT count(*) FROM stuck_runs_job_runs WHERE job_id = 'stuck_run_checker'")
+        time.sleep(3)
+        during = scalar(engine, "SELECT count(*) FROM stuck_runs_job_runs WHERE job_id = 'stuck_run_checker'")
+        assert during >= before + 2
+        assert scalar(engine, "SELECT status FROM scrape_runs WHERE id = :id", id=retry) == "running"
+    finally:
+        err = stop(daemon)
+    assert daemon.returncode == 0, err
+    engine.dispose()
+
+
+# -- outages and crashes ---------------------------------------------------------------------------
+
+
+def test_a_database_outage_fails_ticks_quietly_and_the_daemon_recovers(tmp_path):
+    server = OwnServer(tmp_path)
+    engine = make_engine(server.url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(TEXT_STATUS.format(table="scrape_runs"))
+    migrate(engine, "scrape_runs")
+    engine.dispose()
+    daemon = start_daemon(server.url, CHECK_INTERVAL="1s", PROCESS_INTERVAL="1s", DISPATCH_POLL="1s")
+    try:
+        engine = make_engine(server.url)
+        wait_until(lambda: scalar(engine, "SELECT count(*) FROM stuck_runs_job_runs") >= 2)
+        engine.dispose()
+        server.stop()
+        time.sleep(5)
+        assert daemon.poll() is None  # still up
+        server.start()
+        engine = make_engine(server.url)
+        with engine.begin() as conn:
+            stuck = insert_run(conn, started_at=datetime.now(timezone.utc) - timedelta(hours=2))
+        wait_until(
+            lambda: scalar(engine, "SELECT status FROM scrape_runs WHERE id = :id", id=stuck) == "failed", timeout=30
+        )
+    finally:
+        err = stop(daemon)
+        server.cleanup()
+    assert daemon.returncode == 0, err
+    assert "Traceback" not in err
+    failures = [line for line in err.splitlines() if " failed: database error" in line]
+    assert 3 <= len(failures) <= 14  # one line per failed tick of each job over ~5 s, no storm
+    assert all(line.count("\n") == 0 and len(line) < 400 for line in failures)
+    assert sum("cannot dispatch" in line for line in err.splitlines()) == 1
+    assert "the database answers again" in err and "dispatches again" in err
+
+
+def test_kill_9_in_the_middle_of_a_sweep_loses_and_duplicates_nothing(db_url):
+    engine = make_engine(db_url)
+    started = datetime.now(timezone.utc) - timedelta(hours=3)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO scrape_runs (search_query, location_query, status, started_at)"
+                " SELECT 'q' || g, 'Belgium', 'running', :t FROM generate_series(1, 20000) g"
+            ),
+            {"t": started},
+        )
+    daemon = start_daemon(db_url, BATCH_SIZE="10", SCRAPE_RUN_COMMAND="true", CHECK_INTERVAL="2s")
+    failed = wait_until(
+        lambda: scalar(engine, "SELECT count(*) FROM scrape_runs WHERE status = 'failed'") >= 500, every=0.02
+    )
+    daemon.kill()
+    at_kill = scalar(engine, "SELECT count(*) FROM scrape_runs WHERE status = 'failed'")
+    assert failed and 0 < at_kill < 20000  # really in the middle
+    restarted = start_daemon(db_url, BATCH_SIZE="500", SCRAPE_RUN_COMMAND="true", CHECK_INTERVAL="2s")
+    try:
+        wait_until(lambda: scalar(engine, "SELECT count(*) FROM scrape_runs WHERE status = 'running'") == 0)
+    finally:
+        err = stop(restarted)
+    assert restarted.returncode == 0, err
+    with engine.connect() as conn:
+        counts = conn.execute(
+            sa.text(
+                "SELECT count(*) FILTER (WHERE NOT is_retry AND status = 'failed'),"
+                " count(*) FILTER (WHERE is_retry), count(DISTINCT original_run_id) FILTER (WHERE is_retry)"
+                " FROM scrape_runs"
+            )
+        ).one()
+    assert tuple(counts) == (20000, 20000, 20000)
+    engine.dispose()
+
+
+def test_kill_9_in_the_middle_of_an_execution_leaves_nothing_running_past_the_threshold(db_url, tmp_path):
+    engine = make_engine(db_url)
+    retry = due_retry(engine, "hangonce")
+    settings = {
+        "STUCK_AFTER": "3s",
+        "CHECK_INTERVAL": "1s",
+        "EXECUTION_TIMEOUT": "1h",
+        "RETRY_DELAY": "0s",
+        "FAKE_SCRAPER_LOG": str(tmp_path),
+    }
+    daemon = start_daemon(db_url, **settings)
+    wait_until(lambda: (tmp_path / f"{retry}.json").exists())
+    daemon.kill()
+    import json
+
+    os.killpg(json.loads((tmp_path / f"{retry}.json").read_text())["pid"], signal.SIGKILL)
+    killed_at = time.monotonic()
+    restarted = start_daemon(db_url, **settings)
+    try:
+        wait_until(
+            lambda: scalar(engine, "SELECT status FROM scrape_runs WHERE id = :id", id=retry) == "failed", timeout=30
+        )
+        noticed = time.monotonic() - killed_at
+        wait_until(lambda: scalar(engine, "SELECT count(*) FROM scrape_runs WHERE status = 'completed'") == 1)
+    finally:
+        err = stop(restarted)
+    assert restarted.returncode == 0, err
+    assert noticed < 3 + 1 + 10  # the threshold, one check interval, and a restart's start-up
+    with engine.connect() as conn:
+        chain = conn.execute(
+            sa.text("SELECT retry_count, status, error_message FROM scrape_runs WHERE is_retry ORDER BY retry_count")
+        ).all()
+    assert [(r[0], r[1]) for r in chain] == [(1, "failed"), (2, "completed")]
+    assert chain[0][2].startswith("Run stuck for 0.0h - retry 2/4 scheduled")
+    engine.dispose()
