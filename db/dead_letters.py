@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 
 from db.table import DEAD_LETTERS_TABLE
 
@@ -38,7 +38,7 @@ def insert_from_failed(dead: sa.Table, failed: sa.CTE, inputs: sa.ColumnElement,
         sa.func.coalesce(failed.c.original_run_id, failed.c.id),
         failed.c.retry_count + 1,
         failed.c.max_retries,
-        failed.c._sr_pattern,
+        failed.c.failure_pattern,
         failed.c.error_message,
         failed.c._sr_detail,
         inputs,
@@ -54,9 +54,51 @@ def insert_from_failed(dead: sa.Table, failed: sa.CTE, inputs: sa.ColumnElement,
 
 
 def mark_requeued(dead: sa.Table) -> sa.Update:
-    """Marks the dead letter of `:sr_failed_run_id` requeued by retry `:sr_retry_id` (if there is one)."""
+    """Marks the dead letters of the runs in `:sr_failed_ids` requeued by `:sr_retry_ids`."""
+    pairs = (
+        sa.func.unnest(
+            sa.cast(sa.bindparam("sr_failed_ids", type_=ARRAY(sa.Uuid())), ARRAY(sa.Uuid())),
+            sa.cast(sa.bindparam("sr_retry_ids", type_=ARRAY(sa.Uuid())), ARRAY(sa.Uuid())),
+        )
+        .table_valued(sa.column("failed_id", sa.Uuid()), sa.column("retry_id", sa.Uuid()))
+        .render_derived(name="v")
+    )
     return (
         sa.update(dead)
-        .values(requeued_at=sa.bindparam("sr_now"), requeued_run_id=sa.bindparam("sr_retry_id"))
-        .where(dead.c.run_id == sa.bindparam("sr_failed_run_id"), dead.c.requeued_at.is_(None))
+        .values(requeued_at=sa.bindparam("sr_now"), requeued_run_id=pairs.c.retry_id)
+        .where(dead.c.run_id == pairs.c.failed_id, dead.c.requeued_at.is_(None))
+        .returning(dead.c.id)
     )
+
+
+def listing(dead: sa.Table, *, include_requeued: bool, pattern: bool, since: bool) -> sa.Select:
+    """Dead letters newest first, up to `:sr_limit`; optionally by `:sr_pattern`, `:sr_since`."""
+    where = []
+    if not include_requeued:
+        where.append(dead.c.requeued_at.is_(None))
+    if pattern:
+        where.append(dead.c.pattern == sa.bindparam("sr_pattern"))
+    if since:
+        where.append(dead.c.created_at >= sa.bindparam("sr_since", type_=sa.DateTime(timezone=True)))
+    return (
+        sa.select(dead)
+        .where(*where)
+        .order_by(dead.c.created_at.desc(), dead.c.id.desc())
+        .limit(sa.bindparam("sr_limit"))
+    )
+
+
+def one(dead: sa.Table) -> sa.Select:
+    """The dead letter with id `:sr_letter_id`, or of run `:sr_run_id`."""
+    return sa.select(dead).where(
+        sa.or_(dead.c.id == sa.bindparam("sr_letter_id"), dead.c.run_id == sa.bindparam("sr_run_id"))
+    )
+
+
+def purge(dead: sa.Table) -> sa.Delete:
+    """Removes dead letters created before `:sr_before`."""
+    return sa.delete(dead).where(dead.c.created_at < sa.bindparam("sr_before")).returning(dead.c.id)
+
+
+def created_since(dead: sa.Table) -> sa.Select:
+    return sa.select(sa.func.count()).select_from(dead).where(dead.c.created_at >= sa.bindparam("sr_since"))

@@ -38,6 +38,7 @@ def index_names(qualified: str) -> dict[str, str]:
         "pending": f"ix_{name}_pending_next_retry_at"[:63],
         "chain": f"ix_{name}_original_run_id"[:63],
         "unique_retry": f"ux_{name}_chain_retry"[:63],
+        "stats": f"ix_{name}_ended_attempts"[:63],
     }
 
 

@@ -62,7 +62,8 @@ class RunQueries:
         self.superseded_batch = self._superseded(lock=True)
         self.superseded_preview = self._superseded(lock=False)
         self.cancel_superseded = self._transition("pending_retry", "cancelled")
-        self.claim_due = self._claim_due()
+        self.claim_due = self._claim(one=False)
+        self.claim_one = self._claim(one=True)
         self.due_preview = self._due(lock=False).add_columns(t.c.next_retry_at)
         self.complete = (
             sa.update(t)
@@ -80,7 +81,7 @@ class RunQueries:
             .where(t.c.id.in_(sa.bindparam("sr_ids", expanding=True)), t.c.status == runs.status("running"))
             .returning(t.c.id)
         )
-        self.schedule_manual = self._schedule_manual()
+        self.schedule = self._schedule()
         self.get = sa.select(t).where(t.c.id == sa.bindparam("sr_run_id"))
 
     # -- reading ----------------------------------------------------------------------------
@@ -113,6 +114,7 @@ class RunQueries:
             count(running).label("running"),
             count(running, runs.progress() < sa.bindparam("sr_cutoff")).label("stuck"),
             count(pending).label("pending_retry"),
+            count(running, t.c.is_retry).label("running_retries"),
             sa.select(sa.func.min(t.c.next_retry_at)).where(pending).scalar_subquery().label("next_due"),
             sa.select(sa.func.count())
             .select_from(dead)
@@ -167,6 +169,7 @@ class RunQueries:
         completed = self._chain_completed(t)
         query = sa.select(
             t.c.id,
+            t.c.original_run_id,
             t.c.retry_count,
             t.c.max_retries,
             t.c.search_query,
@@ -255,9 +258,10 @@ class RunQueries:
                 completed_at=completed_at,
                 max_retries=v.c.budget,
                 next_retry_at=v.c.due,
+                failure_pattern=v.c.pattern,
             )
             .where(*where)
-            .returning(*t.c, v.c.pattern.label("_sr_pattern"), v.c.detail.label("_sr_detail"))
+            .returning(*t.c, v.c.detail.label("_sr_detail"))
             .cte("failed")
         )
         retried = self._retry_rows(failed).cte("retried")
@@ -265,13 +269,14 @@ class RunQueries:
         return (
             sa.select(
                 failed.c.id,
+                sa.func.coalesce(failed.c.original_run_id, failed.c.id).label("chain_id"),
                 failed.c.search_query,
                 failed.c.location_query,
                 failed.c.retry_count,
                 failed.c.max_retries,
                 failed.c.next_retry_at,
                 failed.c.error_message,
-                failed.c._sr_pattern.label("pattern"),
+                failed.c.failure_pattern.label("pattern"),
                 retried.c.id.label("retry_id"),
                 dead.c.run_id.label("dead_letter_run_id"),
             )
@@ -297,8 +302,9 @@ class RunQueries:
             .returning(t.c.id)
         )
 
-    def _claim_due(self) -> sa.Update:
-        """Claims up to `:limit` due retries for execution and takes their run locks.
+    def _claim(self, *, one: bool) -> sa.Update:
+        """Claims up to `:sr_limit` due retries (with `one`: pending retry `:sr_run_id`, due or
+        not) for execution, and takes their run locks.
 
         The run lock (session-level, in the claiming connection) tells the stuck checker the
         run is being executed by a live process; it goes away with that process.
@@ -311,12 +317,19 @@ class RunQueries:
             "error_message": None,
             # next_retry_at is when a failed attempt's retry is due; a running attempt has none.
             "next_retry_at": None,
+            "failure_pattern": None,
         }
         if runs.heartbeat:
             values[runs.heartbeat] = NOW
-        # MATERIALIZED: the LIMIT ... SKIP LOCKED must run once. As an IN (subquery) PostgreSQL
-        # may rescan it per outer row and claim more rows than the limit.
-        due = self._due(lock=True).with_only_columns(t.c.id).cte("due").prefix_with("MATERIALIZED")
+        if one:
+            chosen = sa.select(t.c.id).where(
+                t.c.id == sa.bindparam("sr_run_id"), t.c.status == runs.status("pending_retry")
+            )
+            due = chosen.with_for_update(skip_locked=True).cte("due")
+        else:
+            # MATERIALIZED: the LIMIT ... SKIP LOCKED must run once. As an IN (subquery)
+            # PostgreSQL may rescan it per outer row and claim more rows than the limit.
+            due = self._due(lock=True).with_only_columns(t.c.id).cte("due").prefix_with("MATERIALIZED")
         return (
             sa.update(t)
             .values(**values)
@@ -324,18 +337,130 @@ class RunQueries:
             .returning(*t.c, sa.func.pg_try_advisory_lock(self.runs_ns, locks.run_key(t.c.id)).label("_sr_locked"))
         )
 
-    def _schedule_manual(self) -> sa.Select:
-        """Schedules a retry of failed attempt `:sr_run_id` due `:sr_due_at`, with chain budget `:sr_new_budget`."""
+    def _schedule(self) -> sa.Select:
+        """Schedules retries of the failed attempts in `:sr_ids`, each due `:sr_dues` with chain
+        budget `:sr_budgets`. Attempts no longer `failed` are left alone; returns one row per
+        retry created: (failed_id, retry_id, retry_count)."""
         t, runs = self.t, self.runs
+        v = _arrays(id=sa.Uuid(), due=sa.DateTime(timezone=True), budget=sa.Integer())
         attempt = (
             sa.update(t)
-            .values(
-                next_retry_at=sa.bindparam("sr_due_at", type_=sa.DateTime(timezone=True)),
-                max_retries=sa.bindparam("sr_new_budget"),
-            )
-            .where(t.c.id == sa.bindparam("sr_run_id"), t.c.status == runs.status("failed"))
+            .values(next_retry_at=v.c.due, max_retries=v.c.budget)
+            .where(t.c.id == v.c.id, t.c.status == runs.status("failed"))
             .returning(*t.c)
             .cte("failed")
         )
         retried = self._retry_rows(attempt).cte("retried")
-        return sa.select(retried.c.id, retried.c.retry_count)
+        return sa.select(
+            attempt.c.id.label("failed_id"), retried.c.id.label("retry_id"), retried.c.retry_count
+        ).join_from(
+            attempt,
+            retried,
+            sa.and_(
+                retried.c.original_run_id == sa.func.coalesce(attempt.c.original_run_id, attempt.c.id),
+                retried.c.retry_count == attempt.c.retry_count + 1,
+            ),
+        )
+
+    def retry_candidates(
+        self,
+        *,
+        error_like: bool = False,
+        search_query: bool = False,
+        location_query: bool = False,
+        since: bool = False,
+        kind: str = "failed",
+    ) -> sa.Select:
+        """The latest attempts of chains that ended failed (none completed, no retry pending),
+        newest first, up to `:sr_limit`, filtered by the given parameters:
+        `:sr_error_like`, `:sr_search_query`, `:sr_location_query` (ILIKE patterns),
+        `:sr_since` (ended at or after). `kind`: every failed chain, `permanent` (dead-lettered,
+        not requeued) or `scraper` (failed by the scraper itself, never handled by stuck-runs).
+        """
+        t, runs, dead = self.t, self.runs, self.dead_letters
+        chain = sa.func.coalesce(t.c.original_run_id, t.c.id)
+        later = self.t.alias("later")
+        done = self.t.alias("done")
+        ended = sa.func.coalesce(t.c.completed_at, t.c.started_at)
+        where = [
+            t.c.status == runs.status("failed"),
+            ~sa.exists().where(
+                later.c.is_retry, later.c.original_run_id == chain, later.c.retry_count > t.c.retry_count
+            ),
+            ~sa.exists().where(
+                done.c.status == runs.status("completed"),
+                sa.or_(done.c.id == chain, sa.and_(done.c.is_retry, done.c.original_run_id == chain)),
+            ),
+        ]
+        if error_like:
+            where.append(t.c.error_message.ilike(sa.bindparam("sr_error_like")))
+        if search_query:
+            where.append(sa.cast(t.c.search_query, sa.Text).ilike(sa.bindparam("sr_search_query")))
+        if location_query:
+            where.append(sa.cast(t.c.location_query, sa.Text).ilike(sa.bindparam("sr_location_query")))
+        if since:
+            where.append(ended >= sa.bindparam("sr_since", type_=sa.DateTime(timezone=True)))
+        if kind == "permanent":
+            where.append(sa.exists().where(dead.c.run_id == t.c.id, dead.c.requeued_at.is_(None)))
+        elif kind == "scraper":
+            where.append(t.c.failure_pattern.is_(None))
+        return sa.select(t).where(*where).order_by(ended.desc().nulls_last()).limit(sa.bindparam("sr_limit"))
+
+    # -- statistics (attempts that ended since `:sr_since`; the ended-attempts index) --------
+
+    def _ended(self) -> sa.Subquery:
+        t = self.t
+        return (
+            sa.select(t.c.id, t.c.original_run_id, t.c.is_retry, t.c.retry_count, t.c.status, t.c.failure_pattern)
+            .where(sa.or_(t.c.is_retry, t.c.failure_pattern.is_not(None)), t.c.completed_at >= sa.bindparam("sr_since"))
+            .subquery("ended")
+        )
+
+    def stats_summary(self) -> sa.Select:
+        e, runs = self._ended(), self.runs
+        finished_retry = sa.and_(e.c.is_retry, e.c.status.in_(["completed", "failed"]))
+        return sa.select(
+            sa.func.count().filter(finished_retry).label("retries"),
+            sa.func.count().filter(sa.and_(e.c.is_retry, e.c.status == runs.status("completed"))).label("succeeded"),
+            sa.func.count(sa.distinct(e.c.original_run_id)).filter(finished_retry).label("chains"),
+            sa.func.count().filter(e.c.failure_pattern == "stuck").label("stuck_detections"),
+        )
+
+    def stats_by_attempt(self) -> sa.Select:
+        e, runs = self._ended(), self.runs
+        return (
+            sa.select(
+                e.c.retry_count.label("attempt"),
+                sa.func.count().label("retries"),
+                sa.func.count().filter(e.c.status == runs.status("completed")).label("succeeded"),
+            )
+            .where(e.c.is_retry, e.c.status.in_(["completed", "failed"]))
+            .group_by(e.c.retry_count)
+            .order_by(e.c.retry_count)
+        )
+
+    def stats_by_pattern(self) -> sa.Select:
+        """Per failure pattern: attempts that failed with it, the retries they got, and how many
+        of those retries succeeded."""
+        e, runs = self._ended(), self.runs
+        nxt = self.t.alias("next_attempt")
+        return (
+            sa.select(
+                e.c.failure_pattern.label("pattern"),
+                sa.func.count().label("failures"),
+                sa.func.count(nxt.c.id).label("retries"),
+                sa.func.count(nxt.c.id).filter(nxt.c.status == runs.status("completed")).label("retries_succeeded"),
+            )
+            .select_from(e)
+            .outerjoin(
+                nxt,
+                sa.and_(
+                    nxt.c.is_retry,
+                    nxt.c.original_run_id == sa.func.coalesce(e.c.original_run_id, e.c.id),
+                    nxt.c.retry_count == e.c.retry_count + 1,
+                ),
+            )
+            .where(e.c.failure_pattern.is_not(None))
+            .group_by(e.c.failure_pattern)
+            .order_by(sa.func.count().desc())
+        )

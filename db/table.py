@@ -18,7 +18,7 @@ from sqlalchemy.types import UserDefinedType
 from jobs.errors import NotMigrated, SchemaError
 
 REQUIRED_COLUMNS = ("id", "search_query", "location_query", "status", "error_message", "started_at", "completed_at")
-RETRY_COLUMNS = ("retry_count", "max_retries", "next_retry_at", "original_run_id", "is_retry")
+RETRY_COLUMNS = ("retry_count", "max_retries", "next_retry_at", "original_run_id", "is_retry", "failure_pattern")
 # Lifecycle columns describe one attempt, not the work: a retry starts them afresh.
 LIFECYCLE_COLUMNS = frozenset(
     {"id", "status", "error_message", "started_at", "completed_at", "created_at", "updated_at", *RETRY_COLUMNS}

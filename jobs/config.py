@@ -7,6 +7,7 @@ line naming the variable (or flag), the value and what is accepted. The result i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -121,13 +122,40 @@ def parse_callable(text: str, name: str) -> str:
 
 
 def parse_patterns(text: str, name: str) -> frozenset[str]:
-    chosen = frozenset(p.strip() for p in str(text).split(",") if p.strip())
-    unknown = sorted(chosen - KNOWN_PATTERNS)
-    if unknown:
-        raise ConfigError(
-            f"{name}: unknown failure pattern {unknown[0]!r}; use some of {', '.join(sorted(KNOWN_PATTERNS))}"
-        )
-    return chosen
+    """Pattern names; checked against the known ones (custom included) once all is read."""
+    return frozenset(p.strip() for p in str(text).split(",") if p.strip())
+
+
+def parse_patterns_file(text: str, name: str) -> tuple[tuple[tuple[str, str], ...], frozenset[str] | None]:
+    """A JSON file: {"patterns": {"captcha": "regex", ...}, "permanent": ["not_found", ...]}.
+
+    Its patterns are tried before the built-in ones; its `permanent` list (optional) replaces
+    the default one.
+    """
+    path = str(text).strip()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"{name}={path!r} cannot be read: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{name}={path!r} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    if not isinstance(data, dict) or set(data) - {"patterns", "permanent"}:
+        raise ConfigError(f'{name}={path!r}: expected {{"patterns": {{name: regex}}, "permanent": [names]}}')
+    patterns = data.get("patterns", {})
+    if not isinstance(patterns, dict) or not all(isinstance(v, str) for v in patterns.values()):
+        raise ConfigError(f'{name}={path!r}: "patterns" must map names to regular expressions')
+    for pattern, expression in patterns.items():
+        if not _IDENTIFIER.match(pattern):
+            raise ConfigError(f"{name}={path!r}: pattern name {pattern!r} must be letters, digits and _")
+        try:
+            re.compile(expression)
+        except re.error as exc:
+            raise ConfigError(f"{name}={path!r}: the expression of {pattern!r} is invalid ({exc})") from None
+    permanent = data.get("permanent")
+    if permanent is not None and not (isinstance(permanent, list) and all(isinstance(p, str) for p in permanent)):
+        raise ConfigError(f'{name}={path!r}: "permanent" must be a list of pattern names')
+    return tuple(patterns.items()), (frozenset(permanent) if permanent is not None else None)
 
 
 @dataclass(frozen=True)
@@ -147,6 +175,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     metrics_port: int | None = None
+    failure_patterns: tuple[tuple[str, str], ...] = ()  # custom (name, regex), tried first
     command: tuple[str, ...] | None = None
     callable_path: str | None = None
 
@@ -176,6 +205,7 @@ _FIELDS: tuple[tuple[str, str, _Parser, str], ...] = (
     ("RETRY_BACKOFF", "--retry-backoff", lambda t, n: parse_choice(t, n, ("fixed", "exponential")), "policy.backoff"),
     ("RETRY_MAX_DELAY", "--retry-max-delay", parse_duration, "policy.max_delay"),
     ("RETRY_JITTER", "--retry-jitter", parse_fraction, "policy.jitter"),
+    ("FAILURE_PATTERNS_FILE", "--failure-patterns-file", parse_patterns_file, "failure_patterns_file"),
     ("PERMANENT_PATTERNS", "--permanent-patterns", parse_patterns, "policy.permanent_patterns"),
     ("CHECK_INTERVAL", "--check-interval", parse_duration, "check_interval"),
     ("PROCESS_INTERVAL", "--process-interval", parse_duration, "process_interval"),
@@ -207,7 +237,8 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, object] | None = N
     absent: not given). Empty environment values count as unset.
     """
     top: dict[str, object] = {}
-    policy: dict[str, object] = {"permanent_patterns": DEFAULT_PERMANENT}
+    policy: dict[str, object] = {}
+    file_permanent = None
     for env_name, flag, parse, target in _FIELDS:
         given = (flags or {}).get(env_name)
         if given is not None:
@@ -216,16 +247,25 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, object] | None = N
             value = parse(env[env_name], env_name)
         else:
             continue
-        if target.startswith("policy."):
+        if target == "failure_patterns_file":
+            top["failure_patterns"], file_permanent = value  # type: ignore[misc]
+        elif target.startswith("policy."):
             policy[target.removeprefix("policy.")] = value
         else:
             top[target] = value
+    policy.setdefault("permanent_patterns", DEFAULT_PERMANENT if file_permanent is None else file_permanent)
     settings = Settings(policy=RetryPolicy(**policy), **top)  # type: ignore[arg-type]
     _check_consistency(settings)
     return settings
 
 
 def _check_consistency(settings: Settings) -> None:
+    known = KNOWN_PATTERNS | {name for name, _ in settings.failure_patterns}
+    unknown = sorted(settings.policy.permanent_patterns - known)
+    if unknown:
+        raise ConfigError(
+            f"PERMANENT_PATTERNS: unknown failure pattern {unknown[0]!r}; use some of {', '.join(sorted(known))}"
+        )
     if settings.command and settings.callable_path:
         raise ConfigError(
             "SCRAPE_RUN_COMMAND and SCRAPE_RUN_CALLABLE are both set: keep the one that runs your scraper"

@@ -1,10 +1,16 @@
-"""Operator actions on one chain: a manual retry, and the chain's history."""
+"""Operator actions on chains: manual and bulk retries, and a chain's history.
+
+One scheduling path serves a single retry, a bulk retry and a dead-letter requeue: each
+retries the latest failed attempt of a chain with one set-based statement.
+"""
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from loguru import logger
 
@@ -12,8 +18,11 @@ from db.dead_letters import mark_requeued
 from db.engine import database_errors
 from jobs.errors import RetryRefused, RunNotFound, UsageError
 from jobs.model import Run
+from jobs.retries import RetryDispatcher, RetryOutcome
 from jobs.rules import RetryPolicy, chain_budget, format_hours
 from jobs.runtime import Runtime
+
+RETRY_KINDS = ("failed", "permanent", "scraper")
 
 
 def parse_run_id(text: str) -> uuid.UUID:
@@ -36,9 +45,10 @@ class ChainHistory:
 
 
 @dataclass(frozen=True)
-class ManualRetry:
-    failed_run_id: uuid.UUID  # the attempt being retried (the chain's latest)
-    retry_id: uuid.UUID
+class ScheduledRetry:
+    failed_run_id: uuid.UUID  # the attempt being retried (its chain's latest)
+    label: str
+    retry_id: uuid.UUID | None  # None in a dry run
     attempt: int  # the new attempt's retry number
     budget: int
     due: datetime
@@ -46,6 +56,38 @@ class ManualRetry:
     @property
     def message(self) -> str:
         return f"Run scheduled for retry (attempt {self.attempt}/{self.budget})"
+
+
+@dataclass(frozen=True)
+class SkippedRetry:
+    run_id: uuid.UUID
+    label: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class BulkRetryResult:
+    scheduled: tuple[ScheduledRetry, ...]
+    skipped: tuple[SkippedRetry, ...]
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class RetryCriteria:
+    """Which failed chains a bulk retry takes; patterns use SQL LIKE syntax, case-insensitive."""
+
+    error_like: str | None = None
+    search_query: str | None = None
+    location_query: str | None = None
+    since: timedelta | None = None
+    kind: str = "failed"  # failed | permanent (dead-lettered) | scraper (failed by the scraper)
+    limit: int = 100
+
+    @property
+    def given(self) -> bool:
+        return any(v is not None for v in (self.error_like, self.search_query, self.location_query, self.since)) or (
+            self.kind != "failed"
+        )
 
 
 def chain_history(rt: Runtime, run_id: uuid.UUID) -> ChainHistory:
@@ -66,13 +108,27 @@ def retry_run(
     policy: RetryPolicy | None = None,
     reset_budget: bool = False,
     due: datetime | None = None,
-) -> ManualRetry:
+    dry_run: bool = False,
+) -> ScheduledRetry:
     """Schedules a retry of a failed run, or raises `RetryRefused` saying why it cannot.
 
     A run that is not its chain's latest attempt retries the chain's latest failed attempt.
-    `reset_budget` grants the chain a fresh budget of `policy.max_retries` more retries.
+    `reset_budget` grants the chain `policy.max_retries` more retries. With `dry_run` the
+    checks run and nothing changes (the result has no `retry_id`).
     """
     policy = policy or rt.settings.policy
+    latest = _latest_retryable(rt, run_id, policy, reset_budget)
+    due = due or rt.clock.now()
+    if dry_run:
+        return _planned(latest, policy, reset_budget, due, None)
+    [scheduled] = _schedule(rt, [latest], policy, reset_budget, [due])
+    if scheduled.retry_id is None:
+        raise RetryRefused(f"run {latest.id} changed while scheduling its retry; look at `stuck-runs history {run_id}`")
+    return scheduled
+
+
+def _latest_retryable(rt: Runtime, run_id: uuid.UUID, policy: RetryPolicy, reset_budget: bool) -> Run:
+    """The chain's latest attempt if a retry of it may be scheduled; else `RetryRefused`."""
     history = chain_history(rt, run_id)
     given = next(a for a in history.attempts if a.id == run_id)
     _refuse_status(given, rt)
@@ -82,32 +138,118 @@ def retry_run(
     latest = history.attempts[-1]
     if latest.id != given.id:
         _refuse_status(latest, rt, of_chain=True)
-    budget = chain_budget(latest.is_retry, latest.max_retries, policy)
-    if latest.retry_count >= budget and not reset_budget:
-        raise RetryRefused(
-            f"run {latest.id} has spent its retry budget ({latest.retry_count} of {budget} retries, "
-            f"{latest.retry_count + 1} attempts); last error: {latest.error_message or '(none)'}; "
-            f"failure pattern: {rt.classifier.classify(latest.error_message) if latest.error_message else 'unknown'}. "
-            "Use --reset-budget to retry it anyway"
-        )
-    if reset_budget:
-        budget = latest.retry_count + policy.max_retries
+    refusal = _budget_refusal(rt, latest, policy, reset_budget)
+    if refusal:
+        raise RetryRefused(refusal)
+    return latest
+
+
+def retry_matching(
+    rt: Runtime,
+    criteria: RetryCriteria,
+    *,
+    policy: RetryPolicy | None = None,
+    reset_budget: bool = False,
+    spread: timedelta | None = None,
+    dry_run: bool = False,
+) -> BulkRetryResult:
+    """Retries the latest failed attempt of every chain matching `criteria` (at most its limit).
+
+    With `spread`, the retries fall due evenly over that window instead of all at once, so a
+    scraped site is not hit by a burst. Chains whose budget is spent are skipped unless
+    `reset_budget`.
+    """
+    policy = policy or rt.settings.policy
     now = rt.clock.now()
-    due = due or now
-    params = {"sr_run_id": latest.id, "sr_due_at": due, "sr_new_budget": budget, "sr_now": now}
-    with database_errors(rt.engine, "scheduling the retry"), rt.engine.begin() as conn:
-        created = conn.execute(rt.queries.schedule_manual, params).mappings().first()
-        if created is None:
-            raise RetryRefused(
-                f"run {latest.id} changed while scheduling its retry; look at `stuck-runs history {run_id}`"
-            )
+    statement = rt.queries.retry_candidates(
+        error_like=criteria.error_like is not None,
+        search_query=criteria.search_query is not None,
+        location_query=criteria.location_query is not None,
+        since=criteria.since is not None,
+        kind=criteria.kind,
+    )
+    params = {
+        "sr_limit": criteria.limit,
+        "sr_error_like": criteria.error_like,
+        "sr_search_query": criteria.search_query,
+        "sr_location_query": criteria.location_query,
+        "sr_since": now - criteria.since if criteria.since else None,
+    }
+    with database_errors(rt.engine, "finding runs to retry"), rt.engine.connect() as conn:
+        found = [Run.from_row(r, rt.runs.input_columns) for r in conn.execute(statement, params).mappings()]
+    skipped, chosen = [], []
+    for run in found:
+        refusal = _budget_refusal(rt, run, policy, reset_budget)
+        (skipped.append(SkippedRetry(run.id, run.label, refusal)) if refusal else chosen.append(run))
+    step = spread / len(chosen) if spread and chosen else timedelta(0)
+    dues = [now + step * i for i in range(len(chosen))]
+    if dry_run:
+        scheduled = [_planned(run, policy, reset_budget, due, None) for run, due in zip(chosen, dues, strict=True)]
+    else:
+        scheduled = _schedule(rt, chosen, policy, reset_budget, dues)
+    return BulkRetryResult(tuple(scheduled), tuple(skipped), dry_run)
+
+
+def run_retry_now(rt: Runtime, retry_id: uuid.UUID, wait: Callable[[], None]) -> RetryOutcome | None:
+    """Executes a pending retry in this process at once (in a free slot) and returns its outcome."""
+    return RetryDispatcher(rt, rt.settings.policy).run_now(retry_id, threading.Event(), wait)
+
+
+def _budget(run: Run, policy: RetryPolicy, reset_budget: bool) -> int:
+    if reset_budget:
+        return run.retry_count + policy.max_retries
+    return chain_budget(run.is_retry, run.max_retries, policy)
+
+
+def _budget_refusal(rt: Runtime, run: Run, policy: RetryPolicy, reset_budget: bool) -> str | None:
+    budget = _budget(run, policy, reset_budget)
+    if run.retry_count < budget:
+        return None
+    pattern = run.failure_pattern or (rt.classifier.classify(run.error_message) if run.error_message else "unknown")
+    return (
+        f"run {run.id} has spent its retry budget ({run.retry_count} of {budget} retries, "
+        f"{run.retry_count + 1} attempts); last error: {run.error_message or '(none)'}; "
+        f"failure pattern: {pattern}. Use --reset-budget to retry it anyway"
+    )
+
+
+def _planned(run: Run, policy: RetryPolicy, reset_budget: bool, due: datetime, retry_id) -> ScheduledRetry:
+    budget = _budget(run, policy, reset_budget)
+    return ScheduledRetry(run.id, run.label, retry_id, run.retry_count + 1, budget, due)
+
+
+def _schedule(
+    rt: Runtime, runs: list[Run], policy: RetryPolicy, reset_budget: bool, dues: list[datetime]
+) -> list[ScheduledRetry]:
+    """Schedules one retry per failed attempt in one statement; marks their dead letters requeued."""
+    if not runs:
+        return []
+    plans = [_planned(run, policy, reset_budget, due, None) for run, due in zip(runs, dues, strict=True)]
+    params = {
+        "sr_ids": [p.failed_run_id for p in plans],
+        "sr_dues": [p.due for p in plans],
+        "sr_budgets": [p.budget for p in plans],
+        "sr_now": rt.clock.now(),
+    }
+    with database_errors(rt.engine, "scheduling retries"), rt.engine.begin() as conn:
+        created = {row["failed_id"]: row["retry_id"] for row in conn.execute(rt.queries.schedule, params).mappings()}
         conn.execute(
             mark_requeued(rt.queries.dead_letters),
-            {"sr_failed_run_id": latest.id, "sr_now": now, "sr_retry_id": created["id"]},
+            {"sr_failed_ids": list(created), "sr_retry_ids": list(created.values()), "sr_now": params["sr_now"]},
         )
-    result = ManualRetry(latest.id, created["id"], created["retry_count"], budget, due)
-    logger.bind(run_id=str(latest.id), retry_id=str(result.retry_id), event="manual_retry").info(result.message)
-    return result
+    done = [_planned(run, policy, reset_budget, due, created.get(run.id)) for run, due in zip(runs, dues, strict=True)]
+    by_id = {run.id: run for run in runs}
+    for item in done:
+        if item.retry_id:
+            run = by_id[item.failed_run_id]
+            logger.bind(
+                run_id=str(item.failed_run_id),
+                chain=str(run.chain_id),
+                attempt=run.retry_count,
+                retry_id=str(item.retry_id),
+                event="manual_retry",
+            ).info("{}: {}", item.label, item.message)
+    return done
 
 
 def _refuse_status(run: Run, rt: Runtime, *, of_chain: bool = False) -> None:

@@ -34,6 +34,7 @@ class Run:
     completed_at: datetime | None = None
     next_retry_at: datetime | None = None
     error_message: str | None = None
+    failure_pattern: str | None = None
     inputs: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -59,5 +60,6 @@ class Run:
             completed_at=as_utc(row["completed_at"]),
             next_retry_at=as_utc(row["next_retry_at"]),
             error_message=row["error_message"],
+            failure_pattern=row.get("failure_pattern"),
             inputs={name: row[name] for name in input_columns if name in row},
         )

@@ -15,7 +15,9 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -44,6 +46,7 @@ PREVIEW_LIMIT = 10_000
 @dataclass(frozen=True)
 class SupersededRetry:
     run_id: uuid.UUID
+    chain_id: uuid.UUID
     label: str
     completed_run_id: uuid.UUID
     message: str
@@ -119,6 +122,7 @@ def supersede_completed_chains(rt: Runtime, *, dry_run: bool = False) -> tuple[S
             found = [
                 SupersededRetry(
                     run_id=row["id"],
+                    chain_id=row["original_run_id"],
                     label=run_label(row["search_query"], row["location_query"], row["retry_count"], row["max_retries"]),
                     completed_run_id=row["completed_id"],
                     message=superseded_message(row["completed_id"]),
@@ -131,7 +135,7 @@ def supersede_completed_chains(rt: Runtime, *, dry_run: bool = False) -> tuple[S
             cancelled = set(conn.execute(q.cancel_superseded, params).scalars())
     done = tuple(s for s in found if s.run_id in cancelled)
     for s in done:
-        logger.bind(run_id=str(s.run_id), event="superseded").info("{}: {}", s.label, s.message)
+        logger.bind(run_id=str(s.run_id), chain=str(s.chain_id), event="superseded").info("{}: {}", s.label, s.message)
     return done
 
 
@@ -151,10 +155,12 @@ def preview_due(rt: Runtime) -> tuple[DueRetry, ...]:
 class RetryDispatcher:
     """Claims and executes due retries in the slots it can take."""
 
-    def __init__(self, rt: Runtime, policy: RetryPolicy) -> None:
+    def __init__(self, rt: Runtime, policy: RetryPolicy, observe: Callable[[str, object], None] | None = None) -> None:
         self.rt = rt
         self.policy = policy
         self.slots_ns = locks.namespace(rt.runs.qualified_name, locks.SLOTS)
+        # Told ("started", run) and ("finished", outcome) as they happen (the daemon's metrics).
+        self.observe = observe or (lambda event, payload: None)
 
     def drain(self, stop: threading.Event) -> list[RetryOutcome]:
         """Executes due retries in every free slot until none is due (or `stop` is set)."""
@@ -167,60 +173,93 @@ class RetryDispatcher:
     def work_slot(self, slot: int, stop: threading.Event) -> list[RetryOutcome]:
         """Holds slot `slot` (if free) and executes due retries one after another in it."""
         outcomes: list[RetryOutcome] = []
-        with database_errors(self.rt.engine, "executing due retries"):
+        with self._slot(slot) as conn:
+            while conn is not None and not stop.is_set():
+                outcome = self._claim_and_execute(conn, stop)
+                if outcome is None:
+                    break
+                outcomes.append(outcome)
+                if outcome.status == "released":
+                    break  # executions are only cancelled when stopping
+        return outcomes
+
+    def run_now(self, run_id: uuid.UUID, stop: threading.Event, wait: Callable[[], None]) -> RetryOutcome | None:
+        """Executes pending retry `run_id` at once, in the first slot that is free.
+
+        Calls `wait()` between attempts while every slot is taken. Returns None if the retry
+        was no longer pending (another process took it).
+        """
+        while not stop.is_set():
+            for slot in range(self.rt.settings.max_concurrent_retries):
+                with self._slot(slot) as conn:
+                    if conn is not None:
+                        return self._claim_and_execute(conn, stop, run_id)
+            wait()
+        return None
+
+    @contextmanager
+    def _slot(self, slot: int) -> Iterator[Connection | None]:
+        """A connection whose session holds slot `slot`, or None when another session holds it.
+
+        Whatever goes wrong, the session ends and every lock it held with it.
+        """
+        with database_errors(self.rt.engine, "executing retries"):
             conn = self.rt.engine.connect()
             try:
                 if not locks.try_lock(conn, self.slots_ns, slot):
                     conn.rollback()
-                    return outcomes
+                    yield None
+                    return
                 conn.commit()
-                while not stop.is_set():
-                    run, run_locked = self.claim(conn)
-                    if run is None:
-                        break
-                    try:
-                        outcome = self.execute_and_record(run, stop)
-                        outcomes.append(outcome)
-                        if outcome.status == "released":
-                            break  # executions are only cancelled when stopping
-                    finally:
-                        if run_locked:
-                            locks.unlock_run(conn, self.rt.queries.runs_ns, run.id)
-                            conn.commit()
+                yield conn
                 locks.unlock(conn, self.slots_ns, slot)
                 conn.commit()
             except BaseException:
-                conn.invalidate()  # the session ends, and every lock it held with it
+                conn.invalidate()
                 raise
             finally:
                 conn.close()
-        return outcomes
 
-    def claim(self, conn: Connection) -> tuple[Run | None, bool]:
-        """Claims the most overdue retry in `conn`'s session: `running`, its run lock held there.
+    def _claim_and_execute(
+        self, conn: Connection, stop: threading.Event, run_id: uuid.UUID | None = None
+    ) -> RetryOutcome | None:
+        run, run_locked = self.claim(conn, run_id)
+        if run is None:
+            return None
+        try:
+            return self.execute_and_record(run, stop)
+        finally:
+            if run_locked:
+                locks.unlock_run(conn, self.rt.queries.runs_ns, run.id)
+                conn.commit()
 
-        Returns the run (None when nothing is due) and whether the run lock was taken.
+    def claim(self, conn: Connection, run_id: uuid.UUID | None = None) -> tuple[Run | None, bool]:
+        """Claims the most overdue retry (or pending retry `run_id`, due or not) in `conn`'s
+        session: `running`, its run lock held there.
+
+        Returns the run (None when there is nothing to claim) and whether the run lock was taken.
         """
+        q = self.rt.queries
+        params = {"sr_now": self.rt.clock.now(), "sr_limit": 1}
+        statement = q.claim_due if run_id is None else q.claim_one
         with conn.begin():
-            row = (
-                conn.execute(self.rt.queries.claim_due, {"sr_now": self.rt.clock.now(), "sr_limit": 1})
-                .mappings()
-                .first()
-            )
+            row = conn.execute(statement, {**params, "sr_run_id": run_id}).mappings().first()
         if row is None:
             return None, False
         run = Run.from_row(row, self.rt.runs.input_columns)
         logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count, event="started").info(
             "{}: started", run.label
         )
+        self.observe("started", run)
         return run, bool(row["_sr_locked"])
 
     def execute_and_record(self, run: Run, stop: threading.Event) -> RetryOutcome:
         started = time.monotonic()
         timeout = self.rt.clock.real(self.rt.settings.timeout)
         result = self.rt.executor.execute(run, timeout, stop)
-        outcome = record_outcome(self.rt, self.policy, run, result)
-        return replace(outcome, seconds=time.monotonic() - started)
+        outcome = replace(record_outcome(self.rt, self.policy, run, result), seconds=time.monotonic() - started)
+        self.observe("finished", outcome)
+        return outcome
 
 
 def record_outcome(rt: Runtime, policy: RetryPolicy, run: Run, result: ExecutionResult) -> RetryOutcome:

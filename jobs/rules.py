@@ -83,7 +83,10 @@ def retry_delay(
     included. A `Retry-After` the site reported wins when it is longer than the policy's delay.
     """
     if policy.backoff == "exponential":
-        base = min(policy.retry_delay * (2 ** (retry_number - 1)), max(policy.max_delay, policy.retry_delay))
+        cap = max(policy.max_delay, policy.retry_delay)
+        # In float seconds: a late retry's 2^(n-1) would overflow a timedelta long before the cap.
+        doubled = policy.retry_delay.total_seconds() * 2.0 ** min(retry_number - 1, 1023)
+        base = min(timedelta(seconds=min(doubled, cap.total_seconds())), cap)
     else:
         base = policy.retry_delay
     delay = base + base * (policy.jitter * rng.random())

@@ -18,7 +18,7 @@ from db.table import RunsTable, load_runs_table
 from jobs.clock import SystemClock
 from jobs.config import Settings
 from jobs.executor import Executor, build_executor
-from jobs.patterns import Classifier
+from jobs.patterns import DEFAULT_PATTERNS, Classifier
 
 
 @dataclass
@@ -45,7 +45,8 @@ class Runtime:
         engine = make_engine(url, role=role, pool_size=settings.max_concurrent_retries + 2)
         with database_errors(engine, "connecting"), engine.connect() as conn:
             runs = load_runs_table(conn, settings.table, settings.heartbeat_column)
-        return cls(settings, engine, runs, clock or SystemClock(), executor_override=executor)
+        classifier = Classifier(settings.failure_patterns + DEFAULT_PATTERNS)
+        return cls(settings, engine, runs, clock or SystemClock(), classifier=classifier, executor_override=executor)
 
     @cached_property
     def queries(self) -> RunQueries:

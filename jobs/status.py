@@ -41,6 +41,7 @@ class RunCounts:
     running: int
     stuck: int
     pending_retry: int
+    running_retries: int
     next_due: datetime | None
     permanently_failed: int
 

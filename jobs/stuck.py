@@ -36,6 +36,8 @@ class FailedAttempt:
     label: str
     message: str
     pattern: str
+    chain_id: uuid.UUID
+    attempt: int  # the failed attempt's retry number
     retry_id: uuid.UUID | None
     retry_due: datetime | None
     dead_lettered: bool = False
@@ -132,6 +134,8 @@ def _fail_batch(rt: Runtime, conn, policy: RetryPolicy, params: dict) -> _Batch:
             label=run_label(row["search_query"], row["location_query"], row["retry_count"], row["max_retries"]),
             message=row["error_message"],
             pattern=row["pattern"],
+            chain_id=row["chain_id"],
+            attempt=row["retry_count"],
             retry_id=row["retry_id"],
             retry_due=row["next_retry_at"],
             dead_lettered=row["dead_letter_run_id"] is not None,
@@ -139,9 +143,13 @@ def _fail_batch(rt: Runtime, conn, policy: RetryPolicy, params: dict) -> _Batch:
         for row in applied
     )
     for attempt in attempts:
-        logger.bind(run_id=str(attempt.run_id), event="stuck", retry_id=str(attempt.retry_id or "")).warning(
-            "{}: {}", attempt.label, attempt.message
-        )
+        logger.bind(
+            run_id=str(attempt.run_id),
+            chain=str(attempt.chain_id),
+            attempt=attempt.attempt,
+            event="stuck",
+            retry_id=str(attempt.retry_id or ""),
+        ).warning("{}: {}", attempt.label, attempt.message)
     return _Batch(len(rows), attempts)
 
 
@@ -169,6 +177,8 @@ def _preview(rt: Runtime, policy: RetryPolicy, params: dict, started: float) -> 
                 label=run_label(row["search_query"], row["location_query"], row["retry_count"], row["max_retries"]),
                 message=outcome.message,
                 pattern=outcome.pattern,
+                chain_id=row["original_run_id"] or row["id"],
+                attempt=row["retry_count"],
                 retry_id=None,
                 retry_due=outcome.retry_due,
             )

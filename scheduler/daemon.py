@@ -32,6 +32,7 @@ from jobs.retries import ProcessResult, supersede_completed_chains
 from jobs.runtime import Runtime
 from jobs.stuck import SweepResult, sweep_stuck_runs
 from scheduler.dispatch import ContinuousDispatch
+from scheduler.metrics import Metrics
 from scheduler.notify import Notifier
 
 CHECKER = "stuck_run_checker"
@@ -66,14 +67,21 @@ def summarize(result: object) -> dict[str, Any]:
 class Daemon:
     """The scheduler, its two jobs, the retry slots, and the records other processes read."""
 
-    def __init__(self, rt: Runtime, notifier: Notifier | None = None, stopping: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        notifier: Notifier | None = None,
+        stopping: threading.Event | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.rt = rt
         self.notifier = notifier or Notifier({})
         self.stopping = stopping or threading.Event()
+        self.metrics = metrics
         self.records = DaemonRecords(rt.runs.table.schema, rt.runs.qualified_name)
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.daemon_id: int | None = None
-        self.dispatch = ContinuousDispatch(rt, self.stopping)
+        self.dispatch = ContinuousDispatch(rt, self.stopping, metrics.retry_event if metrics else None)
         self._ready = False
         self._db_down = False
         self._stop_lock = threading.Lock()
@@ -125,10 +133,21 @@ class Daemon:
         if self.stopping.is_set():  # a stop that came while the scheduler was starting
             self._shutdown_scheduler()
             return
+        if self.metrics is not None:
+            self._count_for_metrics()
         if self._write(self.records.heartbeat(self.daemon_id, datetime.now(timezone.utc), self.next_runs())):
             if not self._ready:
                 self._ready = True
                 self.notifier.ready(f"running; table {self.rt.runs.qualified_name}")
+
+    def _count_for_metrics(self) -> None:
+        cutoff = self.rt.clock.now() - self.rt.settings.policy.stuck_after
+        try:
+            with self.rt.engine.connect() as conn:
+                counts = conn.execute(self.rt.queries.counts(), {"sr_cutoff": cutoff}).mappings().one()
+        except Exception:  # noqa: BLE001 - the records' write below reports the outage
+            return
+        self.metrics.counts(counts["pending_retry"], counts["running_retries"])
 
     def next_runs(self) -> dict[str, str | None]:
         return {
@@ -158,6 +177,8 @@ class Daemon:
     def _on_finished(self, event: JobEvent) -> None:
         if event.job_id in (HEARTBEAT, WATCHDOG):
             return
+        if self.metrics is not None:
+            self.metrics.job_finished(event.job_id, event.retval, event.exception)
         log = logger.bind(job=event.job_id, event="job_run")
         started = self._started.pop(event.job_id, datetime.now(timezone.utc))
         if event.exception is None:
@@ -294,7 +315,12 @@ def run_daemon(settings: Settings, *, role: str = "daemon") -> None:
     if runtime is None:
         return
     try:
-        daemon = Daemon(runtime, notifier, stopping)
+        metrics = None
+        if settings.metrics_port:
+            metrics = Metrics()
+            metrics.serve(settings.metrics_port)
+            logger.info("Prometheus metrics on port {}", settings.metrics_port)
+        daemon = Daemon(runtime, notifier, stopping, metrics)
         daemon.run()
     finally:
         runtime.close()

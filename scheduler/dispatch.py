@@ -10,6 +10,7 @@ logged once when it starts and once when it ends.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 
 from loguru import logger
@@ -21,10 +22,12 @@ from jobs.runtime import Runtime
 
 
 class ContinuousDispatch:
-    def __init__(self, rt: Runtime, stopping: threading.Event) -> None:
+    def __init__(
+        self, rt: Runtime, stopping: threading.Event, observe: Callable[[str, object], None] | None = None
+    ) -> None:
         self.rt = rt
         self.stopping = stopping
-        self.dispatcher = RetryDispatcher(rt, rt.settings.policy)
+        self.dispatcher = RetryDispatcher(rt, rt.settings.policy, observe)
         self.poll = rt.clock.real(rt.settings.dispatch_poll)
         slots = range(rt.settings.max_concurrent_retries)
         self._wake = [threading.Event() for _ in slots]

@@ -24,6 +24,7 @@ HELP = {
     "RETRY_MAX_DELAY": "Cap of exponential backoff. [RETRY_MAX_DELAY, 1d]",
     "RETRY_JITTER": "Random extra delay, as a fraction of the delay. [RETRY_JITTER, 0]",
     "PERMANENT_PATTERNS": "Failure patterns never retried. [PERMANENT_PATTERNS, not_found,forbidden]",
+    "FAILURE_PATTERNS_FILE": "JSON file of extra failure patterns (and the permanent ones). [FAILURE_PATTERNS_FILE]",
     "BATCH_SIZE": "Rows per transaction. [BATCH_SIZE, 1000]",
     "HEARTBEAT_COLUMN": "Column that shows progress (e.g. updated_at). [HEARTBEAT_COLUMN]",
     "SCRAPE_RUNS_TABLE": "The runs table, optionally schema-qualified. [SCRAPE_RUNS_TABLE, scrape_runs]",
@@ -46,6 +47,7 @@ POLICY = (
     "RETRY_MAX_DELAY",
     "RETRY_JITTER",
     "PERMANENT_PATTERNS",
+    "FAILURE_PATTERNS_FILE",
     "BATCH_SIZE",
     "HEARTBEAT_COLUMN",
     "SCRAPE_RUNS_TABLE",
@@ -122,4 +124,4 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
-from scheduler.cli import admin, runs  # noqa: E402,F401  (commands register on `cli`)
+from scheduler.cli import admin, ops, runs  # noqa: E402,F401  (commands register on `cli`)

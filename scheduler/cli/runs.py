@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import time
+
 import click
 
-from jobs.errors import EXIT_OK
-from jobs.manual import chain_history, parse_run_id, retry_run
+from jobs.config import parse_duration
+from jobs.errors import EXIT_OK, EXIT_REFUSED, UsageError
+from jobs.manual import (
+    RETRY_KINDS,
+    BulkRetryResult,
+    RetryCriteria,
+    chain_history,
+    parse_run_id,
+    retry_matching,
+    retry_run,
+    run_retry_now,
+)
 from jobs.recovery import FixResult, fix_stuck_runs_with_retry
 from jobs.retries import ProcessResult, process_due_retries
 from jobs.stuck import SweepResult, sweep_stuck_runs
@@ -117,27 +129,120 @@ def fix(ctx: click.Context, dry_run: bool, as_json: bool) -> int:
 
 
 @cli.command()
-@click.argument("run_id")
-@click.option("--reset-budget", is_flag=True, help="Give the chain a fresh retry budget.")
-@config_options("MAX_RETRIES", "SCRAPE_RUNS_TABLE")
+@click.argument("run_id", required=False)
+@click.option("--reset-budget", is_flag=True, help="Give the chain a fresh retry budget (MAX_RETRIES more).")
+@click.option("--now", "execute_now", is_flag=True, help="Execute the retry here at once and wait for its outcome.")
+@click.option("--error-like", help="Bulk: error_message LIKE this (case-insensitive), e.g. '%503%'.")
+@click.option("--search-query", help="Bulk: search_query LIKE this (case-insensitive).")
+@click.option("--location-query", help="Bulk: location_query LIKE this (case-insensitive).")
+@click.option("--since", help="Bulk: failed within this long, e.g. 24h or 7d.")
+@click.option(
+    "--status",
+    "kind",
+    type=click.Choice(RETRY_KINDS),
+    default="failed",
+    show_default=True,
+    help="Bulk: every failed chain, the dead-lettered ones, or those the scraper failed itself.",
+)
+@click.option(
+    "--limit", type=click.IntRange(1, 100_000), default=100, show_default=True, help="Bulk: at most this many."
+)
+@click.option("--spread", help="Bulk: spread the retries' due times evenly over this long, e.g. 2h.")
+@config_options("MAX_RETRIES", "SCRAPE_RUNS_TABLE", *EXECUTION)
+@dry_run_option
 @json_option
 @click.pass_context
-def retry(ctx: click.Context, run_id: str, reset_budget: bool, as_json: bool) -> int:
-    """Schedule a retry of a failed run, due now.
+def retry(
+    ctx: click.Context,
+    run_id: str | None,
+    reset_budget: bool,
+    execute_now: bool,
+    error_like: str | None,
+    search_query: str | None,
+    location_query: str | None,
+    since: str | None,
+    kind: str,
+    limit: int,
+    spread: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> int:
+    """Retry a failed run now, or every failed chain matching filters.
+
+    A run that is not its chain's latest attempt retries the chain's latest failed attempt.
+    Refused: unknown runs, runs completed, running, pending a retry or cancelled, and chains
+    whose budget is spent (unless --reset-budget).
 
     \b
-    Example:
+    Examples:
       stuck-runs retry 3f1c2a7e-8d1b-4c55-9a57-2b0f5c1d9e11
+      stuck-runs retry 3f1c2a7e-8d1b-4c55-9a57-2b0f5c1d9e11 --reset-budget --now
+      stuck-runs retry --error-like '%503%' --since 24h --spread 2h --dry-run
+      stuck-runs retry --status scraper --search-query 'Data %' --limit 50
     """
-    wanted = parse_run_id(run_id)
+    criteria = RetryCriteria(
+        error_like=error_like,
+        search_query=search_query,
+        location_query=location_query,
+        since=parse_duration(since, "--since") if since else None,
+        kind=kind,
+        limit=limit,
+    )
+    if run_id and (criteria.given or spread):
+        raise UsageError("give a RUN_ID or bulk filters (--error-like, --since...), not both")
+    if not run_id and not criteria.given:
+        raise UsageError(
+            "give a RUN_ID, or filters for a bulk retry (--error-like, --search-query, --since, --status...)"
+        )
+    if execute_now and (not run_id or dry_run):
+        raise UsageError("--now executes one retry: give a RUN_ID and no --dry-run")
+    spread_by = parse_duration(spread, "--spread") if spread else None
+    wanted = parse_run_id(run_id) if run_id else None
     with open_runtime(ctx) as rt:
-        result = retry_run(rt, wanted, reset_budget=reset_budget)
+        if wanted is None:
+            bulk = retry_matching(rt, criteria, reset_budget=reset_budget, spread=spread_by, dry_run=dry_run)
+            emit_json(bulk) if as_json else print_bulk(bulk)
+            return EXIT_OK
+        if dry_run:
+            plan = retry_run(rt, wanted, reset_budget=reset_budget, dry_run=True)
+            emit_json(plan) if as_json else click.echo(f"Would schedule: {plan.message}, due now (dry run)")
+            return EXIT_OK
+        if execute_now:
+            _ = rt.executor  # refuse before scheduling if nothing could execute it
+        scheduled = retry_run(rt, wanted, reset_budget=reset_budget)
+        outcome = None
+        if execute_now:
+            outcome = run_retry_now(rt, scheduled.retry_id, lambda: _wait_for_slot(rt))
     if as_json:
-        emit_json(result)
+        emit_json({"scheduled": scheduled, "outcome": outcome})
     else:
-        click.echo(result.message)
-        click.echo(f"  retry {result.retry_id} of run {result.failed_run_id}, due {when(result.due)}")
-    return EXIT_OK
+        click.echo(scheduled.message)
+        click.echo(f"  retry {scheduled.retry_id} of run {scheduled.failed_run_id}, due {when(scheduled.due)}")
+        if outcome is not None:
+            click.echo(f"Executed: {outcome.status}" + (f" — {outcome.message}" if outcome.message else ""))
+    return EXIT_OK if outcome is None or outcome.status == "completed" else EXIT_REFUSED
+
+
+def _wait_for_slot(rt) -> None:
+    click.echo(
+        f"Every retry slot (MAX_CONCURRENT_RETRIES={rt.settings.max_concurrent_retries}) is busy; waiting…", err=True
+    )
+    time.sleep(rt.settings.dispatch_poll.total_seconds())
+
+
+def print_bulk(result: BulkRetryResult) -> None:
+    verb = "Would retry" if result.dry_run else "Retried"
+    dues = [s.due for s in result.scheduled]
+    window = f", due {when(min(dues))} to {when(max(dues))}" if dues else ""
+    click.echo(f"{verb} {len(result.scheduled)} failed chain(s){window}; {len(result.skipped)} skipped.")
+    table(
+        ("RUN ID", "RUN", "ATTEMPT", "DUE", "RETRY ID"),
+        (
+            (s.failed_run_id, short(s.label, 45), f"{s.attempt}/{s.budget}", when(s.due), s.retry_id or "-")
+            for s in result.scheduled
+        ),
+    )
+    table(("SKIPPED", "RUN", "REASON"), ((s.run_id, short(s.label, 45), short(s.reason, 90)) for s in result.skipped))
 
 
 @cli.command()
@@ -159,7 +264,7 @@ def history(ctx: click.Context, run_id: str, as_json: bool) -> int:
         emit_json(chain)
         return EXIT_OK
     table(
-        ("#", "RUN ID", "RUN", "STATUS", "STARTED", "COMPLETED", "NEXT RETRY", "ERROR MESSAGE"),
+        ("#", "RUN ID", "RUN", "STATUS", "STARTED", "COMPLETED", "NEXT RETRY", "PATTERN", "ERROR MESSAGE"),
         (
             (
                 a.retry_count,
@@ -169,6 +274,7 @@ def history(ctx: click.Context, run_id: str, as_json: bool) -> int:
                 when(a.started_at),
                 when(a.completed_at),
                 when(a.next_retry_at),
+                a.failure_pattern or "-",
                 short(a.error_message, 70),
             )
             for a in chain.attempts

@@ -76,9 +76,9 @@ def test_a_database_that_was_never_migrated_says_to_migrate(databases):
     assert result.returncode == 1
     assert "run `stuck-runs migrate`" in one_line_error(result)
     migrated = cli("migrate", env={"DATABASE_URL": url})
-    assert migrated.returncode == 0 and "Migrated scrape_runs from revision none to 0001" in migrated.stdout
+    assert migrated.returncode == 0 and "Migrated scrape_runs from revision none to 0002" in migrated.stdout
     again = cli("migrate", env={"DATABASE_URL": url})
-    assert "already at revision 0001; nothing changed" in again.stdout
+    assert "already at revision 0002; nothing changed" in again.stdout
 
 
 def test_migrate_sql_prints_ddl_without_a_database():
@@ -164,3 +164,61 @@ def test_the_password_reaches_no_output_even_at_debug(db_url):
     assert result.returncode == 0, result.stderr
     assert "Run stuck for 3.0h" in result.stdout + result.stderr
     assert "Hunter2-s3cret" not in result.stdout + result.stderr
+
+
+def test_retry_now_executes_here_and_reports_the_outcome(db_url, tmp_path):
+    import shlex
+
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        ok = insert_run(conn, status="failed", search_query="ok please", error_message="boom")
+        bad = insert_run(conn, status="failed", search_query="fail503 again", error_message="boom")
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(REPO / 'tests' / 'fake_scraper.py'))} {{run_id}}"
+    env = {"DATABASE_URL": db_url, "SCRAPE_RUN_COMMAND": command}
+    done = cli("retry", str(ok), "--now", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "Run scheduled for retry (attempt 1/4)" in done.stdout and "Executed: completed" in done.stdout
+    failed = cli("retry", str(bad), "--now", env=env)
+    assert failed.returncode == 1
+    assert (
+        "Executed: failed — requests.exceptions.HTTPError: 503 Server Error: Service Unavailable - retry 2/4"
+        in failed.stdout
+    )
+    with engine.connect() as conn:
+        assert [r["status"] for r in rows(conn, "original_run_id = :r", r=ok)] == ["completed"]
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["retry"], "give a RUN_ID, or filters"),
+        (["retry", "00000000-0000-0000-0000-000000000001", "--error-like", "%x%"], "not both"),
+        (["retry", "--error-like", "%x%", "--now"], "--now executes one retry"),
+        (["retry", "--since", "yesterday"], "--since='yesterday' is not a duration"),
+        (["retry", "--status", "lost"], "Invalid value for '--status'"),
+    ],
+)
+def test_retry_usage_errors(args, fragment):
+    result = cli(*args, env={"DATABASE_URL": "postgresql://u@h/db"})
+    assert result.returncode == 2
+    assert fragment in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bulk_retry_from_the_command_line(db_url):
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        for i in range(3):
+            insert_run(
+                conn,
+                status="failed",
+                search_query=f"q{i}",
+                error_message="HTTP 503",
+                completed_at=datetime.now(timezone.utc) - timedelta(hours=i),
+            )
+    env = {"DATABASE_URL": db_url}
+    dry = cli("retry", "--error-like", "%503%", "--since", "1d", "--spread", "1h", "--dry-run", env=env)
+    assert dry.returncode == 0 and "Would retry 3 failed chain(s)" in dry.stdout
+    done = cli("retry", "--error-like", "%503%", "--json", env=env)
+    assert len(json.loads(done.stdout)["scheduled"]) == 3
+    engine.dispose()

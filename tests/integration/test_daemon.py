@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow
 
 
 def start_daemon(db_url: str, log_dir, **env: str) -> DaemonProcess:
-    return DaemonProcess(db_url, FAKE_SCRAPER_LOG=str(log_dir), CHECK_INTERVAL="1h", PROCESS_INTERVAL="30m", **env)
+    return DaemonProcess(
+        db_url, **{"FAKE_SCRAPER_LOG": str(log_dir), "CHECK_INTERVAL": "1h", "PROCESS_INTERVAL": "30m", **env}
+    )
 
 
 def test_the_daemon_checks_at_start_shows_its_schedule_and_stops_cleanly(db_url, tmp_path):
@@ -178,3 +180,63 @@ def test_status_from_another_process_shows_jobs_daemon_and_counts(db_url, tmp_pa
 def scalar_count(engine, sql: str) -> int:
     with engine.connect() as conn:
         return conn.execute(sa.text(sql)).scalar_one()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_prometheus_metrics_are_served_and_count_what_happened(db_url, tmp_path):
+    import urllib.request
+
+    engine = make_engine(db_url)
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:
+        for query in ("ok one", "ok two", "fail503 three"):
+            insert_run(conn, search_query=query, started_at=now - timedelta(hours=2))
+    port = free_port()
+    daemon = start_daemon(
+        db_url,
+        tmp_path,
+        METRICS_PORT=str(port),
+        RETRY_DELAY="0s",
+        DISPATCH_POLL="0.2s",
+        PROCESS_INTERVAL="1s",
+        MAX_RETRIES="1",
+    )
+
+    def scrape() -> dict[str, float]:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            return {}
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("stuck_runs_") and not line.startswith("#")
+        }
+
+    try:
+        metrics = wait_until(
+            lambda: (
+                (m := scrape())
+                and m.get("stuck_runs_retries_failed_total") == 1.0
+                and m.get("stuck_runs_retries_succeeded_total") == 2.0
+                and m
+            )
+        )
+    finally:
+        err = daemon.stop()
+    assert daemon.returncode == 0, err
+    assert metrics["stuck_runs_stuck_detected_total"] == 3
+    assert metrics["stuck_runs_retries_started_total"] == 3
+    assert metrics["stuck_runs_retries_succeeded_total"] == 2
+    assert metrics["stuck_runs_retries_scheduled_total"] == 3  # budget 1: none after the 503
+    assert metrics["stuck_runs_dead_lettered_total"] == 1
+    assert metrics['stuck_runs_job_last_success_timestamp_seconds{job="stuck_run_checker"}'] > now.timestamp() - 5
+    assert "stuck_runs_pending_retries" in metrics and "stuck_runs_running_retries" in metrics
+    engine.dispose()

@@ -10,9 +10,9 @@ import sqlalchemy as sa
 from freezegun import freeze_time
 
 from jobs.errors import RetryRefused, RunNotFound, UsageError
-from jobs.manual import chain_history, parse_run_id, retry_run
+from jobs.manual import RetryCriteria, chain_history, parse_run_id, retry_matching, retry_run
 from jobs.rules import RetryPolicy
-from tests.helpers import chain_of, insert_run, make_runtime
+from tests.helpers import chain_of, insert_run, make_runtime, rows
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=timezone.utc)
 pytestmark = pytest.mark.usefixtures("frozen")
@@ -180,3 +180,103 @@ def test_history_lists_the_chain_oldest_first_from_any_attempt(rt):
     history = chain_history(rt, second)
     assert [a.id for a in history.attempts] == [root, first, second]
     assert history.final_status == "success"
+
+
+def failed_chain(
+    conn,
+    query: str,
+    error: str,
+    *,
+    ended: datetime,
+    pattern: str | None = "server_error",
+    retry_count: int = 0,
+    **columns,
+):
+    """A chain whose latest attempt failed; `pattern` None means the scraper failed it itself."""
+    root = insert_run(
+        conn,
+        status="failed",
+        search_query=query,
+        started_at=ended - timedelta(hours=1),
+        completed_at=ended,
+        error_message=error,
+        failure_pattern=pattern if retry_count == 0 else "stuck",
+        **({} if retry_count else columns),
+    )
+    if retry_count == 0:
+        return root
+    return insert_run(
+        conn,
+        status="failed",
+        search_query=query,
+        started_at=ended - timedelta(minutes=30),
+        completed_at=ended,
+        error_message=error,
+        failure_pattern=pattern,
+        retry_count=retry_count,
+        is_retry=True,
+        original_run_id=root,
+        **columns,
+    )
+
+
+def test_bulk_retry_filters_spreads_and_skips_spent_budgets(rt):
+    with rt.engine.begin() as conn:
+        a = failed_chain(conn, "Data Architect", "HTTP 503 Service Unavailable", ended=NOW - timedelta(hours=2))
+        b = failed_chain(conn, "Data Engineer", "HTTP 503 from the board", ended=NOW - timedelta(hours=5))
+        failed_chain(conn, "Data Analyst", "HTTP 503", ended=NOW - timedelta(days=3))  # too old
+        failed_chain(conn, "Data Scientist", "captcha", ended=NOW - timedelta(hours=1))  # other error
+        spent = failed_chain(
+            conn, "Data Manager", "HTTP 503", ended=NOW - timedelta(hours=1), retry_count=4, max_retries=4
+        )
+        insert_run(conn, status="completed", search_query="Data Lead", error_message="HTTP 503")
+    criteria = RetryCriteria(error_like="%503%", since=timedelta(days=1))
+    dry = retry_matching(rt, criteria, spread=timedelta(hours=2), dry_run=True)
+    assert [s.failed_run_id for s in dry.scheduled] == [a, b] and all(s.retry_id is None for s in dry.scheduled)
+    assert [s.run_id for s in dry.skipped] == [spent] and "--reset-budget" in dry.skipped[0].reason
+    with rt.engine.connect() as conn:
+        assert rows(conn, "status = 'pending_retry'") == []
+
+    done = retry_matching(rt, criteria, spread=timedelta(hours=2))
+    assert [(s.failed_run_id, s.due, s.message) for s in done.scheduled] == [
+        (a, NOW, "Run scheduled for retry (attempt 1/4)"),
+        (b, NOW + timedelta(hours=1), "Run scheduled for retry (attempt 1/4)"),
+    ]
+    with rt.engine.connect() as conn:
+        pending = rows(conn, "status = 'pending_retry'")
+    assert sorted((r["original_run_id"], r["next_retry_at"]) for r in pending) == sorted(
+        [(a, NOW), (b, NOW + timedelta(hours=1))]
+    )
+    # Retrying again finds nothing: those chains now have a retry pending.
+    assert retry_matching(rt, criteria).scheduled == ()
+
+
+def test_bulk_retry_by_kind_and_query(rt):
+    with rt.engine.begin() as conn:
+        by_scraper = failed_chain(conn, "Data Architect", "selector not found", ended=NOW, pattern=None)
+        handled = failed_chain(conn, "Data Architect", "HTTP 503", ended=NOW, location_query="Berlin")
+        dead = failed_chain(conn, "Data Engineer", "HTTP 404 - not retried", ended=NOW, pattern="not_found")
+        conn.execute(
+            sa.text(
+                "INSERT INTO scrape_run_dead_letters (run_id, chain_id, attempts, budget, pattern)"
+                " VALUES (:id, :id, 1, 4, 'not_found')"
+            ),
+            {"id": dead},
+        )
+    scraper = retry_matching(rt, RetryCriteria(kind="scraper"), dry_run=True)
+    assert [s.failed_run_id for s in scraper.scheduled] == [by_scraper]
+    permanent = retry_matching(rt, RetryCriteria(kind="permanent"), dry_run=True)
+    assert [s.failed_run_id for s in permanent.scheduled] == [dead]
+    berlin = retry_matching(rt, RetryCriteria(search_query="data arch%", location_query="berlin"), dry_run=True)
+    assert [s.failed_run_id for s in berlin.scheduled] == [handled]
+    limited = retry_matching(rt, RetryCriteria(kind="failed", since=timedelta(days=1), limit=2), dry_run=True)
+    assert len(limited.scheduled) == 2
+
+
+def test_a_single_dry_run_checks_and_changes_nothing(rt):
+    with rt.engine.begin() as conn:
+        run_id = insert_run(conn, status="failed", error_message="boom")
+    plan = retry_run(rt, run_id, dry_run=True)
+    assert plan.retry_id is None and plan.message == "Run scheduled for retry (attempt 1/4)"
+    with rt.engine.connect() as conn:
+        assert rows(conn, "status = 'pending_retry'") == []

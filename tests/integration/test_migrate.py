@@ -13,7 +13,7 @@ from db.table import load_runs_table
 from jobs.errors import NotMigrated, SchemaError
 from tests.schema import ENUM_NAIVE, TEXT_STATUS
 
-NEW_COLUMNS = {"retry_count", "max_retries", "next_retry_at", "original_run_id", "is_retry"}
+NEW_COLUMNS = {"retry_count", "max_retries", "next_retry_at", "original_run_id", "is_retry", "failure_pattern"}
 
 
 def columns(engine: sa.Engine, table: str = "scrape_runs") -> dict[str, dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -97,3 +98,34 @@ def test_database_url_is_normalised_to_psycopg2():
     assert load_settings({"DATABASE_URL": "postgresql://u:p@h/db"}).database_url == "postgresql+psycopg2://u:p@h/db"
     with pytest.raises(ConfigError, match="DATABASE_URL is not set"):
         load_settings({}).require_database_url()
+
+
+def test_a_patterns_file_adds_patterns_and_can_make_them_permanent(tmp_path):
+    path = tmp_path / "patterns.json"
+    path.write_text('{"patterns": {"captcha": "captcha|are you a robot"}, "permanent": ["not_found", "captcha"]}')
+    settings = load_settings({"FAILURE_PATTERNS_FILE": str(path)})
+    assert settings.failure_patterns == (("captcha", "captcha|are you a robot"),)
+    assert settings.policy.permanent_patterns == {"not_found", "captcha"}
+    # The environment still wins over the file.
+    assert load_settings(
+        {"FAILURE_PATTERNS_FILE": str(path), "PERMANENT_PATTERNS": "captcha"}
+    ).policy.permanent_patterns == {"captcha"}
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"patterns": {"x": "("}}', "expression of 'x' is invalid"),
+        ('{"patterns": {"x": "a"}, "colour": 1}', "expected"),
+        ('{"permanent": "not_found"}', "must be a list"),
+        ('{"permanent": ["nope"]}', "unknown failure pattern 'nope'"),
+    ],
+)
+def test_a_bad_patterns_file_is_named_with_the_problem(tmp_path, content, fragment):
+    path = tmp_path / "patterns.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        load_settings({"FAILURE_PATTERNS_FILE": str(path)})
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_settings({"FAILURE_PATTERNS_FILE": str(tmp_path / "missing.json")})

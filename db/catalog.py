@@ -1,0 +1,73 @@
+"""Catalog questions `stuck-runs doctor` asks: server, clock, indexes, privileges."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from db.daemons import DAEMONS, JOB_RUNS
+from db.migrate import index_names, quote_table
+from db.table import DEAD_LETTERS_TABLE, split_name
+
+MIN_SERVER_VERSION = 130000  # gen_random_uuid() is built in from PostgreSQL 13
+
+
+def server(conn: Connection) -> tuple[int, str, str, datetime]:
+    """(server_version_num, version string, current_user, the server's now())."""
+    row = conn.exec_driver_sql(
+        "SELECT current_setting('server_version_num')::int, current_setting('server_version'), current_user, now()"
+    ).one()
+    return row[0], row[1], row[2], row[3]
+
+
+def index_state(conn: Connection, qualified: str) -> dict[str, bool | None]:
+    """Each index the sweeps need: True valid, False invalid (a failed build), None missing."""
+    schema, _ = split_name(qualified)
+    names = list(index_names(qualified).values())
+    found = dict(
+        conn.execute(
+            sa.text(
+                "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.relname = ANY (:names) AND n.nspname = coalesce(:schema, current_schema())"
+            ),
+            {"names": names, "schema": schema},
+        ).all()
+    )
+    return {name: found.get(name) for name in names}
+
+
+def missing_privileges(conn: Connection, qualified: str) -> list[str]:
+    """The table privileges stuck-runs needs and the connected role lacks, as 'PRIV on table'."""
+    schema, _ = split_name(qualified)
+    prefix = f"{schema}." if schema else ""
+    wanted = {
+        qualified: ("SELECT", "INSERT", "UPDATE"),
+        f"{prefix}{DEAD_LETTERS_TABLE}": ("SELECT", "INSERT", "UPDATE", "DELETE"),
+        f"{prefix}{DAEMONS}": ("SELECT", "INSERT", "UPDATE"),
+        f"{prefix}{JOB_RUNS}": ("SELECT", "INSERT", "UPDATE"),
+    }
+    lacking = []
+    for table, privileges in wanted.items():
+        relation = quote_table(conn.dialect, table)
+        exists = conn.execute(sa.text("SELECT to_regclass(:r) IS NOT NULL"), {"r": relation}).scalar_one()
+        if not exists:
+            continue
+        for privilege in privileges:
+            allowed = conn.execute(
+                sa.text("SELECT has_table_privilege(current_user, CAST(:r AS regclass), :p)"),
+                {"r": relation, "p": privilege},
+            ).scalar_one()
+            if not allowed:
+                lacking.append(f"{privilege} on {table}")
+        # Our own tables number their rows with a sequence, which an INSERT must be allowed to use.
+        sequence = conn.execute(sa.text("SELECT pg_get_serial_sequence(:r, 'id')"), {"r": relation}).scalar_one()
+        if sequence and table != qualified:
+            usable = conn.execute(
+                sa.text("SELECT has_sequence_privilege(current_user, :s, 'USAGE')"), {"s": sequence}
+            ).scalar_one()
+            if not usable:
+                lacking.append(f"USAGE on sequence {sequence}")
+    return lacking

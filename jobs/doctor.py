@@ -1,0 +1,138 @@
+"""`stuck-runs doctor`: every precondition checked, one line each, with the fix."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import sqlalchemy as sa
+
+from db import catalog
+from db.engine import database_errors, make_engine, redacted
+from db.migrate import current_revision, head_revision
+from db.table import load_runs_table
+from jobs.config import Settings
+from jobs.errors import ConfigError, OperatorError
+from jobs.executor import resolve_callable
+
+CLOCK_SKEW_LIMIT = timedelta(seconds=5)  # a minute of skew misjudges stuck runs by a minute
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+
+
+def run_checks(load_settings: Callable[[], Settings], now: Callable[[], datetime]) -> list[Check]:
+    """Runs the checks in order; those that need what an earlier one found missing are skipped."""
+    checks: list[Check] = []
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        return [Check("configuration", False, str(exc), "correct the value named above")]
+    policy = settings.policy
+    checks.append(
+        Check(
+            "configuration",
+            True,
+            f"stuck after {policy.stuck_after}, retry after {policy.retry_delay}, "
+            f"{policy.max_retries} retries, table {settings.table}",
+        )
+    )
+    checks.append(_executor(settings))
+    if not settings.database_url:
+        checks.append(Check("connectivity", False, "DATABASE_URL is not set", "set DATABASE_URL=postgresql://..."))
+        return checks
+    engine = make_engine(settings.database_url, role="doctor", pool_size=1)
+    try:
+        checks.extend(_database_checks(engine, settings, now))
+    finally:
+        engine.dispose()
+    return checks
+
+
+def _executor(settings: Settings) -> Check:
+    if settings.command:
+        program = settings.command[0]
+        found = shutil.which(program)
+        if found is None:
+            return Check(
+                "executor",
+                False,
+                f"SCRAPE_RUN_COMMAND: {program!r} is not found or not executable",
+                "give the full path, or fix PATH for the daemon",
+            )
+        return Check("executor", True, f"command {found} (argv template of {len(settings.command)} items)")
+    if settings.callable_path:
+        try:
+            resolve_callable(settings.callable_path)
+        except OperatorError as exc:
+            return Check("executor", False, str(exc), "install the scraper package in this environment")
+        return Check("executor", True, f"callable {settings.callable_path}")
+    return Check(
+        "executor", False, "no executor configured: retries cannot run", "set SCRAPE_RUN_COMMAND or SCRAPE_RUN_CALLABLE"
+    )
+
+
+def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], datetime]) -> list[Check]:
+    checks = []
+    try:
+        with database_errors(engine, "connecting"), engine.connect() as conn:
+            version_num, version, user, db_now = catalog.server(conn)
+    except OperatorError as exc:
+        return [Check("connectivity", False, str(exc), "check host, port, credentials and network")]
+    checks.append(Check("connectivity", True, f"PostgreSQL {version} at {redacted(engine.url)} as {user}"))
+    if version_num < catalog.MIN_SERVER_VERSION:
+        checks.append(Check("server version", False, f"PostgreSQL {version} is older than 13", "upgrade PostgreSQL"))
+    skew = now() - db_now.astimezone(timezone.utc)
+    checks.append(
+        Check(
+            "clock skew",
+            abs(skew) <= CLOCK_SKEW_LIMIT,
+            f"host is {skew.total_seconds():+.1f}s from the database",
+            None
+            if abs(skew) <= CLOCK_SKEW_LIMIT
+            else "synchronise the host's clock (NTP): stuck ages are computed on it",
+        )
+    )
+    with engine.connect() as conn:
+        try:
+            load_runs_table(conn, settings.table, settings.heartbeat_column)
+            current = current_revision(conn, settings.table)
+        except OperatorError as exc:
+            checks.append(Check("table", False, str(exc), None))
+            return checks
+        head = head_revision()
+        checks.append(
+            Check(
+                "migration",
+                current == head,
+                f"{settings.table} at revision {current}, newest {head}",
+                None if current == head else "run `stuck-runs migrate`",
+            )
+        )
+        states = catalog.index_state(conn, settings.table)
+        bad = [f"{name} ({'invalid' if state is False else 'missing'})" for name, state in states.items() if not state]
+        checks.append(
+            Check(
+                "indexes",
+                not bad,
+                ", ".join(bad) if bad else f"{len(states)} indexes present and valid",
+                "run `stuck-runs migrate` (it rebuilds invalid ones)" if bad else None,
+            )
+        )
+        lacking = catalog.missing_privileges(conn, settings.table)
+        checks.append(
+            Check(
+                "privileges",
+                not lacking,
+                ", ".join(lacking) if lacking else "SELECT, INSERT, UPDATE where needed",
+                f"GRANT them to {catalog.server(conn)[2]}" if lacking else None,
+            )
+        )
+    return checks

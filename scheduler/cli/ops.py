@@ -1,0 +1,223 @@
+"""Commands for looking after the tool: stats, dlq, doctor."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import click
+
+from jobs.config import parse_duration, settings_from_environment
+from jobs.dead_letters import get_dead_letter, list_dead_letters, purge_dead_letters, requeue
+from jobs.doctor import run_checks
+from jobs.errors import EXIT_OK, EXIT_REFUSED
+from jobs.stats import retry_stats
+from scheduler.cli import EXECUTION, POLICY, cli, config_options, json_option, open_runtime
+from scheduler.cli.output import emit_json, short, table, when
+from scheduler.logs import configure_logging
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+@cli.command()
+@click.option("--since", default="7d", show_default=True, help="The window: attempts that ended within it.")
+@config_options("SCRAPE_RUNS_TABLE")
+@json_option
+@click.pass_context
+def stats(ctx: click.Context, since: str, as_json: bool) -> int:
+    """Retry metrics: totals, success rates, retries per chain, by failure pattern and attempt.
+
+    \b
+    Example:
+      stuck-runs stats --since 30d
+    """
+    window = parse_duration(since, "--since")
+    with open_runtime(ctx) as rt:
+        result = retry_stats(rt, window)
+    if as_json:
+        emit_json(result)
+        return EXIT_OK
+    click.echo(f"Since {when(result.since)}:")
+    click.echo(
+        f"  retries {result.retries} · succeeded {result.succeeded} ({percent(result.success_rate)}) · "
+        f"chains {result.chains} · {result.retries_per_chain or 0:.2f} retries per chain"
+    )
+    click.echo(f"  stuck detections {result.stuck_detections} · permanent failures {result.permanent_failures}")
+    table(
+        ("ATTEMPT", "RETRIES", "SUCCEEDED", "SUCCESS RATE"),
+        ((a.attempt, a.retries, a.succeeded, percent(a.success_rate)) for a in result.by_attempt),
+    )
+    table(
+        ("FAILURE PATTERN", "FAILURES", "RETRIES", "RETRIES SUCCEEDED"),
+        ((p.pattern, p.failures, p.retries, p.retries_succeeded) for p in result.by_pattern),
+    )
+    return EXIT_OK
+
+
+@cli.group()
+def dlq() -> None:
+    """The dead-letter queue: chains that ended permanently failed.
+
+    \b
+    Examples:
+      stuck-runs dlq list --since 7d
+      stuck-runs dlq show 42
+      stuck-runs dlq requeue 42
+      stuck-runs dlq purge --older-than 30d
+    """
+
+
+@dlq.command("list")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
+@click.option("--pattern", help="Only this failure pattern (not_found, stuck...).")
+@click.option("--since", help="Only those created within this long, e.g. 7d.")
+@click.option("--all", "include_requeued", is_flag=True, help="Include the requeued ones.")
+@config_options("SCRAPE_RUNS_TABLE")
+@json_option
+@click.pass_context
+def dlq_list(
+    ctx: click.Context, limit: int, pattern: str | None, since: str | None, include_requeued: bool, as_json: bool
+) -> int:
+    """List dead letters, newest first.
+
+    \b
+    Example:
+      stuck-runs dlq list --pattern not_found
+    """
+    window = parse_duration(since, "--since") if since else None
+    with open_runtime(ctx) as rt:
+        letters = list_dead_letters(rt, limit=limit, pattern=pattern, since=window, include_requeued=include_requeued)
+    if as_json:
+        emit_json(letters)
+        return EXIT_OK
+    if not letters:
+        click.echo("No dead letters.")
+    table(
+        ("#", "RUN ID", "CREATED", "ATTEMPTS", "PATTERN", "LAST ERROR", "REQUEUED"),
+        (
+            (
+                d.id,
+                d.run_id,
+                when(d.created_at),
+                f"{d.attempts} ({d.budget} retries)",
+                d.pattern,
+                short(d.last_error, 60),
+                when(d.requeued_at),
+            )
+            for d in letters
+        ),
+    )
+    return EXIT_OK
+
+
+@dlq.command("show")
+@click.argument("letter")
+@config_options("SCRAPE_RUNS_TABLE")
+@json_option
+@click.pass_context
+def dlq_show(ctx: click.Context, letter: str, as_json: bool) -> int:
+    """Everything about one dead letter (by number or run id): error, stderr or traceback, inputs.
+
+    \b
+    Example:
+      stuck-runs dlq show 42
+    """
+    with open_runtime(ctx) as rt:
+        found = get_dead_letter(rt, letter)
+    if as_json:
+        emit_json(found)
+        return EXIT_OK
+    for name, value in (
+        ("dead letter", found.id),
+        ("run", found.run_id),
+        ("chain", found.chain_id),
+        ("created", when(found.created_at)),
+        ("attempts", f"{found.attempts} (budget {found.budget} retries)"),
+        ("pattern", found.pattern),
+        ("last error", found.last_error),
+        ("requeued", f"{when(found.requeued_at)} as run {found.requeued_run_id}" if found.requeued_at else "no"),
+    ):
+        click.echo(f"{name:>12}: {value}")
+    click.echo("      inputs:")
+    for key, value in sorted(found.inputs.items()):
+        click.echo(f"        {key} = {value!r}")
+    if found.detail:
+        click.echo("      detail:")
+        for line in found.detail.rstrip().splitlines():
+            click.echo(f"        {line}")
+    return EXIT_OK
+
+
+@dlq.command("requeue")
+@click.argument("letter")
+@config_options("MAX_RETRIES", "SCRAPE_RUNS_TABLE")
+@json_option
+@click.pass_context
+def dlq_requeue(ctx: click.Context, letter: str, as_json: bool) -> int:
+    """Retry a dead-lettered chain now, with a new budget of MAX_RETRIES retries.
+
+    \b
+    Example:
+      stuck-runs dlq requeue 42
+    """
+    with open_runtime(ctx) as rt:
+        scheduled = requeue(rt, letter)
+    if as_json:
+        emit_json(scheduled)
+    else:
+        click.echo(f"Requeued: {scheduled.message}")
+        click.echo(f"  retry {scheduled.retry_id} of run {scheduled.failed_run_id}, due {when(scheduled.due)}")
+    return EXIT_OK
+
+
+@dlq.command("purge")
+@click.option("--older-than", required=True, help="Remove dead letters created before this long ago, e.g. 30d.")
+@config_options("SCRAPE_RUNS_TABLE")
+@json_option
+@click.pass_context
+def dlq_purge(ctx: click.Context, older_than: str, as_json: bool) -> int:
+    """Remove old dead letters (the runs themselves stay in the table).
+
+    \b
+    Example:
+      stuck-runs dlq purge --older-than 30d
+    """
+    age = parse_duration(older_than, "--older-than")
+    with open_runtime(ctx) as rt:
+        removed = purge_dead_letters(rt, age)
+    if as_json:
+        emit_json({"removed": removed, "older_than_seconds": age.total_seconds()})
+    else:
+        click.echo(f"Removed {removed} dead letter(s) older than {_age(age)}.")
+    return EXIT_OK
+
+
+def _age(age: timedelta) -> str:
+    return f"{age.days}d" if age.days and not age.seconds else str(age)
+
+
+@cli.command()
+@config_options(*POLICY, *EXECUTION)
+@json_option
+@click.pass_context
+def doctor(ctx: click.Context, as_json: bool) -> int:
+    """Check configuration, connectivity, migration, indexes, clock skew, executor, privileges.
+
+    \b
+    Example:
+      stuck-runs doctor
+    """
+    from jobs.clock import SystemClock
+
+    configure_logging("WARNING")
+    flags = ctx.meta.get("stuck_runs.flags", {})
+    checks = run_checks(lambda: settings_from_environment(flags), SystemClock().now)
+    if as_json:
+        emit_json(checks)
+    else:
+        for check in checks:
+            mark = "✓" if check.ok else "✗"
+            fix = f" → {check.fix}" if check.fix else ""
+            click.echo(f"{mark} {check.name}: {check.detail}{fix}")
+    return EXIT_OK if all(c.ok for c in checks) else EXIT_REFUSED
