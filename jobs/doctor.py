@@ -67,7 +67,7 @@ def _executor(settings: Settings) -> Check:
                 f"SCRAPE_RUN_COMMAND: {program!r} is not found or not executable",
                 "give the full path, or fix PATH for the daemon",
             )
-        return Check("executor", True, f"command {found} (argv template of {len(settings.command)} items)")
+        return Check("executor", True, f"command {found}")
     if settings.callable_path:
         try:
             resolve_callable(settings.callable_path)
