@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
+from sqlalchemy.dialects.postgresql import JSONB, insert
 
+from db.arrays import array_param
 from db.table import DEAD_LETTERS_TABLE
 
 
@@ -56,10 +57,7 @@ def insert_from_failed(dead: sa.Table, failed: sa.CTE, inputs: sa.ColumnElement,
 def mark_requeued(dead: sa.Table) -> sa.Update:
     """Marks the dead letters of the runs in `:sr_failed_ids` requeued by `:sr_retry_ids`."""
     pairs = (
-        sa.func.unnest(
-            sa.cast(sa.bindparam("sr_failed_ids", type_=ARRAY(sa.Uuid())), ARRAY(sa.Uuid())),
-            sa.cast(sa.bindparam("sr_retry_ids", type_=ARRAY(sa.Uuid())), ARRAY(sa.Uuid())),
-        )
+        sa.func.unnest(array_param("sr_failed_ids", sa.Uuid()), array_param("sr_retry_ids", sa.Uuid()))
         .table_valued(sa.column("failed_id", sa.Uuid()), sa.column("retry_id", sa.Uuid()))
         .render_derived(name="v")
     )

@@ -8,13 +8,24 @@ a constant number of statements whatever its size.
 
 from __future__ import annotations
 
+import string
+
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 
 from db import locks
+from db.arrays import array_param
 from db.dead_letters import dead_letters_table, insert_from_failed
 from db.table import RunsTable
-from jobs.rules import FailureOutcome
+from jobs.rules import (
+    BUDGET_SPENT,
+    MAX_DOUBLINGS,
+    RETRY_SCHEDULED,
+    STUCK_ERROR,
+    STUCK_PATTERN,
+    FailureOutcome,
+    RetryPolicy,
+)
 
 NOW = sa.bindparam("sr_now", type_=sa.DateTime(timezone=True))
 
@@ -26,7 +37,7 @@ def _arrays(**columns: sa.types.TypeEngine) -> sa.TableValuedAlias:
     `sr_`: SQLAlchemy takes a parameter named like a column for a SET value, and the scraper's
     table has columns we do not know.
     """
-    arrays = [sa.cast(sa.bindparam(f"sr_{name}s", type_=ARRAY(kind)), ARRAY(kind)) for name, kind in columns.items()]
+    arrays = [array_param(f"sr_{name}s", kind) for name, kind in columns.items()]
     return (
         sa.func.unnest(*arrays)
         .table_valued(*(sa.column(name, kind) for name, kind in columns.items()))
@@ -46,6 +57,28 @@ def fail_params(items: list[tuple[object, FailureOutcome, str | None]]) -> dict[
     }
 
 
+def sweep_params(policy: RetryPolicy) -> dict[str, object]:
+    """The policy as the sweep statement's parameters (`sr_now` and `sr_cutoff` come with them)."""
+    return {
+        "sr_policy_max": policy.max_retries,
+        "sr_delay_s": policy.retry_delay.total_seconds(),
+        "sr_cap_s": policy.max_delay.total_seconds(),
+        "sr_jitter": policy.jitter,
+        "sr_exponential": policy.backoff == "exponential",
+    }
+
+
+def render(template: str, **parts: sa.ColumnElement) -> sa.ColumnElement:
+    """A message template of jobs.rules as SQL: its literal text around the given expressions."""
+    pieces: list[sa.ColumnElement] = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        if literal:
+            pieces.append(sa.literal(literal, sa.Text))
+        if field is not None:
+            pieces.append(sa.cast(parts[field], sa.Text))
+    return sa.func.concat(*pieces)
+
+
 class RunQueries:
     """The statements for one table. Parameters are bound by name, all prefixed `sr_`: `sr_now`, `sr_run_id`..."""
 
@@ -56,6 +89,7 @@ class RunQueries:
         self.runs_ns = locks.namespace(runs.qualified_name, locks.RUNS)
 
         self.stuck_batch = self._stuck_batch(lock=True)
+        self.sweep_batch = self._sweep_batch()
         self.stuck_preview = self._stuck_batch(lock=False)
         self.fail_running = self._fail("running", reported=False)
         self.fail_reported = self._fail("failed", reported=True)
@@ -194,6 +228,90 @@ class RunQueries:
 
     # -- writing ----------------------------------------------------------------------------
 
+    def _stuck_decision(self) -> tuple[sa.ColumnElement, sa.ColumnElement, sa.ColumnElement]:
+        """`decide_stuck` of jobs.rules, per row, in SQL: (budget, message, due).
+
+        The same templates and the same arithmetic; tests/integration/test_stuck_rules_sql.py
+        holds the two to the same answers.
+        """
+        t = self.t
+        hours_seconds = sa.cast(sa.extract("epoch", NOW - self.runs.progress()), sa.Numeric)
+        hours = sa.func.to_char(sa.func.round(hours_seconds / 3600, 1), "FM999999990.0").concat("h")
+        error = render(STUCK_ERROR, hours=hours)
+        budget = sa.case((t.c.is_retry, t.c.max_retries), else_=sa.bindparam("sr_policy_max", type_=sa.Integer))
+        retried = t.c.retry_count < budget
+        delay = sa.bindparam("sr_delay_s", type_=sa.Float)
+        cap = sa.func.greatest(sa.bindparam("sr_cap_s", type_=sa.Float), delay)
+        exponential = sa.bindparam("sr_exponential", type_=sa.Boolean)
+        doubled = sa.func.least(delay * sa.func.power(2, sa.func.least(t.c.retry_count, MAX_DOUBLINGS)), cap)
+        base = sa.case((exponential, doubled), else_=delay)
+        jittered = base * (1 + sa.bindparam("sr_jitter", type_=sa.Float) * sa.func.random())
+        seconds = sa.case((exponential, sa.func.least(jittered, sa.func.greatest(cap, base))), else_=jittered)
+        due = sa.case((retried, NOW + sa.func.make_interval(0, 0, 0, 0, 0, 0, seconds)), else_=sa.null())
+        message = sa.case(
+            (retried, render(RETRY_SCHEDULED, error=error, number=t.c.retry_count + 1, budget=budget)),
+            else_=render(BUDGET_SPENT, error=error, attempts=t.c.retry_count),
+        )
+        return budget, message, due
+
+    def _sweep_batch(self) -> sa.Select:
+        """One batch of the stuck sweep in one statement: lock up to `:sr_limit` stuck runs
+        (SKIP LOCKED), fail them with the rules' decision, create their retries and dead letters.
+
+        Returns per failed run, ids as text: (id, chain_id, search_query, location_query,
+        retry_count, budget, error_message, next_retry_at, retry_id, dead_lettered).
+        """
+        t, runs = self.t, self.runs
+        stuck = (
+            self._stuck_batch(lock=True)
+            .with_only_columns(sa.literal_column("ctid").label("scrape_runs_ctid"))
+            .cte("stuck")
+            .prefix_with("MATERIALIZED")
+        )
+        budget, message, due = self._stuck_decision()
+        failed = (
+            sa.update(t)
+            .values(
+                status=runs.status("failed"),
+                error_message=message,
+                completed_at=NOW,
+                max_retries=budget,
+                next_retry_at=due,
+                failure_pattern=STUCK_PATTERN,
+            )
+            # The locked rows by their physical address (stable: the same statement holds their
+            # locks). Joined to the CTE instead, the planner rescanned every running row per batch.
+            .where(
+                sa.literal_column("ctid")
+                == sa.any_(sa.func.array(sa.select(stuck.c.scrape_runs_ctid).scalar_subquery()))
+            )
+            .where(t.c.status == runs.status("running"))
+            .returning(*t.c, sa.cast(sa.null(), sa.Text).label("_sr_detail"))
+            .cte("failed")
+        )
+        retried = self._retry_rows(failed).cte("retried")
+        dead = insert_from_failed(self.dead_letters, failed, self._inputs_json(failed), NOW).cte("dead")
+        chain = sa.func.coalesce(failed.c.original_run_id, failed.c.id)
+        return (
+            sa.select(
+                sa.cast(failed.c.id, sa.Text),
+                sa.cast(chain, sa.Text),
+                failed.c.search_query,
+                failed.c.location_query,
+                failed.c.retry_count,
+                failed.c.max_retries,
+                failed.c.error_message,
+                failed.c.next_retry_at,
+                sa.cast(retried.c.id, sa.Text),
+                dead.c.run_id.is_not(None),
+            )
+            .select_from(failed)
+            .outerjoin(
+                retried, sa.and_(retried.c.original_run_id == chain, retried.c.retry_count == failed.c.retry_count + 1)
+            )
+            .outerjoin(dead, dead.c.run_id == failed.c.id)
+        )
+
     def _retry_rows(self, failed: sa.CTE) -> sa.Insert:
         """One pending retry for every row of `failed` that has a retry due, copying its inputs.
 
@@ -234,7 +352,8 @@ class RunQueries:
         `running` attempts (stuck, or executed and failed) get `completed_at = now`. With
         `reported`, the attempts are ones the scraper itself already marked `failed`: only those
         without a scheduled retry are touched and their `completed_at` is kept.
-        Returns one row per attempt really failed, with `retry_id` when a retry was created.
+        Returns (id, retry_id, dead_letter_run_id) per attempt really failed: the caller knows the
+        rest from the decisions it bound.
         """
         t, runs = self.t, self.runs
         v = _arrays(
@@ -267,19 +386,7 @@ class RunQueries:
         retried = self._retry_rows(failed).cte("retried")
         dead = insert_from_failed(self.dead_letters, failed, self._inputs_json(failed), NOW).cte("dead")
         return (
-            sa.select(
-                failed.c.id,
-                sa.func.coalesce(failed.c.original_run_id, failed.c.id).label("chain_id"),
-                failed.c.search_query,
-                failed.c.location_query,
-                failed.c.retry_count,
-                failed.c.max_retries,
-                failed.c.next_retry_at,
-                failed.c.error_message,
-                failed.c.failure_pattern.label("pattern"),
-                retried.c.id.label("retry_id"),
-                dead.c.run_id.label("dead_letter_run_id"),
-            )
+            sa.select(failed.c.id, retried.c.id.label("retry_id"), dead.c.run_id.label("dead_letter_run_id"))
             .select_from(failed)
             .outerjoin(
                 retried,

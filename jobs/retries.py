@@ -286,21 +286,18 @@ def record_outcome(rt: Runtime, policy: RetryPolicy, run: Run, result: Execution
         else:
             error = timeout_error(rt.settings.timeout) if result.timed_out else (result.error or "Run failed")
             outcome = _decide(rt, policy, run, error, result, now)
-            row = (
-                conn.execute(q.fail_running, {"sr_now": now, **fail_params([(run.id, outcome, result.detail)])})
-                .mappings()
-                .first()
-            )
+            params = {"sr_now": now, **fail_params([(run.id, outcome, result.detail)])}
+            row = conn.execute(q.fail_running, params).first()
             if row:
-                return _failed(log, run, row)
+                return _failed(log, run, outcome, row)
         current = conn.execute(q.get, {"sr_run_id": run.id}).mappings().one()
         if current["status"] == "failed" and current["next_retry_at"] is None:
             error = current["error_message"] or result.error or "Run failed"
             outcome = _decide(rt, policy, run, error, result, now)
             params = {"sr_now": now, **fail_params([(run.id, outcome, result.detail)])}
-            row = conn.execute(q.fail_reported, params).mappings().first()
+            row = conn.execute(q.fail_reported, params).first()
             if row:
-                return _failed(log, run, row)
+                return _failed(log, run, outcome, row)
     log.bind(event="kept").info("{}: the scraper wrote {}; it stands", run.label, current["status"])
     return RetryOutcome(run.id, run.label, current["status"], message=current["error_message"])
 
@@ -323,16 +320,18 @@ def _decide(
     )
 
 
-def _failed(log, run: Run, row) -> RetryOutcome:
-    outcome = RetryOutcome(
+def _failed(log, run: Run, outcome: FailureOutcome, row) -> RetryOutcome:
+    """The outcome of an attempt the fail statement really failed (`row`: id, retry_id, dead)."""
+    _, retry_id, dead = row
+    result = RetryOutcome(
         run.id,
         run.label,
         "failed",
-        message=row["error_message"],
-        pattern=row["pattern"],
-        retry_id=row["retry_id"],
-        retry_due=row["next_retry_at"],
-        dead_lettered=row["dead_letter_run_id"] is not None,
+        message=outcome.message,
+        pattern=outcome.pattern,
+        retry_id=retry_id,
+        retry_due=outcome.retry_due if retry_id else None,
+        dead_lettered=dead is not None,
     )
-    log.bind(event="failed", pattern=outcome.pattern).warning("{}: {}", run.label, outcome.message)
-    return outcome
+    log.bind(event="failed", pattern=result.pattern).warning("{}: {}", run.label, result.message)
+    return result

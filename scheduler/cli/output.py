@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import uuid
 from collections.abc import Iterable, Sequence
@@ -38,9 +39,9 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        data = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        data = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.repr}
         for name in dir(type(value)):
-            if isinstance(getattr(type(value), name, None), property):
+            if isinstance(getattr(type(value), name, None), (property, functools.cached_property)):
                 data[name] = _plain(getattr(value, name))
         return data
     if isinstance(value, dict):

@@ -160,3 +160,18 @@ def test_rules_follow_the_clock_they_are_given():
     now = datetime.now(UTC)
     assert is_stuck(datetime(2026, 11, 22, 13, 0, tzinfo=UTC), now, timedelta(hours=1))
     assert not is_stuck(datetime(2026, 11, 22, 14, 0, tzinfo=UTC), now, timedelta(hours=1))
+
+
+@pytest.mark.parametrize(
+    ("duration", "text"),
+    [
+        (timedelta(minutes=3), "0.1h"),  # 0.05h rounds up
+        (timedelta(minutes=3) - timedelta(microseconds=1), "0.0h"),
+        (timedelta(hours=1, minutes=15), "1.3h"),  # 1.25h rounds up
+        (timedelta(hours=1, minutes=15) - timedelta(microseconds=1), "1.2h"),
+        (timedelta(days=3, hours=2), "74.0h"),
+        (timedelta(minutes=-6), "-0.1h"),
+    ],
+)
+def test_hours_round_exactly_at_the_halves(duration, text):
+    assert format_hours(duration) == text

@@ -1,0 +1,167 @@
+"""The three ways of failing K stuck runs that the benchmark compares, on identical copies.
+
+- `ours`: `sweep_stuck_runs`, batches of BATCH_SIZE, per-row decisions from the rules.
+- `floor`: the one-statement SQL floor, an UPDATE ... RETURNING feeding an INSERT ... SELECT,
+  with the message built in SQL; nothing can do the same work in fewer round trips.
+- `row_by_row`: what a naive script does: select the stuck runs, then update and insert one run
+  at a time, committing each.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from loguru import logger
+
+from jobs.config import Settings
+from jobs.rules import RetryPolicy, decide_stuck
+from jobs.runtime import Runtime
+from jobs.stuck import sweep_stuck_runs
+
+POLICY = RetryPolicy()
+INPUTS = "search_query, location_query, config, user_id, results_count, proxy_pool, priority"
+
+FLOOR = f"""
+WITH failed AS (
+    UPDATE scrape_runs
+    SET status = 'failed', completed_at = :now, max_retries = :budget, next_retry_at = :due,
+        failure_pattern = 'stuck',
+        error_message = 'Run stuck for '
+            || to_char(round((extract(epoch FROM :now - started_at) / 3600)::numeric, 1), 'FM999990.0')
+            || 'h - retry ' || (retry_count + 1) || '/' || :budget || ' scheduled'
+    WHERE status = 'running' AND started_at < :cutoff
+    RETURNING *
+)
+INSERT INTO scrape_runs ({INPUTS}, status, retry_count, max_retries, next_retry_at, original_run_id, is_retry,
+                         updated_at)
+SELECT {INPUTS}, 'pending_retry', retry_count + 1, max_retries, next_retry_at, coalesce(original_run_id, id), true,
+       :now
+FROM failed
+"""
+
+ROW_FAIL = """
+UPDATE scrape_runs SET status = 'failed', completed_at = :now, max_retries = :budget, next_retry_at = :due,
+    failure_pattern = 'stuck', error_message = :message
+WHERE id = :id AND status = 'running'
+"""
+ROW_RETRY = f"""
+INSERT INTO scrape_runs ({INPUTS}, status, retry_count, max_retries, next_retry_at, original_run_id, is_retry,
+                         updated_at)
+SELECT {INPUTS}, 'pending_retry', retry_count + 1, max_retries, next_retry_at, coalesce(original_run_id, id), true,
+       :now
+FROM scrape_runs WHERE id = :id
+"""
+
+
+class FixedClock:
+    """Every contender judges stuck-ness at the same instant."""
+
+    def __init__(self, now: datetime) -> None:
+        self._now = now
+
+    def now(self) -> datetime:
+        return self._now
+
+    def real(self, duration: timedelta) -> timedelta:
+        return duration
+
+
+@dataclass(frozen=True)
+class Timing:
+    contender: str
+    seconds: float
+    failed: int
+
+
+def ours(url: str, now: datetime, *, batch_size: int = 1000, log_to: str | None = None) -> Timing:
+    logger.remove()
+    if log_to:
+        logger.add(log_to, level="INFO")  # what a production sweep writes to its journal
+    rt = Runtime.open(Settings(database_url=url, batch_size=batch_size), clock=FixedClock(now))
+    try:
+        started = time.perf_counter()
+        result = sweep_stuck_runs(rt)
+        return Timing("ours" if not log_to else "ours+logs", time.perf_counter() - started, result.failed)
+    finally:
+        rt.close()
+        logger.remove()
+
+
+def floor(url: str, now: datetime) -> Timing:
+    engine = sa.create_engine(url)
+    params = {
+        "now": now,
+        "cutoff": now - POLICY.stuck_after,
+        "due": now + POLICY.retry_delay,
+        "budget": POLICY.max_retries,
+    }
+    try:
+        started = time.perf_counter()
+        with engine.begin() as conn:
+            failed = conn.execute(sa.text(FLOOR), params).rowcount
+        return Timing("floor", time.perf_counter() - started, failed)
+    finally:
+        engine.dispose()
+
+
+def row_by_row(url: str, now: datetime) -> Timing:
+    engine = sa.create_engine(url)
+    cutoff = now - POLICY.stuck_after
+    try:
+        started = time.perf_counter()
+        with engine.connect() as conn:
+            stuck = conn.execute(
+                sa.text(
+                    "SELECT id, started_at, retry_count, is_retry, max_retries FROM scrape_runs"
+                    " WHERE status = 'running' AND started_at < :cutoff"
+                ),
+                {"cutoff": cutoff},
+            ).all()
+            conn.commit()
+            failed = 0
+            for run_id, since, retry_count, is_retry, max_retries in stuck:
+                outcome = decide_stuck(
+                    since=since,
+                    now=now,
+                    retry_count=retry_count,
+                    is_retry=is_retry,
+                    row_max_retries=max_retries,
+                    policy=POLICY,
+                    rng=random.Random(),
+                )
+                params = {
+                    "id": run_id,
+                    "now": now,
+                    "budget": outcome.budget,
+                    "due": outcome.retry_due,
+                    "message": outcome.message,
+                }
+                with conn.begin():
+                    failed += conn.execute(sa.text(ROW_FAIL), params).rowcount
+                    conn.execute(sa.text(ROW_RETRY), params)
+        return Timing("row_by_row", time.perf_counter() - started, failed)
+    finally:
+        engine.dispose()
+
+
+def outcome_signature(url: str) -> tuple:
+    """What a sweep left behind, to prove the contenders did the same work."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return tuple(
+                conn.execute(
+                    sa.text(
+                        "SELECT count(*) FILTER (WHERE status = 'failed' AND failure_pattern = 'stuck'),"
+                        " count(*) FILTER (WHERE status = 'pending_retry'),"
+                        " md5(string_agg(error_message, '|' ORDER BY error_message) FILTER (WHERE failure_pattern = 'stuck'))"
+                        " FROM scrape_runs"
+                    )
+                ).one()
+            )
+    finally:
+        engine.dispose()
