@@ -286,33 +286,30 @@ class RunQueries:
                 == sa.any_(sa.func.array(sa.select(stuck.c.scrape_runs_ctid).scalar_subquery()))
             )
             .where(t.c.status == runs.status("running"))
-            .returning(*t.c, sa.cast(sa.null(), sa.Text).label("_sr_detail"))
+            # Each retry's id is drawn here, so no join is needed to report it: a join of the
+            # two CTEs turned into a nested loop (a million comparisons a batch) on a big table.
+            .returning(
+                *t.c, sa.cast(sa.null(), sa.Text).label("_sr_detail"), sa.func.gen_random_uuid().label("_sr_retry_id")
+            )
             .cte("failed")
         )
-        retried = self._retry_rows(failed).cte("retried")
+        retried = self._retry_rows(failed, failed.c._sr_retry_id).cte("retried")
         dead = insert_from_failed(self.dead_letters, failed, self._inputs_json(failed), NOW).cte("dead")
-        chain = sa.func.coalesce(failed.c.original_run_id, failed.c.id)
-        return (
-            sa.select(
-                sa.cast(failed.c.id, sa.Text),
-                sa.cast(chain, sa.Text),
-                failed.c.search_query,
-                failed.c.location_query,
-                failed.c.retry_count,
-                failed.c.max_retries,
-                failed.c.error_message,
-                failed.c.next_retry_at,
-                sa.cast(retried.c.id, sa.Text),
-                dead.c.run_id.is_not(None),
-            )
-            .select_from(failed)
-            .outerjoin(
-                retried, sa.and_(retried.c.original_run_id == chain, retried.c.retry_count == failed.c.retry_count + 1)
-            )
-            .outerjoin(dead, dead.c.run_id == failed.c.id)
+        created = failed.c._sr_retry_id.in_(sa.select(retried.c.id))
+        return sa.select(
+            sa.cast(failed.c.id, sa.Text),
+            sa.cast(sa.func.coalesce(failed.c.original_run_id, failed.c.id), sa.Text),
+            failed.c.search_query,
+            failed.c.location_query,
+            failed.c.retry_count,
+            failed.c.max_retries,
+            failed.c.error_message,
+            failed.c.next_retry_at,
+            sa.case((created, sa.cast(failed.c._sr_retry_id, sa.Text)), else_=sa.null()),
+            failed.c.id.in_(sa.select(dead.c.run_id)),
         )
 
-    def _retry_rows(self, failed: sa.CTE) -> sa.Insert:
+    def _retry_rows(self, failed: sa.CTE, retry_id: sa.ColumnElement | None = None) -> sa.Insert:
         """One pending retry for every row of `failed` that has a retry due, copying its inputs.
 
         The unique index on (original_run_id, retry_count) WHERE is_retry makes a second
@@ -329,6 +326,8 @@ class RunQueries:
             is_retry=sa.true(),
         )
         values.update(runs.fresh_attempt_values(NOW))
+        if retry_id is not None:
+            values["id"] = retry_id
         rows = sa.select(*(value.label(name) for name, value in values.items())).where(
             failed.c.next_retry_at.is_not(None)
         )

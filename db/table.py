@@ -141,8 +141,8 @@ def load_runs_table(conn: Connection, qualified: str, heartbeat: str | None = No
             f"table {qualified} lacks column(s) {', '.join(missing)} that stuck-runs needs; "
             "is SCRAPE_RUNS_TABLE the scraper's runs table?"
         )
-    if not isinstance(table.c.id.type, sa.Uuid) and table.c.id.server_default is None:
-        raise SchemaError(f"{qualified}.id is {table.c.id.type} without a default: retries need a UUID id")
+    if not isinstance(table.c.id.type, sa.Uuid):
+        raise SchemaError(f"{qualified}.id is {table.c.id.type}: stuck-runs needs a UUID id (SPEC §2)")
     unmigrated = [c for c in RETRY_COLUMNS if c not in names]
     if unmigrated or not sa.inspect(conn).has_table(DEAD_LETTERS_TABLE, schema=table.schema):
         what = ", ".join(unmigrated) or DEAD_LETTERS_TABLE

@@ -1,0 +1,322 @@
+"""`python -m chaos`: randomized trials with real processes; the auditor must find nothing.
+
+    python -m chaos --trials 50 --seed 1      # writes RELIABILITY.md
+    python -m chaos --trials 2 --quick        # a short run (CI)
+
+Each trial, on its own PostgreSQL (so it can be restarted) and a fresh database: three daemons
+(replicas) with seconds-long intervals, a simulated scraper fleet starting, finishing, failing,
+abandoning and late-completing runs, retries executed by a scraper that succeeds, fails (503,
+404), hangs or writes its own status; and a monkey that `kill -9`s daemons and `fix` scripts at
+random moments and restarts the database. Then the fleet stops, the daemons settle every chain,
+stop gracefully, and the auditor checks the invariants (chaos/audit.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+import sqlalchemy as sa
+
+from chaos.audit import audit
+from chaos.server import OwnServer
+from db.engine import make_engine
+from db.migrate import migrate
+
+REPO = Path(__file__).resolve().parent.parent
+TABLE = """CREATE TABLE scrape_runs (id UUID PRIMARY KEY DEFAULT gen_random_uuid(), search_query TEXT NOT NULL,
+ location_query TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'running', error_message TEXT, started_at TIMESTAMPTZ,
+ completed_at TIMESTAMPTZ, config JSONB NOT NULL DEFAULT '{}', user_id INTEGER)"""
+SETTINGS = {
+    "STUCK_AFTER": "2s",
+    "CHECK_INTERVAL": "1s",
+    "PROCESS_INTERVAL": "1s",
+    "DISPATCH_POLL": "0.3s",
+    "RETRY_DELAY": "1s",
+    "MAX_RETRIES": "3",
+    "EXECUTION_TIMEOUT": "1.5s",
+    "MAX_CONCURRENT_RETRIES": "3",
+    "LOG_LEVEL": "WARNING",
+}
+SETTLE_TIMEOUT = 90.0
+
+
+@dataclass
+class Trial:
+    seed: int
+    chaos_seconds: float
+    events: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    totals: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class Processes:
+    """The daemons and scripts of one trial."""
+
+    def __init__(self, url: str, env: dict[str, str], work: Path) -> None:
+        self.url, self.env, self.work = url, env, work
+        self.daemons: list[subprocess.Popen | None] = [None, None, None]
+        self.scripts: list[subprocess.Popen] = []
+
+    def _spawn(self, *args: str) -> subprocess.Popen:
+        log = open(self.work / "processes.log", "a")  # noqa: SIM115 - kept open for the child
+        return subprocess.Popen([sys.executable, *args], cwd=REPO, env=self.env, stdout=log, stderr=log)
+
+    def start_daemon(self, index: int) -> None:
+        self.daemons[index] = self._spawn("-m", "scheduler", "daemon")
+
+    def start_script(self) -> subprocess.Popen:
+        script = self._spawn("scripts/fix_stuck_runs_with_retry.py")
+        self.scripts.append(script)
+        return script
+
+    def stop_all(self) -> None:
+        for proc in [*self.daemons, *self.scripts]:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [*self.daemons, *self.scripts]:
+            if proc is not None:
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def kill_leftover_scrapers(exec_log: Path) -> int:
+    """Scrapers orphaned by a `kill -9` of their daemon go on; end them with the trial."""
+    killed = 0
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "chaos.executor" in " ".join(proc.info["cmdline"] or []) and proc.environ().get("CHAOS_EXEC_LOG") == str(
+                exec_log
+            ):
+                proc.kill()
+                killed += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return killed
+
+
+def open_runs(url: str) -> int:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(
+                sa.text("SELECT count(*) FROM scrape_runs WHERE status IN ('running', 'pending_retry')")
+            ).scalar_one()
+    except sa.exc.OperationalError:
+        return -1
+    finally:
+        engine.dispose()
+
+
+def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path) -> Trial:
+    rng = random.Random(seed)
+    trial = Trial(seed, chaos_seconds)
+    started = time.monotonic()
+    name = f"chaos_{seed}"
+    admin = sa.create_engine(server.url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    admin.dispose()
+    url = sa.engine.make_url(server.url).set(database=name).render_as_string(hide_password=False)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(TABLE)
+        # A crashed scraper host left runs stuck before the trial.
+        conn.execute(
+            sa.text(
+                "INSERT INTO scrape_runs (search_query, location_query, started_at)"
+                " SELECT 'stuck ' || g, 'Belgium', now() - interval '1 hour' FROM generate_series(1, :n) g"
+            ),
+            {"n": rng.randint(50, 400)},
+        )
+    migrate(engine, "scrape_runs")
+    engine.dispose()
+
+    trial_dir = work / name
+    trial_dir.mkdir()
+    exec_log, fleet_log, stop_file = trial_dir / "executions.log", trial_dir / "fleet.log", trial_dir / "stop"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "DATABASE_URL": url,
+        **SETTINGS,
+        "BATCH_SIZE": str(rng.choice([5, 20, 100])),
+        "SCRAPE_RUN_COMMAND": f"{sys.executable} -m chaos.executor {{run_id}}",
+        "CHAOS_EXEC_LOG": str(exec_log),
+        "CHAOS_SEED": str(seed),
+    }
+    procs = Processes(url, env, trial_dir)
+    for index in range(3):
+        procs.start_daemon(index)
+    fleet = subprocess.Popen(
+        [sys.executable, "-m", "chaos.fleet", url, str(seed), str(stop_file), str(fleet_log)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    restarts_left = rng.choice([0, 1, 1, 2])
+    deadline = time.monotonic() + chaos_seconds
+    while time.monotonic() < deadline:
+        time.sleep(rng.uniform(0.3, 1.5))
+        action = rng.choices(["kill_daemon", "script", "kill_script", "restart_db", "nothing"], [30, 20, 15, 5, 30])[0]
+        if action == "kill_daemon":
+            index = rng.randrange(3)
+            proc = procs.daemons[index]
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                trial.events.append("kill -9 daemon")
+            time.sleep(rng.uniform(0, 1))
+            procs.start_daemon(index)
+        elif action == "script":
+            procs.start_script()
+            trial.events.append("fix script")
+        elif action == "kill_script":
+            script = procs.start_script()
+            time.sleep(rng.uniform(0.2, 1.5))
+            if script.poll() is None:
+                script.kill()
+                script.wait()
+                trial.events.append("kill -9 fix script")
+        elif action == "restart_db" and restarts_left:
+            restarts_left -= 1
+            server.stop()
+            time.sleep(rng.uniform(0.5, 2.0))
+            server.start()
+            trial.events.append("database restart")
+    stop_file.touch()
+    fleet.wait(60)
+    for index, proc in enumerate(procs.daemons):  # every replica up for the settling
+        if proc is None or proc.poll() is not None:
+            procs.start_daemon(index)
+    settle_deadline = time.monotonic() + SETTLE_TIMEOUT
+    while open_runs(url) != 0 and time.monotonic() < settle_deadline:
+        time.sleep(0.5)
+    procs.stop_all()
+    kill_leftover_scrapers(exec_log)
+    result = audit(url, fleet_log, exec_log)
+    trial.violations, trial.totals = result.violations, result.totals
+    trial.seconds = round(time.monotonic() - started, 1)
+    if not trial.violations:
+        admin = sa.create_engine(server.url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
+    return trial
+
+
+def write_report(trials: list[Trial], seed: int, quick: bool, path: Path) -> None:
+    from collections import Counter
+
+    events = Counter(e for t in trials for e in t.events)
+    totals = Counter()
+    for t in trials:
+        totals.update({k: v for k, v in t.totals.items() if isinstance(v, int)})
+    violations = [(t.seed, v) for t in trials for v in t.violations]
+    lines = [
+        "# Reliability",
+        "",
+        "Reproduce with one command:",
+        "",
+        "```sh",
+        f".venv/bin/python -m chaos --trials {len(trials)} --seed {seed}" + (" --quick" if quick else ""),
+        "```",
+        "",
+        f"**{len(trials)} trials, {len(violations)} violations** "
+        f"({datetime.now(timezone.utc):%Y-%m-%d}, {sum(t.seconds for t in trials):.0f} s in all).",
+        "",
+        "## A trial",
+        "",
+        __doc__.split("\n\n", 2)[2].strip(),
+        "",
+        "Settings: " + ", ".join(f"`{k}={v}`" for k, v in SETTINGS.items()) + ", `BATCH_SIZE` 5, 20 or 100.",
+        "",
+        "## What the auditor checks after every trial",
+        "",
+        "- no run the scraper completed was turned into anything else (the fleet logs every",
+        "  completion it committed; a completion a scraper wrote during an execution stands too);",
+        "- no retry was executed twice (the executed scraper logs every start);",
+        "- every failed attempt stuck-runs scheduled a retry for has exactly one retry row, every",
+        "  retry row was scheduled by its predecessor, and no chain has two retries with one number;",
+        "- every chain stuck-runs ended spent its budget or hit a permanent error, and has its dead letter;",
+        "- every cancelled (superseded) retry belongs to a chain that completed;",
+        "- nothing is left `running` or `pending_retry` once the daemons settle;",
+        "- the counts add up: as many retry rows as retries scheduled.",
+        "",
+        "## What the trials did",
+        "",
+        "| | count |",
+        "| --- | ---: |",
+    ]
+    for key in (
+        "runs",
+        "stuck_failed",
+        "retries",
+        "executions",
+        "completed",
+        "fleet_completions",
+        "superseded",
+        "dead_letters",
+    ):
+        lines.append(f"| {key.replace('_', ' ')} | {totals.get(key, 0):,} |")
+    for event, count in sorted(events.items()):
+        lines.append(f"| {event} | {count:,} |")
+    lines += ["", "## Violations", ""]
+    lines += [f"- trial seed {s}: {v}" for s, v in violations] or ["None."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="shorter chaos per trial")
+    parser.add_argument("--out", default=str(REPO / "RELIABILITY.md"), help="the report ('-': none)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="stuck-runs-chaos-"))
+    server = OwnServer(work)
+    trials = []
+    try:
+        for number in range(args.trials):
+            seed = args.seed * 1000 + number
+            trial = run_trial(server, seed, 6.0 if args.quick else 15.0, work)
+            trials.append(trial)
+            print(
+                json.dumps(
+                    {
+                        "seed": seed,
+                        "seconds": trial.seconds,
+                        "events": len(trial.events),
+                        "violations": trial.violations,
+                        **trial.totals,
+                    },
+                    default=str,
+                ),
+                flush=True,
+            )
+    finally:
+        server.cleanup()
+    if args.out != "-":
+        write_report(trials, args.seed, args.quick, Path(args.out))
+    sys.exit(1 if any(t.violations for t in trials) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The invariant auditor: what must hold after any trial, whatever was killed or restarted."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+
+PERMANENT = ("not_found", "forbidden")
+
+# Attempts stuck-runs failed (failure_pattern set) whose retry is scheduled but missing, or more
+# than one.
+RETRIES_PER_SCHEDULED = """
+SELECT f.id, count(r.id) AS retries
+FROM scrape_runs f
+LEFT JOIN scrape_runs r ON r.is_retry AND r.original_run_id = coalesce(f.original_run_id, f.id)
+                       AND r.retry_count = f.retry_count + 1
+WHERE f.failure_pattern IS NOT NULL AND f.next_retry_at IS NOT NULL AND f.status IN ('failed', 'completed')
+GROUP BY f.id HAVING count(r.id) <> 1
+"""
+
+# Chains stuck-runs ended: budget spent or a permanent pattern, and a dead letter for each.
+ENDED_WITHOUT_REASON = """
+SELECT f.id, f.retry_count, f.max_retries, f.failure_pattern FROM scrape_runs f
+WHERE f.status = 'failed' AND f.failure_pattern IS NOT NULL AND f.next_retry_at IS NULL
+  AND NOT (f.retry_count >= f.max_retries OR f.failure_pattern = ANY (:permanent))
+"""
+ENDED_WITHOUT_DEAD_LETTER = """
+SELECT f.id FROM scrape_runs f
+WHERE f.status = 'failed' AND f.failure_pattern IS NOT NULL AND f.next_retry_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM scrape_run_dead_letters d WHERE d.run_id = f.id)
+"""
+
+# A retry row must follow an attempt whose retry was scheduled.
+ORPHAN_RETRIES = """
+SELECT r.id FROM scrape_runs r
+WHERE r.is_retry AND NOT EXISTS (
+    SELECT 1 FROM scrape_runs p
+    WHERE coalesce(p.original_run_id, p.id) = r.original_run_id AND p.retry_count = r.retry_count - 1
+      AND p.next_retry_at IS NOT NULL)
+"""
+
+DUPLICATE_RETRY_NUMBERS = """
+SELECT original_run_id, retry_count FROM scrape_runs WHERE is_retry
+GROUP BY original_run_id, retry_count HAVING count(*) > 1
+"""
+
+CANCELLED_WITHOUT_COMPLETION = """
+SELECT c.id FROM scrape_runs c WHERE c.status = 'cancelled' AND NOT EXISTS (
+    SELECT 1 FROM scrape_runs d WHERE d.status = 'completed'
+      AND (d.id = c.original_run_id OR (d.is_retry AND d.original_run_id = c.original_run_id)))
+"""
+
+OPEN = "SELECT status, count(*) FROM scrape_runs WHERE status IN ('running', 'pending_retry') GROUP BY status"
+
+TOTALS = """
+SELECT count(*) AS runs,
+       count(*) FILTER (WHERE is_retry) AS retries,
+       count(*) FILTER (WHERE failure_pattern = 'stuck') AS stuck_failed,
+       count(*) FILTER (WHERE status = 'completed') AS completed,
+       count(*) FILTER (WHERE status = 'cancelled') AS superseded,
+       (SELECT count(*) FROM scrape_run_dead_letters) AS dead_letters,
+       count(*) FILTER (WHERE failure_pattern IS NOT NULL AND next_retry_at IS NOT NULL) AS retries_scheduled
+FROM scrape_runs
+"""
+
+
+@dataclass
+class Audit:
+    violations: list[str] = field(default_factory=list)
+    totals: dict = field(default_factory=dict)
+
+    def check(self, condition: bool, text: str) -> None:
+        if not condition:
+            self.violations.append(text)
+
+
+def audit(url: str, fleet_log: Path, exec_log: Path) -> Audit:
+    result = Audit()
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            status = dict(conn.execute(sa.text("SELECT id::text, status FROM scrape_runs")).all())
+            completed_by_fleet = [line.split()[1] for line in _lines(fleet_log) if line.startswith("completed ")]
+            turned = [i for i in completed_by_fleet if status.get(i) != "completed"]
+            result.check(not turned, f"completions turned into something else: {turned[:5]}")
+            execs = [line.split() for line in _lines(exec_log)]
+            starts = Counter(parts[1] for parts in execs if parts[0] == "start")
+            twice = [i for i, n in starts.items() if n > 1]
+            result.check(not twice, f"retries executed more than once: {twice[:5]}")
+            own = [p[1] for p in execs if p[0] == "end" and p[3] == "own_completed" and status.get(p[1]) != "completed"]
+            result.check(not own, f"completions the scraper wrote in an execution were overwritten: {own[:5]}")
+            executed_not_retries = [i for i in starts if i not in status]
+            result.check(not executed_not_retries, f"executions of unknown runs: {executed_not_retries[:5]}")
+
+            for name, sql, params in (
+                ("failed attempts whose scheduled retry is missing or doubled", RETRIES_PER_SCHEDULED, {}),
+                (
+                    "chains ended with budget and no permanent error",
+                    ENDED_WITHOUT_REASON,
+                    {"permanent": list(PERMANENT)},
+                ),
+                ("chains ended without a dead letter", ENDED_WITHOUT_DEAD_LETTER, {}),
+                ("retries nobody scheduled", ORPHAN_RETRIES, {}),
+                ("two retries with one number in a chain", DUPLICATE_RETRY_NUMBERS, {}),
+                ("cancelled retries of chains that never completed", CANCELLED_WITHOUT_COMPLETION, {}),
+            ):
+                rows = conn.execute(sa.text(sql), params).all()
+                result.check(not rows, f"{name}: {len(rows)} (e.g. {[tuple(r) for r in rows[:3]]})")
+            left = dict(conn.execute(sa.text(OPEN)).all())
+            result.check(not left, f"left open after the trial settled: {left}")
+            result.totals = dict(conn.execute(sa.text(TOTALS)).mappings().one())
+            result.totals["executions"] = sum(starts.values())
+            result.totals["fleet_completions"] = len(completed_by_fleet)
+            # The counts add up: each scheduled retry is a retry row, each ended chain one letter.
+            result.check(
+                result.totals["retries"] == result.totals["retries_scheduled"],
+                f"{result.totals['retries']} retry rows for {result.totals['retries_scheduled']} scheduled retries",
+            )
+    finally:
+        engine.dispose()
+    return result
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
