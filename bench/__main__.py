@@ -32,6 +32,7 @@ from jobs.stuck import sweep_stuck_runs
 
 REPO = Path(__file__).resolve().parent.parent
 FULL = {
+    "repeat": 3,
     "sweep_history": 1_000_000,
     "stuck": [1_000, 10_000, 100_000],
     "row_by_row_up_to": 10_000,
@@ -41,6 +42,7 @@ FULL = {
     "footprint_minutes": 2.0,
 }
 QUICK = {
+    "repeat": 1,
     "sweep_history": 20_000,
     "stuck": [200, 1_000],
     "row_by_row_up_to": 1_000,
@@ -63,15 +65,17 @@ def start_server(work: Path) -> tuple[str, object | None]:
 
 
 def sweeps(server_url: str, config: dict, log: Path) -> list[dict]:
-    """K stuck runs in a table of `sweep_history` finished runs: ours, the floor, row by row."""
+    """K stuck runs in a table of `sweep_history` finished runs: ours, the floor, row by row.
+
+    Each contender runs `repeat` times, the contenders interleaved, each time on a fresh copy;
+    the median is reported, so a noisy moment on the machine does not decide a ratio.
+    """
     results = []
     for stuck in config["stuck"]:
         now = data.bench_now()
         template = f"bench_tpl_sweep_{stuck}"
         data.build_template(server_url, template, history=config["sweep_history"], stuck=stuck, now=now)
         judge = now + timedelta(minutes=1)
-        runs = {}
-        signatures = {}
         plan = [
             ("floor", contenders.floor),
             ("ours", contenders.ours),
@@ -79,25 +83,31 @@ def sweeps(server_url: str, config: dict, log: Path) -> list[dict]:
         ]
         if stuck <= config["row_by_row_up_to"]:
             plan.append(("row_by_row", contenders.row_by_row))
-        for name, contender in plan:
-            url, db = data.copy_of(server_url, template)
-            try:
-                timing = contender(url, judge)
-                signatures[name] = contenders.outcome_signature(url)
-            finally:
-                data.drop(server_url, db)
-            runs[name] = timing.seconds
-            print(f"  K={stuck:>7}: {name:<11} {timing.seconds:8.3f}s  failed={timing.failed}", flush=True)
+        times: dict[str, list[float]] = {name: [] for name, _ in plan}
+        signatures = {}
+        for _ in range(config["repeat"]):
+            for name, contender in plan:
+                if name == "row_by_row" and times[name]:
+                    continue  # once is enough to be slow
+                url, db = data.copy_of(server_url, template)
+                try:
+                    timing = contender(url, judge)
+                    signatures[name] = contenders.outcome_signature(url)
+                finally:
+                    data.drop(server_url, db)
+                times[name].append(timing.seconds)
+                print(f"  K={stuck:>7}: {name:<11} {timing.seconds:8.3f}s  failed={timing.failed}", flush=True)
         data.drop(server_url, template)
-        same = len(set(signatures.values())) == 1
+        runs = {name: statistics.median(values) for name, values in times.items()}
         results.append(
             {
                 "stuck": stuck,
                 "seconds": {k: round(v, 4) for k, v in runs.items()},
+                "all_seconds": {k: [round(v, 4) for v in values] for k, values in times.items()},
                 "ours_over_floor": round(runs["ours"] / runs["floor"], 2),
                 "ours_with_logs_over_floor": round(runs["ours+logs"] / runs["floor"], 2),
                 "row_by_row_over_ours": round(runs["row_by_row"] / runs["ours"], 1) if "row_by_row" in runs else None,
-                "same_outcome": same,
+                "same_outcome": len(set(signatures.values())) == 1,
                 "outcome": list(signatures["ours"][:2]),
             }
         )
@@ -218,7 +228,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (CI)")
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="where to write the report ('-': nowhere)")
     parser.add_argument("--json", help="also write the raw figures here")
+    parser.add_argument("--report-from", help="only write the report, from figures saved with --json")
     args = parser.parse_args()
+    if args.report_from:
+        from bench.report import write
+
+        write(json.loads(Path(args.report_from).read_text()), Path(args.out))
+        return
     config = QUICK if args.quick else FULL
     work = Path(tempfile.mkdtemp(prefix="stuck-runs-bench-"))
     server_url, server = start_server(work)

@@ -15,8 +15,6 @@ import sys
 import time
 import zlib
 
-import sqlalchemy as sa
-
 
 def main(run_id: str) -> int:
     log = os.environ["CHAOS_EXEC_LOG"]
@@ -29,6 +27,8 @@ def main(run_id: str) -> int:
     if fate == "slow":
         time.sleep(rng.uniform(0.5, 1.2))
     if fate.startswith("own_"):
+        import sqlalchemy as sa  # only here: a scraper process starts in milliseconds otherwise
+
         engine = sa.create_engine(os.environ["DATABASE_URL"].replace("postgresql://", "postgresql+psycopg2://", 1))
         status = fate.removeprefix("own_")
         with engine.begin() as conn:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -68,3 +68,38 @@ class ScriptedScraper:
         with self.lock:
             self.calls.append(run)
         return self.script(run)
+
+
+def insert_due_retry(
+    conn: sa.Connection,
+    *,
+    search_query: str = "Data Architect",
+    due: datetime | None = None,
+    retry_count: int = 1,
+    now: datetime | None = None,
+    **columns: Any,
+) -> tuple[uuid.UUID, uuid.UUID]:
+    """A chain whose attempt `retry_count - 1` failed and whose retry is pending, due `due`
+    (default: a minute ago). Returns (root id, retry id)."""
+    now = now or datetime.now(timezone.utc)
+    due = due or now - timedelta(minutes=1)
+    root = insert_run(
+        conn,
+        status="failed",
+        started_at=now - timedelta(hours=6),
+        search_query=search_query,
+        error_message="Run stuck for 1.2h",
+        next_retry_at=due,
+        **columns,
+    )
+    retry = insert_run(
+        conn,
+        status="pending_retry",
+        search_query=search_query,
+        retry_count=retry_count,
+        is_retry=True,
+        original_run_id=root,
+        next_retry_at=due,
+        **columns,
+    )
+    return root, retry

@@ -23,7 +23,7 @@ from scheduler.daemon import Daemon
 from scheduler.notify import Notifier
 from tests.conftest import REPO
 from tests.daemons import DaemonProcess, wait_until
-from tests.helpers import ScriptedScraper, insert_run, make_runtime, row
+from tests.helpers import ScriptedScraper, insert_due_retry, insert_run, make_runtime, row
 from tests.own_server import OwnServer
 from tests.schema import TEXT_STATUS
 
@@ -43,19 +43,9 @@ def scalar(engine: sa.Engine, sql: str, **params):
         return conn.execute(sa.text(sql), params).scalar_one()
 
 
-def due_retry(engine: sa.Engine, query: str, due: datetime | None = None):
-    now = datetime.now(timezone.utc)
+def due_retry(engine: sa.Engine, query: str):
     with engine.begin() as conn:
-        root = insert_run(conn, status="failed", started_at=now - timedelta(hours=5), search_query=query)
-        return insert_run(
-            conn,
-            status="pending_retry",
-            search_query=query,
-            retry_count=1,
-            is_retry=True,
-            original_run_id=root,
-            next_retry_at=due or now - timedelta(seconds=1),
-        )
+        return insert_due_retry(conn, search_query=query)[1]
 
 
 # -- systemd ---------------------------------------------------------------------------------

@@ -159,26 +159,14 @@ def test_a_callable_that_cannot_be_imported_is_refused_at_start(path):
     ],
 )
 def test_real_commands_through_the_processor(db_url, log_dir, query, message, retried):
-    from datetime import datetime, timezone
-
     from jobs.retries import process_due_retries
-    from tests.helpers import insert_run, make_runtime
+    from tests.helpers import insert_due_retry, make_runtime
 
     rt = make_runtime(
         db_url, command=load_settings({"SCRAPE_RUN_COMMAND": COMMAND}).command, execution_timeout=timedelta(seconds=1)
     )
-    now = datetime.now(timezone.utc)
     with rt.engine.begin() as conn:
-        root = insert_run(conn, status="failed", search_query=query, started_at=now - timedelta(hours=5))
-        insert_run(
-            conn,
-            status="pending_retry",
-            search_query=query,
-            retry_count=1,
-            is_retry=True,
-            original_run_id=root,
-            next_retry_at=now,
-        )
+        insert_due_retry(conn, search_query=query)
     [outcome] = process_due_retries(rt).executed
     assert (outcome.message, outcome.retry_due is not None) == (message, retried)
     rt.close()

@@ -13,7 +13,7 @@ from db import locks
 from jobs.executor import ExecutionResult
 from jobs.retries import process_due_retries
 from jobs.stuck import sweep_stuck_runs
-from tests.helpers import ScriptedScraper, chain_of, insert_run, make_runtime, row, rows
+from tests.helpers import ScriptedScraper, chain_of, insert_due_retry, insert_run, make_runtime, row, rows
 
 NOW = datetime(2026, 11, 22, 13, 0, tzinfo=timezone.utc)
 
@@ -25,25 +25,7 @@ def frozen():
 
 
 def pending_retry(conn, *, retry_count: int = 1, due: datetime = NOW, **columns) -> tuple:
-    root = insert_run(
-        conn,
-        status="failed",
-        started_at=NOW - timedelta(hours=6),
-        error_message="Run stuck for 1.2h",
-        next_retry_at=due,
-        **columns,
-    )
-    retry = insert_run(
-        conn,
-        status="pending_retry",
-        started_at=None,
-        retry_count=retry_count,
-        is_retry=True,
-        original_run_id=root,
-        next_retry_at=due,
-        **columns,
-    )
-    return root, retry
+    return insert_due_retry(conn, due=due, retry_count=retry_count, now=NOW, **columns)
 
 
 def test_a_due_retry_runs_and_completes(db_url, frozen):

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from db.engine import make_engine
 from jobs.retries import process_due_retries, supersede_completed_chains
 from tests.conftest import REPO
-from tests.helpers import insert_run, make_runtime
+from tests.helpers import insert_due_retry, make_runtime
 
 FAKE = REPO / "tests" / "fake_scraper.py"
 COMMAND = f"{shlex.quote(sys.executable)} {shlex.quote(str(FAKE))} {{run_id}}"
@@ -143,31 +143,8 @@ def test_a_scraper_completing_runs_during_sweeps_never_sees_a_completion_turned_
 
 
 def due_retries(engine: sa.Engine, queries: list[str]) -> list[str]:
-    now = datetime.now(timezone.utc)
     with engine.begin() as conn:
-        ids = []
-        for query in queries:
-            root = insert_run(
-                conn,
-                status="failed",
-                started_at=now - timedelta(hours=6),
-                search_query=query,
-                next_retry_at=now - timedelta(minutes=1),
-            )
-            ids.append(
-                str(
-                    insert_run(
-                        conn,
-                        status="pending_retry",
-                        search_query=query,
-                        retry_count=1,
-                        is_retry=True,
-                        original_run_id=root,
-                        next_retry_at=now - timedelta(minutes=1),
-                    )
-                )
-            )
-        return ids
+        return [str(insert_due_retry(conn, search_query=query)[1]) for query in queries]
 
 
 def test_the_concurrency_limit_holds_across_processes_and_each_retry_runs_once(db_url, tmp_path):

@@ -1,0 +1,52 @@
+"""Reduced runs of the benchmarks and the chaos suite, for CI: their correctness, not timings.
+
+The figures themselves come from the full runs (`python -m bench`, `python -m chaos`) and are
+written in BENCHMARKS.md and RELIABILITY.md; wall-clock numbers are not asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_quick_benchmarks_do_the_same_work_as_the_floor_and_never_scan_the_table(tmp_path):
+    figures = tmp_path / "bench.json"
+    result = run("-m", "bench", "--quick", "--out", "-", "--json", str(figures), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(figures.read_text())
+    for sweep in report["sweeps"]:
+        assert sweep["same_outcome"], sweep  # ours, the floor and row by row leave identical tables
+        assert sweep["outcome"] == [sweep["stuck"], sweep["stuck"]]
+    assert not any(idle["seq_scan_of_scrape_runs"] for idle in report["idle"])
+    for claims in report["claims"]:
+        assert claims["claimed"] == claims["unique"] == report["config"]["claim_retries"]
+
+
+def test_a_few_chaos_trials_find_no_violation():
+    result = run("-m", "chaos", "--trials", "2", "--quick", "--seed", "7", "--out", "-", timeout=900)
+    trials = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(trials) == 2
+    assert all(t["violations"] == [] for t in trials), trials
+    assert all(t["executions"] > 0 and t["stuck_failed"] > 0 for t in trials)
+    assert result.returncode == 0
