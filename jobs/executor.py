@@ -3,13 +3,17 @@
 - `CommandExecutor`: `SCRAPE_RUN_COMMAND`, an argv template run without a shell, in its own
   process group so a timeout or a shutdown kills the whole scraper.
 - `CallableExecutor`: `SCRAPE_RUN_CALLABLE`, `package.module:function` called with the run, in a
-  spawned process so it too can be killed.
+  spawned process leading its own group, so it too can be killed.
+
+Nothing the scraper started outlives its attempt: when the attempt ends, for whatever reason,
+what is left of its process group gets SIGTERM, then SIGKILL.
 
 An executor only reports what happened; the processor decides what it means.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import multiprocessing
@@ -24,6 +28,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 from jobs.config import Settings
@@ -35,6 +40,7 @@ STDERR_TAIL_BYTES = 8192  # kept for the dead-letter record
 ERROR_LINE_CHARS = 500  # the part that goes into error_message
 KILL_GRACE_SECONDS = 5  # between SIGTERM and SIGKILL
 POLL_SECONDS = 0.2  # how often a wait looks at the cancel flag
+GROUP_POLL_SECONDS = 0.05  # how often the end of an attempt looks for processes left behind
 
 
 @dataclass(frozen=True)
@@ -108,8 +114,7 @@ class CommandExecutor:
             except OSError as exc:
                 return ExecutionResult(ok=False, error=f"Command could not start: {exc}")
             stopped = _wait(_exited(process), timeout, cancel)
-            if stopped is not None:
-                _kill_group(process)
+            _end_group(process.pid, lambda: process.poll() is not None)
             stderr.seek(max(0, os.fstat(stderr.fileno()).st_size - STDERR_TAIL_BYTES))
             tail = stderr.read().decode("utf-8", "replace")
         if stopped is not None:
@@ -149,22 +154,57 @@ def _exited(process: subprocess.Popen) -> Callable[[float], bool]:
     return finished
 
 
-def _kill_group(process: subprocess.Popen) -> None:
-    for sig, grace in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, None)):
+def _end_group(pgid: int, reaped: Callable[[], bool]) -> None:
+    """Ends what is left of the scraper's process group once its attempt is over.
+
+    SIGTERM, then SIGKILL after the grace to whatever still runs. It waits for the whole group,
+    not only the leader: a browser outliving its scraper would keep the memory and the site's
+    session, and a retry would then run beside it. `reaped` reaps the leader and says whether
+    it has exited.
+    """
+    for sig, grace in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, KILL_GRACE_SECONDS)):
+        if reaped() and not _group_alive(pgid):
+            return
         try:
-            os.killpg(process.pid, sig)
+            os.killpg(pgid, sig)
         except ProcessLookupError:
-            break
+            if reaped():
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pgid, sig)  # a spawned callable that has not made its group yet
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if reaped() and not _group_alive(pgid):
+                return
+            time.sleep(GROUP_POLL_SECONDS)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs. Zombies do not count: an orphan's zombie waits
+    for PID 1 to reap it, which a container's init may never do."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        entries = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except FileNotFoundError:
+        return True  # no /proc: the signal probe is all there is
+    for entry in entries:
         try:
-            process.wait(grace)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    process.wait()
+            state, _parent, group = Path("/proc", entry, "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # exited while we looked
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
 
 
 def _call_in_child(path: str, run: Run, channel: Any) -> None:
     """Runs in the spawned process: calls the function, reports success or the traceback."""
+    os.setsid()  # its own process group, so whatever the scraper starts ends with it
     try:
         resolve_callable(path)(run)
     except BaseException as exc:  # noqa: BLE001 - everything the scraper raises is a failed attempt
@@ -202,11 +242,7 @@ class CallableExecutor:
         try:
             stopped = _wait(lambda seconds: receiver.poll(seconds) or not process.is_alive(), timeout, cancel)
             if stopped is not None:
-                process.terminate()
-                process.join(KILL_GRACE_SECONDS)
-                if process.is_alive():
-                    process.kill()
-                    process.join()
+                _end_group(process.pid, lambda: not process.is_alive())
                 return ExecutionResult(ok=False, timed_out=stopped == "timeout", cancelled=stopped == "cancel")
             try:
                 kind, error, detail, retry_after = receiver.recv()
@@ -214,6 +250,7 @@ class CallableExecutor:
                 process.join()
                 return ExecutionResult(ok=False, error=f"Scraper process died (exit code {process.exitcode})")
             process.join()
+            _end_group(process.pid, lambda: not process.is_alive())
         finally:
             receiver.close()
         if kind == "ok":

@@ -3,7 +3,7 @@
 It records its argv and SCRAPE_RUN_* environment in $FAKE_SCRAPER_LOG/<run id>.json, then
 behaves as its search query says: `ok...` succeeds, `fail503...` fails with a 503, `404...`
 with a 404, `ratelimited...` with a Retry-After, `hang...` never finishes (with a child of its
-own, to prove the whole group is killed), `slow...` takes a second.
+own, to prove the whole group is killed), `slow...` takes a second, `leak...` succeeds leaving behind a child that ignores SIGTERM.
 """
 
 import json
@@ -24,6 +24,14 @@ if log_dir:
     if query.startswith("hang") and not query.startswith("hangonce"):
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         record["child_pid"] = child.pid
+    if query.startswith("leak"):
+        ready = Path(log_dir, "leak-ready")
+        stubborn = "import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        stubborn += "pathlib.Path(sys.argv[1]).touch(); time.sleep(600)"
+        child = subprocess.Popen([sys.executable, "-c", stubborn, str(ready)])
+        record["child_pid"] = child.pid
+        while not ready.exists():
+            time.sleep(0.01)
     Path(log_dir, f"{os.environ['SCRAPE_RUN_ID']}.json").write_text(json.dumps(record))
 
 if query.startswith("hangonce"):

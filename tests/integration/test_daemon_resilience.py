@@ -136,24 +136,24 @@ def test_the_daemon_works_sandboxed_as_the_unit_sandboxes_it(db_url, tmp_path):
     with engine.begin() as conn:
         stuck = insert_run(conn, started_at=datetime.now(timezone.utc) - timedelta(hours=2))
     retry = due_retry(engine, "ok sandboxed")
-    outside = tempfile.mkdtemp(prefix="sr-sandbox-", dir="/var/tmp")  # not under the private /tmp
-    # The interpreter may live in a home directory here (pyenv); production's lives in /usr or /opt.
-    interpreter = os.path.realpath(sys.base_prefix)
-    keep_interpreter = interpreter.startswith(("/root/", "/home/"))
-    staging = tempfile.mkdtemp(prefix="sr-python-", dir="/var/tmp")
+    # What the sandbox hides but the daemon needs: the database's socket (pgserver keeps it under
+    # /tmp), and wherever this checkout, its venv and the interpreter live (a clone in /tmp, pyenv
+    # in a home). Production's live in /usr, /opt and /run.
+    local = bool(socket_dir) and os.path.isdir(socket_dir)
+    needed = [socket_dir] if local else []
+    needed += [str(REPO), os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)]
+    carried = outermost(path for path in needed if path.startswith(("/tmp/", "/root/", "/home/")))
+    staged = {path: tempfile.mkdtemp(prefix="sr-sandbox-", dir="/var/tmp") for path in carried}
     # An unprivileged identity that may open the database's socket: its owner when the server is
     # local (pgserver's own user), else nobody.
-    local = bool(socket_dir) and os.path.isdir(socket_dir)
     owner = os.stat(socket_dir).st_uid if local else 0
     uid = owner if owner != 0 else 65534
     gid = pwd.getpwuid(uid).pw_gid
     sandbox = (
         "set -e; mount --make-rprivate /; "
-        + (f"mount --bind {socket_dir} {outside}; " if local else "")  # keep the database socket reachable
-        + (f"mount --bind {interpreter} {staging}; " if keep_interpreter else "")
+        + "".join(f"mount --bind {path} {stage}; " for path, stage in staged.items())
         + "mount -t tmpfs tmpfs /tmp; mount -t tmpfs -o mode=755 tmpfs /root; mount -t tmpfs tmpfs /home; "
-        + (f"mkdir -p {socket_dir}; mount --bind {outside} {socket_dir}; " if local else "")
-        + (f"mkdir -p {interpreter}; mount --bind {staging} {interpreter}; " if keep_interpreter else "")
+        + "".join(f"mkdir -p {path}; mount --bind {stage} {path}; " for path, stage in staged.items())
         + "mount -o remount,bind,ro /; "
         + f"exec setpriv --reuid={uid} --regid={gid} --clear-groups --no-new-privs "
         "--inh-caps=-all "
@@ -170,10 +170,16 @@ def test_the_daemon_works_sandboxed_as_the_unit_sandboxes_it(db_url, tmp_path):
         wait_until(done, timeout=30)
     finally:
         err = stop(daemon)
-        os.rmdir(outside)
-        os.rmdir(staging)
+        for stage in staged.values():
+            os.rmdir(stage)
     assert daemon.returncode == 0, err
     engine.dispose()
+
+
+def outermost(paths) -> list[str]:
+    """The paths not inside another of them: binding the outer one carries the inner."""
+    unique = sorted(set(paths))
+    return [path for path in unique if not any(path.startswith(other + "/") for other in unique if other != path)]
 
 
 # -- dispatch and shutdown -------------------------------------------------------------------------

@@ -101,6 +101,21 @@ def test_a_hanging_scraper_and_its_children_are_killed_at_the_timeout(log_dir):
     assert not alive(pids["pid"]) and not alive(pids["child_pid"])
 
 
+def test_nothing_the_scraper_started_outlives_its_attempt(log_dir, monkeypatch):
+    monkeypatch.setattr("jobs.executor.KILL_GRACE_SECONDS", 0.5)
+    run = a_run("leak a browser")
+    result = command_executor().execute(run, timedelta(seconds=30), threading.Event())
+    assert result.ok
+    assert not alive(record(log_dir, run)["child_pid"])  # it ignored SIGTERM: SIGKILL ended it
+
+
+def test_a_hanging_callable_and_its_children_are_killed_at_the_timeout(log_dir):
+    run = a_run("hang with a child")
+    result = CallableExecutor("tests.scrapers:spawn_and_hang").execute(run, timedelta(seconds=2), threading.Event())
+    assert result.timed_out and not result.ok
+    assert not alive(int((log_dir / f"{run.id}.child").read_text()))
+
+
 def test_a_cancel_stops_the_scraper_and_says_so(log_dir):
     cancel = threading.Event()
     threading.Timer(0.5, cancel.set).start()
