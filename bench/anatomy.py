@@ -1,0 +1,134 @@
+"""Where the sweep's time goes beyond the SQL floor: the floor with each guarantee added in turn.
+
+    python -m bench.anatomy                 # K = 100,000 stuck runs in a 1M-row table (python -m bench runs it)
+    python -m bench.anatomy --stuck 10000 --history 200000 --repeat 3
+
+The floor (bench/contenders.py) fails the stuck runs and inserts their retries in one statement,
+and nothing more. The real sweep must also claim its rows with `FOR UPDATE SKIP LOCKED` (a scraper
+or another sweep may hold one), tolerate a retry that already exists (`ON CONFLICT DO NOTHING`,
+so one odd row cannot wedge every sweep), commit every BATCH_SIZE rows, and report each run.
+Each variant runs `repeat` times, interleaved, on its own copy of one template; medians are
+printed as JSON, with each variant's ratio to the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from bench import contenders, data
+
+LOCKED = """
+WITH stuck AS MATERIALIZED (
+    SELECT ctid FROM scrape_runs WHERE status = 'running' AND started_at < :cutoff
+    ORDER BY started_at FOR UPDATE SKIP LOCKED
+),"""
+
+
+def variants() -> dict[str, str]:
+    """The floor's SQL with the sweep's guarantees added one at a time."""
+    floor = contenders.FLOOR
+    locked = floor.replace(
+        "WHERE status = 'running' AND started_at < :cutoff",
+        "WHERE ctid = ANY (array(SELECT ctid FROM stuck)) AND status = 'running'",
+    ).replace("WITH", LOCKED, 1)
+    assert locked != floor and "FOR UPDATE SKIP LOCKED" in locked
+    conflict = " ON CONFLICT DO NOTHING"
+    return {
+        "floor": floor,
+        "+ on conflict": floor + conflict,
+        "+ skip locked": locked,
+        "+ both": locked + conflict,
+    }
+
+
+def run_statement(url: str, sql: str, now: datetime) -> tuple[float, int]:
+    params = {
+        "now": now,
+        "cutoff": now - contenders.POLICY.stuck_after,
+        "due": now + contenders.POLICY.retry_delay,
+        "budget": contenders.POLICY.max_retries,
+    }
+    engine = sa.create_engine(url)
+    try:
+        started = time.perf_counter()
+        with engine.begin() as conn:
+            inserted = conn.execute(sa.text(sql), params).rowcount
+        return time.perf_counter() - started, inserted
+    finally:
+        engine.dispose()
+
+
+def measure(server_url: str, *, history: int, stuck: int, repeat: int) -> dict:
+    now = data.bench_now()
+    judge = now + timedelta(minutes=1)
+    data.build_template(server_url, "bench_tpl_anatomy", history=history, stuck=stuck, now=now)
+    plan = {name: functools.partial(run_statement, sql=sql, now=judge) for name, sql in variants().items()}
+    plan["ours, one batch"] = lambda url: _ours(url, judge, batch_size=stuck)
+    plan["ours, BATCH_SIZE 1000"] = lambda url: _ours(url, judge, batch_size=1000)
+    seconds: dict[str, list[float]] = {name: [] for name in plan}
+    try:
+        for _ in range(repeat):
+            for name, contender in plan.items():
+                url, db = data.copy_of(server_url, "bench_tpl_anatomy")
+                try:
+                    elapsed, count = contender(url)
+                finally:
+                    data.drop(server_url, db)
+                if count != stuck:
+                    raise SystemExit(f"{name} handled {count} runs, not {stuck}: the variants are not comparable")
+                seconds[name].append(elapsed)
+                print(f"  {name:<22} {elapsed:7.3f}s", flush=True)
+    finally:
+        data.drop(server_url, "bench_tpl_anatomy")
+    floor = statistics.median(seconds["floor"])
+    return {
+        "history": history,
+        "stuck": stuck,
+        "repeat": repeat,
+        "variants": [
+            {
+                "name": name,
+                "median_s": round(statistics.median(values), 3),
+                "over_floor": round(statistics.median(values) / floor, 2),
+                "all_s": [round(value, 3) for value in values],
+            }
+            for name, values in seconds.items()
+        ],
+    }
+
+
+def _ours(url: str, now: datetime, *, batch_size: int) -> tuple[float, int]:
+    timing = contenders.ours(url, now, batch_size=batch_size)
+    return timing.seconds, timing.failed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--history", type=int, default=1_000_000)
+    parser.add_argument("--stuck", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="stuck-runs-anatomy-") as work:
+        server_url, server = data.start_server(Path(work))
+        try:
+            result = measure(server_url, history=args.history, stuck=args.stuck, repeat=args.repeat)
+        finally:
+            if server is not None:
+                server.cleanup()
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
