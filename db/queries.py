@@ -134,9 +134,13 @@ class RunQueries:
             .order_by(t.c.retry_count, t.c.started_at.asc().nulls_last())
         )
 
+    def untimed(self) -> sa.ColumnElement:
+        """Running runs with nothing to time them by (no started_at, no heartbeat): never stuck."""
+        return sa.and_(self.t.c.status == self.runs.status("running"), self.runs.progress().is_(None))
+
     def counts(self) -> sa.Select:
-        """How many runs are running, stuck (progress before `:sr_cutoff`), pending a retry, and
-        how many chains ended dead-lettered; each an index probe, never a table scan."""
+        """How many runs are running, stuck (progress before `:sr_cutoff`), untimed, pending a
+        retry, and how many chains ended dead-lettered; each an index probe, never a table scan."""
         t, runs, dead = self.t, self.runs, self.dead_letters
         running = t.c.status == runs.status("running")
         pending = t.c.status == runs.status("pending_retry")
@@ -147,6 +151,7 @@ class RunQueries:
         return sa.select(
             count(running).label("running"),
             count(running, runs.progress() < sa.bindparam("sr_cutoff")).label("stuck"),
+            count(self.untimed()).label("untimed"),
             count(pending).label("pending_retry"),
             count(running, t.c.is_retry).label("running_retries"),
             sa.select(sa.func.min(t.c.next_retry_at)).where(pending).scalar_subquery().label("next_due"),

@@ -12,10 +12,12 @@ import sqlalchemy as sa
 from db import catalog
 from db.engine import database_errors, make_engine, redacted
 from db.migrate import current_revision, head_revision
+from db.queries import RunQueries
 from db.table import load_runs_table
 from jobs.config import Settings
 from jobs.errors import ConfigError, OperatorError
 from jobs.executor import resolve_callable
+from jobs.status import untimed_message
 
 CLOCK_SKEW_LIMIT = timedelta(seconds=5)  # a minute of skew misjudges stuck runs by a minute
 
@@ -102,7 +104,7 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
     )
     with engine.connect() as conn:
         try:
-            load_runs_table(conn, settings.table, settings.heartbeat_column)
+            runs = load_runs_table(conn, settings.table, settings.heartbeat_column)
             current = current_revision(conn, settings.table)
         except OperatorError as exc:
             checks.append(Check("table", False, str(exc), None))
@@ -126,6 +128,8 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
                 "run `stuck-runs migrate` (it rebuilds invalid ones)" if bad else None,
             )
         )
+        if current == head:
+            checks.append(_untimed(conn, RunQueries(runs), settings.table))
         lacking = catalog.missing_privileges(conn, settings.table)
         checks.append(
             Check(
@@ -136,3 +140,16 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
             )
         )
     return checks
+
+
+def _untimed(conn: sa.Connection, queries: RunQueries, table: str) -> Check:
+    count = conn.execute(sa.select(sa.func.count()).select_from(queries.t).where(queries.untimed())).scalar_one()
+    if not count:
+        return Check("untimed runs", True, "every running run has a started_at")
+    return Check(
+        "untimed runs",
+        False,
+        untimed_message(count),
+        f"have the scraper set started_at when a run starts; for these: UPDATE {table} SET started_at = now() "
+        "WHERE status = 'running' AND started_at IS NULL",
+    )

@@ -40,10 +40,17 @@ class JobState:
 class RunCounts:
     running: int
     stuck: int
+    untimed: int  # running without started_at (or heartbeat): the checker can never time them
     pending_retry: int
     running_retries: int
     next_due: datetime | None
     permanently_failed: int
+
+
+def untimed_message(count: int) -> str:
+    """What `status` and `doctor` say about running runs the checker cannot time."""
+    runs, them = ("run has", "it") if count == 1 else ("runs have", "them")
+    return f"{count} running {runs} no started_at (nor heartbeat): the checker can never find {them} stuck"
 
 
 @dataclass(frozen=True)

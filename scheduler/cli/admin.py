@@ -7,7 +7,7 @@ import click
 from db.engine import make_engine
 from db.migrate import head_revision, migrate, migration_sql
 from jobs.errors import EXIT_OK
-from jobs.status import read_status
+from jobs.status import read_status, untimed_message
 from scheduler.cli import EXECUTION, POLICY, cli, config_options, json_option, load_settings, open_runtime
 from scheduler.cli.output import emit_json, short, table, when
 
@@ -81,6 +81,8 @@ def status(ctx: click.Context, as_json: bool) -> int:
         f"Runs: {runs.running} running ({runs.stuck} stuck) · {runs.pending_retry} pending_retry "
         f"(next due {when(runs.next_due)}) · {runs.permanently_failed} permanently failed"
     )
+    if runs.untimed:
+        click.echo(f"Warning: {untimed_message(runs.untimed)}; `stuck-runs doctor` says how to fix them.")
     return EXIT_OK
 
 

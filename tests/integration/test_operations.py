@@ -144,6 +144,7 @@ def test_doctor_passes_on_a_healthy_setup_and_names_each_problem(db_url, databas
         "clock skew",
         "migration",
         "indexes",
+        "untimed runs",
         "privileges",
     ]
     assert all(c.ok for c in healthy), healthy
@@ -187,6 +188,37 @@ def test_doctor_passes_on_a_healthy_setup_and_names_each_problem(db_url, databas
     assert "pw-s3cret" not in unreachable.stdout + unreachable.stderr
     bad_config = cli("doctor", env={"STUCK_AFTER": "later"})
     assert bad_config.returncode == 1 and "✗ configuration: STUCK_AFTER='later'" in bad_config.stdout
+
+
+def test_running_runs_the_checker_cannot_time_are_named_with_the_fix(db_url):
+    """A run left `running` with no started_at would otherwise sit there forever, unseen."""
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        for _ in range(2):
+            insert_run(conn, started_at=None)
+        insert_run(conn, started_at=datetime.now(timezone.utc) - timedelta(minutes=5))
+    env = {"DATABASE_URL": db_url, "SCRAPE_RUN_COMMAND": "true"}
+
+    def untimed_check():
+        checks = run_checks(lambda: load_settings(env), lambda: datetime.now(timezone.utc))
+        return next(c for c in checks if c.name == "untimed runs")
+
+    check = untimed_check()
+    assert not check.ok
+    assert check.detail == "2 running runs have no started_at (nor heartbeat): the checker can never find them stuck"
+    status = cli("status", env=env)
+    assert status.returncode == 0, status.stderr
+    assert "Runs: 3 running (0 stuck)" in status.stdout
+    assert "Warning: 2 running runs have no started_at" in status.stdout
+    assert json.loads(cli("status", "--json", env=env).stdout)["runs"]["untimed"] == 2
+    doctor = cli("doctor", env=env)
+    assert doctor.returncode == 1 and "✗ untimed runs: 2 running runs" in doctor.stdout
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql(check.fix.split("for these: ", 1)[1])  # the fix doctor gives, verbatim
+    engine.dispose()
+    assert untimed_check().ok
+    assert "Warning" not in cli("status", env=env).stdout
 
 
 def test_json_logs_carry_run_chain_attempt_and_event(db_url):
