@@ -167,6 +167,8 @@ def _end_group(pgid: int, reaped: Callable[[], bool]) -> None:
             return
         try:
             os.killpg(pgid, sig)
+        except PermissionError:
+            return  # what is left runs as another user (setuid): not ours to signal
         except ProcessLookupError:
             if reaped():
                 return
@@ -187,7 +189,7 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # a member runs as another user; /proc still tells whether one is alive
     try:
         entries = [entry for entry in os.listdir("/proc") if entry.isdigit()]
     except FileNotFoundError:
