@@ -130,6 +130,38 @@ def test_get_scheduler_in_the_daemons_own_process_is_the_live_scheduler(db_url):
     rt.close()
 
 
+def test_a_tick_that_fires_late_still_runs(db_url):
+    """SPEC §8: a misfire grace of about one interval. The first ticks are due when the daemon is
+    built; here they come 3 s late, past APScheduler's default grace of 1 s, and still run."""
+    import threading
+
+    from scheduler.daemon import Daemon
+    from tests.helpers import ScriptedScraper, make_runtime
+
+    rt = make_runtime(db_url, ScriptedScraper())
+    with rt.engine.begin() as conn:
+        stuck = insert_run(conn, started_at=datetime.now(timezone.utc) - timedelta(hours=2))
+    daemon = Daemon(rt)
+    jobs = {job.id: job for job in daemon.scheduler.get_jobs()}
+    assert jobs["stuck_run_checker"].misfire_grace_time == 3600 and jobs["retry_processor"].misfire_grace_time == 1800
+    assert all(job.coalesce and job.max_instances == 1 for job in jobs.values())
+    time.sleep(3)  # a busy host, a suspended VM
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        wait_until(lambda: row_status(rt.engine, stuck) == "failed", timeout=30)
+    finally:
+        daemon.request_stop()
+        runner.join(30)
+    assert not runner.is_alive()
+    rt.close()
+
+
+def row_status(engine, run_id) -> str:
+    with engine.connect() as conn:
+        return row(conn, run_id)["status"]
+
+
 def test_status_from_another_process_shows_jobs_daemon_and_counts(db_url, tmp_path):
     import json
 
