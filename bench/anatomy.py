@@ -18,11 +18,8 @@ import functools
 import json
 import statistics
 import tempfile
-import time
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-
-import sqlalchemy as sa
 
 from bench import contenders, data
 
@@ -50,43 +47,28 @@ def variants() -> dict[str, str]:
     }
 
 
-def run_statement(url: str, sql: str, now: datetime) -> tuple[float, int]:
-    params = {
-        "now": now,
-        "cutoff": now - contenders.POLICY.stuck_after,
-        "due": now + contenders.POLICY.retry_delay,
-        "budget": contenders.POLICY.max_retries,
-    }
-    engine = sa.create_engine(url)
-    try:
-        started = time.perf_counter()
-        with engine.begin() as conn:
-            inserted = conn.execute(sa.text(sql), params).rowcount
-        return time.perf_counter() - started, inserted
-    finally:
-        engine.dispose()
-
-
 def measure(server_url: str, *, history: int, stuck: int, repeat: int) -> dict:
     now = data.bench_now()
     judge = now + timedelta(minutes=1)
     data.build_template(server_url, "bench_tpl_anatomy", history=history, stuck=stuck, now=now)
-    plan = {name: functools.partial(run_statement, sql=sql, now=judge) for name, sql in variants().items()}
-    plan["ours, one batch"] = lambda url: _ours(url, judge, batch_size=stuck)
-    plan["ours, BATCH_SIZE 1000"] = lambda url: _ours(url, judge, batch_size=1000)
+    plan = {name: functools.partial(contenders.floor, now=judge, sql=sql) for name, sql in variants().items()}
+    plan["ours, one batch"] = functools.partial(contenders.ours, now=judge, batch_size=stuck)
+    plan["ours, BATCH_SIZE 1000"] = functools.partial(contenders.ours, now=judge, batch_size=1000)
     seconds: dict[str, list[float]] = {name: [] for name in plan}
     try:
         for _ in range(repeat):
             for name, contender in plan.items():
                 url, db = data.copy_of(server_url, "bench_tpl_anatomy")
                 try:
-                    elapsed, count = contender(url)
+                    timing = contender(url)
                 finally:
                     data.drop(server_url, db)
-                if count != stuck:
-                    raise SystemExit(f"{name} handled {count} runs, not {stuck}: the variants are not comparable")
-                seconds[name].append(elapsed)
-                print(f"  {name:<22} {elapsed:7.3f}s", flush=True)
+                if timing.failed != stuck:
+                    raise SystemExit(
+                        f"{name} handled {timing.failed} runs, not {stuck}: the variants are not comparable"
+                    )
+                seconds[name].append(timing.seconds)
+                print(f"  {name:<22} {timing.seconds:7.3f}s", flush=True)
     finally:
         data.drop(server_url, "bench_tpl_anatomy")
     floor = statistics.median(seconds["floor"])
@@ -104,11 +86,6 @@ def measure(server_url: str, *, history: int, stuck: int, repeat: int) -> dict:
             for name, values in seconds.items()
         ],
     }
-
-
-def _ours(url: str, now: datetime, *, batch_size: int) -> tuple[float, int]:
-    timing = contenders.ours(url, now, batch_size=batch_size)
-    return timing.seconds, timing.failed
 
 
 def main() -> None:

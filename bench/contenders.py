@@ -91,7 +91,8 @@ def ours(url: str, now: datetime, *, batch_size: int = 1000, log_to: str | None 
         logger.remove()
 
 
-def floor(url: str, now: datetime) -> Timing:
+def floor(url: str, now: datetime, sql: str = FLOOR) -> Timing:
+    """The floor's statement (or a variant of it, bench/anatomy.py) in one transaction."""
     engine = sa.create_engine(url)
     params = {
         "now": now,
@@ -102,7 +103,7 @@ def floor(url: str, now: datetime) -> Timing:
     try:
         started = time.perf_counter()
         with engine.begin() as conn:
-            failed = conn.execute(sa.text(FLOOR), params).rowcount
+            failed = conn.execute(sa.text(sql), params).rowcount
         return Timing("floor", time.perf_counter() - started, failed)
     finally:
         engine.dispose()
