@@ -127,7 +127,7 @@ def sweep_stuck_runs(
                 with conn.begin():
                     batch = conn.execute(rt.queries.sweep_batch, statement_params).all()
                 batches += 1
-                _log(batch, already=len(rows), now=now)
+                _log(batch, already=len(rows), now=now, table=rt.runs.qualified_name)
                 rows.extend(batch)
                 if len(batch) < rt.settings.batch_size:
                     break
@@ -139,7 +139,7 @@ def sweep_stuck_runs(
     return SweepResult(len(rows), retried, batches, time.monotonic() - started, rows=tuple(rows))
 
 
-def _log(batch: list[tuple], *, already: int, now: datetime) -> None:
+def _log(batch: list[tuple], *, already: int, now: datetime, table: str) -> None:
     """Each failed run by name, up to LOGGED_RUNS_PER_SWEEP a sweep; then a line saying where
     the rest are (journald would drop a storm of lines anyway)."""
     room = max(0, LOGGED_RUNS_PER_SWEEP - already)
@@ -154,8 +154,9 @@ def _log(batch: list[tuple], *, already: int, now: datetime) -> None:
     if len(batch) > room:
         logger.bind(event="stuck", count=len(batch) - room).warning(
             "{} more stuck runs failed; list them with: SELECT id, search_query, location_query, error_message "
-            "FROM scrape_runs WHERE failure_pattern = 'stuck' AND completed_at = '{}'",
+            "FROM {} WHERE failure_pattern = 'stuck' AND completed_at = '{}'",
             len(batch) - room,
+            table,
             now.isoformat(),
         )
 

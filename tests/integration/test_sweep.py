@@ -220,3 +220,38 @@ def test_timestamps_without_time_zone_are_utc(variant_url, variant):
         completed = row(conn, run_id)["completed_at"]
     assert (completed if completed.tzinfo else completed.replace(tzinfo=timezone.utc)) == NOW
     assert json.loads(json.dumps(str(completed)))
+
+
+def test_a_mass_event_logs_the_first_runs_then_one_line_with_the_sql_for_the_rest(db_url):
+    """A crashed host's 105 stuck runs: 100 lines by name, then one line whose SQL lists them all,
+    on the table actually swept."""
+    from loguru import logger
+
+    from db.engine import make_engine
+    from db.migrate import migrate
+    from jobs.stuck import LOGGED_RUNS_PER_SWEEP
+    from tests.schema import TEXT_STATUS
+
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(TEXT_STATUS.format(table="job_board_runs"))
+    migrate(engine, "job_board_runs")
+    with engine.begin() as conn:
+        for i in range(LOGGED_RUNS_PER_SWEEP + 5):
+            insert_run(conn, table="job_board_runs", started_at=NOW - timedelta(hours=2), search_query=f"q{i}")
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(message.record["message"]), level="WARNING")
+    try:
+        rt = make_runtime(db_url, table="job_board_runs")
+        assert sweep_stuck_runs(rt).failed == LOGGED_RUNS_PER_SWEEP + 5
+        rt.close()
+    finally:
+        logger.remove(sink)
+    by_name = [line for line in lines if "Run stuck for 2.0h - retry 1/4 scheduled" in line]
+    assert len(by_name) == LOGGED_RUNS_PER_SWEEP
+    [summary] = [line for line in lines if line.startswith("5 more stuck runs failed")]
+    sql = summary.split("list them with: ", 1)[1]
+    assert "FROM job_board_runs " in sql
+    with engine.connect() as conn:
+        assert len(conn.exec_driver_sql(sql).all()) == LOGGED_RUNS_PER_SWEEP + 5
+    engine.dispose()
