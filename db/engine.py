@@ -1,24 +1,35 @@
-"""The database edge: engines that speak UTC, and driver errors turned into operator errors.
+"""The database edge: engines that speak UTC, driver errors turned into operator errors, and the
+one place that decides what of a connection may be shown.
 
 Every connection runs with `TimeZone=UTC`, so `timestamp without time zone` columns read and
 compare as UTC, and an `application_name` naming host and pid, so `pg_stat_activity` and the
-lock holders we report say who is who.
+lock holders we report say who is who. A URL is shown through `redacted`, a driver error through
+`describe_db_error`: neither ever carries a secret, however PostgreSQL was given it.
 """
 
 from __future__ import annotations
 
+import getpass
 import os
+import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 
 from jobs.errors import DatabaseUnavailable
 
 CONNECT_TIMEOUT_SECONDS = 10
+SECRET_PARAMETERS = frozenset({"password", "sslpassword"})  # libpq parameters whose value is a secret
+HIDDEN = "***"
+SHORT_SECRET = 6  # characters
+_PGPASS_LINE = re.compile(r"(?:(?:\\.|[^:\\])*:){3}((?:\\.|[^:\\])*):(.*)")  # 4th field: user
+_PLACEHOLDER = "stuckrunshiddenvalue"  # rendered, then replaced: SQLAlchemy would encode *** as %2A%2A%2A
 
 
 def application_name(role: str) -> str:
@@ -40,18 +51,112 @@ def make_engine(url: str, *, role: str = "cli", pool_size: int = 5) -> Engine:
     )
 
 
-def redacted(url: str | URL) -> str:
-    return make_url(url).render_as_string(hide_password=True) if url else ""
+def _parsed(url: str | URL | None) -> URL | None:
+    try:
+        return make_url(url) if url else None
+    except (ArgumentError, ValueError):
+        return None
 
 
-def scrub(text: str, url: str | URL | None) -> str:
-    """`text` with the URL's password removed, wherever a driver may have echoed it."""
-    password = make_url(url).password if url else None
-    return text.replace(str(password), "***") if password else text
+def redacted(url: str | URL | None) -> str:
+    """`url` as it may be shown: no password, whether written `user:secret@` or `?password=secret`.
+
+    A host or database holding an '@' is the tail of a password whose '@' was not encoded: hidden too.
+    """
+    if not url:
+        return ""
+    parsed = _parsed(url)
+    if parsed is None:
+        return "(a database URL that cannot be read)"
+    query = {key: _PLACEHOLDER if key.lower() in SECRET_PARAMETERS else value for key, value in parsed.query.items()}
+    host, database = (_PLACEHOLDER if part and "@" in part else part for part in (parsed.host, parsed.database))
+    shown = parsed.set(host=host, database=database, query=query)
+    return shown.render_as_string(hide_password=True).replace(_PLACEHOLDER, HIDDEN)
+
+
+def connection_secrets(url: str | URL | None, environ: Mapping[str, str] | None = None) -> set[str]:
+    """Every secret a connection to `url` may use: the URL's own, PGPASSWORD, and the passwords of its
+    service (pg_service.conf) and of the password file (.pgpass) for its user."""
+    environ = os.environ if environ is None else environ
+    parsed = _parsed(url)
+    query = dict(parsed.query) if parsed is not None else {}
+    found = {environ.get("PGPASSWORD", ""), parsed.password if parsed is not None else ""}
+    for key, value in query.items():
+        if key.lower() in SECRET_PARAMETERS:
+            found.update((value,) if isinstance(value, str) else value)
+    service = query.get("service") or environ.get("PGSERVICE")
+    if isinstance(service, str) and service:
+        found |= _service_passwords(service, environ)
+    user = (parsed.username if parsed is not None else None) or query.get("user") or environ.get("PGUSER")
+    passfile = query.get("passfile") or environ.get("PGPASSFILE") or _home() / ".pgpass"
+    found |= _pgpass_passwords(Path(str(passfile)), str(user) if user else _login())
+    return {str(secret) for secret in found if secret}
+
+
+def _home() -> Path:
+    try:
+        return Path.home()
+    except RuntimeError:  # no HOME and no passwd entry: libpq finds no file there either
+        return Path("/nonexistent")
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except (OSError, ValueError):
+        return []
+
+
+def _service_passwords(service: str, environ: Mapping[str, str]) -> set[str]:
+    files = [Path(environ.get("PGSERVICEFILE") or _home() / ".pg_service.conf")]
+    if environ.get("PGSYSCONFDIR"):
+        files.append(Path(environ["PGSYSCONFDIR"]) / "pg_service.conf")
+    found, section = set(), None
+    for line in (line.strip() for path in files for line in _lines(path)):
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+        elif section == service and "=" in line:
+            key, _, value = line.partition("=")
+            if key.strip() in SECRET_PARAMETERS:
+                found.add(value.strip())
+    return found
+
+
+def _pgpass_passwords(path: Path, user: str) -> set[str]:
+    """The password of every `host:port:database:user:password` line for `user` (or `*`)."""
+    matches = (_PGPASS_LINE.fullmatch(line) for line in _lines(path) if not line.startswith("#"))
+    return {_unescape(m[2]) for m in matches if m and _unescape(m[1]) in ("*", user)}
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\(.)", r"\1", field)
+
+
+def scrub(text: str, url: str | URL | None, environ: Mapping[str, str] | None = None) -> str:
+    """`text` with every secret of `url` (see `connection_secrets`) replaced by ***, as written or URL-encoded.
+
+    A short secret goes only where it stands as a word: a password `p` must not eat the p of "port".
+    """
+    forms = {
+        form
+        for secret in connection_secrets(url, environ)
+        for form in (secret, quote(secret, safe=""), quote_plus(secret))
+    }
+    for form in sorted(forms, key=len, reverse=True):
+        pattern = re.escape(form) if len(form) >= SHORT_SECRET else rf"(?<!\w){re.escape(form)}(?!\w)"
+        text = re.sub(pattern, lambda _: HIDDEN, text)
+    return text
 
 
 def describe_db_error(exc: BaseException, url: str | URL | None) -> str:
-    """One line for a driver error: its first line, never the password or the SQL."""
+    """One line for a driver error: its first line, never a secret or the SQL."""
     original = getattr(exc, "orig", None) or exc
     first = (str(original).strip().splitlines() or [type(original).__name__])[0]
     return scrub(first, url)

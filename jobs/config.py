@@ -16,30 +16,44 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
-from dotenv import find_dotenv, load_dotenv
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from dotenv import dotenv_values, find_dotenv, load_dotenv
 
 from jobs.errors import ConfigError
-from jobs.patterns import DEFAULT_PERMANENT, KNOWN_PATTERNS
+from jobs.patterns import DEFAULT_PERMANENT, KNOWN_PATTERNS, PATTERNS_FILE_SHAPE, patterns_from_json
 from jobs.rules import RetryPolicy
 
-DURATION_HELP = "use 90s, 30m, 1h, 4h, 1d or plain seconds"
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
+MAX_DURATION = timedelta(days=3650)  # ten years: past any sane setting, far from datetime's and SQL's limits
+DURATION_HELP = f"use 90s, 30m, 1h, 4h, 1d or plain seconds, up to {MAX_DURATION.days}d"
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", re.IGNORECASE | re.ASCII)
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # always fullmatch: `$` would let a newline through
+IDENTIFIER_MAX_LENGTH = 63  # PostgreSQL cuts longer names silently, and would find another table
+PATTERNS_FILE_MAX_BYTES = 1_000_000
+_PORT = re.compile(r"[0-9]{1,5}")
+_URL_PARTS = re.compile(  # SQLAlchemy's own split of a URL, kept raw: '@' and %40 differ here
+    r"[\w+]+://(?:[^:/]*(?::[^@]*)?@)?(?P<host>\[[^/?]+\]|[^/:?]+)?(?::(?P<port>[^/?]*))?(?P<database>/[^?]*)?"
+)
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 COMMAND_PLACEHOLDERS = frozenset({"run_id", "search_query", "location_query"})
 
 
+def shown(text: object) -> str:
+    """A value quoted for an error line: escaped (newlines, NUL...), and cut when enormous."""
+    text = str(text)
+    return repr(text) if len(text) <= 100 else f"{text[:60]!r}… ({len(text)} characters)"
+
+
 def parse_duration(text: str, name: str, *, allow_zero: bool = False) -> timedelta:
-    """`90s`, `30m`, `1h`, `4h`, `1d` or plain seconds (`3600`)."""
-    match = _DURATION.match(str(text))
+    """`90s`, `30m`, `1h`, `4h`, `1d` or plain seconds (`3600`), at most `MAX_DURATION`."""
+    match = _DURATION.fullmatch(str(text))
     if not match:
-        raise ConfigError(f"{name}={text!r} is not a duration: {DURATION_HELP}")
-    value = timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()])
+        raise ConfigError(f"{name}={shown(text)} is not a duration: {DURATION_HELP}")
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
+    if not seconds <= MAX_DURATION.total_seconds():  # an endless string of digits is inf
+        raise ConfigError(f"{name}={shown(text)} is too long: use at most {MAX_DURATION.days}d (ten years)")
+    value = timedelta(seconds=seconds)
     if value <= timedelta(0) and not (allow_zero and value == timedelta(0)):
-        raise ConfigError(f"{name}={text!r} must be longer than zero: {DURATION_HELP}")
+        raise ConfigError(f"{name}={shown(text)} must be longer than zero: {DURATION_HELP}")
     return value
 
 
@@ -50,7 +64,7 @@ def parse_int(text: str, name: str, *, minimum: int, maximum: int | None = None)
         value = None
     if value is None or value < minimum or (maximum is not None and value > maximum):
         bounds = f"from {minimum} to {maximum}" if maximum is not None else f"{minimum} or more"
-        raise ConfigError(f"{name}={text!r} is not accepted: use a whole number {bounds}")
+        raise ConfigError(f"{name}={shown(text)} is not accepted: use a whole number {bounds}")
     return value
 
 
@@ -60,7 +74,7 @@ def parse_fraction(text: str, name: str) -> float:
     except ValueError:
         value = -1.0
     if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name}={text!r} is not accepted: use a fraction from 0 to 1, such as 0.1")
+        raise ConfigError(f"{name}={shown(text)} is not accepted: use a fraction from 0 to 1, such as 0.1")
     return value
 
 
@@ -68,27 +82,53 @@ def parse_choice(text: str, name: str, choices: tuple[str, ...], *, upper: bool 
     value = str(text).strip()
     value = value.upper() if upper else value.lower()
     if value not in choices:
-        raise ConfigError(f"{name}={text!r} is not accepted: use one of {', '.join(choices)}")
+        raise ConfigError(f"{name}={shown(text)} is not accepted: use one of {', '.join(choices)}")
     return value
 
 
 def parse_identifier(text: str, name: str, *, qualified: bool = False) -> str:
     parts = str(text).strip().split(".")
-    if not (1 <= len(parts) <= (2 if qualified else 1)) or not all(_IDENTIFIER.match(p) for p in parts):
+    if not (1 <= len(parts) <= (2 if qualified else 1)) or not all(_IDENTIFIER.fullmatch(p) for p in parts):
         shape = "a table name such as scrape_runs or myschema.scrape_runs" if qualified else "a column name"
-        raise ConfigError(f"{name}={text!r} is not accepted: use {shape} (letters, digits, _)")
+        raise ConfigError(f"{name}={shown(text)} is not accepted: use {shape} (letters, digits, _)")
+    if any(len(part) > IDENTIFIER_MAX_LENGTH for part in parts):
+        raise ConfigError(
+            f"{name}={shown(text)} is not accepted: PostgreSQL names have at most {IDENTIFIER_MAX_LENGTH} characters"
+        )
     return str(text).strip()
 
 
 def parse_database_url(text: str, name: str) -> str:
-    """A PostgreSQL URL, normalised to the psycopg2 driver. The error never repeats the password."""
+    """A PostgreSQL URL, normalised to the psycopg2 driver. No error repeats any of the password."""
+    # Imported here: SQLAlchemy costs a seventh of a second, and `--help` needs no URL.
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from db.engine import redacted
+
+    text = str(text).strip()
+    example = "postgresql://user:password@host:5432/dbname"
+    parts = _URL_PARTS.match(text)
+    if parts and "@" in "".join(part or "" for part in parts.group("host", "port", "database")):
+        raise ConfigError(f"{name} holds an '@' after the one before the host: write an '@' in the password as %40")
+    if parts and parts["port"] and not (_PORT.fullmatch(parts["port"]) and 0 < int(parts["port"]) <= 65535):
+        raise ConfigError(
+            f"{name}: port {shown(parts['port'])} is not accepted: use a number from 1 to 65535 ({example})"
+        )
     try:
-        url = make_url(str(text).strip())
-    except ArgumentError:
-        raise ConfigError(f"{name} is not a database URL: use postgresql://user:password@host:5432/dbname") from None
+        url = make_url(text)
+    except (ArgumentError, ValueError):
+        raise ConfigError(f"{name} is not a database URL: use {example}") from None
+    if url.drivername == "postgres":  # what Heroku and libpq also accept
+        url = url.set(drivername="postgresql")
     if url.get_backend_name() != "postgresql":
-        shown = url.render_as_string(hide_password=True)
-        raise ConfigError(f"{name}={shown!r} is not a PostgreSQL URL: use postgresql://user:password@host/dbname")
+        raise ConfigError(f"{name}={redacted(url)!r} is not a PostgreSQL URL: use {example}")
+    values = [url.username, url.password, url.host, url.database, *url.query]
+    values += [value for many in url.normalized_query.values() for value in many]
+    if any("\x00" in value for value in values if value):
+        raise ConfigError(f"{name} holds a NUL byte (%00): no connection parameter accepts one")
+    if not all(_IDENTIFIER.fullmatch(key) for key in url.query):
+        raise ConfigError(f"{name}: a query parameter is not a libpq keyword such as sslmode: check what follows '?'")
     return url.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
 
 
@@ -97,7 +137,7 @@ def parse_command(text: str, name: str) -> tuple[str, ...]:
     try:
         argv = tuple(shlex.split(str(text)))
     except ValueError as exc:
-        raise ConfigError(f"{name}={text!r} cannot be split into arguments ({exc}): check its quotes") from None
+        raise ConfigError(f"{name}={shown(text)} cannot be split into arguments ({exc}): check its quotes") from None
     if not argv:
         raise ConfigError(f"{name} is empty: give a command such as 'python -m scraper --run-id {{run_id}}'")
     for item in argv:
@@ -105,7 +145,7 @@ def parse_command(text: str, name: str) -> tuple[str, ...]:
             fields = [f for _, f, _, _ in string.Formatter().parse(item) if f is not None]
         except ValueError as exc:
             raise ConfigError(
-                f"{name}: {item!r} is not a valid template ({exc}); write {{{{ for a literal brace"
+                f"{name}: {shown(item)} is not a valid template ({exc}); write {{{{ for a literal brace"
             ) from None
         unknown = sorted(set(fields) - COMMAND_PLACEHOLDERS)
         if unknown:
@@ -116,8 +156,8 @@ def parse_command(text: str, name: str) -> tuple[str, ...]:
 
 def parse_callable(text: str, name: str) -> str:
     module, sep, func = str(text).strip().partition(":")
-    if not sep or not all(_IDENTIFIER.match(p) for p in module.split(".") + func.split(".")):
-        raise ConfigError(f"{name}={text!r} is not accepted: use package.module:function")
+    if not sep or not all(_IDENTIFIER.fullmatch(p) for p in module.split(".") + func.split(".")):
+        raise ConfigError(f"{name}={shown(text)} is not accepted: use package.module:function")
     return str(text).strip()
 
 
@@ -127,35 +167,34 @@ def parse_patterns(text: str, name: str) -> frozenset[str]:
 
 
 def parse_patterns_file(text: str, name: str) -> tuple[tuple[tuple[str, str], ...], frozenset[str] | None]:
-    """A JSON file: {"patterns": {"captcha": "regex", ...}, "permanent": ["not_found", ...]}.
+    """A UTF-8 JSON file: {"patterns": {"captcha": "regex", ...}, "permanent": ["not_found", ...]}.
 
     Its patterns are tried before the built-in ones; its `permanent` list (optional) replaces
     the default one.
     """
     path = str(text).strip()
+    where = f"{name}={shown(path)}"
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        with open(path, "rb") as handle:
+            raw = handle.read(PATTERNS_FILE_MAX_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"{name}={path!r} cannot be read: {exc.strerror}") from None
+        raise ConfigError(f"{where} cannot be read: {exc.strerror or exc}") from None
+    if len(raw) > PATTERNS_FILE_MAX_BYTES:
+        raise ConfigError(f"{where} is larger than {PATTERNS_FILE_MAX_BYTES // 1_000_000} MB: is it the right file?")
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{where} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): save it as UTF-8"
+        ) from None
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{name}={path!r} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
-    if not isinstance(data, dict) or set(data) - {"patterns", "permanent"}:
-        raise ConfigError(f'{name}={path!r}: expected {{"patterns": {{name: regex}}, "permanent": [names]}}')
-    patterns = data.get("patterns", {})
-    if not isinstance(patterns, dict) or not all(isinstance(v, str) for v in patterns.values()):
-        raise ConfigError(f'{name}={path!r}: "patterns" must map names to regular expressions')
-    for pattern, expression in patterns.items():
-        if not _IDENTIFIER.match(pattern):
-            raise ConfigError(f"{name}={path!r}: pattern name {pattern!r} must be letters, digits and _")
-        try:
-            re.compile(expression)
-        except re.error as exc:
-            raise ConfigError(f"{name}={path!r}: the expression of {pattern!r} is invalid ({exc})") from None
-    permanent = data.get("permanent")
-    if permanent is not None and not (isinstance(permanent, list) and all(isinstance(p, str) for p in permanent)):
-        raise ConfigError(f'{name}={path!r}: "permanent" must be a list of pattern names')
-    return tuple(patterns.items()), (frozenset(permanent) if permanent is not None else None)
+        raise ConfigError(f"{where} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply: expected {PATTERNS_FILE_SHAPE}") from None
+    try:
+        return patterns_from_json(data)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -234,37 +273,59 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, object] | None = N
     """Settings from `env` (the process environment with `.env` folded in), `flags` winning.
 
     `flags` maps environment-variable names to the values given on the command line (None or
-    absent: not given). Empty environment values count as unset.
+    absent: not given). Empty environment values count as unset. No error repeats a secret of
+    the DATABASE_URL (a command template may well contain it).
     """
     top: dict[str, object] = {}
     policy: dict[str, object] = {}
+    names: dict[str, str] = {}  # the variable or flag each setting came from, for error lines
     file_permanent = None
-    for env_name, flag, parse, target in _FIELDS:
-        given = (flags or {}).get(env_name)
-        if given is not None:
-            value = given if not isinstance(given, str) else parse(given, flag)
-        elif env.get(env_name, "").strip():
-            value = parse(env[env_name], env_name)
-        else:
-            continue
-        if target == "failure_patterns_file":
-            top["failure_patterns"], file_permanent = value  # type: ignore[misc]
-        elif target.startswith("policy."):
-            policy[target.removeprefix("policy.")] = value
-        else:
-            top[target] = value
-    policy.setdefault("permanent_patterns", DEFAULT_PERMANENT if file_permanent is None else file_permanent)
-    settings = Settings(policy=RetryPolicy(**policy), **top)  # type: ignore[arg-type]
-    _check_consistency(settings)
+    try:
+        for env_name, flag, parse, target in _FIELDS:
+            given = (flags or {}).get(env_name)
+            if given is not None:
+                names[env_name], text = flag, given
+            elif env.get(env_name, "").strip():
+                names[env_name], text = env_name, env[env_name]
+            else:
+                continue
+            name = names[env_name]
+            value = parse(_plain_text(text, name, env_name == "DATABASE_URL"), name) if isinstance(text, str) else text
+            if target == "failure_patterns_file":
+                top["failure_patterns"], file_permanent = value  # type: ignore[misc]
+            elif target.startswith("policy."):
+                policy[target.removeprefix("policy.")] = value
+            else:
+                top[target] = value
+        policy.setdefault("permanent_patterns", DEFAULT_PERMANENT if file_permanent is None else file_permanent)
+        settings = Settings(policy=RetryPolicy(**policy), **top)  # type: ignore[arg-type]
+        _check_consistency(settings, names)
+    except ConfigError as exc:
+        from db.engine import scrub
+
+        raise ConfigError(scrub(str(exc), top.get("database_url"), env)) from None  # type: ignore[arg-type]
     return settings
 
 
-def _check_consistency(settings: Settings) -> None:
+def _plain_text(text: str, name: str, secret: bool) -> str:
+    """No setting takes a NUL byte or bytes that are not UTF-8: open(), exec and the driver refuse them."""
+    value = "" if secret else f"={shown(text)}"
+    if "\x00" in text:
+        raise ConfigError(f"{name}{value} holds a NUL byte: no setting accepts one")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{name}{value} is not UTF-8 text: write it in UTF-8") from None
+    return text
+
+
+def _check_consistency(settings: Settings, names: Mapping[str, str]) -> None:
     known = KNOWN_PATTERNS | {name for name, _ in settings.failure_patterns}
     unknown = sorted(settings.policy.permanent_patterns - known)
-    if unknown:
+    if unknown:  # a file's own `permanent` list was checked with the file
         raise ConfigError(
-            f"PERMANENT_PATTERNS: unknown failure pattern {unknown[0]!r}; use some of {', '.join(sorted(known))}"
+            f"{names.get('PERMANENT_PATTERNS', 'PERMANENT_PATTERNS')}: unknown failure pattern {shown(unknown[0])}; "
+            f"use some of {', '.join(sorted(known))}"
         )
     if settings.command and settings.callable_path:
         raise ConfigError(
@@ -283,5 +344,19 @@ def settings_from_environment(flags: Mapping[str, object] | None = None) -> Sett
 
     Real environment variables win over `.env`; flags win over both.
     """
-    load_dotenv(find_dotenv(usecwd=True), override=False)
+    path = find_dotenv(usecwd=True)
+    if path:
+        _check_dotenv(path)
+        load_dotenv(path, override=False, encoding="utf-8")
     return load_settings(os.environ, flags)
+
+
+def _check_dotenv(path: str) -> None:
+    """What `load_dotenv` would turn into a traceback: a file that is not UTF-8, a NUL byte."""
+    try:
+        values = dotenv_values(path, encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (a byte at offset {exc.start}): save it as UTF-8") from None
+    for name, value in values.items():
+        if "\x00" in name + (value or ""):
+            raise ConfigError(f"{shown(name)} in {path} holds a NUL byte: no setting accepts one")

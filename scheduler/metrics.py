@@ -7,8 +7,11 @@ job is a timestamp, so an alert can fire when the checker stops (`time() - ... >
 
 from __future__ import annotations
 
+import errno
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from jobs.errors import ConfigError
 from jobs.retries import ProcessResult, RetryOutcome
 from jobs.stuck import SweepResult
 
@@ -40,7 +43,16 @@ class Metrics:
         )
 
     def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+        """Serves the exposition on `port`; a port that cannot be bound is a configuration error."""
+        try:
+            start_http_server(port, registry=self.registry)
+        except OSError as exc:
+            reason = (
+                "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror or exc})"
+            )
+            raise ConfigError(
+                f"METRICS_PORT={port} {reason}: choose a free port, or unset METRICS_PORT to serve no metrics"
+            ) from None
 
     def job_finished(self, job_id: str, result: object, error: BaseException | None) -> None:
         if error is not None:

@@ -129,3 +129,160 @@ def test_a_bad_patterns_file_is_named_with_the_problem(tmp_path, content, fragme
         load_settings({"FAILURE_PATTERNS_FILE": str(path)})
     with pytest.raises(ConfigError, match="cannot be read"):
         load_settings({"FAILURE_PATTERNS_FILE": str(tmp_path / "missing.json")})
+
+
+@pytest.mark.parametrize("text", ["3650d", "87600h", "315360000"])
+def test_durations_up_to_ten_years_are_accepted(text):
+    assert parse_duration(text, "STUCK_AFTER") == timedelta(days=3650)
+
+
+@pytest.mark.parametrize("text", ["3651d", "99999999999d", "999999999d", "9" * 400, "9" * 10_000 + "d"])
+def test_a_duration_that_would_overflow_a_date_is_refused_with_the_bound(text):
+    with pytest.raises(ConfigError) as raised:
+        parse_duration(text, "STUCK_AFTER")
+    message = str(raised.value)
+    assert message.startswith("STUCK_AFTER=") and "at most 3650d" in message
+    assert len(message) < 200  # an enormous value is cut, not repeated
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "1e400", "-1h", "", "   ", "1h30m", "٣h"])
+def test_durations_that_are_not_plain_numbers_with_a_unit_are_refused(text):
+    with pytest.raises(ConfigError, match="is not a duration"):
+        parse_duration(text, "--since")
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"SCRAPE_RUNS_TABLE": "scrape_runs\n"}, None),  # stripped: accepted
+        ({"SCRAPE_RUNS_TABLE": "a\n.b"}, "SCRAPE_RUNS_TABLE='a\\n.b' is not accepted"),
+        ({"HEARTBEAT_COLUMN": "updated_at\nx"}, "HEARTBEAT_COLUMN="),
+        ({"SCRAPE_RUNS_TABLE": "x" * 64}, "at most 63 characters"),
+        ({"SCRAPE_RUN_CALLABLE": "scraper\n:run"}, "package.module:function"),
+    ],
+)
+def test_names_are_checked_whole_and_against_postgresql_limits(env, fragment):
+    if fragment is None:
+        assert load_settings(env).table == "scrape_runs"
+        return
+    with pytest.raises(ConfigError) as raised:
+        load_settings(env)
+    assert fragment in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        (
+            "postgresql://u:Zq9x@localhost:abc/db",
+            "DATABASE_URL: port 'abc' is not accepted: use a number from 1 to 65535",
+        ),
+        ("postgresql://u:Zq9x@localhost:99999/db", "port '99999'"),
+        ("postgresql://u:Zq9x@Wv8y@db.internal/db", "write an '@' in the password as %40"),
+        ("postgresql://u:Zq9x@Wv8y:Zq9x@db.internal:5432/db", "write an '@' in the password as %40"),
+        ("postgresql://u:Zq9x%00Wv8y@db.internal/db", "NUL byte (%00)"),
+        ("postgresql://db.internal/db?Zq9x%40Wv8y=1", "query parameter"),
+        ("mysql://u:Zq9x@db.internal/db?password=Wv8y", "not a PostgreSQL URL"),
+        ("not a url Zq9x Wv8y", "is not a database URL"),
+    ],
+)
+def test_a_bad_database_url_is_one_line_without_any_of_the_password(url, fragment):
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"DATABASE_URL": url})
+    message = str(raised.value)
+    assert fragment in message
+    assert "Zq9x" not in message and "Wv8y" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "normalised"),
+    [
+        ("postgres://u:p@h/db", "postgresql+psycopg2://u:p@h/db"),
+        ("postgresql://u:p%40ss@h:5432/db", "postgresql+psycopg2://u:p%40ss@h:5432/db"),
+        ("postgresql://user@server:pw@h/db", "postgresql+psycopg2://user%40server:pw@h/db"),  # Azure's user names
+        (
+            "postgresql:///db?host=/run/pg&user=u&password=pw",
+            "postgresql+psycopg2:///db?host=%2Frun%2Fpg&password=pw&user=u",
+        ),
+    ],
+)
+def test_database_urls_postgresql_accepts_are_accepted(url, normalised):
+    assert load_settings({"DATABASE_URL": url}).database_url == normalised
+
+
+def test_no_setting_error_repeats_the_database_password():
+    env = {
+        "DATABASE_URL": "postgresql://scraper:Hunter2-pw@db.internal/runs?sslpassword=K3y-pass",
+        "SCRAPE_RUN_COMMAND": "scrape --db postgresql://scraper:Hunter2-pw@db.internal/runs --key K3y-pass 'unclosed",
+    }
+    with pytest.raises(ConfigError) as raised:
+        load_settings(env)
+    message = str(raised.value)
+    assert "SCRAPE_RUN_COMMAND=" in message and "quotes" in message
+    assert "Hunter2-pw" not in message and "K3y-pass" not in message
+
+
+@pytest.mark.parametrize("name", ["STUCK_AFTER", "SCRAPE_RUN_COMMAND", "FAILURE_PATTERNS_FILE", "DATABASE_URL"])
+@pytest.mark.parametrize(("value", "fragment"), [("1h\x00", "holds a NUL byte"), ("1h\udcff", "is not UTF-8 text")])
+def test_nul_bytes_and_undecodable_bytes_are_refused_for_every_setting(name, value, fragment):
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, {name: value})
+    assert fragment in str(raised.value)
+
+
+def test_an_enormous_value_is_named_but_cut():
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"RETRY_BACKOFF": "x" * 10_000})
+    message = str(raised.value)
+    assert message.startswith("RETRY_BACKOFF='xxxx") and "(10000 characters)" in message and len(message) < 200
+
+
+def test_a_bad_permanent_entry_in_the_patterns_file_blames_the_file(tmp_path):
+    path = tmp_path / "patterns.json"
+    path.write_text('{"patterns": {"captcha": "captcha"}, "permanent": ["captcha", "nope"]}')
+    for flags, name in (
+        ({}, "FAILURE_PATTERNS_FILE"),
+        ({"FAILURE_PATTERNS_FILE": str(path)}, "--failure-patterns-file"),
+    ):
+        with pytest.raises(ConfigError) as raised:
+            load_settings({"FAILURE_PATTERNS_FILE": str(path)}, flags)
+        message = str(raised.value)
+        assert message.startswith(f"{name}={str(path)!r}") and "'nope'" in message
+        assert "PERMANENT_PATTERNS" not in message
+    with pytest.raises(ConfigError, match="^--permanent-patterns: unknown failure pattern 'nope'"):
+        load_settings({}, {"PERMANENT_PATTERNS": "nope"})
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"\xff\xfe{}", "is not UTF-8 text (byte 0xff at offset 0): save it as UTF-8"),
+        (b'{"patterns": {"caf\xe9": "x"}}', "is not UTF-8 text (byte 0xe9 at offset 18)"),
+        (b"[1, 2]", "expected {"),
+        (b'"patterns"', "expected {"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"patterns": {"x": "a{99999999999}"}}', "expression of 'x' is invalid"),
+        (b'{"patterns": {"x": "' + b"(" * 2000 + b")" * 2000 + b'"}}', "expression of 'x' is invalid"),
+        (b'{"patterns": {"bad\\nname": "x"}}', "pattern name 'bad\\nname'"),
+        (b" " * 1_000_001, "larger than 1 MB"),
+    ],
+)
+def test_a_patterns_file_that_is_not_what_it_should_be_is_one_line(tmp_path, content, fragment):
+    path = tmp_path / "patterns.json"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"FAILURE_PATTERNS_FILE": str(path)})
+    message = str(raised.value)
+    assert message.startswith(f"FAILURE_PATTERNS_FILE={str(path)!r}") and fragment in message
+    assert "\n" not in message and len(message) < 300
+
+
+def test_a_patterns_file_that_is_a_directory_cannot_be_read(tmp_path):
+    with pytest.raises(ConfigError, match="cannot be read: Is a directory"):
+        load_settings({"FAILURE_PATTERNS_FILE": str(tmp_path)})
+
+
+def test_a_patterns_file_saved_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "patterns.json"
+    path.write_bytes(b'\xef\xbb\xbf{"patterns": {"captcha": "captcha"}}')
+    assert load_settings({"FAILURE_PATTERNS_FILE": str(path)}).failure_patterns == (("captcha", "captcha"),)

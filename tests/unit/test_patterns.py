@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from jobs.patterns import Classifier, parse_retry_after
+from jobs.patterns import MAX_RETRY_AFTER, Classifier, bounded_retry_after, parse_retry_after
 
 
 @pytest.mark.parametrize(
@@ -39,3 +39,25 @@ def test_retry_after_is_read_from_the_last_report():
     assert parse_retry_after("429\nRetry-After: 60\nretry-after: 120") == timedelta(seconds=120)
     assert parse_retry_after("no header here") is None
     assert parse_retry_after(None) is None
+
+
+@pytest.mark.parametrize("huge", ["99999999999999", "9" * 400])
+def test_an_enormous_retry_after_is_capped_not_an_overflow(huge):
+    assert parse_retry_after(f"429\nRetry-After: {huge}") == MAX_RETRY_AFTER
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (60, timedelta(seconds=60)),
+        (1e300, MAX_RETRY_AFTER),
+        (float("inf"), MAX_RETRY_AFTER),
+        (float("nan"), None),
+        (-5, None),
+        (0, None),
+        ("soon", None),
+        (None, None),
+    ],
+)
+def test_a_callables_retry_after_is_bounded(value, expected):
+    assert bounded_retry_after(value) == expected
