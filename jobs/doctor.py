@@ -13,7 +13,7 @@ from db import catalog
 from db.engine import database_errors, make_engine, redacted
 from db.migrate import current_revision, head_revision
 from db.queries import RunQueries
-from db.table import load_runs_table
+from db.table import heartbeat_problem, load_runs_table
 from jobs.config import Settings
 from jobs.errors import ConfigError, OperatorError
 from jobs.executor import resolve_callable
@@ -104,11 +104,18 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
     )
     with engine.connect() as conn:
         try:
-            runs = load_runs_table(conn, settings.table, settings.heartbeat_column)
+            runs = load_runs_table(conn, settings.table)
             current = current_revision(conn, settings.table)
         except OperatorError as exc:
             checks.append(Check("table", False, str(exc), None))
             return checks
+        if settings.heartbeat_column:
+            problem = heartbeat_problem(runs.table, settings.table, settings.heartbeat_column)
+            checks.append(
+                Check("heartbeat", problem is None, problem or f"progress read from {settings.heartbeat_column}")
+            )
+            if problem is None:
+                runs = load_runs_table(conn, settings.table, settings.heartbeat_column)
         head = head_revision()
         checks.append(
             Check(

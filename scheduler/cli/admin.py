@@ -5,19 +5,26 @@ from __future__ import annotations
 import click
 
 from db.engine import make_engine
-from db.migrate import head_revision, migrate, migration_sql
+from db.migrate import head_revision, migrate, script_for_dba
 from jobs.errors import EXIT_OK
 from jobs.status import read_status, untimed_message
 from scheduler.cli import EXECUTION, POLICY, cli, config_options, json_option, load_settings, open_runtime
-from scheduler.cli.output import emit_json, short, table, when
+from scheduler.cli.output import emit_json, table, when
 
 
 @cli.command("migrate")
-@click.option("--sql", "as_sql", is_flag=True, help="Print the DDL for a DBA instead of running it.")
-@config_options("SCRAPE_RUNS_TABLE")
+@click.option(
+    "--sql",
+    "as_sql",
+    is_flag=True,
+    help="Print the DDL for a DBA instead of running it: what the database lacks, or (no database) all of it.",
+)
+@config_options("SCRAPE_RUNS_TABLE", "HEARTBEAT_COLUMN")
 @click.pass_context
 def migrate_command(ctx: click.Context, as_sql: bool) -> int:
     """Add the retry columns, status values and indexes to the runs table (idempotent).
+
+    A table the other commands would refuse is refused before anything changes.
 
     \b
     Examples:
@@ -26,11 +33,11 @@ def migrate_command(ctx: click.Context, as_sql: bool) -> int:
     """
     settings = load_settings(ctx)
     if as_sql:
-        click.echo(migration_sql(settings.table), nl=False)
+        click.echo(script_for_dba(settings.database_url, settings.table, settings.heartbeat_column), nl=False)
         return EXIT_OK
     engine = make_engine(settings.require_database_url(), role="migrate", pool_size=1)
     try:
-        result = migrate(engine, settings.table)
+        result = migrate(engine, settings.table, settings.heartbeat_column)
     finally:
         engine.dispose()
     if result.changed:
@@ -45,7 +52,10 @@ def migrate_command(ctx: click.Context, as_sql: bool) -> int:
 @json_option
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> int:
-    """Each job's last run and next run (from any host), live daemons, and where the runs stand.
+    """Each job's last and next run, live daemons, and where the runs stand.
+
+    A job's last run is the latest from any host and any entry point: the daemon,
+    check/process/fix, or the manual script.
 
     \b
     Example:
@@ -68,18 +78,20 @@ def status(ctx: click.Context, as_json: bool) -> int:
             (
                 j.job_id,
                 when(j.last_started),
-                f"{j.host}:{j.pid}" if j.host else "-",
+                f"{j.host}:{j.pid}{'' if j.by_daemon else ' (cli)'}" if j.host else "-",
                 j.outcome or "never ran",
-                short(j.error if j.error else ", ".join(f"{k}={v}" for k, v in (j.counts or {}).items()) or "-", 60),
+                j.error or ", ".join(f"{k}={v}" for k, v in (j.counts or {}).items()) or "-",
                 when(j.next_run),
             )
             for j in report.jobs
         ),
+        shrink=("COUNTS",),  # cut between `key=value` items, never inside one
     )
     runs = report.runs
     click.echo(
         f"Runs: {runs.running} running ({runs.stuck} stuck) · {runs.pending_retry} pending_retry "
-        f"(next due {when(runs.next_due)}) · {runs.permanently_failed} permanently failed"
+        f"(next due {when(runs.next_due)}) · {runs.permanently_failed} permanently failed "
+        "(chains ended failed, no retry coming)"
     )
     if runs.untimed:
         click.echo(f"Warning: {untimed_message(runs.untimed)}; `stuck-runs doctor` says how to fix them.")
@@ -103,9 +115,13 @@ def daemon(ctx: click.Context) -> int:
 
 
 @cli.command()
-@click.option("--keep", is_flag=True, help="Keep the embedded database directory and print its path.")
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Leave the embedded PostgreSQL running with the demo's data; print how to connect and how to stop it.",
+)
 def demo(keep: bool) -> int:
-    """Run the whole story on an embedded PostgreSQL, a virtual day in about half a minute.
+    """Run the whole story on an embedded PostgreSQL, a virtual day in about 20 seconds.
 
     \b
     Example:

@@ -5,36 +5,119 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import shutil
+import sys
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import click
 
+from jobs.model import as_utc
+from jobs.rules import format_time
+
 
 def when(value: datetime | None) -> str:
-    if value is None:
-        return "-"
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    """Every date a person reads: `2026-11-23 21:59 UTC` (naive values are UTC by contract)."""
+    return "-" if value is None else format_time(value)
 
 
-def short(value: object, width: int = 60) -> str:
-    text = "-" if value is None else str(value)
-    return text if len(text) <= width else text[: width - 1] + "…"
+def clip(text: str, width: int) -> str:
+    """`text` cut to `width` with an ellipsis, at a space when one is near, so a word (a
+    `key=value`) is dropped whole rather than cut."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:width]
+    kept = text[: width - 1]
+    space = kept.rfind(" ")
+    if space >= width // 2:
+        kept = kept[:space]
+    return kept.rstrip(" ,;:") + "…"
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-    """Prints rows under headers, columns aligned; prints nothing for no rows."""
-    cells = [[str(c) for c in row] for row in rows]
+def fit_widths(natural: Sequence[int], minimum: Sequence[int], available: int | None, gap: int = 2) -> list[int]:
+    """Column widths that fit `available` characters, shrinking the widest shrinkable column first.
+
+    A column shrinks no further than its `minimum` (equal to its natural width when it must not
+    be cut: ids, keys, dates). With `available` None (not a terminal) nothing shrinks. The result
+    may still be wider than `available` when the minimums do not fit.
+    """
+    widths = list(natural)
+    if available is None:
+        return widths
+    excess = sum(widths) + gap * max(len(widths) - 1, 0) - available
+    while excess > 0:
+        shrinkable = [i for i, w in enumerate(widths) if w > minimum[i]]
+        if not shrinkable:
+            break
+        widest = max(shrinkable, key=lambda i: widths[i])
+        widths[widest] -= 1
+        excess -= 1
+    return widths
+
+
+def terminal_width() -> int | None:
+    """The width to fit: `COLUMNS` when set, else the terminal's; None when stdout is not a
+    terminal, so pipes and scripts get every character."""
+    columns = os.environ.get("COLUMNS", "").strip()
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if not sys.stdout.isatty():
+        return None
+    return shutil.get_terminal_size().columns
+
+
+MIN_FREE_TEXT = 12  # a free-text column shrinks no narrower than this (or its header)
+GAP = 2  # spaces between columns
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, shrink: Collection[str] = ()) -> None:
+    """Prints rows under headers, fitting the terminal (see `render_table`); nothing for no rows."""
+    for line in render_table(headers, rows, shrink, terminal_width()):
+        click.echo(line)
+
+
+def render_table(
+    headers: Sequence[str], rows: Iterable[Sequence[object]], shrink: Collection[str], available: int | None
+) -> list[str]:
+    """The lines of a table whose columns are aligned and fit `available` characters.
+
+    Only the columns named in `shrink` (free text: labels, messages) are cut, widest first;
+    ids, keys and dates never are. When even that cannot fit, each row becomes a block of
+    `HEADER  value` lines, as psql's expanded display does. No rows, no lines.
+    """
+    cells = [[_one_line(c) for c in row] for row in rows]
     if not cells:
-        return
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
-    for row in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        return []
+    natural = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    minimum = [min(n, max(len(h), MIN_FREE_TEXT)) if h in shrink else n for n, h in zip(natural, headers, strict=True)]
+    widths = fit_widths(natural, minimum, available, GAP)
+    if available is not None and sum(widths) + GAP * (len(widths) - 1) > available:
+        return _expanded(headers, cells, shrink, available)
+    return [
+        (" " * GAP).join(clip(c, w).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in (headers, *cells)
+    ]
+
+
+def _expanded(headers: Sequence[str], cells: list[list[str]], shrink: Collection[str], available: int) -> list[str]:
+    label = max(map(len, headers))
+    room = max(available - label - GAP, MIN_FREE_TEXT)
+    lines = []
+    for number, row in enumerate(cells, start=1):
+        lines.append(f"-[ {number} ]".ljust(min(available, label + GAP + 20), "-"))
+        for header, cell in zip(headers, row, strict=True):
+            value = clip(cell, room) if header in shrink else cell
+            lines.append(f"{header.ljust(label)}{' ' * GAP}{value}".rstrip())
+    return lines
+
+
+def _one_line(value: object) -> str:
+    """A cell's text on one line (an error message may carry a traceback)."""
+    return " ".join(str(value).splitlines())
 
 
 def _plain(value: Any) -> Any:
@@ -49,7 +132,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_plain(v) for v in value]
     if isinstance(value, datetime):
-        return value.isoformat()
+        return as_utc(value).astimezone(timezone.utc).isoformat()  # ISO 8601 with its offset, in UTC
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, uuid.UUID):

@@ -9,117 +9,138 @@ Revises:
 """
 
 from alembic import context, op
+from sqlalchemy.engine import Dialect
 
-from db.migrate import index_names, quote_table
+from db.migrate import ENUM_VALUES, Step, apply_steps, index_names, quote_table
 
 revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
 
+RETRY_COLUMNS = (
+    ("retry_count", "INTEGER NOT NULL DEFAULT 0"),
+    ("max_retries", "INTEGER NOT NULL DEFAULT 4"),
+    ("next_retry_at", "TIMESTAMPTZ NULL"),
+    ("original_run_id", "UUID NULL"),
+    ("is_retry", "BOOLEAN NOT NULL DEFAULT false"),
+)
 
-def upgrade() -> None:
-    qualified = context.config.attributes["table"]
-    dialect = op.get_context().dialect
+
+def steps(qualified: str, dialect: Dialect) -> list[Step]:
     table = quote_table(dialect, qualified)
     schema = qualified.rpartition(".")[0]
     names = index_names(qualified)
     prefix = f"{dialect.identifier_preparer.quote(schema)}." if schema else ""
     dead_letters = f"{prefix}scrape_run_dead_letters"
-
-    # Fail fast instead of queueing behind a long transaction and blocking the scraper's writes.
-    op.execute("SET LOCAL lock_timeout = '10s'")
-    op.execute(
-        f"ALTER TABLE {table}"
-        " ADD COLUMN IF NOT EXISTS retry_count INTEGER NOT NULL DEFAULT 0,"
-        " ADD COLUMN IF NOT EXISTS max_retries INTEGER NOT NULL DEFAULT 4,"
-        " ADD COLUMN IF NOT EXISTS next_retry_at TIMESTAMPTZ NULL,"
-        " ADD COLUMN IF NOT EXISTS original_run_id UUID NULL,"
-        " ADD COLUMN IF NOT EXISTS is_retry BOOLEAN NOT NULL DEFAULT false"
-    )
-    op.execute(
-        f"""CREATE TABLE IF NOT EXISTS {dead_letters} (
-            id BIGSERIAL PRIMARY KEY,
-            run_id UUID NOT NULL UNIQUE,
-            chain_id UUID NOT NULL,
-            attempts INTEGER NOT NULL,
-            budget INTEGER NOT NULL,
-            pattern TEXT NOT NULL,
-            last_error TEXT,
-            detail TEXT,
-            inputs JSONB NOT NULL DEFAULT '{{}}',
-            created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-            requeued_at TIMESTAMPTZ,
-            requeued_run_id UUID
-        )"""
-    )
-    op.execute(f"CREATE INDEX IF NOT EXISTS ix_scrape_run_dead_letters_created_at ON {dead_letters} (created_at)")
-    # What the daemons did and do, readable from any host (`stuck-runs status`).
-    op.execute(
-        f"""CREATE TABLE IF NOT EXISTS {prefix}stuck_runs_daemons (
-            id BIGSERIAL PRIMARY KEY,
-            runs_table TEXT NOT NULL,
-            host TEXT NOT NULL,
-            pid INTEGER NOT NULL,
-            started_at TIMESTAMPTZ NOT NULL,
-            heartbeat_at TIMESTAMPTZ NOT NULL,
-            stopped_at TIMESTAMPTZ,
-            jobs JSONB NOT NULL DEFAULT '{{}}'
-        )"""
-    )
-    op.execute(
-        f"""CREATE TABLE IF NOT EXISTS {prefix}stuck_runs_job_runs (
-            id BIGSERIAL PRIMARY KEY,
-            daemon_id BIGINT,
-            runs_table TEXT NOT NULL,
-            job_id TEXT NOT NULL,
-            host TEXT NOT NULL,
-            pid INTEGER NOT NULL,
-            started_at TIMESTAMPTZ NOT NULL,
-            finished_at TIMESTAMPTZ,
-            outcome TEXT NOT NULL,
-            counts JSONB NOT NULL DEFAULT '{{}}',
-            error TEXT,
-            next_run_time TIMESTAMPTZ
-        )"""
-    )
-    op.execute(
-        f"CREATE INDEX IF NOT EXISTS ix_stuck_runs_job_runs_job ON {prefix}stuck_runs_job_runs"
-        " (runs_table, job_id, started_at DESC)"
-    )
-
-    with op.get_context().autocommit_block():
+    literal = qualified.replace("'", "''")
+    return [
+        *(
+            Step(f"column {name}", f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {definition}")
+            for name, definition in RETRY_COLUMNS
+        ),
+        Step(
+            "table scrape_run_dead_letters",
+            f"""CREATE TABLE IF NOT EXISTS {dead_letters} (
+    id BIGSERIAL PRIMARY KEY,
+    run_id UUID NOT NULL UNIQUE,
+    chain_id UUID NOT NULL,
+    attempts INTEGER NOT NULL,
+    budget INTEGER NOT NULL,
+    pattern TEXT NOT NULL,
+    last_error TEXT,
+    detail TEXT,
+    inputs JSONB NOT NULL DEFAULT '{{}}',
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    requeued_at TIMESTAMPTZ,
+    requeued_run_id UUID
+)""",
+        ),
+        Step(
+            "index ix_scrape_run_dead_letters_created_at",
+            f"CREATE INDEX IF NOT EXISTS ix_scrape_run_dead_letters_created_at ON {dead_letters} (created_at)",
+        ),
+        # What the daemons did and do, readable from any host (`stuck-runs status`).
+        Step(
+            "table stuck_runs_daemons",
+            f"""CREATE TABLE IF NOT EXISTS {prefix}stuck_runs_daemons (
+    id BIGSERIAL PRIMARY KEY,
+    runs_table TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL,
+    heartbeat_at TIMESTAMPTZ NOT NULL,
+    stopped_at TIMESTAMPTZ,
+    jobs JSONB NOT NULL DEFAULT '{{}}'
+)""",
+        ),
+        Step(
+            "table stuck_runs_job_runs",
+            f"""CREATE TABLE IF NOT EXISTS {prefix}stuck_runs_job_runs (
+    id BIGSERIAL PRIMARY KEY,
+    daemon_id BIGINT,
+    runs_table TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL,
+    finished_at TIMESTAMPTZ,
+    outcome TEXT NOT NULL,
+    counts JSONB NOT NULL DEFAULT '{{}}',
+    error TEXT,
+    next_run_time TIMESTAMPTZ
+)""",
+        ),
+        Step(
+            "index ix_stuck_runs_job_runs_job",
+            f"CREATE INDEX IF NOT EXISTS ix_stuck_runs_job_runs_job ON {prefix}stuck_runs_job_runs"
+            " (runs_table, job_id, started_at DESC)",
+        ),
         # A status enum needs the two values stuck-runs writes; committed before any index
         # predicate names them.
-        literal = qualified.replace("'", "''")
-        op.execute(
+        Step(
+            ENUM_VALUES,
             f"""DO $$
-            DECLARE status_type regtype;
-            BEGIN
-                SELECT a.atttypid::regtype INTO status_type FROM pg_attribute a
-                WHERE a.attrelid = '{literal}'::regclass AND a.attname = 'status';
-                IF (SELECT typtype FROM pg_type WHERE oid = status_type) = 'e' THEN
-                    EXECUTE 'ALTER TYPE ' || status_type || ' ADD VALUE IF NOT EXISTS ''pending_retry''';
-                    EXECUTE 'ALTER TYPE ' || status_type || ' ADD VALUE IF NOT EXISTS ''cancelled''';
-                END IF;
-            END $$"""
-        )
-        op.execute(
+DECLARE status_type regtype;
+BEGIN
+    SELECT a.atttypid::regtype INTO status_type FROM pg_attribute a
+    WHERE a.attrelid = '{literal}'::regclass AND a.attname = 'status';
+    IF (SELECT typtype FROM pg_type WHERE oid = status_type) = 'e' THEN
+        EXECUTE 'ALTER TYPE ' || status_type || ' ADD VALUE IF NOT EXISTS ''pending_retry''';
+        EXECUTE 'ALTER TYPE ' || status_type || ' ADD VALUE IF NOT EXISTS ''cancelled''';
+    END IF;
+END $$""",
+            concurrent=True,
+        ),
+        Step(
+            f"index {names['running']}",
             f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {names['running']} ON {table} (started_at)"
-            " WHERE status = 'running'"
-        )
-        op.execute(
+            " WHERE status = 'running'",
+            concurrent=True,
+        ),
+        Step(
+            f"index {names['pending']}",
             f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {names['pending']} ON {table} (next_retry_at)"
-            " WHERE status = 'pending_retry'"
-        )
-        op.execute(
+            " WHERE status = 'pending_retry'",
+            concurrent=True,
+        ),
+        Step(
+            f"index {names['chain']}",
             f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {names['chain']} ON {table} (original_run_id)"
-            " WHERE original_run_id IS NOT NULL"
-        )
-        op.execute(
+            " WHERE original_run_id IS NOT NULL",
+            concurrent=True,
+        ),
+        Step(
+            f"index {names['unique_retry']}",
             f"CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS {names['unique_retry']}"
-            f" ON {table} (original_run_id, retry_count) WHERE is_retry"
-        )
+            f" ON {table} (original_run_id, retry_count) WHERE is_retry",
+            concurrent=True,
+        ),
+    ]
+
+
+def upgrade() -> None:
+    apply_steps(op, steps(context.config.attributes["table"], op.get_context().dialect))
 
 
 def downgrade() -> None:

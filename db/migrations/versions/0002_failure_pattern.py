@@ -5,8 +5,9 @@ Revises: 0001
 """
 
 from alembic import context, op
+from sqlalchemy.engine import Dialect
 
-from db.migrate import index_names, quote_table
+from db.migrate import Step, apply_steps, index_names, quote_table
 
 revision = "0002"
 down_revision = "0001"
@@ -14,17 +15,23 @@ branch_labels = None
 depends_on = None
 
 
-def upgrade() -> None:
-    qualified = context.config.attributes["table"]
-    table = quote_table(op.get_context().dialect, qualified)
-    op.execute("SET LOCAL lock_timeout = '10s'")
-    op.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS failure_pattern TEXT NULL")
-    with op.get_context().autocommit_block():
+def steps(qualified: str, dialect: Dialect) -> list[Step]:
+    table = quote_table(dialect, qualified)
+    stats = index_names(qualified)["stats"]
+    return [
+        Step("column failure_pattern", f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS failure_pattern TEXT NULL"),
         # `stuck-runs stats` reads the attempts stuck-runs touched, by when they ended.
-        op.execute(
-            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {index_names(qualified)['stats']} ON {table} (completed_at)"
-            " WHERE is_retry OR failure_pattern IS NOT NULL"
-        )
+        Step(
+            f"index {stats}",
+            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {stats} ON {table} (completed_at)"
+            " WHERE is_retry OR failure_pattern IS NOT NULL",
+            concurrent=True,
+        ),
+    ]
+
+
+def upgrade() -> None:
+    apply_steps(op, steps(context.config.attributes["table"], op.get_context().dialect))
 
 
 def downgrade() -> None:
