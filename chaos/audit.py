@@ -10,15 +10,20 @@ import sqlalchemy as sa
 
 PERMANENT = ("not_found", "forbidden")
 
+# An attempt the checker failed that the scraper then completed late ("completed late"): its
+# pending retry was superseded and its next_retry_at cleared, so whether a retry was scheduled
+# from it is known only from the retry row itself (at most one).
+COMPLETED_LATE = "{p}.status = 'completed' AND {p}.failure_pattern IS NOT NULL"
+
 # Attempts stuck-runs failed (failure_pattern set) whose retry is scheduled but missing, or more
-# than one.
-RETRIES_PER_SCHEDULED = """
+# than one; a completed-late attempt has at most one.
+RETRIES_PER_SCHEDULED = f"""
 SELECT f.id, count(r.id) AS retries
 FROM scrape_runs f
 LEFT JOIN scrape_runs r ON r.is_retry AND r.original_run_id = coalesce(f.original_run_id, f.id)
                        AND r.retry_count = f.retry_count + 1
-WHERE f.failure_pattern IS NOT NULL AND f.next_retry_at IS NOT NULL AND f.status IN ('failed', 'completed')
-GROUP BY f.id HAVING count(r.id) <> 1
+WHERE f.failure_pattern IS NOT NULL AND (f.next_retry_at IS NOT NULL OR {COMPLETED_LATE.format(p="f")})
+GROUP BY f.id, f.next_retry_at HAVING count(r.id) <> 1 AND (f.next_retry_at IS NOT NULL OR count(r.id) > 1)
 """
 
 # Chains stuck-runs ended: budget spent or a permanent pattern, and a dead letter for each.
@@ -34,12 +39,12 @@ WHERE f.status = 'failed' AND f.failure_pattern IS NOT NULL AND f.next_retry_at 
 """
 
 # A retry row must follow an attempt whose retry was scheduled.
-ORPHAN_RETRIES = """
+ORPHAN_RETRIES = f"""
 SELECT r.id FROM scrape_runs r
 WHERE r.is_retry AND NOT EXISTS (
     SELECT 1 FROM scrape_runs p
     WHERE coalesce(p.original_run_id, p.id) = r.original_run_id AND p.retry_count = r.retry_count - 1
-      AND p.next_retry_at IS NOT NULL)
+      AND (p.next_retry_at IS NOT NULL OR {COMPLETED_LATE.format(p="p")}))
 """
 
 DUPLICATE_RETRY_NUMBERS = """
@@ -62,8 +67,12 @@ SELECT count(*) AS runs,
        count(*) FILTER (WHERE status = 'completed') AS completed,
        count(*) FILTER (WHERE status = 'cancelled') AS superseded,
        (SELECT count(*) FROM scrape_run_dead_letters) AS dead_letters,
-       count(*) FILTER (WHERE failure_pattern IS NOT NULL AND next_retry_at IS NOT NULL) AS retries_scheduled
-FROM scrape_runs
+       count(*) FILTER (
+           WHERE failure_pattern IS NOT NULL AND (next_retry_at IS NOT NULL OR (
+               status = 'completed' AND EXISTS (
+                   SELECT 1 FROM scrape_runs n WHERE n.is_retry AND n.retry_count = t.retry_count + 1
+                     AND n.original_run_id = coalesce(t.original_run_id, t.id))))) AS retries_scheduled
+FROM scrape_runs t
 """
 
 

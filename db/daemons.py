@@ -1,8 +1,9 @@
 """Statements on the daemons' own records: who runs, when each job ran and runs next.
 
 `stuck_runs_daemons` has one row per daemon process (heartbeat, next run of each job);
-`stuck_runs_job_runs` one row per job execution. Both are read by `stuck-runs status` and by
-`get_scheduler()` in processes that are not the daemon.
+`stuck_runs_job_runs` one row per job execution, the daemon's ticks and the runs of `check`,
+`process`, `fix` and the manual script alike (`daemon_id` NULL). Both are read by `stuck-runs
+status` and by `get_scheduler()` in processes that are not the daemon.
 """
 
 from __future__ import annotations
@@ -103,12 +104,13 @@ class DaemonRecords:
             .order_by(d.c.heartbeat_at.desc())
         )
 
-    def last_runs(self) -> sa.Select:
-        """The latest execution of each job of this table, from any host."""
+    def last_run(self, job_id: str) -> sa.Select:
+        """The latest execution of `job_id` on this table, from any host and entry point (one
+        probe of the (runs_table, job_id, started_at DESC) index)."""
         r = self.job_runs
         return (
             sa.select(r)
-            .where(r.c.runs_table == self.runs_table)
-            .distinct(r.c.job_id)
-            .order_by(r.c.job_id, r.c.started_at.desc())
+            .where(r.c.runs_table == self.runs_table, r.c.job_id == job_id)
+            .order_by(r.c.started_at.desc())
+            .limit(1)
         )

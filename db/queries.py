@@ -138,16 +138,17 @@ class RunQueries:
         """Running runs with nothing to time them by (no started_at, no heartbeat): never stuck."""
         return sa.and_(self.t.c.status == self.runs.status("running"), self.runs.progress().is_(None))
 
+    def _count(self, *where: sa.ColumnElement) -> sa.ScalarSelect:
+        return sa.select(sa.func.count()).select_from(self.t).where(*where).scalar_subquery()
+
     def counts(self) -> sa.Select:
         """How many runs are running, stuck (progress before `:sr_cutoff`), untimed, pending a
-        retry, and how many chains ended dead-lettered; each an index probe, never a table scan."""
-        t, runs, dead = self.t, self.runs, self.dead_letters
+        retry, and the retries running; each an index probe, never a table scan. (How many chains
+        ended permanently failed: `permanently_failed`.)"""
+        t, runs = self.t, self.runs
         running = t.c.status == runs.status("running")
         pending = t.c.status == runs.status("pending_retry")
-
-        def count(*where: sa.ColumnElement) -> sa.ScalarSelect:
-            return sa.select(sa.func.count()).select_from(t).where(*where).scalar_subquery()
-
+        count = self._count
         return sa.select(
             count(running).label("running"),
             count(running, runs.progress() < sa.bindparam("sr_cutoff")).label("stuck"),
@@ -155,11 +156,6 @@ class RunQueries:
             count(pending).label("pending_retry"),
             count(running, t.c.is_retry).label("running_retries"),
             sa.select(sa.func.min(t.c.next_retry_at)).where(pending).scalar_subquery().label("next_due"),
-            sa.select(sa.func.count())
-            .select_from(dead)
-            .where(dead.c.requeued_at.is_(None))
-            .scalar_subquery()
-            .label("permanently_failed"),
         )
 
     def _executing(self) -> sa.ColumnElement:
@@ -216,6 +212,25 @@ class RunQueries:
             completed.limit(1).scalar_subquery().label("completed_id"),
         ).where(t.c.status == self.runs.status("pending_retry"), completed.exists())
         return query.with_for_update(skip_locked=True, of=t) if lock else query
+
+    def clear_completed_due(self) -> sa.Update:
+        """Clears `next_retry_at` on the completed runs of the chains in `:sr_chains`.
+
+        A run failed as stuck and completed late by the scraper keeps the retry due its failure
+        set; once that retry is superseded the chain has none due. Only `completed` rows change.
+        """
+        t = self.t
+        chains = array_param("sr_chains", sa.Uuid())
+        return (
+            sa.update(t)
+            .values(next_retry_at=None)
+            .where(
+                t.c.status == self.runs.status("completed"),
+                t.c.next_retry_at.is_not(None),
+                sa.or_(t.c.id == sa.any_(chains), sa.and_(t.c.is_retry, t.c.original_run_id == sa.any_(chains))),
+            )
+            .returning(t.c.id)
+        )
 
     def _due(self, *, lock: bool) -> sa.Select:
         t = self.t
@@ -518,6 +533,10 @@ class RunQueries:
         return sa.select(t).where(*where).order_by(ended.desc().nulls_last()).limit(sa.bindparam("sr_limit"))
 
     # -- statistics (attempts that ended since `:sr_since`; the ended-attempts index) --------
+    #
+    # One population for every retry number `stats` prints: retries that ended (completed or
+    # failed) in the window. Retries pending or running now, and retries cancelled before they
+    # ran, are counted beside it, never in it.
 
     def _ended(self) -> sa.Subquery:
         t = self.t
@@ -527,17 +546,28 @@ class RunQueries:
             .subquery("ended")
         )
 
+    def _retry_ended(self, e: sa.Subquery) -> sa.ColumnElement:
+        """A retry that ran and ended: completed or failed (a cancelled one never ran)."""
+        ended = sa.or_(e.c.status == self.runs.status("completed"), e.c.status == self.runs.status("failed"))
+        return sa.and_(e.c.is_retry, ended)
+
     def stats_summary(self) -> sa.Select:
-        e, runs = self._ended(), self.runs
-        finished_retry = sa.and_(e.c.is_retry, e.c.status.in_(["completed", "failed"]))
+        """Retries ended in the window (succeeded, chains), retries cancelled in it, retries
+        pending and running now, and stuck detections in the window."""
+        e, t, runs = self._ended(), self.t, self.runs
+        ended = self._retry_ended(e)
         return sa.select(
-            sa.func.count().filter(finished_retry).label("retries"),
-            sa.func.count().filter(sa.and_(e.c.is_retry, e.c.status == runs.status("completed"))).label("succeeded"),
-            sa.func.count(sa.distinct(e.c.original_run_id)).filter(finished_retry).label("chains"),
-            sa.func.count().filter(e.c.failure_pattern == "stuck").label("stuck_detections"),
-        )
+            sa.func.count().filter(ended).label("retries"),
+            sa.func.count().filter(ended, e.c.status == runs.status("completed")).label("succeeded"),
+            sa.func.count(sa.distinct(e.c.original_run_id)).filter(ended).label("chains"),
+            sa.func.count().filter(e.c.is_retry, e.c.status == runs.status("cancelled")).label("cancelled"),
+            sa.func.count().filter(e.c.failure_pattern == STUCK_PATTERN).label("stuck_detections"),
+            self._count(t.c.status == runs.status("pending_retry")).label("pending"),
+            self._count(t.c.status == runs.status("running"), t.c.is_retry).label("running"),
+        ).select_from(e)
 
     def stats_by_attempt(self) -> sa.Select:
+        """The retries ended in the window by retry number; they add up to `stats_summary`'s."""
         e, runs = self._ended(), self.runs
         return (
             sa.select(
@@ -545,33 +575,58 @@ class RunQueries:
                 sa.func.count().label("retries"),
                 sa.func.count().filter(e.c.status == runs.status("completed")).label("succeeded"),
             )
-            .where(e.c.is_retry, e.c.status.in_(["completed", "failed"]))
+            .where(self._retry_ended(e))
             .group_by(e.c.retry_count)
             .order_by(e.c.retry_count)
         )
 
     def stats_by_pattern(self) -> sa.Select:
-        """Per failure pattern: attempts that failed with it, the retries they got, and how many
-        of those retries succeeded."""
-        e, runs = self._ended(), self.runs
-        nxt = self.t.alias("next_attempt")
-        return (
-            sa.select(
-                e.c.failure_pattern.label("pattern"),
-                sa.func.count().label("failures"),
-                sa.func.count(nxt.c.id).label("retries"),
-                sa.func.count(nxt.c.id).filter(nxt.c.status == runs.status("completed")).label("retries_succeeded"),
-            )
+        """Per failure pattern: the attempts that failed with it in the window, and the retries
+        ended in the window that retried such an attempt, with how many succeeded. A retry counts
+        under the pattern of the attempt it retried (NULL: one the scraper failed itself), so the
+        retries add up to `stats_summary`'s."""
+        e, t, runs = self._ended(), self.t, self.runs
+        retried = t.alias("retried_attempt")
+        failures = sa.select(
+            e.c.failure_pattern.label("pattern"), sa.false().label("is_retry"), sa.false().label("succeeded")
+        ).where(e.c.failure_pattern.is_not(None))
+        retries = (
+            sa.select(retried.c.failure_pattern, sa.true(), e.c.status == runs.status("completed"))
             .select_from(e)
             .outerjoin(
-                nxt,
+                retried,
                 sa.and_(
-                    nxt.c.is_retry,
-                    nxt.c.original_run_id == sa.func.coalesce(e.c.original_run_id, e.c.id),
-                    nxt.c.retry_count == e.c.retry_count + 1,
+                    retried.c.retry_count == e.c.retry_count - 1,
+                    sa.or_(
+                        retried.c.id == e.c.original_run_id,
+                        sa.and_(retried.c.is_retry, retried.c.original_run_id == e.c.original_run_id),
+                    ),
                 ),
             )
-            .where(e.c.failure_pattern.is_not(None))
-            .group_by(e.c.failure_pattern)
-            .order_by(sa.func.count().desc())
+            .where(self._retry_ended(e))
         )
+        counted = sa.union_all(failures, retries).subquery("counted")
+        failed = sa.func.count().filter(~counted.c.is_retry)
+        retried_count = sa.func.count().filter(counted.c.is_retry)
+        return (
+            sa.select(
+                counted.c.pattern,
+                failed.label("failures"),
+                retried_count.label("retries"),
+                sa.func.count().filter(counted.c.is_retry, counted.c.succeeded).label("retries_succeeded"),
+            )
+            .group_by(counted.c.pattern)
+            .order_by(failed.desc(), retried_count.desc(), counted.c.pattern.nulls_last())
+        )
+
+    def permanently_failed(self, *, since: bool = False) -> sa.Select:
+        """How many chains ended permanently failed: their latest attempt failed, no retry follows
+        it and none of their runs completed (`retry_candidates`' failed chains), among the chains
+        stuck-runs handled (the ended-attempts index; a run the scraper failed itself and nobody
+        retried is not counted). With `since`, those whose last attempt ended since `:sr_since`.
+        `status` and `stats` both count with this one statement."""
+        t = self.t
+        where = [self.retry_candidates().whereclause, sa.or_(t.c.is_retry, t.c.failure_pattern.is_not(None))]
+        if since:
+            where.append(t.c.completed_at >= sa.bindparam("sr_since"))
+        return sa.select(self._count(*where).label("permanently_failed"))

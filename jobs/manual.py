@@ -19,7 +19,7 @@ from db.engine import database_errors
 from jobs.errors import RetryRefused, RunNotFound, UsageError
 from jobs.model import Run
 from jobs.retries import RetryDispatcher, RetryOutcome
-from jobs.rules import RetryPolicy, chain_budget, format_hours
+from jobs.rules import RetryPolicy, chain_budget, count_attempts, format_hours, format_time
 from jobs.runtime import Runtime
 
 RETRY_KINDS = ("failed", "permanent", "scraper")
@@ -42,6 +42,15 @@ class ChainHistory:
         if any(a.status == "completed" for a in self.attempts):
             return "success"
         return self.attempts[-1].status
+
+    @property
+    def attempts_made(self) -> int:
+        """The rows that ran; a retry pending or cancelled before it ran is not an attempt."""
+        return count_attempts(a.status for a in self.attempts)
+
+    @property
+    def summary(self) -> str:
+        return f"Total attempts: {self.attempts_made} · final status: {self.final_status}"
 
 
 @dataclass(frozen=True)
@@ -190,9 +199,13 @@ def retry_matching(
     return BulkRetryResult(tuple(scheduled), tuple(skipped), dry_run)
 
 
-def run_retry_now(rt: Runtime, retry_id: uuid.UUID, wait: Callable[[], None]) -> RetryOutcome | None:
-    """Executes a pending retry in this process at once (in a free slot) and returns its outcome."""
-    return RetryDispatcher(rt, rt.settings.policy).run_now(retry_id, threading.Event(), wait)
+def run_retry_now(
+    rt: Runtime, retry_id: uuid.UUID, wait: Callable[[], None], stop: threading.Event | None = None
+) -> RetryOutcome | None:
+    """Executes a pending retry in this process at once (in a free slot) and returns its outcome.
+
+    With `stop` set (a signal) it is put back to `pending_retry`, due now, budget unspent."""
+    return RetryDispatcher(rt, rt.settings.policy).run_now(retry_id, stop or threading.Event(), wait)
 
 
 def _budget(run: Run, policy: RetryPolicy, reset_budget: bool) -> int:
@@ -207,8 +220,9 @@ def _budget_refusal(rt: Runtime, run: Run, policy: RetryPolicy, reset_budget: bo
         return None
     pattern = run.failure_pattern or (rt.classifier.classify(run.error_message) if run.error_message else "unknown")
     return (
-        f"run {run.id} has spent its retry budget ({run.retry_count} of {budget} retries, "
-        f"{run.retry_count + 1} attempts); last error: {run.error_message or '(none)'}; "
+        # Every row before the chain's latest failed attempt ran: each retry follows a failure.
+        f"run {run.id} has spent its retry budget ({run.retry_count} of {budget} retries spent; "
+        f"{run.retry_count + 1} attempts, the original run included); last error: {run.error_message or '(none)'}; "
         f"failure pattern: {pattern}. Use --reset-budget to retry it anyway"
     )
 
@@ -263,7 +277,7 @@ def _refuse_status(run: Run, rt: Runtime, *, of_chain: bool = False) -> None:
         since = f" for {format_hours(rt.clock.now() - run.started_at)}" if run.started_at else ""
         raise RetryRefused(f"{subject} is running{since}: wait for it to finish, or for the stuck checker to fail it")
     if run.status == "pending_retry":
-        when = run.next_retry_at.isoformat(timespec="minutes") if run.next_retry_at else "soon"
+        when = format_time(run.next_retry_at) if run.next_retry_at else "soon"
         raise RetryRefused(
             f"{subject} is already scheduled for retry at {when} (attempt {run.retry_count}/{run.max_retries})"
         )

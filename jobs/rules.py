@@ -2,13 +2,24 @@
 
 Nothing here touches the database or the clock; `now` is always an argument, so freezegun
 and plain values steer every rule.
+
+How counts are worded, everywhere the tool prints one (SPEC §3, §6, §10):
+- An *attempt* is a row of a chain that ran: running, completed or failed. A retry still pending,
+  or cancelled before it ran (superseded, by an operator), is not an attempt. "N attempts"
+  counts them, the original run included: `Total attempts: 3 · final status: success`.
+- A *retry* is every attempt after the original; `retry_count` is its number. "retry N/M" and
+  "attempt N/M" both name retry N of a budget of M retries: `retry 2/4 scheduled`,
+  `Run scheduled for retry (attempt 2/4)`, `[RETRY 2/4]`.
+- SPEC's exact `permanently failed after 4 attempts` is the one text whose number counts the
+  retries spent (the budget, 4), not the attempts (5, with the original): kept verbatim.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 STUCK_PATTERN = "stuck"
 TIMEOUT_PATTERN = "timeout"
@@ -70,6 +81,13 @@ def format_hours(duration: timedelta) -> str:
 
 _TENTH = 360_000_000  # a tenth of an hour in microseconds
 _HALF_TENTH = _TENTH // 2
+
+
+def format_time(value: datetime) -> str:
+    """A date as people read it, everywhere: `2026-11-23 21:59 UTC` (naive values are UTC)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def stuck_error(since: datetime, now: datetime) -> str:
@@ -161,6 +179,14 @@ def decide_stuck(
         policy=policy,
         rng=rng,
     )
+
+
+NOT_RUN = frozenset({"pending_retry", "cancelled"})  # rows of a chain that are no attempt (yet)
+
+
+def count_attempts(statuses: Iterable[str]) -> int:
+    """How many attempts a chain made, given its rows' statuses: the rows that ran."""
+    return sum(1 for status in statuses if status not in NOT_RUN)
 
 
 def run_label(search_query: object, location_query: object, retry_count: int, max_retries: int) -> str:

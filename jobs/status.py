@@ -1,16 +1,31 @@
-"""`stuck-runs status`: what the daemons did and will do, and where the runs stand."""
+"""`stuck-runs status`: what the jobs did (from any host, any entry point) and will do, and where
+the runs stand; and the record of each job run, the daemon's ticks and the CLI's alike.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from db.daemons import DaemonRecords
-from db.engine import database_errors
-from jobs.runtime import Runtime
+from loguru import logger
+from sqlalchemy.engine import URL
 
-JOB_IDS = ("stuck_run_checker", "retry_processor")
+from db.daemons import DaemonRecords
+from db.engine import database_errors, describe_db_error
+from jobs.errors import OperatorError
+from jobs.recovery import FixResult
+from jobs.retries import ProcessResult
+from jobs.runtime import Runtime
+from jobs.stuck import SweepResult
+
+CHECKER = "stuck_run_checker"
+PROCESSOR = "retry_processor"
+JOB_IDS = (CHECKER, PROCESSOR)
 ALIVE_WITHIN = timedelta(seconds=60)  # four missed heartbeats and a daemon counts as gone
 
 
@@ -34,6 +49,7 @@ class JobState:
     host: str | None = None
     pid: int | None = None
     next_run: datetime | None = None  # from a live daemon
+    by_daemon: bool = True  # False: run by `check`, `process`, `fix` or the manual script
 
 
 @dataclass(frozen=True)
@@ -44,7 +60,7 @@ class RunCounts:
     pending_retry: int
     running_retries: int
     next_due: datetime | None
-    permanently_failed: int
+    permanently_failed: int  # chains that ended failed, no retry coming (`stats` counts them in its window)
 
 
 def untimed_message(count: int) -> str:
@@ -71,8 +87,9 @@ def read_status(rt: Runtime) -> StatusReport:
     records = DaemonRecords(rt.runs.table.schema, rt.runs.qualified_name)
     with database_errors(rt.engine, "reading the status"), rt.engine.connect() as conn:
         alive = conn.execute(records.alive(now - ALIVE_WITHIN)).mappings().all()
-        last = {r["job_id"]: r for r in conn.execute(records.last_runs()).mappings()}
+        last = {job_id: conn.execute(records.last_run(job_id)).mappings().first() for job_id in JOB_IDS}
         counts = conn.execute(rt.queries.counts(), {"sr_cutoff": now - rt.settings.policy.stuck_after}).mappings().one()
+        permanent = conn.execute(rt.queries.permanently_failed()).scalar_one()
     daemons = tuple(DaemonState(d["host"], d["pid"], d["started_at"], d["heartbeat_at"], d["jobs"]) for d in alive)
     jobs = []
     for job_id in JOB_IDS:
@@ -89,6 +106,71 @@ def read_status(rt: Runtime) -> StatusReport:
                 row["host"] if row else None,
                 row["pid"] if row else None,
                 min(upcoming) if upcoming else None,
+                row["daemon_id"] is not None if row else True,
             )
         )
-    return StatusReport(now, daemons, tuple(jobs), RunCounts(**counts))
+    return StatusReport(now, daemons, tuple(jobs), RunCounts(**counts, permanently_failed=permanent))
+
+
+def job_counts(result: object) -> dict[str, Any]:
+    """The counts a job run is recorded and logged with."""
+    if isinstance(result, SweepResult):
+        counts = {
+            "failed": result.failed,
+            "retries_scheduled": result.retries_scheduled,
+            "permanently_failed": result.permanently_failed,
+            "batches": result.batches,
+        }
+        return {**counts, "skipped": result.skipped} if result.skipped else counts
+    if isinstance(result, ProcessResult):
+        return {
+            "superseded": len(result.superseded),
+            "executed": len(result.executed),
+            "completed": result.succeeded,
+            "failed": result.failed,
+        }
+    return {}
+
+
+def job_error(exc: BaseException, url: str | URL | None) -> str:
+    """A failed job run's error, one line, never the password."""
+    if isinstance(exc, OperatorError):
+        return str(exc)
+    return f"{type(exc).__name__}: {describe_db_error(exc, url)}"
+
+
+@contextmanager
+def job_run(rt: Runtime, job_ids: tuple[str, ...], *, dry_run: bool) -> Iterator[Callable[[object], None]]:
+    """Records work done outside the daemon (`check`, `process`, `fix`, the manual script) as a
+    run of each job in `job_ids`, with the daemon's statements, so `status` shows the last run
+    from any entry point. Give the work's result (a sweep's, a processor pass's, or a `FixResult`
+    for both jobs) to the function this yields. An error is recorded and raised again; a dry run
+    is not recorded; a record that cannot be written is logged and does not undo the work.
+    """
+    results: list[object] = []
+    started = datetime.now(timezone.utc)
+    try:
+        yield results.append
+    except Exception as exc:
+        if not dry_run:
+            _write_runs(rt, {job_id: ("error", {}, job_error(exc, rt.engine.url)) for job_id in job_ids}, started)
+        raise
+    if dry_run or not results:
+        return
+    [result] = results
+    parts = {CHECKER: result.sweep, PROCESSOR: result.process} if isinstance(result, FixResult) else {}
+    _write_runs(rt, {job_id: ("ok", job_counts(parts.get(job_id, result)), None) for job_id in job_ids}, started)
+
+
+def _write_runs(rt: Runtime, runs: dict[str, tuple[str, dict[str, Any], str | None]], started: datetime) -> None:
+    records = DaemonRecords(rt.runs.table.schema, rt.runs.qualified_name)
+    host, pid, finished = socket.gethostname(), os.getpid(), datetime.now(timezone.utc)
+    try:
+        with rt.engine.begin() as conn:
+            for job_id, (outcome, counts, error) in runs.items():
+                run_id = conn.execute(records.job_started(None, job_id, host, pid, started)).scalar_one()
+                conn.execute(records.job_finished(run_id, finished, outcome, counts, error, None))
+    except Exception as exc:  # noqa: BLE001 - the work is done; only its record is lost
+        logger.bind(event="records_down").warning(
+            "cannot record the run of {}: {}", ", ".join(runs), describe_db_error(exc, rt.engine.url)
+        )

@@ -9,10 +9,10 @@ import click
 from jobs.config import parse_duration, settings_from_environment
 from jobs.dead_letters import get_dead_letter, list_dead_letters, purge_dead_letters, requeue
 from jobs.doctor import run_checks
-from jobs.errors import EXIT_OK, EXIT_REFUSED
+from jobs.errors import EXIT_OK, EXIT_REFUSED, EXIT_USAGE
 from jobs.stats import retry_stats
 from scheduler.cli import EXECUTION, POLICY, cli, config_options, json_option, open_runtime
-from scheduler.cli.output import emit_json, short, table, when
+from scheduler.cli.output import emit_json, table, when
 from scheduler.logs import configure_logging
 
 
@@ -28,6 +28,9 @@ def percent(value: float | None) -> str:
 def stats(ctx: click.Context, since: str, as_json: bool) -> int:
     """Retry metrics: totals, success rates, retries per chain, by failure pattern and attempt.
 
+    Every retry count is of the retries that ended (completed or failed) in the window; those
+    pending or running now, and those cancelled before they ran, are shown beside them.
+
     \b
     Example:
       stuck-runs stats --since 30d
@@ -38,19 +41,26 @@ def stats(ctx: click.Context, since: str, as_json: bool) -> int:
     if as_json:
         emit_json(result)
         return EXIT_OK
-    click.echo(f"Since {when(result.since)}:")
+    click.echo(f"Since {when(result.since)}, retries that ended (completed or failed):")
     click.echo(
-        f"  retries {result.retries} · succeeded {result.succeeded} ({percent(result.success_rate)}) · "
-        f"chains {result.chains} · {result.retries_per_chain or 0:.2f} retries per chain"
+        f"  retries ended {result.retries} · succeeded {result.succeeded} ({percent(result.success_rate)}) · "
+        f"failed {result.failed} · chains {result.chains} · {result.retries_per_chain or 0:.2f} retries per chain"
     )
-    click.echo(f"  stuck detections {result.stuck_detections} · permanent failures {result.permanent_failures}")
+    click.echo(
+        f"  not counted above: {result.pending} pending and {result.running} running now, "
+        f"{result.cancelled} cancelled before they ran"
+    )
+    click.echo(
+        f"  stuck detections {result.stuck_detections} · permanently failed {result.permanently_failed} "
+        "(chains whose last attempt ended failed in the window, no retry coming)"
+    )
     table(
-        ("ATTEMPT", "RETRIES", "SUCCEEDED", "SUCCESS RATE"),
+        ("ATTEMPT", "RETRIES ENDED", "SUCCEEDED", "SUCCESS RATE"),
         ((a.attempt, a.retries, a.succeeded, percent(a.success_rate)) for a in result.by_attempt),
     )
     table(
-        ("FAILURE PATTERN", "FAILURES", "RETRIES", "RETRIES SUCCEEDED"),
-        ((p.pattern, p.failures, p.retries, p.retries_succeeded) for p in result.by_pattern),
+        ("FAILURE PATTERN", "FAILURES", "RETRIES ENDED", "RETRIES SUCCEEDED"),
+        ((p.pattern or "(unclassified)", p.failures, p.retries, p.retries_succeeded) for p in result.by_pattern),
     )
     return EXIT_OK
 
@@ -100,13 +110,14 @@ def dlq_list(
                 d.id,
                 d.run_id,
                 when(d.created_at),
-                f"{d.attempts} ({d.budget} retries)",
+                f"{d.attempts} (budget {d.budget})",
                 d.pattern,
-                short(d.last_error, 60),
+                d.last_error or "-",
                 when(d.requeued_at),
             )
             for d in letters
         ),
+        shrink=("LAST ERROR",),
     )
     return EXIT_OK
 
@@ -220,4 +231,6 @@ def doctor(ctx: click.Context, as_json: bool) -> int:
             mark = "✓" if check.ok else "✗"
             fix = f" → {check.fix}" if check.fix else ""
             click.echo(f"{mark} {check.name}: {check.detail}{fix}")
+    if checks and checks[0].name == "configuration" and not checks[0].ok:
+        return EXIT_USAGE  # a setting is wrong: a usage error, as for every other command
     return EXIT_OK if all(c.ok for c in checks) else EXIT_REFUSED

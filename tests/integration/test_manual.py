@@ -60,7 +60,7 @@ def test_a_failed_run_is_scheduled_now_with_the_policy_budget(rt):
     [
         ("completed", "completed: there is nothing to retry"),
         ("running", "is running for 2.0h: wait for it to finish"),
-        ("pending_retry", "already scheduled for retry at 2026-11-22T12:00"),
+        ("pending_retry", "already scheduled for retry at 2026-11-22 12:00 UTC"),
         ("cancelled", "was cancelled (Superseded"),
     ],
 )
@@ -99,7 +99,8 @@ def test_a_spent_budget_is_refused_with_attempts_error_and_pattern_unless_reset(
     with pytest.raises(RetryRefused) as refused:
         retry_run(rt, last)
     message = str(refused.value)
-    assert "4 of 4 retries, 5 attempts" in message and "HTTP 503 Service Unavailable" in message
+    assert "4 of 4 retries spent; 5 attempts, the original run included" in message
+    assert "HTTP 503 Service Unavailable" in message
     assert "failure pattern: server_error" in message and "--reset-budget" in message
     result = retry_run(rt, last, reset_budget=True)
     assert result.message == "Run scheduled for retry (attempt 5/8)"

@@ -61,7 +61,7 @@ def history(db_url):
 def test_stats_over_a_day_of_recovery(history):
     with freeze_time(NOW):
         stats = retry_stats(history, timedelta(days=1))
-    assert (stats.retries, stats.succeeded, stats.chains, stats.stuck_detections, stats.permanent_failures) == (
+    assert (stats.retries, stats.succeeded, stats.chains, stats.stuck_detections, stats.permanently_failed) == (
         4,
         2,
         4,
@@ -72,7 +72,7 @@ def test_stats_over_a_day_of_recovery(history):
     assert [(a.attempt, a.retries, a.succeeded) for a in stats.by_attempt] == [(1, 4, 2)]
     assert {p.pattern: (p.failures, p.retries, p.retries_succeeded) for p in stats.by_pattern} == {
         "stuck": (4, 4, 2),
-        "server_error": (1, 1, 0),
+        "server_error": (1, 0, 0),  # its retry is pending: it has not ended
         "not_found": (1, 0, 0),
     }
     with freeze_time(NOW + timedelta(days=2)):
@@ -117,7 +117,7 @@ def test_history_shows_the_failure_pattern(history, db_url):
 def test_dlq_and_stats_commands(history, db_url):
     env = {"DATABASE_URL": db_url}
     listed = cli("dlq", "list", env=env)
-    assert listed.returncode == 0 and "not_found" in listed.stdout and "2 (4 retries)" in listed.stdout
+    assert listed.returncode == 0 and "not_found" in listed.stdout and "2 (budget 4)" in listed.stdout
     number = listed.stdout.splitlines()[1].split()[0]
     shown = cli("dlq", "show", number, env=env)
     assert "pattern: not_found" in shown.stdout and "search_query = '404 d'" in shown.stdout
@@ -129,7 +129,7 @@ def test_dlq_and_stats_commands(history, db_url):
     stats = json.loads(cli("stats", "--since", "30d", "--json", env=env).stdout)
     assert stats["retries"] == 4 and stats["stuck_detections"] == 4
     text = cli("stats", "--since", "30d", env=env).stdout
-    assert "retries 4 · succeeded 2 (50.0%)" in text and "server_error" in text
+    assert "retries ended 4 · succeeded 2 (50.0%)" in text and "server_error" in text
 
 
 def test_doctor_passes_on_a_healthy_setup_and_names_each_problem(db_url, databases):
@@ -187,7 +187,7 @@ def test_doctor_passes_on_a_healthy_setup_and_names_each_problem(db_url, databas
     assert unreachable.returncode == 1 and "✗ connectivity" in unreachable.stdout
     assert "pw-s3cret" not in unreachable.stdout + unreachable.stderr
     bad_config = cli("doctor", env={"STUCK_AFTER": "later"})
-    assert bad_config.returncode == 1 and "✗ configuration: STUCK_AFTER='later'" in bad_config.stdout
+    assert bad_config.returncode == 2 and "✗ configuration: STUCK_AFTER='later'" in bad_config.stdout
 
 
 def test_running_runs_the_checker_cannot_time_are_named_with_the_fix(db_url):

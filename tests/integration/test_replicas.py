@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from db.engine import make_engine
 from tests.conftest import REPO
 from tests.daemons import DaemonProcess, wait_until
+from tests.helpers import insert_stuck_runs
 
 pytestmark = pytest.mark.slow
 RUNS = 3000
@@ -22,13 +23,7 @@ RUNS = 3000
 def test_three_daemons_and_two_scripts_over_thousands_of_runs(db_url, tmp_path):
     engine = make_engine(db_url)
     with engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                "INSERT INTO scrape_runs (search_query, location_query, status, started_at, user_id)"
-                " SELECT 'q' || g, 'Belgium', 'running', :t, g FROM generate_series(1, :n) g"
-            ),
-            {"t": datetime.now(timezone.utc) - timedelta(hours=3), "n": RUNS},
-        )
+        insert_stuck_runs(conn, RUNS, datetime.now(timezone.utc) - timedelta(hours=3), user_id="g")
     executions = tmp_path / "executions.log"
     settings = {
         "SCRAPE_RUN_COMMAND": f"sh -c 'echo \"$SCRAPE_RUN_ID\" >> {executions}'",
@@ -96,8 +91,15 @@ def test_three_daemons_and_two_scripts_over_thousands_of_runs(db_url, tmp_path):
         by_daemons = conn.execute(
             sa.text(
                 "SELECT coalesce(sum((counts->>'failed')::int), 0) FROM stuck_runs_job_runs"
-                " WHERE job_id = 'stuck_run_checker'"
+                " WHERE job_id = 'stuck_run_checker' AND daemon_id IS NOT NULL"
+            )
+        ).scalar_one()
+        by_scripts = conn.execute(
+            sa.text(
+                "SELECT coalesce(sum((counts->>'failed')::int), 0) FROM stuck_runs_job_runs"
+                " WHERE job_id = 'stuck_run_checker' AND daemon_id IS NULL"
             )
         ).scalar_one()
     assert by_daemons + sum(r["sweep"]["failed"] for r in reports) == RUNS  # each stuck run failed by one process
+    assert by_scripts == sum(r["sweep"]["failed"] for r in reports)  # the scripts' runs are recorded too
     engine.dispose()

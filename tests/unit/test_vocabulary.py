@@ -1,0 +1,62 @@
+"""One vocabulary for counts (jobs/rules.py): attempts are rows that ran, "N/M" is retry N of M."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+
+from jobs.manual import ChainHistory, ScheduledRetry
+from jobs.model import Run
+from jobs.rules import BUDGET_SPENT, RETRY_SCHEDULED, count_attempts
+
+NOW = datetime(2026, 11, 22, 19, 0, tzinfo=timezone.utc)
+
+
+def chain(*statuses: str) -> ChainHistory:
+    root = uuid.uuid4()
+    runs = tuple(
+        Run(
+            id=root if number == 0 else uuid.uuid4(),
+            status=status,
+            search_query="Data Architect",
+            location_query="Belgium",
+            retry_count=number,
+            is_retry=number > 0,
+            original_run_id=None if number == 0 else root,
+        )
+        for number, status in enumerate(statuses)
+    )
+    return ChainHistory(root, runs)
+
+
+@pytest.mark.parametrize(
+    ("statuses", "summary"),
+    [
+        (("failed", "failed", "completed"), "Total attempts: 3 · final status: success"),  # SPEC §10
+        (("completed", "cancelled"), "Total attempts: 1 · final status: success"),  # superseded, never ran
+        (("failed", "pending_retry"), "Total attempts: 1 · final status: pending_retry"),
+        (("failed", "failed", "running"), "Total attempts: 3 · final status: running"),
+        (("failed", "cancelled"), "Total attempts: 1 · final status: cancelled"),  # cancelled by an operator
+    ],
+)
+def test_an_attempt_is_a_row_that_ran(statuses, summary):
+    assert chain(*statuses).summary == summary
+    assert count_attempts(statuses) == chain(*statuses).attempts_made
+
+
+def test_n_of_m_is_the_retry_number_of_the_budget_in_every_message():
+    assert RETRY_SCHEDULED.format(error="Run stuck for 1.2h", number=1, budget=4) == (
+        "Run stuck for 1.2h - retry 1/4 scheduled"
+    )
+    scheduled = ScheduledRetry(uuid.uuid4(), "Data Architect in Belgium", None, attempt=2, budget=4, due=NOW)
+    assert scheduled.message == "Run scheduled for retry (attempt 2/4)"
+
+
+def test_spec_budget_spent_message_counts_the_retries_spent():
+    # SPEC's exact text: budget 4 spent means five attempts ran, and it says "after 4 attempts".
+    assert BUDGET_SPENT.format(error="Run stuck for 1.2h", attempts=4) == (
+        "Run stuck for 1.2h - permanently failed after 4 attempts"
+    )
+    assert chain("failed", "failed", "failed", "failed", "failed").attempts_made == 5
