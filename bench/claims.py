@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from loguru import logger
 
 from jobs.config import Settings
-from jobs.executor import ExecutionResult
+from jobs.executor import ExecutionResult, InProcess
 from jobs.model import Run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ FROM generate_series(1, :n) g
 """
 
 
-class NoScrape:
+class NoScrape(InProcess):
     def __init__(self) -> None:
         self.ids: list[str] = []
         self.lock = threading.Lock()

@@ -8,6 +8,7 @@ from __future__ import annotations
 EXIT_OK = 0  # Everything asked for was done.
 EXIT_REFUSED = 1  # Refused, or done in part (a run not found, a retry refused, a tick that failed).
 EXIT_USAGE = 2  # Bad flags, bad configuration: nothing was touched.
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT); a command that stopped safely on SIGTERM exits 143.
 
 
 class OperatorError(Exception):

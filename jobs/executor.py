@@ -1,4 +1,8 @@
 """Executors run one retry attempt of the scraper. One small protocol, chosen by configuration:
+`start(run)` starts the scraper and returns at once (or raises `StartFailed`); the returned
+`Execution` is then waited for. The processor commits its claim of a retry only once the
+scraper has started, so a claim whose start fails, or whose process dies before the start,
+leaves the retry as it was.
 
 - `CommandExecutor`: `SCRAPE_RUN_COMMAND`, an argv template run without a shell, in its own
   process group so a timeout or a shutdown kills the whole scraper.
@@ -34,7 +38,7 @@ from typing import Any, Protocol
 from jobs.config import Settings
 from jobs.errors import ConfigError, ExecutorError
 from jobs.model import Run
-from jobs.patterns import parse_retry_after
+from jobs.patterns import bounded_retry_after, parse_retry_after
 
 STDERR_TAIL_BYTES = 8192  # kept for the dead-letter record
 ERROR_LINE_CHARS = 500  # the part that goes into error_message
@@ -55,9 +59,45 @@ class ExecutionResult:
     retry_after: timedelta | None = None
 
 
+class StartFailed(ExecutorError):
+    """The scraper could not be started (its program vanished, lost its execute bit...): a
+    configuration problem, not a failed attempt, so it spends no budget."""
+
+
+class Execution(Protocol):
+    def wait(self, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
+        """Waits for the scraper; gives up after `timeout` (wall time) or when `cancel` is set."""
+
+    def abandon(self) -> None:
+        """Ends what was started without waiting for an outcome (its claim could not be kept)."""
+
+
 class Executor(Protocol):
+    def start(self, run: Run) -> Execution:
+        """Starts the scraper for `run` and returns at once; raises `StartFailed` when it cannot."""
+
+
+class InProcess:
+    """Base for executors that run in this process (tests, the demo): starting them is free,
+    the work happens in `execute` while the execution is waited for."""
+
+    def start(self, run: Run) -> Execution:
+        return _Deferred(self, run)
+
     def execute(self, run: Run, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
-        """Runs the scraper for `run`; gives up after `timeout` (wall time) or when `cancel` is set."""
+        raise NotImplementedError
+
+
+@dataclass
+class _Deferred:
+    executor: InProcess
+    run: Run
+
+    def wait(self, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
+        return self.executor.execute(self.run, timeout, cancel)
+
+    def abandon(self) -> None:
+        pass
 
 
 def run_environment(run: Run) -> dict[str, str]:
@@ -100,19 +140,37 @@ class CommandExecutor:
         }
         return [item.format_map(values) for item in self.argv_template]
 
+    def start(self, run: Run) -> CommandExecution:
+        stderr = tempfile.TemporaryFile()
+        try:
+            process = subprocess.Popen(
+                self.argv(run),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env={**os.environ, **run_environment(run)},
+                start_new_session=True,
+            )
+        except OSError as exc:
+            stderr.close()
+            raise StartFailed(
+                f"SCRAPE_RUN_COMMAND: {self.argv_template[0]!r} could not start: {exc.strerror}"
+            ) from None
+        return CommandExecution(process, stderr)
+
     def execute(self, run: Run, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
-        with tempfile.TemporaryFile() as stderr:
-            try:
-                process = subprocess.Popen(
-                    self.argv(run),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=stderr,
-                    env={**os.environ, **run_environment(run)},
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                return ExecutionResult(ok=False, error=f"Command could not start: {exc}")
+        """Starts and waits: one attempt from end to end."""
+        return self.start(run).wait(timeout, cancel)
+
+
+@dataclass
+class CommandExecution:
+    process: subprocess.Popen
+    stderr: Any  # a temporary file holding everything the scraper wrote on stderr
+
+    def wait(self, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
+        process = self.process
+        with self.stderr as stderr:
             stopped = _wait(_exited(process), timeout, cancel)
             _end_group(process.pid, lambda: process.poll() is not None)
             stderr.seek(max(0, os.fstat(stderr.fileno()).st_size - STDERR_TAIL_BYTES))
@@ -126,6 +184,10 @@ class CommandExecutor:
         return ExecutionResult(
             ok=False, error=last_line(tail) or fallback, detail=tail, retry_after=parse_retry_after(tail)
         )
+
+    def abandon(self) -> None:
+        with self.stderr:
+            _end_group(self.process.pid, lambda: self.process.poll() is not None)
 
 
 def _wait(finished: Callable[[float], bool], timeout: timedelta, cancel: threading.Event) -> str | None:
@@ -236,11 +298,32 @@ class CallableExecutor:
         self.path = path
         self._context = multiprocessing.get_context("spawn")
 
-    def execute(self, run: Run, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
+    def start(self, run: Run) -> CallableExecution:
         receiver, sender = self._context.Pipe(duplex=False)
         process = self._context.Process(target=_call_in_child, args=(self.path, run, sender), daemon=True)
-        process.start()
-        sender.close()
+        try:
+            process.start()
+        except OSError as exc:
+            receiver.close()
+            raise StartFailed(
+                f"SCRAPE_RUN_CALLABLE={self.path!r}: its process could not start: {exc.strerror}"
+            ) from None
+        finally:
+            sender.close()
+        return CallableExecution(process, receiver)
+
+    def execute(self, run: Run, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
+        """Starts and waits: one attempt from end to end."""
+        return self.start(run).wait(timeout, cancel)
+
+
+@dataclass
+class CallableExecution:
+    process: Any  # a spawned multiprocessing.Process
+    receiver: Any  # the end of the pipe the child reports on
+
+    def wait(self, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
+        process, receiver = self.process, self.receiver
         try:
             stopped = _wait(lambda seconds: receiver.poll(seconds) or not process.is_alive(), timeout, cancel)
             if stopped is not None:
@@ -257,8 +340,14 @@ class CallableExecutor:
             receiver.close()
         if kind == "ok":
             return ExecutionResult(ok=True)
-        after = timedelta(seconds=retry_after) if retry_after else parse_retry_after(detail)
+        after = bounded_retry_after(retry_after) if retry_after else parse_retry_after(detail)
         return ExecutionResult(ok=False, error=str(error)[:ERROR_LINE_CHARS], detail=detail, retry_after=after)
+
+    def abandon(self) -> None:
+        try:
+            _end_group(self.process.pid, lambda: not self.process.is_alive())
+        finally:
+            self.receiver.close()
 
 
 def build_executor(settings: Settings) -> Executor:

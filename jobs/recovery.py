@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -27,12 +28,15 @@ def fix_stuck_runs_with_retry(
     runtime: Runtime | None = None,
     dry_run: bool = False,
     stop: threading.Event | None = None,
+    observe: Callable[[str, object], None] | None = None,
 ) -> FixResult:
     """A stuck-run sweep, then a pass over due retries.
 
     Runs stuck longer than `max_duration_hours` are failed and retried `retry_delay_hours`
     later, up to `max_retries` times per chain. Without `runtime`, configuration comes from the
-    environment and `.env` (DATABASE_URL, the executor...).
+    environment and `.env` (DATABASE_URL, the executor...). With `stop` set the sweep ends after
+    its batch and executing retries go back to `pending_retry`. `observe` is told ("swept",
+    sweep result), then the processor's ("started", run) and ("finished", outcome), as they happen.
     """
     if max_duration_hours <= 0 or retry_delay_hours < 0 or max_retries < 0:
         raise ConfigError(
@@ -41,8 +45,10 @@ def fix_stuck_runs_with_retry(
         )
     owned = runtime is None
     if runtime is None:
-        runtime = Runtime.open(settings_from_environment())
+        runtime = Runtime.open(settings_from_environment(), executes=not dry_run)
     try:
+        if not dry_run:
+            _ = runtime.executor  # no executor: refused before the sweep changes anything
         policy = replace(
             runtime.settings.policy,
             stuck_after=timedelta(hours=max_duration_hours),
@@ -50,7 +56,9 @@ def fix_stuck_runs_with_retry(
             max_retries=max_retries,
         )
         sweep = sweep_stuck_runs(runtime, policy, dry_run=dry_run, stop=stop)
-        process = process_due_retries(runtime, policy, dry_run=dry_run, stop=stop)
+        if observe is not None:
+            observe("swept", sweep)
+        process = process_due_retries(runtime, policy, dry_run=dry_run, stop=stop, observe=observe)
         return FixResult(sweep, process)
     finally:
         if owned:

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection
 from db import locks
 from db.engine import database_errors
 from db.queries import fail_params
-from jobs.executor import ExecutionResult
+from jobs.executor import Execution, ExecutionResult
 from jobs.model import Run
 from jobs.rules import (
     FailureOutcome,
@@ -75,6 +75,15 @@ class DueRetry:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """A retry this process claimed and started."""
+
+    run: Run
+    execution: Execution
+    run_locked: bool  # whether its run lock was taken (another session may hold it)
+
+
+@dataclass(frozen=True)
 class ProcessResult:
     superseded: tuple[SupersededRetry, ...] = ()
     executed: tuple[RetryOutcome, ...] = ()
@@ -90,6 +99,11 @@ class ProcessResult:
     def failed(self) -> int:
         return sum(1 for o in self.executed if o.status == "failed")
 
+    @property
+    def released(self) -> int:
+        """Executions stopped by a signal and put back to `pending_retry` (no budget spent)."""
+        return sum(1 for o in self.executed if o.status == "released")
+
 
 def process_due_retries(
     rt: Runtime,
@@ -97,23 +111,33 @@ def process_due_retries(
     *,
     dry_run: bool = False,
     stop: threading.Event | None = None,
+    observe: Callable[[str, object], None] | None = None,
 ) -> ProcessResult:
     """Supersedes what completed late, then executes due retries until none is due.
 
     Executes up to MAX_CONCURRENT_RETRIES at once, counted across every process on the
-    database; returns when nothing is due or every slot is taken by others.
+    database; returns when nothing is due or every slot is taken by others. With `stop` set
+    (a signal), no new retry is claimed and those executing go back to `pending_retry`, due
+    now, budget unspent. `observe` is told ("started", run) and ("finished", outcome) as they
+    happen.
     """
     policy = policy or rt.settings.policy
     started = time.monotonic()
+    if not dry_run:
+        _ = rt.executor  # no executor, no claim: refused before anything changes
     superseded = supersede_completed_chains(rt, dry_run=dry_run)
     if dry_run:
         return ProcessResult(superseded, due=preview_due(rt), dry_run=True, seconds=time.monotonic() - started)
-    executed = RetryDispatcher(rt, policy).drain(stop or threading.Event())
+    executed = RetryDispatcher(rt, policy, observe).drain(stop or threading.Event())
     return ProcessResult(superseded, tuple(executed), seconds=time.monotonic() - started)
 
 
 def supersede_completed_chains(rt: Runtime, *, dry_run: bool = False) -> tuple[SupersededRetry, ...]:
-    """Cancels pending retries whose chain has a completed run: `Superseded: run <id> completed`."""
+    """Cancels pending retries whose chain has a completed run: `Superseded: run <id> completed`.
+
+    In the same transaction the completed runs of those chains lose the `next_retry_at` their
+    failure as stuck gave them, so the monitoring SQL shows no retry due for a completed run.
+    """
     q = rt.queries
     now = rt.clock.now()
     with database_errors(rt.engine, "superseding retries"), rt.engine.connect() as conn:
@@ -133,7 +157,9 @@ def supersede_completed_chains(rt: Runtime, *, dry_run: bool = False) -> tuple[S
                 return tuple(found)
             params = {"sr_now": now, "sr_ids": [s.run_id for s in found], "sr_messages": [s.message for s in found]}
             cancelled = set(conn.execute(q.cancel_superseded, params).scalars())
-    done = tuple(s for s in found if s.run_id in cancelled)
+            done = tuple(s for s in found if s.run_id in cancelled)
+            if done:
+                conn.execute(q.clear_completed_due(), {"sr_chains": list({s.chain_id for s in done})})
     for s in done:
         logger.bind(run_id=str(s.run_id), chain=str(s.chain_id), event="superseded").info("{}: {}", s.label, s.message)
     return done
@@ -223,40 +249,54 @@ class RetryDispatcher:
     def _claim_and_execute(
         self, conn: Connection, stop: threading.Event, run_id: uuid.UUID | None = None
     ) -> RetryOutcome | None:
-        run, run_locked = self.claim(conn, run_id)
-        if run is None:
+        claim = self.claim(conn, run_id)
+        if claim is None:
             return None
         try:
-            return self.execute_and_record(run, stop)
+            return self.wait_and_record(claim.run, claim.execution, stop)
         finally:
-            if run_locked:
-                locks.unlock_run(conn, self.rt.queries.runs_ns, run.id)
+            if claim.run_locked:
+                locks.unlock_run(conn, self.rt.queries.runs_ns, claim.run.id)
                 conn.commit()
 
-    def claim(self, conn: Connection, run_id: uuid.UUID | None = None) -> tuple[Run | None, bool]:
-        """Claims the most overdue retry (or pending retry `run_id`, due or not) in `conn`'s
-        session: `running`, its run lock held there.
+    def claim(self, conn: Connection, run_id: uuid.UUID | None = None) -> Claim | None:
+        """Claims the most overdue retry (or pending retry `run_id`, due or not) and starts it.
 
-        Returns the run (None when there is nothing to claim) and whether the run lock was taken.
+        The claim (`running`, the run lock held in `conn`'s session) commits only once the
+        scraper has started. If the start fails, or this process dies before it, the claim rolls
+        back: the retry stays `pending_retry`, due when it was, its budget unspent. A start that
+        fails raises `StartFailed` (a configuration problem: processing stops). Returns None
+        when there is nothing to claim.
         """
         q = self.rt.queries
-        params = {"sr_now": self.rt.clock.now(), "sr_limit": 1}
+        params = {"sr_now": self.rt.clock.now(), "sr_limit": 1, "sr_run_id": run_id}
         statement = q.claim_due if run_id is None else q.claim_one
-        with conn.begin():
-            row = conn.execute(statement, {**params, "sr_run_id": run_id}).mappings().first()
-        if row is None:
-            return None, False
-        run = Run.from_row(row, self.rt.runs.input_columns)
+        transaction = conn.begin()
+        execution = None
+        try:
+            row = conn.execute(statement, params).mappings().first()
+            if row is None:
+                transaction.rollback()
+                return None
+            run = Run.from_row(row, self.rt.runs.input_columns)
+            execution = self.rt.executor.start(run)
+            transaction.commit()
+        except BaseException:
+            if execution is not None:
+                execution.abandon()  # started, but the claim could not be kept: nothing may run unclaimed
+            if transaction.is_active:
+                transaction.rollback()
+            raise  # the slot's session ends, and the run lock with it
         logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count, event="started").info(
             "{}: started", run.label
         )
         self.observe("started", run)
-        return run, bool(row["_sr_locked"])
+        return Claim(run, execution, bool(row["_sr_locked"]))
 
-    def execute_and_record(self, run: Run, stop: threading.Event) -> RetryOutcome:
+    def wait_and_record(self, run: Run, execution: Execution, stop: threading.Event) -> RetryOutcome:
         started = time.monotonic()
         timeout = self.rt.clock.real(self.rt.settings.timeout)
-        result = self.rt.executor.execute(run, timeout, stop)
+        result = execution.wait(timeout, stop)
         outcome = replace(record_outcome(self.rt, self.policy, run, result), seconds=time.monotonic() - started)
         self.observe("finished", outcome)
         return outcome
@@ -277,7 +317,9 @@ def record_outcome(rt: Runtime, policy: RetryPolicy, run: Run, result: Execution
         if result.cancelled:
             released = conn.execute(q.release, {"sr_now": now, "sr_ids": [run.id]}).first()
             if released:
-                log.bind(event="released").info("{}: put back to pending_retry (shutdown)", run.label)
+                log.bind(event="released").info(
+                    "{}: put back to pending_retry (stopped by a signal, no budget spent)", run.label
+                )
                 return RetryOutcome(run.id, run.label, "released")
         elif result.ok:
             if conn.execute(q.complete, {"sr_now": now, "sr_run_id": run.id}).first():

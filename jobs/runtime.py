@@ -39,9 +39,16 @@ class Runtime:
         role: str = "cli",
         clock: SystemClock | None = None,
         executor: Executor | None = None,
+        executes: bool = False,
     ) -> Runtime:
-        """Connects, reflects and checks the table; raises an operator error if it cannot."""
+        """Connects, reflects and checks the table; raises an operator error if it cannot.
+
+        With `executes`, the executor is built and checked first: a caller that will claim
+        retries is refused before it touches the database, never after a claim.
+        """
         url = settings.require_database_url()
+        if executes and executor is None:
+            executor = build_executor(settings)
         engine = make_engine(url, role=role, pool_size=settings.max_concurrent_retries + 2)
         with database_errors(engine, "connecting"), engine.connect() as conn:
             runs = load_runs_table(conn, settings.table, settings.heartbeat_column)
@@ -54,7 +61,8 @@ class Runtime:
 
     @cached_property
     def executor(self) -> Executor:
-        """Built on first use, so commands that execute nothing need no executor configured."""
+        """Built on first use (or at `open` with `executes`), so commands that execute nothing
+        need no executor configured."""
         return self.executor_override or build_executor(self.settings)
 
     def close(self) -> None:

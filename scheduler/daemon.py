@@ -27,9 +27,10 @@ from loguru import logger
 from db.daemons import DaemonRecords
 from db.engine import describe_db_error
 from jobs.config import Settings
-from jobs.errors import DatabaseUnavailable, OperatorError
+from jobs.errors import DatabaseUnavailable
 from jobs.retries import ProcessResult, supersede_completed_chains
 from jobs.runtime import Runtime
+from jobs.status import job_counts, job_error
 from jobs.stuck import SweepResult, sweep_stuck_runs
 from scheduler.dispatch import ContinuousDispatch
 from scheduler.metrics import Metrics
@@ -42,26 +43,6 @@ WATCHDOG = "systemd_watchdog"
 HEARTBEAT_INTERVAL = timedelta(seconds=15)
 STOP_TIMEOUT = timedelta(seconds=25)  # systemd's TimeoutStopSec (45 s) leaves room above this
 STARTUP_RETRY = timedelta(seconds=5)
-
-
-def summarize(result: object) -> dict[str, Any]:
-    """The counts a job run is recorded and logged with."""
-    if isinstance(result, SweepResult):
-        counts = {
-            "failed": result.failed,
-            "retries_scheduled": result.retries_scheduled,
-            "permanently_failed": result.permanently_failed,
-            "batches": result.batches,
-        }
-        return {**counts, "skipped": result.skipped} if result.skipped else counts
-    if isinstance(result, ProcessResult):
-        return {
-            "superseded": len(result.superseded),
-            "executed": len(result.executed),
-            "completed": result.succeeded,
-            "failed": result.failed,
-        }
-    return {}
 
 
 class Daemon:
@@ -182,16 +163,12 @@ class Daemon:
         log = logger.bind(job=event.job_id, event="job_run")
         started = self._started.pop(event.job_id, datetime.now(timezone.utc))
         if event.exception is None:
-            counts, outcome, error = summarize(event.retval), "ok", None
+            counts, outcome, error = job_counts(event.retval), "ok", None
             text = ", ".join(f"{k}={v}" for k, v in counts.items()) or "done"
             log.info("{} finished: {}", event.job_id, text)
         else:
             counts, outcome = {}, "error"
-            error = (
-                str(event.exception)
-                if isinstance(event.exception, OperatorError)
-                else (f"{type(event.exception).__name__}: {describe_db_error(event.exception, self.rt.engine.url)}")
-            )
+            error = job_error(event.exception, self.rt.engine.url)
             text = f"error: {error}"
             log.error("{} failed: {}", event.job_id, error)
         self._last[event.job_id] = f"{event.job_id} {started:%H:%M:%S} {text}"
@@ -304,10 +281,15 @@ def run_daemon(settings: Settings, *, role: str = "daemon") -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+    metrics = None
+    if settings.metrics_port:  # bound first: a port in use stops the daemon before it touches the database
+        metrics = Metrics()
+        metrics.serve(settings.metrics_port)
+        logger.info("Prometheus metrics on port {}", settings.metrics_port)
     runtime = None
     while runtime is None and not stopping.is_set():
         try:
-            runtime = Runtime.open(settings, role=role)
+            runtime = Runtime.open(settings, role=role, executes=True)
         except DatabaseUnavailable as exc:
             logger.error("{}; trying again in {}s", exc, int(STARTUP_RETRY.total_seconds()))
             notifier.status(f"waiting for the database: {exc}")
@@ -315,11 +297,6 @@ def run_daemon(settings: Settings, *, role: str = "daemon") -> None:
     if runtime is None:
         return
     try:
-        metrics = None
-        if settings.metrics_port:
-            metrics = Metrics()
-            metrics.serve(settings.metrics_port)
-            logger.info("Prometheus metrics on port {}", settings.metrics_port)
         daemon = Daemon(runtime, notifier, stopping, metrics)
         daemon.run()
     finally:

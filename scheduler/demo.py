@@ -8,6 +8,7 @@ chain is printed as SPEC §10 tells it, and checked: exit 0 only if the story ca
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import tempfile
 import threading
@@ -21,12 +22,13 @@ import click
 import sqlalchemy as sa
 from apscheduler.events import EVENT_JOB_EXECUTED
 from loguru import logger
+from sqlalchemy.engine import make_url
 
 from db.engine import make_engine
 from db.migrate import migrate
 from jobs.clock import ScaledClock
 from jobs.config import Settings
-from jobs.executor import ExecutionResult
+from jobs.executor import ExecutionResult, InProcess
 from jobs.manual import ChainHistory, chain_history
 from jobs.model import Run
 from jobs.runtime import Runtime
@@ -70,11 +72,11 @@ SEEDS = (
     Seed("Backend Engineer", "Berlin", timedelta(minutes=20), "healthy", "success", 1),
     Seed("Data Engineer", "Lisbon", timedelta(hours=3), "http-503", "failed", 5),
     Seed("ML Engineer", "Amsterdam", timedelta(hours=2), "http-404", "failed", 2),
-    Seed("Product Manager", "Paris", timedelta(hours=1, minutes=30), "late-completion", "success", 2),
+    Seed("Product Manager", "Paris", timedelta(hours=1, minutes=30), "late-completion", "success", 1),
 )
 
 
-class SimulatedScraper:
+class SimulatedScraper(InProcess):
     """The demo's executor: plays each seeded run's part, in virtual time."""
 
     def __init__(self, clock: ScaledClock, parts: dict[str, str]) -> None:
@@ -119,8 +121,7 @@ def tell(chain: ChainHistory) -> list[str]:
             lines.append(f"└─ next_retry_at {_hhmm(attempt.next_retry_at)}")
         else:
             lines.append(f"└─ Status: {attempt.status}{message}")
-    outcome = "success" if chain.final_status == "success" else chain.final_status
-    lines.append(f"Total attempts: {len(chain.attempts)} · final status: {outcome}")
+    lines.append(chain.summary)
     return lines
 
 
@@ -233,8 +234,29 @@ def run_demo(keep: bool = False) -> int:
         f"\nDemo finished in {time.monotonic() - started:.1f}s: {'the story came out right' if ok else 'UNEXPECTED OUTCOME'}."
     )
     if keep:
-        click.echo(f"Database kept: {url}")
+        for line in kept_server_notice(pgdata, server.get_pid(), server.system_user or getpass.getuser(), url):
+            click.echo(line)
     return 0 if ok else 1
+
+
+def kept_server_notice(pgdata: Path, pid: int | None, user: str, url: str) -> list[str]:
+    """What `--keep` leaves behind and how to end it.
+
+    As root, pgserver runs PostgreSQL as its own `pgserver` user and `pg_ctl` refuses to run as
+    root; a signal to the postmaster stops it whoever sends it (root, or the user it runs as).
+    """
+    u = make_url(url)
+    where = f"?host={u.query['host']}" if "host" in u.query else ""
+    connect = f"postgresql://{u.username}@{'' if where else f'{u.host}:{u.port}'}/{u.database}{where}"
+    return [
+        "",
+        f"The demo's daemon has stopped; its embedded PostgreSQL keeps running (pid {pid}, as user {user}).",
+        f"  data:     {pgdata} (server log: {pgdata / 'log'})",
+        f"  connect:  {connect}",
+        f"            e.g. DATABASE_URL='{connect}' stuck-runs status",
+        f"  stop it:  kill -INT $(head -1 {pgdata / 'postmaster.pid'})",
+        f"  then remove the data: rm -rf {pgdata}",
+    ]
 
 
 def _report(runtime: Runtime, ids: dict[str, str]) -> bool:
@@ -244,7 +266,7 @@ def _report(runtime: Runtime, ids: dict[str, str]) -> bool:
         click.echo("")
         for line in tell(chain):
             click.echo(line)
-        if (chain.final_status, len(chain.attempts)) != (seed.expect, seed.expect_attempts):
+        if (chain.final_status, chain.attempts_made) != (seed.expect, seed.expect_attempts):
             click.echo(f"!! expected {seed.expect_attempts} attempt(s) ending {seed.expect}")
             ok = False
     return ok

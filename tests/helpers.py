@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from jobs.config import Settings
-from jobs.executor import ExecutionResult
+from jobs.executor import ExecutionResult, InProcess
 from jobs.model import Run
 from jobs.rules import RetryPolicy
 from jobs.runtime import Runtime
@@ -43,6 +43,20 @@ def insert_run(
     return conn.execute(sa.text(f"INSERT INTO {table} ({names}) VALUES ({params}) RETURNING id"), values).scalar_one()
 
 
+def insert_stuck_runs(conn: sa.Connection, count: int, started_at: datetime, **columns: str) -> None:
+    """`count` runs `running` since `started_at`, named 'q1' ... in Belgium; `columns` maps
+    further columns to SQL expressions of `g`, the run's number (`user_id="g"`)."""
+    names = "".join(f", {name}" for name in columns)
+    values = "".join(f", {expression}" for expression in columns.values())
+    conn.execute(
+        sa.text(
+            f"INSERT INTO scrape_runs (search_query, location_query, status, started_at{names})"
+            f" SELECT 'q' || g, 'Belgium', 'running', :t{values} FROM generate_series(1, :n) g"
+        ),
+        {"t": started_at, "n": count},
+    )
+
+
 def row(conn: sa.Connection, run_id: uuid.UUID, table: str = "scrape_runs") -> dict:
     return dict(conn.execute(sa.text(f"SELECT * FROM {table} WHERE id = :id"), {"id": run_id}).mappings().one())
 
@@ -56,7 +70,7 @@ def chain_of(conn: sa.Connection, root: uuid.UUID) -> list[dict]:
     return rows(conn, "id = :root OR original_run_id = :root", root=root)
 
 
-class ScriptedScraper:
+class ScriptedScraper(InProcess):
     """An in-process executor: `script(run)` says what the scraper does for each attempt."""
 
     def __init__(self, script: Callable[[Run], ExecutionResult] | None = None) -> None:

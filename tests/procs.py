@@ -55,9 +55,27 @@ def scraper(args: argparse.Namespace) -> None:
     print(json.dumps({"completed": completed}))
 
 
+def claim_and_die(args: argparse.Namespace) -> None:
+    """Claims a due retry and is killed (SIGKILL) where its scraper would start."""
+    import os
+    import signal
+
+    from jobs.retries import process_due_retries
+    from tests.helpers import ScriptedScraper, make_runtime
+
+    class DiesAtStart(ScriptedScraper):
+        def start(self, run):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        def execute(self, run, timeout, cancel):  # where the start happened before claims waited for it
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    process_due_retries(make_runtime(args.url, DiesAtStart()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["sweeper", "scraper"])
+    parser.add_argument("role", choices=["sweeper", "scraper", "claim_and_die"])
     parser.add_argument("url")
     parser.add_argument("--start")
     parser.add_argument("--batch", type=int, default=1000)
@@ -66,7 +84,7 @@ def main() -> None:
     parser.add_argument("--ids")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    {"sweeper": sweeper, "scraper": scraper}[args.role](args)
+    {"sweeper": sweeper, "scraper": scraper, "claim_and_die": claim_and_die}[args.role](args)
     sys.stdout.flush()
 
 

@@ -4,16 +4,21 @@ only here; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import importlib
+import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import click
 
 from jobs.config import FLAG_FOR, Settings, settings_from_environment
-from jobs.errors import EXIT_OK, EXIT_USAGE, OperatorError
-from jobs.runtime import Runtime
-from scheduler.logs import configure_logging
+from jobs.errors import EXIT_INTERRUPTED, EXIT_OK, OperatorError
+from scheduler.cli.interrupts import Interrupted
+
+if TYPE_CHECKING:
+    from jobs.runtime import Runtime
 
 ENV_FOR_FLAG = {flag: env for env, flag in FLAG_FOR.items()}
 HELP = {
@@ -75,14 +80,20 @@ def config_options(*env_names: str) -> Callable:
 
 def load_settings(ctx: click.Context) -> Settings:
     """The settings for this invocation, logging configured from them."""
+    from scheduler.logs import configure_logging
+
     settings = settings_from_environment(ctx.meta.get("stuck_runs.flags", {}))
     configure_logging(settings.log_level, settings.log_format)
     return settings
 
 
 @contextmanager
-def open_runtime(ctx: click.Context, role: str = "cli") -> Iterator[Runtime]:
-    runtime = Runtime.open(load_settings(ctx), role=role)
+def open_runtime(ctx: click.Context, role: str = "cli", *, executes: bool = False) -> Iterator[Runtime]:
+    """The runtime for this invocation; with `executes`, refused before connecting when no
+    executor could run a retry."""
+    from jobs.runtime import Runtime
+
+    runtime = Runtime.open(load_settings(ctx), role=role, executes=executes)
     try:
         yield runtime
     finally:
@@ -93,7 +104,60 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 dry_run_option = click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """A group whose commands' modules load only when one of them runs.
+
+    `stuck-runs --help` lists COMMANDS' short help without importing SQLAlchemy or Alembic; a
+    command imports what it needs and no more (tests/unit/test_cli_startup.py holds this table to
+    the commands' own docstrings).
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in COMMANDS:
+            importlib.import_module(COMMANDS[name][0])  # its commands register on `cli`
+        return self.commands.get(name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][1]) for name in sorted(COMMANDS)])
+
+
+# Each command: the module that defines it, and its short help (its docstring's first line).
+COMMANDS = {
+    "check": ("scheduler.cli.runs", "Fail runs stuck in 'running' and schedule their retries."),
+    "process": ("scheduler.cli.runs", "Supersede retries whose chain completed, then execute the due ones."),
+    "fix": ("scheduler.cli.runs", "A stuck-run sweep, then a pass over due retries (what the manual script does)."),
+    "retry": ("scheduler.cli.runs", "Retry a failed run now, or every failed chain matching filters."),
+    "history": ("scheduler.cli.runs", "Every attempt of a run's chain, oldest first."),
+    "stats": (
+        "scheduler.cli.ops",
+        "Retry metrics: totals, success rates, retries per chain, by failure pattern and attempt.",
+    ),
+    "dlq": ("scheduler.cli.ops", "The dead-letter queue: chains that ended permanently failed."),
+    "doctor": (
+        "scheduler.cli.ops",
+        "Check configuration, connectivity, migration, indexes, clock skew, executor, privileges.",
+    ),
+    "migrate": (
+        "scheduler.cli.admin",
+        "Add the retry columns, status values and indexes to the runs table (idempotent).",
+    ),
+    "status": ("scheduler.cli.admin", "Each job's last and next run, live daemons, and where the runs stand."),
+    "daemon": (
+        "scheduler.cli.admin",
+        "Run the stuck-run checker (hourly) and the retry processor (every 30 min) until SIGTERM.",
+    ),
+    "demo": (
+        "scheduler.cli.admin",
+        "Run the whole story on an embedded PostgreSQL, a virtual day in about 20 seconds.",
+    ),
+}
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @config_options("LOG_LEVEL", "LOG_FORMAT")
 @click.version_option(package_name="stuck-runs")
 def cli() -> None:
@@ -104,24 +168,37 @@ def cli() -> None:
     """
 
 
+def _refuse(message: str, code: int, as_json: bool) -> int:
+    """One line on stderr; with --json, also the refusal as JSON on stdout for the script."""
+    click.echo(f"stuck-runs: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps({"success": False, "error": message, "exit_code": code}))
+    return code
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry: runs a command, turns operator errors into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in args[: args.index("--")] if "--" in args else "--json" in args
     try:
-        code = cli.main(args=argv, prog_name="stuck-runs", standalone_mode=False)
+        code = cli.main(args=args, prog_name="stuck-runs", standalone_mode=False)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.ClickException as exc:
-        exc.show()
-        code = exc.exit_code
-    except click.Abort:
-        click.echo("Aborted.", err=True)
-        code = EXIT_USAGE
+        if as_json:
+            code = _refuse(exc.format_message(), exc.exit_code, as_json)
+        else:
+            exc.show()
+            code = exc.exit_code
+    except click.Abort as exc:
+        # click turns a KeyboardInterrupt (ours while printing, or Ctrl-C anywhere else) into Abort.
+        if isinstance(exc.__cause__, Interrupted):
+            message, code = "interrupted while printing the result; the work itself had finished", exc.__cause__.signum
+            code = _refuse(message, 128 + code, False)
+        else:
+            code = _refuse("interrupted; nothing more was done", EXIT_INTERRUPTED, as_json)
     except OperatorError as exc:
-        click.echo(f"stuck-runs: {exc}", err=True)
-        code = exc.exit_code
+        code = _refuse(str(exc), exc.exit_code, as_json)
     except KeyboardInterrupt:
-        code = 130
+        code = _refuse("interrupted; nothing more was done", EXIT_INTERRUPTED, as_json)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
-
-
-from scheduler.cli import admin, ops, runs  # noqa: E402,F401  (commands register on `cli`)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import time
+import threading
+from collections.abc import Callable
 
 import click
 
@@ -19,10 +20,20 @@ from jobs.manual import (
     run_retry_now,
 )
 from jobs.recovery import FixResult, fix_stuck_runs_with_retry
-from jobs.retries import ProcessResult, process_due_retries
+from jobs.retries import ProcessResult, RetryOutcome, process_due_retries
+from jobs.status import CHECKER, JOB_IDS, PROCESSOR, job_run
 from jobs.stuck import SweepResult, sweep_stuck_runs
-from scheduler.cli import EXECUTION, POLICY, cli, config_options, dry_run_option, json_option, open_runtime
-from scheduler.cli.output import emit_json, short, table, when
+from scheduler.cli import (
+    EXECUTION,
+    POLICY,
+    cli,
+    config_options,
+    dry_run_option,
+    json_option,
+    open_runtime,
+)
+from scheduler.cli.interrupts import interruptible
+from scheduler.cli.output import emit_json, table, when
 
 
 def print_sweep(result: SweepResult) -> None:
@@ -36,26 +47,54 @@ def print_sweep(result: SweepResult) -> None:
     )
     table(
         ("RUN ID", "RUN", "ERROR MESSAGE", "RETRY DUE"),
-        ((a.run_id, short(a.label, 50), a.message, when(a.retry_due)) for a in result.attempts),
+        ((a.run_id, a.label, a.message, when(a.retry_due)) for a in result.attempts),
+        shrink=("RUN", "ERROR MESSAGE"),
     )
 
 
-def print_process(result: ProcessResult) -> None:
+def print_process(result: ProcessResult, *, listed: bool = False) -> None:
+    """The processor's result; `listed`: the executions were already printed as they happened."""
     if result.dry_run:
         click.echo(
             f"Retry processor: would supersede {len(result.superseded)}, would execute {len(result.due)} due retry(ies)."
         )
-        table(("RUN ID", "RUN", "DUE"), ((d.run_id, short(d.label, 50), when(d.due)) for d in result.due))
+        table(("RUN ID", "RUN", "DUE"), ((d.run_id, d.label, when(d.due)) for d in result.due), shrink=("RUN",))
     else:
+        released = f", {result.released} put back to pending_retry" if result.released else ""
         click.echo(
-            f"Retry processor: {len(result.superseded)} superseded, {len(result.executed)} executed "
-            f"({result.succeeded} completed, {result.failed} failed) ({result.seconds:.2f}s)."
+            f"Retry processor: {len(result.superseded)} superseded, {len(result.executed) - result.released} executed "
+            f"({result.succeeded} completed, {result.failed} failed){released} ({result.seconds:.2f}s)."
         )
-        table(
-            ("RUN ID", "RUN", "STATUS", "MESSAGE", "NEXT RETRY"),
-            ((o.run_id, short(o.label, 50), o.status, o.message or "-", when(o.retry_due)) for o in result.executed),
-        )
-    table(("SUPERSEDED", "RUN", "MESSAGE"), ((s.run_id, short(s.label, 50), s.message) for s in result.superseded))
+        if not listed:
+            table(
+                ("RUN ID", "RUN", "STATUS", "MESSAGE", "NEXT RETRY"),
+                ((o.run_id, o.label, o.status, o.message or "-", when(o.retry_due)) for o in result.executed),
+                shrink=("RUN", "MESSAGE"),
+            )
+    table(
+        ("SUPERSEDED", "RUN", "MESSAGE"),
+        ((s.run_id, s.label, s.message) for s in result.superseded),
+        shrink=("RUN", "MESSAGE"),
+    )
+
+
+def progress_printer(as_json: bool) -> Callable[[str, object], None] | None:
+    """Prints each execution as it starts and ends (a retry can take an hour); nothing for --json."""
+    if as_json:
+        return None
+
+    def observe(event: str, payload: object) -> None:
+        if event == "swept":
+            print_sweep(payload)  # type: ignore[arg-type]
+        elif event == "started":
+            click.echo(f"Executing {payload.label} (run {payload.id})…")  # type: ignore[attr-defined]
+        elif event == "finished":
+            outcome: RetryOutcome = payload  # type: ignore[assignment]
+            message = f" — {outcome.message}" if outcome.message else ""
+            due = f"; next retry due {when(outcome.retry_due)}" if outcome.retry_due else ""
+            click.echo(f"  {outcome.status} after {outcome.seconds:.1f}s{message}{due}")
+
+    return observe
 
 
 @cli.command()
@@ -70,10 +109,14 @@ def check(ctx: click.Context, dry_run: bool, as_json: bool) -> int:
     Example:
       stuck-runs check --stuck-after 2h --dry-run
     """
-    with open_runtime(ctx) as rt:
-        result = sweep_stuck_runs(rt, dry_run=dry_run)
-    emit_json(result) if as_json else print_sweep(result)
-    return EXIT_OK
+    with interruptible() as interruption:
+        with open_runtime(ctx) as rt, job_run(rt, (CHECKER,), dry_run=dry_run) as record:
+            result = sweep_stuck_runs(rt, dry_run=dry_run, stop=interruption.event)
+            record(result)
+        interruption.printing()
+        emit_json(result) if as_json else print_sweep(result)
+        interruption.report()
+    return interruption.exit_code(EXIT_OK)
 
 
 @cli.command()
@@ -88,29 +131,40 @@ def process(ctx: click.Context, dry_run: bool, as_json: bool) -> int:
     Example:
       stuck-runs process --max-concurrent-retries 2
     """
-    with open_runtime(ctx) as rt:
-        result = process_due_retries(rt, dry_run=dry_run)
-    emit_json(result) if as_json else print_process(result)
-    return EXIT_OK
+    observe = progress_printer(as_json)
+    with interruptible() as interruption:
+        with open_runtime(ctx, executes=not dry_run) as rt, job_run(rt, (PROCESSOR,), dry_run=dry_run) as record:
+            result = process_due_retries(rt, dry_run=dry_run, stop=interruption.event, observe=observe)
+            record(result)
+        interruption.printing()
+        emit_json(result) if as_json else print_process(result, listed=observe is not None)
+        interruption.report()
+    return interruption.exit_code(EXIT_OK)
 
 
 def run_fix(ctx: click.Context, dry_run: bool, as_json: bool) -> int:
     """`fix`, shared with scripts/fix_stuck_runs_with_retry.py."""
-    with open_runtime(ctx) as rt:
-        policy = rt.settings.policy
-        result: FixResult = fix_stuck_runs_with_retry(
-            max_duration_hours=policy.stuck_after.total_seconds() / 3600,
-            retry_delay_hours=policy.retry_delay.total_seconds() / 3600,
-            max_retries=policy.max_retries,
-            runtime=rt,
-            dry_run=dry_run,
-        )
-    if as_json:
-        emit_json(result)
-    else:
-        print_sweep(result.sweep)
-        print_process(result.process)
-    return EXIT_OK
+    observe = progress_printer(as_json)
+    with interruptible() as interruption:
+        with open_runtime(ctx, executes=not dry_run) as rt, job_run(rt, JOB_IDS, dry_run=dry_run) as record:
+            policy = rt.settings.policy
+            result: FixResult = fix_stuck_runs_with_retry(
+                max_duration_hours=policy.stuck_after.total_seconds() / 3600,
+                retry_delay_hours=policy.retry_delay.total_seconds() / 3600,
+                max_retries=policy.max_retries,
+                runtime=rt,
+                dry_run=dry_run,
+                stop=interruption.event,
+                observe=observe,
+            )
+            record(result)
+        interruption.printing()
+        if as_json:
+            emit_json(result)
+        else:
+            print_process(result.process, listed=True)  # the sweep and each execution were printed live
+        interruption.report()
+    return interruption.exit_code(EXIT_OK)
 
 
 @cli.command()
@@ -188,9 +242,11 @@ def retry(
         kind=kind,
         limit=limit,
     )
-    if run_id and (criteria.given or spread):
+    # `--status failed` is the default, and a filter when given: `retry --status failed` retries every failed chain.
+    bulk = criteria.given or ctx.get_parameter_source("kind") is click.core.ParameterSource.COMMANDLINE
+    if run_id and (bulk or spread):
         raise UsageError("give a RUN_ID or bulk filters (--error-like, --since...), not both")
-    if not run_id and not criteria.given:
+    if not run_id and not bulk:
         raise UsageError(
             "give a RUN_ID, or filters for a bulk retry (--error-like, --search-query, --since, --status...)"
         )
@@ -198,36 +254,46 @@ def retry(
         raise UsageError("--now executes one retry: give a RUN_ID and no --dry-run")
     spread_by = parse_duration(spread, "--spread") if spread else None
     wanted = parse_run_id(run_id) if run_id else None
-    with open_runtime(ctx) as rt:
+    with interruptible() as interruption:
+        code = _retry(ctx, interruption, wanted, criteria, reset_budget, execute_now, spread_by, dry_run, as_json)
+    return interruption.exit_code(code)
+
+
+def _retry(ctx, interruption, wanted, criteria, reset_budget, execute_now, spread_by, dry_run, as_json) -> int:
+    """`retry`, single or bulk, once its arguments are checked."""
+    outcome = None
+    with open_runtime(ctx, executes=execute_now) as rt:
         if wanted is None:
-            bulk = retry_matching(rt, criteria, reset_budget=reset_budget, spread=spread_by, dry_run=dry_run)
-            emit_json(bulk) if as_json else print_bulk(bulk)
-            return EXIT_OK
-        if dry_run:
-            plan = retry_run(rt, wanted, reset_budget=reset_budget, dry_run=True)
-            emit_json(plan) if as_json else click.echo(f"Would schedule: {plan.message}, due now (dry run)")
-            return EXIT_OK
-        if execute_now:
-            _ = rt.executor  # refuse before scheduling if nothing could execute it
-        scheduled = retry_run(rt, wanted, reset_budget=reset_budget)
-        outcome = None
-        if execute_now:
-            outcome = run_retry_now(rt, scheduled.retry_id, lambda: _wait_for_slot(rt))
+            result: object = retry_matching(rt, criteria, reset_budget=reset_budget, spread=spread_by, dry_run=dry_run)
+        elif dry_run:
+            result = retry_run(rt, wanted, reset_budget=reset_budget, dry_run=True)
+        else:
+            result = retry_run(rt, wanted, reset_budget=reset_budget)
+            if execute_now and not interruption.event.is_set():
+                outcome = run_retry_now(
+                    rt, result.retry_id, lambda: _wait_for_slot(rt, interruption.event), interruption.event
+                )
+    interruption.printing()
     if as_json:
-        emit_json({"scheduled": scheduled, "outcome": outcome})
+        emit_json(result if wanted is None or dry_run else {"scheduled": result, "outcome": outcome})
+    elif wanted is None:
+        print_bulk(result)
+    elif dry_run:
+        click.echo(f"Would schedule: {result.message}, due now (dry run)")
     else:
-        click.echo(scheduled.message)
-        click.echo(f"  retry {scheduled.retry_id} of run {scheduled.failed_run_id}, due {when(scheduled.due)}")
+        click.echo(result.message)
+        click.echo(f"  retry {result.retry_id} of run {result.failed_run_id}, due {when(result.due)}")
         if outcome is not None:
             click.echo(f"Executed: {outcome.status}" + (f" — {outcome.message}" if outcome.message else ""))
+    interruption.report()
     return EXIT_OK if outcome is None or outcome.status == "completed" else EXIT_REFUSED
 
 
-def _wait_for_slot(rt) -> None:
+def _wait_for_slot(rt, stop: threading.Event) -> None:
     click.echo(
         f"Every retry slot (MAX_CONCURRENT_RETRIES={rt.settings.max_concurrent_retries}) is busy; waiting…", err=True
     )
-    time.sleep(rt.settings.dispatch_poll.total_seconds())
+    stop.wait(rt.settings.dispatch_poll.total_seconds())
 
 
 def print_bulk(result: BulkRetryResult) -> None:
@@ -238,11 +304,14 @@ def print_bulk(result: BulkRetryResult) -> None:
     table(
         ("RUN ID", "RUN", "ATTEMPT", "DUE", "RETRY ID"),
         (
-            (s.failed_run_id, short(s.label, 45), f"{s.attempt}/{s.budget}", when(s.due), s.retry_id or "-")
+            (s.failed_run_id, s.label, f"{s.attempt}/{s.budget}", when(s.due), s.retry_id or "-")
             for s in result.scheduled
         ),
+        shrink=("RUN",),
     )
-    table(("SKIPPED", "RUN", "REASON"), ((s.run_id, short(s.label, 45), short(s.reason, 90)) for s in result.skipped))
+    table(
+        ("SKIPPED", "RUN", "REASON"), ((s.run_id, s.label, s.reason) for s in result.skipped), shrink=("RUN", "REASON")
+    )
 
 
 @cli.command()
@@ -269,16 +338,17 @@ def history(ctx: click.Context, run_id: str, as_json: bool) -> int:
             (
                 a.retry_count,
                 a.id,
-                short(a.label, 45),
+                a.label,
                 a.status,
                 when(a.started_at),
                 when(a.completed_at),
                 when(a.next_retry_at),
                 a.failure_pattern or "-",
-                short(a.error_message, 70),
+                a.error_message or "-",
             )
             for a in chain.attempts
         ),
+        shrink=("RUN", "ERROR MESSAGE"),
     )
-    click.echo(f"Total attempts: {len(chain.attempts)} · final status: {chain.final_status}")
+    click.echo(chain.summary)
     return EXIT_OK

@@ -107,7 +107,7 @@ def test_check_dry_run_then_check_then_history(db_url):
     history = cli("history", str(run_id), env=env)
     assert history.returncode == 0
     assert "[RETRY 1/4] Data Architect in Belgium" in history.stdout and "pending_retry" in history.stdout
-    assert "Total attempts: 2 · final status: pending_retry" in history.stdout
+    assert "Total attempts: 1 · final status: pending_retry" in history.stdout  # the retry has not run
     engine.dispose()
 
 
@@ -130,7 +130,7 @@ def test_the_env_file_is_read_and_the_script_takes_the_fix_flags(db_url, tmp_pat
     engine = make_engine(db_url)
     with engine.begin() as conn:
         run_id = insert_run(conn, started_at=datetime.now(timezone.utc) - timedelta(hours=3))
-    (tmp_path / ".env").write_text(f"DATABASE_URL={db_url}\nSTUCK_AFTER=5h\n")
+    (tmp_path / ".env").write_text(f"DATABASE_URL={db_url}\nSTUCK_AFTER=5h\nSCRAPE_RUN_COMMAND=true\n")
     script = str(REPO / "scripts" / "fix_stuck_runs_with_retry.py")
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     patient = subprocess.run(

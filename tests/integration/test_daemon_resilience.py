@@ -23,7 +23,7 @@ from scheduler.daemon import Daemon
 from scheduler.notify import Notifier
 from tests.conftest import REPO
 from tests.daemons import DaemonProcess, wait_until
-from tests.helpers import ScriptedScraper, insert_due_retry, insert_run, make_runtime, row
+from tests.helpers import ScriptedScraper, insert_due_retry, insert_run, insert_stuck_runs, make_runtime, row
 from tests.own_server import OwnServer
 from tests.schema import TEXT_STATUS
 
@@ -260,13 +260,7 @@ def test_kill_9_in_the_middle_of_a_sweep_loses_and_duplicates_nothing(db_url):
     engine = make_engine(db_url)
     started = datetime.now(timezone.utc) - timedelta(hours=3)
     with engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                "INSERT INTO scrape_runs (search_query, location_query, status, started_at)"
-                " SELECT 'q' || g, 'Belgium', 'running', :t FROM generate_series(1, 20000) g"
-            ),
-            {"t": started},
-        )
+        insert_stuck_runs(conn, 20000, started)
     daemon = start_daemon(db_url, BATCH_SIZE="10", SCRAPE_RUN_COMMAND="true", CHECK_INTERVAL="2s")
     failed = wait_until(
         lambda: scalar(engine, "SELECT count(*) FROM scrape_runs WHERE status = 'failed'") >= 500, every=0.02

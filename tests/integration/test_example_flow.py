@@ -64,9 +64,11 @@ def test_the_example_flow(variant_url, variant):
         # 13:00: the retry processor starts it, and its worker dies (the session ends).
         frozen.move_to(at(13))
         with rt.engine.connect() as conn:
-            claimed, _ = RetryDispatcher(rt, rt.settings.policy).claim(conn)
+            claim = RetryDispatcher(rt, rt.settings.policy).claim(conn)
             conn.invalidate()  # the worker's process is gone, and its session with it
-        assert claimed is not None and claimed.label == "[RETRY 1/4] Data Architect in Belgium"
+        assert claim is not None
+        claimed = claim.run
+        assert claimed.label == "[RETRY 1/4] Data Architect in Belgium"
         assert claimed.inputs["config"] == {"pages": 3} and claimed.inputs["user_id"] == 7
 
         # 14:00: running for 1.0h, which is not over the threshold.

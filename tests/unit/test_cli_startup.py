@@ -1,0 +1,63 @@
+"""A command imports only what it needs: `--help` loads no database library, `check` no migrations.
+
+Asserted on the modules a real process loaded, not on timings (BENCHMARKS.md has the times).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import click
+import pytest
+
+from scheduler.cli import COMMANDS, cli
+from tests.conftest import REPO
+
+PROBE = """
+import json, sys
+from scheduler.cli import main
+try:
+    main({args!r})
+except SystemExit:
+    pass
+heavy = ("sqlalchemy", "alembic", "apscheduler", "prometheus_client", "psycopg2", "multiprocessing.pool")
+print(json.dumps(sorted(name for name in heavy if name in sys.modules)))
+"""
+
+
+def loaded_by(*args: str, env: dict | None = None) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE.format(args=list(args))],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"]])
+def test_help_and_version_load_no_database_library(args):
+    assert loaded_by(*args) == []
+
+
+def test_check_loads_no_migrations_scheduler_or_metrics(monkeypatch):
+    # Unreachable on purpose: the point is what `check` imports on its way to the database.
+    env = {"DATABASE_URL": "postgresql://u@127.0.0.1:1/db", "PATH": "/usr/bin:/bin"}
+    assert set(loaded_by("check", env=env)) <= {"sqlalchemy", "psycopg2"}
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_the_listed_short_help_is_the_commands_own(name):
+    command = cli.get_command(click.Context(cli), name)
+    assert command is not None
+    assert (command.help or "").splitlines()[0].strip() == COMMANDS[name][1]
+
+
+def test_every_registered_command_is_listed():
+    for name in sorted(COMMANDS):
+        cli.get_command(click.Context(cli), name)  # imports every module
+    assert set(cli.commands) == set(COMMANDS)
