@@ -23,7 +23,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from loguru import logger
 
-from bench import anatomy, claims, contenders, data
+from bench import anatomy, claims, contenders, data, startup
 from bench.contenders import FixedClock
 from jobs.config import Settings
 from jobs.runtime import Runtime
@@ -187,6 +187,18 @@ def footprint(server_url: str, minutes: float) -> dict | None:
         data.drop(server_url, template)
 
 
+def startup_of_commands(server_url: str, config: dict) -> dict:
+    """`--help`, `--version` and an idle `check` as a shell runs them, on the smallest idle table."""
+    template = "bench_tpl_startup"
+    data.build_template(server_url, template, history=config["idle_sizes"][0], stuck=0, now=data.bench_now())
+    url, db = data.copy_of(server_url, template)
+    try:
+        return startup.measure(url)
+    finally:
+        data.drop(server_url, db)
+        data.drop(server_url, template)
+
+
 def machine(server_url: str) -> dict:
     cpu = next(
         (
@@ -247,6 +259,8 @@ def main() -> None:
         report["claims"] = claim_throughput(server_url, config, work)
         print("footprint", flush=True)
         report["footprint"] = footprint(server_url, config["footprint_minutes"])
+        print("start-up of whole commands", flush=True)
+        report["startup"] = startup_of_commands(server_url, config)
         report["seconds"] = round(time.perf_counter() - started)
     finally:
         if server is not None:

@@ -196,4 +196,24 @@ def write(report: dict, path: Path) -> None:
             f"(first {f['rss_mib_first']}, last {f['rss_mib_last']}), **{f['cpu_seconds']} s** of CPU "
             f"({f['cpu_percent_of_one_core']} % of one core), {f['threads']} threads.",
         ]
+    if report.get("startup"):
+        lines += ["", *startup_section(report["startup"])]
     path.write_text("\n".join(lines) + "\n")
+
+
+def startup_section(startup: dict) -> list[str]:
+    lines = [
+        "## Start-up of whole commands",
+        "",
+        f"Each command run from a shell as a child process, output included, median of {startup['repeat']} "
+        "(`python -m bench.startup URL` alone). The imports, from `python -X importtime`, are the module each "
+        "command loads before its work: `--help` loads neither SQLAlchemy nor Alembic (commands load lazily), "
+        "`check` loads no migrations, scheduler or metrics.",
+        "",
+        "| command | median s | fastest s | imports ms |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, figure in startup["commands"].items():
+        imports = figure.get("import_ms", "-")
+        lines.append(f"| `stuck-runs {name}` | {figure['median_s']} | {figure['min_s']} | {imports} |")
+    return lines
