@@ -90,7 +90,11 @@ class RunQueries:
 
         self.stuck_batch = self._stuck_batch(lock=True)
         self.sweep_batch = self._sweep_batch()
-        self.stuck_preview = self._stuck_batch(lock=False)
+        self.stuck_preview = self._stuck_preview()
+        preview = self.stuck_preview.subquery("preview")
+        self.stuck_preview_counts = sa.select(
+            sa.func.count().label("stuck"), sa.func.count().filter(preview.c.retried).label("retried")
+        )
         self.fail_running = self._fail("running", reported=False)
         self.fail_reported = self._fail("failed", reported=True)
         self.superseded_batch = self._superseded(lock=True)
@@ -274,12 +278,38 @@ class RunQueries:
         )
         return budget, message, due
 
+    def _stuck_preview(self) -> sa.Select:
+        """What the sweep would do, changing nothing: the stuck runs (up to `:sr_limit`) with the
+        very decision expressions the sweep writes, in the sweep's names (`retry_id` NULL,
+        `retried` when a retry would be scheduled)."""
+        t = self.t
+        budget, message, due = self._stuck_decision()
+        stuck = self._stuck_batch(lock=False).subquery("stuck")
+        return (
+            sa.select(
+                sa.cast(t.c.id, sa.Text).label("run_id"),
+                sa.cast(sa.func.coalesce(t.c.original_run_id, t.c.id), sa.Text).label("chain_id"),
+                t.c.search_query,
+                t.c.location_query,
+                t.c.retry_count,
+                budget.label("budget"),
+                message.label("message"),
+                due.label("next_retry_at"),
+                sa.cast(sa.null(), sa.Text).label("retry_id"),
+                due.is_not(None).label("retried"),
+                sa.false().label("dead_lettered"),
+            )
+            .join(stuck, stuck.c.id == t.c.id)
+            .order_by(stuck.c.since)
+        )
+
     def _sweep_batch(self) -> sa.Select:
         """One batch of the stuck sweep in one statement: lock up to `:sr_limit` stuck runs
         (SKIP LOCKED), fail them with the rules' decision, create their retries and dead letters.
 
-        Returns per failed run, ids as text: (id, chain_id, search_query, location_query,
-        retry_count, budget, error_message, next_retry_at, retry_id, dead_lettered).
+        Returns per failed run, by name, ids as text: run_id, chain_id, search_query,
+        location_query, retry_count, budget, message, next_retry_at, retry_id (NULL when no retry
+        was created: budget spent, or one already existed), retried and dead_lettered.
         """
         t, runs = self.t, self.runs
         stuck = (
@@ -317,16 +347,17 @@ class RunQueries:
         dead = insert_from_failed(self.dead_letters, failed, self._inputs_json(failed), NOW).cte("dead")
         created = failed.c._sr_retry_id.in_(sa.select(retried.c.id))
         return sa.select(
-            sa.cast(failed.c.id, sa.Text),
-            sa.cast(sa.func.coalesce(failed.c.original_run_id, failed.c.id), sa.Text),
+            sa.cast(failed.c.id, sa.Text).label("run_id"),
+            sa.cast(sa.func.coalesce(failed.c.original_run_id, failed.c.id), sa.Text).label("chain_id"),
             failed.c.search_query,
             failed.c.location_query,
             failed.c.retry_count,
-            failed.c.max_retries,
-            failed.c.error_message,
+            failed.c.max_retries.label("budget"),
+            failed.c.error_message.label("message"),
             failed.c.next_retry_at,
-            sa.case((created, sa.cast(failed.c._sr_retry_id, sa.Text)), else_=sa.null()),
-            failed.c.id.in_(sa.select(dead.c.run_id)),
+            sa.case((created, sa.cast(failed.c._sr_retry_id, sa.Text)), else_=sa.null()).label("retry_id"),
+            created.label("retried"),
+            failed.c.id.in_(sa.select(dead.c.run_id)).label("dead_lettered"),
         )
 
     def _retry_rows(self, failed: sa.CTE, retry_id: sa.ColumnElement | None = None) -> sa.Insert:

@@ -11,7 +11,7 @@ from jobs.config import settings_from_environment
 from jobs.errors import ConfigError
 from jobs.retries import ProcessResult, process_due_retries
 from jobs.runtime import Runtime
-from jobs.stuck import SweepResult, sweep_stuck_runs
+from jobs.stuck import KEPT_RUNS, SweepResult, sweep_stuck_runs
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ def fix_stuck_runs_with_retry(
     dry_run: bool = False,
     stop: threading.Event | None = None,
     observe: Callable[[str, object], None] | None = None,
+    keep: int | None = KEPT_RUNS,
 ) -> FixResult:
     """A stuck-run sweep, then a pass over due retries.
 
@@ -37,6 +38,7 @@ def fix_stuck_runs_with_retry(
     environment and `.env` (DATABASE_URL, the executor...). With `stop` set the sweep ends after
     its batch and executing retries go back to `pending_retry`. `observe` is told ("swept",
     sweep result), then the processor's ("started", run) and ("finished", outcome), as they happen.
+    The sweep's result keeps the rows of its first `keep` runs (None: all).
     """
     if max_duration_hours <= 0 or retry_delay_hours < 0 or max_retries < 0:
         raise ConfigError(
@@ -55,7 +57,7 @@ def fix_stuck_runs_with_retry(
             retry_delay=timedelta(hours=retry_delay_hours),
             max_retries=max_retries,
         )
-        sweep = sweep_stuck_runs(runtime, policy, dry_run=dry_run, stop=stop)
+        sweep = sweep_stuck_runs(runtime, policy, dry_run=dry_run, stop=stop, keep=keep)
         if observe is not None:
             observe("swept", sweep)
         process = process_due_retries(runtime, policy, dry_run=dry_run, stop=stop, observe=observe)

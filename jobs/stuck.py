@@ -4,9 +4,9 @@ One statement per batch, in its own transaction: lock up to BATCH_SIZE stuck run
 SKIP LOCKED`, fail them (only if still `running`) with the decision of the rules, insert their
 retries and dead letters. A scraper that completes a run during the sweep either holds the row
 first (the run is skipped) or waits for the batch to commit; a completion is never turned into a
-failure. The decision is `decide_stuck` rendered in SQL (db/queries.py), so a sweep of 100,000
-runs costs what the database spends on them, not a Python loop; dry runs use `decide_stuck`
-itself, and a test holds the two to the same answers.
+failure. The decision (budget, message, due time) is written once, in SQL (db/queries.py), from
+the rules' message templates, so a sweep of 100,000 runs costs what the database spends on them,
+not a Python loop; a dry run reads the same expressions without writing them.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ from db import locks
 from db.engine import database_errors
 from db.queries import sweep_params
 from jobs.model import as_utc
-from jobs.rules import STUCK_PATTERN, RetryPolicy, decide_stuck, run_label
+from jobs.rules import STUCK_PATTERN, RetryPolicy, run_label
 from jobs.runtime import Runtime
 
 PREVIEW_LIMIT = 100_000  # rows a dry run lists at most
+ALL_ROWS = 2**31 - 1  # a LIMIT that keeps every row
 SWEEP_LOCK_WAIT = timedelta(seconds=10)
 LOGGED_RUNS_PER_SWEEP = 100  # beyond this a mass event is one summary line, not a log storm
+KEPT_RUNS = 1000  # rows a sweep's result keeps for the screen and the logs; counts cover every run
 
 
 @dataclass(frozen=True)
@@ -55,39 +57,87 @@ class FailedAttempt:
 class SweepResult:
     """What one sweep did (or, with `dry_run`, would do).
 
-    The per-run details are built on first use: the daemon needs the counts, the CLI the list.
+    Counts cover every run failed; `rows` holds the statement's rows (by name) of the first
+    ones only — as many as the caller kept — since a mass event of 100,000 runs needs its counts,
+    not 100,000 objects. `attempts` builds the kept rows into values on first use.
     """
 
     failed: int = 0
     retries_scheduled: int = 0
+    dead_lettered: int = 0
     batches: int = 0
     seconds: float = 0.0
     dry_run: bool = False
     skipped: str | None = None  # why nothing was done (another sweep holds the lock)
-    rows: tuple = field(default=(), repr=False, compare=False)  # the sweep statement's rows
-    planned: tuple[FailedAttempt, ...] = field(default=(), repr=False, compare=False)  # a dry run's
+    rows: tuple = field(default=(), repr=False, compare=False)  # the first failed (or stuck) runs' rows
+    listing_sql: str | None = field(default=None, compare=False)  # lists every run this sweep failed
 
     @property
     def permanently_failed(self) -> int:
-        return self.failed - self.retries_scheduled
+        """Chains this sweep ended: each got its dead letter (a retry that already existed is not one)."""
+        return self.dead_lettered
 
     @cached_property
     def attempts(self) -> tuple[FailedAttempt, ...]:
-        return self.planned or tuple(_attempt(row) for row in self.rows)
+        return tuple(_attempt(row) for row in self.rows)
+
+    @property
+    def unlisted(self) -> int:
+        """Runs failed (or planned) that `attempts` does not hold."""
+        return self.failed - len(self.rows)
+
+    def document(self) -> dict:
+        """The result for `--json`: counts, and each kept run as plain values straight from its
+        row (no objects per run: a mass event's JSON costs little beside what the database spent)."""
+        counts = {
+            "failed": self.failed,
+            "retries_scheduled": self.retries_scheduled,
+            "permanently_failed": self.permanently_failed,
+            "batches": self.batches,
+            "seconds": self.seconds,
+            "dry_run": self.dry_run,
+            "skipped": self.skipped,
+            "unlisted": self.unlisted,
+            "listing_sql": self.listing_sql,
+        }
+        return {**counts, "attempts": [_row_document(row) for row in self.rows]}
 
 
-def _attempt(row: tuple) -> FailedAttempt:
-    run_id, chain_id, search_query, location_query, retry_count, budget, message, due, retry_id, dead = row
+def _attempt(row) -> FailedAttempt:
     return FailedAttempt(
-        run_id=uuid.UUID(run_id),
-        label=run_label(search_query, location_query, retry_count, budget),
-        message=message,
+        run_id=uuid.UUID(row["run_id"]),
+        label=run_label(row["search_query"], row["location_query"], row["retry_count"], row["budget"]),
+        message=row["message"],
         pattern=STUCK_PATTERN,
-        chain_id=uuid.UUID(chain_id),
-        attempt=retry_count,
-        retry_id=uuid.UUID(retry_id) if retry_id else None,
-        retry_due=due if retry_id else None,
-        dead_lettered=dead,
+        chain_id=uuid.UUID(row["chain_id"]),
+        attempt=row["retry_count"],
+        retry_id=uuid.UUID(row["retry_id"]) if row["retry_id"] else None,
+        retry_due=as_utc(row["next_retry_at"]) if row["retried"] else None,
+        dead_lettered=row["dead_lettered"],
+    )
+
+
+def _row_document(row) -> dict:
+    retried = row["retried"]
+    return {
+        "run_id": row["run_id"],
+        "chain_id": row["chain_id"],
+        "label": run_label(row["search_query"], row["location_query"], row["retry_count"], row["budget"]),
+        "message": row["message"],
+        "pattern": STUCK_PATTERN,
+        "attempt": row["retry_count"],
+        "retry_id": row["retry_id"],
+        "retry_due": as_utc(row["next_retry_at"]).isoformat() if retried else None,
+        "retried": retried,
+        "dead_lettered": row["dead_lettered"],
+    }
+
+
+def listing_sql(table: str, now: datetime) -> str:
+    """The SQL that lists every run one sweep failed (they share its `completed_at`)."""
+    return (
+        f"SELECT id, search_query, location_query, error_message FROM {table} "
+        f"WHERE failure_pattern = 'stuck' AND completed_at = '{now.isoformat()}'"
     )
 
 
@@ -99,22 +149,24 @@ def sweep_stuck_runs(
     stop: threading.Event | None = None,
     use_lock: bool = True,
     lock_wait: timedelta = SWEEP_LOCK_WAIT,
+    keep: int | None = KEPT_RUNS,
 ) -> SweepResult:
     """Fails every run stuck longer than `policy.stuck_after`, batch by batch.
 
     Runs being executed by a live stuck-runs process are not stuck. With `stop` set the sweep
     finishes its current batch and returns. Another sweep holding the sweep lock for longer than
     `lock_wait` makes this one a no-op (`skipped`). `use_lock=False` skips the lock, which only
-    saves work: correctness rests on the row locks and conditional updates.
+    saves work: correctness rests on the row locks and conditional updates. The result keeps the
+    rows of the first `keep` runs failed (None: all of them, for `--json`).
     """
     policy = policy or rt.settings.policy
     started = time.monotonic()
     now = rt.clock.now()
     params = {"sr_cutoff": now - policy.stuck_after, "sr_now": now}
     if dry_run:
-        return _preview(rt, policy, params, started)
-    rows: list[tuple] = []
-    batches = 0
+        return _preview(rt, policy, params, started, keep)
+    rows: list = []
+    failed = retried = dead = batches = 0
     sweep_ns = locks.namespace(rt.runs.qualified_name, locks.SWEEP)
     statement_params = {**params, **sweep_params(policy), "sr_limit": rt.settings.batch_size}
     with database_errors(rt.engine, "sweeping stuck runs"), rt.engine.connect() as conn:
@@ -125,25 +177,32 @@ def sweep_stuck_runs(
         try:
             while not (stop and stop.is_set()):
                 with conn.begin():
-                    batch = conn.execute(rt.queries.sweep_batch, statement_params).all()
+                    batch = conn.execute(rt.queries.sweep_batch, statement_params).mappings().all()
                 batches += 1
-                _log(batch, already=len(rows), now=now, table=rt.runs.qualified_name)
-                rows.extend(batch)
+                _log(batch, already=failed)
+                failed += len(batch)
+                retried += sum(1 for row in batch if row["retried"])
+                dead += sum(1 for row in batch if row["dead_lettered"])
+                rows.extend(batch if keep is None else batch[: max(0, keep - len(rows))])
                 if len(batch) < rt.settings.batch_size:
                     break
         finally:
             if use_lock:
                 locks.unlock(conn, sweep_ns, 0)
                 conn.commit()
-    retried = sum(1 for row in rows if row[8])
-    return SweepResult(len(rows), retried, batches, time.monotonic() - started, rows=tuple(rows))
+    listing = listing_sql(rt.runs.qualified_name, now)
+    if failed > LOGGED_RUNS_PER_SWEEP:
+        logger.bind(event="stuck", count=failed - LOGGED_RUNS_PER_SWEEP).warning(
+            "{} more stuck runs failed ({} in all); list them with: {}", failed - LOGGED_RUNS_PER_SWEEP, failed, listing
+        )
+    seconds = time.monotonic() - started
+    return SweepResult(failed, retried, dead, batches, seconds, rows=tuple(rows), listing_sql=listing)
 
 
-def _log(batch: list[tuple], *, already: int, now: datetime, table: str) -> None:
-    """Each failed run by name, up to LOGGED_RUNS_PER_SWEEP a sweep; then a line saying where
-    the rest are (journald would drop a storm of lines anyway)."""
-    room = max(0, LOGGED_RUNS_PER_SWEEP - already)
-    for attempt in (_attempt(row) for row in batch[:room]):
+def _log(batch, *, already: int) -> None:
+    """Each failed run by name, up to LOGGED_RUNS_PER_SWEEP a sweep; the sweep then says in one
+    line how many more there were and how to list them (journald would drop a storm anyway)."""
+    for attempt in (_attempt(row) for row in batch[: max(0, LOGGED_RUNS_PER_SWEEP - already)]):
         logger.bind(
             run_id=str(attempt.run_id),
             chain=str(attempt.chain_id),
@@ -151,41 +210,15 @@ def _log(batch: list[tuple], *, already: int, now: datetime, table: str) -> None
             event="stuck",
             retry_id=str(attempt.retry_id or ""),
         ).warning("{}: {}", attempt.label, attempt.message)
-    if len(batch) > room:
-        logger.bind(event="stuck", count=len(batch) - room).warning(
-            "{} more stuck runs failed; list them with: SELECT id, search_query, location_query, error_message "
-            "FROM {} WHERE failure_pattern = 'stuck' AND completed_at = '{}'",
-            len(batch) - room,
-            table,
-            now.isoformat(),
-        )
 
 
-def _preview(rt: Runtime, policy: RetryPolicy, params: dict, started: float) -> SweepResult:
+def _preview(rt: Runtime, policy: RetryPolicy, params: dict, started: float, keep: int | None) -> SweepResult:
+    """A dry run: the sweep's own decision expressions, read, not written (db/queries.py)."""
+    limit = PREVIEW_LIMIT if keep is None else min(PREVIEW_LIMIT, keep)
     with database_errors(rt.engine, "looking for stuck runs"), rt.engine.connect() as conn:
-        rows = conn.execute(rt.queries.stuck_preview, {**params, "sr_limit": PREVIEW_LIMIT}).all()
-    planned = []
-    for row in rows:
-        decision = decide_stuck(
-            since=as_utc(row.since),
-            now=params["sr_now"],
-            retry_count=row.retry_count,
-            is_retry=row.is_retry,
-            row_max_retries=row.max_retries,
-            policy=policy,
-            rng=rt.rng,
-        )
-        planned.append(
-            FailedAttempt(
-                run_id=row.id,
-                label=run_label(row.search_query, row.location_query, row.retry_count, decision.budget),
-                message=decision.message,
-                pattern=decision.pattern,
-                chain_id=row.original_run_id or row.id,
-                attempt=row.retry_count,
-                retry_id=None,
-                retry_due=decision.retry_due,
-            )
-        )
-    retried = sum(1 for a in planned if a.retry_due)
-    return SweepResult(len(planned), retried, 0, time.monotonic() - started, dry_run=True, planned=tuple(planned))
+        statement_params = {**params, **sweep_params(policy), "sr_limit": limit}
+        rows = conn.execute(rt.queries.stuck_preview, statement_params).mappings().all()
+        every = {**statement_params, "sr_limit": ALL_ROWS}
+        stuck, retried = conn.execute(rt.queries.stuck_preview_counts, every).one()
+    # A chain the sweep would end gets its dead letter: the dry run counts it as such.
+    return SweepResult(stuck, retried, stuck - retried, 0, time.monotonic() - started, dry_run=True, rows=tuple(rows))

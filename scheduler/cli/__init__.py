@@ -100,6 +100,7 @@ def open_runtime(ctx: click.Context, role: str = "cli", *, executes: bool = Fals
         runtime.close()
 
 
+all_option = click.option("--all", "show_all", is_flag=True, help="List every run, not only a screenful.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
 dry_run_option = click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
 

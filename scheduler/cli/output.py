@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -74,6 +74,35 @@ MIN_FREE_TEXT = 12  # a free-text column shrinks no narrower than this (or its h
 GAP = 2  # spaces between columns
 
 
+SCREENFUL_WITHOUT_TERMINAL = 50  # rows a listing shows when stdout is a pipe or a file (cron's mail)
+
+
+def screenful() -> int:
+    """How many rows of a listing fit on the screen, leaving room for the lines around it."""
+    if not sys.stdout.isatty():
+        return SCREENFUL_WITHOUT_TERMINAL
+    return max(10, shutil.get_terminal_size().lines - 8)
+
+
+def listing(
+    headers: Sequence[str],
+    items: Sequence[Any],
+    to_row: Callable[[Any], Sequence[object]],
+    *,
+    shrink: Collection[str] = (),
+    show_all: bool = False,
+    total: int | None = None,
+    how: str = "--all",
+) -> None:
+    """A table of at most a screenful of `items` (every one with `show_all`), then one line saying
+    how many of `total` (default: all the items) were not listed, and how to list them."""
+    shown = items if show_all else items[: screenful()]
+    table(headers, (to_row(item) for item in shown), shrink=shrink)
+    more = (len(items) if total is None else total) - len(shown)
+    if more > 0:
+        click.echo(f"… and {more} more not listed here; list them with {how}")
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, shrink: Collection[str] = ()) -> None:
     """Prints rows under headers, fitting the terminal (see `render_table`); nothing for no rows."""
     for line in render_table(headers, rows, shrink, terminal_width()):
@@ -120,13 +149,19 @@ def _one_line(value: object) -> str:
     return " ".join(str(value).splitlines())
 
 
+@functools.cache
+def _shown_names(kind: type) -> tuple[str, ...]:
+    """A result type's fields and properties, as JSON shows them (looked up once per type)."""
+    fields = [f.name for f in dataclasses.fields(kind) if f.repr]
+    properties = [n for n in dir(kind) if isinstance(getattr(kind, n, None), (property, functools.cached_property))]
+    return (*fields, *properties)
+
+
 def _plain(value: Any) -> Any:
+    if hasattr(value, "document") and callable(value.document):
+        return _plain(value.document())  # a result that says itself what a script reads
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        data = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.repr}
-        for name in dir(type(value)):
-            if isinstance(getattr(type(value), name, None), (property, functools.cached_property)):
-                data[name] = _plain(getattr(value, name))
-        return data
+        return {name: _plain(getattr(value, name)) for name in _shown_names(type(value))}
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):

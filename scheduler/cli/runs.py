@@ -22,10 +22,11 @@ from jobs.manual import (
 from jobs.recovery import FixResult, fix_stuck_runs_with_retry
 from jobs.retries import ProcessResult, RetryOutcome, process_due_retries
 from jobs.status import CHECKER, JOB_IDS, PROCESSOR, job_run
-from jobs.stuck import SweepResult, sweep_stuck_runs
+from jobs.stuck import KEPT_RUNS, SweepResult, sweep_stuck_runs
 from scheduler.cli import (
     EXECUTION,
     POLICY,
+    all_option,
     cli,
     config_options,
     dry_run_option,
@@ -33,10 +34,10 @@ from scheduler.cli import (
     open_runtime,
 )
 from scheduler.cli.interrupts import interruptible
-from scheduler.cli.output import emit_json, table, when
+from scheduler.cli.output import emit_json, listing, table, when
 
 
-def print_sweep(result: SweepResult) -> None:
+def print_sweep(result: SweepResult, *, show_all: bool = False) -> None:
     if result.skipped:
         click.echo(f"Stuck-run sweep: nothing done, {result.skipped}.")
         return
@@ -45,20 +46,35 @@ def print_sweep(result: SweepResult) -> None:
         f"Stuck-run sweep: {verb} {result.failed} stuck run(s): {result.retries_scheduled} retry(ies) scheduled, "
         f"{result.permanently_failed} permanently failed ({result.seconds:.2f}s)."
     )
-    table(
+    listing(
         ("RUN ID", "RUN", "ERROR MESSAGE", "RETRY DUE"),
-        ((a.run_id, a.label, a.message, when(a.retry_due)) for a in result.attempts),
+        result.attempts,
+        lambda a: (a.run_id, a.label, a.message, when(a.retry_due)),
         shrink=("RUN", "ERROR MESSAGE"),
+        show_all=show_all,
+        total=result.failed,
+        how=f"--all, or: {result.listing_sql}" if result.listing_sql else "--all",
     )
 
 
-def print_process(result: ProcessResult, *, listed: bool = False) -> None:
+def sweep_rows_kept(as_json: bool, show_all: bool) -> int | None:
+    """How many runs' rows the sweep should hand back: all for JSON and --all, else a screenful's worth."""
+    return None if as_json or show_all else KEPT_RUNS
+
+
+def print_process(result: ProcessResult, *, listed: bool = False, show_all: bool = False) -> None:
     """The processor's result; `listed`: the executions were already printed as they happened."""
     if result.dry_run:
         click.echo(
             f"Retry processor: would supersede {len(result.superseded)}, would execute {len(result.due)} due retry(ies)."
         )
-        table(("RUN ID", "RUN", "DUE"), ((d.run_id, d.label, when(d.due)) for d in result.due), shrink=("RUN",))
+        listing(
+            ("RUN ID", "RUN", "DUE"),
+            result.due,
+            lambda d: (d.run_id, d.label, when(d.due)),
+            shrink=("RUN",),
+            show_all=show_all,
+        )
     else:
         released = f", {result.released} put back to pending_retry" if result.released else ""
         click.echo(
@@ -66,26 +82,30 @@ def print_process(result: ProcessResult, *, listed: bool = False) -> None:
             f"({result.succeeded} completed, {result.failed} failed){released} ({result.seconds:.2f}s)."
         )
         if not listed:
-            table(
+            listing(
                 ("RUN ID", "RUN", "STATUS", "MESSAGE", "NEXT RETRY"),
-                ((o.run_id, o.label, o.status, o.message or "-", when(o.retry_due)) for o in result.executed),
+                result.executed,
+                lambda o: (o.run_id, o.label, o.status, o.message or "-", when(o.retry_due)),
                 shrink=("RUN", "MESSAGE"),
+                show_all=show_all,
             )
-    table(
+    listing(
         ("SUPERSEDED", "RUN", "MESSAGE"),
-        ((s.run_id, s.label, s.message) for s in result.superseded),
+        result.superseded,
+        lambda s: (s.run_id, s.label, s.message),
         shrink=("RUN", "MESSAGE"),
+        show_all=show_all,
     )
 
 
-def progress_printer(as_json: bool) -> Callable[[str, object], None] | None:
+def progress_printer(as_json: bool, show_all: bool = False) -> Callable[[str, object], None] | None:
     """Prints each execution as it starts and ends (a retry can take an hour); nothing for --json."""
     if as_json:
         return None
 
     def observe(event: str, payload: object) -> None:
         if event == "swept":
-            print_sweep(payload)  # type: ignore[arg-type]
+            print_sweep(payload, show_all=show_all)  # type: ignore[arg-type]
         elif event == "started":
             click.echo(f"Executing {payload.label} (run {payload.id})…")  # type: ignore[attr-defined]
         elif event == "finished":
@@ -100,9 +120,10 @@ def progress_printer(as_json: bool) -> Callable[[str, object], None] | None:
 @cli.command()
 @config_options(*POLICY)
 @dry_run_option
+@all_option
 @json_option
 @click.pass_context
-def check(ctx: click.Context, dry_run: bool, as_json: bool) -> int:
+def check(ctx: click.Context, dry_run: bool, show_all: bool, as_json: bool) -> int:
     """Fail runs stuck in 'running' and schedule their retries.
 
     \b
@@ -111,10 +132,11 @@ def check(ctx: click.Context, dry_run: bool, as_json: bool) -> int:
     """
     with interruptible() as interruption:
         with open_runtime(ctx) as rt, job_run(rt, (CHECKER,), dry_run=dry_run) as record:
-            result = sweep_stuck_runs(rt, dry_run=dry_run, stop=interruption.event)
+            keep = sweep_rows_kept(as_json, show_all)
+            result = sweep_stuck_runs(rt, dry_run=dry_run, stop=interruption.event, keep=keep)
             record(result)
         interruption.printing()
-        emit_json(result) if as_json else print_sweep(result)
+        emit_json(result) if as_json else print_sweep(result, show_all=show_all)
         interruption.report()
     return interruption.exit_code(EXIT_OK)
 
@@ -122,9 +144,10 @@ def check(ctx: click.Context, dry_run: bool, as_json: bool) -> int:
 @cli.command()
 @config_options(*POLICY, *EXECUTION)
 @dry_run_option
+@all_option
 @json_option
 @click.pass_context
-def process(ctx: click.Context, dry_run: bool, as_json: bool) -> int:
+def process(ctx: click.Context, dry_run: bool, show_all: bool, as_json: bool) -> int:
     """Supersede retries whose chain completed, then execute the due ones.
 
     \b
@@ -137,14 +160,14 @@ def process(ctx: click.Context, dry_run: bool, as_json: bool) -> int:
             result = process_due_retries(rt, dry_run=dry_run, stop=interruption.event, observe=observe)
             record(result)
         interruption.printing()
-        emit_json(result) if as_json else print_process(result, listed=observe is not None)
+        emit_json(result) if as_json else print_process(result, listed=observe is not None, show_all=show_all)
         interruption.report()
     return interruption.exit_code(EXIT_OK)
 
 
-def run_fix(ctx: click.Context, dry_run: bool, as_json: bool) -> int:
+def run_fix(ctx: click.Context, dry_run: bool, as_json: bool, show_all: bool = False) -> int:
     """`fix`, shared with scripts/fix_stuck_runs_with_retry.py."""
-    observe = progress_printer(as_json)
+    observe = progress_printer(as_json, show_all)
     with interruptible() as interruption:
         with open_runtime(ctx, executes=not dry_run) as rt, job_run(rt, JOB_IDS, dry_run=dry_run) as record:
             policy = rt.settings.policy
@@ -156,13 +179,14 @@ def run_fix(ctx: click.Context, dry_run: bool, as_json: bool) -> int:
                 dry_run=dry_run,
                 stop=interruption.event,
                 observe=observe,
+                keep=sweep_rows_kept(as_json, show_all),
             )
             record(result)
         interruption.printing()
         if as_json:
             emit_json(result)
         else:
-            print_process(result.process, listed=True)  # the sweep and each execution were printed live
+            print_process(result.process, listed=True, show_all=show_all)  # sweep and executions were printed live
         interruption.report()
     return interruption.exit_code(EXIT_OK)
 
@@ -170,16 +194,17 @@ def run_fix(ctx: click.Context, dry_run: bool, as_json: bool) -> int:
 @cli.command()
 @config_options(*POLICY, *EXECUTION)
 @dry_run_option
+@all_option
 @json_option
 @click.pass_context
-def fix(ctx: click.Context, dry_run: bool, as_json: bool) -> int:
+def fix(ctx: click.Context, dry_run: bool, show_all: bool, as_json: bool) -> int:
     """A stuck-run sweep, then a pass over due retries (what the manual script does).
 
     \b
     Example:
       stuck-runs fix --max-retries 4 --retry-delay 4h --dry-run
     """
-    return run_fix(ctx, dry_run, as_json)
+    return run_fix(ctx, dry_run, as_json, show_all)
 
 
 @cli.command()
@@ -204,6 +229,7 @@ def fix(ctx: click.Context, dry_run: bool, as_json: bool) -> int:
 @click.option("--spread", help="Bulk: spread the retries' due times evenly over this long, e.g. 2h.")
 @config_options("MAX_RETRIES", "SCRAPE_RUNS_TABLE", *EXECUTION)
 @dry_run_option
+@all_option
 @json_option
 @click.pass_context
 def retry(
@@ -219,6 +245,7 @@ def retry(
     limit: int,
     spread: str | None,
     dry_run: bool,
+    show_all: bool,
     as_json: bool,
 ) -> int:
     """Retry a failed run now, or every failed chain matching filters.
@@ -255,11 +282,15 @@ def retry(
     spread_by = parse_duration(spread, "--spread") if spread else None
     wanted = parse_run_id(run_id) if run_id else None
     with interruptible() as interruption:
-        code = _retry(ctx, interruption, wanted, criteria, reset_budget, execute_now, spread_by, dry_run, as_json)
+        code = _retry(
+            ctx, interruption, wanted, criteria, reset_budget, execute_now, spread_by, dry_run, as_json, show_all
+        )
     return interruption.exit_code(code)
 
 
-def _retry(ctx, interruption, wanted, criteria, reset_budget, execute_now, spread_by, dry_run, as_json) -> int:
+def _retry(
+    ctx, interruption, wanted, criteria, reset_budget, execute_now, spread_by, dry_run, as_json, show_all
+) -> int:
     """`retry`, single or bulk, once its arguments are checked."""
     outcome = None
     with open_runtime(ctx, executes=execute_now) as rt:
@@ -277,7 +308,7 @@ def _retry(ctx, interruption, wanted, criteria, reset_budget, execute_now, sprea
     if as_json:
         emit_json(result if wanted is None or dry_run else {"scheduled": result, "outcome": outcome})
     elif wanted is None:
-        print_bulk(result)
+        print_bulk(result, show_all)
     elif dry_run:
         click.echo(f"Would schedule: {result.message}, due now (dry run)")
     else:
@@ -296,21 +327,24 @@ def _wait_for_slot(rt, stop: threading.Event) -> None:
     stop.wait(rt.settings.dispatch_poll.total_seconds())
 
 
-def print_bulk(result: BulkRetryResult) -> None:
+def print_bulk(result: BulkRetryResult, show_all: bool = False) -> None:
     verb = "Would retry" if result.dry_run else "Retried"
     dues = [s.due for s in result.scheduled]
     window = f", due {when(min(dues))} to {when(max(dues))}" if dues else ""
     click.echo(f"{verb} {len(result.scheduled)} failed chain(s){window}; {len(result.skipped)} skipped.")
-    table(
+    listing(
         ("RUN ID", "RUN", "ATTEMPT", "DUE", "RETRY ID"),
-        (
-            (s.failed_run_id, s.label, f"{s.attempt}/{s.budget}", when(s.due), s.retry_id or "-")
-            for s in result.scheduled
-        ),
+        result.scheduled,
+        lambda s: (s.failed_run_id, s.label, f"{s.attempt}/{s.budget}", when(s.due), s.retry_id or "-"),
         shrink=("RUN",),
+        show_all=show_all,
     )
-    table(
-        ("SKIPPED", "RUN", "REASON"), ((s.run_id, s.label, s.reason) for s in result.skipped), shrink=("RUN", "REASON")
+    listing(
+        ("SKIPPED", "RUN", "REASON"),
+        result.skipped,
+        lambda s: (s.run_id, s.label, s.reason),
+        shrink=("RUN", "REASON"),
+        show_all=show_all,
     )
 
 

@@ -128,3 +128,37 @@ def test_jitter_in_sql_stays_within_the_rules_bounds(db_url):
     assert len(delays) == 200
     assert all(timedelta(minutes=20) <= d <= timedelta(minutes=30) for d in delays)
     assert len(set(delays)) > 150  # really random, not one value
+
+
+@pytest.mark.parametrize("policy_index", range(len(POLICIES)))
+def test_a_dry_run_says_exactly_what_the_sweep_then_does(db_url, policy_index):
+    policy = POLICIES[policy_index]
+    runs = generated_runs(100 + policy_index, count=150)
+    rt = make_runtime(db_url, batch_size=31)
+    with rt.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO scrape_runs (search_query, location_query, status, started_at, retry_count, is_retry,"
+                " max_retries, original_run_id) SELECT 'q', 'l', 'running', s, r, i, m,"
+                " CASE WHEN i THEN gen_random_uuid() END"
+                " FROM unnest(CAST(:s AS timestamptz[]), CAST(:r AS int[]), CAST(:i AS bool[]), CAST(:m AS int[]))"
+                " AS x(s, r, i, m)"
+            ),
+            {
+                "s": [r["started_at"] for r in runs],
+                "r": [r["retry_count"] for r in runs],
+                "i": [r["is_retry"] for r in runs],
+                "m": [r["max_retries"] for r in runs],
+            },
+        )
+    with freeze_time(NOW):
+        planned = sweep_stuck_runs(rt, policy, dry_run=True, keep=None)
+        done = sweep_stuck_runs(rt, policy, keep=None)
+    assert planned.dry_run and planned.failed == done.failed > 50
+    assert (planned.retries_scheduled, planned.permanently_failed) == (done.retries_scheduled, done.dead_lettered)
+
+    def decisions(result):
+        return {a.run_id: (a.message, a.label, a.retried, a.retry_due) for a in result.attempts}
+
+    assert decisions(planned) == decisions(done)
+    rt.close()

@@ -1,0 +1,91 @@
+"""A mass event: counts for every run, a screenful on the screen, one summary line in the log."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import sqlalchemy as sa
+from loguru import logger
+
+from jobs.stuck import LOGGED_RUNS_PER_SWEEP, sweep_stuck_runs
+from tests.helpers import insert_run, insert_stuck_runs, make_runtime
+from tests.integration.test_cli import cli
+
+THREE_HOURS_AGO = datetime.now(timezone.utc) - timedelta(hours=3)
+
+
+def test_a_retry_swallowed_by_on_conflict_is_not_counted_as_a_dead_letter(db_url):
+    rt = make_runtime(db_url)
+    with rt.engine.begin() as conn:
+        root = insert_run(conn, started_at=THREE_HOURS_AGO)
+        # Its retry exists already (an older system's, say): the sweep's INSERT … ON CONFLICT adds none.
+        insert_run(conn, status="pending_retry", is_retry=True, original_run_id=root, retry_count=1)
+    result = sweep_stuck_runs(rt)
+    with rt.engine.connect() as conn:
+        letters = conn.execute(sa.text("SELECT count(*) FROM scrape_run_dead_letters")).scalar_one()
+    assert (result.failed, result.retries_scheduled, letters) == (1, 0, 0)
+    assert result.permanently_failed == 0 == result.dead_lettered  # was failed - retries_scheduled = 1
+    rt.close()
+
+
+def test_the_sweep_counts_every_run_and_keeps_the_first(db_url):
+    rt = make_runtime(db_url, batch_size=7)
+    with rt.engine.begin() as conn:
+        insert_stuck_runs(conn, 50, THREE_HOURS_AGO)
+    result = sweep_stuck_runs(rt, keep=10)
+    assert (result.failed, result.retries_scheduled, result.batches) == (50, 50, 8)
+    assert len(result.rows) == 10 and len(result.attempts) == 10 and result.unlisted == 40
+    with rt.engine.connect() as conn:
+        listed = conn.execute(sa.text(result.listing_sql)).all()
+    assert len(listed) == 50  # the SQL the result names lists every run the sweep failed
+    rt.close()
+
+
+def test_a_mass_event_is_one_summary_line_in_the_log(db_url):
+    rt = make_runtime(db_url, batch_size=100)
+    with rt.engine.begin() as conn:
+        insert_stuck_runs(conn, 2500, THREE_HOURS_AGO)
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="WARNING", format="{message}")
+    try:
+        result = sweep_stuck_runs(rt)
+    finally:
+        logger.remove(sink)
+    assert result.failed == 2500
+    summaries = [line for line in lines if "more stuck runs failed" in line]
+    assert len(lines) == LOGGED_RUNS_PER_SWEEP + 1  # not one summary per batch (there were 25)
+    assert summaries == [lines[-1]] and "2400 more stuck runs failed (2500 in all)" in summaries[0]
+    rt.close()
+
+
+def test_check_lists_a_screenful_then_says_how_to_list_the_rest(db_url):
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        insert_stuck_runs(conn, 120, THREE_HOURS_AGO)
+    result = cli("check", env={"DATABASE_URL": db_url})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Stuck-run sweep: failed 120 stuck run(s)")
+    assert len(lines) == 1 + 1 + 50 + 1  # summary, header, a screenful (not a terminal: 50), the rest's line
+    rest = lines[-1]
+    assert rest.startswith("… and 70 more not listed here; list them with --all, or: SELECT ")
+    with engine.connect() as conn:
+        assert len(conn.execute(sa.text(rest.split(", or: ", 1)[1])).all()) == 120
+    engine.dispose()
+
+
+def test_all_and_json_list_every_run(db_url):
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        insert_stuck_runs(conn, 60, THREE_HOURS_AGO)
+    listed = cli("check", "--all", "--stuck-after", "2h", env={"DATABASE_URL": db_url})
+    assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 1 + 1 + 60
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM scrape_runs"))
+        insert_stuck_runs(conn, 60, THREE_HOURS_AGO)
+    document = json.loads(cli("check", "--json", env={"DATABASE_URL": db_url}).stdout)
+    assert document["failed"] == 60 and len(document["attempts"]) == 60 and document["unlisted"] == 0
+    assert {a["label"] for a in document["attempts"]} == {f"q{n} in Belgium" for n in range(1, 61)}
+    assert all(a["retried"] and a["retry_due"].endswith("+00:00") for a in document["attempts"])
+    engine.dispose()
