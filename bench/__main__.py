@@ -70,19 +70,23 @@ def sweeps(server_url: str, config: dict, log: Path) -> list[dict]:
             ("floor", contenders.floor),
             ("ours", contenders.ours),
             ("ours+logs", lambda url, at: contenders.ours(url, at, log_to=str(log))),
+            ("command", lambda url, at: contenders.command(url, at, out=str(log.with_suffix(".out")))),
         ]
         if stuck <= config["row_by_row_up_to"]:
             plan.append(("row_by_row", contenders.row_by_row))
+            plan.append(("row_by_row_script", contenders.row_by_row_script))
         times: dict[str, list[float]] = {name: [] for name, _ in plan}
         signatures = {}
         for _ in range(config["repeat"]):
             for name, contender in plan:
-                if name == "row_by_row" and times[name]:
+                if name.startswith("row_by_row") and times[name]:
                     continue  # once is enough to be slow
                 url, db = data.copy_of(server_url, template)
                 try:
                     timing = contender(url, judge)
-                    signatures[name] = contenders.outcome_signature(url)
+                    whole = name in ("command", "row_by_row_script")
+                    signature = contenders.outcome_counts if whole else contenders.outcome_signature
+                    signatures[name] = signature(url)
                 finally:
                     data.drop(server_url, db)
                 times[name].append(timing.seconds)
@@ -96,8 +100,13 @@ def sweeps(server_url: str, config: dict, log: Path) -> list[dict]:
                 "all_seconds": {k: [round(v, 4) for v in values] for k, values in times.items()},
                 "ours_over_floor": round(runs["ours"] / runs["floor"], 2),
                 "ours_with_logs_over_floor": round(runs["ours+logs"] / runs["floor"], 2),
+                "command_over_floor": round(runs["command"] / runs["floor"], 2),
                 "row_by_row_over_ours": round(runs["row_by_row"] / runs["ours"], 1) if "row_by_row" in runs else None,
-                "same_outcome": len(set(signatures.values())) == 1,
+                "row_by_row_over_command": (
+                    round(runs["row_by_row_script"] / runs["command"], 1) if "row_by_row_script" in runs else None
+                ),
+                "same_outcome": len({v for k, v in signatures.items() if len(v) == 3}) == 1
+                and all(v == signatures["ours"][:2] for v in signatures.values() if len(v) == 2),
                 "outcome": list(signatures["ours"][:2]),
             }
         )

@@ -9,10 +9,14 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import sqlalchemy as sa
 from loguru import logger
@@ -91,6 +95,32 @@ def ours(url: str, now: datetime, *, batch_size: int = 1000, log_to: str | None 
         logger.remove()
 
 
+def command(url: str, now: datetime, *, out: str | None = None) -> Timing:
+    """`stuck-runs check` as an operator or cron runs it: a new process, its output to a file.
+
+    It judges by the real clock (nothing in the product takes another one): its STUCK_AFTER is
+    stretched by however long ago `now` was, so its cutoff, and the runs it fails, are the
+    others'. Its messages' hours differ, so the bench compares its counts, not its messages.
+    """
+    script = Path(sys.executable).with_name("stuck-runs")
+    late = datetime.now(timezone.utc) - now
+    stuck_after = (POLICY.stuck_after + late).total_seconds()
+    env = {**os.environ, "DATABASE_URL": url, "STUCK_AFTER": f"{stuck_after:.6f}s"}
+    with open(out or os.devnull, "w") as stdout:
+        started = time.perf_counter()
+        subprocess.run([str(script), "check"], env=env, stdout=stdout, stderr=subprocess.STDOUT, check=True)
+        seconds = time.perf_counter() - started
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            failed = conn.execute(
+                sa.text("SELECT count(*) FROM scrape_runs WHERE status = 'failed' AND failure_pattern = 'stuck'")
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    return Timing("command", seconds, failed)
+
+
 def floor(url: str, now: datetime, sql: str = FLOOR) -> Timing:
     """The floor's statement (or a variant of it, bench/anatomy.py) in one transaction."""
     engine = sa.create_engine(url)
@@ -149,6 +179,33 @@ def row_by_row(url: str, now: datetime) -> Timing:
         engine.dispose()
 
 
+def row_by_row_script(url: str, now: datetime) -> Timing:
+    """`row_by_row` as the script an operator would otherwise run: its own process, timed from
+    outside (interpreter and imports included), beside `command`."""
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "bench.contenders", url, now.isoformat()],
+        cwd=Path(__file__).resolve().parent.parent,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    seconds = time.perf_counter() - started
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            failed = conn.execute(
+                sa.text("SELECT count(*) FROM scrape_runs WHERE status = 'failed' AND failure_pattern = 'stuck'")
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    return Timing("row_by_row_script", seconds, failed)
+
+
+def outcome_counts(url: str) -> tuple:
+    """The counts of `outcome_signature`, without the messages' digest."""
+    return outcome_signature(url)[:2]
+
+
 def outcome_signature(url: str) -> tuple:
     """What a sweep left behind, to prove the contenders did the same work."""
     engine = sa.create_engine(url)
@@ -166,3 +223,7 @@ def outcome_signature(url: str) -> tuple:
             )
     finally:
         engine.dispose()
+
+
+if __name__ == "__main__":  # the row-by-row script: python -m bench.contenders URL NOW
+    print(row_by_row(sys.argv[1], datetime.fromisoformat(sys.argv[2])))
