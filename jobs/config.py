@@ -351,7 +351,15 @@ def settings_from_environment(flags: Mapping[str, object] | None = None) -> Sett
     return load_settings(os.environ, flags)
 
 
-def _check_dotenv(path: str) -> None:
+def environment_with_dotenv() -> dict[str, str]:
+    """The process environment with `.env` (current directory upwards) under it, as
+    `settings_from_environment` sees it, but without loading `.env` into `os.environ`."""
+    path = find_dotenv(usecwd=True)
+    from_file = _check_dotenv(path) if path else {}
+    return {**{name: value for name, value in from_file.items() if value is not None}, **os.environ}
+
+
+def _check_dotenv(path: str) -> dict[str, str | None]:
     """What `load_dotenv` would turn into a traceback: a file that is not UTF-8, a NUL byte."""
     try:
         values = dotenv_values(path, encoding="utf-8")
@@ -360,3 +368,4 @@ def _check_dotenv(path: str) -> None:
     for name, value in values.items():
         if "\x00" in name + (value or ""):
             raise ConfigError(f"{shown(name)} in {path} holds a NUL byte: no setting accepts one")
+    return values

@@ -5,6 +5,9 @@ Monitoring entry, in any process:
     from scheduler import get_scheduler
     for job in get_scheduler().get_scheduled_jobs():
         print(job.id, job.next_run_time)
+
+Asking changes nothing in the caller's process (`.env` is read, not loaded into `os.environ`),
+and every call shares one engine; `get_scheduler().close()` releases it before exit if need be.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ def _set_running(daemon: Daemon | None) -> None:
 
 
 def get_scheduler() -> LiveSchedule | RecordedSchedule:
-    """The live schedule in the daemon's process; the recorded one (from the database) elsewhere."""
+    """The live schedule in the daemon's process; the recorded one (from the database) elsewhere,
+    the same object at every call."""
     # Imported here: the CLI lives in this package, and `stuck-runs --help` should not load SQLAlchemy.
-    from scheduler.schedule import LiveSchedule, RecordedSchedule
+    from scheduler.schedule import LiveSchedule, shared_schedule
 
-    return LiveSchedule(_running) if _running is not None else RecordedSchedule()
+    return LiveSchedule(_running) if _running is not None else shared_schedule
 
 
 def __getattr__(name: str) -> Any:

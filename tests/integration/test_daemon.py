@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from db.engine import make_engine
 from jobs.config import load_settings
+from jobs.errors import DatabaseUnavailable
 from scheduler import get_scheduler
 from scheduler.schedule import RecordedSchedule
 from tests.conftest import REPO
@@ -67,10 +68,85 @@ def test_the_daemon_checks_at_start_shows_its_schedule_and_stops_cleanly(db_url,
     engine.dispose()
 
 
-def test_get_scheduler_in_another_process_without_a_daemon_lists_both_jobs_unscheduled(db_url, monkeypatch):
+@pytest.fixture
+def release_schedule():
+    """`get_scheduler()` keeps its engine for the process: let it go after the test."""
+    yield
+    get_scheduler().close()
+
+
+def test_get_scheduler_in_another_process_without_a_daemon_lists_both_jobs_unscheduled(
+    db_url, monkeypatch, release_schedule
+):
     monkeypatch.setenv("DATABASE_URL", db_url)
     jobs = get_scheduler().get_scheduled_jobs()
     assert [(j.id, j.next_run_time) for j in jobs] == [("stuck_run_checker", None), ("retry_processor", None)]
+
+
+def test_get_scheduler_builds_one_engine_for_every_call_until_closed(db_url, monkeypatch, release_schedule):
+    from scheduler import schedule
+
+    built = []
+
+    def counted(*args, **kwargs):
+        built.append(make_engine(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(schedule, "make_engine", counted)
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    first = get_scheduler().get_scheduled_jobs()
+    assert get_scheduler().get_scheduled_jobs() == first
+    assert len(built) == 1
+    assert built[0].pool.checkedin() == 1  # its connection is kept for the next call
+    get_scheduler().close()
+    assert built[0].pool.checkedin() == 0
+    assert get_scheduler().get_scheduled_jobs() == first
+    assert len(built) == 2  # closed, then built again on demand
+
+
+def test_get_scheduler_reads_dotenv_without_changing_the_environment(db_url, tmp_path, monkeypatch, release_schedule):
+    (tmp_path / ".env").write_text(f"DATABASE_URL={db_url}\nSTUCK_RUNS_DOTENV_PROBE=from-dotenv\n")
+    monkeypatch.chdir(tmp_path)
+    before = dict(os.environ)
+    jobs = get_scheduler().get_scheduled_jobs()  # the URL comes from .env
+    assert [j.id for j in jobs] == ["stuck_run_checker", "retry_processor"]
+    assert dict(os.environ) == before
+    # The real environment still wins over .env, as for every command.
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/nothing")
+    with pytest.raises(DatabaseUnavailable, match="127.0.0.1"):
+        get_scheduler().get_scheduled_jobs()
+
+
+def test_a_forked_child_gets_its_own_engine_and_leaves_the_parents_session_alone(db_url, monkeypatch, release_schedule):
+    from db.engine import application_name
+
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    get_scheduler().get_scheduled_jobs()
+    watcher = make_engine(db_url)
+
+    def sessions(name: str) -> list[int]:
+        with watcher.connect() as conn:
+            query = "SELECT pid FROM pg_stat_activity WHERE application_name = :name"
+            return conn.execute(sa.text(query), {"name": name}).scalars().all()
+
+    parents = sessions(application_name("status"))
+    assert len(parents) == 1
+    child = os.fork()
+    if child == 0:  # the child: ask, close, and leave without running the parent's exit handlers
+        code = 1
+        try:
+            get_scheduler().get_scheduled_jobs()
+            get_scheduler().close()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    time.sleep(0.5)  # a session the child had ended would be gone by now
+    assert sessions(application_name("status")) == parents
+    get_scheduler().get_scheduled_jobs()
+    assert sessions(application_name("status")) == parents  # the same session, reused
+    watcher.dispose()
 
 
 def test_sigterm_puts_an_executing_retry_back_without_spending_budget(db_url, tmp_path):

@@ -104,10 +104,34 @@ def test_the_watchdog_is_fed_only_while_the_scheduler_dispatches(db_url, notify_
     rt.close()
 
 
-def test_without_notify_socket_nothing_is_sent():
+def open_sockets() -> set[str]:
+    """This process's open sockets, as /proc names them (`socket:[inode]`)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the listing's own descriptor, closed by now
+            continue
+        if link.startswith("socket:"):
+            found.add(link)
+    return found
+
+
+def test_without_notify_socket_nothing_is_sent(notify_socket, monkeypatch):
+    """Given an environment without NOTIFY_SOCKET, the notifier opens no socket and sends nothing,
+    not even to the socket the process's own environment names."""
+    sock, path = notify_socket
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    before = open_sockets()
     notifier = Notifier({})
     assert not notifier.enabled and notifier.watchdog_interval is None
-    notifier.ready("x")  # no socket, no error
+    notifier.ready("x")
+    notifier.status("y")
+    notifier.watchdog()
+    notifier.stopping()
+    assert open_sockets() == before
+    assert receive(sock, time.monotonic() + 0.5) == []
+    notifier.close()
 
 
 def test_the_unit_is_hardened_to_an_exposure_of_at_most_1_5():

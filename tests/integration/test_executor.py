@@ -16,6 +16,7 @@ from jobs.config import load_settings
 from jobs.errors import ConfigError, ExecutorError
 from jobs.executor import CallableExecutor, CommandExecutor, build_executor
 from jobs.model import Run
+from tests.daemons import wait_until
 
 FAKE = Path(__file__).resolve().parent.parent / "fake_scraper.py"
 COMMAND = f"{shlex.quote(sys.executable)} {shlex.quote(str(FAKE))} --query {{search_query}} --run-id={{run_id}}"
@@ -117,10 +118,15 @@ def test_a_hanging_callable_and_its_children_are_killed_at_the_timeout(log_dir):
 
 
 def test_a_cancel_stops_the_scraper_and_says_so(log_dir):
+    run = a_run("hang")
+    execution = command_executor().start(run)
+    wait_until(lambda: (log_dir / f"{run.id}.json").exists())  # it runs, and has started its child
     cancel = threading.Event()
-    threading.Timer(0.5, cancel.set).start()
-    result = command_executor().execute(a_run("hang"), timedelta(minutes=5), cancel)
-    assert result.cancelled and not result.timed_out
+    threading.Timer(0.2, cancel.set).start()
+    result = execution.wait(timedelta(minutes=5), cancel)
+    assert result.cancelled and not result.timed_out and not result.ok
+    pids = record(log_dir, run)
+    assert not alive(pids["pid"]) and not alive(pids["child_pid"])
 
 
 def test_a_missing_program_is_a_configuration_error():
@@ -151,8 +157,10 @@ def test_a_callables_retry_after_attribute_is_reported():
 
 
 def test_a_hanging_callable_is_killed_at_the_timeout():
-    result = CallableExecutor("tests.scrapers:hang").execute(a_run("x"), timedelta(seconds=2), threading.Event())
-    assert result.timed_out
+    execution = CallableExecutor("tests.scrapers:hang").start(a_run("x"))
+    result = execution.wait(timedelta(seconds=2), threading.Event())
+    assert result.timed_out and not result.ok
+    assert not alive(execution.process.pid)
 
 
 @pytest.mark.parametrize("path", ["tests.scrapers:nothing_here", "tests.no_such_module:run"])

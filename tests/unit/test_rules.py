@@ -9,6 +9,7 @@ import pytest
 from freezegun import freeze_time
 
 from jobs.rules import (
+    FailureOutcome,
     RetryPolicy,
     decide_failure,
     decide_stuck,
@@ -39,8 +40,9 @@ def test_hours_have_one_decimal_and_round_halves_up(minutes, text):
     assert format_hours(timedelta(minutes=minutes)) == text
 
 
-def test_the_example_run_started_at_0748_reads_stuck_for_1_2h_at_nine():
-    outcome = decide_stuck(
+def the_example_run_at_nine() -> FailureOutcome:
+    """SPEC §10's run, started at 07:48, as the 09:00 check decides it."""
+    return decide_stuck(
         since=datetime(2026, 11, 22, 7, 48, tzinfo=UTC),
         now=NINE,
         retry_count=0,
@@ -49,6 +51,10 @@ def test_the_example_run_started_at_0748_reads_stuck_for_1_2h_at_nine():
         policy=RetryPolicy(),
         rng=random.Random(1),
     )
+
+
+def test_the_example_run_started_at_0748_reads_stuck_for_1_2h_at_nine():
+    outcome = the_example_run_at_nine()
     assert outcome.message == "Run stuck for 1.2h - retry 1/4 scheduled"
     assert outcome.retry_number == 1
     assert outcome.retry_due == datetime(2026, 11, 22, 13, 0, tzinfo=UTC)
@@ -134,19 +140,23 @@ def test_exponential_delay_doubles_and_is_capped():
     assert delays == [timedelta(hours=h) for h in (1, 2, 4, 6, 6)]
 
 
-@pytest.mark.parametrize("backoff", ["fixed", "exponential"])
-def test_jitter_never_goes_below_the_policy_nor_above_the_cap(backoff):
+@pytest.mark.parametrize(
+    ("backoff", "base_minutes"),
+    [
+        ("fixed", [30, 30, 30, 30, 30, 30]),
+        ("exponential", [30, 60, 120, 180, 180, 180]),  # doubled, then held at the 3 h cap
+    ],
+)
+def test_jitter_never_goes_below_the_policy_nor_above_the_cap(backoff, base_minutes):
     policy = RetryPolicy(retry_delay=timedelta(minutes=30), backoff=backoff, max_delay=timedelta(hours=3), jitter=0.5)
     rng = random.Random(7)
-    for number in range(1, 10):
-        base = (
-            policy.retry_delay if backoff == "fixed" else min(policy.retry_delay * 2 ** (number - 1), policy.max_delay)
-        )
-        for _ in range(200):
-            delay = retry_delay(policy, number, rng)
-            assert base <= delay <= base * 1.5
-            if backoff == "exponential":
-                assert delay <= policy.max_delay
+    for number, minutes in enumerate(base_minutes, start=1):
+        base = timedelta(minutes=minutes)
+        delays = [retry_delay(policy, number, rng) for _ in range(200)]
+        assert all(base <= delay <= base * 1.5 for delay in delays), number
+        assert max(delays) > base * 1.25 or base == policy.max_delay  # the jitter really adds
+        if backoff == "exponential":
+            assert max(delays) <= policy.max_delay
 
 
 def test_a_longer_retry_after_wins_a_shorter_one_does_not():
@@ -155,11 +165,13 @@ def test_a_longer_retry_after_wins_a_shorter_one_does_not():
     assert retry_delay(policy, 1, random.Random(), retry_after=timedelta(seconds=30)) == timedelta(minutes=10)
 
 
-@freeze_time("2026-11-22 15:00:00")
-def test_rules_follow_the_clock_they_are_given():
-    now = datetime.now(UTC)
-    assert is_stuck(datetime(2026, 11, 22, 13, 0, tzinfo=UTC), now, timedelta(hours=1))
-    assert not is_stuck(datetime(2026, 11, 22, 14, 0, tzinfo=UTC), now, timedelta(hours=1))
+@freeze_time("2026-11-23 15:00:00")  # the wall clock, a day and six hours after the `now` the rules are given
+def test_rules_follow_the_clock_they_are_given_not_the_wall_clock():
+    outcome = the_example_run_at_nine()
+    assert (outcome.message, outcome.retry_due) == (
+        "Run stuck for 1.2h - retry 1/4 scheduled",
+        NINE + timedelta(hours=4),
+    )
 
 
 @pytest.mark.parametrize(

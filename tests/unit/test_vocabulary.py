@@ -32,18 +32,18 @@ def chain(*statuses: str) -> ChainHistory:
 
 
 @pytest.mark.parametrize(
-    ("statuses", "summary"),
+    ("statuses", "attempts", "summary"),
     [
-        (("failed", "failed", "completed"), "Total attempts: 3 · final status: success"),  # SPEC §10
-        (("completed", "cancelled"), "Total attempts: 1 · final status: success"),  # superseded, never ran
-        (("failed", "pending_retry"), "Total attempts: 1 · final status: pending_retry"),
-        (("failed", "failed", "running"), "Total attempts: 3 · final status: running"),
-        (("failed", "cancelled"), "Total attempts: 1 · final status: cancelled"),  # cancelled by an operator
+        (("failed", "failed", "completed"), 3, "Total attempts: 3 · final status: success"),  # SPEC §10
+        (("completed", "cancelled"), 1, "Total attempts: 1 · final status: success"),  # superseded, never ran
+        (("failed", "pending_retry"), 1, "Total attempts: 1 · final status: pending_retry"),
+        (("failed", "failed", "running"), 3, "Total attempts: 3 · final status: running"),
+        (("failed", "cancelled"), 1, "Total attempts: 1 · final status: cancelled"),  # cancelled by an operator
     ],
 )
-def test_an_attempt_is_a_row_that_ran(statuses, summary):
+def test_an_attempt_is_a_row_that_ran(statuses, attempts, summary):
     assert chain(*statuses).summary == summary
-    assert count_attempts(statuses) == chain(*statuses).attempts_made
+    assert count_attempts(statuses) == chain(*statuses).attempts_made == attempts
 
 
 def test_n_of_m_is_the_retry_number_of_the_budget_in_every_message():
