@@ -23,6 +23,8 @@ from pathlib import Path
 
 from bench import contenders, data
 
+BATCH_SIZES = (250, 1000, 5000, 20000)  # the default, and around it: commits against lock time
+
 LOCKED = """
 WITH stuck AS MATERIALIZED (
     SELECT ctid FROM scrape_runs WHERE status = 'running' AND started_at < :cutoff
@@ -53,7 +55,8 @@ def measure(server_url: str, *, history: int, stuck: int, repeat: int) -> dict:
     data.build_template(server_url, "bench_tpl_anatomy", history=history, stuck=stuck, now=now)
     plan = {name: functools.partial(contenders.floor, now=judge, sql=sql) for name, sql in variants().items()}
     plan["ours, one batch"] = functools.partial(contenders.ours, now=judge, batch_size=stuck)
-    plan["ours, BATCH_SIZE 1000"] = functools.partial(contenders.ours, now=judge, batch_size=1000)
+    for size in BATCH_SIZES:
+        plan[f"ours, BATCH_SIZE {size}"] = functools.partial(contenders.ours, now=judge, batch_size=size)
     seconds: dict[str, list[float]] = {name: [] for name in plan}
     try:
         for _ in range(repeat):
@@ -72,6 +75,7 @@ def measure(server_url: str, *, history: int, stuck: int, repeat: int) -> dict:
     finally:
         data.drop(server_url, "bench_tpl_anatomy")
     floor = statistics.median(seconds["floor"])
+    batches = {"ours, one batch": 1} | {f"ours, BATCH_SIZE {n}": -(-stuck // n) for n in BATCH_SIZES}
     return {
         "history": history,
         "stuck": stuck,
@@ -82,6 +86,8 @@ def measure(server_url: str, *, history: int, stuck: int, repeat: int) -> dict:
                 "median_s": round(statistics.median(values), 3),
                 "over_floor": round(statistics.median(values) / floor, 2),
                 "all_s": [round(value, 3) for value in values],
+                # How long one transaction holds its runs locked (a scraper finishing one waits).
+                "ms_per_batch": round(1000 * statistics.median(values) / batches[name]) if name in batches else None,
             }
             for name, values in seconds.items()
         ],

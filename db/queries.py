@@ -167,7 +167,11 @@ class RunQueries:
         key = locks.as_oid(locks.run_key(self.t.c.id))
         return key.in_(locks.held_keys(self.runs_ns))
 
-    def _stuck_batch(self, *, lock: bool) -> sa.Select:
+    def _stuck_batch(self, *, lock: bool, resume: bool = False) -> sa.Select:
+        """Stuck runs, oldest progress first, up to `:sr_limit`; with `resume`, from `:sr_from` on
+        (where the sweep's previous batch ended), so a batch does not walk again over the index
+        entries of the runs earlier batches failed (dead until vacuum: walked again, a sweep of
+        K runs in batches of B costs K²/B)."""
         t, runs = self.t, self.runs
         progress = runs.progress()
         query = (
@@ -185,6 +189,8 @@ class RunQueries:
             .order_by(progress)
             .limit(sa.bindparam("sr_limit"))
         )
+        if resume:
+            query = query.where(progress >= sa.bindparam("sr_from", type_=sa.DateTime(timezone=True)))
         return query.with_for_update(skip_locked=True, of=t) if lock else query
 
     def _chain_completed(self, pending: sa.FromClause) -> sa.Select:
@@ -307,14 +313,18 @@ class RunQueries:
         """One batch of the stuck sweep in one statement: lock up to `:sr_limit` stuck runs
         (SKIP LOCKED), fail them with the rules' decision, create their retries and dead letters.
 
-        Returns per failed run, by name, ids as text: run_id, chain_id, search_query,
-        location_query, retry_count, budget, message, next_retry_at, retry_id (NULL when no retry
-        was created: budget spent, or one already existed), retried and dead_lettered.
+        Returns, for the first `:sr_keep` failed runs (at least one), by name, ids as text: run_id,
+        chain_id, search_query, location_query, retry_count, budget, message, next_retry_at,
+        retry_id (NULL when no retry was created: budget spent, or one already existed), retried,
+        dead_lettered; and on each row the whole batch's batch_failed, batch_retried,
+        batch_dead_lettered and batch_until (the latest progress it took: the next batch's `:sr_from`).
         """
         t, runs = self.t, self.runs
+        stuck_runs = self._stuck_batch(lock=True, resume=True)
         stuck = (
-            self._stuck_batch(lock=True)
-            .with_only_columns(sa.literal_column("ctid").label("scrape_runs_ctid"))
+            stuck_runs.with_only_columns(
+                sa.literal_column("ctid").label("scrape_runs_ctid"), stuck_runs.selected_columns.since
+            )
             .cte("stuck")
             .prefix_with("MATERIALIZED")
         )
@@ -346,7 +356,7 @@ class RunQueries:
         retried = self._retry_rows(failed, failed.c._sr_retry_id).cte("retried")
         dead = insert_from_failed(self.dead_letters, failed, self._inputs_json(failed), NOW).cte("dead")
         created = failed.c._sr_retry_id.in_(sa.select(retried.c.id))
-        return sa.select(
+        per_run = sa.select(
             sa.cast(failed.c.id, sa.Text).label("run_id"),
             sa.cast(sa.func.coalesce(failed.c.original_run_id, failed.c.id), sa.Text).label("chain_id"),
             failed.c.search_query,
@@ -358,7 +368,19 @@ class RunQueries:
             sa.case((created, sa.cast(failed.c._sr_retry_id, sa.Text)), else_=sa.null()).label("retry_id"),
             created.label("retried"),
             failed.c.id.in_(sa.select(dead.c.run_id)).label("dead_lettered"),
-        )
+        ).subquery("per_run")
+        # The batch's counts ride on every row, and only the first `:sr_keep` rows (at least one,
+        # to carry the counts) leave the server: a mass event does not ship 100,000 rows to Python.
+        counted = sa.select(
+            *per_run.c,
+            sa.func.count().over().label("batch_failed"),
+            sa.func.count().filter(per_run.c.retried).over().label("batch_retried"),
+            sa.func.count().filter(per_run.c.dead_lettered).over().label("batch_dead_lettered"),
+            sa.select(sa.func.max(stuck.c.since)).scalar_subquery().label("batch_until"),
+            sa.func.row_number().over().label("_sr_n"),
+        ).subquery("counted")
+        keep = sa.func.greatest(sa.bindparam("sr_keep", type_=sa.Integer), 1)
+        return sa.select(*(c for c in counted.c if c.name != "_sr_n")).where(counted.c._sr_n <= keep)
 
     def _retry_rows(self, failed: sa.CTE, retry_id: sa.ColumnElement | None = None) -> sa.Insert:
         """One pending retry for every row of `failed` that has a retry due, copying its inputs.

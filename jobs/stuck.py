@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from functools import cached_property
 
 from loguru import logger
@@ -29,9 +29,10 @@ from jobs.runtime import Runtime
 
 PREVIEW_LIMIT = 100_000  # rows a dry run lists at most
 ALL_ROWS = 2**31 - 1  # a LIMIT that keeps every row
+EARLIEST = datetime(1, 1, 2, tzinfo=timezone.utc)  # where a sweep's first batch starts
 SWEEP_LOCK_WAIT = timedelta(seconds=10)
 LOGGED_RUNS_PER_SWEEP = 100  # beyond this a mass event is one summary line, not a log storm
-KEPT_RUNS = 1000  # rows a sweep's result keeps for the screen and the logs; counts cover every run
+KEPT_RUNS = 200  # rows a sweep's result keeps for the screen and the logs; counts cover every run
 
 
 @dataclass(frozen=True)
@@ -175,25 +176,32 @@ def sweep_stuck_runs(
             conn.rollback()
             return SweepResult(seconds=time.monotonic() - started, skipped=f"another sweep is running ({holder})")
         try:
+            resume_from = EARLIEST
             while not (stop and stop.is_set()):
+                room = ALL_ROWS if keep is None else max(0, keep - len(rows))
+                batch_params = {**statement_params, "sr_keep": room, "sr_from": resume_from}
                 with conn.begin():
-                    batch = conn.execute(rt.queries.sweep_batch, statement_params).mappings().all()
+                    batch = conn.execute(rt.queries.sweep_batch, batch_params).mappings().all()
                 batches += 1
-                _log(batch, already=failed)
-                failed += len(batch)
-                retried += sum(1 for row in batch if row["retried"])
-                dead += sum(1 for row in batch if row["dead_lettered"])
-                rows.extend(batch if keep is None else batch[: max(0, keep - len(rows))])
-                if len(batch) < rt.settings.batch_size:
+                kept = batch[:room]
+                _log(kept, already=len(rows))
+                rows.extend(kept)
+                if batch:
+                    failed += batch[0]["batch_failed"]
+                    retried += batch[0]["batch_retried"]
+                    dead += batch[0]["batch_dead_lettered"]
+                if not batch or batch[0]["batch_failed"] < rt.settings.batch_size:
                     break
+                resume_from = batch[0]["batch_until"]
         finally:
             if use_lock:
                 locks.unlock(conn, sweep_ns, 0)
                 conn.commit()
     listing = listing_sql(rt.runs.qualified_name, now)
-    if failed > LOGGED_RUNS_PER_SWEEP:
-        logger.bind(event="stuck", count=failed - LOGGED_RUNS_PER_SWEEP).warning(
-            "{} more stuck runs failed ({} in all); list them with: {}", failed - LOGGED_RUNS_PER_SWEEP, failed, listing
+    logged = min(len(rows), LOGGED_RUNS_PER_SWEEP)
+    if failed > logged:
+        logger.bind(event="stuck", count=failed - logged).warning(
+            "{} more stuck runs failed ({} in all); list them with: {}", failed - logged, failed, listing
         )
     seconds = time.monotonic() - started
     return SweepResult(failed, retried, dead, batches, seconds, rows=tuple(rows), listing_sql=listing)
