@@ -65,7 +65,7 @@ def _anatomy(anatomy: dict | None) -> list[str]:
         "- **ours, one batch**: the real sweep with BATCH_SIZE above K. Beyond the two above it decides",
         "  each run by its chain's policy (inherited budget, backoff and jitter, the exact message),",
         "  skips runs a live process is executing, writes dead letters for spent budgets, and returns",
-        "  every run to the caller for its log lines and counts.",
+        "  the batch's counts and its first runs (for the log and the screen) to the caller.",
         "- **ours, BATCH_SIZE n**: one transaction per n runs. Fewer, larger batches save commits and",
         "  per-statement work; but a batch holds its runs locked until it commits, and a scraper",
         "  finishing one of them waits that long, and a crash rolls back (and the next sweep redoes) a",
