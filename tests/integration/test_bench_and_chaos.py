@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from bench import anatomy
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,12 @@ def test_quick_benchmarks_do_the_same_work_as_the_floor_and_never_scan_the_table
     assert not any(idle["seq_scan_of_scrape_runs"] for idle in report["idle"])
     # Every variant of the anatomy handled all K runs (it refuses to report otherwise).
     assert [v["name"] for v in report["anatomy"]["variants"]][0] == "floor"
-    assert len(report["anatomy"]["variants"]) == 6
+    names = [v["name"] for v in report["anatomy"]["variants"]]
+    assert len(names) == 5 + len(anatomy.BATCH_SIZES) and "ours, BATCH_SIZE 1000" in names
+    assert all(v["ms_per_batch"] for v in report["anatomy"]["variants"] if v["name"].startswith("ours"))
+    # The whole command and the row-by-row script did the same work as the rest.
+    assert all({"command", "row_by_row_script"} <= set(sweep["seconds"]) for sweep in report["sweeps"])
+    assert report["startup"]["commands"]["--help"]["median_s"] > 0
     for claims in report["claims"]:
         assert claims["claimed"] == claims["unique"] == report["config"]["claim_retries"]
 
