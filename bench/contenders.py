@@ -110,15 +110,7 @@ def command(url: str, now: datetime, *, out: str | None = None) -> Timing:
         started = time.perf_counter()
         subprocess.run([str(script), "check"], env=env, stdout=stdout, stderr=subprocess.STDOUT, check=True)
         seconds = time.perf_counter() - started
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            failed = conn.execute(
-                sa.text("SELECT count(*) FROM scrape_runs WHERE status = 'failed' AND failure_pattern = 'stuck'")
-            ).scalar_one()
-    finally:
-        engine.dispose()
-    return Timing("command", seconds, failed)
+    return Timing("command", seconds, failed_as_stuck(url))
 
 
 def floor(url: str, now: datetime, sql: str = FLOOR) -> Timing:
@@ -190,15 +182,19 @@ def row_by_row_script(url: str, now: datetime) -> Timing:
         stdout=subprocess.DEVNULL,
     )
     seconds = time.perf_counter() - started
+    return Timing("row_by_row_script", seconds, failed_as_stuck(url))
+
+
+def failed_as_stuck(url: str) -> int:
+    """How many runs a contender in another process failed as stuck."""
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
-            failed = conn.execute(
+            return conn.execute(
                 sa.text("SELECT count(*) FROM scrape_runs WHERE status = 'failed' AND failure_pattern = 'stuck'")
             ).scalar_one()
     finally:
         engine.dispose()
-    return Timing("row_by_row_script", seconds, failed)
 
 
 def outcome_counts(url: str) -> tuple:

@@ -51,31 +51,36 @@ def generated_runs(seed: int, count: int = 300) -> list[dict]:
     return runs
 
 
+def insert_generated(conn: sa.Connection, runs: list[dict]) -> list:
+    """The generated runs as `running` rows (a retry gets a chain root id of its own); their ids."""
+    return (
+        conn.execute(
+            sa.text(
+                "INSERT INTO scrape_runs (search_query, location_query, status, started_at, retry_count, is_retry,"
+                " max_retries, original_run_id) SELECT 'q', 'l', 'running', s, r, i, m,"
+                " CASE WHEN i THEN gen_random_uuid() END"
+                " FROM unnest(CAST(:s AS timestamptz[]), CAST(:r AS int[]), CAST(:i AS bool[]), CAST(:m AS int[]))"
+                " AS x(s, r, i, m) RETURNING id"
+            ),
+            {
+                "s": [r["started_at"] for r in runs],
+                "r": [r["retry_count"] for r in runs],
+                "i": [r["is_retry"] for r in runs],
+                "m": [r["max_retries"] for r in runs],
+            },
+        )
+        .scalars()
+        .all()
+    )
+
+
 @pytest.mark.parametrize("policy_index", range(len(POLICIES)))
 def test_sql_decisions_equal_the_python_rules(db_url, policy_index):
     policy = POLICIES[policy_index]
     runs = generated_runs(policy_index)
     rt = make_runtime(db_url, batch_size=97)
     with rt.engine.begin() as conn:
-        ids = (
-            conn.execute(
-                sa.text(
-                    "INSERT INTO scrape_runs (search_query, location_query, status, started_at, retry_count, is_retry,"
-                    " max_retries, original_run_id) SELECT 'q', 'l', 'running', s, r, i, m,"
-                    " CASE WHEN i THEN gen_random_uuid() END"
-                    " FROM unnest(CAST(:s AS timestamptz[]), CAST(:r AS int[]), CAST(:i AS bool[]), CAST(:m AS int[]))"
-                    " AS x(s, r, i, m) RETURNING id"
-                ),
-                {
-                    "s": [r["started_at"] for r in runs],
-                    "r": [r["retry_count"] for r in runs],
-                    "i": [r["is_retry"] for r in runs],
-                    "m": [r["max_retries"] for r in runs],
-                },
-            )
-            .scalars()
-            .all()
-        )
+        ids = insert_generated(conn, runs)
     with freeze_time(NOW):
         result = sweep_stuck_runs(rt, policy)
     with rt.engine.connect() as conn:
@@ -136,21 +141,7 @@ def test_a_dry_run_says_exactly_what_the_sweep_then_does(db_url, policy_index):
     runs = generated_runs(100 + policy_index, count=150)
     rt = make_runtime(db_url, batch_size=31)
     with rt.engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                "INSERT INTO scrape_runs (search_query, location_query, status, started_at, retry_count, is_retry,"
-                " max_retries, original_run_id) SELECT 'q', 'l', 'running', s, r, i, m,"
-                " CASE WHEN i THEN gen_random_uuid() END"
-                " FROM unnest(CAST(:s AS timestamptz[]), CAST(:r AS int[]), CAST(:i AS bool[]), CAST(:m AS int[]))"
-                " AS x(s, r, i, m)"
-            ),
-            {
-                "s": [r["started_at"] for r in runs],
-                "r": [r["retry_count"] for r in runs],
-                "i": [r["is_retry"] for r in runs],
-                "m": [r["max_retries"] for r in runs],
-            },
-        )
+        insert_generated(conn, runs)
     with freeze_time(NOW):
         planned = sweep_stuck_runs(rt, policy, dry_run=True, keep=None)
         done = sweep_stuck_runs(rt, policy, keep=None)
