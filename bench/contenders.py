@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from loguru import logger
 
 from jobs.config import Settings
-from jobs.rules import RetryPolicy, decide_stuck
+from jobs.rules import STUCK_PATTERN, RetryPolicy, chain_budget, decide_failure, stuck_error
 from jobs.runtime import Runtime
 from jobs.stuck import sweep_stuck_runs
 
@@ -147,12 +147,12 @@ def row_by_row(url: str, now: datetime) -> Timing:
             conn.commit()
             failed = 0
             for run_id, since, retry_count, is_retry, max_retries in stuck:
-                outcome = decide_stuck(
-                    since=since,
-                    now=now,
+                outcome = decide_failure(
+                    error=stuck_error(since, now),
+                    pattern=STUCK_PATTERN,
                     retry_count=retry_count,
-                    is_retry=is_retry,
-                    row_max_retries=max_retries,
+                    budget=chain_budget(is_retry, max_retries, POLICY),
+                    now=now,
                     policy=POLICY,
                     rng=random.Random(),
                 )

@@ -1,7 +1,11 @@
-"""The domain rules, pure: which run is stuck, when its retry is due, what its message says.
+"""The domain rules, pure: when a retry is due, what a message says, what one attempt's failure
+means for its chain.
 
 Nothing here touches the database or the clock; `now` is always an argument, so freezegun
-and plain values steer every rule.
+and plain values steer every rule. Which runs are stuck, and their fate, is decided once, in the
+sweep's SQL (db/queries.py), from the message templates below; the functions here decide one
+executed attempt's outcome (the processor, manual retries), and the property test holds the two
+to the same budget, backoff and hours.
 
 How counts are worded, everywhere the tool prints one (SPEC §3, §6, §10):
 - An *attempt* is a row of a chain that ran: running, completed or failed. A retry still pending,
@@ -61,11 +65,6 @@ class FailureOutcome:
     @property
     def ends_chain(self) -> bool:
         return self.retry_number is None
-
-
-def is_stuck(since: datetime | None, now: datetime, stuck_after: timedelta) -> bool:
-    """A run is stuck when it has made no progress for strictly longer than the threshold."""
-    return since is not None and now - since > stuck_after
 
 
 def format_hours(duration: timedelta) -> str:
@@ -156,28 +155,6 @@ def decide_failure(
     due = now + retry_delay(policy, number, rng, retry_after)
     return FailureOutcome(
         RETRY_SCHEDULED.format(error=error, number=number, budget=budget), pattern, budget, number, due
-    )
-
-
-def decide_stuck(
-    *,
-    since: datetime,
-    now: datetime,
-    retry_count: int,
-    is_retry: bool,
-    row_max_retries: int,
-    policy: RetryPolicy,
-    rng: random.Random,
-) -> FailureOutcome:
-    """The fate of a run found stuck: failed with `Run stuck for X.Xh`, retried while budget is left."""
-    return decide_failure(
-        error=stuck_error(since, now),
-        pattern=STUCK_PATTERN,
-        retry_count=retry_count,
-        budget=chain_budget(is_retry, row_max_retries, policy),
-        now=now,
-        policy=policy,
-        rng=rng,
     )
 
 

@@ -1,8 +1,10 @@
-"""The set-based sweep decides in SQL what `decide_stuck` decides in Python: the same answers.
+"""The set-based sweep decides in SQL what the Python rules decide for an executed attempt: the
+same budget inheritance, backoff and hours, from the same message templates.
 
-Hundreds of generated runs (ages, retry numbers, budgets, roots and retries) under several
-policies are swept for real; every failed row must carry exactly the message, budget and due
-time `decide_stuck` gives for it.
+What is written twice is held equal here: hundreds of generated runs (ages, retry numbers,
+budgets, roots and retries) under several policies are swept for real; every failed row must
+carry exactly the message, budget and due time that `chain_budget`, `stuck_error` and
+`decide_failure` give for it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from freezegun import freeze_time
 
-from jobs.rules import RetryPolicy, decide_stuck
+from jobs.rules import STUCK_PATTERN, RetryPolicy, chain_budget, decide_failure, stuck_error
 from jobs.stuck import sweep_stuck_runs
 from tests.helpers import make_runtime
 
@@ -95,12 +97,12 @@ def test_sql_decisions_equal_the_python_rules(db_url, policy_index):
         }
     stuck = 0
     for run_id, run in zip(ids, runs, strict=True):
-        expected = decide_stuck(
-            since=run["started_at"],
-            now=NOW,
+        expected = decide_failure(
+            error=stuck_error(run["started_at"], NOW),
+            pattern=STUCK_PATTERN,
             retry_count=run["retry_count"],
-            is_retry=run["is_retry"],
-            row_max_retries=run["max_retries"],
+            budget=chain_budget(run["is_retry"], run["max_retries"], policy),
+            now=NOW,
             policy=policy,
             rng=random.Random(0),
         )
@@ -152,4 +154,29 @@ def test_a_dry_run_says_exactly_what_the_sweep_then_does(db_url, policy_index):
         return {a.run_id: (a.message, a.label, a.retried, a.retry_due) for a in result.attempts}
 
     assert decisions(planned) == decisions(done)
+    rt.close()
+
+
+def test_a_run_is_stuck_only_strictly_after_the_threshold(db_url):
+    rt = make_runtime(db_url)
+    with rt.engine.begin() as conn:
+        [on_the_dot, just_over] = insert_generated(
+            conn,
+            [
+                {"started_at": NOW - timedelta(hours=1), "retry_count": 0, "is_retry": False, "max_retries": 4},
+                {
+                    "started_at": NOW - timedelta(hours=1, microseconds=1),
+                    "retry_count": 0,
+                    "is_retry": False,
+                    "max_retries": 4,
+                },
+            ],
+        )
+    with freeze_time(NOW):
+        planned = sweep_stuck_runs(rt, dry_run=True)
+        done = sweep_stuck_runs(rt)
+    assert [a.run_id for a in planned.attempts] == [a.run_id for a in done.attempts] == [just_over]
+    with rt.engine.connect() as conn:
+        status = dict(conn.execute(sa.text("SELECT id, status FROM scrape_runs")).all())
+    assert (status[on_the_dot], status[just_over]) == ("running", "failed")
     rt.close()

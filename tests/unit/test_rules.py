@@ -11,25 +11,18 @@ from freezegun import freeze_time
 from jobs.rules import (
     FailureOutcome,
     RetryPolicy,
+    chain_budget,
     decide_failure,
-    decide_stuck,
     format_hours,
-    is_stuck,
     retry_delay,
     run_label,
+    stuck_error,
     superseded_message,
     timeout_error,
 )
 
 UTC = timezone.utc
 NINE = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
-
-
-def test_a_run_is_stuck_only_strictly_after_the_threshold():
-    hour = timedelta(hours=1)
-    assert not is_stuck(NINE - hour, NINE, hour)
-    assert is_stuck(NINE - hour - timedelta(microseconds=1), NINE, hour)
-    assert not is_stuck(None, NINE, hour)
 
 
 @pytest.mark.parametrize(
@@ -41,13 +34,15 @@ def test_hours_have_one_decimal_and_round_halves_up(minutes, text):
 
 
 def the_example_run_at_nine() -> FailureOutcome:
-    """SPEC §10's run, started at 07:48, as the 09:00 check decides it."""
-    return decide_stuck(
-        since=datetime(2026, 11, 22, 7, 48, tzinfo=UTC),
-        now=NINE,
+    """SPEC §10's run, started at 07:48, failed by the 09:00 check: the rules a stuck run's fate
+    is made of (the sweep decides it in SQL; tests/integration/test_stuck_rules_sql.py holds the two
+    to the same answers)."""
+    return decide_failure(
+        error=stuck_error(datetime(2026, 11, 22, 7, 48, tzinfo=UTC), NINE),
+        pattern="stuck",
         retry_count=0,
-        is_retry=False,
-        row_max_retries=4,
+        budget=chain_budget(False, 4, RetryPolicy()),
+        now=NINE,
         policy=RetryPolicy(),
         rng=random.Random(1),
     )
@@ -62,12 +57,12 @@ def test_the_example_run_started_at_0748_reads_stuck_for_1_2h_at_nine():
 
 
 def test_budget_spent_message_and_no_retry():
-    outcome = decide_stuck(
-        since=NINE - timedelta(minutes=72),
-        now=NINE,
+    outcome = decide_failure(
+        error=stuck_error(NINE - timedelta(minutes=72), NINE),
+        pattern="stuck",
         retry_count=4,
-        is_retry=True,
-        row_max_retries=4,
+        budget=4,
+        now=NINE,
         policy=RetryPolicy(),
         rng=random.Random(1),
     )
@@ -77,26 +72,8 @@ def test_budget_spent_message_and_no_retry():
 
 def test_the_budget_is_the_policys_for_a_root_and_inherited_by_retries():
     policy = RetryPolicy(max_retries=2)
-    root = decide_stuck(
-        since=NINE - timedelta(hours=2),
-        now=NINE,
-        retry_count=0,
-        is_retry=False,
-        row_max_retries=4,
-        policy=policy,
-        rng=random.Random(),
-    )
-    assert (root.budget, root.message) == (2, "Run stuck for 2.0h - retry 1/2 scheduled")
-    retry = decide_stuck(
-        since=NINE - timedelta(hours=2),
-        now=NINE,
-        retry_count=1,
-        is_retry=True,
-        row_max_retries=3,
-        policy=policy,
-        rng=random.Random(),
-    )
-    assert (retry.budget, retry.message) == (3, "Run stuck for 2.0h - retry 2/3 scheduled")
+    assert chain_budget(False, 4, policy) == 2  # a root takes the policy's, whatever its row says
+    assert chain_budget(True, 3, policy) == 3  # a retry inherits its chain's
 
 
 @pytest.mark.parametrize(
