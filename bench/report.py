@@ -23,7 +23,7 @@ decisions with a second statement. What it exposed, and what changed (commits on
   as one PostgreSQL array literal each (`db/arrays.py`).
 - Per-run Python (decisions, result rows, UUID objects) cost about as much as the database's
   own work. The decision is now rendered in SQL from the rules' own message
-  templates (`db/queries.py`), held equal to the Python rules by a test over generated runs;
+  templates (`db/queries/sweep.py`), held equal to the Python rules by a test over generated runs;
   per-run details are built only when asked for (the CLI), and per-run log lines stop at 100 a
   sweep with a line saying how to list the rest (journald would rate-limit a storm anyway).
 - Joining the batch's rows back to the table by id made the planner rescan every remaining

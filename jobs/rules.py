@@ -3,7 +3,7 @@ means for its chain.
 
 Nothing here touches the database or the clock; `now` is always an argument, so freezegun
 and plain values steer every rule. Which runs are stuck, and their fate, is decided once, in the
-sweep's SQL (db/queries.py), from the message templates below; the functions here decide one
+sweep's SQL (db/queries/sweep.py), from the message templates below; the functions here decide one
 executed attempt's outcome (the processor, manual retries), and the property test holds the two
 to the same budget, backoff and hours.
 
@@ -29,7 +29,7 @@ STUCK_PATTERN = "stuck"
 TIMEOUT_PATTERN = "timeout"
 
 # The exact texts (SPEC §3), as templates: the functions below fill them in Python, and the
-# set-based sweep renders the same templates in SQL (db/queries.py), so there is one text.
+# set-based sweep renders the same templates in SQL (db/queries/sweep.py), so there is one text.
 STUCK_ERROR = "Run stuck for {hours}"
 RETRY_SCHEDULED = "{error} - retry {number}/{budget} scheduled"
 BUDGET_SPENT = "{error} - permanently failed after {attempts} attempts"  # retry attempts, as SPEC says

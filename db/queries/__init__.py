@@ -1,0 +1,24 @@
+"""Every statement stuck-runs runs on `scrape_runs`, in one place.
+
+Built once per reflected table (`RunQueries(runs)`), reused for every batch. Each state change is
+an UPDATE conditional on the state it expects; callers read RETURNING to learn what really
+changed. Per-row values computed by the rules travel as arrays through `unnest`, so a batch is
+a constant number of statements whatever its size.
+"""
+
+from __future__ import annotations
+
+from db.queries.common import NOW
+from db.queries.reports import ReportStatements
+from db.queries.retries import RetryStatements, fail_params
+from db.queries.sweep import SweepStatements, render, sweep_params
+
+__all__ = ["NOW", "RunQueries", "fail_params", "render", "sweep_params"]
+
+
+class RunQueries(SweepStatements, RetryStatements, ReportStatements):
+    """The statements for one table. Parameters are bound by name, all prefixed `sr_`: `sr_now`, `sr_run_id`...
+
+    One module per concern: the stuck sweep (`sweep`), retries and claims (`retries`), reports
+    and statistics (`reports`), on the shared pieces of `common`.
+    """

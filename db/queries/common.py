@@ -1,0 +1,98 @@
+"""What the statement modules share: the clock parameter, the arrays, the table, and the
+pieces both the sweep and the retries build on (a retry's row, a dead letter's inputs, a chain's
+completed runs).
+
+Parameters are bound by name, all prefixed `sr_`.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY, insert
+
+from db import locks
+from db.arrays import array_param
+from db.dead_letters import dead_letters_table
+from db.table import RunsTable
+
+NOW = sa.bindparam("sr_now", type_=sa.DateTime(timezone=True))
+
+
+def _arrays(**columns: sa.types.TypeEngine) -> sa.TableValuedAlias:
+    """`unnest(:sr_ids, :sr_messages, ...) AS v(id, message, ...)`: one row per element, in order.
+
+    Each column `x` is bound from the array parameter `sr_xs`. Every parameter name starts with
+    `sr_`: SQLAlchemy takes a parameter named like a column for a SET value, and the scraper's
+    table has columns we do not know.
+    """
+    arrays = [array_param(f"sr_{name}s", kind) for name, kind in columns.items()]
+    return (
+        sa.func.unnest(*arrays)
+        .table_valued(*(sa.column(name, kind) for name, kind in columns.items()))
+        .render_derived(name="v")
+    )
+
+
+class TableStatements:
+    """The table the statements are for, and the pieces several concerns build on.
+
+    The concern classes (`SweepStatements`, `RetryStatements`, `ReportStatements`) extend it
+    cooperatively: each `__init__` calls `super().__init__(runs)` first, then builds its own
+    statements, so `RunQueries` composing them builds every statement once.
+    """
+
+    def __init__(self, runs: RunsTable) -> None:
+        self.runs = runs
+        self.t = t = runs.table
+        self.dead_letters = dead_letters_table(t.schema)
+        self.runs_ns = locks.namespace(runs.qualified_name, locks.RUNS)
+
+    def _chain_completed(self, pending: sa.FromClause) -> sa.Select:
+        """The completed runs of `pending`'s chain, earliest completion first."""
+        done = self.t.alias("done")
+        return (
+            sa.select(done.c.id)
+            .where(
+                done.c.status == self.runs.status("completed"),
+                sa.or_(
+                    done.c.id == pending.c.original_run_id,
+                    sa.and_(done.c.is_retry, done.c.original_run_id == pending.c.original_run_id),
+                ),
+            )
+            .order_by(done.c.completed_at)
+        )
+
+    def _retry_rows(self, failed: sa.CTE, retry_id: sa.ColumnElement | None = None) -> sa.Insert:
+        """One pending retry for every row of `failed` that has a retry due, copying its inputs.
+
+        The unique index on (original_run_id, retry_count) WHERE is_retry makes a second
+        retry of the same attempt impossible; ON CONFLICT turns it into nothing.
+        """
+        t, runs = self.t, self.runs
+        values: dict[str, sa.ColumnElement] = {name: failed.c[name] for name in runs.input_columns}
+        values.update(
+            status=runs.status("pending_retry"),
+            retry_count=failed.c.retry_count + 1,
+            max_retries=failed.c.max_retries,
+            next_retry_at=failed.c.next_retry_at,
+            original_run_id=sa.func.coalesce(failed.c.original_run_id, failed.c.id),
+            is_retry=sa.true(),
+        )
+        values.update(runs.fresh_attempt_values(NOW))
+        if retry_id is not None:
+            values["id"] = retry_id
+        rows = sa.select(*(value.label(name) for name, value in values.items())).where(
+            failed.c.next_retry_at.is_not(None)
+        )
+        return (
+            insert(t)
+            .from_select(list(values), rows)
+            .on_conflict_do_nothing()
+            .returning(t.c.id, t.c.original_run_id, t.c.retry_count)
+        )
+
+    def _inputs_json(self, failed: sa.CTE) -> sa.ColumnElement:
+        lifecycle = [name for name in failed.c.keys() if name not in self.runs.input_columns]
+        return sa.func.to_jsonb(failed.table_valued()).op("-")(
+            sa.cast(sa.literal(lifecycle, ARRAY(sa.Text)), ARRAY(sa.Text))
+        )

@@ -1,0 +1,164 @@
+"""The reading statements behind `status`, `stats` and the chain views: one run, a chain, the counts,
+the retry statistics of a window, and the chains that ended permanently failed.
+
+Counts are index probes, never table scans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlalchemy as sa
+
+from db.queries.common import TableStatements
+from db.table import RunsTable
+from jobs.rules import STUCK_PATTERN
+
+
+class ReportStatements(TableStatements):
+    """`get`, `chain`, `counts`, `untimed`, `stats_*` and `permanently_failed` for one table."""
+
+    # From RetryStatements, which RunQueries composes with this: the failed chains counted.
+    retry_candidates: Callable[..., sa.Select]
+
+    def __init__(self, runs: RunsTable) -> None:
+        super().__init__(runs)
+        t = self.t
+        self.get = sa.select(t).where(t.c.id == sa.bindparam("sr_run_id"))
+
+    def chain(self) -> sa.Select:
+        """Every attempt of the chain rooted at `:sr_root`, oldest first."""
+        t = self.t
+        return (
+            sa.select(t)
+            .where(
+                sa.or_(
+                    t.c.id == sa.bindparam("sr_root"),
+                    sa.and_(t.c.is_retry, t.c.original_run_id == sa.bindparam("sr_root")),
+                )
+            )
+            .order_by(t.c.retry_count, t.c.started_at.asc().nulls_last())
+        )
+
+    def untimed(self) -> sa.ColumnElement:
+        """Running runs with nothing to time them by (no started_at, no heartbeat): never stuck."""
+        return sa.and_(self.t.c.status == self.runs.status("running"), self.runs.progress().is_(None))
+
+    def _count(self, *where: sa.ColumnElement) -> sa.ScalarSelect:
+        return sa.select(sa.func.count()).select_from(self.t).where(*where).scalar_subquery()
+
+    def counts(self) -> sa.Select:
+        """How many runs are running, stuck (progress before `:sr_cutoff`), untimed, pending a
+        retry, and the retries running; each an index probe, never a table scan. (How many chains
+        ended permanently failed: `permanently_failed`.)"""
+        t, runs = self.t, self.runs
+        running = t.c.status == runs.status("running")
+        pending = t.c.status == runs.status("pending_retry")
+        count = self._count
+        return sa.select(
+            count(running).label("running"),
+            count(running, runs.progress() < sa.bindparam("sr_cutoff")).label("stuck"),
+            count(self.untimed()).label("untimed"),
+            count(pending).label("pending_retry"),
+            count(running, t.c.is_retry).label("running_retries"),
+            sa.select(sa.func.min(t.c.next_retry_at)).where(pending).scalar_subquery().label("next_due"),
+        )
+
+    # -- statistics (attempts that ended since `:sr_since`; the ended-attempts index) --------
+    #
+    # One population for every retry number `stats` prints: retries that ended (completed or
+    # failed) in the window. Retries pending or running now, and retries cancelled before they
+    # ran, are counted beside it, never in it.
+
+    def _ended(self) -> sa.Subquery:
+        t = self.t
+        return (
+            sa.select(t.c.id, t.c.original_run_id, t.c.is_retry, t.c.retry_count, t.c.status, t.c.failure_pattern)
+            .where(sa.or_(t.c.is_retry, t.c.failure_pattern.is_not(None)), t.c.completed_at >= sa.bindparam("sr_since"))
+            .subquery("ended")
+        )
+
+    def _retry_ended(self, e: sa.Subquery) -> sa.ColumnElement:
+        """A retry that ran and ended: completed or failed (a cancelled one never ran)."""
+        ended = sa.or_(e.c.status == self.runs.status("completed"), e.c.status == self.runs.status("failed"))
+        return sa.and_(e.c.is_retry, ended)
+
+    def stats_summary(self) -> sa.Select:
+        """Retries ended in the window (succeeded, chains), retries cancelled in it, retries
+        pending and running now, and stuck detections in the window."""
+        e, t, runs = self._ended(), self.t, self.runs
+        ended = self._retry_ended(e)
+        return sa.select(
+            sa.func.count().filter(ended).label("retries"),
+            sa.func.count().filter(ended, e.c.status == runs.status("completed")).label("succeeded"),
+            sa.func.count(sa.distinct(e.c.original_run_id)).filter(ended).label("chains"),
+            sa.func.count().filter(e.c.is_retry, e.c.status == runs.status("cancelled")).label("cancelled"),
+            sa.func.count().filter(e.c.failure_pattern == STUCK_PATTERN).label("stuck_detections"),
+            self._count(t.c.status == runs.status("pending_retry")).label("pending"),
+            self._count(t.c.status == runs.status("running"), t.c.is_retry).label("running"),
+        ).select_from(e)
+
+    def stats_by_attempt(self) -> sa.Select:
+        """The retries ended in the window by retry number; they add up to `stats_summary`'s."""
+        e, runs = self._ended(), self.runs
+        return (
+            sa.select(
+                e.c.retry_count.label("attempt"),
+                sa.func.count().label("retries"),
+                sa.func.count().filter(e.c.status == runs.status("completed")).label("succeeded"),
+            )
+            .where(self._retry_ended(e))
+            .group_by(e.c.retry_count)
+            .order_by(e.c.retry_count)
+        )
+
+    def stats_by_pattern(self) -> sa.Select:
+        """Per failure pattern: the attempts that failed with it in the window, and the retries
+        ended in the window that retried such an attempt, with how many succeeded. A retry counts
+        under the pattern of the attempt it retried (NULL: one the scraper failed itself), so the
+        retries add up to `stats_summary`'s."""
+        e, t, runs = self._ended(), self.t, self.runs
+        retried = t.alias("retried_attempt")
+        failures = sa.select(
+            e.c.failure_pattern.label("pattern"), sa.false().label("is_retry"), sa.false().label("succeeded")
+        ).where(e.c.failure_pattern.is_not(None))
+        retries = (
+            sa.select(retried.c.failure_pattern, sa.true(), e.c.status == runs.status("completed"))
+            .select_from(e)
+            .outerjoin(
+                retried,
+                sa.and_(
+                    retried.c.retry_count == e.c.retry_count - 1,
+                    sa.or_(
+                        retried.c.id == e.c.original_run_id,
+                        sa.and_(retried.c.is_retry, retried.c.original_run_id == e.c.original_run_id),
+                    ),
+                ),
+            )
+            .where(self._retry_ended(e))
+        )
+        counted = sa.union_all(failures, retries).subquery("counted")
+        failed = sa.func.count().filter(~counted.c.is_retry)
+        retried_count = sa.func.count().filter(counted.c.is_retry)
+        return (
+            sa.select(
+                counted.c.pattern,
+                failed.label("failures"),
+                retried_count.label("retries"),
+                sa.func.count().filter(counted.c.is_retry, counted.c.succeeded).label("retries_succeeded"),
+            )
+            .group_by(counted.c.pattern)
+            .order_by(failed.desc(), retried_count.desc(), counted.c.pattern.nulls_last())
+        )
+
+    def permanently_failed(self, *, since: bool = False) -> sa.Select:
+        """How many chains ended permanently failed: their latest attempt failed, no retry follows
+        it and none of their runs completed (`retry_candidates`' failed chains), among the chains
+        stuck-runs handled (the ended-attempts index; a run the scraper failed itself and nobody
+        retried is not counted). With `since`, those whose last attempt ended since `:sr_since`.
+        `status` and `stats` both count with this one statement."""
+        t = self.t
+        where = [self.retry_candidates().whereclause, sa.or_(t.c.is_retry, t.c.failure_pattern.is_not(None))]
+        if since:
+            where.append(t.c.completed_at >= sa.bindparam("sr_since"))
+        return sa.select(self._count(*where).label("permanently_failed"))

@@ -1,0 +1,280 @@
+"""The retries' statements: failing attempts (with their retries and dead letters), scheduling,
+claiming due retries, completing and releasing claimed ones, superseding and cancelling, and
+the failed chains a retry can be requeued from.
+
+Each state change is an UPDATE conditional on the state it expects; callers read RETURNING to
+learn what really changed.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from db import locks
+from db.arrays import array_param
+from db.dead_letters import insert_from_failed
+from db.queries.common import NOW, TableStatements, _arrays
+from db.table import RunsTable
+from jobs.rules import FailureOutcome
+
+
+def fail_params(items: list[tuple[object, FailureOutcome, str | None]]) -> dict[str, list]:
+    """Bind values for `fail_running` / `fail_reported`: (run id, outcome, detail) per attempt."""
+    return {
+        "sr_ids": [run_id for run_id, _, _ in items],
+        "sr_messages": [outcome.message for _, outcome, _ in items],
+        "sr_budgets": [outcome.budget for _, outcome, _ in items],
+        "sr_dues": [outcome.retry_due for _, outcome, _ in items],
+        "sr_patterns": [outcome.pattern for _, outcome, _ in items],
+        "sr_details": [detail for _, _, detail in items],
+    }
+
+
+class RetryStatements(TableStatements):
+    """`fail_running`, `fail_reported`, `schedule`, `claim_due`, `claim_one`, `due_preview`,
+    `complete`, `release`, the superseded batch and preview, and `cancel_superseded`."""
+
+    def __init__(self, runs: RunsTable) -> None:
+        super().__init__(runs)
+        t = self.t
+        self.fail_running = self._fail("running", reported=False)
+        self.fail_reported = self._fail("failed", reported=True)
+        self.superseded_batch = self._superseded(lock=True)
+        self.superseded_preview = self._superseded(lock=False)
+        self.cancel_superseded = self._transition("pending_retry", "cancelled")
+        self.claim_due = self._claim(one=False)
+        self.claim_one = self._claim(one=True)
+        self.due_preview = self._due(lock=False).add_columns(t.c.next_retry_at)
+        self.complete = (
+            sa.update(t)
+            .values(status=runs.status("completed"), completed_at=NOW)
+            .where(t.c.id == sa.bindparam("sr_run_id"), t.c.status == runs.status("running"))
+            .returning(t.c.id)
+        )
+        self.release = (
+            sa.update(t)
+            .values(
+                status=runs.status("pending_retry"),
+                next_retry_at=NOW,
+                started_at=runs.fresh_attempt_values(NOW).get("started_at", t.c.started_at),
+            )
+            .where(t.c.id.in_(sa.bindparam("sr_ids", expanding=True)), t.c.status == runs.status("running"))
+            .returning(t.c.id)
+        )
+        self.schedule = self._schedule()
+
+    def _fail(self, from_status: str, *, reported: bool) -> sa.Select:
+        """Fails the attempts in the arrays and, in the same statement, creates their retries
+        and dead letters.
+
+        `running` attempts (stuck, or executed and failed) get `completed_at = now`. With
+        `reported`, the attempts are ones the scraper itself already marked `failed`: only those
+        without a scheduled retry are touched and their `completed_at` is kept.
+        Returns (id, retry_id, dead_letter_run_id) per attempt really failed: the caller knows the
+        rest from the decisions it bound.
+        """
+        t, runs = self.t, self.runs
+        v = _arrays(
+            id=sa.Uuid(),
+            message=sa.Text(),
+            budget=sa.Integer(),
+            due=sa.DateTime(timezone=True),
+            pattern=sa.Text(),
+            detail=sa.Text(),
+        )
+        where = [t.c.id == v.c.id, t.c.status == runs.status(from_status)]
+        completed_at: sa.ColumnElement = NOW
+        if reported:
+            where.append(t.c.next_retry_at.is_(None))
+            completed_at = sa.func.coalesce(t.c.completed_at, NOW)
+        failed = (
+            sa.update(t)
+            .values(
+                status=runs.status("failed"),
+                error_message=v.c.message,
+                completed_at=completed_at,
+                max_retries=v.c.budget,
+                next_retry_at=v.c.due,
+                failure_pattern=v.c.pattern,
+            )
+            .where(*where)
+            .returning(*t.c, v.c.detail.label("_sr_detail"))
+            .cte("failed")
+        )
+        retried = self._retry_rows(failed).cte("retried")
+        dead = insert_from_failed(self.dead_letters, failed, self._inputs_json(failed), NOW).cte("dead")
+        return (
+            sa.select(failed.c.id, retried.c.id.label("retry_id"), dead.c.run_id.label("dead_letter_run_id"))
+            .select_from(failed)
+            .outerjoin(
+                retried,
+                sa.and_(
+                    retried.c.original_run_id == sa.func.coalesce(failed.c.original_run_id, failed.c.id),
+                    retried.c.retry_count == failed.c.retry_count + 1,
+                ),
+            )
+            .outerjoin(dead, dead.c.run_id == failed.c.id)
+        )
+
+    def _schedule(self) -> sa.Select:
+        """Schedules retries of the failed attempts in `:sr_ids`, each due `:sr_dues` with chain
+        budget `:sr_budgets`. Attempts no longer `failed` are left alone; returns one row per
+        retry created: (failed_id, retry_id, retry_count)."""
+        t, runs = self.t, self.runs
+        v = _arrays(id=sa.Uuid(), due=sa.DateTime(timezone=True), budget=sa.Integer())
+        attempt = (
+            sa.update(t)
+            .values(next_retry_at=v.c.due, max_retries=v.c.budget)
+            .where(t.c.id == v.c.id, t.c.status == runs.status("failed"))
+            .returning(*t.c)
+            .cte("failed")
+        )
+        retried = self._retry_rows(attempt).cte("retried")
+        return sa.select(
+            attempt.c.id.label("failed_id"), retried.c.id.label("retry_id"), retried.c.retry_count
+        ).join_from(
+            attempt,
+            retried,
+            sa.and_(
+                retried.c.original_run_id == sa.func.coalesce(attempt.c.original_run_id, attempt.c.id),
+                retried.c.retry_count == attempt.c.retry_count + 1,
+            ),
+        )
+
+    def _transition(self, from_status: str, to_status: str) -> sa.Update:
+        """Moves the runs in `:ids` from one status to another, each with its own message."""
+        t, runs = self.t, self.runs
+        v = _arrays(id=sa.Uuid(), message=sa.Text())
+        return (
+            sa.update(t)
+            .values(status=runs.status(to_status), error_message=v.c.message, completed_at=NOW, next_retry_at=None)
+            .where(t.c.id == v.c.id, t.c.status == runs.status(from_status))
+            .returning(t.c.id)
+        )
+
+    def _due(self, *, lock: bool) -> sa.Select:
+        t = self.t
+        query = (
+            sa.select(t.c.id, t.c.retry_count, t.c.max_retries, t.c.search_query, t.c.location_query)
+            .where(
+                t.c.status == self.runs.status("pending_retry"),
+                t.c.next_retry_at <= NOW,
+                ~self._chain_completed(t).exists(),
+            )
+            .order_by(t.c.next_retry_at)
+            .limit(sa.bindparam("sr_limit"))
+        )
+        return query.with_for_update(skip_locked=True, of=t) if lock else query
+
+    def _claim(self, *, one: bool) -> sa.Update:
+        """Claims up to `:sr_limit` due retries (with `one`: pending retry `:sr_run_id`, due or
+        not) for execution, and takes their run locks.
+
+        The run lock (session-level, in the claiming connection) tells the stuck checker the
+        run is being executed by a live process; it goes away with that process.
+        """
+        t, runs = self.t, self.runs
+        values: dict[str, object] = {
+            "status": runs.status("running"),
+            "started_at": NOW,
+            "completed_at": None,
+            "error_message": None,
+            # next_retry_at is when a failed attempt's retry is due; a running attempt has none.
+            "next_retry_at": None,
+            "failure_pattern": None,
+        }
+        if runs.heartbeat:
+            values[runs.heartbeat] = NOW
+        if one:
+            chosen = sa.select(t.c.id).where(
+                t.c.id == sa.bindparam("sr_run_id"), t.c.status == runs.status("pending_retry")
+            )
+            due = chosen.with_for_update(skip_locked=True).cte("due")
+        else:
+            # MATERIALIZED: the LIMIT ... SKIP LOCKED must run once. As an IN (subquery)
+            # PostgreSQL may rescan it per outer row and claim more rows than the limit.
+            due = self._due(lock=True).with_only_columns(t.c.id).cte("due").prefix_with("MATERIALIZED")
+        return (
+            sa.update(t)
+            .values(**values)
+            .where(t.c.id == due.c.id, t.c.status == runs.status("pending_retry"))
+            .returning(*t.c, sa.func.pg_try_advisory_lock(self.runs_ns, locks.run_key(t.c.id)).label("_sr_locked"))
+        )
+
+    def _superseded(self, *, lock: bool) -> sa.Select:
+        """Pending retries whose chain already has a completed run, with that run's id."""
+        t = self.t
+        completed = self._chain_completed(t)
+        query = sa.select(
+            t.c.id,
+            t.c.original_run_id,
+            t.c.retry_count,
+            t.c.max_retries,
+            t.c.search_query,
+            t.c.location_query,
+            completed.limit(1).scalar_subquery().label("completed_id"),
+        ).where(t.c.status == self.runs.status("pending_retry"), completed.exists())
+        return query.with_for_update(skip_locked=True, of=t) if lock else query
+
+    def clear_completed_due(self) -> sa.Update:
+        """Clears `next_retry_at` on the completed runs of the chains in `:sr_chains`.
+
+        A run failed as stuck and completed late by the scraper keeps the retry due its failure
+        set; once that retry is superseded the chain has none due. Only `completed` rows change.
+        """
+        t = self.t
+        chains = array_param("sr_chains", sa.Uuid())
+        return (
+            sa.update(t)
+            .values(next_retry_at=None)
+            .where(
+                t.c.status == self.runs.status("completed"),
+                t.c.next_retry_at.is_not(None),
+                sa.or_(t.c.id == sa.any_(chains), sa.and_(t.c.is_retry, t.c.original_run_id == sa.any_(chains))),
+            )
+            .returning(t.c.id)
+        )
+
+    def retry_candidates(
+        self,
+        *,
+        error_like: bool = False,
+        search_query: bool = False,
+        location_query: bool = False,
+        since: bool = False,
+        kind: str = "failed",
+    ) -> sa.Select:
+        """The latest attempts of chains that ended failed (none completed, no retry pending),
+        newest first, up to `:sr_limit`, filtered by the given parameters:
+        `:sr_error_like`, `:sr_search_query`, `:sr_location_query` (ILIKE patterns),
+        `:sr_since` (ended at or after). `kind`: every failed chain, `permanent` (dead-lettered,
+        not requeued) or `scraper` (failed by the scraper itself, never handled by stuck-runs).
+        """
+        t, runs, dead = self.t, self.runs, self.dead_letters
+        chain = sa.func.coalesce(t.c.original_run_id, t.c.id)
+        later = self.t.alias("later")
+        done = self.t.alias("done")
+        ended = sa.func.coalesce(t.c.completed_at, t.c.started_at)
+        where = [
+            t.c.status == runs.status("failed"),
+            ~sa.exists().where(
+                later.c.is_retry, later.c.original_run_id == chain, later.c.retry_count > t.c.retry_count
+            ),
+            ~sa.exists().where(
+                done.c.status == runs.status("completed"),
+                sa.or_(done.c.id == chain, sa.and_(done.c.is_retry, done.c.original_run_id == chain)),
+            ),
+        ]
+        if error_like:
+            where.append(t.c.error_message.ilike(sa.bindparam("sr_error_like")))
+        if search_query:
+            where.append(sa.cast(t.c.search_query, sa.Text).ilike(sa.bindparam("sr_search_query")))
+        if location_query:
+            where.append(sa.cast(t.c.location_query, sa.Text).ilike(sa.bindparam("sr_location_query")))
+        if since:
+            where.append(ended >= sa.bindparam("sr_since", type_=sa.DateTime(timezone=True)))
+        if kind == "permanent":
+            where.append(sa.exists().where(dead.c.run_id == t.c.id, dead.c.requeued_at.is_(None)))
+        elif kind == "scraper":
+            where.append(t.c.failure_pattern.is_(None))
+        return sa.select(t).where(*where).order_by(ended.desc().nulls_last()).limit(sa.bindparam("sr_limit"))

@@ -1,0 +1,209 @@
+"""The stuck sweep's statements: the stuck batch, the one-statement sweep batch, its dry-run
+preview and counts, and the stuck decision of jobs.rules rendered in SQL.
+
+The sweep fails a batch, creates its retries and dead letters in one statement; the preview
+reads the very same decision expressions and writes nothing.
+"""
+
+from __future__ import annotations
+
+import string
+
+import sqlalchemy as sa
+
+from db import locks
+from db.dead_letters import insert_from_failed
+from db.queries.common import NOW, TableStatements
+from db.table import RunsTable
+from jobs.rules import BUDGET_SPENT, MAX_DOUBLINGS, RETRY_SCHEDULED, STUCK_ERROR, STUCK_PATTERN, RetryPolicy
+
+
+def sweep_params(policy: RetryPolicy) -> dict[str, object]:
+    """The policy as the sweep statement's parameters (`sr_now` and `sr_cutoff` come with them)."""
+    return {
+        "sr_policy_max": policy.max_retries,
+        "sr_delay_s": policy.retry_delay.total_seconds(),
+        "sr_cap_s": policy.max_delay.total_seconds(),
+        "sr_jitter": policy.jitter,
+        "sr_exponential": policy.backoff == "exponential",
+    }
+
+
+def render(template: str, **parts: sa.ColumnElement) -> sa.ColumnElement:
+    """A message template of jobs.rules as SQL: its literal text around the given expressions."""
+    pieces: list[sa.ColumnElement] = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        if literal:
+            pieces.append(sa.literal(literal, sa.Text))
+        if field is not None:
+            pieces.append(sa.cast(parts[field], sa.Text))
+    return sa.func.concat(*pieces)
+
+
+class SweepStatements(TableStatements):
+    """`stuck_batch`, `sweep_batch`, `stuck_preview` and `stuck_preview_counts` for one table."""
+
+    def __init__(self, runs: RunsTable) -> None:
+        super().__init__(runs)
+        self.stuck_batch = self._stuck_batch(lock=True)
+        self.sweep_batch = self._sweep_batch()
+        self.stuck_preview = self._stuck_preview()
+        preview = self.stuck_preview.subquery("preview")
+        self.stuck_preview_counts = sa.select(
+            sa.func.count().label("stuck"), sa.func.count().filter(preview.c.retried).label("retried")
+        )
+
+    def _executing(self) -> sa.ColumnElement:
+        """True for runs a live stuck-runs process is executing (it holds the run's lock)."""
+        key = locks.as_oid(locks.run_key(self.t.c.id))
+        return key.in_(locks.held_keys(self.runs_ns))
+
+    def _stuck_batch(self, *, lock: bool, resume: bool = False) -> sa.Select:
+        """Stuck runs, oldest progress first, up to `:sr_limit`; with `resume`, from `:sr_from` on
+        (where the sweep's previous batch ended), so a batch does not walk again over the index
+        entries of the runs earlier batches failed (dead until vacuum: walked again, a sweep of
+        K runs in batches of B costs K²/B)."""
+        t, runs = self.t, self.runs
+        progress = runs.progress()
+        query = (
+            sa.select(
+                t.c.id,
+                progress.label("since"),
+                t.c.retry_count,
+                t.c.max_retries,
+                t.c.is_retry,
+                t.c.original_run_id,
+                t.c.search_query,
+                t.c.location_query,
+            )
+            .where(t.c.status == runs.status("running"), progress < sa.bindparam("sr_cutoff"), ~self._executing())
+            .order_by(progress)
+            .limit(sa.bindparam("sr_limit"))
+        )
+        if resume:
+            query = query.where(progress >= sa.bindparam("sr_from", type_=sa.DateTime(timezone=True)))
+        return query.with_for_update(skip_locked=True, of=t) if lock else query
+
+    def _stuck_decision(self) -> tuple[sa.ColumnElement, sa.ColumnElement, sa.ColumnElement]:
+        """`decide_stuck` of jobs.rules, per row, in SQL: (budget, message, due).
+
+        The same templates and the same arithmetic; tests/integration/test_stuck_rules_sql.py
+        holds the two to the same answers.
+        """
+        t = self.t
+        hours_seconds = sa.cast(sa.extract("epoch", NOW - self.runs.progress()), sa.Numeric)
+        hours = sa.func.to_char(sa.func.round(hours_seconds / 3600, 1), "FM999999990.0").concat("h")
+        error = render(STUCK_ERROR, hours=hours)
+        budget = sa.case((t.c.is_retry, t.c.max_retries), else_=sa.bindparam("sr_policy_max", type_=sa.Integer))
+        retried = t.c.retry_count < budget
+        delay = sa.bindparam("sr_delay_s", type_=sa.Float)
+        cap = sa.func.greatest(sa.bindparam("sr_cap_s", type_=sa.Float), delay)
+        exponential = sa.bindparam("sr_exponential", type_=sa.Boolean)
+        doubled = sa.func.least(delay * sa.func.power(2, sa.func.least(t.c.retry_count, MAX_DOUBLINGS)), cap)
+        base = sa.case((exponential, doubled), else_=delay)
+        jittered = base * (1 + sa.bindparam("sr_jitter", type_=sa.Float) * sa.func.random())
+        seconds = sa.case((exponential, sa.func.least(jittered, sa.func.greatest(cap, base))), else_=jittered)
+        due = sa.case((retried, NOW + sa.func.make_interval(0, 0, 0, 0, 0, 0, seconds)), else_=sa.null())
+        message = sa.case(
+            (retried, render(RETRY_SCHEDULED, error=error, number=t.c.retry_count + 1, budget=budget)),
+            else_=render(BUDGET_SPENT, error=error, attempts=t.c.retry_count),
+        )
+        return budget, message, due
+
+    def _stuck_preview(self) -> sa.Select:
+        """What the sweep would do, changing nothing: the stuck runs (up to `:sr_limit`) with the
+        very decision expressions the sweep writes, in the sweep's names (`retry_id` NULL,
+        `retried` when a retry would be scheduled)."""
+        t = self.t
+        budget, message, due = self._stuck_decision()
+        stuck = self._stuck_batch(lock=False).subquery("stuck")
+        return (
+            sa.select(
+                sa.cast(t.c.id, sa.Text).label("run_id"),
+                sa.cast(sa.func.coalesce(t.c.original_run_id, t.c.id), sa.Text).label("chain_id"),
+                t.c.search_query,
+                t.c.location_query,
+                t.c.retry_count,
+                budget.label("budget"),
+                message.label("message"),
+                due.label("next_retry_at"),
+                sa.cast(sa.null(), sa.Text).label("retry_id"),
+                due.is_not(None).label("retried"),
+                sa.false().label("dead_lettered"),
+            )
+            .join(stuck, stuck.c.id == t.c.id)
+            .order_by(stuck.c.since)
+        )
+
+    def _sweep_batch(self) -> sa.Select:
+        """One batch of the stuck sweep in one statement: lock up to `:sr_limit` stuck runs
+        (SKIP LOCKED), fail them with the rules' decision, create their retries and dead letters.
+
+        Returns, for the first `:sr_keep` failed runs (at least one), by name, ids as text: run_id,
+        chain_id, search_query, location_query, retry_count, budget, message, next_retry_at,
+        retry_id (NULL when no retry was created: budget spent, or one already existed), retried,
+        dead_lettered; and on each row the whole batch's batch_failed, batch_retried,
+        batch_dead_lettered and batch_until (the latest progress it took: the next batch's `:sr_from`).
+        """
+        t, runs = self.t, self.runs
+        stuck_runs = self._stuck_batch(lock=True, resume=True)
+        stuck = (
+            stuck_runs.with_only_columns(
+                sa.literal_column("ctid").label("scrape_runs_ctid"), stuck_runs.selected_columns.since
+            )
+            .cte("stuck")
+            .prefix_with("MATERIALIZED")
+        )
+        budget, message, due = self._stuck_decision()
+        failed = (
+            sa.update(t)
+            .values(
+                status=runs.status("failed"),
+                error_message=message,
+                completed_at=NOW,
+                max_retries=budget,
+                next_retry_at=due,
+                failure_pattern=STUCK_PATTERN,
+            )
+            # The locked rows by their physical address (stable: the same statement holds their
+            # locks). Joined to the CTE instead, the planner rescanned every running row per batch.
+            .where(
+                sa.literal_column("ctid")
+                == sa.any_(sa.func.array(sa.select(stuck.c.scrape_runs_ctid).scalar_subquery()))
+            )
+            .where(t.c.status == runs.status("running"))
+            # Each retry's id is drawn here, so no join is needed to report it: a join of the
+            # two CTEs turned into a nested loop (a million comparisons a batch) on a big table.
+            .returning(
+                *t.c, sa.cast(sa.null(), sa.Text).label("_sr_detail"), sa.func.gen_random_uuid().label("_sr_retry_id")
+            )
+            .cte("failed")
+        )
+        retried = self._retry_rows(failed, failed.c._sr_retry_id).cte("retried")
+        dead = insert_from_failed(self.dead_letters, failed, self._inputs_json(failed), NOW).cte("dead")
+        created = failed.c._sr_retry_id.in_(sa.select(retried.c.id))
+        per_run = sa.select(
+            sa.cast(failed.c.id, sa.Text).label("run_id"),
+            sa.cast(sa.func.coalesce(failed.c.original_run_id, failed.c.id), sa.Text).label("chain_id"),
+            failed.c.search_query,
+            failed.c.location_query,
+            failed.c.retry_count,
+            failed.c.max_retries.label("budget"),
+            failed.c.error_message.label("message"),
+            failed.c.next_retry_at,
+            sa.case((created, sa.cast(failed.c._sr_retry_id, sa.Text)), else_=sa.null()).label("retry_id"),
+            created.label("retried"),
+            failed.c.id.in_(sa.select(dead.c.run_id)).label("dead_lettered"),
+        ).subquery("per_run")
+        # The batch's counts ride on every row, and only the first `:sr_keep` rows (at least one,
+        # to carry the counts) leave the server: a mass event does not ship 100,000 rows to Python.
+        counted = sa.select(
+            *per_run.c,
+            sa.func.count().over().label("batch_failed"),
+            sa.func.count().filter(per_run.c.retried).over().label("batch_retried"),
+            sa.func.count().filter(per_run.c.dead_lettered).over().label("batch_dead_lettered"),
+            sa.select(sa.func.max(stuck.c.since)).scalar_subquery().label("batch_until"),
+            sa.func.row_number().over().label("_sr_n"),
+        ).subquery("counted")
+        keep = sa.func.greatest(sa.bindparam("sr_keep", type_=sa.Integer), 1)
+        return sa.select(*(c for c in counted.c if c.name != "_sr_n")).where(counted.c._sr_n <= keep)
