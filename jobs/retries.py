@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import ClassVar
 
 from loguru import logger
 from sqlalchemy.engine import Connection
@@ -103,6 +104,31 @@ class ProcessResult:
     def released(self) -> int:
         """Executions stopped by a signal and put back to `pending_retry` (no budget spent)."""
         return sum(1 for o in self.executed if o.status == "released")
+
+    stuck_detected: ClassVar[int] = 0  # a processor pass finds no stuck run (the metrics read every result alike)
+
+    @property
+    def retries_scheduled(self) -> int:
+        """Failed executions whose chain got its next retry."""
+        return sum(1 for o in self.executed if o.status == "failed" and o.retry_due is not None)
+
+    @property
+    def dead_lettered(self) -> int:
+        """Failed executions that ended their chain with a dead letter."""
+        return sum(1 for o in self.executed if o.status == "failed" and o.dead_lettered)
+
+    @property
+    def superseded_count(self) -> int:
+        return len(self.superseded)
+
+    def counts(self) -> dict[str, int]:
+        """The counts the pass is recorded and logged with."""
+        return {
+            "superseded": self.superseded_count,
+            "executed": len(self.executed),
+            "completed": self.succeeded,
+            "failed": self.failed,
+        }
 
 
 def process_due_retries(

@@ -19,9 +19,7 @@ from db.daemons import DaemonRecords
 from db.engine import database_errors, describe_db_error
 from jobs.errors import OperatorError
 from jobs.recovery import FixResult
-from jobs.retries import ProcessResult
 from jobs.runtime import Runtime
-from jobs.stuck import SweepResult
 
 CHECKER = "stuck_run_checker"
 PROCESSOR = "retry_processor"
@@ -112,26 +110,6 @@ def read_status(rt: Runtime) -> StatusReport:
     return StatusReport(now, daemons, tuple(jobs), RunCounts(**counts, permanently_failed=permanent))
 
 
-def job_counts(result: object) -> dict[str, Any]:
-    """The counts a job run is recorded and logged with."""
-    if isinstance(result, SweepResult):
-        counts = {
-            "failed": result.failed,
-            "retries_scheduled": result.retries_scheduled,
-            "permanently_failed": result.permanently_failed,
-            "batches": result.batches,
-        }
-        return {**counts, "skipped": result.skipped} if result.skipped else counts
-    if isinstance(result, ProcessResult):
-        return {
-            "superseded": len(result.superseded),
-            "executed": len(result.executed),
-            "completed": result.succeeded,
-            "failed": result.failed,
-        }
-    return {}
-
-
 def job_error(exc: BaseException, url: str | URL | None) -> str:
     """A failed job run's error, one line, never the password."""
     if isinstance(exc, OperatorError):
@@ -159,7 +137,7 @@ def job_run(rt: Runtime, job_ids: tuple[str, ...], *, dry_run: bool) -> Iterator
         return
     [result] = results
     parts = {CHECKER: result.sweep, PROCESSOR: result.process} if isinstance(result, FixResult) else {}
-    _write_runs(rt, {job_id: ("ok", job_counts(parts.get(job_id, result)), None) for job_id in job_ids}, started)
+    _write_runs(rt, {job_id: ("ok", parts.get(job_id, result).counts(), None) for job_id in job_ids}, started)
 
 
 def _write_runs(rt: Runtime, runs: dict[str, tuple[str, dict[str, Any], str | None]], started: datetime) -> None:

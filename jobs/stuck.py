@@ -4,7 +4,7 @@ One statement per batch, in its own transaction: lock up to BATCH_SIZE stuck run
 SKIP LOCKED`, fail them (only if still `running`) with the decision of the rules, insert their
 retries and dead letters. A scraper that completes a run during the sweep either holds the row
 first (the run is skipped) or waits for the batch to commit; a completion is never turned into a
-failure. The decision (budget, message, due time) is written once, in SQL (db/queries.py), from
+failure. The decision (budget, message, due time) is written once, in SQL (db/queries/sweep.py), from
 the rules' message templates, so a sweep of 100,000 runs costs what the database spends on them,
 not a Python loop; a dry run reads the same expressions without writing them.
 """
@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
+from typing import ClassVar
 
 from loguru import logger
 
@@ -73,10 +74,27 @@ class SweepResult:
     rows: tuple = field(default=(), repr=False, compare=False)  # the first failed (or stuck) runs' rows
     listing_sql: str | None = field(default=None, compare=False)  # lists every run this sweep failed
 
+    superseded_count: ClassVar[int] = 0  # a sweep supersedes no retry (the metrics read every result alike)
+
     @property
     def permanently_failed(self) -> int:
         """Chains this sweep ended: each got its dead letter (a retry that already existed is not one)."""
         return self.dead_lettered
+
+    @property
+    def stuck_detected(self) -> int:
+        """Runs found stuck and failed (planned, in a dry run)."""
+        return self.failed
+
+    def counts(self) -> dict[str, int | str]:
+        """The counts the sweep is recorded and logged with (`skipped` only when it was)."""
+        counts: dict[str, int | str] = {
+            "failed": self.failed,
+            "retries_scheduled": self.retries_scheduled,
+            "permanently_failed": self.permanently_failed,
+            "batches": self.batches,
+        }
+        return {**counts, "skipped": self.skipped} if self.skipped else counts
 
     @cached_property
     def attempts(self) -> tuple[FailedAttempt, ...]:
@@ -221,7 +239,7 @@ def _log(batch, *, already: int) -> None:
 
 
 def _preview(rt: Runtime, policy: RetryPolicy, params: dict, started: float, keep: int | None) -> SweepResult:
-    """A dry run: the sweep's own decision expressions, read, not written (db/queries.py)."""
+    """A dry run: the sweep's own decision expressions, read, not written (db/queries/sweep.py)."""
     limit = PREVIEW_LIMIT if keep is None else min(PREVIEW_LIMIT, keep)
     with database_errors(rt.engine, "looking for stuck runs"), rt.engine.connect() as conn:
         statement_params = {**params, **sweep_params(policy), "sr_limit": limit}

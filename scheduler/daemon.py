@@ -1,7 +1,7 @@
 """`stuck-runs daemon`: APScheduler 3 running the two jobs, and nothing else of substance.
 
-The jobs call the service functions; listeners on APScheduler's events log what happened,
-record each job run in the database and tell systemd. Retries execute beside the scheduler
+The jobs call the service functions; listeners on APScheduler's events log what happened and
+tell systemd, and the records listener (scheduler/records.py) writes each job run to the database. Retries execute beside the scheduler
 (`ContinuousDispatch`), so a long scrape never delays the stuck checker. A tick that fires late
 still runs (misfire grace of one interval, coalesced, one instance at a time). The watchdog is
 fed by a job the scheduler itself dispatches, so a wedged scheduler gets the daemon restarted.
@@ -16,25 +16,22 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
-from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MISSED, EVENT_JOB_SUBMITTED, JobEvent
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MISSED, JobEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.blocking import BlockingScheduler
 from loguru import logger
 
-from db.daemons import DaemonRecords
-from db.engine import describe_db_error
 from jobs.config import Settings
 from jobs.errors import DatabaseUnavailable
 from jobs.retries import ProcessResult, supersede_completed_chains
 from jobs.runtime import Runtime
-from jobs.status import job_counts, job_error
 from jobs.stuck import SweepResult, sweep_stuck_runs
 from scheduler.dispatch import ContinuousDispatch
 from scheduler.metrics import Metrics
 from scheduler.notify import Notifier
+from scheduler.records import DaemonRecorder, finished_run
 
 CHECKER = "stuck_run_checker"
 PROCESSOR = "retry_processor"
@@ -59,15 +56,12 @@ class Daemon:
         self.notifier = notifier or Notifier({})
         self.stopping = stopping or threading.Event()
         self.metrics = metrics
-        self.records = DaemonRecords(rt.runs.table.schema, rt.runs.qualified_name)
         self.host, self.pid = socket.gethostname(), os.getpid()
-        self.daemon_id: int | None = None
+        self.records = DaemonRecorder(rt, self.host, self.pid, recorded=(CHECKER, PROCESSOR))
         self.dispatch = ContinuousDispatch(rt, self.stopping, metrics.retry_event if metrics else None)
         self._ready = False
-        self._db_down = False
         self._stop_lock = threading.Lock()
         self._stop_requested = False
-        self._started: dict[str, datetime] = {}
         self._last: dict[str, str] = {}
         self._idle = threading.Condition()
         self._busy = 0
@@ -80,9 +74,9 @@ class Daemon:
             # Its own job, never held up by a slow database: only a scheduler that stopped
             # dispatching jobs stops feeding it.
             self._add(WATCHDOG, self.notifier.watchdog, self.notifier.watchdog_interval)
-        self.scheduler.add_listener(self._on_submitted, EVENT_JOB_SUBMITTED)
         self.scheduler.add_listener(self._on_finished, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
         self.scheduler.add_listener(self._on_missed, EVENT_JOB_MISSED)
+        self.records.subscribe(self.scheduler)  # after the log line, as the records always came
 
     def _add(self, job_id: str, func: Callable[[], object], every: timedelta) -> None:
         seconds = max(every.total_seconds(), 0.001)
@@ -101,13 +95,20 @@ class Daemon:
     # -- the jobs ---------------------------------------------------------------------------
 
     def check(self) -> SweepResult:
-        return sweep_stuck_runs(self.rt, stop=self.stopping)
+        result = sweep_stuck_runs(self.rt, stop=self.stopping)
+        self._count(result)
+        return result
 
     def process(self) -> ProcessResult:
         """The floor under continuous dispatch: supersede, wake the slots, report what ran."""
         superseded = supersede_completed_chains(self.rt)
+        self._count(ProcessResult(superseded))  # the executions were counted as the slots finished them
         self.dispatch.poke()
         return ProcessResult(superseded, self.dispatch.take_finished())
+
+    def _count(self, result: SweepResult | ProcessResult) -> None:
+        if self.metrics is not None:
+            self.metrics.count(result)
 
     def heartbeat(self) -> None:
         """Tells other processes this daemon is alive and when its jobs run next; READY=1 once."""
@@ -116,7 +117,7 @@ class Daemon:
             return
         if self.metrics is not None:
             self._count_for_metrics()
-        if self._write(self.records.heartbeat(self.daemon_id, datetime.now(timezone.utc), self.next_runs())):
+        if self.records.heartbeat(self.next_runs()):
             if not self._ready:
                 self._ready = True
                 self.notifier.ready(f"running; table {self.rt.runs.qualified_name}")
@@ -150,61 +151,30 @@ class Daemon:
 
         return run
 
-    # -- events: logs, records, systemd status ---------------------------------------------
-
-    def _on_submitted(self, event: JobEvent) -> None:
-        self._started[event.job_id] = datetime.now(timezone.utc)
+    # -- events: logs, metrics, systemd status (the records listen on their own) ------------
 
     def _on_finished(self, event: JobEvent) -> None:
         if event.job_id in (HEARTBEAT, WATCHDOG):
             return
         if self.metrics is not None:
-            self.metrics.job_finished(event.job_id, event.retval, event.exception)
+            self.metrics.job_finished(event.job_id, event.exception)
         log = logger.bind(job=event.job_id, event="job_run")
-        started = self._started.pop(event.job_id, datetime.now(timezone.utc))
-        if event.exception is None:
-            counts, outcome, error = job_counts(event.retval), "ok", None
+        started = self.records.started_at(event.job_id)
+        _, counts, error = finished_run(event, self.rt.engine.url)
+        if error is None:
             text = ", ".join(f"{k}={v}" for k, v in counts.items()) or "done"
             log.info("{} finished: {}", event.job_id, text)
         else:
-            counts, outcome = {}, "error"
-            error = job_error(event.exception, self.rt.engine.url)
             text = f"error: {error}"
             log.error("{} failed: {}", event.job_id, error)
         self._last[event.job_id] = f"{event.job_id} {started:%H:%M:%S} {text}"
         if not self.stopping.is_set():  # "stopping" stays the last word
             self.notifier.status("; ".join(self._last[j] for j in (CHECKER, PROCESSOR) if j in self._last))
-        job = self.scheduler.get_job(event.job_id)
-        next_run = job.next_run_time if job else None
-        finished = datetime.now(timezone.utc)
-        self._write(
-            self.records.job_started(self.daemon_id, event.job_id, self.host, self.pid, started),
-            lambda run_id: self.records.job_finished(run_id, finished, outcome, counts, error, next_run),
-        )
 
     def _on_missed(self, event: JobEvent) -> None:
         logger.bind(job=event.job_id, event="job_missed").warning(
             "{} missed its run at {} (more than one interval late)", event.job_id, event.scheduled_run_time
         )
-
-    def _write(self, statement: Any, then: Callable[[Any], Any] | None = None) -> bool:
-        """Writes a record; an outage is logged when it starts and when it ends, not per write."""
-        try:
-            with self.rt.engine.begin() as conn:
-                result = conn.execute(statement)
-                if then is not None:
-                    conn.execute(then(result.scalar_one()))
-        except Exception as exc:  # noqa: BLE001 - a record lost in an outage must not stop the daemon
-            if not self._db_down:
-                logger.bind(event="records_down").warning(
-                    "cannot write the daemon's records: {}", describe_db_error(exc, self.rt.engine.url)
-                )
-            self._db_down = True
-            return False
-        if self._db_down:
-            logger.bind(event="records_up").info("the database answers again")
-        self._db_down = False
-        return True
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -234,10 +204,7 @@ class Daemon:
         from scheduler import _set_running
 
         _ = self.rt.executor  # a misconfigured executor stops the daemon before it starts
-        with self.rt.engine.begin() as conn:
-            self.daemon_id = conn.execute(
-                self.records.register(self.host, self.pid, datetime.now(timezone.utc), {})
-            ).scalar_one()
+        self.records.register()
         _set_running(self)
         settings = self.rt.settings
         logger.info(
@@ -260,7 +227,7 @@ class Daemon:
                 self._idle.wait_for(lambda: self._busy == 0, STOP_TIMEOUT.total_seconds())
             if not self.dispatch.join(timedelta(seconds=max(0.0, deadline - time.monotonic()))):
                 logger.warning("a retry slot was still busy at the stop deadline")
-            self._write(self.records.stopped(self.daemon_id, datetime.now(timezone.utc)))
+            self.records.stopped()
             self.notifier.close()
             logger.info("daemon stopped")
 

@@ -54,31 +54,30 @@ class Metrics:
                 f"METRICS_PORT={port} {reason}: choose a free port, or unset METRICS_PORT to serve no metrics"
             ) from None
 
-    def job_finished(self, job_id: str, result: object, error: BaseException | None) -> None:
+    def job_finished(self, job_id: str, error: BaseException | None) -> None:
+        """A job run ended: an error is counted, a success stamped (what it did is `count`ed)."""
         if error is not None:
             self.job_errors.labels(job_id).inc()
             return
         self.last_success.labels(job_id).set_to_current_time()
-        if isinstance(result, SweepResult):
-            self.stuck_detected.inc(result.failed)
-            self.retries_scheduled.inc(result.retries_scheduled)
-            self.dead_lettered.inc(result.permanently_failed)
-        elif isinstance(result, ProcessResult):
-            self.superseded.inc(len(result.superseded))
+
+    def count(self, result: SweepResult | ProcessResult) -> None:
+        """Counts what a result says happened; give each piece of work once (a sweep, a pass's
+        supersessions, each execution as the slot finishes it)."""
+        self.stuck_detected.inc(result.stuck_detected)
+        self.retries_scheduled.inc(result.retries_scheduled)
+        self.dead_lettered.inc(result.dead_lettered)
+        self.superseded.inc(result.superseded_count)
 
     def retry_event(self, event: str, payload: object) -> None:
         """Called by the retry slots: 'started' with the run, 'finished' with its outcome."""
         if event == "started":
             self.retries_started.inc()
         elif event == "finished" and isinstance(payload, RetryOutcome):
-            if payload.status == "completed":
-                self.retries_succeeded.inc()
-            elif payload.status == "failed":
-                self.retries_failed.inc()
-                if payload.retry_due is not None:
-                    self.retries_scheduled.inc()
-                if payload.dead_lettered:
-                    self.dead_lettered.inc()
+            execution = ProcessResult(executed=(payload,))
+            self.retries_succeeded.inc(execution.succeeded)
+            self.retries_failed.inc(execution.failed)
+            self.count(execution)
 
     def counts(self, pending: int, running: int) -> None:
         self.pending.set(pending)
