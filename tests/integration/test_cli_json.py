@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import pytest
+import sqlalchemy as sa
 
+from tests.helpers import insert_run
 from tests.integration.test_cli import cli, one_line_error
 
 
@@ -43,3 +46,13 @@ def test_doctor_calls_a_bad_setting_a_configuration_error(db_url):
     assert "✗ configuration: STUCK_AFTER='soon' is not a duration" in bad.stdout
     failing = cli("doctor", env={"DATABASE_URL": db_url, "SCRAPE_RUN_COMMAND": "no-such-scraper"})
     assert failing.returncode == 1 and "✗ executor" in failing.stdout  # a failed check, not a bad setting
+
+
+def test_an_explicit_status_is_a_bulk_filter(db_url):
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        insert_run(conn, status="failed", started_at=datetime.now(timezone.utc), error_message="HTTP 503")
+    engine.dispose()
+    result = cli("retry", "--status", "failed", "--dry-run", env={"DATABASE_URL": db_url})
+    assert result.returncode == 0, result.stderr  # it used to say "give a RUN_ID, or filters (… --status …)"
+    assert result.stdout.startswith("Would retry 1 failed chain(s)")
