@@ -109,10 +109,7 @@ class SweepResult:
         """The result for `--json`: counts, and each kept run as plain values straight from its
         row (no objects per run: a mass event's JSON costs little beside what the database spent)."""
         counts = {
-            "failed": self.failed,
-            "retries_scheduled": self.retries_scheduled,
-            "permanently_failed": self.permanently_failed,
-            "batches": self.batches,
+            **self.counts(),
             "seconds": self.seconds,
             "dry_run": self.dry_run,
             "skipped": self.skipped,
