@@ -22,7 +22,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 
-from jobs.errors import DatabaseUnavailable
+from db.errors import DatabaseUnavailable
 
 CONNECT_TIMEOUT_SECONDS = 10
 SECRET_PARAMETERS = frozenset({"password", "sslpassword"})  # libpq parameters whose value is a secret

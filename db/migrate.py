@@ -20,8 +20,8 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import OperationalError
 
 from db.engine import database_errors, make_engine, redacted
+from db.errors import DatabaseUnavailable, SchemaError
 from db.table import check_heartbeat, check_shape, reflect_table, split_name, status_labels
-from jobs.errors import DatabaseUnavailable, SchemaError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Fail fast instead of queueing behind a long transaction and blocking the scraper's writes.

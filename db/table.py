@@ -15,7 +15,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import UserDefinedType
 
-from jobs.errors import ConfigError, NotMigrated, SchemaError
+from db.errors import ConfigError, NotMigrated, SchemaError
 
 REQUIRED_COLUMNS = ("id", "search_query", "location_query", "status", "error_message", "started_at", "completed_at")
 RETRY_COLUMNS = ("retry_count", "max_retries", "next_retry_at", "original_run_id", "is_retry", "failure_pattern")

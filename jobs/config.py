@@ -18,7 +18,7 @@ from datetime import timedelta
 
 from dotenv import dotenv_values, find_dotenv, load_dotenv
 
-from jobs.errors import ConfigError
+from db.errors import ConfigError
 from jobs.patterns import DEFAULT_PERMANENT, KNOWN_PATTERNS, PATTERNS_FILE_SHAPE, patterns_from_json
 from jobs.rules import RetryPolicy
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from db import dead_letters as statements
 from db.engine import database_errors
-from jobs.errors import RunNotFound, UsageError
+from db.errors import RunNotFound, UsageError
 from jobs.manual import ScheduledRetry, retry_run
 from jobs.runtime import Runtime
 

@@ -11,11 +11,11 @@ import sqlalchemy as sa
 
 from db import catalog
 from db.engine import database_errors, make_engine, redacted
+from db.errors import ConfigError, OperatorError
 from db.migrate import current_revision, head_revision
 from db.queries import RunQueries
 from db.table import heartbeat_problem, load_runs_table
 from jobs.config import Settings
-from jobs.errors import ConfigError, OperatorError
 from jobs.executor import resolve_callable
 from jobs.status import untimed_message
 

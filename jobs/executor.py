@@ -35,8 +35,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from db.errors import ConfigError, ExecutorError
 from jobs.config import Settings
-from jobs.errors import ConfigError, ExecutorError
 from jobs.model import Run
 from jobs.patterns import bounded_retry_after, parse_retry_after
 

@@ -16,7 +16,7 @@ from loguru import logger
 
 from db.dead_letters import mark_requeued
 from db.engine import database_errors
-from jobs.errors import RetryRefused, RunNotFound, UsageError
+from db.errors import RetryRefused, RunNotFound, UsageError
 from jobs.model import Run
 from jobs.retries import RetryDispatcher, RetryOutcome
 from jobs.rules import RetryPolicy, chain_budget, count_attempts, format_hours, format_time

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
+from db.errors import ConfigError
 from jobs.config import settings_from_environment
-from jobs.errors import ConfigError
 from jobs.retries import ProcessResult, process_due_retries
 from jobs.runtime import Runtime
 from jobs.stuck import KEPT_RUNS, SweepResult, sweep_stuck_runs

@@ -27,7 +27,6 @@ from sqlalchemy.engine import Connection
 
 from db import locks
 from db.engine import database_errors
-from db.queries import fail_params
 from jobs.executor import Execution, ExecutionResult
 from jobs.model import Run
 from jobs.rules import (
@@ -326,6 +325,18 @@ class RetryDispatcher:
         outcome = replace(record_outcome(self.rt, self.policy, run, result), seconds=time.monotonic() - started)
         self.observe("finished", outcome)
         return outcome
+
+
+def fail_params(items: list[tuple[object, FailureOutcome, str | None]]) -> dict[str, list]:
+    """Bind values for `fail_running` / `fail_reported`: (run id, outcome, detail) per attempt."""
+    return {
+        "sr_ids": [run_id for run_id, _, _ in items],
+        "sr_messages": [outcome.message for _, outcome, _ in items],
+        "sr_budgets": [outcome.budget for _, outcome, _ in items],
+        "sr_dues": [outcome.retry_due for _, outcome, _ in items],
+        "sr_patterns": [outcome.pattern for _, outcome, _ in items],
+        "sr_details": [detail for _, _, detail in items],
+    }
 
 
 def record_outcome(rt: Runtime, policy: RetryPolicy, run: Run, result: ExecutionResult) -> RetryOutcome:

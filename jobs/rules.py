@@ -25,18 +25,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-STUCK_PATTERN = "stuck"
-TIMEOUT_PATTERN = "timeout"
-
-# The exact texts (SPEC §3), as templates: the functions below fill them in Python, and the
-# set-based sweep renders the same templates in SQL (db/queries/sweep.py), so there is one text.
-STUCK_ERROR = "Run stuck for {hours}"
-RETRY_SCHEDULED = "{error} - retry {number}/{budget} scheduled"
-BUDGET_SPENT = "{error} - permanently failed after {attempts} attempts"  # retry attempts, as SPEC says
-PERMANENT_ERROR = "{error} - not retried: permanent error ({pattern})"
-TIMED_OUT = "Execution timed out after {hours}"
-SUPERSEDED = "Superseded: run {run_id} completed"
-MAX_DOUBLINGS = 60
+from db.messages import (  # noqa: F401 - the templates are part of the rules' vocabulary
+    BUDGET_SPENT,
+    MAX_DOUBLINGS,
+    PERMANENT_ERROR,
+    RETRY_SCHEDULED,
+    STUCK_ERROR,
+    STUCK_PATTERN,
+    SUPERSEDED,
+    TIMED_OUT,
+    TIMEOUT_PATTERN,
+)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from sqlalchemy.engine import URL
 
 from db.daemons import DaemonRecords
 from db.engine import database_errors, describe_db_error
-from jobs.errors import OperatorError
+from db.errors import OperatorError
 from jobs.recovery import FixResult
 from jobs.runtime import Runtime
 

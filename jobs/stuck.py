@@ -23,7 +23,6 @@ from loguru import logger
 
 from db import locks
 from db.engine import database_errors
-from db.queries import sweep_params
 from jobs.model import as_utc
 from jobs.rules import STUCK_PATTERN, RetryPolicy, run_label
 from jobs.runtime import Runtime
@@ -155,6 +154,17 @@ def listing_sql(table: str, now: datetime) -> str:
         f"SELECT id, search_query, location_query, error_message FROM {table} "
         f"WHERE failure_pattern = 'stuck' AND completed_at = '{now.isoformat()}'"
     )
+
+
+def sweep_params(policy: RetryPolicy) -> dict[str, object]:
+    """The policy as the sweep statement's parameters (`sr_now` and `sr_cutoff` come with them)."""
+    return {
+        "sr_policy_max": policy.max_retries,
+        "sr_delay_s": policy.retry_delay.total_seconds(),
+        "sr_cap_s": policy.max_delay.total_seconds(),
+        "sr_jitter": policy.jitter,
+        "sr_exponential": policy.backoff == "exponential",
+    }
 
 
 def sweep_stuck_runs(

@@ -23,8 +23,8 @@ from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.blocking import BlockingScheduler
 from loguru import logger
 
+from db.errors import DatabaseUnavailable
 from jobs.config import Settings
-from jobs.errors import DatabaseUnavailable
 from jobs.retries import ProcessResult, supersede_completed_chains
 from jobs.runtime import Runtime
 from jobs.stuck import SweepResult, sweep_stuck_runs

@@ -16,7 +16,7 @@ from datetime import timedelta
 from loguru import logger
 
 from db.engine import describe_db_error
-from jobs.errors import OperatorError
+from db.errors import OperatorError
 from jobs.retries import RetryDispatcher, RetryOutcome
 from jobs.runtime import Runtime
 

@@ -11,7 +11,7 @@ import errno
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from jobs.errors import ConfigError
+from db.errors import ConfigError
 from jobs.retries import ProcessResult, RetryOutcome
 from jobs.stuck import SweepResult
 

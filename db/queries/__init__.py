@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from db.queries.common import NOW
 from db.queries.reports import ReportStatements
-from db.queries.retries import RetryStatements, fail_params
-from db.queries.sweep import SweepStatements, render, sweep_params
+from db.queries.retries import RetryStatements
+from db.queries.sweep import SweepStatements, render
 
-__all__ = ["NOW", "RunQueries", "fail_params", "render", "sweep_params"]
+__all__ = ["NOW", "RunQueries", "render"]
 
 
 class RunQueries(SweepStatements, RetryStatements, ReportStatements):

@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
+from db.messages import STUCK_PATTERN
 from db.queries.common import TableStatements
 from db.table import RunsTable
-from jobs.rules import STUCK_PATTERN
 
 
 class ReportStatements(TableStatements):

@@ -15,19 +15,6 @@ from db.arrays import array_param
 from db.dead_letters import insert_from_failed
 from db.queries.common import NOW, TableStatements, _arrays
 from db.table import RunsTable
-from jobs.rules import FailureOutcome
-
-
-def fail_params(items: list[tuple[object, FailureOutcome, str | None]]) -> dict[str, list]:
-    """Bind values for `fail_running` / `fail_reported`: (run id, outcome, detail) per attempt."""
-    return {
-        "sr_ids": [run_id for run_id, _, _ in items],
-        "sr_messages": [outcome.message for _, outcome, _ in items],
-        "sr_budgets": [outcome.budget for _, outcome, _ in items],
-        "sr_dues": [outcome.retry_due for _, outcome, _ in items],
-        "sr_patterns": [outcome.pattern for _, outcome, _ in items],
-        "sr_details": [detail for _, _, detail in items],
-    }
 
 
 class RetryStatements(TableStatements):

@@ -13,20 +13,9 @@ import sqlalchemy as sa
 
 from db import locks
 from db.dead_letters import insert_from_failed
+from db.messages import BUDGET_SPENT, MAX_DOUBLINGS, RETRY_SCHEDULED, STUCK_ERROR, STUCK_PATTERN
 from db.queries.common import NOW, TableStatements
 from db.table import RunsTable
-from jobs.rules import BUDGET_SPENT, MAX_DOUBLINGS, RETRY_SCHEDULED, STUCK_ERROR, STUCK_PATTERN, RetryPolicy
-
-
-def sweep_params(policy: RetryPolicy) -> dict[str, object]:
-    """The policy as the sweep statement's parameters (`sr_now` and `sr_cutoff` come with them)."""
-    return {
-        "sr_policy_max": policy.max_retries,
-        "sr_delay_s": policy.retry_delay.total_seconds(),
-        "sr_cap_s": policy.max_delay.total_seconds(),
-        "sr_jitter": policy.jitter,
-        "sr_exponential": policy.backoff == "exponential",
-    }
 
 
 def render(template: str, **parts: sa.ColumnElement) -> sa.ColumnElement:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from db.errors import EXIT_INTERRUPTED, EXIT_OK, OperatorError
 from jobs.config import FLAG_FOR, Settings, settings_from_environment
-from jobs.errors import EXIT_INTERRUPTED, EXIT_OK, OperatorError
 from scheduler.cli.interrupts import Interrupted
 
 if TYPE_CHECKING:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from db.engine import make_engine
+from db.errors import EXIT_OK
 from db.migrate import head_revision, migrate, script_for_dba
-from jobs.errors import EXIT_OK
 from jobs.status import read_status, untimed_message
 from scheduler.cli import EXECUTION, POLICY, cli, config_options, json_option, load_settings, open_runtime
 from scheduler.cli.output import emit_json, table, when

@@ -6,10 +6,10 @@ from datetime import timedelta
 
 import click
 
+from db.errors import EXIT_OK, EXIT_REFUSED, EXIT_USAGE
 from jobs.config import parse_duration, settings_from_environment
 from jobs.dead_letters import get_dead_letter, list_dead_letters, purge_dead_letters, requeue
 from jobs.doctor import run_checks
-from jobs.errors import EXIT_OK, EXIT_REFUSED, EXIT_USAGE
 from jobs.stats import retry_stats
 from scheduler.cli import EXECUTION, POLICY, cli, config_options, json_option, open_runtime
 from scheduler.cli.output import emit_json, table, when

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import click
 
+from db.errors import EXIT_OK, EXIT_REFUSED, UsageError
 from jobs.config import parse_duration
-from jobs.errors import EXIT_OK, EXIT_REFUSED, UsageError
 from jobs.manual import (
     RETRY_KINDS,
     BulkRetryResult,

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
-from jobs.errors import DatabaseUnavailable
+from db.errors import DatabaseUnavailable
 from jobs.retries import supersede_completed_chains
 from jobs.stats import retry_stats
 from jobs.status import CHECKER, PROCESSOR, job_run, read_status

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from db.engine import make_engine
-from jobs.errors import ConfigError, ExecutorError
+from db.errors import ConfigError, ExecutorError
 from jobs.executor import CommandExecutor
 from jobs.recovery import fix_stuck_runs_with_retry
 from jobs.retries import process_due_retries

@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 
 from db.engine import make_engine
+from db.errors import DatabaseUnavailable
 from jobs.config import load_settings
-from jobs.errors import DatabaseUnavailable
 from scheduler import get_scheduler
 from scheduler.schedule import RecordedSchedule
 from tests.conftest import REPO

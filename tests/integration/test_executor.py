@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from db.errors import ConfigError, ExecutorError
 from jobs.config import load_settings
-from jobs.errors import ConfigError, ExecutorError
 from jobs.executor import CallableExecutor, CommandExecutor, build_executor
 from jobs.model import Run
 from tests.daemons import wait_until

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 from freezegun import freeze_time
 
-from jobs.errors import RetryRefused, RunNotFound, UsageError
+from db.errors import RetryRefused, RunNotFound, UsageError
 from jobs.manual import RetryCriteria, chain_history, parse_run_id, retry_matching, retry_run
 from jobs.rules import RetryPolicy
 from tests.helpers import chain_of, insert_run, make_runtime, rows

@@ -8,9 +8,9 @@ import pytest
 import sqlalchemy as sa
 
 from db.engine import make_engine
+from db.errors import NotMigrated, SchemaError
 from db.migrate import check_migratable, current_revision, head_revision, migrate, migration_sql
 from db.table import load_runs_table
-from jobs.errors import NotMigrated, SchemaError
 from tests.schema import ENUM_NAIVE, TEXT_STATUS
 
 NEW_COLUMNS = {"retry_count", "max_retries", "next_retry_at", "original_run_id", "is_retry", "failure_pattern"}

@@ -13,10 +13,10 @@ import sqlalchemy as sa
 from freezegun import freeze_time
 
 from db.engine import make_engine
+from db.errors import RunNotFound, UsageError
 from jobs.config import load_settings
 from jobs.dead_letters import get_dead_letter, list_dead_letters, purge_dead_letters, requeue
 from jobs.doctor import run_checks
-from jobs.errors import RunNotFound, UsageError
 from jobs.executor import ExecutionResult
 from jobs.retries import process_due_retries
 from jobs.stats import retry_stats

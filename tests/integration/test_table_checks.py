@@ -17,9 +17,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from db.engine import make_engine
+from db.errors import ConfigError
 from db.migrate import migrate
 from db.table import load_runs_table
-from jobs.errors import ConfigError
 from tests.helpers import insert_due_retry, insert_run
 from tests.schema import ENUM_NAIVE, TEXT_STATUS
 

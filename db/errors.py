@@ -1,5 +1,7 @@
 """Errors meant for operators: each becomes one line and an exit code at the CLI entry.
 
+They live at the bottom layer so db/ raises them as jobs/ and scheduler/ do.
+
 Anything else that escapes is a bug and keeps its traceback.
 """
 
