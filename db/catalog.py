@@ -39,13 +39,13 @@ def index_state(conn: Connection, qualified: str) -> dict[str, bool | None]:
     return {name: found.get(name) for name in names}
 
 
-def missing_privileges(conn: Connection, qualified: str) -> list[str]:
+def missing_privileges(conn: Connection, qualified: str, dead_letters: str = DEAD_LETTERS_TABLE) -> list[str]:
     """The table privileges stuck-runs needs and the connected role lacks, as 'PRIV on table'."""
     schema, _ = split_name(qualified)
     prefix = f"{schema}." if schema else ""
     wanted = {
         qualified: ("SELECT", "INSERT", "UPDATE"),
-        f"{prefix}{DEAD_LETTERS_TABLE}": ("SELECT", "INSERT", "UPDATE", "DELETE"),
+        f"{prefix}{dead_letters}": ("SELECT", "INSERT", "UPDATE", "DELETE"),
         f"{prefix}{DAEMONS}": ("SELECT", "INSERT", "UPDATE"),
         f"{prefix}{JOB_RUNS}": ("SELECT", "INSERT", "UPDATE"),
     }
@@ -62,12 +62,24 @@ def missing_privileges(conn: Connection, qualified: str) -> list[str]:
             ).scalar_one()
             if not allowed:
                 lacking.append(f"{privilege} on {table}")
+        if table == qualified:
+            continue
         # Our own tables number their rows with a sequence, which an INSERT must be allowed to use.
         sequence = conn.execute(sa.text("SELECT pg_get_serial_sequence(:r, 'id')"), {"r": relation}).scalar_one()
-        if sequence and table != qualified:
+        if sequence:
             usable = conn.execute(
                 sa.text("SELECT has_sequence_privilege(current_user, :s, 'USAGE')"), {"s": sequence}
             ).scalar_one()
             if not usable:
                 lacking.append(f"USAGE on sequence {sequence}")
     return lacking
+
+
+def naive_columns_off_utc(conn: Connection, table: sa.Table, names: list[str]) -> tuple[str, list[str]]:
+    """The server's TimeZone, and those of `names` that are `timestamp without time zone` when it is
+    not UTC: stuck-runs reads them as UTC, and a scraper writing now() there writes local time."""
+    zone = conn.exec_driver_sql("SELECT current_setting('TimeZone')").scalar_one()
+    if zone.upper() in ("UTC", "ETC/UTC", "GMT", "UCT", "ZULU", "ETC/UCT", "ETC/GMT"):
+        return zone, []
+    naive = [n for n in names if isinstance(table.c[n].type, sa.DateTime) and not table.c[n].type.timezone]
+    return zone, naive

@@ -9,13 +9,17 @@ from db.arrays import array_param
 from db.table import DEAD_LETTERS_TABLE
 
 
-def dead_letters_table(schema: str | None) -> sa.Table:
+def dead_letters_table(
+    schema: str | None, name: str = DEAD_LETTERS_TABLE, id_type: sa.types.TypeEngine | None = None
+) -> sa.Table:
+    """The dead letters of a runs table whose ids are `id_type` (UUID by default)."""
+    id_type = id_type if id_type is not None else sa.Uuid()
     return sa.Table(
-        DEAD_LETTERS_TABLE,
+        name,
         sa.MetaData(),
         sa.Column("id", sa.BigInteger, primary_key=True),
-        sa.Column("run_id", sa.Uuid, nullable=False, unique=True),
-        sa.Column("chain_id", sa.Uuid, nullable=False),
+        sa.Column("run_id", id_type, nullable=False, unique=True),
+        sa.Column("chain_id", id_type, nullable=False),
         sa.Column("attempts", sa.Integer, nullable=False),
         sa.Column("budget", sa.Integer, nullable=False),
         sa.Column("pattern", sa.Text, nullable=False),
@@ -24,12 +28,14 @@ def dead_letters_table(schema: str | None) -> sa.Table:
         sa.Column("inputs", JSONB, nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("requeued_at", sa.DateTime(timezone=True)),
-        sa.Column("requeued_run_id", sa.Uuid),
+        sa.Column("requeued_run_id", id_type),
         schema=schema,
     )
 
 
-def insert_from_failed(dead: sa.Table, failed: sa.CTE, inputs: sa.ColumnElement, now: sa.ColumnElement) -> sa.Insert:
+def insert_from_failed(
+    dead: sa.Table, failed: sa.CTE, inputs: sa.ColumnElement, error: sa.ColumnElement, now: sa.ColumnElement
+) -> sa.Insert:
     """Dead-letters every row of `failed` that ends its chain (no retry due).
 
     `attempts` counts every attempt of the chain, the original included.
@@ -40,7 +46,7 @@ def insert_from_failed(dead: sa.Table, failed: sa.CTE, inputs: sa.ColumnElement,
         failed.c.retry_count + 1,
         failed.c.max_retries,
         failed.c.failure_pattern,
-        failed.c.error_message,
+        error,
         failed.c._sr_detail,
         inputs,
         now,
@@ -56,9 +62,10 @@ def insert_from_failed(dead: sa.Table, failed: sa.CTE, inputs: sa.ColumnElement,
 
 def mark_requeued(dead: sa.Table) -> sa.Update:
     """Marks the dead letters of the runs in `:sr_failed_ids` requeued by `:sr_retry_ids`."""
+    id_type = dead.c.run_id.type
     pairs = (
-        sa.func.unnest(array_param("sr_failed_ids", sa.Uuid()), array_param("sr_retry_ids", sa.Uuid()))
-        .table_valued(sa.column("failed_id", sa.Uuid()), sa.column("retry_id", sa.Uuid()))
+        sa.func.unnest(array_param("sr_failed_ids", id_type), array_param("sr_retry_ids", id_type))
+        .table_valued(sa.column("failed_id", id_type), sa.column("retry_id", id_type))
         .render_derived(name="v")
     )
     return (

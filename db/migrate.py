@@ -6,7 +6,7 @@ prints the same steps (those a database lacks, when it can be asked) for a DBA t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,63 @@ from sqlalchemy.exc import OperationalError
 
 from db.engine import database_errors, make_engine, redacted
 from db.errors import DatabaseUnavailable, SchemaError
-from db.table import check_heartbeat, check_shape, reflect_table, split_name, status_labels
+from db.layout import Layout
+from db.shape import CheckForbids, check_heartbeat, check_lacks, check_shape, extend_check_statements, status_labels
+from db.table import DEAD_LETTERS_TABLE, dead_letters_name, quoted_relation, reflect_table, split_name
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Fail fast instead of queueing behind a long transaction and blocking the scraper's writes.
 LOCK_TIMEOUT = "SET LOCAL lock_timeout = '10s'"
-ENUM_VALUES = "status enum values pending_retry, cancelled"  # what 0001's step for an enum status creates
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    """What the revisions need to know of the table: its names (from the mapping), its id's SQL
+    type, where its dead letters go. Without a database (`migrate --sql`, no URL): UUID ids."""
+
+    qualified: str
+    layout: Layout = field(default_factory=Layout)
+    id_type: str = "UUID"
+    dead_letters: str = DEAD_LETTERS_TABLE
+    missing_roles: tuple[str, ...] = ()  # completed_at / error_message columns migrate adds
+
+    def column(self, role: str) -> str:
+        return postgresql.dialect().identifier_preparer.quote(self.layout.column(role))
+
+    def in_state(self, state: str) -> str:
+        """The predicate the statements use for `state` (the partial indexes must say the same)."""
+        values = ["'" + v.replace("'", "''") + "'" for v in self.layout.values(state)]
+        if len(values) == 1:
+            return f"{self.column('status')} = {values[0]}"
+        return f"{self.column('status')} IN ({', '.join(values)})"
+
+    @property
+    def enum_values(self) -> tuple[str, ...]:
+        """The values stuck-runs writes and a status enum may lack (the scraper's own it has)."""
+        return tuple(self.layout.written(s) for s in ("pending_retry", "cancelled", "running", "completed", "failed"))
+
+    @property
+    def enum_step(self) -> str:
+        return "status enum values " + ", ".join(self.enum_values)
+
+
+def plan_for(conn: Connection, table: sa.Table, qualified: str) -> TablePlan:
+    from db.shape import ADDED_ROLES, id_kind
+
+    kind = id_kind(table)
+    return TablePlan(
+        qualified,
+        table.info["layout"],
+        id_type=conn.execute(
+            sa.text(
+                "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                "WHERE a.attrelid = CAST(:rel AS regclass) AND a.attname = :column"
+            ),
+            {"rel": quoted_relation(table), "column": table.c.id.name},
+        ).scalar_one(),
+        dead_letters=dead_letters_name(table, kind),
+        missing_roles=tuple(role for role in ADDED_ROLES if role not in table.c),
+    )
 
 
 def version_table_for(qualified: str) -> tuple[str, str | None]:
@@ -36,7 +87,9 @@ def version_table_for(qualified: str) -> tuple[str, str | None]:
 
 
 def index_names(qualified: str) -> dict[str, str]:
+    """stuck-runs' index names for the table: lower case, so they need no quoting (`ScrapingJob`)."""
     _, name = split_name(qualified)
+    name = name.lower()
     return {
         "running": f"ix_{name}_running_started_at"[:63],
         "pending": f"ix_{name}_pending_next_retry_at"[:63],
@@ -105,21 +158,22 @@ def apply_steps(op: Any, steps: list[Step]) -> None:
                 op.execute(step.sql)
 
 
-def revision_steps(qualified: str) -> list[tuple[str, list[Step]]]:
-    """Each revision, oldest first, with its steps for `qualified`."""
-    scripts = reversed(list(ScriptDirectory.from_config(_config(qualified)).walk_revisions()))
+def revision_steps(plan: TablePlan) -> list[tuple[str, list[Step]]]:
+    """Each revision, oldest first, with its steps for the planned table."""
+    scripts = reversed(list(ScriptDirectory.from_config(_config(plan.qualified)).walk_revisions()))
     dialect = postgresql.dialect()
-    return [(script.revision, script.module.steps(qualified, dialect)) for script in scripts]
+    return [(script.revision, script.module.steps(plan, dialect)) for script in scripts]
 
 
-def migration_sql(qualified: str, present: frozenset[str] = frozenset(), invalid: tuple[str, ...] = ()) -> str:
+def migration_sql(plan: TablePlan, present: frozenset[str] = frozenset(), invalid: tuple[str, ...] = ()) -> str:
     """The DDL `migrate` would run, as a script a DBA can review and run with psql.
 
     Every statement is idempotent, the revision record included. Steps whose `creates` is in
     `present` are left out; `invalid` indexes (a failed CONCURRENTLY build) are dropped first
     so they are built again. Connects to nothing.
     """
-    revisions = revision_steps(qualified)
+    qualified = plan.qualified
+    revisions = revision_steps(plan)
     steps = [step for _, revision in revisions for step in revision if step.creates not in present]
     head = revisions[-1][0]
     lines: list[str] = []
@@ -148,44 +202,59 @@ def _record_revision(qualified: str, head: str, older: list[str]) -> list[str]:
     ]
 
 
-def script_for_dba(url: str | None, qualified: str, heartbeat: str | None = None) -> str:
+def script_for_dba(url: str | None, qualified: str, heartbeat: str | None = None, layout: Layout | None = None) -> str:
     """`migrate --sql`: what the database lacks, after the checks `migrate` makes, when it can be
-    asked; else (no URL, or unreachable) the full idempotent script, saying why at the top."""
+    asked; else (no URL, or unreachable) the full idempotent script, saying why at the top. A CHECK
+    on status that forbids values stuck-runs writes: the statements that extend it come first."""
+    layout = layout or Layout()
     if not url:
-        return _full_script(qualified, "DATABASE_URL is not set")
+        return _full_script(TablePlan(qualified, layout), "DATABASE_URL is not set")
     engine = make_engine(url, role="migrate", pool_size=1)
     try:
         with database_errors(engine, "reading what is already migrated"), engine.connect() as conn:
-            table = check_migratable(conn, qualified, heartbeat)
-            present = present_objects(conn, table, qualified)
+            table = check_migratable(conn, qualified, heartbeat, layout, extend_check=True)
+            extend = extend_check_statements(conn, table)
+            plan = plan_for(conn, table, qualified)
+            present = present_objects(conn, table, plan)
             invalid = tuple(_invalid_indexes(conn, qualified))
     except DatabaseUnavailable as exc:
-        return _full_script(qualified, str(exc))
+        return _full_script(TablePlan(qualified, layout), str(exc))
     finally:
         engine.dispose()
     where, head = f"{qualified} at {redacted(engine.url)}", head_revision()
     # A text status has no enum to extend: that step is not needed, nor is it there.
-    needless = frozenset() if table.info["enum_names"].get("status") else frozenset({ENUM_VALUES})
-    sql = migration_sql(qualified, present | needless, invalid)
+    needless = frozenset() if table.info["enum_names"].get("status") else frozenset({plan.enum_step})
+    sql = migration_sql(plan, present | needless, invalid)
+    if extend:
+        sql = _extend_check_script(extend) + sql
     if not sql:
         return f"-- {where} has everything up to revision {head}: nothing to run.\n"
-    made = [step.creates for _, steps in revision_steps(qualified) for step in steps]
+    made = [step.creates for _, steps in revision_steps(plan) for step in steps]
     there = [name for name in made if name in present]
     already = f"-- Already there: {', '.join(there)}.\n" if there else ""
     return f"-- What {where} lacks to reach revision {head}.\n{already}\n{sql}"
 
 
-def _full_script(qualified: str, reason: str) -> str:
+def _extend_check_script(statements: list[str]) -> str:
+    """The CHECK on status re-created NOT VALID, then validated in its own transaction."""
+    validate = [s for s in statements if " VALIDATE CONSTRAINT " in s]
+    recreate = [s for s in statements if s not in validate]
+    lines = ["-- The CHECK on status forbids values stuck-runs writes: extend it (`migrate --extend-check`)."]
+    lines += ["BEGIN;", f"{LOCK_TIMEOUT};", *(f"{sql};" for sql in recreate), "COMMIT;"]
+    lines += [f"{sql};" for sql in validate]
+    return "\n\n".join(lines) + "\n\n"
+
+
+def _full_script(plan: TablePlan, reason: str) -> str:
     return (
-        f"-- {reason}.\n-- So this is the full script for {qualified} up to revision {head_revision()}: every\n"
-        "-- statement is idempotent, safe to run on a database that has some or all of it.\n\n"
-        + migration_sql(qualified)
+        f"-- {reason}.\n-- So this is the full script for {plan.qualified} up to revision {head_revision()}: every\n"
+        "-- statement is idempotent, safe to run on a database that has some or all of it.\n\n" + migration_sql(plan)
     )
 
 
-def present_objects(conn: Connection, table: sa.Table, qualified: str) -> frozenset[str]:
+def present_objects(conn: Connection, table: sa.Table, plan: TablePlan) -> frozenset[str]:
     """What of the migration the database already has, named as `Step.creates` names it."""
-    found = {f"column {name}" for name in table.c.keys()}
+    found = {f"column {column.name}" for column in table.columns}
     found |= {
         f"{kind} {name}"
         for kind, name in conn.execute(
@@ -198,25 +267,40 @@ def present_objects(conn: Connection, table: sa.Table, qualified: str) -> frozen
             {"schema": table.schema},
         )
     }
-    if not {"pending_retry", "cancelled"} - status_labels(conn, table):
-        found.add(ENUM_VALUES)
-    if current_revision(conn, qualified) == head_revision():
+    if not set(plan.enum_values) - status_labels(conn, table):
+        found.add(plan.enum_step)
+    if current_revision(conn, plan.qualified) == head_revision():
         found.add(f"revision {head_revision()}")
     return frozenset(found)
 
 
-def migrate(engine: Engine, qualified: str, heartbeat: str | None = None) -> MigrateResult:
+def migrate(
+    engine: Engine,
+    qualified: str,
+    heartbeat: str | None = None,
+    layout: Layout | None = None,
+    *,
+    extend_check: bool = False,
+) -> MigrateResult:
     """Brings `qualified` up to the newest revision; a second call changes nothing.
 
-    A table that `load_runs_table` would refuse is refused before the first statement.
+    A table that `load_runs_table` would refuse is refused before the first statement. A CHECK on
+    status that forbids values stuck-runs writes is refused with the statements that extend it,
+    or, with `extend_check`, extended first (re-created NOT VALID, then validated).
     """
+    layout = layout or Layout()
     with database_errors(engine, f"migrating {qualified}"), engine.connect() as conn:
-        check_migratable(conn, qualified, heartbeat)
+        table = check_migratable(conn, qualified, heartbeat, layout, extend_check=extend_check)
+        if extend_check:
+            _extend_check(engine, extend_check_statements(conn, table))
+            conn.commit()
+            table = check_migratable(conn, qualified, heartbeat, layout)
+        plan = plan_for(conn, table, qualified)
         _drop_invalid_indexes(engine, conn, qualified)
         before = current_revision(conn, qualified)
         conn.commit()
         try:
-            command.upgrade(_config(qualified, connection=conn), "head")
+            command.upgrade(_config(qualified, connection=conn, plan=plan), "head")
         except OperationalError as exc:
             if "lock timeout" in str(exc):
                 raise DatabaseUnavailable(
@@ -229,12 +313,46 @@ def migrate(engine: Engine, qualified: str, heartbeat: str | None = None) -> Mig
     return MigrateResult(qualified, before, after)
 
 
-def check_migratable(conn: Connection, qualified: str, heartbeat: str | None = None) -> sa.Table:
+def _extend_check(engine: Engine, statements: list[str]) -> None:
+    """Re-creates the CHECK NOT VALID (a brief lock, no scan), then validates it (no write lock)."""
+    if not statements:
+        return
+    validate = [s for s in statements if " VALIDATE CONSTRAINT " in s]
+    with engine.begin() as conn:
+        conn.exec_driver_sql(LOCK_TIMEOUT)
+        for sql in statements:
+            if sql not in validate:
+                conn.exec_driver_sql(sql)
+    with engine.begin() as conn:
+        for sql in validate:
+            conn.exec_driver_sql(sql)
+
+
+def check_migratable(
+    conn: Connection,
+    qualified: str,
+    heartbeat: str | None = None,
+    layout: Layout | None = None,
+    *,
+    extend_check: bool = False,
+) -> sa.Table:
     """Raises what makes the migration impossible or useless, before any change: every check
     `load_runs_table` applies to the table and the heartbeat, and duplicate retry rows that the
-    unique index would reject. Returns the reflected table."""
-    table = reflect_table(conn, qualified)
-    check_shape(conn, table, qualified)
+    unique index would reject. A CHECK on status that forbids stuck-runs' values is refused with
+    the statements that extend it, unless `extend_check` (the caller extends it). Returns the
+    reflected table."""
+    table = reflect_table(conn, qualified, layout)
+    try:
+        check_shape(conn, table, qualified)
+    except CheckForbids:
+        lacking = check_lacks(conn, table)
+        if not extend_check and lacking:
+            statements = "\n".join(f"  {sql};" for sql in extend_check_statements(conn, table))
+            raise SchemaError(
+                f"{qualified} has CHECK constraint {lacking[0]} on {table.c.status.name} that forbids values "
+                "stuck-runs writes: run `stuck-runs migrate --extend-check` to run these statements (NOT VALID, "
+                f"then VALIDATE: no long lock), or run them yourself:\n{statements}"
+            ) from None
     check_heartbeat(table, qualified, heartbeat)
     if {"original_run_id", "retry_count", "is_retry"} <= set(table.c.keys()):
         duplicated = conn.execute(

@@ -1,8 +1,10 @@
-"""The scraper's table as stuck-runs sees it: reflected, checked, its columns sorted by role.
+"""The scraper's table as stuck-runs sees it: reflected once, its mapping resolved, its columns sorted
+by role.
 
-The table belongs to the scraper application and carries columns we do not know; reflection
-finds them so retries copy them. Checks here turn a table stuck-runs cannot work with into a
-message that says what to do.
+Reflection keys each mapped column by its role (`t.c.status` is the column COLUMN_MAP names for
+status, rendered in SQL by its real name), so every statement is written once, in roles, and
+rendered in the table's names. Status values, the id's kind, the error column's kind and the
+run's label are resolved here too: `RunsTable` is the one object that knows the table's names.
 """
 
 from __future__ import annotations
@@ -15,20 +17,16 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import UserDefinedType
 
-from db.errors import ConfigError, NotMigrated, SchemaError
+from db.errors import SchemaError, UsageError
+from db.layout import STATES, Layout, label_fields
 
-REQUIRED_COLUMNS = ("id", "search_query", "location_query", "status", "error_message", "started_at", "completed_at")
 RETRY_COLUMNS = ("retry_count", "max_retries", "next_retry_at", "original_run_id", "is_retry", "failure_pattern")
-# Lifecycle columns describe one attempt, not the work: a retry starts them afresh.
-LIFECYCLE_COLUMNS = frozenset(
-    {"id", "status", "error_message", "started_at", "completed_at", "created_at", "updated_at", *RETRY_COLUMNS}
-)
-# Columns stuck-runs writes on every transition (besides the retry columns).
-WRITTEN_COLUMNS = ("status", "error_message", "started_at", "completed_at")
-MANAGED_COLUMNS = frozenset({"id", *WRITTEN_COLUMNS, *RETRY_COLUMNS})
-STATUSES = ("running", "completed", "failed", "pending_retry", "cancelled")
+ROLE_KEYS = ("id", "status", "started_at", "completed_at", "error_message")
+# Bookkeeping timestamps describe one row, not the work: a retry gets its own (now), never a copy.
+_BOOKKEEPING = frozenset({"createdat", "updatedat", "modifiedat", "insertedat"})
 DEAD_LETTERS_TABLE = "scrape_run_dead_letters"
 JOB_RUNS_TABLE = "stuck_runs_job_runs"
+_INPUT_KEY = "_sr_input_"  # the key of a scraper column whose name is a role another column plays
 
 
 class _NamedType(UserDefinedType):
@@ -48,15 +46,31 @@ def split_name(qualified: str) -> tuple[str | None, str]:
     return (schema or None), name
 
 
+def is_bookkeeping(name: str) -> bool:
+    return name.replace("_", "").lower() in _BOOKKEEPING
+
+
+def dead_letters_name(table: sa.Table, id_kind: str) -> str:
+    """Where the table's dead letters go: UUID ids share `scrape_run_dead_letters` (they cannot
+    collide, and that is where they always went); integer and text ids would collide with another
+    table's, so such a table gets its own, typed like its ids."""
+    return DEAD_LETTERS_TABLE if id_kind == "uuid" else f"{table.name}_dead_letters"[:63]
+
+
 @dataclass(frozen=True)
 class RunsTable:
-    """The reflected `scrape_runs` with what the statements need to know about it."""
+    """The reflected runs table with its resolved mapping: what every statement is rendered from."""
 
     table: sa.Table
-    heartbeat: str | None
-    input_columns: tuple[str, ...]
+    layout: Layout
+    heartbeat: str | None  # the heartbeat column's key
+    input_columns: tuple[str, ...]  # keys of the columns a retry copies
     status_type: sa.types.TypeEngine  # the enum for CASTs, or the column's own text type
     status_is_enum: bool
+    id_kind: str  # "uuid", "integer" or "text"
+    id_sequence: str | None = None  # an integer id's sequence, schema-qualified and quoted
+    error_kind: str = "text"  # "text", "varchar" or "json"
+    error_limit: int | None = None  # a varchar(n) error column's n
 
     @property
     def c(self) -> sa.sql.base.ReadOnlyColumnCollection:
@@ -66,9 +80,158 @@ class RunsTable:
     def qualified_name(self) -> str:
         return f"{self.table.schema}.{self.table.name}" if self.table.schema else self.table.name
 
-    def status(self, value: str) -> sa.ColumnElement:
-        """A status literal that PostgreSQL accepts whether the column is an enum or text."""
+    @property
+    def id_type(self) -> sa.types.TypeEngine:
+        return self.table.c.id.type
+
+    @property
+    def dead_letters_name(self) -> str:
+        return dead_letters_name(self.table, self.id_kind)
+
+    @property
+    def input_names(self) -> dict[str, str]:
+        """Each input column's key and real name: how executors and dead letters name inputs."""
+        return {key: self.name_of(key) for key in self.input_columns}
+
+    def name_of(self, key: str) -> str:
+        """The real name of the column keyed `key` (a role, or an input's own name)."""
+        return self.table.c[key].name
+
+    # -- statuses ---------------------------------------------------------------------------
+
+    def _value(self, value: str) -> sa.ColumnElement:
         return sa.cast(sa.literal(value, sa.Text), self.status_type) if self.status_is_enum else sa.literal(value)
+
+    def status(self, state: str) -> sa.ColumnElement:
+        """The value stuck-runs writes for `state`, as SQL that an enum or a text column accepts."""
+        return self._value(self.layout.written(state))
+
+    def in_state(self, column: sa.ColumnElement, state: str) -> sa.ColumnElement:
+        """`column` holds one of the values that mean `state`."""
+        values = self.layout.values(state)
+        if len(values) == 1:
+            return column == self._value(values[0])
+        return column.in_([self._value(v) for v in values])
+
+    def state_of(self, column: sa.ColumnElement) -> sa.ColumnElement:
+        """The state a status value means, in stuck-runs' words; a value it does not know, as written."""
+        # Compared as text: an enum may lack a value of a state stuck-runs never writes (queued).
+        text = sa.cast(column, sa.Text)
+        whens = [(text.in_(self.layout.values(state)), state) for state in STATES]
+        return sa.case(*whens, else_=text)
+
+    # -- the error column ---------------------------------------------------------------------
+
+    def error_value(self, message: sa.ColumnElement) -> sa.ColumnElement:
+        """A message as the error column takes it: a JSON string, or cut to a varchar's length
+        keeping its ` - retry n/N scheduled` tail (the last ` - ` starts it)."""
+        if self.error_kind == "json":
+            return sa.func.to_jsonb(sa.cast(message, sa.Text))
+        if self.error_limit is None:
+            return message
+        limit = self.error_limit
+        tail = sa.func.coalesce(sa.func.substring(message, r".*( - .*)$"), "")
+        head = sa.func.left(message, sa.func.length(message) - sa.func.length(tail))
+        kept = sa.func.greatest(limit - 1 - sa.func.length(tail), 0)
+        cut = sa.func.left(sa.func.left(head, kept).concat("…").concat(tail), limit)
+        return sa.case((sa.func.length(message) <= limit, message), else_=cut)
+
+    def error_text(self, column: sa.ColumnElement) -> sa.ColumnElement:
+        """The error column read as text (a JSON string unquoted, other JSON as its text)."""
+        return column.op("#>>")(sa.literal_column("'{}'")) if self.error_kind == "json" else column
+
+    # -- ids and labels -----------------------------------------------------------------------
+
+    def new_id(self) -> sa.ColumnElement:
+        """A fresh id for a retry row, of the id's type."""
+        if self.id_kind == "integer":
+            return sa.cast(sa.func.nextval(sa.literal(self.id_sequence, sa.Text)), self.id_type)
+        if self.id_kind == "text":
+            return sa.cast(sa.func.gen_random_uuid(), sa.Text)
+        return sa.func.gen_random_uuid()
+
+    def id_from_text(self, text: str | None) -> object:
+        """An id the statements returned as text, as the driver returns the id column."""
+        return None if text is None else self.parse_id(text)
+
+    def parse_id(self, text: str) -> object:
+        """A run id as an operator typed it, checked against the id's kind."""
+        import uuid
+
+        value = str(text).strip()
+        if self.id_kind == "integer":
+            if not value.lstrip("-").isdigit() or abs(int(value)) >= 2**63:
+                raise UsageError(f"{text!r} is not a run id: ids of {self.qualified_name} are whole numbers")
+            return int(value)
+        if self.id_kind == "uuid":
+            try:
+                return uuid.UUID(value)
+            except ValueError:
+                raise UsageError(
+                    f"{text!r} is not a run id: ids of {self.qualified_name} are UUIDs, like "
+                    "3f2b8c1e-4a5d-4e6f-9a7b-1c2d3e4f5a6b"
+                ) from None
+        if not value or "\x00" in value:
+            raise UsageError(f"{text!r} is not a run id: give the run's id as {self.qualified_name} stores it")
+        return value
+
+    def what(self, source: sa.FromClause | None = None) -> sa.ColumnElement:
+        """What the run is, as text (RUN_LABEL; by default `search_query in location_query` where both
+        exist, else the run's id): `[RETRY 1/4] …` is added in Python."""
+        c = (source if source is not None else self.table).c
+        template = self.layout.label
+        if template is None:
+            if "search_query" in self.input_columns and "location_query" in self.input_columns:
+                parts = [sa.func.nullif(sa.cast(c[k], sa.Text), "") for k in ("search_query", "location_query")]
+                return sa.func.coalesce(sa.func.nullif(sa.func.concat_ws(" in ", *parts), ""), "(no query)")
+            return sa.literal("run ").concat(sa.cast(c.id, sa.Text))
+        pieces: list[sa.ColumnElement] = []
+        for literal, column in label_fields(template):
+            if literal:
+                pieces.append(sa.literal(literal, sa.Text))
+            if column is not None:
+                pieces.append(sa.func.coalesce(sa.cast(c[self._key_for(column)], sa.Text), ""))
+        return sa.func.concat(*pieces)
+
+    def label_keys(self) -> list[str]:
+        """The keys of the columns the run's label is made of."""
+        if self.layout.label is None:
+            pair = ["search_query", "location_query"]
+            return pair if all(k in self.input_columns for k in pair) else []
+        return [self._key_for(column) for _, column in label_fields(self.layout.label) if column is not None]
+
+    def _key_for(self, name: str) -> str:
+        for column in self.table.columns:
+            if column.name == name:
+                return column.key
+        raise KeyError(name)
+
+    def keyed(self, source: sa.FromClause | None = None) -> list[sa.ColumnElement]:
+        """Every column as Python reads a row: labelled by key, the status as a state, the error as text,
+        and the run's label as `_sr_what`."""
+        c = (source if source is not None else self.table).c
+        columns: list[sa.ColumnElement] = []
+        for key in c.keys():
+            if key == "status":
+                columns.append(self.state_of(c.status).label("status"))
+            elif key == "error_message":
+                columns.append(self.error_text(c.error_message).label("error_message"))
+            else:
+                columns.append(c[key].label(key))
+        columns.append(self.what(source).label("_sr_what"))
+        return columns
+
+    def inputs_json(self, source: sa.FromClause) -> sa.ColumnElement:
+        """The input columns of a row of `source` as one JSON object, by their real names."""
+        pairs = [(self.name_of(key), source.c[key]) for key in self.input_columns]
+        chunks = [pairs[i : i + 50] for i in range(0, len(pairs), 50)]  # 100 arguments per call at most
+        objects = [sa.func.jsonb_build_object(*(x for pair in chunk for x in pair)) for chunk in chunks]
+        result = objects[0] if objects else sa.cast(sa.literal("{}"), postgresql.JSONB)
+        for more in objects[1:]:
+            result = result.op("||")(more)
+        return result
+
+    # -- a retry's row ------------------------------------------------------------------------
 
     def progress(self) -> sa.ColumnElement:
         """When the run last showed progress: the heartbeat when set, else `started_at`."""
@@ -79,26 +242,24 @@ class RunsTable:
     def fresh_attempt_values(self, now: sa.ColumnElement) -> dict[str, sa.ColumnElement]:
         """Values for the lifecycle columns of a new attempt, where the INSERT must spell them out.
 
-        `error_message`, `started_at` and `completed_at` start NULL (or their default when NOT
-        NULL); other lifecycle columns (`created_at`...) take their default, else `now`.
-        Generated columns and those with defaults are left to the database.
+        `error_message`, `started_at` and `completed_at` start NULL (or `now` when NOT NULL);
+        bookkeeping timestamps (`updatedAt`...) without a default take `now`. Generated columns
+        and those with defaults are left to the database; an id without one gets a fresh one.
         """
         values: dict[str, sa.ColumnElement] = {}
         for column in self.table.columns:
-            name = column.name
-            if name in self.input_columns or name in RETRY_COLUMNS or name == "status" or _is_generated(column):
+            key = column.key
+            if key in self.input_columns or key in RETRY_COLUMNS or key == "status" or is_generated(column):
                 continue
             has_default = column.server_default is not None
-            if name == "id":
+            if key == "id":
                 if not has_default:
-                    values[name] = sa.func.gen_random_uuid()
-            elif name in _CLEARED and column.nullable:
-                values[name] = sa.cast(sa.null(), column.type)
+                    values[key] = self.new_id()
+            elif key in _CLEARED and column.nullable:
+                values[key] = sa.cast(sa.null(), column.type)
             elif not has_default:
                 is_time = isinstance(column.type, (sa.DateTime, sa.Date))
-                values[name] = (
-                    now if is_time else sa.cast(sa.null() if column.nullable else sa.literal(""), column.type)
-                )
+                values[key] = now if is_time else sa.cast(sa.null() if column.nullable else sa.literal(""), column.type)
         return values
 
 
@@ -106,180 +267,90 @@ class RunsTable:
 _CLEARED = frozenset({"error_message", "started_at", "completed_at"})
 
 
-def _is_generated(column: sa.Column) -> bool:
+def is_generated(column: sa.Column) -> bool:
     default = column.server_default
     serial = default is not None and "nextval(" in str(getattr(default, "arg", ""))
     return bool(column.computed is not None or column.identity is not None or serial)
 
 
-def reflect_table(conn: Connection, qualified: str) -> sa.Table:
+def reflect_table(conn: Connection, qualified: str, layout: Layout | None = None) -> sa.Table:
+    """The table, its mapped columns keyed by their roles. Raises `SchemaError` when it does not exist."""
+    layout = layout or Layout()
     schema, name = split_name(qualified)
     if not sa.inspect(conn).has_table(name, schema=schema):
         raise SchemaError(
             f"table {qualified} does not exist in this database: check DATABASE_URL and SCRAPE_RUNS_TABLE"
         )
+    roles = {layout.column(role): role for role in ROLE_KEYS}
     enum_names: dict[str, str] = {}
 
-    def keep_enum_name(_inspector: Any, _table: Any, info: dict[str, Any]) -> None:
+    def key_by_role(_inspector: Any, _table: Any, info: dict[str, Any]) -> None:
+        column = info["name"]
+        if column in roles:
+            info["key"] = roles[column]
+        elif column in ROLE_KEYS:  # `error_message` kept as an input while `error` plays the role
+            info["key"] = _INPUT_KEY + column
         # A reflected Enum rejects values it did not know when reflected ('pending_retry' before
         # the migration); read status as text and cast to the enum by name when writing.
         if isinstance(info["type"], postgresql.ENUM):
-            enum_names[info["name"]] = info["type"].name
+            enum_names[info.get("key", column)] = info["type"].name
             info["type"] = sa.Text()
 
     table = sa.Table(
-        name, sa.MetaData(), schema=schema, autoload_with=conn, listeners=[("column_reflect", keep_enum_name)]
+        name, sa.MetaData(), schema=schema, autoload_with=conn, listeners=[("column_reflect", key_by_role)]
     )
     table.info["enum_names"] = enum_names
+    table.info["layout"] = layout
     return table
 
 
-def load_runs_table(conn: Connection, qualified: str, heartbeat: str | None = None) -> RunsTable:
-    """Reflects and checks the table; raises `SchemaError`, `ConfigError` or `NotMigrated` with the fix."""
-    table = reflect_table(conn, qualified)
+def load_runs_table(
+    conn: Connection, qualified: str, heartbeat: str | None = None, layout: Layout | None = None
+) -> RunsTable:
+    """Reflects and checks the table, resolving the mapping; raises `SchemaError`, `ConfigError` or
+    `NotMigrated` with the fix."""
+    from db.shape import (
+        check_heartbeat,
+        check_migrated,
+        check_row_security,
+        check_shape,
+        id_kind,
+        id_sequence,
+        status_sql_type,
+    )
+
+    layout = layout or Layout()
+    table = reflect_table(conn, qualified, layout)
     check_shape(conn, table, qualified)
     check_heartbeat(table, qualified, heartbeat)
-    names = set(table.c.keys())
-    unmigrated = [c for c in RETRY_COLUMNS if c not in names]
-    if unmigrated or not sa.inspect(conn).has_table(DEAD_LETTERS_TABLE, schema=table.schema):
-        what = ", ".join(unmigrated) or DEAD_LETTERS_TABLE
-        raise NotMigrated(f"table {qualified} is not migrated (missing {what}): run `stuck-runs migrate`")
-    skipped = LIFECYCLE_COLUMNS | ({heartbeat} if heartbeat else set())
-    inputs = tuple(c.name for c in table.columns if c.name not in skipped and not _is_generated(c))
-    enum_name = table.info["enum_names"].get("status")
-    status_type: sa.types.TypeEngine = (
-        _NamedType(_quoted_type(conn, table, enum_name)) if enum_name else table.c.status.type
-    )
-    return RunsTable(table, heartbeat, inputs, status_type, enum_name is not None)
-
-
-def check_shape(conn: Connection, table: sa.Table, qualified: str) -> None:
-    """Raises `SchemaError` for a table stuck-runs cannot work with, migrated or not.
-
-    `load_runs_table` and `migrate` both apply it, so a table every command would refuse is
-    refused before `migrate` changes anything.
-    """
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.c]
-    if missing:
-        raise SchemaError(
-            f"table {qualified} lacks column(s) {', '.join(missing)} that stuck-runs needs: "
-            "point SCRAPE_RUNS_TABLE at the scraper's runs table, or add them"
-        )
-    key = [c.name for c in table.primary_key.columns]
-    if key != ["id"]:
-        has = f"its primary key is ({', '.join(key)})" if key else "it has no primary key"
-        raise SchemaError(f"{qualified}.id must be the table's primary key, but {has}: stuck-runs finds runs by id")
-    if not isinstance(table.c.id.type, sa.Uuid):
-        raise SchemaError(
-            f"{qualified}.id is {sql_type(table.c.id)}: this version of stuck-runs needs a UUID id "
-            "(integer and text ids are not supported yet)"
-        )
-    for name in (*WRITTEN_COLUMNS, *RETRY_COLUMNS):
-        if name in table.c and table.c[name].computed is not None:
-            raise SchemaError(
-                f"{qualified}.{name} is a generated column: stuck-runs cannot write it; "
-                "make it a plain column or point SCRAPE_RUNS_TABLE at another table"
-            )
-    for name in ("started_at", "completed_at"):
-        if not isinstance(table.c[name].type, sa.DateTime):
-            raise SchemaError(
-                f"{qualified}.{name} is {sql_type(table.c[name])}: stuck-runs needs a timestamp "
-                "(with or without time zone)"
-            )
-    _check_status(conn, table, qualified)
-
-
-def _check_status(conn: Connection, table: sa.Table, qualified: str) -> None:
-    status = table.c.status
-    if not isinstance(status.type, sa.String):
-        raise SchemaError(f"{qualified}.status is {sql_type(status)}: stuck-runs needs text, varchar or an enum")
-    limit = status.type.length
-    too_long = [s for s in STATUSES if limit is not None and len(s) > limit]
-    if too_long:
-        raise SchemaError(
-            f"{qualified}.status is varchar({limit}), too short for {too_long[0]!r}: "
-            f"widen it to varchar({max(map(len, STATUSES))}) or more"
-        )
-    relation = quoted_relation(table)
-    for name, definition in conn.execute(
-        sa.text(
-            "SELECT c.conname, pg_get_constraintdef(c.oid) FROM pg_constraint c "
-            "JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey) "
-            "WHERE c.conrelid = CAST(:rel AS regclass) AND c.contype = 'c' AND a.attname = 'status'"
-        ),
-        {"rel": relation},
-    ):
-        if "'pending_retry'" not in definition or "'cancelled'" not in definition:
-            raise SchemaError(
-                f"{qualified} has CHECK constraint {name} on status ({definition}) that forbids "
-                "'pending_retry' and 'cancelled': drop it or add those values, then run `stuck-runs migrate` again"
-            )
-    enum_name = table.info["enum_names"].get("status")
-    if enum_name:
-        lacking = [s for s in STATUSES[:3] if s not in status_labels(conn, table)]
-        if lacking:
-            raise SchemaError(
-                f"the status enum {enum_name} of {qualified} lacks {', '.join(lacking)}: "
-                "stuck-runs needs running, completed and failed"
-            )
-
-
-def status_labels(conn: Connection, table: sa.Table) -> set[str]:
-    """The values of the status enum (empty when status is not an enum)."""
-    return set(
-        conn.execute(
-            sa.text(
-                "SELECT e.enumlabel FROM pg_enum e JOIN pg_attribute a ON a.atttypid = e.enumtypid "
-                "WHERE a.attrelid = CAST(:rel AS regclass) AND a.attname = 'status'"
-            ),
-            {"rel": quoted_relation(table)},
-        ).scalars()
-    )
-
-
-def heartbeat_candidates(table: sa.Table) -> list[str]:
-    """The columns HEARTBEAT_COLUMN could name: timestamps that stuck-runs does not manage and can write."""
-    return [
-        c.name
+    check_migrated(conn, table, qualified)
+    check_row_security(conn, table, qualified)
+    heartbeat_key = next((c.key for c in table.columns if c.name == heartbeat), None) if heartbeat else None
+    inputs = tuple(
+        c.key
         for c in table.columns
-        if isinstance(c.type, sa.DateTime) and c.name not in MANAGED_COLUMNS and c.computed is None
-    ]
-
-
-def heartbeat_problem(table: sa.Table, qualified: str, heartbeat: str | None) -> str | None:
-    """Why `heartbeat` cannot be the heartbeat column, with the columns that would do; None if it can.
-
-    The claim of a retry writes `now` into it and the sweep compares it with `started_at`: a
-    text column would receive a timestamp as data, a column stuck-runs manages would be
-    overwritten, a generated one cannot be written.
-    """
-    if not heartbeat:
-        return None
-    candidates = heartbeat_candidates(table)
-    if candidates:
-        fix = f"use {candidates[0]}" if len(candidates) == 1 else f"use one of {', '.join(candidates)}"
-    else:
-        fix = "add a timestamp column the scraper updates as it works"
-    setting = f"HEARTBEAT_COLUMN={heartbeat!r}"
-    if heartbeat not in table.c:
-        return f"{setting} is not a column of {qualified}: {fix}, or unset it"
-    column = table.c[heartbeat]
-    kind = sql_type(column)
-    if heartbeat in MANAGED_COLUMNS:
-        why = "a column stuck-runs writes itself"
-    elif column.computed is not None:
-        why = "a generated column, which cannot be written"
-    elif not isinstance(column.type, sa.DateTime):
-        why = "not a timestamp"
-    else:
-        return None
-    return f"{setting}: {qualified}.{heartbeat} ({kind}) is {why}: {fix}, or unset it"
-
-
-def check_heartbeat(table: sa.Table, qualified: str, heartbeat: str | None) -> None:
-    problem = heartbeat_problem(table, qualified, heartbeat)
-    if problem:
-        raise ConfigError(problem)
+        if c.key not in ROLE_KEYS
+        and c.key not in RETRY_COLUMNS
+        and c.key != heartbeat_key
+        and not is_bookkeeping(c.name)
+        and not is_generated(c)
+    )
+    enum_name = table.info["enum_names"].get("status")
+    status_type: sa.types.TypeEngine = _NamedType(status_sql_type(conn, table)) if enum_name else table.c.status.type
+    error = table.c.error_message.type
+    kind = id_kind(table)
+    return RunsTable(
+        table,
+        layout,
+        heartbeat_key,
+        inputs,
+        status_type,
+        enum_name is not None,
+        kind,
+        id_sequence(conn, table) if kind == "integer" else None,
+        "json" if isinstance(error, sa.JSON) else ("varchar" if getattr(error, "length", None) else "text"),
+        getattr(error, "length", None) if not isinstance(error, sa.JSON) else None,
+    )
 
 
 def sql_type(column: sa.Column) -> str:
@@ -288,13 +359,5 @@ def sql_type(column: sa.Column) -> str:
 
 
 def quoted_relation(table: sa.Table) -> str:
-    return f'"{table.schema}"."{table.name}"' if table.schema else f'"{table.name}"'
-
-
-def _quoted_type(conn: Connection, table: sa.Table, _enum_name: str) -> str:
-    """The status column's type as SQL can name it (schema-qualified, quoted when needed)."""
-    return conn.exec_driver_sql(
-        "SELECT format_type(a.atttypid, NULL) FROM pg_attribute a "
-        "WHERE a.attrelid = %(rel)s::regclass AND a.attname = 'status'",
-        {"rel": quoted_relation(table)},
-    ).scalar_one()
+    quote = postgresql.dialect().identifier_preparer.quote
+    return f"{quote(table.schema)}.{quote(table.name)}" if table.schema else quote(table.name)

@@ -19,6 +19,7 @@ from datetime import timedelta
 from dotenv import dotenv_values, find_dotenv, load_dotenv
 
 from db.errors import ConfigError
+from db.layout import Layout, parse_column_map, parse_run_label, parse_status_map
 from jobs.patterns import DEFAULT_PERMANENT, KNOWN_PATTERNS, PATTERNS_FILE_SHAPE, patterns_from_json
 from jobs.rules import RetryPolicy
 
@@ -34,7 +35,8 @@ _URL_PARTS = re.compile(  # SQLAlchemy's own split of a URL, kept raw: '@' and %
     r"[\w+]+://(?:[^:/]*(?::[^@]*)?@)?(?P<host>\[[^/?]+\]|[^/:?]+)?(?::(?P<port>[^/?]*))?(?P<database>/[^?]*)?"
 )
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
-COMMAND_PLACEHOLDERS = frozenset({"run_id", "search_query", "location_query"})
+# `{run_id}`, and any input column of the table (checked once the table is reflected).
+COMMAND_PLACEHOLDER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 
 
 def shown(text: object) -> str:
@@ -147,10 +149,11 @@ def parse_command(text: str, name: str) -> tuple[str, ...]:
             raise ConfigError(
                 f"{name}: {shown(item)} is not a valid template ({exc}); write {{{{ for a literal brace"
             ) from None
-        unknown = sorted(set(fields) - COMMAND_PLACEHOLDERS)
+        unknown = sorted(f for f in fields if not COMMAND_PLACEHOLDER.fullmatch(f))
         if unknown:
-            allowed = ", ".join("{" + p + "}" for p in sorted(COMMAND_PLACEHOLDERS))
-            raise ConfigError(f"{name}: unknown placeholder {{{unknown[0]}}}; use {allowed}")
+            raise ConfigError(
+                f"{name}: {{{unknown[0]}}} is not a placeholder; use {{run_id}} or {{column}} for an input column"
+            )
     return argv
 
 
@@ -217,6 +220,7 @@ class Settings:
     failure_patterns: tuple[tuple[str, str], ...] = ()  # custom (name, regex), tried first
     command: tuple[str, ...] | None = None
     callable_path: str | None = None
+    layout: Layout = field(default_factory=Layout)
 
     @property
     def timeout(self) -> timedelta:
@@ -262,6 +266,9 @@ _FIELDS: tuple[tuple[str, str, _Parser, str], ...] = (
     ("LOG_LEVEL", "--log-level", lambda t, n: parse_choice(t, n, LOG_LEVELS, upper=True), "log_level"),
     ("LOG_FORMAT", "--log-format", lambda t, n: parse_choice(t, n, ("text", "json")), "log_format"),
     ("METRICS_PORT", "--metrics-port", lambda t, n: parse_int(t, n, minimum=1, maximum=65535), "metrics_port"),
+    ("COLUMN_MAP", "--column-map", parse_column_map, "layout.columns"),
+    ("STATUS_MAP", "--status-map", parse_status_map, "layout.statuses"),
+    ("RUN_LABEL", "--run-label", parse_run_label, "layout.label"),
     ("SCRAPE_RUN_COMMAND", "--command", parse_command, "command"),
     ("SCRAPE_RUN_CALLABLE", "--callable", parse_callable, "callable_path"),
 )
@@ -278,6 +285,7 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, object] | None = N
     """
     top: dict[str, object] = {}
     policy: dict[str, object] = {}
+    layout: dict[str, object] = {}
     names: dict[str, str] = {}  # the variable or flag each setting came from, for error lines
     file_permanent = None
     try:
@@ -295,10 +303,12 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, object] | None = N
                 top["failure_patterns"], file_permanent = value  # type: ignore[misc]
             elif target.startswith("policy."):
                 policy[target.removeprefix("policy.")] = value
+            elif target.startswith("layout."):
+                layout[target.removeprefix("layout.")] = value
             else:
                 top[target] = value
         policy.setdefault("permanent_patterns", DEFAULT_PERMANENT if file_permanent is None else file_permanent)
-        settings = Settings(policy=RetryPolicy(**policy), **top)  # type: ignore[arg-type]
+        settings = Settings(policy=RetryPolicy(**policy), layout=Layout(**layout), **top)  # type: ignore[arg-type]
         _check_consistency(settings, names)
     except ConfigError as exc:
         from db.engine import scrub

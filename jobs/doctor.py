@@ -12,9 +12,11 @@ import sqlalchemy as sa
 from db import catalog
 from db.engine import database_errors, make_engine, redacted
 from db.errors import ConfigError, OperatorError
+from db.layout import WRITTEN_STATES
 from db.migrate import current_revision, head_revision
 from db.queries import RunQueries
-from db.table import heartbeat_problem, load_runs_table
+from db.shape import heartbeat_problem
+from db.table import ROLE_KEYS, RunsTable, load_runs_table, sql_type
 from jobs.config import Settings
 from jobs.executor import resolve_callable
 from jobs.status import untimed_message
@@ -28,6 +30,7 @@ class Check:
     ok: bool
     detail: str
     fix: str | None = None
+    warning: bool = False  # true: worth knowing, not a failure
 
 
 def run_checks(load_settings: Callable[[], Settings], now: Callable[[], datetime]) -> list[Check]:
@@ -104,7 +107,7 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
     )
     with engine.connect() as conn:
         try:
-            runs = load_runs_table(conn, settings.table)
+            runs = load_runs_table(conn, settings.table, layout=settings.layout)
             current = current_revision(conn, settings.table)
         except OperatorError as exc:
             checks.append(Check("table", False, str(exc), None))
@@ -115,7 +118,21 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
                 Check("heartbeat", problem is None, problem or f"progress read from {settings.heartbeat_column}")
             )
             if problem is None:
-                runs = load_runs_table(conn, settings.table, settings.heartbeat_column)
+                runs = load_runs_table(conn, settings.table, settings.heartbeat_column, settings.layout)
+        checks.append(Check("mapping", True, describe_mapping(runs)))
+        zone, naive = catalog.naive_columns_off_utc(conn, runs.table, _timestamps(runs))
+        if naive:
+            names = ", ".join(runs.name_of(key) for key in naive)
+            checks.append(
+                Check(
+                    "time zone",
+                    True,
+                    f"the server's TimeZone is {zone} and {names} hold(s) timestamps without time zone, "
+                    "which stuck-runs reads as UTC",
+                    "have the scraper write UTC there (ALTER ROLE … SET TimeZone = 'UTC'), or use timestamptz",
+                    warning=True,
+                )
+            )
         head = head_revision()
         checks.append(
             Check(
@@ -137,7 +154,7 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
         )
         if current == head:
             checks.append(_untimed(conn, RunQueries(runs), settings.table))
-        lacking = catalog.missing_privileges(conn, settings.table)
+        lacking = catalog.missing_privileges(conn, settings.table, runs.dead_letters_name)
         checks.append(
             Check(
                 "privileges",
@@ -157,6 +174,24 @@ def _untimed(conn: sa.Connection, queries: RunQueries, table: str) -> Check:
         "untimed runs",
         False,
         untimed_message(count),
-        f"have the scraper set started_at when a run starts; for these: UPDATE {table} SET started_at = now() "
-        "WHERE status = 'running' AND started_at IS NULL",
+        f"have the scraper set {queries.runs.name_of('started_at')} when a run starts; for these: "
+        + queries.untimed_fix_sql(),
     )
+
+
+def _timestamps(runs: RunsTable) -> list[str]:
+    keys = ["started_at", "completed_at", *([runs.heartbeat] if runs.heartbeat else [])]
+    return [key for key in keys if key in runs.c]
+
+
+def describe_mapping(runs: RunsTable) -> str:
+    """The table as stuck-runs adopted it: each role's column and type, each state's values, the label."""
+    layout = runs.layout
+
+    def kind(role: str) -> str:
+        return runs.status_type.sql_name if role == "status" and runs.status_is_enum else sql_type(runs.c[role])
+
+    roles = ", ".join(f"{role}={runs.name_of(role)} ({kind(role)})" for role in ROLE_KEYS)
+    states = ", ".join(f"{state}={'|'.join(layout.values(state))}" for state in WRITTEN_STATES)
+    label = layout.label or "default: {search_query} in {location_query}, else the run's id"
+    return f"{roles}; status values {states}; label {label}; {len(runs.input_columns)} input column(s) copied"

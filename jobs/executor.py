@@ -133,11 +133,8 @@ class CommandExecutor:
 
     def argv(self, run: Run) -> list[str]:
         """Each template item becomes exactly one argument; a query is text, never shell."""
-        values = {
-            "run_id": str(run.id),
-            "search_query": run.search_query or "",
-            "location_query": run.location_query or "",
-        }
+        values = {name: "" if value is None else str(value) for name, value in run.inputs.items()}
+        values["run_id"] = str(run.id)
         return [item.format_map(values) for item in self.argv_template]
 
     def start(self, run: Run) -> CommandExecution:

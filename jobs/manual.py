@@ -25,11 +25,9 @@ from jobs.runtime import Runtime
 RETRY_KINDS = ("failed", "permanent", "scraper")
 
 
-def parse_run_id(text: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(str(text).strip())
-    except ValueError:
-        raise UsageError(f"{text!r} is not a run id: give the UUID from scrape_runs.id") from None
+def parse_run_id(rt: Runtime, text: str) -> object:
+    """A run id as typed, checked against the table's id type (UUID, integer or text)."""
+    return rt.runs.parse_id(text)
 
 
 @dataclass(frozen=True)
@@ -92,6 +90,10 @@ class RetryCriteria:
     kind: str = "failed"  # failed | permanent (dead-lettered) | scraper (failed by the scraper)
     limit: int = 100
 
+    def columns_like(self) -> dict[str, str | None]:
+        """The input columns the criteria filter on, with their patterns."""
+        return {"search_query": self.search_query, "location_query": self.location_query}
+
     @property
     def given(self) -> bool:
         return any(v is not None for v in (self.error_like, self.search_query, self.location_query, self.since)) or (
@@ -107,7 +109,7 @@ def chain_history(rt: Runtime, run_id: uuid.UUID) -> ChainHistory:
             raise RunNotFound(f"run {run_id} not found in {rt.runs.qualified_name}")
         root = row["original_run_id"] or row["id"]
         rows = conn.execute(rt.queries.chain(), {"sr_root": root}).mappings().all()
-    return ChainHistory(root, tuple(Run.from_row(r, rt.runs.input_columns) for r in rows))
+    return ChainHistory(root, tuple(Run.from_row(r, rt.runs.input_names) for r in rows))
 
 
 def retry_run(
@@ -170,22 +172,27 @@ def retry_matching(
     """
     policy = policy or rt.settings.policy
     now = rt.clock.now()
+    like = {name: value for name, value in criteria.columns_like().items() if value is not None}
+    for name in like:
+        if name not in rt.runs.input_columns:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(
+                f"{flag}: {rt.runs.qualified_name} has no {name} column; filter with --error-like or --since"
+            )
     statement = rt.queries.retry_candidates(
         error_like=criteria.error_like is not None,
-        search_query=criteria.search_query is not None,
-        location_query=criteria.location_query is not None,
+        columns_like=tuple(like),
         since=criteria.since is not None,
         kind=criteria.kind,
     )
     params = {
         "sr_limit": criteria.limit,
         "sr_error_like": criteria.error_like,
-        "sr_search_query": criteria.search_query,
-        "sr_location_query": criteria.location_query,
+        **{f"sr_{name}_like": value for name, value in like.items()},
         "sr_since": now - criteria.since if criteria.since else None,
     }
     with database_errors(rt.engine, "finding runs to retry"), rt.engine.connect() as conn:
-        found = [Run.from_row(r, rt.runs.input_columns) for r in conn.execute(statement, params).mappings()]
+        found = [Run.from_row(r, rt.runs.input_names) for r in conn.execute(statement, params).mappings()]
     skipped, chosen = [], []
     for run in found:
         refusal = _budget_refusal(rt, run, policy, reset_budget)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,14 +21,13 @@ def as_utc(value: datetime | None) -> datetime | None:
 class Run:
     """One attempt: a row of `scrape_runs` as the tool needs it, plus its input columns."""
 
-    id: uuid.UUID
-    status: str
-    search_query: Any
-    location_query: Any
+    id: Any  # a UUID, an int or a str: the table's id as the driver returns it
+    status: str  # the state, in stuck-runs' words (running, failed...), whatever value the table writes
+    what: str  # the run's label text (RUN_LABEL)
     retry_count: int = 0
     max_retries: int = 4
     is_retry: bool = False
-    original_run_id: uuid.UUID | None = None
+    original_run_id: Any = None
     started_at: datetime | None = None
     completed_at: datetime | None = None
     next_retry_at: datetime | None = None
@@ -38,20 +36,20 @@ class Run:
     inputs: Mapping[str, Any] = field(default_factory=dict)
 
     @property
-    def chain_id(self) -> uuid.UUID:
+    def chain_id(self) -> Any:
         return self.original_run_id or self.id
 
     @property
     def label(self) -> str:
-        return run_label(self.search_query, self.location_query, self.retry_count, self.max_retries)
+        return run_label(self.what, self.retry_count, self.max_retries)
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any], input_columns: tuple[str, ...] = ()) -> Run:
+    def from_row(cls, row: Mapping[str, Any], inputs: Mapping[str, str] | None = None) -> Run:
+        """A run from a row read through `RunsTable.keyed()`; `inputs` maps input keys to real names."""
         return cls(
             id=row["id"],
             status=row["status"],
-            search_query=row["search_query"],
-            location_query=row["location_query"],
+            what=row["_sr_what"],
             retry_count=row["retry_count"],
             max_retries=row["max_retries"],
             is_retry=row["is_retry"],
@@ -61,5 +59,5 @@ class Run:
             next_retry_at=as_utc(row["next_retry_at"]),
             error_message=row["error_message"],
             failure_pattern=row.get("failure_pattern"),
-            inputs={name: row[name] for name in input_columns if name in row},
+            inputs={name: row[key] for key, name in (inputs or {}).items() if key in row},
         )

@@ -172,7 +172,7 @@ def supersede_completed_chains(rt: Runtime, *, dry_run: bool = False) -> tuple[S
                 SupersededRetry(
                     run_id=row["id"],
                     chain_id=row["original_run_id"],
-                    label=run_label(row["search_query"], row["location_query"], row["retry_count"], row["max_retries"]),
+                    label=run_label(row["what"], row["retry_count"], row["max_retries"]),
                     completed_run_id=row["completed_id"],
                     message=superseded_message(row["completed_id"]),
                 )
@@ -196,7 +196,7 @@ def preview_due(rt: Runtime) -> tuple[DueRetry, ...]:
         return tuple(
             DueRetry(
                 row["id"],
-                run_label(row["search_query"], row["location_query"], row["retry_count"], row["max_retries"]),
+                run_label(row["what"], row["retry_count"], row["max_retries"]),
                 row["next_retry_at"],
             )
             for row in rows
@@ -303,7 +303,7 @@ class RetryDispatcher:
             if row is None:
                 transaction.rollback()
                 return None
-            run = Run.from_row(row, self.rt.runs.input_columns)
+            run = Run.from_row(row, self.rt.runs.input_names)
             execution = self.rt.executor.start(run)
             transaction.commit()
         except BaseException:

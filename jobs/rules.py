@@ -165,8 +165,7 @@ def count_attempts(statuses: Iterable[str]) -> int:
     return sum(1 for status in statuses if status not in NOT_RUN)
 
 
-def run_label(search_query: object, location_query: object, retry_count: int, max_retries: int) -> str:
-    """How operators name a run: `[RETRY 1/4] Data Architect in Belgium`."""
-    what = " in ".join(str(part) for part in (search_query, location_query) if part not in (None, ""))
-    what = what or "(no query)"
+def run_label(what: object, retry_count: int, max_retries: int) -> str:
+    """How operators name a run: `[RETRY 1/4] Data Architect in Belgium` (`what`: RUN_LABEL's text)."""
+    what = str(what) if what not in (None, "") else "(no label)"
     return f"[RETRY {retry_count}/{max_retries}] {what}" if retry_count > 0 else what

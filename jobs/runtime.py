@@ -7,18 +7,34 @@ build engines or read configuration themselves.
 from __future__ import annotations
 
 import random
+import string
 from dataclasses import dataclass, field
 from functools import cached_property
 
 from sqlalchemy.engine import Engine
 
 from db.engine import database_errors, make_engine
+from db.errors import ConfigError
 from db.queries import RunQueries
 from db.table import RunsTable, load_runs_table
 from jobs.clock import SystemClock
 from jobs.config import Settings
 from jobs.executor import Executor, build_executor
 from jobs.patterns import DEFAULT_PATTERNS, Classifier
+
+
+def check_placeholders(settings: Settings, runs: RunsTable) -> None:
+    """SCRAPE_RUN_COMMAND may name `{run_id}` and the table's input columns, nothing else."""
+    if not settings.command:
+        return
+    names = {"run_id", *runs.input_names.values()}
+    for item in settings.command:
+        for _, name, _, _ in string.Formatter().parse(item):
+            if name is not None and name not in names:
+                inputs = ", ".join("{" + n + "}" for n in sorted(names))
+                raise ConfigError(
+                    f"SCRAPE_RUN_COMMAND: {{{name}}} is not a column of {runs.qualified_name}; use {inputs}"
+                )
 
 
 @dataclass
@@ -51,7 +67,8 @@ class Runtime:
             executor = build_executor(settings)
         engine = make_engine(url, role=role, pool_size=settings.max_concurrent_retries + 2)
         with database_errors(engine, "connecting"), engine.connect() as conn:
-            runs = load_runs_table(conn, settings.table, settings.heartbeat_column)
+            runs = load_runs_table(conn, settings.table, settings.heartbeat_column, settings.layout)
+        check_placeholders(settings, runs)
         classifier = Classifier(settings.failure_patterns + DEFAULT_PATTERNS)
         return cls(settings, engine, runs, clock or SystemClock(), classifier=classifier, executor_override=executor)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
@@ -72,6 +73,8 @@ class SweepResult:
     skipped: str | None = None  # why nothing was done (another sweep holds the lock)
     rows: tuple = field(default=(), repr=False, compare=False)  # the first failed (or stuck) runs' rows
     listing_sql: str | None = field(default=None, compare=False)  # lists every run this sweep failed
+    # The table's ids came back as text: this makes them ids again (UUIDs, ints or text).
+    parse_id: Callable[[str | None], object] = field(default=lambda text: _uuid(text), compare=False, repr=False)
 
     superseded_count: ClassVar[int] = 0  # a sweep supersedes no retry (the metrics read every result alike)
 
@@ -97,7 +100,7 @@ class SweepResult:
 
     @cached_property
     def attempts(self) -> tuple[FailedAttempt, ...]:
-        return tuple(_attempt(row) for row in self.rows)
+        return tuple(_attempt(self.parse_id, row) for row in self.rows)
 
     @property
     def unlisted(self) -> int:
@@ -118,15 +121,19 @@ class SweepResult:
         return {**counts, "attempts": [_row_document(row) for row in self.rows]}
 
 
-def _attempt(row) -> FailedAttempt:
+def _uuid(text: str | None) -> uuid.UUID | None:
+    return None if text is None else uuid.UUID(text)
+
+
+def _attempt(parse_id: Callable[[str | None], object], row) -> FailedAttempt:
     return FailedAttempt(
-        run_id=uuid.UUID(row["run_id"]),
-        label=run_label(row["search_query"], row["location_query"], row["retry_count"], row["budget"]),
+        run_id=parse_id(row["run_id"]),
+        label=run_label(row["what"], row["retry_count"], row["budget"]),
         message=row["message"],
         pattern=STUCK_PATTERN,
-        chain_id=uuid.UUID(row["chain_id"]),
+        chain_id=parse_id(row["chain_id"]),
         attempt=row["retry_count"],
-        retry_id=uuid.UUID(row["retry_id"]) if row["retry_id"] else None,
+        retry_id=parse_id(row["retry_id"]),
         retry_due=as_utc(row["next_retry_at"]) if row["retried"] else None,
         dead_lettered=row["dead_lettered"],
     )
@@ -137,7 +144,7 @@ def _row_document(row) -> dict:
     return {
         "run_id": row["run_id"],
         "chain_id": row["chain_id"],
-        "label": run_label(row["search_query"], row["location_query"], row["retry_count"], row["budget"]),
+        "label": run_label(row["what"], row["retry_count"], row["budget"]),
         "message": row["message"],
         "pattern": STUCK_PATTERN,
         "attempt": row["retry_count"],
@@ -146,14 +153,6 @@ def _row_document(row) -> dict:
         "retried": retried,
         "dead_lettered": row["dead_lettered"],
     }
-
-
-def listing_sql(table: str, now: datetime) -> str:
-    """The SQL that lists every run one sweep failed (they share its `completed_at`)."""
-    return (
-        f"SELECT id, search_query, location_query, error_message FROM {table} "
-        f"WHERE failure_pattern = 'stuck' AND completed_at = '{now.isoformat()}'"
-    )
 
 
 def sweep_params(policy: RetryPolicy) -> dict[str, object]:
@@ -209,7 +208,7 @@ def sweep_stuck_runs(
                     batch = conn.execute(rt.queries.sweep_batch, batch_params).mappings().all()
                 batches += 1
                 kept = batch[:room]
-                _log(kept, already=len(rows))
+                _log(rt.runs.id_from_text, kept, already=len(rows))
                 rows.extend(kept)
                 if batch:
                     failed += batch[0]["batch_failed"]
@@ -222,20 +221,22 @@ def sweep_stuck_runs(
             if use_lock:
                 locks.unlock(conn, sweep_ns, 0)
                 conn.commit()
-    listing = listing_sql(rt.runs.qualified_name, now)
+    listing = rt.queries.listing_sql(now)
     logged = min(len(rows), LOGGED_RUNS_PER_SWEEP)
     if failed > logged:
         logger.bind(event="stuck", count=failed - logged).warning(
             "{} more stuck runs failed ({} in all); list them with: {}", failed - logged, failed, listing
         )
     seconds = time.monotonic() - started
-    return SweepResult(failed, retried, dead, batches, seconds, rows=tuple(rows), listing_sql=listing)
+    return SweepResult(
+        failed, retried, dead, batches, seconds, rows=tuple(rows), listing_sql=listing, parse_id=rt.runs.id_from_text
+    )
 
 
-def _log(batch, *, already: int) -> None:
+def _log(parse_id: Callable[[str | None], object], batch, *, already: int) -> None:
     """Each failed run by name, up to LOGGED_RUNS_PER_SWEEP a sweep; the sweep then says in one
     line how many more there were and how to list them (journald would drop a storm anyway)."""
-    for attempt in (_attempt(row) for row in batch[: max(0, LOGGED_RUNS_PER_SWEEP - already)]):
+    for attempt in (_attempt(parse_id, row) for row in batch[: max(0, LOGGED_RUNS_PER_SWEEP - already)]):
         logger.bind(
             run_id=str(attempt.run_id),
             chain=str(attempt.chain_id),
@@ -254,4 +255,7 @@ def _preview(rt: Runtime, policy: RetryPolicy, params: dict, started: float, kee
         every = {**statement_params, "sr_limit": ALL_ROWS}
         stuck, retried = conn.execute(rt.queries.stuck_preview_counts, every).one()
     # A chain the sweep would end gets its dead letter: the dry run counts it as such.
-    return SweepResult(stuck, retried, stuck - retried, 0, time.monotonic() - started, dry_run=True, rows=tuple(rows))
+    seconds = time.monotonic() - started
+    return SweepResult(
+        stuck, retried, stuck - retried, 0, seconds, dry_run=True, rows=tuple(rows), parse_id=rt.runs.id_from_text
+    )

@@ -85,9 +85,9 @@ class SimulatedScraper(InProcess):
         self.hung: set[str] = set()
 
     def execute(self, run: Run, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
-        part = self.parts.get(str(run.search_query), "healthy")
-        if part == "hang-once" and run.search_query not in self.hung:
-            self.hung.add(str(run.search_query))
+        part = self.parts.get(str(run.inputs["search_query"]), "healthy")
+        if part == "hang-once" and run.inputs["search_query"] not in self.hung:
+            self.hung.add(str(run.inputs["search_query"]))
             cancel.wait(timeout.total_seconds())  # the browser hangs until the executor gives up
             return ExecutionResult(ok=False, timed_out=not cancel.is_set(), cancelled=cancel.is_set())
         cancel.wait(self.clock.real(SCRAPE_TIME).total_seconds())

@@ -16,7 +16,7 @@ def succeed(run):
 
 
 def fail_503(run):
-    raise RuntimeError(f"HTTP 503 Service Unavailable while scraping {run.search_query}")
+    raise RuntimeError(f"HTTP 503 Service Unavailable while scraping {run.inputs['search_query']}")
 
 
 def rate_limited(run):

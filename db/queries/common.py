@@ -7,12 +7,15 @@ Parameters are bound by name, all prefixed `sr_`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.dialects.postgresql import Insert, insert
+from sqlalchemy.ext.compiler import compiles
 
 from db import locks
 from db.arrays import array_param
-from db.dead_letters import dead_letters_table
+from db.dead_letters import dead_letters_table, insert_from_failed
 from db.table import RunsTable
 
 NOW = sa.bindparam("sr_now", type_=sa.DateTime(timezone=True))
@@ -44,7 +47,7 @@ class TableStatements:
     def __init__(self, runs: RunsTable) -> None:
         self.runs = runs
         self.t = t = runs.table
-        self.dead_letters = dead_letters_table(t.schema)
+        self.dead_letters = dead_letters_table(t.schema, runs.dead_letters_name, runs.id_type)
         self.runs_ns = locks.namespace(runs.qualified_name, locks.RUNS)
 
     def _chain_completed(self, pending: sa.FromClause) -> sa.Select:
@@ -53,7 +56,7 @@ class TableStatements:
         return (
             sa.select(done.c.id)
             .where(
-                done.c.status == self.runs.status("completed"),
+                self.runs.in_state(done.c.status, "completed"),
                 sa.or_(
                     done.c.id == pending.c.original_run_id,
                     sa.and_(done.c.is_retry, done.c.original_run_id == pending.c.original_run_id),
@@ -84,15 +87,31 @@ class TableStatements:
         rows = sa.select(*(value.label(name) for name, value in values.items())).where(
             failed.c.next_retry_at.is_not(None)
         )
+        overriding = "id" in values and t.c.id.identity is not None and t.c.id.identity.always
         return (
-            insert(t)
+            (_OverridingInsert(t) if overriding else insert(t))
             .from_select(list(values), rows)
             .on_conflict_do_nothing()
             .returning(t.c.id, t.c.original_run_id, t.c.retry_count)
         )
 
-    def _inputs_json(self, failed: sa.CTE) -> sa.ColumnElement:
-        lifecycle = [name for name in failed.c.keys() if name not in self.runs.input_columns]
-        return sa.func.to_jsonb(failed.table_valued()).op("-")(
-            sa.cast(sa.literal(lifecycle, ARRAY(sa.Text)), ARRAY(sa.Text))
+    def _dead_letters(self, failed: sa.CTE) -> sa.Insert:
+        runs = self.runs
+        return insert_from_failed(
+            self.dead_letters, failed, runs.inputs_json(failed), runs.error_text(failed.c.error_message), NOW
         )
+
+
+class _OverridingInsert(Insert):
+    """`INSERT ... OVERRIDING SYSTEM VALUE SELECT ...`: a retry's id drawn from the sequence of a
+    GENERATED ALWAYS identity, which PostgreSQL accepts only so."""
+
+    inherit_cache = True
+
+
+@compiles(_OverridingInsert, "postgresql")
+def _overriding(insert_: _OverridingInsert, compiler: Any, **kw: Any) -> str:
+    sql = compiler.visit_insert(insert_, **kw)
+    start = sql.index("INSERT INTO")
+    at = sql.index(") SELECT ", start) + 1
+    return f"{sql[:at]} OVERRIDING SYSTEM VALUE{sql[at:]}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from db.messages import STUCK_PATTERN
 from db.queries.common import TableStatements
@@ -24,13 +25,13 @@ class ReportStatements(TableStatements):
     def __init__(self, runs: RunsTable) -> None:
         super().__init__(runs)
         t = self.t
-        self.get = sa.select(t).where(t.c.id == sa.bindparam("sr_run_id"))
+        self.get = sa.select(*runs.keyed()).where(t.c.id == sa.bindparam("sr_run_id"))
 
     def chain(self) -> sa.Select:
         """Every attempt of the chain rooted at `:sr_root`, oldest first."""
         t = self.t
         return (
-            sa.select(t)
+            sa.select(*self.runs.keyed())
             .where(
                 sa.or_(
                     t.c.id == sa.bindparam("sr_root"),
@@ -42,7 +43,34 @@ class ReportStatements(TableStatements):
 
     def untimed(self) -> sa.ColumnElement:
         """Running runs with nothing to time them by (no started_at, no heartbeat): never stuck."""
-        return sa.and_(self.t.c.status == self.runs.status("running"), self.runs.progress().is_(None))
+        return sa.and_(self.runs.in_state(self.t.c.status, "running"), self.runs.progress().is_(None))
+
+    def monitoring_sql(self, kind: str, run_id: object = None) -> str:
+        """SPEC §9's monitoring queries in the table's names: `pending`, or the `history` of `run_id`.
+
+        The run is named by its label's columns (RUN_LABEL's, or search_query and location_query)."""
+        t, runs = self.t, self.runs
+        label = [t.c[key] for key in runs.label_keys()] or [t.c.id]
+        if kind == "pending":
+            query = (
+                sa.select(*label, t.c.retry_count, t.c.max_retries, t.c.next_retry_at, t.c.status)
+                .where(runs.in_state(t.c.status, "pending_retry"))
+                .order_by(t.c.next_retry_at)
+            )
+        else:
+            run = sa.literal(run_id, t.c.id.type)
+            query = (
+                sa.select(*label, t.c.retry_count, t.c.status, t.c.error_message, t.c.started_at, t.c.completed_at)
+                .where(sa.or_(t.c.original_run_id == run, t.c.id == run))
+                .order_by(t.c.retry_count)
+            )
+        return str(query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})) + ";"
+
+    def untimed_fix_sql(self) -> str:
+        """The UPDATE an operator can run to give the untimed runs a start, in the table's names."""
+        t = self.t
+        fix = sa.update(t).values(started_at=sa.func.now()).where(self.untimed())
+        return str(fix.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})).replace("\n", " ")
 
     def _count(self, *where: sa.ColumnElement) -> sa.ScalarSelect:
         return sa.select(sa.func.count()).select_from(self.t).where(*where).scalar_subquery()
@@ -52,8 +80,8 @@ class ReportStatements(TableStatements):
         retry, and the retries running; each an index probe, never a table scan. (How many chains
         ended permanently failed: `permanently_failed`.)"""
         t, runs = self.t, self.runs
-        running = t.c.status == runs.status("running")
-        pending = t.c.status == runs.status("pending_retry")
+        running = runs.in_state(t.c.status, "running")
+        pending = runs.in_state(t.c.status, "pending_retry")
         count = self._count
         return sa.select(
             count(running).label("running"),
@@ -80,7 +108,7 @@ class ReportStatements(TableStatements):
 
     def _retry_ended(self, e: sa.Subquery) -> sa.ColumnElement:
         """A retry that ran and ended: completed or failed (a cancelled one never ran)."""
-        ended = sa.or_(e.c.status == self.runs.status("completed"), e.c.status == self.runs.status("failed"))
+        ended = sa.or_(self.runs.in_state(e.c.status, "completed"), self.runs.in_state(e.c.status, "failed"))
         return sa.and_(e.c.is_retry, ended)
 
     def stats_summary(self) -> sa.Select:
@@ -90,12 +118,12 @@ class ReportStatements(TableStatements):
         ended = self._retry_ended(e)
         return sa.select(
             sa.func.count().filter(ended).label("retries"),
-            sa.func.count().filter(ended, e.c.status == runs.status("completed")).label("succeeded"),
+            sa.func.count().filter(ended, runs.in_state(e.c.status, "completed")).label("succeeded"),
             sa.func.count(sa.distinct(e.c.original_run_id)).filter(ended).label("chains"),
-            sa.func.count().filter(e.c.is_retry, e.c.status == runs.status("cancelled")).label("cancelled"),
+            sa.func.count().filter(e.c.is_retry, runs.in_state(e.c.status, "cancelled")).label("cancelled"),
             sa.func.count().filter(e.c.failure_pattern == STUCK_PATTERN).label("stuck_detections"),
-            self._count(t.c.status == runs.status("pending_retry")).label("pending"),
-            self._count(t.c.status == runs.status("running"), t.c.is_retry).label("running"),
+            self._count(runs.in_state(t.c.status, "pending_retry")).label("pending"),
+            self._count(runs.in_state(t.c.status, "running"), t.c.is_retry).label("running"),
         ).select_from(e)
 
     def stats_by_attempt(self) -> sa.Select:
@@ -105,7 +133,7 @@ class ReportStatements(TableStatements):
             sa.select(
                 e.c.retry_count.label("attempt"),
                 sa.func.count().label("retries"),
-                sa.func.count().filter(e.c.status == runs.status("completed")).label("succeeded"),
+                sa.func.count().filter(runs.in_state(e.c.status, "completed")).label("succeeded"),
             )
             .where(self._retry_ended(e))
             .group_by(e.c.retry_count)
@@ -123,7 +151,7 @@ class ReportStatements(TableStatements):
             e.c.failure_pattern.label("pattern"), sa.false().label("is_retry"), sa.false().label("succeeded")
         ).where(e.c.failure_pattern.is_not(None))
         retries = (
-            sa.select(retried.c.failure_pattern, sa.true(), e.c.status == runs.status("completed"))
+            sa.select(retried.c.failure_pattern, sa.true(), runs.in_state(e.c.status, "completed"))
             .select_from(e)
             .outerjoin(
                 retried,

@@ -12,7 +12,6 @@ import sqlalchemy as sa
 
 from db import locks
 from db.arrays import array_param
-from db.dead_letters import insert_from_failed
 from db.queries.common import NOW, TableStatements, _arrays
 from db.table import RunsTable
 
@@ -35,7 +34,7 @@ class RetryStatements(TableStatements):
         self.complete = (
             sa.update(t)
             .values(status=runs.status("completed"), completed_at=NOW)
-            .where(t.c.id == sa.bindparam("sr_run_id"), t.c.status == runs.status("running"))
+            .where(t.c.id == sa.bindparam("sr_run_id"), runs.in_state(t.c.status, "running"))
             .returning(t.c.id)
         )
         self.release = (
@@ -45,7 +44,7 @@ class RetryStatements(TableStatements):
                 next_retry_at=NOW,
                 started_at=runs.fresh_attempt_values(NOW).get("started_at", t.c.started_at),
             )
-            .where(t.c.id.in_(sa.bindparam("sr_ids", expanding=True)), t.c.status == runs.status("running"))
+            .where(t.c.id.in_(sa.bindparam("sr_ids", expanding=True)), runs.in_state(t.c.status, "running"))
             .returning(t.c.id)
         )
         self.schedule = self._schedule()
@@ -62,14 +61,14 @@ class RetryStatements(TableStatements):
         """
         t, runs = self.t, self.runs
         v = _arrays(
-            id=sa.Uuid(),
+            id=runs.id_type,
             message=sa.Text(),
             budget=sa.Integer(),
             due=sa.DateTime(timezone=True),
             pattern=sa.Text(),
             detail=sa.Text(),
         )
-        where = [t.c.id == v.c.id, t.c.status == runs.status(from_status)]
+        where = [t.c.id == v.c.id, runs.in_state(t.c.status, from_status)]
         completed_at: sa.ColumnElement = NOW
         if reported:
             where.append(t.c.next_retry_at.is_(None))
@@ -78,7 +77,7 @@ class RetryStatements(TableStatements):
             sa.update(t)
             .values(
                 status=runs.status("failed"),
-                error_message=v.c.message,
+                error_message=runs.error_value(v.c.message),
                 completed_at=completed_at,
                 max_retries=v.c.budget,
                 next_retry_at=v.c.due,
@@ -89,7 +88,7 @@ class RetryStatements(TableStatements):
             .cte("failed")
         )
         retried = self._retry_rows(failed).cte("retried")
-        dead = insert_from_failed(self.dead_letters, failed, self._inputs_json(failed), NOW).cte("dead")
+        dead = self._dead_letters(failed).cte("dead")
         return (
             sa.select(failed.c.id, retried.c.id.label("retry_id"), dead.c.run_id.label("dead_letter_run_id"))
             .select_from(failed)
@@ -108,11 +107,11 @@ class RetryStatements(TableStatements):
         budget `:sr_budgets`. Attempts no longer `failed` are left alone; returns one row per
         retry created: (failed_id, retry_id, retry_count)."""
         t, runs = self.t, self.runs
-        v = _arrays(id=sa.Uuid(), due=sa.DateTime(timezone=True), budget=sa.Integer())
+        v = _arrays(id=runs.id_type, due=sa.DateTime(timezone=True), budget=sa.Integer())
         attempt = (
             sa.update(t)
             .values(next_retry_at=v.c.due, max_retries=v.c.budget)
-            .where(t.c.id == v.c.id, t.c.status == runs.status("failed"))
+            .where(t.c.id == v.c.id, runs.in_state(t.c.status, "failed"))
             .returning(*t.c)
             .cte("failed")
         )
@@ -131,20 +130,25 @@ class RetryStatements(TableStatements):
     def _transition(self, from_status: str, to_status: str) -> sa.Update:
         """Moves the runs in `:ids` from one status to another, each with its own message."""
         t, runs = self.t, self.runs
-        v = _arrays(id=sa.Uuid(), message=sa.Text())
+        v = _arrays(id=runs.id_type, message=sa.Text())
         return (
             sa.update(t)
-            .values(status=runs.status(to_status), error_message=v.c.message, completed_at=NOW, next_retry_at=None)
-            .where(t.c.id == v.c.id, t.c.status == runs.status(from_status))
+            .values(
+                status=runs.status(to_status),
+                error_message=runs.error_value(v.c.message),
+                completed_at=NOW,
+                next_retry_at=None,
+            )
+            .where(t.c.id == v.c.id, runs.in_state(t.c.status, from_status))
             .returning(t.c.id)
         )
 
     def _due(self, *, lock: bool) -> sa.Select:
         t = self.t
         query = (
-            sa.select(t.c.id, t.c.retry_count, t.c.max_retries, t.c.search_query, t.c.location_query)
+            sa.select(t.c.id, t.c.retry_count, t.c.max_retries, self.runs.what().label("what"))
             .where(
-                t.c.status == self.runs.status("pending_retry"),
+                self.runs.in_state(t.c.status, "pending_retry"),
                 t.c.next_retry_at <= NOW,
                 ~self._chain_completed(t).exists(),
             )
@@ -174,7 +178,7 @@ class RetryStatements(TableStatements):
             values[runs.heartbeat] = NOW
         if one:
             chosen = sa.select(t.c.id).where(
-                t.c.id == sa.bindparam("sr_run_id"), t.c.status == runs.status("pending_retry")
+                t.c.id == sa.bindparam("sr_run_id"), runs.in_state(t.c.status, "pending_retry")
             )
             due = chosen.with_for_update(skip_locked=True).cte("due")
         else:
@@ -184,8 +188,10 @@ class RetryStatements(TableStatements):
         return (
             sa.update(t)
             .values(**values)
-            .where(t.c.id == due.c.id, t.c.status == runs.status("pending_retry"))
-            .returning(*t.c, sa.func.pg_try_advisory_lock(self.runs_ns, locks.run_key(t.c.id)).label("_sr_locked"))
+            .where(t.c.id == due.c.id, runs.in_state(t.c.status, "pending_retry"))
+            .returning(
+                *runs.keyed(), sa.func.pg_try_advisory_lock(self.runs_ns, locks.run_key(t.c.id)).label("_sr_locked")
+            )
         )
 
     def _superseded(self, *, lock: bool) -> sa.Select:
@@ -197,10 +203,9 @@ class RetryStatements(TableStatements):
             t.c.original_run_id,
             t.c.retry_count,
             t.c.max_retries,
-            t.c.search_query,
-            t.c.location_query,
+            self.runs.what().label("what"),
             completed.limit(1).scalar_subquery().label("completed_id"),
-        ).where(t.c.status == self.runs.status("pending_retry"), completed.exists())
+        ).where(self.runs.in_state(t.c.status, "pending_retry"), completed.exists())
         return query.with_for_update(skip_locked=True, of=t) if lock else query
 
     def clear_completed_due(self) -> sa.Update:
@@ -210,12 +215,12 @@ class RetryStatements(TableStatements):
         set; once that retry is superseded the chain has none due. Only `completed` rows change.
         """
         t = self.t
-        chains = array_param("sr_chains", sa.Uuid())
+        chains = array_param("sr_chains", self.runs.id_type)
         return (
             sa.update(t)
             .values(next_retry_at=None)
             .where(
-                t.c.status == self.runs.status("completed"),
+                self.runs.in_state(t.c.status, "completed"),
                 t.c.next_retry_at.is_not(None),
                 sa.or_(t.c.id == sa.any_(chains), sa.and_(t.c.is_retry, t.c.original_run_id == sa.any_(chains))),
             )
@@ -226,14 +231,13 @@ class RetryStatements(TableStatements):
         self,
         *,
         error_like: bool = False,
-        search_query: bool = False,
-        location_query: bool = False,
+        columns_like: tuple[str, ...] = (),
         since: bool = False,
         kind: str = "failed",
     ) -> sa.Select:
         """The latest attempts of chains that ended failed (none completed, no retry pending),
         newest first, up to `:sr_limit`, filtered by the given parameters:
-        `:sr_error_like`, `:sr_search_query`, `:sr_location_query` (ILIKE patterns),
+        `:sr_error_like` and `:sr_<column>_like` for each of `columns_like` (ILIKE patterns),
         `:sr_since` (ended at or after). `kind`: every failed chain, `permanent` (dead-lettered,
         not requeued) or `scraper` (failed by the scraper itself, never handled by stuck-runs).
         """
@@ -243,25 +247,25 @@ class RetryStatements(TableStatements):
         done = self.t.alias("done")
         ended = sa.func.coalesce(t.c.completed_at, t.c.started_at)
         where = [
-            t.c.status == runs.status("failed"),
+            runs.in_state(t.c.status, "failed"),
             ~sa.exists().where(
                 later.c.is_retry, later.c.original_run_id == chain, later.c.retry_count > t.c.retry_count
             ),
             ~sa.exists().where(
-                done.c.status == runs.status("completed"),
+                runs.in_state(done.c.status, "completed"),
                 sa.or_(done.c.id == chain, sa.and_(done.c.is_retry, done.c.original_run_id == chain)),
             ),
         ]
         if error_like:
-            where.append(t.c.error_message.ilike(sa.bindparam("sr_error_like")))
-        if search_query:
-            where.append(sa.cast(t.c.search_query, sa.Text).ilike(sa.bindparam("sr_search_query")))
-        if location_query:
-            where.append(sa.cast(t.c.location_query, sa.Text).ilike(sa.bindparam("sr_location_query")))
+            where.append(sa.cast(runs.error_text(t.c.error_message), sa.Text).ilike(sa.bindparam("sr_error_like")))
+        for column in columns_like:
+            where.append(sa.cast(t.c[column], sa.Text).ilike(sa.bindparam(f"sr_{column}_like")))
         if since:
             where.append(ended >= sa.bindparam("sr_since", type_=sa.DateTime(timezone=True)))
         if kind == "permanent":
             where.append(sa.exists().where(dead.c.run_id == t.c.id, dead.c.requeued_at.is_(None)))
         elif kind == "scraper":
             where.append(t.c.failure_pattern.is_(None))
-        return sa.select(t).where(*where).order_by(ended.desc().nulls_last()).limit(sa.bindparam("sr_limit"))
+        return (
+            sa.select(*runs.keyed()).where(*where).order_by(ended.desc().nulls_last()).limit(sa.bindparam("sr_limit"))
+        )

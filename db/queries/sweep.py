@@ -8,11 +8,12 @@ reads the very same decision expressions and writes nothing.
 from __future__ import annotations
 
 import string
+from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from db import locks
-from db.dead_letters import insert_from_failed
 from db.messages import BUDGET_SPENT, MAX_DOUBLINGS, RETRY_SCHEDULED, STUCK_ERROR, STUCK_PATTERN
 from db.queries.common import NOW, TableStatements
 from db.table import RunsTable
@@ -42,6 +43,15 @@ class SweepStatements(TableStatements):
             sa.func.count().label("stuck"), sa.func.count().filter(preview.c.retried).label("retried")
         )
 
+    def listing_sql(self, now: datetime) -> str:
+        """The SQL that lists every run one sweep failed (they share its `completed_at`), in the table's names."""
+        t, runs = self.t, self.runs
+        query = sa.select(t.c.id, runs.what().label("run"), runs.error_text(t.c.error_message).label("error")).where(
+            t.c.failure_pattern == STUCK_PATTERN, t.c.completed_at == sa.literal(now.isoformat(), sa.Text)
+        )
+        sql = str(query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+        return sql.replace("\n", " ")  # one line: it is printed in a log line and a summary
+
     def _executing(self) -> sa.ColumnElement:
         """True for runs a live stuck-runs process is executing (it holds the run's lock)."""
         key = locks.as_oid(locks.run_key(self.t.c.id))
@@ -62,10 +72,8 @@ class SweepStatements(TableStatements):
                 t.c.max_retries,
                 t.c.is_retry,
                 t.c.original_run_id,
-                t.c.search_query,
-                t.c.location_query,
             )
-            .where(t.c.status == runs.status("running"), progress < sa.bindparam("sr_cutoff"), ~self._executing())
+            .where(runs.in_state(t.c.status, "running"), progress < sa.bindparam("sr_cutoff"), ~self._executing())
             .order_by(progress)
             .limit(sa.bindparam("sr_limit"))
         )
@@ -110,8 +118,7 @@ class SweepStatements(TableStatements):
             sa.select(
                 sa.cast(t.c.id, sa.Text).label("run_id"),
                 sa.cast(sa.func.coalesce(t.c.original_run_id, t.c.id), sa.Text).label("chain_id"),
-                t.c.search_query,
-                t.c.location_query,
+                self.runs.what().label("what"),
                 t.c.retry_count,
                 budget.label("budget"),
                 message.label("message"),
@@ -129,7 +136,7 @@ class SweepStatements(TableStatements):
         (SKIP LOCKED), fail them with the rules' decision, create their retries and dead letters.
 
         Returns, for the first `:sr_keep` failed runs (at least one), by name, ids as text: run_id,
-        chain_id, search_query, location_query, retry_count, budget, message, next_retry_at,
+        chain_id, what (the run's label), retry_count, budget, message, next_retry_at,
         retry_id (NULL when no retry was created: budget spent, or one already existed), retried,
         dead_lettered; and on each row the whole batch's batch_failed, batch_retried,
         batch_dead_lettered and batch_until (the latest progress it took: the next batch's `:sr_from`).
@@ -148,7 +155,7 @@ class SweepStatements(TableStatements):
             sa.update(t)
             .values(
                 status=runs.status("failed"),
-                error_message=message,
+                error_message=runs.error_value(message),
                 completed_at=NOW,
                 max_retries=budget,
                 next_retry_at=due,
@@ -160,25 +167,22 @@ class SweepStatements(TableStatements):
                 sa.literal_column("ctid")
                 == sa.any_(sa.func.array(sa.select(stuck.c.scrape_runs_ctid).scalar_subquery()))
             )
-            .where(t.c.status == runs.status("running"))
+            .where(runs.in_state(t.c.status, "running"))
             # Each retry's id is drawn here, so no join is needed to report it: a join of the
             # two CTEs turned into a nested loop (a million comparisons a batch) on a big table.
-            .returning(
-                *t.c, sa.cast(sa.null(), sa.Text).label("_sr_detail"), sa.func.gen_random_uuid().label("_sr_retry_id")
-            )
+            .returning(*t.c, sa.cast(sa.null(), sa.Text).label("_sr_detail"), runs.new_id().label("_sr_retry_id"))
             .cte("failed")
         )
         retried = self._retry_rows(failed, failed.c._sr_retry_id).cte("retried")
-        dead = insert_from_failed(self.dead_letters, failed, self._inputs_json(failed), NOW).cte("dead")
+        dead = self._dead_letters(failed).cte("dead")
         created = failed.c._sr_retry_id.in_(sa.select(retried.c.id))
         per_run = sa.select(
             sa.cast(failed.c.id, sa.Text).label("run_id"),
             sa.cast(sa.func.coalesce(failed.c.original_run_id, failed.c.id), sa.Text).label("chain_id"),
-            failed.c.search_query,
-            failed.c.location_query,
+            runs.what(failed).label("what"),
             failed.c.retry_count,
             failed.c.max_retries.label("budget"),
-            failed.c.error_message.label("message"),
+            runs.error_text(failed.c.error_message).label("message"),
             failed.c.next_retry_at,
             sa.case((created, sa.cast(failed.c._sr_retry_id, sa.Text)), else_=sa.null()).label("retry_id"),
             created.label("retried"),

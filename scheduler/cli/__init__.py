@@ -33,6 +33,9 @@ HELP = {
     "BATCH_SIZE": "Rows per transaction. [BATCH_SIZE, 1000]",
     "HEARTBEAT_COLUMN": "Column that shows progress (e.g. updated_at). [HEARTBEAT_COLUMN]",
     "SCRAPE_RUNS_TABLE": "The runs table, optionally schema-qualified. [SCRAPE_RUNS_TABLE, scrape_runs]",
+    "COLUMN_MAP": "Columns playing id, status, started_at, completed_at, error_message: id=run_id,... [COLUMN_MAP]",
+    "STATUS_MAP": "Values meaning running, completed, failed, pending_retry, cancelled: completed=done,... [STATUS_MAP]",
+    "RUN_LABEL": "How runs are named, from {column} placeholders. [RUN_LABEL, {search_query} in {location_query}]",
     "MAX_CONCURRENT_RETRIES": "Retries executing at once across all processes. [MAX_CONCURRENT_RETRIES, 1]",
     "EXECUTION_TIMEOUT": "Kill an execution after this long. [EXECUTION_TIMEOUT, = STUCK_AFTER]",
     "SCRAPE_RUN_COMMAND": "Argv template, e.g. 'python -m scraper --run-id {run_id}'. [SCRAPE_RUN_COMMAND]",
@@ -57,6 +60,7 @@ POLICY = (
     "HEARTBEAT_COLUMN",
     "SCRAPE_RUNS_TABLE",
 )
+TABLE_MAPPING = ("COLUMN_MAP", "STATUS_MAP", "RUN_LABEL")
 EXECUTION = ("MAX_CONCURRENT_RETRIES", "EXECUTION_TIMEOUT", "SCRAPE_RUN_COMMAND", "SCRAPE_RUN_CALLABLE")
 
 
@@ -68,8 +72,11 @@ def _remember_flag(ctx: click.Context, param: click.Parameter, value: object) ->
 def config_options(*env_names: str) -> Callable:
     """Flags for the given settings; each overrides its environment variable."""
 
+    # The table comes with its mapping: wherever a command takes the one, it takes the others.
+    names = [n for env in env_names for n in ((env, *TABLE_MAPPING) if env == "SCRAPE_RUNS_TABLE" else (env,))]
+
     def decorate(command: Callable) -> Callable:
-        for env in reversed(env_names):
+        for env in reversed(names):
             command = click.option(
                 FLAG_FOR[env], default=None, expose_value=False, callback=_remember_flag, help=HELP[env]
             )(command)
@@ -146,6 +153,7 @@ COMMANDS = {
         "scheduler.cli.admin",
         "Add the retry columns, status values and indexes to the runs table (idempotent).",
     ),
+    "sql": ("scheduler.cli.admin", "Print SPEC's monitoring queries (pending, history RUN_ID) in the table's names."),
     "status": ("scheduler.cli.admin", "Each job's last and next run, live daemons, and where the runs stand."),
     "daemon": (
         "scheduler.cli.admin",

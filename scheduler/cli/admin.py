@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from db.engine import make_engine
-from db.errors import EXIT_OK
+from db.errors import EXIT_OK, UsageError
 from db.migrate import head_revision, migrate, script_for_dba
 from jobs.status import read_status, untimed_message
 from scheduler.cli import EXECUTION, POLICY, cli, config_options, json_option, load_settings, open_runtime
@@ -19,9 +19,14 @@ from scheduler.cli.output import emit_json, table, when
     is_flag=True,
     help="Print the DDL for a DBA instead of running it: what the database lacks, or (no database) all of it.",
 )
+@click.option(
+    "--extend-check",
+    is_flag=True,
+    help="Extend a CHECK constraint on status with the values stuck-runs writes (NOT VALID, then VALIDATE).",
+)
 @config_options("SCRAPE_RUNS_TABLE", "HEARTBEAT_COLUMN")
 @click.pass_context
-def migrate_command(ctx: click.Context, as_sql: bool) -> int:
+def migrate_command(ctx: click.Context, as_sql: bool, extend_check: bool) -> int:
     """Add the retry columns, status values and indexes to the runs table (idempotent).
 
     A table the other commands would refuse is refused before anything changes.
@@ -30,20 +35,46 @@ def migrate_command(ctx: click.Context, as_sql: bool) -> int:
     Examples:
       stuck-runs migrate
       stuck-runs migrate --sql > stuck-runs.sql
+      stuck-runs migrate --extend-check
     """
     settings = load_settings(ctx)
     if as_sql:
-        click.echo(script_for_dba(settings.database_url, settings.table, settings.heartbeat_column), nl=False)
+        script = script_for_dba(settings.database_url, settings.table, settings.heartbeat_column, settings.layout)
+        click.echo(script, nl=False)
         return EXIT_OK
     engine = make_engine(settings.require_database_url(), role="migrate", pool_size=1)
     try:
-        result = migrate(engine, settings.table, settings.heartbeat_column)
+        result = migrate(engine, settings.table, settings.heartbeat_column, settings.layout, extend_check=extend_check)
     finally:
         engine.dispose()
     if result.changed:
         click.echo(f"Migrated {result.table} from revision {result.before or 'none'} to {result.after}.")
     else:
         click.echo(f"{result.table} is already at revision {head_revision()}; nothing changed.")
+    return EXIT_OK
+
+
+@cli.command("sql")
+@click.argument("kind", type=click.Choice(["pending", "history"]))
+@click.argument("run_id", required=False)
+@config_options("SCRAPE_RUNS_TABLE")
+@click.pass_context
+def sql_command(ctx: click.Context, kind: str, run_id: str | None) -> int:
+    """Print SPEC's monitoring queries (pending, history RUN_ID) in the table's names.
+
+    On a table in the default shape they are SPEC §9's; on another, the same questions in its
+    columns and status values, ready for psql.
+
+    \b
+    Examples:
+      stuck-runs sql pending
+      stuck-runs sql history 42 | psql "$DATABASE_URL"
+    """
+    if (kind == "history") != (run_id is not None):
+        raise UsageError("give a RUN_ID with `sql history`, and none with `sql pending`")
+    with open_runtime(ctx) as rt:
+        wanted = rt.runs.parse_id(run_id) if run_id is not None else None
+        click.echo(rt.queries.monitoring_sql(kind, wanted))
     return EXIT_OK
 
 

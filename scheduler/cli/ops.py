@@ -228,7 +228,7 @@ def doctor(ctx: click.Context, as_json: bool) -> int:
         emit_json(checks)
     else:
         for check in checks:
-            mark = "✓" if check.ok else "✗"
+            mark = ("!" if check.warning else "✓") if check.ok else "✗"
             fix = f" → {check.fix}" if check.fix else ""
             click.echo(f"{mark} {check.name}: {check.detail}{fix}")
     if checks and checks[0].name == "configuration" and not checks[0].ok:

@@ -280,20 +280,20 @@ def retry(
     if execute_now and (not run_id or dry_run):
         raise UsageError("--now executes one retry: give a RUN_ID and no --dry-run")
     spread_by = parse_duration(spread, "--spread") if spread else None
-    wanted = parse_run_id(run_id) if run_id else None
     with interruptible() as interruption:
         code = _retry(
-            ctx, interruption, wanted, criteria, reset_budget, execute_now, spread_by, dry_run, as_json, show_all
+            ctx, interruption, run_id, criteria, reset_budget, execute_now, spread_by, dry_run, as_json, show_all
         )
     return interruption.exit_code(code)
 
 
 def _retry(
-    ctx, interruption, wanted, criteria, reset_budget, execute_now, spread_by, dry_run, as_json, show_all
+    ctx, interruption, run_id, criteria, reset_budget, execute_now, spread_by, dry_run, as_json, show_all
 ) -> int:
     """`retry`, single or bulk, once its arguments are checked."""
     outcome = None
     with open_runtime(ctx, executes=execute_now) as rt:
+        wanted = parse_run_id(rt, run_id) if run_id else None
         if wanted is None:
             result: object = retry_matching(rt, criteria, reset_budget=reset_budget, spread=spread_by, dry_run=dry_run)
         elif dry_run:
@@ -360,9 +360,8 @@ def history(ctx: click.Context, run_id: str, as_json: bool) -> int:
     Example:
       stuck-runs history 3f1c2a7e-8d1b-4c55-9a57-2b0f5c1d9e11
     """
-    wanted = parse_run_id(run_id)
     with open_runtime(ctx) as rt:
-        chain = chain_history(rt, wanted)
+        chain = chain_history(rt, parse_run_id(rt, run_id))
     if as_json:
         emit_json(chain)
         return EXIT_OK

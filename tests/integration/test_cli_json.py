@@ -17,7 +17,7 @@ from tests.integration.test_cli import cli, one_line_error
     [
         (["check", "--json"], {"STUCK_AFTER": "soon"}, 2, "STUCK_AFTER='soon' is not a duration"),
         (["status", "--json"], {}, 2, "DATABASE_URL is not set"),
-        (["history", "nope", "--json"], {"DATABASE_URL": "postgresql://u@h/db"}, 2, "'nope' is not a run id"),
+        (["check", "--json", "--column-map", "nope"], {}, 2, "--column-map: 'nope' is not role=column"),
         (["retry", "--json", "--limit", "0"], {}, 2, "--limit"),
     ],
 )

@@ -26,8 +26,7 @@ def a_run(search_query: str, location_query: str = "Belgium", **inputs) -> Run:
     return Run(
         id=uuid.uuid4(),
         status="running",
-        search_query=search_query,
-        location_query=location_query,
+        what=f"{search_query} in {location_query}",
         retry_count=1,
         max_retries=4,
         is_retry=True,

@@ -81,7 +81,7 @@ def test_unknown_and_malformed_run_ids(rt):
     with pytest.raises(RunNotFound, match="not found in scrape_runs"):
         retry_run(rt, uuid.uuid4())
     with pytest.raises(UsageError, match="'not-a-uuid' is not a run id"):
-        parse_run_id("not-a-uuid")
+        parse_run_id(rt, "not-a-uuid")
 
 
 def test_a_spent_budget_is_refused_with_attempts_error_and_pattern_unless_reset(rt):

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from db.engine import make_engine
 from db.errors import NotMigrated, SchemaError
-from db.migrate import check_migratable, current_revision, head_revision, migrate, migration_sql
+from db.migrate import TablePlan, check_migratable, current_revision, head_revision, migrate, migration_sql
 from db.table import load_runs_table
 from tests.schema import ENUM_NAIVE, TEXT_STATUS
 
@@ -102,11 +102,44 @@ def test_a_check_constraint_on_status_is_named_with_the_fix(engine):
         conn.exec_driver_sql(
             "ALTER TABLE scrape_runs ADD CONSTRAINT runs_status_ok CHECK (status IN ('running', 'completed', 'failed'))"
         )
+    before = constraints(engine)
     with pytest.raises(SchemaError) as raised:
         migrate(engine, "scrape_runs")
     message = str(raised.value)
-    assert "runs_status_ok" in message and "'pending_retry'" in message and "drop it or add" in message
+    assert "runs_status_ok" in message and "--extend-check" in message
+    assert "ALTER TABLE scrape_runs DROP CONSTRAINT runs_status_ok;" in message
+    added = re.search(r"ALTER TABLE scrape_runs ADD CONSTRAINT runs_status_ok CHECK \((.*)\) NOT VALID;", message)
+    assert added and added[1].endswith(" OR status IN ('pending_retry', 'cancelled')")
+    assert "ALTER TABLE scrape_runs VALIDATE CONSTRAINT runs_status_ok;" in message
     assert "retry_count" not in columns(engine)  # nothing changed
+    assert constraints(engine) == before
+
+
+def test_extend_check_extends_the_constraint_then_migrates(engine):
+    with engine.begin() as conn:
+        conn.exec_driver_sql(TEXT_STATUS.format(table="scrape_runs"))
+        conn.exec_driver_sql(
+            "INSERT INTO scrape_runs (search_query, location_query, status) VALUES ('q', 'l', 'failed')"
+        )
+        conn.exec_driver_sql("ALTER TABLE scrape_runs ADD CHECK (status IN ('running', 'completed', 'failed'))")
+    assert migrate(engine, "scrape_runs", extend_check=True).changed
+    [(name, definition, valid)] = constraints(engine)
+    assert valid and "pending_retry" in definition and "cancelled" in definition
+    with engine.begin() as conn:  # the constraint still guards the table
+        with pytest.raises(sa.exc.IntegrityError):
+            conn.exec_driver_sql("UPDATE scrape_runs SET status = 'bogus'")
+    assert not migrate(engine, "scrape_runs", extend_check=True).changed
+
+
+def constraints(engine) -> list[tuple[str, str, bool]]:
+    with engine.connect() as conn:
+        return [
+            tuple(row)
+            for row in conn.exec_driver_sql(
+                "SELECT conname, pg_get_constraintdef(oid), convalidated FROM pg_constraint "
+                "WHERE conrelid = 'scrape_runs'::regclass AND contype = 'c' ORDER BY conname"
+            )
+        ]
 
 
 def test_a_check_constraint_that_allows_the_values_is_fine(engine):
@@ -125,7 +158,7 @@ def test_a_check_constraint_that_allows_the_values_is_fine(engine):
         (
             "CREATE TABLE scrape_runs (run_id UUID PRIMARY KEY, search_query TEXT, location_query TEXT, status TEXT,"
             " error_message TEXT, started_at TIMESTAMPTZ, completed_at TIMESTAMPTZ)",
-            "lacks column(s) id",
+            "has no column id (the id): its primary key is run_id: set COLUMN_MAP=id=run_id",
         ),
         ("CREATE TABLE other_table (id UUID)", "does not exist"),
     ],
@@ -190,7 +223,7 @@ def test_an_unmigrated_table_says_to_run_migrate(engine):
 
 
 def test_sql_mode_prints_the_ddl_without_a_database():
-    sql = migration_sql("scrape_runs")
+    sql = migration_sql(TablePlan("scrape_runs"))
     assert "ADD COLUMN IF NOT EXISTS retry_count INTEGER NOT NULL DEFAULT 0" in sql
     assert "CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_scrape_runs_running_started_at" in sql
     assert "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS ux_scrape_runs_chain_retry" in sql

@@ -45,7 +45,7 @@ def history(db_url):
         "503": ExecutionResult(ok=False, error="HTTP 503 Service Unavailable"),
         "404": ExecutionResult(ok=False, error="HTTP 404 Not Found", detail="Traceback: ...\nHTTP 404 Not Found"),
     }
-    scraper = ScriptedScraper(lambda run: outcomes[run.search_query.split()[0]])
+    scraper = ScriptedScraper(lambda run: outcomes[run.inputs["search_query"].split()[0]])
     with freeze_time(NOW - timedelta(hours=10)) as frozen:
         rt = make_runtime(db_url, scraper)
         with rt.engine.begin() as conn:
@@ -143,6 +143,7 @@ def test_doctor_passes_on_a_healthy_setup_and_names_each_problem(db_url, databas
         "executor",
         "connectivity",
         "clock skew",
+        "mapping",
         "migration",
         "indexes",
         "untimed runs",

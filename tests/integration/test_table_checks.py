@@ -151,33 +151,38 @@ _COLUMNS = (
     " started_at TIMESTAMPTZ, completed_at TIMESTAMPTZ"
 )
 REFUSED_TABLES = {
-    "integer id": (f"CREATE TABLE scrape_runs (id SERIAL PRIMARY KEY, {_COLUMNS})", "scrape_runs.id is integer"),
-    "text id": (f"CREATE TABLE scrape_runs (id TEXT PRIMARY KEY, {_COLUMNS})", "scrape_runs.id is text"),
-    "no id": (f"CREATE TABLE scrape_runs (run_id UUID PRIMARY KEY, {_COLUMNS})", "lacks column(s) id"),
-    "no primary key": (f"CREATE TABLE scrape_runs (id UUID, {_COLUMNS})", "it has no primary key"),
-    "missing column": (
-        "CREATE TABLE scrape_runs (id UUID PRIMARY KEY, search_query TEXT, status TEXT, error_message TEXT,"
-        " started_at TIMESTAMPTZ, completed_at TIMESTAMPTZ)",
-        "lacks column(s) location_query",
+    "integer id without a sequence": (
+        f"CREATE TABLE scrape_runs (id INTEGER PRIMARY KEY, {_COLUMNS})",
+        "scrape_runs.id is an integer without a sequence or identity",
     ),
-    "check on status": (
-        f"CREATE TABLE scrape_runs (id UUID PRIMARY KEY, {_COLUMNS},"
-        " CONSTRAINT runs_status_ok CHECK (status IN ('running', 'completed', 'failed')))",
-        "CHECK constraint runs_status_ok on status",
+    "bytea id": (f"CREATE TABLE scrape_runs (id BYTEA PRIMARY KEY, {_COLUMNS})", "scrape_runs.id is bytea"),
+    "no id": (
+        f"CREATE TABLE scrape_runs (run_id UUID PRIMARY KEY, {_COLUMNS})",
+        "has no column id (the id): its primary key is run_id: set COLUMN_MAP=id=run_id",
+    ),
+    "no primary key": (f"CREATE TABLE scrape_runs (id UUID, {_COLUMNS})", "table scrape_runs has no primary key"),
+    "no status column": (
+        "CREATE TABLE scrape_runs (id UUID PRIMARY KEY, search_query TEXT, error_message TEXT,"
+        " started_at TIMESTAMPTZ, completed_at TIMESTAMPTZ)",
+        "table scrape_runs has no status column",
+    ),
+    "no started_at": (
+        "CREATE TABLE scrape_runs (id UUID PRIMARY KEY, status TEXT, error_message TEXT, completed_at TIMESTAMPTZ)",
+        "has no column started_at (the started_at): map it with COLUMN_MAP=started_at=<column>",
     ),
     "generated status": (
         "CREATE TABLE scrape_runs (id UUID PRIMARY KEY, search_query TEXT, location_query TEXT,"
         " error_message TEXT, started_at TIMESTAMPTZ, completed_at TIMESTAMPTZ,"
         " status TEXT GENERATED ALWAYS AS (CASE WHEN completed_at IS NULL THEN 'running' ELSE 'completed' END) STORED)",
-        "scrape_runs.status is a generated column",
+        "scrape_runs.status is a generated column: stuck-runs cannot write it",
     ),
     "short status": (
         f"CREATE TABLE scrape_runs (id UUID PRIMARY KEY, {_COLUMNS.replace('status TEXT', 'status VARCHAR(9)')})",
-        "varchar(9), too short for 'pending_retry'",
+        "varchar(9), too short for pending_retry='pending_retry'",
     ),
     "text started_at": (
         f"CREATE TABLE scrape_runs (id UUID PRIMARY KEY, {_COLUMNS.replace('started_at TIMESTAMPTZ', 'started_at TEXT')})",
-        "scrape_runs.started_at is text",
+        "scrape_runs.started_at (the started_at) is text",
     ),
 }
 
@@ -216,6 +221,37 @@ def test_migrate_refuses_a_table_the_commands_would_refuse_and_changes_nothing(d
     assert not [name for (name,) in before[3] if name.startswith("stuck_runs_alembic")]
     check = stuck_runs("check", env={"DATABASE_URL": url})
     assert check.returncode == 1 and fragment in one_line(check.stderr)
+
+
+def test_a_check_on_status_is_refused_with_its_statements_and_migrate_sql_prints_them(databases):
+    url = databases.create()
+    run_sql(
+        url,
+        f"CREATE TABLE scrape_runs (id UUID PRIMARY KEY, {_COLUMNS},"
+        " CONSTRAINT runs_status_ok CHECK (status IN ('running', 'completed', 'failed')))",
+    )
+    before = catalog(url)
+    refused = stuck_runs("migrate", env={"DATABASE_URL": url})
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    first, *extension = refused.stderr.splitlines()
+    assert "CHECK constraint runs_status_ok on status that forbids values stuck-runs writes" in first
+    assert "stuck-runs migrate --extend-check" in first
+    assert [line.split(" CHECK")[0].strip() for line in extension] == [
+        "ALTER TABLE scrape_runs DROP CONSTRAINT runs_status_ok;",
+        "ALTER TABLE scrape_runs ADD CONSTRAINT runs_status_ok",
+        "ALTER TABLE scrape_runs VALIDATE CONSTRAINT runs_status_ok;",
+    ]
+    assert catalog(url) == before
+    check = stuck_runs("check", env={"DATABASE_URL": url})
+    assert check.returncode == 1 and "migrate --extend-check" in one_line(check.stderr)
+    script = stuck_runs("migrate", "--sql", env={"DATABASE_URL": url})
+    assert script.returncode == 0, script.stderr
+    assert statements(script.stdout)[:3] == [line.strip() for line in extension]
+    assert catalog(url) == before
+    done = psql(url, script.stdout)  # the DBA runs it, and the table is then migrated
+    assert done.returncode == 0, done.stderr
+    assert stuck_runs("check", env={"DATABASE_URL": url}).returncode == 0
+    assert "nothing to run" in stuck_runs("migrate", "--sql", env={"DATABASE_URL": url}).stdout
 
 
 def test_migrate_refuses_a_bad_heartbeat_before_changing_the_table(databases):

@@ -101,9 +101,9 @@ def test_execution_failure_messages(pattern, retry_count, message):
 def test_other_messages():
     assert timeout_error(timedelta(hours=1)) == "Execution timed out after 1.0h"
     assert superseded_message("abc") == "Superseded: run abc completed"
-    assert run_label("Data Architect", "Belgium", 1, 4) == "[RETRY 1/4] Data Architect in Belgium"
-    assert run_label("Data Architect", "Belgium", 0, 4) == "Data Architect in Belgium"
-    assert run_label("Data Architect", None, 2, 4) == "[RETRY 2/4] Data Architect"
+    assert run_label("Data Architect in Belgium", 1, 4) == "[RETRY 1/4] Data Architect in Belgium"
+    assert run_label("Data Architect in Belgium", 0, 4) == "Data Architect in Belgium"
+    assert run_label("", 2, 4) == "[RETRY 2/4] (no label)"
 
 
 def test_fixed_delay_is_the_policy_delay():

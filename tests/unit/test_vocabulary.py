@@ -20,8 +20,7 @@ def chain(*statuses: str) -> ChainHistory:
         Run(
             id=root if number == 0 else uuid.uuid4(),
             status=status,
-            search_query="Data Architect",
-            location_query="Belgium",
+            what="Data Architect in Belgium",
             retry_count=number,
             is_retry=number > 0,
             original_run_id=None if number == 0 else root,

@@ -11,40 +11,52 @@ Revises:
 from alembic import context, op
 from sqlalchemy.engine import Dialect
 
-from db.migrate import ENUM_VALUES, Step, apply_steps, index_names, quote_table
+from db.migrate import Step, TablePlan, apply_steps, index_names, quote_table
+from db.shape import ADDED_ROLES
 
 revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
 
-RETRY_COLUMNS = (
-    ("retry_count", "INTEGER NOT NULL DEFAULT 0"),
-    ("max_retries", "INTEGER NOT NULL DEFAULT 4"),
-    ("next_retry_at", "TIMESTAMPTZ NULL"),
-    ("original_run_id", "UUID NULL"),
-    ("is_retry", "BOOLEAN NOT NULL DEFAULT false"),
-)
+
+def retry_columns(plan: TablePlan) -> tuple[tuple[str, str], ...]:
+    return (
+        ("retry_count", "INTEGER NOT NULL DEFAULT 0"),
+        ("max_retries", "INTEGER NOT NULL DEFAULT 4"),
+        ("next_retry_at", "TIMESTAMPTZ NULL"),
+        ("original_run_id", f"{plan.id_type} NULL"),  # the id's own type: UUID, bigint, text...
+        ("is_retry", "BOOLEAN NOT NULL DEFAULT false"),
+    )
 
 
-def steps(qualified: str, dialect: Dialect) -> list[Step]:
+def steps(plan: TablePlan, dialect: Dialect) -> list[Step]:
+    qualified = plan.qualified
     table = quote_table(dialect, qualified)
+    quote = dialect.identifier_preparer.quote
     schema = qualified.rpartition(".")[0]
     names = index_names(qualified)
-    prefix = f"{dialect.identifier_preparer.quote(schema)}." if schema else ""
-    dead_letters = f"{prefix}scrape_run_dead_letters"
-    literal = qualified.replace("'", "''")
+    prefix = f"{quote(schema)}." if schema else ""
+    dead_letters = f"{prefix}{quote(plan.dead_letters)}"
+    dead_index = f"ix_{plan.dead_letters}_created_at"[:63]
+    literal = table.replace("'", "''")
+    status = plan.layout.column("status").replace("'", "''")
+    added = [(plan.layout.column(role), ADDED_ROLES[role]) for role in plan.missing_roles]
+    enum_values = "".join(
+        f"\n        EXECUTE 'ALTER TYPE ' || status_type || ' ADD VALUE IF NOT EXISTS {_in_execute(value)}';"
+        for value in plan.enum_values
+    )
     return [
         *(
-            Step(f"column {name}", f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {definition}")
-            for name, definition in RETRY_COLUMNS
+            Step(f"column {name}", f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {quote(name)} {definition}")
+            for name, definition in (*added, *retry_columns(plan))
         ),
         Step(
-            "table scrape_run_dead_letters",
+            f"table {plan.dead_letters}",
             f"""CREATE TABLE IF NOT EXISTS {dead_letters} (
     id BIGSERIAL PRIMARY KEY,
-    run_id UUID NOT NULL UNIQUE,
-    chain_id UUID NOT NULL,
+    run_id {plan.id_type} NOT NULL UNIQUE,
+    chain_id {plan.id_type} NOT NULL,
     attempts INTEGER NOT NULL,
     budget INTEGER NOT NULL,
     pattern TEXT NOT NULL,
@@ -53,12 +65,12 @@ def steps(qualified: str, dialect: Dialect) -> list[Step]:
     inputs JSONB NOT NULL DEFAULT '{{}}',
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     requeued_at TIMESTAMPTZ,
-    requeued_run_id UUID
+    requeued_run_id {plan.id_type}
 )""",
         ),
         Step(
-            "index ix_scrape_run_dead_letters_created_at",
-            f"CREATE INDEX IF NOT EXISTS ix_scrape_run_dead_letters_created_at ON {dead_letters} (created_at)",
+            f"index {dead_index}",
+            f"CREATE INDEX IF NOT EXISTS {quote(dead_index)} ON {dead_letters} (created_at)",
         ),
         # What the daemons did and do, readable from any host (`stuck-runs status`).
         Step(
@@ -96,32 +108,30 @@ def steps(qualified: str, dialect: Dialect) -> list[Step]:
             f"CREATE INDEX IF NOT EXISTS ix_stuck_runs_job_runs_job ON {prefix}stuck_runs_job_runs"
             " (runs_table, job_id, started_at DESC)",
         ),
-        # A status enum needs the two values stuck-runs writes; committed before any index
+        # A status enum needs the values stuck-runs writes; committed before any index
         # predicate names them.
         Step(
-            ENUM_VALUES,
+            plan.enum_step,
             f"""DO $$
 DECLARE status_type regtype;
 BEGIN
     SELECT a.atttypid::regtype INTO status_type FROM pg_attribute a
-    WHERE a.attrelid = '{literal}'::regclass AND a.attname = 'status';
-    IF (SELECT typtype FROM pg_type WHERE oid = status_type) = 'e' THEN
-        EXECUTE 'ALTER TYPE ' || status_type || ' ADD VALUE IF NOT EXISTS ''pending_retry''';
-        EXECUTE 'ALTER TYPE ' || status_type || ' ADD VALUE IF NOT EXISTS ''cancelled''';
+    WHERE a.attrelid = '{literal}'::regclass AND a.attname = '{status}';
+    IF (SELECT typtype FROM pg_type WHERE oid = status_type) = 'e' THEN{enum_values}
     END IF;
 END $$""",
             concurrent=True,
         ),
         Step(
             f"index {names['running']}",
-            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {names['running']} ON {table} (started_at)"
-            " WHERE status = 'running'",
+            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {names['running']} ON {table} ({plan.column('started_at')})"
+            f" WHERE {plan.in_state('running')}",
             concurrent=True,
         ),
         Step(
             f"index {names['pending']}",
             f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {names['pending']} ON {table} (next_retry_at)"
-            " WHERE status = 'pending_retry'",
+            f" WHERE {plan.in_state('pending_retry')}",
             concurrent=True,
         ),
         Step(
@@ -139,8 +149,13 @@ END $$""",
     ]
 
 
+def _in_execute(value: str) -> str:
+    """A status value as a literal inside the quoted EXECUTE text of the DO block."""
+    return "''" + value.replace("'", "''''") + "''"
+
+
 def upgrade() -> None:
-    apply_steps(op, steps(context.config.attributes["table"], op.get_context().dialect))
+    apply_steps(op, steps(context.config.attributes["plan"], op.get_context().dialect))
 
 
 def downgrade() -> None:

@@ -7,7 +7,7 @@ Revises: 0001
 from alembic import context, op
 from sqlalchemy.engine import Dialect
 
-from db.migrate import Step, apply_steps, index_names, quote_table
+from db.migrate import Step, TablePlan, apply_steps, index_names, quote_table
 
 revision = "0002"
 down_revision = "0001"
@@ -15,15 +15,15 @@ branch_labels = None
 depends_on = None
 
 
-def steps(qualified: str, dialect: Dialect) -> list[Step]:
-    table = quote_table(dialect, qualified)
-    stats = index_names(qualified)["stats"]
+def steps(plan: TablePlan, dialect: Dialect) -> list[Step]:
+    table = quote_table(dialect, plan.qualified)
+    stats = index_names(plan.qualified)["stats"]
     return [
         Step("column failure_pattern", f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS failure_pattern TEXT NULL"),
         # `stuck-runs stats` reads the attempts stuck-runs touched, by when they ended.
         Step(
             f"index {stats}",
-            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {stats} ON {table} (completed_at)"
+            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {stats} ON {table} ({plan.column('completed_at')})"
             " WHERE is_retry OR failure_pattern IS NOT NULL",
             concurrent=True,
         ),
@@ -31,7 +31,7 @@ def steps(qualified: str, dialect: Dialect) -> list[Step]:
 
 
 def upgrade() -> None:
-    apply_steps(op, steps(context.config.attributes["table"], op.get_context().dialect))
+    apply_steps(op, steps(context.config.attributes["plan"], op.get_context().dialect))
 
 
 def downgrade() -> None:
