@@ -292,8 +292,9 @@ def migrate(
     with database_errors(engine, f"migrating {qualified}"), engine.connect() as conn:
         table = check_migratable(conn, qualified, heartbeat, layout, extend_check=extend_check)
         if extend_check:
-            _extend_check(engine, extend_check_statements(conn, table))
-            conn.commit()
+            statements = extend_check_statements(conn, table)
+            conn.commit()  # this session's reads hold a lock the ALTER TABLE would wait for
+            _extend_check(engine, statements)
             table = check_migratable(conn, qualified, heartbeat, layout)
         plan = plan_for(conn, table, qualified)
         _drop_invalid_indexes(engine, conn, qualified)

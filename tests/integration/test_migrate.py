@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -129,6 +130,21 @@ def test_extend_check_extends_the_constraint_then_migrates(engine):
         with pytest.raises(sa.exc.IntegrityError):
             conn.exec_driver_sql("UPDATE scrape_runs SET status = 'bogus'")
     assert not migrate(engine, "scrape_runs", extend_check=True).changed
+
+
+def test_extend_check_does_not_wait_on_its_own_reads(engine):
+    """With the retry columns already there, the duplicate check reads the table: that session's
+    lock must be released before the constraint is re-created (it used to time out after 10 s)."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(TEXT_STATUS.format(table="scrape_runs"))
+        conn.exec_driver_sql(
+            "ALTER TABLE scrape_runs ADD COLUMN retry_count INTEGER NOT NULL DEFAULT 0, "
+            "ADD COLUMN original_run_id UUID, ADD COLUMN is_retry BOOLEAN NOT NULL DEFAULT false, "
+            "ADD CHECK (status IN ('running', 'completed', 'failed'))"
+        )
+    started = time.monotonic()
+    assert migrate(engine, "scrape_runs", extend_check=True).changed
+    assert time.monotonic() - started < 8  # LOCK_TIMEOUT is 10 s
 
 
 def constraints(engine) -> list[tuple[str, str, bool]]:
