@@ -234,17 +234,46 @@ def machine(server_url: str) -> dict:
     }
 
 
+def only_adopted(config: dict, out: str | None) -> None:
+    """The adopted-table comparison alone, saved as {"adopted": ...} for `--report-from`."""
+    from bench import adopted
+
+    work = Path(tempfile.mkdtemp(prefix="stuck-runs-bench-"))
+    server_url, server = data.start_server(work)
+    try:
+        print("the sweep on an adopted table beside the default one", flush=True)
+        figures = adopted.compare(
+            server_url, history=config["sweep_history"], stuck=config["stuck"][-1], repeat=config["repeat"]
+        )
+    finally:
+        if server is not None:
+            server.cleanup()
+    figures["when"] = time.strftime("%Y-%m-%d")
+    print(json.dumps({k: v for k, v in figures.items() if k != "all_seconds"}, indent=2))
+    if out:
+        Path(out).write_text(json.dumps({"adopted": figures}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (CI)")
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="where to write the report ('-': nowhere)")
     parser.add_argument("--json", help="also write the raw figures here")
-    parser.add_argument("--report-from", help="only write the report, from figures saved with --json")
+    parser.add_argument(
+        "--report-from", nargs="+", help="only write the report, from figures saved with --json (merged in order)"
+    )
+    parser.add_argument("--only", choices=["adopted"], help="run one benchmark, print and save its figures (--json)")
     args = parser.parse_args()
     if args.report_from:
         from bench.report import write
 
-        write(json.loads(Path(args.report_from).read_text()), Path(args.out))
+        merged: dict = {}
+        for source in args.report_from:
+            merged.update(json.loads(Path(source).read_text()))
+        write(merged, Path(args.out))
+        return
+    if args.only == "adopted":
+        only_adopted(QUICK if args.quick else FULL, args.json)
         return
     config = QUICK if args.quick else FULL
     work = Path(tempfile.mkdtemp(prefix="stuck-runs-bench-"))

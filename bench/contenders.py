@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -95,7 +96,14 @@ def ours(url: str, now: datetime, *, batch_size: int = 1000, log_to: str | None 
         logger.remove()
 
 
-def command(url: str, now: datetime, *, out: str | None = None) -> Timing:
+def command(
+    url: str,
+    now: datetime,
+    *,
+    out: str | None = None,
+    env: dict[str, str] | None = None,
+    count: Callable[[str], int] | None = None,
+) -> Timing:
     """`stuck-runs check` as an operator or cron runs it: a new process, its output to a file.
 
     It judges by the real clock (nothing in the product takes another one): its STUCK_AFTER is
@@ -105,12 +113,12 @@ def command(url: str, now: datetime, *, out: str | None = None) -> Timing:
     script = Path(sys.executable).with_name("stuck-runs")
     late = datetime.now(timezone.utc) - now
     stuck_after = (POLICY.stuck_after + late).total_seconds()
-    env = {**os.environ, "DATABASE_URL": url, "STUCK_AFTER": f"{stuck_after:.6f}s"}
+    environment = {**os.environ, **(env or {}), "DATABASE_URL": url, "STUCK_AFTER": f"{stuck_after:.6f}s"}
     with open(out or os.devnull, "w") as stdout:
         started = time.perf_counter()
-        subprocess.run([str(script), "check"], env=env, stdout=stdout, stderr=subprocess.STDOUT, check=True)
+        subprocess.run([str(script), "check"], env=environment, stdout=stdout, stderr=subprocess.STDOUT, check=True)
         seconds = time.perf_counter() - started
-    return Timing("command", seconds, failed_as_stuck(url))
+    return Timing("command", seconds, (count or failed_as_stuck)(url))
 
 
 def floor(url: str, now: datetime, sql: str = FLOOR) -> Timing:

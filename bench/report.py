@@ -239,7 +239,41 @@ def write(report: dict, path: Path) -> None:
         ]
     if report.get("startup"):
         lines += ["", *startup_section(report["startup"])]
+    if report.get("adopted"):
+        lines += ["", *adopted_section(report["adopted"])]
     path.write_text("\n".join(lines) + "\n")
+
+
+def adopted_section(a: dict) -> list[str]:
+    """The sweep on an adopted table (SPEC §11) beside the default table, each against its floor."""
+    sec = a["seconds"]
+    lines = [
+        "## An adopted table beside the default one",
+        "",
+        f"`python -m bench --only adopted` ({a['when']}): {a['history']:,} finished runs and {a['stuck']:,} stuck, "
+        f"medians of {a['repeat']} interleaved runs on identical copies. The adopted table is `crawl_jobs`: a "
+        "BIGINT id with a sequence (`job_id`), a text `state` guarded by a CHECK (extended by `migrate "
+        "--extend-check`), `finished_at`, a JSONB `error_summary`, `RUN_LABEL={keyword} on {site}`. Each table's",
+        "floor is the one statement written by hand for that table (bench/adopted.py).",
+        "",
+        "| table | floor s | sweep in-process s | `stuck-runs check` s | in-process / floor | command / floor |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for table in ("default", "adopted"):
+        lines.append(
+            f"| {table} | {sec[f'{table}/floor']:.3f} | {sec[f'{table}/ours']:.3f} | {sec[f'{table}/command']:.3f} | "
+            f"**{a[f'{table}_ours_over_floor']}×** | **{a[f'{table}_command_over_floor']}×** |"
+        )
+    lines += [
+        "",
+        f"Same runs failed and retried by every contender: {'yes' if a['same_outcome'] else 'NO'} "
+        f"({', '.join(f'{k} {v[0]:,}/{v[1]:,}' for k, v in a['outcomes'].items())}: failed as stuck / pending retries).",
+        "",
+        "Every run, in seconds: "
+        + "; ".join(f"{name} {' / '.join(f'{v:.3f}' for v in values)}" for name, values in a["all_seconds"].items())
+        + ".",
+    ]
+    return lines
 
 
 def startup_section(startup: dict) -> list[str]:
