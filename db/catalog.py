@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from db.daemons import DAEMONS, JOB_RUNS
+from db.engine import database_errors
 from db.migrate import index_names, quote_table
 from db.table import DEAD_LETTERS_TABLE, split_name
 
@@ -75,11 +76,22 @@ def missing_privileges(conn: Connection, qualified: str, dead_letters: str = DEA
     return lacking
 
 
-def naive_columns_off_utc(conn: Connection, table: sa.Table, names: list[str]) -> tuple[str, list[str]]:
-    """The server's TimeZone, and those of `names` that are `timestamp without time zone` when it is
-    not UTC: stuck-runs reads them as UTC, and a scraper writing now() there writes local time."""
-    zone = conn.exec_driver_sql("SELECT current_setting('TimeZone')").scalar_one()
+def scrapers_time_zone(url: str) -> str:
+    """The TimeZone a session gets without asking for one (server, database and role settings): what
+    the scraper's own sessions see. stuck-runs' sessions ask for UTC, so this takes a plain one."""
+    engine = sa.create_engine(
+        url, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 10, "application_name": "stuck-runs doctor"}
+    )
+    try:
+        with database_errors(engine, "reading the scrapers' TimeZone"), engine.connect() as conn:
+            return conn.exec_driver_sql("SELECT current_setting('TimeZone')").scalar_one()
+    finally:
+        engine.dispose()
+
+
+def naive_columns_off_utc(zone: str, table: sa.Table, names: list[str]) -> list[str]:
+    """Those of `names` that are `timestamp without time zone` when the scrapers' TimeZone is not
+    UTC: stuck-runs reads them as UTC, and a scraper writing now() there writes local time."""
     if zone.upper() in ("UTC", "ETC/UTC", "GMT", "UCT", "ZULU", "ETC/UCT", "ETC/GMT"):
-        return zone, []
-    naive = [n for n in names if isinstance(table.c[n].type, sa.DateTime) and not table.c[n].type.timezone]
-    return zone, naive
+        return []
+    return [n for n in names if isinstance(table.c[n].type, sa.DateTime) and not table.c[n].type.timezone]

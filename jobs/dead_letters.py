@@ -11,14 +11,15 @@ from db import dead_letters as statements
 from db.engine import database_errors
 from db.errors import RunNotFound, UsageError
 from jobs.manual import ScheduledRetry, retry_run
+from jobs.model import RunId
 from jobs.runtime import Runtime
 
 
 @dataclass(frozen=True)
 class DeadLetter:
     id: int
-    run_id: uuid.UUID
-    chain_id: uuid.UUID
+    run_id: RunId
+    chain_id: RunId
     attempts: int  # every attempt of the chain, the original included
     budget: int
     pattern: str
@@ -27,7 +28,7 @@ class DeadLetter:
     inputs: dict[str, Any]
     created_at: datetime
     requeued_at: datetime | None
-    requeued_run_id: uuid.UUID | None
+    requeued_run_id: RunId | None
 
     @classmethod
     def from_row(cls, row: Any) -> DeadLetter:
@@ -51,19 +52,27 @@ def list_dead_letters(
         return tuple(DeadLetter.from_row(r) for r in conn.execute(query, params).mappings())
 
 
-def parse_letter_ref(text: str) -> tuple[int | None, uuid.UUID | None]:
-    """A dead letter is named by its number or by its run's id."""
+RUN_REF = "run:"
+
+
+def parse_letter_ref(rt: Runtime, text: str) -> tuple[int | None, object]:
+    """A dead letter is named by its number, or by its run's id: `run:<id>` always (a table whose
+    ids are numbers or text needs it), or a bare UUID on a UUID table."""
     text = str(text).strip()
+    if text.startswith(RUN_REF):
+        return None, rt.runs.parse_id(text.removeprefix(RUN_REF))
     if text.isdigit():
         return int(text), None
-    try:
-        return None, uuid.UUID(text)
-    except ValueError:
-        raise UsageError(f"{text!r} is neither a dead-letter number nor a run id (UUID)") from None
+    if rt.runs.id_kind == "uuid":
+        try:
+            return None, uuid.UUID(text)
+        except ValueError:
+            pass
+    raise UsageError(f"{text!r} is neither a dead-letter number nor run:<run id>: see `stuck-runs dlq list`")
 
 
 def get_dead_letter(rt: Runtime, ref: str) -> DeadLetter:
-    letter_id, run_id = parse_letter_ref(ref)
+    letter_id, run_id = parse_letter_ref(rt, ref)
     with database_errors(rt.engine, "reading a dead letter"), rt.engine.connect() as conn:
         row = (
             conn.execute(statements.one(rt.queries.dead_letters), {"sr_letter_id": letter_id, "sr_run_id": run_id})

@@ -120,7 +120,8 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
             if problem is None:
                 runs = load_runs_table(conn, settings.table, settings.heartbeat_column, settings.layout)
         checks.append(Check("mapping", True, describe_mapping(runs)))
-        zone, naive = catalog.naive_columns_off_utc(conn, runs.table, _timestamps(runs))
+        zone = catalog.scrapers_time_zone(settings.database_url)
+        naive = catalog.naive_columns_off_utc(zone, runs.table, _timestamps(runs))
         if naive:
             names = ", ".join(runs.name_of(key) for key in naive)
             checks.append(

@@ -7,7 +7,6 @@ retries the latest failed attempt of a chain with one set-based statement.
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,7 +16,7 @@ from loguru import logger
 from db.dead_letters import mark_requeued
 from db.engine import database_errors
 from db.errors import RetryRefused, RunNotFound, UsageError
-from jobs.model import Run
+from jobs.model import Run, RunId
 from jobs.retries import RetryDispatcher, RetryOutcome
 from jobs.rules import RetryPolicy, chain_budget, count_attempts, format_hours, format_time
 from jobs.runtime import Runtime
@@ -32,7 +31,7 @@ def parse_run_id(rt: Runtime, text: str) -> object:
 
 @dataclass(frozen=True)
 class ChainHistory:
-    root_id: uuid.UUID
+    root_id: RunId
     attempts: tuple[Run, ...]
 
     @property
@@ -53,9 +52,9 @@ class ChainHistory:
 
 @dataclass(frozen=True)
 class ScheduledRetry:
-    failed_run_id: uuid.UUID  # the attempt being retried (its chain's latest)
+    failed_run_id: RunId  # the attempt being retried (its chain's latest)
     label: str
-    retry_id: uuid.UUID | None  # None in a dry run
+    retry_id: RunId | None  # None in a dry run
     attempt: int  # the new attempt's retry number
     budget: int
     due: datetime
@@ -67,7 +66,7 @@ class ScheduledRetry:
 
 @dataclass(frozen=True)
 class SkippedRetry:
-    run_id: uuid.UUID
+    run_id: RunId
     label: str
     reason: str
 
@@ -101,7 +100,7 @@ class RetryCriteria:
         )
 
 
-def chain_history(rt: Runtime, run_id: uuid.UUID) -> ChainHistory:
+def chain_history(rt: Runtime, run_id: RunId) -> ChainHistory:
     """Every attempt of the chain `run_id` belongs to, oldest first."""
     with database_errors(rt.engine, "reading the chain"), rt.engine.connect() as conn:
         row = conn.execute(rt.queries.get, {"sr_run_id": run_id}).mappings().first()
@@ -114,7 +113,7 @@ def chain_history(rt: Runtime, run_id: uuid.UUID) -> ChainHistory:
 
 def retry_run(
     rt: Runtime,
-    run_id: uuid.UUID,
+    run_id: RunId,
     *,
     policy: RetryPolicy | None = None,
     reset_budget: bool = False,
@@ -138,7 +137,7 @@ def retry_run(
     return scheduled
 
 
-def _latest_retryable(rt: Runtime, run_id: uuid.UUID, policy: RetryPolicy, reset_budget: bool) -> Run:
+def _latest_retryable(rt: Runtime, run_id: RunId, policy: RetryPolicy, reset_budget: bool) -> Run:
     """The chain's latest attempt if a retry of it may be scheduled; else `RetryRefused`."""
     history = chain_history(rt, run_id)
     given = next(a for a in history.attempts if a.id == run_id)
@@ -207,7 +206,7 @@ def retry_matching(
 
 
 def run_retry_now(
-    rt: Runtime, retry_id: uuid.UUID, wait: Callable[[], None], stop: threading.Event | None = None
+    rt: Runtime, retry_id: RunId, wait: Callable[[], None], stop: threading.Event | None = None
 ) -> RetryOutcome | None:
     """Executes a pending retry in this process at once (in a free slot) and returns its outcome.
 

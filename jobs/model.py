@@ -9,6 +9,9 @@ from typing import Any
 
 from jobs.rules import run_label
 
+# A run's id as the driver returns the table's id column: a UUID, an int or a str (SPEC §11).
+RunId = Any
+
 
 def as_utc(value: datetime | None) -> datetime | None:
     """Timestamps from `timestamp without time zone` columns are UTC by contract."""
@@ -21,13 +24,13 @@ def as_utc(value: datetime | None) -> datetime | None:
 class Run:
     """One attempt: a row of `scrape_runs` as the tool needs it, plus its input columns."""
 
-    id: Any  # a UUID, an int or a str: the table's id as the driver returns it
+    id: RunId
     status: str  # the state, in stuck-runs' words (running, failed...), whatever value the table writes
     what: str  # the run's label text (RUN_LABEL)
     retry_count: int = 0
     max_retries: int = 4
     is_retry: bool = False
-    original_run_id: Any = None
+    original_run_id: RunId = None
     started_at: datetime | None = None
     completed_at: datetime | None = None
     next_retry_at: datetime | None = None
@@ -36,7 +39,7 @@ class Run:
     inputs: Mapping[str, Any] = field(default_factory=dict)
 
     @property
-    def chain_id(self) -> Any:
+    def chain_id(self) -> RunId:
         return self.original_run_id or self.id
 
     @property

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from sqlalchemy.engine import Connection
 from db import locks
 from db.engine import database_errors
 from jobs.executor import Execution, ExecutionResult
-from jobs.model import Run
+from jobs.model import Run, RunId
 from jobs.rules import (
     FailureOutcome,
     RetryPolicy,
@@ -45,10 +44,10 @@ PREVIEW_LIMIT = 10_000
 
 @dataclass(frozen=True)
 class SupersededRetry:
-    run_id: uuid.UUID
-    chain_id: uuid.UUID
+    run_id: RunId
+    chain_id: RunId
     label: str
-    completed_run_id: uuid.UUID
+    completed_run_id: RunId
     message: str
 
 
@@ -56,12 +55,12 @@ class SupersededRetry:
 class RetryOutcome:
     """What became of one executed retry attempt."""
 
-    run_id: uuid.UUID
+    run_id: RunId
     label: str
     status: str  # completed | failed | released (shutdown) | whatever the scraper wrote
     message: str | None = None
     pattern: str | None = None
-    retry_id: uuid.UUID | None = None
+    retry_id: RunId | None = None
     retry_due: datetime | None = None
     dead_lettered: bool = False
     seconds: float = 0.0
@@ -69,7 +68,7 @@ class RetryOutcome:
 
 @dataclass(frozen=True)
 class DueRetry:
-    run_id: uuid.UUID
+    run_id: RunId
     label: str
     due: datetime
 
@@ -234,7 +233,7 @@ class RetryDispatcher:
                     break  # executions are only cancelled when stopping
         return outcomes
 
-    def run_now(self, run_id: uuid.UUID, stop: threading.Event, wait: Callable[[], None]) -> RetryOutcome | None:
+    def run_now(self, run_id: RunId, stop: threading.Event, wait: Callable[[], None]) -> RetryOutcome | None:
         """Executes pending retry `run_id` at once, in the first slot that is free.
 
         Calls `wait()` between attempts while every slot is taken. Returns None if the retry
@@ -272,7 +271,7 @@ class RetryDispatcher:
                 conn.close()
 
     def _claim_and_execute(
-        self, conn: Connection, stop: threading.Event, run_id: uuid.UUID | None = None
+        self, conn: Connection, stop: threading.Event, run_id: RunId | None = None
     ) -> RetryOutcome | None:
         claim = self.claim(conn, run_id)
         if claim is None:
@@ -284,7 +283,7 @@ class RetryDispatcher:
                 locks.unlock_run(conn, self.rt.queries.runs_ns, claim.run.id)
                 conn.commit()
 
-    def claim(self, conn: Connection, run_id: uuid.UUID | None = None) -> Claim | None:
+    def claim(self, conn: Connection, run_id: RunId | None = None) -> Claim | None:
         """Claims the most overdue retry (or pending retry `run_id`, due or not) and starts it.
 
         The claim (`running`, the run lock held in `conn`'s session) commits only once the

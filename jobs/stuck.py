@@ -24,7 +24,7 @@ from loguru import logger
 
 from db import locks
 from db.engine import database_errors
-from jobs.model import as_utc
+from jobs.model import RunId, as_utc
 from jobs.rules import STUCK_PATTERN, RetryPolicy, run_label
 from jobs.runtime import Runtime
 
@@ -40,13 +40,13 @@ KEPT_RUNS = 200  # rows a sweep's result keeps for the screen and the logs; coun
 class FailedAttempt:
     """One attempt the tool failed, and what became of its chain."""
 
-    run_id: uuid.UUID
+    run_id: RunId
     label: str
     message: str
     pattern: str
-    chain_id: uuid.UUID
+    chain_id: RunId
     attempt: int  # the failed attempt's retry number
-    retry_id: uuid.UUID | None
+    retry_id: RunId | None
     retry_due: datetime | None
     dead_lettered: bool = False
 
@@ -121,7 +121,7 @@ class SweepResult:
         return {**counts, "attempts": [_row_document(row) for row in self.rows]}
 
 
-def _uuid(text: str | None) -> uuid.UUID | None:
+def _uuid(text: str | None) -> RunId | None:
     return None if text is None else uuid.UUID(text)
 
 

@@ -133,6 +133,7 @@ def dlq_show(ctx: click.Context, letter: str, as_json: bool) -> int:
     \b
     Example:
       stuck-runs dlq show 42
+      stuck-runs dlq show run:1187            # by the run's id
     """
     with open_runtime(ctx) as rt:
         found = get_dead_letter(rt, letter)

@@ -1,0 +1,100 @@
+"""Operators' commands on an adopted table with integer ids: dead letters named by the run's id,
+doctor's warning about naive timestamps on a server that is not on UTC."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from db.engine import make_engine
+
+STUCK_RUNS = Path(sys.executable).with_name("stuck-runs")
+TABLE = """
+CREATE TABLE fetches (
+    fetch_id SERIAL PRIMARY KEY,
+    url TEXT NOT NULL,
+    state TEXT NOT NULL,
+    failure TEXT,
+    begun TIMESTAMP NOT NULL,
+    ended TIMESTAMP
+)
+"""
+ENV = {
+    "SCRAPE_RUNS_TABLE": "fetches",
+    "COLUMN_MAP": "id=fetch_id,status=state,started_at=begun,completed_at=ended,error_message=failure",
+    "STATUS_MAP": "running=busy,completed=ok,failed=bad,pending_retry=again,cancelled=dropped",
+    "RUN_LABEL": "{url}",
+}
+
+
+def cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    return subprocess.run(
+        [str(STUCK_RUNS), *args],
+        env={**base, "DATABASE_URL": url, **ENV, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def adopted_database(databases) -> str:
+    url = databases.create()
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(TABLE)
+        started = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=3)
+        for n in range(3):  # fetch_id 1, 2, 3
+            conn.execute(
+                sa.text("INSERT INTO fetches (url, state, begun) VALUES (:u, 'busy', :t)"),
+                {"u": f"https://example.test/{n}", "t": started},
+            )
+    engine.dispose()
+    assert cli(url, "migrate").returncode == 0
+    return url
+
+
+def test_dead_letters_of_an_integer_id_table_are_named_by_number_or_by_run_id(databases):
+    url = adopted_database(databases)
+    swept = cli(url, "check", "--max-retries", "0")  # every stuck chain ends at once: three dead letters
+    assert swept.returncode == 0, swept.stderr
+    letters = json.loads(cli(url, "dlq", "list", "--json").stdout)
+    assert sorted(letter["run_id"] for letter in letters) == [1, 2, 3]
+    by_run = {letter["run_id"]: letter["id"] for letter in letters}
+    # fetch 3's letter is not letter 3 (they were written in the order the sweep took them, oldest first)
+    shown = cli(url, "dlq", "show", "run:3", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["run_id"] == 3
+    numbered = json.loads(cli(url, "dlq", "show", str(by_run[2]), "--json").stdout)
+    assert numbered["run_id"] == 2
+    requeued = cli(url, "dlq", "requeue", "run:1")
+    assert requeued.returncode == 0 and "Run scheduled for retry" in requeued.stdout, requeued.stderr
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        retry = conn.exec_driver_sql("SELECT state, original_run_id, retry_count FROM fetches WHERE is_retry").one()
+    engine.dispose()
+    assert tuple(retry) == ("again", 1, 1)
+    refused = cli(url, "dlq", "show", "run:abc")
+    assert refused.returncode == 2 and "'abc' is not a run id" in refused.stderr
+
+
+def test_doctor_warns_about_naive_timestamps_when_the_server_is_not_on_utc(databases):
+    url = adopted_database(databases)
+    on_utc = cli(url, "doctor", SCRAPE_RUN_COMMAND="true")
+    assert on_utc.returncode == 0 and "! time zone" not in on_utc.stdout, on_utc.stdout
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        database = conn.exec_driver_sql("SELECT current_database()").scalar_one()
+        conn.exec_driver_sql(f"ALTER DATABASE {database} SET TimeZone = 'Europe/Paris'")
+        conn.commit()
+    engine.dispose()
+    paris = cli(url, "doctor", SCRAPE_RUN_COMMAND="true")
+    assert paris.returncode == 0, paris.stdout  # a warning, not a failure
+    [warning] = [line for line in paris.stdout.splitlines() if line.startswith("! time zone")]
+    assert "Europe/Paris" in warning and "begun, ended" in warning and "reads as UTC" in warning
