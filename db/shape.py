@@ -197,6 +197,8 @@ def extend_check_statements(conn: Connection, table: sa.Table) -> list[str]:
     for name, definition in status_constraints(conn, table):
         missing = [v for v in _written_values(table) if not allows(conn, definition, table, v)]
         if not missing:
+            if definition.endswith(" NOT VALID"):  # extended by an --extend-check stopped before its VALIDATE
+                statements.append(f"ALTER TABLE {relation} VALIDATE CONSTRAINT {_quote(name)}")
             continue
         values = ", ".join("'" + v.replace("'", "''") + "'" for v in missing)
         expression = definition.removeprefix("CHECK ").removesuffix(" NOT VALID")

@@ -9,6 +9,7 @@ run's label are resolved here too: `RunsTable` is the one object that knows the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,12 +297,21 @@ def reflect_table(conn: Connection, qualified: str, layout: Layout | None = None
             enum_names[info.get("key", column)] = info["type"].name
             info["type"] = sa.Text()
 
-    table = sa.Table(
-        name, sa.MetaData(), schema=schema, autoload_with=conn, listeners=[("column_reflect", key_by_role)]
-    )
+    table = sa.Table(name, sa.MetaData(), schema=schema, listeners=[("column_reflect", key_by_role)])
+    inspector = sa.inspect(conn)
+    inspector.__class__ = _without_checks(type(inspector))
+    inspector.reflect_table(table, None)
     table.info["enum_names"] = enum_names
     table.info["layout"] = layout
     return table
+
+
+@functools.cache
+def _without_checks(inspector: type) -> type:
+    """The inspector, not reflecting CHECK constraints: stuck-runs reads those itself (db.shape), and
+    SQLAlchemy 2.1 fails to build a reflected `NOT VALID` one (it passes its dialect options as a
+    keyword `CheckConstraint` does not take), which would refuse any table that has one."""
+    return type("InspectorWithoutChecks", (inspector,), {"_reflect_check_constraints": lambda *_, **__: None})
 
 
 def load_runs_table(

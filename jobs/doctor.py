@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from db import catalog
 from db.engine import database_errors, make_engine, redacted
 from db.errors import ConfigError, OperatorError
-from db.layout import WRITTEN_STATES
+from db.layout import STATES, WRITTEN_STATES
 from db.migrate import current_revision, head_revision
 from db.queries import RunQueries
 from db.shape import heartbeat_problem
@@ -120,6 +120,9 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
             if problem is None:
                 runs = load_runs_table(conn, settings.table, settings.heartbeat_column, settings.layout)
         checks.append(Check("mapping", True, describe_mapping(runs)))
+        unmapped = _unmapped_values(conn, runs)
+        if unmapped:
+            checks.append(unmapped)
         zone = catalog.scrapers_time_zone(settings.database_url)
         naive = catalog.naive_columns_off_utc(zone, runs.table, _timestamps(runs))
         if naive:
@@ -177,6 +180,29 @@ def _untimed(conn: sa.Connection, queries: RunQueries, table: str) -> Check:
         untimed_message(count),
         f"have the scraper set {queries.runs.name_of('started_at')} when a run starts; for these: "
         + queries.untimed_fix_sql(),
+    )
+
+
+STATUS_SAMPLE = 10_000
+
+
+def _unmapped_values(conn: sa.Connection, runs: RunsTable) -> Check | None:
+    """A warning when the table holds status values STATUS_MAP does not mention: a running value
+    left out would make its stuck runs invisible, silently."""
+    known = {value for state in STATES for value in runs.layout.values(state)}
+    found = conn.execute(RunQueries(runs).status_sample(), {"sr_limit": STATUS_SAMPLE}).all()
+    sampled = sum(count for _, count in found)
+    unknown = [(value, count) for value, count in found if value not in known]
+    if not unknown:
+        return None
+    listed = ", ".join(f"{value!r} ({count:,})" for value, count in unknown[:5])
+    return Check(
+        "status values",
+        True,
+        f"of {sampled:,} rows sampled, some hold values STATUS_MAP does not map: {listed}; stuck-runs leaves "
+        "such runs alone",
+        "if one means running, completed or failed, add it to STATUS_MAP (running=a|b takes several)",
+        warning=True,
     )
 
 

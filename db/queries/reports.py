@@ -66,6 +66,20 @@ class ReportStatements(TableStatements):
             )
         return str(query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})) + ";"
 
+    def status_sample(self) -> sa.Select:
+        """The status values of up to `:sr_limit` rows (the newest first where ids are numbers), with
+        how many rows hold each: what the scraper writes, to hold STATUS_MAP against."""
+        t = self.t
+        rows = sa.select(sa.cast(t.c.status, sa.Text).label("value"))
+        if self.runs.id_kind == "integer":
+            rows = rows.order_by(t.c.id.desc())
+        sample = rows.limit(sa.bindparam("sr_limit")).subquery("sample")
+        return (
+            sa.select(sample.c.value, sa.func.count().label("rows"))
+            .group_by(sample.c.value)
+            .order_by(sa.func.count().desc())
+        )
+
     def untimed_fix_sql(self) -> str:
         """The UPDATE an operator can run to give the untimed runs a start, in the table's names."""
         t = self.t

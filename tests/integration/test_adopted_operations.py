@@ -98,3 +98,19 @@ def test_doctor_warns_about_naive_timestamps_when_the_server_is_not_on_utc(datab
     assert paris.returncode == 0, paris.stdout  # a warning, not a failure
     [warning] = [line for line in paris.stdout.splitlines() if line.startswith("! time zone")]
     assert "Europe/Paris" in warning and "begun, ended" in warning and "reads as UTC" in warning
+
+
+def test_doctor_warns_about_status_values_the_mapping_leaves_out(databases):
+    url = adopted_database(databases)
+    engine = make_engine(url)
+    with engine.begin() as conn:  # the scraper also writes 'queued_x', which STATUS_MAP does not mention
+        conn.exec_driver_sql(
+            "INSERT INTO fetches (url, state, begun) VALUES ('https://example.test/q', 'queued_x', now())"
+        )
+    engine.dispose()
+    result = cli(url, "doctor", SCRAPE_RUN_COMMAND="true")
+    assert result.returncode == 0, result.stdout
+    [warning] = [line for line in result.stdout.splitlines() if line.startswith("! status values")]
+    assert "of 4 rows sampled" in warning and "'queued_x' (1)" in warning and "STATUS_MAP" in warning
+    clean = cli(url, "doctor", SCRAPE_RUN_COMMAND="true", STATUS_MAP=ENV["STATUS_MAP"] + ",queued=queued_x")
+    assert "! status values" not in clean.stdout

@@ -132,6 +132,18 @@ def test_extend_check_extends_the_constraint_then_migrates(engine):
     assert not migrate(engine, "scrape_runs", extend_check=True).changed
 
 
+def test_extend_check_validates_a_constraint_an_interrupted_run_left_not_valid(engine):
+    with engine.begin() as conn:
+        conn.exec_driver_sql(TEXT_STATUS.format(table="scrape_runs"))
+        conn.exec_driver_sql(  # what --extend-check leaves when stopped between its two transactions
+            "ALTER TABLE scrape_runs ADD CONSTRAINT runs_status_ok CHECK (status IN "
+            "('running', 'completed', 'failed', 'pending_retry', 'cancelled')) NOT VALID"
+        )
+    assert [valid for _, _, valid in constraints(engine)] == [False]
+    migrate(engine, "scrape_runs", extend_check=True)
+    assert [valid for _, _, valid in constraints(engine)] == [True]
+
+
 def test_extend_check_does_not_wait_on_its_own_reads(engine):
     """With the retry columns already there, the duplicate check reads the table: that session's
     lock must be released before the constraint is re-created (it used to time out after 10 s)."""
