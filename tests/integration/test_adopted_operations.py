@@ -114,3 +114,28 @@ def test_doctor_warns_about_status_values_the_mapping_leaves_out(databases):
     assert "of 4 rows sampled" in warning and "'queued_x' (1)" in warning and "STATUS_MAP" in warning
     clean = cli(url, "doctor", SCRAPE_RUN_COMMAND="true", STATUS_MAP=ENV["STATUS_MAP"] + ",queued=queued_x")
     assert "! status values" not in clean.stdout
+
+
+def test_the_script_and_a_bulk_retry_work_on_an_adopted_table(databases):
+    url = adopted_database(databases)
+    base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    script = Path(__file__).resolve().parents[2] / "scripts" / "fix_stuck_runs_with_retry.py"
+    fixed = subprocess.run(
+        [sys.executable, str(script), "--max-retries", "0"],
+        env={**base, "DATABASE_URL": url, **ENV, "SCRAPE_RUN_COMMAND": "true"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert fixed.returncode == 0, fixed.stderr
+    assert "failed 3 stuck run(s)" in fixed.stdout and "https://example.test/0" in fixed.stdout
+    bulk = cli(url, "retry", "--error-like", "%permanently failed%", "--reset-budget", "--json")
+    assert bulk.returncode == 0, bulk.stderr
+    assert len(json.loads(bulk.stdout)["scheduled"]) == 3
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        states = conn.exec_driver_sql("SELECT state, count(*) FROM fetches GROUP BY state ORDER BY state").all()
+    engine.dispose()
+    assert [tuple(row) for row in states] == [("again", 3), ("bad", 3)]
+    no_column = cli(url, "retry", "--search-query", "x%")
+    assert no_column.returncode == 2 and "fetches has no search_query column" in no_column.stderr
