@@ -40,8 +40,11 @@ def index_state(conn: Connection, qualified: str) -> dict[str, bool | None]:
     return {name: found.get(name) for name in names}
 
 
-def missing_privileges(conn: Connection, qualified: str, dead_letters: str = DEAD_LETTERS_TABLE) -> list[str]:
-    """The table privileges stuck-runs needs and the connected role lacks, as 'PRIV on table'."""
+def missing_privileges(
+    conn: Connection, qualified: str, dead_letters: str = DEAD_LETTERS_TABLE, id_sequence: str | None = None
+) -> list[str]:
+    """The table privileges stuck-runs needs and the connected role lacks, as 'PRIV on table'
+    (and USAGE on `id_sequence`, which numbers the retries of an integer-id table)."""
     schema, _ = split_name(qualified)
     prefix = f"{schema}." if schema else ""
     wanted = {
@@ -51,6 +54,13 @@ def missing_privileges(conn: Connection, qualified: str, dead_letters: str = DEA
         f"{prefix}{JOB_RUNS}": ("SELECT", "INSERT", "UPDATE"),
     }
     lacking = []
+    if (
+        id_sequence
+        and not conn.execute(
+            sa.text("SELECT has_sequence_privilege(current_user, :s, 'USAGE')"), {"s": id_sequence}
+        ).scalar_one()
+    ):
+        lacking.append(f"USAGE on sequence {id_sequence}")
     for table, privileges in wanted.items():
         relation = quote_table(conn.dialect, table)
         exists = conn.execute(sa.text("SELECT to_regclass(:r) IS NOT NULL"), {"r": relation}).scalar_one()

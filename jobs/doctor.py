@@ -158,7 +158,7 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
         )
         if current == head:
             checks.append(_untimed(conn, RunQueries(runs), settings.table))
-        lacking = catalog.missing_privileges(conn, settings.table, runs.dead_letters_name)
+        lacking = catalog.missing_privileges(conn, settings.table, runs.dead_letters_name, runs.id_sequence)
         checks.append(
             Check(
                 "privileges",

@@ -139,3 +139,27 @@ def test_the_script_and_a_bulk_retry_work_on_an_adopted_table(databases):
     assert [tuple(row) for row in states] == [("again", 3), ("bad", 3)]
     no_column = cli(url, "retry", "--search-query", "x%")
     assert no_column.returncode == 2 and "fetches has no search_query column" in no_column.stderr
+
+
+def test_doctor_names_the_id_sequence_a_role_may_not_use(databases):
+    url = adopted_database(databases)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP ROLE IF EXISTS sr_no_sequence")
+        conn.exec_driver_sql("CREATE ROLE sr_no_sequence LOGIN")
+        conn.exec_driver_sql("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO sr_no_sequence")
+        conn.exec_driver_sql("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO sr_no_sequence")
+        conn.exec_driver_sql("REVOKE USAGE ON SEQUENCE fetches_fetch_id_seq FROM sr_no_sequence")
+    engine.dispose()
+    as_role = sa.engine.make_url(url).set(username="sr_no_sequence", password=None)
+    try:
+        result = cli(as_role.render_as_string(hide_password=False), "doctor", SCRAPE_RUN_COMMAND="true")
+        [line] = [line for line in result.stdout.splitlines() if line.startswith("✗ privileges")]
+        assert "USAGE on sequence" in line and "fetches_fetch_id_seq" in line
+        assert result.returncode == 1
+    finally:
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP OWNED BY sr_no_sequence")
+            conn.exec_driver_sql("DROP ROLE sr_no_sequence")
+        engine.dispose()
