@@ -18,6 +18,8 @@ ROLES = ("id", "status", "started_at", "completed_at", "error_message")
 # The states stuck-runs reads and writes; `queued` is the scraper's own waiting value (§12's hand-off).
 STATES = ("running", "completed", "failed", "pending_retry", "cancelled", "queued")
 WRITTEN_STATES = ("running", "completed", "failed", "pending_retry", "cancelled")
+# The columns stuck-runs adds and keeps: no role may be one of them.
+RETRY_COLUMNS = ("retry_count", "max_retries", "next_retry_at", "original_run_id", "is_retry", "failure_pattern")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 NAME_MAX_LENGTH = 63
 VALUE_MAX_LENGTH = 63
@@ -78,6 +80,10 @@ def parse_column_map(text: str, name: str = "COLUMN_MAP") -> dict[str, str]:
             raise ConfigError(f"{name}: {_shown(role)} is not a role: map some of {', '.join(ROLES)}")
         if role in columns:
             raise ConfigError(f"{name} maps {role} twice: keep one {role}=column")
+        if column in RETRY_COLUMNS:
+            raise ConfigError(
+                f"{name}: {role}={column} is one of stuck-runs' own columns: map a column of the scraper's"
+            )
         if not _NAME.fullmatch(column) or len(column) > NAME_MAX_LENGTH:
             raise ConfigError(
                 f"{name}: {role}={_shown(column)} is not a column name: use letters, digits and _ "

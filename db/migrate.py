@@ -54,7 +54,8 @@ class TablePlan:
     @property
     def enum_values(self) -> tuple[str, ...]:
         """The values stuck-runs writes and a status enum may lack (the scraper's own it has)."""
-        return tuple(self.layout.written(s) for s in ("pending_retry", "cancelled", "running", "completed", "failed"))
+        states = ("pending_retry", "cancelled", "running", "completed", "failed")
+        return tuple(value for state in states for value in self.layout.values(state))
 
     @property
     def enum_step(self) -> str:
@@ -110,10 +111,11 @@ class MigrateResult:
     table: str
     before: str | None
     after: str | None
+    added: tuple[str, ...] = ()  # what a table already at the newest revision lacked (a mapping changed)
 
     @property
     def changed(self) -> bool:
-        return self.before != self.after
+        return self.before != self.after or bool(self.added)
 
 
 def _config(qualified: str, **attributes: object) -> Config:
@@ -291,10 +293,12 @@ def migrate(
     layout = layout or Layout()
     with database_errors(engine, f"migrating {qualified}"), engine.connect() as conn:
         table = check_migratable(conn, qualified, heartbeat, layout, extend_check=extend_check)
+        extended: tuple[str, ...] = ()
         if extend_check:
             statements = extend_check_statements(conn, table)
             conn.commit()  # this session's reads hold a lock the ALTER TABLE would wait for
             _extend_check(engine, statements)
+            extended = tuple(f"CHECK {s.split(' CONSTRAINT ')[1]}" for s in statements if " VALIDATE " in s)
             table = check_migratable(conn, qualified, heartbeat, layout)
         plan = plan_for(conn, table, qualified)
         _drop_invalid_indexes(engine, conn, qualified)
@@ -311,7 +315,36 @@ def migrate(
             raise
         after = current_revision(conn, qualified)
         conn.commit()
-    return MigrateResult(qualified, before, after)
+        added = _complete(engine, conn, qualified, layout) if before == after else ()
+    return MigrateResult(qualified, before, after, extended + added)
+
+
+def _complete(engine: Engine, conn: Connection, qualified: str, layout: Layout) -> tuple[str, ...]:
+    """Runs the steps a table at the newest revision still lacks: a mapping changed since it was
+    migrated (a new status value for the enum, a newly mapped error column). Every step is idempotent."""
+    table = reflect_table(conn, qualified, layout)
+    plan = plan_for(conn, table, qualified)
+    present = present_objects(conn, table, plan)
+    needless = set() if table.info["enum_names"].get("status") else {plan.enum_step}
+    missing = [
+        step
+        for _, steps in revision_steps(plan)
+        for step in steps
+        if step.creates not in present and step.creates not in needless
+    ]
+    conn.commit()
+    transactional = [step.sql for step in missing if not step.concurrent]
+    if transactional:
+        with engine.begin() as run:
+            run.exec_driver_sql(LOCK_TIMEOUT)
+            for sql in transactional:
+                run.exec_driver_sql(sql)
+    concurrent = [step.sql for step in missing if step.concurrent]
+    if concurrent:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as run:
+            for sql in concurrent:
+                run.exec_driver_sql(sql)
+    return tuple(step.creates for step in missing)
 
 
 def _extend_check(engine: Engine, statements: list[str]) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from db.errors import ConfigError, NotMigrated, SchemaError
-from db.layout import WRITTEN_STATES, Layout
+from db.layout import WRITTEN_STATES, Layout, label_fields
 from db.table import DEAD_LETTERS_TABLE, RETRY_COLUMNS, dead_letters_name, quoted_relation, sql_type
 
 _WRITTEN_ROLES = ("status", "error_message", "started_at", "completed_at")
@@ -59,18 +59,100 @@ def check_shape(conn: Connection, table: sa.Table, qualified: str) -> None:
             )
     for role in ("started_at", "completed_at"):
         if role in table.c and not isinstance(table.c[role].type, sa.DateTime):
-            raise SchemaError(
+            error = ConfigError if role in layout.columns else SchemaError
+            raise error(
                 f"{qualified}.{table.c[role].name} (the {role}) is {sql_type(table.c[role])}: stuck-runs needs a "
                 "timestamp (with or without time zone); map another column in COLUMN_MAP"
             )
     if "error_message" in table.c:
         error = table.c.error_message
+        wrong = ConfigError if "error_message" in layout.columns else SchemaError
         if not isinstance(error.type, (sa.String, sa.JSON)):
-            raise SchemaError(
+            raise wrong(
                 f"{qualified}.{error.name} (the error_message) is {sql_type(error)}: stuck-runs writes text, "
                 "varchar or json there; map another column in COLUMN_MAP"
             )
+        length = getattr(error.type, "length", None)
+        if length is not None and length < MIN_ERROR_LENGTH:
+            raise wrong(
+                f"{qualified}.{error.name} (the error_message) is varchar({length}): too short for stuck-runs' "
+                f"messages (`Run stuck for 2.0h - retry 1/4 scheduled`); widen it to at least {MIN_ERROR_LENGTH}, "
+                "or map another column"
+            )
+    _check_retry_columns(table, qualified)
+    _check_written_columns(conn, table, qualified)
+    _check_unique_inputs(conn, table, qualified)
     _check_status(conn, table, qualified)
+
+
+MIN_ERROR_LENGTH = 64
+# What stuck-runs' own columns must be, when a table already has one of that name.
+_RETRY_TYPES = {
+    "retry_count": (sa.Integer, "integer"),
+    "max_retries": (sa.Integer, "integer"),
+    "next_retry_at": (sa.DateTime, "a timestamp"),
+    "is_retry": (sa.Boolean, "boolean"),
+    "failure_pattern": (sa.String, "text"),
+}
+
+
+def _check_retry_columns(table: sa.Table, qualified: str) -> None:
+    """A column named like one stuck-runs adds, of another type, is the scraper's own: refused."""
+    for name, (kind, wanted) in _RETRY_TYPES.items():
+        if name in table.c and not isinstance(table.c[name].type, kind):
+            raise SchemaError(
+                f"{qualified}.{name} is {sql_type(table.c[name])}, but stuck-runs keeps its own {name} ({wanted}) "
+                "there: rename the scraper's column, or point SCRAPE_RUNS_TABLE at another table"
+            )
+    if "original_run_id" in table.c and sql_type(table.c.original_run_id) != sql_type(table.c.id):
+        raise SchemaError(
+            f"{qualified}.original_run_id is {sql_type(table.c.original_run_id)}, but it must hold ids of "
+            f"{table.c.id.name} ({sql_type(table.c.id)}): rename the scraper's column, or change its type"
+        )
+
+
+def _check_written_columns(conn: Connection, table: sa.Table, qualified: str) -> None:
+    """The error and completion columns are stuck-runs' to write: refused when they are the scraper's
+    data (named in RUN_LABEL, NOT NULL, or filled on running runs), which stuck-runs would overwrite."""
+    layout = _layout(table)
+    labelled = {column for _, column in label_fields(layout.label or "") if column}
+    running = sa.cast(table.c.status, sa.Text).in_(layout.values("running"))
+    for role in ("error_message", "completed_at"):
+        if role not in table.c:
+            continue
+        column = table.c[role]
+        why = None
+        if column.name in labelled:
+            why = "RUN_LABEL names it"
+        elif not column.nullable:
+            why = "it is NOT NULL, and a new attempt has none"
+        elif conn.execute(sa.select(sa.literal(1)).where(running, column.is_not(None)).limit(1)).first():
+            why = "running runs already hold values in it"
+        if why:
+            raise ConfigError(
+                f"COLUMN_MAP: {qualified}.{column.name} cannot be the {role}: {why}, so it is the scraper's data "
+                f"and stuck-runs would overwrite it; map a column for stuck-runs to write (migrate adds a missing one)"
+            )
+
+
+def _check_unique_inputs(conn: Connection, table: sa.Table, qualified: str) -> None:
+    """A UNIQUE constraint on input columns alone: a retry copies them, so no retry could ever be created."""
+    managed = {"id", *_WRITTEN_ROLES, *RETRY_COLUMNS}
+    for columns in conn.execute(
+        sa.text(
+            "SELECT array_agg(a.attname ORDER BY a.attnum) FROM pg_index i "
+            "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) "
+            "WHERE i.indrelid = CAST(:rel AS regclass) AND i.indisunique AND NOT i.indisprimary "
+            "AND i.indpred IS NULL AND 0 <> ALL (i.indkey) GROUP BY i.indexrelid"
+        ),
+        {"rel": quoted_relation(table)},
+    ).scalars():
+        keys = [next(c.key for c in table.columns if c.name == name) for name in columns]
+        if not set(keys) & managed and not {"original_run_id", "retry_count"} <= set(keys):
+            raise SchemaError(
+                f"{qualified} has a UNIQUE constraint on ({', '.join(columns)}): a retry copies those columns, so "
+                "no retry could be created; make it unique per attempt (add retry_count to it) or drop it"
+            )
 
 
 def id_kind(table: sa.Table) -> str:
@@ -161,6 +243,12 @@ def _written_values(table: sa.Table) -> list[str]:
     return [layout.written(state) for state in WRITTEN_STATES]
 
 
+def _mapped_values(table: sa.Table) -> list[str]:
+    """Every value the mapping names, written or only recognised (`indexing` of running=running|indexing)."""
+    layout = _layout(table)
+    return [value for state in WRITTEN_STATES for value in layout.values(state)]
+
+
 def allows(conn: Connection, definition: str, table: sa.Table, value: str) -> bool:
     """Whether a CHECK definition accepts `value` as the status (asked of PostgreSQL itself)."""
     expression = definition.removeprefix("CHECK ").removesuffix(" NOT VALID")
@@ -229,7 +317,7 @@ def missing_enum_values(conn: Connection, table: sa.Table) -> list[str]:
     if not table.info["enum_names"].get("status"):
         return []
     labels = status_labels(conn, table)
-    return [v for v in _written_values(table) if v not in labels]
+    return [v for v in _mapped_values(table) if v not in labels]
 
 
 def status_sql_type(conn: Connection, table: sa.Table) -> str:

@@ -18,10 +18,9 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import UserDefinedType
 
-from db.errors import SchemaError, UsageError
-from db.layout import STATES, Layout, label_fields
+from db.errors import ConfigError, SchemaError, UsageError
+from db.layout import RETRY_COLUMNS, STATES, Layout, label_fields
 
-RETRY_COLUMNS = ("retry_count", "max_retries", "next_retry_at", "original_run_id", "is_retry", "failure_pattern")
 ROLE_KEYS = ("id", "status", "started_at", "completed_at", "error_message")
 # Bookkeeping timestamps describe one row, not the work: a retry gets its own (now), never a copy.
 _BOOKKEEPING = frozenset({"createdat", "updatedat", "modifiedat", "insertedat"})
@@ -72,6 +71,7 @@ class RunsTable:
     id_sequence: str | None = None  # an integer id's sequence, schema-qualified and quoted
     error_kind: str = "text"  # "text", "varchar" or "json"
     error_limit: int | None = None  # a varchar(n) error column's n
+    id_default: str | None = None  # a UUID or text id's own default expression (`md5(random()::text)`)
 
     @property
     def c(self) -> sa.sql.base.ReadOnlyColumnCollection:
@@ -147,6 +147,8 @@ class RunsTable:
         """A fresh id for a retry row, of the id's type."""
         if self.id_kind == "integer":
             return sa.cast(sa.func.nextval(sa.literal(self.id_sequence, sa.Text)), self.id_type)
+        if self.id_default is not None:  # the table's own way of making ids wins
+            return sa.cast(sa.literal_column(f"({self.id_default})"), self.id_type)
         if self.id_kind == "text":
             return sa.cast(sa.func.gen_random_uuid(), sa.Text)
         return sa.func.gen_random_uuid()
@@ -347,8 +349,11 @@ def load_runs_table(
     )
     enum_name = table.info["enum_names"].get("status")
     status_type: sa.types.TypeEngine = _NamedType(status_sql_type(conn, table)) if enum_name else table.c.status.type
+    _check_label(table, qualified, layout)
     error = table.c.error_message.type
     kind = id_kind(table)
+    default = table.c.id.server_default
+    own_default = str(default.arg) if default is not None and kind != "integer" else None
     return RunsTable(
         table,
         layout,
@@ -360,7 +365,17 @@ def load_runs_table(
         id_sequence(conn, table) if kind == "integer" else None,
         "json" if isinstance(error, sa.JSON) else ("varchar" if getattr(error, "length", None) else "text"),
         getattr(error, "length", None) if not isinstance(error, sa.JSON) else None,
+        own_default,
     )
+
+
+def _check_label(table: sa.Table, qualified: str, layout: Layout) -> None:
+    """RUN_LABEL may name the table's columns, nothing else."""
+    names = {c.name for c in table.columns}
+    for _, column in label_fields(layout.label or ""):
+        if column is not None and column not in names:
+            choices = ", ".join("{" + n + "}" for n in sorted(names))
+            raise ConfigError(f"RUN_LABEL: {{{column}}} is not a column of {qualified}; use some of {choices}")
 
 
 def sql_type(column: sa.Column) -> str:

@@ -19,6 +19,7 @@ from db.shape import heartbeat_problem
 from db.table import ROLE_KEYS, RunsTable, load_runs_table, sql_type
 from jobs.config import Settings
 from jobs.executor import resolve_callable
+from jobs.runtime import check_placeholders
 from jobs.status import untimed_message
 
 CLOCK_SKEW_LIMIT = timedelta(seconds=5)  # a minute of skew misjudges stuck runs by a minute
@@ -120,6 +121,10 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
             if problem is None:
                 runs = load_runs_table(conn, settings.table, settings.heartbeat_column, settings.layout)
         checks.append(Check("mapping", True, describe_mapping(runs)))
+        try:
+            check_placeholders(settings, runs)
+        except ConfigError as exc:
+            checks.append(Check("executor placeholders", False, str(exc), "fix SCRAPE_RUN_COMMAND"))
         unmapped = _unmapped_values(conn, runs)
         if unmapped:
             checks.append(unmapped)
@@ -219,6 +224,7 @@ def describe_mapping(runs: RunsTable) -> str:
         return runs.status_type.sql_name if role == "status" and runs.status_is_enum else sql_type(runs.c[role])
 
     roles = ", ".join(f"{role}={runs.name_of(role)} ({kind(role)})" for role in ROLE_KEYS)
-    states = ", ".join(f"{state}={'|'.join(layout.values(state))}" for state in WRITTEN_STATES)
+    shown = (*WRITTEN_STATES, *(("queued",) if "queued" in layout.statuses else ()))
+    states = ", ".join(f"{state}={'|'.join(layout.values(state))}" for state in shown)
     label = layout.label or "default: {search_query} in {location_query}, else the run's id"
     return f"{roles}; status values {states}; label {label}; {len(runs.input_columns)} input column(s) copied"

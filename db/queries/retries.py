@@ -169,7 +169,7 @@ class RetryStatements(TableStatements):
             "status": runs.status("running"),
             "started_at": NOW,
             "completed_at": None,
-            "error_message": None,
+            "error_message": sa.null(),  # SQL NULL: None would be JSON null in a json error column
             # next_retry_at is when a failed attempt's retry is due; a running attempt has none.
             "next_retry_at": None,
             "failure_pattern": None,

@@ -47,9 +47,12 @@ def migrate_command(ctx: click.Context, as_sql: bool, extend_check: bool) -> int
         result = migrate(engine, settings.table, settings.heartbeat_column, settings.layout, extend_check=extend_check)
     finally:
         engine.dispose()
-    if result.changed:
+    if result.before != result.after:
         click.echo(f"Migrated {result.table} from revision {result.before or 'none'} to {result.after}.")
-    else:
+    if result.added:
+        done = "Also" if result.before != result.after else f"Completed {result.table} for its mapping:"
+        click.echo(f"{done} added {', '.join(result.added)}.")
+    if not result.changed:
         click.echo(f"{result.table} is already at revision {head_revision()}; nothing changed.")
     return EXIT_OK
 
