@@ -7,6 +7,7 @@ import click
 from db.engine import make_engine
 from db.errors import EXIT_OK, UsageError
 from db.migrate import head_revision, migrate, script_for_dba
+from jobs.manual import chain_history
 from jobs.status import read_status, untimed_message
 from scheduler.cli import EXECUTION, POLICY, cli, config_options, json_option, load_settings, open_runtime
 from scheduler.cli.output import emit_json, table, when
@@ -76,7 +77,8 @@ def sql_command(ctx: click.Context, kind: str, run_id: str | None) -> int:
     if (kind == "history") != (run_id is not None):
         raise UsageError("give a RUN_ID with `sql history`, and none with `sql pending`")
     with open_runtime(ctx) as rt:
-        wanted = rt.runs.parse_id(run_id) if run_id is not None else None
+        # SPEC §9's history query takes the chain's first run: a retry's id is followed to it.
+        wanted = chain_history(rt, rt.runs.parse_id(run_id)).root_id if run_id is not None else None
         click.echo(rt.queries.monitoring_sql(kind, wanted))
     return EXIT_OK
 

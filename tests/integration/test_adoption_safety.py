@@ -218,3 +218,18 @@ def test_doctor_fails_a_command_placeholder_that_process_would_refuse(databases)
     [line] = [line for line in result.stdout.splitlines() if line.startswith("✗ executor placeholders")]
     assert "{nope} is not a column of jobs" in line
     assert cli(url, "process", SCRAPE_RUN_COMMAND="echo {nope}").returncode == 2
+
+
+def test_sql_history_of_a_retry_prints_its_whole_chain(databases):
+    url = table(databases)
+    assert cli(url, "migrate").returncode == 0
+    assert cli(url, "check").returncode == 0
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        retry_id, root = conn.exec_driver_sql("SELECT job_id, original_run_id FROM jobs WHERE is_retry LIMIT 1").one()
+        printed = cli(url, "sql", "history", str(retry_id))
+        assert printed.returncode == 0, printed.stderr
+        assert f"= {root}" in printed.stdout
+        rows = conn.exec_driver_sql(printed.stdout).all()
+    engine.dispose()
+    assert [row.retry_count for row in rows] == [0, 1]

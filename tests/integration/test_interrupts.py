@@ -146,7 +146,8 @@ def test_a_signal_during_a_sweep_ends_it_after_its_batch_and_reports_what_was_co
 
 
 def test_a_signal_during_the_output_stops_the_printing(db_url, many_stuck):
-    proc = start([sys.executable, "-m", "scheduler", "check"], {"DATABASE_URL": db_url})
+    # --all: every one of the 20,000 rows is printed, so the pipe fills and the printing is still going
+    proc = start([sys.executable, "-m", "scheduler", "check", "--all"], {"DATABASE_URL": db_url})
     first = proc.stdout.readline()  # the sweep is over; the 20,000-row table is being written
     assert first.startswith("Stuck-run sweep: failed 20000 stuck run(s)")
     proc.send_signal(signal.SIGINT)
