@@ -6,6 +6,7 @@ prints the same steps (those a database lacks, when it can be asked) for a DBA t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,8 +218,9 @@ def script_for_dba(url: str | None, qualified: str, heartbeat: str | None = None
             table = check_migratable(conn, qualified, heartbeat, layout, extend_check=True)
             extend = extend_check_statements(conn, table)
             plan = plan_for(conn, table, qualified)
-            present = present_objects(conn, table, plan)
-            invalid = tuple(_invalid_indexes(conn, qualified))
+            stale = stale_indexes(conn, plan)
+            present = present_objects(conn, table, plan) - {f"index {name.split('.')[-1]}" for name in stale}
+            invalid = (*_invalid_indexes(conn, qualified), *stale)
     except DatabaseUnavailable as exc:
         return _full_script(TablePlan(qualified, layout), str(exc))
     finally:
@@ -301,7 +303,7 @@ def migrate(
             extended = tuple(f"CHECK {s.split(' CONSTRAINT ')[1]}" for s in statements if " VALIDATE " in s)
             table = check_migratable(conn, qualified, heartbeat, layout)
         plan = plan_for(conn, table, qualified)
-        _drop_invalid_indexes(engine, conn, qualified)
+        _drop_invalid_indexes(engine, conn, qualified, plan)
         before = current_revision(conn, qualified)
         conn.commit()
         try:
@@ -421,9 +423,41 @@ def _invalid_indexes(conn: Connection, qualified: str) -> list[str]:
     )
 
 
-def _drop_invalid_indexes(engine: Engine, conn: Connection, qualified: str) -> None:
-    """A CONCURRENTLY build that failed leaves an invalid index IF NOT EXISTS would keep."""
-    invalid = _invalid_indexes(conn, qualified)
+def stale_indexes(conn: Connection, plan: TablePlan) -> list[str]:
+    """stuck-runs' partial indexes built for another mapping (STATUS_MAP or the started_at column
+    changed since): the sweeps' predicates no longer match them, so PostgreSQL would scan the table.
+    Judged by the status values their predicate names and the column they index; schema-qualified."""
+    schema, _ = split_name(plan.qualified)
+    names = index_names(plan.qualified)
+    wanted = {
+        names["running"]: (set(plan.layout.values("running")), f"({plan.column('started_at')})"),
+        names["pending"]: (set(plan.layout.values("pending_retry")), "(next_retry_at)"),
+    }
+    found = conn.execute(
+        sa.text(
+            "SELECT c.relname, quote_ident(n.nspname) || '.' || quote_ident(c.relname), "
+            "pg_get_expr(i.indpred, i.indrelid), pg_get_indexdef(i.indexrelid) FROM pg_index i "
+            "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relname = ANY (:names) AND n.nspname = coalesce(:schema, current_schema())"
+        ),
+        {"names": list(wanted), "schema": schema},
+    ).all()
+    stale = []
+    for name, qualified_name, predicate, definition in found:
+        values, key = wanted[name]
+        named = {v.replace("''", "'") for v in _LITERAL.findall(predicate or "")}
+        if named != values or key not in definition:
+            stale.append(qualified_name)
+    return stale
+
+
+_LITERAL = re.compile(r"'((?:[^']|'')*)'")
+
+
+def _drop_invalid_indexes(engine: Engine, conn: Connection, qualified: str, plan: TablePlan | None = None) -> None:
+    """A CONCURRENTLY build that failed leaves an invalid index IF NOT EXISTS would keep; an index
+    built for another mapping is dropped too, so the steps build it again for this one."""
+    invalid = _invalid_indexes(conn, qualified) + (stale_indexes(conn, plan) if plan else [])
     conn.commit()
     if invalid:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as autocommit:

@@ -13,7 +13,7 @@ from db import catalog
 from db.engine import database_errors, make_engine, redacted
 from db.errors import ConfigError, OperatorError
 from db.layout import STATES, WRITTEN_STATES
-from db.migrate import current_revision, head_revision
+from db.migrate import current_revision, head_revision, plan_for, stale_indexes
 from db.queries import RunQueries
 from db.shape import heartbeat_problem
 from db.table import ROLE_KEYS, RunsTable, load_runs_table, sql_type
@@ -153,6 +153,10 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
         )
         states = catalog.index_state(conn, settings.table)
         bad = [f"{name} ({'invalid' if state is False else 'missing'})" for name, state in states.items() if not state]
+        bad += [
+            f"{name} (built for another mapping)"
+            for name in stale_indexes(conn, plan_for(conn, runs.table, settings.table))
+        ]
         checks.append(
             Check(
                 "indexes",

@@ -233,3 +233,26 @@ def test_sql_history_of_a_retry_prints_its_whole_chain(databases):
         rows = conn.exec_driver_sql(printed.stdout).all()
     engine.dispose()
     assert [row.retry_count for row in rows] == [0, 1]
+
+
+def test_an_index_built_for_another_status_map_is_rebuilt_by_migrate_and_named_by_doctor(databases):
+    url = table(databases)
+    assert cli(url, "migrate").returncode == 0
+    second_phase = {"STATUS_MAP": MAP["STATUS_MAP"].replace("running=busy", "running=busy|indexing")}
+    doctor = cli(url, "doctor", SCRAPE_RUN_COMMAND="true", **second_phase)
+    assert doctor.returncode == 1
+    [line] = [line for line in doctor.stdout.splitlines() if line.startswith("✗ indexes")]
+    assert "ix_jobs_running_started_at (built for another mapping)" in line
+    script = cli(url, "migrate", "--sql", **second_phase).stdout
+    assert "DROP INDEX CONCURRENTLY IF EXISTS public.ix_jobs_running_started_at;" in script
+    assert "WHERE state IN ('busy', 'indexing')" in script
+    done = cli(url, "migrate", **second_phase)
+    assert done.returncode == 0 and "index ix_jobs_running_started_at" in done.stdout, done.stdout
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        predicate = conn.exec_driver_sql(
+            "SELECT pg_get_expr(indpred, indrelid) FROM pg_index WHERE indexrelid = 'ix_jobs_running_started_at'::regclass"
+        ).scalar_one()
+    engine.dispose()
+    assert "'indexing'" in predicate
+    assert "✗" not in cli(url, "doctor", SCRAPE_RUN_COMMAND="true", **second_phase).stdout
