@@ -7,6 +7,7 @@ prints the same steps (those a database lacks, when it can be asked) for a DBA t
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,18 +148,33 @@ class Step:
     concurrent: bool = False  # must run outside a transaction (CONCURRENTLY, ALTER TYPE ... ADD VALUE)
 
 
-def apply_steps(op: Any, steps: list[Step]) -> None:
-    """Runs a revision's steps: the transactional ones first, then the concurrent ones."""
+class MigrationStopped(Exception):
+    """A signal asked `migrate` to stop; it did between two statements. Running it again finishes."""
+
+
+def stop_point(stop: threading.Event | None, after: str) -> None:
+    """Where `migrate` may stop: between statements, never inside one."""
+    if stop is not None and stop.is_set():
+        raise MigrationStopped(after)
+
+
+def apply_steps(op: Any, steps: list[Step], stop: threading.Event | None = None) -> None:
+    """Runs a revision's steps: the transactional ones first (rolled back together when stopped),
+    then the concurrent ones, each a statement of its own."""
     transactional = [s for s in steps if not s.concurrent]
     if transactional:
         op.execute(LOCK_TIMEOUT)
         for step in transactional:
+            stop_point(stop, "nothing: the columns and tables were rolled back")
             op.execute(step.sql)
     concurrent = [s for s in steps if s.concurrent]
+    done = [s.creates for s in transactional]
     if concurrent:
         with op.get_context().autocommit_block():
             for step in concurrent:
+                stop_point(stop, ", ".join(done))
                 op.execute(step.sql)
+                done.append(step.creates)
 
 
 def revision_steps(plan: TablePlan) -> list[tuple[str, list[Step]]]:
@@ -285,12 +301,15 @@ def migrate(
     layout: Layout | None = None,
     *,
     extend_check: bool = False,
+    stop: threading.Event | None = None,
 ) -> MigrateResult:
     """Brings `qualified` up to the newest revision; a second call changes nothing.
 
     A table that `load_runs_table` would refuse is refused before the first statement. A CHECK on
     status that forbids values stuck-runs writes is refused with the statements that extend it,
-    or, with `extend_check`, extended first (re-created NOT VALID, then validated).
+    or, with `extend_check`, extended first (re-created NOT VALID, then validated). With `stop` set
+    (a signal), it stops between two statements and raises `MigrationStopped`; running it again
+    finishes the work, every step being idempotent.
     """
     layout = layout or Layout()
     with database_errors(engine, f"migrating {qualified}"), engine.connect() as conn:
@@ -299,7 +318,7 @@ def migrate(
         if extend_check:
             statements = extend_check_statements(conn, table)
             conn.commit()  # this session's reads hold a lock the ALTER TABLE would wait for
-            _extend_check(engine, statements)
+            _extend_check(engine, statements, stop)
             extended = tuple(f"CHECK {s.split(' CONSTRAINT ')[1]}" for s in statements if " VALIDATE " in s)
             table = check_migratable(conn, qualified, heartbeat, layout)
         plan = plan_for(conn, table, qualified)
@@ -307,7 +326,7 @@ def migrate(
         before = current_revision(conn, qualified)
         conn.commit()
         try:
-            command.upgrade(_config(qualified, connection=conn, plan=plan), "head")
+            command.upgrade(_config(qualified, connection=conn, plan=plan, stop=stop), "head")
         except OperationalError as exc:
             if "lock timeout" in str(exc):
                 raise DatabaseUnavailable(
@@ -317,11 +336,13 @@ def migrate(
             raise
         after = current_revision(conn, qualified)
         conn.commit()
-        added = _complete(engine, conn, qualified, layout) if before == after else ()
+        added = _complete(engine, conn, qualified, layout, stop) if before == after else ()
     return MigrateResult(qualified, before, after, extended + added)
 
 
-def _complete(engine: Engine, conn: Connection, qualified: str, layout: Layout) -> tuple[str, ...]:
+def _complete(
+    engine: Engine, conn: Connection, qualified: str, layout: Layout, stop: threading.Event | None = None
+) -> tuple[str, ...]:
     """Runs the steps a table at the newest revision still lacks: a mapping changed since it was
     migrated (a new status value for the enum, a newly mapped error column). Every step is idempotent."""
     table = reflect_table(conn, qualified, layout)
@@ -335,21 +356,25 @@ def _complete(engine: Engine, conn: Connection, qualified: str, layout: Layout) 
         if step.creates not in present and step.creates not in needless
     ]
     conn.commit()
-    transactional = [step.sql for step in missing if not step.concurrent]
+    transactional = [step for step in missing if not step.concurrent]
     if transactional:
         with engine.begin() as run:
             run.exec_driver_sql(LOCK_TIMEOUT)
-            for sql in transactional:
-                run.exec_driver_sql(sql)
-    concurrent = [step.sql for step in missing if step.concurrent]
+            for step in transactional:
+                stop_point(stop, "nothing: the columns were rolled back")
+                run.exec_driver_sql(step.sql)
+    done = [step.creates for step in transactional]
+    concurrent = [step for step in missing if step.concurrent]
     if concurrent:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as run:
-            for sql in concurrent:
-                run.exec_driver_sql(sql)
-    return tuple(step.creates for step in missing)
+            for step in concurrent:
+                stop_point(stop, ", ".join(done))
+                run.exec_driver_sql(step.sql)
+                done.append(step.creates)
+    return tuple(done)
 
 
-def _extend_check(engine: Engine, statements: list[str]) -> None:
+def _extend_check(engine: Engine, statements: list[str], stop: threading.Event | None = None) -> None:
     """Re-creates the CHECK NOT VALID (a brief lock, no scan), then validates it (no write lock)."""
     if not statements:
         return
@@ -361,6 +386,7 @@ def _extend_check(engine: Engine, statements: list[str]) -> None:
                 conn.exec_driver_sql(sql)
     with engine.begin() as conn:
         for sql in validate:
+            stop_point(stop, "the CHECK's re-creation (NOT VALID; the next migrate --extend-check validates it)")
             conn.exec_driver_sql(sql)
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import click
 
 from db.engine import make_engine
-from db.errors import EXIT_OK, UsageError
-from db.migrate import head_revision, migrate, script_for_dba
+from db.errors import EXIT_OK, EXIT_REFUSED, UsageError
+from db.migrate import MigrationStopped, head_revision, migrate, script_for_dba
 from jobs.manual import chain_history
 from jobs.status import read_status, untimed_message
 from scheduler.cli import EXECUTION, POLICY, cli, config_options, json_option, load_settings, open_runtime
+from scheduler.cli.interrupts import interruptible
 from scheduler.cli.output import emit_json, table, when
 
 
@@ -44,10 +45,25 @@ def migrate_command(ctx: click.Context, as_sql: bool, extend_check: bool) -> int
         click.echo(script, nl=False)
         return EXIT_OK
     engine = make_engine(settings.require_database_url(), role="migrate", pool_size=1)
-    try:
-        result = migrate(engine, settings.table, settings.heartbeat_column, settings.layout, extend_check=extend_check)
-    finally:
-        engine.dispose()
+    with interruptible("finishing the current statement") as interruption:
+        try:
+            result = migrate(
+                engine,
+                settings.table,
+                settings.heartbeat_column,
+                settings.layout,
+                extend_check=extend_check,
+                stop=interruption.event,
+            )
+        except MigrationStopped as exc:
+            click.echo(
+                f"stuck-runs: migrate stopped between two statements; done: {exc}. Run `stuck-runs migrate` "
+                "again to finish (every step is idempotent).",
+                err=True,
+            )
+            return interruption.exit_code(EXIT_REFUSED)
+        finally:
+            engine.dispose()
     if result.before != result.after:
         click.echo(f"Migrated {result.table} from revision {result.before or 'none'} to {result.after}.")
     if result.added:

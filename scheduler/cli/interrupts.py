@@ -18,6 +18,9 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+STOPPING = "finishing the current batch, putting executing retries back to pending_retry"
+
+
 class Interruption:
     """SIGINT or SIGTERM during a command that changes data, turned into a request to stop.
 
@@ -27,10 +30,11 @@ class Interruption:
     (`printing()`), a signal stops the output at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stopping: str = STOPPING) -> None:
         self.event = threading.Event()
         self.signum: int | None = None
         self._printing = False
+        self._stopping = stopping
 
     def printing(self) -> None:
         """The work is done; what follows is output, which a signal may cut short."""
@@ -41,11 +45,7 @@ class Interruption:
             raise Interrupted(signum)
         if self.signum is None:
             self.signum = signum
-            click.echo(
-                f"stuck-runs: {signal.Signals(signum).name}: stopping safely (finishing the current batch, "
-                "putting executing retries back to pending_retry)…",
-                err=True,
-            )
+            click.echo(f"stuck-runs: {signal.Signals(signum).name}: stopping safely ({self._stopping})…", err=True)
         self.event.set()
 
     def exit_code(self, otherwise: int) -> int:
@@ -57,9 +57,10 @@ class Interruption:
 
 
 @contextmanager
-def interruptible() -> Iterator[Interruption]:
-    """Catches SIGINT and SIGTERM for the duration, as an `Interruption` the work can watch."""
-    interruption = Interruption()
+def interruptible(stopping: str = STOPPING) -> Iterator[Interruption]:
+    """Catches SIGINT and SIGTERM for the duration, as an `Interruption` the work can watch;
+    `stopping` says what the work does before it stops."""
+    interruption = Interruption(stopping)
     if threading.current_thread() is not threading.main_thread():
         yield interruption  # signals reach the main thread only; nothing to catch here
         return

@@ -180,3 +180,49 @@ def test_a_signal_during_retry_now_puts_the_retry_back(hanging):
 def _retry_of(engine: sa.Engine, failed) -> object:
     with engine.connect() as conn:
         return conn.execute(sa.text("SELECT id FROM scrape_runs WHERE original_run_id = :f"), {"f": failed}).scalar()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_migrate_stops_it_between_statements_and_a_rerun_finishes(databases, sig):
+    from tests.schema import TEXT_STATUS
+
+    url = databases.create()
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(TEXT_STATUS.format(table="scrape_runs"))
+        conn.exec_driver_sql(  # big enough that each CONCURRENTLY build takes a moment
+            "INSERT INTO scrape_runs (search_query, location_query, status, started_at) "
+            "SELECT 'q' || g, 'l', CASE WHEN mod(g, 7) = 0 THEN 'running' ELSE 'completed' END, now() "
+            "FROM generate_series(1, 600000) g"
+        )
+
+    def migrated_columns() -> bool:
+        with engine.connect() as conn:
+            return (
+                conn.exec_driver_sql(
+                    "SELECT count(*) FROM pg_attribute WHERE attrelid = 'scrape_runs'::regclass AND attname = 'is_retry'"
+                ).scalar_one()
+                == 1
+            )
+
+    proc = start([sys.executable, "-m", "scheduler", "migrate"], {"DATABASE_URL": url})
+    wait_until(migrated_columns, timeout=60)  # the columns are committed; the indexes are being built
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, (out, err)
+    assert "Traceback" not in err
+    assert "migrate stopped between two statements" in err and "Run `stuck-runs migrate` again" in err
+    assert "Migrated" not in out
+    again = subprocess.run(
+        [sys.executable, "-m", "scheduler", "migrate"],
+        env={**os.environ, "DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert again.returncode == 0 and "Migrated scrape_runs from revision none to 0002" in again.stdout, again.stderr
+    with engine.connect() as conn:
+        invalid = conn.exec_driver_sql("SELECT count(*) FROM pg_index WHERE NOT indisvalid").scalar_one()
+    engine.dispose()
+    assert invalid == 0

@@ -155,7 +155,8 @@ def _in_execute(value: str) -> str:
 
 
 def upgrade() -> None:
-    apply_steps(op, steps(context.config.attributes["plan"], op.get_context().dialect))
+    attributes = context.config.attributes
+    apply_steps(op, steps(attributes["plan"], op.get_context().dialect), attributes.get("stop"))
 
 
 def downgrade() -> None:

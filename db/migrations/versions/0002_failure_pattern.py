@@ -31,7 +31,8 @@ def steps(plan: TablePlan, dialect: Dialect) -> list[Step]:
 
 
 def upgrade() -> None:
-    apply_steps(op, steps(context.config.attributes["plan"], op.get_context().dialect))
+    attributes = context.config.attributes
+    apply_steps(op, steps(attributes["plan"], op.get_context().dialect), attributes.get("stop"))
 
 
 def downgrade() -> None:
