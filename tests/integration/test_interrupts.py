@@ -193,7 +193,7 @@ def test_a_signal_during_migrate_stops_it_between_statements_and_a_rerun_finishe
         conn.exec_driver_sql(  # big enough that each CONCURRENTLY build takes a moment
             "INSERT INTO scrape_runs (search_query, location_query, status, started_at) "
             "SELECT 'q' || g, 'l', CASE WHEN mod(g, 7) = 0 THEN 'running' ELSE 'completed' END, now() "
-            "FROM generate_series(1, 600000) g"
+            "FROM generate_series(1, 300000) g"
         )
 
     def migrated_columns() -> bool:
