@@ -13,8 +13,8 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from db.engine import make_engine
+from tests.integration.test_cli import cli as run_cli
 
-STUCK_RUNS = Path(sys.executable).with_name("stuck-runs")
 TABLE = """
 CREATE TABLE fetches (
     fetch_id SERIAL PRIMARY KEY,
@@ -34,14 +34,8 @@ ENV = {
 
 
 def cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
-    return subprocess.run(
-        [str(STUCK_RUNS), *args],
-        env={**base, "DATABASE_URL": url, **ENV, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    """The CLI on `url` with this file's table mapping, `env` over it."""
+    return run_cli(*args, env={"DATABASE_URL": url, **ENV, **env})
 
 
 def adopted_database(databases) -> str:

@@ -4,18 +4,16 @@ a scraper's data, lost retries or crashed are refused in one line, and a mapping
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from db.engine import make_engine
+from tests.integration.test_cli import cli as run_cli
+from tests.integration.test_cli import one_line_error
 
-STUCK_RUNS = Path(sys.executable).with_name("stuck-runs")
 BASE = """
 CREATE TABLE jobs (
     job_id SERIAL PRIMARY KEY,
@@ -39,21 +37,8 @@ MAP = {
 
 
 def cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
-    return subprocess.run(
-        [str(STUCK_RUNS), *args],
-        env={**base, "DATABASE_URL": url, **MAP, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def one_line(result: subprocess.CompletedProcess) -> str:
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+    """The CLI on `url` with this file's table mapping, `env` over it."""
+    return run_cli(*args, env={"DATABASE_URL": url, **MAP, **env})
 
 
 def fingerprint(url: str) -> str:
@@ -92,7 +77,7 @@ def test_a_written_role_on_the_scrapers_data_is_refused_before_anything_changes(
     for command in ("migrate", "check"):
         result = cli(url, command, **env)
         assert result.returncode == 2, (command, result.stderr)
-        assert fragment in one_line(result), command
+        assert fragment in one_line_error(result), command
     assert fingerprint(url) == before
 
 
@@ -101,7 +86,7 @@ def test_a_unique_input_column_is_refused_instead_of_losing_every_retry(database
     before = fingerprint(url)
     result = cli(url, "migrate")
     assert result.returncode == 1
-    assert "has a UNIQUE constraint on (job_key): a retry copies those columns" in one_line(result)
+    assert "has a UNIQUE constraint on (job_key): a retry copies those columns" in one_line_error(result)
     assert fingerprint(url) == before
 
 
@@ -119,7 +104,7 @@ def test_a_scrapers_column_named_like_stuck_runs_own_is_refused(databases, extra
     for args in (["migrate"], ["migrate", "--sql"], ["check"]):
         result = cli(url, *args)
         assert result.returncode == 1, (args, result.stderr)
-        assert fragment in one_line(result), args
+        assert fragment in one_line_error(result), args
     assert fingerprint(url) == before
 
 
@@ -146,7 +131,7 @@ def test_a_label_or_map_naming_what_is_not_there_is_one_line_exit_2(databases, e
             assert fragment in result.stdout + result.stderr
             continue
         assert result.returncode == 2, (command, result.stderr)
-        assert fragment in one_line(result), command
+        assert fragment in one_line_error(result), command
     assert fingerprint(url) == before
 
 
@@ -154,7 +139,7 @@ def test_an_error_column_too_short_for_the_messages_is_refused(databases):
     url = table(databases, ",\n    note VARCHAR(10)")
     result = cli(url, "migrate", COLUMN_MAP=MAP["COLUMN_MAP"].replace("failure", "note"))
     assert result.returncode == 2
-    assert "jobs.note (the error_message) is varchar(10): too short" in one_line(result)
+    assert "jobs.note (the error_message) is varchar(10): too short" in one_line_error(result)
 
 
 def test_a_mapping_changed_after_migrate_is_completed_by_the_next_migrate(databases):
@@ -171,7 +156,7 @@ def test_a_mapping_changed_after_migrate_is_completed_by_the_next_migrate(databa
         "COLUMN_MAP": MAP["COLUMN_MAP"].replace("failure", "last_error"),
     }
     refused = cli(url, "check", **changed)
-    assert refused.returncode == 1 and "run `stuck-runs migrate`" in one_line(refused)
+    assert refused.returncode == 1 and "run `stuck-runs migrate`" in one_line_error(refused)
     done = cli(url, "migrate", **changed)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("Completed jobs for its mapping: added column last_error, status enum values")
@@ -256,3 +241,18 @@ def test_an_index_built_for_another_status_map_is_rebuilt_by_migrate_and_named_b
     engine.dispose()
     assert "'indexing'" in predicate
     assert "✗" not in cli(url, "doctor", SCRAPE_RUN_COMMAND="true", **second_phase).stdout
+
+
+def test_a_bookkeeping_timestamp_without_default_gets_now_on_a_retry_not_a_copy(databases):
+    url = table(databases, ',\n    "updatedAt" TIMESTAMPTZ')
+    engine = make_engine(url)
+    with engine.begin() as conn:  # the ORM filled it when the run started; it is NOT NULL, no default
+        conn.exec_driver_sql("""UPDATE jobs SET "updatedAt" = '2020-01-01T00:00:00Z'""")
+        conn.exec_driver_sql("""ALTER TABLE jobs ALTER "updatedAt" SET NOT NULL""")
+    before = datetime.now(timezone.utc)
+    assert cli(url, "migrate").returncode == 0
+    assert cli(url, "check").returncode == 0
+    with engine.connect() as conn:
+        stamps = conn.exec_driver_sql('SELECT "updatedAt" FROM jobs WHERE is_retry').scalars().all()
+    engine.dispose()
+    assert len(stamps) == 2 and all(stamp >= before - timedelta(seconds=5) for stamp in stamps)
