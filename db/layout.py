@@ -46,12 +46,6 @@ class Layout:
     def written(self, state: str) -> str:
         return self.values(state)[0]
 
-    def describe(self) -> list[tuple[str, str]]:
-        """(what, as configured) pairs for `doctor`: every role and state, mapped or not."""
-        rows = [(f"column {role}", self.column(role)) for role in ROLES]
-        rows += [(f"status {state}", "|".join(self.values(state))) for state in STATES]
-        return rows
-
     def __hash__(self) -> int:
         return hash((tuple(sorted(self.columns.items())), tuple(sorted(self.statuses.items())), self.label))
 
