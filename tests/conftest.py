@@ -134,4 +134,8 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A developer's environment and .env never leak into a test."""
     for name in ENV_VARS:
         monkeypatch.delenv(name, raising=False)
+    # pytest-xdist's workers export COLUMNS=80 and LINES=24; the CLI honours COLUMNS, so a test
+    # that wants a width says so, and every other test sees what a pipe sees.
+    for name in ("COLUMNS", "LINES"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
