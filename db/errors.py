@@ -48,7 +48,15 @@ class RunNotFound(OperatorError):
 
 
 class RetryRefused(OperatorError):
-    """A manual retry that cannot be done; the message says why."""
+    """A manual retry that cannot be done; the message says why.
+
+    `budget_spent` tells a spent budget from a run in the wrong state, and `details` carries
+    what an API client reads (the run's status, or its attempts and last error)."""
+
+    def __init__(self, message: str, *, budget_spent: bool = False, details: dict | None = None) -> None:
+        super().__init__(message)
+        self.budget_spent = budget_spent
+        self.details = details or {}
 
 
 class ExecutorError(OperatorError):

@@ -7,6 +7,7 @@ line naming the variable (or flag), the value and what is accepted. The result i
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -200,6 +201,41 @@ def parse_patterns_file(text: str, name: str) -> tuple[tuple[tuple[str, str], ..
         raise ConfigError(f"{where}: {exc}") from None
 
 
+TOKEN_MIN_LENGTH = 16
+_TOKEN = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: it travels in a header and a form
+_HOST = re.compile(r"[A-Za-z0-9.-]+|\[?[0-9A-Fa-f:.]+\]?")
+
+
+def parse_token(text: str, name: str) -> str:
+    """A bearer token. No error repeats any of it."""
+    value = str(text).strip()
+    if not _TOKEN.fullmatch(value):
+        raise ConfigError(f"{name} holds a space or a character that is not printable ASCII: use letters and digits")
+    if len(value) < TOKEN_MIN_LENGTH:
+        raise ConfigError(
+            f"{name} is too short ({len(value)} characters): use at least {TOKEN_MIN_LENGTH} random ones, "
+            "such as the output of `openssl rand -hex 32`"
+        )
+    return value
+
+
+def parse_host(text: str, name: str) -> str:
+    """An address or host name to listen on (`127.0.0.1`, `::1`, `0.0.0.0`, `localhost`)."""
+    value = str(text).strip()
+    if not _HOST.fullmatch(value):
+        raise ConfigError(f"{name}={shown(text)} is not accepted: use an address such as 127.0.0.1 or 0.0.0.0")
+    return value.strip("[]")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything stuck-runs is configured with, validated."""
@@ -221,6 +257,10 @@ class Settings:
     command: tuple[str, ...] | None = None
     callable_path: str | None = None
     layout: Layout = field(default_factory=Layout)
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8080
+    admin_token: str | None = field(default=None, repr=False)
+    read_token: str | None = field(default=None, repr=False)
 
     @property
     def timeout(self) -> timedelta:
@@ -271,7 +311,14 @@ _FIELDS: tuple[tuple[str, str, _Parser, str], ...] = (
     ("RUN_LABEL", "--run-label", parse_run_label, "layout.label"),
     ("SCRAPE_RUN_COMMAND", "--command", parse_command, "command"),
     ("SCRAPE_RUN_CALLABLE", "--callable", parse_callable, "callable_path"),
+    ("ADMIN_HOST", "--host", parse_host, "admin_host"),
+    ("ADMIN_PORT", "--port", lambda t, n: parse_int(t, n, minimum=1, maximum=65535), "admin_port"),
+    # Tokens have flags for completeness only: `serve` takes them from the environment, not argv,
+    # where `ps` would show them.
+    ("ADMIN_TOKEN", "--admin-token", parse_token, "admin_token"),
+    ("READ_TOKEN", "--read-token", parse_token, "read_token"),
 )
+SECRETS = frozenset({"DATABASE_URL", "ADMIN_TOKEN", "READ_TOKEN"})
 ENV_VARS = tuple(env for env, _, _, _ in _FIELDS)
 FLAG_FOR = {env: flag for env, flag, _, _ in _FIELDS}
 
@@ -298,7 +345,7 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, object] | None = N
             else:
                 continue
             name = names[env_name]
-            value = parse(_plain_text(text, name, env_name == "DATABASE_URL"), name) if isinstance(text, str) else text
+            value = parse(_plain_text(text, name, env_name in SECRETS), name) if isinstance(text, str) else text
             if target == "failure_patterns_file":
                 top["failure_patterns"], file_permanent = value  # type: ignore[misc]
             elif target.startswith("policy."):
@@ -341,6 +388,8 @@ def _check_consistency(settings: Settings, names: Mapping[str, str]) -> None:
         raise ConfigError(
             "SCRAPE_RUN_COMMAND and SCRAPE_RUN_CALLABLE are both set: keep the one that runs your scraper"
         )
+    if settings.admin_token and settings.admin_token == settings.read_token:
+        raise ConfigError("ADMIN_TOKEN and READ_TOKEN are the same: give the read-only token a value of its own")
     policy = settings.policy
     if policy.backoff == "exponential" and policy.max_delay < policy.retry_delay:
         raise ConfigError(

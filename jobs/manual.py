@@ -144,13 +144,23 @@ def _latest_retryable(rt: Runtime, run_id: RunId, policy: RetryPolicy, reset_bud
     _refuse_status(given, rt)
     completed = next((a for a in history.attempts if a.status == "completed"), None)
     if completed:
-        raise RetryRefused(f"run {run_id} cannot be retried: its chain completed with run {completed.id}")
+        raise RetryRefused(
+            f"run {run_id} cannot be retried: its chain completed with run {completed.id}",
+            details={"runId": str(run_id), "currentStatus": given.status, "completedRunId": str(completed.id)},
+        )
     latest = history.attempts[-1]
     if latest.id != given.id:
         _refuse_status(latest, rt, of_chain=True)
     refusal = _budget_refusal(rt, latest, policy, reset_budget)
     if refusal:
-        raise RetryRefused(refusal)
+        details = {
+            "runId": str(latest.id),
+            "currentRetries": latest.retry_count,
+            "maxRetries": _budget(latest, policy, reset_budget),
+            "lastError": latest.error_message,
+            "failurePattern": _pattern(rt, latest),
+        }
+        raise RetryRefused(refusal, budget_spent=True, details=details)
     return latest
 
 
@@ -224,13 +234,17 @@ def _budget_refusal(rt: Runtime, run: Run, policy: RetryPolicy, reset_budget: bo
     budget = _budget(run, policy, reset_budget)
     if run.retry_count < budget:
         return None
-    pattern = run.failure_pattern or (rt.classifier.classify(run.error_message) if run.error_message else "unknown")
+    pattern = _pattern(rt, run)
     return (
         # Every row before the chain's latest failed attempt ran: each retry follows a failure.
         f"run {run.id} has spent its retry budget ({run.retry_count} of {budget} retries spent; "
         f"{run.retry_count + 1} attempts, the original run included); last error: {run.error_message or '(none)'}; "
         f"failure pattern: {pattern}. Use --reset-budget to retry it anyway"
     )
+
+
+def _pattern(rt: Runtime, run: Run) -> str:
+    return run.failure_pattern or (rt.classifier.classify(run.error_message) if run.error_message else "unknown")
 
 
 def _planned(run: Run, policy: RetryPolicy, reset_budget: bool, due: datetime, retry_id) -> ScheduledRetry:
@@ -274,19 +288,21 @@ def _schedule(
 
 def _refuse_status(run: Run, rt: Runtime, *, of_chain: bool = False) -> None:
     """Refusals that mirror a retry API: each says why and what would help."""
-    subject = f"the chain's latest attempt {run.id}" if of_chain else f"run {run.id}"
     if run.status == "failed":
         return
+    raise RetryRefused(_status_reason(run, rt, of_chain), details={"runId": str(run.id), "currentStatus": run.status})
+
+
+def _status_reason(run: Run, rt: Runtime, of_chain: bool) -> str:
+    subject = f"the chain's latest attempt {run.id}" if of_chain else f"run {run.id}"
     if run.status == "completed":
-        raise RetryRefused(f"{subject} completed: there is nothing to retry")
+        return f"{subject} completed: there is nothing to retry"
     if run.status == "running":
         since = f" for {format_hours(rt.clock.now() - run.started_at)}" if run.started_at else ""
-        raise RetryRefused(f"{subject} is running{since}: wait for it to finish, or for the stuck checker to fail it")
+        return f"{subject} is running{since}: wait for it to finish, or for the stuck checker to fail it"
     if run.status == "pending_retry":
         when = format_time(run.next_retry_at) if run.next_retry_at else "soon"
-        raise RetryRefused(
-            f"{subject} is already scheduled for retry at {when} (attempt {run.retry_count}/{run.max_retries})"
-        )
+        return f"{subject} is already scheduled for retry at {when} (attempt {run.retry_count}/{run.max_retries})"
     if run.status == "cancelled":
-        raise RetryRefused(f"{subject} was cancelled ({run.error_message or 'no reason given'}): its chain is over")
-    raise RetryRefused(f"{subject} has status {run.status!r}; only failed runs can be retried")
+        return f"{subject} was cancelled ({run.error_message or 'no reason given'}): its chain is over"
+    return f"{subject} has status {run.status!r}; only failed runs can be retried"

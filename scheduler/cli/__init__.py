@@ -46,6 +46,8 @@ HELP = {
     "METRICS_PORT": "Serve Prometheus metrics on this port. [METRICS_PORT]",
     "LOG_LEVEL": "TRACE, DEBUG, INFO, WARNING, ERROR. [LOG_LEVEL, INFO]",
     "LOG_FORMAT": "text or json. [LOG_FORMAT, text]",
+    "ADMIN_HOST": "Address `serve` listens on; not loopback only with ADMIN_TOKEN set. [ADMIN_HOST, 127.0.0.1]",
+    "ADMIN_PORT": "Port `serve` listens on. [ADMIN_PORT, 8080]",
 }
 POLICY = (
     "STUCK_AFTER",
@@ -159,6 +161,7 @@ COMMANDS = {
         "scheduler.cli.admin",
         "Run the stuck-run checker (hourly) and the retry processor (every 30 min) until SIGTERM.",
     ),
+    "serve": ("scheduler.cli.web", "Serve the JSON API on ADMIN_HOST:ADMIN_PORT (127.0.0.1:8080) until SIGTERM."),
     "demo": (
         "scheduler.cli.admin",
         "Run the whole story on an embedded PostgreSQL, a virtual day in about 20 seconds.",

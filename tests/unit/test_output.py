@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler.cli.output import _plain, clip, fit_widths, render_table, terminal_width, when
+from scheduler.cli.output import clip, fit_widths, render_table, terminal_width, when
+from scheduler.documents import plain
 
 RUN_ID = str(uuid.UUID("3f1c2a7e-8d1b-4c55-9a57-2b0f5c1d9e11"))
 
@@ -111,5 +112,5 @@ def test_columns_is_honoured_and_a_pipe_gets_full_width(monkeypatch):
 )
 def test_one_date_format_for_people_and_iso_8601_with_offset_for_scripts(value):
     assert when(value) == "2026-11-23 21:59 UTC"
-    assert json.dumps(_plain({"at": value})) == '{"at": "2026-11-23T21:59:30+00:00"}'
+    assert json.dumps(plain({"at": value})) == '{"at": "2026-11-23T21:59:30+00:00"}'
     assert when(None) == "-"

@@ -1,0 +1,76 @@
+"""`stuck-runs serve`: the HTTP API (and, later, the pages) on the same services as the CLI."""
+
+from __future__ import annotations
+
+import socket
+
+import click
+
+from db.errors import EXIT_OK, ConfigError
+from jobs.config import is_loopback
+from scheduler.cli import cli, config_options, open_runtime
+
+SERVE = ("ADMIN_HOST", "ADMIN_PORT", "SCRAPE_RUNS_TABLE", "STUCK_AFTER", "RETRY_DELAY", "MAX_RETRIES")
+
+
+@cli.command()
+@config_options(*SERVE)
+@click.pass_context
+def serve(ctx: click.Context) -> int:
+    """Serve the JSON API on ADMIN_HOST:ADMIN_PORT (127.0.0.1:8080) until SIGTERM.
+
+    ADMIN_TOKEN may do everything, READ_TOKEN only read (both from the environment, never
+    flags: `ps` shows flags). Without ADMIN_TOKEN it listens on loopback only.
+
+    \b
+    Examples:
+      stuck-runs serve
+      ADMIN_TOKEN=$(cat /etc/stuck-runs/admin.token) stuck-runs serve --host 0.0.0.0
+      curl -X POST -H "Authorization: Bearer $ADMIN_TOKEN" \\
+           'http://127.0.0.1:8080/api/runs/reset-stuck?timeout_minutes=30&dry_run=true'
+    """
+    from scheduler.cli import load_settings
+
+    settings = load_settings(ctx)
+    if not settings.admin_token and not is_loopback(settings.admin_host):
+        name = "--host" if "ADMIN_HOST" in ctx.meta.get("stuck_runs.flags", {}) else "ADMIN_HOST"
+        raise ConfigError(
+            f"{name}={settings.admin_host} is reachable from other hosts, and ADMIN_TOKEN is not set: "
+            "set ADMIN_TOKEN (and READ_TOKEN for read-only access), or listen on 127.0.0.1"
+        )
+    import uvicorn
+    from loguru import logger
+
+    from scheduler.web import create_app
+    from scheduler.web.auth import Tokens
+
+    with open_runtime(ctx, role="web") as rt:
+        listening = _listen(settings.admin_host, settings.admin_port)
+        app = create_app(rt, Tokens(settings.admin_token, settings.read_token))
+        config = uvicorn.Config(
+            app, log_config=None, access_log=False, server_header=False, timeout_graceful_shutdown=10
+        )
+        logger.bind(event="serve").info(
+            "serving the API on http://{}:{} ({})",
+            settings.admin_host,
+            settings.admin_port,
+            "tokens required" if settings.admin_token or settings.read_token else "loopback only, no token",
+        )
+        uvicorn.Server(config).run(sockets=[listening])
+    return EXIT_OK
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a port in use is one line, not uvicorn's exit."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): is another process using the port? "
+            "Choose another with ADMIN_PORT or --port"
+        ) from None
+    return sock

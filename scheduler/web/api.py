@@ -1,0 +1,299 @@
+"""The JSON API of `stuck-runs serve` (SPEC §13): the CLI's service functions over HTTP.
+
+Every answer is an envelope, `{"success": true, ...}` or `{"success": false, "error": ...,
+"details": {...}}`; no traceback and no secret ever reaches a client. Nothing is decided here that
+the services do not decide for the CLI: a retry refused over HTTP is refused with the same reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field
+
+from db.errors import DatabaseUnavailable, OperatorError, RetryRefused, RunNotFound
+from jobs.config import is_loopback, parse_duration
+from jobs.dead_letters import get_dead_letter, list_dead_letters, requeue
+from jobs.manual import RETRY_KINDS, RetryCriteria, chain_history, retry_matching, retry_run
+from jobs.runtime import Runtime
+from jobs.stats import retry_stats
+from jobs.status import read_status
+from jobs.stuck import sweep_stuck_runs
+from scheduler.documents import plain
+from scheduler.web.auth import ADMIN, READ, SESSION_COOKIE, Tokens, bearer, same_origin
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(error)
+        self.status, self.error, self.details = status, error, details or {}
+
+
+def failure(status: int, error: str, details: dict[str, Any] | None = None) -> JSONResponse:
+    return JSONResponse({"success": False, "error": error, "details": details or {}}, status_code=status)
+
+
+@contextmanager
+def answering(failed: str, not_found: str = "Run not found") -> Iterator[None]:
+    """Operator errors from the services as API errors; `failed` names what a database failure broke."""
+    try:
+        yield
+    except RunNotFound as exc:
+        raise ApiError(404, not_found, {"reason": str(exc)}) from None
+    except RetryRefused as exc:
+        error = "Run has exceeded maximum retry attempts" if exc.budget_spent else "Run cannot be retried"
+        details = exc.details if exc.budget_spent else {**exc.details, "reason": str(exc)}
+        raise ApiError(400, error, details) from None
+    except DatabaseUnavailable as exc:
+        raise ApiError(500, failed, {"reason": str(exc)}) from None
+    except OperatorError as exc:  # a malformed id, a filter the table cannot take
+        raise ApiError(400, str(exc)) from None
+
+
+class Caller:
+    """Who is asking, as the request proves it (SPEC §13's rules)."""
+
+    def __init__(self, tokens: Tokens, clock: Callable[[], float]) -> None:
+        self.tokens, self.clock = tokens, clock
+
+    def role(self, request: Request) -> str:
+        presented = bearer(request.headers.get("authorization"))
+        cookie = request.cookies.get(SESSION_COOKIE)
+        mutating = request.method not in SAFE_METHODS
+        browser = request.headers.get("origin") is not None or request.headers.get("sec-fetch-site") is not None
+        if presented is not None:
+            role = self.tokens.role_of(presented)
+            if role is None:
+                raise ApiError(401, "Invalid token", {"hint": "send Authorization: Bearer <ADMIN_TOKEN or READ_TOKEN>"})
+            from_page = False
+        elif cookie is not None and self.tokens.configured:
+            role = self.tokens.session_role(cookie, self.clock())
+            if role is None:
+                raise ApiError(401, "Session expired or invalid", {"hint": "sign in again at /login"})
+            from_page = True
+        elif not self.tokens.configured:
+            # No token: `serve` listens on loopback only. A page of another site open in the
+            # operator's browser can still reach loopback, and so can a rebound DNS name:
+            # the Host must be a loopback one, and a browser's request must be our own page's.
+            if not _loopback_host(request.headers.get("host")):
+                raise ApiError(403, "Host not allowed", {"hint": "without ADMIN_TOKEN, use http://127.0.0.1"})
+            role, from_page = ADMIN, browser
+        else:
+            raise ApiError(401, "Authentication required", {"hint": "send Authorization: Bearer <token>"})
+        if mutating and from_page and not _own_page(request):
+            raise ApiError(403, "Cross-origin request refused", {"hint": "act from stuck-runs' own pages"})
+        return role
+
+
+def _loopback_host(host: str | None) -> bool:
+    name = (host or "").rsplit(":", 1)[0] if not (host or "").endswith("]") else (host or "")
+    return is_loopback(name.strip("[]")) if name else False
+
+
+def _own_page(request: Request) -> bool:
+    return same_origin(
+        request.headers.get("origin"),
+        request.headers.get("sec-fetch-site"),
+        request.headers.get("host"),
+        request.url.scheme,
+    )
+
+
+def _unknown_parameters(request: Request) -> None:
+    """A filter we do not know is an error, never silently ignored (`?stauts=failed`)."""
+    route = request.scope.get("route")
+    known = {p.alias or p.name for p in getattr(getattr(route, "dependant", None), "query_params", [])}
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        accepted = ", ".join(sorted(known)) or "none"
+        raise ApiError(400, f"Unknown parameter: {unknown[0]}", {"accepted": accepted})
+
+
+class BulkRetry(BaseModel):
+    """The CLI's `retry` filters. Nothing changes unless `dry_run` is false."""
+
+    model_config = ConfigDict(extra="forbid")
+    error_like: str | None = Field(None, description="SQL LIKE pattern on the error, case-insensitive")
+    search_query: str | None = None
+    location_query: str | None = None
+    since: str | None = Field(None, description="failed within this long (90s, 30m, 4h, 1d)")
+    status: str = Field("failed", description="failed | permanent (dead-lettered) | scraper")
+    limit: int = Field(100, ge=1, le=10_000)
+    spread: str | None = Field(None, description="spread the retries' due times over this long")
+    reset_budget: bool = False
+    dry_run: bool = True
+
+
+def build_api(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time.time) -> APIRouter:
+    caller = Caller(tokens, clock)
+
+    def reader(request: Request) -> str:
+        return _need(caller, request, READ)
+
+    def administrator(request: Request) -> str:
+        return _need(caller, request, ADMIN)
+
+    read = [Depends(_unknown_parameters), Depends(reader)]
+    admin = [Depends(_unknown_parameters), Depends(administrator)]
+    api = APIRouter(prefix="/api")
+
+    @api.get("/health", dependencies=[Depends(_unknown_parameters)])
+    def health() -> dict:
+        """Liveness; needs no token."""
+        return {"success": True, "status": "ok"}
+
+    @api.post("/runs/reset-stuck", dependencies=admin)
+    def reset_stuck(
+        timeout_minutes: float = Query(..., gt=0, le=5_256_000, description="stuck after this many minutes"),
+        dry_run: bool = False,
+    ) -> dict:
+        """The stuck-run sweep of `check`, with this threshold: it fails the stuck runs and schedules their retries."""
+        policy = replace(rt.settings.policy, stuck_after=timedelta(minutes=timeout_minutes))
+        with answering("Failed to reset stuck runs"):
+            result = sweep_stuck_runs(rt, policy, dry_run=dry_run, keep=None)
+        if result.skipped:
+            raise ApiError(409, "Another sweep is running", {"reason": result.skipped})
+        attempts = result.document()["attempts"]
+        verb = "Would reset" if dry_run else "Reset"
+        return {
+            "success": True,
+            "reset_count": result.failed,
+            "run_ids": [a["run_id"] for a in attempts],
+            "retry_ids": [a["retry_id"] for a in attempts if a.get("retry_id")],
+            "dry_run": dry_run,
+            "message": f"{verb} {result.failed} stuck run(s)",
+        }
+
+    @api.post("/runs/retry", dependencies=admin)
+    def bulk_retry(filters: BulkRetry | None = None) -> dict:
+        """Retries the latest failed attempt of every chain the filters match, as `stuck-runs retry --error-like ...`."""
+        filters = filters or BulkRetry()
+        if filters.status not in RETRY_KINDS:
+            raise ApiError(400, f"Unknown status: {filters.status}", {"accepted": ", ".join(RETRY_KINDS)})
+        with answering("Failed to retry runs"):
+            criteria = RetryCriteria(
+                error_like=filters.error_like,
+                search_query=filters.search_query,
+                location_query=filters.location_query,
+                since=parse_duration(filters.since, "since") if filters.since else None,
+                kind=filters.status,
+                limit=filters.limit,
+            )
+            spread = parse_duration(filters.spread, "spread") if filters.spread else None
+            result = retry_matching(
+                rt, criteria, reset_budget=filters.reset_budget, spread=spread, dry_run=filters.dry_run
+            )
+        verb = "Would schedule" if filters.dry_run else "Scheduled"
+        return {
+            "success": True,
+            "data": plain(result),
+            "message": f"{verb} {len(result.scheduled)} retry(ies); {len(result.skipped)} skipped",
+        }
+
+    @api.post("/runs/{run_id}/retry", dependencies=admin)
+    def retry(run_id: str, reset_budget: bool = False) -> dict:
+        """A manual retry of a failed run (its chain's latest failed attempt), as `stuck-runs retry RUN_ID`."""
+        with answering("Failed to retry run"):
+            scheduled = retry_run(rt, rt.runs.parse_id(run_id), reset_budget=reset_budget)
+            chain = chain_history(rt, scheduled.retry_id)
+        new = next(a for a in chain.attempts if a.id == scheduled.retry_id)
+        logger.bind(event="api_retry", run_id=str(scheduled.failed_run_id), retry_id=str(new.id)).info(
+            "retry of {} scheduled over HTTP", scheduled.failed_run_id
+        )
+        return {"success": True, "data": plain(new), "message": scheduled.message}
+
+    @api.get("/runs/{run_id}", dependencies=read)
+    def run(run_id: str) -> dict:
+        """A run and its whole chain, oldest first."""
+        with answering("Failed to read run"):
+            wanted = rt.runs.parse_id(run_id)
+            chain = chain_history(rt, wanted)
+        this = next(a for a in chain.attempts if a.id == wanted)
+        return {"success": True, "data": {"run": plain(this), "chain": plain(chain)}}
+
+    @api.get("/status", dependencies=read)
+    def status() -> dict:
+        """Daemons alive, each job's last and next run, and the run counts (`stuck-runs status`)."""
+        with answering("Failed to read status"):
+            return {"success": True, "data": plain(read_status(rt))}
+
+    @api.get("/stats", dependencies=read)
+    def stats(since: str = Query("7d", description="a window such as 24h or 7d")) -> dict:
+        """Retry metrics over the window (`stuck-runs stats`)."""
+        with answering("Failed to read stats"):
+            window = parse_duration(since, "since")
+            return {"success": True, "data": plain(retry_stats(rt, window))}
+
+    @api.get("/dead-letters", dependencies=read)
+    def dead_letters(
+        limit: int = Query(50, ge=1, le=1000),
+        pattern: str | None = None,
+        since: str | None = None,
+        include_requeued: bool = False,
+    ) -> dict:
+        """Chains that ended permanently failed, newest first (`stuck-runs dlq list`)."""
+        with answering("Failed to list dead letters"):
+            window = parse_duration(since, "since") if since else None
+            letters = list_dead_letters(
+                rt, limit=limit, pattern=pattern, since=window, include_requeued=include_requeued
+            )
+        return {"success": True, "data": plain(letters)}
+
+    @api.get("/dead-letters/{ref}", dependencies=read)
+    def dead_letter(ref: str) -> dict:
+        """One dead letter, by number or `run:<run id>`, with its traceback or stderr tail."""
+        with answering("Failed to read dead letter", not_found="Dead letter not found"):
+            return {"success": True, "data": plain(get_dead_letter(rt, ref))}
+
+    @api.post("/dead-letters/{ref}/requeue", dependencies=admin)
+    def requeue_letter(ref: str) -> dict:
+        """Retries a dead-lettered chain with a new budget (`stuck-runs dlq requeue`)."""
+        with answering("Failed to requeue dead letter", not_found="Dead letter not found"):
+            scheduled = requeue(rt, ref)
+        return {"success": True, "data": plain(scheduled), "message": scheduled.message}
+
+    return api
+
+
+def _need(caller: Caller, request: Request, role: str) -> str:
+    granted = caller.role(request)
+    if role == ADMIN and granted != ADMIN:
+        raise ApiError(403, "This token may only read", {"role": granted})
+    return granted
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return failure(exc.status, exc.error, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part not in ("query", "body", "path"))
+        return failure(400, f"Invalid {where or 'request'}: {first.get('msg', 'not accepted')}")
+
+    @app.exception_handler(404)
+    async def not_found(_request: Request, _exc: Exception) -> JSONResponse:
+        return failure(404, "Not found", {"hint": "the API is described at /api/openapi.json"})
+
+    @app.exception_handler(405)
+    async def not_allowed(request: Request, _exc: Exception) -> JSONResponse:
+        return failure(405, f"Method {request.method} not allowed here")
+
+    @app.exception_handler(Exception)
+    async def bug(_request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not an operator's mistake: its type reaches the journal, never the client.
+        logger.bind(event="api_bug").error("HTTP request failed: {}", type(exc).__name__)
+        return failure(500, "Internal error")

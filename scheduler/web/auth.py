@@ -1,0 +1,86 @@
+"""Who may do what over HTTP (SPEC §13): pure rules, no framework.
+
+Two roles: `admin` (ADMIN_TOKEN) may do everything, `read` (READ_TOKEN) only read. A client sends
+`Authorization: Bearer <token>`; a browser trades a token for a session cookie once. Tokens are
+compared as SHA-256 digests in constant time, so neither a token's value nor its length shows
+in how long a refusal takes. A session cookie is `<role>.<expiry>.<signature>`, signed with a key
+derived from that role's token: changing a token ends its sessions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+ADMIN = "admin"
+READ = "read"
+SESSION_COOKIE = "stuck_runs_session"
+SESSION_SECONDS = 12 * 3600
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
+
+
+@dataclass(frozen=True)
+class Tokens:
+    admin: str | None = field(default=None, repr=False)
+    read: str | None = field(default=None, repr=False)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.admin or self.read)
+
+    def role_of(self, presented: str | None) -> str | None:
+        """The role a presented token grants, or None. Both tokens are always compared."""
+        given = _digest(presented or "")
+        is_admin = hmac.compare_digest(given, _digest(self.admin)) if self.admin else False
+        is_read = hmac.compare_digest(given, _digest(self.read)) if self.read else False
+        if presented and is_admin:
+            return ADMIN
+        if presented and is_read:
+            return READ
+        return None
+
+    def _key(self, role: str) -> bytes | None:
+        token = self.admin if role == ADMIN else self.read if role == READ else None
+        return hmac.new(_digest(token), b"stuck-runs session", hashlib.sha256).digest() if token else None
+
+    def session_cookie(self, role: str, now: float) -> str:
+        expiry = int(now) + SESSION_SECONDS
+        return f"{role}.{expiry}.{self._signature(role, expiry)}"
+
+    def _signature(self, role: str, expiry: int) -> str:
+        key = self._key(role)
+        assert key is not None
+        return hmac.new(key, f"{role}.{expiry}".encode(), hashlib.sha256).hexdigest()
+
+    def session_role(self, cookie: str | None, now: float) -> str | None:
+        """The role a session cookie carries, when it is ours, signed by a current token and not expired."""
+        role, _, rest = (cookie or "").partition(".")
+        expiry_text, _, signature = rest.partition(".")
+        if role not in (ADMIN, READ) or not expiry_text.isdigit() or self._key(role) is None:
+            return None
+        expected = self._signature(role, int(expiry_text))
+        if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogateescape")):
+            return None
+        return role if int(expiry_text) > now else None
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def same_origin(origin: str | None, fetch_site: str | None, host: str | None, scheme: str) -> bool:
+    """Whether a browser says this request comes from our own pages. A request that says
+    nothing is refused: every browser that keeps cookies sends one of the two on a POST."""
+    if fetch_site is not None:
+        return fetch_site == "same-origin"
+    if not origin or not host or origin == "null":
+        return False
+    parts = urlsplit(origin)
+    return parts.scheme == scheme and parts.netloc.lower() == host.lower()

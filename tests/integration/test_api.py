@@ -1,0 +1,341 @@
+"""The HTTP API (SPEC §13) against a real `stuck-runs serve` on loopback and a real PostgreSQL:
+every shape and status code, every refusal, nothing changed by a refused request."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from db.engine import make_engine
+from db.migrate import migrate
+from tests.helpers import insert_run, insert_stuck_runs, row, rows
+from tests.integration.test_cli import cli, one_line_error
+from tests.own_server import OwnServer
+from tests.schema import TEXT_STATUS
+from tests.web import ADMIN, READER, WebServer
+
+pytestmark = pytest.mark.slow
+NOW = datetime.now(timezone.utc)
+
+
+@pytest.fixture
+def web(db_url):
+    server = WebServer(db_url)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def engine(db_url):
+    engine = sa.create_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def failed_run(engine, **columns) -> uuid.UUID:
+    with engine.begin() as conn:
+        values = {
+            "status": "failed",
+            "started_at": NOW - timedelta(hours=3),
+            "completed_at": NOW - timedelta(hours=2),
+            "error_message": "HTTP 503 from the site",
+            **columns,
+        }
+        return insert_run(conn, **values)
+
+
+def snapshot(engine) -> list[dict]:
+    with engine.connect() as conn:
+        return sorted(json.dumps(r, default=str, sort_keys=True) for r in rows(conn))
+
+
+# -- retry --------------------------------------------------------------------------------------
+
+
+def test_retry_schedules_the_retry_and_answers_with_it(web, engine):
+    run_id = failed_run(engine)
+    with web.client(ADMIN) as http:
+        answer = http.post(f"/api/runs/{run_id}/retry")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["success"] is True
+    assert body["message"] == "Run scheduled for retry (attempt 1/4)"
+    retry = body["data"]
+    assert retry["status"] == "pending_retry"
+    assert retry["original_run_id"] == str(run_id)
+    assert retry["retry_count"] == 1 and retry["is_retry"] is True
+    assert retry["label"] == "[RETRY 1/4] Data Architect in Belgium"
+    with engine.connect() as conn:
+        stored = row(conn, uuid.UUID(retry["id"]))
+    assert stored["status"] == "pending_retry" and stored["original_run_id"] == run_id
+
+
+def test_retry_refusals_mirror_the_retry_api_and_change_nothing(web, engine):
+    with engine.begin() as conn:
+        completed = insert_run(conn, status="completed", started_at=NOW - timedelta(hours=1))
+    spent = failed_run(engine, retry_count=4, max_retries=4, is_retry=True)
+    before = snapshot(engine)
+    with web.client(ADMIN) as http:
+        missing = http.post(f"/api/runs/{uuid.uuid4()}/retry")
+        malformed = http.post("/api/runs/not-a-uuid/retry")
+        done = http.post(f"/api/runs/{completed}/retry")
+        budget = http.post(f"/api/runs/{spent}/retry")
+    assert missing.status_code == 404 and missing.json()["error"] == "Run not found"
+    assert missing.json()["success"] is False
+    assert malformed.status_code == 400 and "is not a run id" in malformed.json()["error"]
+    assert done.status_code == 400
+    assert done.json()["error"] == "Run cannot be retried"
+    assert done.json()["details"]["currentStatus"] == "completed"
+    assert "nothing to retry" in done.json()["details"]["reason"]
+    assert budget.status_code == 400
+    assert budget.json()["error"] == "Run has exceeded maximum retry attempts"
+    details = budget.json()["details"]
+    assert details["runId"] == str(spent)
+    assert (details["currentRetries"], details["maxRetries"]) == (4, 4)
+    assert details["lastError"] == "HTTP 503 from the site"
+    assert details["failurePattern"] == "server_error"
+    assert snapshot(engine) == before
+
+
+def test_reset_budget_retries_a_spent_chain(web, engine):
+    spent = failed_run(engine, retry_count=4, max_retries=4, is_retry=True, original_run_id=None)
+    with web.client(ADMIN) as http:
+        answer = http.post(f"/api/runs/{spent}/retry", params={"reset_budget": "true"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["message"] == "Run scheduled for retry (attempt 5/8)"
+
+
+# -- reset-stuck ------------------------------------------------------------------------------------
+
+
+def test_reset_stuck_runs_the_sweep_with_the_given_threshold(web, engine):
+    with engine.begin() as conn:
+        insert_stuck_runs(conn, 3, NOW - timedelta(minutes=45))
+        fresh = insert_run(conn, started_at=NOW - timedelta(minutes=10))
+    with web.client(ADMIN) as http:
+        preview = http.post("/api/runs/reset-stuck", params={"timeout_minutes": 30, "dry_run": "true"})
+        unchanged = snapshot(engine)
+        answer = http.post("/api/runs/reset-stuck", params={"timeout_minutes": 30})
+        again = http.post("/api/runs/reset-stuck", params={"timeout_minutes": 30})
+    assert preview.json()["reset_count"] == 3 and preview.json()["dry_run"] is True
+    assert preview.json()["message"] == "Would reset 3 stuck run(s)"
+    body = answer.json()
+    assert answer.status_code == 200 and body["success"] is True
+    assert body["reset_count"] == 3 and len(body["run_ids"]) == 3 and len(body["retry_ids"]) == 3
+    assert body["message"] == "Reset 3 stuck run(s)"
+    with engine.connect() as conn:
+        failed = rows(conn, "status = 'failed'")
+        retries = rows(conn, "status = 'pending_retry'")
+        assert row(conn, fresh)["status"] == "running"
+    assert unchanged != snapshot(engine)  # the dry run changed nothing; the real one did
+    assert sorted(str(r["id"]) for r in failed) == sorted(body["run_ids"])
+    assert sorted(str(r["id"]) for r in retries) == sorted(body["retry_ids"])
+    assert {r["error_message"] for r in failed} == {"Run stuck for 0.8h - retry 1/4 scheduled"}
+    assert again.json() == {
+        "success": True,
+        "reset_count": 0,
+        "run_ids": [],
+        "retry_ids": [],
+        "dry_run": False,
+        "message": "Reset 0 stuck run(s)",
+    }
+
+
+@pytest.mark.parametrize("timeout", ["-5", "0", "soon", ""])
+def test_reset_stuck_refuses_a_bad_timeout(web, engine, timeout):
+    with engine.begin() as conn:
+        insert_stuck_runs(conn, 2, NOW - timedelta(hours=2))
+    before = snapshot(engine)
+    with web.client(ADMIN) as http:
+        answer = http.post("/api/runs/reset-stuck", params={"timeout_minutes": timeout})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["success"] is False and "timeout_minutes" in answer.json()["error"]
+    assert snapshot(engine) == before
+
+
+def test_reset_stuck_from_many_clients_at_once_fails_each_run_once(web, engine, db_url):
+    with engine.begin() as conn:
+        insert_stuck_runs(conn, 300, NOW - timedelta(hours=2))
+    answers: list = []
+
+    def call() -> None:
+        with web.client(ADMIN) as http:
+            answers.append(http.post("/api/runs/reset-stuck", params={"timeout_minutes": 60}).json())
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    checked = cli("check", env={"DATABASE_URL": db_url})
+    for thread in threads:
+        thread.join()
+    assert checked.returncode == 0, checked.stderr
+    with engine.connect() as conn:
+        assert rows(conn, "status = 'running'") == []
+        retries = rows(conn, "status = 'pending_retry'")
+    assert len(retries) == 300 and len({r["original_run_id"] for r in retries}) == 300
+    reset = [run_id for answer in answers for run_id in answer.get("run_ids", [])]
+    assert len(reset) == len(set(reset))  # no run reported reset by two calls
+
+
+# -- bulk retry -----------------------------------------------------------------------------------
+
+
+def test_bulk_retry_is_a_dry_run_unless_told_otherwise(web, engine):
+    ids = [failed_run(engine, search_query=f"job {n}") for n in range(3)]
+    before = snapshot(engine)
+    with web.client(ADMIN) as http:
+        preview = http.post("/api/runs/retry", json={"error_like": "%503%"})
+        assert snapshot(engine) == before
+        done = http.post("/api/runs/retry", json={"error_like": "%503%", "dry_run": False})
+        unknown = http.post("/api/runs/retry", json={"error_lik": "%503%", "dry_run": False})
+    assert preview.json()["data"]["dry_run"] is True
+    assert len(preview.json()["data"]["scheduled"]) == 3
+    assert done.status_code == 200 and len(done.json()["data"]["scheduled"]) == 3
+    with engine.connect() as conn:
+        assert sorted(r["original_run_id"] for r in rows(conn, "status = 'pending_retry'")) == sorted(ids)
+    assert unknown.status_code == 400 and "error_lik" in unknown.json()["error"]
+
+
+# -- reads ------------------------------------------------------------------------------------------
+
+
+def test_reads_answer_with_the_cli_s_documents(web, engine, db_url):
+    run_id = failed_run(engine)
+    with web.client(ADMIN) as http:
+        http.post(f"/api/runs/{run_id}/retry")
+    with web.client(READER) as http:
+        chain = http.get(f"/api/runs/{run_id}").json()
+        status = http.get("/api/status").json()
+        stats = http.get("/api/stats", params={"since": "1d"}).json()
+        letters = http.get("/api/dead-letters").json()
+        health = http.get("/api/health").json()
+    history = cli("history", str(run_id), "--json", env={"DATABASE_URL": db_url})
+    assert chain["data"]["chain"] == json.loads(history.stdout)
+    assert chain["data"]["run"]["id"] == str(run_id)
+    assert status["success"] and status["data"]["runs"]["pending_retry"] == 1
+    assert stats["success"] and "retries" in stats["data"]
+    assert letters == {"success": True, "data": []}
+    assert health == {"success": True, "status": "ok"}
+
+
+def test_an_unknown_parameter_is_an_error_not_ignored(web):
+    with web.client(READER) as http:
+        answer = http.get("/api/dead-letters", params={"patern": "not_found"})
+        unknown_path = http.get("/api/nothing-here")
+    assert answer.status_code == 400
+    assert answer.json()["error"] == "Unknown parameter: patern"
+    assert "pattern" in answer.json()["details"]["accepted"]
+    assert unknown_path.status_code == 404 and unknown_path.json()["success"] is False
+
+
+def test_dead_letters_show_and_requeue(web, engine):
+    spent = failed_run(engine, retry_count=4, max_retries=4, is_retry=True, error_message="HTTP 404")
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO scrape_run_dead_letters (run_id, chain_id, attempts, budget, pattern, last_error, inputs)"
+                " VALUES (:r, :r, 5, 4, 'not_found', 'HTTP 404', '{}')"
+            ),
+            {"r": spent},
+        )
+    with web.client(ADMIN) as http:
+        listed = http.get("/api/dead-letters").json()["data"]
+        one = http.get(f"/api/dead-letters/{listed[0]['id']}")
+        missing = http.get("/api/dead-letters/99999")
+        requeued = http.post(f"/api/dead-letters/run:{spent}/requeue")
+    assert [letter["run_id"] for letter in listed] == [str(spent)]
+    assert one.json()["data"]["pattern"] == "not_found"
+    assert missing.status_code == 404 and missing.json()["error"] == "Dead letter not found"
+    assert requeued.status_code == 200 and requeued.json()["message"] == "Run scheduled for retry (attempt 5/8)"
+
+
+def test_openapi_describes_every_endpoint(web):
+    with web.client() as http:
+        document = http.get("/api/openapi.json").json()
+    paths = {(method.upper(), path) for path, item in document["paths"].items() for method in item}
+    assert paths >= {
+        ("GET", "/api/health"),
+        ("POST", "/api/runs/{run_id}/retry"),
+        ("POST", "/api/runs/reset-stuck"),
+        ("POST", "/api/runs/retry"),
+        ("GET", "/api/runs/{run_id}"),
+        ("GET", "/api/status"),
+        ("GET", "/api/stats"),
+        ("GET", "/api/dead-letters"),
+        ("GET", "/api/dead-letters/{ref}"),
+        ("POST", "/api/dead-letters/{ref}/requeue"),
+    }
+
+
+# -- the database down -----------------------------------------------------------------------------
+
+
+def test_the_database_down_is_a_500_with_the_envelope_and_no_secret(tmp_path):
+    server = OwnServer(tmp_path)
+    secret = "Sekr3t-never-shown"
+    url = server.url + f"&password={secret}"
+    engine = make_engine(server.url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(TEXT_STATUS.format(table="scrape_runs"))
+    migrate(engine, "scrape_runs")
+    run_id = failed_run(engine)
+    engine.dispose()
+    web = WebServer(url)
+    try:
+        server.stop()
+        with web.client(ADMIN) as http:
+            retry = http.post(f"/api/runs/{run_id}/retry")
+            status = http.get("/api/status")
+        server.start()
+        with web.client(ADMIN) as http:
+            recovered = http.post(f"/api/runs/{run_id}/retry")
+    finally:
+        log = web.stop()
+        server.cleanup()
+    assert retry.status_code == 500, retry.text
+    assert retry.json()["success"] is False and retry.json()["error"] == "Failed to retry run"
+    assert status.status_code == 500 and status.json()["error"] == "Failed to read status"
+    for text in (retry.text, status.text, log):
+        assert secret not in text and "Traceback" not in text
+    assert recovered.status_code == 200, recovered.text
+
+
+# -- serve's own refusals ----------------------------------------------------------------------------
+
+
+def test_serve_without_a_token_refuses_to_listen_beyond_loopback(db_url):
+    result = cli("serve", "--host", "0.0.0.0", env={"DATABASE_URL": db_url})
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "ADMIN_TOKEN" in line and "0.0.0.0" in line
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"ADMIN_TOKEN": "short"}, "ADMIN_TOKEN is too short (5 characters)"),
+        ({"ADMIN_TOKEN": "with a space in it, long enough"}, "ADMIN_TOKEN holds a space"),
+        ({"ADMIN_TOKEN": ADMIN, "READ_TOKEN": ADMIN}, "ADMIN_TOKEN and READ_TOKEN are the same"),
+        ({"ADMIN_PORT": "http"}, "ADMIN_PORT='http' is not accepted"),
+        ({"ADMIN_HOST": "exa mple"}, "ADMIN_HOST='exa mple' is not accepted"),
+    ],
+)
+def test_bad_serve_settings_are_one_line_and_exit_2(db_url, env, fragment):
+    result = cli("serve", env={"DATABASE_URL": db_url, **env})
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result)
+    assert fragment in line
+    for value in env.values():
+        if "TOKEN" in line and len(value) > 8:
+            assert value not in line  # a token is never repeated
+
+
+def test_serve_on_a_port_in_use_says_so(db_url, web):
+    result = cli("serve", "--port", str(web.port), env={"DATABASE_URL": db_url})
+    assert result.returncode == 2, result.stderr
+    assert "cannot listen on 127.0.0.1:" in result.stderr and "Traceback" not in result.stderr
