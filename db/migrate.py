@@ -99,6 +99,7 @@ def index_names(qualified: str) -> dict[str, str]:
         "chain": f"ix_{name}_original_run_id"[:63],
         "unique_retry": f"ux_{name}_chain_retry"[:63],
         "stats": f"ix_{name}_ended_attempts"[:63],
+        "newest": f"ix_{name}_newest_first"[:63],
     }
 
 

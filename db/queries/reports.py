@@ -41,6 +41,32 @@ class ReportStatements(TableStatements):
             .order_by(t.c.retry_count, t.c.started_at.asc().nulls_last())
         )
 
+    def runs_page(self, *, state: str | None, search: bool, since: bool, after: str | None) -> sa.Select:
+        """One page of runs, newest first by (started_at, id), runs not started (pending retries)
+        first: `:sr_limit` rows after the cursor. `after` is None (the first page), `started` (the
+        cursor's run has `:sr_after_at`) or `unstarted`; `:sr_after_id` is the cursor run's id.
+
+        `search` matches `:sr_search` (an ILIKE pattern) in the label's columns and the error."""
+        t, runs = self.t, self.runs
+        query = sa.select(*runs.keyed())
+        if state is not None:
+            query = query.where(runs.in_state(t.c.status, state))
+        if search:
+            pattern = sa.bindparam("sr_search")
+            searched = [sa.cast(t.c[key], sa.Text) for key in runs.label_keys()] + [runs.error_text(t.c.error_message)]
+            query = query.where(sa.or_(*(column.ilike(pattern) for column in searched)))
+        if since:
+            query = query.where(t.c.started_at >= sa.bindparam("sr_since"))
+        after_id = sa.bindparam("sr_after_id", type_=t.c.id.type)
+        if after == "started":
+            at = sa.bindparam("sr_after_at", type_=t.c.started_at.type)
+            query = query.where(sa.or_(t.c.started_at < at, sa.and_(t.c.started_at == at, t.c.id < after_id)))
+        elif after == "unstarted":
+            query = query.where(
+                sa.or_(t.c.started_at.is_not(None), sa.and_(t.c.started_at.is_(None), t.c.id < after_id))
+            )
+        return query.order_by(t.c.started_at.desc().nulls_first(), t.c.id.desc()).limit(sa.bindparam("sr_limit"))
+
     def untimed(self) -> sa.ColumnElement:
         """Running runs with nothing to time them by (no started_at, no heartbeat): never stuck."""
         return sa.and_(self.runs.in_state(self.t.c.status, "running"), self.runs.progress().is_(None))

@@ -23,11 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from db.errors import DatabaseUnavailable, OperatorError, RetryRefused, RunNotFound
 from jobs.config import is_loopback, parse_duration
 from jobs.dead_letters import get_dead_letter, list_dead_letters, requeue
+from jobs.listing import MAX_PAGE, RunFilter, list_runs
 from jobs.manual import RETRY_KINDS, RetryCriteria, chain_history, retry_matching, retry_run
 from jobs.runtime import Runtime
 from jobs.stats import retry_stats
 from jobs.status import read_status
 from jobs.stuck import sweep_stuck_runs
+from jobs.timeline import hourly_timeline
 from scheduler.documents import plain
 from scheduler.web.auth import ADMIN, READ, SESSION_COOKIE, Tokens, bearer, same_origin
 
@@ -213,6 +215,20 @@ def build_api(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time.
         )
         return {"success": True, "data": plain(new), "message": scheduled.message}
 
+    @api.get("/runs", dependencies=read)
+    def runs(
+        status: str | None = Query(None, description="running, completed, failed, pending_retry, cancelled"),
+        q: str | None = Query(None, max_length=200, description="text in the run's inputs or its error, any case"),
+        since: str | None = Query(None, description="started within this long (90m, 24h, 7d)"),
+        limit: int = Query(50, ge=1, le=MAX_PAGE),
+        cursor: str | None = Query(None, description="next_cursor of the previous page"),
+    ) -> dict:
+        """Runs newest first, a keyset page at a time."""
+        with answering("Failed to list runs"):
+            window = parse_duration(since, "since") if since else None
+            page = list_runs(rt, RunFilter(status, q or None, window, limit, cursor))
+        return {"success": True, "data": plain(page.runs), "next_cursor": page.next_cursor}
+
     @api.get("/runs/{run_id}", dependencies=read)
     def run(run_id: str) -> dict:
         """A run and its whole chain, oldest first."""
@@ -234,6 +250,12 @@ def build_api(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time.
         with answering("Failed to read stats"):
             window = parse_duration(since, "since")
             return {"success": True, "data": plain(retry_stats(rt, window))}
+
+    @api.get("/stats/hourly", dependencies=read)
+    def hourly(since: str = Query("7d", description="a window of at most 31d")) -> dict:
+        """Per UTC hour, oldest first, every hour present: retries succeeded and failed, stuck detections."""
+        with answering("Failed to read the hourly timeline"):
+            return {"success": True, "data": plain(hourly_timeline(rt, parse_duration(since, "since")))}
 
     @api.get("/dead-letters", dependencies=read)
     def dead_letters(

@@ -339,3 +339,54 @@ def test_serve_on_a_port_in_use_says_so(db_url, web):
     result = cli("serve", "--port", str(web.port), env={"DATABASE_URL": db_url})
     assert result.returncode == 2, result.stderr
     assert "cannot listen on 127.0.0.1:" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- the runs list ---------------------------------------------------------------------------------
+
+
+def test_runs_come_newest_first_a_keyset_page_at_a_time(web, engine):
+    with engine.begin() as conn:
+        started = [insert_run(conn, status="completed", started_at=NOW - timedelta(minutes=m)) for m in range(7)]
+        same_time = [insert_run(conn, status="failed", started_at=NOW - timedelta(hours=2)) for _ in range(3)]
+        waiting = insert_run(conn, status="pending_retry", started_at=None, retry_count=1, is_retry=True)
+    seen, cursor, pages = [], None, 0
+    with web.client(READER) as http:
+        while True:
+            params = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+            answer = http.get("/api/runs", params=params).json()
+            seen += [run["id"] for run in answer["data"]]
+            pages += 1
+            cursor = answer["next_cursor"]
+            if cursor is None:
+                break
+    assert pages == 4 and len(seen) == len(set(seen)) == 11
+    assert seen[0] == str(waiting)  # not started yet: first
+    assert seen[1:8] == [str(run_id) for run_id in started]
+    assert sorted(seen[8:]) == sorted(str(run_id) for run_id in same_time)  # same started_at: by id, no gap
+
+
+def test_runs_filter_by_status_text_and_time(web, engine):
+    with engine.begin() as conn:
+        percent = insert_run(conn, status="failed", search_query="100% Remote", started_at=NOW - timedelta(hours=1))
+        insert_run(conn, status="failed", search_query="1000 Remote", started_at=NOW - timedelta(hours=1))
+        by_error = insert_run(
+            conn, status="failed", started_at=NOW - timedelta(hours=1), error_message="Captcha WALL at page 3"
+        )
+        old = insert_run(conn, status="completed", started_at=NOW - timedelta(days=3))
+    with web.client(READER) as http:
+        literal = http.get("/api/runs", params={"q": "100%"}).json()["data"]
+        error = http.get("/api/runs", params={"q": "captcha wall"}).json()["data"]
+        failed = http.get("/api/runs", params={"status": "failed"}).json()["data"]
+        recent = http.get("/api/runs", params={"since": "1d"}).json()["data"]
+        bad = [
+            http.get("/api/runs", params={"status": "broken"}),
+            http.get("/api/runs", params={"cursor": "not-a-cursor"}),
+            http.get("/api/runs", params={"limit": 0}),
+            http.get("/api/runs", params={"since": "soon"}),
+        ]
+    assert [run["id"] for run in literal] == [str(percent)]  # % is a character, not a wildcard
+    assert [run["id"] for run in error] == [str(by_error)]
+    assert len(failed) == 3 and {run["status"] for run in failed} == {"failed"}
+    assert str(old) not in {run["id"] for run in recent} and len(recent) == 3
+    assert [r.status_code for r in bad] == [400] * 4
+    assert "is not a state" in bad[0].json()["error"] and "cursor" in bad[1].json()["error"]
