@@ -59,6 +59,14 @@ class RetryRefused(OperatorError):
         self.details = details or {}
 
 
+class CancelRefused(OperatorError):
+    """Nothing of the chain is pending: there is no retry to cancel."""
+
+    def __init__(self, message: str, *, details: dict | None = None) -> None:
+        super().__init__(message)
+        self.details = details or {}
+
+
 class ExecutorError(OperatorError):
     """The configured executor cannot be built (callable not importable, command not found)."""
 

@@ -14,5 +14,6 @@ BUDGET_SPENT = "{error} - permanently failed after {attempts} attempts"  # retry
 PERMANENT_ERROR = "{error} - not retried: permanent error ({pattern})"
 TIMED_OUT = "Execution timed out after {hours}"
 SUPERSEDED = "Superseded: run {run_id} completed"
+CANCELLED_BY_OPERATOR = "Cancelled by operator"
 # Exponential backoff doubles at most this often: 2^60 s is past any cap, and a float's limit far off.
 MAX_DOUBLINGS = 60

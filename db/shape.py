@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection
 
 from db.errors import ConfigError, NotMigrated, SchemaError
 from db.layout import WRITTEN_STATES, Layout, label_fields
+from db.pauses import PAUSES
 from db.table import DEAD_LETTERS_TABLE, RETRY_COLUMNS, dead_letters_name, quoted_relation, sql_type
 
 _WRITTEN_ROLES = ("status", "error_message", "started_at", "completed_at")
@@ -337,8 +338,8 @@ def check_migrated(conn: Connection, table: sa.Table, qualified: str) -> None:
     missing += [_name(table, role) for role in ADDED_ROLES if role not in table.c]
     missing += [f"status value {v!r}" for v in missing_enum_values(conn, table)]
     dead = dead_letters_name(table, id_kind(table)) if "id" in table.c else DEAD_LETTERS_TABLE
-    if not missing and not sa.inspect(conn).has_table(dead, schema=table.schema):
-        missing.append(dead)
+    inspector = sa.inspect(conn)
+    missing += [name for name in (dead, PAUSES) if not missing and not inspector.has_table(name, schema=table.schema)]
     if missing:
         raise NotMigrated(f"table {qualified} is not migrated (missing {', '.join(missing)}): run `stuck-runs migrate`")
 

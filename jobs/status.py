@@ -18,6 +18,7 @@ from sqlalchemy.engine import URL
 from db.daemons import DaemonRecords
 from db.engine import database_errors, describe_db_error
 from db.errors import OperatorError
+from jobs.control import PauseState, read_pause
 from jobs.recovery import FixResult
 from jobs.runtime import Runtime
 
@@ -73,6 +74,7 @@ class StatusReport:
     daemons: tuple[DaemonState, ...]
     jobs: tuple[JobState, ...]
     runs: RunCounts
+    pause: PauseState | None = None  # retries paused: nothing starts until it ends
 
     @property
     def daemon_alive(self) -> bool:
@@ -88,6 +90,7 @@ def read_status(rt: Runtime) -> StatusReport:
         last = {job_id: conn.execute(records.last_run(job_id)).mappings().first() for job_id in JOB_IDS}
         counts = conn.execute(rt.queries.counts(), {"sr_cutoff": now - rt.settings.policy.stuck_after}).mappings().one()
         permanent = conn.execute(rt.queries.permanently_failed()).scalar_one()
+        pause = read_pause(rt, conn)
     daemons = tuple(DaemonState(d["host"], d["pid"], d["started_at"], d["heartbeat_at"], d["jobs"]) for d in alive)
     jobs = []
     for job_id in JOB_IDS:
@@ -107,7 +110,7 @@ def read_status(rt: Runtime) -> StatusReport:
                 row["daemon_id"] is not None if row else True,
             )
         )
-    return StatusReport(now, daemons, tuple(jobs), RunCounts(**counts, permanently_failed=permanent))
+    return StatusReport(now, daemons, tuple(jobs), RunCounts(**counts, permanently_failed=permanent), pause)
 
 
 def job_error(exc: BaseException, url: str | URL | None) -> str:

@@ -16,6 +16,7 @@ from sqlalchemy.ext.compiler import compiles
 from db import locks
 from db.arrays import array_param
 from db.dead_letters import dead_letters_table, insert_from_failed
+from db.pauses import PauseRecords
 from db.table import RunsTable
 
 NOW = sa.bindparam("sr_now", type_=sa.DateTime(timezone=True))
@@ -49,6 +50,7 @@ class TableStatements:
         self.t = t = runs.table
         self.dead_letters = dead_letters_table(t.schema, runs.dead_letters_name, runs.id_type)
         self.runs_ns = locks.namespace(runs.qualified_name, locks.RUNS)
+        self.pauses = PauseRecords(t.schema, runs.qualified_name)
 
     def _chain_completed(self, pending: sa.FromClause) -> sa.Select:
         """The completed runs of `pending`'s chain, earliest completion first."""

@@ -151,6 +151,7 @@ class RetryStatements(TableStatements):
                 self.runs.in_state(t.c.status, "pending_retry"),
                 t.c.next_retry_at <= NOW,
                 ~self._chain_completed(t).exists(),
+                self.pauses.not_paused(NOW),
             )
             .order_by(t.c.next_retry_at)
             .limit(sa.bindparam("sr_limit"))
@@ -178,7 +179,9 @@ class RetryStatements(TableStatements):
             values[runs.heartbeat] = NOW
         if one:
             chosen = sa.select(t.c.id).where(
-                t.c.id == sa.bindparam("sr_run_id"), runs.in_state(t.c.status, "pending_retry")
+                t.c.id == sa.bindparam("sr_run_id"),
+                runs.in_state(t.c.status, "pending_retry"),
+                self.pauses.not_paused(NOW),
             )
             due = chosen.with_for_update(skip_locked=True).cte("due")
         else:
@@ -225,6 +228,35 @@ class RetryStatements(TableStatements):
                 sa.or_(t.c.id == sa.any_(chains), sa.and_(t.c.is_retry, t.c.original_run_id == sa.any_(chains))),
             )
             .returning(t.c.id)
+        )
+
+    def pending_candidates(
+        self, *, error_like: bool = False, columns_like: tuple[str, ...] = (), since: bool = False
+    ) -> sa.Select:
+        """Pending retries, soonest due first, up to `:sr_limit`: `:sr_<column>_like` on their
+        inputs; `:sr_error_like` and `:sr_since` on the attempt each retries (its error, its end)."""
+        t, runs = self.t, self.runs
+        where = [runs.in_state(t.c.status, "pending_retry")]
+        for column in columns_like:
+            where.append(sa.cast(t.c[column], sa.Text).ilike(sa.bindparam(f"sr_{column}_like")))
+        if error_like or since:
+            before = self.t.alias("before")
+            retried = [
+                sa.func.coalesce(before.c.original_run_id, before.c.id) == t.c.original_run_id,
+                before.c.retry_count == t.c.retry_count - 1,
+            ]
+            if error_like:
+                error = sa.cast(runs.error_text(before.c.error_message), sa.Text)
+                retried.append(error.ilike(sa.bindparam("sr_error_like")))
+            if since:
+                ended = sa.func.coalesce(before.c.completed_at, before.c.started_at)
+                retried.append(ended >= sa.bindparam("sr_since", type_=sa.DateTime(timezone=True)))
+            where.append(sa.exists().where(*retried))
+        return (
+            sa.select(*runs.keyed())
+            .where(*where)
+            .order_by(t.c.next_retry_at.asc().nulls_last())
+            .limit(sa.bindparam("sr_limit"))
         )
 
     def retry_candidates(

@@ -142,6 +142,12 @@ COMMANDS = {
     "fix": ("scheduler.cli.runs", "A stuck-run sweep, then a pass over due retries (what the manual script does)."),
     "retry": ("scheduler.cli.runs", "Retry a failed run now, or every failed chain matching filters."),
     "history": ("scheduler.cli.runs", "Every attempt of a run's chain, oldest first."),
+    "cancel": ("scheduler.cli.control", "Cancel a chain's pending retry, or every pending retry matching filters."),
+    "pause": (
+        "scheduler.cli.control",
+        "Stop every process from starting retries; sweeps go on, retries stay scheduled.",
+    ),
+    "resume": ("scheduler.cli.control", "End a pause: due retries start again at once."),
     "stats": (
         "scheduler.cli.ops",
         "Retry metrics: totals, success rates, retries per chain, by failure pattern and attempt.",

@@ -147,6 +147,8 @@ def status(ctx: click.Context, as_json: bool) -> int:
     )
     if runs.untimed:
         click.echo(f"Warning: {untimed_message(runs.untimed)}; `stuck-runs doctor` says how to fix them.")
+    if report.pause:
+        click.echo(f"{report.pause.message}: no retry starts; `stuck-runs resume` ends it.")
     return EXIT_OK
 
 

@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 import click
 
-from db.errors import EXIT_OK, EXIT_REFUSED, UsageError
+from db.errors import EXIT_OK, EXIT_REFUSED, RetryRefused, UsageError
 from jobs.config import parse_duration
+from jobs.control import read_pause
 from jobs.manual import (
     RETRY_KINDS,
     BulkRetryResult,
@@ -299,6 +300,9 @@ def _retry(
         elif dry_run:
             result = retry_run(rt, wanted, reset_budget=reset_budget, dry_run=True)
         else:
+            paused = read_pause(rt) if execute_now else None
+            if paused:
+                raise RetryRefused(f"{paused.message}: run `stuck-runs resume` first, or retry without --now")
             result = retry_run(rt, wanted, reset_budget=reset_budget)
             if execute_now and not interruption.event.is_set():
                 outcome = run_retry_now(

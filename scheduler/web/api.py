@@ -20,8 +20,9 @@ from fastapi.responses import JSONResponse
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from db.errors import DatabaseUnavailable, OperatorError, RetryRefused, RunNotFound
+from db.errors import CancelRefused, DatabaseUnavailable, OperatorError, RetryRefused, RunNotFound
 from jobs.config import is_loopback, parse_duration
+from jobs.control import cancel_run, pause_retries, resume_retries
 from jobs.dead_letters import get_dead_letter, list_dead_letters, requeue
 from jobs.listing import MAX_PAGE, RunFilter, list_runs
 from jobs.manual import RETRY_KINDS, RetryCriteria, chain_history, retry_matching, retry_run
@@ -53,6 +54,8 @@ def answering(failed: str, not_found: str = "Run not found") -> Iterator[None]:
         yield
     except RunNotFound as exc:
         raise ApiError(404, not_found, {"reason": str(exc)}) from None
+    except CancelRefused as exc:
+        raise ApiError(400, "Run cannot be cancelled", {**exc.details, "reason": str(exc)}) from None
     except RetryRefused as exc:
         error = "Run has exceeded maximum retry attempts" if exc.budget_spent else "Run cannot be retried"
         details = exc.details if exc.budget_spent else {**exc.details, "reason": str(exc)}
@@ -228,6 +231,30 @@ def build_api(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time.
             window = parse_duration(since, "since") if since else None
             page = list_runs(rt, RunFilter(status, q or None, window, limit, cursor))
         return {"success": True, "data": plain(page.runs), "next_cursor": page.next_cursor}
+
+    @api.post("/runs/{run_id}/cancel", dependencies=admin)
+    def cancel(run_id: str, dry_run: bool = False) -> dict:
+        """Cancels the chain's pending retry ("Cancelled by operator"), as `stuck-runs cancel RUN_ID`."""
+        with answering("Failed to cancel retry"):
+            done = cancel_run(rt, rt.runs.parse_id(run_id), dry_run=dry_run)
+        return {"success": True, "data": plain(done), "message": done.message}
+
+    @api.post("/pause", dependencies=admin)
+    def pause(
+        for_: str | None = Query(None, alias="for", description="end by itself after this long, e.g. 4h"),
+    ) -> dict:
+        """Stops every process from starting retries (sweeps go on), as `stuck-runs pause --for 4h`."""
+        with answering("Failed to pause retries"):
+            state = pause_retries(rt, parse_duration(for_, "for") if for_ else None, via="api")
+        return {"success": True, "data": plain(state), "message": state.message}
+
+    @api.post("/resume", dependencies=admin)
+    def resume() -> dict:
+        """Ends a pause, as `stuck-runs resume`."""
+        with answering("Failed to resume retries"):
+            ended = resume_retries(rt)
+        message = "Retries resumed" if ended else "Retries were not paused; nothing changed"
+        return {"success": True, "data": {"resumed": ended is not None, "pause": plain(ended)}, "message": message}
 
     @api.get("/runs/{run_id}", dependencies=read)
     def run(run_id: str) -> dict:

@@ -1,0 +1,140 @@
+"""Operators stopping work: cancel a chain's pending retry, pause and resume every retry.
+
+A pause stops every process from starting retries (the claim statements read it), until it is
+resumed or its time is up; sweeps go on and retries stay scheduled, so nothing is lost by one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from loguru import logger
+
+from db.engine import database_errors
+from db.errors import CancelRefused
+from db.messages import CANCELLED_BY_OPERATOR
+from jobs.manual import RetryCriteria, chain_history
+from jobs.model import Run, RunId
+from jobs.rules import format_time
+from jobs.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class CancelledRetry:
+    retry_id: RunId
+    label: str
+    attempt: int
+    budget: int
+    cancelled: bool  # False in a dry run, or when it stopped being pending meanwhile
+
+    @property
+    def message(self) -> str:
+        done = "cancelled" if self.cancelled else "would be cancelled"
+        return f"Retry {self.attempt}/{self.budget} {done}"
+
+
+@dataclass(frozen=True)
+class BulkCancelResult:
+    cancelled: tuple[CancelledRetry, ...]
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class PauseState:
+    paused_at: datetime
+    until: datetime | None  # None: until resumed
+    paused_by: str
+
+    @property
+    def message(self) -> str:
+        until = f"until {format_time(self.until)}" if self.until else "until resumed"
+        return f"Retries paused {until} (by {self.paused_by}, at {format_time(self.paused_at)})"
+
+
+def cancel_run(rt: Runtime, run_id: RunId, *, dry_run: bool = False) -> CancelledRetry:
+    """Cancels the pending retry of `run_id`'s chain (`Cancelled by operator`); `CancelRefused`
+    when nothing of the chain is pending."""
+    chain = chain_history(rt, run_id)
+    pending = [a for a in chain.attempts if a.status == "pending_retry"]
+    if not pending:
+        latest = chain.attempts[-1]
+        raise CancelRefused(
+            f"run {run_id} has no pending retry to cancel: its chain's latest attempt {latest.id} is {latest.status}",
+            details={"runId": str(run_id), "currentStatus": latest.status},
+        )
+    [done] = _cancel(rt, pending, dry_run)
+    if not done.cancelled and not dry_run:
+        raise CancelRefused(f"retry {done.retry_id} stopped being pending meanwhile; see `stuck-runs history {run_id}`")
+    return done
+
+
+def cancel_matching(rt: Runtime, criteria: RetryCriteria, *, dry_run: bool = False) -> BulkCancelResult:
+    """Cancels every pending retry matching `criteria` (at most its limit): the inputs, and the
+    error and end of the attempt each retries."""
+    like = {name: value for name, value in criteria.columns_like().items() if value is not None}
+    statement = rt.queries.pending_candidates(
+        error_like=criteria.error_like is not None, columns_like=tuple(like), since=criteria.since is not None
+    )
+    params = {
+        "sr_limit": criteria.limit,
+        "sr_error_like": criteria.error_like,
+        **{f"sr_{name}_like": value for name, value in like.items()},
+        "sr_since": rt.clock.now() - criteria.since if criteria.since else None,
+    }
+    with database_errors(rt.engine, "finding retries to cancel"), rt.engine.connect() as conn:
+        found = [Run.from_row(r, rt.runs.input_names) for r in conn.execute(statement, params).mappings()]
+    return BulkCancelResult(tuple(_cancel(rt, found, dry_run)), dry_run)
+
+
+def _cancel(rt: Runtime, pending: list[Run], dry_run: bool) -> list[CancelledRetry]:
+    done: set = set()
+    if pending and not dry_run:
+        params = {
+            "sr_ids": [run.id for run in pending],
+            "sr_messages": [CANCELLED_BY_OPERATOR] * len(pending),
+            "sr_now": rt.clock.now(),
+        }
+        with database_errors(rt.engine, "cancelling retries"), rt.engine.begin() as conn:
+            done = set(conn.execute(rt.queries.cancel_superseded, params).scalars())
+    results = [CancelledRetry(r.id, r.label, r.retry_count, r.max_retries, r.id in done) for r in pending]
+    for item in results:
+        if item.cancelled:
+            logger.bind(run_id=str(item.retry_id), event="cancelled").info("{}: cancelled by operator", item.label)
+    return results
+
+
+def _by(via: str) -> str:
+    return f"{via} on {socket.gethostname()} pid {os.getpid()}"
+
+
+def pause_retries(rt: Runtime, duration: timedelta | None = None, *, via: str = "cli") -> PauseState:
+    now = rt.clock.now()
+    records = rt.queries.pauses
+    with database_errors(rt.engine, "pausing retries"), rt.engine.begin() as conn:
+        row = conn.execute(records.pause(now, now + duration if duration else None, _by(via))).mappings().one()
+    state = PauseState(row["paused_at"], row["until"], row["paused_by"])
+    logger.bind(event="paused").warning("{}", state.message)
+    return state
+
+
+def resume_retries(rt: Runtime) -> PauseState | None:
+    """Ends the pause; returns it, or None when none was standing."""
+    with database_errors(rt.engine, "resuming retries"), rt.engine.begin() as conn:
+        row = conn.execute(rt.queries.pauses.resume(rt.clock.now())).first()
+    if row is None or not row[3]:
+        return None
+    logger.bind(event="resumed").info("retries resumed")
+    return PauseState(row[0], row[1], row[2])
+
+
+def read_pause(rt: Runtime, conn=None) -> PauseState | None:
+    statement = rt.queries.pauses.current(rt.clock.now())
+    if conn is not None:
+        row = conn.execute(statement).mappings().first()
+    else:
+        with database_errors(rt.engine, "reading the pause"), rt.engine.connect() as own:
+            row = own.execute(statement).mappings().first()
+    return PauseState(row["paused_at"], row["until"], row["paused_by"]) if row else None

@@ -1,0 +1,188 @@
+"""`cancel`, `pause` and `resume` (SPEC §6), from the CLI, the API and a real daemon."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from tests.daemons import DaemonProcess, wait_until
+from tests.helpers import insert_due_retry, row, rows
+from tests.integration.test_cli import cli, one_line_error
+from tests.web import ADMIN, READER, WebServer
+
+pytestmark = pytest.mark.slow
+NOW = datetime.now(timezone.utc)
+
+
+@pytest.fixture
+def engine(db_url):
+    engine = sa.create_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def due_retry(engine, **columns) -> tuple[uuid.UUID, uuid.UUID]:
+    with engine.begin() as conn:
+        return insert_due_retry(conn, **columns)
+
+
+def status_of(engine, run_id) -> str:
+    with engine.connect() as conn:
+        return row(conn, run_id)["status"]
+
+
+# -- cancel ---------------------------------------------------------------------------------------
+
+
+def test_cancel_ends_the_chain_s_pending_retry_and_refuses_a_second_time(engine, db_url):
+    root, retry = due_retry(engine)
+    env = {"DATABASE_URL": db_url}
+    preview = cli("cancel", str(root), "--dry-run", env=env)
+    assert preview.returncode == 0, preview.stderr
+    assert "Would cancel 1 pending retry" in preview.stdout and status_of(engine, retry) == "pending_retry"
+    done = cli("cancel", str(root), env=env)  # named by the chain's root: its pending retry is cancelled
+    assert done.returncode == 0, done.stderr
+    assert "Cancelled 1 pending retry" in done.stdout
+    with engine.connect() as conn:
+        cancelled = row(conn, retry)
+    assert cancelled["status"] == "cancelled" and cancelled["error_message"] == "Cancelled by operator"
+    assert cancelled["completed_at"] is not None and cancelled["next_retry_at"] is None
+    again = cli("cancel", str(retry), env=env)
+    assert again.returncode == 1
+    assert "has no pending retry to cancel" in one_line_error(again)
+    history = cli("history", str(root), env=env)
+    assert "cancelled" in history.stdout and "Cancelled by operator" in history.stdout
+
+
+def test_bulk_cancel_takes_retry_s_filters(engine, db_url):
+    _, blocked = due_retry(engine, search_query="Data Engineer")
+    _, other = due_retry(engine, search_query="Nurse")
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE scrape_runs SET error_message = 'HTTP 403 Forbidden' WHERE status = 'failed'"))
+    env = {"DATABASE_URL": db_url}
+    preview = cli("cancel", "--error-like", "%403%", "--dry-run", "--json", env=env)
+    assert [item["retry_id"] for item in json.loads(preview.stdout)["cancelled"]] == [str(blocked), str(other)]
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE scrape_runs SET error_message = 'HTTP 503' WHERE original_run_id IS NULL AND "
+                "search_query = 'Nurse'"
+            )
+        )
+    done = cli("cancel", "--error-like", "%403%", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert [item["retry_id"] for item in json.loads(done.stdout)["cancelled"]] == [str(blocked)]
+    assert status_of(engine, blocked) == "cancelled" and status_of(engine, other) == "pending_retry"
+    by_query = cli("cancel", "--search-query", "nur%", env=env)
+    assert by_query.returncode == 0 and status_of(engine, other) == "cancelled"
+
+
+def test_cancel_without_a_run_or_filters_is_a_usage_error(db_url):
+    result = cli("cancel", env={"DATABASE_URL": db_url})
+    assert result.returncode == 2
+    assert "give a RUN_ID, or filters" in one_line_error(result)
+
+
+# -- pause and resume -------------------------------------------------------------------------------
+
+
+def test_a_paused_daemon_starts_no_retry_until_resumed(engine, db_url, tmp_path):
+    env = {"DATABASE_URL": db_url}
+    assert cli("pause", env=env).returncode == 0
+    _, retry = due_retry(engine, search_query="ok now")
+    daemon = DaemonProcess(db_url, FAKE_SCRAPER_LOG=str(tmp_path), DISPATCH_POLL="1s", PROCESS_INTERVAL="2s")
+    try:
+        wait_until(lambda: "retry_processor" in daemon.output() or daemon.poll() is not None, timeout=30)
+        time.sleep(4)  # two polls and a processor tick: a due retry would have started by now
+        assert status_of(engine, retry) == "pending_retry"
+        status = cli("status", env=env)
+        assert "Retries paused until resumed" in status.stdout
+        resumed = cli("resume", env=env)
+        assert resumed.returncode == 0 and "Retries resumed." in resumed.stdout
+        wait_until(lambda: status_of(engine, retry) == "completed", timeout=30)
+    finally:
+        log = daemon.stop()
+    assert "Traceback" not in log
+    assert "Retries were not paused" in cli("resume", env=env).stdout
+
+
+def test_a_pause_for_a_while_ends_by_itself(engine, db_url):
+    env = {"DATABASE_URL": db_url}
+    paused = cli("pause", "--for", "2s", "--json", env=env)
+    assert paused.returncode == 0, paused.stderr
+    assert json.loads(paused.stdout)["until"] is not None
+    _, retry = due_retry(engine)
+    held = cli("process", "--json", env={**env, "SCRAPE_RUN_COMMAND": "true"})
+    assert held.returncode == 0, held.stderr
+    assert status_of(engine, retry) == "pending_retry"
+    time.sleep(2.5)
+    assert "Retries paused" not in cli("status", env=env).stdout
+    ran = cli("process", env={**env, "SCRAPE_RUN_COMMAND": "true"})
+    assert ran.returncode == 0, ran.stderr
+    assert status_of(engine, retry) == "completed"
+
+
+def test_retry_now_is_refused_while_paused(engine, db_url):
+    env = {"DATABASE_URL": db_url, "SCRAPE_RUN_COMMAND": "true"}
+    with engine.begin() as conn:
+        failed = conn.execute(
+            sa.text(
+                "INSERT INTO scrape_runs (search_query, location_query, status, started_at, error_message) "
+                "VALUES ('q', 'l', 'failed', now() - interval '2 hours', 'HTTP 503') RETURNING id"
+            )
+        ).scalar_one()
+    assert cli("pause", "--for", "1h", env=env).returncode == 0
+    before = rows_of(engine)
+    result = cli("retry", str(failed), "--now", env=env)
+    assert result.returncode == 1
+    assert "stuck-runs resume" in one_line_error(result)
+    assert rows_of(engine) == before
+
+
+def rows_of(engine) -> list[str]:
+    with engine.connect() as conn:
+        return sorted(json.dumps(r, default=str, sort_keys=True) for r in rows(conn))
+
+
+def test_bad_pause_length_is_one_line_and_exit_2(db_url):
+    result = cli("pause", "--for", "soon", env={"DATABASE_URL": db_url})
+    assert result.returncode == 2
+    assert "--for='soon' is not a duration" in one_line_error(result)
+
+
+# -- over HTTP ---------------------------------------------------------------------------------------
+
+
+def test_cancel_pause_and_resume_over_the_api(engine, db_url):
+    root, retry = due_retry(engine)
+    web = WebServer(db_url)
+    try:
+        with web.client(READER) as reader:
+            assert reader.post(f"/api/runs/{root}/cancel").status_code == 403
+            assert reader.post("/api/pause").status_code == 403
+        with web.client(ADMIN) as http:
+            paused = http.post("/api/pause", params={"for": "4h"}).json()
+            status = http.get("/api/status").json()["data"]
+            cancelled = http.post(f"/api/runs/{root}/cancel")
+            again = http.post(f"/api/runs/{root}/cancel")
+            resumed = http.post("/api/resume").json()
+            bad = http.post("/api/pause", params={"for": "-1h"})
+    finally:
+        web.stop()
+    assert paused["success"] and paused["message"].startswith("Retries paused until ")
+    assert status["pause"]["paused_by"].startswith("api on ")
+    assert cancelled.status_code == 200 and cancelled.json()["message"] == "Retry 1/4 cancelled"
+    assert status_of(engine, retry) == "cancelled"
+    assert again.status_code == 400 and again.json()["error"] == "Run cannot be cancelled"
+    assert again.json()["details"]["currentStatus"] == "cancelled"
+    assert resumed == {
+        "success": True,
+        "data": {"resumed": True, "pause": resumed["data"]["pause"]},
+        "message": "Retries resumed",
+    }
+    assert bad.status_code == 400
