@@ -48,7 +48,13 @@ def serve(ctx: click.Context) -> int:
         listening = _listen(settings.admin_host, settings.admin_port)
         app = create_app(rt, Tokens(settings.admin_token, settings.read_token))
         config = uvicorn.Config(
-            app, log_config=None, access_log=False, server_header=False, timeout_graceful_shutdown=10
+            app,
+            host=settings.admin_host,
+            port=settings.admin_port,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=10,
         )
         logger.bind(event="serve").info(
             "serving the API on http://{}:{} ({})",
@@ -56,8 +62,24 @@ def serve(ctx: click.Context) -> int:
             settings.admin_port,
             "tokens required" if settings.admin_token or settings.read_token else "loopback only, no token",
         )
-        uvicorn.Server(config).run(sockets=[listening])
+        _notifying_server()(config).run(sockets=[listening])
     return EXIT_OK
+
+
+def _notifying_server() -> type:
+    import uvicorn
+
+    from scheduler.notify import Notifier
+
+    class NotifyingServer(uvicorn.Server):
+        """uvicorn's server, telling systemd READY=1 once it listens (Type=notify)."""
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                Notifier().ready(f"serving on {self.config.host}:{self.config.port}")
+
+    return NotifyingServer
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -390,3 +390,21 @@ def test_runs_filter_by_status_text_and_time(web, engine):
     assert str(old) not in {run["id"] for run in recent} and len(recent) == 3
     assert [r.status_code for r in bad] == [400] * 4
     assert "is not a state" in bad[0].json()["error"] and "cursor" in bad[1].json()["error"]
+
+
+def test_serve_tells_systemd_it_is_ready_once_it_listens(db_url, tmp_path):
+    import socket as sockets
+
+    path = str(tmp_path / "notify")
+    listener = sockets.socket(sockets.AF_UNIX, sockets.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(10)
+    web = WebServer(db_url, NOTIFY_SOCKET=path)
+    try:
+        message = listener.recv(4096).decode()
+        with web.client() as http:
+            assert http.get("/api/health").status_code == 200
+    finally:
+        web.stop()
+        listener.close()
+    assert message.split("\n") == ["READY=1", f"STATUS=serving on 127.0.0.1:{web.port}"]

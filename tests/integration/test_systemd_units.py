@@ -16,7 +16,16 @@ from tests.conftest import REPO
 ANALYZE = "/usr/bin/systemd-analyze"
 SINGLE = REPO / "systemd" / "stuck-runs.service"
 TEMPLATE = REPO / "systemd" / "stuck-runs@.service"
-UNITS = pytest.mark.parametrize("unit", [SINGLE, TEMPLATE], ids=lambda path: path.name)
+WEB = REPO / "systemd" / "stuck-runs-web.service"
+UNITS = pytest.mark.parametrize("unit", [SINGLE, TEMPLATE, WEB], ids=lambda path: path.name)
+# What the web unit may say otherwise than the daemon's: what it is, what it runs, its own
+# settings, and no watchdog (serve has no scheduler loop to feed one).
+WEB_OWN = {
+    ("Unit", "Description"),
+    ("Service", "EnvironmentFile"),
+    ("Service", "ExecStart"),
+    ("Service", "WatchdogSec"),
+}
 # The only directives in which an instance differs from the single unit.
 PER_INSTANCE = {("Unit", "Description"), ("Service", "EnvironmentFile")}
 # Host paths a unit writes or claims: a fixed name would be shared by every instance.
@@ -130,3 +139,12 @@ def test_the_template_is_the_single_unit_but_for_its_instance():
 def test_instances_share_no_host_state():
     for _, key, value in directives(TEMPLATE):
         assert key not in HOST_STATE or "%i" in value, f"every instance would share {key}={value}"
+
+
+def test_the_web_unit_is_hardened_as_the_daemon_s_is():
+    def shared(unit: Path) -> list[Directive]:
+        return [d for d in directives(unit) if d[:2] not in WEB_OWN]
+
+    assert shared(WEB) == shared(SINGLE)
+    assert values(WEB, "Service", "ExecStart") == ["/opt/stuck-runs/.venv/bin/stuck-runs serve"]
+    assert values(WEB, "Service", "WatchdogSec") == []
