@@ -28,7 +28,7 @@ from jobs.listing import MAX_PAGE, RunFilter, list_runs
 from jobs.manual import RETRY_KINDS, RetryCriteria, chain_history, retry_matching, retry_run
 from jobs.runtime import Runtime
 from jobs.stats import retry_stats
-from jobs.status import read_status
+from jobs.status import CHECKER, job_run, read_status
 from jobs.stuck import sweep_stuck_runs
 from jobs.timeline import hourly_timeline
 from scheduler.documents import plain
@@ -165,8 +165,9 @@ def build_api(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time.
     ) -> dict:
         """The stuck-run sweep of `check`, with this threshold: it fails the stuck runs and schedules their retries."""
         policy = replace(rt.settings.policy, stuck_after=timedelta(minutes=timeout_minutes))
-        with answering("Failed to reset stuck runs"):
+        with answering("Failed to reset stuck runs"), job_run(rt, (CHECKER,), dry_run=dry_run) as record:
             result = sweep_stuck_runs(rt, policy, dry_run=dry_run, keep=None)
+            record(result)  # `status` shows it as the checker's last run, as it shows `check`'s
         if result.skipped:
             raise ApiError(409, "Another sweep is running", {"reason": result.skipped})
         attempts = result.document()["attempts"]

@@ -408,3 +408,35 @@ def test_serve_tells_systemd_it_is_ready_once_it_listens(db_url, tmp_path):
         web.stop()
         listener.close()
     assert message.split("\n") == ["READY=1", f"STATUS=serving on 127.0.0.1:{web.port}"]
+
+
+def test_a_reset_is_recorded_as_the_checker_s_last_run(web, engine, db_url):
+    with engine.begin() as conn:
+        insert_stuck_runs(conn, 2, NOW - timedelta(hours=2))
+    with web.client(ADMIN) as http:
+        http.post("/api/runs/reset-stuck", params={"timeout_minutes": 60})
+        checker = next(j for j in http.get("/api/status").json()["data"]["jobs"] if j["job_id"] == "stuck_run_checker")
+    assert checker["outcome"] == "ok" and checker["counts"]["failed"] == 2 and checker["by_daemon"] is False
+
+
+def test_the_cli_and_the_api_schedule_the_same_retry(web, engine, db_url):
+    by_cli, by_api = (
+        failed_run(engine, search_query="Same job", config=json.dumps({"depth": 2}), user_id=7) for _ in range(2)
+    )
+    scheduled = cli("retry", str(by_cli), "--json", env={"DATABASE_URL": db_url})
+    assert scheduled.returncode == 0, scheduled.stderr
+    with web.client(ADMIN) as http:
+        answer = http.post(f"/api/runs/{by_api}/retry").json()
+    cli_answer = json.loads(scheduled.stdout)["scheduled"]
+    cli_retry = cli_answer["retry_id"]
+    assert answer["message"] == cli_answer["message"]
+
+    def retry_of(retry_id: str, root: uuid.UUID) -> dict:
+        with engine.connect() as conn:
+            found = dict(row(conn, uuid.UUID(retry_id)))
+        assert found.pop("original_run_id") == root
+        for moving in ("id", "next_retry_at", "updated_at"):  # when it was written
+            found.pop(moving)
+        return found
+
+    assert retry_of(cli_retry, by_cli) == retry_of(answer["data"]["id"], by_api)
