@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 
 from jobs.runtime import Runtime
-from scheduler.web.api import build_api, failure, install_error_handlers
+from scheduler.web.api import build_api, failure, install_error_handlers, install_timing
 from scheduler.web.auth import SESSION_COOKIE, SESSION_SECONDS, Tokens, same_origin
 
 MAX_FORM_BYTES = 4096
@@ -28,6 +28,7 @@ def create_app(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time
         redoc_url=None,
     )
     install_error_handlers(app)
+    install_timing(app)
     app.include_router(build_api(rt, tokens, clock=clock))
 
     @app.post("/login", include_in_schema=False)
