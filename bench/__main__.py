@@ -254,6 +254,22 @@ def only_adopted(config: dict, out: str | None) -> None:
         Path(out).write_text(json.dumps({"adopted": figures}, indent=2))
 
 
+def only_sweeps(config: dict, out: str | None) -> None:
+    """The stuck sweeps and start-up alone (floor, command, in-process, row by row), saved as
+    {"sweeps": ..., "startup": ...} for `--report-from` over a full run's figures."""
+    work = Path(tempfile.mkdtemp(prefix="stuck-runs-bench-"))
+    server_url, server = data.start_server(work)
+    try:
+        figures = {"sweeps": sweeps(server_url, config, work / "sweep.log")}
+        figures["startup"] = startup_of_commands(server_url, config)
+    finally:
+        if server is not None:
+            server.cleanup()
+    print(json.dumps(figures, indent=2, default=str))
+    if out:
+        Path(out).write_text(json.dumps(figures, indent=2, default=str))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (CI)")
@@ -262,7 +278,9 @@ def main() -> None:
     parser.add_argument(
         "--report-from", nargs="+", help="only write the report, from figures saved with --json (merged in order)"
     )
-    parser.add_argument("--only", choices=["adopted"], help="run one benchmark, print and save its figures (--json)")
+    parser.add_argument(
+        "--only", choices=["adopted", "sweeps"], help="run one benchmark, print and save its figures (--json)"
+    )
     args = parser.parse_args()
     if args.report_from:
         from bench.report import write
@@ -274,6 +292,9 @@ def main() -> None:
         return
     if args.only == "adopted":
         only_adopted(QUICK if args.quick else FULL, args.json)
+        return
+    if args.only == "sweeps":
+        only_sweeps(QUICK if args.quick else FULL, args.json)
         return
     config = QUICK if args.quick else FULL
     work = Path(tempfile.mkdtemp(prefix="stuck-runs-bench-"))

@@ -36,8 +36,11 @@ def application_name(role: str) -> str:
     return f"stuck-runs {role} {socket.gethostname()}:{os.getpid()}"[:63]
 
 
-def make_engine(url: str, *, role: str = "cli", pool_size: int = 5) -> Engine:
-    """An engine for `url` whose connections are UTC and named; nothing is connected yet."""
+def make_engine(url: str, *, role: str = "cli", pool_size: int = 5, statement_timeout_ms: int | None = None) -> Engine:
+    """An engine for `url` whose connections are UTC and named; nothing is connected yet.
+
+    `statement_timeout_ms` bounds every statement of the engine's sessions (lock waits included)."""
+    options = "-c TimeZone=UTC" + (f" -c statement_timeout={statement_timeout_ms}" if statement_timeout_ms else "")
     return create_engine(
         url,
         pool_pre_ping=True,
@@ -46,7 +49,7 @@ def make_engine(url: str, *, role: str = "cli", pool_size: int = 5) -> Engine:
         connect_args={
             "connect_timeout": CONNECT_TIMEOUT_SECONDS,
             "application_name": application_name(role),
-            "options": "-c TimeZone=UTC",
+            "options": options,
         },
     )
 

@@ -37,6 +37,10 @@ def check_placeholders(settings: Settings, runs: RunsTable) -> None:
                 )
 
 
+WEB_STATEMENT_TIMEOUT_MS = 5000
+WEB_POOL = 8  # connections of `serve`; as many again may open for a burst
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -65,7 +69,10 @@ class Runtime:
         url = settings.require_database_url()
         if executes and executor is None:
             executor = build_executor(settings)
-        engine = make_engine(url, role=role, pool_size=settings.max_concurrent_retries + 2)
+        # What serves people waits for nothing for long: a page that would hang on a lock answers 500.
+        timeout = WEB_STATEMENT_TIMEOUT_MS if role == "web" else None
+        pool = settings.max_concurrent_retries + 2 if role != "web" else WEB_POOL
+        engine = make_engine(url, role=role, pool_size=pool, statement_timeout_ms=timeout)
         with database_errors(engine, "connecting"), engine.connect() as conn:
             runs = load_runs_table(conn, settings.table, settings.heartbeat_column, settings.layout)
         check_placeholders(settings, runs)

@@ -440,3 +440,24 @@ def test_the_cli_and_the_api_schedule_the_same_retry(web, engine, db_url):
         return found
 
     assert retry_of(cli_retry, by_cli) == retry_of(answer["data"]["id"], by_api)
+
+
+def test_a_page_that_would_wait_on_a_lock_answers_500_after_the_statement_timeout(web, engine):
+    """A migration or a VACUUM FULL holding the table must not hang the dashboard's threads."""
+    import time as clock
+
+    locker = engine.connect()
+    transaction = locker.begin()
+    locker.exec_driver_sql("LOCK TABLE scrape_runs IN ACCESS EXCLUSIVE MODE")
+    try:
+        started = clock.monotonic()
+        with web.client(READER) as http:
+            answer = http.get("/api/status")
+        waited = clock.monotonic() - started
+    finally:
+        transaction.rollback()
+        locker.close()
+    assert answer.status_code == 500 and answer.json()["error"] == "Failed to read status", answer.text
+    assert 4 < waited < 20
+    with web.client(READER) as http:
+        assert http.get("/api/status").status_code == 200
