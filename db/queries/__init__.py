@@ -12,11 +12,12 @@ from db.queries.common import NOW
 from db.queries.reports import ReportStatements
 from db.queries.retries import RetryStatements
 from db.queries.sweep import SweepStatements, render
+from db.queries.timeline import TimelineStatements
 
 __all__ = ["NOW", "RunQueries", "render"]
 
 
-class RunQueries(SweepStatements, RetryStatements, ReportStatements):
+class RunQueries(SweepStatements, RetryStatements, ReportStatements, TimelineStatements):
     """The statements for one table. Parameters are bound by name, all prefixed `sr_`: `sr_now`, `sr_run_id`...
 
     One module per concern: the stuck sweep (`sweep`), retries and claims (`retries`), reports

@@ -12,6 +12,7 @@ from fastapi.responses import RedirectResponse, Response
 from jobs.runtime import Runtime
 from scheduler.web.api import build_api, failure, install_error_handlers, install_timing
 from scheduler.web.auth import SESSION_COOKIE, SESSION_SECONDS, Tokens, same_origin
+from scheduler.web.pages import build_pages, login_page
 
 MAX_FORM_BYTES = 4096
 
@@ -30,6 +31,11 @@ def create_app(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time
     install_error_handlers(app)
     install_timing(app)
     app.include_router(build_api(rt, tokens, clock=clock))
+    app.include_router(build_pages(rt, tokens, clock))
+
+    @app.get("/login", include_in_schema=False)
+    def sign_in() -> Response:
+        return login_page()
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
@@ -42,6 +48,8 @@ def create_app(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time
         token = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0]
         role = tokens.role_of(token) if tokens.configured else None
         if role is None:
+            if "text/html" in request.headers.get("accept", ""):  # the sign-in page's own form
+                return login_page("That token is neither ADMIN_TOKEN nor READ_TOKEN.", 401)
             return failure(401, "Invalid token")
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(
