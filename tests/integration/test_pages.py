@@ -553,3 +553,15 @@ def test_in_a_browser_a_hidden_page_does_not_refresh(browser, web, engine):
     browser.switch_to.window(page)
     until(browser, lambda d: d.execute_script("return window.visibleFetches") >= 1)  # visible again: refreshes
     assert browser.execute_script("return [window.wasHidden, window.hiddenFetches]") == [True, 0]
+
+
+def test_without_tokens_the_sign_in_page_sends_the_browser_to_the_overview(db_url):
+    web = WebServer(db_url, tokens=False)
+    try:
+        with web.client() as http:
+            answer = http.get("/login")
+            overview = http.get("/")
+    finally:
+        web.stop()
+    assert answer.status_code == 303 and answer.headers["location"] == "/"
+    assert overview.status_code == 200
