@@ -61,8 +61,9 @@ def parse_duration(text: str, name: str, *, allow_zero: bool = False) -> timedel
 
 
 def parse_int(text: str, name: str, *, minimum: int, maximum: int | None = None) -> int:
+    digits = str(text).strip()
     try:
-        value = int(str(text).strip())
+        value = int(digits) if digits.isascii() else None  # int() takes '１９１０１' too
     except ValueError:
         value = None
     if value is None or value < minimum or (maximum is not None and value > maximum):

@@ -63,7 +63,7 @@ def cancel_run(rt: Runtime, run_id: RunId, *, dry_run: bool = False) -> Cancelle
         latest = chain.attempts[-1]
         raise CancelRefused(
             f"run {run_id} has no pending retry to cancel: its chain's latest attempt {latest.id} is {latest.status}",
-            details={"runId": str(run_id), "currentStatus": latest.status},
+            details={"runId": str(latest.id), "currentStatus": latest.status, "requestedRunId": str(run_id)},
         )
     [done] = _cancel(rt, pending, dry_run)
     if not done.cancelled and not dry_run:

@@ -60,6 +60,7 @@ class RunCounts:
     running_retries: int
     next_due: datetime | None
     permanently_failed: int  # chains that ended failed, no retry coming (`stats` counts them in its window)
+    permanently_failed_since: datetime | None = None  # None: all time
 
 
 def untimed_message(count: int) -> str:
@@ -81,15 +82,22 @@ class StatusReport:
         return bool(self.daemons)
 
 
-def read_status(rt: Runtime) -> StatusReport:
-    """The daemons alive now, each job's last run (from any host) and next run, the run counts."""
+def read_status(rt: Runtime, permanent_window: timedelta | None = None) -> StatusReport:
+    """The daemons alive now, each job's last run (from any host) and next run, the run counts.
+
+    Chains that ended permanently failed are counted over all time, or over `permanent_window`:
+    what a page refreshing every few seconds asks, since over all time the count reads every
+    failed attempt of the table's history (seconds at ten million rows)."""
     now = rt.clock.now()
+    since = now - permanent_window if permanent_window else None
     records = DaemonRecords(rt.runs.table.schema, rt.runs.qualified_name)
     with database_errors(rt.engine, "reading the status"), rt.engine.connect() as conn:
         alive = conn.execute(records.alive(now - ALIVE_WITHIN)).mappings().all()
         last = {job_id: conn.execute(records.last_run(job_id)).mappings().first() for job_id in JOB_IDS}
         counts = conn.execute(rt.queries.counts(), {"sr_cutoff": now - rt.settings.policy.stuck_after}).mappings().one()
-        permanent = conn.execute(rt.queries.permanently_failed()).scalar_one()
+        permanent = conn.execute(
+            rt.queries.permanently_failed(since=since is not None), {"sr_since": since}
+        ).scalar_one()
         pause = read_pause(rt, conn)
     daemons = tuple(DaemonState(d["host"], d["pid"], d["started_at"], d["heartbeat_at"], d["jobs"]) for d in alive)
     jobs = []
@@ -110,7 +118,13 @@ def read_status(rt: Runtime) -> StatusReport:
                 row["daemon_id"] is not None if row else True,
             )
         )
-    return StatusReport(now, daemons, tuple(jobs), RunCounts(**counts, permanently_failed=permanent), pause)
+    return StatusReport(
+        now,
+        daemons,
+        tuple(jobs),
+        RunCounts(**counts, permanently_failed=permanent, permanently_failed_since=since),
+        pause,
+    )
 
 
 def job_error(exc: BaseException, url: str | URL | None) -> str:

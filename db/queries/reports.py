@@ -60,7 +60,10 @@ class ReportStatements(TableStatements):
         after_id = sa.bindparam("sr_after_id", type_=t.c.id.type)
         if after == "started":
             at = sa.bindparam("sr_after_at", type_=t.c.started_at.type)
-            query = query.where(sa.or_(t.c.started_at < at, sa.and_(t.c.started_at == at, t.c.id < after_id)))
+            # A row comparison is the index's own condition: the page starts where the cursor is.
+            # (`started_at < x OR (started_at = x AND id < y)` made PostgreSQL walk the index from the
+            # top, filtering: page 100,000 of ten million rows took a second.)
+            query = query.where(sa.tuple_(t.c.started_at, t.c.id) < sa.tuple_(at, after_id))
         elif after == "unstarted":
             query = query.where(
                 sa.or_(t.c.started_at.is_not(None), sa.and_(t.c.started_at.is_(None), t.c.id < after_id))

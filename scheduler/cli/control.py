@@ -93,7 +93,7 @@ def pause(ctx: click.Context, duration: str | None, as_json: bool) -> int:
       stuck-runs pause --for 4h     # the site is down for maintenance
       stuck-runs pause              # until `stuck-runs resume`
     """
-    length = parse_duration(duration, "--for") if duration else None
+    length = parse_duration(duration, "--for") if duration is not None else None  # `--for ''`: an error
     with open_runtime(ctx) as rt:
         state = pause_retries(rt, length)
     if as_json:

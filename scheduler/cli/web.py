@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 
 import click
@@ -35,7 +36,7 @@ def serve(ctx: click.Context) -> int:
     if not settings.admin_token and not is_loopback(settings.admin_host):
         name = "--host" if "ADMIN_HOST" in ctx.meta.get("stuck_runs.flags", {}) else "ADMIN_HOST"
         raise ConfigError(
-            f"{name}={settings.admin_host} is reachable from other hosts, and ADMIN_TOKEN is not set: "
+            f"{name}={settings.admin_host} is reachable from other hosts, and ADMIN_TOKEN is not set (or empty): "
             "set ADMIN_TOKEN (and READ_TOKEN for read-only access), or listen on 127.0.0.1"
         )
     import uvicorn
@@ -58,7 +59,7 @@ def serve(ctx: click.Context) -> int:
         )
         logger.bind(event="serve").info(
             "serving the API on http://{}:{} ({})",
-            settings.admin_host,
+            f"[{settings.admin_host}]" if ":" in settings.admin_host else settings.admin_host,
             settings.admin_port,
             "tokens required" if settings.admin_token or settings.read_token else "loopback only, no token",
         )
@@ -92,10 +93,17 @@ def _listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
+    except socket.gaierror:
+        sock.close()
+        raise ConfigError(f"ADMIN_HOST={host} is not an address of this host: use 127.0.0.1, 0.0.0.0 or ::") from None
     except OSError as exc:
         sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: another process uses the port; choose another with ADMIN_PORT or --port"
+            ) from None
         raise ConfigError(
-            f"cannot listen on {host}:{port} ({exc.strerror or exc}): is another process using the port? "
-            "Choose another with ADMIN_PORT or --port"
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): use an address of this host "
+            "(127.0.0.1, 0.0.0.0, ::) and a port this user may take"
         ) from None
     return sock

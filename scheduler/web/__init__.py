@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 
 from jobs.runtime import Runtime
-from scheduler.web.api import build_api, failure, install_error_handlers, install_timing
+from scheduler.web.api import Caller, build_api, describe_errors, failure, install_error_handlers, install_timing
 from scheduler.web.auth import SESSION_COOKIE, SESSION_SECONDS, Tokens, same_origin
 from scheduler.web.pages import build_pages, login_page
 
@@ -27,11 +27,14 @@ def create_app(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time
         openapi_url="/api/openapi.json",
         docs_url=None,
         redoc_url=None,
+        redirect_slashes=False,  # `/api/runs/` is not found, not a 307 to somewhere else
     )
     install_error_handlers(app)
     install_timing(app)
-    app.include_router(build_api(rt, tokens, clock=clock))
-    app.include_router(build_pages(rt, tokens, clock))
+    caller = Caller(tokens, clock)  # one for the API and the pages: a signed-out cookie is out of both
+    app.include_router(build_api(rt, tokens, clock=clock, caller=caller))
+    app.include_router(build_pages(rt, tokens, clock, caller=caller))
+    describe_errors(app)
 
     @app.get("/login", include_in_schema=False)
     def sign_in() -> Response:
@@ -69,6 +72,9 @@ def create_app(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time
     async def logout(request: Request) -> Response:
         if _foreign(request):
             return failure(403, "Cross-origin request refused")
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if cookie:  # its signature stays valid until it expires: this process refuses it from now on
+            caller.ended.add(cookie)
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
         return response

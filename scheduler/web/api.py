@@ -7,18 +7,21 @@ the services do not decide for the CLI: a retry refused over HTTP is refused wit
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from db.errors import CancelRefused, DatabaseUnavailable, OperatorError, RetryRefused, RunNotFound
 from jobs.config import is_loopback, parse_duration
@@ -35,6 +38,15 @@ from scheduler.documents import plain
 from scheduler.web.auth import ADMIN, READ, SESSION_COOKIE, Tokens, bearer, same_origin
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+OVERVIEW_WINDOW = timedelta(days=7)  # permanent failures the overview and /api/status count
+MAX_BODY_BYTES = 64 * 1024
+MAX_TEXT = 200  # characters of a filter, as the runs page takes them
+# A switch is `true` or `false`, nothing looser: `dry_run=no` must not run for real.
+Flag = Literal["true", "false"]
+
+
+def on(flag: Flag | None) -> bool:
+    return flag == "true"
 
 
 class ApiError(Exception):
@@ -61,7 +73,9 @@ def answering(failed: str, not_found: str = "Run not found") -> Iterator[None]:
         details = exc.details if exc.budget_spent else {**exc.details, "reason": str(exc)}
         raise ApiError(400, error, details) from None
     except DatabaseUnavailable as exc:
-        raise ApiError(500, failed, {"reason": str(exc)}) from None
+        # The reason names the server (user, host, database): the journal gets it, a client does not.
+        logger.bind(event="api_database_error").warning("{}: {}", failed, exc)
+        raise ApiError(500, failed, {"reason": "the database could not be reached or refused the statement"}) from None
     except OperatorError as exc:  # a malformed id, a filter the table cannot take
         raise ApiError(400, str(exc)) from None
 
@@ -69,8 +83,9 @@ def answering(failed: str, not_found: str = "Run not found") -> Iterator[None]:
 class Caller:
     """Who is asking, as the request proves it (SPEC §13's rules)."""
 
-    def __init__(self, tokens: Tokens, clock: Callable[[], float]) -> None:
+    def __init__(self, tokens: Tokens, clock: Callable[[], float], ended: set[str] | None = None) -> None:
         self.tokens, self.clock = tokens, clock
+        self.ended = ended if ended is not None else set()  # cookies signed out of (this process)
 
     def role(self, request: Request) -> str:
         presented = bearer(request.headers.get("authorization"))
@@ -80,10 +95,12 @@ class Caller:
         if presented is not None:
             role = self.tokens.role_of(presented)
             if role is None:
+                client = request.client.host if request.client else "?"
+                logger.bind(event="api_bad_token").warning("refused a wrong token from {}", client)
                 raise ApiError(401, "Invalid token", {"hint": "send Authorization: Bearer <ADMIN_TOKEN or READ_TOKEN>"})
             from_page = False
         elif cookie is not None and self.tokens.configured:
-            role = self.tokens.session_role(cookie, self.clock())
+            role = self.tokens.session_role(cookie, self.clock()) if cookie not in self.ended else None
             if role is None:
                 raise ApiError(401, "Session expired or invalid", {"hint": "sign in again at /login"})
             from_page = True
@@ -103,7 +120,7 @@ class Caller:
 
 def _loopback_host(host: str | None) -> bool:
     name = (host or "").rsplit(":", 1)[0] if not (host or "").endswith("]") else (host or "")
-    return is_loopback(name.strip("[]")) if name else False
+    return is_loopback(name.strip("[]").lower()) if name else False
 
 
 def _own_page(request: Request) -> bool:
@@ -115,33 +132,79 @@ def _own_page(request: Request) -> bool:
     )
 
 
-def _unknown_parameters(request: Request) -> None:
-    """A filter we do not know is an error, never silently ignored (`?stauts=failed`)."""
+def _checked_parameters(request: Request) -> None:
+    """A parameter we do not know, given twice (`dry_run=true&dry_run=false`: which one?) or holding
+    a NUL byte is an error, never silently ignored or half-read; so is a body where none is taken."""
     route = request.scope.get("route")
-    known = {p.alias or p.name for p in getattr(getattr(route, "dependant", None), "query_params", [])}
-    unknown = sorted(set(request.query_params) - known)
+    dependant = getattr(route, "dependant", None)
+    known = {p.alias or p.name for p in getattr(dependant, "query_params", [])}
+    names = [name for name, _ in request.query_params.multi_items()]
+    unknown = sorted(set(names) - known)
     if unknown:
         accepted = ", ".join(sorted(known)) or "none"
         raise ApiError(400, f"Unknown parameter: {unknown[0]}", {"accepted": accepted})
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ApiError(400, f"Parameter given more than once: {repeated[0]}", {"hint": "give each parameter once"})
+    for name, value in request.query_params.multi_items():
+        if "\x00" in value:
+            raise ApiError(400, f"Invalid {name}: it holds a NUL byte")
+    takes_body = getattr(route, "openapi_extra", None) and "requestBody" in route.openapi_extra
+    if not takes_body and request.method not in SAFE_METHODS and request.headers.get("content-length", "0") != "0":
+        raise ApiError(400, "This endpoint takes no body: give its parameters in the query string")
 
 
 class BulkRetry(BaseModel):
-    """The CLI's `retry` filters. Nothing changes unless `dry_run` is false."""
+    """The CLI's `retry` filters. Nothing changes unless `dry_run` is JSON `false`."""
 
-    model_config = ConfigDict(extra="forbid")
-    error_like: str | None = Field(None, description="SQL LIKE pattern on the error, case-insensitive")
-    search_query: str | None = None
-    location_query: str | None = None
-    since: str | None = Field(None, description="failed within this long (90s, 30m, 4h, 1d)")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    error_like: str | None = Field(None, max_length=MAX_TEXT, description="SQL LIKE pattern on the error, any case")
+    search_query: str | None = Field(None, max_length=MAX_TEXT)
+    location_query: str | None = Field(None, max_length=MAX_TEXT)
+    since: str | None = Field(None, max_length=20, description="failed within this long (90s, 30m, 4h, 1d)")
     status: str = Field("failed", description="failed | permanent (dead-lettered) | scraper")
     limit: int = Field(100, ge=1, le=10_000)
-    spread: str | None = Field(None, description="spread the retries' due times over this long")
+    spread: str | None = Field(None, max_length=20, description="spread the retries' due times over this long")
     reset_budget: bool = False
     dry_run: bool = True
 
 
-def build_api(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time.time) -> APIRouter:
-    caller = Caller(tokens, clock)
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ApiError(400, f"Key given more than once in the body: {repeated[0]}", {"hint": "give each key once"})
+    return dict(pairs)
+
+
+async def read_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """A JSON object body, held to `model` strictly: one clear 400 for anything else."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, f"Body too large: at most {MAX_BODY_BYTES // 1024} KB")
+    if not raw.strip():
+        return model()
+    try:
+        document = json.loads(raw, object_pairs_hook=_no_repeated_keys)
+    except (ValueError, RecursionError):
+        raise ApiError(400, 'The body is not valid JSON: send an object such as {"dry_run": true}') from None
+    if not isinstance(document, dict):
+        raise ApiError(400, 'The body must be a JSON object such as {"dry_run": true}')
+    holding_nul = sorted(key for key, value in document.items() if isinstance(value, str) and "\x00" in value)
+    if holding_nul:
+        raise ApiError(400, f"Invalid {holding_nul[0]}: it holds a NUL byte")
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "body"
+        raise ApiError(400, f"Invalid {where}: {first.get('msg', 'not accepted')}") from None
+
+
+def build_api(
+    rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time.time, caller: Caller | None = None
+) -> APIRouter:
+    caller = caller or Caller(tokens, clock)
 
     def reader(request: Request) -> str:
         return _need(caller, request, READ)
@@ -149,22 +212,28 @@ def build_api(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time.
     def administrator(request: Request) -> str:
         return _need(caller, request, ADMIN)
 
-    read = [Depends(_unknown_parameters), Depends(reader)]
-    admin = [Depends(_unknown_parameters), Depends(administrator)]
+    read = [Depends(reader), Depends(_checked_parameters)]
+    admin = [Depends(administrator), Depends(_checked_parameters)]
     api = APIRouter(prefix="/api")
 
-    @api.get("/health", dependencies=[Depends(_unknown_parameters)])
-    def health() -> dict:
-        """Liveness; needs no token."""
+    @api.get("/health", dependencies=[Depends(_checked_parameters)])
+    def health() -> Any:
+        """Whether this server can answer: it and its database; needs no token. 503 when the database cannot be reached."""
+        try:
+            with rt.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except Exception:  # noqa: BLE001 - any failure is "cannot answer"; the reason is not a client's
+            return failure(503, "Database unavailable")
         return {"success": True, "status": "ok"}
 
     @api.post("/runs/reset-stuck", dependencies=admin)
     def reset_stuck(
         timeout_minutes: float = Query(..., gt=0, le=5_256_000, description="stuck after this many minutes"),
-        dry_run: bool = False,
+        dry_run: Flag = "false",
     ) -> dict:
         """The stuck-run sweep of `check`, with this threshold: it fails the stuck runs and schedules their retries."""
         policy = replace(rt.settings.policy, stuck_after=timedelta(minutes=timeout_minutes))
+        dry_run = on(dry_run)
         with answering("Failed to reset stuck runs"), job_run(rt, (CHECKER,), dry_run=dry_run) as record:
             result = sweep_stuck_runs(rt, policy, dry_run=dry_run, keep=None)
             record(result)  # `status` shows it as the checker's last run, as it shows `check`'s
@@ -175,16 +244,23 @@ def build_api(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time.
         return {
             "success": True,
             "reset_count": result.failed,
-            "run_ids": [a["run_id"] for a in attempts],
-            "retry_ids": [a["retry_id"] for a in attempts if a.get("retry_id")],
+            "run_ids": [plain(rt.runs.id_from_text(a["run_id"])) for a in attempts],
+            "retry_ids": [plain(rt.runs.id_from_text(a["retry_id"])) for a in attempts if a.get("retry_id")],
             "dry_run": dry_run,
             "message": f"{verb} {result.failed} stuck run(s)",
         }
 
-    @api.post("/runs/retry", dependencies=admin)
-    def bulk_retry(filters: BulkRetry | None = None) -> dict:
+    @api.post(
+        "/runs/retry",
+        dependencies=admin,
+        openapi_extra={"requestBody": {"content": {"application/json": {"schema": BulkRetry.model_json_schema()}}}},
+    )
+    async def bulk_retry(request: Request) -> dict:
         """Retries the latest failed attempt of every chain the filters match, as `stuck-runs retry --error-like ...`."""
-        filters = filters or BulkRetry()
+        filters = await read_body(request, BulkRetry)
+        return await run_in_threadpool(_bulk_retry, filters)
+
+    def _bulk_retry(filters: BulkRetry) -> dict:
         if filters.status not in RETRY_KINDS:
             raise ApiError(400, f"Unknown status: {filters.status}", {"accepted": ", ".join(RETRY_KINDS)})
         with answering("Failed to retry runs"):
@@ -208,10 +284,10 @@ def build_api(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time.
         }
 
     @api.post("/runs/{run_id}/retry", dependencies=admin)
-    def retry(run_id: str, reset_budget: bool = False) -> dict:
+    def retry(run_id: str, reset_budget: Flag = "false") -> dict:
         """A manual retry of a failed run (its chain's latest failed attempt), as `stuck-runs retry RUN_ID`."""
         with answering("Failed to retry run"):
-            scheduled = retry_run(rt, rt.runs.parse_id(run_id), reset_budget=reset_budget)
+            scheduled = retry_run(rt, rt.runs.parse_id(run_id), reset_budget=on(reset_budget))
             chain = chain_history(rt, scheduled.retry_id)
         new = next(a for a in chain.attempts if a.id == scheduled.retry_id)
         logger.bind(event="api_retry", run_id=str(scheduled.failed_run_id), retry_id=str(new.id)).info(
@@ -234,10 +310,10 @@ def build_api(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time.
         return {"success": True, "data": plain(page.runs), "next_cursor": page.next_cursor}
 
     @api.post("/runs/{run_id}/cancel", dependencies=admin)
-    def cancel(run_id: str, dry_run: bool = False) -> dict:
+    def cancel(run_id: str, dry_run: Flag = "false") -> dict:
         """Cancels the chain's pending retry ("Cancelled by operator"), as `stuck-runs cancel RUN_ID`."""
         with answering("Failed to cancel retry"):
-            done = cancel_run(rt, rt.runs.parse_id(run_id), dry_run=dry_run)
+            done = cancel_run(rt, rt.runs.parse_id(run_id), dry_run=on(dry_run))
         return {"success": True, "data": plain(done), "message": done.message}
 
     @api.post("/pause", dependencies=admin)
@@ -246,7 +322,7 @@ def build_api(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time.
     ) -> dict:
         """Stops every process from starting retries (sweeps go on), as `stuck-runs pause --for 4h`."""
         with answering("Failed to pause retries"):
-            state = pause_retries(rt, parse_duration(for_, "for") if for_ else None, via="api")
+            state = pause_retries(rt, parse_duration(for_, "for") if for_ is not None else None, via="api")
         return {"success": True, "data": plain(state), "message": state.message}
 
     @api.post("/resume", dependencies=admin)
@@ -270,7 +346,7 @@ def build_api(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time.
     def status() -> dict:
         """Daemons alive, each job's last and next run, and the run counts (`stuck-runs status`)."""
         with answering("Failed to read status"):
-            return {"success": True, "data": plain(read_status(rt))}
+            return {"success": True, "data": plain(read_status(rt, OVERVIEW_WINDOW))}
 
     @api.get("/stats", dependencies=read)
     def stats(since: str = Query("7d", description="a window such as 24h or 7d")) -> dict:
@@ -290,13 +366,13 @@ def build_api(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time.
         limit: int = Query(50, ge=1, le=1000),
         pattern: str | None = None,
         since: str | None = None,
-        include_requeued: bool = False,
+        include_requeued: Flag = "false",
     ) -> dict:
         """Chains that ended permanently failed, newest first (`stuck-runs dlq list`)."""
         with answering("Failed to list dead letters"):
             window = parse_duration(since, "since") if since else None
             letters = list_dead_letters(
-                rt, limit=limit, pattern=pattern, since=window, include_requeued=include_requeued
+                rt, limit=limit, pattern=pattern, since=window, include_requeued=on(include_requeued)
             )
         return {"success": True, "data": plain(letters)}
 
@@ -332,7 +408,56 @@ def install_timing(app: FastAPI) -> None:
         started = time.perf_counter()
         response = await call_next(request)
         response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
+        if request.url.path.startswith("/api/"):
+            response.headers.setdefault("Cache-Control", "no-store")  # answers name runs and errors
         return response
+
+
+ENVELOPE = {
+    "type": "object",
+    "required": ["success", "error"],
+    "properties": {
+        "success": {"type": "boolean", "enum": [False]},
+        "error": {"type": "string"},
+        "details": {"type": "object"},
+    },
+}
+ERRORS = {
+    "400": "Bad input: a malformed id, an unknown or repeated parameter, a refused retry",
+    "401": "No token, or not a token of this server",
+    "403": "A read-only token acting, or a cross-origin request carried by the session cookie",
+    "404": "No such run or dead letter",
+    "500": "The database failed; nothing was changed by halves",
+}
+
+
+def describe_errors(app: FastAPI) -> None:
+    """The OpenAPI document as the API answers: its error envelope (never FastAPI's 422), and bearer auth."""
+
+    def document() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(name, None)
+        components.setdefault("schemas", {})["Error"] = ENVELOPE
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, item in schema.get("paths", {}).items():
+            for operation in item.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                for code, text in ERRORS.items():
+                    responses[code] = {
+                        "description": text,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                    }
+                if path != "/api/health":
+                    operation["security"] = [{"bearer": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = document  # type: ignore[method-assign]
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -77,10 +77,13 @@ def bearer(authorization: str | None) -> str | None:
 
 def same_origin(origin: str | None, fetch_site: str | None, host: str | None, scheme: str) -> bool:
     """Whether a browser says this request comes from our own pages. A request that says
-    nothing is refused: every browser that keeps cookies sends one of the two on a POST."""
-    if fetch_site is not None:
-        return fetch_site == "same-origin"
-    if not origin or not host or origin == "null":
-        return False
-    parts = urlsplit(origin)
-    return parts.scheme == scheme and parts.netloc.lower() == host.lower()
+    nothing is refused: every browser that keeps cookies sends one of the two on a POST. When
+    both are sent, both must say so: an `Origin` of another site is never outvoted."""
+    if origin is not None:
+        if origin == "null" or not host:
+            return False
+        parts = urlsplit(origin)
+        if parts.scheme != scheme or parts.netloc.lower() != host.lower():
+            return False
+        return fetch_site in (None, "same-origin")
+    return fetch_site == "same-origin"

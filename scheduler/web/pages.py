@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -34,11 +34,10 @@ from jobs.stats import retry_stats
 from jobs.status import read_status
 from jobs.timeline import HourlyTimeline, hourly_timeline
 from scheduler.documents import plain
-from scheduler.web.api import ApiError, Caller, answering
+from scheduler.web.api import OVERVIEW_WINDOW, ApiError, Caller, answering
 from scheduler.web.auth import ADMIN, SESSION_COOKIE, Tokens
 
 HERE = Path(__file__).resolve().parent
-OVERVIEW_WINDOW = timedelta(days=7)
 RUNS_PER_PAGE = 50
 MAX_SEARCH = 200  # characters, as `GET /api/runs` takes them
 REFRESH_SECONDS = 10
@@ -170,8 +169,10 @@ def hourly_chart(timeline: HourlyTimeline) -> dict[str, Any]:
 # -- the pages ------------------------------------------------------------------------------------
 
 
-def build_pages(rt: Runtime, tokens: Tokens, clock: Callable[[], float] = time.time) -> APIRouter:
-    caller = Caller(tokens, clock)
+def build_pages(
+    rt: Runtime, tokens: Tokens, clock: Callable[[], float] = time.time, *, caller: Caller | None = None
+) -> APIRouter:
+    caller = caller or Caller(tokens, clock)
     pages = APIRouter(include_in_schema=False)
     pages.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
@@ -195,7 +196,11 @@ def build_pages(rt: Runtime, tokens: Tokens, clock: Callable[[], float] = time.t
     def overview(request: Request) -> Response:
         def read() -> dict[str, Any]:
             timeline = hourly_timeline(rt, OVERVIEW_WINDOW)
-            return {"page": "overview", "status": plain(read_status(rt)), "chart": hourly_chart(timeline)}
+            return {
+                "page": "overview",
+                "status": plain(read_status(rt, OVERVIEW_WINDOW)),
+                "chart": hourly_chart(timeline),
+            }
 
         return page(request, "overview.html", "Failed to read the overview", read)
 

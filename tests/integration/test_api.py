@@ -12,29 +12,13 @@ import pytest
 import sqlalchemy as sa
 
 from db.engine import make_engine
-from db.migrate import migrate
 from tests.helpers import insert_run, insert_stuck_runs, row, rows
 from tests.integration.test_cli import cli, one_line_error
-from tests.own_server import OwnServer
-from tests.schema import TEXT_STATUS
+from tests.own_server import migrated_server
 from tests.web import ADMIN, READER, WebServer
 
 pytestmark = pytest.mark.slow
 NOW = datetime.now(timezone.utc)
-
-
-@pytest.fixture
-def web(db_url):
-    server = WebServer(db_url)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def engine(db_url):
-    engine = sa.create_engine(db_url)
-    yield engine
-    engine.dispose()
 
 
 def failed_run(engine, **columns) -> uuid.UUID:
@@ -276,13 +260,10 @@ def test_openapi_describes_every_endpoint(web):
 
 
 def test_the_database_down_is_a_500_with_the_envelope_and_no_secret(tmp_path):
-    server = OwnServer(tmp_path)
+    server = migrated_server(tmp_path)
     secret = "Sekr3t-never-shown"
     url = server.url + f"&password={secret}"
     engine = make_engine(server.url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(TEXT_STATUS.format(table="scrape_runs"))
-    migrate(engine, "scrape_runs")
     run_id = failed_run(engine)
     engine.dispose()
     web = WebServer(url)
@@ -461,3 +442,38 @@ def test_a_page_that_would_wait_on_a_lock_answers_500_after_the_statement_timeou
     assert 4 < waited < 20
     with web.client(READER) as http:
         assert http.get("/api/status").status_code == 200
+
+
+def test_a_deep_page_starts_at_its_cursor_in_the_index(engine, db_url):
+    """The plan, not a timing: the cursor is the index scan's condition, never a filter over
+    every newer row (which made page 100,000 of ten million rows take a second)."""
+    from jobs.listing import decode_cursor, encode_cursor
+    from jobs.model import Run
+    from tests.helpers import make_runtime
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO scrape_runs (search_query, location_query, status, started_at) "
+            "SELECT 'q' || g, 'l', 'completed', now() - make_interval(secs => g) FROM generate_series(1, 5000) g"
+        )
+        conn.exec_driver_sql("ANALYZE scrape_runs")
+        middle = conn.exec_driver_sql(
+            "SELECT id, started_at FROM scrape_runs ORDER BY started_at DESC OFFSET 2500 LIMIT 1"
+        ).one()
+    rt = make_runtime(db_url)
+    try:
+        cursor = encode_cursor(Run(id=middle.id, status="completed", what="", started_at=middle.started_at))
+        at, run_id = decode_cursor(rt, cursor)
+        statement = rt.queries.runs_page(state=None, search=False, since=False, after="started")
+        with rt.engine.connect() as conn:
+
+            @sa.event.listens_for(conn, "before_cursor_execute", retval=True)
+            def explained(_conn, _cursor, sql, parameters, _context, _many):
+                return "EXPLAIN " + sql, parameters
+
+            result = conn.execute(statement, {"sr_limit": 51, "sr_after_at": at, "sr_after_id": run_id})
+            plan = "\n".join(str(line[0]) for line in result.cursor.fetchall())
+    finally:
+        rt.close()
+    assert "ix_scrape_runs_newest_first" in plan, plan
+    assert "Index Cond: (ROW(started_at, id) < ROW(" in plan, plan

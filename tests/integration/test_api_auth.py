@@ -17,20 +17,6 @@ pytestmark = pytest.mark.slow
 NOW = datetime.now(timezone.utc)
 
 
-@pytest.fixture
-def engine(db_url):
-    engine = sa.create_engine(db_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def web(db_url):
-    server = WebServer(db_url)
-    yield server
-    server.stop()
-
-
 def signed_in(web: WebServer, token: str):
     http = web.client()
     answer = http.post("/login", data={"token": token})

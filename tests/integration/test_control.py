@@ -19,13 +19,6 @@ pytestmark = pytest.mark.slow
 NOW = datetime.now(timezone.utc)
 
 
-@pytest.fixture
-def engine(db_url):
-    engine = sa.create_engine(db_url)
-    yield engine
-    engine.dispose()
-
-
 def due_retry(engine, **columns) -> tuple[uuid.UUID, uuid.UUID]:
     with engine.begin() as conn:
         return insert_due_retry(conn, **columns)

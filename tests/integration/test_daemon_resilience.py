@@ -18,14 +18,12 @@ import pytest
 import sqlalchemy as sa
 
 from db.engine import make_engine
-from db.migrate import migrate
 from scheduler.daemon import Daemon
 from scheduler.notify import Notifier
 from tests.conftest import REPO
 from tests.daemons import DaemonProcess, wait_until
 from tests.helpers import ScriptedScraper, insert_due_retry, insert_run, insert_stuck_runs, make_runtime, row
-from tests.own_server import OwnServer
-from tests.schema import TEXT_STATUS
+from tests.own_server import migrated_server
 
 pytestmark = pytest.mark.slow
 
@@ -247,12 +245,7 @@ def test_a_long_scrape_never_delays_the_stuck_checker(db_url, tmp_path):
 
 
 def test_a_database_outage_fails_ticks_quietly_and_the_daemon_recovers(tmp_path):
-    server = OwnServer(tmp_path)
-    engine = make_engine(server.url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(TEXT_STATUS.format(table="scrape_runs"))
-    migrate(engine, "scrape_runs")
-    engine.dispose()
+    server = migrated_server(tmp_path)
     daemon = start_daemon(server.url, CHECK_INTERVAL="1s", PROCESS_INTERVAL="1s", DISPATCH_POLL="1s")
     try:
         engine = make_engine(server.url)

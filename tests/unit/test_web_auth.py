@@ -88,6 +88,8 @@ def test_bearer_reads_only_the_bearer_scheme():
         (None, "same-origin", "127.0.0.1:8080", True),
         ("http://127.0.0.1:8080", "cross-site", "127.0.0.1:8080", False),
         (None, "same-site", "127.0.0.1:8080", False),
+        ("http://evil.example", "same-origin", "127.0.0.1:8080", False),  # a contradicting Origin wins
+        ("http://127.0.0.1:8080", "same-origin", None, False),
     ],
 )
 def test_same_origin(origin, site, host, expected):

@@ -1,0 +1,209 @@
+"""What a new user's trial of the API found (each seen on the code before its fix): bad input is a
+400 envelope that changes nothing, never a 500, a half-read request or a silent default."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from tests.helpers import insert_stuck_runs
+from tests.integration.test_api import failed_run, snapshot
+from tests.integration.test_cli import cli, one_line_error
+from tests.own_server import migrated_server
+from tests.web import ADMIN, READER, WebServer
+
+pytestmark = pytest.mark.slow
+NOW = datetime.now(timezone.utc)
+
+
+@pytest.fixture
+def stuck(engine):
+    with engine.begin() as conn:
+        insert_stuck_runs(conn, 2, NOW - timedelta(hours=3))
+
+
+def test_a_parameter_given_twice_is_refused_and_runs_nothing(web, engine, stuck):
+    before = snapshot(engine)
+    with web.client(ADMIN) as http:
+        twice = http.post("/api/runs/reset-stuck?timeout_minutes=60&dry_run=true&dry_run=false")
+        pause = http.post("/api/pause?for=4h&for=1s")
+    assert twice.status_code == 400 and twice.json()["error"] == "Parameter given more than once: dry_run"
+    assert pause.status_code == 400
+    assert snapshot(engine) == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"dry_run": true, "dry_run": false}',
+        '{"dry_run": "no"}',
+        '{"dry_run": 0}',
+        '{"dry_run": "false"}',
+        '{"limit": true, "dry_run": false}',
+        '{"error_like": "\\u0000", "dry_run": false}',
+        "not json",
+        "[1, 2]",
+        '{"error_like": "' + "x" * 300 + '", "dry_run": false}',
+    ],
+    ids=["repeated key", "no", "zero", "string false", "bool limit", "NUL", "not JSON", "array", "long filter"],
+)
+def test_a_bulk_retry_body_is_held_to_its_shape(web, engine, body):
+    failed_run(engine)
+    before = snapshot(engine)
+    with web.client(ADMIN) as http:
+        answer = http.post("/api/runs/retry", content=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["success"] is False and answer.json()["error"]
+    assert "Invalid 0" not in answer.json()["error"]  # a position is not a field name
+    assert snapshot(engine) == before
+
+
+def test_an_enormous_body_is_refused_unread(web, engine):
+    failed_run(engine)
+    before = snapshot(engine)
+    with web.client(ADMIN) as http:
+        answer = http.post("/api/runs/retry", content=b'{"error_like": "' + b"x" * 200_000 + b'"}')
+    assert answer.status_code == 413 and answer.json()["success"] is False
+    assert snapshot(engine) == before
+
+
+def test_a_nul_byte_in_a_parameter_is_a_400_not_a_500(web):
+    with web.client(READER) as http:
+        answers = [
+            http.get("/api/runs", params={"q": "\x00"}),
+            http.get("/api/dead-letters", params={"pattern": "a\x00"}),
+        ]
+    assert [a.status_code for a in answers] == [400, 400]
+    assert answers[0].json()["error"] == "Invalid q: it holds a NUL byte"
+
+
+def test_a_body_where_none_is_taken_is_refused(web, engine):
+    run_id = failed_run(engine)
+    before = snapshot(engine)
+    with web.client(ADMIN) as http:
+        pause = http.post("/api/pause", json={"for": "1h"})
+        retry = http.post(f"/api/runs/{run_id}/retry", json={"reset_budget": True})
+        empty = http.post("/api/pause", params={"for": ""})
+        status = http.get("/api/status").json()["data"]
+    assert [pause.status_code, retry.status_code, empty.status_code] == [400, 400, 400]
+    assert "takes no body" in pause.json()["error"]
+    assert status["pause"] is None and snapshot(engine) == before
+
+
+def test_pause_for_an_empty_length_is_an_error_not_forever(db_url):
+    result = cli("pause", "--for", "", env={"DATABASE_URL": db_url})
+    assert result.returncode == 2
+    assert "--for='' is not a duration" in one_line_error(result)
+
+
+def test_bad_requests_get_the_envelope(web):
+    with web.client(READER) as http:
+        slash = http.get("/api/runs/")
+        deep = http.post("/api/runs/retry", content="[" * 50_000, headers={"Authorization": f"Bearer {ADMIN}"})
+    assert slash.status_code == 404 and slash.json()["success"] is False
+    assert deep.status_code == 400 and deep.json()["error"].startswith("The body is not valid JSON")
+
+
+def test_the_token_is_checked_before_the_parameters(web):
+    with web.client() as http:
+        anonymous = http.get("/api/runs", params={"stauts": "x"})
+        wrong = http.post("/api/pause", params={"bogus": 1}, headers={"Authorization": "Bearer nope-nope-nope-nope"})
+    assert anonymous.status_code == 401 and wrong.status_code == 401
+
+
+def test_sign_out_ends_the_session_even_for_a_saved_cookie(web):
+    http = web.client()
+    assert http.post("/login", data={"token": ADMIN}).status_code == 303
+    saved = http.cookies["stuck_runs_session"]
+    assert http.post("/logout", headers={"Origin": web.base}).status_code == 303
+    http.close()
+    with web.client() as replay:
+        replay.cookies.set("stuck_runs_session", saved)
+        assert replay.get("/api/status").status_code == 401
+
+
+def test_wrong_tokens_and_database_failures_reach_the_log(tmp_path):
+    server = migrated_server(tmp_path)
+    web = WebServer(server.url)
+    try:
+        with web.client("wrong-wrong-wrong-wrong") as http:
+            assert http.get("/api/status").status_code == 401
+        with web.client(READER) as http:
+            assert http.get("/api/health").status_code == 200
+            server.stop()
+            down = http.get("/api/status")
+            health = http.get("/api/health")
+            server.start()
+    finally:
+        log = web.stop()
+        server.cleanup()
+    assert down.status_code == 500
+    assert "postgresql" not in down.text and str(tmp_path) not in down.text  # no connection details to a client
+    assert health.status_code == 503 and health.json()["error"] == "Database unavailable"
+    assert "refused a wrong token from 127.0.0.1" in log
+    assert "Failed to read status:" in log
+
+
+def test_the_openapi_document_describes_the_envelope_and_bearer_auth(web):
+    with web.client() as http:
+        document = http.get("/api/openapi.json").json()
+    assert "bearer" in document["components"]["securitySchemes"]
+    text = json.dumps(document)
+    assert '"422"' not in text and "HTTPValidationError" not in text
+    retry = document["paths"]["/api/runs/{run_id}/retry"]["post"]
+    assert {"400", "401", "403", "404", "500"} <= set(retry["responses"])
+    assert retry["security"] == [{"bearer": []}]
+    assert "security" not in document["paths"]["/api/health"]["get"]
+    assert "requestBody" in document["paths"]["/api/runs/retry"]["post"]
+
+
+def test_api_answers_are_not_cached(web):
+    with web.client(READER) as http:
+        assert http.get("/api/status").headers["cache-control"] == "no-store"
+
+
+def test_an_integer_id_table_answers_with_integer_ids(db_url, engine):
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE crawl_jobs (id SERIAL PRIMARY KEY, search_query TEXT, location_query TEXT,"
+            " status TEXT NOT NULL, error_message TEXT, started_at TIMESTAMPTZ, completed_at TIMESTAMPTZ)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO crawl_jobs (search_query, location_query, status, started_at)"
+            " VALUES ('q', 'l', 'running', now() - interval '3 hours')"
+        )
+    env = {"DATABASE_URL": db_url, "SCRAPE_RUNS_TABLE": "crawl_jobs"}
+    assert cli("migrate", env=env).returncode == 0
+    web = WebServer(db_url, SCRAPE_RUNS_TABLE="crawl_jobs")
+    try:
+        with web.client(ADMIN) as http:
+            body = http.post("/api/runs/reset-stuck", params={"timeout_minutes": 60}).json()
+    finally:
+        web.stop()
+    assert body["run_ids"] == [1] and body["retry_ids"] == [2]
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"ADMIN_PORT": "１９１０１"}, "ADMIN_PORT='１９１０１' is not accepted"),
+        ({"ADMIN_HOST": "no.such.host.invalid", "ADMIN_TOKEN": ADMIN}, "is not an address of this host"),
+        ({"ADMIN_HOST": "10.255.255.1", "ADMIN_TOKEN": ADMIN}, "use an address of this host"),
+    ],
+)
+def test_serve_names_a_bad_address_as_one(db_url, env, fragment):
+    result = cli("serve", env={"DATABASE_URL": db_url, **env})
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result)
+    assert fragment in line and "another process" not in line
+
+
+def test_without_tokens_a_loopback_host_in_capitals_is_loopback(db_url):
+    web = WebServer(db_url, tokens=False)
+    try:
+        with web.client() as http:
+            assert http.get("/api/status", headers={"Host": f"LOCALHOST:{web.port}"}).status_code == 200
+    finally:
+        web.stop()
