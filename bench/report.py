@@ -241,6 +241,8 @@ def write(report: dict, path: Path) -> None:
         lines += ["", *startup_section(report["startup"])]
     if report.get("adopted"):
         lines += ["", *adopted_section(report["adopted"])]
+    if report.get("web"):
+        lines += ["", *web_section(report["web"])]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -291,4 +293,30 @@ def startup_section(startup: dict) -> list[str]:
     for name, figure in startup["commands"].items():
         imports = figure.get("import_ms", "-")
         lines.append(f"| `stuck-runs {name}` | {figure['median_s']} | {figure['min_s']} | {imports} |")
+    return lines
+
+
+WEB_TARGET_MS = 150  # p95, server-side (issue 11)
+
+
+def web_section(web: dict) -> list[str]:
+    """`stuck-runs serve` on a large table: what an operator opens, p50 and p95."""
+    rows = {k: v for k, v in web.items() if isinstance(v, dict)}
+    lines = [
+        "## The pages and the API on a large table",
+        "",
+        f"`python -m bench.web --rows {web['rows']:,}` ({web['when']}): a real `serve` on loopback over the "
+        f"benchmark's `scrape_runs` with {web['rows']:,} runs of history; each page or endpoint asked "
+        f"{web['repeat']} times after a warm-up. *Server* is the application's own time (`Server-Timing`), "
+        f"*client* what the caller waited. Target: server p95 under {WEB_TARGET_MS} ms for each.",
+        "",
+        "| what | path | status | server p50 ms | server p95 ms | client p50 ms | client p95 ms |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in rows.items():
+        mark = "" if r["server_p95_ms"] < WEB_TARGET_MS else " (over target)"
+        lines.append(
+            f"| {name} | `{r['path']}` | {', '.join(map(str, r['status']))} | {r['server_p50_ms']} | "
+            f"**{r['server_p95_ms']}**{mark} | {r['client_p50_ms']} | {r['client_p95_ms']} |"
+        )
     return lines

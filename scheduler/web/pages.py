@@ -34,7 +34,7 @@ from jobs.stats import retry_stats
 from jobs.status import read_status
 from jobs.timeline import HourlyTimeline, hourly_timeline
 from scheduler.documents import plain
-from scheduler.web.api import OVERVIEW_WINDOW, ApiError, Caller, answering
+from scheduler.web.api import OVERVIEW_WINDOW, PERMANENT_WINDOW, ApiError, Caller, answering
 from scheduler.web.auth import ADMIN, SESSION_COOKIE, Tokens
 
 HERE = Path(__file__).resolve().parent
@@ -198,7 +198,7 @@ def build_pages(
             timeline = hourly_timeline(rt, OVERVIEW_WINDOW)
             return {
                 "page": "overview",
-                "status": plain(read_status(rt, OVERVIEW_WINDOW)),
+                "status": plain(read_status(rt, PERMANENT_WINDOW)),
                 "chart": hourly_chart(timeline),
             }
 
