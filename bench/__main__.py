@@ -262,6 +262,9 @@ def only_sweeps(config: dict, out: str | None) -> None:
     try:
         figures = {"sweeps": sweeps(server_url, config, work / "sweep.log")}
         figures["startup"] = startup_of_commands(server_url, config)
+        figures["remeasured"] = (
+            f"the stuck sweeps and start-up re-measured on {time.strftime('%Y-%m-%d')} (`--only sweeps`)"
+        )
     finally:
         if server is not None:
             server.cleanup()

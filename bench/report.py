@@ -118,7 +118,8 @@ def write(report: dict, path: Path) -> None:
         "```",
         "",
         f"Figures below: {'the quick run (small sizes)' if report['quick'] else 'the full run'}, "
-        f"{datetime.now(timezone.utc):%Y-%m-%d}, {report['seconds']} s in all.",
+        f"{report.get('when') or f'{datetime.now(timezone.utc):%Y-%m-%d}'}, {report['seconds']} s in all"
+        + (f"; {report['remeasured']}." if report.get("remeasured") else "."),
         "",
         "## Machine",
         "",
