@@ -10,6 +10,7 @@ from sqlalchemy.engine import Connection
 from db.daemons import DAEMONS, JOB_RUNS
 from db.engine import database_errors
 from db.migrate import index_names, quote_table
+from db.pauses import PAUSES
 from db.table import DEAD_LETTERS_TABLE, split_name
 
 MIN_SERVER_VERSION = 130000  # gen_random_uuid() is built in from PostgreSQL 13
@@ -52,6 +53,8 @@ def missing_privileges(
         f"{prefix}{dead_letters}": ("SELECT", "INSERT", "UPDATE", "DELETE"),
         f"{prefix}{DAEMONS}": ("SELECT", "INSERT", "UPDATE"),
         f"{prefix}{JOB_RUNS}": ("SELECT", "INSERT", "UPDATE"),
+        # Every claim reads it; pause and resume write it.
+        f"{prefix}{PAUSES}": ("SELECT", "INSERT", "UPDATE", "DELETE"),
     }
     lacking = []
     if (
@@ -73,7 +76,7 @@ def missing_privileges(
             ).scalar_one()
             if not allowed:
                 lacking.append(f"{privilege} on {table}")
-        if table == qualified:
+        if table == qualified or table.endswith(PAUSES):  # keyed by the runs table's name, no sequence
             continue
         # Our own tables number their rows with a sequence, which an INSERT must be allowed to use.
         sequence = conn.execute(sa.text("SELECT pg_get_serial_sequence(:r, 'id')"), {"r": relation}).scalar_one()

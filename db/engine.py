@@ -171,9 +171,9 @@ def database_errors(engine: Engine, doing: str) -> Iterator[None]:
     try:
         yield
     except (OperationalError, InterfaceError) as exc:
-        where = redacted(engine.url)
+        where, reason = redacted(engine.url), describe_db_error(exc, engine.url)
         raise DatabaseUnavailable(
-            f"database error while {doing} at {where}: {describe_db_error(exc, engine.url)}"
+            f"database error while {doing} at {where}: {reason}", f"database error while {doing}: {reason}"
         ) from None
 
 

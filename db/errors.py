@@ -32,7 +32,14 @@ class UsageError(OperatorError):
 
 
 class DatabaseUnavailable(OperatorError):
-    """The database could not be reached or answered with an error (password never included)."""
+    """The database could not be reached or answered with an error (password never included).
+
+    `brief` says the same without where the database is: what a job's record keeps, which
+    read-only callers of the API and the pages see."""
+
+    def __init__(self, message: str, brief: str | None = None) -> None:
+        super().__init__(message)
+        self.brief = brief or message
 
 
 class NotMigrated(OperatorError):

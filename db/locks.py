@@ -38,6 +38,9 @@ def lock_within(conn: Connection, ns: int, key: int, wait_ms: int) -> bool:
     try:
         with conn.begin():
             conn.execute(sa.text(f"SET LOCAL lock_timeout = {int(wait_ms)}"))
+            # A session with a shorter statement timeout (serve's) would cancel the wait first:
+            # an error instead of "another sweep holds it".
+            conn.execute(sa.text(f"SET LOCAL statement_timeout = {int(wait_ms) + 1000}"))
             conn.execute(sa.select(sa.func.pg_advisory_lock(ns, key)))
         return True
     except OperationalError as exc:

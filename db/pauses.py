@@ -44,7 +44,9 @@ class PauseRecords:
         return (
             sa.delete(t)
             .where(t.c.runs_table == self.runs_table)
-            .returning(t.c.paused_at, t.c.until, t.c.paused_by, sa.or_(t.c.until.is_(None), t.c.until > now))
+            .returning(
+                t.c.paused_at, t.c.until, t.c.paused_by, sa.or_(t.c.until.is_(None), t.c.until > now).label("standing")
+            )
         )
 
     def current(self, now: object) -> sa.Select:

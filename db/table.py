@@ -163,7 +163,8 @@ class RunsTable:
 
         value = str(text).strip()
         if self.id_kind == "integer":
-            if not value.lstrip("-").isdigit() or abs(int(value)) >= 2**63:
+            digits = value[1:] if value.startswith("-") else value
+            if not (digits.isascii() and digits.isdigit()) or abs(int(value)) >= 2**63:
                 raise UsageError(f"{text!r} is not a run id: ids of {self.qualified_name} are whole numbers")
             return int(value)
         if self.id_kind == "uuid":

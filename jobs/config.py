@@ -204,7 +204,8 @@ def parse_patterns_file(text: str, name: str) -> tuple[tuple[tuple[str, str], ..
 
 TOKEN_MIN_LENGTH = 16
 _TOKEN = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: it travels in a header and a form
-_HOST = re.compile(r"[A-Za-z0-9.-]+|\[?[0-9A-Fa-f:.]+\]?")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+TOKEN_MAX_LENGTH = 1024
 
 
 def parse_token(text: str, name: str) -> str:
@@ -212,6 +213,8 @@ def parse_token(text: str, name: str) -> str:
     value = str(text).strip()
     if not _TOKEN.fullmatch(value):
         raise ConfigError(f"{name} holds a space or a character that is not printable ASCII: use letters and digits")
+    if len(value) > TOKEN_MAX_LENGTH:
+        raise ConfigError(f"{name} is too long ({len(value)} characters): use at most {TOKEN_MAX_LENGTH}")
     if len(value) < TOKEN_MIN_LENGTH:
         raise ConfigError(
             f"{name} is too short ({len(value)} characters): use at least {TOKEN_MIN_LENGTH} random ones, "
@@ -223,9 +226,16 @@ def parse_token(text: str, name: str) -> str:
 def parse_host(text: str, name: str) -> str:
     """An address or host name to listen on (`127.0.0.1`, `::1`, `0.0.0.0`, `localhost`)."""
     value = str(text).strip()
-    if not _HOST.fullmatch(value):
+    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    labels = bare.split(".")
+    is_name = len(bare) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+    if not is_name or all(label.isdigit() for label in labels):  # '999.1.1.1' is no address and no name
         raise ConfigError(f"{name}={shown(text)} is not accepted: use an address such as 127.0.0.1 or 0.0.0.0")
-    return value.strip("[]")
+    return bare
 
 
 def is_loopback(host: str) -> bool:

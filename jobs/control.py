@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from loguru import logger
+from sqlalchemy.engine import Connection
 
 from db.engine import database_errors
 from db.errors import CancelRefused
@@ -65,7 +66,7 @@ def cancel_run(rt: Runtime, run_id: RunId, *, dry_run: bool = False) -> Cancelle
             f"run {run_id} has no pending retry to cancel: its chain's latest attempt {latest.id} is {latest.status}",
             details={"runId": str(latest.id), "currentStatus": latest.status, "requestedRunId": str(run_id)},
         )
-    [done] = _cancel(rt, pending, dry_run)
+    done = _cancel(rt, pending, dry_run)[0]  # one pending retry per chain (its next retry number)
     if not done.cancelled and not dry_run:
         raise CancelRefused(f"retry {done.retry_id} stopped being pending meanwhile; see `stuck-runs history {run_id}`")
     return done
@@ -123,14 +124,14 @@ def pause_retries(rt: Runtime, duration: timedelta | None = None, *, via: str = 
 def resume_retries(rt: Runtime) -> PauseState | None:
     """Ends the pause; returns it, or None when none was standing."""
     with database_errors(rt.engine, "resuming retries"), rt.engine.begin() as conn:
-        row = conn.execute(rt.queries.pauses.resume(rt.clock.now())).first()
-    if row is None or not row[3]:
+        row = conn.execute(rt.queries.pauses.resume(rt.clock.now())).mappings().first()
+    if row is None or not row["standing"]:
         return None
     logger.bind(event="resumed").info("retries resumed")
-    return PauseState(row[0], row[1], row[2])
+    return PauseState(row["paused_at"], row["until"], row["paused_by"])
 
 
-def read_pause(rt: Runtime, conn=None) -> PauseState | None:
+def read_pause(rt: Runtime, conn: Connection | None = None) -> PauseState | None:
     statement = rt.queries.pauses.current(rt.clock.now())
     if conn is not None:
         row = conn.execute(statement).mappings().first()

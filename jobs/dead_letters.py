@@ -61,7 +61,7 @@ def parse_letter_ref(rt: Runtime, text: str) -> tuple[int | None, object]:
     text = str(text).strip()
     if text.startswith(RUN_REF):
         return None, rt.runs.parse_id(text.removeprefix(RUN_REF))
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return int(text), None
     if rt.runs.id_kind == "uuid":
         try:

@@ -20,6 +20,7 @@ from jobs.runtime import Runtime
 
 DASHBOARD_STATEMENT_TIMEOUT_MS = 5000  # a page that would take longer is an error, not a stuck server
 MAX_PAGE = 500
+MAX_SEARCH = 200  # characters of search text
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,10 @@ def like_pattern(text: str) -> str:
 
 
 def list_runs(rt: Runtime, filters: RunFilter) -> RunsPage:
+    if filters.search is not None and "\x00" in filters.search:
+        raise UsageError("search text holds a NUL byte: no run's text can hold one")
+    if filters.search is not None and len(filters.search) > MAX_SEARCH:
+        raise UsageError(f"search text is {len(filters.search)} characters: use at most {MAX_SEARCH}")
     if filters.state is not None and filters.state not in STATES:
         raise UsageError(f"status {filters.state!r} is not a state: use one of {', '.join(STATES)}")
     if not 1 <= filters.limit <= MAX_PAGE:

@@ -17,7 +17,7 @@ from sqlalchemy.engine import URL
 
 from db.daemons import DaemonRecords
 from db.engine import database_errors, describe_db_error
-from db.errors import OperatorError
+from db.errors import DatabaseUnavailable, OperatorError
 from jobs.control import PauseState, read_pause
 from jobs.recovery import FixResult
 from jobs.runtime import Runtime
@@ -129,6 +129,8 @@ def read_status(rt: Runtime, permanent_window: timedelta | None = None) -> Statu
 
 def job_error(exc: BaseException, url: str | URL | None) -> str:
     """A failed job run's error, one line, never the password."""
+    if isinstance(exc, DatabaseUnavailable):
+        return exc.brief  # shown to read-only callers too: not where the database is
     if isinstance(exc, OperatorError):
         return str(exc)
     return f"{type(exc).__name__}: {describe_db_error(exc, url)}"

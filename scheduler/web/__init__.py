@@ -8,9 +8,19 @@ from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
+from loguru import logger
 
 from jobs.runtime import Runtime
-from scheduler.web.api import Caller, build_api, describe_errors, failure, install_error_handlers, install_timing
+from scheduler.web.api import (
+    ApiError,
+    Caller,
+    bounded_body,
+    build_api,
+    describe_errors,
+    failure,
+    install_error_handlers,
+    install_timing,
+)
 from scheduler.web.auth import SESSION_COOKIE, SESSION_SECONDS, Tokens, same_origin
 from scheduler.web.pages import build_pages, login_page
 
@@ -47,12 +57,15 @@ def create_app(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time
         """A browser trades a token (form field `token`) for a session cookie."""
         if _foreign(request):
             return failure(403, "Cross-origin request refused")
-        body = await request.body()
-        if len(body) > MAX_FORM_BYTES:
-            return failure(413, "Form too large")
+        try:
+            body = await bounded_body(request, MAX_FORM_BYTES)
+        except ApiError as exc:
+            return failure(exc.status, "Form too large")
         token = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0]
         role = tokens.role_of(token) if tokens.configured else None
         if role is None:
+            client = request.client.host if request.client else "?"
+            logger.bind(event="api_bad_token").warning("refused a wrong token from {} at /login", client)
             if "text/html" in request.headers.get("accept", ""):  # the sign-in page's own form
                 return login_page("That token is neither ADMIN_TOKEN nor READ_TOKEN.", 401)
             return failure(401, "Invalid token")
@@ -73,8 +86,8 @@ def create_app(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time
         if _foreign(request):
             return failure(403, "Cross-origin request refused")
         cookie = request.cookies.get(SESSION_COOKIE)
-        if cookie:  # its signature stays valid until it expires: this process refuses it from now on
-            caller.ended.add(cookie)
+        if tokens.session_role(cookie, clock()):  # valid until it expires: this process refuses it from now on
+            caller.end_session(cookie)
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
         return response

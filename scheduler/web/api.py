@@ -27,7 +27,7 @@ from db.errors import CancelRefused, DatabaseUnavailable, OperatorError, RetryRe
 from jobs.config import is_loopback, parse_duration
 from jobs.control import cancel_run, pause_retries, resume_retries
 from jobs.dead_letters import get_dead_letter, list_dead_letters, requeue
-from jobs.listing import MAX_PAGE, RunFilter, list_runs
+from jobs.listing import MAX_PAGE, MAX_SEARCH, RunFilter, list_runs
 from jobs.manual import RETRY_KINDS, RetryCriteria, chain_history, retry_matching, retry_run
 from jobs.runtime import Runtime
 from jobs.stats import retry_stats
@@ -86,9 +86,17 @@ def answering(failed: str, not_found: str = "Run not found") -> Iterator[None]:
 class Caller:
     """Who is asking, as the request proves it (SPEC §13's rules)."""
 
-    def __init__(self, tokens: Tokens, clock: Callable[[], float], ended: set[str] | None = None) -> None:
+    def __init__(self, tokens: Tokens, clock: Callable[[], float]) -> None:
         self.tokens, self.clock = tokens, clock
-        self.ended = ended if ended is not None else set()  # cookies signed out of (this process)
+        self.ended: dict[str, float] = {}  # cookies signed out of in this process, with their expiry
+
+    def end_session(self, cookie: str) -> None:
+        """Refuses a valid session cookie from now on; forgets the ones past their expiry, which
+        are refused anyway, so the set is at most the sessions of the last 12 hours."""
+        now = self.clock()
+        for expired in [c for c, until in self.ended.items() if until <= now]:
+            del self.ended[expired]
+        self.ended[cookie] = float(cookie.split(".")[1])
 
     def role(self, request: Request) -> str:
         presented = bearer(request.headers.get("authorization"))
@@ -153,7 +161,8 @@ def _checked_parameters(request: Request) -> None:
         if "\x00" in value:
             raise ApiError(400, f"Invalid {name}: it holds a NUL byte")
     takes_body = getattr(route, "openapi_extra", None) and "requestBody" in route.openapi_extra
-    if not takes_body and request.method not in SAFE_METHODS and request.headers.get("content-length", "0") != "0":
+    sent = request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
+    if not takes_body and request.method not in SAFE_METHODS and sent:
         raise ApiError(400, "This endpoint takes no body: give its parameters in the query string")
 
 
@@ -180,11 +189,22 @@ def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+async def bounded_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) past `limit` bytes without reading more of it than that."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"Body too large: at most {limit // 1024 or 1} KB")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise ApiError(413, f"Body too large: at most {limit // 1024 or 1} KB")
+    return bytes(raw)
+
+
 async def read_body(request: Request, model: type[BaseModel]) -> BaseModel:
     """A JSON object body, held to `model` strictly: one clear 400 for anything else."""
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, f"Body too large: at most {MAX_BODY_BYTES // 1024} KB")
+    raw = await bounded_body(request, MAX_BODY_BYTES)
     if not raw.strip():
         return model()
     try:
@@ -235,6 +255,8 @@ def build_api(
         dry_run: Flag = "false",
     ) -> dict:
         """The stuck-run sweep of `check`, with this threshold: it fails the stuck runs and schedules their retries."""
+        if timedelta(minutes=timeout_minutes) < timedelta(seconds=1):
+            raise ApiError(400, "Invalid timeout_minutes: use at least 1 second's worth (0.02)")
         policy = replace(rt.settings.policy, stuck_after=timedelta(minutes=timeout_minutes))
         dry_run = on(dry_run)
         with answering("Failed to reset stuck runs"), job_run(rt, (CHECKER,), dry_run=dry_run) as record:
@@ -301,7 +323,7 @@ def build_api(
     @api.get("/runs", dependencies=read)
     def runs(
         status: str | None = Query(None, description="running, completed, failed, pending_retry, cancelled"),
-        q: str | None = Query(None, max_length=200, description="text in the run's inputs or its error, any case"),
+        q: str | None = Query(None, description=f"text in the run's inputs or its error, any case (≤ {MAX_SEARCH})"),
         since: str | None = Query(None, description="started within this long (90m, 24h, 7d)"),
         limit: int = Query(50, ge=1, le=MAX_PAGE),
         cursor: str | None = Query(None, description="next_cursor of the previous page"),

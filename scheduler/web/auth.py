@@ -61,7 +61,11 @@ class Tokens:
         """The role a session cookie carries, when it is ours, signed by a current token and not expired."""
         role, _, rest = (cookie or "").partition(".")
         expiry_text, _, signature = rest.partition(".")
-        if role not in (ADMIN, READ) or not expiry_text.isdigit() or self._key(role) is None:
+        if (
+            role not in (ADMIN, READ)
+            or not (expiry_text.isascii() and expiry_text.isdigit())
+            or self._key(role) is None
+        ):
             return None
         expected = self._signature(role, int(expiry_text))
         if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogateescape")):

@@ -7,6 +7,7 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
+import sqlalchemy as sa
 
 from tests.helpers import insert_stuck_runs
 from tests.integration.test_api import failed_run, snapshot
@@ -207,3 +208,81 @@ def test_without_tokens_a_loopback_host_in_capitals_is_loopback(db_url):
             assert http.get("/api/status", headers={"Host": f"LOCALHOST:{web.port}"}).status_code == 200
     finally:
         web.stop()
+
+
+def test_reset_stuck_while_another_sweep_holds_the_lock_is_a_409(web, engine, stuck):
+    """The sweep lock is waited for 10 s; serve's 5 s statement timeout must not turn that into a 500."""
+    from db import locks
+
+    holder = engine.connect()
+    holder.execute(sa.select(sa.func.pg_advisory_lock(locks.namespace("scrape_runs", locks.SWEEP), 0)))
+    holder.commit()
+    before = snapshot(engine)
+    try:
+        with web.client(ADMIN) as http:
+            answer = http.post("/api/runs/reset-stuck", params={"timeout_minutes": 60})
+    finally:
+        holder.close()
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["error"] == "Another sweep is running"
+    assert snapshot(engine) == before
+
+
+def test_a_failed_reset_is_recorded_without_where_the_database_is(web, engine, stuck):
+    locker = engine.connect()
+    held = locker.begin()
+    locker.exec_driver_sql("LOCK TABLE scrape_runs IN ACCESS EXCLUSIVE MODE")
+    try:
+        with web.client(ADMIN) as http:
+            failed = http.post("/api/runs/reset-stuck", params={"timeout_minutes": 60})
+    finally:
+        held.rollback()
+        locker.close()
+    with web.client(READER) as http:
+        jobs = http.get("/api/status").json()["data"]["jobs"]
+    checker = next(j for j in jobs if j["job_id"] == "stuck_run_checker")
+    assert failed.status_code == 500
+    assert checker["outcome"] == "error" and checker["error"].startswith("database error while sweeping stuck runs: ")
+    assert "postgresql" not in checker["error"] and "host=" not in checker["error"]
+
+
+def test_a_chunked_body_where_none_is_taken_is_refused(web):
+    def chunks():
+        yield b'{"for": "1h"}'
+
+    with web.client(ADMIN) as http:
+        answer = http.post("/api/pause", content=chunks())
+        status = http.get("/api/status").json()["data"]
+    assert answer.status_code == 400 and status["pause"] is None
+
+
+@pytest.mark.parametrize("path", ["/api/runs/--5", "/api/dead-letters/%C2%B2"])
+def test_digits_int_cannot_read_are_not_ids(db_url, path):
+    web = WebServer(db_url)
+    try:
+        with web.client(READER) as http:
+            answer = http.get(path)
+    finally:
+        web.stop()
+    assert answer.status_code in (400, 404), answer.text
+
+
+def test_a_cookie_with_strange_digits_is_refused_not_a_500(web):
+    with web.client() as http:
+        answer = http.get("/api/status", headers={"Cookie": "stuck_runs_session=admin.²9.abc".encode()})
+    assert answer.status_code == 401, answer.text
+
+
+def test_a_threshold_that_rounds_to_nothing_is_refused(web, engine, stuck):
+    before = snapshot(engine)
+    with web.client(ADMIN) as http:
+        answer = http.post("/api/runs/reset-stuck", params={"timeout_minutes": "1e-300", "dry_run": "true"})
+    assert answer.status_code == 400 and snapshot(engine) == before
+
+
+def test_a_search_with_a_nul_byte_on_the_runs_page_is_a_400(web):
+    http = web.client()
+    http.post("/login", data={"token": READER})
+    answer = http.get("/runs", params={"q": "\x00"})
+    http.close()
+    assert answer.status_code == 400

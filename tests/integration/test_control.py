@@ -179,3 +179,25 @@ def test_cancel_pause_and_resume_over_the_api(engine, db_url):
         "message": "Retries resumed",
     }
     assert bad.status_code == 400
+
+
+def test_doctor_names_a_role_that_cannot_read_the_pause(db_url, engine):
+    """Every claim reads stuck_runs_pauses: a role without it would start no retry, doctor passing."""
+    import uuid as ids
+
+    role = f"sr_nopause_{ids.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        conn.exec_driver_sql(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+        conn.exec_driver_sql(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+        conn.exec_driver_sql(f"REVOKE ALL ON stuck_runs_pauses FROM {role}")
+    url = sa.engine.make_url(db_url).set(username=role).render_as_string(hide_password=False)
+    try:
+        result = cli("doctor", env={"DATABASE_URL": url, "SCRAPE_RUN_COMMAND": "true"})
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}")
+            conn.exec_driver_sql(f"DROP ROLE {role}")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("✗ privileges")] or [result.stderr]
+    assert "SELECT on stuck_runs_pauses" in line

@@ -28,7 +28,6 @@ from jobs.clock import ScaledClock
 from jobs.status import CHECKER, PROCESSOR
 from jobs.timeline import hourly_timeline
 from tests.helpers import insert_run, make_runtime, rows
-from tests.integration import test_api
 from tests.integration.test_api import failed_run, snapshot
 from tests.integration.test_api_auth import signed_in
 from tests.web import ADMIN, READER, WebServer
@@ -50,7 +49,6 @@ CHROMIUM_FLAGS = (
     "--disable-sync",
     "--window-size=1280,900",
 )
-engine, web = test_api.engine, test_api.web  # the API tests' fixtures: an engine, a real `serve` with both tokens
 
 
 def spent_chain(engine, budget: int = 4) -> uuid.UUID:
