@@ -30,6 +30,7 @@ from jobs.timeline import hourly_timeline
 from tests.helpers import insert_run, make_runtime, rows
 from tests.integration.test_api import failed_run, snapshot
 from tests.integration.test_api_auth import signed_in
+from tests.integration.test_cli import cli
 from tests.web import ADMIN, READER, WebServer
 
 pytestmark = pytest.mark.slow
@@ -443,6 +444,20 @@ def test_in_a_browser_sign_in_open_a_failed_chain_and_retry_it(browser, web, eng
         [retry] = rows(conn, "original_run_id = :root AND status = 'pending_retry'", root=run_id)
     assert retry["retry_count"] == 1 and str(retry["id"]) in browser.find_element(By.ID, "live").text
     screenshot(browser, "chain-retried")
+    # The same retry through the CLI and the API: the same row, but for its id and its times.
+    by_cli, by_api = (
+        failed_run(engine, search_query="Data Architect", error_message="HTTP 503 from the site") for _ in range(2)
+    )
+    assert cli("retry", str(by_cli), env={"DATABASE_URL": db_url}).returncode == 0
+    with web.client(ADMIN) as http:
+        assert http.post(f"/api/runs/{by_api}/retry").status_code == 200
+
+    def retry_of(root) -> dict:
+        with engine.connect() as conn:
+            [found] = rows(conn, "original_run_id = :root", root=root)
+        return {k: v for k, v in found.items() if k not in ("id", "original_run_id", "next_retry_at", "updated_at")}
+
+    assert retry_of(run_id) == retry_of(by_cli) == retry_of(by_api)
     browser.get(f"{web.base}/runs/{spent}")
     assert "Max retries reached (4/4) · Permanent failure" in browser.find_element(By.ID, "live").text
     for path, name in (("/runs", "runs"), ("/dead-letters", "dead-letters"), ("/stats", "stats")):
