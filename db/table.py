@@ -72,6 +72,13 @@ class RunsTable:
     error_kind: str = "text"  # "text", "varchar" or "json"
     error_limit: int | None = None  # a varchar(n) error column's n
     id_default: str | None = None  # a UUID or text id's own default expression (`md5(random()::text)`)
+    # The table as every process names it, however SCRAPE_RUNS_TABLE spells it: `public.scrape_runs`
+    # and `scrape_runs` are one table, so one set of locks, slots, pause and records.
+    canonical: str | None = None
+
+    @property
+    def canonical_name(self) -> str:
+        return self.canonical or self.qualified_name
 
     @property
     def c(self) -> sa.sql.base.ReadOnlyColumnCollection:
@@ -370,6 +377,8 @@ def load_runs_table(
     kind = id_kind(table)
     default = table.c.id.server_default
     own_default = str(default.arg) if default is not None and kind != "integer" else None
+    schema = table.schema
+    in_search_path = schema is not None and schema == conn.exec_driver_sql("SELECT current_schema()").scalar()
     return RunsTable(
         table,
         layout,
@@ -382,6 +391,7 @@ def load_runs_table(
         "json" if isinstance(error, sa.JSON) else ("varchar" if getattr(error, "length", None) else "text"),
         getattr(error, "length", None) if not isinstance(error, sa.JSON) else None,
         own_default,
+        table.name if in_search_path else None,
     )
 
 

@@ -208,7 +208,7 @@ class RetryDispatcher:
     def __init__(self, rt: Runtime, policy: RetryPolicy, observe: Callable[[str, object], None] | None = None) -> None:
         self.rt = rt
         self.policy = policy
-        self.slots_ns = locks.namespace(rt.runs.qualified_name, locks.SLOTS)
+        self.slots_ns = locks.namespace(rt.runs.canonical_name, locks.SLOTS)
         # Told ("started", run) and ("finished", outcome) as they happen (the daemon's metrics).
         self.observe = observe or (lambda event, payload: None)
 

@@ -90,7 +90,7 @@ def read_status(rt: Runtime, permanent_window: timedelta | None = None) -> Statu
     failed attempt of the table's history (seconds at ten million rows)."""
     now = rt.clock.now()
     since = now - permanent_window if permanent_window else None
-    records = DaemonRecords(rt.runs.table.schema, rt.runs.qualified_name)
+    records = DaemonRecords(rt.runs.table.schema, rt.runs.canonical_name)
     with database_errors(rt.engine, "reading the status"), rt.engine.connect() as conn:
         alive = conn.execute(records.alive(now - ALIVE_WITHIN)).mappings().all()
         last = {job_id: conn.execute(records.last_run(job_id)).mappings().first() for job_id in JOB_IDS}
@@ -160,7 +160,7 @@ def job_run(rt: Runtime, job_ids: tuple[str, ...], *, dry_run: bool) -> Iterator
 
 
 def _write_runs(rt: Runtime, runs: dict[str, tuple[str, dict[str, Any], str | None]], started: datetime) -> None:
-    records = DaemonRecords(rt.runs.table.schema, rt.runs.qualified_name)
+    records = DaemonRecords(rt.runs.table.schema, rt.runs.canonical_name)
     host, pid, finished = socket.gethostname(), os.getpid(), datetime.now(timezone.utc)
     try:
         with rt.engine.begin() as conn:

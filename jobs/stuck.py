@@ -192,7 +192,7 @@ def sweep_stuck_runs(
         return _preview(rt, policy, params, started, keep)
     rows: list = []
     failed = retried = dead = batches = 0
-    sweep_ns = locks.namespace(rt.runs.qualified_name, locks.SWEEP)
+    sweep_ns = locks.namespace(rt.runs.canonical_name, locks.SWEEP)
     statement_params = {**params, **sweep_params(policy), "sr_limit": rt.settings.batch_size}
     with database_errors(rt.engine, "sweeping stuck runs"), rt.engine.connect() as conn:
         if use_lock and not locks.lock_within(conn, sweep_ns, 0, int(lock_wait.total_seconds() * 1000)):

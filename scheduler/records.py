@@ -33,7 +33,7 @@ class DaemonRecorder:
 
     def __init__(self, rt: Runtime, host: str, pid: int, recorded: Collection[str]) -> None:
         self.engine = rt.engine
-        self.statements = DaemonRecords(rt.runs.table.schema, rt.runs.qualified_name)
+        self.statements = DaemonRecords(rt.runs.table.schema, rt.runs.canonical_name)
         self.host, self.pid = host, pid
         self.recorded = frozenset(recorded)
         self.daemon_id: int | None = None

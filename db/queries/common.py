@@ -49,8 +49,8 @@ class TableStatements:
         self.runs = runs
         self.t = t = runs.table
         self.dead_letters = dead_letters_table(t.schema, runs.dead_letters_name, runs.id_type)
-        self.runs_ns = locks.namespace(runs.qualified_name, locks.RUNS)
-        self.pauses = PauseRecords(t.schema, runs.qualified_name)
+        self.runs_ns = locks.namespace(runs.canonical_name, locks.RUNS)
+        self.pauses = PauseRecords(t.schema, runs.canonical_name)
 
     def _chain_completed(self, pending: sa.FromClause) -> sa.Select:
         """The completed runs of `pending`'s chain, earliest completion first."""

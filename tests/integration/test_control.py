@@ -201,3 +201,24 @@ def test_doctor_names_a_role_that_cannot_read_the_pause(db_url, engine):
     assert result.returncode == 1, (result.stdout, result.stderr)
     [line] = [line for line in result.stdout.splitlines() if line.startswith("✗ privileges")] or [result.stderr]
     assert "SELECT on stuck_runs_pauses" in line
+
+
+def test_one_table_spelled_two_ways_is_one_pause_one_set_of_slots_and_run_locks(engine, db_url):
+    """`public.scrape_runs` and `scrape_runs` are the same table: a pause, a slot or a run lock taken
+    under one spelling holds for a process configured with the other."""
+    from tests.helpers import make_runtime
+
+    _, retry = due_retry(engine)
+    qualified = {"DATABASE_URL": db_url, "SCRAPE_RUNS_TABLE": "public.scrape_runs"}
+    assert cli("pause", env=qualified).returncode == 0
+    plain = cli("process", env={"DATABASE_URL": db_url, "SCRAPE_RUN_COMMAND": "true"})
+    assert plain.returncode == 0, plain.stderr
+    assert status_of(engine, retry) == "pending_retry"
+    assert "Retries paused" in cli("status", env={"DATABASE_URL": db_url}).stdout
+    one, other = make_runtime(db_url), make_runtime(db_url, table="public.scrape_runs")
+    try:
+        assert one.queries.runs_ns == other.queries.runs_ns
+        assert one.runs.canonical_name == other.runs.canonical_name == "scrape_runs"
+    finally:
+        one.close()
+        other.close()
