@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 from db.engine import database_errors
 from db.errors import CancelRefused
 from db.messages import CANCELLED_BY_OPERATOR
-from jobs.manual import RetryCriteria, chain_history
+from jobs.manual import RetryCriteria, chain_history, criteria_params
 from jobs.model import Run, RunId
 from jobs.rules import format_time
 from jobs.runtime import Runtime
@@ -75,16 +75,10 @@ def cancel_run(rt: Runtime, run_id: RunId, *, dry_run: bool = False) -> Cancelle
 def cancel_matching(rt: Runtime, criteria: RetryCriteria, *, dry_run: bool = False) -> BulkCancelResult:
     """Cancels every pending retry matching `criteria` (at most its limit): the inputs, and the
     error and end of the attempt each retries."""
-    like = {name: value for name, value in criteria.columns_like().items() if value is not None}
+    columns_like, params = criteria_params(rt, criteria)
     statement = rt.queries.pending_candidates(
-        error_like=criteria.error_like is not None, columns_like=tuple(like), since=criteria.since is not None
+        error_like=criteria.error_like is not None, columns_like=columns_like, since=criteria.since is not None
     )
-    params = {
-        "sr_limit": criteria.limit,
-        "sr_error_like": criteria.error_like,
-        **{f"sr_{name}_like": value for name, value in like.items()},
-        "sr_since": rt.clock.now() - criteria.since if criteria.since else None,
-    }
     with database_errors(rt.engine, "finding retries to cancel"), rt.engine.connect() as conn:
         found = [Run.from_row(r, rt.runs.input_names) for r in conn.execute(statement, params).mappings()]
     return BulkCancelResult(tuple(_cancel(rt, found, dry_run)), dry_run)
@@ -99,7 +93,7 @@ def _cancel(rt: Runtime, pending: list[Run], dry_run: bool) -> list[CancelledRet
             "sr_now": rt.clock.now(),
         }
         with database_errors(rt.engine, "cancelling retries"), rt.engine.begin() as conn:
-            done = set(conn.execute(rt.queries.cancel_superseded, params).scalars())
+            done = set(conn.execute(rt.queries.cancel_pending, params).scalars())
     results = [CancelledRetry(r.id, r.label, r.retry_count, r.max_retries, r.id in done) for r in pending]
     for item in results:
         if item.cancelled:

@@ -164,6 +164,25 @@ def _latest_retryable(rt: Runtime, run_id: RunId, policy: RetryPolicy, reset_bud
     return latest
 
 
+def criteria_params(rt: Runtime, criteria: RetryCriteria) -> tuple[tuple[str, ...], dict[str, object]]:
+    """The input columns `criteria` filters on and the statement's parameters (`:sr_limit`,
+    `:sr_error_like`, `:sr_<column>_like`, `:sr_since`); `UsageError` for a column the table lacks."""
+    like = {name: value for name, value in criteria.columns_like().items() if value is not None}
+    for name in like:
+        if name not in rt.runs.input_columns:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(
+                f"{flag}: {rt.runs.qualified_name} has no {name} column; filter with --error-like or --since"
+            )
+    params = {
+        "sr_limit": criteria.limit,
+        "sr_error_like": criteria.error_like,
+        **{f"sr_{name}_like": value for name, value in like.items()},
+        "sr_since": rt.clock.now() - criteria.since if criteria.since else None,
+    }
+    return tuple(like), params
+
+
 def retry_matching(
     rt: Runtime,
     criteria: RetryCriteria,
@@ -181,25 +200,13 @@ def retry_matching(
     """
     policy = policy or rt.settings.policy
     now = rt.clock.now()
-    like = {name: value for name, value in criteria.columns_like().items() if value is not None}
-    for name in like:
-        if name not in rt.runs.input_columns:
-            flag = "--" + name.replace("_", "-")
-            raise UsageError(
-                f"{flag}: {rt.runs.qualified_name} has no {name} column; filter with --error-like or --since"
-            )
+    columns_like, params = criteria_params(rt, criteria)
     statement = rt.queries.retry_candidates(
         error_like=criteria.error_like is not None,
-        columns_like=tuple(like),
+        columns_like=columns_like,
         since=criteria.since is not None,
         kind=criteria.kind,
     )
-    params = {
-        "sr_limit": criteria.limit,
-        "sr_error_like": criteria.error_like,
-        **{f"sr_{name}_like": value for name, value in like.items()},
-        "sr_since": now - criteria.since if criteria.since else None,
-    }
     with database_errors(rt.engine, "finding runs to retry"), rt.engine.connect() as conn:
         found = [Run.from_row(r, rt.runs.input_names) for r in conn.execute(statement, params).mappings()]
     skipped, chosen = [], []

@@ -180,7 +180,7 @@ def supersede_completed_chains(rt: Runtime, *, dry_run: bool = False) -> tuple[S
             if dry_run or not found:
                 return tuple(found)
             params = {"sr_now": now, "sr_ids": [s.run_id for s in found], "sr_messages": [s.message for s in found]}
-            cancelled = set(conn.execute(q.cancel_superseded, params).scalars())
+            cancelled = set(conn.execute(q.cancel_pending, params).scalars())
             done = tuple(s for s in found if s.run_id in cancelled)
             if done:
                 conn.execute(q.clear_completed_due(), {"sr_chains": list({s.chain_id for s in done})})

@@ -18,7 +18,7 @@ from db.table import RunsTable
 
 class RetryStatements(TableStatements):
     """`fail_running`, `fail_reported`, `schedule`, `claim_due`, `claim_one`, `due_preview`,
-    `complete`, `release`, the superseded batch and preview, and `cancel_superseded`."""
+    `complete`, `release`, the superseded batch and preview, and `cancel_pending` (superseded or by an operator)."""
 
     def __init__(self, runs: RunsTable) -> None:
         super().__init__(runs)
@@ -27,7 +27,7 @@ class RetryStatements(TableStatements):
         self.fail_reported = self._fail("failed", reported=True)
         self.superseded_batch = self._superseded(lock=True)
         self.superseded_preview = self._superseded(lock=False)
-        self.cancel_superseded = self._transition("pending_retry", "cancelled")
+        self.cancel_pending = self._transition("pending_retry", "cancelled")
         self.claim_due = self._claim(one=False)
         self.claim_one = self._claim(one=True)
         self.due_preview = self._due(lock=False).add_columns(t.c.next_retry_at)

@@ -43,7 +43,6 @@ OVERVIEW_WINDOW = timedelta(days=7)  # the overview's chart
 # probed twice (a later retry? a completed run?); a day of a busy fleet is ~60 ms, a week 400 ms.
 PERMANENT_WINDOW = timedelta(days=1)
 MAX_BODY_BYTES = 64 * 1024
-MAX_TEXT = 200  # characters of a filter, as the runs page takes them
 # A switch is `true` or `false`, nothing looser: `dry_run=no` must not run for real.
 Flag = Literal["true", "false"]
 
@@ -170,9 +169,9 @@ class BulkRetry(BaseModel):
     """The CLI's `retry` filters. Nothing changes unless `dry_run` is JSON `false`."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    error_like: str | None = Field(None, max_length=MAX_TEXT, description="SQL LIKE pattern on the error, any case")
-    search_query: str | None = Field(None, max_length=MAX_TEXT)
-    location_query: str | None = Field(None, max_length=MAX_TEXT)
+    error_like: str | None = Field(None, max_length=MAX_SEARCH, description="SQL LIKE pattern on the error, any case")
+    search_query: str | None = Field(None, max_length=MAX_SEARCH)
+    location_query: str | None = Field(None, max_length=MAX_SEARCH)
     since: str | None = Field(None, max_length=20, description="failed within this long (90s, 30m, 4h, 1d)")
     status: str = Field("failed", description="failed | permanent (dead-lettered) | scraper")
     limit: int = Field(100, ge=1, le=10_000)

@@ -222,3 +222,19 @@ def test_one_table_spelled_two_ways_is_one_pause_one_set_of_slots_and_run_locks(
     finally:
         one.close()
         other.close()
+
+
+def test_bulk_cancel_by_a_column_the_table_lacks_is_one_line(db_url, engine):
+    """It was a KeyError traceback: bulk cancel now checks its filters as bulk retry does."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE fetches (id SERIAL PRIMARY KEY, url TEXT, status TEXT NOT NULL, error_message TEXT,"
+            " started_at TIMESTAMPTZ, completed_at TIMESTAMPTZ)"
+        )
+    env = {"DATABASE_URL": db_url, "SCRAPE_RUNS_TABLE": "fetches"}
+    assert cli("migrate", env=env).returncode == 0
+    result = cli("cancel", "--search-query", "x", env=env)
+    assert result.returncode == 2
+    assert one_line_error(result) == (
+        "stuck-runs: --search-query: fetches has no search_query column; filter with --error-like or --since"
+    )
