@@ -28,9 +28,10 @@ def main(url: str, seed: int, stop_file: str, log_file: str) -> None:
     rng = random.Random(seed)
     engine = sa.create_engine(url, pool_pre_ping=True)
     in_flight: list[tuple[str, float, str]] = []  # (id, finish at, fate)
-    finished_failed: list[str] = []
     with open(log_file, "a", buffering=1) as log:
         while not Path(stop_file).exists():
+            completions: list[str] = []
+            finishing: list[tuple[str, float, str]] = []
             try:
                 with engine.begin() as conn:
                     if len(in_flight) < 30 and rng.random() < 0.7:
@@ -55,6 +56,7 @@ def main(url: str, seed: int, stop_file: str, log_file: str) -> None:
                     now = time.monotonic()
                     for item in [i for i in in_flight if i[1] <= now]:
                         in_flight.remove(item)
+                        finishing.append(item)
                         run_id, _, fate = item
                         status = "failed" if fate == "fail" else "completed"
                         error = "scraper crashed: selector not found" if status == "failed" else None
@@ -62,10 +64,13 @@ def main(url: str, seed: int, stop_file: str, log_file: str) -> None:
                         # checker failed meanwhile is completed late.
                         done = conn.execute(sa.text(FINISH), {"status": status, "error": error, "id": run_id}).scalar()
                         if done and status == "completed":
-                            log.write(f"completed {run_id}\n")
-                        elif done:
-                            finished_failed.append(run_id)
+                            completions.append(run_id)
+                # Logged once committed: a completion lost with its transaction (the database
+                # restarted under it) was never the scraper's word.
+                for run_id in completions:
+                    log.write(f"completed {run_id}\n")
             except sa.exc.OperationalError:
+                in_flight.extend(finishing)  # finished again once the database is back, as a scraper retries
                 time.sleep(0.2)  # the database is being restarted; a fleet waits too
             time.sleep(rng.uniform(0.01, 0.1))
     engine.dispose()
