@@ -19,7 +19,15 @@ ROLES = ("id", "status", "started_at", "completed_at", "error_message")
 STATES = ("running", "completed", "failed", "pending_retry", "cancelled", "queued")
 WRITTEN_STATES = ("running", "completed", "failed", "pending_retry", "cancelled")
 # The columns stuck-runs adds and keeps: no role may be one of them.
-RETRY_COLUMNS = ("retry_count", "max_retries", "next_retry_at", "original_run_id", "is_retry", "failure_pattern")
+RETRY_COLUMNS = (
+    "retry_count",
+    "max_retries",
+    "next_retry_at",
+    "original_run_id",
+    "is_retry",
+    "failure_pattern",
+    "handed_off",  # how a retry left for the fleet (SPEC §12): webhook or queue; NULL when run here
+)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 NAME_MAX_LENGTH = 63
 VALUE_MAX_LENGTH = 63

@@ -16,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 SWEEP = "sweep"  # one stuck-run sweep at a time
 SLOTS = "slots"  # key = slot number, 0 .. MAX_CONCURRENT_RETRIES-1
 RUNS = "runs"  # key = hashtext(run id): held while the run is being executed
+HANDOFF = "handoff"  # transaction-level, key 0: the cap's count and a hand-off, one at a time
 LOCK_NOT_AVAILABLE = "55P03"
 
 

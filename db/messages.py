@@ -9,6 +9,7 @@ STUCK_PATTERN = "stuck"
 TIMEOUT_PATTERN = "timeout"
 
 STUCK_ERROR = "Run stuck for {hours}"
+NOT_STARTED_ERROR = "Run not started after {hours}"  # handed to the fleet's queue, never picked up
 RETRY_SCHEDULED = "{error} - retry {number}/{budget} scheduled"
 BUDGET_SPENT = "{error} - permanently failed after {attempts} attempts"  # retry attempts, as SPEC says
 PERMANENT_ERROR = "{error} - not retried: permanent error ({pattern})"

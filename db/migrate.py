@@ -100,6 +100,7 @@ def index_names(qualified: str) -> dict[str, str]:
         "unique_retry": f"ux_{name}_chain_retry"[:63],
         "stats": f"ix_{name}_ended_attempts"[:63],
         "newest": f"ix_{name}_newest_first"[:63],
+        "handed_off": f"ix_{name}_handed_off"[:63],
     }
 
 

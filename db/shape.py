@@ -94,6 +94,7 @@ _RETRY_TYPES = {
     "next_retry_at": (sa.DateTime, "a timestamp"),
     "is_retry": (sa.Boolean, "boolean"),
     "failure_pattern": (sa.String, "text"),
+    "handed_off": (sa.String, "text"),
 }
 
 
@@ -311,6 +312,20 @@ def status_labels(conn: Connection, table: sa.Table) -> set[str]:
             {"rel": quoted_relation(table), "column": table.c.status.name},
         ).scalars()
     )
+
+
+def value_problem(conn: Connection, table: sa.Table, value: str) -> str | None:
+    """Why the status column cannot take `value` (its length, its enum, a CHECK), or None."""
+    status = table.c.status
+    limit = getattr(status.type, "length", None)
+    if limit is not None and len(value) > limit:
+        return f"{status.name} is varchar({limit}), too short for {value!r}"
+    if table.info["enum_names"].get("status") and value not in status_labels(conn, table):
+        return f"the enum of {status.name} has no value {value!r}"
+    for name, definition in status_constraints(conn, table):
+        if not allows(conn, definition, table, value):
+            return f"CHECK constraint {name} on {status.name} forbids {value!r}"
+    return None
 
 
 def missing_enum_values(conn: Connection, table: sa.Table) -> list[str]:

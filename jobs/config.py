@@ -159,6 +159,54 @@ def parse_command(text: str, name: str) -> tuple[str, ...]:
     return argv
 
 
+def parse_webhook(text: str, name: str) -> str:
+    """A URL template: `{run_id}` and `{column}` placeholders in its path and query only, so that no
+    run's input can send a retry to another host."""
+    from urllib.parse import urlsplit
+
+    template = str(text).strip()
+    example = "e.g. https://scraper.internal/api/scrape-jobs/{run_id}/retry"
+    try:
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+        parts = urlsplit(template)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={shown(template)} is not a URL template ({exc}): {example}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name}={shown(template)} is not an http(s) URL: {example}")
+    if "{" in parts.netloc or "}" in parts.netloc or parts.username or parts.password:
+        raise ConfigError(
+            f"{name}: the host part of {shown(template)} must be written out (no placeholder, no credentials); "
+            "put {placeholders} in the path or query, and a secret in WEBHOOK_SECRET"
+        )
+    for item, spec, conv in parsed:
+        if spec or conv or not COMMAND_PLACEHOLDER.fullmatch(item):
+            raise ConfigError(
+                f"{name}: {{{item}}} is not a placeholder; use {{run_id}} or {{column}} for an input column"
+            )
+    return template
+
+
+MAX_WEBHOOK_TIMEOUT = timedelta(minutes=10)
+
+
+def parse_webhook_timeout(text: str, name: str) -> timedelta:
+    """How long one delivery may take; the retry's row stays locked meanwhile, so it is bounded."""
+    value = parse_duration(text, name)
+    if value > MAX_WEBHOOK_TIMEOUT:
+        raise ConfigError(f"{name}={shown(text)} is too long: a webhook answers within {MAX_WEBHOOK_TIMEOUT}, at most")
+    return value
+
+
+def parse_handoff(text: str, name: str) -> str:
+    state = str(text).strip()
+    if state != "queued":
+        raise ConfigError(
+            f"{name}={shown(state)} is not the state retries are handed off in: use queued, and map it in STATUS_MAP "
+            "to your workers' waiting value (e.g. STATUS_MAP=queued=pending)"
+        )
+    return state
+
+
 def parse_callable(text: str, name: str) -> str:
     module, sep, func = str(text).strip().partition(":")
     if not sep or not all(_IDENTIFIER.fullmatch(p) for p in module.split(".") + func.split(".")):
@@ -267,11 +315,20 @@ class Settings:
     failure_patterns: tuple[tuple[str, str], ...] = ()  # custom (name, regex), tried first
     command: tuple[str, ...] | None = None
     callable_path: str | None = None
+    webhook: str | None = None  # SPEC §12: due retries POSTed to this URL template
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_timeout: timedelta = timedelta(seconds=30)
+    handoff: str | None = None  # SPEC §12: due retries flipped to this state (queued) for the fleet
     layout: Layout = field(default_factory=Layout)
     admin_host: str = "127.0.0.1"
     admin_port: int = 8080
     admin_token: str | None = field(default=None, repr=False)
     read_token: str | None = field(default=None, repr=False)
+
+    @property
+    def hands_off(self) -> str | None:
+        """How due retries leave for the fleet (`webhook`, `queue`), or None when they run here."""
+        return "webhook" if self.webhook else ("queue" if self.handoff else None)
 
     @property
     def timeout(self) -> timedelta:
@@ -322,6 +379,10 @@ _FIELDS: tuple[tuple[str, str, _Parser, str], ...] = (
     ("RUN_LABEL", "--run-label", parse_run_label, "layout.label"),
     ("SCRAPE_RUN_COMMAND", "--command", parse_command, "command"),
     ("SCRAPE_RUN_CALLABLE", "--callable", parse_callable, "callable_path"),
+    ("SCRAPE_RUN_WEBHOOK", "--webhook", parse_webhook, "webhook"),
+    ("WEBHOOK_SECRET", "--webhook-secret", parse_token, "webhook_secret"),
+    ("WEBHOOK_TIMEOUT", "--webhook-timeout", lambda t, n: parse_webhook_timeout(t, n), "webhook_timeout"),
+    ("SCRAPE_RUN_HANDOFF", "--handoff", parse_handoff, "handoff"),
     ("ADMIN_HOST", "--host", parse_host, "admin_host"),
     ("ADMIN_PORT", "--port", lambda t, n: parse_int(t, n, minimum=1, maximum=65535), "admin_port"),
     # Tokens have flags for completeness only: `serve` takes them from the environment, not argv,
@@ -329,7 +390,7 @@ _FIELDS: tuple[tuple[str, str, _Parser, str], ...] = (
     ("ADMIN_TOKEN", "--admin-token", parse_token, "admin_token"),
     ("READ_TOKEN", "--read-token", parse_token, "read_token"),
 )
-SECRETS = frozenset({"DATABASE_URL", "ADMIN_TOKEN", "READ_TOKEN"})
+SECRETS = frozenset({"DATABASE_URL", "ADMIN_TOKEN", "READ_TOKEN", "WEBHOOK_SECRET"})
 ENV_VARS = tuple(env for env, _, _, _ in _FIELDS)
 FLAG_FOR = {env: flag for env, flag, _, _ in _FIELDS}
 
@@ -395,10 +456,30 @@ def _check_consistency(settings: Settings, names: Mapping[str, str]) -> None:
             f"{names.get('PERMANENT_PATTERNS', 'PERMANENT_PATTERNS')}: unknown failure pattern {shown(unknown[0])}; "
             f"use some of {', '.join(sorted(known))}"
         )
-    if settings.command and settings.callable_path:
-        raise ConfigError(
-            "SCRAPE_RUN_COMMAND and SCRAPE_RUN_CALLABLE are both set: keep the one that runs your scraper"
+    executors = [
+        env
+        for env, value in (
+            ("SCRAPE_RUN_COMMAND", settings.command),
+            ("SCRAPE_RUN_CALLABLE", settings.callable_path),
+            ("SCRAPE_RUN_WEBHOOK", settings.webhook),
+            ("SCRAPE_RUN_HANDOFF", settings.handoff),
         )
+        if value
+    ]
+    if len(executors) > 1:
+        raise ConfigError(
+            f"{' and '.join(names.get(e, e) for e in executors)} are all set: keep the one way your retries run"
+            if len(executors) > 2
+            else f"{names.get(executors[0], executors[0])} and {names.get(executors[1], executors[1])} are both set: "
+            "keep the one way your retries run"
+        )
+    if settings.handoff and settings.handoff not in settings.layout.statuses:
+        raise ConfigError(
+            f"{names.get('SCRAPE_RUN_HANDOFF', 'SCRAPE_RUN_HANDOFF')}={settings.handoff} but STATUS_MAP does not map "
+            f"{settings.handoff}: add {settings.handoff}=<the value your workers pick runs up by> to STATUS_MAP"
+        )
+    if settings.webhook_secret and not settings.webhook:
+        raise ConfigError("WEBHOOK_SECRET is set but SCRAPE_RUN_WEBHOOK is not: set the webhook, or unset the secret")
     if settings.admin_token and settings.admin_token == settings.read_token:
         raise ConfigError("ADMIN_TOKEN and READ_TOKEN are the same: give the read-only token a value of its own")
     policy = settings.policy

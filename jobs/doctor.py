@@ -15,7 +15,7 @@ from db.errors import ConfigError, OperatorError
 from db.layout import STATES, WRITTEN_STATES
 from db.migrate import current_revision, head_revision, plan_for, stale_indexes
 from db.queries import RunQueries
-from db.shape import heartbeat_problem
+from db.shape import heartbeat_problem, value_problem
 from db.table import ROLE_KEYS, RunsTable, load_runs_table, sql_type
 from jobs.config import Settings
 from jobs.executor import resolve_callable
@@ -80,9 +80,49 @@ def _executor(settings: Settings) -> Check:
         except OperatorError as exc:
             return Check("executor", False, str(exc), "install the scraper package in this environment")
         return Check("executor", True, f"callable {settings.callable_path}")
+    if settings.webhook:
+        return _webhook(settings.webhook)
+    if settings.handoff:
+        return Check("executor", True, f"hand-off: due retries become {settings.layout.written('queued')!r}")
     return Check(
-        "executor", False, "no executor configured: retries cannot run", "set SCRAPE_RUN_COMMAND or SCRAPE_RUN_CALLABLE"
+        "executor",
+        False,
+        "no executor configured: retries cannot run",
+        "set SCRAPE_RUN_COMMAND, SCRAPE_RUN_CALLABLE, SCRAPE_RUN_WEBHOOK or SCRAPE_RUN_HANDOFF",
     )
+
+
+WEBHOOK_PROBE_TIMEOUT = 5.0
+
+
+def _webhook(template: str) -> Check:
+    """The receiver's host resolves (a failure), and it answers an OPTIONS at its root (a warning:
+    it may be down for now, and doctor never POSTs a retry)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    parts = urlsplit(template)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        return Check(
+            "executor", False, f"SCRAPE_RUN_WEBHOOK: host {host!r} does not resolve ({exc})", "fix the webhook's host"
+        )
+    root = f"{parts.scheme}://{parts.netloc}/"
+    try:
+        answer = httpx.options(root, timeout=WEBHOOK_PROBE_TIMEOUT, follow_redirects=False, trust_env=False)
+    except httpx.HTTPError as exc:
+        return Check(
+            "executor",
+            True,
+            f"webhook {root} does not answer ({type(exc).__name__}): deliveries wait until it does",
+            "start the receiver, or check the port and the firewall",
+            warning=True,
+        )
+    return Check("executor", True, f"webhook {root} answers (HTTP {answer.status_code} to OPTIONS)")
 
 
 def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], datetime]) -> list[Check]:
@@ -124,7 +164,19 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
         try:
             check_placeholders(settings, runs)
         except ConfigError as exc:
-            checks.append(Check("executor placeholders", False, str(exc), "fix SCRAPE_RUN_COMMAND"))
+            fix = "fix SCRAPE_RUN_COMMAND" if settings.command else "fix SCRAPE_RUN_WEBHOOK"
+            checks.append(Check("executor placeholders", False, str(exc), fix))
+        if settings.handoff:
+            value = runs.layout.written(settings.handoff)
+            problem = value_problem(conn, runs.table, value)
+            checks.append(
+                Check(
+                    "hand-off",
+                    problem is None,
+                    problem or f"{runs.name_of('status')} takes {value!r} ({settings.handoff})",
+                    None if problem is None else "map queued in STATUS_MAP to the value your workers pick runs up by",
+                )
+            )
         unmapped = _unmapped_values(conn, runs)
         if unmapped:
             checks.append(unmapped)

@@ -57,6 +57,8 @@ class ExecutionResult:
     timed_out: bool = False
     cancelled: bool = False
     retry_after: timedelta | None = None
+    handed_off: str | None = None  # the fleet took the retry (SPEC §12); its outcome is the scraper's
+    postponed: bool = False  # the fleet could not take it now: due again later, no budget spent
 
 
 class StartFailed(ExecutorError):
@@ -65,6 +67,9 @@ class StartFailed(ExecutorError):
 
 
 class Execution(Protocol):
+    """Started by an executor. One that hands the retry to the fleet instead of running it
+    (jobs/webhook.py) also says `handed_off` (how) or `postponed` (not taken: due again later)."""
+
     def wait(self, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
         """Waits for the scraper; gives up after `timeout` (wall time) or when `cancel` is set."""
 
@@ -356,7 +361,24 @@ def build_executor(settings: Settings) -> Executor:
         return CommandExecutor(settings.command)
     if settings.callable_path:
         return CallableExecutor(settings.callable_path)
+    if settings.webhook:
+        from jobs.webhook import WebhookExecutor  # httpx only where retries are delivered
+
+        return WebhookExecutor(settings.webhook, settings.webhook_secret, settings.webhook_timeout)
+    if settings.handoff:
+        return QueueHandoff(settings.handoff)
     raise ConfigError(
-        "no executor configured: set SCRAPE_RUN_COMMAND (e.g. 'python -m scraper --run-id {run_id}') "
-        "or SCRAPE_RUN_CALLABLE (package.module:function)"
+        "no executor configured: set SCRAPE_RUN_COMMAND (e.g. 'python -m scraper --run-id {run_id}'), "
+        "SCRAPE_RUN_CALLABLE (package.module:function), SCRAPE_RUN_WEBHOOK (a URL) or SCRAPE_RUN_HANDOFF (queued)"
     )
+
+
+@dataclass(frozen=True)
+class QueueHandoff:
+    """SCRAPE_RUN_HANDOFF: due retries are flipped to the scraper's queued value for its own workers
+    (jobs/retries.py hands them over in sets); nothing is started here."""
+
+    state: str
+
+    def start(self, run: Run) -> Execution:
+        raise StartFailed("SCRAPE_RUN_HANDOFF: retries are handed to the fleet's workers, not started here")

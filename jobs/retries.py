@@ -27,12 +27,16 @@ from sqlalchemy.engine import Connection
 from db import locks
 from db.engine import database_errors
 from jobs.executor import Execution, ExecutionResult
+from jobs.handoff import has_room, queue_due_retries
 from jobs.model import Run, RunId
+from jobs.patterns import parse_retry_after
 from jobs.rules import (
     FailureOutcome,
     RetryPolicy,
     chain_budget,
     decide_failure,
+    format_time,
+    retry_delay,
     run_label,
     superseded_message,
     timeout_error,
@@ -57,7 +61,9 @@ class RetryOutcome:
 
     run_id: RunId
     label: str
-    status: str  # completed | failed | released (shutdown) | whatever the scraper wrote
+    # completed | failed | released (shutdown) | handed_off (to the fleet, SPEC §12) | postponed
+    # (the fleet could not take it) | whatever the scraper wrote
+    status: str
     message: str | None = None
     pattern: str | None = None
     retry_id: RunId | None = None
@@ -99,6 +105,11 @@ class ProcessResult:
         return sum(1 for o in self.executed if o.status == "failed")
 
     @property
+    def handed_off(self) -> int:
+        """Retries handed to the fleet (webhook or queue): their outcome is the scraper's to write."""
+        return sum(1 for o in self.executed if o.status == "handed_off")
+
+    @property
     def released(self) -> int:
         """Executions stopped by a signal and put back to `pending_retry` (no budget spent)."""
         return sum(1 for o in self.executed if o.status == "released")
@@ -121,12 +132,13 @@ class ProcessResult:
 
     def counts(self) -> dict[str, int]:
         """The counts the pass is recorded and logged with."""
-        return {
+        counts = {
             "superseded": self.superseded_count,
-            "executed": len(self.executed),
+            "executed": len(self.executed) - self.handed_off,
             "completed": self.succeeded,
             "failed": self.failed,
         }
+        return {**counts, "handed_off": self.handed_off} if self.handed_off else counts
 
 
 def process_due_retries(
@@ -152,8 +164,33 @@ def process_due_retries(
     superseded = supersede_completed_chains(rt, dry_run=dry_run)
     if dry_run:
         return ProcessResult(superseded, due=preview_due(rt), dry_run=True, seconds=time.monotonic() - started)
-    executed = RetryDispatcher(rt, policy, observe).drain(stop or threading.Event())
+    executed = continue_fleet_failures(rt, policy)
+    executed += RetryDispatcher(rt, policy, observe).drain(stop or threading.Event())
     return ProcessResult(superseded, tuple(executed), seconds=time.monotonic() - started)
+
+
+def continue_fleet_failures(rt: Runtime, policy: RetryPolicy | None = None) -> list[RetryOutcome]:
+    """Continues the chains of handed-off retries the fleet failed (SPEC §12), as for any failed
+    execution (§4): classified, then retried or ended with a dead letter. A batch a call."""
+    policy = policy or rt.settings.policy
+    q, now = rt.queries, rt.clock.now()
+    with database_errors(rt.engine, "continuing the fleet's failed retries"), rt.engine.begin() as conn:
+        rows = conn.execute(q.fleet_failures, {"sr_limit": rt.settings.batch_size}).mappings().all()
+        if not rows:
+            return []
+        decided = []
+        for row in rows:
+            run = Run.from_row(row, rt.runs.input_names)
+            error = run.error_message or "Run failed"
+            result = ExecutionResult(ok=False, error=error, retry_after=parse_retry_after(error))
+            decided.append((run, _decide(rt, policy, run, error, result, now)))
+        params = {"sr_now": now, **fail_params([(run.id, outcome, None) for run, outcome in decided])}
+        failed = {row[0]: row for row in conn.execute(q.fail_reported, params)}
+    return [
+        _failed(logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count), run, outcome, row)
+        for run, outcome in decided
+        if (row := failed.get(run.id)) is not None
+    ]
 
 
 def supersede_completed_chains(rt: Runtime, *, dry_run: bool = False) -> tuple[SupersededRetry, ...]:
@@ -222,15 +259,17 @@ class RetryDispatcher:
 
     def work_slot(self, slot: int, stop: threading.Event) -> list[RetryOutcome]:
         """Holds slot `slot` (if free) and executes due retries one after another in it."""
+        if self.rt.settings.handoff:
+            return self.hand_to_queue() if slot == 0 and not stop.is_set() else []
         outcomes: list[RetryOutcome] = []
         with self._slot(slot) as conn:
-            while conn is not None and not stop.is_set():
+            while conn is not None and not stop.is_set() and has_room(self.rt, conn):
                 outcome = self._claim_and_execute(conn, stop)
                 if outcome is None:
                     break
                 outcomes.append(outcome)
-                if outcome.status == "released":
-                    break  # executions are only cancelled when stopping
+                if outcome.status in ("released", "postponed"):
+                    break  # cancelled: stopping; postponed: the fleet is busy, the next poll tries again
         return outcomes
 
     def run_now(self, run_id: RunId, stop: threading.Event, wait: Callable[[], None]) -> RetryOutcome | None:
@@ -239,6 +278,9 @@ class RetryDispatcher:
         Calls `wait()` between attempts while every slot is taken. Returns None if the retry
         was no longer pending (another process took it).
         """
+        if self.rt.settings.handoff:
+            handed = self.hand_to_queue(run_id)
+            return handed[0] if handed else None
         while not stop.is_set():
             for slot in range(self.rt.settings.max_concurrent_retries):
                 with self._slot(slot) as conn:
@@ -246,6 +288,18 @@ class RetryDispatcher:
                         return self._claim_and_execute(conn, stop, run_id)
             wait()
         return None
+
+    def hand_to_queue(self, run_id: RunId | None = None) -> list[RetryOutcome]:
+        """SCRAPE_RUN_HANDOFF: hands due retries (or pending retry `run_id`) to the fleet's queue."""
+        outcomes = []
+        for run in queue_due_retries(self.rt, run_id):
+            logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count, event="handed_off").info(
+                "{}: handed to the fleet's workers ({})", run.label, self.rt.runs.layout.written("queued")
+            )
+            outcome = RetryOutcome(run.id, run.label, "handed_off")
+            self.observe("finished", outcome)
+            outcomes.append(outcome)
+        return outcomes
 
     @contextmanager
     def _slot(self, slot: int) -> Iterator[Connection | None]:
@@ -304,17 +358,27 @@ class RetryDispatcher:
                 return None
             run = Run.from_row(row, self.rt.runs.input_names)
             execution = self.rt.executor.start(run)
-            transaction.commit()
+            handed_off = getattr(execution, "handed_off", None)
+            if getattr(execution, "postponed", False):
+                transaction.rollback()  # the fleet did not take it: pending as it was (record_outcome postpones it)
+            elif handed_off:
+                # Under the cap's lock, so no count misses it while it turns from a slot's retry into a hand-off.
+                conn.execute(q.handoff_lock)
+                conn.execute(q.hand_over, {"sr_now": self.rt.clock.now(), "sr_run_id": run.id, "sr_mode": handed_off})
+                transaction.commit()
+            else:
+                transaction.commit()
         except BaseException:
             if execution is not None:
                 execution.abandon()  # started, but the claim could not be kept: nothing may run unclaimed
             if transaction.is_active:
                 transaction.rollback()
             raise  # the slot's session ends, and the run lock with it
-        logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count, event="started").info(
-            "{}: started", run.label
-        )
-        self.observe("started", run)
+        if not (handed_off or getattr(execution, "postponed", False)):
+            logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count, event="started").info(
+                "{}: started", run.label
+            )
+            self.observe("started", run)
         return Claim(run, execution, bool(row["_sr_locked"]))
 
     def wait_and_record(self, run: Run, execution: Execution, stop: threading.Event) -> RetryOutcome:
@@ -350,6 +414,16 @@ def record_outcome(rt: Runtime, policy: RetryPolicy, run: Run, result: Execution
     now = rt.clock.now()
     log = logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count)
     with database_errors(rt.engine, f"recording the outcome of run {run.id}"), rt.engine.begin() as conn:
+        if result.handed_off:
+            log.bind(event="handed_off").info("{}: handed to the fleet ({})", run.label, result.handed_off)
+            return RetryOutcome(run.id, run.label, "handed_off")
+        if result.postponed:
+            due = now + retry_delay(policy, max(run.retry_count, 1), rt.rng, result.retry_after)
+            conn.execute(q.postpone, {"sr_run_id": run.id, "sr_due": due})
+            log.bind(event="postponed").warning(
+                "{}: {}; delivered again at {} (no budget spent)", run.label, result.error, format_time(due)
+            )
+            return RetryOutcome(run.id, run.label, "postponed", message=result.error, retry_due=due)
         if result.cancelled:
             released = conn.execute(q.release, {"sr_now": now, "sr_ids": [run.id]}).first()
             if released:

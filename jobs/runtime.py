@@ -24,17 +24,19 @@ from jobs.patterns import DEFAULT_PATTERNS, Classifier
 
 
 def check_placeholders(settings: Settings, runs: RunsTable) -> None:
-    """SCRAPE_RUN_COMMAND may name `{run_id}` and the table's input columns, nothing else."""
-    if not settings.command:
+    """SCRAPE_RUN_COMMAND and SCRAPE_RUN_WEBHOOK may name `{run_id}` and the table's input columns,
+    nothing else."""
+    variable, templates = (
+        ("SCRAPE_RUN_COMMAND", settings.command) if settings.command else ("SCRAPE_RUN_WEBHOOK", (settings.webhook,))
+    )
+    if not any(templates):
         return
     names = {"run_id", *runs.input_names.values()}
-    for item in settings.command:
+    for item in templates:
         for _, name, _, _ in string.Formatter().parse(item):
             if name is not None and name not in names:
                 inputs = ", ".join("{" + n + "}" for n in sorted(names))
-                raise ConfigError(
-                    f"SCRAPE_RUN_COMMAND: {{{name}}} is not a column of {runs.qualified_name}; use {inputs}"
-                )
+                raise ConfigError(f"{variable}: {{{name}}} is not a column of {runs.qualified_name}; use {inputs}")
 
 
 WEB_STATEMENT_TIMEOUT_MS = 5000
@@ -90,4 +92,8 @@ class Runtime:
         return self.executor_override or build_executor(self.settings)
 
     def close(self) -> None:
+        executor = self.__dict__.get("executor") or self.executor_override
+        close = getattr(executor, "close", None)
+        if close is not None:
+            close()  # a webhook's pooled connections
         self.engine.dispose()

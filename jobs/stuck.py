@@ -200,23 +200,24 @@ def sweep_stuck_runs(
             conn.rollback()
             return SweepResult(seconds=time.monotonic() - started, skipped=f"another sweep is running ({holder})")
         try:
-            resume_from = EARLIEST
-            while not (stop and stop.is_set()):
-                room = ALL_ROWS if keep is None else max(0, keep - len(rows))
-                batch_params = {**statement_params, "sr_keep": room, "sr_from": resume_from}
-                with conn.begin():
-                    batch = conn.execute(rt.queries.sweep_batch, batch_params).mappings().all()
-                batches += 1
-                kept = batch[:room]
-                _log(rt.runs.id_from_text, kept, already=len(rows))
-                rows.extend(kept)
-                if batch:
-                    failed += batch[0]["batch_failed"]
-                    retried += batch[0]["batch_retried"]
-                    dead += batch[0]["batch_dead_lettered"]
-                if not batch or batch[0]["batch_failed"] < rt.settings.batch_size:
-                    break
-                resume_from = batch[0]["batch_until"]
+            for statement in _sweep_statements(rt, "batch"):
+                resume_from = EARLIEST
+                while not (stop and stop.is_set()):
+                    room = ALL_ROWS if keep is None else max(0, keep - len(rows))
+                    batch_params = {**statement_params, "sr_keep": room, "sr_from": resume_from}
+                    with conn.begin():
+                        batch = conn.execute(statement, batch_params).mappings().all()
+                    batches += 1
+                    kept = batch[:room]
+                    _log(rt.runs.id_from_text, kept, already=len(rows))
+                    rows.extend(kept)
+                    if batch:
+                        failed += batch[0]["batch_failed"]
+                        retried += batch[0]["batch_retried"]
+                        dead += batch[0]["batch_dead_lettered"]
+                    if not batch or batch[0]["batch_failed"] < rt.settings.batch_size:
+                        break
+                    resume_from = batch[0]["batch_until"]
         finally:
             if use_lock:
                 locks.unlock(conn, sweep_ns, 0)
@@ -231,6 +232,23 @@ def sweep_stuck_runs(
     return SweepResult(
         failed, retried, dead, batches, seconds, rows=tuple(rows), listing_sql=listing, parse_id=rt.runs.id_from_text
     )
+
+
+def _sweep_statements(rt: Runtime, kind: str) -> list:
+    """The sweep's statements of `kind` (batch, preview, preview_counts): runs stuck in `running`,
+    and, where the table maps a `queued` value (SPEC §12's hand-off), retries handed to the
+    fleet's queue that no worker started."""
+    q = rt.queries
+    statements = [{"batch": q.sweep_batch, "preview": q.stuck_preview, "preview_counts": q.stuck_preview_counts}[kind]]
+    if "queued" in rt.runs.layout.statuses:
+        statements.append(
+            {
+                "batch": q.not_started_batch,
+                "preview": q.not_started_preview,
+                "preview_counts": q.not_started_preview_counts,
+            }[kind]
+        )
+    return statements
 
 
 def _log(parse_id: Callable[[str | None], object], batch, *, already: int) -> None:
@@ -251,9 +269,11 @@ def _preview(rt: Runtime, policy: RetryPolicy, params: dict, started: float, kee
     limit = PREVIEW_LIMIT if keep is None else min(PREVIEW_LIMIT, keep)
     with database_errors(rt.engine, "looking for stuck runs"), rt.engine.connect() as conn:
         statement_params = {**params, **sweep_params(policy), "sr_limit": limit}
-        rows = conn.execute(rt.queries.stuck_preview, statement_params).mappings().all()
+        rows = [row for q in _sweep_statements(rt, "preview") for row in conn.execute(q, statement_params).mappings()]
         every = {**statement_params, "sr_limit": ALL_ROWS}
-        stuck, retried = conn.execute(rt.queries.stuck_preview_counts, every).one()
+        counts = [conn.execute(q, every).one() for q in _sweep_statements(rt, "preview_counts")]
+        stuck, retried = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        rows = rows[:limit]
     # A chain the sweep would end gets its dead letter: the dry run counts it as such.
     seconds = time.monotonic() - started
     return SweepResult(

@@ -9,6 +9,7 @@ a constant number of statements whatever its size.
 from __future__ import annotations
 
 from db.queries.common import NOW
+from db.queries.handoff import HandoffStatements
 from db.queries.reports import ReportStatements
 from db.queries.retries import RetryStatements
 from db.queries.sweep import SweepStatements, render
@@ -17,9 +18,9 @@ from db.queries.timeline import TimelineStatements
 __all__ = ["NOW", "RunQueries", "render"]
 
 
-class RunQueries(SweepStatements, RetryStatements, ReportStatements, TimelineStatements):
+class RunQueries(SweepStatements, RetryStatements, HandoffStatements, ReportStatements, TimelineStatements):
     """The statements for one table. Parameters are bound by name, all prefixed `sr_`: `sr_now`, `sr_run_id`...
 
-    One module per concern: the stuck sweep (`sweep`), retries and claims (`retries`), reports
-    and statistics (`reports`), on the shared pieces of `common`.
+    One module per concern: the stuck sweep (`sweep`), retries and claims (`retries`), retries
+    handed to the fleet (`handoff`), reports and statistics (`reports`), on the shared pieces of `common`.
     """

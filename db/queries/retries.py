@@ -30,6 +30,8 @@ class RetryStatements(TableStatements):
         self.cancel_pending = self._transition("pending_retry", "cancelled")
         self.claim_due = self._claim(one=False)
         self.claim_one = self._claim(one=True)
+        self.queue_due = self._claim(one=False, to_queue=True)
+        self.queue_one = self._claim(one=True, to_queue=True)
         self.due_preview = self._due(lock=False).add_columns(t.c.next_retry_at)
         self.complete = (
             sa.update(t)
@@ -158,22 +160,26 @@ class RetryStatements(TableStatements):
         )
         return query.with_for_update(skip_locked=True, of=t) if lock else query
 
-    def _claim(self, *, one: bool) -> sa.Update:
+    def _claim(self, *, one: bool, to_queue: bool = False) -> sa.Update:
         """Claims up to `:sr_limit` due retries (with `one`: pending retry `:sr_run_id`, due or
         not) for execution, and takes their run locks.
 
         The run lock (session-level, in the claiming connection) tells the stuck checker the
         run is being executed by a live process; it goes away with that process.
+        With `to_queue` the retries are handed to the fleet's workers instead (SPEC §12): they
+        take the scraper's `queued` value, `handed_off` says so, `started_at` is when (the sweep
+        fails one nobody starts), and no run lock is taken: no process here executes them.
         """
         t, runs = self.t, self.runs
         values: dict[str, object] = {
-            "status": runs.status("running"),
+            "status": runs.status("queued" if to_queue else "running"),
             "started_at": NOW,
             "completed_at": None,
             "error_message": sa.null(),  # SQL NULL: None would be JSON null in a json error column
             # next_retry_at is when a failed attempt's retry is due; a running attempt has none.
             "next_retry_at": None,
             "failure_pattern": None,
+            "handed_off": "queue" if to_queue else None,
         }
         if runs.heartbeat:
             values[runs.heartbeat] = NOW
@@ -188,13 +194,12 @@ class RetryStatements(TableStatements):
             # MATERIALIZED: the LIMIT ... SKIP LOCKED must run once. As an IN (subquery)
             # PostgreSQL may rescan it per outer row and claim more rows than the limit.
             due = self._due(lock=True).with_only_columns(t.c.id).cte("due").prefix_with("MATERIALIZED")
+        locked = sa.false() if to_queue else sa.func.pg_try_advisory_lock(self.runs_ns, locks.run_key(t.c.id))
         return (
             sa.update(t)
             .values(**values)
             .where(t.c.id == due.c.id, runs.in_state(t.c.status, "pending_retry"))
-            .returning(
-                *runs.keyed(), sa.func.pg_try_advisory_lock(self.runs_ns, locks.run_key(t.c.id)).label("_sr_locked")
-            )
+            .returning(*runs.keyed(), locked.label("_sr_locked"))
         )
 
     def _superseded(self, *, lock: bool) -> sa.Select:

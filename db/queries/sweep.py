@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from db import locks
-from db.messages import BUDGET_SPENT, MAX_DOUBLINGS, RETRY_SCHEDULED, STUCK_ERROR, STUCK_PATTERN
+from db.messages import BUDGET_SPENT, MAX_DOUBLINGS, NOT_STARTED_ERROR, RETRY_SCHEDULED, STUCK_ERROR, STUCK_PATTERN
 from db.queries.common import NOW, TableStatements
 from db.table import RunsTable
 
@@ -30,18 +30,28 @@ def render(template: str, **parts: sa.ColumnElement) -> sa.ColumnElement:
     return sa.func.concat(*pieces)
 
 
+# What the sweep says of a run it fails, by the state it found the run in.
+_ERRORS = {"running": STUCK_ERROR, "queued": NOT_STARTED_ERROR}
+
+
 class SweepStatements(TableStatements):
-    """`stuck_batch`, `sweep_batch`, `stuck_preview` and `stuck_preview_counts` for one table."""
+    """`stuck_batch`, `sweep_batch`, `stuck_preview` and `stuck_preview_counts` for one table, and
+    the same for retries handed to the fleet's queue that nobody started (`not_started_*`)."""
 
     def __init__(self, runs: RunsTable) -> None:
         super().__init__(runs)
         self.stuck_batch = self._stuck_batch(lock=True)
         self.sweep_batch = self._sweep_batch()
         self.stuck_preview = self._stuck_preview()
-        preview = self.stuck_preview.subquery("preview")
-        self.stuck_preview_counts = sa.select(
-            sa.func.count().label("stuck"), sa.func.count().filter(preview.c.retried).label("retried")
-        )
+        self.stuck_preview_counts = self._preview_counts(self.stuck_preview)
+        self.not_started_batch = self._sweep_batch(state="queued")
+        self.not_started_preview = self._stuck_preview(state="queued")
+        self.not_started_preview_counts = self._preview_counts(self.not_started_preview)
+
+    @staticmethod
+    def _preview_counts(preview_query: sa.Select) -> sa.Select:
+        preview = preview_query.subquery("preview")
+        return sa.select(sa.func.count().label("stuck"), sa.func.count().filter(preview.c.retried).label("retried"))
 
     def listing_sql(self, now: datetime) -> str:
         """The SQL that lists every run one sweep failed (they share its `completed_at`), in the table's names."""
@@ -57,13 +67,17 @@ class SweepStatements(TableStatements):
         key = locks.as_oid(locks.run_key(self.t.c.id))
         return key.in_(locks.held_keys(self.runs_ns))
 
-    def _stuck_batch(self, *, lock: bool, resume: bool = False) -> sa.Select:
+    def _stuck_batch(self, *, lock: bool, resume: bool = False, state: str = "running") -> sa.Select:
         """Stuck runs, oldest progress first, up to `:sr_limit`; with `resume`, from `:sr_from` on
         (where the sweep's previous batch ended), so a batch does not walk again over the index
         entries of the runs earlier batches failed (dead until vacuum: walked again, a sweep of
-        K runs in batches of B costs K²/B)."""
+        K runs in batches of B costs K²/B). With `state` queued: retries handed to the fleet's
+        queue (`started_at` is when) that no worker started."""
         t, runs = self.t, self.runs
         progress = runs.progress()
+        watched = [runs.in_state(t.c.status, state)]
+        if state == "queued":
+            watched.append(t.c.handed_off == "queue")
         query = (
             sa.select(
                 t.c.id,
@@ -73,7 +87,7 @@ class SweepStatements(TableStatements):
                 t.c.is_retry,
                 t.c.original_run_id,
             )
-            .where(runs.in_state(t.c.status, "running"), progress < sa.bindparam("sr_cutoff"), ~self._executing())
+            .where(*watched, progress < sa.bindparam("sr_cutoff"), ~self._executing())
             .order_by(progress)
             .limit(sa.bindparam("sr_limit"))
         )
@@ -81,7 +95,9 @@ class SweepStatements(TableStatements):
             query = query.where(progress >= sa.bindparam("sr_from", type_=sa.DateTime(timezone=True)))
         return query.with_for_update(skip_locked=True, of=t) if lock else query
 
-    def _stuck_decision(self) -> tuple[sa.ColumnElement, sa.ColumnElement, sa.ColumnElement]:
+    def _stuck_decision(
+        self, template: str = STUCK_ERROR
+    ) -> tuple[sa.ColumnElement, sa.ColumnElement, sa.ColumnElement]:
         """`decide_stuck` of jobs.rules, per row, in SQL: (budget, message, due).
 
         The same templates and the same arithmetic; tests/integration/test_stuck_rules_sql.py
@@ -90,7 +106,7 @@ class SweepStatements(TableStatements):
         t = self.t
         hours_seconds = sa.cast(sa.extract("epoch", NOW - self.runs.progress()), sa.Numeric)
         hours = sa.func.to_char(sa.func.round(hours_seconds / 3600, 1), "FM999999990.0").concat("h")
-        error = render(STUCK_ERROR, hours=hours)
+        error = render(template, hours=hours)
         budget = sa.case((t.c.is_retry, t.c.max_retries), else_=sa.bindparam("sr_policy_max", type_=sa.Integer))
         retried = t.c.retry_count < budget
         delay = sa.bindparam("sr_delay_s", type_=sa.Float)
@@ -107,13 +123,13 @@ class SweepStatements(TableStatements):
         )
         return budget, message, due
 
-    def _stuck_preview(self) -> sa.Select:
+    def _stuck_preview(self, state: str = "running") -> sa.Select:
         """What the sweep would do, changing nothing: the stuck runs (up to `:sr_limit`) with the
         very decision expressions the sweep writes, in the sweep's names (`retry_id` NULL,
         `retried` when a retry would be scheduled)."""
         t = self.t
-        budget, message, due = self._stuck_decision()
-        stuck = self._stuck_batch(lock=False).subquery("stuck")
+        budget, message, due = self._stuck_decision(_ERRORS[state])
+        stuck = self._stuck_batch(lock=False, state=state).subquery("stuck")
         return (
             sa.select(
                 sa.cast(t.c.id, sa.Text).label("run_id"),
@@ -131,7 +147,7 @@ class SweepStatements(TableStatements):
             .order_by(stuck.c.since)
         )
 
-    def _sweep_batch(self) -> sa.Select:
+    def _sweep_batch(self, state: str = "running") -> sa.Select:
         """One batch of the stuck sweep in one statement: lock up to `:sr_limit` stuck runs
         (SKIP LOCKED), fail them with the rules' decision, create their retries and dead letters.
 
@@ -142,7 +158,7 @@ class SweepStatements(TableStatements):
         batch_dead_lettered and batch_until (the latest progress it took: the next batch's `:sr_from`).
         """
         t, runs = self.t, self.runs
-        stuck_runs = self._stuck_batch(lock=True, resume=True)
+        stuck_runs = self._stuck_batch(lock=True, resume=True, state=state)
         stuck = (
             stuck_runs.with_only_columns(
                 sa.literal_column("ctid").label("scrape_runs_ctid"), stuck_runs.selected_columns.since
@@ -150,7 +166,7 @@ class SweepStatements(TableStatements):
             .cte("stuck")
             .prefix_with("MATERIALIZED")
         )
-        budget, message, due = self._stuck_decision()
+        budget, message, due = self._stuck_decision(_ERRORS[state])
         failed = (
             sa.update(t)
             .values(
@@ -167,7 +183,7 @@ class SweepStatements(TableStatements):
                 sa.literal_column("ctid")
                 == sa.any_(sa.func.array(sa.select(stuck.c.scrape_runs_ctid).scalar_subquery()))
             )
-            .where(runs.in_state(t.c.status, "running"))
+            .where(runs.in_state(t.c.status, state))
             # Each retry's id is drawn here, so no join is needed to report it: a join of the
             # two CTEs turned into a nested loop (a million comparisons a batch) on a big table.
             .returning(*t.c, sa.cast(sa.null(), sa.Text).label("_sr_detail"), runs.new_id().label("_sr_retry_id"))

@@ -1,0 +1,41 @@
+"""Retries handed to the fleet (SPEC §12): how each left (`handed_off`: webhook or queue), and an
+index over them for the concurrency cap and the sweep of hand-offs nobody started.
+
+Revision ID: 0004
+Revises: 0003
+"""
+
+from alembic import context, op
+from sqlalchemy.engine import Dialect
+
+from db.migrate import Step, TablePlan, apply_steps, index_names, quote_table
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+
+def steps(plan: TablePlan, dialect: Dialect) -> list[Step]:
+    table = quote_table(dialect, plan.qualified)
+    handed = index_names(plan.qualified)["handed_off"]
+    return [
+        Step("column handed_off", f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS handed_off TEXT NULL"),
+        # The cap counts the handed-off retries still queued or running, and the sweep looks for
+        # queued ones nobody started: both read a few rows by (status, started_at), never the table.
+        Step(
+            f"index {handed}",
+            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {handed} ON {table}"
+            f" ({plan.column('status')}, {plan.column('started_at')}) WHERE handed_off IS NOT NULL",
+            concurrent=True,
+        ),
+    ]
+
+
+def upgrade() -> None:
+    attributes = context.config.attributes
+    apply_steps(op, steps(attributes["plan"], op.get_context().dialect), attributes.get("stop"))
+
+
+def downgrade() -> None:
+    raise NotImplementedError("0004 is not reversible: drop handed_off and its index by hand if you must")

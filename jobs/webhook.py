@@ -1,0 +1,162 @@
+"""SCRAPE_RUN_WEBHOOK (SPEC §12): a due retry is POSTed to the fleet's own API, which runs it.
+
+It plugs into the executors' protocol (jobs/executor.py): `start(run)` delivers, and the
+processor's claim (the row locked, `running`, not yet committed) commits only on a 2xx, so two
+processes never deliver one retry, and a process killed between the answer and the commit leaves
+the retry pending, delivered again later with the same `Idempotency-Key` (the retry's id): a
+receiver de-duplicates on it.
+
+What an answer means is decided by `judge`, pure: 2xx hands the retry over; 429 and 503 (with a
+`Retry-After` or not), a connection error or a timeout postpone it, no budget spent; any other
+status is a failed attempt whose error names it, so the failure patterns (§7) decide: 404/410
+and 401/403 end the chain. A redirect is followed only to the same scheme, host and port.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from jobs.executor import ExecutionResult
+from jobs.model import Run
+from jobs.patterns import bounded_retry_after
+
+CONNECT_TIMEOUT = timedelta(seconds=5)
+MAX_REDIRECTS = 5
+ERROR_BODY_CHARS = 200  # of an error answer, kept in the attempt's error
+SIGNATURE_HEADER = "X-Stuck-Runs-Signature"
+POSTPONING = frozenset({429, 503})
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one delivery's answer means: `handed` (2xx), `postponed` (try again later, no budget
+    spent, `retry_after` when the receiver said), else a failed attempt with `error`."""
+
+    handed: bool = False
+    postponed: bool = False
+    error: str | None = None
+    retry_after: timedelta | None = None
+
+
+def judge(status: int, reason: str = "", retry_after: str | None = None, body: str = "") -> Verdict:
+    """The verdict on an HTTP answer (SPEC §12)."""
+    if 200 <= status < 300:
+        return Verdict(handed=True)
+    after = bounded_retry_after(retry_after) if retry_after else None
+    words = f"HTTP {status} {reason}".strip()
+    if status in POSTPONING:
+        return Verdict(postponed=True, error=f"Webhook answered {words}", retry_after=after)
+    detail = " ".join(body.split())[:ERROR_BODY_CHARS]
+    return Verdict(error=f"Webhook answered {words}" + (f": {detail}" if detail else ""), retry_after=after)
+
+
+def payload(run: Run) -> bytes:
+    """The JSON body: the run's inputs by their real names, its id and its place in the chain."""
+    fields: dict[str, Any] = {
+        **run.inputs,
+        "id": run.id,
+        "retry_count": run.retry_count,
+        "max_retries": run.max_retries,
+        "original_run_id": run.chain_id,
+    }
+    return json.dumps(fields, default=str, ensure_ascii=False).encode("utf-8")
+
+
+def signature(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def delivery_url(template: str, run: Run) -> str:
+    """The template with each placeholder percent-encoded: an input is text in a path, never a `/`,
+    `?` or `#` of the URL."""
+    values = {name: quote("" if value is None else str(value), safe="") for name, value in run.inputs.items()}
+    values["run_id"] = quote(str(run.id), safe="")
+    return template.format_map(values)
+
+
+def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
+
+
+@dataclass
+class Delivered:
+    """An execution that is already over when the processor waits for it: the receiver answered."""
+
+    result: ExecutionResult
+    handed_off: str | None = None  # "webhook" when the fleet took the retry (the claim commits)
+    postponed: bool = False  # the claim rolls back; the retry is due again later
+
+    def wait(self, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
+        return self.result
+
+    def abandon(self) -> None:
+        pass  # nothing runs here; a receiver that took it de-duplicates the next delivery
+
+
+class WebhookExecutor:
+    """Delivers retries through one pooled client (keep-alive between deliveries)."""
+
+    def __init__(self, template: str, secret: str | None, timeout: timedelta) -> None:
+        self.template, self.secret = template, secret
+        connect = min(CONNECT_TIMEOUT, timeout).total_seconds()
+        self.client = httpx.Client(
+            timeout=httpx.Timeout(timeout.total_seconds(), connect=connect),
+            follow_redirects=False,
+            trust_env=False,  # a proxy from the environment would see every retry; say so in the URL instead
+            headers={"User-Agent": "stuck-runs"},
+            cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),  # each delivery stands alone
+        )
+
+    def start(self, run: Run) -> Delivered:
+        body = payload(run)
+        headers = {"Content-Type": "application/json", "Idempotency-Key": str(run.id)}
+        if self.secret:
+            headers[SIGNATURE_HEADER] = signature(self.secret, body)
+        try:
+            response = self._post(delivery_url(self.template, run), body, headers)
+        except httpx.TimeoutException:
+            return _postponed(f"Webhook did not answer within {self.client.timeout.read:g}s")
+        except httpx.HTTPError as exc:
+            return _postponed(f"Webhook unreachable: {type(exc).__name__}: {exc}"[:500])
+        if isinstance(response, str):
+            return Delivered(ExecutionResult(ok=False, error=response))
+        verdict = judge(
+            response.status_code, response.reason_phrase, response.headers.get("retry-after"), response.text
+        )
+        if verdict.handed:
+            return Delivered(ExecutionResult(ok=True, handed_off="webhook"), handed_off="webhook")
+        if verdict.postponed:
+            return _postponed(verdict.error, verdict.retry_after)
+        return Delivered(ExecutionResult(ok=False, error=verdict.error, retry_after=verdict.retry_after))
+
+    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response | str:
+        """The answer after same-origin redirects, or why a redirect was not followed."""
+        request = self.client.build_request("POST", url, content=body, headers=headers)
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self.client.send(request)
+            response.read()
+            if not response.is_redirect:
+                return response
+            following = response.next_request
+            if following is None or not same_origin(request.url, following.url):
+                target = following.url.host if following is not None else "nowhere"
+                return f"Webhook redirected to another host ({target}): not followed; point SCRAPE_RUN_WEBHOOK at the final URL"
+            request = following
+        return f"Webhook redirected more than {MAX_REDIRECTS} times: point SCRAPE_RUN_WEBHOOK at the final URL"
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _postponed(error: str | None, retry_after: timedelta | None = None) -> Delivered:
+    return Delivered(ExecutionResult(ok=False, error=error, retry_after=retry_after, postponed=True), postponed=True)

@@ -1,0 +1,164 @@
+"""SCRAPE_RUN_HANDOFF (SPEC §12): due retries flipped to the scraper's queued value, picked up by
+the fleet's own worker (a real process), guarded by the sweep and the cap."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from db.layout import Layout
+from jobs.retries import process_due_retries
+from jobs.rules import RetryPolicy
+from jobs.stuck import sweep_stuck_runs
+from tests.daemons import wait_until
+from tests.fleet_worker import read_log, start_worker, stop_process
+from tests.helpers import chain_of, insert_due_retry, insert_run, make_runtime, row
+from tests.integration.test_cli import cli as run_cli
+
+QUEUED = Layout(statuses={"queued": ("pending",)})
+POLICY = RetryPolicy(retry_delay=timedelta(minutes=10), stuck_after=timedelta(hours=2))
+
+
+def handoff_runtime(db_url, **settings):
+    return make_runtime(db_url, handoff="queued", layout=QUEUED, policy=POLICY, **settings)
+
+
+def due_retries(rt, count=1):
+    with rt.engine.begin() as conn:
+        return [insert_due_retry(conn, search_query=f"q{i}")[1] for i in range(count)]
+
+
+def set_started(rt, run_id, ago: timedelta) -> None:
+    with rt.engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE scrape_runs SET started_at = now() - CAST(:ago AS interval) WHERE id = :id"),
+            {"id": run_id, "ago": f"{ago.total_seconds()} seconds"},
+        )
+
+
+def test_a_due_retry_is_flipped_to_the_queued_value_with_its_hand_off_time(db_url):
+    rt = handoff_runtime(db_url)
+    [retry] = due_retries(rt)
+    before = datetime.now(timezone.utc)
+    result = process_due_retries(rt)
+    assert [(o.run_id, o.status) for o in result.executed] == [(retry, "handed_off")]
+    assert result.counts() == {"superseded": 0, "executed": 0, "completed": 0, "failed": 0, "handed_off": 1}
+    with rt.engine.connect() as conn:
+        queued = row(conn, retry)
+    assert (queued["status"], queued["handed_off"], queued["next_retry_at"]) == ("pending", "queue", None)
+    assert queued["started_at"] >= before
+
+
+def test_the_cap_counts_queued_and_running_hand_offs_until_they_end(db_url):
+    rt = handoff_runtime(db_url, max_concurrent_retries=3)
+    retries = due_retries(rt, 5)
+    assert len(process_due_retries(rt).executed) == 3
+    assert process_due_retries(rt).executed == ()
+    with rt.engine.begin() as conn:
+        handed = [r for r in retries if row(conn, r)["status"] == "pending"]
+        conn.execute(sa.text("UPDATE scrape_runs SET status = 'running' WHERE id = :id"), {"id": handed[0]})
+    assert process_due_retries(rt).executed == ()  # running at the fleet still counts
+    with rt.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE scrape_runs SET status = 'completed' WHERE id = :id"), {"id": handed[0]})
+    assert len(process_due_retries(rt).executed) == 1
+
+
+def test_a_hand_off_nobody_starts_is_failed_as_not_started(db_url):
+    rt = handoff_runtime(db_url)
+    [retry] = due_retries(rt)
+    process_due_retries(rt)
+    set_started(rt, retry, timedelta(minutes=100))
+    assert sweep_stuck_runs(rt).failed == 0  # 1.7h: not over the threshold
+    set_started(rt, retry, timedelta(minutes=121))
+    preview = sweep_stuck_runs(rt, dry_run=True)
+    assert preview.failed == 1 and preview.rows[0]["message"] == "Run not started after 2.0h - retry 2/4 scheduled"
+    swept = sweep_stuck_runs(rt)
+    assert swept.failed == 1 and swept.retries_scheduled == 1
+    with rt.engine.connect() as conn:
+        failed = row(conn, retry)
+        nxt = conn.execute(sa.text("SELECT status, retry_count FROM scrape_runs WHERE retry_count = 2")).one()
+    assert (failed["status"], failed["error_message"]) == ("failed", "Run not started after 2.0h - retry 2/4 scheduled")
+    assert tuple(nxt) == ("pending_retry", 2)
+
+
+def test_a_queued_run_the_scraper_queued_itself_is_left_alone(db_url):
+    rt = handoff_runtime(db_url)
+    with rt.engine.begin() as conn:
+        own = insert_run(conn, status="pending", started_at=datetime.now(timezone.utc) - timedelta(days=3))
+    assert sweep_stuck_runs(rt).failed == 0
+    with rt.engine.connect() as conn:
+        assert row(conn, own)["status"] == "pending"
+
+
+def test_the_fleets_worker_runs_handed_off_retries_and_its_failures_continue_the_chain(db_url, tmp_path):
+    rt = handoff_runtime(db_url, max_concurrent_retries=4)
+    ok_retries = due_retries(rt, 2)
+    process_due_retries(rt)
+    log = tmp_path / "worker.log"
+    worker = start_worker(db_url, log, queued="pending", fate="ok", work=0.05, poll=0.05)
+    try:
+        wait_until(lambda: sum(1 for line in read_log(log) if line[0] == "ended") == 2, timeout=30)
+    finally:
+        stop_process(worker)
+    with rt.engine.connect() as conn:
+        assert [row(conn, r)["status"] for r in ok_retries] == ["completed", "completed"]
+
+    [failing] = due_retries(rt)
+    process_due_retries(rt)
+    worker = start_worker(db_url, tmp_path / "failing.log", queued="pending", fate="fail", work=0.05, max_runs=1)
+    assert worker.wait(30) == 0
+    [outcome] = process_due_retries(rt).executed  # the worker's failure continues the chain
+    assert (outcome.run_id, outcome.status, outcome.pattern) == (failing, "failed", "server_error")
+    with rt.engine.connect() as conn:
+        failed = row(conn, failing)
+        chain = chain_of(conn, failed["original_run_id"])
+    assert failed["error_message"] == "HTTP Error 503: Service Unavailable - retry 2/4 scheduled"
+    assert [(r["retry_count"], r["status"]) for r in chain][-1] == (2, "pending_retry")
+
+
+def test_retry_now_hands_the_one_retry_over(db_url):
+    from jobs.manual import run_retry_now
+
+    rt = handoff_runtime(db_url)
+    [retry] = due_retries(rt)
+    with rt.engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE scrape_runs SET next_retry_at = now() + interval '1 day' WHERE id = :id"), {"id": retry}
+        )
+    outcome = run_retry_now(rt, retry, wait=lambda: None)
+    assert outcome is not None and outcome.status == "handed_off"
+    with rt.engine.connect() as conn:
+        assert row(conn, retry)["status"] == "pending"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"SCRAPE_RUN_HANDOFF": "queued"}, "STATUS_MAP does not map queued: add queued="),
+        ({"SCRAPE_RUN_HANDOFF": "running", "STATUS_MAP": "queued=pending"}, "is not the state retries are handed off"),
+        ({"SCRAPE_RUN_WEBHOOK": "ftp://fleet/run/{run_id}"}, "is not an http(s) URL"),
+        ({"SCRAPE_RUN_WEBHOOK": "http://{search_query}.fleet/run"}, "the host part of"),
+        ({"SCRAPE_RUN_WEBHOOK": "http://fleet/run/{nope}"}, "{nope} is not a column of scrape_runs"),
+        ({"SCRAPE_RUN_WEBHOOK": "http://fleet/run/{run_id!r}"}, "is not a placeholder"),
+        (
+            {"SCRAPE_RUN_WEBHOOK": "http://fleet/run", "SCRAPE_RUN_COMMAND": "true"},
+            "SCRAPE_RUN_COMMAND and SCRAPE_RUN_WEBHOOK are both set",
+        ),
+        ({"WEBHOOK_SECRET": "a-secret-of-sixteen-chars"}, "WEBHOOK_SECRET is set but SCRAPE_RUN_WEBHOOK is not"),
+        ({"SCRAPE_RUN_WEBHOOK": "http://fleet/run", "WEBHOOK_TIMEOUT": "1h"}, "WEBHOOK_TIMEOUT='1h' is too long"),
+    ],
+)
+def test_bad_hand_off_settings_exit_2_in_one_line_and_touch_nothing(db_url, env, expected):
+    with sa.create_engine(db_url).begin() as conn:
+        [retry] = [insert_due_retry(conn)[1]]
+        before = conn.execute(sa.text("SELECT * FROM scrape_runs ORDER BY id")).all()
+    result = run_cli("process", env={"DATABASE_URL": db_url, **env})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and "a-secret-of-sixteen-chars" not in result.stderr
+    with sa.create_engine(db_url).connect() as conn:
+        assert conn.execute(sa.text("SELECT * FROM scrape_runs ORDER BY id")).all() == before
+        assert row(conn, retry)["status"] == "pending_retry"

@@ -1,0 +1,223 @@
+"""SCRAPE_RUN_WEBHOOK (SPEC §12), each rule against a real receiver process on loopback."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from jobs.retries import process_due_retries
+from jobs.rules import RetryPolicy
+from jobs.stuck import sweep_stuck_runs
+from jobs.webhook import signature
+from tests.helpers import chain_of, insert_due_retry, make_runtime, row
+from tests.receiver import start_receiver
+
+SECRET = "s3cret-webhook-signing-key"
+POLICY = RetryPolicy(retry_delay=timedelta(minutes=10), stuck_after=timedelta(hours=1))
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    started = start_receiver(tmp_path, secret=SECRET)
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def webhook_runtime():
+    """Runtimes delivering to a receiver; each closed (its pooled connections too) after the test."""
+    opened = []
+
+    def open_runtime(db_url, receiver, path="/api/scrape-jobs/{run_id}/retry", **settings):
+        settings = {"webhook_secret": SECRET, "webhook_timeout": timedelta(seconds=2), **settings}
+        opened.append(make_runtime(db_url, webhook=receiver.url + path, policy=POLICY, **settings))
+        return opened[-1]
+
+    yield open_runtime
+    for rt in opened:
+        rt.close()
+
+
+def due_retry(rt, **columns):
+    with rt.engine.begin() as conn:
+        return insert_due_retry(conn, config='{"pages": 2}', user_id=7, **columns)
+
+
+def test_a_2xx_hands_the_retry_over_running_with_its_body_key_and_signature(db_url, receiver, webhook_runtime):
+    rt = webhook_runtime(db_url, receiver)
+    root, retry = due_retry(rt)
+    before = datetime.now(timezone.utc)
+    result = process_due_retries(rt)
+    assert [(o.run_id, o.status) for o in result.executed] == [(retry, "handed_off")]
+    [request] = receiver.requests()
+    assert request["method"] == "POST" and request["path"] == f"/api/scrape-jobs/{retry}/retry"
+    assert request["key"] == str(retry) and request["signature_ok"] is True
+    assert request["headers"]["content-type"] == "application/json"
+    assert request["headers"]["x-stuck-runs-signature"] == signature(SECRET, request["body"].encode())
+    body = json.loads(request["body"])
+    assert body == {
+        "search_query": "Data Architect",
+        "location_query": "Belgium",
+        "config": {"pages": 2},
+        "user_id": 7,
+        "results_count": None,
+        "id": str(retry),
+        "retry_count": 1,
+        "max_retries": 4,
+        "original_run_id": str(root),
+    }
+    with rt.engine.connect() as conn:
+        handed = row(conn, retry)
+    assert (handed["status"], handed["handed_off"], handed["next_retry_at"]) == ("running", "webhook", None)
+    assert handed["started_at"] >= before
+    # Nobody runs it here: a second pass delivers nothing more.
+    assert process_due_retries(rt).executed == () and len(receiver.requests()) == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "after"),
+    [("429:3600", timedelta(hours=1)), ("503:7200", timedelta(hours=2)), ("503", POLICY.retry_delay)],
+)
+def test_429_and_503_postpone_without_spending_budget_honouring_retry_after(
+    db_url, receiver, webhook_runtime, answer, after
+):
+    receiver.set_script([answer])
+    rt = webhook_runtime(db_url, receiver)
+    _, retry = due_retry(rt)
+    started = datetime.now(timezone.utc)
+    result = process_due_retries(rt)
+    assert [o.status for o in result.executed] == ["postponed"]
+    with rt.engine.connect() as conn:
+        kept = row(conn, retry)
+        assert conn.execute(sa.text("SELECT count(*) FROM scrape_runs")).scalar_one() == 2  # no retry row
+    assert (kept["status"], kept["retry_count"], kept["failure_pattern"], kept["handed_off"]) == (
+        "pending_retry",
+        1,
+        None,
+        None,
+    )
+    assert started + after - timedelta(seconds=5) <= kept["next_retry_at"] <= started + after + timedelta(seconds=30)
+
+
+@pytest.mark.parametrize("answer", ["reset", "hang:5"])
+def test_a_reset_or_a_timeout_postpones_the_retry(db_url, receiver, webhook_runtime, answer):
+    receiver.set_script([answer])
+    rt = webhook_runtime(db_url, receiver, webhook_timeout=timedelta(seconds=1))
+    _, retry = due_retry(rt)
+    assert [o.status for o in process_due_retries(rt).executed] == ["postponed"]
+    with rt.engine.connect() as conn:
+        kept = row(conn, retry)
+    assert kept["status"] == "pending_retry" and kept["retry_count"] == 1
+    assert kept["next_retry_at"] > datetime.now(timezone.utc) + timedelta(minutes=9)
+
+
+@pytest.mark.parametrize(
+    ("code", "pattern"), [(404, "not_found"), (410, "not_found"), (401, "forbidden"), (403, "forbidden")]
+)
+def test_404_410_401_403_end_the_chain_as_a_permanent_error(db_url, receiver, webhook_runtime, code, pattern):
+    receiver.set_script([f"status:{code}"])
+    rt = webhook_runtime(db_url, receiver)
+    root, retry = due_retry(rt)
+    [outcome] = process_due_retries(rt).executed
+    assert (outcome.status, outcome.pattern, outcome.dead_lettered) == ("failed", pattern, True)
+    with rt.engine.connect() as conn:
+        failed = row(conn, retry)
+        letters = conn.execute(sa.text("SELECT run_id, pattern FROM scrape_run_dead_letters")).all()
+        assert len(chain_of(conn, root)) == 2
+    assert failed["status"] == "failed" and failed["next_retry_at"] is None
+    assert failed["error_message"].startswith(f"Webhook answered HTTP {code} ")
+    assert failed["error_message"].endswith(f"- not retried: permanent error ({pattern})")
+    assert letters == [(retry, pattern)]
+
+
+@pytest.mark.parametrize("code", [400, 500, 502])
+def test_any_other_status_is_a_failed_attempt_whose_chain_goes_on(db_url, receiver, webhook_runtime, code):
+    receiver.set_script([f"status:{code}"])
+    rt = webhook_runtime(db_url, receiver)
+    root, retry = due_retry(rt)
+    [outcome] = process_due_retries(rt).executed
+    assert outcome.status == "failed" and outcome.retry_id is not None
+    with rt.engine.connect() as conn:
+        failed = row(conn, retry)
+        nxt = row(conn, outcome.retry_id)
+    assert failed["error_message"].startswith(f"Webhook answered HTTP {code}")
+    assert failed["error_message"].endswith("- retry 2/4 scheduled")
+    assert (nxt["status"], nxt["retry_count"], nxt["original_run_id"]) == ("pending_retry", 2, root)
+
+
+def test_a_redirect_to_another_host_is_not_followed(db_url, receiver, webhook_runtime):
+    receiver.set_script(["redirect-other"])
+    rt = webhook_runtime(db_url, receiver)
+    _, retry = due_retry(rt)
+    [outcome] = process_due_retries(rt).executed
+    assert outcome.status == "failed"
+    assert len(receiver.requests()) == 1  # nothing went to 127.0.0.2
+    with rt.engine.connect() as conn:
+        assert "redirected to another host (127.0.0.2): not followed" in row(conn, retry)["error_message"]
+
+
+def test_a_redirect_on_the_same_host_is_followed_with_the_same_body(db_url, receiver, webhook_runtime):
+    receiver.set_script(["redirect-same", "ok"])
+    rt = webhook_runtime(db_url, receiver)
+    _, retry = due_retry(rt)
+    assert [o.status for o in process_due_retries(rt).executed] == ["handed_off"]
+    first, second = receiver.requests()
+    assert second["path"] == "/redirected" and second["method"] == "POST"
+    assert second["body"] == first["body"] and second["key"] == str(retry) and second["signature_ok"]
+
+
+def test_placeholders_are_percent_encoded_so_an_input_cannot_change_the_url(db_url, receiver, webhook_runtime):
+    rt = webhook_runtime(db_url, receiver, path="/jobs?q={search_query}&id={run_id}")
+    due_retry(rt, search_query="a/b?c=d#e&f")
+    process_due_retries(rt)
+    [request] = receiver.requests()
+    assert request["path"].startswith("/jobs?q=a%2Fb%3Fc%3Dd%23e%26f&id=")
+
+
+def test_the_cap_counts_handed_off_retries_until_the_fleet_ends_them(db_url, receiver, webhook_runtime):
+    rt = webhook_runtime(db_url, receiver, max_concurrent_retries=2)
+    retries = [due_retry(rt, search_query=f"q{i}")[1] for i in range(5)]
+    assert len(process_due_retries(rt).executed) == 2
+    assert process_due_retries(rt).executed == ()  # two handed off, not ended: the cap is full
+    with rt.engine.begin() as conn:
+        handed = [r for r in retries if row(conn, r)["status"] == "running"]
+        conn.execute(sa.text("UPDATE scrape_runs SET status = 'completed' WHERE id = :id"), {"id": handed[0]})
+    assert [o.status for o in process_due_retries(rt).executed] == ["handed_off"]
+    assert len({r["key"] for r in receiver.requests()}) == 3
+
+
+def test_a_handed_off_retry_the_fleet_never_ends_is_failed_as_stuck(db_url, receiver, webhook_runtime):
+    rt = webhook_runtime(db_url, receiver)
+    _, retry = due_retry(rt)
+    process_due_retries(rt)
+    with rt.engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE scrape_runs SET started_at = started_at - interval '2 hours' WHERE id = :id"), {"id": retry}
+        )
+    swept = sweep_stuck_runs(rt)
+    assert swept.failed == 1
+    with rt.engine.connect() as conn:
+        assert row(conn, retry)["error_message"] == "Run stuck for 2.0h - retry 2/4 scheduled"
+
+
+def test_a_failure_the_fleet_writes_continues_the_chain(db_url, receiver, webhook_runtime):
+    rt = webhook_runtime(db_url, receiver)
+    root, retry = due_retry(rt)
+    process_due_retries(rt)
+    with rt.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE scrape_runs SET status = 'failed', error_message = :e, completed_at = now() WHERE id = :id"
+            ),
+            {"id": retry, "e": "HTTP Error 404: Not Found"},
+        )
+    [outcome] = process_due_retries(rt).executed
+    assert (outcome.run_id, outcome.status, outcome.pattern) == (retry, "failed", "not_found")
+    with rt.engine.connect() as conn:
+        ended = row(conn, retry)
+        assert len(chain_of(conn, root)) == 2
+    assert ended["error_message"] == "HTTP Error 404: Not Found - not retried: permanent error (not_found)"
+    assert process_due_retries(rt).executed == ()  # taken once
