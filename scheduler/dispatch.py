@@ -17,7 +17,7 @@ from loguru import logger
 
 from db.engine import describe_db_error
 from db.errors import OperatorError
-from jobs.retries import RetryDispatcher, RetryOutcome
+from jobs.retries import RetryDispatcher, RetryOutcome, continue_fleet_failures
 from jobs.runtime import Runtime
 
 
@@ -46,6 +46,10 @@ class ContinuousDispatch:
         for event in self._wake:
             event.set()
 
+    def add_finished(self, outcomes: list[RetryOutcome]) -> None:
+        with self._lock:
+            self._finished.extend(outcomes)
+
     def take_finished(self) -> tuple[RetryOutcome, ...]:
         """The executions finished since the last call, for the tick's record."""
         with self._lock:
@@ -63,7 +67,12 @@ class ContinuousDispatch:
         failing = False
         while not self.stopping.is_set():
             try:
-                outcomes = self.dispatcher.work_slot(slot, self.stopping)
+                # Retries handed to the fleet end in the fleet: its failures continue their chains
+                # within a poll, not at the next processor tick.
+                handed = continue_fleet_failures(self.rt) if slot == 0 and self.rt.settings.hands_off else []
+                for outcome in handed:
+                    self.dispatcher.observe("finished", outcome)
+                outcomes = handed + self.dispatcher.work_slot(slot, self.stopping)
             except Exception as exc:  # noqa: BLE001 - an outage must not end the slot's thread
                 if not failing:
                     reason = str(exc) if isinstance(exc, OperatorError) else describe_db_error(exc, self.rt.engine.url)
