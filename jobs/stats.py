@@ -1,8 +1,9 @@
 """`stuck-runs stats`: what retrying has achieved over a window of time.
 
 Every retry number is of one population, the retries that ended (completed or failed) in the
-window: the total, the rows by attempt and the rows by pattern add up to it. Retries pending or
-running now and retries cancelled before they ran are reported beside it, never in it.
+window: the total, the rows by attempt, by pattern and by how they ran add up to it. Retries
+pending, running or handed to the fleet now and retries cancelled before they ran are reported
+beside it, never in it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,30 @@ class AttemptStats:
         return self.succeeded / self.retries if self.retries else None
 
 
+# How a retry ran: executed by stuck-runs itself (command, callable; a webhook delivery that
+# failed too), or handed to the fleet (SPEC §12) by webhook or by its queue (`handed_off`).
+HERE = "here"
+WAYS = (HERE, "webhook", "queue")
+
+
+@dataclass(frozen=True)
+class HowStats:
+    how: str  # here | webhook | queue
+    retries: int  # retries that ran so and ended in the window
+    succeeded: int  # completed (for a handed-off retry: the scraper wrote completed)
+
+    @property
+    def success_rate(self) -> float | None:
+        return self.succeeded / self.retries if self.retries else None
+
+
+def by_how(rows: list[dict]) -> tuple[HowStats, ...]:
+    """Every way in WAYS, in that order (zero when none ran so), then any other way found."""
+    found = {row["how"] or HERE: HowStats(row["how"] or HERE, row["retries"], row["succeeded"]) for row in rows}
+    ways = [*WAYS, *sorted(set(found) - set(WAYS))]
+    return tuple(found.get(how, HowStats(how, 0, 0)) for how in ways)
+
+
 @dataclass(frozen=True)
 class PatternStats:
     pattern: str | None  # None: attempts the scraper failed itself, retried by an operator
@@ -41,11 +66,14 @@ class RetryStats:
     chains: int  # chains those retries belong to
     cancelled: int  # retries cancelled in the window before they ran (superseded, by an operator)
     pending: int  # retries waiting now, whenever scheduled
-    running: int  # retries executing now
+    running: int  # retries executing here now (not those handed to the fleet)
+    handed_off_queued: int  # retries handed to the fleet, waiting in its queue now (0: STATUS_MAP maps no queued)
+    handed_off_running: int  # retries handed to the fleet, running there now
     stuck_detections: int
     permanently_failed: int  # chains whose last attempt ended failed in the window, no retry coming
     by_attempt: tuple[AttemptStats, ...]
     by_pattern: tuple[PatternStats, ...]
+    by_how: tuple[HowStats, ...]  # here, webhook, queue
 
     @property
     def failed(self) -> int:
@@ -59,6 +87,16 @@ class RetryStats:
     def retries_per_chain(self) -> float | None:
         return self.retries / self.chains if self.chains else None
 
+    @property
+    def handed_off(self) -> int:
+        """Of the retries ended in the window, those handed to the fleet."""
+        return sum(h.retries for h in self.by_how if h.how != HERE)
+
+    def fleet_shown(self, hands_off: str | None) -> bool:
+        """Whether to show the fleet's numbers: a retry of the window or one now was handed off, or
+        `hands_off` (the settings' way: webhook, queue) says retries are."""
+        return bool(self.handed_off or self.handed_off_queued or self.handed_off_running or hands_off)
+
 
 def retry_stats(rt: Runtime, since: timedelta = timedelta(days=7)) -> RetryStats:
     start = rt.clock.now() - since
@@ -68,5 +106,8 @@ def retry_stats(rt: Runtime, since: timedelta = timedelta(days=7)) -> RetryStats
         summary = conn.execute(q.stats_summary(), params).mappings().one()
         by_attempt = tuple(AttemptStats(**r) for r in conn.execute(q.stats_by_attempt(), params).mappings())
         by_pattern = tuple(PatternStats(**r) for r in conn.execute(q.stats_by_pattern(), params).mappings())
+        how = by_how(list(conn.execute(q.stats_by_how(), params).mappings()))
         permanent = conn.execute(q.permanently_failed(since=True), params).scalar_one()
-    return RetryStats(start, permanently_failed=permanent, by_attempt=by_attempt, by_pattern=by_pattern, **summary)
+    return RetryStats(
+        start, permanently_failed=permanent, by_attempt=by_attempt, by_pattern=by_pattern, by_how=how, **summary
+    )

@@ -57,16 +57,33 @@ class RunCounts:
     stuck: int
     untimed: int  # running without started_at (or heartbeat): the checker can never time them
     pending_retry: int
-    running_retries: int
+    running_retries: int  # retries executing here (command, callable): not those handed to the fleet
+    handed_off_queued: int  # handed to the fleet (SPEC §12), waiting in its queue; 0 when STATUS_MAP maps no queued
+    handed_off_running: int  # handed to the fleet, running there (counted in `running` too)
     next_due: datetime | None
     permanently_failed: int  # chains that ended failed, no retry coming (`stats` counts them in its window)
     permanently_failed_since: datetime | None = None  # None: all time
+
+    @property
+    def handed_off(self) -> int:
+        """Retries handed to the fleet and not yet ended (queued or running there)."""
+        return self.handed_off_queued + self.handed_off_running
+
+    def fleet_shown(self, hands_off: str | None) -> bool:
+        """Whether to show the hand-offs: some are not yet ended, or `hands_off` (the settings'
+        way: webhook, queue) says retries are handed off."""
+        return bool(self.handed_off or hands_off)
 
 
 def untimed_message(count: int) -> str:
     """What `status` and `doctor` say about running runs the checker cannot time."""
     runs, them = ("run has", "it") if count == 1 else ("runs have", "them")
     return f"{count} running {runs} no started_at (nor heartbeat): the checker can never find {them} stuck"
+
+
+def handed_off_message(queued: int, running: int) -> str:
+    """What `status` and `stats` say about the retries handed to the fleet and not yet ended."""
+    return f"{queued + running} ({queued} queued, {running} running)"
 
 
 @dataclass(frozen=True)

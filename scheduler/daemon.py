@@ -25,7 +25,7 @@ from loguru import logger
 
 from db.errors import DatabaseUnavailable
 from jobs.config import Settings
-from jobs.retries import ProcessResult, supersede_completed_chains
+from jobs.retries import ProcessResult, continue_fleet_failures, supersede_completed_chains
 from jobs.runtime import Runtime
 from jobs.stuck import SweepResult, sweep_stuck_runs
 from scheduler.dispatch import ContinuousDispatch
@@ -102,6 +102,10 @@ class Daemon:
     def process(self) -> ProcessResult:
         """The floor under continuous dispatch: supersede, wake the slots, report what ran."""
         superseded = supersede_completed_chains(self.rt)
+        if not self.rt.settings.hands_off:  # retries handed off before a change of executor (else: each poll)
+            for outcome in continue_fleet_failures(self.rt):
+                self.dispatch.dispatcher.observe("finished", outcome)
+                self.dispatch.add_finished([outcome])
         self._count(ProcessResult(superseded))  # the executions were counted as the slots finished them
         self.dispatch.poke()
         return ProcessResult(superseded, self.dispatch.take_finished())
@@ -129,7 +133,8 @@ class Daemon:
                 counts = conn.execute(self.rt.queries.counts(), {"sr_cutoff": cutoff}).mappings().one()
         except Exception:  # noqa: BLE001 - the records' write below reports the outage
             return
-        self.metrics.counts(counts["pending_retry"], counts["running_retries"])
+        handed = counts["handed_off_queued"], counts["handed_off_running"]
+        self.metrics.counts(counts["pending_retry"], counts["running_retries"], *handed)
 
     def next_runs(self) -> dict[str, str | None]:
         return {
@@ -250,7 +255,7 @@ def run_daemon(settings: Settings, *, role: str = "daemon") -> None:
         signal.signal(signal.SIGINT, on_signal)
     metrics = None
     if settings.metrics_port:  # bound first: a port in use stops the daemon before it touches the database
-        metrics = Metrics()
+        metrics = Metrics(settings.hands_off)
         metrics.serve(settings.metrics_port)
         logger.info("Prometheus metrics on port {}", settings.metrics_port)
     runtime = None

@@ -3,6 +3,10 @@
 Counters count what happened in this process since it started; the gauges of pending and
 running retries are read from the database by the heartbeat; the last successful run of each
 job is a timestamp, so an alert can fire when the checker stops (`time() - ... > 2 * 3600`).
+
+A retry handed to the fleet (SPEC §12) is counted apart, never as started, succeeded or failed
+here: the scraper writes its outcome, which `stats` reads. So is one postponed because the
+fleet's receiver could not take it (it stays pending, no budget spent).
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ PREFIX = "stuck_runs"
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, hands_off: str | None = None) -> None:
+        """`hands_off`: how this process's settings hand retries to the fleet (webhook, queue), the
+        `how` of its hand-offs; None when it executes them itself."""
         self.registry = CollectorRegistry(auto_describe=True)
+        self.hands_off = hands_off or "unknown"
 
         def counter(name: str, text: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(f"{PREFIX}_{name}", text, labels, registry=self.registry)
@@ -30,17 +37,29 @@ class Metrics:
         self.retries_started = counter("retries_started", "Retries claimed and started by this daemon")
         self.retries_succeeded = counter("retries_succeeded", "Retries that completed")
         self.retries_failed = counter("retries_failed", "Retries that failed")
+        self.handed_off = counter("retries_handed_off", "Retries handed to the fleet (SPEC §12), by how", ("how",))
+        self.postponed = counter(
+            "retries_postponed", "Retries the fleet could not take, due again later (no budget spent)"
+        )
         self.superseded = counter("retries_superseded", "Pending retries cancelled because their chain completed")
         self.dead_lettered = counter("dead_lettered", "Chains that ended permanently failed")
         self.job_errors = counter("job_errors", "Job runs that raised (a database outage...)", ("job",))
         self.pending = Gauge(f"{PREFIX}_pending_retries", "Retries waiting in pending_retry", registry=self.registry)
-        self.running = Gauge(f"{PREFIX}_running_retries", "Retries executing now", registry=self.registry)
+        self.running = Gauge(f"{PREFIX}_running_retries", "Retries executing here now", registry=self.registry)
+        self.fleet = Gauge(
+            f"{PREFIX}_handed_off_retries",
+            "Retries handed to the fleet and not yet ended, by state (queued, running)",
+            ("state",),
+            registry=self.registry,
+        )
         self.last_success = Gauge(
             f"{PREFIX}_job_last_success_timestamp_seconds",
             "When each job last finished without error (Unix time)",
             ("job",),
             registry=self.registry,
         )
+        if hands_off:
+            self.handed_off.labels(hands_off)  # a series from the start, so rate() sees the first one
 
     def serve(self, port: int) -> None:
         """Serves the exposition on `port`; a port that cannot be bound is a configuration error."""
@@ -70,15 +89,23 @@ class Metrics:
         self.superseded.inc(result.superseded_count)
 
     def retry_event(self, event: str, payload: object) -> None:
-        """Called by the retry slots: 'started' with the run, 'finished' with its outcome."""
+        """Called by the retry slots: 'started' with the run, 'finished' with its outcome (one
+        handed to the fleet or postponed was never started here, and counts only as such)."""
         if event == "started":
             self.retries_started.inc()
         elif event == "finished" and isinstance(payload, RetryOutcome):
             execution = ProcessResult(executed=(payload,))
             self.retries_succeeded.inc(execution.succeeded)
             self.retries_failed.inc(execution.failed)
+            if execution.handed_off:
+                self.handed_off.labels(self.hands_off).inc(execution.handed_off)
+            if payload.status == "postponed":
+                self.postponed.inc()
             self.count(execution)
 
-    def counts(self, pending: int, running: int) -> None:
+    def counts(self, pending: int, running: int, handed_off_queued: int = 0, handed_off_running: int = 0) -> None:
+        """The heartbeat's gauges: pending, executing here, and handed to the fleet (queued, running)."""
         self.pending.set(pending)
         self.running.set(running)
+        self.fleet.labels("queued").set(handed_off_queued)
+        self.fleet.labels("running").set(handed_off_running)

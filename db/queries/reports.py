@@ -15,6 +15,9 @@ from db.messages import STUCK_PATTERN
 from db.queries.common import TableStatements
 from db.table import RunsTable
 
+# What `stats` reads of each attempt that ended in its window.
+ENDED_COLUMNS = ("id", "original_run_id", "is_retry", "retry_count", "status", "failure_pattern", "handed_off")
+
 
 class ReportStatements(TableStatements):
     """`get`, `chain`, `counts`, `untimed`, `stats_*` and `permanently_failed` for one table."""
@@ -118,10 +121,30 @@ class ReportStatements(TableStatements):
     def _count(self, *where: sa.ColumnElement) -> sa.ScalarSelect:
         return sa.select(sa.func.count()).select_from(self.t).where(*where).scalar_subquery()
 
+    def _handed_off_now(self) -> list[sa.ColumnElement]:
+        """The retries handed to the fleet (SPEC §12) and not yet ended, labelled
+        `handed_off_queued` (0 where STATUS_MAP maps no `queued`: an enum may lack the word) and
+        `handed_off_running`; the hand-offs' index answers both."""
+        t, runs = self.t, self.runs
+        handed = t.c.handed_off.is_not(None)
+        queued = (
+            self._count(handed, runs.in_state(t.c.status, "queued"))
+            if "queued" in runs.layout.statuses
+            else sa.literal(0, sa.Integer)
+        )
+        running = self._count(handed, runs.in_state(t.c.status, "running"))
+        return [queued.label("handed_off_queued"), running.label("handed_off_running")]
+
+    def _executing_here(self) -> sa.ColumnElement:
+        """Retries running that stuck-runs executes itself: not handed to the fleet."""
+        t = self.t
+        return sa.and_(self.runs.in_state(t.c.status, "running"), t.c.is_retry, t.c.handed_off.is_(None))
+
     def counts(self) -> sa.Select:
         """How many runs are running, stuck (progress before `:sr_cutoff`), untimed, pending a
-        retry, and the retries running; each an index probe, never a table scan. (How many chains
-        ended permanently failed: `permanently_failed`.)"""
+        retry, the retries executing here (`running_retries`) and those handed to the fleet and
+        not yet ended; each an index probe, never a table scan. (How many chains ended
+        permanently failed: `permanently_failed`.)"""
         t, runs = self.t, self.runs
         running = runs.in_state(t.c.status, "running")
         pending = runs.in_state(t.c.status, "pending_retry")
@@ -131,7 +154,8 @@ class ReportStatements(TableStatements):
             count(running, runs.progress() < sa.bindparam("sr_cutoff")).label("stuck"),
             count(self.untimed()).label("untimed"),
             count(pending).label("pending_retry"),
-            count(running, t.c.is_retry).label("running_retries"),
+            count(self._executing_here()).label("running_retries"),
+            *self._handed_off_now(),
             sa.select(sa.func.min(t.c.next_retry_at)).where(pending).scalar_subquery().label("next_due"),
         )
 
@@ -144,7 +168,7 @@ class ReportStatements(TableStatements):
     def _ended(self) -> sa.Subquery:
         t = self.t
         return (
-            sa.select(t.c.id, t.c.original_run_id, t.c.is_retry, t.c.retry_count, t.c.status, t.c.failure_pattern)
+            sa.select(*(t.c[key] for key in ENDED_COLUMNS))
             .where(sa.or_(t.c.is_retry, t.c.failure_pattern.is_not(None)), t.c.completed_at >= sa.bindparam("sr_since"))
             .subquery("ended")
         )
@@ -156,7 +180,8 @@ class ReportStatements(TableStatements):
 
     def stats_summary(self) -> sa.Select:
         """Retries ended in the window (succeeded, chains), retries cancelled in it, retries
-        pending and running now, and stuck detections in the window."""
+        pending, executing here and handed to the fleet (queued, running) now, and stuck
+        detections in the window."""
         e, t, runs = self._ended(), self.t, self.runs
         ended = self._retry_ended(e)
         return sa.select(
@@ -166,22 +191,34 @@ class ReportStatements(TableStatements):
             sa.func.count().filter(e.c.is_retry, runs.in_state(e.c.status, "cancelled")).label("cancelled"),
             sa.func.count().filter(e.c.failure_pattern == STUCK_PATTERN).label("stuck_detections"),
             self._count(runs.in_state(t.c.status, "pending_retry")).label("pending"),
-            self._count(runs.in_state(t.c.status, "running"), t.c.is_retry).label("running"),
+            self._count(self._executing_here()).label("running"),
+            *self._handed_off_now(),
         ).select_from(e)
 
-    def stats_by_attempt(self) -> sa.Select:
-        """The retries ended in the window by retry number; they add up to `stats_summary`'s."""
+    def _retries_ended_by(self, key: str, label: str) -> sa.Select:
+        """The retries ended in the window, with how many succeeded, grouped by column `key`
+        (NULL first), named `label`; they add up to `stats_summary`'s."""
         e, runs = self._ended(), self.runs
         return (
             sa.select(
-                e.c.retry_count.label("attempt"),
+                e.c[key].label(label),
                 sa.func.count().label("retries"),
                 sa.func.count().filter(runs.in_state(e.c.status, "completed")).label("succeeded"),
             )
             .where(self._retry_ended(e))
-            .group_by(e.c.retry_count)
-            .order_by(e.c.retry_count)
+            .group_by(e.c[key])
+            .order_by(e.c[key].nulls_first())
         )
+
+    def stats_by_how(self) -> sa.Select:
+        """The retries ended in the window by how they ran: `handed_off` (`webhook`, `queue`), NULL
+        for those stuck-runs executed itself. A handed-off retry's outcome is what the scraper
+        wrote (or the checker, when nobody started it)."""
+        return self._retries_ended_by("handed_off", "how")
+
+    def stats_by_attempt(self) -> sa.Select:
+        """The retries ended in the window by retry number."""
+        return self._retries_ended_by("retry_count", "attempt")
 
     def stats_by_pattern(self) -> sa.Select:
         """Per failure pattern: the attempts that failed with it in the window, and the retries

@@ -8,7 +8,7 @@ from db.engine import make_engine
 from db.errors import EXIT_OK, EXIT_REFUSED, UsageError
 from db.migrate import MigrationStopped, head_revision, migrate, script_for_dba
 from jobs.manual import chain_history
-from jobs.status import read_status, untimed_message
+from jobs.status import handed_off_message, read_status, untimed_message
 from scheduler.cli import EXECUTION, POLICY, cli, config_options, json_option, load_settings, open_runtime
 from scheduler.cli.interrupts import interruptible
 from scheduler.cli.output import emit_json, table, when
@@ -115,6 +115,7 @@ def status(ctx: click.Context, as_json: bool) -> int:
     """
     with open_runtime(ctx) as rt:
         report = read_status(rt)
+        hands_off = rt.settings.hands_off
     if as_json:
         emit_json(report)
         return EXIT_OK
@@ -145,6 +146,8 @@ def status(ctx: click.Context, as_json: bool) -> int:
         f"(next due {when(runs.next_due)}) · {runs.permanently_failed} permanently failed "
         "(chains ended failed, no retry coming)"
     )
+    if runs.fleet_shown(hands_off):
+        click.echo(f"Handed to the fleet: {handed_off_message(runs.handed_off_queued, runs.handed_off_running)}")
     if runs.untimed:
         click.echo(f"Warning: {untimed_message(runs.untimed)}; `stuck-runs doctor` says how to fix them.")
     if report.pause:

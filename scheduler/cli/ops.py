@@ -10,7 +10,8 @@ from db.errors import EXIT_OK, EXIT_REFUSED, EXIT_USAGE
 from jobs.config import parse_duration, settings_from_environment
 from jobs.dead_letters import get_dead_letter, list_dead_letters, purge_dead_letters, requeue
 from jobs.doctor import run_checks
-from jobs.stats import retry_stats
+from jobs.stats import HERE, retry_stats
+from jobs.status import handed_off_message
 from scheduler.cli import EXECUTION, POLICY, cli, config_options, json_option, open_runtime
 from scheduler.cli.output import emit_json, table, when
 from scheduler.logs import configure_logging
@@ -18,6 +19,11 @@ from scheduler.logs import configure_logging
 
 def percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def ran_where(how: str) -> str:
+    """How a retry ran, as `stats` shows it: `here`, or handed to the fleet, `fleet (webhook)`."""
+    return how if how == HERE else f"fleet ({how})"
 
 
 @cli.command()
@@ -29,7 +35,9 @@ def stats(ctx: click.Context, since: str, as_json: bool) -> int:
     """Retry metrics: totals, success rates, retries per chain, by failure pattern and attempt.
 
     Every retry count is of the retries that ended (completed or failed) in the window; those
-    pending or running now, and those cancelled before they ran, are shown beside them.
+    pending, running or handed to the fleet now, and those cancelled before they ran, are shown
+    beside them. Where retries are handed to the fleet (SPEC §12), a RAN table splits them by how
+    they ran: here, or at the fleet by webhook or queue (the outcome the scraper wrote).
 
     \b
     Example:
@@ -38,6 +46,7 @@ def stats(ctx: click.Context, since: str, as_json: bool) -> int:
     window = parse_duration(since, "--since")
     with open_runtime(ctx) as rt:
         result = retry_stats(rt, window)
+        fleet = result.fleet_shown(rt.settings.hands_off)
     if as_json:
         emit_json(result)
         return EXIT_OK
@@ -50,10 +59,18 @@ def stats(ctx: click.Context, since: str, as_json: bool) -> int:
         f"  not counted above: {result.pending} pending and {result.running} running now, "
         f"{result.cancelled} cancelled before they ran"
     )
+    if fleet:
+        queued, running = result.handed_off_queued, result.handed_off_running
+        click.echo(f"  handed to the fleet, not ended yet (nor counted above): {handed_off_message(queued, running)}")
     click.echo(
         f"  stuck detections {result.stuck_detections} · permanently failed {result.permanently_failed} "
         "(chains whose last attempt ended failed in the window, no retry coming)"
     )
+    if fleet:
+        table(
+            ("RAN", "RETRIES ENDED", "SUCCEEDED", "SUCCESS RATE"),
+            ((ran_where(h.how), h.retries, h.succeeded, percent(h.success_rate)) for h in result.by_how),
+        )
     table(
         ("ATTEMPT", "RETRIES ENDED", "SUCCEEDED", "SUCCESS RATE"),
         ((a.attempt, a.retries, a.succeeded, percent(a.success_rate)) for a in result.by_attempt),

@@ -368,13 +368,14 @@ def build_api(
 
     @api.get("/status", dependencies=read)
     def status() -> dict:
-        """Daemons alive, each job's last and next run, and the run counts (`stuck-runs status`)."""
+        """Daemons alive, each job's last and next run, and the run counts (`stuck-runs status`):
+        `running_retries` executing here, `handed_off_queued` / `handed_off_running` at the fleet."""
         with answering("Failed to read status"):
             return {"success": True, "data": plain(read_status(rt, PERMANENT_WINDOW))}
 
     @api.get("/stats", dependencies=read)
     def stats(since: str = Query("7d", description="a window such as 24h or 7d")) -> dict:
-        """Retry metrics over the window (`stuck-runs stats`)."""
+        """Retry metrics over the window (`stuck-runs stats`), `by_how` they ran: here, webhook, queue."""
         with answering("Failed to read stats"):
             window = parse_duration(since, "since")
             return {"success": True, "data": plain(retry_stats(rt, window))}

@@ -195,9 +195,11 @@ def build_pages(
     def overview(request: Request) -> Response:
         def read() -> dict[str, Any]:
             timeline = hourly_timeline(rt, OVERVIEW_WINDOW)
+            status = read_status(rt, PERMANENT_WINDOW)
             return {
                 "page": "overview",
-                "status": plain(read_status(rt, PERMANENT_WINDOW)),
+                "status": plain(status),
+                "fleet": status.runs.fleet_shown(rt.settings.hands_off),
                 "chart": hourly_chart(timeline),
             }
 
@@ -246,7 +248,13 @@ def build_pages(
     @pages.get("/stats")
     def stats(request: Request, since: str = "7d") -> Response:
         def read() -> dict[str, Any]:
-            return {"page": "stats", "since": since, "stats": plain(retry_stats(rt, parse_duration(since, "since")))}
+            stats = retry_stats(rt, parse_duration(since, "since"))
+            return {
+                "page": "stats",
+                "since": since,
+                "stats": plain(stats),
+                "fleet": stats.fleet_shown(rt.settings.hands_off),
+            }
 
         return page(request, "stats.html", "Failed to read stats", read)
 
