@@ -1,14 +1,18 @@
 """`python -m chaos`: randomized trials with real processes; the auditor must find nothing.
 
-    python -m chaos --trials 50 --seed 1      # writes RELIABILITY.md
-    python -m chaos --trials 2 --quick        # a short run (CI)
+    python -m chaos --trials 102 --seed 1 --quick   # writes RELIABILITY.md
+    python -m chaos --trials 3 --quick              # a short run (CI): one trial of each kind
 
 Each trial, on its own PostgreSQL (so it can be restarted) and a fresh database: three daemons
 (replicas) with seconds-long intervals, a simulated scraper fleet starting, finishing, failing,
-abandoning and late-completing runs, retries executed by a scraper that succeeds, fails (503,
-404), hangs or writes its own status; and a monkey that `kill -9`s daemons and `fix` scripts at
-random moments and restarts the database. Then the fleet stops, the daemons settle every chain,
-stop gracefully, and the auditor checks the invariants (chaos/audit.py).
+abandoning and late-completing runs, and a monkey that `kill -9`s daemons and `fix` scripts at
+random moments and restarts the database. Trials take turns at how retries run: executed here by
+a scraper that succeeds, fails (503, 404), hangs or writes its own status (`command`); POSTed to
+a webhook receiver that runs them, which the monkey crashes and which answers 429s, 503s, 500s,
+404s, resets and answers later than the daemons wait (`webhook`); or handed to two workers
+polling the queued value, which the monkey kills mid-run (`handoff`). Then the scrapers stop,
+the daemons settle every chain, stop gracefully, and the auditor checks the invariants
+(chaos/audit.py).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import psutil
 import sqlalchemy as sa
 
 from chaos.audit import audit
+from chaos.fleets import WebhookFleet, WorkerFleet
 from chaos.server import OwnServer
 from db.engine import make_engine
 from db.migrate import migrate
@@ -50,12 +55,15 @@ SETTINGS = {
     "LOG_LEVEL": "WARNING",
 }
 SETTLE_TIMEOUT = 90.0
+# Trial n runs its retries the n-th way: here (a command), by webhook, or by hand-off (SPEC §12).
+KINDS = ("command", "webhook", "handoff")
 
 
 @dataclass
 class Trial:
     seed: int
     chaos_seconds: float
+    kind: str = "command"  # how retries run: command (here), webhook or handoff (the fleet, SPEC §12)
     events: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     totals: dict = field(default_factory=dict)
@@ -115,7 +123,7 @@ def open_runs(url: str) -> int:
     try:
         with engine.connect() as conn:
             return conn.execute(
-                sa.text("SELECT count(*) FROM scrape_runs WHERE status IN ('running', 'pending_retry')")
+                sa.text("SELECT count(*) FROM scrape_runs WHERE status IN ('running', 'pending_retry', 'pending')")
             ).scalar_one()
     except sa.exc.OperationalError:
         return -1
@@ -123,9 +131,9 @@ def open_runs(url: str) -> int:
         engine.dispose()
 
 
-def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path) -> Trial:
+def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, kind: str = "command") -> Trial:
     rng = random.Random(seed)
-    trial = Trial(seed, chaos_seconds)
+    trial = Trial(seed, chaos_seconds, kind)
     started = time.monotonic()
     name = f"chaos_{seed}"
     admin = sa.create_engine(server.url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
@@ -157,14 +165,22 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path) ->
         "DATABASE_URL": url,
         **SETTINGS,
         "BATCH_SIZE": str(rng.choice([5, 20, 100])),
-        "SCRAPE_RUN_COMMAND": f"{sys.executable} -m chaos.executor {{run_id}}",
         "CHAOS_EXEC_LOG": str(exec_log),
         "CHAOS_SEED": str(seed),
     }
+    fleet: WebhookFleet | WorkerFleet | None = None
+    if kind == "webhook":
+        fleet = WebhookFleet(url, trial_dir, rng, env)
+    elif kind == "handoff":
+        fleet = WorkerFleet(url, trial_dir, seed, env)
+    if fleet is None:
+        env["SCRAPE_RUN_COMMAND"] = f"{sys.executable} -m chaos.executor {{run_id}}"
+    else:
+        env.update(fleet.settings)
     procs = Processes(url, env, trial_dir)
     for index in range(3):
         procs.start_daemon(index)
-    fleet = subprocess.Popen(
+    scrapers = subprocess.Popen(
         [sys.executable, "-m", "chaos.fleet", url, str(seed), str(stop_file), str(fleet_log)],
         cwd=REPO,
         env=env,
@@ -175,7 +191,10 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path) ->
     deadline = time.monotonic() + chaos_seconds
     while time.monotonic() < deadline:
         time.sleep(rng.uniform(0.3, 1.5))
-        action = rng.choices(["kill_daemon", "script", "kill_script", "restart_db", "nothing"], [30, 20, 15, 5, 30])[0]
+        actions = {"kill_daemon": 30, "script": 20, "kill_script": 15, "restart_db": 5, "nothing": 30}
+        if fleet is not None:
+            actions["crash_fleet"] = 15
+        action = rng.choices(list(actions), list(actions.values()))[0]
         if action == "kill_daemon":
             index = rng.randrange(3)
             proc = procs.daemons[index]
@@ -195,6 +214,8 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path) ->
                 script.kill()
                 script.wait()
                 trial.events.append("kill -9 fix script")
+        elif action == "crash_fleet" and fleet is not None:
+            trial.events.append(fleet.crash(rng))
         elif action == "restart_db" and restarts_left:
             restarts_left -= 1
             server.stop()
@@ -202,16 +223,28 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path) ->
             server.start()
             trial.events.append("database restart")
     stop_file.touch()
-    fleet.wait(60)
+    scrapers.wait(60)
+    if fleet is not None:
+        fleet.settle()
     for index, proc in enumerate(procs.daemons):  # every replica up for the settling
         if proc is None or proc.poll() is not None:
             procs.start_daemon(index)
     settle_deadline = time.monotonic() + SETTLE_TIMEOUT
     while open_runs(url) != 0 and time.monotonic() < settle_deadline:
+        if fleet is not None:
+            fleet.tend()
         time.sleep(0.5)
     procs.stop_all()
     kill_leftover_scrapers(exec_log)
-    result = audit(url, fleet_log, exec_log)
+    if fleet is not None:
+        fleet.stop()
+    result = audit(
+        url,
+        fleet_log,
+        exec_log,
+        receiver_log=fleet.log if isinstance(fleet, WebhookFleet) else None,
+        worker_logs=fleet.logs if isinstance(fleet, WorkerFleet) else (),
+    )
     trial.violations, trial.totals = result.violations, result.totals
     trial.seconds = round(time.monotonic() - started, 1)
     if not trial.violations:
@@ -257,19 +290,33 @@ def write_report(trials: list[Trial], seed: int, quick: bool, path: Path) -> Non
         "  retry row was scheduled by its predecessor, and no chain has two retries with one number;",
         "- every chain stuck-runs ended spent its budget or hit a permanent error, and has its dead letter;",
         "- every cancelled (superseded) retry belongs to a chain that completed;",
-        "- nothing is left `running` or `pending_retry` once the daemons settle;",
-        "- the counts add up: as many retry rows as retries scheduled.",
+        "- nothing is left `running`, `pending_retry` or queued (`pending`) once the daemons settle;",
+        "- the counts add up: as many retry rows as retries scheduled;",
+        "- webhook trials: no retry was delivered twice at once (by two daemons, or to two receivers behind",
+        "  one URL), every delivery the receiver acknowledged with a 2xx ended (completed, failed or",
+        "  cancelled; failed by the stuck checker counts), and no outcome the receiver's fleet wrote was",
+        "  overwritten; a retry is delivered again only after a delivery that stuck-runs did not commit",
+        "  (its process killed, the database restarted, the answer later than `WEBHOOK_TIMEOUT`), with the",
+        "  same `Idempotency-Key`;",
+        "- hand-off trials: no retry was taken by two workers, every retry a worker took ended, and no",
+        "  completion a worker wrote was overwritten.",
         "",
         "## What the trials did",
         "",
         "| | count |",
         "| --- | ---: |",
     ]
+    kinds = Counter(t.kind for t in trials)
+    lines.append(f"| trials: {', '.join(f'{kind} {n}' for kind, n in sorted(kinds.items()))} | {len(trials):,} |")
     for key in (
         "runs",
         "stuck_failed",
         "retries",
         "executions",
+        "handed_off",
+        "deliveries",
+        "acknowledged",
+        "worker_claims",
         "completed",
         "fleet_completions",
         "superseded",
@@ -296,12 +343,13 @@ def main() -> None:
     try:
         for number in range(args.trials):
             seed = args.seed * 1000 + number
-            trial = run_trial(server, seed, 6.0 if args.quick else 15.0, work)
+            trial = run_trial(server, seed, 6.0 if args.quick else 15.0, work, KINDS[number % len(KINDS)])
             trials.append(trial)
             print(
                 json.dumps(
                     {
                         "seed": seed,
+                        "kind": trial.kind,
                         "seconds": trial.seconds,
                         "events": len(trial.events),
                         "violations": trial.violations,

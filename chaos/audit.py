@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,11 @@ SELECT c.id FROM scrape_runs c WHERE c.status = 'cancelled' AND NOT EXISTS (
       AND (d.id = c.original_run_id OR (d.is_retry AND d.original_run_id = c.original_run_id)))
 """
 
-OPEN = "SELECT status, count(*) FROM scrape_runs WHERE status IN ('running', 'pending_retry') GROUP BY status"
+# `pending` is the hand-off trials' queued value: a retry waiting for the fleet's workers.
+OPEN = (
+    "SELECT status, count(*) FROM scrape_runs WHERE status IN ('running', 'pending_retry', 'pending') GROUP BY status"
+)
+TERMINAL = ("completed", "failed", "cancelled")
 
 TOTALS = """
 SELECT count(*) AS runs,
@@ -67,6 +72,7 @@ SELECT count(*) AS runs,
        count(*) FILTER (WHERE status = 'completed') AS completed,
        count(*) FILTER (WHERE status = 'cancelled') AS superseded,
        (SELECT count(*) FROM scrape_run_dead_letters) AS dead_letters,
+       count(*) FILTER (WHERE handed_off IS NOT NULL) AS handed_off,
        count(*) FILTER (
            WHERE failure_pattern IS NOT NULL AND (next_retry_at IS NOT NULL OR (
                status = 'completed' AND EXISTS (
@@ -80,13 +86,14 @@ FROM scrape_runs t
 class Audit:
     violations: list[str] = field(default_factory=list)
     totals: dict = field(default_factory=dict)
+    totals_extra: dict = field(default_factory=dict)  # what the trial's fleet did
 
     def check(self, condition: bool, text: str) -> None:
         if not condition:
             self.violations.append(text)
 
 
-def audit(url: str, fleet_log: Path, exec_log: Path) -> Audit:
+def audit(url: str, fleet_log: Path, exec_log: Path, receiver_log: Path | None = None, worker_logs=()) -> Audit:
     result = Audit()
     engine = sa.create_engine(url)
     try:
@@ -104,6 +111,10 @@ def audit(url: str, fleet_log: Path, exec_log: Path) -> Audit:
             executed_not_retries = [i for i in starts if i not in status]
             result.check(not executed_not_retries, f"executions of unknown runs: {executed_not_retries[:5]}")
 
+            if receiver_log is not None:
+                _check_deliveries(result, status, receiver_log)
+            if worker_logs:
+                _check_workers(result, status, worker_logs)
             for name, sql, params in (
                 ("failed attempts whose scheduled retry is missing or doubled", RETRIES_PER_SCHEDULED, {}),
                 (
@@ -123,6 +134,7 @@ def audit(url: str, fleet_log: Path, exec_log: Path) -> Audit:
             result.totals = dict(conn.execute(sa.text(TOTALS)).mappings().one())
             result.totals["executions"] = sum(starts.values())
             result.totals["fleet_completions"] = len(completed_by_fleet)
+            result.totals.update(result.totals_extra)
             # The counts add up: each scheduled retry is a retry row, each ended chain one letter.
             result.check(
                 result.totals["retries"] == result.totals["retries_scheduled"],
@@ -131,6 +143,51 @@ def audit(url: str, fleet_log: Path, exec_log: Path) -> Audit:
     finally:
         engine.dispose()
     return result
+
+
+ACCEPTED = ("ok", "duplicate")
+WEBHOOK_TIMEOUT_S = 1.0  # the trials' WEBHOOK_TIMEOUT: how long a daemon waits for an answer
+
+
+def _check_deliveries(result: Audit, status: dict[str, str], receiver_log: Path) -> None:
+    """The webhook fleet: no retry was delivered twice at once (two daemons, or two receivers
+    behind one URL, would then both run it), none acknowledged with a 2xx was lost, and no
+    outcome the fleet wrote was overwritten."""
+    lines = [json.loads(line) for line in _lines(receiver_log) if line.strip()]
+    requests = [line for line in lines if "event" not in line and line.get("key")]
+    by_key: dict[str, list[dict]] = {}
+    for request in sorted(requests, key=lambda r: r["at"]):
+        by_key.setdefault(request["key"], []).append(request)
+    overlapping = []
+    for key, deliveries in by_key.items():
+        for earlier, later in zip(deliveries, deliveries[1:], strict=False):
+            answer = earlier["answer"]
+            waited = min(float(answer.split(":")[1]), WEBHOOK_TIMEOUT_S) if answer.startswith("hang:") else 0.0
+            if later["at"] < earlier["at"] + waited - 0.05:
+                overlapping.append(key)
+    result.check(not overlapping, f"retries delivered twice at once: {overlapping[:5]}")
+    acknowledged = {r["key"] for r in requests if r["answer"].split(":")[0] in ACCEPTED}
+    lost = sorted(k for k in acknowledged if status.get(k) not in TERMINAL)
+    result.check(not lost, f"acknowledged deliveries lost (not ended): {[(k, status.get(k)) for k in lost[:5]]}")
+    written = [line["id"] for line in lines if line.get("event") == "completed"]
+    turned = [i for i in written if status.get(i) != "completed"]
+    result.check(not turned, f"completions the receiver's fleet wrote were overwritten: {turned[:5]}")
+    result.totals_extra = {"deliveries": len(requests), "acknowledged": len(acknowledged)}
+
+
+def _check_workers(result: Audit, status: dict[str, str], worker_logs) -> None:
+    """The queue fleet: no retry was taken by two workers, none a worker took was lost, and no
+    completion a worker wrote was overwritten."""
+    lines = [line.split() for log in worker_logs for line in _lines(log)]
+    claimed = Counter(parts[1] for parts in lines if parts and parts[0] == "claimed")
+    twice = [i for i, n in claimed.items() if n > 1]
+    result.check(not twice, f"retries taken by two workers: {twice[:5]}")
+    lost = sorted(i for i in claimed if status.get(i) not in TERMINAL)
+    result.check(not lost, f"retries workers took were lost (not ended): {[(i, status.get(i)) for i in lost[:5]]}")
+    completed = [parts[1] for parts in lines if parts and parts[0] == "ended" and parts[2] == "completed"]
+    turned = [i for i in completed if status.get(i) != "completed"]
+    result.check(not turned, f"completions a worker wrote were overwritten: {turned[:5]}")
+    result.totals_extra = {"worker_claims": sum(claimed.values())}
 
 
 def _lines(path: Path) -> list[str]:

@@ -53,9 +53,13 @@ def test_quick_benchmarks_do_the_same_work_as_the_floor_and_never_scan_the_table
 
 
 def test_a_few_chaos_trials_find_no_violation():
-    result = run("-m", "chaos", "--trials", "2", "--quick", "--seed", "7", "--out", "-", timeout=900)
+    result = run("-m", "chaos", "--trials", "3", "--quick", "--seed", "7", "--out", "-", timeout=900)
     trials = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(trials) == 2
+    assert [t["kind"] for t in trials] == ["command", "webhook", "handoff"]
     assert all(t["violations"] == [] for t in trials), trials
-    assert all(t["executions"] > 0 and t["stuck_failed"] > 0 for t in trials)
+    assert all(t["stuck_failed"] > 0 and t["retries"] > 0 for t in trials)
+    command, webhook, handoff = trials
+    assert command["executions"] > 0 and command["handed_off"] == 0
+    assert webhook["acknowledged"] > 0 and webhook["handed_off"] > 0
+    assert handoff["worker_claims"] > 0 and handoff["handed_off"] > 0
     assert result.returncode == 0

@@ -1,0 +1,59 @@
+"""The chaos auditor's checks of the fleets (SPEC §12) find what they are meant to find."""
+
+from __future__ import annotations
+
+import json
+
+from chaos.audit import Audit, _check_deliveries, _check_workers
+
+
+def receiver_log(tmp_path, *lines):
+    path = tmp_path / "receiver.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_clean_deliveries_pass(tmp_path):
+    log = receiver_log(
+        tmp_path,
+        {"key": "a", "answer": "hang:2", "at": 10.0},
+        {"key": "a", "answer": "ok", "at": 12.5},  # after the daemon gave up (1 s) and waited
+        {"event": "completed", "id": "a"},
+    )
+    result = Audit()
+    _check_deliveries(result, {"a": "completed"}, log)
+    assert result.violations == []
+
+
+def test_two_deliveries_of_one_retry_at_once_are_a_violation(tmp_path):
+    log = receiver_log(tmp_path, {"key": "a", "answer": "hang:2", "at": 10.0}, {"key": "a", "answer": "ok", "at": 10.4})
+    result = Audit()
+    _check_deliveries(result, {"a": "completed"}, log)
+    assert result.violations == ["retries delivered twice at once: ['a']"]
+
+
+def test_an_acknowledged_delivery_that_never_ended_is_lost(tmp_path):
+    log = receiver_log(tmp_path, {"key": "a", "answer": "ok", "at": 1.0}, {"key": "b", "answer": "503", "at": 1.0})
+    result = Audit()
+    _check_deliveries(result, {"a": "running", "b": "pending_retry"}, log)
+    assert result.violations == ["acknowledged deliveries lost (not ended): [('a', 'running')]"]
+
+
+def test_a_completion_the_receiver_wrote_then_overwritten_is_a_violation(tmp_path):
+    log = receiver_log(tmp_path, {"key": "a", "answer": "ok", "at": 1.0}, {"event": "completed", "id": "a"})
+    result = Audit()
+    _check_deliveries(result, {"a": "failed"}, log)
+    assert result.violations == ["completions the receiver's fleet wrote were overwritten: ['a']"]
+
+
+def test_workers_taking_one_retry_twice_or_losing_one_are_violations(tmp_path):
+    first, second = tmp_path / "w0.log", tmp_path / "w1.log"
+    first.write_text("claimed a 1\nended a completed\nclaimed b 1\n")
+    second.write_text("claimed a 2\nclaimed c 2\nended c completed\n")
+    result = Audit()
+    _check_workers(result, {"a": "completed", "b": "running", "c": "failed"}, [first, second])
+    assert result.violations == [
+        "retries taken by two workers: ['a']",
+        "retries workers took were lost (not ended): [('b', 'running')]",
+        "completions a worker wrote were overwritten: ['c']",
+    ]
