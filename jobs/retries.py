@@ -110,6 +110,11 @@ class ProcessResult:
         return sum(1 for o in self.executed if o.status == "handed_off")
 
     @property
+    def postponed(self) -> int:
+        """Deliveries the fleet could not take (429, 503, unreachable): due again later, budget unspent."""
+        return sum(1 for o in self.executed if o.status == "postponed")
+
+    @property
     def released(self) -> int:
         """Executions stopped by a signal and put back to `pending_retry` (no budget spent)."""
         return sum(1 for o in self.executed if o.status == "released")
@@ -134,11 +139,12 @@ class ProcessResult:
         """The counts the pass is recorded and logged with."""
         counts = {
             "superseded": self.superseded_count,
-            "executed": len(self.executed) - self.handed_off,
+            "executed": len(self.executed) - self.handed_off - self.postponed,
             "completed": self.succeeded,
             "failed": self.failed,
         }
-        return {**counts, "handed_off": self.handed_off} if self.handed_off else counts
+        fleet = {"handed_off": self.handed_off, "postponed": self.postponed}
+        return {**counts, **{name: n for name, n in fleet.items() if n}}
 
 
 def process_due_retries(

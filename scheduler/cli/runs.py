@@ -78,9 +78,12 @@ def print_process(result: ProcessResult, *, listed: bool = False, show_all: bool
         )
     else:
         released = f", {result.released} put back to pending_retry" if result.released else ""
+        fleet = f", {result.handed_off} handed to the fleet" if result.handed_off else ""
+        fleet += f", {result.postponed} postponed (the fleet could not take them)" if result.postponed else ""
+        ran = len(result.executed) - result.released - result.handed_off - result.postponed
         click.echo(
-            f"Retry processor: {len(result.superseded)} superseded, {len(result.executed) - result.released} executed "
-            f"({result.succeeded} completed, {result.failed} failed){released} ({result.seconds:.2f}s)."
+            f"Retry processor: {len(result.superseded)} superseded, {ran} executed "
+            f"({result.succeeded} completed, {result.failed} failed){released}{fleet} ({result.seconds:.2f}s)."
         )
         if not listed:
             listing(
@@ -112,8 +115,13 @@ def progress_printer(as_json: bool, show_all: bool = False) -> Callable[[str, ob
         elif event == "finished":
             outcome: RetryOutcome = payload  # type: ignore[assignment]
             message = f" — {outcome.message}" if outcome.message else ""
-            due = f"; next retry due {when(outcome.retry_due)}" if outcome.retry_due else ""
-            click.echo(f"  {outcome.status} after {outcome.seconds:.1f}s{message}{due}")
+            if outcome.status == "handed_off":
+                click.echo(f"Handed {outcome.label} (run {outcome.run_id}) to the fleet")
+            elif outcome.status == "postponed":
+                click.echo(f"Postponed {outcome.label}{message}; delivered again {when(outcome.retry_due)}")
+            else:
+                due = f"; next retry due {when(outcome.retry_due)}" if outcome.retry_due else ""
+                click.echo(f"  {outcome.status} after {outcome.seconds:.1f}s{message}{due}")
 
     return observe
 
@@ -318,10 +326,12 @@ def _retry(
     else:
         click.echo(result.message)
         click.echo(f"  retry {result.retry_id} of run {result.failed_run_id}, due {when(result.due)}")
-        if outcome is not None:
+        if outcome is not None and outcome.status == "handed_off":
+            click.echo("Handed to the fleet: its scraper writes the outcome")
+        elif outcome is not None:
             click.echo(f"Executed: {outcome.status}" + (f" — {outcome.message}" if outcome.message else ""))
     interruption.report()
-    return EXIT_OK if outcome is None or outcome.status == "completed" else EXIT_REFUSED
+    return EXIT_OK if outcome is None or outcome.status in ("completed", "handed_off") else EXIT_REFUSED
 
 
 def _wait_for_slot(rt, stop: threading.Event) -> None:

@@ -162,3 +162,15 @@ def test_bad_hand_off_settings_exit_2_in_one_line_and_touch_nothing(db_url, env,
     with sa.create_engine(db_url).connect() as conn:
         assert conn.execute(sa.text("SELECT * FROM scrape_runs ORDER BY id")).all() == before
         assert row(conn, retry)["status"] == "pending_retry"
+
+
+def test_retry_now_on_the_cli_hands_the_new_retry_to_the_fleet_and_exits_0(db_url):
+    env = {"DATABASE_URL": db_url, "SCRAPE_RUN_HANDOFF": "queued", "STATUS_MAP": "queued=pending"}
+    with sa.create_engine(db_url).begin() as conn:
+        failed = insert_run(conn, status="failed", started_at=datetime.now(timezone.utc), error_message="HTTP 503")
+    result = run_cli("retry", str(failed), "--now", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Handed to the fleet: its scraper writes the outcome" in result.stdout
+    with sa.create_engine(db_url).connect() as conn:
+        [retry] = [r for r in chain_of(conn, failed) if r["is_retry"]]
+    assert (retry["status"], retry["handed_off"]) == ("pending", "queue")

@@ -221,3 +221,25 @@ def test_a_failure_the_fleet_writes_continues_the_chain(db_url, receiver, webhoo
         assert len(chain_of(conn, root)) == 2
     assert ended["error_message"] == "HTTP Error 404: Not Found - not retried: permanent error (not_found)"
     assert process_due_retries(rt).executed == ()  # taken once
+
+
+def test_process_says_what_went_to_the_fleet_and_what_was_postponed(db_url, receiver):
+    from tests.integration.test_cli import cli
+
+    receiver.set_script(["ok", "503:60"])
+    env = {"DATABASE_URL": db_url, "SCRAPE_RUN_WEBHOOK": receiver.url + "/r/{run_id}", "WEBHOOK_SECRET": SECRET}
+    env["MAX_CONCURRENT_RETRIES"] = "2"
+    with sa.create_engine(db_url).begin() as conn:
+        handed, postponed = insert_due_retry(conn, search_query="a")[1], insert_due_retry(conn, search_query="b")[1]
+    result = cli("process", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "0 executed (0 completed, 0 failed), 1 handed to the fleet, 1 postponed (the fleet could not take them)" in (
+        result.stdout
+    )
+    assert f"Handed [RETRY 1/4] a in Belgium (run {handed}) to the fleet" in result.stdout
+    assert "Postponed [RETRY 1/4] b in Belgium — Webhook answered HTTP 503 Service Unavailable; delivered again" in (
+        result.stdout
+    )
+    assert SECRET not in result.stdout + result.stderr
+    with sa.create_engine(db_url).connect() as conn:
+        assert row(conn, postponed)["status"] == "pending_retry"
