@@ -9,7 +9,8 @@ receiver de-duplicates on it.
 What an answer means is decided by `judge`, pure: 2xx hands the retry over; 429 and 503 (with a
 `Retry-After` or not), a connection error or a timeout postpone it, no budget spent; any other
 status is a failed attempt whose error names it, so the failure patterns (§7) decide: 404/410
-and 401/403 end the chain. A redirect is followed only to the same scheme, host and port.
+and 401/403 end the chain. A redirect is followed only when it repeats the POST (307, 308) to the
+same scheme, host and port.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ MAX_REDIRECTS = 5
 ERROR_BODY_CHARS = 200  # of an error answer, kept in the attempt's error
 SIGNATURE_HEADER = "X-Stuck-Runs-Signature"
 POSTPONING = frozenset({429, 503})
+KEEPS_THE_POST = frozenset({307, 308})  # the redirects that repeat the request, method and body
 
 
 @dataclass(frozen=True)
@@ -130,23 +132,32 @@ class WebhookExecutor:
             return _postponed(f"Webhook unreachable: {type(exc).__name__}: {exc}"[:500])
         if isinstance(response, str):
             return Delivered(ExecutionResult(ok=False, error=response))
-        verdict = judge(
-            response.status_code, response.reason_phrase, response.headers.get("retry-after"), response.text
-        )
+        answer, start = response
+        verdict = judge(answer.status_code, answer.reason_phrase, answer.headers.get("retry-after"), start)
         if verdict.handed:
             return Delivered(ExecutionResult(ok=True, handed_off="webhook"), handed_off="webhook")
         if verdict.postponed:
             return _postponed(verdict.error, verdict.retry_after)
         return Delivered(ExecutionResult(ok=False, error=verdict.error, retry_after=verdict.retry_after))
 
-    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response | str:
-        """The answer after same-origin redirects, or why a redirect was not followed."""
+    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[httpx.Response, str] | str:
+        """The answer (and the start of its body) after same-origin redirects, or why a redirect
+        was not followed."""
         request = self.client.build_request("POST", url, content=body, headers=headers)
         for _ in range(MAX_REDIRECTS + 1):
-            response = self.client.send(request)
-            response.read()
+            response = self.client.send(request, stream=True)
+            try:
+                start = _body_start(response)
+            finally:
+                response.close()
             if not response.is_redirect:
-                return response
+                return response, start
+            if response.status_code not in KEEPS_THE_POST:
+                # 301/302/303 would be followed with a GET and no body: a 2xx to that is no hand-off.
+                return (
+                    f"Webhook answered HTTP {response.status_code} {response.reason_phrase} (a redirect that drops "
+                    "the POST): point SCRAPE_RUN_WEBHOOK at the final URL"
+                )
             following = response.next_request
             if following is None or not same_origin(request.url, following.url):
                 target = following.url.host if following is not None else "nowhere"
@@ -156,6 +167,18 @@ class WebhookExecutor:
 
     def close(self) -> None:
         self.client.close()
+
+
+BODY_READ_BYTES = 4096  # of an answer's body: enough for its error; a receiver's megabytes are not read
+
+
+def _body_start(response: httpx.Response) -> str:
+    read = b""
+    for chunk in response.iter_bytes():
+        read += chunk
+        if len(read) >= BODY_READ_BYTES:
+            break
+    return read[:BODY_READ_BYTES].decode(response.encoding or "utf-8", "replace")
 
 
 def _postponed(error: str | None, retry_after: timedelta | None = None) -> Delivered:

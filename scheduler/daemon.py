@@ -103,9 +103,7 @@ class Daemon:
         """The floor under continuous dispatch: supersede, wake the slots, report what ran."""
         superseded = supersede_completed_chains(self.rt)
         if not self.rt.settings.hands_off:  # retries handed off before a change of executor (else: each poll)
-            for outcome in continue_fleet_failures(self.rt):
-                self.dispatch.dispatcher.observe("finished", outcome)
-                self.dispatch.add_finished([outcome])
+            self.dispatch.add_finished(continue_fleet_failures(self.rt))
         self._count(ProcessResult(superseded))  # the executions were counted as the slots finished them
         self.dispatch.poke()
         return ProcessResult(superseded, self.dispatch.take_finished())

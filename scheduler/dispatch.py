@@ -69,9 +69,8 @@ class ContinuousDispatch:
             try:
                 # Retries handed to the fleet end in the fleet: its failures continue their chains
                 # within a poll, not at the next processor tick.
+                # Not observed: the metrics count hand-offs; their outcomes are the fleet's (stats show them).
                 handed = continue_fleet_failures(self.rt) if slot == 0 and self.rt.settings.hands_off else []
-                for outcome in handed:
-                    self.dispatcher.observe("finished", outcome)
                 outcomes = handed + self.dispatcher.work_slot(slot, self.stopping)
             except Exception as exc:  # noqa: BLE001 - an outage must not end the slot's thread
                 if not failing:

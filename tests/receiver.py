@@ -88,8 +88,8 @@ def answer_for(token: str, port: int) -> Answer:
             return Answer(reset=True)
         if token == "redirect-other":
             return _text(307, (("Location", f"http://127.0.0.2:{port}/elsewhere"),))
-        if token == "redirect-same":
-            return _text(307, (("Location", "/redirected"),))
+        if name == "redirect-same":  # redirect-same:302 answers that code instead of 307
+            return _text(int(argument) if argument else 307, (("Location", "/redirected"),))
     except ValueError:
         pass
     return _text(500, body=f"receiver: unknown script token {token!r}\n")
