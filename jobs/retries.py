@@ -424,7 +424,9 @@ def record_outcome(rt: Runtime, policy: RetryPolicy, run: Run, result: Execution
             log.bind(event="handed_off").info("{}: handed to the fleet ({})", run.label, result.handed_off)
             return RetryOutcome(run.id, run.label, "handed_off")
         if result.postponed:
-            due = now + retry_delay(policy, max(run.retry_count, 1), rt.rng, result.retry_after)
+            # The fleet's Retry-After is when it has room again: taken as said; without one, the retry's delay.
+            wait = result.retry_after or retry_delay(policy, max(run.retry_count, 1), rt.rng)
+            due = now + wait
             conn.execute(q.postpone, {"sr_run_id": run.id, "sr_due": due})
             log.bind(event="postponed").warning(
                 "{}: {}; delivered again at {} (no budget spent)", run.label, result.error, format_time(due)

@@ -79,7 +79,12 @@ def test_a_2xx_hands_the_retry_over_running_with_its_body_key_and_signature(db_u
 
 @pytest.mark.parametrize(
     ("answer", "after"),
-    [("429:3600", timedelta(hours=1)), ("503:7200", timedelta(hours=2)), ("503", POLICY.retry_delay)],
+    [
+        ("429:3600", timedelta(hours=1)),
+        ("503:7200", timedelta(hours=2)),
+        ("429:60", timedelta(minutes=1)),  # sooner than RETRY_DELAY: the fleet said when it has room
+        ("503", POLICY.retry_delay),
+    ],
 )
 def test_429_and_503_postpone_without_spending_budget_honouring_retry_after(
     db_url, receiver, webhook_runtime, answer, after
