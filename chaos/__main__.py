@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 import sqlalchemy as sa
 
-from chaos.audit import audit
+from chaos.audit import Disruptions, audit
 from chaos.fleets import WebhookFleet, WorkerFleet
 from chaos.server import OwnServer
 from db.engine import make_engine
@@ -65,6 +65,8 @@ class Trial:
     chaos_seconds: float
     kind: str = "command"  # how retries run: command (here), webhook or handoff (the fleet, SPEC §12)
     events: list[str] = field(default_factory=list)
+    killed: set[int] = field(default_factory=set)  # pids the monkey sent kill -9
+    restarts: list[tuple[float, float]] = field(default_factory=list)  # database down, wall clock
     violations: list[str] = field(default_factory=list)
     totals: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -199,6 +201,7 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, ki
             index = rng.randrange(3)
             proc = procs.daemons[index]
             if proc is not None and proc.poll() is None:
+                trial.killed.add(proc.pid)
                 proc.kill()
                 proc.wait()
                 trial.events.append("kill -9 daemon")
@@ -211,6 +214,7 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, ki
             script = procs.start_script()
             time.sleep(rng.uniform(0.2, 1.5))
             if script.poll() is None:
+                trial.killed.add(script.pid)
                 script.kill()
                 script.wait()
                 trial.events.append("kill -9 fix script")
@@ -218,9 +222,11 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, ki
             trial.events.append(fleet.crash(rng))
         elif action == "restart_db" and restarts_left:
             restarts_left -= 1
+            stopped = time.time()
             server.stop()
             time.sleep(rng.uniform(0.5, 2.0))
             server.start()
+            trial.restarts.append((stopped, time.time()))
             trial.events.append("database restart")
     stop_file.touch()
     scrapers.wait(60)
@@ -244,6 +250,7 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, ki
         exec_log,
         receiver_log=fleet.log if isinstance(fleet, WebhookFleet) else None,
         worker_logs=fleet.logs if isinstance(fleet, WorkerFleet) else (),
+        disruptions=Disruptions(frozenset(trial.killed), tuple(trial.restarts)),
     )
     trial.violations, trial.totals = result.violations, result.totals
     trial.seconds = round(time.monotonic() - started, 1)
@@ -292,12 +299,14 @@ def write_report(trials: list[Trial], seed: int, quick: bool, path: Path) -> Non
         "- every cancelled (superseded) retry belongs to a chain that completed;",
         "- nothing is left `running`, `pending_retry` or queued (`pending`) once the daemons settle;",
         "- the counts add up: as many retry rows as retries scheduled;",
-        "- webhook trials: no retry was delivered twice at once (by two daemons, or to two receivers behind",
-        "  one URL), every delivery the receiver acknowledged with a 2xx ended (completed, failed or",
-        "  cancelled; failed by the stuck checker counts), and no outcome the receiver's fleet wrote was",
-        "  overwritten; a retry is delivered again only after a delivery that stuck-runs did not commit",
-        "  (its process killed, the database restarted, the answer later than `WEBHOOK_TIMEOUT`), with the",
-        "  same `Idempotency-Key`;",
+        "- webhook trials: no retry was delivered again once its hand-off committed; no retry was",
+        "  delivered twice at once (by two daemons, or to two receivers behind one URL) unless the first",
+        "  delivery's process was killed (its pid is in the User-Agent) or the database restarted under",
+        "  it; every delivery the receiver acknowledged with a 2xx ended (completed, failed or cancelled;",
+        "  failed by the stuck checker counts); no outcome the receiver's fleet wrote was overwritten. A",
+        "  retry is delivered again only after a delivery stuck-runs did not commit (its process killed,",
+        "  the database restarted, the answer later than `WEBHOOK_TIMEOUT`), with the same",
+        "  `Idempotency-Key`;",
         "- hand-off trials: no retry was taken by two workers, every retry a worker took ended, and no",
         "  completion a worker wrote was overwritten.",
         "",

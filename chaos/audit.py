@@ -93,7 +93,23 @@ class Audit:
             self.violations.append(text)
 
 
-def audit(url: str, fleet_log: Path, exec_log: Path, receiver_log: Path | None = None, worker_logs=()) -> Audit:
+@dataclass(frozen=True)
+class Disruptions:
+    """What the monkey did that may cut a delivery short: the pids it killed, when the database
+    restarted (wall-clock seconds)."""
+
+    killed: frozenset[int] = frozenset()
+    restarts: tuple[tuple[float, float], ...] = ()  # (stopped, started again)
+
+
+def audit(
+    url: str,
+    fleet_log: Path,
+    exec_log: Path,
+    receiver_log: Path | None = None,
+    worker_logs=(),
+    disruptions: Disruptions = Disruptions(),
+) -> Audit:
     result = Audit()
     engine = sa.create_engine(url)
     try:
@@ -112,7 +128,14 @@ def audit(url: str, fleet_log: Path, exec_log: Path, receiver_log: Path | None =
             result.check(not executed_not_retries, f"executions of unknown runs: {executed_not_retries[:5]}")
 
             if receiver_log is not None:
-                _check_deliveries(result, status, receiver_log)
+                handed = dict(
+                    conn.execute(
+                        sa.text(
+                            "SELECT id::text, extract(epoch FROM started_at) FROM scrape_runs WHERE handed_off = 'webhook'"
+                        )
+                    ).all()
+                )
+                _check_deliveries(result, status, receiver_log, {k: float(v) for k, v in handed.items()}, disruptions)
             if worker_logs:
                 _check_workers(result, status, worker_logs)
             for name, sql, params in (
@@ -149,10 +172,18 @@ ACCEPTED = ("ok", "duplicate")
 WEBHOOK_TIMEOUT_S = 1.0  # the trials' WEBHOOK_TIMEOUT: how long a daemon waits for an answer
 
 
-def _check_deliveries(result: Audit, status: dict[str, str], receiver_log: Path) -> None:
+def _check_deliveries(
+    result: Audit,
+    status: dict[str, str],
+    receiver_log: Path,
+    handed_at: dict[str, float] | None = None,
+    disruptions: Disruptions = Disruptions(),
+) -> None:
     """The webhook fleet: no retry was delivered twice at once (two daemons, or two receivers
-    behind one URL, would then both run it), none acknowledged with a 2xx was lost, and no
-    outcome the fleet wrote was overwritten."""
+    behind one URL, would then both run it) unless the first delivery's process was killed or the
+    database restarted under it; none was delivered again once its hand-off committed
+    (`handed_at`: the `started_at` the hand-off wrote); none acknowledged with a 2xx was lost;
+    and no outcome the fleet wrote was overwritten."""
     lines = [json.loads(line) for line in _lines(receiver_log) if line.strip()]
     requests = [line for line in lines if "event" not in line and line.get("key")]
     by_key: dict[str, list[dict]] = {}
@@ -163,9 +194,18 @@ def _check_deliveries(result: Audit, status: dict[str, str], receiver_log: Path)
         for earlier, later in zip(deliveries, deliveries[1:], strict=False):
             answer = earlier["answer"]
             waited = min(float(answer.split(":")[1]), WEBHOOK_TIMEOUT_S) if answer.startswith("hang:") else 0.0
-            if later["at"] < earlier["at"] + waited - 0.05:
+            cut_short = _pid(earlier) in disruptions.killed or any(
+                stopped <= later["at"] and earlier["at"] <= started for stopped, started in disruptions.restarts
+            )
+            if later["at"] < earlier["at"] + waited - 0.05 and not cut_short:
                 overlapping.append(key)
     result.check(not overlapping, f"retries delivered twice at once: {overlapping[:5]}")
+    again = sorted(
+        key
+        for key, at in (handed_at or {}).items()
+        if any(delivery["at"] > at + 0.01 for delivery in by_key.get(key, []))
+    )
+    result.check(not again, f"retries delivered again after their hand-off committed: {again[:5]}")
     acknowledged = {r["key"] for r in requests if r["answer"].split(":")[0] in ACCEPTED}
     lost = sorted(k for k in acknowledged if status.get(k) not in TERMINAL)
     result.check(not lost, f"acknowledged deliveries lost (not ended): {[(k, status.get(k)) for k in lost[:5]]}")
@@ -173,6 +213,14 @@ def _check_deliveries(result: Audit, status: dict[str, str], receiver_log: Path)
     turned = [i for i in written if status.get(i) != "completed"]
     result.check(not turned, f"completions the receiver's fleet wrote were overwritten: {turned[:5]}")
     result.totals_extra = {"deliveries": len(requests), "acknowledged": len(acknowledged)}
+
+
+def _pid(request: dict) -> int | None:
+    """The delivering process, from its User-Agent: `stuck-runs (host; pid 123)`."""
+    agent = request.get("headers", {}).get("user-agent", "")
+    _, found, rest = agent.partition("; pid ")
+    digits = rest.rstrip(")")
+    return int(digits) if found and digits.isdigit() else None
 
 
 def _check_workers(result: Audit, status: dict[str, str], worker_logs) -> None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import socket
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -115,7 +117,8 @@ class WebhookExecutor:
             timeout=httpx.Timeout(timeout.total_seconds(), connect=connect),
             follow_redirects=False,
             trust_env=False,  # a proxy from the environment would see every retry; say so in the URL instead
-            headers={"User-Agent": "stuck-runs"},
+            # Which process delivered, for the receiver's logs (and the chaos auditor's).
+            headers={"User-Agent": f"stuck-runs ({socket.gethostname()}; pid {os.getpid()})"},
             cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),  # each delivery stands alone
         )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from chaos.audit import Audit, _check_deliveries, _check_workers
+from chaos.audit import Audit, Disruptions, _check_deliveries, _check_workers
 
 
 def receiver_log(tmp_path, *lines):
@@ -25,11 +25,38 @@ def test_clean_deliveries_pass(tmp_path):
     assert result.violations == []
 
 
+def delivery(key, answer, at, pid=101):
+    return {"key": key, "answer": answer, "at": at, "headers": {"user-agent": f"stuck-runs (host; pid {pid})"}}
+
+
 def test_two_deliveries_of_one_retry_at_once_are_a_violation(tmp_path):
-    log = receiver_log(tmp_path, {"key": "a", "answer": "hang:2", "at": 10.0}, {"key": "a", "answer": "ok", "at": 10.4})
+    log = receiver_log(tmp_path, delivery("a", "hang:2", 10.0), delivery("a", "ok", 10.4, pid=102))
     result = Audit()
     _check_deliveries(result, {"a": "completed"}, log)
     assert result.violations == ["retries delivered twice at once: ['a']"]
+
+
+def test_a_second_delivery_after_the_first_ones_process_was_killed_is_no_violation(tmp_path):
+    log = receiver_log(tmp_path, delivery("a", "hang:2", 10.0), delivery("a", "ok", 10.4, pid=102))
+    killed, other = Audit(), Audit()
+    _check_deliveries(killed, {"a": "completed"}, log, disruptions=Disruptions(killed=frozenset({101})))
+    _check_deliveries(other, {"a": "completed"}, log, disruptions=Disruptions(killed=frozenset({102})))
+    assert killed.violations == [] and other.violations == ["retries delivered twice at once: ['a']"]
+
+
+def test_a_second_delivery_across_a_database_restart_is_no_violation(tmp_path):
+    log = receiver_log(tmp_path, delivery("a", "hang:2", 10.0), delivery("a", "ok", 10.9, pid=102))
+    during, before = Audit(), Audit()
+    _check_deliveries(during, {"a": "completed"}, log, disruptions=Disruptions(restarts=((10.2, 10.8),)))
+    _check_deliveries(before, {"a": "completed"}, log, disruptions=Disruptions(restarts=((5.0, 6.0),)))
+    assert during.violations == [] and before.violations == ["retries delivered twice at once: ['a']"]
+
+
+def test_a_delivery_after_the_hand_off_committed_is_a_violation(tmp_path):
+    log = receiver_log(tmp_path, delivery("a", "ok", 10.0), delivery("a", "ok", 30.0), delivery("b", "ok", 10.0))
+    result = Audit()
+    _check_deliveries(result, {"a": "completed", "b": "completed"}, log, handed_at={"a": 10.1, "b": 10.1})
+    assert result.violations == ["retries delivered again after their hand-off committed: ['a']"]
 
 
 def test_an_acknowledged_delivery_that_never_ended_is_lost(tmp_path):
