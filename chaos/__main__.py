@@ -55,6 +55,7 @@ SETTINGS = {
     "LOG_LEVEL": "WARNING",
 }
 SETTLE_TIMEOUT = 90.0
+FLEET_CONCURRENCY = "6"  # a fleet takes more retries at once than one host runs
 # Trial n runs its retries the n-th way: here (a command), by webhook, or by hand-off (SPEC §12).
 KINDS = ("command", "webhook", "handoff")
 
@@ -178,7 +179,7 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, ki
     if fleet is None:
         env["SCRAPE_RUN_COMMAND"] = f"{sys.executable} -m chaos.executor {{run_id}}"
     else:
-        env.update(fleet.settings)
+        env.update(fleet.settings, MAX_CONCURRENT_RETRIES=FLEET_CONCURRENCY)
     procs = Processes(url, env, trial_dir)
     for index in range(3):
         procs.start_daemon(index)
@@ -286,7 +287,8 @@ def write_report(trials: list[Trial], seed: int, quick: bool, path: Path) -> Non
         "",
         __doc__.split("\n\n", 2)[2].strip(),
         "",
-        "Settings: " + ", ".join(f"`{k}={v}`" for k, v in SETTINGS.items()) + ", `BATCH_SIZE` 5, 20 or 100.",
+        "Settings: " + ", ".join(f"`{k}={v}`" for k, v in SETTINGS.items()) + ", `BATCH_SIZE` 5, 20 or 100; "
+        f"webhook and hand-off trials: `MAX_CONCURRENT_RETRIES={FLEET_CONCURRENCY}`, `WEBHOOK_TIMEOUT=1s`.",
         "",
         "## What the auditor checks after every trial",
         "",
