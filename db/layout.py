@@ -54,6 +54,11 @@ class Layout:
     def written(self, state: str) -> str:
         return self.values(state)[0]
 
+    def written_states(self) -> tuple[str, ...]:
+        """The states whose values stuck-runs writes: `queued` too once STATUS_MAP maps it (the
+        hand-off writes it, the sweep compares with it), so the column must take its value."""
+        return (*WRITTEN_STATES, "queued") if "queued" in self.statuses else WRITTEN_STATES
+
     def __hash__(self) -> int:
         return hash((tuple(sorted(self.columns.items())), tuple(sorted(self.statuses.items())), self.label))
 

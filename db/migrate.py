@@ -57,6 +57,7 @@ class TablePlan:
     def enum_values(self) -> tuple[str, ...]:
         """The values stuck-runs writes and a status enum may lack (the scraper's own it has)."""
         states = ("pending_retry", "cancelled", "running", "completed", "failed")
+        states += ("queued",) if "queued" in self.layout.statuses else ()
         return tuple(value for state in states for value in self.layout.values(state))
 
     @property

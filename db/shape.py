@@ -14,7 +14,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from db.errors import ConfigError, NotMigrated, SchemaError
-from db.layout import WRITTEN_STATES, Layout, label_fields
+from db.layout import Layout, label_fields
 from db.pauses import PAUSES
 from db.table import DEAD_LETTERS_TABLE, RETRY_COLUMNS, dead_letters_name, quoted_relation, sql_type
 
@@ -207,7 +207,7 @@ def _check_status(conn: Connection, table: sa.Table, qualified: str) -> None:
             f"{qualified}.{status.name} (the status) is {sql_type(status)}: stuck-runs needs text, varchar or an enum"
         )
     limit = status.type.length
-    for state in WRITTEN_STATES:
+    for state in layout.written_states():
         value = layout.written(state)
         if limit is not None and len(value) > limit:
             error = ConfigError if state in layout.statuses else SchemaError
@@ -242,13 +242,13 @@ def status_constraints(conn: Connection, table: sa.Table) -> list[tuple[str, str
 
 def _written_values(table: sa.Table) -> list[str]:
     layout = _layout(table)
-    return [layout.written(state) for state in WRITTEN_STATES]
+    return [layout.written(state) for state in layout.written_states()]
 
 
 def _mapped_values(table: sa.Table) -> list[str]:
     """Every value the mapping names, written or only recognised (`indexing` of running=running|indexing)."""
     layout = _layout(table)
-    return [value for state in WRITTEN_STATES for value in layout.values(state)]
+    return [value for state in layout.written_states() for value in layout.values(state)]
 
 
 def allows(conn: Connection, definition: str, table: sa.Table, value: str) -> bool:

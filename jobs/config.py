@@ -166,24 +166,51 @@ def parse_webhook(text: str, name: str) -> str:
 
     template = str(text).strip()
     example = "e.g. https://scraper.internal/api/scrape-jobs/{run_id}/retry"
+    # The query or a user:password@ may carry a secret: an error line shows the URL without them.
+    bare = re.sub(r"//[^/?#]*@", "//…@", template.split("?", 1)[0], count=1)
+    said = shown(bare + ("?…" if "?" in template else ""))
     try:
         parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
         parts = urlsplit(template)
     except ValueError as exc:
-        raise ConfigError(f"{name}={shown(template)} is not a URL template ({exc}): {example}") from None
+        raise ConfigError(f"{name}={said} is not a URL template ({exc}): {example}") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"{name}={shown(template)} is not an http(s) URL: {example}")
+        raise ConfigError(f"{name}={said} is not an http(s) URL: {example}")
     if "{" in parts.netloc or "}" in parts.netloc or parts.username or parts.password:
         raise ConfigError(
-            f"{name}: the host part of {shown(template)} must be written out (no placeholder, no credentials); "
+            f"{name}: the host part of {said} must be written out (no placeholder, no credentials); "
             "put {placeholders} in the path or query, and a secret in WEBHOOK_SECRET"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    host = parts.hostname or ""
+    if port == -1 or port == 0 or not _is_host(host):
+        raise ConfigError(
+            f"{name}={said} has no valid host and port: write https://host[:port]/path, "
+            "the port a number from 1 to 65535"
         )
     for item, spec, conv in parsed:
         if spec or conv or not COMMAND_PLACEHOLDER.fullmatch(item):
+            shown_item = item + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "")
             raise ConfigError(
-                f"{name}: {{{item}}} is not a placeholder; use {{run_id}} or {{column}} for an input column"
+                f"{name}: {{{shown_item}}} is not a placeholder (no !conversion, no :format); "
+                "use {run_id} or {column} for an input column"
             )
     return template
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.?")
+
+
+def _is_host(host: str) -> bool:
+    """A DNS name or an IP address (IPv6 without its brackets, as urlsplit gives it)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(_HOST_NAME.fullmatch(host)) and len(host) <= 253
 
 
 MAX_WEBHOOK_TIMEOUT = timedelta(minutes=10)
@@ -193,7 +220,9 @@ def parse_webhook_timeout(text: str, name: str) -> timedelta:
     """How long one delivery may take; the retry's row stays locked meanwhile, so it is bounded."""
     value = parse_duration(text, name)
     if value > MAX_WEBHOOK_TIMEOUT:
-        raise ConfigError(f"{name}={shown(text)} is too long: a webhook answers within {MAX_WEBHOOK_TIMEOUT}, at most")
+        raise ConfigError(
+            f"{name}={shown(text)} is too long: use at most 10m (a delivery holds its retry's row locked)"
+        )
     return value
 
 

@@ -141,7 +141,14 @@ def test_retry_now_hands_the_one_retry_over(db_url):
         ({"SCRAPE_RUN_WEBHOOK": "ftp://fleet/run/{run_id}"}, "is not an http(s) URL"),
         ({"SCRAPE_RUN_WEBHOOK": "http://{search_query}.fleet/run"}, "the host part of"),
         ({"SCRAPE_RUN_WEBHOOK": "http://fleet/run/{nope}"}, "{nope} is not a column of scrape_runs"),
-        ({"SCRAPE_RUN_WEBHOOK": "http://fleet/run/{run_id!r}"}, "is not a placeholder"),
+        ({"SCRAPE_RUN_WEBHOOK": "http://fleet/run/{run_id!r}"}, "{run_id!r} is not a placeholder (no !conversion"),
+        (
+            {"SCRAPE_RUN_WEBHOOK": "http://127.0.0.1:abc/x?token=hunter2"},
+            "'http://127.0.0.1:abc/x?…' has no valid host",
+        ),
+        ({"SCRAPE_RUN_WEBHOOK": "http://fleet:99999/x"}, "has no valid host and port"),
+        ({"SCRAPE_RUN_WEBHOOK": "http://exa mple.com/x"}, "has no valid host and port"),
+        ({"SCRAPE_RUN_WEBHOOK": "http://me:hunter2@fleet/x"}, "the host part of 'http://…@fleet/x' must"),
         (
             {"SCRAPE_RUN_WEBHOOK": "http://fleet/run", "SCRAPE_RUN_COMMAND": "true"},
             "SCRAPE_RUN_COMMAND and SCRAPE_RUN_WEBHOOK are both set",
@@ -159,6 +166,7 @@ def test_bad_hand_off_settings_exit_2_in_one_line_and_touch_nothing(db_url, env,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr and "a-secret-of-sixteen-chars" not in result.stderr
+    assert "hunter2" not in result.stderr
     with sa.create_engine(db_url).connect() as conn:
         assert conn.execute(sa.text("SELECT * FROM scrape_runs ORDER BY id")).all() == before
         assert row(conn, retry)["status"] == "pending_retry"
@@ -174,3 +182,58 @@ def test_retry_now_on_the_cli_hands_the_new_retry_to_the_fleet_and_exits_0(db_ur
     with sa.create_engine(db_url).connect() as conn:
         [retry] = [r for r in chain_of(conn, failed) if r["is_retry"]]
     assert (retry["status"], retry["handed_off"]) == ("pending", "queue")
+
+
+def test_a_queued_value_the_column_cannot_take_is_refused_before_anything_changes(databases):
+    url = databases.create()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE vc_runs (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), status varchar(10) NOT NULL,"
+            " started_at timestamptz, completed_at timestamptz, error_message text)"
+        )
+    env = {"DATABASE_URL": url, "SCRAPE_RUNS_TABLE": "vc_runs", "STATUS_MAP": "pending_retry=pend_retry"}
+    assert run_cli("migrate", env=env).returncode == 0
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO vc_runs (status, started_at) VALUES ('running', now() - interval '3 hours')")
+        before = conn.execute(sa.text("SELECT * FROM vc_runs")).all()
+    env["STATUS_MAP"] += ",queued=waiting_for_worker"
+    for command in ("check", "process", "fix"):
+        result = run_cli(command, env={**env, "SCRAPE_RUN_HANDOFF": "queued"})
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr.strip().splitlines() == [
+            "stuck-runs: vc_runs.status is varchar(10), too short for queued='waiting_for_worker': map queued to "
+            "a value of at most 10 characters in STATUS_MAP, or widen the column"
+        ]
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT * FROM vc_runs")).all() == before
+    engine.dispose()
+
+
+def test_a_queued_value_an_enum_lacks_is_added_by_migrate_first(databases):
+    url = databases.create()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TYPE run_status AS ENUM ('running', 'completed', 'failed')")
+        conn.exec_driver_sql(
+            "CREATE TABLE enum_runs (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), status run_status NOT NULL,"
+            " started_at timestamptz, completed_at timestamptz, error_message text)"
+        )
+    env = {"DATABASE_URL": url, "SCRAPE_RUNS_TABLE": "enum_runs"}
+    assert run_cli("migrate", env=env).returncode == 0
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO enum_runs (status, started_at) VALUES ('running', now() - interval '3 hours')"
+        )
+    env.update(STATUS_MAP="queued=pending", SCRAPE_RUN_HANDOFF="queued")
+    refused = run_cli("check", env=env)
+    assert refused.returncode == 1 and "missing status value 'pending'" in refused.stderr, refused.stderr
+    assert "run `stuck-runs migrate`" in refused.stderr and "Traceback" not in refused.stderr
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status::text FROM enum_runs")).scalars().all() == ["running"]
+    assert run_cli("migrate", env=env).returncode == 0
+    checked = run_cli("check", env=env)
+    assert checked.returncode == 0, checked.stderr
+    with engine.connect() as conn:
+        assert "pending" in conn.execute(sa.text("SELECT enum_range(NULL::run_status)::text")).scalar_one()
+    engine.dispose()
