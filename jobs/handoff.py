@@ -11,9 +11,21 @@ from __future__ import annotations
 
 from sqlalchemy.engine import Connection
 
+from db import locks
 from db.engine import database_errors
 from jobs.model import Run
 from jobs.runtime import Runtime
+
+
+def take_slot(rt: Runtime, conn: Connection, slots_ns: int, slot: int) -> bool:
+    """Takes slot `slot` in `conn`'s session (in its open transaction; the caller commits) if it
+    is free and the cap leaves room for one more. Counted and taken under the cap's lock: two
+    sessions taking slots at once each see the other's, and one of them waits for the next
+    poll, never both (each would count the other and neither start)."""
+    q = rt.queries
+    conn.execute(q.handoff_lock)
+    room = conn.execute(q.room, {"sr_max": rt.settings.max_concurrent_retries}).scalar_one()
+    return room > 0 and locks.try_lock(conn, slots_ns, slot)
 
 
 def has_room(rt: Runtime, conn: Connection) -> bool:

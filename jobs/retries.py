@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection
 from db import locks
 from db.engine import database_errors
 from jobs.executor import Execution, ExecutionResult
-from jobs.handoff import has_room, queue_due_retries
+from jobs.handoff import has_room, queue_due_retries, take_slot
 from jobs.model import Run, RunId
 from jobs.patterns import parse_retry_after
 from jobs.rules import (
@@ -316,7 +316,7 @@ class RetryDispatcher:
         with database_errors(self.rt.engine, "executing retries"):
             conn = self.rt.engine.connect()
             try:
-                if not locks.try_lock(conn, self.slots_ns, slot):
+                if not take_slot(self.rt, conn, self.slots_ns, slot):
                     conn.rollback()
                     yield None
                     return
@@ -333,7 +333,7 @@ class RetryDispatcher:
     def _claim_and_execute(
         self, conn: Connection, stop: threading.Event, run_id: RunId | None = None
     ) -> RetryOutcome | None:
-        claim = self.claim(conn, run_id)
+        claim = self.claim(conn, run_id, stop)
         if claim is None:
             return None
         try:
@@ -343,7 +343,7 @@ class RetryDispatcher:
                 locks.unlock_run(conn, self.rt.queries.runs_ns, claim.run.id)
                 conn.commit()
 
-    def claim(self, conn: Connection, run_id: RunId | None = None) -> Claim | None:
+    def claim(self, conn: Connection, run_id: RunId | None = None, stop: threading.Event | None = None) -> Claim | None:
         """Claims the most overdue retry (or pending retry `run_id`, due or not) and starts it.
 
         The claim (`running`, the run lock held in `conn`'s session) commits only once the
@@ -363,7 +363,9 @@ class RetryDispatcher:
                 transaction.rollback()
                 return None
             run = Run.from_row(row, self.rt.runs.input_names)
-            execution = self.rt.executor.start(run)
+            # An executor that waits for the fleet's answer gives up on a signal (jobs/webhook.py).
+            start_until = getattr(self.rt.executor, "start_until", None)
+            execution = start_until(run, stop) if start_until and stop else self.rt.executor.start(run)
             handed_off = getattr(execution, "handed_off", None)
             if getattr(execution, "postponed", False):
                 transaction.rollback()  # the fleet did not take it: pending as it was (record_outcome postpones it)
@@ -423,6 +425,11 @@ def record_outcome(rt: Runtime, policy: RetryPolicy, run: Run, result: Execution
         if result.handed_off:
             log.bind(event="handed_off").info("{}: handed to the fleet ({})", run.label, result.handed_off)
             return RetryOutcome(run.id, run.label, "handed_off")
+        if result.postponed and result.cancelled:
+            # Stopped by a signal while the fleet had not answered: the claim rolled back, so the
+            # retry is pending as it was, due (it was claimed), its budget unspent.
+            log.bind(event="released").info("{}: left pending_retry (stopped by a signal, no budget spent)", run.label)
+            return RetryOutcome(run.id, run.label, "released")
         if result.postponed:
             # The fleet's Retry-After is when it has room again: taken as said; without one, the retry's delay.
             wait = result.retry_after or retry_delay(policy, max(run.retry_count, 1), rt.rng)

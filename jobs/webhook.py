@@ -34,6 +34,7 @@ from jobs.model import Run
 from jobs.patterns import bounded_retry_after
 
 CONNECT_TIMEOUT = timedelta(seconds=5)
+STOP_POLL_SECONDS = 0.1  # how often a delivery in flight looks at the stop flag
 MAX_REDIRECTS = 5
 ERROR_BODY_CHARS = 200  # of an error answer, kept in the attempt's error
 SIGNATURE_HEADER = "X-Stuck-Runs-Signature"
@@ -142,6 +143,27 @@ class WebhookExecutor:
         if verdict.postponed:
             return _postponed(verdict.error, verdict.retry_after)
         return Delivered(ExecutionResult(ok=False, error=verdict.error, retry_after=verdict.retry_after))
+
+    def start_until(self, run: Run, stop: threading.Event) -> Delivered:
+        """`start`, given up when `stop` is set (a signal): the process then stops at once and
+        the retry stays pending, its budget unspent. A delivery the receiver still takes after
+        that is delivered again later with the same `Idempotency-Key`."""
+        answered: list[Delivered] = []
+        worker = threading.Thread(target=lambda: answered.append(self._start_quietly(run)), daemon=True)
+        worker.start()
+        while worker.is_alive() and not stop.wait(STOP_POLL_SECONDS):
+            pass
+        worker.join(0)
+        if answered:
+            return answered[0]
+        stopped = "Stopped by a signal before the fleet answered"
+        return Delivered(ExecutionResult(ok=False, error=stopped, cancelled=True, postponed=True), postponed=True)
+
+    def _start_quietly(self, run: Run) -> Delivered:
+        try:
+            return self.start(run)
+        except Exception as exc:  # noqa: BLE001 - the client closed under a delivery given up on
+            return _postponed(f"Webhook delivery broke off: {type(exc).__name__}")
 
     def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[httpx.Response, str] | str:
         """The answer (and the start of its body) after same-origin redirects, or why a redirect

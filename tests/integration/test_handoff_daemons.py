@@ -3,7 +3,10 @@ worker processes polling the queued value. Nothing delivered twice, nothing lost
 
 from __future__ import annotations
 
+import signal
+import sys
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -134,3 +137,29 @@ def test_a_daemon_killed_between_the_post_and_its_commit_leaves_the_retry_delive
     assert first_post["body"] == second_post["body"]
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM scrape_runs")).scalar_one() == 2
+
+
+@pytest.mark.parametrize("command", ["daemon", "process"])
+def test_a_signal_during_a_delivery_stops_at_once_and_leaves_the_retry_pending(db_url, tmp_path, command):
+    engine = make_engine(db_url)
+    [retry] = due_retries(engine, 1)
+    receiver = start_receiver(tmp_path, script=["hang:20"])
+    settings = {**DAEMON, "SCRAPE_RUN_WEBHOOK": receiver.url + "/retry/{run_id}", "WEBHOOK_TIMEOUT": "30s"}
+    proc = DaemonProcess(db_url, sys.executable, "-m", "scheduler", command, **settings)
+    try:
+        wait_until(lambda: receiver.requests(), timeout=30)
+        signalled = time.monotonic()
+        proc.proc.send_signal(signal.SIGINT if command == "process" else signal.SIGTERM)
+        proc.proc.wait(15)
+        took = time.monotonic() - signalled
+    finally:
+        output = proc.stop()
+        receiver.stop()
+    assert proc.returncode == (130 if command == "process" else 0), output
+    assert took < 5, (took, output)  # not the 20 s the receiver hangs
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT id::text, status, retry_count, handed_off FROM scrape_runs WHERE is_retry")
+        ).all()
+    assert [tuple(r) for r in rows] == [(retry, "pending_retry", 1, None)]
+    assert "Traceback" not in output
