@@ -119,7 +119,7 @@ def _webhook(template: str) -> Check:
             "executor",
             True,
             f"webhook {root} does not answer ({type(exc).__name__}): deliveries wait until it does",
-            "start the receiver, or check the port and the firewall",
+            "start the receiver, or check the port, the scheme (http or https) and the firewall",
             warning=True,
         )
     return Check("executor", True, f"webhook {root} answers (HTTP {answer.status_code} to OPTIONS)")

@@ -98,7 +98,8 @@ class Worker:
         import sqlalchemy as sa
 
         self.args, self.log = args, log
-        self.engine = sa.create_engine(args.database_url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
+        url = args.database_url.replace("postgresql://", "postgresql+psycopg2://", 1)  # as stuck-runs reads it
+        self.engine = sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
         self.down = (sa.exc.OperationalError, sa.exc.InterfaceError)
         self.stopping = threading.Event()
         self.sql: Statements | None = None

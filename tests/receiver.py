@@ -139,6 +139,7 @@ class Fleet:
     def __init__(self, url: str, table: str, fail_every: int | None, log: JsonLog) -> None:
         import sqlalchemy as sa
 
+        url = url.replace("postgresql://", "postgresql+psycopg2://", 1)  # as stuck-runs reads it
         self.engine = sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
         target = quote_table(table)
         self.complete = sa.text(f"UPDATE {target} SET status = 'completed', completed_at = now() WHERE id::text = :id")

@@ -266,7 +266,13 @@ class ReportStatements(TableStatements):
         retried is not counted). With `since`, those whose last attempt ended since `:sr_since`.
         `status` and `stats` both count with this one statement."""
         t = self.t
-        where = [self.retry_candidates().whereclause, sa.or_(t.c.is_retry, t.c.failure_pattern.is_not(None))]
+        where = [
+            self.retry_candidates().whereclause,
+            sa.or_(t.c.is_retry, t.c.failure_pattern.is_not(None)),
+            # A failure the fleet wrote on a retry it was handed is not an end until its chain is
+            # continued (within a poll): it may well be retried.
+            sa.or_(t.c.handed_off.is_(None), t.c.failure_pattern.is_not(None)),
+        ]
         if since:
             where.append(t.c.completed_at >= sa.bindparam("sr_since"))
         return sa.select(self._count(*where).label("permanently_failed"))

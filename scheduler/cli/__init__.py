@@ -40,6 +40,9 @@ HELP = {
     "EXECUTION_TIMEOUT": "Kill an execution after this long. [EXECUTION_TIMEOUT, = STUCK_AFTER]",
     "SCRAPE_RUN_COMMAND": "Argv template, e.g. 'python -m scraper --run-id {run_id}'. [SCRAPE_RUN_COMMAND]",
     "SCRAPE_RUN_CALLABLE": "package.module:function called with the run. [SCRAPE_RUN_CALLABLE]",
+    "SCRAPE_RUN_WEBHOOK": "POST due retries to this URL template (WEBHOOK_SECRET signs them). [SCRAPE_RUN_WEBHOOK]",
+    "WEBHOOK_TIMEOUT": "How long a delivery waits for the answer. [WEBHOOK_TIMEOUT, 30s]",
+    "SCRAPE_RUN_HANDOFF": "queued: hand due retries to the fleet's workers (map queued in STATUS_MAP). [SCRAPE_RUN_HANDOFF]",
     "CHECK_INTERVAL": "How often the stuck checker runs. [CHECK_INTERVAL, 1h]",
     "PROCESS_INTERVAL": "How often the retry processor runs at least. [PROCESS_INTERVAL, 30m]",
     "DISPATCH_POLL": "How often the daemon looks for a due retry and a free slot. [DISPATCH_POLL, 5s]",
@@ -63,7 +66,16 @@ POLICY = (
     "SCRAPE_RUNS_TABLE",
 )
 TABLE_MAPPING = ("COLUMN_MAP", "STATUS_MAP", "RUN_LABEL")
-EXECUTION = ("MAX_CONCURRENT_RETRIES", "EXECUTION_TIMEOUT", "SCRAPE_RUN_COMMAND", "SCRAPE_RUN_CALLABLE")
+# WEBHOOK_SECRET has no flag here: argv is what `ps` shows.
+EXECUTION = (
+    "MAX_CONCURRENT_RETRIES",
+    "EXECUTION_TIMEOUT",
+    "SCRAPE_RUN_COMMAND",
+    "SCRAPE_RUN_CALLABLE",
+    "SCRAPE_RUN_WEBHOOK",
+    "WEBHOOK_TIMEOUT",
+    "SCRAPE_RUN_HANDOFF",
+)
 
 
 def _remember_flag(ctx: click.Context, param: click.Parameter, value: object) -> None:

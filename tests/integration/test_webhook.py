@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from jobs.retries import process_due_retries
 from jobs.rules import RetryPolicy
+from jobs.status import read_status
 from jobs.stuck import sweep_stuck_runs
 from jobs.webhook import signature
 from tests.helpers import chain_of, insert_due_retry, make_runtime, row
@@ -235,8 +236,10 @@ def test_a_failure_the_fleet_writes_continues_the_chain(db_url, receiver, webhoo
             ),
             {"id": retry, "e": "HTTP Error 404: Not Found"},
         )
+    assert read_status(rt).runs.permanently_failed == 0  # not an end before its chain is continued
     [outcome] = process_due_retries(rt).executed
     assert (outcome.run_id, outcome.status, outcome.pattern) == (retry, "failed", "not_found")
+    assert read_status(rt).runs.permanently_failed == 1
     with rt.engine.connect() as conn:
         ended = row(conn, retry)
         assert len(chain_of(conn, root)) == 2
@@ -266,3 +269,16 @@ def test_process_says_what_went_to_the_fleet_and_what_was_postponed(db_url, rece
     assert SECRET not in result.stdout + result.stderr
     with sa.create_engine(db_url).connect() as conn:
         assert row(conn, postponed)["status"] == "pending_retry"
+
+
+def test_the_webhook_and_the_hand_off_are_flags_too(db_url, receiver):
+    from tests.integration.test_cli import cli
+
+    with sa.create_engine(db_url).begin() as conn:
+        _, retry = insert_due_retry(conn)
+    flags = ["--webhook", receiver.url + "/r/{run_id}", "--webhook-timeout", "5s"]
+    result = cli("process", *flags, env={"DATABASE_URL": db_url, "WEBHOOK_SECRET": SECRET})
+    assert result.returncode == 0 and "1 handed to the fleet" in result.stdout, result.stderr
+    assert receiver.requests()[0]["signature_ok"] is True
+    bad = cli("process", "--handoff", "queued", env={"DATABASE_URL": db_url})
+    assert bad.returncode == 2 and "--handoff=queued but STATUS_MAP does not map queued" in bad.stderr, bad.stderr
