@@ -346,11 +346,18 @@ class RetryDispatcher:
     def claim(self, conn: Connection, run_id: RunId | None = None, stop: threading.Event | None = None) -> Claim | None:
         """Claims the most overdue retry (or pending retry `run_id`, due or not) and starts it.
 
-        The claim (`running`, the run lock held in `conn`'s session) commits only once the
-        scraper has started. If the start fails, or this process dies before it, the claim rolls
-        back: the retry stays `pending_retry`, due when it was, its budget unspent. A start that
-        fails raises `StartFailed` (a configuration problem: processing stops). Returns None
-        when there is nothing to claim.
+        A retry run here is claimed (`running`, the run lock held in `conn`'s session) and
+        committed before its scraper starts: a process killed at any moment leaves either a
+        pending retry or a claimed one nobody else will start (the stuck checker fails it once
+        the lock is gone), never a scraper started for a claim that then rolled back and is
+        claimed again — a retry executed twice. A start that fails puts the retry back as it was
+        (due when it was, its budget unspent) and raises `StartFailed` (a configuration problem:
+        processing stops).
+
+        A retry handed to the fleet (a webhook) is the other way round: the claim stays open,
+        the row locked, until the receiver answers, and commits only a 2xx; a process killed
+        meanwhile leaves it pending, delivered again with the same `Idempotency-Key`.
+        Returns None when there is nothing to claim.
         """
         q = self.rt.queries
         params = {"sr_now": self.rt.clock.now(), "sr_limit": 1, "sr_run_id": run_id}
@@ -365,7 +372,11 @@ class RetryDispatcher:
             run = Run.from_row(row, self.rt.runs.input_names)
             # An executor that waits for the fleet's answer gives up on a signal (jobs/webhook.py).
             start_until = getattr(self.rt.executor, "start_until", None)
-            execution = start_until(run, stop) if start_until and stop else self.rt.executor.start(run)
+            if start_until is None:
+                transaction.commit()
+                execution = self._start_claimed(run, row["_sr_was_due"])
+            else:
+                execution = start_until(run, stop or threading.Event())
             handed_off = getattr(execution, "handed_off", None)
             if getattr(execution, "postponed", False):
                 transaction.rollback()  # the fleet did not take it: pending as it was (record_outcome postpones it)
@@ -374,11 +385,9 @@ class RetryDispatcher:
                 conn.execute(q.handoff_lock)
                 conn.execute(q.hand_over, {"sr_now": self.rt.clock.now(), "sr_run_id": run.id, "sr_mode": handed_off})
                 transaction.commit()
-            else:
+            elif transaction.is_active:
                 transaction.commit()
         except BaseException:
-            if execution is not None:
-                execution.abandon()  # started, but the claim could not be kept: nothing may run unclaimed
             if transaction.is_active:
                 transaction.rollback()
             raise  # the slot's session ends, and the run lock with it
@@ -388,6 +397,18 @@ class RetryDispatcher:
             )
             self.observe("started", run)
         return Claim(run, execution, bool(row["_sr_locked"]))
+
+    def _start_claimed(self, run: Run, was_due: datetime | None) -> Execution:
+        """Starts the scraper of a committed claim; if it cannot start, the retry goes back to
+        `pending_retry` as it was, due when it was, and the error is raised."""
+        try:
+            return self.rt.executor.start(run)
+        except BaseException:
+            with database_errors(self.rt.engine, f"handing back run {run.id}"), self.rt.engine.begin() as back:
+                back.execute(
+                    self.rt.queries.unclaim, {"sr_run_id": run.id, "sr_due": was_due, "sr_now": self.rt.clock.now()}
+                )
+            raise
 
     def wait_and_record(self, run: Run, execution: Execution, stop: threading.Event) -> RetryOutcome:
         started = time.monotonic()

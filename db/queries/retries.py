@@ -50,6 +50,16 @@ class RetryStatements(TableStatements):
             .returning(t.c.id)
         )
         self.schedule = self._schedule()
+        self.unclaim = (
+            sa.update(t)
+            .values(
+                status=runs.status("pending_retry"),
+                next_retry_at=sa.bindparam("sr_due", type_=sa.DateTime(timezone=True)),
+                started_at=runs.fresh_attempt_values(NOW).get("started_at", t.c.started_at),
+            )
+            .where(t.c.id == sa.bindparam("sr_run_id"), runs.in_state(t.c.status, "running"))
+            .returning(t.c.id)
+        )
 
     def _fail(self, from_status: str, *, reported: bool) -> sa.Select:
         """Fails the attempts in the arrays and, in the same statement, creates their retries
@@ -184,7 +194,7 @@ class RetryStatements(TableStatements):
         if runs.heartbeat:
             values[runs.heartbeat] = NOW
         if one:
-            chosen = sa.select(t.c.id).where(
+            chosen = sa.select(t.c.id, t.c.next_retry_at).where(
                 t.c.id == sa.bindparam("sr_run_id"),
                 runs.in_state(t.c.status, "pending_retry"),
                 self.pauses.not_paused(NOW),
@@ -193,13 +203,16 @@ class RetryStatements(TableStatements):
         else:
             # MATERIALIZED: the LIMIT ... SKIP LOCKED must run once. As an IN (subquery)
             # PostgreSQL may rescan it per outer row and claim more rows than the limit.
-            due = self._due(lock=True).with_only_columns(t.c.id).cte("due").prefix_with("MATERIALIZED")
+            due = (
+                self._due(lock=True).with_only_columns(t.c.id, t.c.next_retry_at).cte("due").prefix_with("MATERIALIZED")
+            )
         locked = sa.false() if to_queue else sa.func.pg_try_advisory_lock(self.runs_ns, locks.run_key(t.c.id))
         return (
             sa.update(t)
             .values(**values)
             .where(t.c.id == due.c.id, runs.in_state(t.c.status, "pending_retry"))
-            .returning(*runs.keyed(), locked.label("_sr_locked"))
+            # When it was due: a claim whose scraper cannot start puts it back as it was (`unclaim`).
+            .returning(*runs.keyed(), locked.label("_sr_locked"), due.c.next_retry_at.label("_sr_was_due"))
         )
 
     def _superseded(self, *, lock: bool) -> sa.Select:
