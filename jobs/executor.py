@@ -1,8 +1,7 @@
 """Executors run one retry attempt of the scraper. One small protocol, chosen by configuration:
 `start(run)` starts the scraper and returns at once (or raises `StartFailed`); the returned
-`Execution` is then waited for. The processor commits its claim of a retry only once the
-scraper has started, so a claim whose start fails, or whose process dies before the start,
-leaves the retry as it was.
+`Execution` is then waited for. The processor commits its claim of a retry before the start,
+so no retry runs twice; a start that fails puts it back as it was (jobs/retries.py).
 
 - `CommandExecutor`: `SCRAPE_RUN_COMMAND`, an argv template run without a shell, in its own
   process group so a timeout or a shutdown kills the whole scraper.
