@@ -102,6 +102,7 @@ def index_names(qualified: str) -> dict[str, str]:
         "stats": f"ix_{name}_ended_attempts"[:63],
         "newest": f"ix_{name}_newest_first"[:63],
         "handed_off": f"ix_{name}_handed_off"[:63],
+        "fleet_failed": f"ix_{name}_fleet_failed"[:63],
     }
 
 
@@ -461,6 +462,7 @@ def stale_indexes(conn: Connection, plan: TablePlan) -> list[str]:
     wanted = {
         names["running"]: (set(plan.layout.values("running")), f"({plan.column('started_at')})"),
         names["pending"]: (set(plan.layout.values("pending_retry")), "(next_retry_at)"),
+        names["fleet_failed"]: (set(plan.layout.values("failed")), f"({plan.column('started_at')})"),
     }
     found = conn.execute(
         sa.text(

@@ -99,6 +99,7 @@ def _webhook(template: str) -> Check:
     """The receiver's host resolves (a failure), and it answers an OPTIONS at its root (a warning:
     it may be down for now, and doctor never POSTs a retry)."""
     import socket
+    import ssl
     from urllib.parse import urlsplit
 
     import httpx
@@ -113,16 +114,35 @@ def _webhook(template: str) -> Check:
         )
     root = f"{parts.scheme}://{parts.netloc}/"
     try:
-        answer = httpx.options(root, timeout=WEBHOOK_PROBE_TIMEOUT, follow_redirects=False, trust_env=False)
-    except httpx.HTTPError as exc:
-        return Check(
-            "executor",
-            True,
-            f"webhook {root} does not answer ({type(exc).__name__}): deliveries wait until it does",
-            "start the receiver, or check the port, the scheme (http or https) and the firewall",
-            warning=True,
+        answer = httpx.options(
+            root,
+            timeout=WEBHOOK_PROBE_TIMEOUT,
+            follow_redirects=False,
+            trust_env=False,
+            verify=ssl.create_default_context(),  # as deliveries verify
         )
+    except httpx.ConnectError as exc:
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return Check(
+                "executor",
+                False,
+                f"webhook {root}: its TLS certificate is not trusted here",
+                "install its CA in the system's trust store, or point SSL_CERT_FILE at it",
+            )
+        return _unanswered(root, exc)
+    except httpx.HTTPError as exc:
+        return _unanswered(root, exc)
     return Check("executor", True, f"webhook {root} answers (HTTP {answer.status_code} to OPTIONS)")
+
+
+def _unanswered(root: str, exc: Exception) -> Check:
+    return Check(
+        "executor",
+        True,
+        f"webhook {root} does not answer ({type(exc).__name__}): deliveries wait until it does",
+        "start the receiver, or check the port, the scheme (http or https) and the firewall",
+        warning=True,
+    )
 
 
 def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], datetime]) -> list[Check]:

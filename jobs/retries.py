@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import ClassVar
 
 from loguru import logger
@@ -378,8 +378,15 @@ class RetryDispatcher:
             else:
                 execution = start_until(run, stop or threading.Event())
             handed_off = getattr(execution, "handed_off", None)
-            if getattr(execution, "postponed", False):
-                transaction.rollback()  # the fleet did not take it: pending as it was (record_outcome postpones it)
+            if getattr(execution, "postponed", False) and execution.result.cancelled:
+                transaction.rollback()  # stopped by a signal: pending as it was, due
+            elif getattr(execution, "postponed", False):
+                # The fleet could not take it: pending again, due when it said, in this very
+                # transaction: rolled back first, another process would deliver it at once.
+                due = self.rt.clock.now() + postponement(execution.result, self.policy, run, self.rt.rng)
+                conn.execute(q.unclaim, {"sr_run_id": run.id, "sr_due": due, "sr_now": self.rt.clock.now()})
+                transaction.commit()
+                execution.result = replace(execution.result, retry_after=due - self.rt.clock.now())
             elif handed_off:
                 # Under the cap's lock, so no count misses it while it turns from a slot's retry into a hand-off.
                 conn.execute(q.handoff_lock)
@@ -419,6 +426,14 @@ class RetryDispatcher:
         return outcome
 
 
+def postponement(result: ExecutionResult, policy: RetryPolicy, run: Run, rng) -> timedelta:
+    """How long a retry the fleet could not take waits: its Retry-After, taken as said (the fleet
+    knows when it has room), else the retry's own delay."""
+    if result.retry_after is not None:
+        return result.retry_after
+    return retry_delay(policy, max(run.retry_count, 1), rng)
+
+
 def fail_params(items: list[tuple[object, FailureOutcome, str | None]]) -> dict[str, list]:
     """Bind values for `fail_running` / `fail_reported`: (run id, outcome, detail) per attempt."""
     return {
@@ -452,9 +467,7 @@ def record_outcome(rt: Runtime, policy: RetryPolicy, run: Run, result: Execution
             log.bind(event="released").info("{}: left pending_retry (stopped by a signal, no budget spent)", run.label)
             return RetryOutcome(run.id, run.label, "released")
         if result.postponed:
-            # The fleet's Retry-After is when it has room again: taken as said; without one, the retry's delay.
-            wait = result.retry_after or retry_delay(policy, max(run.retry_count, 1), rt.rng)
-            due = now + wait
+            due = now + postponement(result, policy, run, rt.rng)  # the claim wrote it already
             conn.execute(q.postpone, {"sr_run_id": run.id, "sr_due": due})
             log.bind(event="postponed").warning(
                 "{}: {}; delivered again at {} (no budget spent)", run.label, result.error, format_time(due)

@@ -20,9 +20,12 @@ import hmac
 import json
 import os
 import socket
+import ssl
 import threading
+import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 from urllib.parse import quote
@@ -57,12 +60,33 @@ def judge(status: int, reason: str = "", retry_after: str | None = None, body: s
     """The verdict on an HTTP answer (SPEC §12)."""
     if 200 <= status < 300:
         return Verdict(handed=True)
-    after = bounded_retry_after(retry_after) if retry_after else None
-    words = f"HTTP {status} {reason}".strip()
+    after = retry_after_delay(retry_after)
+    words = clean(f"HTTP {status} {reason}".strip())
     if status in POSTPONING:
         return Verdict(postponed=True, error=f"Webhook answered {words}", retry_after=after)
-    detail = " ".join(body.split())[:ERROR_BODY_CHARS]
+    detail = clean(" ".join(body.split()))[:ERROR_BODY_CHARS]
     return Verdict(error=f"Webhook answered {words}" + (f": {detail}" if detail else ""), retry_after=after)
+
+
+def clean(text: str) -> str:
+    """Text an answer brought, fit for a log line and the error column: no NUL (PostgreSQL refuses
+    it), no control characters (a terminal would obey them)."""
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
+def retry_after_delay(value: str | None) -> timedelta | None:
+    """A `Retry-After` in seconds or as an HTTP date; 0 or a date past: due now."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return bounded_retry_after(value) if int(value) > 0 else timedelta(0)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return bounded_retry_after((when - datetime.now(timezone.utc)).total_seconds()) or timedelta(0)
 
 
 def payload(run: Run) -> bytes:
@@ -117,23 +141,33 @@ class WebhookExecutor:
         self.client = httpx.Client(
             timeout=httpx.Timeout(timeout.total_seconds(), connect=connect),
             follow_redirects=False,
-            trust_env=False,  # a proxy from the environment would see every retry; say so in the URL instead
+            trust_env=False,  # no proxy from the environment: it would see every retry and its signature
+            # The system's trust store (and SSL_CERT_FILE): a receiver behind the company's own CA.
+            verify=ssl.create_default_context(),
             # Which process delivered, for the receiver's logs (and the chaos auditor's).
-            headers={"User-Agent": f"stuck-runs ({socket.gethostname()}; pid {os.getpid()})"},
+            headers={
+                "User-Agent": f"stuck-runs ({socket.gethostname()}; pid {os.getpid()})",
+                "Accept-Encoding": "identity",  # an error page is read 4 KB at most, never inflated
+            },
             cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),  # each delivery stands alone
         )
 
     def start(self, run: Run) -> Delivered:
         body = payload(run)
-        headers = {"Content-Type": "application/json", "Idempotency-Key": str(run.id)}
+        # Percent-encoded: a text id may hold what a header cannot (é, a newline); ASCII ids stay as they are.
+        headers = {"Content-Type": "application/json", "Idempotency-Key": quote(str(run.id), safe="")}
         if self.secret:
             headers[SIGNATURE_HEADER] = signature(self.secret, body)
         try:
             response = self._post(delivery_url(self.template, run), body, headers)
+        except httpx.ConnectTimeout:
+            return _postponed(f"Webhook did not accept a connection within {self.client.timeout.connect:g}s")
         except httpx.TimeoutException:
             return _postponed(f"Webhook did not answer within {self.client.timeout.read:g}s")
-        except httpx.HTTPError as exc:
-            return _postponed(f"Webhook unreachable: {type(exc).__name__}: {exc}"[:500])
+        except httpx.TransportError as exc:  # refused, reset, DNS, TLS: the fleet may be back later
+            return _postponed(f"Webhook unreachable: {type(exc).__name__}: {clean(str(exc))}"[:500])
+        except (httpx.HTTPError, ValueError) as exc:  # a malformed redirect, an id a URL cannot hold
+            return Delivered(ExecutionResult(ok=False, error=f"Webhook delivery failed: {type(exc).__name__}"))
         if isinstance(response, str):
             return Delivered(ExecutionResult(ok=False, error=response))
         answer, start = response
@@ -151,11 +185,16 @@ class WebhookExecutor:
         answered: list[Delivered] = []
         worker = threading.Thread(target=lambda: answered.append(self._start_quietly(run)), daemon=True)
         worker.start()
-        while worker.is_alive() and not stop.wait(STOP_POLL_SECONDS):
+        # httpx bounds each read, not the whole answer: a receiver dripping a byte a minute would
+        # hold the row for days. The delivery as a whole gets connect + read timeout.
+        deadline = time.monotonic() + self.client.timeout.connect + self.client.timeout.read
+        while worker.is_alive() and not stop.wait(STOP_POLL_SECONDS) and time.monotonic() < deadline:
             pass
         worker.join(0)
         if answered:
             return answered[0]
+        if not stop.is_set():
+            return _postponed(f"Webhook did not answer within {self.client.timeout.read:g}s")
         stopped = "Stopped by a signal before the fleet answered"
         return Delivered(ExecutionResult(ok=False, error=stopped, cancelled=True, postponed=True), postponed=True)
 
@@ -163,7 +202,7 @@ class WebhookExecutor:
         try:
             return self.start(run)
         except Exception as exc:  # noqa: BLE001 - the client closed under a delivery given up on
-            return _postponed(f"Webhook delivery broke off: {type(exc).__name__}")
+            return Delivered(ExecutionResult(ok=False, error=f"Webhook delivery failed: {type(exc).__name__}"))
 
     def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[httpx.Response, str] | str:
         """The answer (and the start of its body) after same-origin redirects, or why a redirect

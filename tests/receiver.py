@@ -57,6 +57,7 @@ class Answer:
     headers: tuple[tuple[str, str], ...] = ()
     delay_seconds: float = 0.0
     reset: bool = False
+    drip_seconds: float = 0.0  # headers sent a byte every 0.2 s for this long, then the answer
 
     @property
     def accepts(self) -> bool:
@@ -82,6 +83,8 @@ def answer_for(token: str, port: int) -> Answer:
             return _text(int(argument))
         if name in ("429", "503"):
             return _text(int(name), (("Retry-After", str(int(argument))),) if argument else ())
+        if name == "drip":  # a receiver (or proxy) that never stalls long enough for a read timeout
+            return Answer(drip_seconds=float(argument))
         if name == "hang":
             return Answer(delay_seconds=float(argument))
         if token == "reset":
@@ -258,6 +261,18 @@ class ScriptedHandler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             os.close(self.connection.detach())
             self.close_connection = True
+            return
+        if answer.drip_seconds:
+            self.wfile.write(b"HTTP/1.1 202 Accepted\r\nX-Drip: ")
+            deadline = time.monotonic() + answer.drip_seconds
+            while time.monotonic() < deadline:
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return  # the client gave up
+                time.sleep(0.2)
+            self.wfile.write(b"\r\nContent-Length: 0\r\n\r\n")
             return
         self.send_response(answer.status)
         for name, value in answer.headers:

@@ -77,7 +77,8 @@ class SweepStatements(TableStatements):
         progress = runs.progress()
         watched = [runs.in_state(t.c.status, state)]
         if state == "queued":
-            watched.append(t.c.handed_off == "queue")
+            # Handed off either way: a webhook's receiver may queue it in the same value.
+            watched.append(t.c.handed_off.is_not(None))
         query = (
             sa.select(
                 t.c.id,

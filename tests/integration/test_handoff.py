@@ -237,3 +237,37 @@ def test_a_queued_value_an_enum_lacks_is_added_by_migrate_first(databases):
     with engine.connect() as conn:
         assert "pending" in conn.execute(sa.text("SELECT enum_range(NULL::run_status)::text")).scalar_one()
     engine.dispose()
+
+
+def test_a_webhook_hand_off_its_receiver_queued_and_nobody_started_is_failed_too(db_url):
+    rt = handoff_runtime(db_url)
+    [retry] = due_retries(rt)
+    with rt.engine.begin() as conn:  # delivered by webhook; the receiver put it in its own queue
+        conn.execute(
+            sa.text(
+                "UPDATE scrape_runs SET status = 'pending', handed_off = 'webhook', started_at = now() WHERE id = :id"
+            ),
+            {"id": retry},
+        )
+    set_started(rt, retry, timedelta(minutes=121))
+    assert sweep_stuck_runs(rt).failed == 1
+    with rt.engine.connect() as conn:
+        assert row(conn, retry)["error_message"] == "Run not started after 2.0h - retry 2/4 scheduled"
+
+
+def test_the_fleets_failures_are_read_through_their_own_small_index(db_url):
+    from sqlalchemy.dialects import postgresql
+
+    rt = handoff_runtime(db_url)
+    statement = rt.queries.fleet_failures.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
+    with rt.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO scrape_runs (search_query, location_query, status, started_at, handed_off, is_retry,"
+                " retry_count, failure_pattern) SELECT 'q', 'l', 'failed', now(), 'queue', true, 1, 'server_error'"
+                " FROM generate_series(1, 20000)"
+            )
+        )
+        conn.exec_driver_sql("ANALYZE scrape_runs")
+        plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN {str(statement).replace(':sr_limit', '1000')}").scalars())
+    assert "ix_scrape_runs_fleet_failed" in plan, plan

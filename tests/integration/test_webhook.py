@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -282,3 +283,73 @@ def test_the_webhook_and_the_hand_off_are_flags_too(db_url, receiver):
     assert receiver.requests()[0]["signature_ok"] is True
     bad = cli("process", "--handoff", "queued", env={"DATABASE_URL": db_url})
     assert bad.returncode == 2 and "--handoff=queued but STATUS_MAP does not map queued" in bad.stderr, bad.stderr
+
+
+def test_a_receiver_dripping_bytes_is_given_up_after_the_timeout_not_days(receiver):
+    import time
+
+    from jobs.model import Run
+    from jobs.webhook import WebhookExecutor
+
+    receiver.set_script(["drip:30"])
+    executor = WebhookExecutor(receiver.url + "/r/{run_id}", SECRET, timedelta(seconds=1))
+    started = time.monotonic()
+    delivered = executor.start_until(Run(id="r1", status="pending_retry", what="x"), threading.Event())
+    took = time.monotonic() - started
+    executor.close()
+    assert delivered.postponed and "did not answer within 1s" in delivered.result.error
+    assert took < 5, took  # connect + read timeout, though no single read ever waited 1 s
+
+
+def test_a_text_id_a_header_cannot_hold_is_percent_encoded_in_the_key(receiver):
+    from jobs.model import Run
+    from jobs.webhook import WebhookExecutor
+
+    executor = WebhookExecutor(receiver.url + "/r/{run_id}", SECRET, timedelta(seconds=2))
+    delivered = executor.start_until(Run(id="café-1", status="pending_retry", what="x"), threading.Event())
+    executor.close()
+    assert delivered.handed_off == "webhook"
+    [request] = receiver.requests()
+    assert request["key"] == "caf%C3%A9-1" and request["path"] == "/r/caf%C3%A9-1"
+    assert json.loads(request["body"])["id"] == "café-1"
+
+
+def test_an_answer_with_nul_and_escape_bytes_is_cleaned_before_it_is_stored():
+    from jobs.webhook import judge
+
+    verdict = judge(500, "Internal\x1b[31m", None, "boom\x00 \x1b[2Jgone")
+    assert "\x00" not in verdict.error and "\x1b" not in verdict.error
+    assert verdict.error.startswith("Webhook answered HTTP 500 Internal [31m: boom")
+
+
+def test_retry_after_in_seconds_or_as_an_http_date():
+    from email.utils import format_datetime
+
+    from jobs.webhook import retry_after_delay
+
+    assert retry_after_delay("120") == timedelta(seconds=120)
+    assert retry_after_delay("0") == timedelta(0)
+    soon = format_datetime(datetime.now(timezone.utc) + timedelta(minutes=10), usegmt=True)
+    assert timedelta(minutes=9) < retry_after_delay(soon) <= timedelta(minutes=10)
+    past = format_datetime(datetime.now(timezone.utc) - timedelta(minutes=10), usegmt=True)
+    assert retry_after_delay(past) == timedelta(0)
+    assert retry_after_delay("soon") is None and retry_after_delay(None) is None
+
+
+def test_a_postponed_delivery_is_due_later_as_soon_as_its_claim_ends(db_url, receiver, webhook_runtime):
+    """Written in the claim's own transaction: rolled back first and postponed after, another
+    process could claim the still-due retry in between and POST it again at once."""
+    from jobs.retries import RetryDispatcher
+
+    receiver.set_script(["503:3600"])
+    rt = webhook_runtime(db_url, receiver)
+    _, retry = due_retry(rt)
+    dispatcher = RetryDispatcher(rt, POLICY)
+    with rt.engine.connect() as conn:
+        claim = dispatcher.claim(conn, stop=threading.Event())
+        assert claim is not None and claim.execution.postponed
+        with rt.engine.connect() as other:  # before the outcome is recorded
+            pending = row(other, retry)
+        conn.rollback()
+    assert pending["status"] == "pending_retry"
+    assert pending["next_retry_at"] > datetime.now(timezone.utc) + timedelta(minutes=55)
