@@ -346,15 +346,21 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="shorter chaos per trial")
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help=f"how retries run, in turns: some of {', '.join(KINDS)}"
+    )
     parser.add_argument("--out", default=str(REPO / "RELIABILITY.md"), help="the report ('-': none)")
     args = parser.parse_args()
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if not kinds or set(kinds) - set(KINDS):
+        parser.error(f"--kinds: use some of {', '.join(KINDS)}")
     work = Path(tempfile.mkdtemp(prefix="stuck-runs-chaos-"))
     server = OwnServer(work)
     trials = []
     try:
         for number in range(args.trials):
             seed = args.seed * 1000 + number
-            trial = run_trial(server, seed, 6.0 if args.quick else 15.0, work, KINDS[number % len(KINDS)])
+            trial = run_trial(server, seed, 6.0 if args.quick else 15.0, work, kinds[number % len(kinds)])
             trials.append(trial)
             print(
                 json.dumps(
