@@ -314,20 +314,6 @@ def status_labels(conn: Connection, table: sa.Table) -> set[str]:
     )
 
 
-def value_problem(conn: Connection, table: sa.Table, value: str) -> str | None:
-    """Why the status column cannot take `value` (its length, its enum, a CHECK), or None."""
-    status = table.c.status
-    limit = getattr(status.type, "length", None)
-    if limit is not None and len(value) > limit:
-        return f"{status.name} is varchar({limit}), too short for {value!r}"
-    if table.info["enum_names"].get("status") and value not in status_labels(conn, table):
-        return f"the enum of {status.name} has no value {value!r}"
-    for name, definition in status_constraints(conn, table):
-        if not allows(conn, definition, table, value):
-            return f"CHECK constraint {name} on {status.name} forbids {value!r}"
-    return None
-
-
 def missing_enum_values(conn: Connection, table: sa.Table) -> list[str]:
     """The values stuck-runs writes that the status enum lacks (none when status is text)."""
     if not table.info["enum_names"].get("status"):

@@ -467,8 +467,7 @@ def record_outcome(rt: Runtime, policy: RetryPolicy, run: Run, result: Execution
             log.bind(event="released").info("{}: left pending_retry (stopped by a signal, no budget spent)", run.label)
             return RetryOutcome(run.id, run.label, "released")
         if result.postponed:
-            due = now + postponement(result, policy, run, rt.rng)  # the claim wrote it already
-            conn.execute(q.postpone, {"sr_run_id": run.id, "sr_due": due})
+            due = now + postponement(result, policy, run, rt.rng)  # written by the claim, in its transaction
             log.bind(event="postponed").warning(
                 "{}: {}; delivered again at {} (no budget spent)", run.label, result.error, format_time(due)
             )

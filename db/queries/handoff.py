@@ -1,6 +1,6 @@
 """The statements of retries handed to the fleet (SPEC §12): the room the concurrency cap leaves,
-handing a delivered retry over, postponing one the receiver could not take, and the handed-off
-attempts the fleet failed, whose chains stuck-runs continues.
+handing a delivered retry over, and the handed-off attempts the fleet failed, whose chains
+stuck-runs continues.
 
 A handed-off retry is one whose `handed_off` is set (`webhook` or `queue`); it counts against
 MAX_CONCURRENT_RETRIES until it ends (neither queued nor running), like a retry executing here,
@@ -17,7 +17,7 @@ from db.table import RunsTable
 
 
 class HandoffStatements(TableStatements):
-    """`room`, `handoff_lock`, `hand_over`, `postpone` and `fleet_failures` for one table."""
+    """`room`, `handoff_lock`, `hand_over` and `fleet_failures` for one table."""
 
     def __init__(self, runs: RunsTable) -> None:
         super().__init__(runs)
@@ -42,12 +42,6 @@ class HandoffStatements(TableStatements):
             sa.update(t)
             .values(**values)
             .where(t.c.id == sa.bindparam("sr_run_id"), runs.in_state(t.c.status, "running"))
-            .returning(t.c.id)
-        )
-        self.postpone = (
-            sa.update(t)
-            .values(next_retry_at=sa.bindparam("sr_due", type_=sa.DateTime(timezone=True)))
-            .where(t.c.id == sa.bindparam("sr_run_id"), runs.in_state(t.c.status, "pending_retry"))
             .returning(t.c.id)
         )
         # The scraper wrote `failed` on a retry it was handed: its chain goes on like any
