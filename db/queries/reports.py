@@ -56,7 +56,10 @@ class ReportStatements(TableStatements):
             query = query.where(runs.in_state(t.c.status, state))
         if search:
             pattern = sa.bindparam("sr_search")
-            searched = [sa.cast(t.c[key], sa.Text) for key in runs.label_keys()] + [runs.error_text(t.c.error_message)]
+            # The error as text: `#>>` on a json column is typed as the column, which bound the pattern as
+            # JSONB (`text ~~* jsonb` does not exist).
+            error = sa.cast(runs.error_text(t.c.error_message), sa.Text)
+            searched = [sa.cast(t.c[key], sa.Text) for key in runs.label_keys()] + [error]
             query = query.where(sa.or_(*(column.ilike(pattern) for column in searched)))
         if since:
             query = query.where(t.c.started_at >= sa.bindparam("sr_since"))
