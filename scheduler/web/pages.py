@@ -33,7 +33,7 @@ from jobs.runtime import Runtime
 from jobs.stats import retry_stats
 from jobs.status import read_status
 from jobs.timeline import HourlyTimeline, hourly_timeline
-from scheduler.documents import plain
+from scheduler.documents import json_text, plain
 from scheduler.web.api import OVERVIEW_WINDOW, PERMANENT_WINDOW, ApiError, Caller, answering
 from scheduler.web.auth import ADMIN, SESSION_COOKIE, Tokens
 
@@ -64,7 +64,7 @@ def path_part(value: object) -> str:
 
 
 templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=StrictUndefined)
-templates.filters.update(when=shown_time, part=path_part, percent=percent)
+templates.filters.update(when=shown_time, part=path_part, percent=percent, json=json_text)
 templates.globals.update(refresh_seconds=REFRESH_SECONDS)
 
 

@@ -578,3 +578,26 @@ def test_without_tokens_the_sign_in_page_sends_the_browser_to_the_overview(db_ur
         web.stop()
     assert answer.status_code == 303 and answer.headers["location"] == "/"
     assert overview.status_code == 200
+
+
+def test_a_dead_letters_inputs_are_shown_as_json_on_the_page_and_by_dlq_show(web, engine, db_url):
+    """Not Python's reprs (`{'pages': 3}`, `None`, `'Belgium'`): what a script or a person can paste."""
+    spent = spent_chain(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO scrape_run_dead_letters (run_id, chain_id, attempts, budget, pattern, last_error, inputs)"
+                " VALUES (:r, :r, 5, 4, 'server_error', 'HTTP 503', CAST(:i AS jsonb))"
+            ),
+            {"r": spent, "i": '{"config": {"pages": 3}, "results_count": null, "location_query": "Belgium"}'},
+        )
+    reader, _ = signed_in(web, READER)
+    page = reader.get("/dead-letters").text
+    assert "<dd>{&#34;pages&#34;: 3}</dd>" in page and "<dd>null</dd>" in page, page
+    assert "<dd>&#34;Belgium&#34;</dd>" in page
+    assert "None" not in page and "&#39;pages&#39;" not in page
+    shown = cli("dlq", "show", "1", env={"DATABASE_URL": db_url})
+    assert shown.returncode == 0, shown.stderr
+    assert '        config = {"pages": 3}' in shown.stdout.splitlines(), shown.stdout
+    assert '        results_count = null' in shown.stdout.splitlines()
+    assert '        location_query = "Belgium"' in shown.stdout.splitlines()
