@@ -323,7 +323,11 @@ def build_api(
     def runs(
         status: str | None = Query(None, description="running, completed, failed, pending_retry, cancelled"),
         q: str | None = Query(None, description=f"text in the run's inputs or its error, any case (≤ {MAX_SEARCH})"),
-        since: str | None = Query(None, description="started within this long (90m, 24h, 7d)"),
+        since: str | None = Query(
+            None,
+            description="within this long (90m, 24h, 7d), by the time that describes the status: started; "
+            "due (overdue or due within it) for pending_retry; ended for cancelled; handed off for queued",
+        ),
         limit: int = Query(50, ge=1, le=MAX_PAGE),
         cursor: str | None = Query(None, description="next_cursor of the previous page"),
     ) -> dict:

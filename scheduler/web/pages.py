@@ -27,7 +27,7 @@ from db.errors import RetryRefused
 from db.layout import WRITTEN_STATES
 from jobs.config import parse_duration
 from jobs.dead_letters import list_dead_letters
-from jobs.listing import RunFilter, list_runs
+from jobs.listing import RunFilter, list_runs, window_label
 from jobs.manual import ChainHistory, chain_history, retry_run
 from jobs.runtime import Runtime
 from jobs.stats import retry_stats
@@ -218,6 +218,7 @@ def build_pages(
                 "next_page": later,
                 "first_page": "/runs?" + urlencode(chosen) if cursor else None,
                 "filters": {"status": status, "q": q, "since": since},
+                "window_label": window_label(status or None),  # "Due within" for pending retries...
                 "states": WRITTEN_STATES,
             }
 

@@ -601,3 +601,13 @@ def test_a_dead_letters_inputs_are_shown_as_json_on_the_page_and_by_dlq_show(web
     assert '        config = {"pages": 3}' in shown.stdout.splitlines(), shown.stdout
     assert '        results_count = null' in shown.stdout.splitlines()
     assert '        location_query = "Belgium"' in shown.stdout.splitlines()
+
+
+def test_the_runs_pages_window_is_named_by_the_time_that_describes_the_status(web, engine):
+    with engine.begin() as conn:
+        insert_run(conn, status="pending_retry", search_query="Due soon", next_retry_at=NOW + timedelta(hours=1))
+    reader, _ = signed_in(web, READER)
+    assert "Started within <input" in reader.get("/runs", params={"since": "24h"}).text
+    pending = reader.get("/runs", params={"status": "pending_retry", "since": "24h"}).text
+    assert "Due within <input" in pending and "Due soon" in pending and "No run matches" not in pending
+    assert "Ended within <input" in reader.get("/runs", params={"status": "cancelled"}).text
