@@ -143,8 +143,8 @@ def status(ctx: click.Context, as_json: bool) -> int:
     runs = report.runs
     click.echo(
         f"Runs: {runs.running} running ({runs.stuck} stuck) · {runs.pending_retry} pending_retry "
-        f"(next due {when(runs.next_due)}) · {runs.permanently_failed} permanently failed "
-        "(chains ended failed, no retry coming)"
+        f"(next due {when(runs.next_due)}) · permanently failed ({runs.permanently_failed_window}): "
+        f"{runs.permanently_failed} (chains ended failed, no retry coming)"
     )
     if runs.fleet_shown(hands_off):
         click.echo(f"Handed to the fleet: {handed_off_message(runs.handed_off_queued, runs.handed_off_running)}")

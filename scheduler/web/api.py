@@ -39,9 +39,6 @@ from scheduler.web.auth import ADMIN, READ, SESSION_COOKIE, Tokens, bearer, same
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 OVERVIEW_WINDOW = timedelta(days=7)  # the overview's chart
-# Permanent failures the overview and /api/status count: each failed attempt of the window is
-# probed twice (a later retry? a completed run?); a day of a busy fleet is ~60 ms, a week 400 ms.
-PERMANENT_WINDOW = timedelta(days=1)
 MAX_BODY_BYTES = 64 * 1024
 # A switch is `true` or `false`, nothing looser: `dry_run=no` must not run for real.
 Flag = Literal["true", "false"]
@@ -375,7 +372,7 @@ def build_api(
         """Daemons alive, each job's last and next run, and the run counts (`stuck-runs status`):
         `running_retries` executing here, `handed_off_queued` / `handed_off_running` at the fleet."""
         with answering("Failed to read status"):
-            return {"success": True, "data": plain(read_status(rt, PERMANENT_WINDOW))}
+            return {"success": True, "data": plain(read_status(rt))}
 
     @api.get("/stats", dependencies=read)
     def stats(since: str = Query("7d", description="a window such as 24h or 7d")) -> dict:

@@ -34,7 +34,7 @@ from jobs.stats import retry_stats
 from jobs.status import read_status
 from jobs.timeline import HourlyTimeline, hourly_timeline
 from scheduler.documents import json_text, plain
-from scheduler.web.api import OVERVIEW_WINDOW, PERMANENT_WINDOW, ApiError, Caller, answering
+from scheduler.web.api import OVERVIEW_WINDOW, ApiError, Caller, answering
 from scheduler.web.auth import ADMIN, SESSION_COOKIE, Tokens
 
 HERE = Path(__file__).resolve().parent
@@ -195,7 +195,7 @@ def build_pages(
     def overview(request: Request) -> Response:
         def read() -> dict[str, Any]:
             timeline = hourly_timeline(rt, OVERVIEW_WINDOW)
-            status = read_status(rt, PERMANENT_WINDOW)
+            status = read_status(rt)
             return {
                 "page": "overview",
                 "status": plain(status),

@@ -9,6 +9,7 @@ else in a temporary directory, so a test run leaves the committed pictures alone
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -611,3 +612,27 @@ def test_the_runs_pages_window_is_named_by_the_time_that_describes_the_status(we
     pending = reader.get("/runs", params={"status": "pending_retry", "since": "24h"}).text
     assert "Due within <input" in pending and "Due soon" in pending and "No run matches" not in pending
     assert "Ended within <input" in reader.get("/runs", params={"status": "cancelled"}).text
+
+
+def test_permanently_failed_is_one_24h_count_named_alike_by_status_json_api_and_overview(web, engine, db_url):
+    """A chain dead-lettered three days ago is outside the window everywhere; one of an hour ago in it."""
+    for ended_ago in (timedelta(days=3), timedelta(hours=1)):
+        root = failed_run(
+            engine, failure_pattern="stuck", started_at=NOW - ended_ago - timedelta(hours=3),
+            completed_at=NOW - ended_ago - timedelta(hours=2), max_retries=1,
+        )
+        failed_run(
+            engine, is_retry=True, retry_count=1, max_retries=1, original_run_id=root, failure_pattern="server_error",
+            started_at=NOW - ended_ago - timedelta(minutes=30), completed_at=NOW - ended_ago,
+        )
+    env = {"DATABASE_URL": db_url}
+    text = cli("status", env=env)
+    assert text.returncode == 0, text.stderr
+    assert "permanently failed (24h): 1 (chains ended failed, no retry coming)" in text.stdout, text.stdout
+    counts = json.loads(cli("status", "--json", env=env).stdout)["runs"]
+    assert (counts["permanently_failed"], counts["permanently_failed_window"]) == (1, "24h")
+    reader, _ = signed_in(web, READER)
+    api = reader.get("/api/status").json()["data"]["runs"]
+    assert (api["permanently_failed"], api["permanently_failed_window"]) == (1, "24h")
+    overview = reader.get("/").text
+    assert '<h2>Permanently failed (24h)</h2><p class="number">1</p>' in overview, overview
