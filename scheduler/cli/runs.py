@@ -342,10 +342,11 @@ def _wait_for_slot(rt, stop: threading.Event) -> None:
 
 
 def print_bulk(result: BulkRetryResult, show_all: bool = False) -> None:
-    verb = "Would retry" if result.dry_run else "Retried"
     dues = [s.due for s in result.scheduled]
-    window = f", due {when(min(dues))} to {when(max(dues))}" if dues else ""
-    click.echo(f"{verb} {len(result.scheduled)} failed chain(s){window}; {len(result.skipped)} skipped.")
+    window = f"; due {when(min(dues))} to {when(max(dues))}" if dues else ""
+    click.echo(f"{result.message}{window}.")
+    if result.beyond_limit:
+        click.echo(f"{result.beyond_limit}.")
     listing(
         ("RUN ID", "RUN", "ATTEMPT", "DUE", "RETRY ID"),
         result.scheduled,
