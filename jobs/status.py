@@ -21,6 +21,7 @@ from db.errors import DatabaseUnavailable, OperatorError
 from jobs.control import PauseState, read_pause
 from jobs.recovery import FixResult
 from jobs.runtime import Runtime
+from jobs.waiting import Waiting, read_waiting
 
 CHECKER = "stuck_run_checker"
 PROCESSOR = "retry_processor"
@@ -101,6 +102,7 @@ class StatusReport:
     jobs: tuple[JobState, ...]
     runs: RunCounts
     pause: PauseState | None = None  # retries paused: nothing starts until it ends
+    waiting: Waiting | None = None  # due retries held back, and why (paused, every slot taken)
 
     @property
     def daemon_alive(self) -> bool:
@@ -123,6 +125,7 @@ def read_status(rt: Runtime) -> StatusReport:
         counts = conn.execute(rt.queries.counts(), {"sr_cutoff": now - rt.settings.policy.stuck_after}).mappings().one()
         permanent = conn.execute(rt.queries.permanently_failed(since=True), {"sr_since": since}).scalar_one()
         pause = read_pause(rt, conn)
+        waiting = read_waiting(rt, conn)
     daemons = tuple(DaemonState(d["host"], d["pid"], d["started_at"], d["heartbeat_at"], d["jobs"]) for d in alive)
     jobs = []
     for job_id in JOB_IDS:
@@ -148,6 +151,7 @@ def read_status(rt: Runtime) -> StatusReport:
         tuple(jobs),
         RunCounts(**counts, permanently_failed=permanent, permanently_failed_since=since),
         pause,
+        waiting,
     )
 
 

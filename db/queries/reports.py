@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from db.messages import STUCK_PATTERN
-from db.queries.common import TableStatements
+from db.queries.common import NOW, TableStatements
 from db.table import RunsTable
 
 # What `stats` reads of each attempt that ended in its window.
@@ -167,6 +167,13 @@ class ReportStatements(TableStatements):
             *self._handed_off_now(),
             sa.select(sa.func.min(t.c.next_retry_at)).where(pending).scalar_subquery().label("next_due"),
         )
+
+    def due_now(self) -> sa.Select:
+        """How many pending retries are due at `:sr_now` (the pending index): those a pass would
+        start, were it not paused and a slot free."""
+        t = self.t
+        due = [self.runs.in_state(t.c.status, "pending_retry"), t.c.next_retry_at <= NOW]
+        return sa.select(self._count(*due).label("due"))
 
     # -- statistics (attempts that ended since `:sr_since`; the ended-attempts index) --------
     #

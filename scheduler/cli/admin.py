@@ -152,6 +152,8 @@ def status(ctx: click.Context, as_json: bool) -> int:
         click.echo(f"Warning: {untimed_message(runs.untimed)}; `stuck-runs doctor` says how to fix them.")
     if report.pause:
         click.echo(f"{report.pause.message}: no retry starts; `stuck-runs resume` ends it.")
+    if report.waiting:
+        click.echo(f"Waiting: {report.waiting.message}.")
     return EXIT_OK
 
 

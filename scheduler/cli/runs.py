@@ -76,6 +76,8 @@ def print_process(result: ProcessResult, *, listed: bool = False, show_all: bool
             shrink=("RUN",),
             show_all=show_all,
         )
+        if result.waiting:
+            click.echo(f"Nothing starts now: {result.waiting.message}.")
     else:
         released = f", {result.released} put back to pending_retry" if result.released else ""
         fleet = f", {result.handed_off} handed to the fleet" if result.handed_off else ""
@@ -85,6 +87,8 @@ def print_process(result: ProcessResult, *, listed: bool = False, show_all: bool
             f"Retry processor: {len(result.superseded)} superseded, {ran} executed "
             f"({result.succeeded} completed, {result.failed} failed){released}{fleet} ({result.seconds:.2f}s)."
         )
+        if result.waiting:
+            click.echo(f"{'Not started' if result.executed else 'Nothing started'}: {result.waiting.message}.")
         if not listed:
             listing(
                 ("RUN ID", "RUN", "STATUS", "MESSAGE", "NEXT RETRY"),

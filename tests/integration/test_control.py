@@ -95,6 +95,8 @@ def test_a_paused_daemon_starts_no_retry_until_resumed(engine, db_url, tmp_path)
         assert status_of(engine, retry) == "pending_retry"
         status = cli("status", env=env)
         assert "Retries paused until resumed" in status.stdout
+        # the processor's tick says why nothing started, in the daemon's log
+        wait_until(lambda: "1 due retry waiting: paused until resumed by cli on " in daemon.output(), timeout=30)
         resumed = cli("resume", env=env)
         assert resumed.returncode == 0 and "Retries resumed." in resumed.stdout
         wait_until(lambda: status_of(engine, retry) == "completed", timeout=30)
@@ -317,3 +319,44 @@ def test_bulk_cancel_says_how_many_matched_beyond_its_limit_over_cli_json_and_ap
     assert done["data"]["matched"] == 3 and len(done["data"]["cancelled"]) == 3
     with engine.connect() as conn:
         assert {r["status"] for r in rows(conn, "search_query LIKE 'Blocked%' AND is_retry")} == {"cancelled"}
+
+
+# -- why nothing started ---------------------------------------------------------------------------
+
+
+def test_process_status_api_and_overview_say_why_due_retries_wait(engine, db_url):
+    """Paused, or every slot taken by a retry handed to the fleet: `process` used to print
+    "0 superseded, 0 executed" (and `--dry-run` "would execute 2") without a word why."""
+    env = {"DATABASE_URL": db_url, "SCRAPE_RUN_COMMAND": "true"}
+    retries = [due_retry(engine, search_query=f"Waiting {n}")[1] for n in range(2)]
+    assert cli("pause", env=env).returncode == 0
+    paused = cli("process", env=env)
+    assert paused.returncode == 0, paused.stderr
+    lines = paused.stdout.splitlines()
+    [why] = [line for line in lines if "waiting" in line]
+    assert why.startswith("Nothing started: 2 due retries waiting: paused until resumed by cli on "), paused.stdout
+    dry = cli("process", "--dry-run", env=env)
+    assert "Nothing starts now: 2 due retries waiting: paused until resumed" in dry.stdout, dry.stdout
+    as_json = json.loads(cli("process", "--json", env=env).stdout)
+    assert as_json["waiting"]["due"] == 2 and as_json["waiting"]["message"].startswith("2 due retries waiting: paused")
+    status = cli("status", env=env)
+    assert "2 due retries waiting: paused until resumed by cli on " in status.stdout, status.stdout
+    server = WebServer(db_url)
+    try:
+        with server.client(READER) as http:
+            api = http.get("/api/status").json()["data"]
+            overview = http.get("/").text
+    finally:
+        server.stop()
+    assert api["waiting"]["message"].startswith("2 due retries waiting: paused until resumed by cli on ")
+    assert "2 due retries waiting: paused until resumed by cli on " in overview
+    assert [status_of(engine, r) for r in retries] == ["pending_retry"] * 2
+
+    assert cli("resume", env=env).returncode == 0
+    with engine.begin() as conn:  # the one slot (MAX_CONCURRENT_RETRIES=1) is a hand-off the fleet runs
+        insert_run(conn, status="running", search_query="At the fleet", started_at=NOW, handed_off="webhook")
+    full = cli("process", env=env)
+    assert full.returncode == 0, full.stderr
+    assert "Nothing started: 2 due retries waiting for a slot (cap 1)" in full.stdout, full.stdout
+    assert "2 due retries waiting for a slot (cap 1)" in cli("status", env=env).stdout
+    assert [status_of(engine, r) for r in retries] == ["pending_retry"] * 2
