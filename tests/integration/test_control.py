@@ -272,7 +272,8 @@ def test_bulk_retry_says_how_many_matched_beyond_its_limit_and_lists_every_skip_
         )
         # a chain whose retry an operator cancelled: over, not retryable
         root, retry = insert_due_retry(conn, search_query="Bulk cancelled")
-        conn.execute(sa.text("UPDATE scrape_runs SET error_message = 'HTTP 503 from the site' WHERE id = :r"), {"r": root})
+        site_error = "UPDATE scrape_runs SET error_message = 'HTTP 503 from the site' WHERE id = :r"
+        conn.execute(sa.text(site_error), {"r": root})
         conn.execute(sa.text("UPDATE scrape_runs SET status = 'cancelled' WHERE id = :r"), {"r": retry})
     env = {"DATABASE_URL": db_url}
     preview = cli("retry", "--error-like", "%503%", "--limit", "3", "--dry-run", env=env)
