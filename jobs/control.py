@@ -17,7 +17,8 @@ from sqlalchemy.engine import Connection
 from db.engine import database_errors
 from db.errors import CancelRefused
 from db.messages import CANCELLED_BY_OPERATOR
-from jobs.manual import RetryCriteria, chain_history, criteria_params
+from db.queries.retries import matching_count
+from jobs.manual import RetryCriteria, beyond_limit, chain_history, criteria_params
 from jobs.model import Run, RunId
 from jobs.rules import format_time
 from jobs.runtime import Runtime
@@ -38,9 +39,32 @@ class CancelledRetry:
 
 
 @dataclass(frozen=True)
+class SkippedCancel:
+    retry_id: RunId
+    label: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class BulkCancelResult:
-    cancelled: tuple[CancelledRetry, ...]
+    cancelled: tuple[CancelledRetry, ...]  # cancelled, or in a dry run those that would be
     dry_run: bool = False
+    matched: int = 0  # pending retries the filters match, the limit aside
+    limit: int | None = None  # how many of them this took (soonest due first)
+    skipped: tuple[SkippedCancel, ...] = ()  # taken but not cancelled, each with its reason
+
+    @property
+    def message(self) -> str:
+        """What the CLI prints first and the API answers."""
+        verb = "Would cancel" if self.dry_run else "Cancelled"
+        return (
+            f"{verb} {len(self.cancelled)} of {self.matched} matching pending retry(ies); {len(self.skipped)} skipped"
+        )
+
+    @property
+    def beyond_limit(self) -> str | None:
+        """How to act on every match, when the limit left some out."""
+        return beyond_limit(self.matched, self.limit, self.dry_run)
 
 
 @dataclass(frozen=True)
@@ -79,9 +103,17 @@ def cancel_matching(rt: Runtime, criteria: RetryCriteria, *, dry_run: bool = Fal
     statement = rt.queries.pending_candidates(
         error_like=criteria.error_like is not None, columns_like=columns_like, since=criteria.since is not None
     )
-    with database_errors(rt.engine, "finding retries to cancel"), rt.engine.connect() as conn:
+    with database_errors(rt.engine, "finding retries to cancel"), rt.engine.connect() as conn, conn.begin():
         found = [Run.from_row(r, rt.runs.input_names) for r in conn.execute(statement, params).mappings()]
-    return BulkCancelResult(tuple(_cancel(rt, found, dry_run)), dry_run)
+        matched = conn.execute(matching_count(statement), params).scalar_one()
+    results = _cancel(rt, found, dry_run)
+    done = tuple(item for item in results if item.cancelled or dry_run)
+    skipped = tuple(
+        SkippedCancel(item.retry_id, item.label, "it stopped being pending meanwhile (started, or cancelled)")
+        for item in results
+        if not (item.cancelled or dry_run)
+    )
+    return BulkCancelResult(done, dry_run, matched, criteria.limit, skipped)
 
 
 def _cancel(rt: Runtime, pending: list[Run], dry_run: bool) -> list[CancelledRetry]:

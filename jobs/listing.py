@@ -27,7 +27,7 @@ MAX_SEARCH = 200  # characters of search text
 class RunFilter:
     state: str | None = None  # running, completed, failed, pending_retry, cancelled
     search: str | None = None  # text in the run's label columns or its error, any case
-    since: timedelta | None = None  # started within this long
+    since: timedelta | None = None  # within this long, by the time that describes the state (window_time)
     limit: int = 50
     cursor: str | None = None  # `next_cursor` of the previous page
 
@@ -53,6 +53,25 @@ def decode_cursor(rt: Runtime, text: str) -> tuple[datetime | None, object]:
         raise UsageError("cursor is not one a page of runs gave: use the next_cursor of the previous page") from None
 
 
+# The time a window (`since`) is counted by: a pending retry has not started (no started_at), so it
+# is timed by when it is due; a cancelled one by when it ended. A retry handed to the fleet's queue
+# has its hand-off time in started_at (SPEC §12): "queued within". (A run the scraper queued itself
+# carries no time stuck-runs knows.)
+WINDOW_TIMES = {"pending_retry": "due", "cancelled": "ended", "queued": "queued"}
+WINDOW_LABELS = {"started": "Started within", "due": "Due within", "ended": "Ended within", "queued": "Queued within"}
+
+
+def window_time(state: str | None) -> str:
+    """`started`, `due` (overdue or due before now + the window), `ended` or `queued` (handed to the
+    fleet's queue within): what `since` counts for `state`."""
+    return WINDOW_TIMES.get(state or "", "started")
+
+
+def window_label(state: str | None) -> str:
+    """How a page names the window for `state`: "Started within", "Due within" or "Ended within"."""
+    return WINDOW_LABELS[window_time(state)]
+
+
 def like_pattern(text: str) -> str:
     """`text` found anywhere, its own % and _ taken literally."""
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -71,12 +90,16 @@ def list_runs(rt: Runtime, filters: RunFilter) -> RunsPage:
     after_at, after_id = decode_cursor(rt, filters.cursor) if filters.cursor else (None, None)
     after = None if filters.cursor is None else ("started" if after_at is not None else "unstarted")
     statement = rt.queries.runs_page(
-        state=filters.state, search=bool(filters.search), since=filters.since is not None, after=after
+        state=filters.state,
+        search=bool(filters.search),
+        since=window_time(filters.state) if filters.since is not None else None,
+        after=after,
     )
     params = {
         "sr_limit": filters.limit + 1,  # one more says whether there is a next page
         "sr_search": like_pattern(filters.search) if filters.search else None,
         "sr_since": rt.clock.now() - filters.since if filters.since else None,
+        "sr_due_before": rt.clock.now() + filters.since if filters.since else None,
         "sr_after_at": after_at,
         "sr_after_id": after_id,
     }

@@ -16,6 +16,7 @@ from loguru import logger
 from db.dead_letters import mark_requeued
 from db.engine import database_errors
 from db.errors import RetryRefused, RunNotFound, UsageError
+from db.queries.retries import matching_count
 from jobs.model import Run, RunId
 from jobs.retries import RetryDispatcher, RetryOutcome
 from jobs.rules import RetryPolicy, chain_budget, count_attempts, format_hours, format_time
@@ -27,6 +28,10 @@ RETRY_KINDS = ("failed", "permanent", "scraper")
 def parse_run_id(rt: Runtime, text: str) -> object:
     """A run id as typed, checked against the table's id type (UUID, integer or text)."""
     return rt.runs.parse_id(text)
+
+
+# Why a bulk retry skips a chain whose retry was cancelled (`retry RUN_ID` refuses it alike).
+CANCELLED_CHAIN = "its retry was cancelled: the chain is over"
 
 
 @dataclass(frozen=True)
@@ -74,8 +79,32 @@ class SkippedRetry:
 @dataclass(frozen=True)
 class BulkRetryResult:
     scheduled: tuple[ScheduledRetry, ...]
-    skipped: tuple[SkippedRetry, ...]
+    skipped: tuple[SkippedRetry, ...]  # each with its reason: a spent budget, a cancelled chain
     dry_run: bool = False
+    matched: int = 0  # failed chains the filters match, the limit aside
+    limit: int | None = None  # how many of them this took (newest first)
+
+    @property
+    def message(self) -> str:
+        """What the CLI prints first and the API answers: how many of how many, and what was skipped."""
+        verb = "Would retry" if self.dry_run else "Retried"
+        return f"{verb} {len(self.scheduled)} of {self.matched} matching failed chain(s); {len(self.skipped)} skipped"
+
+    @property
+    def beyond_limit(self) -> str | None:
+        """How to act on every match, when the limit left some out."""
+        return beyond_limit(self.matched, self.limit, self.dry_run)
+
+
+def beyond_limit(matched: int, limit: int | None, dry_run: bool) -> str | None:
+    """What a bulk action says when its limit took only the first of the matches: how to act on all."""
+    if limit is None or matched <= limit:
+        return None
+    again = "" if dry_run else f", or run it again for the next {limit}"
+    return (
+        f"Only the first {limit} of {matched} matches were taken (limit {limit}): "
+        f"a limit of {matched} (--limit {matched}) takes them all{again}"
+    )
 
 
 @dataclass(frozen=True)
@@ -207,9 +236,19 @@ def retry_matching(
         since=criteria.since is not None,
         kind=criteria.kind,
     )
-    with database_errors(rt.engine, "finding runs to retry"), rt.engine.connect() as conn:
+    over = rt.queries.retry_candidates(
+        error_like=criteria.error_like is not None,
+        columns_like=columns_like,
+        since=criteria.since is not None,
+        kind=criteria.kind,
+        cancelled=True,
+    )
+    with database_errors(rt.engine, "finding runs to retry"), rt.engine.connect() as conn, conn.begin():
         found = [Run.from_row(r, rt.runs.input_names) for r in conn.execute(statement, params).mappings()]
-    skipped, chosen = [], []
+        matched = conn.execute(matching_count(statement), params).scalar_one()
+        cancelled = [Run.from_row(r, rt.runs.input_names) for r in conn.execute(over, params).mappings()]
+    skipped = [SkippedRetry(run.id, run.label, CANCELLED_CHAIN) for run in cancelled]
+    chosen = []
     for run in found:
         refusal = _budget_refusal(rt, run, policy, reset_budget)
         (skipped.append(SkippedRetry(run.id, run.label, refusal)) if refusal else chosen.append(run))
@@ -219,7 +258,7 @@ def retry_matching(
         scheduled = [_planned(run, policy, reset_budget, due, None) for run, due in zip(chosen, dues, strict=True)]
     else:
         scheduled = _schedule(rt, chosen, policy, reset_budget, dues)
-    return BulkRetryResult(tuple(scheduled), tuple(skipped), dry_run)
+    return BulkRetryResult(tuple(scheduled), tuple(skipped), dry_run, matched, criteria.limit)
 
 
 def run_retry_now(

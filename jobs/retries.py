@@ -42,6 +42,7 @@ from jobs.rules import (
     timeout_error,
 )
 from jobs.runtime import Runtime
+from jobs.waiting import Waiting, read_waiting
 
 PREVIEW_LIMIT = 10_000
 
@@ -95,6 +96,7 @@ class ProcessResult:
     due: tuple[DueRetry, ...] = ()  # dry run: what would be executed
     dry_run: bool = False
     seconds: float = 0.0
+    waiting: Waiting | None = None  # why due retries did not start (paused, every slot taken)
 
     @property
     def succeeded(self) -> int:
@@ -169,10 +171,14 @@ def process_due_retries(
         _ = rt.executor  # no executor, no claim: refused before anything changes
     superseded = supersede_completed_chains(rt, dry_run=dry_run)
     if dry_run:
-        return ProcessResult(superseded, due=preview_due(rt), dry_run=True, seconds=time.monotonic() - started)
+        due = preview_due(rt)
+        return ProcessResult(
+            superseded, due=due, dry_run=True, seconds=time.monotonic() - started, waiting=read_waiting(rt)
+        )
     executed = continue_fleet_failures(rt, policy)
     executed += RetryDispatcher(rt, policy, observe).drain(stop or threading.Event())
-    return ProcessResult(superseded, tuple(executed), seconds=time.monotonic() - started)
+    waiting = read_waiting(rt)  # what is still due once the pass is over, and why
+    return ProcessResult(superseded, tuple(executed), seconds=time.monotonic() - started, waiting=waiting)
 
 
 def continue_fleet_failures(rt: Runtime, policy: RetryPolicy | None = None) -> list[RetryOutcome]:

@@ -21,6 +21,7 @@ from db.errors import DatabaseUnavailable, OperatorError
 from jobs.control import PauseState, read_pause
 from jobs.recovery import FixResult
 from jobs.runtime import Runtime
+from jobs.waiting import Waiting, read_waiting
 
 CHECKER = "stuck_run_checker"
 PROCESSOR = "retry_processor"
@@ -35,6 +36,13 @@ class DaemonState:
     started_at: datetime
     heartbeat_at: datetime
     next_runs: dict[str, str | None]
+
+
+# Permanently failed chains are counted over this window everywhere (`status`, --json, the API, the
+# overview): each failed attempt of the window is probed twice (a later retry? a completed run?); a
+# day of a busy fleet is ~60 ms, a week 400 ms (BENCHMARKS.md).
+PERMANENT_WINDOW = timedelta(hours=24)
+PERMANENT_WINDOW_NAME = "24h"
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,9 @@ class RunCounts:
     handed_off_queued: int  # handed to the fleet (SPEC §12), waiting in its queue; 0 when STATUS_MAP maps no queued
     handed_off_running: int  # handed to the fleet, running there (counted in `running` too)
     next_due: datetime | None
-    permanently_failed: int  # chains that ended failed, no retry coming (`stats` counts them in its window)
-    permanently_failed_since: datetime | None = None  # None: all time
+    permanently_failed: int  # chains that ended failed within PERMANENT_WINDOW, no retry coming
+    permanently_failed_since: datetime | None = None  # the window's start
+    permanently_failed_window: str = PERMANENT_WINDOW_NAME  # the window, named wherever the number is shown
 
     @property
     def handed_off(self) -> int:
@@ -93,29 +102,30 @@ class StatusReport:
     jobs: tuple[JobState, ...]
     runs: RunCounts
     pause: PauseState | None = None  # retries paused: nothing starts until it ends
+    waiting: Waiting | None = None  # due retries held back, and why (paused, every slot taken)
 
     @property
     def daemon_alive(self) -> bool:
         return bool(self.daemons)
 
 
-def read_status(rt: Runtime, permanent_window: timedelta | None = None) -> StatusReport:
+def read_status(rt: Runtime) -> StatusReport:
     """The daemons alive now, each job's last run (from any host) and next run, the run counts.
 
-    Chains that ended permanently failed are counted over all time, or over `permanent_window`:
-    what a page refreshing every few seconds asks, since over all time the count reads every
-    failed attempt of the table's history (seconds at ten million rows)."""
+    Chains that ended permanently failed are counted over PERMANENT_WINDOW, for `status`, its JSON,
+    the API and the overview alike: the window is bounded so the ended-attempts index answers it
+    (over all time the count reads every failed attempt of the table's history: seconds at ten
+    million rows), and each shows the window beside the number."""
     now = rt.clock.now()
-    since = now - permanent_window if permanent_window else None
+    since = now - PERMANENT_WINDOW
     records = DaemonRecords(rt.runs.table.schema, rt.runs.canonical_name)
     with database_errors(rt.engine, "reading the status"), rt.engine.connect() as conn:
         alive = conn.execute(records.alive(now - ALIVE_WITHIN)).mappings().all()
         last = {job_id: conn.execute(records.last_run(job_id)).mappings().first() for job_id in JOB_IDS}
         counts = conn.execute(rt.queries.counts(), {"sr_cutoff": now - rt.settings.policy.stuck_after}).mappings().one()
-        permanent = conn.execute(
-            rt.queries.permanently_failed(since=since is not None), {"sr_since": since}
-        ).scalar_one()
+        permanent = conn.execute(rt.queries.permanently_failed(since=True), {"sr_since": since}).scalar_one()
         pause = read_pause(rt, conn)
+        waiting = read_waiting(rt, conn)
     daemons = tuple(DaemonState(d["host"], d["pid"], d["started_at"], d["heartbeat_at"], d["jobs"]) for d in alive)
     jobs = []
     for job_id in JOB_IDS:
@@ -141,6 +151,7 @@ def read_status(rt: Runtime, permanent_window: timedelta | None = None) -> Statu
         tuple(jobs),
         RunCounts(**counts, permanently_failed=permanent, permanently_failed_since=since),
         pause,
+        waiting,
     )
 
 

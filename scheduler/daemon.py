@@ -28,6 +28,7 @@ from jobs.config import Settings
 from jobs.retries import ProcessResult, continue_fleet_failures, supersede_completed_chains
 from jobs.runtime import Runtime
 from jobs.stuck import SweepResult, sweep_stuck_runs
+from jobs.waiting import read_waiting
 from scheduler.dispatch import ContinuousDispatch
 from scheduler.metrics import Metrics
 from scheduler.notify import Notifier
@@ -106,7 +107,10 @@ class Daemon:
             self.dispatch.add_finished(continue_fleet_failures(self.rt))
         self._count(ProcessResult(superseded))  # the executions were counted as the slots finished them
         self.dispatch.poke()
-        return ProcessResult(superseded, self.dispatch.take_finished())
+        waiting = read_waiting(self.rt)
+        if waiting is not None:  # a pass that starts nothing says why, once a tick
+            logger.bind(event="retries_waiting", due=waiting.due).info("retry processor: {}", waiting.message)
+        return ProcessResult(superseded, self.dispatch.take_finished(), waiting=waiting)
 
     def _count(self, result: SweepResult | ProcessResult) -> None:
         if self.metrics is not None:

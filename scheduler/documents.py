@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -35,3 +36,9 @@ def plain(value: Any) -> Any:
     if isinstance(value, uuid.UUID):
         return str(value)
     return value
+
+
+def json_text(value: Any) -> str:
+    """One value as JSON text (`{"pages": 3}`, `null`, `"Belgium"`): how `dlq show` and the dead-letters
+    page show a run's inputs, never as Python's reprs."""
+    return json.dumps(plain(value), ensure_ascii=False, default=str)

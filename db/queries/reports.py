@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from db.messages import STUCK_PATTERN
-from db.queries.common import TableStatements
+from db.queries.common import NOW, TableStatements
 from db.table import RunsTable
 
 # What `stats` reads of each attempt that ended in its window.
@@ -44,22 +44,31 @@ class ReportStatements(TableStatements):
             .order_by(t.c.retry_count, t.c.started_at.asc().nulls_last())
         )
 
-    def runs_page(self, *, state: str | None, search: bool, since: bool, after: str | None) -> sa.Select:
+    def runs_page(self, *, state: str | None, search: bool, since: str | None, after: str | None) -> sa.Select:
         """One page of runs, newest first by (started_at, id), runs not started (pending retries)
         first: `:sr_limit` rows after the cursor. `after` is None (the first page), `started` (the
         cursor's run has `:sr_after_at`) or `unstarted`; `:sr_after_id` is the cursor run's id.
 
-        `search` matches `:sr_search` (an ILIKE pattern) in the label's columns and the error."""
+        `search` matches `:sr_search` (an ILIKE pattern) in the label's columns and the error. `since`
+        is the time a window counts: `started` or `queued` (started_at >= `:sr_since`), `ended` (completed_at >=
+        `:sr_since`) or `due` (next_retry_at before `:sr_due_before`, overdue ones too)."""
         t, runs = self.t, self.runs
         query = sa.select(*runs.keyed())
         if state is not None:
             query = query.where(runs.in_state(t.c.status, state))
         if search:
             pattern = sa.bindparam("sr_search")
-            searched = [sa.cast(t.c[key], sa.Text) for key in runs.label_keys()] + [runs.error_text(t.c.error_message)]
+            # The error as text: `#>>` on a json column is typed as the column, which bound the pattern as
+            # JSONB (`text ~~* jsonb` does not exist).
+            error = sa.cast(runs.error_text(t.c.error_message), sa.Text)
+            searched = [sa.cast(t.c[key], sa.Text) for key in runs.label_keys()] + [error]
             query = query.where(sa.or_(*(column.ilike(pattern) for column in searched)))
-        if since:
+        if since in ("started", "queued"):  # a hand-off's queued retry: started_at is when it was queued
             query = query.where(t.c.started_at >= sa.bindparam("sr_since"))
+        elif since == "ended":
+            query = query.where(t.c.completed_at >= sa.bindparam("sr_since"))
+        elif since == "due":
+            query = query.where(t.c.next_retry_at < sa.bindparam("sr_due_before", type_=t.c.next_retry_at.type))
         after_id = sa.bindparam("sr_after_id", type_=t.c.id.type)
         if after == "started":
             at = sa.bindparam("sr_after_at", type_=t.c.started_at.type)
@@ -158,6 +167,13 @@ class ReportStatements(TableStatements):
             *self._handed_off_now(),
             sa.select(sa.func.min(t.c.next_retry_at)).where(pending).scalar_subquery().label("next_due"),
         )
+
+    def due_now(self) -> sa.Select:
+        """How many pending retries are due at `:sr_now` (the pending index): those a pass would
+        start, were it not paused and a slot free."""
+        t = self.t
+        due = [self.runs.in_state(t.c.status, "pending_retry"), t.c.next_retry_at <= NOW]
+        return sa.select(self._count(*due).label("due"))
 
     # -- statistics (attempts that ended since `:sr_since`; the ended-attempts index) --------
     #

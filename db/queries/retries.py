@@ -284,12 +284,15 @@ class RetryStatements(TableStatements):
         columns_like: tuple[str, ...] = (),
         since: bool = False,
         kind: str = "failed",
+        cancelled: bool = False,
     ) -> sa.Select:
         """The latest attempts of chains that ended failed (none completed, no retry pending),
         newest first, up to `:sr_limit`, filtered by the given parameters:
         `:sr_error_like` and `:sr_<column>_like` for each of `columns_like` (ILIKE patterns),
         `:sr_since` (ended at or after). `kind`: every failed chain, `permanent` (dead-lettered,
         not requeued) or `scraper` (failed by the scraper itself, never handled by stuck-runs).
+        With `cancelled`, instead the failed attempts whose retry was cancelled and is the chain's
+        last row: chains the filters match that a bulk retry must skip (and say so).
         """
         t, runs, dead = self.t, self.runs, self.dead_letters
         chain = sa.func.coalesce(t.c.original_run_id, t.c.id)
@@ -299,7 +302,9 @@ class RetryStatements(TableStatements):
         where = [
             runs.in_state(t.c.status, "failed"),
             ~sa.exists().where(
-                later.c.is_retry, later.c.original_run_id == chain, later.c.retry_count > t.c.retry_count
+                later.c.is_retry,
+                later.c.original_run_id == chain,
+                later.c.retry_count > t.c.retry_count + (1 if cancelled else 0),
             ),
             ~sa.exists().where(
                 runs.in_state(done.c.status, "completed"),
@@ -312,6 +317,16 @@ class RetryStatements(TableStatements):
             where.append(sa.cast(t.c[column], sa.Text).ilike(sa.bindparam(f"sr_{column}_like")))
         if since:
             where.append(ended >= sa.bindparam("sr_since", type_=sa.DateTime(timezone=True)))
+        if cancelled:
+            next_one = self.t.alias("next_one")
+            where.append(
+                sa.exists().where(
+                    next_one.c.is_retry,
+                    next_one.c.original_run_id == chain,
+                    next_one.c.retry_count == t.c.retry_count + 1,
+                    runs.in_state(next_one.c.status, "cancelled"),
+                )
+            )
         if kind == "permanent":
             where.append(sa.exists().where(dead.c.run_id == t.c.id, dead.c.requeued_at.is_(None)))
         elif kind == "scraper":
@@ -319,3 +334,9 @@ class RetryStatements(TableStatements):
         return (
             sa.select(*runs.keyed()).where(*where).order_by(ended.desc().nulls_last()).limit(sa.bindparam("sr_limit"))
         )
+
+
+def matching_count(candidates: sa.Select) -> sa.Select:
+    """How many rows `candidates` would find without its limit: what a bulk action says it matched
+    (one set-based count, however many match)."""
+    return sa.select(sa.func.count()).select_from(candidates.limit(None).order_by(None).subquery("matching"))

@@ -143,8 +143,8 @@ def status(ctx: click.Context, as_json: bool) -> int:
     runs = report.runs
     click.echo(
         f"Runs: {runs.running} running ({runs.stuck} stuck) · {runs.pending_retry} pending_retry "
-        f"(next due {when(runs.next_due)}) · {runs.permanently_failed} permanently failed "
-        "(chains ended failed, no retry coming)"
+        f"(next due {when(runs.next_due)}) · permanently failed ({runs.permanently_failed_window}): "
+        f"{runs.permanently_failed} (chains ended failed, no retry coming)"
     )
     if runs.fleet_shown(hands_off):
         click.echo(f"Handed to the fleet: {handed_off_message(runs.handed_off_queued, runs.handed_off_running)}")
@@ -152,6 +152,8 @@ def status(ctx: click.Context, as_json: bool) -> int:
         click.echo(f"Warning: {untimed_message(runs.untimed)}; `stuck-runs doctor` says how to fix them.")
     if report.pause:
         click.echo(f"{report.pause.message}: no retry starts; `stuck-runs resume` ends it.")
+    if report.waiting:
+        click.echo(f"Waiting: {report.waiting.message}.")
     return EXIT_OK
 
 

@@ -68,8 +68,13 @@ def cancel(
     if as_json:
         emit_json(result)
         return EXIT_OK
-    verb = "Would cancel" if dry_run else "Cancelled"
-    click.echo(f"{verb} {len(result.cancelled)} pending retry(ies).")
+    if run_id:
+        verb = "Would cancel" if dry_run else "Cancelled"
+        click.echo(f"{verb} {len(result.cancelled)} pending retry(ies).")
+    else:
+        click.echo(f"{result.message}.")
+        if result.beyond_limit:
+            click.echo(f"{result.beyond_limit}.")
     listing(
         ("RETRY ID", "RUN", "ATTEMPT", "CANCELLED"),
         result.cancelled,
@@ -77,6 +82,7 @@ def cancel(
         shrink=("RUN",),
         show_all=show_all,
     )
+    listing(("SKIPPED", "RUN", "REASON"), result.skipped, lambda s: (s.retry_id, s.label, s.reason), shrink=("RUN",))
     return EXIT_OK
 
 

@@ -14,6 +14,7 @@ from jobs.stats import HERE, retry_stats
 from jobs.status import handed_off_message
 from scheduler.cli import EXECUTION, POLICY, cli, config_options, json_option, open_runtime
 from scheduler.cli.output import emit_json, table, when
+from scheduler.documents import json_text
 from scheduler.logs import configure_logging
 
 
@@ -170,7 +171,7 @@ def dlq_show(ctx: click.Context, letter: str, as_json: bool) -> int:
         click.echo(f"{name:>12}: {value}")
     click.echo("      inputs:")
     for key, value in sorted(found.inputs.items()):
-        click.echo(f"        {key} = {value!r}")
+        click.echo(f"        {key} = {json_text(value)}")
     if found.detail:
         click.echo("      detail:")
         for line in found.detail.rstrip().splitlines():

@@ -76,6 +76,8 @@ def print_process(result: ProcessResult, *, listed: bool = False, show_all: bool
             shrink=("RUN",),
             show_all=show_all,
         )
+        if result.waiting:
+            click.echo(f"Nothing starts now: {result.waiting.message}.")
     else:
         released = f", {result.released} put back to pending_retry" if result.released else ""
         fleet = f", {result.handed_off} handed to the fleet" if result.handed_off else ""
@@ -85,6 +87,8 @@ def print_process(result: ProcessResult, *, listed: bool = False, show_all: bool
             f"Retry processor: {len(result.superseded)} superseded, {ran} executed "
             f"({result.succeeded} completed, {result.failed} failed){released}{fleet} ({result.seconds:.2f}s)."
         )
+        if result.waiting:
+            click.echo(f"{'Not started' if result.executed else 'Nothing started'}: {result.waiting.message}.")
         if not listed:
             listing(
                 ("RUN ID", "RUN", "STATUS", "MESSAGE", "NEXT RETRY"),
@@ -342,10 +346,11 @@ def _wait_for_slot(rt, stop: threading.Event) -> None:
 
 
 def print_bulk(result: BulkRetryResult, show_all: bool = False) -> None:
-    verb = "Would retry" if result.dry_run else "Retried"
     dues = [s.due for s in result.scheduled]
-    window = f", due {when(min(dues))} to {when(max(dues))}" if dues else ""
-    click.echo(f"{verb} {len(result.scheduled)} failed chain(s){window}; {len(result.skipped)} skipped.")
+    window = f"; due {when(min(dues))} to {when(max(dues))}" if dues else ""
+    click.echo(f"{result.message}{window}.")
+    if result.beyond_limit:
+        click.echo(f"{result.beyond_limit}.")
     listing(
         ("RUN ID", "RUN", "ATTEMPT", "DUE", "RETRY ID"),
         result.scheduled,

@@ -23,9 +23,9 @@ from fastapi.responses import JSONResponse
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from db.errors import CancelRefused, DatabaseUnavailable, OperatorError, RetryRefused, RunNotFound
+from db.errors import CancelRefused, DatabaseUnavailable, OperatorError, RetryRefused, RunNotFound, UsageError
 from jobs.config import is_loopback, parse_duration
-from jobs.control import cancel_run, pause_retries, resume_retries
+from jobs.control import cancel_matching, cancel_run, pause_retries, resume_retries
 from jobs.dead_letters import get_dead_letter, list_dead_letters, requeue
 from jobs.listing import MAX_PAGE, MAX_SEARCH, RunFilter, list_runs
 from jobs.manual import RETRY_KINDS, RetryCriteria, chain_history, retry_matching, retry_run
@@ -39,9 +39,6 @@ from scheduler.web.auth import ADMIN, READ, SESSION_COOKIE, Tokens, bearer, same
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 OVERVIEW_WINDOW = timedelta(days=7)  # the overview's chart
-# Permanent failures the overview and /api/status count: each failed attempt of the window is
-# probed twice (a later retry? a completed run?); a day of a busy fleet is ~60 ms, a week 400 ms.
-PERMANENT_WINDOW = timedelta(days=1)
 MAX_BODY_BYTES = 64 * 1024
 # A switch is `true` or `false`, nothing looser: `dry_run=no` must not run for real.
 Flag = Literal["true", "false"]
@@ -180,6 +177,20 @@ class BulkRetry(BaseModel):
     dry_run: bool = True
 
 
+class BulkCancel(BaseModel):
+    """The CLI's `cancel` filters. Nothing changes unless `dry_run` is JSON `false`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    error_like: str | None = Field(
+        None, max_length=MAX_SEARCH, description="SQL LIKE pattern on the retried attempt's error, any case"
+    )
+    search_query: str | None = Field(None, max_length=MAX_SEARCH)
+    location_query: str | None = Field(None, max_length=MAX_SEARCH)
+    since: str | None = Field(None, max_length=20, description="the retried attempt ended within this long")
+    limit: int = Field(100, ge=1, le=10_000)
+    dry_run: bool = True
+
+
 def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [key for key, _ in pairs]
     repeated = sorted({key for key in keys if keys.count(key) > 1})
@@ -300,12 +311,31 @@ def build_api(
             result = retry_matching(
                 rt, criteria, reset_budget=filters.reset_budget, spread=spread, dry_run=filters.dry_run
             )
-        verb = "Would schedule" if filters.dry_run else "Scheduled"
-        return {
-            "success": True,
-            "data": plain(result),
-            "message": f"{verb} {len(result.scheduled)} retry(ies); {len(result.skipped)} skipped",
-        }
+        return {"success": True, "data": plain(result), "message": result.message}
+
+    @api.post(
+        "/runs/cancel",
+        dependencies=admin,
+        openapi_extra={"requestBody": {"content": {"application/json": {"schema": BulkCancel.model_json_schema()}}}},
+    )
+    async def bulk_cancel(request: Request) -> dict:
+        """Cancels every pending retry the filters match, as `stuck-runs cancel --error-like ...`."""
+        filters = await read_body(request, BulkCancel)
+        return await run_in_threadpool(_bulk_cancel, filters)
+
+    def _bulk_cancel(filters: BulkCancel) -> dict:
+        with answering("Failed to cancel retries"):
+            criteria = RetryCriteria(
+                error_like=filters.error_like,
+                search_query=filters.search_query,
+                location_query=filters.location_query,
+                since=parse_duration(filters.since, "since") if filters.since else None,
+                limit=filters.limit,
+            )
+            if not criteria.given:
+                raise UsageError("give filters for a bulk cancel (error_like, search_query, location_query, since)")
+            result = cancel_matching(rt, criteria, dry_run=filters.dry_run)
+        return {"success": True, "data": plain(result), "message": result.message}
 
     @api.post("/runs/{run_id}/retry", dependencies=admin)
     def retry(run_id: str, reset_budget: Flag = "false") -> dict:
@@ -323,7 +353,11 @@ def build_api(
     def runs(
         status: str | None = Query(None, description="running, completed, failed, pending_retry, cancelled"),
         q: str | None = Query(None, description=f"text in the run's inputs or its error, any case (≤ {MAX_SEARCH})"),
-        since: str | None = Query(None, description="started within this long (90m, 24h, 7d)"),
+        since: str | None = Query(
+            None,
+            description="within this long (90m, 24h, 7d), by the time that describes the status: started; "
+            "due (overdue or due within it) for pending_retry; ended for cancelled; handed off for queued",
+        ),
         limit: int = Query(50, ge=1, le=MAX_PAGE),
         cursor: str | None = Query(None, description="next_cursor of the previous page"),
     ) -> dict:
@@ -371,7 +405,7 @@ def build_api(
         """Daemons alive, each job's last and next run, and the run counts (`stuck-runs status`):
         `running_retries` executing here, `handed_off_queued` / `handed_off_running` at the fleet."""
         with answering("Failed to read status"):
-            return {"success": True, "data": plain(read_status(rt, PERMANENT_WINDOW))}
+            return {"success": True, "data": plain(read_status(rt))}
 
     @api.get("/stats", dependencies=read)
     def stats(since: str = Query("7d", description="a window such as 24h or 7d")) -> dict:

@@ -27,14 +27,14 @@ from db.errors import RetryRefused
 from db.layout import WRITTEN_STATES
 from jobs.config import parse_duration
 from jobs.dead_letters import list_dead_letters
-from jobs.listing import RunFilter, list_runs
+from jobs.listing import RunFilter, list_runs, window_label
 from jobs.manual import ChainHistory, chain_history, retry_run
 from jobs.runtime import Runtime
 from jobs.stats import retry_stats
 from jobs.status import read_status
 from jobs.timeline import HourlyTimeline, hourly_timeline
-from scheduler.documents import plain
-from scheduler.web.api import OVERVIEW_WINDOW, PERMANENT_WINDOW, ApiError, Caller, answering
+from scheduler.documents import json_text, plain
+from scheduler.web.api import OVERVIEW_WINDOW, ApiError, Caller, answering
 from scheduler.web.auth import ADMIN, SESSION_COOKIE, Tokens
 
 HERE = Path(__file__).resolve().parent
@@ -64,7 +64,7 @@ def path_part(value: object) -> str:
 
 
 templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=StrictUndefined)
-templates.filters.update(when=shown_time, part=path_part, percent=percent)
+templates.filters.update(when=shown_time, part=path_part, percent=percent, json=json_text)
 templates.globals.update(refresh_seconds=REFRESH_SECONDS)
 
 
@@ -195,7 +195,7 @@ def build_pages(
     def overview(request: Request) -> Response:
         def read() -> dict[str, Any]:
             timeline = hourly_timeline(rt, OVERVIEW_WINDOW)
-            status = read_status(rt, PERMANENT_WINDOW)
+            status = read_status(rt)
             return {
                 "page": "overview",
                 "status": plain(status),
@@ -218,6 +218,7 @@ def build_pages(
                 "next_page": later,
                 "first_page": "/runs?" + urlencode(chosen) if cursor else None,
                 "filters": {"status": status, "q": q, "since": since},
+                "window_label": window_label(status or None),  # "Due within" for pending retries...
                 "states": WRITTEN_STATES,
             }
 

@@ -638,3 +638,46 @@ def test_a_long_error_is_cut_to_fit_its_column_keeping_the_retry_tail(harvests_m
     head = message.removesuffix(tail).rstrip("…. ")
     assert len(head) > t.error_limit // 2 and LONG_ERROR.startswith(head), message
     d.close()
+
+
+def test_runs_search_listing_and_every_filter_work_on_the_table(adopted, story, played):
+    """`/runs?q=`, `GET /api/runs` and each of their filters on every adopted shape (a JSON error
+    column once answered 500: the search term was bound as JSONB and compared with ILIKE)."""
+    from tests.web import READER, WebServer
+
+    t, d = adopted, played
+    _, failed_503, pending = d.chain(story.fail503)
+    server = WebServer(d.url, **t.env, STUCK_AFTER="1h")
+    try:
+        with server.client(READER) as http:
+
+            def listed(**params: str) -> list[str]:
+                answer = http.get("/api/runs", params=params)
+                assert answer.status_code == 200, (params, answer.text)
+                return [str(run["id"]) for run in answer.json()["data"]]
+
+            everything = listed(limit="500")
+            assert len(everything) == len(d.rows())
+            found = listed(q="503 Server Error")  # the error's text, JSON or not
+            assert found == [str(failed_503[t.id])], found
+            newest_first = sorted(d.chain(story.fail503), key=lambda r: r["retry_count"], reverse=True)
+            assert listed(q="fail503-PAGE") == [str(r[t.id]) for r in newest_first]  # inputs, any case
+            assert listed(q="no such text anywhere") == []
+            states = ("running", "completed", "failed", "pending_retry", "cancelled")
+            by_state = {state: listed(status=state, limit="500") for state in states}
+            assert by_state["pending_retry"] == [str(pending[t.id])]
+            assert len(by_state["failed"]) == 5 and len(by_state["completed"]) == 1  # 3 roots, 2 retries
+            assert listed(since="1d", status="failed", q="503 server ERROR") == [str(failed_503[t.id])]
+            pages, cursor = [], None
+            while True:  # keyset pages of 2 walk every run once
+                answer = http.get("/api/runs", params={"limit": "2", **({"cursor": cursor} if cursor else {})}).json()
+                pages += [str(run["id"]) for run in answer["data"]]
+                cursor = answer["next_cursor"]
+                if cursor is None:
+                    break
+            assert pages == everything
+            page = http.get("/runs", params={"q": "503 Server Error", "status": "failed", "since": "7d"})
+            assert page.status_code == 200, page.text
+            assert "No run matches" not in page.text and ERROR_503 in page.text
+    finally:
+        server.stop()

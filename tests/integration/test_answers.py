@@ -122,11 +122,12 @@ def test_the_stats_page_says_what_it_counts(week, db_url):
 
 
 def test_status_and_stats_count_permanent_failures_alike(week, db_url):
-    assert read_status(week).runs.permanently_failed == 3  # E, F and I: all time
+    assert read_status(week).runs.permanently_failed == 2  # E and F: I ended 40 days ago, outside the 24h
+    assert retry_stats(week, timedelta(hours=24)).permanently_failed == 2  # the same count over the same window
     assert retry_stats(week, timedelta(days=30)).permanently_failed == 2  # I ended before the window
     assert retry_stats(week, timedelta(days=60)).permanently_failed == 3
     env = {"DATABASE_URL": db_url}
-    assert "3 permanently failed (chains ended failed, no retry coming)" in cli("status", env=env).stdout
+    assert "permanently failed (24h): 2 (chains ended failed, no retry coming)" in cli("status", env=env).stdout
     assert "permanently failed 3 (chains whose last attempt ended failed in the window" in (
         cli("stats", "--since", "60d", env=env).stdout
     )

@@ -373,6 +373,31 @@ def test_runs_filter_by_status_text_and_time(web, engine):
     assert "is not a state" in bad[0].json()["error"] and "cursor" in bad[1].json()["error"]
 
 
+def test_a_time_window_filters_pending_retries_by_when_due_and_cancelled_ones_by_when_ended(web, engine):
+    """Neither has a start: "started within" found none of them; pending_retry is timed by when it
+    is due (overdue or due within the window), cancelled by when it ended."""
+    with engine.begin() as conn:
+        root = insert_run(conn, status="failed", started_at=NOW - timedelta(days=5))
+        pending = {
+            "soon": NOW + timedelta(hours=3),
+            "overdue": NOW - timedelta(hours=2),
+            "later": NOW + timedelta(days=3),
+        }
+        pending_ids = {
+            name: insert_run(
+                conn, status="pending_retry", is_retry=True, retry_count=n + 1, original_run_id=root, next_retry_at=due
+            )
+            for n, (name, due) in enumerate(pending.items())
+        }
+        recent = insert_run(conn, status="cancelled", completed_at=NOW - timedelta(hours=1))
+        insert_run(conn, status="cancelled", completed_at=NOW - timedelta(days=3))
+    with web.client(READER) as http:
+        due = http.get("/api/runs", params={"status": "pending_retry", "since": "24h"}).json()["data"]
+        ended = http.get("/api/runs", params={"status": "cancelled", "since": "24h"}).json()["data"]
+    assert {run["id"] for run in due} == {str(pending_ids["soon"]), str(pending_ids["overdue"])}
+    assert [run["id"] for run in ended] == [str(recent)]
+
+
 def test_serve_tells_systemd_it_is_ready_once_it_listens(db_url, tmp_path):
     import socket as sockets
 

@@ -225,7 +225,7 @@ def test_bulk_retry_from_the_command_line(db_url):
             )
     env = {"DATABASE_URL": db_url}
     dry = cli("retry", "--error-like", "%503%", "--since", "1d", "--spread", "1h", "--dry-run", env=env)
-    assert dry.returncode == 0 and "Would retry 3 failed chain(s)" in dry.stdout
+    assert dry.returncode == 0 and "Would retry 3 of 3 matching failed chain(s)" in dry.stdout
     done = cli("retry", "--error-like", "%503%", "--json", env=env)
     assert len(json.loads(done.stdout)["scheduled"]) == 3
     engine.dispose()

@@ -55,4 +55,4 @@ def test_an_explicit_status_is_a_bulk_filter(db_url):
     engine.dispose()
     result = cli("retry", "--status", "failed", "--dry-run", env={"DATABASE_URL": db_url})
     assert result.returncode == 0, result.stderr  # it used to say "give a RUN_ID, or filters (… --status …)"
-    assert result.stdout.startswith("Would retry 1 failed chain(s)")
+    assert result.stdout.startswith("Would retry 1 of 1 matching failed chain(s)")

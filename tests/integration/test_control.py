@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.daemons import DaemonProcess, wait_until
-from tests.helpers import insert_due_retry, row, rows
+from tests.helpers import insert_due_retry, insert_run, row, rows
 from tests.integration.test_cli import cli, one_line_error
 from tests.web import ADMIN, READER, WebServer
 
@@ -95,6 +95,8 @@ def test_a_paused_daemon_starts_no_retry_until_resumed(engine, db_url, tmp_path)
         assert status_of(engine, retry) == "pending_retry"
         status = cli("status", env=env)
         assert "Retries paused until resumed" in status.stdout
+        # the processor's tick says why nothing started, in the daemon's log
+        wait_until(lambda: "1 due retry waiting: paused until resumed by cli on " in daemon.output(), timeout=30)
         resumed = cli("resume", env=env)
         assert resumed.returncode == 0 and "Retries resumed." in resumed.stdout
         wait_until(lambda: status_of(engine, retry) == "completed", timeout=30)
@@ -238,3 +240,124 @@ def test_bulk_cancel_by_a_column_the_table_lacks_is_one_line(db_url, engine):
     assert one_line_error(result) == (
         "stuck-runs: --search-query: fetches has no search_query column; filter with --error-like or --since"
     )
+
+
+# -- bulk actions say what they matched and what they skipped ------------------------------------------
+
+
+def failed_chains(engine, count: int, **columns) -> None:
+    """`count` failed chains (roots, stuck, budget 4 left), set-based."""
+    names = "".join(f", {name}" for name in columns)
+    values = "".join(f", {value}" for value in columns.values())
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO scrape_runs (search_query, location_query, status, started_at, completed_at,"
+                f" error_message, failure_pattern{names}) SELECT 'Bulk ' || g, 'Belgium', 'failed',"
+                f" now() - interval '3 hours', now() - interval '2 hours', 'HTTP 503 from the site', 'server_error'"
+                f"{values} FROM generate_series(1, :n) g"
+            ),
+            {"n": count},
+        )
+
+
+def test_bulk_retry_says_how_many_matched_beyond_its_limit_and_lists_every_skip_with_its_reason(engine, db_url):
+    failed_chains(engine, 7)
+    with engine.begin() as conn:
+        spent = insert_run(conn, status="failed", search_query="Bulk spent", error_message="HTTP 503 from the site")
+        insert_run(  # its last retry, 4 of 4, failed: the budget is spent
+            conn, status="failed", search_query="Bulk spent", error_message="HTTP 503 from the site", is_retry=True,
+            retry_count=4, max_retries=4, original_run_id=spent, failure_pattern="server_error",
+            started_at=NOW, completed_at=NOW,
+        )
+        # a chain whose retry an operator cancelled: over, not retryable
+        root, retry = insert_due_retry(conn, search_query="Bulk cancelled")
+        site_error = "UPDATE scrape_runs SET error_message = 'HTTP 503 from the site' WHERE id = :r"
+        conn.execute(sa.text(site_error), {"r": root})
+        conn.execute(sa.text("UPDATE scrape_runs SET status = 'cancelled' WHERE id = :r"), {"r": retry})
+    env = {"DATABASE_URL": db_url}
+    preview = cli("retry", "--error-like", "%503%", "--limit", "3", "--dry-run", env=env)
+    assert preview.returncode == 0, preview.stderr
+    first = preview.stdout.splitlines()[0]
+    assert first.startswith("Would retry 2 of 8 matching failed chain(s); 2 skipped"), preview.stdout  # 3 taken
+    assert "--limit 8" in preview.stdout, preview.stdout
+    report = json.loads(cli("retry", "--error-like", "%503%", "--limit", "100", "--dry-run", "--json", env=env).stdout)
+    assert (report["matched"], len(report["scheduled"])) == (8, 7)
+    reasons = {item["label"]: item["reason"] for item in report["skipped"]}
+    assert "spent its retry budget" in reasons["[RETRY 4/4] Bulk spent in Belgium"], reasons
+    assert "cancelled" in reasons["Bulk cancelled in Belgium"], reasons
+    text = cli("retry", "--error-like", "%503%", "--dry-run", env=env).stdout
+    assert "2 skipped" in text.splitlines()[0] and "Bulk cancelled in Belgium" in text, text
+    server = WebServer(db_url)
+    try:
+        with server.client(ADMIN) as http:
+            answer = http.post("/api/runs/retry", json={"error_like": "%503%", "limit": 3}).json()
+    finally:
+        server.stop()
+    assert answer["success"] and answer["data"]["matched"] == 8 and len(answer["data"]["scheduled"]) == 2
+    assert answer["message"] == answer["data"]["message"] and "of 8" in answer["message"]
+
+
+def test_bulk_cancel_says_how_many_matched_beyond_its_limit_over_cli_json_and_api(engine, db_url):
+    for n in range(5):
+        due_retry(engine, search_query=f"Blocked {n}")
+    env = {"DATABASE_URL": db_url}
+    preview = cli("cancel", "--search-query", "Blocked%", "--limit", "2", "--dry-run", env=env)
+    assert preview.returncode == 0, preview.stderr
+    assert preview.stdout.startswith("Would cancel 2 of 5 matching pending retry(ies)"), preview.stdout
+    assert "--limit 5" in preview.stdout
+    report = json.loads(cli("cancel", "--search-query", "Blocked%", "--limit", "2", "--json", env=env).stdout)
+    assert report["matched"] == 5 and len(report["cancelled"]) == 2 and report["skipped"] == []
+    server = WebServer(db_url)
+    try:
+        with server.client(ADMIN) as http:
+            preview = http.post("/api/runs/cancel", json={"search_query": "Blocked%", "limit": 2}).json()
+            done = http.post("/api/runs/cancel", json={"search_query": "Blocked%", "dry_run": False}).json()
+    finally:
+        server.stop()
+    assert preview["success"] and preview["data"]["matched"] == 3 and preview["data"]["dry_run"] is True
+    assert "Would cancel 2 of 3" in preview["message"]
+    assert done["data"]["matched"] == 3 and len(done["data"]["cancelled"]) == 3
+    with engine.connect() as conn:
+        assert {r["status"] for r in rows(conn, "search_query LIKE 'Blocked%' AND is_retry")} == {"cancelled"}
+
+
+# -- why nothing started ---------------------------------------------------------------------------
+
+
+def test_process_status_api_and_overview_say_why_due_retries_wait(engine, db_url):
+    """Paused, or every slot taken by a retry handed to the fleet: `process` used to print
+    "0 superseded, 0 executed" (and `--dry-run` "would execute 2") without a word why."""
+    env = {"DATABASE_URL": db_url, "SCRAPE_RUN_COMMAND": "true"}
+    retries = [due_retry(engine, search_query=f"Waiting {n}")[1] for n in range(2)]
+    assert cli("pause", env=env).returncode == 0
+    paused = cli("process", env=env)
+    assert paused.returncode == 0, paused.stderr
+    lines = paused.stdout.splitlines()
+    [why] = [line for line in lines if "waiting" in line]
+    assert why.startswith("Nothing started: 2 due retries waiting: paused until resumed by cli on "), paused.stdout
+    dry = cli("process", "--dry-run", env=env)
+    assert "Nothing starts now: 2 due retries waiting: paused until resumed" in dry.stdout, dry.stdout
+    as_json = json.loads(cli("process", "--json", env=env).stdout)
+    assert as_json["waiting"]["due"] == 2 and as_json["waiting"]["message"].startswith("2 due retries waiting: paused")
+    status = cli("status", env=env)
+    assert "2 due retries waiting: paused until resumed by cli on " in status.stdout, status.stdout
+    server = WebServer(db_url)
+    try:
+        with server.client(READER) as http:
+            api = http.get("/api/status").json()["data"]
+            overview = http.get("/").text
+    finally:
+        server.stop()
+    assert api["waiting"]["message"].startswith("2 due retries waiting: paused until resumed by cli on ")
+    assert "2 due retries waiting: paused until resumed by cli on " in overview
+    assert [status_of(engine, r) for r in retries] == ["pending_retry"] * 2
+
+    assert cli("resume", env=env).returncode == 0
+    with engine.begin() as conn:  # the one slot (MAX_CONCURRENT_RETRIES=1) is a hand-off the fleet runs
+        insert_run(conn, status="running", search_query="At the fleet", started_at=NOW, handed_off="webhook")
+    full = cli("process", env=env)
+    assert full.returncode == 0, full.stderr
+    assert "Nothing started: 2 due retries waiting for a slot (cap 1)" in full.stdout, full.stdout
+    assert "2 due retries waiting for a slot (cap 1)" in cli("status", env=env).stdout
+    assert [status_of(engine, r) for r in retries] == ["pending_retry"] * 2

@@ -121,7 +121,7 @@ def test_dlq_and_stats_commands(history, db_url):
     assert listed.returncode == 0 and "not_found" in listed.stdout and "2 (budget 4)" in listed.stdout
     number = listed.stdout.splitlines()[1].split()[0]
     shown = cli("dlq", "show", number, env=env)
-    assert "pattern: not_found" in shown.stdout and "search_query = '404 d'" in shown.stdout
+    assert "pattern: not_found" in shown.stdout and 'search_query = "404 d"' in shown.stdout
     assert "Traceback" in shown.stdout
     requeued = cli("dlq", "requeue", number, env=env)
     assert requeued.returncode == 0 and "Requeued: Run scheduled for retry (attempt 2/5)" in requeued.stdout

@@ -9,6 +9,7 @@ else in a temporary directory, so a test run leaves the committed pictures alone
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -578,3 +579,60 @@ def test_without_tokens_the_sign_in_page_sends_the_browser_to_the_overview(db_ur
         web.stop()
     assert answer.status_code == 303 and answer.headers["location"] == "/"
     assert overview.status_code == 200
+
+
+def test_a_dead_letters_inputs_are_shown_as_json_on_the_page_and_by_dlq_show(web, engine, db_url):
+    """Not Python's reprs (`{'pages': 3}`, `None`, `'Belgium'`): what a script or a person can paste."""
+    spent = spent_chain(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO scrape_run_dead_letters (run_id, chain_id, attempts, budget, pattern, last_error, inputs)"
+                " VALUES (:r, :r, 5, 4, 'server_error', 'HTTP 503', CAST(:i AS jsonb))"
+            ),
+            {"r": spent, "i": '{"config": {"pages": 3}, "results_count": null, "location_query": "Belgium"}'},
+        )
+    reader, _ = signed_in(web, READER)
+    page = reader.get("/dead-letters").text
+    assert "<dd>{&#34;pages&#34;: 3}</dd>" in page and "<dd>null</dd>" in page, page
+    assert "<dd>&#34;Belgium&#34;</dd>" in page
+    assert "None" not in page and "&#39;pages&#39;" not in page
+    shown = cli("dlq", "show", "1", env={"DATABASE_URL": db_url})
+    assert shown.returncode == 0, shown.stderr
+    assert '        config = {"pages": 3}' in shown.stdout.splitlines(), shown.stdout
+    assert '        results_count = null' in shown.stdout.splitlines()
+    assert '        location_query = "Belgium"' in shown.stdout.splitlines()
+
+
+def test_the_runs_pages_window_is_named_by_the_time_that_describes_the_status(web, engine):
+    with engine.begin() as conn:
+        insert_run(conn, status="pending_retry", search_query="Due soon", next_retry_at=NOW + timedelta(hours=1))
+    reader, _ = signed_in(web, READER)
+    assert "Started within <input" in reader.get("/runs", params={"since": "24h"}).text
+    pending = reader.get("/runs", params={"status": "pending_retry", "since": "24h"}).text
+    assert "Due within <input" in pending and "Due soon" in pending and "No run matches" not in pending
+    assert "Ended within <input" in reader.get("/runs", params={"status": "cancelled"}).text
+
+
+def test_permanently_failed_is_one_24h_count_named_alike_by_status_json_api_and_overview(web, engine, db_url):
+    """A chain dead-lettered three days ago is outside the window everywhere; one of an hour ago in it."""
+    for ended_ago in (timedelta(days=3), timedelta(hours=1)):
+        root = failed_run(
+            engine, failure_pattern="stuck", started_at=NOW - ended_ago - timedelta(hours=3),
+            completed_at=NOW - ended_ago - timedelta(hours=2), max_retries=1,
+        )
+        failed_run(
+            engine, is_retry=True, retry_count=1, max_retries=1, original_run_id=root, failure_pattern="server_error",
+            started_at=NOW - ended_ago - timedelta(minutes=30), completed_at=NOW - ended_ago,
+        )
+    env = {"DATABASE_URL": db_url}
+    text = cli("status", env=env)
+    assert text.returncode == 0, text.stderr
+    assert "permanently failed (24h): 1 (chains ended failed, no retry coming)" in text.stdout, text.stdout
+    counts = json.loads(cli("status", "--json", env=env).stdout)["runs"]
+    assert (counts["permanently_failed"], counts["permanently_failed_window"]) == (1, "24h")
+    reader, _ = signed_in(web, READER)
+    api = reader.get("/api/status").json()["data"]["runs"]
+    assert (api["permanently_failed"], api["permanently_failed_window"]) == (1, "24h")
+    overview = reader.get("/").text
+    assert '<h2>Permanently failed (24h)</h2><p class="number">1</p>' in overview, overview
