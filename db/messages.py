@@ -22,6 +22,9 @@ RETRY_SCHEDULED = "{error} - retry {number}/{budget} scheduled"
 BUDGET_SPENT = "{error} - permanently failed after {attempts}"
 ATTEMPTS = "{count} attempts"
 ONE_ATTEMPT = "1 attempt"
+# How RETRY_SCHEDULED's text ends, as a regular expression: a message still stuck-runs' own (a
+# varchar column keeps this tail when it cuts one), which a late completion clears.
+RETRY_SCHEDULED_TAIL = r" - retry [0-9]+/[0-9]+ scheduled$"
 PERMANENT_ERROR = "{error} - not retried: permanent error ({pattern})"
 TIMED_OUT = "Execution timed out after {hours}"
 SUPERSEDED = "Superseded: run {run_id} completed"

@@ -203,7 +203,8 @@ def supersede_completed_chains(rt: Runtime, *, dry_run: bool = False) -> tuple[S
     """Cancels pending retries whose chain has a completed run: `Superseded: run <id> completed`.
 
     In the same transaction the completed runs of those chains lose the `next_retry_at` their
-    failure as stuck gave them, so the monitoring SQL shows no retry due for a completed run.
+    failure as stuck gave them, so the monitoring SQL shows no retry due for a completed run, and
+    the error stuck-runs wrote on them (a message the scraper wrote since stays).
     """
     q = rt.queries
     now = rt.clock.now()

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from db import locks
 from db.arrays import array_param
+from db.messages import RETRY_SCHEDULED_TAIL
 from db.queries.common import NOW, TableStatements, _arrays
 from db.table import RunsTable
 
@@ -233,13 +234,19 @@ class RetryStatements(TableStatements):
         """Clears `next_retry_at` on the completed runs of the chains in `:sr_chains`.
 
         A run failed as stuck and completed late by the scraper keeps the retry due its failure
-        set; once that retry is superseded the chain has none due. Only `completed` rows change.
+        set; once that retry is superseded the chain has none due. Its error column loses the
+        message stuck-runs wrote (`Run stuck for 1.5h - retry 1/4 scheduled`): a completed run has
+        no error to show. A message the scraper wrote since stays. Only `completed` rows change.
         """
-        t = self.t
+        t, runs = self.t, self.runs
         chains = array_param("sr_chains", self.runs.id_type)
+        ours = sa.cast(runs.error_text(t.c.error_message), sa.Text).regexp_match(RETRY_SCHEDULED_TAIL)
         return (
             sa.update(t)
-            .values(next_retry_at=None)
+            .values(
+                next_retry_at=None,
+                error_message=sa.case((ours, sa.cast(sa.null(), t.c.error_message.type)), else_=t.c.error_message),
+            )
             .where(
                 self.runs.in_state(t.c.status, "completed"),
                 t.c.next_retry_at.is_not(None),
