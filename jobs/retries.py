@@ -227,7 +227,7 @@ def supersede_completed_chains(rt: Runtime, *, dry_run: bool = False) -> tuple[S
             cancelled = set(conn.execute(q.cancel_pending, params).scalars())
             done = tuple(s for s in found if s.run_id in cancelled)
             if done:
-                conn.execute(q.clear_completed_due(), {"sr_chains": list({s.chain_id for s in done})})
+                conn.execute(q.clear_completed_due(), {"sr_now": now, "sr_chains": list({s.chain_id for s in done})})
     for s in done:
         logger.bind(run_id=str(s.run_id), chain=str(s.chain_id), event="superseded").info("{}: {}", s.label, s.message)
     return done

@@ -35,13 +35,13 @@ class RetryStatements(TableStatements):
         self.queue_one = self._claim(one=True, to_queue=True)
         self.due_preview = self._due(lock=False).add_columns(t.c.next_retry_at)
         self.complete = (
-            sa.update(t)
+            self._update()
             .values(status=runs.status("completed"), completed_at=NOW)
             .where(t.c.id == sa.bindparam("sr_run_id"), runs.in_state(t.c.status, "running"))
             .returning(t.c.id)
         )
         self.release = (
-            sa.update(t)
+            self._update()
             .values(
                 status=runs.status("pending_retry"),
                 next_retry_at=NOW,
@@ -52,7 +52,7 @@ class RetryStatements(TableStatements):
         )
         self.schedule = self._schedule()
         self.unclaim = (
-            sa.update(t)
+            self._update()
             .values(
                 status=runs.status("pending_retry"),
                 next_retry_at=sa.bindparam("sr_due", type_=sa.DateTime(timezone=True)),
@@ -87,7 +87,7 @@ class RetryStatements(TableStatements):
             where.append(t.c.next_retry_at.is_(None))
             completed_at = sa.func.coalesce(t.c.completed_at, NOW)
         failed = (
-            sa.update(t)
+            self._update()
             .values(
                 status=runs.status("failed"),
                 error_message=runs.error_value(v.c.message),
@@ -122,7 +122,7 @@ class RetryStatements(TableStatements):
         t, runs = self.t, self.runs
         v = _arrays(id=runs.id_type, due=sa.DateTime(timezone=True), budget=sa.Integer())
         attempt = (
-            sa.update(t)
+            self._update()
             .values(next_retry_at=v.c.due, max_retries=v.c.budget)
             .where(t.c.id == v.c.id, runs.in_state(t.c.status, "failed"))
             .returning(*t.c)
@@ -145,7 +145,7 @@ class RetryStatements(TableStatements):
         t, runs = self.t, self.runs
         v = _arrays(id=runs.id_type, message=sa.Text())
         return (
-            sa.update(t)
+            self._update()
             .values(
                 status=runs.status(to_status),
                 error_message=runs.error_value(v.c.message),
@@ -209,7 +209,7 @@ class RetryStatements(TableStatements):
             )
         locked = sa.false() if to_queue else sa.func.pg_try_advisory_lock(self.runs_ns, locks.run_key(t.c.id))
         return (
-            sa.update(t)
+            self._update()
             .values(**values)
             .where(t.c.id == due.c.id, runs.in_state(t.c.status, "pending_retry"))
             # When it was due: a claim whose scraper cannot start puts it back as it was (`unclaim`).
@@ -242,7 +242,7 @@ class RetryStatements(TableStatements):
         chains = array_param("sr_chains", self.runs.id_type)
         ours = sa.cast(runs.error_text(t.c.error_message), sa.Text).regexp_match(RETRY_SCHEDULED_TAIL)
         return (
-            sa.update(t)
+            self._update()
             .values(
                 next_retry_at=None,
                 error_message=sa.case((ours, sa.cast(sa.null(), t.c.error_message.type)), else_=t.c.error_message),

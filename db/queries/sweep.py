@@ -197,7 +197,7 @@ class SweepStatements(TableStatements):
         )
         budget, message, due = self._stuck_decision(_ERRORS[state])
         failed = (
-            sa.update(t)
+            self._update()
             .values(
                 status=runs.status("failed"),
                 error_message=runs.error_value(message),
