@@ -255,6 +255,23 @@ class RetryStatements(TableStatements):
             .returning(t.c.id)
         )
 
+    def make_due_now(self) -> sa.Update:
+        """Pending retry `:sr_run_id` due now, if it was due later (an operator's `retry --now`).
+
+        Returns its new `next_retry_at`; nothing when it is not pending, or already due.
+        """
+        t, runs = self.t, self.runs
+        return (
+            self._update()
+            .values(next_retry_at=NOW)
+            .where(
+                t.c.id == sa.bindparam("sr_run_id"),
+                runs.in_state(t.c.status, "pending_retry"),
+                sa.or_(t.c.next_retry_at.is_(None), t.c.next_retry_at > NOW),
+            )
+            .returning(t.c.id, t.c.next_retry_at)
+        )
+
     def pending_candidates(
         self, *, error_like: bool = False, columns_like: tuple[str, ...] = (), since: bool = False
     ) -> sa.Select:
