@@ -15,6 +15,7 @@ from db.errors import ConfigError
 from db.layout import Layout
 from jobs.control import cancel_run
 from jobs.dead_letters import requeue
+from jobs.doctor import describe_mapping
 from jobs.executor import ExecutionResult
 from jobs.handoff import queue_due_retries
 from jobs.manual import retry_run
@@ -191,6 +192,7 @@ def test_a_django_shaped_table_gets_fresh_created_and_modified_on_retries(db_url
     engine.dispose()
     rt = make_runtime(db_url, table="scraper_run")
     assert rt.runs.updated == "modified"  # recognised without a mapping: the one written on every write
+    assert ", updated_at=modified (timestamp with time zone); status values" in describe_mapping(rt.runs)
     hours_ago = NOW - timedelta(hours=3)
     with rt.engine.begin() as conn:
         stuck = conn.execute(
