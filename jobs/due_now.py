@@ -39,7 +39,8 @@ class DueNow:
 def make_due_now(rt: Runtime, run_id: RunId) -> DueNow:
     """Makes the pending retry of `run_id`'s chain (`run_id` itself, or the retry of the failed
     attempt given) due now, with one conditional UPDATE; `DueNowRefused` when nothing of the chain
-    is pending (it ran, completed, was cancelled...), `RunNotFound` for an unknown id."""
+    is pending (it ran, completed, was cancelled...) or the chain completed (its pending retry is
+    superseded, never run), `RunNotFound` for an unknown id."""
     chain = chain_history(rt, run_id)
     latest = chain.attempts[-1]
     given = next(a for a in chain.attempts if a.id == run_id)
@@ -49,6 +50,12 @@ def make_due_now(rt: Runtime, run_id: RunId) -> DueNow:
         raise DueNowRefused(
             f"run {run_id} has no pending retry to make due now: {subject} is {pending.status}",
             details={"runId": str(pending.id), "currentStatus": pending.status, "requestedRunId": str(run_id)},
+        )
+    completed = next((a for a in chain.attempts if a.status == "completed"), None)
+    if completed is not None:  # the processor supersedes it; run, it would repeat work already done
+        raise DueNowRefused(
+            f"retry {pending.id} is not made due: its chain completed with run {completed.id}, so it will be superseded",
+            details={"runId": str(pending.id), "currentStatus": pending.status, "completedRunId": str(completed.id)},
         )
     now = rt.clock.now()
     with database_errors(rt.engine, "making a retry due now"), rt.engine.begin() as conn:

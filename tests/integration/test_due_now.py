@@ -68,6 +68,16 @@ def test_nothing_pending_is_refused_and_changes_nothing(rt, status):
         make_due_now(rt, rt.runs.parse_id("3f2b8c1e-4a5d-4e6f-9a7b-1c2d3e4f5a6b"))
 
 
+def test_a_pending_retry_of_a_chain_that_completed_is_not_made_due(rt):
+    with rt.engine.begin() as conn:
+        root, retry = insert_due_retry(conn, due=LATER, now=NOW)
+        insert_run(conn, status="completed", retry_count=2, is_retry=True, original_run_id=root)  # completed late
+    with pytest.raises(DueNowRefused, match="its chain completed with run .*, so it will be superseded"):
+        make_due_now(rt, retry)
+    with rt.engine.connect() as conn:
+        assert row(conn, retry)["next_retry_at"] == LATER
+
+
 def test_retry_now_on_a_pending_retry_makes_it_due_and_executes_it_here(db_url):
     engine = make_engine(db_url)
     with engine.begin() as conn:
