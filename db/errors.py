@@ -74,6 +74,14 @@ class CancelRefused(OperatorError):
         self.details = details or {}
 
 
+class DueNowRefused(OperatorError):
+    """Nothing of the chain is pending: there is no retry to make due now."""
+
+    def __init__(self, message: str, *, details: dict | None = None) -> None:
+        super().__init__(message)
+        self.details = details or {}
+
+
 class ExecutorError(OperatorError):
     """The configured executor cannot be built (callable not importable, command not found)."""
 

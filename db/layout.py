@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from db.errors import ConfigError
 
 ROLES = ("id", "status", "started_at", "completed_at", "error_message")
+# Roles a table may lack: `updated_at`, the bookkeeping time stuck-runs sets to now() on every write
+# (without a mapping, a column spelled like one is found by db.table).
+OPTIONAL_ROLES = ("updated_at",)
 # The states stuck-runs reads and writes; `queued` is the scraper's own waiting value (§12's hand-off).
 STATES = ("running", "completed", "failed", "pending_retry", "cancelled", "queued")
 WRITTEN_STATES = ("running", "completed", "failed", "pending_retry", "cancelled")
@@ -83,8 +86,8 @@ def parse_column_map(text: str, name: str = "COLUMN_MAP") -> dict[str, str]:
     example = "role=column pairs such as id=run_id,completed_at=finished_at"
     columns: dict[str, str] = {}
     for role, column in _pairs(text, name, "role=column", example):
-        if role not in ROLES:
-            raise ConfigError(f"{name}: {_shown(role)} is not a role: map some of {', '.join(ROLES)}")
+        if role not in (*ROLES, *OPTIONAL_ROLES):
+            raise ConfigError(f"{name}: {_shown(role)} is not a role: map some of {', '.join((*ROLES, *OPTIONAL_ROLES))}")
         if role in columns:
             raise ConfigError(f"{name} maps {role} twice: keep one {role}=column")
         if column in RETRY_COLUMNS:
@@ -98,7 +101,7 @@ def parse_column_map(text: str, name: str = "COLUMN_MAP") -> dict[str, str]:
             )
         columns[role] = column
     taken = {}
-    for role in ROLES:
+    for role in (*ROLES, *(r for r in OPTIONAL_ROLES if r in columns)):
         column = columns.get(role, role)
         if column in taken:
             raise ConfigError(

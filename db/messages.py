@@ -8,10 +8,23 @@ both layers need them.
 STUCK_PATTERN = "stuck"
 TIMEOUT_PATTERN = "timeout"
 
+# A duration in a message: hours with one decimal (`1.2h`) from 0.1h (6 minutes) on; below that
+# whole minutes elapsed (`5m`), and below a minute whole seconds (`45s`). No message says `0.0h`,
+# and none rounds 3 to 6 minutes up to `0.1h`.
+HOURS_FROM_SECONDS = 360
+MINUTES_FROM_SECONDS = 60
+
 STUCK_ERROR = "Run stuck for {hours}"
 NOT_STARTED_ERROR = "Run not started after {hours}"  # handed to the fleet's queue, never picked up
 RETRY_SCHEDULED = "{error} - retry {number}/{budget} scheduled"
-BUDGET_SPENT = "{error} - permanently failed after {attempts} attempts"  # retry attempts, as SPEC says
+# `attempts` counts the attempts the chain made, the original included: ATTEMPTS, or ONE_ATTEMPT
+# (a chain whose budget was 0 failed after its one attempt).
+BUDGET_SPENT = "{error} - permanently failed after {attempts}"
+ATTEMPTS = "{count} attempts"
+ONE_ATTEMPT = "1 attempt"
+# How RETRY_SCHEDULED's text ends, as a regular expression: a message still stuck-runs' own (a
+# varchar column keeps this tail when it cuts one), which a late completion clears.
+RETRY_SCHEDULED_TAIL = r" - retry [0-9]+/[0-9]+ scheduled$"
 PERMANENT_ERROR = "{error} - not retried: permanent error ({pattern})"
 TIMED_OUT = "Execution timed out after {hours}"
 SUPERSEDED = "Superseded: run {run_id} completed"

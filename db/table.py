@@ -23,7 +23,26 @@ from db.layout import RETRY_COLUMNS, STATES, Layout, label_fields
 
 ROLE_KEYS = ("id", "status", "started_at", "completed_at", "error_message")
 # Bookkeeping timestamps describe one row, not the work: a retry gets its own (now), never a copy.
-_BOOKKEEPING = frozenset({"createdat", "updatedat", "modifiedat", "insertedat"})
+# Their common spellings, compared without `_` and case: Rails' and Prisma's `created_at`/`updatedAt`,
+# Django's `created`/`modified`, `date_created`, `last_modified`... Only date/time columns count.
+_CREATED = frozenset({"created", "createdat", "createdon", "datecreated", "creationdate", "inserted", "insertedat"})
+# The spellings of the time of a row's last change, in the order one is chosen as the `updated_at`
+# role when COLUMN_MAP names none: stuck-runs sets it to now() on every write (ETL syncs by it).
+UPDATED_SPELLINGS = (
+    "updatedat",
+    "modifiedat",
+    "updated",
+    "modified",
+    "updatedon",
+    "modifiedon",
+    "lastmodified",
+    "lastmodifiedat",
+    "lastupdated",
+    "lastupdatedat",
+    "dateupdated",
+    "datemodified",
+)
+_BOOKKEEPING = _CREATED | frozenset(UPDATED_SPELLINGS)
 DEAD_LETTERS_TABLE = "scrape_run_dead_letters"
 JOB_RUNS_TABLE = "stuck_runs_job_runs"
 _INPUT_KEY = "_sr_input_"  # the key of a scraper column whose name is a role another column plays
@@ -46,8 +65,37 @@ def split_name(qualified: str) -> tuple[str | None, str]:
     return (schema or None), name
 
 
-def is_bookkeeping(name: str) -> bool:
-    return name.replace("_", "").lower() in _BOOKKEEPING
+def _spelling(name: str) -> str:
+    return name.replace("_", "").lower()
+
+
+def _is_time(column: sa.Column) -> bool:
+    return isinstance(column.type, (sa.DateTime, sa.Date))
+
+
+def is_bookkeeping(column: sa.Column) -> bool:
+    """A row's own creation or change time (not the work's): never copied into a retry."""
+    return _is_time(column) and _spelling(column.name) in _BOOKKEEPING
+
+
+def updated_column(table: sa.Table, layout: Layout, qualified: str) -> str | None:
+    """The key of the `updated_at` role's column: COLUMN_MAP's, else the first column spelled like
+    one (UPDATED_SPELLINGS), else None. `ConfigError` when the mapped one is missing or no timestamp."""
+    mapped = layout.columns.get("updated_at")
+    if mapped is not None:
+        column = next((c for c in table.columns if c.name == mapped), None)
+        if column is None or not isinstance(column.type, sa.DateTime) or is_generated(column):
+            what = "is not a column of" if column is None else f"({sql_type(column)}) is no writable timestamp of"
+            raise ConfigError(
+                f"COLUMN_MAP: updated_at={mapped} {what} {qualified}: map a timestamp column, or leave updated_at out"
+            )
+        return column.key
+    found = {
+        _spelling(c.name): c.key
+        for c in table.columns
+        if isinstance(c.type, sa.DateTime) and not is_generated(c) and c.key not in ROLE_KEYS
+    }
+    return next((found[s] for s in UPDATED_SPELLINGS if s in found), None)
 
 
 def dead_letters_name(table: sa.Table, id_kind: str) -> str:
@@ -75,6 +123,11 @@ class RunsTable:
     # The table as every process names it, however SCRAPE_RUNS_TABLE spells it: `public.scrape_runs`
     # and `scrape_runs` are one table, so one set of locks, slots, pause and records.
     canonical: str | None = None
+    updated: str | None = None  # the `updated_at` role's column key: set to now on every write
+
+    def touched(self, now: sa.ColumnElement) -> dict[str, sa.ColumnElement]:
+        """The values every write of a row sets besides its own: the bookkeeping time, now."""
+        return {self.updated: now} if self.updated else {}
 
     @property
     def canonical_name(self) -> str:
@@ -361,13 +414,15 @@ def load_runs_table(
     check_migrated(conn, table, qualified)
     check_row_security(conn, table, qualified)
     heartbeat_key = next((c.key for c in table.columns if c.name == heartbeat), None) if heartbeat else None
+    updated = updated_column(table, layout, qualified)
     inputs = tuple(
         c.key
         for c in table.columns
         if c.key not in ROLE_KEYS
         and c.key not in RETRY_COLUMNS
         and c.key != heartbeat_key
-        and not is_bookkeeping(c.name)
+        and not is_bookkeeping(c)
+        and c.key != updated
         and not is_generated(c)
     )
     enum_name = table.info["enum_names"].get("status")
@@ -392,6 +447,7 @@ def load_runs_table(
         getattr(error, "length", None) if not isinstance(error, sa.JSON) else None,
         own_default,
         table.name if in_search_path else None,
+        updated,
     )
 
 

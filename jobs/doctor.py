@@ -292,6 +292,8 @@ def describe_mapping(runs: RunsTable) -> str:
         return runs.status_type.sql_name if role == "status" and runs.status_is_enum else sql_type(runs.c[role])
 
     roles = ", ".join(f"{role}={runs.name_of(role)} ({kind(role)})" for role in ROLE_KEYS)
+    if runs.updated:  # set to now on every write stuck-runs makes
+        roles += f", updated_at={runs.name_of(runs.updated)} ({sql_type(runs.c[runs.updated])})"
     shown = (*WRITTEN_STATES, *(("queued",) if "queued" in layout.statuses else ()))
     states = ", ".join(f"{state}={'|'.join(layout.values(state))}" for state in shown)
     label = layout.label or "default: {search_query} in {location_query}, else the run's id"

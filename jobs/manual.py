@@ -19,7 +19,7 @@ from db.errors import RetryRefused, RunNotFound, UsageError
 from db.queries.retries import matching_count
 from jobs.model import Run, RunId
 from jobs.retries import RetryDispatcher, RetryOutcome
-from jobs.rules import RetryPolicy, chain_budget, count_attempts, format_hours, format_time
+from jobs.rules import RetryPolicy, attempts_text, chain_budget, count_attempts, format_duration, format_time
 from jobs.runtime import Runtime
 
 RETRY_KINDS = ("failed", "permanent", "scraper")
@@ -273,7 +273,7 @@ def run_retry_now(
 def _budget(run: Run, policy: RetryPolicy, reset_budget: bool) -> int:
     if reset_budget:
         return run.retry_count + policy.max_retries
-    return chain_budget(run.is_retry, run.max_retries, policy)
+    return chain_budget(run.is_retry, run.max_retries, policy, handled=run.failure_pattern is not None)
 
 
 def _budget_refusal(rt: Runtime, run: Run, policy: RetryPolicy, reset_budget: bool) -> str | None:
@@ -284,7 +284,7 @@ def _budget_refusal(rt: Runtime, run: Run, policy: RetryPolicy, reset_budget: bo
     return (
         # Every row before the chain's latest failed attempt ran: each retry follows a failure.
         f"run {run.id} has spent its retry budget ({run.retry_count} of {budget} retries spent; "
-        f"{run.retry_count + 1} attempts, the original run included); last error: {run.error_message or '(none)'}; "
+        f"{attempts_text(run.retry_count + 1)}, the original run included); last error: {run.error_message or '(none)'}; "
         f"failure pattern: {pattern}. Use --reset-budget to retry it anyway"
     )
 
@@ -344,7 +344,7 @@ def _status_reason(run: Run, rt: Runtime, of_chain: bool) -> str:
     if run.status == "completed":
         return f"{subject} completed: there is nothing to retry"
     if run.status == "running":
-        since = f" for {format_hours(rt.clock.now() - run.started_at)}" if run.started_at else ""
+        since = f" for {format_duration(rt.clock.now() - run.started_at)}" if run.started_at else ""
         return f"{subject} is running{since}: wait for it to finish, or for the stuck checker to fail it"
     if run.status == "pending_retry":
         when = format_time(run.next_retry_at) if run.next_retry_at else "soon"

@@ -209,7 +209,8 @@ def supersede_completed_chains(rt: Runtime, *, dry_run: bool = False) -> tuple[S
     """Cancels pending retries whose chain has a completed run: `Superseded: run <id> completed`.
 
     In the same transaction the completed runs of those chains lose the `next_retry_at` their
-    failure as stuck gave them, so the monitoring SQL shows no retry due for a completed run.
+    failure as stuck gave them, so the monitoring SQL shows no retry due for a completed run, and
+    the error stuck-runs wrote on them (a message the scraper wrote since stays).
     """
     q = rt.queries
     now = rt.clock.now()
@@ -232,7 +233,7 @@ def supersede_completed_chains(rt: Runtime, *, dry_run: bool = False) -> tuple[S
             cancelled = set(conn.execute(q.cancel_pending, params).scalars())
             done = tuple(s for s in found if s.run_id in cancelled)
             if done:
-                conn.execute(q.clear_completed_due(), {"sr_chains": list({s.chain_id for s in done})})
+                conn.execute(q.clear_completed_due(), {"sr_now": now, "sr_chains": list({s.chain_id for s in done})})
     for s in done:
         logger.bind(run_id=str(s.run_id), chain=str(s.chain_id), event="superseded").info("{}: {}", s.label, s.message)
     return done

@@ -14,8 +14,10 @@ How counts are worded, everywhere the tool prints one (SPEC §3, §6, §10):
 - A *retry* is every attempt after the original; `retry_count` is its number. "retry N/M" and
   "attempt N/M" both name retry N of a budget of M retries: `retry 2/4 scheduled`,
   `Run scheduled for retry (attempt 2/4)`, `[RETRY 2/4]`.
-- SPEC's exact `permanently failed after 4 attempts` is the one text whose number counts the
-  retries spent (the budget, 4), not the attempts (5, with the original): kept verbatim.
+- `permanently failed after 5 attempts` counts attempts too: a budget of 4 retries is spent after
+  the original and four retries ran (5); a budget of 0 after the original alone (`after 1 attempt`).
+  SPEC's table shows `after 4 attempts` for a budget of 4, which contradicts its own count of
+  attempts (§10's `Total attempts: 3` includes the original); the message agrees with `history`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from db.messages import (  # noqa: F401 - the templates are part of the rules' vocabulary
+    ATTEMPTS,
     BUDGET_SPENT,
+    HOURS_FROM_SECONDS,
+    MINUTES_FROM_SECONDS,
+    ONE_ATTEMPT,
     MAX_DOUBLINGS,
     PERMANENT_ERROR,
     RETRY_SCHEDULED,
@@ -81,6 +87,25 @@ _TENTH = 360_000_000  # a tenth of an hour in microseconds
 _HALF_TENTH = _TENTH // 2
 
 
+def format_duration(duration: timedelta) -> str:
+    """A duration in a message: `1.2h` from 0.1h (6 minutes) on, below that whole minutes elapsed
+    (`5m`), below a minute whole seconds (`45s`); never `0.0h`. The sweep renders the same in SQL
+    (db/queries/sweep.py) from the same thresholds (db/messages.py)."""
+    micros = abs(duration // timedelta(microseconds=1))
+    if micros >= HOURS_FROM_SECONDS * 1_000_000:
+        return format_hours(duration)
+    sign = "-" if duration < timedelta(0) else ""
+    seconds = micros // 1_000_000
+    if seconds >= MINUTES_FROM_SECONDS:
+        return f"{sign}{seconds // 60}m"
+    return f"{sign}{seconds}s"
+
+
+def attempts_text(attempts: int) -> str:
+    """`5 attempts`, `1 attempt`."""
+    return ONE_ATTEMPT if attempts == 1 else ATTEMPTS.format(count=attempts)
+
+
 def format_time(value: datetime) -> str:
     """A date as people read it, everywhere: `2026-11-23 21:59 UTC` (naive values are UTC)."""
     if value.tzinfo is None:
@@ -89,20 +114,23 @@ def format_time(value: datetime) -> str:
 
 
 def stuck_error(since: datetime, now: datetime) -> str:
-    return STUCK_ERROR.format(hours=format_hours(now - since))
+    return STUCK_ERROR.format(hours=format_duration(now - since))
 
 
 def timeout_error(timeout: timedelta) -> str:
-    return TIMED_OUT.format(hours=format_hours(timeout))
+    return TIMED_OUT.format(hours=format_duration(timeout))
 
 
 def superseded_message(completed_run_id: object) -> str:
     return SUPERSEDED.format(run_id=completed_run_id)
 
 
-def chain_budget(is_retry: bool, row_max_retries: int, policy: RetryPolicy) -> int:
-    """A chain's budget is fixed at its first failure: the root takes the policy's, retries inherit."""
-    return row_max_retries if is_retry else policy.max_retries
+def chain_budget(is_retry: bool, row_max_retries: int, policy: RetryPolicy, *, handled: bool = False) -> int:
+    """A chain's budget is fixed at its first failure that stuck-runs handled (written to the
+    root's `max_retries`), and kept: retries inherit it, and a root stuck-runs already failed
+    (`handled`: its failure's pattern is written) keeps it. A root never handled (failed by the
+    scraper, its column at its default) takes the policy in force."""
+    return row_max_retries if is_retry or handled else policy.max_retries
 
 
 def retry_delay(
@@ -148,7 +176,7 @@ def decide_failure(
         message = PERMANENT_ERROR.format(error=error, pattern=pattern)
         return FailureOutcome(message, pattern, budget, None, None)
     if retry_count >= budget:
-        message = BUDGET_SPENT.format(error=error, attempts=retry_count)
+        message = BUDGET_SPENT.format(error=error, attempts=attempts_text(retry_count + 1))
         return FailureOutcome(message, pattern, budget, None, None)
     number = retry_count + 1
     due = now + retry_delay(policy, number, rng, retry_after)

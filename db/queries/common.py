@@ -52,6 +52,12 @@ class TableStatements:
         self.runs_ns = locks.namespace(runs.canonical_name, locks.RUNS)
         self.pauses = PauseRecords(t.schema, runs.canonical_name)
 
+    def _update(self) -> sa.Update:
+        """`UPDATE` of the runs table, as every statement that changes a run starts: the row's
+        bookkeeping time (the `updated_at` role, when the table has one) is set to now, so ETL that
+        syncs by it sees every change stuck-runs makes. The caller's `.values(...)` add to it."""
+        return sa.update(self.t).values(**self.runs.touched(NOW))
+
     def _chain_completed(self, pending: sa.FromClause) -> sa.Select:
         """The completed runs of `pending`'s chain, earliest completion first."""
         done = self.t.alias("done")
@@ -84,6 +90,7 @@ class TableStatements:
             is_retry=sa.true(),
         )
         values.update(runs.fresh_attempt_values(NOW))
+        values.update(runs.touched(NOW))  # a new row: its own bookkeeping time, now (as every write)
         if retry_id is not None:
             values["id"] = retry_id
         rows = sa.select(*(value.label(name) for name, value in values.items())).where(

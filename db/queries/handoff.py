@@ -39,7 +39,7 @@ class HandoffStatements(TableStatements):
         if runs.heartbeat:
             values[runs.heartbeat] = NOW
         self.hand_over = (
-            sa.update(t)
+            self._update()
             .values(**values)
             .where(t.c.id == sa.bindparam("sr_run_id"), runs.in_state(t.c.status, "running"))
             .returning(t.c.id)

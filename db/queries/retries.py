@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from db import locks
 from db.arrays import array_param
+from db.messages import RETRY_SCHEDULED_TAIL
 from db.queries.common import NOW, TableStatements, _arrays
 from db.table import RunsTable
 
@@ -34,13 +35,13 @@ class RetryStatements(TableStatements):
         self.queue_one = self._claim(one=True, to_queue=True)
         self.due_preview = self._due(lock=False).add_columns(t.c.next_retry_at)
         self.complete = (
-            sa.update(t)
+            self._update()
             .values(status=runs.status("completed"), completed_at=NOW)
             .where(t.c.id == sa.bindparam("sr_run_id"), runs.in_state(t.c.status, "running"))
             .returning(t.c.id)
         )
         self.release = (
-            sa.update(t)
+            self._update()
             .values(
                 status=runs.status("pending_retry"),
                 next_retry_at=NOW,
@@ -51,7 +52,7 @@ class RetryStatements(TableStatements):
         )
         self.schedule = self._schedule()
         self.unclaim = (
-            sa.update(t)
+            self._update()
             .values(
                 status=runs.status("pending_retry"),
                 next_retry_at=sa.bindparam("sr_due", type_=sa.DateTime(timezone=True)),
@@ -86,7 +87,7 @@ class RetryStatements(TableStatements):
             where.append(t.c.next_retry_at.is_(None))
             completed_at = sa.func.coalesce(t.c.completed_at, NOW)
         failed = (
-            sa.update(t)
+            self._update()
             .values(
                 status=runs.status("failed"),
                 error_message=runs.error_value(v.c.message),
@@ -121,7 +122,7 @@ class RetryStatements(TableStatements):
         t, runs = self.t, self.runs
         v = _arrays(id=runs.id_type, due=sa.DateTime(timezone=True), budget=sa.Integer())
         attempt = (
-            sa.update(t)
+            self._update()
             .values(next_retry_at=v.c.due, max_retries=v.c.budget)
             .where(t.c.id == v.c.id, runs.in_state(t.c.status, "failed"))
             .returning(*t.c)
@@ -144,7 +145,7 @@ class RetryStatements(TableStatements):
         t, runs = self.t, self.runs
         v = _arrays(id=runs.id_type, message=sa.Text())
         return (
-            sa.update(t)
+            self._update()
             .values(
                 status=runs.status(to_status),
                 error_message=runs.error_value(v.c.message),
@@ -208,7 +209,7 @@ class RetryStatements(TableStatements):
             )
         locked = sa.false() if to_queue else sa.func.pg_try_advisory_lock(self.runs_ns, locks.run_key(t.c.id))
         return (
-            sa.update(t)
+            self._update()
             .values(**values)
             .where(t.c.id == due.c.id, runs.in_state(t.c.status, "pending_retry"))
             # When it was due: a claim whose scraper cannot start puts it back as it was (`unclaim`).
@@ -233,19 +234,42 @@ class RetryStatements(TableStatements):
         """Clears `next_retry_at` on the completed runs of the chains in `:sr_chains`.
 
         A run failed as stuck and completed late by the scraper keeps the retry due its failure
-        set; once that retry is superseded the chain has none due. Only `completed` rows change.
+        set; once that retry is superseded the chain has none due. Its error column loses the
+        message stuck-runs wrote (`Run stuck for 1.5h - retry 1/4 scheduled`): a completed run has
+        no error to show. A message the scraper wrote since stays. Only `completed` rows change.
         """
-        t = self.t
+        t, runs = self.t, self.runs
         chains = array_param("sr_chains", self.runs.id_type)
+        ours = sa.cast(runs.error_text(t.c.error_message), sa.Text).regexp_match(RETRY_SCHEDULED_TAIL)
         return (
-            sa.update(t)
-            .values(next_retry_at=None)
+            self._update()
+            .values(
+                next_retry_at=None,
+                error_message=sa.case((ours, sa.cast(sa.null(), t.c.error_message.type)), else_=t.c.error_message),
+            )
             .where(
                 self.runs.in_state(t.c.status, "completed"),
                 t.c.next_retry_at.is_not(None),
                 sa.or_(t.c.id == sa.any_(chains), sa.and_(t.c.is_retry, t.c.original_run_id == sa.any_(chains))),
             )
             .returning(t.c.id)
+        )
+
+    def make_due_now(self) -> sa.Update:
+        """Pending retry `:sr_run_id` due now, if it was due later (an operator's `retry --now`).
+
+        Returns its new `next_retry_at`; nothing when it is not pending, or already due.
+        """
+        t, runs = self.t, self.runs
+        return (
+            self._update()
+            .values(next_retry_at=NOW)
+            .where(
+                t.c.id == sa.bindparam("sr_run_id"),
+                runs.in_state(t.c.status, "pending_retry"),
+                sa.or_(t.c.next_retry_at.is_(None), t.c.next_retry_at > NOW),
+            )
+            .returning(t.c.id, t.c.next_retry_at)
         )
 
     def pending_candidates(

@@ -14,7 +14,18 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from db import locks
-from db.messages import BUDGET_SPENT, MAX_DOUBLINGS, NOT_STARTED_ERROR, RETRY_SCHEDULED, STUCK_ERROR, STUCK_PATTERN
+from db.messages import (
+    ATTEMPTS,
+    BUDGET_SPENT,
+    HOURS_FROM_SECONDS,
+    MAX_DOUBLINGS,
+    MINUTES_FROM_SECONDS,
+    NOT_STARTED_ERROR,
+    ONE_ATTEMPT,
+    RETRY_SCHEDULED,
+    STUCK_ERROR,
+    STUCK_PATTERN,
+)
 from db.queries.common import NOW, TableStatements
 from db.table import RunsTable
 
@@ -28,6 +39,22 @@ def render(template: str, **parts: sa.ColumnElement) -> sa.ColumnElement:
         if field is not None:
             pieces.append(sa.cast(parts[field], sa.Text))
     return sa.func.concat(*pieces)
+
+
+def duration_text(seconds: sa.ColumnElement) -> sa.ColumnElement:
+    """`format_duration` of jobs.rules in SQL, for a duration of `seconds` (numeric, not negative):
+    `1.2h` from HOURS_FROM_SECONDS on, whole minutes below, whole seconds below a minute."""
+    hours = sa.func.to_char(sa.func.round(seconds / 3600, 1), "FM999999990.0").concat("h")
+    minutes = sa.cast(sa.func.floor(seconds / 60), sa.Integer).concat("m")
+    whole_seconds = sa.cast(sa.func.floor(seconds), sa.Integer).concat("s")
+    return sa.case(
+        (seconds >= HOURS_FROM_SECONDS, hours), (seconds >= MINUTES_FROM_SECONDS, minutes), else_=whole_seconds
+    )
+
+
+def attempts_text(attempts: sa.ColumnElement) -> sa.ColumnElement:
+    """`attempts_text` of jobs.rules in SQL: `5 attempts`, `1 attempt`."""
+    return sa.case((attempts == 1, sa.literal(ONE_ATTEMPT, sa.Text)), else_=render(ATTEMPTS, count=attempts))
 
 
 # What the sweep says of a run it fails, by the state it found the run in.
@@ -105,10 +132,11 @@ class SweepStatements(TableStatements):
         holds the two to the same answers.
         """
         t = self.t
-        hours_seconds = sa.cast(sa.extract("epoch", NOW - self.runs.progress()), sa.Numeric)
-        hours = sa.func.to_char(sa.func.round(hours_seconds / 3600, 1), "FM999999990.0").concat("h")
-        error = render(template, hours=hours)
-        budget = sa.case((t.c.is_retry, t.c.max_retries), else_=sa.bindparam("sr_policy_max", type_=sa.Integer))
+        seconds = sa.cast(sa.extract("epoch", NOW - self.runs.progress()), sa.Numeric)
+        error = render(template, hours=duration_text(seconds))
+        # chain_budget: a retry's, or a root's stuck-runs already handled (it wrote the pattern), is kept.
+        handled = sa.or_(t.c.is_retry, t.c.failure_pattern.is_not(None))
+        budget = sa.case((handled, t.c.max_retries), else_=sa.bindparam("sr_policy_max", type_=sa.Integer))
         retried = t.c.retry_count < budget
         delay = sa.bindparam("sr_delay_s", type_=sa.Float)
         cap = sa.func.greatest(sa.bindparam("sr_cap_s", type_=sa.Float), delay)
@@ -120,7 +148,7 @@ class SweepStatements(TableStatements):
         due = sa.case((retried, NOW + sa.func.make_interval(0, 0, 0, 0, 0, 0, seconds)), else_=sa.null())
         message = sa.case(
             (retried, render(RETRY_SCHEDULED, error=error, number=t.c.retry_count + 1, budget=budget)),
-            else_=render(BUDGET_SPENT, error=error, attempts=t.c.retry_count),
+            else_=render(BUDGET_SPENT, error=error, attempts=attempts_text(t.c.retry_count + 1)),
         )
         return budget, message, due
 
@@ -169,7 +197,7 @@ class SweepStatements(TableStatements):
         )
         budget, message, due = self._stuck_decision(_ERRORS[state])
         failed = (
-            sa.update(t)
+            self._update()
             .values(
                 status=runs.status("failed"),
                 error_message=runs.error_value(message),

@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 import click
 
-from db.errors import EXIT_OK, EXIT_REFUSED, RetryRefused, UsageError
+from db.errors import EXIT_OK, EXIT_REFUSED, DueNowRefused, RetryRefused, UsageError
 from jobs.config import parse_duration
 from jobs.control import read_pause
+from jobs.due_now import DueNow, make_due_now
 from jobs.manual import (
     RETRY_KINDS,
     BulkRetryResult,
@@ -223,7 +224,12 @@ def fix(ctx: click.Context, dry_run: bool, show_all: bool, as_json: bool) -> int
 @cli.command()
 @click.argument("run_id", required=False)
 @click.option("--reset-budget", is_flag=True, help="Give the chain a fresh retry budget (MAX_RETRIES more).")
-@click.option("--now", "execute_now", is_flag=True, help="Execute the retry here at once and wait for its outcome.")
+@click.option(
+    "--now",
+    "execute_now",
+    is_flag=True,
+    help="Execute the retry here at once and wait for its outcome; a pending retry is made due now first.",
+)
 @click.option("--error-like", help="Bulk: error_message LIKE this (case-insensitive), e.g. '%503%'.")
 @click.option("--search-query", help="Bulk: search_query LIKE this (case-insensitive).")
 @click.option("--location-query", help="Bulk: location_query LIKE this (case-insensitive).")
@@ -265,7 +271,8 @@ def retry(
 
     A run that is not its chain's latest attempt retries the chain's latest failed attempt.
     Refused: unknown runs, runs completed, running, pending a retry or cancelled, and chains
-    whose budget is spent (unless --reset-budget).
+    whose budget is spent (unless --reset-budget). With --now, a chain's pending retry is made
+    due now and executed here at once, its budget as it was.
 
     \b
     Examples:
@@ -315,27 +322,39 @@ def _retry(
             paused = read_pause(rt) if execute_now else None
             if paused:
                 raise RetryRefused(f"{paused.message}: run `stuck-runs resume` first, or retry without --now")
-            result = retry_run(rt, wanted, reset_budget=reset_budget)
+            result = _pending_made_due(rt, wanted) if execute_now and not reset_budget else None
+            result = result or retry_run(rt, wanted, reset_budget=reset_budget)
             if execute_now and not interruption.event.is_set():
                 outcome = run_retry_now(
                     rt, result.retry_id, lambda: _wait_for_slot(rt, interruption.event), interruption.event
                 )
     interruption.printing()
     if as_json:
-        emit_json(result if wanted is None or dry_run else {"scheduled": result, "outcome": outcome})
+        made_due = isinstance(result, DueNow)
+        emit_json(result if wanted is None or dry_run else {"due_now" if made_due else "scheduled": result, "outcome": outcome})
     elif wanted is None:
         print_bulk(result, show_all)
     elif dry_run:
         click.echo(f"Would schedule: {result.message}, due now (dry run)")
     else:
         click.echo(result.message)
-        click.echo(f"  retry {result.retry_id} of run {result.failed_run_id}, due {when(result.due)}")
+        if not isinstance(result, DueNow):
+            click.echo(f"  retry {result.retry_id} of run {result.failed_run_id}, due {when(result.due)}")
         if outcome is not None and outcome.status == "handed_off":
             click.echo("Handed to the fleet: its scraper writes the outcome")
         elif outcome is not None:
             click.echo(f"Executed: {outcome.status}" + (f" — {outcome.message}" if outcome.message else ""))
     interruption.report()
     return EXIT_OK if outcome is None or outcome.status in ("completed", "handed_off") else EXIT_REFUSED
+
+
+def _pending_made_due(rt, run_id) -> DueNow | None:
+    """`--now` on a chain with a retry pending: that retry, made due now (executed next, like the
+    retry `--now` schedules for a failed run); None when nothing of the chain is pending."""
+    try:
+        return make_due_now(rt, run_id)
+    except DueNowRefused:
+        return None  # a failed run to schedule, or a refusal retry_run words
 
 
 def _wait_for_slot(rt, stop: threading.Event) -> None:

@@ -23,9 +23,10 @@ from fastapi.responses import JSONResponse
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from db.errors import CancelRefused, DatabaseUnavailable, OperatorError, RetryRefused, RunNotFound, UsageError
+from db.errors import CancelRefused, DatabaseUnavailable, DueNowRefused, OperatorError, RetryRefused, RunNotFound, UsageError
 from jobs.config import is_loopback, parse_duration
 from jobs.control import cancel_matching, cancel_run, pause_retries, resume_retries
+from jobs.due_now import make_due_now
 from jobs.dead_letters import get_dead_letter, list_dead_letters, requeue
 from jobs.listing import MAX_PAGE, MAX_SEARCH, RunFilter, list_runs
 from jobs.manual import RETRY_KINDS, RetryCriteria, chain_history, retry_matching, retry_run
@@ -67,6 +68,8 @@ def answering(failed: str, not_found: str = "Run not found") -> Iterator[None]:
         raise ApiError(404, not_found, {"reason": str(exc)}) from None
     except CancelRefused as exc:
         raise ApiError(400, "Run cannot be cancelled", {**exc.details, "reason": str(exc)}) from None
+    except DueNowRefused as exc:  # the chain's state, not the request, stands in the way
+        raise ApiError(409, "Run has no pending retry", {**exc.details, "reason": str(exc)}) from None
     except RetryRefused as exc:
         error = "Run has exceeded maximum retry attempts" if exc.budget_spent else "Run cannot be retried"
         details = exc.details if exc.budget_spent else {**exc.details, "reason": str(exc)}
@@ -372,6 +375,15 @@ def build_api(
         """Cancels the chain's pending retry ("Cancelled by operator"), as `stuck-runs cancel RUN_ID`."""
         with answering("Failed to cancel retry"):
             done = cancel_run(rt, rt.runs.parse_id(run_id), dry_run=on(dry_run))
+        return {"success": True, "data": plain(done), "message": done.message}
+
+    @api.post("/runs/{run_id}/due-now", dependencies=admin)
+    def due_now(run_id: str) -> dict:
+        """Makes the chain's pending retry due now (the next free slot starts it), as `stuck-runs retry RUN_ID --now`
+        does before executing it; 409 when nothing of the chain is pending."""
+        with answering("Failed to make the retry due"):
+            done = make_due_now(rt, rt.runs.parse_id(run_id))
+        logger.bind(event="api_due_now", run_id=str(done.retry_id)).info("retry {} made due now over HTTP", done.retry_id)
         return {"success": True, "data": plain(done), "message": done.message}
 
     @api.post("/pause", dependencies=admin)

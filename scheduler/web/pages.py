@@ -107,6 +107,14 @@ def retry_button(rt: Runtime, chain: ChainHistory) -> RetryButton:
     return RetryButton(retry_label(plan.attempt, plan.budget), f"/api/runs/{path_part(plan.failed_run_id)}/retry")
 
 
+def due_now_action(chain: ChainHistory, now: datetime) -> str | None:
+    """The API path that makes the chain's pending retry due now, when it has one due later."""
+    latest = chain.attempts[-1]
+    if latest.status != "pending_retry" or (latest.next_retry_at is not None and latest.next_retry_at <= now):
+        return None
+    return f"/api/runs/{path_part(latest.id)}/due-now"
+
+
 # -- the hourly chart, drawn as SVG on the server ---------------------------------------------------
 
 SLOT, BAR, PLOT_HEIGHT, LEFT, BOTTOM, TOP = 6, 4, 160, 40, 22, 8  # SVG user units
@@ -234,6 +242,7 @@ def build_pages(
                 "run_id": str(wanted),
                 "chain": plain(history),
                 "retry": retry_button(rt, history),
+                "due_now": due_now_action(history, rt.clock.now()),
             }
 
         return page(request, "chain.html", "Failed to read the chain", read)

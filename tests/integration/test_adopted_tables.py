@@ -681,3 +681,37 @@ def test_runs_search_listing_and_every_filter_work_on_the_table(adopted, story, 
             assert "No run matches" not in page.text and ERROR_503 in page.text
     finally:
         server.stop()
+
+
+def test_fixed_budgets_late_completions_due_now_and_bookkeeping_on_every_table(adopted, fresh):
+    """Issue 19 on each table: a budget fixed at 0 stays spent, a late completion loses stuck-runs'
+    message, a pending retry is made due now and run, and an ORM's updatedAt follows every write."""
+    t, d = adopted, fresh
+    started = utc_now().replace(microsecond=0)
+    updated = [n for n in t.orm_filled if n.replace("_", "").lower() == "updatedat"]
+    late = d.insert("ok-late", **{name: t.stamp(started - TWO_HOURS_AGO) for name in updated})
+    d.ok("check")
+    assert d.row(late)[t.error] == "Run stuck for 2.0h - retry 1/4 scheduled"
+    for name in updated:
+        assert d.row(late)[name] >= t.stamp(started), name  # the failure is a change ETL must see
+    with d.engine.begin() as conn:  # the scraper completes it after all, its error column untouched
+        conn.execute(sa.text(f'UPDATE {t.quoted} SET "{t.status}" = :v WHERE "{t.id}" = :id'), {"v": t.completed, "id": late})
+    d.ok("process")
+    assert d.row(late)[t.error] is None
+    [superseded] = d.retries_of(late)
+    assert superseded[t.status] == t.cancelled
+
+    capped = d.insert("fail503-capped")
+    d.ok("check", "--max-retries", "0")
+    assert d.row(capped)[t.error] == "Run stuck for 2.0h - permanently failed after 1 attempt"
+    refused = d.cli("retry", str(capped))
+    assert refused.returncode == 1 and "(0 of 0 retries spent; 1 attempt," in refused.stderr, refused.stderr
+    assert d.retries_of(capped) == []
+
+    hurried = d.insert("ok-hurried")
+    d.ok("check")
+    [pending] = d.retries_of(hurried)
+    done = d.ok("retry", str(pending[t.id]), "--now")
+    label = t.label_of(d.row(hurried))
+    assert done.stdout.splitlines()[:2] == [f"Retry 1/4 of {label} is due now", "Executed: completed"], done.stdout
+    assert d.row(pending[t.id])[t.status] == t.completed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -231,4 +232,24 @@ def test_a_late_completion_leaves_no_retry_due_once_superseded(db_url):
         assert [(r.status, r.next_retry_at) for r in chain] == [("completed", None), ("cancelled", None)]
         assert chain[1].error_message == f"Superseded: run {stuck} completed"
         assert row(conn, other)["next_retry_at"] is not None  # only the superseded chains change
+    rt.close()
+
+
+def test_a_late_completion_loses_stuck_runs_message_but_keeps_the_scrapers_own(db_url):
+    rt = make_runtime(db_url)
+    with rt.engine.begin() as conn:
+        quiet = insert_run(conn, started_at=NOW - timedelta(hours=2), search_query="quiet")
+        chatty = insert_run(conn, started_at=NOW - timedelta(hours=2), search_query="chatty")
+    sweep_stuck_runs(rt)
+    with rt.engine.begin() as conn:  # both finish after all; one scraper writes its own words as it does
+        conn.execute(sa.text("UPDATE scrape_runs SET status = 'completed' WHERE id = :id"), {"id": quiet})
+        conn.execute(
+            sa.text("UPDATE scrape_runs SET status = 'completed', error_message = '3 pages skipped' WHERE id = :id"),
+            {"id": chatty},
+        )
+        assert re.fullmatch(r"Run stuck for 2\.\dh - retry 1/4 scheduled", row(conn, quiet)["error_message"])
+    assert len(supersede_completed_chains(rt)) == 2
+    with rt.engine.connect() as conn:
+        assert (row(conn, quiet)["status"], row(conn, quiet)["error_message"]) == ("completed", None)
+        assert row(conn, chatty)["error_message"] == "3 pages skipped"
     rt.close()

@@ -86,6 +86,33 @@ def test_retry_refusals_mirror_the_retry_api_and_change_nothing(web, engine):
     assert snapshot(engine) == before
 
 
+def test_due_now_makes_a_pending_retry_due_and_refuses_what_is_not_pending(web, engine, db_url):
+    from tests.helpers import insert_due_retry
+
+    with engine.begin() as conn:
+        root, retry = insert_due_retry(conn, due=NOW + timedelta(hours=3), retry_count=2)
+    completed = failed_run(engine, status="completed")
+    with web.client(READER) as http:
+        assert http.post(f"/api/runs/{retry}/due-now").status_code == 403  # an action: the admin token's
+    with web.client(ADMIN) as http:
+        answer = http.post(f"/api/runs/{retry}/due-now")
+        before = snapshot(engine)
+        done = http.post(f"/api/runs/{completed}/due-now")
+        missing = http.post(f"/api/runs/{uuid.uuid4()}/due-now")
+        malformed = http.post("/api/runs/not-a-uuid/due-now")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["success"] is True and body["message"] == "Retry 2/4 of Data Architect in Belgium is due now"
+    assert body["data"]["retry_id"] == str(retry) and body["data"]["changed"] is True
+    with engine.connect() as conn:
+        stored = row(conn, retry)
+    assert stored["status"] == "pending_retry" and stored["next_retry_at"] <= datetime.now(timezone.utc)
+    assert done.status_code == 409 and done.json()["error"] == "Run has no pending retry"
+    assert done.json()["details"]["currentStatus"] == "completed"
+    assert missing.status_code == 404 and malformed.status_code == 400
+    assert snapshot(engine) == before
+
+
 def test_reset_budget_retries_a_spent_chain(web, engine):
     spent = failed_run(engine, retry_count=4, max_retries=4, is_retry=True, original_run_id=None)
     with web.client(ADMIN) as http:

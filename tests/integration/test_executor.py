@@ -177,7 +177,7 @@ def test_a_callable_that_cannot_be_imported_is_refused_at_start(path):
             True,
         ),
         ("404 jobs", "HTTP Error 404: Not Found - not retried: permanent error (not_found)", False),
-        ("hang jobs", "Execution timed out after 0.0h - retry 2/4 scheduled", True),
+        ("hang jobs", "Execution timed out after 1s - retry 2/4 scheduled", True),
     ],
 )
 def test_real_commands_through_the_processor(db_url, log_dir, query, message, retried):

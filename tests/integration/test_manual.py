@@ -12,6 +12,7 @@ from freezegun import freeze_time
 from db.errors import RetryRefused, RunNotFound, UsageError
 from jobs.manual import RetryCriteria, chain_history, parse_run_id, retry_matching, retry_run
 from jobs.rules import RetryPolicy
+from jobs.stuck import sweep_stuck_runs
 from tests.helpers import chain_of, insert_run, make_runtime, rows
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=timezone.utc)
@@ -94,7 +95,7 @@ def test_a_spent_budget_is_refused_with_attempts_error_and_pattern_unless_reset(
             max_retries=4,
             is_retry=True,
             original_run_id=root,
-            error_message="HTTP 503 Service Unavailable - permanently failed after 4 attempts",
+            error_message="HTTP 503 Service Unavailable - permanently failed after 5 attempts",
         )
     with pytest.raises(RetryRefused) as refused:
         retry_run(rt, last)
@@ -104,6 +105,30 @@ def test_a_spent_budget_is_refused_with_attempts_error_and_pattern_unless_reset(
     assert "failure pattern: server_error" in message and "--reset-budget" in message
     result = retry_run(rt, last, reset_budget=True)
     assert result.message == "Run scheduled for retry (attempt 5/8)"
+
+
+def test_a_budget_fixed_at_zero_by_the_sweep_is_honoured_by_a_plain_retry(rt):
+    with rt.engine.begin() as conn:
+        run_id = insert_run(conn, started_at=NOW - timedelta(hours=2))
+    swept = sweep_stuck_runs(rt, RetryPolicy(max_retries=0))
+    assert [a.message for a in swept.attempts] == ["Run stuck for 2.0h - permanently failed after 1 attempt"]
+    # The policy in force is 4 retries now; the chain's budget was fixed at 0 and is spent.
+    with pytest.raises(RetryRefused, match=r"spent its retry budget \(0 of 0 retries spent; 1 attempt, the original run included"):
+        retry_run(rt, run_id, policy=RetryPolicy(max_retries=4))
+    with rt.engine.connect() as conn:
+        assert chain_of(conn, run_id)[0]["max_retries"] == 0 and len(chain_of(conn, run_id)) == 1
+    result = retry_run(rt, run_id, policy=RetryPolicy(max_retries=4), reset_budget=True)
+    assert result.message == "Run scheduled for retry (attempt 1/4)"
+
+
+def test_a_root_stuck_runs_failed_keeps_its_budget_when_the_policy_changes(rt):
+    with rt.engine.begin() as conn:
+        run_id = insert_run(conn, started_at=NOW - timedelta(hours=2))
+    sweep_stuck_runs(rt, RetryPolicy(max_retries=2))
+    with rt.engine.begin() as conn:  # its retry was cancelled by an operator, then the chain retried by hand
+        conn.execute(sa.text("DELETE FROM scrape_runs WHERE original_run_id = :r"), {"r": run_id})
+    result = retry_run(rt, run_id, policy=RetryPolicy(max_retries=7))
+    assert result.message == "Run scheduled for retry (attempt 1/2)"
 
 
 def test_an_older_attempt_retries_the_chains_latest_failed_attempt(rt):

@@ -178,7 +178,7 @@ def test_the_retry_button_counts_the_chain_s_next_retry_and_its_budget(web, engi
     assert page.index(f'/runs/{root}"') < page.index(f'/runs/{second}"')  # oldest first
     assert http.post(f"/api/runs/{second}/retry", headers={"Origin": web.base}).status_code == 200
     pending = http.get(f"/runs/{root}").text
-    assert "data-post" not in pending and "is already scheduled for retry" in pending
+    assert "/retry\"" not in pending and "is already scheduled for retry" in pending
     assert pending.count('class="badge pending_retry"') == 1
     http.close()
 
@@ -468,6 +468,48 @@ def test_in_a_browser_sign_in_open_a_failed_chain_and_retry_it(browser, web, eng
         screenshot(browser, name)
     policy = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
     assert policy == []
+
+
+def test_a_pending_retry_s_make_due_now_button_is_an_admin_s_and_same_origin(web, engine):
+    from tests.helpers import insert_due_retry
+
+    with engine.begin() as conn:
+        root, retry = insert_due_retry(conn, due=datetime.now(timezone.utc) + timedelta(hours=3))
+    reader, _ = signed_in(web, READER)
+    admin, _ = signed_in(web, ADMIN)
+    button = f'data-post="/api/runs/{retry}/due-now">Make due now</button>'
+    assert button in admin.get(f"/runs/{root}").text
+    assert "Make due now" not in reader.get(f"/runs/{root}").text
+    before = snapshot(engine)
+    for http, origin in ((reader, web.base), (admin, "http://evil.example"), (admin, "null")):
+        assert http.post(f"/api/runs/{retry}/due-now", headers={"Origin": origin}).status_code == 403
+    assert snapshot(engine) == before
+    assert admin.post(f"/api/runs/{retry}/due-now", headers={"Origin": web.base}).status_code == 200
+    assert "Make due now" not in admin.get(f"/runs/{root}").text  # due now: nothing left to hurry
+    reader.close()
+    admin.close()
+
+
+def test_in_a_browser_an_admin_makes_a_pending_retry_due_now(browser, web, engine):
+    from selenium.webdriver.common.by import By
+
+    from tests.helpers import insert_due_retry
+
+    later = datetime.now(timezone.utc) + timedelta(hours=3)
+    with engine.begin() as conn:
+        root, retry = insert_due_retry(conn, due=later)
+    sign_in(browser, web, ADMIN, first=f"/runs/{root}")
+    browser.get(f"{web.base}/runs/{root}")
+    button = until(browser, lambda d: d.find_element(By.CSS_SELECTOR, "button[data-post]"))
+    assert (button.text, button.get_attribute("data-post")) == ("Make due now", f"/api/runs/{retry}/due-now")
+    button.click()
+    until(browser, lambda d: d.find_element(By.ID, "flash").text)
+    assert browser.find_element(By.ID, "flash").text == "Retry 1/4 of Data Architect in Belgium is due now"
+    until(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, "button[data-post]"))  # refreshed: due now
+    with engine.connect() as conn:
+        [pending] = rows(conn, "id = :id", id=retry)
+    assert pending["status"] == "pending_retry" and pending["next_retry_at"] < later - timedelta(hours=2)
+    assert no_alert(browser)
 
 
 def test_in_a_browser_a_script_in_a_query_is_shown_as_text_and_never_run(browser, web, engine):

@@ -27,6 +27,8 @@ POLICIES = [
     RetryPolicy(retry_delay=timedelta(minutes=10), backoff="exponential", max_delay=timedelta(hours=3), max_retries=9),
     RetryPolicy(retry_delay=timedelta(seconds=1), backoff="exponential", max_delay=timedelta(days=400), max_retries=80),
     RetryPolicy(max_retries=0),
+    # Runs stuck for seconds and minutes: messages below 0.1h read `45s` and `5m`.
+    RetryPolicy(stuck_after=timedelta(seconds=20), retry_delay=timedelta(minutes=1), max_retries=3),
 ]
 
 
@@ -38,7 +40,9 @@ def generated_runs(seed: int, count: int = 300) -> list[dict]:
         retry_count = rng.randint(1, 70) if is_retry else 0
         # Ages on and around the tenths of an hour, where rounding is decided.
         age = timedelta(
-            minutes=rng.choice([rng.uniform(31, 600), rng.randint(2, 100) * 6 + rng.choice([-3, 3])]),
+            minutes=rng.choice(
+                [rng.uniform(31, 600), rng.randint(2, 100) * 6 + rng.choice([-3, 3]), rng.uniform(0.3, 6.5)]
+            ),
             microseconds=rng.choice([0, 1, -1]),
         )
         runs.append(
@@ -114,6 +118,9 @@ def test_sql_decisions_equal_the_python_rules(db_url, policy_index):
         assert (row.status, row.error_message, row.max_retries) == ("failed", expected.message, expected.budget)
         assert row.next_retry_at == expected.retry_due
     assert result.failed == stuck > 100
+    if policy.stuck_after < timedelta(minutes=1):
+        assert any(row.error_message.startswith("Run stuck for 5m") for row in rows.values())
+        assert any(row.error_message.endswith("1 attempt") or "s - retry" in row.error_message for row in rows.values())
 
 
 def test_jitter_in_sql_stays_within_the_rules_bounds(db_url):

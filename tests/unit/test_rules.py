@@ -13,6 +13,7 @@ from jobs.rules import (
     RetryPolicy,
     chain_budget,
     decide_failure,
+    format_duration,
     format_hours,
     retry_delay,
     run_label,
@@ -66,8 +67,23 @@ def test_budget_spent_message_and_no_retry():
         policy=RetryPolicy(),
         rng=random.Random(1),
     )
-    assert outcome.message == "Run stuck for 1.2h - permanently failed after 4 attempts"
+    # Retry 4 of 4 failed: the original and four retries ran, five attempts.
+    assert outcome.message == "Run stuck for 1.2h - permanently failed after 5 attempts"
     assert outcome.ends_chain and outcome.retry_due is None
+
+
+def test_a_chain_with_no_budget_failed_after_its_one_attempt():
+    outcome = decide_failure(
+        error="Run stuck for 1.2h",
+        pattern="stuck",
+        retry_count=0,
+        budget=0,
+        now=NINE,
+        policy=RetryPolicy(max_retries=0),
+        rng=random.Random(1),
+    )
+    assert outcome.message == "Run stuck for 1.2h - permanently failed after 1 attempt"
+    assert outcome.ends_chain
 
 
 def test_the_budget_is_the_policys_for_a_root_and_inherited_by_retries():
@@ -76,11 +92,18 @@ def test_the_budget_is_the_policys_for_a_root_and_inherited_by_retries():
     assert chain_budget(True, 3, policy) == 3  # a retry inherits its chain's
 
 
+def test_a_roots_budget_once_fixed_by_stuck_runs_is_kept():
+    policy = RetryPolicy(max_retries=4)
+    # A root stuck-runs failed (it wrote the failure's pattern) has its chain's budget on its row.
+    assert chain_budget(False, 0, policy, handled=True) == 0
+    assert chain_budget(False, 9, policy, handled=False) == 4  # failed by the scraper: never fixed
+
+
 @pytest.mark.parametrize(
     ("pattern", "retry_count", "message"),
     [
         ("server_error", 1, "HTTP 503 - retry 2/4 scheduled"),
-        ("server_error", 4, "HTTP 503 - permanently failed after 4 attempts"),
+        ("server_error", 4, "HTTP 503 - permanently failed after 5 attempts"),
         ("not_found", 1, "HTTP 503 - not retried: permanent error (not_found)"),
         ("forbidden", 0, "HTTP 503 - not retried: permanent error (forbidden)"),
     ],
@@ -100,6 +123,7 @@ def test_execution_failure_messages(pattern, retry_count, message):
 
 def test_other_messages():
     assert timeout_error(timedelta(hours=1)) == "Execution timed out after 1.0h"
+    assert timeout_error(timedelta(seconds=90)) == "Execution timed out after 1m"
     assert superseded_message("abc") == "Superseded: run abc completed"
     assert run_label("Data Architect in Belgium", 1, 4) == "[RETRY 1/4] Data Architect in Belgium"
     assert run_label("Data Architect in Belgium", 0, 4) == "Data Architect in Belgium"
@@ -164,3 +188,28 @@ def test_rules_follow_the_clock_they_are_given_not_the_wall_clock():
 )
 def test_hours_round_exactly_at_the_halves(duration, text):
     assert format_hours(duration) == text
+
+
+@pytest.mark.parametrize(
+    ("duration", "text"),
+    [
+        (timedelta(minutes=6), "0.1h"),  # SPEC's hours from 0.1h on
+        (timedelta(minutes=6) - timedelta(microseconds=1), "5m"),  # whole minutes elapsed, never rounded up
+        (timedelta(minutes=2, seconds=59), "2m"),  # one decimal would say 0.0h
+        (timedelta(minutes=1), "1m"),
+        (timedelta(seconds=59, microseconds=999_999), "59s"),
+        (timedelta(seconds=45), "45s"),
+        (timedelta(0), "0s"),
+        (timedelta(hours=1, minutes=12), "1.2h"),
+        (timedelta(minutes=-6), "-0.1h"),
+        (timedelta(seconds=-45), "-45s"),
+    ],
+)
+def test_durations_under_a_tenth_of_an_hour_are_minutes_or_seconds(duration, text):
+    assert format_duration(duration) == text
+
+
+def test_no_duration_reads_zero_hours():
+    texts = {format_duration(timedelta(seconds=s / 4)) for s in range(-4 * 60 * 10, 4 * 60 * 10)}
+    assert "0.0h" not in texts and "-0.0h" not in texts
+    assert stuck_error(NINE - timedelta(minutes=5, seconds=30), NINE) == "Run stuck for 5m"
