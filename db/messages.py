@@ -17,9 +17,9 @@ MINUTES_FROM_SECONDS = 60
 STUCK_ERROR = "Run stuck for {hours}"
 NOT_STARTED_ERROR = "Run not started after {hours}"  # handed to the fleet's queue, never picked up
 RETRY_SCHEDULED = "{error} - retry {number}/{budget} scheduled"
-# `attempts` counts the attempts the chain made, the original included: ATTEMPTS, or ONE_ATTEMPT
-# (a chain whose budget was 0 failed after its one attempt).
-BUDGET_SPENT = "{error} - permanently failed after {attempts}"
+# SPEC §3's exact text, whose number is the retries spent (the budget: `after 4 attempts` for 4/4),
+# not the attempts counted with the original, as history and the budget refusal count them.
+BUDGET_SPENT = "{error} - permanently failed after {attempts} attempts"
 ATTEMPTS = "{count} attempts"
 ONE_ATTEMPT = "1 attempt"
 # How RETRY_SCHEDULED's text ends, as a regular expression: a message still stuck-runs' own (a

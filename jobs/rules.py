@@ -14,10 +14,8 @@ How counts are worded, everywhere the tool prints one (SPEC §3, §6, §10):
 - A *retry* is every attempt after the original; `retry_count` is its number. "retry N/M" and
   "attempt N/M" both name retry N of a budget of M retries: `retry 2/4 scheduled`,
   `Run scheduled for retry (attempt 2/4)`, `[RETRY 2/4]`.
-- `permanently failed after 5 attempts` counts attempts too: a budget of 4 retries is spent after
-  the original and four retries ran (5); a budget of 0 after the original alone (`after 1 attempt`).
-  SPEC's table shows `after 4 attempts` for a budget of 4, which contradicts its own count of
-  attempts (§10's `Total attempts: 3` includes the original); the message agrees with `history`.
+- SPEC's exact `permanently failed after 4 attempts` is the one text whose number counts the
+  retries spent (the budget, 4), not the attempts (5, with the original): kept verbatim.
 """
 
 from __future__ import annotations
@@ -176,7 +174,7 @@ def decide_failure(
         message = PERMANENT_ERROR.format(error=error, pattern=pattern)
         return FailureOutcome(message, pattern, budget, None, None)
     if retry_count >= budget:
-        message = BUDGET_SPENT.format(error=error, attempts=attempts_text(retry_count + 1))
+        message = BUDGET_SPENT.format(error=error, attempts=retry_count)
         return FailureOutcome(message, pattern, budget, None, None)
     number = retry_count + 1
     due = now + retry_delay(policy, number, rng, retry_after)

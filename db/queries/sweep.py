@@ -15,13 +15,11 @@ from sqlalchemy.dialects import postgresql
 
 from db import locks
 from db.messages import (
-    ATTEMPTS,
     BUDGET_SPENT,
     HOURS_FROM_SECONDS,
     MAX_DOUBLINGS,
     MINUTES_FROM_SECONDS,
     NOT_STARTED_ERROR,
-    ONE_ATTEMPT,
     RETRY_SCHEDULED,
     STUCK_ERROR,
     STUCK_PATTERN,
@@ -50,11 +48,6 @@ def duration_text(seconds: sa.ColumnElement) -> sa.ColumnElement:
     return sa.case(
         (seconds >= HOURS_FROM_SECONDS, hours), (seconds >= MINUTES_FROM_SECONDS, minutes), else_=whole_seconds
     )
-
-
-def attempts_text(attempts: sa.ColumnElement) -> sa.ColumnElement:
-    """`attempts_text` of jobs.rules in SQL: `5 attempts`, `1 attempt`."""
-    return sa.case((attempts == 1, sa.literal(ONE_ATTEMPT, sa.Text)), else_=render(ATTEMPTS, count=attempts))
 
 
 # What the sweep says of a run it fails, by the state it found the run in.
@@ -148,7 +141,7 @@ class SweepStatements(TableStatements):
         due = sa.case((retried, NOW + sa.func.make_interval(0, 0, 0, 0, 0, 0, seconds)), else_=sa.null())
         message = sa.case(
             (retried, render(RETRY_SCHEDULED, error=error, number=t.c.retry_count + 1, budget=budget)),
-            else_=render(BUDGET_SPENT, error=error, attempts=attempts_text(t.c.retry_count + 1)),
+            else_=render(BUDGET_SPENT, error=error, attempts=t.c.retry_count),
         )
         return budget, message, due
 

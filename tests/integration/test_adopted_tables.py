@@ -703,7 +703,7 @@ def test_fixed_budgets_late_completions_due_now_and_bookkeeping_on_every_table(a
 
     capped = d.insert("fail503-capped")
     d.ok("check", "--max-retries", "0")
-    assert d.row(capped)[t.error] == "Run stuck for 2.0h - permanently failed after 1 attempt"
+    assert d.row(capped)[t.error] == "Run stuck for 2.0h - permanently failed after 0 attempts"
     refused = d.cli("retry", str(capped))
     assert refused.returncode == 1 and "(0 of 0 retries spent; 1 attempt," in refused.stderr, refused.stderr
     assert d.retries_of(capped) == []

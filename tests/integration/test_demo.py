@@ -36,7 +36,7 @@ def test_the_demo_tells_the_story_and_exits_0():
         'Status: failed — "Execution timed out after 1.0h - retry 2/4 scheduled"',
         "Run 3: [RETRY 2/4] Data Architect in Belgium",
         "Total attempts: 3 · final status: success",
-        "permanently failed after 5 attempts",
+        "permanently failed after 4 attempts",
         "not retried: permanent error (not_found)",
         "Superseded: run",
         "the story came out right",

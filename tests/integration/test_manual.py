@@ -95,7 +95,7 @@ def test_a_spent_budget_is_refused_with_attempts_error_and_pattern_unless_reset(
             max_retries=4,
             is_retry=True,
             original_run_id=root,
-            error_message="HTTP 503 Service Unavailable - permanently failed after 5 attempts",
+            error_message="HTTP 503 Service Unavailable - permanently failed after 4 attempts",
         )
     with pytest.raises(RetryRefused) as refused:
         retry_run(rt, last)
@@ -111,7 +111,7 @@ def test_a_budget_fixed_at_zero_by_the_sweep_is_honoured_by_a_plain_retry(rt):
     with rt.engine.begin() as conn:
         run_id = insert_run(conn, started_at=NOW - timedelta(hours=2))
     swept = sweep_stuck_runs(rt, RetryPolicy(max_retries=0))
-    assert [a.message for a in swept.attempts] == ["Run stuck for 2.0h - permanently failed after 1 attempt"]
+    assert [a.message for a in swept.attempts] == ["Run stuck for 2.0h - permanently failed after 0 attempts"]
     # The policy in force is 4 retries now; the chain's budget was fixed at 0 and is spent.
     with pytest.raises(RetryRefused, match=r"spent its retry budget \(0 of 0 retries spent; 1 attempt, the original run included"):
         retry_run(rt, run_id, policy=RetryPolicy(max_retries=4))

@@ -99,7 +99,7 @@ def test_the_last_retry_failing_ends_the_chain(db_url, frozen):
     with rt.engine.begin() as conn:
         root, retry = pending_retry(conn, retry_count=4, max_retries=4)
     [outcome] = process_due_retries(rt).executed
-    assert outcome.message == "Connection reset by peer - permanently failed after 5 attempts"
+    assert outcome.message == "Connection reset by peer - permanently failed after 4 attempts"
     assert outcome.dead_lettered and outcome.pattern == "network_connectivity"
 
 

@@ -54,7 +54,7 @@ def test_budget_spent_fails_permanently_without_a_retry_and_dead_letters_the_cha
             config='{"pages": 2}',
         )
     result = sweep_stuck_runs(rt)
-    assert [a.message for a in result.attempts] == ["Run stuck for 1.2h - permanently failed after 5 attempts"]
+    assert [a.message for a in result.attempts] == ["Run stuck for 1.2h - permanently failed after 4 attempts"]
     assert result.permanently_failed == 1 and result.retries_scheduled == 0
     with rt.engine.connect() as conn:
         failed = row(conn, last)
@@ -68,7 +68,7 @@ def test_budget_spent_fails_permanently_without_a_retry_and_dead_letters_the_cha
         4,
         "stuck",
     )
-    assert letter["last_error"] == "Run stuck for 1.2h - permanently failed after 5 attempts"
+    assert letter["last_error"] == "Run stuck for 1.2h - permanently failed after 4 attempts"
     assert letter["inputs"]["config"] == {"pages": 2} and letter["inputs"]["search_query"] == "Data Architect"
     assert "status" not in letter["inputs"] and "retry_count" not in letter["inputs"]
 

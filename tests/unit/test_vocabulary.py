@@ -53,10 +53,10 @@ def test_n_of_m_is_the_retry_number_of_the_budget_in_every_message():
     assert scheduled.message == "Run scheduled for retry (attempt 2/4)"
 
 
-def test_budget_spent_message_counts_the_attempts_made_like_history():
-    # Budget 4 spent means five attempts ran: the message says so, as history's total does.
-    assert BUDGET_SPENT.format(error="Run stuck for 1.2h", attempts=attempts_text(5)) == (
-        "Run stuck for 1.2h - permanently failed after 5 attempts"
+def test_budget_spent_message_is_the_contracts_text_and_history_counts_the_original_too():
+    # SPEC §3's exact text names the retries spent; history's total counts the original as well.
+    assert BUDGET_SPENT.format(error="Run stuck for 1.2h", attempts=4) == (
+        "Run stuck for 1.2h - permanently failed after 4 attempts"
     )
     assert chain("failed", "failed", "failed", "failed", "failed").attempts_made == 5
     assert attempts_text(1) == "1 attempt"
