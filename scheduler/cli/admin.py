@@ -131,7 +131,7 @@ def status(ctx: click.Context, as_json: bool) -> int:
             (
                 j.job_id,
                 when(j.last_started),
-                f"{j.host}:{j.pid}{'' if j.by_daemon else ' (cli)'}" if j.host else "-",
+                f"{j.host}:{j.pid}{'' if j.by_daemon else f' ({j.via})'}" if j.host else "-",
                 j.outcome or "never ran",
                 j.error or ", ".join(f"{k}={v}" for k, v in (j.counts or {}).items()) or "-",
                 when(j.next_run),

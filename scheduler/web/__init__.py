@@ -103,3 +103,4 @@ def _foreign(request: Request) -> bool:
     return not same_origin(
         headers.get("origin"), headers.get("sec-fetch-site"), headers.get("host"), request.url.scheme
     )
+
