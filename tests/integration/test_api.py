@@ -477,3 +477,37 @@ def test_a_deep_page_starts_at_its_cursor_in_the_index(engine, db_url):
         rt.close()
     assert "ix_scrape_runs_newest_first" in plan, plan
     assert "Index Cond: (ROW(started_at, id) < ROW(" in plan, plan
+
+
+def test_serve_started_while_the_database_is_down_waits_for_it_and_then_serves(tmp_path):
+    server = migrated_server(tmp_path)
+    engine = make_engine(server.url)
+    run_id = failed_run(engine)
+    engine.dispose()
+    server.stop()
+    web = None
+    try:
+        web = WebServer(server.url, ready=503)  # it listens, and says it cannot answer yet
+        with web.client() as http:
+            health = http.get("/api/health")
+            page = http.get("/", headers={"Accept": "text/html"})
+        with web.client(ADMIN) as http:
+            api = http.get("/api/status")
+        server.start()
+        web._wait_ready(200)
+        with web.client(ADMIN) as http:
+            retried = http.post(f"/api/runs/{run_id}/retry")
+        assert web.poll() is None  # still the first process: no restart loop
+    finally:
+        log = web.stop() if web else ""
+        server.cleanup()
+    assert health.status_code == 503 and health.json() == {
+        "success": False,
+        "error": "Database unavailable",
+        "details": {"reason": "waiting for the database; trying again every 2s"},
+    }
+    assert page.status_code == 503 and page.headers["content-type"].startswith("text/html")
+    assert "<h1>Waiting for the database</h1>" in page.text and "Traceback" not in page.text
+    assert api.status_code == 503 and api.json()["error"] == "Database unavailable"
+    assert retried.status_code == 200, retried.text
+    assert "waiting for the database" in log and "serving the API" in log and "Traceback" not in log
