@@ -340,12 +340,23 @@ def build_api(
         since: str | None = Query(None, description="started within this long (90m, 24h, 7d)"),
         limit: int = Query(50, ge=1, le=MAX_PAGE),
         cursor: str | None = Query(None, description="next_cursor of the previous page"),
+        before: str | None = Query(None, description="prev_cursor of a page: the page before it"),
+        stuck: Flag = Query("false", description="only runs running past their limit, as `check` judges them"),
+        order: str = Query(
+            "newest", description="newest (runs not started first), started (newest started), due (pending retries by due time)"
+        ),
     ) -> dict:
-        """Runs newest first, a keyset page at a time."""
+        """Runs newest first (or by start, or by due time), a keyset page at a time, either way."""
         with answering("Failed to list runs"):
             window = parse_duration(since, "since") if since else None
-            page = list_runs(rt, RunFilter(status, q or None, window, limit, cursor))
-        return {"success": True, "data": plain(page.runs), "next_cursor": page.next_cursor}
+            filters = RunFilter(status, q or None, window, limit, cursor, stuck=on(stuck), order=order, before=before)
+            page = list_runs(rt, filters)
+        return {
+            "success": True,
+            "data": plain(page.runs),
+            "next_cursor": page.next_cursor,
+            "prev_cursor": page.prev_cursor,
+        }
 
     @api.post("/runs/{run_id}/cancel", dependencies=admin)
     def cancel(run_id: str, dry_run: Flag = "false") -> dict:
