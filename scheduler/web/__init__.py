@@ -24,8 +24,8 @@ from scheduler.web.api import (
     install_error_handlers,
     install_timing,
 )
-from scheduler.web.auth import SESSION_COOKIE, SESSION_SECONDS, Tokens, same_origin
-from scheduler.web.pages import build_pages, login_page, render
+from scheduler.web.auth import SESSION_COOKIE, SESSION_SECONDS, Tokens, local_path, same_origin
+from scheduler.web.pages import build_pages, login_page, not_found_page, render
 
 MAX_FORM_BYTES = 4096
 
@@ -42,7 +42,7 @@ def create_app(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time
         redoc_url=None,
         redirect_slashes=False,  # `/api/runs/` is not found, not a 307 to somewhere else
     )
-    install_error_handlers(app)
+    install_error_handlers(app, html_pages=lambda request: not_found_page(request.url.path))
     install_timing(app)
     caller = Caller(tokens, clock)  # one for the API and the pages: a signed-out cookie is out of both
     app.include_router(build_api(rt, tokens, clock=clock, caller=caller))
@@ -50,10 +50,10 @@ def create_app(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time
     describe_errors(app)
 
     @app.get("/login", include_in_schema=False)
-    def sign_in() -> Response:
+    def sign_in(next: str = "/") -> Response:  # noqa: A002 - the parameter's name in the URL
         if not tokens.configured:  # loopback without tokens: the pages need no sign-in
-            return RedirectResponse("/", status_code=303)
-        return login_page()
+            return RedirectResponse(local_path(next), status_code=303)
+        return login_page(next_page=next)
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
@@ -64,15 +64,17 @@ def create_app(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time
             body = await bounded_body(request, MAX_FORM_BYTES)
         except ApiError as exc:
             return failure(exc.status, "Form too large")
-        token = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0]
+        form = parse_qs(body.decode("utf-8", "replace"))
+        token = (form.get("token") or [""])[0]
+        going = local_path((form.get("next") or ["/"])[0])  # a page of ours, never another host
         role = tokens.role_of(token) if tokens.configured else None
         if role is None:
             client = request.client.host if request.client else "?"
             logger.bind(event="api_bad_token").warning("refused a wrong token from {} at /login", client)
             if "text/html" in request.headers.get("accept", ""):  # the sign-in page's own form
-                return login_page("That token is neither ADMIN_TOKEN nor READ_TOKEN.", 401)
+                return login_page("That token is neither ADMIN_TOKEN nor READ_TOKEN.", 401, going)
             return failure(401, "Invalid token")
-        response = RedirectResponse("/", status_code=303)
+        response = RedirectResponse(going, status_code=303)
         response.set_cookie(
             SESSION_COOKIE,
             tokens.session_cookie(role, clock()),

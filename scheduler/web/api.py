@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -535,7 +535,13 @@ def describe_errors(app: FastAPI) -> None:
     app.openapi = document  # type: ignore[method-assign]
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def is_api(request: Request) -> bool:
+    return request.url.path == "/api" or request.url.path.startswith("/api/")
+
+
+def install_error_handlers(app: FastAPI, html_pages: Callable[[Request], Response] | None = None) -> None:
+    """The envelope for every error; `html_pages(request)` answers a path outside /api not found."""
+
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return failure(exc.status, exc.error, exc.details)
@@ -547,12 +553,18 @@ def install_error_handlers(app: FastAPI) -> None:
         return failure(400, f"Invalid {where or 'request'}: {first.get('msg', 'not accepted')}")
 
     @app.exception_handler(404)
-    async def not_found(_request: Request, _exc: Exception) -> JSONResponse:
+    async def not_found(request: Request, _exc: Exception) -> Response:
+        if not is_api(request) and html_pages is not None:  # a page's path mistyped: a page that says so
+            return html_pages(request)
         return failure(404, "Not found", {"hint": "the API is described at /api/openapi.json"})
 
     @app.exception_handler(405)
-    async def not_allowed(request: Request, _exc: Exception) -> JSONResponse:
-        return failure(405, f"Method {request.method} not allowed here")
+    async def not_allowed(request: Request, exc: Exception) -> JSONResponse:
+        answer = failure(405, f"Method {request.method} not allowed here")
+        allow = (getattr(exc, "headers", None) or {}).get("Allow")
+        if allow:
+            answer.headers["Allow"] = allow
+        return answer
 
     @app.exception_handler(Exception)
     async def bug(_request: Request, exc: Exception) -> JSONResponse:
