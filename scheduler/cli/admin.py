@@ -80,10 +80,10 @@ def migrate_command(ctx: click.Context, as_sql: bool, extend_check: bool) -> int
 @config_options("SCRAPE_RUNS_TABLE")
 @click.pass_context
 def sql_command(ctx: click.Context, kind: str, run_id: str | None) -> int:
-    """Print SPEC's monitoring queries (pending, history RUN_ID) in the table's names.
+    """Print the monitoring queries (pending, history RUN_ID) in the table's names.
 
-    On a table in the default shape they are SPEC §9's; on another, the same questions in its
-    columns and status values, ready for psql.
+    On a table in the default shape they are the README's (Monitoring with SQL), verbatim; on
+    another, the same questions in its columns and status values, ready for psql.
 
     \b
     Examples:
