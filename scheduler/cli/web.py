@@ -78,7 +78,7 @@ def serve(ctx: click.Context) -> int:
         server.run(sockets=[listening])
     finally:
         app.close()
-    app.raise_failure()  # a configuration error found once the database answered: exit 2, said once
+    app.raise_failure()  # a table or mapping problem found once the database answered: exits as at start
     return EXIT_OK
 
 

@@ -645,3 +645,23 @@ def test_the_other_orders_and_the_previous_page_start_at_their_cursor_in_an_inde
         rt.close()
     assert index in plan, plan
     assert any(condition in line for line in plan.splitlines() if "Index Cond:" in line), plan  # never a filter
+
+
+def test_serve_waiting_for_its_database_exits_as_at_start_if_the_table_is_not_there_when_it_answers(tmp_path):
+    """The database answers, the table is missing: what `serve` says and does at start (exit 1,
+    one line), not a server answering 503 forever."""
+    from tests.daemons import wait_until
+    from tests.own_server import OwnServer
+
+    server = OwnServer(tmp_path)  # a database without scrape_runs
+    server.stop()
+    web = None
+    try:
+        web = WebServer(server.url, ready=503)
+        server.start()
+        wait_until(lambda: web.poll() is not None, timeout=30)
+    finally:
+        log = web.stop() if web is not None else ""  # SIGTERM only if still running
+        server.cleanup()
+    assert web.returncode == 1, log
+    assert "stuck-runs: table scrape_runs does not exist in this database" in log and "Traceback" not in log
