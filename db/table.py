@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import UserDefinedType
 
-from db.errors import ConfigError, SchemaError, UsageError
+from db.errors import ConfigError, RunNotFound, SchemaError, UsageError
 from db.layout import RETRY_COLUMNS, STATES, Layout, label_fields
 
 ROLE_KEYS = ("id", "status", "started_at", "completed_at", "error_message")
@@ -224,8 +224,10 @@ class RunsTable:
         value = str(text).strip()
         if self.id_kind == "integer":
             digits = value[1:] if value.startswith("-") else value
-            if not (digits.isascii() and digits.isdigit()) or abs(int(value)) >= 2**63:
+            if not (digits.isascii() and digits.isdigit()):
                 raise UsageError(f"{text!r} is not a run id: ids of {self.qualified_name} are whole numbers")
+            if abs(int(value)) >= 2**63:  # an id, of a run no integer column can hold: not there
+                raise RunNotFound(f"run {value} not found in {self.qualified_name}")
             return int(value)
         if self.id_kind == "uuid":
             try:

@@ -27,6 +27,7 @@ CHECKER = "stuck_run_checker"
 PROCESSOR = "retry_processor"
 JOB_IDS = (CHECKER, PROCESSOR)
 ALIVE_WITHIN = timedelta(seconds=60)  # four missed heartbeats and a daemon counts as gone
+VIA_KEY = "via"  # in a job run's counts: what started a run outside the daemon (no column of its own)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class JobState:
     pid: int | None = None
     next_run: datetime | None = None  # from a live daemon
     by_daemon: bool = True  # False: run by `check`, `process`, `fix` or the manual script
+    via: str | None = None  # what started it: daemon, cli (also the manual script), api
 
 
 @dataclass(frozen=True)
@@ -131,18 +133,21 @@ def read_status(rt: Runtime) -> StatusReport:
     for job_id in JOB_IDS:
         upcoming = [datetime.fromisoformat(d.next_runs[job_id]) for d in daemons if d.next_runs.get(job_id)]
         row = last.get(job_id)
+        recorded = dict(row["counts"] or {}) if row else None
+        via = recorded.pop(VIA_KEY, "cli") if recorded is not None else None  # older records: cli
         jobs.append(
             JobState(
                 job_id,
                 row["started_at"] if row else None,
                 row["finished_at"] if row else None,
                 row["outcome"] if row else None,
-                row["counts"] if row else None,
+                recorded,
                 row["error"] if row else None,
                 row["host"] if row else None,
                 row["pid"] if row else None,
                 min(upcoming) if upcoming else None,
                 row["daemon_id"] is not None if row else True,
+                ("daemon" if row["daemon_id"] is not None else via) if row else None,
             )
         )
     return StatusReport(
@@ -165,12 +170,15 @@ def job_error(exc: BaseException, url: str | URL | None) -> str:
 
 
 @contextmanager
-def job_run(rt: Runtime, job_ids: tuple[str, ...], *, dry_run: bool) -> Iterator[Callable[[object], None]]:
+def job_run(
+    rt: Runtime, job_ids: tuple[str, ...], *, dry_run: bool, via: str = "cli"
+) -> Iterator[Callable[[object], None]]:
     """Records work done outside the daemon (`check`, `process`, `fix`, the manual script) as a
     run of each job in `job_ids`, with the daemon's statements, so `status` shows the last run
     from any entry point. Give the work's result (a sweep's, a processor pass's, or a `FixResult`
     for both jobs) to the function this yields. An error is recorded and raised again; a dry run
     is not recorded; a record that cannot be written is logged and does not undo the work.
+    `via` (cli, api) is kept with the counts, so `status` says who ran it.
     """
     results: list[object] = []
     started = datetime.now(timezone.utc)
@@ -178,13 +186,17 @@ def job_run(rt: Runtime, job_ids: tuple[str, ...], *, dry_run: bool) -> Iterator
         yield results.append
     except Exception as exc:
         if not dry_run:
-            _write_runs(rt, {job_id: ("error", {}, job_error(exc, rt.engine.url)) for job_id in job_ids}, started)
+            _write_runs(
+                rt, {job_id: ("error", {VIA_KEY: via}, job_error(exc, rt.engine.url)) for job_id in job_ids}, started
+            )
         raise
     if dry_run or not results:
         return
     [result] = results
     parts = {CHECKER: result.sweep, PROCESSOR: result.process} if isinstance(result, FixResult) else {}
-    _write_runs(rt, {job_id: ("ok", parts.get(job_id, result).counts(), None) for job_id in job_ids}, started)
+    _write_runs(
+        rt, {job_id: ("ok", {**parts.get(job_id, result).counts(), VIA_KEY: via}, None) for job_id in job_ids}, started
+    )
 
 
 def _write_runs(rt: Runtime, runs: dict[str, tuple[str, dict[str, Any], str | None]], started: datetime) -> None:

@@ -37,7 +37,7 @@ class Metrics:
         self.retries_started = counter("retries_started", "Retries claimed and started by this daemon")
         self.retries_succeeded = counter("retries_succeeded", "Retries that completed")
         self.retries_failed = counter("retries_failed", "Retries that failed")
-        self.handed_off = counter("retries_handed_off", "Retries handed to the fleet (SPEC §12), by how", ("how",))
+        self.handed_off = counter("retries_handed_off", "Retries handed to the fleet (webhook or queue), by how", ("how",))
         self.postponed = counter(
             "retries_postponed", "Retries the fleet could not take, due again later (no budget spent)"
         )

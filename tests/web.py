@@ -23,22 +23,23 @@ def free_port() -> int:
 class WebServer(DaemonProcess):
     """A `serve` process; `client()` talks to it over real HTTP."""
 
-    def __init__(self, db_url: str, *args: str, tokens: bool = True, **env: str) -> None:
+    def __init__(self, db_url: str, *args: str, tokens: bool = True, ready: int = 200, **env: str) -> None:
         self.port = free_port()
         settings = {"ADMIN_PORT": str(self.port), **env}
         if tokens:
             settings = {"ADMIN_TOKEN": ADMIN, "READ_TOKEN": READER, **settings}
         super().__init__(db_url, sys.executable, "-m", "scheduler", "serve", *args, **settings)
         self.base = f"http://127.0.0.1:{self.port}"
-        self._wait_ready()
+        self._wait_ready(ready)
 
-    def _wait_ready(self, timeout: float = 30) -> None:
+    def _wait_ready(self, health: int = 200, timeout: float = 30) -> None:
+        """Until /api/health answers `health` (503: serving, its database not reached yet)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.poll() is not None:
                 raise AssertionError(f"serve exited {self.returncode}: {self.output()}")
             try:
-                if httpx.get(self.base + "/api/health", timeout=1).status_code == 200:
+                if httpx.get(self.base + "/api/health", timeout=1).status_code == health:
                     return
             except httpx.TransportError:
                 time.sleep(0.05)

@@ -44,16 +44,31 @@ class ReportStatements(TableStatements):
             .order_by(t.c.retry_count, t.c.started_at.asc().nulls_last())
         )
 
-    def runs_page(self, *, state: str | None, search: bool, since: str | None, after: str | None) -> sa.Select:
+    def runs_page(
+        self,
+        *,
+        state: str | None,
+        search: bool,
+        since: str | None,
+        after: str | None,
+        stuck: bool = False,
+        order: str = "newest",
+        backwards: bool = False,
+    ) -> sa.Select:
         """One page of runs, newest first by (started_at, id), runs not started (pending retries)
         first: `:sr_limit` rows after the cursor. `after` is None (the first page), `started` (the
         cursor's run has `:sr_after_at`) or `unstarted`; `:sr_after_id` is the cursor run's id.
 
         `search` matches `:sr_search` (an ILIKE pattern) in the label's columns and the error. `since`
         is the time a window counts: `started` or `queued` (started_at >= `:sr_since`), `ended` (completed_at >=
-        `:sr_since`) or `due` (next_retry_at before `:sr_due_before`, overdue ones too)."""
+        `:sr_since`) or `due` (next_retry_at before `:sr_due_before`, overdue ones too). `stuck` keeps the
+        runs `stuck_now`. `order` `started` (newest started, started runs only) and `due` (pending
+        retries, soonest due first), and `backwards` (the page before the cursor, in reverse order: the
+        caller turns it round), are `_other_order`'s."""
         t, runs = self.t, self.runs
         query = sa.select(*runs.keyed())
+        if stuck:
+            query = query.where(self.stuck_now())
         if state is not None:
             query = query.where(runs.in_state(t.c.status, state))
         if search:
@@ -69,6 +84,8 @@ class ReportStatements(TableStatements):
             query = query.where(t.c.completed_at >= sa.bindparam("sr_since"))
         elif since == "due":
             query = query.where(t.c.next_retry_at < sa.bindparam("sr_due_before", type_=t.c.next_retry_at.type))
+        if order != "newest" or backwards:
+            return self._other_order(query, order, after, backwards)
         after_id = sa.bindparam("sr_after_id", type_=t.c.id.type)
         if after == "started":
             at = sa.bindparam("sr_after_at", type_=t.c.started_at.type)
@@ -81,6 +98,41 @@ class ReportStatements(TableStatements):
                 sa.or_(t.c.started_at.is_not(None), sa.and_(t.c.started_at.is_(None), t.c.id < after_id))
             )
         return query.order_by(t.c.started_at.desc().nulls_first(), t.c.id.desc()).limit(sa.bindparam("sr_limit"))
+
+    def _other_order(self, query: sa.Select, order: str, after: str | None, backwards: bool) -> sa.Select:
+        """Keyset pages that an index serves both ways: the newest-first index for `newest` and
+        `started`, the pending retries' index for `due`. Backwards, `after` is the cursor of the
+        page's first run, the comparison and the order reversed; `newest` backwards reads the
+        started runs (`after` = started) or the runs not started (`unstarted`: those after the
+        cursor's id; `unstarted_all`: from the last), which `list_runs` joins."""
+        t, runs = self.t, self.runs
+        after_id = sa.bindparam("sr_after_id", type_=t.c.id.type)
+        limit = sa.bindparam("sr_limit")
+        if order == "due":
+            key = t.c.next_retry_at
+            query = query.where(runs.in_state(t.c.status, "pending_retry"), key.is_not(None))
+        else:
+            key = t.c.started_at
+        at = sa.bindparam("sr_after_at", type_=key.type)
+        if after == "unstarted" or after == "unstarted_all":  # backwards through the runs not started
+            query = query.where(t.c.started_at.is_(None))
+            if after == "unstarted":
+                query = query.where(t.c.id > after_id)
+            return query.order_by(t.c.id.asc()).limit(limit)
+        if order != "due":
+            query = query.where(key.is_not(None))
+        later_first = (order != "due") != backwards  # newest and started: descending; due: ascending
+        if after is not None:
+            cursor = sa.tuple_(key, t.c.id), sa.tuple_(at, after_id)
+            query = query.where(cursor[0] < cursor[1] if later_first else cursor[0] > cursor[1])
+        if later_first:
+            return query.order_by(key.desc().nulls_first(), t.c.id.desc()).limit(limit)
+        return query.order_by(key.asc().nulls_last(), t.c.id.asc()).limit(limit)
+
+    def stuck_now(self) -> sa.ColumnElement:
+        """Running with no progress since `:sr_cutoff` (now less STUCK_AFTER): what `check` would
+        fail now, what the overview's "Stuck now" counts and the runs page's `stuck` filter shows."""
+        return sa.and_(self.runs.in_state(self.t.c.status, "running"), self.runs.progress() < sa.bindparam("sr_cutoff"))
 
     def untimed(self) -> sa.ColumnElement:
         """Running runs with nothing to time them by (no started_at, no heartbeat): never stuck."""
@@ -160,7 +212,7 @@ class ReportStatements(TableStatements):
         count = self._count
         return sa.select(
             count(running).label("running"),
-            count(running, runs.progress() < sa.bindparam("sr_cutoff")).label("stuck"),
+            count(self.stuck_now()).label("stuck"),
             count(self.untimed()).label("untimed"),
             count(pending).label("pending_retry"),
             count(self._executing_here()).label("running_retries"),

@@ -173,13 +173,16 @@ COMMANDS = {
         "scheduler.cli.admin",
         "Add the retry columns, status values and indexes to the runs table (idempotent).",
     ),
-    "sql": ("scheduler.cli.admin", "Print SPEC's monitoring queries (pending, history RUN_ID) in the table's names."),
+    "sql": ("scheduler.cli.admin", "Print the monitoring queries (pending, history RUN_ID) in the table's names."),
     "status": ("scheduler.cli.admin", "Each job's last and next run, live daemons, and where the runs stand."),
     "daemon": (
         "scheduler.cli.admin",
         "Run the stuck-run checker (hourly) and the retry processor (every 30 min) until SIGTERM.",
     ),
-    "serve": ("scheduler.cli.web", "Serve the JSON API on ADMIN_HOST:ADMIN_PORT (127.0.0.1:8080) until SIGTERM."),
+    "serve": (
+        "scheduler.cli.web",
+        "Serve the JSON API and the operators' pages on ADMIN_HOST:ADMIN_PORT (127.0.0.1:8080) until SIGTERM.",
+    ),
     "demo": (
         "scheduler.cli.admin",
         "Run the whole story on an embedded PostgreSQL, a virtual day in about 20 seconds.",

@@ -80,10 +80,10 @@ def migrate_command(ctx: click.Context, as_sql: bool, extend_check: bool) -> int
 @config_options("SCRAPE_RUNS_TABLE")
 @click.pass_context
 def sql_command(ctx: click.Context, kind: str, run_id: str | None) -> int:
-    """Print SPEC's monitoring queries (pending, history RUN_ID) in the table's names.
+    """Print the monitoring queries (pending, history RUN_ID) in the table's names.
 
-    On a table in the default shape they are SPEC §9's; on another, the same questions in its
-    columns and status values, ready for psql.
+    On a table in the default shape they are the README's (Monitoring with SQL), verbatim; on
+    another, the same questions in its columns and status values, ready for psql.
 
     \b
     Examples:
@@ -131,7 +131,7 @@ def status(ctx: click.Context, as_json: bool) -> int:
             (
                 j.job_id,
                 when(j.last_started),
-                f"{j.host}:{j.pid}{'' if j.by_daemon else ' (cli)'}" if j.host else "-",
+                f"{j.host}:{j.pid}{'' if j.by_daemon else f' ({j.via})'}" if j.host else "-",
                 j.outcome or "never ran",
                 j.error or ", ".join(f"{k}={v}" for k, v in (j.counts or {}).items()) or "-",
                 when(j.next_run),

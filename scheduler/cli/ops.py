@@ -37,7 +37,7 @@ def stats(ctx: click.Context, since: str, as_json: bool) -> int:
 
     Every retry count is of the retries that ended (completed or failed) in the window; those
     pending, running or handed to the fleet now, and those cancelled before they ran, are shown
-    beside them. Where retries are handed to the fleet (SPEC §12), a RAN table splits them by how
+    beside them. Where retries are handed to the fleet (README: Handing retries to the fleet), a RAN table splits them by how
     they ran: here, or at the fleet by webhook or queue (the outcome the scraper wrote).
 
     \b

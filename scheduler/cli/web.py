@@ -9,8 +9,9 @@ import click
 
 from db.errors import EXIT_OK, ConfigError
 from jobs.config import is_loopback
-from scheduler.cli import cli, config_options, open_runtime
+from scheduler.cli import cli, config_options
 
+DATABASE_RETRY_SECONDS = 2  # while the database cannot be reached at start
 SERVE = ("ADMIN_HOST", "ADMIN_PORT", "SCRAPE_RUNS_TABLE", "STUCK_AFTER", "RETRY_DELAY", "MAX_RETRIES")
 
 
@@ -18,10 +19,15 @@ SERVE = ("ADMIN_HOST", "ADMIN_PORT", "SCRAPE_RUNS_TABLE", "STUCK_AFTER", "RETRY_
 @config_options(*SERVE)
 @click.pass_context
 def serve(ctx: click.Context) -> int:
-    """Serve the JSON API on ADMIN_HOST:ADMIN_PORT (127.0.0.1:8080) until SIGTERM.
+    """Serve the JSON API and the operators' pages on ADMIN_HOST:ADMIN_PORT (127.0.0.1:8080) until SIGTERM.
+
+    The pages: open http://127.0.0.1:8080/ in a browser (overview, runs, a chain's timeline with
+    its retry and cancel buttons, dead letters, stats) and sign in with a token. The API is
+    described at /api/openapi.json.
 
     ADMIN_TOKEN may do everything, READ_TOKEN only read (both from the environment, never
-    flags: `ps` shows flags). Without ADMIN_TOKEN it listens on loopback only.
+    flags: `ps` shows flags). Without ADMIN_TOKEN it listens on loopback only. A database that
+    does not answer at start is waited for: /api/health answers 503 until it does.
 
     \b
     Examples:
@@ -42,28 +48,37 @@ def serve(ctx: click.Context) -> int:
     import uvicorn
     from loguru import logger
 
-    from scheduler.web import create_app
+    from scheduler.web import Starting
     from scheduler.web.auth import Tokens
 
-    with open_runtime(ctx, role="web") as rt:
-        listening = _listen(settings.admin_host, settings.admin_port)
-        app = create_app(rt, Tokens(settings.admin_token, settings.read_token))
-        config = uvicorn.Config(
-            app,
-            host=settings.admin_host,
-            port=settings.admin_port,
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            timeout_graceful_shutdown=10,
-        )
-        logger.bind(event="serve").info(
-            "serving the API on http://{}:{} ({})",
-            f"[{settings.admin_host}]" if ":" in settings.admin_host else settings.admin_host,
-            settings.admin_port,
-            "tokens required" if settings.admin_token or settings.read_token else "loopback only, no token",
-        )
-        _notifying_server()(config).run(sockets=[listening])
+    tokens = Tokens(settings.admin_token, settings.read_token)
+    app = Starting(settings, tokens, retry_seconds=DATABASE_RETRY_SECONDS)
+    config = uvicorn.Config(
+        app,
+        host=settings.admin_host,
+        port=settings.admin_port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+        lifespan="off",  # the app may be the stand-in that says the database is not reached yet
+    )
+    server = _notifying_server()(config)
+    # The first try here: a missing table or a bad mapping exits 2 at once, as before. A database
+    # that does not answer is waited for (a restart loop under systemd helps nobody).
+    app.open_or_wait(on_error=lambda: setattr(server, "should_exit", True))
+    listening = _listen(settings.admin_host, settings.admin_port)
+    logger.bind(event="serve").info(
+        "serving the API and pages on http://{}:{} ({})",
+        f"[{settings.admin_host}]" if ":" in settings.admin_host else settings.admin_host,
+        settings.admin_port,
+        "tokens required" if settings.admin_token or settings.read_token else "loopback only, no token",
+    )
+    try:
+        server.run(sockets=[listening])
+    finally:
+        app.close()
+    app.raise_failure()  # a table or mapping problem found once the database answered: exits as at start
     return EXIT_OK
 
 

@@ -16,10 +16,11 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.routing import APIRoute
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -264,15 +265,22 @@ def build_api(
 
     @api.post("/runs/reset-stuck", dependencies=admin)
     def reset_stuck(
-        timeout_minutes: float = Query(..., gt=0, le=5_256_000, description="stuck after this many minutes"),
+        timeout_minutes: float | None = Query(
+            None,
+            gt=0,
+            le=5_256_000,
+            description="stuck after this many minutes; without it each run is judged by its limit, as `check` judges it",
+        ),
         dry_run: Flag = "false",
     ) -> dict:
-        """The stuck-run sweep of `check`, with this threshold: it fails the stuck runs and schedules their retries."""
-        if timedelta(minutes=timeout_minutes) < timedelta(seconds=1):
-            raise ApiError(400, "Invalid timeout_minutes: use at least 1 second's worth (0.02)")
-        policy = replace(rt.settings.policy, stuck_after=timedelta(minutes=timeout_minutes))
+        """The stuck-run sweep of `check`, with this threshold or the configured one: it fails the stuck runs and schedules their retries."""
+        policy = rt.settings.policy  # `check`'s own: STUCK_AFTER, and each run's limit where the table keeps one
+        if timeout_minutes is not None:
+            if timedelta(minutes=timeout_minutes) < timedelta(seconds=1):
+                raise ApiError(400, "Invalid timeout_minutes: use at least 1 second's worth (0.02)")
+            policy = replace(policy, stuck_after=timedelta(minutes=timeout_minutes))
         dry_run = on(dry_run)
-        with answering("Failed to reset stuck runs"), job_run(rt, (CHECKER,), dry_run=dry_run) as record:
+        with answering("Failed to reset stuck runs"), job_run(rt, (CHECKER,), dry_run=dry_run, via="api") as record:
             result = sweep_stuck_runs(rt, policy, dry_run=dry_run, keep=None)
             record(result)  # `status` shows it as the checker's last run, as it shows `check`'s
         if result.skipped:
@@ -341,8 +349,14 @@ def build_api(
         return {"success": True, "data": plain(result), "message": result.message}
 
     @api.post("/runs/{run_id}/retry", dependencies=admin)
-    def retry(run_id: str, reset_budget: Flag = "false") -> dict:
-        """A manual retry of a failed run (its chain's latest failed attempt), as `stuck-runs retry RUN_ID`."""
+    def retry(run_id: str, reset_budget: Flag = "false", dry_run: Flag = "false") -> dict:
+        """A manual retry of a failed run (its chain's latest failed attempt), as `stuck-runs retry RUN_ID`;
+        with `dry_run=true`, what would be scheduled, nothing changed."""
+        if on(dry_run):
+            with answering("Failed to retry run"):
+                plan = retry_run(rt, rt.runs.parse_id(run_id), reset_budget=on(reset_budget), dry_run=True)
+            message = f"Would schedule a retry (attempt {plan.attempt}/{plan.budget})"
+            return {"success": True, "data": plain(plan), "dry_run": True, "message": message}
         with answering("Failed to retry run"):
             scheduled = retry_run(rt, rt.runs.parse_id(run_id), reset_budget=on(reset_budget))
             chain = chain_history(rt, scheduled.retry_id)
@@ -363,12 +377,23 @@ def build_api(
         ),
         limit: int = Query(50, ge=1, le=MAX_PAGE),
         cursor: str | None = Query(None, description="next_cursor of the previous page"),
+        before: str | None = Query(None, description="prev_cursor of a page: the page before it"),
+        stuck: Flag = Query("false", description="only runs running past their limit, as `check` judges them"),
+        order: str = Query(
+            "newest", description="newest (runs not started first), started (newest started), due (pending retries by due time)"
+        ),
     ) -> dict:
-        """Runs newest first, a keyset page at a time."""
+        """Runs newest first (or by start, or by due time), a keyset page at a time, either way."""
         with answering("Failed to list runs"):
             window = parse_duration(since, "since") if since else None
-            page = list_runs(rt, RunFilter(status, q or None, window, limit, cursor))
-        return {"success": True, "data": plain(page.runs), "next_cursor": page.next_cursor}
+            filters = RunFilter(status, q or None, window, limit, cursor, stuck=on(stuck), order=order, before=before)
+            page = list_runs(rt, filters)
+        return {
+            "success": True,
+            "data": plain(page.runs),
+            "next_cursor": page.next_cursor,
+            "prev_cursor": page.prev_cursor,
+        }
 
     @api.post("/runs/{run_id}/cancel", dependencies=admin)
     def cancel(run_id: str, dry_run: Flag = "false") -> dict:
@@ -460,7 +485,32 @@ def build_api(
             scheduled = requeue(rt, ref)
         return {"success": True, "data": plain(scheduled), "message": scheduled.message}
 
+    refuse_other_methods(api)
     return api
+
+
+def refuse_other_methods(router: APIRouter) -> None:
+    """A method a path does not take is a 405 naming the ones it takes (`Allow`), not the answer of
+    a route whose pattern happens to match: `GET /api/runs/reset-stuck` is not the run `reset-stuck`."""
+    taken: dict[str, set[str]] = {}
+    for route in router.routes:
+        if isinstance(route, APIRoute):
+            taken.setdefault(route.path, set()).update(route.methods)
+    for path, methods in taken.items():
+        allowed = methods | ({"HEAD"} if "GET" in methods else set())
+        allow = ", ".join(sorted(allowed))
+
+        def refuse(request: Request, allow: str = allow) -> JSONResponse:
+            answer = failure(405, f"Method {request.method} not allowed here", {"allowed": allow})
+            answer.headers["Allow"] = allow
+            return answer
+
+        others = sorted({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"} - allowed)
+        router.add_api_route(path.removeprefix(router.prefix), refuse, methods=others, include_in_schema=False)
+        # Just before the path's own routes: ahead of a later pattern that matches it too
+        # (`/runs/{run_id}` after `/runs/reset-stuck`), behind the literal paths an earlier pattern leaves alone.
+        first = next(i for i, r in enumerate(router.routes) if isinstance(r, APIRoute) and r.path == path)
+        router.routes.insert(first, router.routes.pop())
 
 
 def _need(caller: Caller, request: Request, role: str) -> str:
@@ -531,7 +581,13 @@ def describe_errors(app: FastAPI) -> None:
     app.openapi = document  # type: ignore[method-assign]
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def is_api(request: Request) -> bool:
+    return request.url.path == "/api" or request.url.path.startswith("/api/")
+
+
+def install_error_handlers(app: FastAPI, html_pages: Callable[[Request], Response] | None = None) -> None:
+    """The envelope for every error; `html_pages(request)` answers a path outside /api not found."""
+
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return failure(exc.status, exc.error, exc.details)
@@ -543,12 +599,18 @@ def install_error_handlers(app: FastAPI) -> None:
         return failure(400, f"Invalid {where or 'request'}: {first.get('msg', 'not accepted')}")
 
     @app.exception_handler(404)
-    async def not_found(_request: Request, _exc: Exception) -> JSONResponse:
+    async def not_found(request: Request, _exc: Exception) -> Response:
+        if not is_api(request) and html_pages is not None:  # a page's path mistyped: a page that says so
+            return html_pages(request)
         return failure(404, "Not found", {"hint": "the API is described at /api/openapi.json"})
 
     @app.exception_handler(405)
-    async def not_allowed(request: Request, _exc: Exception) -> JSONResponse:
-        return failure(405, f"Method {request.method} not allowed here")
+    async def not_allowed(request: Request, exc: Exception) -> JSONResponse:
+        answer = failure(405, f"Method {request.method} not allowed here")
+        allow = (getattr(exc, "headers", None) or {}).get("Allow")
+        if allow:
+            answer.headers["Allow"] = allow
+        return answer
 
     @app.exception_handler(Exception)
     async def bug(_request: Request, exc: Exception) -> JSONResponse:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 ADMIN = "admin"
 READ = "read"
@@ -91,3 +91,24 @@ def same_origin(origin: str | None, fetch_site: str | None, host: str | None, sc
             return False
         return fetch_site in (None, "same-origin")
     return fetch_site == "same-origin"
+
+
+def local_path(wanted: str | None) -> str:
+    """Where a browser goes after signing in: `wanted` when it is a path of this server, else `/`.
+    Never another host, however it is spelled: `//evil`, `https://x`, `/\\evil` (browsers read a
+    backslash as a slash), their percent-encoded forms, control characters (a browser drops tabs
+    and newlines from a URL: `/\t/evil` is `//evil`)."""
+    if not wanted:
+        return "/"
+    decoded = wanted
+    for _ in range(3):  # a value decoded more than once along the way is still judged
+        decoded = unquote(decoded)
+    for text in (wanted, decoded):
+        if any(ord(ch) < 0x20 or ch == "\x7f" for ch in text):
+            return "/"
+        if not text.startswith("/") or text.startswith("//") or "\\" in text:
+            return "/"
+        parts = urlsplit(text)
+        if parts.scheme or parts.netloc:
+            return "/"
+    return wanted

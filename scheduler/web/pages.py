@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from db.errors import RetryRefused
+from db.errors import ConfigError, RetryRefused, UsageError
 from db.layout import WRITTEN_STATES
 from jobs.config import parse_duration
 from jobs.dead_letters import list_dead_letters
@@ -35,10 +35,16 @@ from jobs.status import read_status
 from jobs.timeline import HourlyTimeline, hourly_timeline
 from scheduler.documents import json_text, plain
 from scheduler.web.api import OVERVIEW_WINDOW, ApiError, Caller, answering
-from scheduler.web.auth import ADMIN, SESSION_COOKIE, Tokens
+from scheduler.web.auth import ADMIN, SESSION_COOKIE, Tokens, local_path
 
 HERE = Path(__file__).resolve().parent
 RUNS_PER_PAGE = 50
+STUCK_CHOICE = "stuck"  # the runs page's status choice: running past its limit
+ORDER_CHOICES = (
+    ("newest", "not started first, then newest"),
+    ("started", "newest started"),
+    ("due", "due time (pending retries)"),
+)
 REFRESH_SECONDS = 10
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -73,9 +79,19 @@ def render(template: str, http_status: int = 200, **context: Any) -> HTMLRespons
     return HTMLResponse(templates.get_template(template).render(**context), status_code=http_status, headers=HEADERS)
 
 
-def login_page(error: str | None = None, status: int = 200) -> HTMLResponse:
-    """The sign-in form (`POST /login`, field `token`), with what went wrong, if anything."""
-    return render("login.html", status, error=error, navigation=False)
+def login_page(error: str | None = None, status: int = 200, next_page: str = "/") -> HTMLResponse:
+    """The sign-in form (`POST /login`, fields `token` and `next`), with what went wrong, if anything."""
+    return render("login.html", status, error=error, navigation=False, next_page=local_path(next_page))
+
+
+def asked_for(request: Request) -> str:
+    """The page a browser asked for, path and query, to come back to after signing in."""
+    query = request.url.query
+    return request.url.path + ("?" + query if query else "")
+
+
+def not_found_page(path: str) -> HTMLResponse:
+    return render("error.html", 404, error="Page not found", details={"path": path})
 
 
 # -- the retry button ----------------------------------------------------------------------------
@@ -118,6 +134,7 @@ def due_now_action(chain: ChainHistory, now: datetime) -> str | None:
 # -- the hourly chart, drawn as SVG on the server ---------------------------------------------------
 
 SLOT, BAR, PLOT_HEIGHT, LEFT, BOTTOM, TOP = 6, 4, 160, 40, 22, 8  # SVG user units
+MIN_MARK = 3  # the least height of a count above zero: one retry beside a thousand still shows
 TICK_LABEL_SLOTS = 12  # hours a day's label ("Mon 04 May") spans
 
 
@@ -149,8 +166,10 @@ def hourly_chart(timeline: HourlyTimeline) -> dict[str, Any]:
             f"{h.retries_failed} failed, {h.stuck_detections} stuck detections"
         )
         if h.retries:
-            ok, failed = y(h.retries_succeeded), y(h.retries)
-            heights = {"ok_height": round(base - ok, 2), "failed_height": round(ok - failed, 2)}
+            ok_height = max(base - y(h.retries_succeeded), MIN_MARK) if h.retries_succeeded else 0
+            failed_height = max(y(h.retries_succeeded) - y(h.retries), MIN_MARK) if h.retries_failed else 0
+            ok, failed = round(base - ok_height, 2), round(base - ok_height - failed_height, 2)
+            heights = {"ok_height": round(ok_height, 2), "failed_height": round(failed_height, 2)}
             bars.append({"x": x + 1, "ok_y": ok, "failed_y": failed, **heights, "title": title})
         if h.stuck_detections:
             dots.append({"x": x + SLOT / 2, "y": y(h.stuck_detections), "title": title})
@@ -188,8 +207,8 @@ def build_pages(
         try:
             role = caller.role(request)
         except ApiError as refused:
-            if refused.status == 401:
-                return RedirectResponse("/login", status_code=303)
+            if refused.status == 401:  # back here once signed in
+                return RedirectResponse("/login?" + urlencode({"next": asked_for(request)}), status_code=303)
             return render("error.html", refused.status, error=refused.error, details=refused.details)
         session = {"can_act": role == ADMIN, "signed_in": SESSION_COOKIE in request.cookies and tokens.configured}
         try:
@@ -197,7 +216,7 @@ def build_pages(
                 context = read()
         except ApiError as refused:
             return render("error.html", refused.status, error=refused.error, details=refused.details, **session)
-        return render(template, **session, **context)
+        return render(template, context.pop("http_status", 200), **session, **context)
 
     @pages.get("/")
     def overview(request: Request) -> Response:
@@ -214,20 +233,53 @@ def build_pages(
         return page(request, "overview.html", "Failed to read the overview", read)
 
     @pages.get("/runs")
-    def runs(request: Request, status: str = "", q: str = "", since: str = "", cursor: str = "") -> Response:
+    def runs(
+        request: Request,
+        status: str = "",
+        q: str = "",
+        since: str = "",
+        cursor: str = "",
+        before: str = "",
+        order: str = "",
+    ) -> Response:
+        chosen = {
+            name: value for name, value in (("status", status), ("q", q), ("since", since), ("order", order)) if value
+        }
+        form = {
+            "page": "runs",
+            "filters": {"status": status, "q": q, "since": since, "order": order or "newest"},
+            "states": (*WRITTEN_STATES, STUCK_CHOICE),
+            "orders": ORDER_CHOICES,
+            "window_label": window_label(status or None),  # "Due within" for pending retries...
+        }
+
         def read() -> dict[str, Any]:
-            window = parse_duration(since, "since") if since else None
-            found = list_runs(rt, RunFilter(status or None, q or None, window, RUNS_PER_PAGE, cursor or None))
-            chosen = {name: value for name, value in (("status", status), ("q", q), ("since", since)) if value}
+            try:
+                window = parse_duration(since, "since") if since else None
+            except (ConfigError, UsageError) as bad:  # the form again, with what to change: not a page of its own
+                shown = {"runs": [], "next_page": None, "previous_page": None, "first_page": None}
+                return {**form, **shown, "problem": str(bad), "http_status": 400}
+            stuck = status == STUCK_CHOICE
+            filters = RunFilter(
+                None if stuck or not status else status,
+                q or None,
+                window,
+                RUNS_PER_PAGE,
+                cursor or None,
+                stuck=stuck,
+                order=order or "newest",
+                before=before or None,
+            )
+            found = list_runs(rt, filters)
             later = "/runs?" + urlencode({**chosen, "cursor": found.next_cursor}) if found.next_cursor else None
+            earlier = "/runs?" + urlencode({**chosen, "before": found.prev_cursor}) if found.prev_cursor else None
             return {
-                "page": "runs",
+                **form,
+                "problem": None,
                 "runs": plain(found.runs),
                 "next_page": later,
-                "first_page": "/runs?" + urlencode(chosen) if cursor else None,
-                "filters": {"status": status, "q": q, "since": since},
-                "window_label": window_label(status or None),  # "Due within" for pending retries...
-                "states": WRITTEN_STATES,
+                "previous_page": earlier,
+                "first_page": "/runs?" + urlencode(chosen) if cursor or before else None,
             }
 
         return page(request, "runs.html", "Failed to list runs", read)
@@ -237,12 +289,16 @@ def build_pages(
         def read() -> dict[str, Any]:
             wanted = rt.runs.parse_id(run_id)
             history = chain_history(rt, wanted)
+            this = next(a for a in history.attempts if a.id == wanted)
+            pending = [a for a in history.attempts if a.status == "pending_retry"]
             return {
                 "page": "runs",
                 "run_id": str(wanted),
                 "chain": plain(history),
+                "inputs": plain(this).get("inputs") or {},
                 "retry": retry_button(rt, history),
                 "due_now": due_now_action(history, rt.clock.now()),
+                "cancel": f"/api/runs/{path_part(pending[-1].id)}/cancel" if pending else None,
             }
 
         return page(request, "chain.html", "Failed to read the chain", read)

@@ -461,6 +461,52 @@ def test_status_and_stats_count_the_table(adopted, story, played):
     }
 
 
+def test_the_api_and_pages_of_issue_19_on_the_table(adopted, story, played):
+    """What `serve` gained (stuck filter, orders, previous pages, cancel and inputs on the chain,
+    the single retry's dry run, reset-stuck by the configured limit, 20-digit ids) on every shape."""
+    from urllib.parse import quote as url_part
+
+    from tests.web import ADMIN, WebServer
+
+    t, d = adopted, played
+    stuck = d.insert("ok-stuck-again")
+    failed = d.insert("ok-failed-itself", status=t.failed, **{t.completed_at: t.stamp(utc_now())})
+    _, _, pending = d.chain(story.fail503)
+    web = WebServer(d.url, **{k: v for k, v in d.env().items() if k != "DATABASE_URL"})
+    try:
+        with web.client(ADMIN) as http:
+            stuck_ids = [r["id"] for r in http.get("/api/runs", params={"stuck": "true"}).json()["data"]]
+            due = http.get("/api/runs", params={"order": "due"}).json()["data"]
+            started = http.get("/api/runs", params={"order": "started", "limit": 2}).json()
+            second = http.get("/api/runs", params={"order": "started", "limit": 2, "cursor": started["next_cursor"]}).json()
+            back = http.get("/api/runs", params={"order": "started", "limit": 2, "before": second["prev_cursor"]}).json()
+            rows_before = len(d.rows())
+            preview = http.post(f"/api/runs/{url_part(str(failed), safe='')}/retry", params={"dry_run": "true"})
+            rows_after_preview = len(d.rows())
+            chain_page = http.get(f"/runs/{url_part(str(story.fail503), safe='')}", headers={"Accept": "text/html"})
+            pages = [http.get(p).status_code for p in ("/", "/runs?status=stuck", "/runs?order=due", "/runs?order=started")]
+            cancelled = http.post(f"/api/runs/{url_part(str(pending[t.id]), safe='')}/cancel")
+            reset = http.post("/api/runs/reset-stuck").json()
+            twenty = http.get("/api/runs/" + "9" * 20)
+            get_on_post = http.get("/api/runs/reset-stuck")
+    finally:
+        web.stop()
+    assert [str(i) for i in stuck_ids] == [str(stuck)]
+    assert [str(r["id"]) for r in due] == [str(pending[t.id])] and due[0]["next_retry_at"]
+    assert [r["id"] for r in back["data"]] == [r["id"] for r in started["data"]] and back["prev_cursor"] is None
+    assert preview.status_code == 200 and preview.json()["message"] == "Would schedule a retry (attempt 1/4)"
+    assert rows_after_preview == rows_before  # the dry run added no retry
+    assert chain_page.status_code == 200 and 'id="inputs"' in chain_page.text and "Cancel retry" in chain_page.text
+    assert f"<dt>{t.steer}</dt><dd>fail503-page</dd>" in chain_page.text
+    assert pages == [200] * 4
+    assert cancelled.status_code == 200, cancelled.text
+    assert d.row(pending[t.id])[t.status] == t.cancelled
+    assert reset["reset_count"] == 1 and [str(r) for r in reset["run_ids"]] == [str(stuck)]
+    expected = (400, "are UUIDs") if t.id_kind == "uuid" else (404, "Run not found")
+    assert (twenty.status_code, expected[1] in twenty.json()["error"]) == (expected[0], True), twenty.text
+    assert get_on_post.status_code == 405
+
+
 def test_sql_prints_the_monitoring_queries_in_the_tables_names(adopted, story, played):
     t, d = adopted, played
     pending_sql = d.ok("sql", "pending").stdout

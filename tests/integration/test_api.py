@@ -529,3 +529,191 @@ def test_a_deep_page_starts_at_its_cursor_in_the_index(engine, db_url):
         rt.close()
     assert "ix_scrape_runs_newest_first" in plan, plan
     assert "Index Cond: (ROW(started_at, id) < ROW(" in plan, plan
+
+
+def test_serve_started_while_the_database_is_down_waits_for_it_and_then_serves(tmp_path):
+    server = migrated_server(tmp_path)
+    engine = make_engine(server.url)
+    run_id = failed_run(engine)
+    engine.dispose()
+    server.stop()
+    web = None
+    try:
+        web = WebServer(server.url, ready=503)  # it listens, and says it cannot answer yet
+        with web.client() as http:
+            health = http.get("/api/health")
+            page = http.get("/", headers={"Accept": "text/html"})
+        with web.client(ADMIN) as http:
+            api = http.get("/api/status")
+        server.start()
+        web._wait_ready(200)
+        with web.client(ADMIN) as http:
+            retried = http.post(f"/api/runs/{run_id}/retry")
+        assert web.poll() is None  # still the first process: no restart loop
+    finally:
+        log = web.stop() if web else ""
+        server.cleanup()
+    assert health.status_code == 503 and health.json() == {
+        "success": False,
+        "error": "Database unavailable",
+        "details": {"reason": "waiting for the database; trying again every 2s"},
+    }
+    assert page.status_code == 503 and page.headers["content-type"].startswith("text/html")
+    assert "<h1>Waiting for the database</h1>" in page.text and "Traceback" not in page.text
+    assert api.status_code == 503 and api.json()["error"] == "Database unavailable"
+    assert retried.status_code == 200, retried.text
+    assert "waiting for the database" in log and "serving the API" in log and "Traceback" not in log
+
+
+# -- issue 19: the runs list after a mass event -------------------------------------------------------
+
+
+def walk(http, params: dict, *, key: str = "next_cursor", start: str | None = None) -> list[list[str]]:
+    """Every page's run ids, following `key` (next_cursor, or prev_cursor with `before`)."""
+    pages, cursor = [], start
+    while True:
+        field = "cursor" if key == "next_cursor" else "before"
+        answer = http.get("/api/runs", params={**params, **({field: cursor} if cursor else {})})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        pages.append([run["id"] for run in body["data"]])
+        cursor = body[key]
+        if cursor is None:
+            return pages
+
+
+def test_runs_page_back_by_a_reversed_keyset_in_every_order(web, engine):
+    with engine.begin() as conn:
+        for m in range(7):
+            insert_run(conn, status="completed", started_at=NOW - timedelta(minutes=m))
+        for _ in range(3):
+            insert_run(conn, status="failed", started_at=NOW - timedelta(hours=2))
+        for m in range(5):
+            insert_run(
+                conn,
+                status="pending_retry",
+                retry_count=1,
+                is_retry=True,
+                next_retry_at=NOW + timedelta(minutes=30 - m),
+            )
+    with web.client(READER) as http:
+        for order in ("newest", "started", "due"):
+            forward = walk(http, {"limit": 3, "order": order})
+            first = http.get("/api/runs", params={"limit": 3, "order": order}).json()
+            assert first["prev_cursor"] is None, order
+            last = http.get(
+                "/api/runs", params={"limit": 3, "order": order, "cursor": _cursor_of(http, order, len(forward) - 2)}
+            ).json()
+            back = walk(http, {"limit": 3, "order": order}, key="prev_cursor", start=last["prev_cursor"])
+            assert [run for page in reversed(back) for run in page] == [run for page in forward[:-1] for run in page], order
+    flat = {order: [run for page in walk_all(web, order) for run in page] for order in ("newest", "started", "due")}
+    assert len(flat["newest"]) == 15 and len(flat["started"]) == 10 and len(flat["due"]) == 5
+    assert set(flat["due"]) < set(flat["newest"]) and not set(flat["due"]) & set(flat["started"])
+    assert flat["newest"][:5] != flat["due"]  # not started first by id; by due time, soonest first
+
+
+def _cursor_of(http, order: str, page: int) -> str | None:
+    """next_cursor of page `page` (0: the first)."""
+    cursor = None
+    for _ in range(page + 1):
+        cursor = http.get("/api/runs", params={"limit": 3, "order": order, **({"cursor": cursor} if cursor else {})}).json()[
+            "next_cursor"
+        ]
+    return cursor
+
+
+def walk_all(web, order: str) -> list[list[str]]:
+    with web.client(READER) as http:
+        return walk(http, {"limit": 4, "order": order})
+
+
+def test_the_due_order_is_soonest_first_and_the_stuck_filter_is_what_check_would_fail(db_url, engine):
+    with engine.begin() as conn:
+        late = insert_run(conn, status="pending_retry", is_retry=True, retry_count=1, next_retry_at=NOW + timedelta(hours=2))
+        soon = insert_run(conn, status="pending_retry", is_retry=True, retry_count=1, next_retry_at=NOW + timedelta(minutes=5))
+        stuck = insert_run(conn, started_at=NOW - timedelta(minutes=50))
+        insert_run(conn, started_at=NOW - timedelta(minutes=20))  # running, within its limit
+        insert_run(conn, status="failed", started_at=NOW - timedelta(hours=5))
+    web = WebServer(db_url, STUCK_AFTER="45m")
+    try:
+        with web.client(READER) as http:
+            due = http.get("/api/runs", params={"order": "due"}).json()["data"]
+            stuck_runs = http.get("/api/runs", params={"stuck": "true"}).json()["data"]
+            counted = http.get("/api/status").json()["data"]["runs"]["stuck"]
+            refused = http.get("/api/runs", params={"order": "due", "status": "failed"})
+            unknown = http.get("/api/runs", params={"order": "oldest"})
+    finally:
+        web.stop()
+    assert [run["id"] for run in due] == [str(soon), str(late)]
+    assert due[0]["next_retry_at"] is not None
+    assert [run["id"] for run in stuck_runs] == [str(stuck)] and counted == 1
+    assert refused.status_code == 400 and "order=due" in refused.json()["error"]
+    assert unknown.status_code == 400 and "is not an order" in unknown.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("order", "backwards", "index", "condition"),
+    [
+        ("started", False, "ix_scrape_runs_newest_first", "(ROW(started_at, id) < ROW("),
+        ("started", True, "ix_scrape_runs_newest_first", "(ROW(started_at, id) > ROW("),
+        ("newest", True, "ix_scrape_runs_newest_first", "(ROW(started_at, id) > ROW("),
+        ("due", False, "ix_scrape_runs_pending_next_retry_at", "(next_retry_at >= "),
+    ],
+)
+def test_the_other_orders_and_the_previous_page_start_at_their_cursor_in_an_index(
+    engine, db_url, order, backwards, index, condition
+):
+    from jobs.listing import decode_cursor, encode_cursor
+    from jobs.model import Run
+    from tests.helpers import make_runtime
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO scrape_runs (search_query, location_query, status, started_at, next_retry_at) "
+            "SELECT 'q' || g, 'l', CASE WHEN mod(g, 10) = 0 THEN 'pending_retry' ELSE 'completed' END,"
+            " now() - make_interval(secs => g), now() + make_interval(secs => g) FROM generate_series(1, 20000) g"
+        )
+        conn.exec_driver_sql("ANALYZE scrape_runs")
+        middle = conn.exec_driver_sql(
+            "SELECT id, started_at, next_retry_at FROM scrape_runs WHERE status = 'pending_retry'"
+            " ORDER BY started_at DESC OFFSET 1000 LIMIT 1"
+        ).one()
+    rt = make_runtime(db_url)
+    try:
+        run = Run(id=middle.id, status="pending_retry", what="", started_at=middle.started_at, next_retry_at=middle.next_retry_at)
+        at, run_id = decode_cursor(rt, encode_cursor(run, order))
+        statement = rt.queries.runs_page(
+            state=None, search=False, since=False, after="started", order=order, backwards=backwards
+        )
+        with rt.engine.connect() as conn:
+
+            @sa.event.listens_for(conn, "before_cursor_execute", retval=True)
+            def explained(_conn, _cursor, sql, parameters, _context, _many):
+                return "EXPLAIN " + sql, parameters
+
+            result = conn.execute(statement, {"sr_limit": 51, "sr_after_at": at, "sr_after_id": run_id})
+            plan = "\n".join(str(line[0]) for line in result.cursor.fetchall())
+    finally:
+        rt.close()
+    assert index in plan, plan
+    assert any(condition in line for line in plan.splitlines() if "Index Cond:" in line), plan  # never a filter
+
+
+def test_serve_waiting_for_its_database_exits_as_at_start_if_the_table_is_not_there_when_it_answers(tmp_path):
+    """The database answers, the table is missing: what `serve` says and does at start (exit 1,
+    one line), not a server answering 503 forever."""
+    from tests.daemons import wait_until
+    from tests.own_server import OwnServer
+
+    server = OwnServer(tmp_path)  # a database without scrape_runs
+    server.stop()
+    web = None
+    try:
+        web = WebServer(server.url, ready=503)
+        server.start()
+        wait_until(lambda: web.poll() is not None, timeout=30)
+    finally:
+        log = web.stop() if web is not None else ""  # SIGTERM only if still running
+        server.cleanup()
+    assert web.returncode == 1, log
+    assert "stuck-runs: table scrape_runs does not exist in this database" in log and "Traceback" not in log

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
-from tests.helpers import insert_stuck_runs
+from tests.helpers import insert_run, insert_stuck_runs
 from tests.integration.test_api import failed_run, snapshot
 from tests.integration.test_cli import cli, one_line_error
 from tests.own_server import migrated_server
@@ -286,3 +286,106 @@ def test_a_search_with_a_nul_byte_on_the_runs_page_is_a_400(web):
     answer = http.get("/runs", params={"q": "\x00"})
     http.close()
     assert answer.status_code == 400
+
+
+# -- issue 19: what an operator met over HTTP --------------------------------------------------------
+
+
+def test_reset_stuck_without_a_threshold_judges_each_run_by_the_configured_limit(db_url, engine):
+    with engine.begin() as conn:
+        stuck = [insert_run(conn, started_at=NOW - timedelta(minutes=50)) for _ in range(2)]
+        fresh = [insert_run(conn, started_at=NOW - timedelta(minutes=20))]
+    web = WebServer(db_url, STUCK_AFTER="45m")
+    try:
+        with web.client(ADMIN) as http:
+            preview = http.post("/api/runs/reset-stuck", params={"dry_run": "true"})
+            answer = http.post("/api/runs/reset-stuck")
+    finally:
+        web.stop()
+    assert preview.status_code == 200, preview.text
+    assert preview.json()["reset_count"] == 2 and preview.json()["dry_run"] is True
+    body = answer.json()
+    assert answer.status_code == 200 and body["reset_count"] == 2, answer.text
+    assert sorted(body["run_ids"]) == sorted(str(r) for r in stuck) and str(fresh[0]) not in body["run_ids"]
+
+
+def test_a_get_on_a_post_route_is_a_405_naming_the_method_it_takes(web):
+    with web.client(ADMIN) as http:
+        for path in ("/api/runs/reset-stuck", "/api/pause", "/api/resume", "/api/runs/retry"):
+            answer = http.get(path)
+            assert answer.status_code == 405, (path, answer.text)
+            assert answer.headers["allow"] == "POST", path
+            assert answer.json()["success"] is False and "GET" in answer.json()["error"], path
+
+
+def test_a_sweep_started_through_the_api_is_shown_as_the_api_s(web, engine, db_url, stuck):
+    with web.client(ADMIN) as http:
+        assert http.post("/api/runs/reset-stuck", params={"timeout_minutes": 60}).status_code == 200
+        jobs = http.get("/api/status").json()["data"]["jobs"]
+    checker = next(j for j in jobs if j["job_id"] == "stuck_run_checker")
+    assert checker["via"] == "api" and "via" not in checker["counts"] and checker["counts"]["failed"] == 2
+    status = cli("status", env={"DATABASE_URL": db_url})
+    line = next(line for line in status.stdout.splitlines() if line.startswith("stuck_run_checker"))
+    assert "(api)" in line and "(cli)" not in line and "via=" not in line
+
+
+def test_a_single_retry_can_be_a_dry_run_that_changes_nothing(web, engine):
+    run_id = failed_run(engine)
+    before = snapshot(engine)
+    with web.client(ADMIN) as http:
+        preview = http.post(f"/api/runs/{run_id}/retry", params={"dry_run": "true"})
+    assert preview.status_code == 200, preview.text
+    body = preview.json()
+    assert body["dry_run"] is True and body["message"] == "Would schedule a retry (attempt 1/4)"
+    assert body["data"]["failed_run_id"] == str(run_id) and body["data"]["attempt"] == 1
+    assert snapshot(engine) == before
+
+
+def test_an_id_too_long_for_a_bigint_is_a_run_that_is_not_there(db_url, engine):
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE crawl_jobs (id SERIAL PRIMARY KEY, search_query TEXT, location_query TEXT,"
+            " status TEXT NOT NULL, error_message TEXT, started_at TIMESTAMPTZ, completed_at TIMESTAMPTZ)"
+        )
+    env = {"DATABASE_URL": db_url, "SCRAPE_RUNS_TABLE": "crawl_jobs"}
+    assert cli("migrate", env=env).returncode == 0
+    twenty = "9" * 20
+    web = WebServer(db_url, SCRAPE_RUNS_TABLE="crawl_jobs")
+    try:
+        with web.client(ADMIN) as http:
+            answers = [
+                http.get(f"/api/runs/{twenty}"),
+                http.get("/api/runs/4000000000"),  # past int4, within int8: a number the column cannot hold
+                http.post(f"/api/runs/{twenty}/retry"),
+                http.post(f"/api/runs/{twenty}/cancel"),
+                http.get(f"/api/dead-letters/{twenty}"),
+                http.get(f"/api/dead-letters/run:{twenty}"),
+            ]
+    finally:
+        web.stop()
+    for answer in answers:
+        assert answer.status_code == 404, (answer.request.url, answer.text)
+        assert answer.json()["error"] in ("Run not found", "Dead letter not found")
+    assert cli("history", twenty, env=env).returncode == 1
+
+
+def test_a_twenty_digit_id_on_uuid_and_text_id_tables(web, db_url, engine):
+    twenty = "1" * 20
+    with web.client(READER) as http:
+        uuid_table = http.get(f"/api/runs/{twenty}")
+        letter = http.get(f"/api/dead-letters/{twenty}")
+    assert uuid_table.status_code == 400 and "are UUIDs" in uuid_table.json()["error"]
+    assert letter.status_code == 404 and letter.json()["error"] == "Dead letter not found"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE text_jobs (id TEXT PRIMARY KEY, search_query TEXT, location_query TEXT,"
+            " status TEXT NOT NULL, error_message TEXT, started_at TIMESTAMPTZ, completed_at TIMESTAMPTZ)"
+        )
+    assert cli("migrate", env={"DATABASE_URL": db_url, "SCRAPE_RUNS_TABLE": "text_jobs"}).returncode == 0
+    text_web = WebServer(db_url, SCRAPE_RUNS_TABLE="text_jobs")
+    try:
+        with text_web.client(READER) as http:
+            text_table = http.get(f"/api/runs/{twenty}")
+    finally:
+        text_web.stop()
+    assert text_table.status_code == 404 and text_table.json()["error"] == "Run not found"

@@ -229,3 +229,24 @@ def test_bulk_retry_from_the_command_line(db_url):
     done = cli("retry", "--error-like", "%503%", "--json", env=env)
     assert len(json.loads(done.stdout)["scheduled"]) == 3
     engine.dispose()
+
+
+def test_no_help_text_and_no_readme_line_cites_the_spec_which_is_not_in_the_repository():
+    """The SPEC is not shipped: an operator reading `--help` or the README gets a README section
+    or plain words instead. `serve --help` says what it serves: the pages too."""
+    from click.testing import CliRunner
+
+    from scheduler.cli import COMMANDS
+    from scheduler.cli import cli as group
+
+    runner = CliRunner()
+    texts = {"stuck-runs": runner.invoke(group, ["--help"]).output}
+    for name in COMMANDS:
+        texts[name] = runner.invoke(group, [name, "--help"]).output
+    for sub in ("list", "show", "requeue", "purge"):
+        texts[f"dlq {sub}"] = runner.invoke(group, ["dlq", sub, "--help"]).output
+    cited = {name: text for name, text in texts.items() if "SPEC" in text}
+    assert cited == {}
+    readme = (REPO / "README.md").read_text()
+    assert [line for line in readme.splitlines() if "SPEC §" in line or "SPEC's" in line] == []
+    assert "pages" in texts["serve"] and "/api/openapi.json" in texts["serve"]

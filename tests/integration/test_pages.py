@@ -18,7 +18,7 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 import sqlalchemy as sa
@@ -108,9 +108,10 @@ def test_every_page_sends_a_browser_that_is_not_signed_in_to_the_sign_in_page(we
     with web.client() as http:
         for path in (*PAGES, f"/runs/{run_id}"):
             answer = http.get(path)
-            assert (answer.status_code, answer.headers.get("location")) == (303, "/login"), path
+            back = "/login?" + urlencode({"next": path})  # and back here once signed in
+            assert (answer.status_code, answer.headers.get("location")) == (303, back), path
             http.cookies.set("stuck_runs_session", "admin.9999999999." + "0" * 64)  # forged
-            assert http.get(path).headers.get("location") == "/login", path
+            assert http.get(path).headers.get("location") == back, path
             http.cookies.clear()
         login = http.get("/login")
     assert login.status_code == 200 and login.headers["content-type"].startswith("text/html")
@@ -178,7 +179,7 @@ def test_the_retry_button_counts_the_chain_s_next_retry_and_its_budget(web, engi
     assert page.index(f'/runs/{root}"') < page.index(f'/runs/{second}"')  # oldest first
     assert http.post(f"/api/runs/{second}/retry", headers={"Origin": web.base}).status_code == 200
     pending = http.get(f"/runs/{root}").text
-    assert "/retry\"" not in pending and "is already scheduled for retry" in pending
+    assert "/retry\">" not in pending and "is already scheduled for retry" in pending
     assert pending.count('class="badge pending_retry"') == 1
     http.close()
 
@@ -213,7 +214,7 @@ def test_the_runs_page_filters_and_pages_by_keyset_links(web, engine):
     [later] = re.findall(r'<a rel="next" href="([^"]+)"', first)
     second = http.get(later.replace("&amp;", "&")).text
     assert "job 50" in second and "job 54" in second and "broken job" in second and "job 49" not in second
-    assert 'rel="next"' not in second and "« Newest" in second
+    assert 'rel="next"' not in second and "« First page" in second and 'rel="prev"' in second
     failed = http.get("/runs", params={"status": "failed"}).text
     assert "broken job" in failed and "job 00" not in failed
     recent = http.get("/runs", params={"since": "1d", "q": "JOB 0"}).text
@@ -376,7 +377,8 @@ def sign_in(driver, web: WebServer, token: str, first: str = "/") -> None:
     assert urlsplit(driver.current_url).path == "/login"
     driver.find_element(By.NAME, "token").send_keys(token)
     driver.find_element(By.CSS_SELECTOR, "form[action='/login'] button[type=submit]").click()
-    until(driver, lambda d: urlsplit(d.current_url).path == "/" and d.find_elements(By.TAG_NAME, "h1"))
+    # Back on the page it asked for, not the overview.
+    until(driver, lambda d: urlsplit(d.current_url).path == urlsplit(first).path and d.find_elements(By.TAG_NAME, "h1"))
 
 
 def screenshot(driver, name: str) -> None:
@@ -431,7 +433,10 @@ def test_in_a_browser_sign_in_open_a_failed_chain_and_retry_it(browser, web, eng
         'Traceback (most recent call last):\n  File "scrape.py", line 88, in fetch\n'
         "    raise ServerError(503)\nServerError: HTTP 503 from the site",
     )
-    sign_in(browser, web, ADMIN, first=f"/runs/{run_id}")
+    sign_in(browser, web, ADMIN, first=f"/runs/{run_id}")  # and it lands there
+    assert "Retry (1/4)" in browser.find_element(By.ID, "live").text
+    browser.get(web.base + "/")
+    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "figure.chart"))
     screenshot(browser, "overview")
     browser.get(f"{web.base}/runs/{run_id}")
     button = until(browser, lambda d: d.find_element(By.CSS_SELECTOR, "button[data-post]"))
@@ -440,7 +445,8 @@ def test_in_a_browser_sign_in_open_a_failed_chain_and_retry_it(browser, web, eng
     button.click()
     until(browser, lambda d: "pending_retry" in d.find_element(By.ID, "live").text)
     assert browser.find_element(By.ID, "flash").text == "Run scheduled for retry (attempt 1/4)"
-    assert not browser.find_elements(By.CSS_SELECTOR, "button[data-post]")  # the chain has its retry now
+    assert not browser.find_elements(By.CSS_SELECTOR, "button[data-post$='/retry']")  # the chain has its retry now
+    assert browser.find_element(By.CSS_SELECTOR, "button[data-post$='/cancel']").text == "Cancel retry"
     with engine.connect() as conn:
         [retry] = rows(conn, "original_run_id = :root AND status = 'pending_retry'", root=run_id)
     assert retry["retry_count"] == 1 and str(retry["id"]) in browser.find_element(By.ID, "live").text
@@ -677,4 +683,176 @@ def test_permanently_failed_is_one_24h_count_named_alike_by_status_json_api_and_
     api = reader.get("/api/status").json()["data"]["runs"]
     assert (api["permanently_failed"], api["permanently_failed_window"]) == (1, "24h")
     overview = reader.get("/").text
-    assert '<h2>Permanently failed (24h)</h2><p class="number">1</p>' in overview, overview
+    assert '>Permanently failed (24h)</a></h2><p class="number"><a href="/dead-letters">1</a></p>' in overview, overview
+
+
+# -- issue 19: navigation, sign-in's way back, actions on the overview and the chain ------------------
+
+
+def test_sign_in_returns_to_the_page_asked_for_and_never_to_another_host(web, engine):
+    run_id = failed_run(engine)
+    asked = f"/runs/{run_id}?x=1"
+    with web.client(Accept="text/html") as http:
+        sent = http.get(asked)
+        form = http.get(sent.headers["location"])
+        signed = http.post("/login", data={"token": READER, "next": asked})
+        evil = [
+            http.post("/login", data={"token": READER, "next": target}).headers["location"]
+            for target in ("//evil.example", "https://evil.example", "/\\evil.example", "/%2F%2Fevil.example", "/%5Cevil.example")
+        ]
+        wrong = http.post("/login", data={"token": "not-a-token-of-this-server", "next": asked})
+    assert sent.headers["location"] == "/login?" + urlencode({"next": asked})
+    assert f'<input type="hidden" name="next" value="/runs/{run_id}?x=1">' in form.text
+    assert signed.status_code == 303 and signed.headers["location"] == asked
+    assert evil == ["/"] * 5
+    assert wrong.status_code == 401 and f'name="next" value="/runs/{run_id}?x=1"' in wrong.text  # kept for the next try
+
+
+def test_an_unknown_page_is_an_html_page_and_an_unknown_api_path_json(web):
+    http, _ = signed_in(web, READER)
+    page = http.get("/no-such-page")
+    api = http.get("/api/no-such-thing")
+    get_on_post = http.get("/logout")
+    http.close()
+    assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
+    assert "<h1>Page not found</h1>" in page.text and 'href="/runs"' in page.text  # the navigation is there
+    assert api.status_code == 404 and api.json()["success"] is False
+    assert get_on_post.status_code == 405 and get_on_post.headers["allow"] == "POST"
+
+
+def test_a_bad_started_within_shows_the_form_again_with_the_problem(web, engine):
+    http, _ = signed_in(web, READER)
+    bad = http.get("/runs", params={"since": "soon", "q": "keep me", "status": "failed"})
+    http.close()
+    assert bad.status_code == 400 and bad.headers["content-type"].startswith("text/html")
+    assert '<form class="filters" method="get" action="/runs">' in bad.text
+    assert 'name="q" value="keep me"' in bad.text and '<option value="failed" selected>' in bad.text
+    assert 'id="filter-problem"' in bad.text and "is not a duration" in bad.text and 'value="soon"' in bad.text
+
+
+def test_the_overview_s_cards_link_to_the_runs_they_count(web, engine):
+    http, _ = signed_in(web, READER)
+    overview = http.get("/").text
+    http.close()
+    for link in ("/runs?status=running", "/runs?status=stuck", "/runs?status=pending_retry&amp;order=due", "/dead-letters"):
+        assert f'<a href="{link}">' in overview, link
+
+
+def test_the_runs_page_shows_stuck_runs_due_times_and_pages_back(db_url, engine):
+    with engine.begin() as conn:
+        stuck = insert_run(conn, search_query="stuck one", started_at=NOW - timedelta(minutes=50))
+        insert_run(conn, search_query="young one", started_at=NOW - timedelta(minutes=5))
+        due = NOW + timedelta(hours=3)
+        insert_run(conn, status="pending_retry", search_query="waiting one", is_retry=True, retry_count=1, next_retry_at=due)
+        for n in range(60):
+            insert_run(conn, status="completed", search_query=f"job {n:02d}", started_at=NOW - timedelta(hours=1, minutes=n))
+    web = WebServer(db_url, STUCK_AFTER="45m")
+    try:
+        http, _ = signed_in(web, READER)
+        stuck_page = http.get("/runs", params={"status": "stuck"}).text
+        started = http.get("/runs", params={"order": "started"}).text
+        due_page = http.get("/runs", params={"order": "due"}).text
+        [later] = re.findall(r'<a rel="next" href="([^"]+)"', started)
+        second = http.get(later.replace("&amp;", "&")).text
+        [earlier] = re.findall(r'<a rel="prev" href="([^"]+)"', second)
+        back = http.get(earlier.replace("&amp;", "&")).text
+        http.close()
+    finally:
+        web.stop()
+    assert "stuck one" in stuck_page and "young one" not in stuck_page and "job 00" not in stuck_page
+    assert "waiting one" not in started and started.index("young one") < started.index("job 00")  # not first
+    assert f"{due:%Y-%m-%d %H:%M:%S} UTC" in due_page and "waiting one" in due_page and "job 00" not in due_page
+    assert "order=started" in later and "job 59" in second and 'rel="prev"' not in back
+    assert re.findall(r'<a href="/runs/[^"]+">([^<]+)</a>', back) == re.findall(r'<a href="/runs/[^"]+">([^<]+)</a>', started)
+
+
+def test_the_chain_page_shows_the_run_s_inputs_and_a_cancel_button_to_an_admin(web, engine):
+    root = failed_run(engine, search_query="Data Architect", location_query="Belgium")
+    with engine.begin() as conn:
+        pending = insert_run(
+            conn, status="pending_retry", is_retry=True, retry_count=1, original_run_id=root, next_retry_at=NOW + timedelta(hours=1)
+        )
+    admin, _ = signed_in(web, ADMIN)
+    reader, _ = signed_in(web, READER)
+    page = admin.get(f"/runs/{root}").text
+    read_only = reader.get(f"/runs/{root}").text
+    ended = admin.get(f"/runs/{failed_run(engine)}").text
+    foreign = admin.post(f"/api/runs/{pending}/cancel", headers={"Origin": "http://evil.example"})
+    paused = admin.post("/api/pause", params={"for": "1h"}, headers={"Origin": "http://evil.example"})
+    admin.close()
+    assert foreign.status_code == 403 and paused.status_code == 403  # the same-origin rule
+    reader.close()
+    assert '<dl class="facts" id="inputs"><dt>search_query</dt><dd>Data Architect</dd>' in page
+    assert f'data-post="/api/runs/{pending}/cancel">Cancel retry</button>' in page
+    assert "Cancel retry" not in read_only and "Cancel retry" not in ended and 'id="inputs"' in read_only
+
+
+def test_a_busy_hour_is_never_a_sliver_in_the_chart():
+    from jobs.timeline import HourCounts, HourlyTimeline
+    from scheduler.web.pages import MIN_MARK, hourly_chart
+
+    hour = datetime(2026, 5, 4, 10, tzinfo=timezone.utc)
+    timeline = HourlyTimeline(
+        hour, (HourCounts(hour, retries_succeeded=1000), HourCounts(hour + timedelta(hours=1), 1, 1))
+    )
+    bars = hourly_chart(timeline)["bars"]
+    assert bars[1]["ok_height"] >= MIN_MARK and bars[1]["failed_height"] >= MIN_MARK
+    assert bars[1]["failed_y"] + bars[1]["failed_height"] == pytest.approx(bars[1]["ok_y"])
+    assert bars[0]["ok_height"] == pytest.approx(160) and bars[0]["failed_height"] == 0
+
+
+def test_in_a_browser_an_admin_cancels_a_pending_retry_on_its_chain(browser, web, engine):
+    from selenium.webdriver.common.by import By
+
+    root = failed_run(engine)
+    with engine.begin() as conn:
+        pending = insert_run(
+            conn, status="pending_retry", is_retry=True, retry_count=1, original_run_id=root, next_retry_at=NOW + timedelta(hours=1)
+        )
+    sign_in(browser, web, ADMIN, first=f"/runs/{root}")
+    button = until(browser, lambda d: d.find_element(By.XPATH, "//button[text()='Cancel retry']"))
+    button.click()
+    until(browser, lambda d: "cancelled" in d.find_element(By.ID, "live").text)
+    assert browser.find_element(By.ID, "flash").text == "Retry 1/4 cancelled"
+    assert not browser.find_elements(By.XPATH, "//button[text()='Cancel retry']")
+    with engine.connect() as conn:
+        [cancelled] = rows(conn, "id = :id", id=pending)
+    assert cancelled["status"] == "cancelled" and cancelled["error_message"] == "Cancelled by operator"
+    assert re.fullmatch(r"updated \d\d:\d\d:\d\d UTC|", browser.find_element(By.ID, "refresh-state").text)
+
+
+def test_in_a_browser_an_admin_pauses_retries_for_a_while_and_resumes_them(browser, web, engine):
+    from selenium.webdriver.common.by import By
+
+    sign_in(browser, web, ADMIN)
+    browser.find_element(By.ID, "pause-for").send_keys("2h")
+    browser.find_element(By.XPATH, "//button[text()='Pause retries']").click()
+    until(browser, lambda d: d.find_elements(By.XPATH, "//button[text()='Resume retries']"))
+    with web.client(READER) as http:
+        pause = http.get("/api/status").json()["data"]["pause"]
+    until_ = datetime.fromisoformat(pause["until"])
+    assert timedelta(minutes=119) < until_ - datetime.now(timezone.utc) <= timedelta(hours=2)
+    assert pause["paused_by"].startswith("api on ")
+    browser.find_element(By.XPATH, "//button[text()='Resume retries']").click()
+    until(browser, lambda d: d.find_elements(By.ID, "pause-for"))
+    with web.client(READER) as http:
+        assert http.get("/api/status").json()["data"]["pause"] is None
+    # The refresh time, as every time on the pages: UTC.
+    browser.execute_script('document.getElementById("live").dataset.refresh = "1"')
+    browser.get(web.base + "/")
+    browser.execute_script('document.getElementById("live").dataset.refresh = "1"')
+    until(browser, lambda d: d.find_element(By.ID, "refresh-state").text)
+    assert re.fullmatch(r"updated \d\d:\d\d:\d\d UTC", browser.find_element(By.ID, "refresh-state").text)
+
+
+def test_in_a_browser_a_read_only_session_has_no_pause_or_cancel_button(browser, web, engine):
+    from selenium.webdriver.common.by import By
+
+    root = failed_run(engine)
+    with engine.begin() as conn:
+        insert_run(conn, status="pending_retry", is_retry=True, retry_count=1, original_run_id=root, next_retry_at=NOW)
+    sign_in(browser, web, READER)
+    assert not browser.find_elements(By.ID, "pause-for")
+    browser.get(f"{web.base}/runs/{root}")
+    until(browser, lambda d: d.find_elements(By.ID, "inputs"))
+    assert not browser.find_elements(By.XPATH, "//button[text()='Cancel retry']")

@@ -108,3 +108,40 @@ def test_the_listening_socket_sends_small_writes_at_once():
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize(
+    "wanted",
+    [
+        "/runs/7?status=failed&q=x",
+        "/",
+        "/runs?q=https%3A%2F%2Fexample.com",  # a URL as search text is text: the path is ours
+        "/dead-letters",
+    ],
+)
+def test_a_page_of_this_server_is_where_sign_in_returns(wanted):
+    assert auth.local_path(wanted) == wanted
+
+
+@pytest.mark.parametrize(
+    "wanted",
+    [
+        "//evil.example",
+        "https://evil.example/",
+        "http:evil.example",
+        "/\\evil.example",
+        "\\\\evil.example",
+        "%2F%2Fevil.example",
+        "/%2Fevil.example",
+        "/%5Cevil.example",
+        "/%252F%252Fevil.example",  # encoded twice
+        "/\t/evil.example",  # a browser drops the tab: //evil.example
+        "/\n/evil.example",
+        "javascript:alert(1)",
+        "evil.example",
+        "",
+        None,
+    ],
+)
+def test_another_host_however_spelled_is_never_where_sign_in_returns(wanted):
+    assert auth.local_path(wanted) == "/"

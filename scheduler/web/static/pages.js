@@ -40,12 +40,17 @@
       const opened = Array.from(live().querySelectorAll("details[open][id]"), (d) => d.id);
       live().replaceWith(document.adoptNode(fresh));
       opened.forEach((id) => { const d = document.getElementById(id); if (d) d.open = true; });
-      note(answer.ok ? "updated " + new Date().toLocaleTimeString() : "refresh: HTTP " + answer.status);
+      note(answer.ok ? "updated " + utcTime(new Date()) : "refresh: HTTP " + answer.status);
     } catch (error) {
       note("refresh failed: " + error.message);
     } finally {
       busy = false;
     }
+  }
+
+  // Times as every page shows them: UTC, never the browser's zone.
+  function utcTime(date) {
+    return date.toISOString().slice(11, 19) + " UTC";
   }
 
   function schedule() {
@@ -67,8 +72,13 @@
     const button = event.target.closest("button[data-post]");
     if (!button) return;
     button.disabled = true;
+    let target = button.dataset.post;
+    const source = button.dataset.from && document.getElementById(button.dataset.from);
+    if (source && source.value.trim()) {  // e.g. Pause for 4h: /api/pause?for=4h
+      target += "?" + new URLSearchParams([[button.dataset.param, source.value.trim()]]).toString();
+    }
     try {
-      const answer = await fetch(button.dataset.post, {
+      const answer = await fetch(target, {
         method: "POST",
         credentials: "same-origin",
         headers: { Accept: "application/json" },
