@@ -506,12 +506,13 @@ def test_in_a_browser_an_admin_makes_a_pending_retry_due_now(browser, web, engin
         root, retry = insert_due_retry(conn, due=later)
     sign_in(browser, web, ADMIN, first=f"/runs/{root}")
     browser.get(f"{web.base}/runs/{root}")
-    button = until(browser, lambda d: d.find_element(By.CSS_SELECTOR, "button[data-post]"))
-    assert (button.text, button.get_attribute("data-post")) == ("Make due now", f"/api/runs/{retry}/due-now")
+    due_now = f'button[data-post="/api/runs/{retry}/due-now"]'
+    button = until(browser, lambda d: d.find_element(By.CSS_SELECTOR, due_now))
+    assert button.text == "Make due now"
     button.click()
     until(browser, lambda d: d.find_element(By.ID, "flash").text)
     assert browser.find_element(By.ID, "flash").text == "Retry 1/4 of Data Architect in Belgium is due now"
-    until(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, "button[data-post]"))  # refreshed: due now
+    until(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, due_now))  # refreshed: due now
     with engine.connect() as conn:
         [pending] = rows(conn, "id = :id", id=retry)
     assert pending["status"] == "pending_retry" and pending["next_retry_at"] < later - timedelta(hours=2)
@@ -642,6 +643,7 @@ def test_a_dead_letters_inputs_are_shown_as_json_on_the_page_and_by_dlq_show(web
         )
     reader, _ = signed_in(web, READER)
     page = reader.get("/dead-letters").text
+    reader.close()
     assert "<dd>{&#34;pages&#34;: 3}</dd>" in page and "<dd>null</dd>" in page, page
     assert "<dd>&#34;Belgium&#34;</dd>" in page
     assert "None" not in page and "&#39;pages&#39;" not in page
@@ -660,6 +662,7 @@ def test_the_runs_pages_window_is_named_by_the_time_that_describes_the_status(we
     pending = reader.get("/runs", params={"status": "pending_retry", "since": "24h"}).text
     assert "Due within <input" in pending and "Due soon" in pending and "No run matches" not in pending
     assert "Ended within <input" in reader.get("/runs", params={"status": "cancelled"}).text
+    reader.close()
 
 
 def test_permanently_failed_is_one_24h_count_named_alike_by_status_json_api_and_overview(web, engine, db_url):
@@ -683,6 +686,7 @@ def test_permanently_failed_is_one_24h_count_named_alike_by_status_json_api_and_
     api = reader.get("/api/status").json()["data"]["runs"]
     assert (api["permanently_failed"], api["permanently_failed_window"]) == (1, "24h")
     overview = reader.get("/").text
+    reader.close()
     assert '>Permanently failed (24h)</a></h2><p class="number"><a href="/dead-letters">1</a></p>' in overview, overview
 
 
