@@ -59,6 +59,7 @@ class SupersededRetry:
     message: str
 
 
+@dataclass(frozen=True)
 class DueRetry:
     run_id: RunId
     label: str

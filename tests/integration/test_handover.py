@@ -202,3 +202,59 @@ def test_webhook_bodies_write_timestamps_in_iso_8601_with_t():
     when = datetime(2026, 12, 2, 3, 49, 54, tzinfo=timezone.utc)
     run = Run(id=1, status="pending_retry", what="x", inputs={"scheduled_for": when})
     assert json.loads(payload(run))["scheduled_for"] == "2026-12-02T03:49:54+00:00"
+
+
+SESSIONS = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'stuck-runs %'"
+
+
+def peak_sessions(db_url: str, tmp_path, cap: int, retries: int) -> tuple[int, float]:
+    """`stuck-runs process` over `retries` due retries to a receiver that answers 202 and completes
+    each row at once: the most sessions it held at any one time, sampled from pg_stat_activity."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    with sa.create_engine(db_url).begin() as conn:
+        for i in range(retries):
+            insert_due_retry(conn, search_query=f"q{i}")
+    receiver = start_receiver(tmp_path, database_url=db_url, table="scrape_runs", at_once=True)
+    watcher = sa.create_engine(db_url)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "DATABASE_URL": db_url,
+        "SCRAPE_RUN_WEBHOOK": receiver.url + "/r/{run_id}",
+        "MAX_CONCURRENT_RETRIES": str(cap),
+        "LOG_LEVEL": "WARNING",
+    }
+    most, started = 0, time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scheduler", "process"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        with watcher.connect() as conn:
+            while proc.poll() is None:
+                most = max(most, conn.execute(sa.text(SESSIONS)).scalar_one())
+                conn.rollback()
+        out, err = proc.communicate()
+    finally:
+        receiver.stop()
+        watcher.dispose()
+    assert proc.returncode == 0, err
+    return most, time.monotonic() - started
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cap", [1, 100, 256])
+def test_a_process_keeps_a_small_pool_of_sessions_whatever_the_cap(db_url, tmp_path, cap):
+    import os
+
+    retries = int(os.environ.get("SESSIONS_RETRIES", "300"))
+    most, seconds = peak_sessions(db_url, tmp_path, cap, retries)
+    with sa.create_engine(db_url).connect() as conn:
+        done = conn.execute(sa.text("SELECT count(*) FROM scrape_runs WHERE is_retry AND status = 'completed'"))
+        assert done.scalar_one() == retries
+    print(f"\nsessions: cap {cap}, {retries} retries: peak {most} sessions, {seconds:.1f}s")
+    assert most <= 8  # DELIVERY_POOL and as many again for a burst: never one per slot
