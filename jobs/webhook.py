@@ -200,9 +200,8 @@ class WebhookExecutor:
         # httpx bounds each read, not the whole answer: a receiver dripping a byte a minute would
         # hold the row for days. The delivery as a whole gets connect + read timeout.
         deadline = time.monotonic() + self.client.timeout.connect + self.client.timeout.read
-        while worker.is_alive() and not stop.wait(STOP_POLL_SECONDS) and time.monotonic() < deadline:
-            pass
-        worker.join(0)
+        while worker.is_alive() and not stop.is_set() and time.monotonic() < deadline:
+            worker.join(STOP_POLL_SECONDS)  # returns the moment the answer is in (a wait on `stop` did not)
         if answered:
             return answered[0]
         if not stop.is_set():
