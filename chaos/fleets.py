@@ -83,6 +83,21 @@ class WebhookFleet:
 
     def settle(self) -> None:
         write_script(self.script, [], "ok")  # the answers from now on: all 2xx (the counter goes on)
+        # The outage is over: what the fleet could not take is due now, as an operator would make
+        # it, rather than after its postponement's backoff (at least a minute: longer than a trial).
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.url.replace("postgresql://", "postgresql+psycopg2://", 1))
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    sa.text(
+                        "UPDATE scrape_runs SET next_retry_at = now() "
+                        "WHERE status = 'pending_retry' AND postponements > 0 AND next_retry_at > now()"
+                    )
+                )
+        finally:
+            engine.dispose()
 
     def tend(self) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -60,18 +60,22 @@ class RetryRefused(OperatorError):
     `budget_spent` tells a spent budget from a run in the wrong state, and `details` carries
     what an API client reads (the run's status, or its attempts and last error)."""
 
-    def __init__(self, message: str, *, budget_spent: bool = False, details: dict | None = None) -> None:
+    def __init__(
+        self, message: str, *, budget_spent: bool = False, details: dict | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.budget_spent = budget_spent
         self.details = details or {}
+        self.retry_after = retry_after  # seconds: the run is being delivered (a conflict, not a refusal for good)
 
 
 class CancelRefused(OperatorError):
     """Nothing of the chain is pending: there is no retry to cancel."""
 
-    def __init__(self, message: str, *, details: dict | None = None) -> None:
+    def __init__(self, message: str, *, details: dict | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.details = details or {}
+        self.retry_after = retry_after  # seconds: the retry is being delivered (a conflict, not a refusal for good)
 
 
 class DueNowRefused(OperatorError):

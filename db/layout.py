@@ -30,6 +30,9 @@ RETRY_COLUMNS = (
     "is_retry",
     "failure_pattern",
     "handed_off",  # how a retry left for the fleet (SPEC §12): webhook or queue; NULL when run here
+    "delivering_until",  # the lease of a delivery in flight (SPEC §12's hand-over); NULL otherwise
+    "delivering_by",  # which process (and delivery) holds that lease
+    "postponements",  # how often the fleet could not take this retry: its backoff doubles on it
 )
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 NAME_MAX_LENGTH = 63

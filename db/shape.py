@@ -95,6 +95,9 @@ _RETRY_TYPES = {
     "is_retry": (sa.Boolean, "boolean"),
     "failure_pattern": (sa.String, "text"),
     "handed_off": (sa.String, "text"),
+    "delivering_until": (sa.DateTime, "a timestamp"),
+    "delivering_by": (sa.String, "text"),
+    "postponements": (sa.Integer, "integer"),
 }
 
 

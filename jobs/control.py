@@ -18,6 +18,7 @@ from db.engine import database_errors
 from db.errors import CancelRefused
 from db.messages import CANCELLED_BY_OPERATOR
 from db.queries.retries import matching_count
+from jobs.delivery import being_delivered
 from jobs.manual import RetryCriteria, beyond_limit, chain_history, criteria_params
 from jobs.model import Run, RunId
 from jobs.rules import format_time
@@ -86,6 +87,8 @@ def cancel_run(rt: Runtime, run_id: RunId, *, dry_run: bool = False) -> Cancelle
     pending = [a for a in chain.attempts if a.status == "pending_retry"]
     if not pending:
         latest = chain.attempts[-1]
+        if delivery := being_delivered(latest, rt.clock.now()):
+            raise CancelRefused(delivery[0], details={"runId": str(latest.id)}, retry_after=delivery[1])
         raise CancelRefused(
             f"run {run_id} has no pending retry to cancel: its chain's latest attempt {latest.id} is {latest.status}",
             details={"runId": str(latest.id), "currentStatus": latest.status, "requestedRunId": str(run_id)},

@@ -18,6 +18,7 @@ from db.engine import database_errors
 from db.errors import RetryRefused, RunNotFound, UsageError
 from db.queries.retries import matching_count
 from jobs.model import Run, RunId
+from jobs.delivery import being_delivered
 from jobs.retries import RetryDispatcher, RetryOutcome
 from jobs.rules import RetryPolicy, attempts_text, chain_budget, count_attempts, format_duration, format_time
 from jobs.runtime import Runtime
@@ -336,6 +337,8 @@ def _refuse_status(run: Run, rt: Runtime, *, of_chain: bool = False) -> None:
     """Refusals that mirror a retry API: each says why and what would help."""
     if run.status == "failed":
         return
+    if delivery := being_delivered(run, rt.clock.now()):  # SPEC §12: a conflict for the delivery's lease
+        raise RetryRefused(delivery[0], details={"runId": str(run.id)}, retry_after=delivery[1])
     raise RetryRefused(_status_reason(run, rt, of_chain), details={"runId": str(run.id), "currentStatus": run.status})
 
 

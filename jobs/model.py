@@ -37,6 +37,8 @@ class Run:
     error_message: str | None = None
     failure_pattern: str | None = None
     inputs: Mapping[str, Any] = field(default_factory=dict)
+    delivering_until: datetime | None = None  # the lease of its delivery to the fleet, while one is in flight
+    delivering_by: str | None = None
 
     @property
     def chain_id(self) -> RunId:
@@ -63,4 +65,6 @@ class Run:
             error_message=row["error_message"],
             failure_pattern=row.get("failure_pattern"),
             inputs={name: row[key] for key, name in (inputs or {}).items() if key in row},
+            delivering_until=as_utc(row.get("delivering_until")),
+            delivering_by=row.get("delivering_by"),
         )

@@ -7,7 +7,9 @@
   at once. The claim also takes the run's own lock, which keeps the stuck checker off runs a
   live process is executing.
 - The outcome is recorded with a conditional update: a terminal status the scraper wrote
-  itself stands (its `failed` still continues the chain).
+  itself stands (its `failed` still continues the chain) (jobs/outcomes.py).
+- A retry handed to the fleet takes no slot: a delivery (webhook) is marked in its row and
+  counted from there (jobs/delivery.py); a queue hand-off is one statement (jobs/handoff.py).
 """
 
 from __future__ import annotations
@@ -26,23 +28,25 @@ from sqlalchemy.engine import Connection
 
 from db import locks
 from db.engine import database_errors
-from jobs.executor import Execution, ExecutionResult
+from jobs.delivery import Deliveries
+from jobs.executor import Execution
 from jobs.handoff import has_room, queue_due_retries, take_slot
 from jobs.model import Run, RunId
-from jobs.patterns import parse_retry_after
-from jobs.rules import (
-    FailureOutcome,
-    RetryPolicy,
-    chain_budget,
-    decide_failure,
-    format_time,
-    retry_delay,
-    run_label,
-    superseded_message,
-    timeout_error,
-)
+from jobs.outcomes import RetryOutcome, continue_fleet_failures, fail_params, record_outcome
+from jobs.rules import RetryPolicy, run_label, superseded_message
 from jobs.runtime import Runtime
 from jobs.waiting import Waiting, read_waiting
+
+__all__ = [
+    "ProcessResult",
+    "RetryDispatcher",
+    "RetryOutcome",
+    "continue_fleet_failures",
+    "fail_params",
+    "process_due_retries",
+    "record_outcome",
+    "supersede_completed_chains",
+]
 
 PREVIEW_LIMIT = 10_000
 
@@ -54,23 +58,6 @@ class SupersededRetry:
     label: str
     completed_run_id: RunId
     message: str
-
-
-@dataclass(frozen=True)
-class RetryOutcome:
-    """What became of one executed retry attempt."""
-
-    run_id: RunId
-    label: str
-    # completed | failed | released (shutdown) | handed_off (to the fleet, SPEC §12) | postponed
-    # (the fleet could not take it) | whatever the scraper wrote
-    status: str
-    message: str | None = None
-    pattern: str | None = None
-    retry_id: RunId | None = None
-    retry_due: datetime | None = None
-    dead_lettered: bool = False
-    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -99,12 +86,24 @@ class ProcessResult:
     waiting: Waiting | None = None  # why due retries did not start (paused, every slot taken)
 
     @property
+    def ran_here(self) -> int:
+        """Retries executed here (a command, a callable), put back by a signal or not; a delivery
+        to the fleet is never one, whatever the webhook answered."""
+        return sum(1 for o in self.executed if not o.delivered and o.status != "handed_off")
+
+    @property
     def succeeded(self) -> int:
-        return sum(1 for o in self.executed if o.status == "completed")
+        return sum(1 for o in self.executed if o.status == "completed" and not o.delivered)
 
     @property
     def failed(self) -> int:
-        return sum(1 for o in self.executed if o.status == "failed")
+        """Executions here that failed (a delivery the webhook refused is `refused`)."""
+        return sum(1 for o in self.executed if o.status == "failed" and not o.delivered)
+
+    @property
+    def refused(self) -> int:
+        """Deliveries the webhook refused (404, 500, an off-host redirect...): failed attempts."""
+        return sum(1 for o in self.executed if o.status == "failed" and o.delivered)
 
     @property
     def handed_off(self) -> int:
@@ -125,7 +124,7 @@ class ProcessResult:
 
     @property
     def retries_scheduled(self) -> int:
-        """Failed executions whose chain got its next retry."""
+        """Failed attempts (executed or refused deliveries) whose chain got its next retry."""
         return sum(1 for o in self.executed if o.status == "failed" and o.retry_due is not None)
 
     @property
@@ -141,11 +140,11 @@ class ProcessResult:
         """The counts the pass is recorded and logged with."""
         counts = {
             "superseded": self.superseded_count,
-            "executed": len(self.executed) - self.handed_off - self.postponed,
+            "executed": self.ran_here,
             "completed": self.succeeded,
             "failed": self.failed,
         }
-        fleet = {"handed_off": self.handed_off, "postponed": self.postponed}
+        fleet = {"handed_off": self.handed_off, "postponed": self.postponed, "refused": self.refused}
         return {**counts, **{name: n for name, n in fleet.items() if n}}
 
 
@@ -179,30 +178,6 @@ def process_due_retries(
     executed += RetryDispatcher(rt, policy, observe).drain(stop or threading.Event())
     waiting = read_waiting(rt)  # what is still due once the pass is over, and why
     return ProcessResult(superseded, tuple(executed), seconds=time.monotonic() - started, waiting=waiting)
-
-
-def continue_fleet_failures(rt: Runtime, policy: RetryPolicy | None = None) -> list[RetryOutcome]:
-    """Continues the chains of handed-off retries the fleet failed (SPEC §12), as for any failed
-    execution (§4): classified, then retried or ended with a dead letter. A batch a call."""
-    policy = policy or rt.settings.policy
-    q, now = rt.queries, rt.clock.now()
-    with database_errors(rt.engine, "continuing the fleet's failed retries"), rt.engine.begin() as conn:
-        rows = conn.execute(q.fleet_failures, {"sr_limit": rt.settings.batch_size}).mappings().all()
-        if not rows:
-            return []
-        decided = []
-        for row in rows:
-            run = Run.from_row(row, rt.runs.input_names)
-            error = run.error_message or "Run failed"
-            result = ExecutionResult(ok=False, error=error, retry_after=parse_retry_after(error))
-            decided.append((run, _decide(rt, policy, run, error, result, now)))
-        params = {"sr_now": now, **fail_params([(run.id, outcome, None) for run, outcome in decided])}
-        failed = {row[0]: row for row in conn.execute(q.fail_reported, params)}
-    return [
-        _failed(logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count), run, outcome, row)
-        for run, outcome in decided
-        if (row := failed.get(run.id)) is not None
-    ]
 
 
 def supersede_completed_chains(rt: Runtime, *, dry_run: bool = False) -> tuple[SupersededRetry, ...]:
@@ -262,8 +237,18 @@ class RetryDispatcher:
         # Told ("started", run) and ("finished", outcome) as they happen (the daemon's metrics).
         self.observe = observe or (lambda event, payload: None)
 
+    @property
+    def deliveries(self) -> Deliveries | None:
+        """The hand-over, when the executor delivers to the fleet (a webhook) instead of running here."""
+        if getattr(self.rt.executor, "start_until", None) is None:
+            return None
+        return Deliveries(self.rt, self.policy, self.observe)
+
     def drain(self, stop: threading.Event) -> list[RetryOutcome]:
         """Executes due retries in every free slot until none is due (or `stop` is set)."""
+        deliveries = self.deliveries
+        if deliveries is not None and not self.rt.settings.handoff:
+            return deliveries.drain(stop)
         slots = range(self.rt.settings.max_concurrent_retries)
         if len(slots) == 1:
             return self.work_slot(0, stop)
@@ -274,6 +259,9 @@ class RetryDispatcher:
         """Holds slot `slot` (if free) and executes due retries one after another in it."""
         if self.rt.settings.handoff:
             return self.hand_to_queue() if slot == 0 and not stop.is_set() else []
+        deliveries = self.deliveries
+        if deliveries is not None:  # a delivery holds no slot (nor session): the row's mark counts it
+            return deliveries.deliver_in_turn(stop)
         outcomes: list[RetryOutcome] = []
         with self._slot(slot) as conn:
             while conn is not None and not stop.is_set() and has_room(self.rt, conn):
@@ -281,8 +269,8 @@ class RetryDispatcher:
                 if outcome is None:
                     break
                 outcomes.append(outcome)
-                if outcome.status in ("released", "postponed"):
-                    break  # cancelled: stopping; postponed: the fleet is busy, the next poll tries again
+                if outcome.status == "released":
+                    break  # stopping
         return outcomes
 
     def run_now(self, run_id: RunId, stop: threading.Event, wait: Callable[[], None]) -> RetryOutcome | None:
@@ -294,6 +282,9 @@ class RetryDispatcher:
         if self.rt.settings.handoff:
             handed = self.hand_to_queue(run_id)
             return handed[0] if handed else None
+        deliveries = self.deliveries
+        if deliveries is not None:
+            return deliveries.run_now(run_id, stop, wait)
         while not stop.is_set():
             for slot in range(self.rt.settings.max_concurrent_retries):
                 with self._slot(slot) as conn:
@@ -359,57 +350,21 @@ class RetryDispatcher:
         the lock is gone), never a scraper started for a claim that then rolled back and is
         claimed again — a retry executed twice. A start that fails puts the retry back as it was
         (due when it was, its budget unspent) and raises `StartFailed` (a configuration problem:
-        processing stops).
-
-        A retry handed to the fleet (a webhook) is the other way round: the claim stays open,
-        the row locked, until the receiver answers, and commits only a 2xx; a process killed
-        meanwhile leaves it pending, delivered again with the same `Idempotency-Key`.
-        Returns None when there is nothing to claim.
+        processing stops). Returns None when there is nothing to claim.
         """
         q = self.rt.queries
         params = {"sr_now": self.rt.clock.now(), "sr_limit": 1, "sr_run_id": run_id}
         statement = q.claim_due if run_id is None else q.claim_one
-        transaction = conn.begin()
-        execution = None
-        try:
+        with conn.begin():
             row = conn.execute(statement, params).mappings().first()
-            if row is None:
-                transaction.rollback()
-                return None
-            run = Run.from_row(row, self.rt.runs.input_names)
-            # An executor that waits for the fleet's answer gives up on a signal (jobs/webhook.py).
-            start_until = getattr(self.rt.executor, "start_until", None)
-            if start_until is None:
-                transaction.commit()
-                execution = self._start_claimed(run, row["_sr_was_due"])
-            else:
-                execution = start_until(run, stop or threading.Event())
-            handed_off = getattr(execution, "handed_off", None)
-            if getattr(execution, "postponed", False) and execution.result.cancelled:
-                transaction.rollback()  # stopped by a signal: pending as it was, due
-            elif getattr(execution, "postponed", False):
-                # The fleet could not take it: pending again, due when it said, in this very
-                # transaction: rolled back first, another process would deliver it at once.
-                due = self.rt.clock.now() + postponement(execution.result, self.policy, run, self.rt.rng)
-                conn.execute(q.unclaim, {"sr_run_id": run.id, "sr_due": due, "sr_now": self.rt.clock.now()})
-                transaction.commit()
-                execution.result = replace(execution.result, retry_after=due - self.rt.clock.now())
-            elif handed_off:
-                # Under the cap's lock, so no count misses it while it turns from a slot's retry into a hand-off.
-                conn.execute(q.handoff_lock)
-                conn.execute(q.hand_over, {"sr_now": self.rt.clock.now(), "sr_run_id": run.id, "sr_mode": handed_off})
-                transaction.commit()
-            elif transaction.is_active:
-                transaction.commit()
-        except BaseException:
-            if transaction.is_active:
-                transaction.rollback()
-            raise  # the slot's session ends, and the run lock with it
-        if not (handed_off or getattr(execution, "postponed", False)):
-            logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count, event="started").info(
-                "{}: started", run.label
-            )
-            self.observe("started", run)
+        if row is None:
+            return None
+        run = Run.from_row(row, self.rt.runs.input_names)
+        execution = self._start_claimed(run, row["_sr_was_due"])
+        logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count, event="started").info(
+            "{}: started", run.label
+        )
+        self.observe("started", run)
         return Claim(run, execution, bool(row["_sr_locked"]))
 
     def _start_claimed(self, run: Run, was_due: datetime | None) -> Execution:
@@ -433,112 +388,3 @@ class RetryDispatcher:
         return outcome
 
 
-def postponement(result: ExecutionResult, policy: RetryPolicy, run: Run, rng) -> timedelta:
-    """How long a retry the fleet could not take waits: its Retry-After, taken as said (the fleet
-    knows when it has room), else the retry's own delay."""
-    if result.retry_after is not None:
-        return result.retry_after
-    return retry_delay(policy, max(run.retry_count, 1), rng)
-
-
-def fail_params(items: list[tuple[object, FailureOutcome, str | None]]) -> dict[str, list]:
-    """Bind values for `fail_running` / `fail_reported`: (run id, outcome, detail) per attempt."""
-    return {
-        "sr_ids": [run_id for run_id, _, _ in items],
-        "sr_messages": [outcome.message for _, outcome, _ in items],
-        "sr_budgets": [outcome.budget for _, outcome, _ in items],
-        "sr_dues": [outcome.retry_due for _, outcome, _ in items],
-        "sr_patterns": [outcome.pattern for _, outcome, _ in items],
-        "sr_details": [detail for _, _, detail in items],
-    }
-
-
-def record_outcome(rt: Runtime, policy: RetryPolicy, run: Run, result: ExecutionResult) -> RetryOutcome:
-    """Writes what an execution did, never over a status someone else wrote.
-
-    Success → `completed`. Failure → `failed` with the next retry or the end of the chain.
-    Cancelled by a shutdown → back to `pending_retry`, due now, no budget spent. If the row is
-    no longer `running` the scraper wrote its own status: `completed` and others stand, and a
-    `failed` it wrote continues the chain like any failure.
-    """
-    q = rt.queries
-    now = rt.clock.now()
-    log = logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count)
-    with database_errors(rt.engine, f"recording the outcome of run {run.id}"), rt.engine.begin() as conn:
-        if result.handed_off:
-            log.bind(event="handed_off").info("{}: handed to the fleet ({})", run.label, result.handed_off)
-            return RetryOutcome(run.id, run.label, "handed_off")
-        if result.postponed and result.cancelled:
-            # Stopped by a signal while the fleet had not answered: the claim rolled back, so the
-            # retry is pending as it was, due (it was claimed), its budget unspent.
-            log.bind(event="released").info("{}: left pending_retry (stopped by a signal, no budget spent)", run.label)
-            return RetryOutcome(run.id, run.label, "released")
-        if result.postponed:
-            due = now + postponement(result, policy, run, rt.rng)  # written by the claim, in its transaction
-            log.bind(event="postponed").warning(
-                "{}: {}; delivered again at {} (no budget spent)", run.label, result.error, format_time(due)
-            )
-            return RetryOutcome(run.id, run.label, "postponed", message=result.error, retry_due=due)
-        if result.cancelled:
-            released = conn.execute(q.release, {"sr_now": now, "sr_ids": [run.id]}).first()
-            if released:
-                log.bind(event="released").info(
-                    "{}: put back to pending_retry (stopped by a signal, no budget spent)", run.label
-                )
-                return RetryOutcome(run.id, run.label, "released")
-        elif result.ok:
-            if conn.execute(q.complete, {"sr_now": now, "sr_run_id": run.id}).first():
-                log.bind(event="completed").success("{}: completed", run.label)
-                return RetryOutcome(run.id, run.label, "completed")
-        else:
-            error = timeout_error(rt.settings.timeout) if result.timed_out else (result.error or "Run failed")
-            outcome = _decide(rt, policy, run, error, result, now)
-            params = {"sr_now": now, **fail_params([(run.id, outcome, result.detail)])}
-            row = conn.execute(q.fail_running, params).first()
-            if row:
-                return _failed(log, run, outcome, row)
-        current = conn.execute(q.get, {"sr_run_id": run.id}).mappings().one()
-        if current["status"] == "failed" and current["next_retry_at"] is None:
-            error = current["error_message"] or result.error or "Run failed"
-            outcome = _decide(rt, policy, run, error, result, now)
-            params = {"sr_now": now, **fail_params([(run.id, outcome, result.detail)])}
-            row = conn.execute(q.fail_reported, params).first()
-            if row:
-                return _failed(log, run, outcome, row)
-    log.bind(event="kept").info("{}: the scraper wrote {}; it stands", run.label, current["status"])
-    return RetryOutcome(run.id, run.label, current["status"], message=current["error_message"])
-
-
-def _decide(
-    rt: Runtime, policy: RetryPolicy, run: Run, error: str, result: ExecutionResult, now: datetime
-) -> FailureOutcome:
-    pattern = "timeout" if result.timed_out else rt.classifier.classify(error)
-    if pattern == "unknown" and result.detail:
-        pattern = rt.classifier.classify(result.detail)
-    return decide_failure(
-        error=error,
-        pattern=pattern,
-        retry_count=run.retry_count,
-        budget=chain_budget(run.is_retry, run.max_retries, policy),
-        now=now,
-        policy=policy,
-        rng=rt.rng,
-        retry_after=result.retry_after,
-    )
-
-
-def _failed(log, run: Run, outcome: FailureOutcome, row) -> RetryOutcome:
-    """The outcome of an attempt the fail statement really failed (`row`: id, retry_id, dead)."""
-    _, retry_id, dead = row
-    result = RetryOutcome(
-        run.id,
-        run.label,
-        "failed",
-        message=outcome.message,
-        pattern=outcome.pattern,
-        retry_id=retry_id,
-        retry_due=outcome.retry_due if retry_id else None,
-        dead_lettered=dead is not None,
-    )
-    log.bind(event="failed", pattern=result.pattern).warning("{}: {}", run.label, result.message)
-    return result

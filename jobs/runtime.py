@@ -41,6 +41,7 @@ def check_placeholders(settings: Settings, runs: RunsTable) -> None:
 
 WEB_STATEMENT_TIMEOUT_MS = 5000
 WEB_POOL = 8  # connections of `serve`; as many again may open for a burst
+DELIVERY_POOL = 4  # connections of a process delivering to a webhook (as many again for a burst), whatever the cap
 
 
 @dataclass
@@ -73,7 +74,9 @@ class Runtime:
             executor = build_executor(settings)
         # What serves people waits for nothing for long: a page that would hang on a lock answers 500.
         timeout = WEB_STATEMENT_TIMEOUT_MS if role == "web" else None
-        pool = settings.max_concurrent_retries + 2 if role != "web" else WEB_POOL
+        # A slot executing here holds a session (its advisory lock); a delivery to the fleet holds
+        # none while the fleet answers (SPEC §12), so a webhook's process keeps a small pool whatever the cap.
+        pool = WEB_POOL if role == "web" else DELIVERY_POOL if settings.webhook else settings.max_concurrent_retries + 2
         engine = make_engine(url, role=role, pool_size=pool, statement_timeout_ms=timeout)
         with database_errors(engine, "connecting"), engine.connect() as conn:
             runs = load_runs_table(conn, settings.table, settings.heartbeat_column, settings.layout)

@@ -26,8 +26,8 @@ class AttemptStats:
         return self.succeeded / self.retries if self.retries else None
 
 
-# How a retry ran: executed by stuck-runs itself (command, callable; a webhook delivery that
-# failed too), or handed to the fleet (SPEC §12) by webhook or by its queue (`handed_off`).
+# How a retry ran: executed by stuck-runs itself (command, callable), or handed to the fleet
+# (SPEC §12) by webhook (a delivery the webhook refused too) or by its queue (`handed_off`).
 HERE = "here"
 WAYS = (HERE, "webhook", "queue")
 

@@ -1,10 +1,9 @@
 """SCRAPE_RUN_WEBHOOK (SPEC §12): a due retry is POSTed to the fleet's own API, which runs it.
 
-It plugs into the executors' protocol (jobs/executor.py): `start(run)` delivers, and the
-processor's claim (the row locked, `running`, not yet committed) commits only on a 2xx, so two
-processes never deliver one retry, and a process killed between the answer and the commit leaves
-the retry pending, delivered again later with the same `Idempotency-Key` (the retry's id): a
-receiver de-duplicates on it.
+It plugs into the executors' protocol (jobs/executor.py): `start(run)` delivers and reports the
+receiver's verdict. The hand-over around it (the retry committed `running` and marked before the
+POST, confirmed or put back after it, delivered again with the same `Idempotency-Key` only after
+a delivering process died) is jobs/delivery.py's.
 
 What an answer means is decided by `judge`, pure: 2xx hands the retry over; 429 and 503 (with a
 `Retry-After` or not), a connection error or a timeout postpone it, no budget spent; any other
@@ -24,7 +23,8 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
+from datetime import time as time_of_day
 from email.utils import parsedate_to_datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
@@ -89,6 +89,13 @@ def retry_after_delay(value: str | None) -> timedelta | None:
     return bounded_retry_after((when - datetime.now(timezone.utc)).total_seconds()) or timedelta(0)
 
 
+def _json_value(value: object) -> str:
+    """What JSON cannot hold as such: timestamps in ISO 8601 with `T`, as the API writes them."""
+    if isinstance(value, (datetime, date, time_of_day)):
+        return value.isoformat()
+    return str(value)
+
+
 def payload(run: Run) -> bytes:
     """The JSON body: the run's inputs by their real names, its id and its place in the chain."""
     fields: dict[str, Any] = {
@@ -98,7 +105,7 @@ def payload(run: Run) -> bytes:
         "max_retries": run.max_retries,
         "original_run_id": run.chain_id,
     }
-    return json.dumps(fields, default=str, ensure_ascii=False).encode("utf-8")
+    return json.dumps(fields, default=_json_value, ensure_ascii=False).encode("utf-8")
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -122,8 +129,8 @@ class Delivered:
     """An execution that is already over when the processor waits for it: the receiver answered."""
 
     result: ExecutionResult
-    handed_off: str | None = None  # "webhook" when the fleet took the retry (the claim commits)
-    postponed: bool = False  # the claim rolls back; the retry is due again later
+    handed_off: str | None = None  # "webhook" when the fleet took the retry (the delivery is confirmed)
+    postponed: bool = False  # the fleet could not take it: put back, due again later
 
     def wait(self, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
         return self.result
@@ -151,6 +158,11 @@ class WebhookExecutor:
             },
             cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),  # each delivery stands alone
         )
+
+    @property
+    def delivery_bound(self) -> timedelta:
+        """The longest one delivery lasts (`start_until` gives up then): its lease is this plus a margin."""
+        return timedelta(seconds=self.client.timeout.connect + self.client.timeout.read)
 
     def start(self, run: Run) -> Delivered:
         body = payload(run)
@@ -180,17 +192,16 @@ class WebhookExecutor:
 
     def start_until(self, run: Run, stop: threading.Event) -> Delivered:
         """`start`, given up when `stop` is set (a signal): the process then stops at once and
-        the retry stays pending, its budget unspent. A delivery the receiver still takes after
-        that is delivered again later with the same `Idempotency-Key`."""
+        the retry is put back pending, its budget unspent. A delivery the receiver still takes
+        after that is delivered again later with the same `Idempotency-Key`."""
         answered: list[Delivered] = []
         worker = threading.Thread(target=lambda: answered.append(self._start_quietly(run)), daemon=True)
         worker.start()
         # httpx bounds each read, not the whole answer: a receiver dripping a byte a minute would
         # hold the row for days. The delivery as a whole gets connect + read timeout.
         deadline = time.monotonic() + self.client.timeout.connect + self.client.timeout.read
-        while worker.is_alive() and not stop.wait(STOP_POLL_SECONDS) and time.monotonic() < deadline:
-            pass
-        worker.join(0)
+        while worker.is_alive() and not stop.is_set() and time.monotonic() < deadline:
+            worker.join(STOP_POLL_SECONDS)  # returns the moment the answer is in (a wait on `stop` did not)
         if answered:
             return answered[0]
         if not stop.is_set():

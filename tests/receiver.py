@@ -1,7 +1,7 @@
 """A webhook receiver in a process of its own, for the §12 tests and the chaos harness.
 
     python -m tests.receiver --port-file PATH --log PATH --script PATH [--secret S] [--port N]
-        [--database-url URL --table NAME [--fail-every N]]
+        [--database-url URL --table NAME [--fail-every N] [--at-once]]
 
 Every request (any method, any path) is logged on arrival, before it is answered, as one JSON
 line. What request i (0-based) is answered is read from the script at that moment (a test may
@@ -15,6 +15,8 @@ Fleet mode (--database-url and --table): a 2xx answer to a JSON body with an "id
 to a background "scrape" that completes its row a moment later (every Nth accepted run fails
 with a 503 under --fail-every N); an Idempotency-Key already accepted is answered 200
 `{"duplicate": true}` and not run again. `{"event": ...}` lines record each scrape's end.
+With --at-once the fleet is as fast as a fleet can be: it writes `completed` conditionally
+(`... WHERE status = 'running'`, as SPEC §12 lets a fleet write) before it even answers.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ class JsonLog:
 class Fleet:
     """The scrapers behind the webhook: each accepted key runs once, writing its row at the end."""
 
-    def __init__(self, url: str, table: str, fail_every: int | None, log: JsonLog) -> None:
+    def __init__(self, url: str, table: str, fail_every: int | None, log: JsonLog, at_once: bool = False) -> None:
         import sqlalchemy as sa
 
         url = url.replace("postgresql://", "postgresql+psycopg2://", 1)  # as stuck-runs reads it
@@ -149,7 +151,12 @@ class Fleet:
         self.fail = sa.text(
             f"UPDATE {target} SET status = 'failed', error_message = :error, completed_at = now() WHERE id::text = :id"
         )
-        self.fail_every, self.log = fail_every, log
+        self.fail_every, self.log, self.at_once = fail_every, log, at_once
+        if at_once:  # no delay, and only over `running`: what a fleet may rely on (SPEC §12)
+            self.complete = sa.text(
+                f"UPDATE {target} SET status = 'completed', completed_at = now() "
+                "WHERE id::text = :id AND status = 'running'"
+            )
         self.lock = threading.Lock()
         self.keys: set[str] = set()
         self.accepted = 0
@@ -165,7 +172,8 @@ class Fleet:
             return self.accepted
 
     def scrape(self, run_id: str, number: int) -> None:
-        time.sleep(random.uniform(*SCRAPE_SECONDS))
+        if not self.at_once:
+            time.sleep(random.uniform(*SCRAPE_SECONDS))
         failing = bool(self.fail_every) and number % self.fail_every == 0
         try:
             # Blocks while stuck-runs still holds the row lock of its hand-over: expected.
@@ -189,7 +197,8 @@ class ScriptedServer(ThreadingHTTPServer):
         self.script = Path(args.script)
         self.secret = args.secret
         self.log = JsonLog(args.log)
-        self.fleet = Fleet(args.database_url, args.table, args.fail_every, self.log) if args.database_url else None
+        fleet = args.database_url and Fleet(args.database_url, args.table, args.fail_every, self.log, args.at_once)
+        self.fleet = fleet or None
         self.lock = threading.Lock()
         self.received = 0
 
@@ -235,6 +244,9 @@ class ScriptedHandler(BaseHTTPRequestHandler):
                 "answer": token,
             }
         )
+        if number is not None and server.fleet.at_once:
+            server.fleet.scrape(run_id, number)  # written before the answer: the fastest fleet there is
+            number = None
         try:
             self._send(answer)
         except OSError:
@@ -307,6 +319,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--database-url")
     parser.add_argument("--table")
     parser.add_argument("--fail-every", type=int)
+    parser.add_argument("--at-once", action="store_true")
     args = parser.parse_args(argv)
     if bool(args.database_url) != bool(args.table):
         parser.error("--database-url and --table go together (fleet mode needs both)")
@@ -382,6 +395,7 @@ def start_receiver(
     database_url: str | None = None,
     table: str | None = None,
     fail_every: int | None = None,
+    at_once: bool = False,
 ) -> Receiver:
     """Starts `python -m tests.receiver` in a directory of its own under tmp_path and waits for
     its port. `script` is `{"answers": [...], "default": ...}` or just the answers (then "ok")."""
@@ -398,6 +412,8 @@ def start_receiver(
             args += [flag, value]
     if fail_every is not None:
         args += ["--fail-every", str(fail_every)]
+    if at_once:
+        args.append("--at-once")
     write_script(directory / "script.json", answers, default)
     receiver = Receiver(start_process("tests.receiver", args, directory / "stderr.txt"), 0, directory)
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS

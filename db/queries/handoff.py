@@ -1,6 +1,10 @@
 """The statements of retries handed to the fleet (SPEC §12): the room the concurrency cap leaves,
-handing a delivered retry over, and the handed-off attempts the fleet failed, whose chains
-stuck-runs continues.
+the hand-over of a delivery (marked, then confirmed or put back), and the handed-off attempts the
+fleet failed, whose chains stuck-runs continues.
+
+A delivery's mark is `delivering_by` (the delivering process and delivery) with a lease,
+`delivering_until`; every write that ends a delivery is conditional on the mark still being its
+own, and touches the status only where it still reads `running`: what the fleet wrote stands.
 
 A handed-off retry is one whose `handed_off` is set (`webhook` or `queue`); it counts against
 MAX_CONCURRENT_RETRIES until it ends (neither queued nor running), like a retry executing here,
@@ -35,13 +39,26 @@ class HandoffStatements(TableStatements):
             sa.bindparam("sr_max", type_=sa.Integer) - handed.scalar_subquery() - held.scalar_subquery()
         )
         self.handoff_lock = sa.select(sa.func.pg_advisory_xact_lock(self.handoff_ns, 0))
-        values: dict[str, object] = {"handed_off": sa.bindparam("sr_mode", type_=sa.Text), "started_at": NOW}
-        if runs.heartbeat:
-            values[runs.heartbeat] = NOW
-        self.hand_over = (
+        self.mark_due = self._claim(one=False, deliver=True)
+        self.mark_one = self._claim(one=True, deliver=True)
+        self.mark_expired = self._mark_expired()
+        mine = [t.c.id == sa.bindparam("sr_run_id"), t.c.delivering_by == sa.bindparam("sr_by", type_=sa.Text)]
+        unmarked = {"delivering_until": None, "delivering_by": None}
+        # The fleet took it: the mark ends, whatever status the fleet has written since.
+        self.end_delivery = self._update().values(**unmarked).where(*mine).returning(runs.state_of(t.c.status))
+        # The fleet could not take it (or a signal stopped the delivery): pending again, due
+        # `:sr_due`, its budget unspent, `:sr_postponed` (0 or 1) more postponements.
+        self.put_back = (
             self._update()
-            .values(**values)
-            .where(t.c.id == sa.bindparam("sr_run_id"), runs.in_state(t.c.status, "running"))
+            .values(
+                status=runs.status("pending_retry"),
+                next_retry_at=sa.bindparam("sr_due", type_=sa.DateTime(timezone=True)),
+                started_at=runs.fresh_attempt_values(NOW).get("started_at", t.c.started_at),
+                handed_off=None,
+                postponements=t.c.postponements + sa.bindparam("sr_postponed", type_=sa.Integer),
+                **unmarked,
+            )
+            .where(*mine, runs.in_state(t.c.status, "running"))
             .returning(t.c.id)
         )
         # The scraper wrote `failed` on a retry it was handed: its chain goes on like any
@@ -56,4 +73,33 @@ class HandoffStatements(TableStatements):
             )
             .limit(sa.bindparam("sr_limit"))
             .with_for_update(skip_locked=True, of=t)
+        )
+
+    def _mark_expired(self) -> sa.Update:
+        """Marks anew one retry whose delivery's lease ran out while still marked (its process
+        died between the mark and the confirm): delivered again, with the same Idempotency-Key.
+        Only a `running` one: a status the fleet wrote meanwhile ends it."""
+        t, runs = self.t, self.runs
+        expired = [
+            runs.in_state(t.c.status, "running"),
+            t.c.handed_off == sa.bindparam("sr_mode", type_=sa.Text),
+            t.c.delivering_until < NOW,
+        ]
+        lapsed = (
+            sa.select(t.c.id)
+            .where(*expired, self.pauses.not_paused(NOW))
+            .order_by(t.c.delivering_until)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .cte("lapsed")
+            .prefix_with("MATERIALIZED")
+        )
+        values: dict[str, object] = {"started_at": NOW, **self._delivery_mark()}
+        if runs.heartbeat:
+            values[runs.heartbeat] = NOW
+        return (
+            sa.update(t)
+            .values(**values)
+            .where(t.c.id == lapsed.c.id, *expired)
+            .returning(*runs.keyed(), sa.false().label("_sr_locked"), NOW.label("_sr_was_due"))
         )

@@ -171,7 +171,7 @@ class RetryStatements(TableStatements):
         )
         return query.with_for_update(skip_locked=True, of=t) if lock else query
 
-    def _claim(self, *, one: bool, to_queue: bool = False) -> sa.Update:
+    def _claim(self, *, one: bool, to_queue: bool = False, deliver: bool = False) -> sa.Update:
         """Claims up to `:sr_limit` due retries (with `one`: pending retry `:sr_run_id`, due or
         not) for execution, and takes their run locks.
 
@@ -180,6 +180,9 @@ class RetryStatements(TableStatements):
         With `to_queue` the retries are handed to the fleet's workers instead (SPEC §12): they
         take the scraper's `queued` value, `handed_off` says so, `started_at` is when (the sweep
         fails one nobody starts), and no run lock is taken: no process here executes them.
+        With `deliver` they are marked as being delivered to the fleet (SPEC §12's hand-over):
+        `handed_off` `:sr_mode`, `delivering_by` `:sr_by`, its lease until `:sr_lease_until`; no
+        run lock either (the mark keeps the stuck checker off, and no session is held).
         """
         t, runs = self.t, self.runs
         values: dict[str, object] = {
@@ -194,6 +197,8 @@ class RetryStatements(TableStatements):
         }
         if runs.heartbeat:
             values[runs.heartbeat] = NOW
+        if deliver:
+            values.update(self._delivery_mark())
         if one:
             chosen = sa.select(t.c.id, t.c.next_retry_at).where(
                 t.c.id == sa.bindparam("sr_run_id"),
@@ -207,7 +212,7 @@ class RetryStatements(TableStatements):
             due = (
                 self._due(lock=True).with_only_columns(t.c.id, t.c.next_retry_at).cte("due").prefix_with("MATERIALIZED")
             )
-        locked = sa.false() if to_queue else sa.func.pg_try_advisory_lock(self.runs_ns, locks.run_key(t.c.id))
+        locked = sa.false() if to_queue or deliver else sa.func.pg_try_advisory_lock(self.runs_ns, locks.run_key(t.c.id))
         return (
             self._update()
             .values(**values)
@@ -215,6 +220,13 @@ class RetryStatements(TableStatements):
             # When it was due: a claim whose scraper cannot start puts it back as it was (`unclaim`).
             .returning(*runs.keyed(), locked.label("_sr_locked"), due.c.next_retry_at.label("_sr_was_due"))
         )
+
+    def _delivery_mark(self) -> dict[str, object]:
+        return {
+            "handed_off": sa.bindparam("sr_mode", type_=sa.Text),
+            "delivering_by": sa.bindparam("sr_by", type_=sa.Text),
+            "delivering_until": sa.bindparam("sr_lease_until", type_=sa.DateTime(timezone=True)),
+        }
 
     def _superseded(self, *, lock: bool) -> sa.Select:
         """Pending retries whose chain already has a completed run, with that run's id."""

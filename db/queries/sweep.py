@@ -87,6 +87,13 @@ class SweepStatements(TableStatements):
         key = locks.as_oid(locks.run_key(self.t.c.id))
         return key.in_(locks.held_keys(self.runs_ns))
 
+    def _not_being_delivered(self) -> sa.ColumnElement:
+        """False for a retry being delivered to the fleet (SPEC §12's mark): its lease stands, or
+        ran out so recently that a live process is to deliver it again. One whose lease ran out
+        `STUCK_AFTER` ago (no process delivers any more) is stuck like any run."""
+        until = self.t.c.delivering_until
+        return sa.or_(until.is_(None), until < sa.bindparam("sr_cutoff"))
+
     def _stuck_batch(self, *, lock: bool, resume: bool = False, state: str = "running") -> sa.Select:
         """Stuck runs, oldest progress first, up to `:sr_limit`; with `resume`, from `:sr_from` on
         (where the sweep's previous batch ended), so a batch does not walk again over the index
@@ -108,7 +115,7 @@ class SweepStatements(TableStatements):
                 t.c.is_retry,
                 t.c.original_run_id,
             )
-            .where(*watched, progress < sa.bindparam("sr_cutoff"), ~self._executing())
+            .where(*watched, progress < sa.bindparam("sr_cutoff"), ~self._executing(), self._not_being_delivered())
             .order_by(progress)
             .limit(sa.bindparam("sr_limit"))
         )

@@ -80,14 +80,7 @@ def print_process(result: ProcessResult, *, listed: bool = False, show_all: bool
         if result.waiting:
             click.echo(f"Nothing starts now: {result.waiting.message}.")
     else:
-        released = f", {result.released} put back to pending_retry" if result.released else ""
-        fleet = f", {result.handed_off} handed to the fleet" if result.handed_off else ""
-        fleet += f", {result.postponed} postponed (the fleet could not take them)" if result.postponed else ""
-        ran = len(result.executed) - result.released - result.handed_off - result.postponed
-        click.echo(
-            f"Retry processor: {len(result.superseded)} superseded, {ran} executed "
-            f"({result.succeeded} completed, {result.failed} failed){released}{fleet} ({result.seconds:.2f}s)."
-        )
+        click.echo(f"Retry processor: {process_summary(result)} ({result.seconds:.2f}s).")
         if result.waiting:
             click.echo(f"{'Not started' if result.executed else 'Nothing started'}: {result.waiting.message}.")
         if not listed:
@@ -105,6 +98,25 @@ def print_process(result: ProcessResult, *, listed: bool = False, show_all: bool
         shrink=("RUN", "MESSAGE"),
         show_all=show_all,
     )
+
+
+def process_summary(result: ProcessResult) -> str:
+    """`0 superseded, 1 executed (1 completed, 0 failed)`, and what went to the fleet: handed over,
+    postponed, refused by the webhook. A pass that only delivered says nothing of executions."""
+    ran = result.ran_here - sum(1 for o in result.executed if o.status == "released" and not o.delivered)
+    fleet = result.handed_off or result.postponed or result.refused
+    parts = [f"{len(result.superseded)} superseded"]
+    if ran or not fleet:
+        parts.append(f"{ran} executed ({result.succeeded} completed, {result.failed} failed)")
+    if result.released:
+        parts.append(f"{result.released} put back to pending_retry")
+    if result.handed_off:
+        parts.append(f"{result.handed_off} handed to the fleet")
+    if result.postponed:
+        parts.append(f"{result.postponed} postponed (the fleet could not take them)")
+    if result.refused:
+        parts.append(f"{result.refused} refused by the webhook")
+    return ", ".join(parts)
 
 
 def progress_printer(as_json: bool, show_all: bool = False) -> Callable[[str, object], None] | None:
@@ -126,7 +138,13 @@ def progress_printer(as_json: bool, show_all: bool = False) -> Callable[[str, ob
                 click.echo(f"Postponed {outcome.label}{message}; delivered again {when(outcome.retry_due)}")
             else:
                 due = f"; next retry due {when(outcome.retry_due)}" if outcome.retry_due else ""
-                click.echo(f"  {outcome.status} after {outcome.seconds:.1f}s{message}{due}")
+                run = f"{outcome.label} (run {outcome.run_id})"
+                if outcome.delivered and outcome.status == "failed":
+                    click.echo(f"Refused by the webhook: {run}{message}{due}")
+                elif outcome.delivered:
+                    click.echo(f"Delivered {run}: {outcome.status}{message}")
+                else:
+                    click.echo(f"  {outcome.status} {run} after {outcome.seconds:.1f}s{message}{due}")
 
     return observe
 

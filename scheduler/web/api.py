@@ -67,20 +67,28 @@ def answering(failed: str, not_found: str = "Run not found") -> Iterator[None]:
         yield
     except RunNotFound as exc:
         raise ApiError(404, not_found, {"reason": str(exc)}) from None
-    except CancelRefused as exc:
-        raise ApiError(400, "Run cannot be cancelled", {**exc.details, "reason": str(exc)}) from None
     except DueNowRefused as exc:  # the chain's state, not the request, stands in the way
         raise ApiError(409, "Run has no pending retry", {**exc.details, "reason": str(exc)}) from None
-    except RetryRefused as exc:
-        error = "Run has exceeded maximum retry attempts" if exc.budget_spent else "Run cannot be retried"
-        details = exc.details if exc.budget_spent else {**exc.details, "reason": str(exc)}
-        raise ApiError(400, error, details) from None
+    except (CancelRefused, RetryRefused) as exc:
+        raise refusal(exc) from None
     except DatabaseUnavailable as exc:
         # The reason names the server (user, host, database): the journal gets it, a client does not.
         logger.bind(event="api_database_error").warning("{}: {}", failed, exc)
         raise ApiError(500, failed, {"reason": "the database could not be reached or refused the statement"}) from None
     except OperatorError as exc:  # a malformed id, a filter the table cannot take
         raise ApiError(400, str(exc)) from None
+
+
+def refusal(exc: CancelRefused | RetryRefused) -> ApiError:
+    if exc.retry_after is not None:
+        # Being delivered to the fleet (SPEC §12): a conflict only for as long as the delivery's lease.
+        details = {**exc.details, "reason": str(exc), "retryAfterSeconds": exc.retry_after}
+        return ApiError(409, "Run is being delivered to the fleet", details)
+    if isinstance(exc, CancelRefused):
+        return ApiError(400, "Run cannot be cancelled", {**exc.details, "reason": str(exc)})
+    error = "Run has exceeded maximum retry attempts" if exc.budget_spent else "Run cannot be retried"
+    details = exc.details if exc.budget_spent else {**exc.details, "reason": str(exc)}
+    return ApiError(400, error, details)
 
 
 class Caller:

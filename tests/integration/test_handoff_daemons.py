@@ -29,8 +29,8 @@ DAEMON = {
     "DISPATCH_POLL": "0.1s",
     "LOG_LEVEL": "WARNING",
 }
-# Retries handed to the fleet and not yet ended, at one instant (a delivery in flight holds its
-# row uncommitted, unseen here; the daemons count it by its slot).
+# Retries handed to the fleet and not yet ended, at one instant (a delivery in flight is among
+# them: committed `running` and marked before its POST).
 IN_FLIGHT = "SELECT count(*) FROM scrape_runs WHERE handed_off IS NOT NULL AND status IN ('running', 'pending')"
 
 
@@ -110,33 +110,67 @@ def test_three_daemons_and_two_workers_run_queued_retries_once_within_the_cap(db
     assert most == CAP  # reached, never passed
 
 
-def test_a_daemon_killed_between_the_post_and_its_commit_leaves_the_retry_delivered_again(db_url, tmp_path):
+def test_a_daemon_killed_during_the_post_leaves_the_retry_marked_and_delivered_again_once_its_lease_runs_out(
+    db_url, tmp_path
+):
+    """kill -9 during the POST: the row reads `running`, marked by the dead process; nobody
+    delivers it (nor fails it) until the lease runs out; then it is delivered again, same key."""
     engine = make_engine(db_url)
     [retry] = due_retries(engine, 1)
-    receiver = start_receiver(tmp_path, script=["hang:3"])  # the first answer comes too late for its daemon
-    settings = {**DAEMON, "SCRAPE_RUN_WEBHOOK": receiver.url + "/retry/{run_id}", "WEBHOOK_TIMEOUT": "10s"}
+    receiver = start_receiver(tmp_path, script=["hang:30"])  # the first answer never comes in time
+    settings = {**DAEMON, "SCRAPE_RUN_WEBHOOK": receiver.url + "/retry/{run_id}", "WEBHOOK_TIMEOUT": "1s"}
+    mark = sa.text("SELECT status, handed_off, delivering_by, delivering_until FROM scrape_runs WHERE id = :id")
     first = DaemonProcess(db_url, **settings)
     try:
         wait_until(lambda: receiver.requests(), timeout=30)
-        first.kill()  # the POST was received; the claim never committed
+        first.kill()  # during the POST, after the mark committed
+        killed_at = time.monotonic()
         with engine.connect() as conn:
-            status, handed = conn.execute(
-                sa.text("SELECT status, handed_off FROM scrape_runs WHERE id = :id"), {"id": retry}
-            ).one()
-        assert (status, handed) == ("pending_retry", None)
+            status, handed, by, until = conn.execute(mark, {"id": retry}).one()
+        assert (status, handed) == ("running", "webhook") and f"pid {first.pid} " in by
         second = DaemonProcess(db_url, **settings)
         try:
-            wait_until(lambda: len(receiver.requests()) == 2, timeout=30)
+            wait_until(lambda: len(receiver.requests()) == 2, timeout=60)
+            waited = time.monotonic() - killed_at
             wait_until(lambda: statuses(engine, {retry})["running"] == 1, timeout=30)
         finally:
             second.stop()
     finally:
         receiver.stop()
+    assert waited >= 5  # not before the lease (2 s of delivery + a 10 s margin) ran out
     first_post, second_post = receiver.requests()
     assert first_post["key"] == second_post["key"] == retry  # the receiver de-duplicates on it
     assert first_post["body"] == second_post["body"]
+    assert second_post["at"] >= until.timestamp() - 1
     with engine.connect() as conn:
+        assert conn.execute(mark, {"id": retry}).one()[2] is None  # confirmed by the second daemon
         assert conn.execute(sa.text("SELECT count(*) FROM scrape_runs")).scalar_one() == 2
+
+
+def test_a_daemon_killed_after_the_fleet_wrote_its_outcome_leaves_it_standing(db_url, tmp_path):
+    """kill -9 after the fleet took the retry and wrote `completed` but before the confirm: the
+    outcome stands, and the retry is never delivered again (it no longer reads running)."""
+    engine = make_engine(db_url)
+    [retry] = due_retries(engine, 1)
+    receiver = start_receiver(tmp_path, script=["hang:30"], database_url=db_url, table="scrape_runs", at_once=True)
+    settings = {**DAEMON, "SCRAPE_RUN_WEBHOOK": receiver.url + "/retry/{run_id}", "WEBHOOK_TIMEOUT": "1s"}
+    first = DaemonProcess(db_url, **settings)
+    try:
+        wait_until(lambda: receiver.events(), timeout=30)  # the fleet wrote completed, then hangs
+        first.kill()
+        with engine.begin() as conn:  # as if the lease had run out already
+            conn.execute(
+                sa.text("UPDATE scrape_runs SET delivering_until = now() - interval '1s' WHERE id = :id"),
+                {"id": retry},
+            )
+        second = DaemonProcess(db_url, sys.executable, "-m", "scheduler", "process", **settings)
+        second.proc.wait(60)  # a whole pass: it finds nothing to deliver
+        output = second.stop()
+        assert second.returncode == 0, output
+    finally:
+        receiver.stop()
+    assert len(receiver.requests()) == 1
+    assert statuses(engine, {retry}) == Counter({"completed": 1})
 
 
 @pytest.mark.parametrize("command", ["daemon", "process"])

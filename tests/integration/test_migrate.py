@@ -258,3 +258,11 @@ def test_sql_mode_prints_the_ddl_without_a_database():
     assert "ADD VALUE IF NOT EXISTS ''pending_retry''" in sql
     assert "%%" not in sql
     assert "stuck_runs_alembic_scrape_runs" in sql
+
+
+def test_migrate_sql_adds_the_delivery_mark_and_the_postponements_revision_0005():
+    sql = migration_sql(TablePlan("scrape_runs"))
+    assert "ADD COLUMN IF NOT EXISTS delivering_until TIMESTAMPTZ NULL" in sql
+    assert "ADD COLUMN IF NOT EXISTS delivering_by TEXT NULL" in sql
+    assert "ADD COLUMN IF NOT EXISTS postponements INTEGER NOT NULL DEFAULT 0" in sql
+    assert "'0005'" in sql

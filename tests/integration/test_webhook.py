@@ -85,7 +85,7 @@ def test_a_2xx_hands_the_retry_over_running_with_its_body_key_and_signature(db_u
         ("429:3600", timedelta(hours=1)),
         ("503:7200", timedelta(hours=2)),
         ("429:60", timedelta(minutes=1)),  # sooner than RETRY_DELAY: the fleet said when it has room
-        ("503", POLICY.retry_delay),
+        ("503", timedelta(minutes=1)),  # no Retry-After: a postponement's own backoff, not RETRY_DELAY
     ],
 )
 def test_429_and_503_postpone_without_spending_budget_honouring_retry_after(
@@ -117,8 +117,8 @@ def test_a_reset_or_a_timeout_postpones_the_retry(db_url, receiver, webhook_runt
     assert [o.status for o in process_due_retries(rt).executed] == ["postponed"]
     with rt.engine.connect() as conn:
         kept = row(conn, retry)
-    assert kept["status"] == "pending_retry" and kept["retry_count"] == 1
-    assert kept["next_retry_at"] > datetime.now(timezone.utc) + timedelta(minutes=9)
+    assert kept["status"] == "pending_retry" and kept["retry_count"] == 1 and kept["postponements"] == 1
+    assert kept["next_retry_at"] > datetime.now(timezone.utc) + timedelta(seconds=50)  # its first postponement
 
 
 @pytest.mark.parametrize(
@@ -184,10 +184,10 @@ def test_a_redirect_that_would_drop_the_post_is_a_failed_attempt_not_a_hand_off(
     rt = webhook_runtime(db_url, receiver)
     _, retry = due_retry(rt)
     [outcome] = process_due_retries(rt).executed
-    assert outcome.status == "failed" and len(receiver.requests()) == 1
+    assert outcome.status == "failed" and outcome.delivered and len(receiver.requests()) == 1
     with rt.engine.connect() as conn:
         failed = row(conn, retry)
-    assert failed["handed_off"] is None
+    assert failed["handed_off"] == "webhook"  # a delivery the webhook refused, not a run here
     assert f"Webhook answered HTTP {code}" in failed["error_message"]
     assert "(a redirect that drops the POST): point SCRAPE_RUN_WEBHOOK at the final URL" in failed["error_message"]
 
@@ -258,9 +258,7 @@ def test_process_says_what_went_to_the_fleet_and_what_was_postponed(db_url, rece
         handed, postponed = insert_due_retry(conn, search_query="a")[1], insert_due_retry(conn, search_query="b")[1]
     result = cli("process", env=env)
     assert result.returncode == 0, result.stderr
-    assert "0 executed (0 completed, 0 failed), 1 handed to the fleet, 1 postponed (the fleet could not take them)" in (
-        result.stdout
-    )
+    assert "0 superseded, 1 handed to the fleet, 1 postponed (the fleet could not take them) (" in result.stdout
     # Two slots deliver at once: which retry got the 2xx is the receiver's order.
     [handed_line] = [line for line in result.stdout.splitlines() if line.startswith("Handed ")]
     [postponed_line] = [line for line in result.stdout.splitlines() if line.startswith("Postponed ")]
@@ -336,20 +334,25 @@ def test_retry_after_in_seconds_or_as_an_http_date():
     assert retry_after_delay("soon") is None and retry_after_delay(None) is None
 
 
-def test_a_postponed_delivery_is_due_later_as_soon_as_its_claim_ends(db_url, receiver, webhook_runtime):
-    """Written in the claim's own transaction: rolled back first and postponed after, another
-    process could claim the still-due retry in between and POST it again at once."""
-    from jobs.retries import RetryDispatcher
+def test_a_retry_being_delivered_is_committed_running_so_no_other_process_delivers_it(
+    db_url, receiver, webhook_runtime
+):
+    """The mark commits before the POST: another process sees a running retry, not a due one, and
+    the postponement is written over that mark in one conditional statement."""
+    from jobs.delivery import Deliveries
 
     receiver.set_script(["503:3600"])
-    rt = webhook_runtime(db_url, receiver)
+    rt = webhook_runtime(db_url, receiver, max_concurrent_retries=2)  # room for another: none is due
     _, retry = due_retry(rt)
-    dispatcher = RetryDispatcher(rt, POLICY)
+    deliveries = Deliveries(rt, POLICY)
+    marked = deliveries.mark()
+    with rt.engine.connect() as other:  # before it is even delivered
+        being = row(other, retry)
+    assert (being["status"], being["handed_off"], being["delivering_by"]) == ("running", "webhook", marked.by)
+    assert Deliveries(rt, POLICY).mark() is None  # nothing else to deliver: it is not due twice
+    outcome = deliveries.deliver(marked, threading.Event())
+    assert outcome.status == "postponed"
     with rt.engine.connect() as conn:
-        claim = dispatcher.claim(conn, stop=threading.Event())
-        assert claim is not None and claim.execution.postponed
-        with rt.engine.connect() as other:  # before the outcome is recorded
-            pending = row(other, retry)
-        conn.rollback()
-    assert pending["status"] == "pending_retry"
+        pending = row(conn, retry)
+    assert (pending["status"], pending["delivering_by"], pending["postponements"]) == ("pending_retry", None, 1)
     assert pending["next_retry_at"] > datetime.now(timezone.utc) + timedelta(minutes=55)
