@@ -96,7 +96,7 @@ def record_outcome(
     log = logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count)
     delivered = delivery is not None
     with database_errors(rt.engine, f"recording the outcome of run {run.id}"), rt.engine.begin() as conn:
-        if delivered and not conn.execute(q.end_delivery, {"sr_run_id": run.id, "sr_by": delivery}).first():
+        if delivered and not conn.execute(q.end_delivery, {"sr_run_id": run.id, "sr_by": delivery, "sr_now": now}).first():
             return taken_over(log, run)
         if result.cancelled:
             released = conn.execute(q.release, {"sr_now": now, "sr_ids": [run.id]}).first()

@@ -98,7 +98,7 @@ class HandoffStatements(TableStatements):
         if runs.heartbeat:
             values[runs.heartbeat] = NOW
         return (
-            sa.update(t)
+            self._update()
             .values(**values)
             .where(t.c.id == lapsed.c.id, *expired)
             .returning(*runs.keyed(), sa.false().label("_sr_locked"), NOW.label("_sr_was_due"))

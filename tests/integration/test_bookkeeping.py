@@ -94,10 +94,20 @@ def test_every_write_stuck_runs_makes_sets_updated_at_to_now(db_url):
         assert (released.run_id, released.status) == (stopping, "released")
         assert _touched(rt.engine) == {stopping}
 
-        # A postponement and a webhook's hand-over are written on a claimed retry by these statements.
-        for statement, params in ((q.unclaim, {"sr_due": NOW}), (q.hand_over, {"sr_mode": "webhook"})):
-            with rt.engine.begin() as conn:
-                conn.execute(q.claim_one, {"sr_now": NOW, "sr_run_id": stopping})
+        # A claim put back, and each step of a delivery to the fleet: the mark (its lease already
+        # run out), the mark anew of a lapsed lease, the put-back (a postponement), the confirm.
+        with rt.engine.begin() as conn:
+            conn.execute(q.claim_one, {"sr_now": NOW, "sr_run_id": stopping})
+        delivery = {"sr_run_id": stopping, "sr_mode": "webhook", "sr_by": "test delivery", "sr_limit": 1}
+        lapsed = {**delivery, "sr_lease_until": NOW - timedelta(seconds=1)}
+        for statement, params in (
+            (q.unclaim, {"sr_due": NOW}),
+            (q.mark_one, lapsed),
+            (q.mark_expired, lapsed),
+            (q.put_back, {**delivery, "sr_due": NOW, "sr_postponed": 1}),
+            (q.mark_one, {**delivery, "sr_lease_until": NOW + timedelta(minutes=1)}),
+            (q.end_delivery, delivery),
+        ):
             _age_everything(rt.engine)
             with rt.engine.begin() as conn:
                 assert conn.execute(statement, {"sr_now": NOW, "sr_run_id": stopping, **params}).first()

@@ -279,7 +279,7 @@ def test_status_from_another_process_shows_jobs_daemon_and_counts(db_url, tmp_pa
     assert "ok" in lines["stuck_run_checker"] and "failed=1" in lines["stuck_run_checker"]
     assert "ok" in lines["retry_processor"]
     assert "Runs: 2 running (1 stuck) · 1 pending_retry (next due" in text.stdout
-    assert "· 0 permanently failed" in text.stdout
+    assert "· permanently failed (24h): 0" in text.stdout
     assert report["daemon_alive"] and report["runs"]["pending_retry"] == 1 and report["runs"]["stuck"] == 1
     jobs = {j["job_id"]: j for j in report["jobs"]}
     assert jobs["stuck_run_checker"]["next_run"] and jobs["retry_processor"]["outcome"] == "ok"

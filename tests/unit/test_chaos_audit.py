@@ -52,11 +52,15 @@ def test_a_second_delivery_across_a_database_restart_is_no_violation(tmp_path):
     assert during.violations == [] and before.violations == ["retries delivered twice at once: ['a']"]
 
 
-def test_a_delivery_after_the_hand_off_committed_is_a_violation(tmp_path):
+def test_a_retry_the_fleet_took_delivered_again_while_its_process_lived_is_a_violation(tmp_path):
     log = receiver_log(tmp_path, delivery("a", "ok", 10.0), delivery("a", "ok", 30.0), delivery("b", "ok", 10.0))
     result = Audit()
-    _check_deliveries(result, {"a": "completed", "b": "completed"}, log, handed_at={"a": 10.1, "b": 10.1})
-    assert result.violations == ["retries delivered again after their hand-off committed: ['a']"]
+    _check_deliveries(result, {"a": "completed", "b": "completed"}, log)
+    assert result.violations == ["retries the fleet took delivered again, their process alive: ['a']"]
+    # Its process killed before the confirm: the lease ran out and another delivered it, as it must.
+    killed = Audit()
+    _check_deliveries(killed, {"a": "completed", "b": "completed"}, log, disruptions=Disruptions(killed=frozenset({101})))
+    assert killed.violations == []
 
 
 def test_an_acknowledged_delivery_that_never_ended_is_lost(tmp_path):
