@@ -262,6 +262,8 @@ def test_a_database_outage_fails_ticks_quietly_and_the_daemon_recovers(tmp_path)
         wait_until(
             lambda: scalar(engine, "SELECT status FROM scrape_runs WHERE id = :id", id=stuck) == "failed", timeout=30
         )
+        # The dispatcher polls on its own clock: its recovery is logged on its next poll, not with the sweep.
+        wait_until(lambda: "dispatches again" in daemon.output(), timeout=30)
     finally:
         err = stop(daemon)
         server.cleanup()
