@@ -237,14 +237,16 @@ def peak_sessions(db_url: str, tmp_path, cap: int, retries: int) -> tuple[int, f
     }
     most, started = 0, time.monotonic()
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler", "process"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        with watcher.connect() as conn:
-            while proc.poll() is None:
-                most = max(most, conn.execute(sa.text(SESSIONS)).scalar_one())
-                conn.rollback()
-        out, err = proc.communicate()
+        # Its output to a file: `process` prints a line per retry, and a pipe nobody reads while it
+        # runs fills at 64 KB and blocks it (800 retries "never finished" that way).
+        with open(tmp_path / "process.out", "w+") as output:
+            proc = subprocess.Popen([sys.executable, "-m", "scheduler", "process"], env=env, stdout=output, stderr=output)
+            with watcher.connect() as conn:
+                while proc.poll() is None:
+                    most = max(most, conn.execute(sa.text(SESSIONS)).scalar_one())
+                    conn.rollback()
+            output.seek(0)
+            err = output.read()
     finally:
         receiver.stop()
         watcher.dispose()
