@@ -107,9 +107,20 @@ def _delivering(db_url, tmp_path, opened):
 
 def test_an_action_on_a_retry_being_delivered_is_refused_at_once_with_when_to_try_again(db_url, tmp_path, opened):
     from tests.integration.test_cli import cli
+    from tests.web import ADMIN, WebServer
 
+    web = WebServer(db_url)  # up before the delivery starts: its 8 s are for the actions
     receiver, rt, retry, worker = _delivering(db_url, tmp_path, opened)
     try:
+        with web.client(ADMIN) as http:
+            started = time.monotonic()
+            answers = [http.post(f"/api/runs/{retry}/{action}") for action in ("cancel", "retry")]
+            assert time.monotonic() - started < 2  # not the statement timeout's 5 s per action
+        for answer in answers:
+            body = answer.json()
+            assert answer.status_code == 409, answer.text
+            assert body["error"] == "Run is being delivered to the fleet"
+            assert 1 <= body["details"]["retryAfterSeconds"] <= 25  # the lease: 5 s connect, 10 s, 10 s margin and "try again in" in body["details"]["reason"]
         started = time.monotonic()
         with pytest.raises(CancelRefused, match=r"being delivered to the fleet .*: try again in \d+s"):
             cancel_run(rt, retry)
@@ -122,6 +133,7 @@ def test_an_action_on_a_retry_being_delivered_is_refused_at_once_with_when_to_tr
         assert said.returncode != 0 and "being delivered to the fleet" in said.stderr + said.stdout
         assert "try again in" in said.stderr + said.stdout and "Traceback" not in said.stderr
     finally:
+        web.stop()
         worker.join(30)
         receiver.stop()
     with rt.engine.connect() as conn:
