@@ -135,7 +135,7 @@ def progress_printer(as_json: bool, show_all: bool = False) -> Callable[[str, ob
             if outcome.status == "handed_off":
                 click.echo(f"Handed {outcome.label} (run {outcome.run_id}) to the fleet")
             elif outcome.status == "postponed":
-                click.echo(f"Postponed {outcome.label}{message}; delivered again {when(outcome.retry_due)}")
+                click.echo(f"Postponed {outcome.label}{message}; delivered again at {when(outcome.retry_due)}")
             else:
                 due = f"; next retry due {when(outcome.retry_due)}" if outcome.retry_due else ""
                 run = f"{outcome.label} (run {outcome.run_id})"
