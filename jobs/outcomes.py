@@ -38,6 +38,9 @@ class RetryOutcome:
     # A delivery to the fleet (SPEC §12), not an execution here: handed over, postponed, put back
     # by a signal, or refused by the webhook (`failed`: a failed attempt, but nothing ran here).
     delivered: bool = False
+    # A failure the fleet wrote on a retry it was handed, whose chain stuck-runs continued: neither
+    # an execution here nor a delivery.
+    failed_at_fleet: bool = False
 
 
 
@@ -59,7 +62,10 @@ def continue_fleet_failures(rt: Runtime, policy: RetryPolicy | None = None) -> l
         params = {"sr_now": now, **fail_params([(run.id, outcome, None) for run, outcome in decided])}
         failed = {row[0]: row for row in conn.execute(q.fail_reported, params)}
     return [
-        _failed(logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count), run, outcome, row)
+        replace(
+            _failed(logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count), run, outcome, row),
+            failed_at_fleet=True,
+        )
         for run, outcome in decided
         if (row := failed.get(run.id)) is not None
     ]

@@ -89,7 +89,7 @@ class ProcessResult:
     def ran_here(self) -> int:
         """Retries executed here (a command, a callable), put back by a signal or not; a delivery
         to the fleet is never one, whatever the webhook answered."""
-        return sum(1 for o in self.executed if not o.delivered and o.status != "handed_off")
+        return sum(1 for o in self.executed if not (o.delivered or o.failed_at_fleet) and o.status != "handed_off")
 
     @property
     def succeeded(self) -> int:
@@ -98,7 +98,12 @@ class ProcessResult:
     @property
     def failed(self) -> int:
         """Executions here that failed (a delivery the webhook refused is `refused`)."""
-        return sum(1 for o in self.executed if o.status == "failed" and not o.delivered)
+        return sum(1 for o in self.executed if o.status == "failed" and not (o.delivered or o.failed_at_fleet))
+
+    @property
+    def failed_at_fleet(self) -> int:
+        """Handed-off retries the fleet failed, whose chains this pass continued (nothing ran here)."""
+        return sum(1 for o in self.executed if o.failed_at_fleet)
 
     @property
     def refused(self) -> int:
@@ -144,7 +149,12 @@ class ProcessResult:
             "completed": self.succeeded,
             "failed": self.failed,
         }
-        fleet = {"handed_off": self.handed_off, "postponed": self.postponed, "refused": self.refused}
+        fleet = {
+            "handed_off": self.handed_off,
+            "postponed": self.postponed,
+            "refused": self.refused,
+            "failed_at_fleet": self.failed_at_fleet,
+        }
         return {**counts, **{name: n for name, n in fleet.items() if n}}
 
 
@@ -175,6 +185,8 @@ def process_due_retries(
             superseded, due=due, dry_run=True, seconds=time.monotonic() - started, waiting=read_waiting(rt)
         )
     executed = continue_fleet_failures(rt, policy)
+    for outcome in executed:  # told like any attempt that ended: each line names its run
+        (observe or (lambda event, payload: None))("finished", outcome)
     executed += RetryDispatcher(rt, policy, observe).drain(stop or threading.Event())
     waiting = read_waiting(rt)  # what is still due once the pass is over, and why
     return ProcessResult(superseded, tuple(executed), seconds=time.monotonic() - started, waiting=waiting)

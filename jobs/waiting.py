@@ -30,7 +30,7 @@ class Waiting:
         retries = "due retry" if self.due == 1 else "due retries"
         if self.paused:
             until = f"until {format_time(self.paused_until)}" if self.paused_until else "until resumed"
-            return f"{self.due} {retries} waiting: paused {until} by {self.paused_by}"
+            return f"{self.due} {retries} held by a pause {until} by {self.paused_by}"
         return f"{self.due} {retries} waiting for a slot (cap {self.cap})"
 
 

@@ -104,7 +104,7 @@ def process_summary(result: ProcessResult) -> str:
     """`0 superseded, 1 executed (1 completed, 0 failed)`, and what went to the fleet: handed over,
     postponed, refused by the webhook. A pass that only delivered says nothing of executions."""
     ran = result.ran_here - sum(1 for o in result.executed if o.status == "released" and not o.delivered)
-    fleet = result.handed_off or result.postponed or result.refused
+    fleet = result.handed_off or result.postponed or result.refused or result.failed_at_fleet
     parts = [f"{len(result.superseded)} superseded"]
     if ran or not fleet:
         parts.append(f"{ran} executed ({result.succeeded} completed, {result.failed} failed)")
@@ -116,6 +116,8 @@ def process_summary(result: ProcessResult) -> str:
         parts.append(f"{result.postponed} postponed (the fleet could not take them)")
     if result.refused:
         parts.append(f"{result.refused} refused by the webhook")
+    if result.failed_at_fleet:
+        parts.append(f"{result.failed_at_fleet} failed at the fleet (their chains continued)")
     return ", ".join(parts)
 
 
@@ -135,11 +137,16 @@ def progress_printer(as_json: bool, show_all: bool = False) -> Callable[[str, ob
             if outcome.status == "handed_off":
                 click.echo(f"Handed {outcome.label} (run {outcome.run_id}) to the fleet")
             elif outcome.status == "postponed":
-                click.echo(f"Postponed {outcome.label}{message}; delivered again at {when(outcome.retry_due)}")
+                click.echo(
+                    f"Postponed {outcome.label} (run {outcome.run_id}){message}; delivered again at {when(outcome.retry_due)}"
+                    " (no budget spent)"
+                )
             else:
                 due = f"; next retry due {when(outcome.retry_due)}" if outcome.retry_due else ""
                 run = f"{outcome.label} (run {outcome.run_id})"
-                if outcome.delivered and outcome.status == "failed":
+                if outcome.failed_at_fleet:
+                    click.echo(f"Failed at the fleet: {run}{message}{due}")
+                elif outcome.delivered and outcome.status == "failed":
                     click.echo(f"Refused by the webhook: {run}{message}{due}")
                 elif outcome.delivered:
                     click.echo(f"Delivered {run}: {outcome.status}{message}")

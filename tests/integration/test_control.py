@@ -96,7 +96,7 @@ def test_a_paused_daemon_starts_no_retry_until_resumed(engine, db_url, tmp_path)
         status = cli("status", env=env)
         assert "Retries paused until resumed" in status.stdout
         # the processor's tick says why nothing started, in the daemon's log
-        wait_until(lambda: "1 due retry waiting: paused until resumed by cli on " in daemon.output(), timeout=30)
+        wait_until(lambda: "1 due retry held by a pause until resumed by cli on " in daemon.output(), timeout=30)
         resumed = cli("resume", env=env)
         assert resumed.returncode == 0 and "Retries resumed." in resumed.stdout
         wait_until(lambda: status_of(engine, retry) == "completed", timeout=30)
@@ -334,14 +334,14 @@ def test_process_status_api_and_overview_say_why_due_retries_wait(engine, db_url
     paused = cli("process", env=env)
     assert paused.returncode == 0, paused.stderr
     lines = paused.stdout.splitlines()
-    [why] = [line for line in lines if "waiting" in line]
-    assert why.startswith("Nothing started: 2 due retries waiting: paused until resumed by cli on "), paused.stdout
+    [why] = [line for line in lines if "held by a pause" in line]
+    assert why.startswith("Nothing started: 2 due retries held by a pause until resumed by cli on "), paused.stdout
     dry = cli("process", "--dry-run", env=env)
-    assert "Nothing starts now: 2 due retries waiting: paused until resumed" in dry.stdout, dry.stdout
+    assert "Nothing starts now: 2 due retries held by a pause until resumed" in dry.stdout, dry.stdout
     as_json = json.loads(cli("process", "--json", env=env).stdout)
-    assert as_json["waiting"]["due"] == 2 and as_json["waiting"]["message"].startswith("2 due retries waiting: paused")
+    assert as_json["waiting"]["due"] == 2 and as_json["waiting"]["message"].startswith("2 due retries held by a pause")
     status = cli("status", env=env)
-    assert "2 due retries waiting: paused until resumed by cli on " in status.stdout, status.stdout
+    assert "2 due retries held by a pause until resumed by cli on " in status.stdout, status.stdout
     server = WebServer(db_url)
     try:
         with server.client(READER) as http:
@@ -349,8 +349,8 @@ def test_process_status_api_and_overview_say_why_due_retries_wait(engine, db_url
             overview = http.get("/").text
     finally:
         server.stop()
-    assert api["waiting"]["message"].startswith("2 due retries waiting: paused until resumed by cli on ")
-    assert "2 due retries waiting: paused until resumed by cli on " in overview
+    assert api["waiting"]["message"].startswith("2 due retries held by a pause until resumed by cli on ")
+    assert "2 due retries held by a pause until resumed by cli on " in overview
     assert [status_of(engine, r) for r in retries] == ["pending_retry"] * 2
 
     assert cli("resume", env=env).returncode == 0

@@ -271,3 +271,24 @@ def test_the_fleets_failures_are_read_through_their_own_small_index(db_url):
         conn.exec_driver_sql("ANALYZE scrape_runs")
         plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN {str(statement).replace(':sr_limit', '1000')}").scalars())
     assert "ix_scrape_runs_fleet_failed" in plan, plan
+
+
+def test_a_failure_the_fleet_wrote_is_continued_and_said_so_never_counted_as_an_execution_here(db_url):
+    rt = handoff_runtime(db_url)
+    [retry] = due_retries(rt)
+    assert [o.status for o in process_due_retries(rt).executed] == ["handed_off"]
+    with rt.engine.begin() as conn:  # the fleet's worker ran it and failed
+        conn.execute(
+            sa.text(
+                "UPDATE scrape_runs SET status = 'failed', completed_at = now(),"
+                " error_message = 'HTTP Error 503: Service Unavailable' WHERE id = :id"
+            ),
+            {"id": retry},
+        )
+    env = {"DATABASE_URL": db_url, "SCRAPE_RUN_HANDOFF": "queued", "STATUS_MAP": "queued=pending"}
+    result = run_cli("process", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Retry processor: 0 superseded, 1 failed at the fleet (their chains continued)" in result.stdout
+    assert "executed" not in result.stdout, result.stdout
+    assert f"Failed at the fleet: [RETRY 1/4] q0 in Belgium (run {retry}) — HTTP Error 503" in result.stdout
+    rt.close()
