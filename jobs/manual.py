@@ -84,12 +84,21 @@ class BulkRetryResult:
     dry_run: bool = False
     matched: int = 0  # failed chains the filters match, the limit aside
     limit: int | None = None  # how many of them this took (newest first)
+    cancelled_matched: int = 0  # chains over (their retry cancelled) the filters match, the limit aside
 
     @property
     def message(self) -> str:
-        """What the CLI prints first and the API answers: how many of how many, and what was skipped."""
+        """What the CLI prints first and the API answers: how many of how many, and what was skipped
+        (chains whose retry was cancelled are listed up to the limit: how many more there are)."""
         verb = "Would retry" if self.dry_run else "Retried"
-        return f"{verb} {len(self.scheduled)} of {self.matched} matching failed chain(s); {len(self.skipped)} skipped"
+        said = f"{verb} {len(self.scheduled)} of {self.matched} matching failed chain(s); {len(self.skipped)} skipped"
+        listed = sum(1 for s in self.skipped if s.reason == CANCELLED_CHAIN)
+        if self.cancelled_matched > listed:
+            said += (
+                f"; {self.cancelled_matched} matching chain(s) are over, their retry cancelled "
+                f"(the first {listed} listed: --limit {self.cancelled_matched} lists them all)"
+            )
+        return said
 
     @property
     def beyond_limit(self) -> str | None:
@@ -248,6 +257,7 @@ def retry_matching(
         found = [Run.from_row(r, rt.runs.input_names) for r in conn.execute(statement, params).mappings()]
         matched = conn.execute(matching_count(statement), params).scalar_one()
         cancelled = [Run.from_row(r, rt.runs.input_names) for r in conn.execute(over, params).mappings()]
+        cancelled_matched = conn.execute(matching_count(over), params).scalar_one()
     skipped = [SkippedRetry(run.id, run.label, CANCELLED_CHAIN) for run in cancelled]
     chosen = []
     for run in found:
@@ -259,7 +269,7 @@ def retry_matching(
         scheduled = [_planned(run, policy, reset_budget, due, None) for run, due in zip(chosen, dues, strict=True)]
     else:
         scheduled = _schedule(rt, chosen, policy, reset_budget, dues)
-    return BulkRetryResult(tuple(scheduled), tuple(skipped), dry_run, matched, criteria.limit)
+    return BulkRetryResult(tuple(scheduled), tuple(skipped), dry_run, matched, criteria.limit, cancelled_matched)
 
 
 def run_retry_now(

@@ -391,7 +391,8 @@ def _wait_for_slot(rt, stop: threading.Event) -> None:
 
 def print_bulk(result: BulkRetryResult, show_all: bool = False) -> None:
     dues = [s.due for s in result.scheduled]
-    window = f"; due {when(min(dues))} to {when(max(dues))}" if dues else ""
+    first, last = (when(min(dues)), when(max(dues))) if dues else (None, None)
+    window = "" if not dues else f"; due {first}" if first == last else f"; due {first} to {last}"
     click.echo(f"{result.message}{window}.")
     if result.beyond_limit:
         click.echo(f"{result.beyond_limit}.")

@@ -298,6 +298,20 @@ def test_bulk_retry_says_how_many_matched_beyond_its_limit_and_lists_every_skip_
     assert answer["message"] == answer["data"]["message"] and "of 8" in answer["message"]
 
 
+def test_bulk_retry_says_how_many_chains_beyond_its_limit_are_over(engine, db_url):
+    """Five chains whose retry was cancelled, a limit of 2: it said "0 of 0 ...; 2 skipped", not a word of the 3."""
+    for n in range(5):
+        with engine.begin() as conn:
+            _, retry = insert_due_retry(conn, search_query=f"Blocked {n}")
+            conn.execute(sa.text("UPDATE scrape_runs SET status = 'cancelled' WHERE id = :r"), {"r": retry})
+    said = cli("retry", "--search-query", "Blocked%", "--limit", "2", "--dry-run", env={"DATABASE_URL": db_url})
+    assert said.returncode == 0, said.stderr
+    assert said.stdout.splitlines()[0] == (
+        "Would retry 0 of 0 matching failed chain(s); 2 skipped; 5 matching chain(s) are over, their retry "
+        "cancelled (the first 2 listed: --limit 5 lists them all)."
+    ), said.stdout
+
+
 def test_bulk_cancel_says_how_many_matched_beyond_its_limit_over_cli_json_and_api(engine, db_url):
     for n in range(5):
         due_retry(engine, search_query=f"Blocked {n}")
