@@ -39,9 +39,10 @@ from jobs.outcomes import RetryOutcome, record_outcome, taken_over
 from jobs.rules import RetryPolicy, format_time
 from jobs.runtime import Runtime
 
-# Beyond the delivery's own bound: the answer's confirm must commit within it, and hosts' clocks
-# may differ by a few seconds (doctor checks the skew).
-LEASE_MARGIN = timedelta(seconds=10)
+# Beyond the delivery's own bound: the answer's confirm must commit within it, and two hosts'
+# clocks may each be off by doctor's CLOCK_SKEW_LIMIT (5 s) the other way: 30 s leaves room for
+# both and a slow commit, so a live delivery's lease never looks run out to another host.
+LEASE_MARGIN = timedelta(seconds=30)
 # Postponements without a Retry-After back off on their own scale: 1 min, doubling.
 FIRST_POSTPONEMENT = timedelta(minutes=1)
 MAX_DOUBLINGS = 20
@@ -79,6 +80,8 @@ class Marked:
     by: str
     was_due: datetime  # a signal puts it back due as it was
     postponements: int
+    lease_until: datetime  # nobody delivers it again before: an abandoned POST may live until then
+    started_at: object  # as the mark wrote it, raw: the put-back leaves a start the fleet wrote
 
 
 NO_ROOM = object()  # the cap is reached: nothing was marked
@@ -134,17 +137,20 @@ class Deliveries:
         """Step 1: a retry whose lease ran out (redelivered first: it counts already), else the
         most overdue due retry (or pending retry `run_id`) if the cap leaves room; under the cap's
         lock, so no count misses a mark. None: nothing to deliver; NO_ROOM: the cap is reached."""
-        q, now = self.rt.queries, self.rt.clock.now()
-        params = {
-            "sr_now": now,
-            "sr_limit": 1,
-            "sr_run_id": run_id,
-            "sr_mode": "webhook",
-            "sr_by": f"{self.process} delivery {uuid.uuid4().hex[:12]}",
-            "sr_lease_until": now + self.lease,
-        }
+        q = self.rt.queries
         with database_errors(self.rt.engine, "marking a retry as being delivered"), self.rt.engine.begin() as conn:
             conn.execute(q.handoff_lock)
+            # Time read once the lock is held: a wait for a pooled connection or for the lock must
+            # not shorten the lease of a POST that only starts after this commits.
+            now = self.rt.clock.now()
+            params = {
+                "sr_now": now,
+                "sr_limit": 1,
+                "sr_run_id": run_id,
+                "sr_mode": "webhook",
+                "sr_by": f"{self.process} delivery {uuid.uuid4().hex[:12]}",
+                "sr_lease_until": now + self.lease,
+            }
             row = None if run_id is not None else conn.execute(q.mark_expired, params).mappings().first()
             again = row is not None
             if row is None:
@@ -158,21 +164,33 @@ class Deliveries:
             logger.bind(run_id=str(run.id), event="redelivering").warning(
                 "{}: its delivery's lease ran out (the delivering process died): delivered again", run.label
             )
-        return Marked(run, params["sr_by"], row["_sr_was_due"] or now, row["postponements"] or 0)
+        return Marked(
+            run,
+            params["sr_by"],
+            row["_sr_was_due"] or now,
+            row["postponements"] or 0,
+            params["sr_lease_until"],
+            row["started_at"],
+        )
 
     def deliver(self, marked: Marked, stop: threading.Event) -> RetryOutcome:
         """Steps 2 and 3: the POST (no session held), then its answer written."""
         started = time.monotonic()
         delivered = self.rt.executor.start_until(marked.run, stop)
-        outcome = self.settle(marked, delivered.result)
+        outcome = self.settle(marked, delivered.result, abandoned=delivered.abandoned)
         outcome = replace(outcome, seconds=time.monotonic() - started)
         self.observe("finished", outcome)
         return outcome
 
-    def settle(self, marked: Marked, result: ExecutionResult) -> RetryOutcome:
+    def settle(self, marked: Marked, result: ExecutionResult, *, abandoned: bool = False) -> RetryOutcome:
+        """Step 3. `abandoned`: the POST was given up on while in flight (a signal, the delivery's
+        bound): the retry is not due before its lease ends, so nobody POSTs it while that request
+        may still reach the receiver."""
         run, q, now = marked.run, self.rt.queries, self.rt.clock.now()
         log = logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count)
         mine = {"sr_run_id": run.id, "sr_by": marked.by, "sr_now": now}
+        back_params = {**mine, "sr_marked_started": marked.started_at}
+        not_before = marked.lease_until if abandoned else None
         if not (result.handed_off or result.postponed):
             return record_outcome(self.rt, self.policy, run, result, delivery=marked.by)  # refused
         with database_errors(self.rt.engine, f"writing the delivery of run {run.id}"), self.rt.engine.begin() as conn:
@@ -182,11 +200,12 @@ class Deliveries:
                 log.bind(event="handed_off").info("{}: handed to the fleet ({})", run.label, result.handed_off)
                 return RetryOutcome(run.id, run.label, "handed_off", delivered=True)
             if result.cancelled:  # a signal: pending as it was, due, unspent, not a postponement
-                back = conn.execute(q.put_back, {**mine, "sr_due": marked.was_due, "sr_postponed": 0}).first()
-                due = marked.was_due
+                due = max(marked.was_due, not_before or marked.was_due)
+                back = conn.execute(q.put_back, {**back_params, "sr_due": due, "sr_postponed": 0}).first()
             else:
                 due = now + postponement(result, self.policy, marked.postponements)
-                back = conn.execute(q.put_back, {**mine, "sr_due": due, "sr_postponed": 1}).first()
+                due = max(due, not_before or due)
+                back = conn.execute(q.put_back, {**back_params, "sr_due": due, "sr_postponed": 1}).first()
             if back is None:  # the fleet wrote a status after all: it stands; the mark ends
                 ended = conn.execute(q.end_delivery, mine).first()
                 if ended is None:

@@ -22,7 +22,7 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from datetime import time as time_of_day
 from email.utils import parsedate_to_datetime
@@ -131,6 +131,7 @@ class Delivered:
     result: ExecutionResult
     handed_off: str | None = None  # "webhook" when the fleet took the retry (the delivery is confirmed)
     postponed: bool = False  # the fleet could not take it: put back, due again later
+    abandoned: bool = False  # given up on while the POST was in flight: the receiver may still get it
 
     def wait(self, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
         return self.result
@@ -194,6 +195,9 @@ class WebhookExecutor:
         """`start`, given up when `stop` is set (a signal): the process then stops at once and
         the retry is put back pending, its budget unspent. A delivery the receiver still takes
         after that is delivered again later with the same `Idempotency-Key`."""
+        stopped = "Stopped by a signal before the fleet answered"
+        if stop.is_set():  # no POST once stopping: put back, and nothing is in flight
+            return Delivered(ExecutionResult(ok=False, error=stopped, cancelled=True, postponed=True), postponed=True)
         answered: list[Delivered] = []
         worker = threading.Thread(target=lambda: answered.append(self._start_quietly(run)), daemon=True)
         worker.start()
@@ -205,9 +209,10 @@ class WebhookExecutor:
         if answered:
             return answered[0]
         if not stop.is_set():
-            return _postponed(f"Webhook did not answer within {self.client.timeout.read:g}s")
-        stopped = "Stopped by a signal before the fleet answered"
-        return Delivered(ExecutionResult(ok=False, error=stopped, cancelled=True, postponed=True), postponed=True)
+            return replace(_postponed(f"Webhook did not answer within {self.client.timeout.read:g}s"), abandoned=True)
+        return Delivered(
+            ExecutionResult(ok=False, error=stopped, cancelled=True, postponed=True), postponed=True, abandoned=True
+        )
 
     def _start_quietly(self, run: Run) -> Delivered:
         try:

@@ -58,7 +58,13 @@ class HandoffStatements(TableStatements):
                 postponements=t.c.postponements + sa.bindparam("sr_postponed", type_=sa.Integer),
                 **unmarked,
             )
-            .where(*mine, runs.in_state(t.c.status, "running"))
+            # Still the start the mark wrote: a fleet's worker that set its own start has the retry,
+            # and its outcome (written conditionally on `running`) must find the row running.
+            .where(
+                *mine,
+                runs.in_state(t.c.status, "running"),
+                t.c.started_at == sa.bindparam("sr_marked_started", type_=t.c.started_at.type),
+            )
             .returning(t.c.id)
         )
         # The scraper wrote `failed` on a retry it was handed: its chain goes on like any

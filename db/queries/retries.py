@@ -84,7 +84,9 @@ class RetryStatements(TableStatements):
         where = [t.c.id == v.c.id, runs.in_state(t.c.status, from_status)]
         completed_at: sa.ColumnElement = NOW
         if reported:
-            where.append(t.c.next_retry_at.is_(None))
+            # Not yet continued: a failure another process already continued (it wrote the
+            # pattern) is not decided twice.
+            where.extend([t.c.next_retry_at.is_(None), t.c.failure_pattern.is_(None)])
             completed_at = sa.func.coalesce(t.c.completed_at, NOW)
         failed = (
             self._update()

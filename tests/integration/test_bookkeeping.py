@@ -104,7 +104,7 @@ def test_every_write_stuck_runs_makes_sets_updated_at_to_now(db_url):
             (q.unclaim, {"sr_due": NOW}),
             (q.mark_one, lapsed),
             (q.mark_expired, lapsed),
-            (q.put_back, {**delivery, "sr_due": NOW, "sr_postponed": 1}),
+            (q.put_back, {**delivery, "sr_due": NOW, "sr_postponed": 1, "sr_marked_started": NOW}),
             (q.mark_one, {**delivery, "sr_lease_until": NOW + timedelta(minutes=1)}),
             (q.end_delivery, delivery),
         ):
