@@ -41,6 +41,18 @@ def snapshot(engine) -> list[dict]:
 # -- retry --------------------------------------------------------------------------------------
 
 
+def explain(rt, statement, params) -> str:
+    """PostgreSQL's plan for `statement` with `params`, as text."""
+    with rt.engine.connect() as conn:
+
+        @sa.event.listens_for(conn, "before_cursor_execute", retval=True)
+        def explained(_conn, _cursor, sql, parameters, _context, _many):
+            return "EXPLAIN " + sql, parameters
+
+        result = conn.execute(statement, params)
+        return "\n".join(str(line[0]) for line in result.cursor.fetchall())
+
+
 def test_retry_schedules_the_retry_and_answers_with_it(web, engine):
     run_id = failed_run(engine)
     with web.client(ADMIN) as http:
@@ -516,15 +528,8 @@ def test_a_deep_page_starts_at_its_cursor_in_the_index(engine, db_url):
     try:
         cursor = encode_cursor(Run(id=middle.id, status="completed", what="", started_at=middle.started_at))
         at, run_id = decode_cursor(rt, cursor)
-        statement = rt.queries.runs_page(state=None, search=False, since=False, after="started")
-        with rt.engine.connect() as conn:
-
-            @sa.event.listens_for(conn, "before_cursor_execute", retval=True)
-            def explained(_conn, _cursor, sql, parameters, _context, _many):
-                return "EXPLAIN " + sql, parameters
-
-            result = conn.execute(statement, {"sr_limit": 51, "sr_after_at": at, "sr_after_id": run_id})
-            plan = "\n".join(str(line[0]) for line in result.cursor.fetchall())
+        statement = rt.queries.runs_page(state=None, search=False, since=None, after="started")
+        plan = explain(rt, statement, {"sr_limit": 51, "sr_after_at": at, "sr_after_id": run_id})
     finally:
         rt.close()
     assert "ix_scrape_runs_newest_first" in plan, plan
@@ -683,16 +688,9 @@ def test_the_other_orders_and_the_previous_page_start_at_their_cursor_in_an_inde
         run = Run(id=middle.id, status="pending_retry", what="", started_at=middle.started_at, next_retry_at=middle.next_retry_at)
         at, run_id = decode_cursor(rt, encode_cursor(run, order))
         statement = rt.queries.runs_page(
-            state=None, search=False, since=False, after="started", order=order, backwards=backwards
+            state=None, search=False, since=None, after="started", order=order, backwards=backwards
         )
-        with rt.engine.connect() as conn:
-
-            @sa.event.listens_for(conn, "before_cursor_execute", retval=True)
-            def explained(_conn, _cursor, sql, parameters, _context, _many):
-                return "EXPLAIN " + sql, parameters
-
-            result = conn.execute(statement, {"sr_limit": 51, "sr_after_at": at, "sr_after_id": run_id})
-            plan = "\n".join(str(line[0]) for line in result.cursor.fetchall())
+        plan = explain(rt, statement, {"sr_limit": 51, "sr_after_at": at, "sr_after_id": run_id})
     finally:
         rt.close()
     assert index in plan, plan
