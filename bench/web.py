@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 TOKEN = "bench-admin-token-0123456789"
 
 
-def _percentile(values: list[float], fraction: float) -> float:
+def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
@@ -112,9 +112,9 @@ def measure(url: str, repeat: int) -> dict:
                 "path": path.split("?")[0] + ("?…" if "?" in path else ""),
                 "status": sorted(statuses),
                 "server_p50_ms": round(statistics.median(app_ms), 1),
-                "server_p95_ms": round(_percentile(app_ms, 0.95), 1),
+                "server_p95_ms": round(percentile(app_ms, 0.95), 1),
                 "client_p50_ms": round(statistics.median(wall_ms), 1),
-                "client_p95_ms": round(_percentile(wall_ms, 0.95), 1),
+                "client_p95_ms": round(percentile(wall_ms, 0.95), 1),
             }
             print(name, results[name], flush=True)
         client.close()
