@@ -17,7 +17,7 @@ from db.migrate import current_revision, head_revision, plan_for, stale_indexes
 from db.queries import RunQueries
 from db.shape import heartbeat_problem
 from db.table import ROLE_KEYS, RunsTable, load_runs_table, sql_type
-from jobs.config import Settings
+from jobs.settings import Settings
 from jobs.executor import resolve_callable
 from jobs.runtime import check_placeholders
 from jobs.status import untimed_message

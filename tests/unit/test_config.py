@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 
 from db.errors import ConfigError
-from jobs.config import load_settings, parse_duration
+from jobs.settings import load_settings, parse_duration
 
 
 @pytest.mark.parametrize(
