@@ -305,7 +305,9 @@ class CallableExecutor:
 
     def start(self, run: Run) -> CallableExecution:
         receiver, sender = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=_call_in_child, args=(self.path, run, sender, self.environment), daemon=True)
+        process = self._context.Process(
+            target=_call_in_child, args=(self.path, run, sender, self.environment), daemon=True
+        )
         try:
             process.start()
         except OSError as exc:

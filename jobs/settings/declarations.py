@@ -187,10 +187,15 @@ def _parse_default(setting: Setting) -> object:
 _DEFAULTS = {setting.env: _parse_default(setting) for setting in DECLARED}
 
 
-def _defaults(within: str) -> dict[str, Any]:
-    """The declared defaults of `policy.*` or `layout.*`, by their attribute there."""
+def _inside(values: Mapping[str, object], within: str) -> dict[str, Any]:
+    """The entries of `values` (by `Setting.field`) on `policy` or `layout`, by their attribute there."""
     prefix = f"{within}."
-    return {s.field.removeprefix(prefix): s.value for s in DECLARED if s.field.startswith(prefix)}
+    return {field.removeprefix(prefix): value for field, value in values.items() if field.startswith(prefix)}
+
+
+def _defaults(within: str) -> dict[str, Any]:
+    """The declared defaults on `policy` or `layout`."""
+    return _inside({setting.field: setting.value for setting in DECLARED}, within)
 
 
 class _Derived:
@@ -227,7 +232,9 @@ def _settings_fields() -> list[tuple[str, Any, Any]]:
         for s in DECLARED
         if "." not in s.field
     ]
-    fields.append(("policy", RetryPolicy, dataclasses.field(default_factory=lambda: RetryPolicy(**_defaults("policy")))))
+    fields.append(
+        ("policy", RetryPolicy, dataclasses.field(default_factory=lambda: RetryPolicy(**_defaults("policy"))))
+    )
     fields.append(("layout", Layout, dataclasses.field(default_factory=lambda: Layout(**_defaults("layout")))))
     # `.env`'s values: the scraper a command or callable starts receives them (under the real
     # environment), as it did when `.env` was loaded into this process's environment.
@@ -243,8 +250,6 @@ Settings.__doc__ = "Everything stuck-runs is configured with, validated: one fie
 def settings_from(values: Mapping[str, object], dotenv: Mapping[str, str] | None = None) -> Settings:
     """`Settings` with `values` (by `Setting.field`) over the declared defaults."""
     top = {field: value for field, value in values.items() if "." not in field}
-    policy, layout = (
-        {**_defaults(within), **{f.removeprefix(f"{within}."): v for f, v in values.items() if f.startswith(f"{within}.")}}
-        for within in ("policy", "layout")
-    )
-    return Settings(**top, policy=RetryPolicy(**policy), layout=Layout(**layout), dotenv=dict(dotenv or {}))
+    policy = RetryPolicy(**{**_defaults("policy"), **_inside(values, "policy")})
+    layout = Layout(**{**_defaults("layout"), **_inside(values, "layout")})
+    return Settings(**top, policy=policy, layout=layout, dotenv=dict(dotenv or {}))
