@@ -25,8 +25,8 @@ from loguru import logger
 
 from bench import anatomy, claims, contenders, data, startup
 from bench.contenders import FixedClock
-from jobs.config import Settings
 from jobs.runtime import Runtime
+from jobs.settings import Settings
 from jobs.stuck import sweep_stuck_runs
 
 REPO = Path(__file__).resolve().parent.parent

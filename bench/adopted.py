@@ -21,8 +21,8 @@ from bench import contenders, data
 from db.engine import make_engine
 from db.layout import Layout
 from db.migrate import migrate
-from jobs.config import Settings
 from jobs.runtime import Runtime
+from jobs.settings import Settings
 from jobs.stuck import sweep_stuck_runs
 
 TABLE = """

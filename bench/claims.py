@@ -20,9 +20,9 @@ from pathlib import Path
 import sqlalchemy as sa
 from loguru import logger
 
-from jobs.config import Settings
 from jobs.executor import ExecutionResult, InProcess
 from jobs.model import Run
+from jobs.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import sqlalchemy as sa
 from loguru import logger
 
-from jobs.config import Settings
 from jobs.rules import STUCK_PATTERN, RetryPolicy, chain_budget, decide_failure, stuck_error
 from jobs.runtime import Runtime
+from jobs.settings import Settings
 from jobs.stuck import sweep_stuck_runs
 
 POLICY = RetryPolicy()

@@ -17,9 +17,9 @@ from db.migrate import current_revision, head_revision, plan_for, stale_indexes
 from db.queries import RunQueries
 from db.shape import heartbeat_problem
 from db.table import ROLE_KEYS, RunsTable, load_runs_table, sql_type
-from jobs.config import Settings
 from jobs.executor import resolve_callable
 from jobs.runtime import check_placeholders
+from jobs.settings import DECLARED, Settings
 from jobs.status import untimed_message
 
 CLOCK_SKEW_LIMIT = timedelta(seconds=5)  # a minute of skew misjudges stuck runs by a minute
@@ -41,15 +41,8 @@ def run_checks(load_settings: Callable[[], Settings], now: Callable[[], datetime
         settings = load_settings()
     except ConfigError as exc:
         return [Check("configuration", False, str(exc), "correct the value named above")]
-    policy = settings.policy
-    checks.append(
-        Check(
-            "configuration",
-            True,
-            f"stuck after {policy.stuck_after}, retry after {policy.retry_delay}, "
-            f"{policy.max_retries} retries, table {settings.table}",
-        )
-    )
+    listed = ", ".join(setting.doctor.format(setting.of(settings)) for setting in DECLARED if setting.doctor)
+    checks.append(Check("configuration", True, listed))
     checks.append(_executor(settings))
     if not settings.database_url:
         checks.append(Check("connectivity", False, "DATABASE_URL is not set", "set DATABASE_URL=postgresql://..."))

@@ -28,16 +28,16 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
 from db.errors import ConfigError, ExecutorError
-from jobs.config import Settings
 from jobs.model import Run
 from jobs.patterns import bounded_retry_after, parse_retry_after
+from jobs.settings import Settings
 
 STDERR_TAIL_BYTES = 8192  # kept for the dead-letter record
 ERROR_LINE_CHARS = 500  # the part that goes into error_message
@@ -132,8 +132,9 @@ def last_line(text: str) -> str:
 
 
 class CommandExecutor:
-    def __init__(self, argv_template: tuple[str, ...]) -> None:
+    def __init__(self, argv_template: tuple[str, ...], environment: Mapping[str, str] | None = None) -> None:
         self.argv_template = argv_template
+        self.environment = dict(environment or {})  # `.env`'s values: the real environment wins over them
 
     def argv(self, run: Run) -> list[str]:
         """Each template item becomes exactly one argument; a query is text, never shell."""
@@ -149,7 +150,7 @@ class CommandExecutor:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
-                env={**os.environ, **run_environment(run)},
+                env={**self.environment, **os.environ, **run_environment(run)},
                 start_new_session=True,
             )
         except OSError as exc:
@@ -267,9 +268,11 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def _call_in_child(path: str, run: Run, channel: Any) -> None:
+def _call_in_child(path: str, run: Run, channel: Any, environment: Mapping[str, str]) -> None:
     """Runs in the spawned process: calls the function, reports success or the traceback."""
     os.setsid()  # its own process group, so whatever the scraper starts ends with it
+    for name, value in environment.items():  # `.env`'s values, under the environment it inherited
+        os.environ.setdefault(name, value)
     try:
         resolve_callable(path)(run)
     except BaseException as exc:  # noqa: BLE001 - everything the scraper raises is a failed attempt
@@ -294,14 +297,17 @@ def resolve_callable(path: str) -> Callable[[Run], object]:
 
 
 class CallableExecutor:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, environment: Mapping[str, str] | None = None) -> None:
         resolve_callable(path)  # fail at start-up, not at the first retry
         self.path = path
+        self.environment = dict(environment or {})  # `.env`'s values, for the child
         self._context = multiprocessing.get_context("spawn")
 
     def start(self, run: Run) -> CallableExecution:
         receiver, sender = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=_call_in_child, args=(self.path, run, sender), daemon=True)
+        process = self._context.Process(
+            target=_call_in_child, args=(self.path, run, sender, self.environment), daemon=True
+        )
         try:
             process.start()
         except OSError as exc:
@@ -357,9 +363,9 @@ def build_executor(settings: Settings) -> Executor:
         program = settings.command[0]
         if shutil.which(program) is None:
             raise ExecutorError(f"SCRAPE_RUN_COMMAND: {program!r} is not found or not executable: check PATH")
-        return CommandExecutor(settings.command)
+        return CommandExecutor(settings.command, settings.dotenv)
     if settings.callable_path:
-        return CallableExecutor(settings.callable_path)
+        return CallableExecutor(settings.callable_path, settings.dotenv)
     if settings.webhook:
         from jobs.webhook import WebhookExecutor  # httpx only where retries are delivered
 

@@ -34,7 +34,6 @@ DEFAULT_PATTERNS: tuple[tuple[str, str], ...] = (
         r"|econnrefused|econnreset|remote ?disconnected|broken pipe|ssl|proxy error",
     ),
 )
-DEFAULT_PERMANENT = frozenset({"not_found", "forbidden"})
 KNOWN_PATTERNS = frozenset(name for name, _ in DEFAULT_PATTERNS) | {"stuck", "unknown"}
 UNKNOWN = "unknown"
 

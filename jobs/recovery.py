@@ -8,9 +8,9 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from db.errors import ConfigError
-from jobs.config import settings_from_environment
 from jobs.retries import ProcessResult, process_due_retries
 from jobs.runtime import Runtime
+from jobs.settings import settings_from_environment
 from jobs.stuck import KEPT_RUNS, SweepResult, sweep_stuck_runs
 
 

@@ -18,9 +18,9 @@ from db.errors import ConfigError
 from db.queries import RunQueries
 from db.table import RunsTable, load_runs_table
 from jobs.clock import SystemClock
-from jobs.config import Settings
 from jobs.executor import Executor, build_executor
 from jobs.patterns import DEFAULT_PATTERNS, Classifier
+from jobs.settings import Settings
 
 
 def check_placeholders(settings: Settings, runs: RunsTable) -> None:

@@ -24,9 +24,9 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from loguru import logger
 
 from db.errors import DatabaseUnavailable
-from jobs.config import Settings
 from jobs.retries import ProcessResult, continue_fleet_failures, supersede_completed_chains
 from jobs.runtime import Runtime
+from jobs.settings import Settings
 from jobs.stuck import SweepResult, sweep_stuck_runs
 from jobs.waiting import read_waiting
 from scheduler.dispatch import ContinuousDispatch

@@ -27,11 +27,11 @@ from sqlalchemy.engine import make_url
 from db.engine import make_engine
 from db.migrate import migrate
 from jobs.clock import ScaledClock
-from jobs.config import Settings
 from jobs.executor import ExecutionResult, InProcess
 from jobs.manual import ChainHistory, chain_history
 from jobs.model import Run
 from jobs.runtime import Runtime
+from jobs.settings import Settings
 from scheduler.daemon import Daemon
 from scheduler.logs import route_library_logs
 

@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 
 from db.engine import make_engine
 from db.migrate import migrate
-from jobs.config import ENV_VARS
+from jobs.settings import ENV_VARS
 from tests.schema import VARIANTS
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,11 +10,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from jobs.config import Settings
 from jobs.executor import ExecutionResult, InProcess
 from jobs.model import Run
 from jobs.rules import RetryPolicy
 from jobs.runtime import Runtime
+from jobs.settings import Settings
 
 
 def make_runtime(url: str, executor: Any = None, *, policy: RetryPolicy | None = None, **settings: Any) -> Runtime:

@@ -14,44 +14,15 @@ from typing import TYPE_CHECKING
 import click
 
 from db.errors import EXIT_INTERRUPTED, EXIT_OK, OperatorError
-from jobs.config import FLAG_FOR, Settings, settings_from_environment
+from jobs.settings import BY_ENV, FLAG_FOR, Settings, settings_from_environment
 from scheduler.cli.interrupts import Interrupted
 
 if TYPE_CHECKING:
     from jobs.runtime import Runtime
 
 ENV_FOR_FLAG = {flag: env for env, flag in FLAG_FOR.items()}
-HELP = {
-    "STUCK_AFTER": "A run is stuck after this long without progress (90s, 30m, 1h, 1d). [STUCK_AFTER, 1h]",
-    "RETRY_DELAY": "Wait this long before a retry. [RETRY_DELAY, 4h]",
-    "MAX_RETRIES": "Retry budget of a chain, fixed at its first failure. [MAX_RETRIES, 4]",
-    "RETRY_BACKOFF": "fixed or exponential. [RETRY_BACKOFF, fixed]",
-    "RETRY_MAX_DELAY": "Cap of exponential backoff. [RETRY_MAX_DELAY, 1d]",
-    "RETRY_JITTER": "Random extra delay, as a fraction of the delay. [RETRY_JITTER, 0]",
-    "PERMANENT_PATTERNS": "Failure patterns never retried. [PERMANENT_PATTERNS, not_found,forbidden]",
-    "FAILURE_PATTERNS_FILE": "JSON file of extra failure patterns (and the permanent ones). [FAILURE_PATTERNS_FILE]",
-    "BATCH_SIZE": "Rows per transaction. [BATCH_SIZE, 1000]",
-    "HEARTBEAT_COLUMN": "Column that shows progress (e.g. updated_at). [HEARTBEAT_COLUMN]",
-    "SCRAPE_RUNS_TABLE": "The runs table, optionally schema-qualified. [SCRAPE_RUNS_TABLE, scrape_runs]",
-    "COLUMN_MAP": "Columns playing id, status, started_at, completed_at, error_message: id=run_id,... [COLUMN_MAP]",
-    "STATUS_MAP": "Values meaning running, completed, failed, pending_retry, cancelled: completed=done,... [STATUS_MAP]",
-    "RUN_LABEL": "How runs are named, from {column} placeholders. [RUN_LABEL, {search_query} in {location_query}]",
-    "MAX_CONCURRENT_RETRIES": "Retries executing at once across all processes. [MAX_CONCURRENT_RETRIES, 1]",
-    "EXECUTION_TIMEOUT": "Kill an execution after this long. [EXECUTION_TIMEOUT, = STUCK_AFTER]",
-    "SCRAPE_RUN_COMMAND": "Argv template, e.g. 'python -m scraper --run-id {run_id}'. [SCRAPE_RUN_COMMAND]",
-    "SCRAPE_RUN_CALLABLE": "package.module:function called with the run. [SCRAPE_RUN_CALLABLE]",
-    "SCRAPE_RUN_WEBHOOK": "POST due retries to this URL template (WEBHOOK_SECRET signs them). [SCRAPE_RUN_WEBHOOK]",
-    "WEBHOOK_TIMEOUT": "How long a delivery waits for the answer. [WEBHOOK_TIMEOUT, 30s]",
-    "SCRAPE_RUN_HANDOFF": "queued: hand due retries to the fleet's workers (map queued in STATUS_MAP). [SCRAPE_RUN_HANDOFF]",
-    "CHECK_INTERVAL": "How often the stuck checker runs. [CHECK_INTERVAL, 1h]",
-    "PROCESS_INTERVAL": "How often the retry processor runs at least. [PROCESS_INTERVAL, 30m]",
-    "DISPATCH_POLL": "How often the daemon looks for a due retry and a free slot. [DISPATCH_POLL, 5s]",
-    "METRICS_PORT": "Serve Prometheus metrics on this port. [METRICS_PORT]",
-    "LOG_LEVEL": "TRACE, DEBUG, INFO, WARNING, ERROR. [LOG_LEVEL, INFO]",
-    "LOG_FORMAT": "text or json. [LOG_FORMAT, text]",
-    "ADMIN_HOST": "Address `serve` listens on; not loopback only with ADMIN_TOKEN set. [ADMIN_HOST, 127.0.0.1]",
-    "ADMIN_PORT": "Port `serve` listens on. [ADMIN_PORT, 8080]",
-}
+# Which settings each kind of command takes as flags; each flag and its help come from its
+# declaration (jobs/settings/declarations.py).
 POLICY = (
     "STUCK_AFTER",
     "RETRY_DELAY",
@@ -89,10 +60,14 @@ def config_options(*env_names: str) -> Callable:
     # The table comes with its mapping: wherever a command takes the one, it takes the others.
     names = [n for env in env_names for n in ((env, *TABLE_MAPPING) if env == "SCRAPE_RUNS_TABLE" else (env,))]
 
+    secret = [env for env in names if BY_ENV[env].secret]
+    if secret:  # a programming error, caught by every test that imports the command
+        raise ValueError(f"{', '.join(secret)}: from the environment only, never a flag (`ps` shows argv)")
+
     def decorate(command: Callable) -> Callable:
-        for env in reversed(names):
+        for setting in reversed([BY_ENV[env] for env in names]):
             command = click.option(
-                FLAG_FOR[env], default=None, expose_value=False, callback=_remember_flag, help=HELP[env]
+                setting.flag, default=None, expose_value=False, callback=_remember_flag, help=setting.option_help
             )(command)
         return command
 

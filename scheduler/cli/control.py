@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 
 from db.errors import EXIT_OK, UsageError
-from jobs.config import parse_duration
 from jobs.control import BulkCancelResult, cancel_matching, cancel_run, pause_retries, resume_retries
 from jobs.manual import RetryCriteria, parse_run_id
+from jobs.settings import parse_duration
 from scheduler.cli import all_option, cli, config_options, dry_run_option, json_option, open_runtime
 from scheduler.cli.output import emit_json, listing
 

@@ -7,9 +7,9 @@ from datetime import timedelta
 import click
 
 from db.errors import EXIT_OK, EXIT_REFUSED, EXIT_USAGE
-from jobs.config import parse_duration, settings_from_environment
 from jobs.dead_letters import get_dead_letter, list_dead_letters, purge_dead_letters, requeue
 from jobs.doctor import run_checks
+from jobs.settings import parse_duration, settings_from_environment
 from jobs.stats import HERE, retry_stats
 from jobs.status import handed_off_message
 from scheduler.cli import EXECUTION, POLICY, cli, config_options, json_option, open_runtime

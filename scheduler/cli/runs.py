@@ -8,7 +8,6 @@ from collections.abc import Callable
 import click
 
 from db.errors import EXIT_OK, EXIT_REFUSED, DueNowRefused, RetryRefused, UsageError
-from jobs.config import parse_duration
 from jobs.control import read_pause
 from jobs.due_now import DueNow, make_due_now
 from jobs.manual import (
@@ -23,6 +22,7 @@ from jobs.manual import (
 )
 from jobs.recovery import FixResult, fix_stuck_runs_with_retry
 from jobs.retries import ProcessResult, RetryOutcome, process_due_retries
+from jobs.settings import parse_duration
 from jobs.status import CHECKER, JOB_IDS, PROCESSOR, job_run
 from jobs.stuck import KEPT_RUNS, SweepResult, sweep_stuck_runs
 from scheduler.cli import (

@@ -8,7 +8,7 @@ import socket
 import click
 
 from db.errors import EXIT_OK, ConfigError
-from jobs.config import is_loopback
+from jobs.settings import is_loopback
 from scheduler.cli import cli, config_options
 
 DATABASE_RETRY_SECONDS = 2  # while the database cannot be reached at start

@@ -12,8 +12,8 @@ from fastapi.responses import RedirectResponse, Response
 from loguru import logger
 
 from db.errors import DatabaseUnavailable
-from jobs.config import Settings
 from jobs.runtime import Runtime
+from jobs.settings import Settings
 from scheduler.web.api import (
     ApiError,
     Caller,

@@ -16,22 +16,30 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
-from fastapi.routing import APIRoute
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from db.errors import CancelRefused, DatabaseUnavailable, DueNowRefused, OperatorError, RetryRefused, RunNotFound, UsageError
-from jobs.config import is_loopback, parse_duration
+from db.errors import (
+    CancelRefused,
+    DatabaseUnavailable,
+    DueNowRefused,
+    OperatorError,
+    RetryRefused,
+    RunNotFound,
+    UsageError,
+)
 from jobs.control import cancel_matching, cancel_run, pause_retries, resume_retries
-from jobs.due_now import make_due_now
 from jobs.dead_letters import get_dead_letter, list_dead_letters, requeue
+from jobs.due_now import make_due_now
 from jobs.listing import MAX_PAGE, MAX_SEARCH, RunFilter, list_runs
 from jobs.manual import RETRY_KINDS, RetryCriteria, chain_history, retry_matching, retry_run
 from jobs.runtime import Runtime
+from jobs.settings import is_loopback, parse_duration
 from jobs.stats import retry_stats
 from jobs.status import CHECKER, job_run, read_status
 from jobs.stuck import sweep_stuck_runs

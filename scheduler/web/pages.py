@@ -25,11 +25,11 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from db.errors import ConfigError, RetryRefused, UsageError
 from db.layout import WRITTEN_STATES
-from jobs.config import parse_duration
 from jobs.dead_letters import list_dead_letters
 from jobs.listing import RunFilter, list_runs, window_label
 from jobs.manual import ChainHistory, chain_history, retry_run
 from jobs.runtime import Runtime
+from jobs.settings import parse_duration
 from jobs.stats import retry_stats
 from jobs.status import read_status
 from jobs.timeline import HourlyTimeline, hourly_timeline

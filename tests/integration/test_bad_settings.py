@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from db.engine import make_engine
-from jobs.config import ENV_VARS, FLAG_FOR
+from jobs.settings import ENV_VARS, FLAG_FOR
 from tests.daemons import FAKE_COMMAND
 from tests.helpers import insert_run
 from tests.integration.test_cli import cli, one_line_error

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from db.engine import make_engine
 from db.errors import DatabaseUnavailable
-from jobs.config import load_settings
+from jobs.settings import load_settings
 from scheduler import get_scheduler
 from scheduler.schedule import RecordedSchedule
 from tests.conftest import REPO

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from db.errors import ConfigError, ExecutorError
-from jobs.config import load_settings
 from jobs.executor import CallableExecutor, CommandExecutor, build_executor
 from jobs.model import Run
+from jobs.settings import load_settings
 from tests.daemons import wait_until
 
 FAKE = Path(__file__).resolve().parent.parent / "fake_scraper.py"

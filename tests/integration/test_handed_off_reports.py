@@ -11,10 +11,10 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from db.layout import Layout
-from jobs.config import Settings
 from jobs.retries import ProcessResult, RetryOutcome
 from jobs.rules import RetryPolicy
 from jobs.runtime import Runtime
+from jobs.settings import Settings
 from scheduler.daemon import Daemon
 from scheduler.metrics import Metrics
 from tests.helpers import insert_run

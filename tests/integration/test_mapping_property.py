@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from db.engine import make_engine
 from db.layout import Layout
 from db.migrate import migrate
-from jobs.config import Settings
 from jobs.rules import RetryPolicy
 from jobs.runtime import Runtime
+from jobs.settings import Settings
 from jobs.stuck import sweep_stuck_runs
 from tests.schema import TEXT_STATUS
 

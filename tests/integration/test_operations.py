@@ -14,11 +14,11 @@ from freezegun import freeze_time
 
 from db.engine import make_engine
 from db.errors import RunNotFound, UsageError
-from jobs.config import load_settings
 from jobs.dead_letters import get_dead_letter, list_dead_letters, purge_dead_letters, requeue
 from jobs.doctor import run_checks
 from jobs.executor import ExecutionResult
 from jobs.retries import process_due_retries
+from jobs.settings import load_settings
 from jobs.stats import retry_stats
 from jobs.stuck import sweep_stuck_runs
 from tests.conftest import REPO

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import timedelta
 
 import pytest
 
 from db.errors import ConfigError
-from jobs.config import load_settings, parse_duration
+from db.layout import Layout
+from jobs.doctor import run_checks
+from jobs.rules import RetryPolicy
+from jobs.settings import DECLARED, Settings, load_settings, parse_duration
+from jobs.settings.readme import README, with_table
+from scheduler.cli import config_options
 
 
 @pytest.mark.parametrize(
@@ -27,14 +33,53 @@ def test_durations(text, expected):
     assert parse_duration(text, "STUCK_AFTER") == expected
 
 
-def test_defaults():
-    settings = load_settings({})
-    policy = settings.policy
-    assert (policy.stuck_after, policy.retry_delay, policy.max_retries) == (timedelta(hours=1), timedelta(hours=4), 4)
-    assert (settings.check_interval, settings.process_interval) == (timedelta(hours=1), timedelta(minutes=30))
-    assert settings.timeout == timedelta(hours=1)
-    assert (settings.max_concurrent_retries, settings.batch_size, settings.table) == (1, 1000, "scrape_runs")
-    assert policy.permanent_patterns == {"not_found", "forbidden"}
+def test_every_setting_is_declared_once():
+    for attribute in ("env", "flag", "field"):
+        values = [getattr(setting, attribute) for setting in DECLARED]
+        assert len(values) == len(set(values)), attribute
+
+
+def test_the_settings_fields_are_the_declared_ones_and_nothing_else():
+    declared = {setting.field for setting in DECLARED}
+    top = {field.name for field in dataclasses.fields(Settings)} - {"policy", "layout", "dotenv"}
+    assert top == {field for field in declared if "." not in field}
+    for within, kind in (("policy", RetryPolicy), ("layout", Layout)):
+        assert {f"{within}.{field.name}" for field in dataclasses.fields(kind)} == {
+            field for field in declared if field.startswith(f"{within}.")
+        }
+
+
+@pytest.mark.parametrize("setting", DECLARED, ids=lambda setting: setting.env)
+def test_an_unset_setting_holds_its_declared_default_and_writing_the_default_changes_nothing(setting):
+    unset = load_settings({})
+    assert setting.of(unset) == setting.of(Settings()) == setting.value
+    if setting.default is not None:  # as --help and the README show it, given back
+        assert load_settings({setting.env: setting.default}) == unset
+
+
+def test_the_retry_policys_own_defaults_are_the_declared_ones():
+    """jobs.rules.RetryPolicy() is built bare by the rules' tests: its defaults must not drift."""
+    assert RetryPolicy() == load_settings({}).policy
+
+
+def test_a_secret_has_no_flag_and_no_value_in_the_settings_repr():
+    settings = load_settings({"ADMIN_TOKEN": "a" * 16, "READ_TOKEN": "b" * 16})
+    assert "a" * 16 not in repr(settings) and "b" * 16 not in repr(settings)
+    with pytest.raises(ValueError, match="ADMIN_TOKEN: from the environment only"):
+        config_options("ADMIN_TOKEN")
+
+
+def test_doctors_configuration_line_lists_the_declared_settings_values():
+    settings = load_settings({"STUCK_AFTER": "2h", "MAX_RETRIES": "7", "SCRAPE_RUNS_TABLE": "crawl.jobs"})
+    [configuration, *_] = run_checks(lambda: settings, lambda: None)
+    assert configuration.detail == "stuck after 2:00:00, retry after 4:00:00, 7 retries, table crawl.jobs"
+
+
+def test_the_readmes_configuration_table_is_the_declarations():
+    readme = README.read_text(encoding="utf-8")
+    assert with_table(readme) == readme, "README.md's settings table is stale: run `python -m jobs.settings.readme`"
+    for setting in DECLARED:
+        assert f"| `{setting.env}` |" in readme
 
 
 def test_execution_timeout_follows_the_stuck_threshold_unless_set():
