@@ -44,6 +44,11 @@ def create_app(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time
     return app
 
 
+def serving(settings: Settings, *, retry_seconds: float) -> Starting:
+    """The ASGI app `serve` runs for `settings` (the tests run theirs in-process from here too)."""
+    return Starting(settings, Tokens(settings.admin_token, settings.read_token), retry_seconds=retry_seconds)
+
+
 class Starting:
     """The ASGI app `serve` runs: the real one once the database answered, until then a stand-in
     that answers 503 (the API's envelope under /api, a page saying so elsewhere). `serve` started
