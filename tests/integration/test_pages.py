@@ -363,9 +363,12 @@ def browser(tmp_path_factory):
 
 
 def until(driver, condition, timeout: float = 20):
+    """`condition` met within `timeout`; asked again when the page replaced an element while it read it
+    (a refresh swaps #live: the element it found can be gone by the time it reads its text)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout).until(condition)
+    return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(condition)
 
 
 def sign_in(driver, web: WebServer, token: str, first: str = "/") -> None:
