@@ -1,14 +1,24 @@
-"""`stuck-runs serve` as a real process on loopback, for the API and browser tests."""
+"""`stuck-runs serve` for the HTTP tests: in-process (`InProcessWeb`, the app `serve` builds,
+called through Starlette's TestClient: no process, no socket) for what a route answers, and as a
+real process on loopback (`WebServer`) for what only a process shows: its start, its bind, its
+log, its waiting for the database, a browser. Both have `client(token)` and `base`."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
+import warnings
 
 import httpx
 
-from tests.daemons import DaemonProcess
+from tests.daemons import FAKE_COMMAND, DaemonProcess
+
+with warnings.catch_warnings():
+    # Starlette asks for httpx2 at import; httpx is the project's client, and TestClient still takes it.
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
+    from starlette.testclient import TestClient
 
 ADMIN = "adm-0123456789abcdef-token"
 READER = "rdr-0123456789abcdef-token"
@@ -55,3 +65,40 @@ class WebServer(DaemonProcess):
         if not hasattr(self, "_stopped"):
             self._stopped = super().stop(timeout)
         return self._stopped
+
+
+class InProcessWeb:
+    """The app `serve` builds for these settings (`scheduler.web.serving`, the same factory and
+    settings loading), answering in this process. Same arguments as `WebServer`; `port` is only
+    the one named in the Host header and `base`, nothing listens on it."""
+
+    def __init__(self, db_url: str, *args: str, tokens: bool = True, **env: str) -> None:
+        from jobs.settings import load_settings
+        from scheduler.cli.web import DATABASE_RETRY_SECONDS
+        from scheduler.web import serving
+
+        assert not args, "flags are for a real `serve`: use WebServer"
+        self.port = free_port()
+        settings = {"DATABASE_URL": db_url, "SCRAPE_RUN_COMMAND": FAKE_COMMAND, "ADMIN_PORT": str(self.port), **env}
+        if tokens:
+            settings = {"ADMIN_TOKEN": ADMIN, "READ_TOKEN": READER, **settings}
+        self.app = serving(load_settings({**os.environ, **settings}), retry_seconds=DATABASE_RETRY_SECONDS)
+        self.app.open_or_wait(on_error=lambda: None)
+        assert self.app.runtime is not None, "the test database did not answer"
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.clients: list[TestClient] = []
+
+    def client(self, token: str | None = None, **headers: str) -> httpx.Client:
+        """A client as `WebServer.client` gives: no redirect followed, a server error an answer (not raised)."""
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        http = TestClient(
+            self.app, base_url=self.base, headers=headers, follow_redirects=False, raise_server_exceptions=False
+        )
+        self.clients.append(http)
+        return http
+
+    def stop(self) -> None:
+        for http in self.clients:
+            http.close()
+        self.app.close()

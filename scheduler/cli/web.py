@@ -48,11 +48,9 @@ def serve(ctx: click.Context) -> int:
     import uvicorn
     from loguru import logger
 
-    from scheduler.web import Starting
-    from scheduler.web.auth import Tokens
+    from scheduler.web import serving
 
-    tokens = Tokens(settings.admin_token, settings.read_token)
-    app = Starting(settings, tokens, retry_seconds=DATABASE_RETRY_SECONDS)
+    app = serving(settings, retry_seconds=DATABASE_RETRY_SECONDS)
     config = uvicorn.Config(
         app,
         host=settings.admin_host,

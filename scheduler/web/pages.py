@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -34,8 +34,9 @@ from jobs.stats import retry_stats
 from jobs.status import read_status
 from jobs.timeline import HourlyTimeline, hourly_timeline
 from scheduler.documents import json_text, plain
-from scheduler.web.api import OVERVIEW_WINDOW, ApiError, Caller, answering
+from scheduler.web.answers import ApiError, answering
 from scheduler.web.auth import ADMIN, SESSION_COOKIE, Tokens, local_path
+from scheduler.web.security import Caller
 
 HERE = Path(__file__).resolve().parent
 RUNS_PER_PAGE = 50
@@ -46,6 +47,7 @@ ORDER_CHOICES = (
     ("due", "due time (pending retries)"),
 )
 REFRESH_SECONDS = 10
+OVERVIEW_WINDOW = timedelta(days=7)  # the overview's chart
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'",

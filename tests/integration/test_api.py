@@ -1,9 +1,11 @@
-"""The HTTP API (SPEC §13) against a real `stuck-runs serve` on loopback and a real PostgreSQL:
-every shape and status code, every refusal, nothing changed by a refused request."""
+"""The HTTP API (SPEC §13) on a real PostgreSQL: every shape and status code, every refusal,
+nothing changed by a refused request, asked of the app `serve` builds, in-process; what only a
+process shows (its start, bind, log, a database outage, systemd) asked of a real `stuck-runs serve`."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -15,7 +17,7 @@ from db.engine import make_engine
 from tests.helpers import insert_run, insert_stuck_runs, row, rows
 from tests.integration.test_cli import cli, one_line_error
 from tests.own_server import migrated_server
-from tests.web import ADMIN, READER, WebServer
+from tests.web import ADMIN, READER, InProcessWeb, WebServer
 
 pytestmark = pytest.mark.slow
 NOW = datetime.now(timezone.utc)
@@ -355,8 +357,11 @@ def test_bad_serve_settings_are_one_line_and_exit_2(db_url, env, fragment):
             assert value not in line  # a token is never repeated
 
 
-def test_serve_on_a_port_in_use_says_so(db_url, web):
-    result = cli("serve", "--port", str(web.port), env={"DATABASE_URL": db_url})
+def test_serve_on_a_port_in_use_says_so(db_url):
+    with socket.socket() as taken:  # a port this test process listens on: another process for `serve`
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = cli("serve", "--port", str(taken.getsockname()[1]), env={"DATABASE_URL": db_url})
     assert result.returncode == 2, result.stderr
     assert "cannot listen on 127.0.0.1:" in result.stderr and "Traceback" not in result.stderr
 
@@ -639,7 +644,7 @@ def test_the_due_order_is_soonest_first_and_the_stuck_filter_is_what_check_would
         stuck = insert_run(conn, started_at=NOW - timedelta(minutes=50))
         insert_run(conn, started_at=NOW - timedelta(minutes=20))  # running, within its limit
         insert_run(conn, status="failed", started_at=NOW - timedelta(hours=5))
-    web = WebServer(db_url, STUCK_AFTER="45m")
+    web = InProcessWeb(db_url, STUCK_AFTER="45m")
     try:
         with web.client(READER) as http:
             due = http.get("/api/runs", params={"order": "due"}).json()["data"]

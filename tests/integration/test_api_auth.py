@@ -1,5 +1,6 @@
-"""SPEC §13's access rules against a real `serve`: each rule has a request that it refuses, and
-that a server without the rule would let through (nothing changes when it is refused)."""
+"""SPEC §13's access rules against the app `serve` builds (in-process; sign-in and out over a real
+`serve`'s socket): each rule has a request that it refuses, and that a server without the rule
+would let through (nothing changes when it is refused)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import sqlalchemy as sa
 
 from tests.helpers import insert_run
 from tests.integration.test_api import failed_run, snapshot
-from tests.web import ADMIN, READER, WebServer
+from tests.web import ADMIN, READER, InProcessWeb, WebServer
 
 pytestmark = pytest.mark.slow
 NOW = datetime.now(timezone.utc)
 
 
-def signed_in(web: WebServer, token: str):
+def signed_in(web: InProcessWeb | WebServer, token: str):
     http = web.client()
     answer = http.post("/login", data={"token": token})
     assert answer.status_code == 303 and answer.headers["location"] == "/", answer.text
@@ -54,7 +55,8 @@ def test_a_read_token_reads_and_cannot_act(web, engine):
         assert http.post(f"/api/runs/{run_id}/retry").status_code == 200
 
 
-def test_sign_in_gives_a_strict_http_only_cookie_and_sign_out_clears_it(web):
+def test_sign_in_gives_a_strict_http_only_cookie_and_sign_out_clears_it(served):
+    web = served  # the cookie as a real `serve` sets it over its socket
     http, answer = signed_in(web, READER)
     cookie = answer.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict") and "Path=/" in cookie
@@ -107,7 +109,7 @@ def test_a_forged_or_outdated_cookie_is_refused(db_url, web):
             assert other.get("/api/status").status_code == 401, value
     http.close()
     web.stop()
-    rotated = WebServer(db_url, ADMIN_TOKEN="adm-a-brand-new-token-0000", READ_TOKEN=READER)
+    rotated = InProcessWeb(db_url, ADMIN_TOKEN="adm-a-brand-new-token-0000", READ_TOKEN=READER)
     try:
         with rotated.client() as other:
             other.cookies.set("stuck_runs_session", good)
@@ -118,7 +120,7 @@ def test_a_forged_or_outdated_cookie_is_refused(db_url, web):
 
 def test_without_tokens_loopback_clients_act_but_foreign_pages_and_hosts_do_not(db_url, engine):
     run_id = failed_run(engine)
-    web = WebServer(db_url, tokens=False)
+    web = InProcessWeb(db_url, tokens=False)
     try:
         before = snapshot(engine)
         with web.client() as http:

@@ -13,7 +13,7 @@ from tests.helpers import insert_run, insert_stuck_runs
 from tests.integration.test_api import failed_run, snapshot
 from tests.integration.test_cli import cli, one_line_error
 from tests.own_server import migrated_server
-from tests.web import ADMIN, READER, WebServer
+from tests.web import ADMIN, READER, InProcessWeb, WebServer
 
 pytestmark = pytest.mark.slow
 NOW = datetime.now(timezone.utc)
@@ -177,7 +177,7 @@ def test_an_integer_id_table_answers_with_integer_ids(db_url, engine):
         )
     env = {"DATABASE_URL": db_url, "SCRAPE_RUNS_TABLE": "crawl_jobs"}
     assert cli("migrate", env=env).returncode == 0
-    web = WebServer(db_url, SCRAPE_RUNS_TABLE="crawl_jobs")
+    web = InProcessWeb(db_url, SCRAPE_RUNS_TABLE="crawl_jobs")
     try:
         with web.client(ADMIN) as http:
             body = http.post("/api/runs/reset-stuck", params={"timeout_minutes": 60}).json()
@@ -202,7 +202,7 @@ def test_serve_names_a_bad_address_as_one(db_url, env, fragment):
 
 
 def test_without_tokens_a_loopback_host_in_capitals_is_loopback(db_url):
-    web = WebServer(db_url, tokens=False)
+    web = InProcessWeb(db_url, tokens=False)
     try:
         with web.client() as http:
             assert http.get("/api/status", headers={"Host": f"LOCALHOST:{web.port}"}).status_code == 200
@@ -258,7 +258,7 @@ def test_a_chunked_body_where_none_is_taken_is_refused(web):
 
 @pytest.mark.parametrize("path", ["/api/runs/--5", "/api/dead-letters/%C2%B2"])
 def test_digits_int_cannot_read_are_not_ids(db_url, path):
-    web = WebServer(db_url)
+    web = InProcessWeb(db_url)
     try:
         with web.client(READER) as http:
             answer = http.get(path)
@@ -295,7 +295,7 @@ def test_reset_stuck_without_a_threshold_judges_each_run_by_the_configured_limit
     with engine.begin() as conn:
         stuck = [insert_run(conn, started_at=NOW - timedelta(minutes=50)) for _ in range(2)]
         fresh = [insert_run(conn, started_at=NOW - timedelta(minutes=20))]
-    web = WebServer(db_url, STUCK_AFTER="45m")
+    web = InProcessWeb(db_url, STUCK_AFTER="45m")
     try:
         with web.client(ADMIN) as http:
             preview = http.post("/api/runs/reset-stuck", params={"dry_run": "true"})
@@ -350,7 +350,7 @@ def test_an_id_too_long_for_a_bigint_is_a_run_that_is_not_there(db_url, engine):
     env = {"DATABASE_URL": db_url, "SCRAPE_RUNS_TABLE": "crawl_jobs"}
     assert cli("migrate", env=env).returncode == 0
     twenty = "9" * 20
-    web = WebServer(db_url, SCRAPE_RUNS_TABLE="crawl_jobs")
+    web = InProcessWeb(db_url, SCRAPE_RUNS_TABLE="crawl_jobs")
     try:
         with web.client(ADMIN) as http:
             answers = [
@@ -382,7 +382,7 @@ def test_a_twenty_digit_id_on_uuid_and_text_id_tables(web, db_url, engine):
             " status TEXT NOT NULL, error_message TEXT, started_at TIMESTAMPTZ, completed_at TIMESTAMPTZ)"
         )
     assert cli("migrate", env={"DATABASE_URL": db_url, "SCRAPE_RUNS_TABLE": "text_jobs"}).returncode == 0
-    text_web = WebServer(db_url, SCRAPE_RUNS_TABLE="text_jobs")
+    text_web = InProcessWeb(db_url, SCRAPE_RUNS_TABLE="text_jobs")
     try:
         with text_web.client(READER) as http:
             text_table = http.get(f"/api/runs/{twenty}")

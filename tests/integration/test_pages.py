@@ -1,6 +1,7 @@
-"""The operators' pages (SPEC §13) against a real `serve` and a real PostgreSQL: over plain HTTP
-(status codes, sign-in, escaping, buttons, pages of runs), the hourly timeline service under them,
-and in a real headless Chromium (sign in, retry, text never run, dark mode, a read-only session).
+"""The operators' pages (SPEC §13) on a real PostgreSQL: over HTTP to the app `serve` builds,
+in-process (status codes, sign-in, escaping, buttons, pages of runs), the hourly timeline service
+under them, and in a real headless Chromium against a real `serve` (sign in, retry, text never run,
+dark mode, a read-only session).
 
 The browser tests save a screenshot of every page: under $SCREENSHOTS_DIR when set (the README's
 are refreshed with `SCREENSHOTS_DIR=docs/screenshots .venv/bin/pytest -n 0 tests/integration/test_pages.py`),
@@ -32,7 +33,7 @@ from tests.helpers import insert_run, make_runtime, rows
 from tests.integration.test_api import failed_run, snapshot
 from tests.integration.test_api_auth import signed_in
 from tests.integration.test_cli import cli
-from tests.web import ADMIN, READER, WebServer
+from tests.web import ADMIN, READER, InProcessWeb, WebServer
 
 pytestmark = pytest.mark.slow
 NOW = datetime.now(timezone.utc)
@@ -362,9 +363,12 @@ def browser(tmp_path_factory):
 
 
 def until(driver, condition, timeout: float = 20):
+    """`condition` met within `timeout`; asked again when the page replaced an element while it read it
+    (a refresh swaps #live: the element it found can be gone by the time it reads its text)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout).until(condition)
+    return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(condition)
 
 
 def sign_in(driver, web: WebServer, token: str, first: str = "/") -> None:
@@ -421,7 +425,7 @@ def week_of_activity(engine, db_url) -> None:
     rt.engine.dispose()
 
 
-def test_in_a_browser_sign_in_open_a_failed_chain_and_retry_it(browser, web, engine, db_url):
+def test_in_a_browser_sign_in_open_a_failed_chain_and_retry_it(browser, served, engine, db_url):
     from selenium.webdriver.common.by import By
 
     week_of_activity(engine, db_url)
@@ -433,12 +437,12 @@ def test_in_a_browser_sign_in_open_a_failed_chain_and_retry_it(browser, web, eng
         'Traceback (most recent call last):\n  File "scrape.py", line 88, in fetch\n'
         "    raise ServerError(503)\nServerError: HTTP 503 from the site",
     )
-    sign_in(browser, web, ADMIN, first=f"/runs/{run_id}")  # and it lands there
+    sign_in(browser, served, ADMIN, first=f"/runs/{run_id}")  # and it lands there
     assert "Retry (1/4)" in browser.find_element(By.ID, "live").text
-    browser.get(web.base + "/")
+    browser.get(served.base + "/")
     until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "figure.chart"))
     screenshot(browser, "overview")
-    browser.get(f"{web.base}/runs/{run_id}")
+    browser.get(f"{served.base}/runs/{run_id}")
     button = until(browser, lambda d: d.find_element(By.CSS_SELECTOR, "button[data-post]"))
     assert button.text == "Retry (1/4)"
     screenshot(browser, "chain")
@@ -456,7 +460,7 @@ def test_in_a_browser_sign_in_open_a_failed_chain_and_retry_it(browser, web, eng
         failed_run(engine, search_query="Data Architect", error_message="HTTP 503 from the site") for _ in range(2)
     )
     assert cli("retry", str(by_cli), env={"DATABASE_URL": db_url}).returncode == 0
-    with web.client(ADMIN) as http:
+    with served.client(ADMIN) as http:
         assert http.post(f"/api/runs/{by_api}/retry").status_code == 200
 
     def retry_of(root) -> dict:
@@ -465,10 +469,10 @@ def test_in_a_browser_sign_in_open_a_failed_chain_and_retry_it(browser, web, eng
         return {k: v for k, v in found.items() if k not in ("id", "original_run_id", "next_retry_at", "updated_at")}
 
     assert retry_of(run_id) == retry_of(by_cli) == retry_of(by_api)
-    browser.get(f"{web.base}/runs/{spent}")
+    browser.get(f"{served.base}/runs/{spent}")
     assert "Max retries reached (4/4) · Permanent failure" in browser.find_element(By.ID, "live").text
     for path, name in (("/runs", "runs"), ("/dead-letters", "dead-letters"), ("/stats", "stats")):
-        browser.get(web.base + path)
+        browser.get(served.base + path)
         if name == "dead-letters":
             browser.find_element(By.CSS_SELECTOR, "details summary").click()
         screenshot(browser, name)
@@ -496,7 +500,7 @@ def test_a_pending_retry_s_make_due_now_button_is_an_admin_s_and_same_origin(web
     admin.close()
 
 
-def test_in_a_browser_an_admin_makes_a_pending_retry_due_now(browser, web, engine):
+def test_in_a_browser_an_admin_makes_a_pending_retry_due_now(browser, served, engine):
     from selenium.webdriver.common.by import By
 
     from tests.helpers import insert_due_retry
@@ -504,8 +508,8 @@ def test_in_a_browser_an_admin_makes_a_pending_retry_due_now(browser, web, engin
     later = datetime.now(timezone.utc) + timedelta(hours=3)
     with engine.begin() as conn:
         root, retry = insert_due_retry(conn, due=later)
-    sign_in(browser, web, ADMIN, first=f"/runs/{root}")
-    browser.get(f"{web.base}/runs/{root}")
+    sign_in(browser, served, ADMIN, first=f"/runs/{root}")
+    browser.get(f"{served.base}/runs/{root}")
     due_now = f'button[data-post="/api/runs/{retry}/due-now"]'
     button = until(browser, lambda d: d.find_element(By.CSS_SELECTOR, due_now))
     assert button.text == "Make due now"
@@ -519,25 +523,25 @@ def test_in_a_browser_an_admin_makes_a_pending_retry_due_now(browser, web, engin
     assert no_alert(browser)
 
 
-def test_in_a_browser_a_script_in_a_query_is_shown_as_text_and_never_run(browser, web, engine):
+def test_in_a_browser_a_script_in_a_query_is_shown_as_text_and_never_run(browser, served, engine):
     from selenium.webdriver.common.by import By
 
     hostile = failed_run(engine, search_query=SCRIPT, error_message='<img src=x onerror="alert(2)">')
-    sign_in(browser, web, READER)
+    sign_in(browser, served, READER)
     for path in ("/runs", f"/runs/{hostile}"):
-        browser.get(web.base + path)
+        browser.get(served.base + path)
         until(browser, lambda d: d.find_elements(By.ID, "live"))
         assert no_alert(browser), path
         assert SCRIPT in browser.find_element(By.ID, "live").text, path
     assert browser.execute_script("return document.querySelectorAll('#live script, #live img').length") == 0
 
 
-def test_in_a_browser_pages_follow_the_system_s_dark_mode(browser, web, engine, db_url):
+def test_in_a_browser_pages_follow_the_system_s_dark_mode(browser, served, engine, db_url):
     from selenium.webdriver.common.by import By
 
     week_of_activity(engine, db_url)
     run_id = spent_chain(engine)
-    sign_in(browser, web, READER)
+    sign_in(browser, served, READER)
     background = "return getComputedStyle(document.body).backgroundColor"
     browser.execute_cdp_cmd(
         "Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "light"}]}
@@ -548,7 +552,7 @@ def test_in_a_browser_pages_follow_the_system_s_dark_mode(browser, web, engine, 
     )
     dark = browser.execute_script(background)
     screenshot(browser, "overview-dark")
-    browser.get(f"{web.base}/runs/{run_id}")
+    browser.get(f"{served.base}/runs/{run_id}")
     until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "ol.timeline"))
     assert browser.execute_script(background) == dark
     screenshot(browser, "chain-dark")
@@ -557,14 +561,14 @@ def test_in_a_browser_pages_follow_the_system_s_dark_mode(browser, web, engine, 
     assert sum(map(int, re.findall(r"\d+", dark)[:3])) < 150 < sum(map(int, re.findall(r"\d+", light)[:3]))
 
 
-def test_in_a_browser_a_read_only_session_has_no_retry_button_and_signs_out(browser, web, engine):
+def test_in_a_browser_a_read_only_session_has_no_retry_button_and_signs_out(browser, served, engine):
     from selenium.webdriver.common.by import By
 
     run_id = failed_run(engine)
     dead_letter(engine, spent_chain(engine), "Traceback ...")
-    sign_in(browser, web, READER, first=f"/runs/{run_id}")
+    sign_in(browser, served, READER, first=f"/runs/{run_id}")
     for path in (f"/runs/{run_id}", "/dead-letters"):
-        browser.get(web.base + path)
+        browser.get(served.base + path)
         until(browser, lambda d: d.find_elements(By.ID, "live"))
         assert browser.find_elements(By.TAG_NAME, "button") == [
             browser.find_element(By.CSS_SELECTOR, ".sign-out button")
@@ -572,30 +576,30 @@ def test_in_a_browser_a_read_only_session_has_no_retry_button_and_signs_out(brow
         assert "Retry (" not in browser.find_element(By.ID, "live").text
     browser.find_element(By.CSS_SELECTOR, ".sign-out button").click()
     until(browser, lambda d: urlsplit(d.current_url).path == "/login")
-    browser.get(web.base + "/stats")
+    browser.get(served.base + "/stats")
     assert urlsplit(browser.current_url).path == "/login"  # signed out
 
 
-def test_in_a_browser_a_visible_page_refreshes_itself(browser, web, engine):
+def test_in_a_browser_a_visible_page_refreshes_itself(browser, served, engine):
     from selenium.webdriver.common.by import By
 
     run_id = failed_run(engine)
-    sign_in(browser, web, READER)
-    browser.get(f"{web.base}/runs/{run_id}")
+    sign_in(browser, served, READER)
+    browser.get(f"{served.base}/runs/{run_id}")
     browser.execute_script("window.stillThisDocument = true")
     assert "pending_retry" not in browser.find_element(By.ID, "live").text
-    with web.client(ADMIN) as http:
+    with served.client(ADMIN) as http:
         assert http.post(f"/api/runs/{run_id}/retry").status_code == 200
     until(browser, lambda d: "pending_retry" in d.find_element(By.ID, "live").text, timeout=25)
     assert browser.execute_script("return window.stillThisDocument") is True  # refreshed in place, not reloaded
 
 
-def test_in_a_browser_a_hidden_page_does_not_refresh(browser, web, engine):
+def test_in_a_browser_a_hidden_page_does_not_refresh(browser, served, engine):
     from selenium.webdriver.common.by import By
 
     run_id = failed_run(engine)
-    sign_in(browser, web, READER)
-    browser.get(f"{web.base}/runs/{run_id}")
+    sign_in(browser, served, READER)
+    browser.get(f"{served.base}/runs/{run_id}")
     until(browser, lambda d: d.find_elements(By.ID, "live"))
     browser.execute_script(
         """
@@ -619,7 +623,7 @@ def test_in_a_browser_a_hidden_page_does_not_refresh(browser, web, engine):
 
 
 def test_without_tokens_the_sign_in_page_sends_the_browser_to_the_overview(db_url):
-    web = WebServer(db_url, tokens=False)
+    web = InProcessWeb(db_url, tokens=False)
     try:
         with web.client() as http:
             answer = http.get("/login")
@@ -750,7 +754,7 @@ def test_the_runs_page_shows_stuck_runs_due_times_and_pages_back(db_url, engine)
         insert_run(conn, status="pending_retry", search_query="waiting one", is_retry=True, retry_count=1, next_retry_at=due)
         for n in range(60):
             insert_run(conn, status="completed", search_query=f"job {n:02d}", started_at=NOW - timedelta(hours=1, minutes=n))
-    web = WebServer(db_url, STUCK_AFTER="45m")
+    web = InProcessWeb(db_url, STUCK_AFTER="45m")
     try:
         http, _ = signed_in(web, READER)
         stuck_page = http.get("/runs", params={"status": "stuck"}).text
@@ -805,7 +809,7 @@ def test_a_busy_hour_is_never_a_sliver_in_the_chart():
     assert bars[0]["ok_height"] == pytest.approx(160) and bars[0]["failed_height"] == 0
 
 
-def test_in_a_browser_an_admin_cancels_a_pending_retry_on_its_chain(browser, web, engine):
+def test_in_a_browser_an_admin_cancels_a_pending_retry_on_its_chain(browser, served, engine):
     from selenium.webdriver.common.by import By
 
     root = failed_run(engine)
@@ -813,7 +817,7 @@ def test_in_a_browser_an_admin_cancels_a_pending_retry_on_its_chain(browser, web
         pending = insert_run(
             conn, status="pending_retry", is_retry=True, retry_count=1, original_run_id=root, next_retry_at=NOW + timedelta(hours=1)
         )
-    sign_in(browser, web, ADMIN, first=f"/runs/{root}")
+    sign_in(browser, served, ADMIN, first=f"/runs/{root}")
     button = until(browser, lambda d: d.find_element(By.XPATH, "//button[text()='Cancel retry']"))
     button.click()
     until(browser, lambda d: "cancelled" in d.find_element(By.ID, "live").text)
@@ -825,38 +829,38 @@ def test_in_a_browser_an_admin_cancels_a_pending_retry_on_its_chain(browser, web
     assert re.fullmatch(r"updated \d\d:\d\d:\d\d UTC|", browser.find_element(By.ID, "refresh-state").text)
 
 
-def test_in_a_browser_an_admin_pauses_retries_for_a_while_and_resumes_them(browser, web, engine):
+def test_in_a_browser_an_admin_pauses_retries_for_a_while_and_resumes_them(browser, served, engine):
     from selenium.webdriver.common.by import By
 
-    sign_in(browser, web, ADMIN)
+    sign_in(browser, served, ADMIN)
     browser.find_element(By.ID, "pause-for").send_keys("2h")
     browser.find_element(By.XPATH, "//button[text()='Pause retries']").click()
     until(browser, lambda d: d.find_elements(By.XPATH, "//button[text()='Resume retries']"))
-    with web.client(READER) as http:
+    with served.client(READER) as http:
         pause = http.get("/api/status").json()["data"]["pause"]
     until_ = datetime.fromisoformat(pause["until"])
     assert timedelta(minutes=119) < until_ - datetime.now(timezone.utc) <= timedelta(hours=2)
     assert pause["paused_by"].startswith("api on ")
     browser.find_element(By.XPATH, "//button[text()='Resume retries']").click()
     until(browser, lambda d: d.find_elements(By.ID, "pause-for"))
-    with web.client(READER) as http:
+    with served.client(READER) as http:
         assert http.get("/api/status").json()["data"]["pause"] is None
     # The refresh time, as every time on the pages: UTC.
     browser.execute_script('document.getElementById("live").dataset.refresh = "1"')
-    browser.get(web.base + "/")
+    browser.get(served.base + "/")
     browser.execute_script('document.getElementById("live").dataset.refresh = "1"')
     until(browser, lambda d: d.find_element(By.ID, "refresh-state").text)
     assert re.fullmatch(r"updated \d\d:\d\d:\d\d UTC", browser.find_element(By.ID, "refresh-state").text)
 
 
-def test_in_a_browser_a_read_only_session_has_no_pause_or_cancel_button(browser, web, engine):
+def test_in_a_browser_a_read_only_session_has_no_pause_or_cancel_button(browser, served, engine):
     from selenium.webdriver.common.by import By
 
     root = failed_run(engine)
     with engine.begin() as conn:
         insert_run(conn, status="pending_retry", is_retry=True, retry_count=1, original_run_id=root, next_retry_at=NOW)
-    sign_in(browser, web, READER)
+    sign_in(browser, served, READER)
     assert not browser.find_elements(By.ID, "pause-for")
-    browser.get(f"{web.base}/runs/{root}")
+    browser.get(f"{served.base}/runs/{root}")
     until(browser, lambda d: d.find_elements(By.ID, "inputs"))
     assert not browser.find_elements(By.XPATH, "//button[text()='Cancel retry']")

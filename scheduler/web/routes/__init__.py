@@ -1,0 +1,1 @@
+"""The JSON API's routes by concern; `scheduler.web.api` assembles them."""
