@@ -21,7 +21,8 @@ from db.daemons import DaemonRecords
 from db.engine import database_errors, make_engine
 from db.table import split_name
 from jobs.config import Settings, environment_with_dotenv, load_settings
-from jobs.status import ALIVE_WITHIN, JOB_IDS
+from jobs.events import JOB_IDS
+from jobs.status import ALIVE_WITHIN
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine

@@ -26,6 +26,7 @@ from scheduler.web.api import (
 )
 from scheduler.web.auth import SESSION_COOKIE, SESSION_SECONDS, Tokens, local_path, same_origin
 from scheduler.web.pages import build_pages, login_page, not_found_page, render
+from scheduler.wiring import wire
 
 MAX_FORM_BYTES = 4096
 
@@ -133,7 +134,7 @@ class Starting:
             threading.Thread(target=self._wait, args=(on_error,), name="wait-for-database", daemon=True).start()
 
     def _open(self) -> None:
-        runtime = Runtime.open(self.settings, role="web")
+        runtime = wire(Runtime.open(self.settings, role="web"))
         self.runtime = runtime
         self.current = create_app(runtime, self.tokens)
 
