@@ -36,6 +36,7 @@ from scheduler.logs import log_daemon_event
 from scheduler.metrics import Metrics
 from scheduler.notify import JobsStatus, Notifier
 from scheduler.records import DaemonRecorder
+from scheduler.schedule import set_running
 from scheduler.wiring import wire
 
 HEARTBEAT = "daemon_heartbeat"
@@ -200,11 +201,9 @@ class Daemon:
 
     def run(self) -> None:
         """Runs until `request_stop`; returns once in-flight work is safe."""
-        from scheduler import _set_running
-
         _ = self.rt.executor  # a misconfigured executor stops the daemon before it starts
         self.records.register()
-        _set_running(self)
+        set_running(self)
         settings = self.rt.settings
         logger.info(
             "daemon started: {} every {}, {} every {}, {} retry slot(s), table {}",
@@ -220,7 +219,7 @@ class Daemon:
             if not self.stopping.is_set():
                 self.scheduler.start()
         finally:
-            _set_running(None)
+            set_running(None)
             deadline = time.monotonic() + STOP_TIMEOUT.total_seconds()
             with self._idle:
                 self._idle.wait_for(lambda: self._busy == 0, STOP_TIMEOUT.total_seconds())

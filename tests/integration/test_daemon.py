@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -14,11 +15,14 @@ import sqlalchemy as sa
 from db.engine import make_engine
 from db.errors import DatabaseUnavailable
 from jobs.config import load_settings
+from jobs.events import JOB_IDS
+from jobs.executor import InProcess
 from scheduler import get_scheduler
-from scheduler.schedule import RecordedSchedule
+from scheduler.daemon import Daemon
+from scheduler.schedule import LiveSchedule, RecordedSchedule
 from tests.conftest import REPO
 from tests.daemons import DaemonProcess, wait_until
-from tests.helpers import insert_run, row
+from tests.helpers import insert_run, make_runtime, row
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +77,23 @@ def release_schedule():
     """`get_scheduler()` keeps its engine for the process: let it go after the test."""
     yield
     get_scheduler().close()
+
+
+def test_get_scheduler_in_the_daemon_s_own_process_reads_its_live_schedule(db_url):
+    rt = make_runtime(db_url, InProcess())
+    daemon = Daemon(rt)
+    thread = threading.Thread(target=daemon.run, name="daemon", daemon=True)
+    thread.start()
+    try:
+        live = wait_until(lambda: isinstance(get_scheduler(), LiveSchedule) and get_scheduler())
+        jobs = wait_until(lambda: [j for j in live.get_scheduled_jobs() if j.next_run_time])
+        assert {j.id for j in jobs} == set(JOB_IDS)
+        assert all((j.host, j.pid) == (daemon.host, os.getpid()) for j in jobs)
+    finally:
+        daemon.request_stop()
+        thread.join(30)
+        rt.close()
+    assert not thread.is_alive() and not isinstance(get_scheduler(), LiveSchedule)  # stopped: the recorded one
 
 
 def test_get_scheduler_in_another_process_without_a_daemon_lists_both_jobs_unscheduled(
