@@ -121,13 +121,13 @@ def process_summary(result: ProcessResult) -> str:
     return ", ".join(parts)
 
 
-def progress_printer(as_json: bool, show_all: bool = False) -> Subscriber | None:
+def progress_printer(as_json: bool, show_all: bool = False) -> Subscriber:
     """Prints each execution as it starts and ends (a retry can take an hour), and `fix`'s sweep
     before its pass; nothing for --json. Subscribed to the command's runtime."""
-    if as_json:
-        return None
 
     def show(event: Event) -> None:
+        if as_json:
+            return
         if isinstance(event, SweepFinished):
             print_sweep(event.result, show_all=show_all)  # type: ignore[arg-type]
         elif isinstance(event, RetryStarted):
@@ -194,26 +194,22 @@ def process(ctx: click.Context, dry_run: bool, show_all: bool, as_json: bool) ->
     Example:
       stuck-runs process --max-concurrent-retries 2
     """
-    printer = progress_printer(as_json)
     with interruptible() as interruption:
         with open_runtime(ctx, executes=not dry_run) as rt, job_run(rt, (PROCESSOR,), dry_run=dry_run) as record:
-            if printer is not None:
-                rt.events.subscribe(printer)
+            rt.events.subscribe(progress_printer(as_json))
             result = process_due_retries(rt, dry_run=dry_run, stop=interruption.event)
             record(result)
         interruption.printing()
-        emit_json(result) if as_json else print_process(result, listed=printer is not None, show_all=show_all)
+        emit_json(result) if as_json else print_process(result, listed=True, show_all=show_all)
         interruption.report()
     return interruption.exit_code(EXIT_OK)
 
 
 def run_fix(ctx: click.Context, dry_run: bool, as_json: bool, show_all: bool = False) -> int:
     """`fix`, shared with scripts/fix_stuck_runs_with_retry.py."""
-    printer = progress_printer(as_json, show_all)
     with interruptible() as interruption:
         with open_runtime(ctx, executes=not dry_run) as rt, job_run(rt, JOB_IDS, dry_run=dry_run) as record:
-            if printer is not None:
-                rt.events.subscribe(printer)
+            rt.events.subscribe(progress_printer(as_json, show_all))
             policy = rt.settings.policy
             result: FixResult = fix_stuck_runs_with_retry(
                 max_duration_hours=policy.stuck_after.total_seconds() / 3600,
