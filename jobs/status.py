@@ -1,5 +1,6 @@
 """`stuck-runs status`: what the jobs did (from any host, any entry point) and will do, and where
-the runs stand; and the record of each job run, the daemon's ticks and the CLI's alike.
+the runs stand (read from the job records); and `job_run`, which publishes the work done
+outside the daemon as job runs, for the records (scheduler/records.py) to write.
 """
 
 from __future__ import annotations
