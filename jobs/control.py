@@ -19,6 +19,7 @@ from db.errors import CancelRefused
 from db.messages import CANCELLED_BY_OPERATOR
 from db.queries.retries import matching_count
 from jobs.delivery import being_delivered
+from jobs.events import PauseBegan, PauseEnded
 from jobs.manual import RetryCriteria, beyond_limit, chain_history, criteria_params
 from jobs.model import Run, RunId
 from jobs.rules import format_time
@@ -147,6 +148,7 @@ def pause_retries(rt: Runtime, duration: timedelta | None = None, *, via: str = 
         row = conn.execute(records.pause(now, now + duration if duration else None, _by(via))).mappings().one()
     state = PauseState(row["paused_at"], row["until"], row["paused_by"])
     logger.bind(event="paused").warning("{}", state.message)
+    rt.events.publish(PauseBegan(state))
     return state
 
 
@@ -157,7 +159,9 @@ def resume_retries(rt: Runtime) -> PauseState | None:
     if row is None or not row["standing"]:
         return None
     logger.bind(event="resumed").info("retries resumed")
-    return PauseState(row["paused_at"], row["until"], row["paused_by"])
+    state = PauseState(row["paused_at"], row["until"], row["paused_by"])
+    rt.events.publish(PauseEnded(state))
+    return state
 
 
 def read_pause(rt: Runtime, conn: Connection | None = None) -> PauseState | None:

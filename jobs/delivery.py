@@ -33,6 +33,7 @@ from datetime import datetime, timedelta
 from loguru import logger
 
 from db.engine import database_errors
+from jobs.events import RetryEnded
 from jobs.executor import ExecutionResult
 from jobs.model import Run, RunId
 from jobs.outcomes import RetryOutcome, record_outcome, taken_over
@@ -90,11 +91,8 @@ NO_ROOM = object()  # the cap is reached: nothing was marked
 class Deliveries:
     """Marks, delivers and confirms (or puts back) due retries, as many at once as the cap allows."""
 
-    def __init__(
-        self, rt: Runtime, policy: RetryPolicy, observe: Callable[[str, object], None] | None = None
-    ) -> None:
+    def __init__(self, rt: Runtime, policy: RetryPolicy) -> None:
         self.rt, self.policy = rt, policy
-        self.observe = observe or (lambda event, payload: None)
         self.process = f"{socket.gethostname()} pid {os.getpid()}"
         bound = getattr(rt.executor, "delivery_bound", timedelta(0))
         self.lease = bound + LEASE_MARGIN
@@ -179,7 +177,7 @@ class Deliveries:
         delivered = self.rt.executor.start_until(marked.run, stop)
         outcome = self.settle(marked, delivered.result, abandoned=delivered.abandoned)
         outcome = replace(outcome, seconds=time.monotonic() - started)
-        self.observe("finished", outcome)
+        self.rt.events.publish(RetryEnded(outcome))
         return outcome
 
     def settle(self, marked: Marked, result: ExecutionResult, *, abandoned: bool = False) -> RetryOutcome:

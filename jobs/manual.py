@@ -17,8 +17,8 @@ from db.dead_letters import mark_requeued
 from db.engine import database_errors
 from db.errors import RetryRefused, RunNotFound, UsageError
 from db.queries.retries import matching_count
-from jobs.model import Run, RunId
 from jobs.delivery import being_delivered
+from jobs.model import Run, RunId
 from jobs.retries import RetryDispatcher, RetryOutcome
 from jobs.rules import RetryPolicy, attempts_text, chain_budget, count_attempts, format_duration, format_time
 from jobs.runtime import Runtime

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -28,7 +27,6 @@ def fix_stuck_runs_with_retry(
     runtime: Runtime | None = None,
     dry_run: bool = False,
     stop: threading.Event | None = None,
-    observe: Callable[[str, object], None] | None = None,
     keep: int | None = KEPT_RUNS,
 ) -> FixResult:
     """A stuck-run sweep, then a pass over due retries.
@@ -36,8 +34,8 @@ def fix_stuck_runs_with_retry(
     Runs stuck longer than `max_duration_hours` are failed and retried `retry_delay_hours`
     later, up to `max_retries` times per chain. Without `runtime`, configuration comes from the
     environment and `.env` (DATABASE_URL, the executor...). With `stop` set the sweep ends after
-    its batch and executing retries go back to `pending_retry`. `observe` is told ("swept",
-    sweep result), then the processor's ("started", run) and ("finished", outcome), as they happen.
+    its batch and executing retries go back to `pending_retry`. The sweep, each retry's start and
+    end, and the pass are published on `runtime.events` as they happen.
     The sweep's result keeps the rows of its first `keep` runs (None: all).
     """
     if max_duration_hours <= 0 or retry_delay_hours < 0 or max_retries < 0:
@@ -58,9 +56,7 @@ def fix_stuck_runs_with_retry(
             max_retries=max_retries,
         )
         sweep = sweep_stuck_runs(runtime, policy, dry_run=dry_run, stop=stop, keep=keep)
-        if observe is not None:
-            observe("swept", sweep)
-        process = process_due_retries(runtime, policy, dry_run=dry_run, stop=stop, observe=observe)
+        process = process_due_retries(runtime, policy, dry_run=dry_run, stop=stop)
         return FixResult(sweep, process)
     finally:
         if owned:

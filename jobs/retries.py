@@ -20,8 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
-from typing import ClassVar
+from datetime import datetime
 
 from loguru import logger
 from sqlalchemy.engine import Connection
@@ -29,6 +28,7 @@ from sqlalchemy.engine import Connection
 from db import locks
 from db.engine import database_errors
 from jobs.delivery import Deliveries
+from jobs.events import ProcessorPassFinished, RetryEnded, RetryStarted
 from jobs.executor import Execution
 from jobs.handoff import has_room, queue_due_retries, take_slot
 from jobs.model import Run, RunId
@@ -125,8 +125,6 @@ class ProcessResult:
         """Executions stopped by a signal and put back to `pending_retry` (no budget spent)."""
         return sum(1 for o in self.executed if o.status == "released")
 
-    stuck_detected: ClassVar[int] = 0  # a processor pass finds no stuck run (the metrics read every result alike)
-
     @property
     def retries_scheduled(self) -> int:
         """Failed attempts (executed or refused deliveries) whose chain got its next retry."""
@@ -164,15 +162,16 @@ def process_due_retries(
     *,
     dry_run: bool = False,
     stop: threading.Event | None = None,
-    observe: Callable[[str, object], None] | None = None,
+    dispatch: Callable[[threading.Event], list[RetryOutcome]] | None = None,
 ) -> ProcessResult:
     """Supersedes what completed late, then executes due retries until none is due.
 
     Executes up to MAX_CONCURRENT_RETRIES at once, counted across every process on the
     database; returns when nothing is due or every slot is taken by others. With `stop` set
     (a signal), no new retry is claimed and those executing go back to `pending_retry`, due
-    now, budget unspent. `observe` is told ("started", run) and ("finished", outcome) as they
-    happen.
+    now, budget unspent. `dispatch` executes the due retries instead, and gives what it finished:
+    the daemon's slots, which run beside its scheduler. Each retry's start and end is published as
+    it happens, and the pass once it is over (`ProcessorPassFinished`; a dry run's is not).
     """
     policy = policy or rt.settings.policy
     started = time.monotonic()
@@ -184,12 +183,17 @@ def process_due_retries(
         return ProcessResult(
             superseded, due=due, dry_run=True, seconds=time.monotonic() - started, waiting=read_waiting(rt)
         )
-    executed = continue_fleet_failures(rt, policy)
-    for outcome in executed:  # told like any attempt that ended: each line names its run
-        (observe or (lambda event, payload: None))("finished", outcome)
-    executed += RetryDispatcher(rt, policy, observe).drain(stop or threading.Event())
+    if dispatch is not None:
+        executed = dispatch(stop or threading.Event())
+    else:
+        executed = continue_fleet_failures(rt, policy)
+        for outcome in executed:  # told like any attempt that ended: each line names its run
+            rt.events.publish(RetryEnded(outcome))
+        executed += RetryDispatcher(rt, policy).drain(stop or threading.Event())
     waiting = read_waiting(rt)  # what is still due once the pass is over, and why
-    return ProcessResult(superseded, tuple(executed), seconds=time.monotonic() - started, waiting=waiting)
+    result = ProcessResult(superseded, tuple(executed), seconds=time.monotonic() - started, waiting=waiting)
+    rt.events.publish(ProcessorPassFinished(result))
+    return result
 
 
 def supersede_completed_chains(rt: Runtime, *, dry_run: bool = False) -> tuple[SupersededRetry, ...]:
@@ -242,19 +246,17 @@ def preview_due(rt: Runtime) -> tuple[DueRetry, ...]:
 class RetryDispatcher:
     """Claims and executes due retries in the slots it can take."""
 
-    def __init__(self, rt: Runtime, policy: RetryPolicy, observe: Callable[[str, object], None] | None = None) -> None:
+    def __init__(self, rt: Runtime, policy: RetryPolicy) -> None:
         self.rt = rt
         self.policy = policy
         self.slots_ns = locks.namespace(rt.runs.canonical_name, locks.SLOTS)
-        # Told ("started", run) and ("finished", outcome) as they happen (the daemon's metrics).
-        self.observe = observe or (lambda event, payload: None)
 
     @property
     def deliveries(self) -> Deliveries | None:
         """The hand-over, when the executor delivers to the fleet (a webhook) instead of running here."""
         if getattr(self.rt.executor, "start_until", None) is None:
             return None
-        return Deliveries(self.rt, self.policy, self.observe)
+        return Deliveries(self.rt, self.policy)
 
     def drain(self, stop: threading.Event) -> list[RetryOutcome]:
         """Executes due retries in every free slot until none is due (or `stop` is set)."""
@@ -313,7 +315,7 @@ class RetryDispatcher:
                 "{}: handed to the fleet's workers ({})", run.label, self.rt.runs.layout.written("queued")
             )
             outcome = RetryOutcome(run.id, run.label, "handed_off")
-            self.observe("finished", outcome)
+            self.rt.events.publish(RetryEnded(outcome))
             outcomes.append(outcome)
         return outcomes
 
@@ -376,7 +378,7 @@ class RetryDispatcher:
         logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count, event="started").info(
             "{}: started", run.label
         )
-        self.observe("started", run)
+        self.rt.events.publish(RetryStarted(run))
         return Claim(run, execution, bool(row["_sr_locked"]))
 
     def _start_claimed(self, run: Run, was_due: datetime | None) -> Execution:
@@ -396,7 +398,7 @@ class RetryDispatcher:
         timeout = self.rt.clock.real(self.rt.settings.timeout)
         result = execution.wait(timeout, stop)
         outcome = replace(record_outcome(self.rt, self.policy, run, result), seconds=time.monotonic() - started)
-        self.observe("finished", outcome)
+        self.rt.events.publish(RetryEnded(outcome))
         return outcome
 
 

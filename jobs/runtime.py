@@ -18,6 +18,7 @@ from db.errors import ConfigError
 from db.queries import RunQueries
 from db.table import RunsTable, load_runs_table
 from jobs.clock import SystemClock
+from jobs.events import Events
 from jobs.executor import Executor, build_executor
 from jobs.patterns import DEFAULT_PATTERNS, Classifier
 from jobs.settings import Settings
@@ -53,6 +54,7 @@ class Runtime:
     rng: random.Random = field(default_factory=random.Random)
     classifier: Classifier = field(default_factory=Classifier)
     executor_override: Executor | None = None
+    events: Events = field(default_factory=Events)  # what the services publish; the edges subscribe
 
     @classmethod
     def open(

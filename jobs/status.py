@@ -1,33 +1,28 @@
 """`stuck-runs status`: what the jobs did (from any host, any entry point) and will do, and where
-the runs stand; and the record of each job run, the daemon's ticks and the CLI's alike.
+the runs stand (read from the job records); and `job_run`, which publishes the work done
+outside the daemon as job runs, for the records (scheduler/records.py) to write.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from loguru import logger
 from sqlalchemy.engine import URL
 
 from db.daemons import DaemonRecords
 from db.engine import database_errors, describe_db_error
 from db.errors import DatabaseUnavailable, OperatorError
 from jobs.control import PauseState, read_pause
+from jobs.events import CHECKER, DAEMON, JOB_IDS, PROCESSOR, VIA_KEY, JobRun, JobRunsEnded
 from jobs.recovery import FixResult
 from jobs.runtime import Runtime
 from jobs.waiting import Waiting, read_waiting
 
-CHECKER = "stuck_run_checker"
-PROCESSOR = "retry_processor"
-JOB_IDS = (CHECKER, PROCESSOR)
 ALIVE_WITHIN = timedelta(seconds=60)  # four missed heartbeats and a daemon counts as gone
-VIA_KEY = "via"  # in a job run's counts: what started a run outside the daemon (no column of its own)
 
 
 @dataclass(frozen=True)
@@ -147,7 +142,7 @@ def read_status(rt: Runtime) -> StatusReport:
                 row["pid"] if row else None,
                 min(upcoming) if upcoming else None,
                 row["daemon_id"] is not None if row else True,
-                ("daemon" if row["daemon_id"] is not None else via) if row else None,
+                (DAEMON if row["daemon_id"] is not None else via) if row else None,
             )
         )
     return StatusReport(
@@ -173,12 +168,12 @@ def job_error(exc: BaseException, url: str | URL | None) -> str:
 def job_run(
     rt: Runtime, job_ids: tuple[str, ...], *, dry_run: bool, via: str = "cli"
 ) -> Iterator[Callable[[object], None]]:
-    """Records work done outside the daemon (`check`, `process`, `fix`, the manual script) as a
-    run of each job in `job_ids`, with the daemon's statements, so `status` shows the last run
-    from any entry point. Give the work's result (a sweep's, a processor pass's, or a `FixResult`
-    for both jobs) to the function this yields. An error is recorded and raised again; a dry run
-    is not recorded; a record that cannot be written is logged and does not undo the work.
-    `via` (cli, api) is kept with the counts, so `status` says who ran it.
+    """Publishes work done outside the daemon (`check`, `process`, `fix`, the manual script, the
+    API) as a run of each job in `job_ids` (`JobRunsEnded`), which the job records write
+    (scheduler/records.py), so `status` shows the last run from any entry point. Give the work's
+    result (a sweep's, a processor pass's, or a `FixResult` for both jobs) to the function this
+    yields. An error is published too and raised again; a dry run is not. `via` (cli, api) says
+    who ran it.
     """
     results: list[object] = []
     started = datetime.now(timezone.utc)
@@ -186,28 +181,15 @@ def job_run(
         yield results.append
     except Exception as exc:
         if not dry_run:
-            _write_runs(
-                rt, {job_id: ("error", {VIA_KEY: via}, job_error(exc, rt.engine.url)) for job_id in job_ids}, started
-            )
+            error = job_error(exc, rt.engine.url)
+            _publish(rt, tuple(JobRun(job_id, "error", {}, error) for job_id in job_ids), started, via)
         raise
     if dry_run or not results:
         return
     [result] = results
     parts = {CHECKER: result.sweep, PROCESSOR: result.process} if isinstance(result, FixResult) else {}
-    _write_runs(
-        rt, {job_id: ("ok", {**parts.get(job_id, result).counts(), VIA_KEY: via}, None) for job_id in job_ids}, started
-    )
+    _publish(rt, tuple(JobRun(job_id, "ok", parts.get(job_id, result).counts()) for job_id in job_ids), started, via)
 
 
-def _write_runs(rt: Runtime, runs: dict[str, tuple[str, dict[str, Any], str | None]], started: datetime) -> None:
-    records = DaemonRecords(rt.runs.table.schema, rt.runs.canonical_name)
-    host, pid, finished = socket.gethostname(), os.getpid(), datetime.now(timezone.utc)
-    try:
-        with rt.engine.begin() as conn:
-            for job_id, (outcome, counts, error) in runs.items():
-                run_id = conn.execute(records.job_started(None, job_id, host, pid, started)).scalar_one()
-                conn.execute(records.job_finished(run_id, finished, outcome, counts, error, None))
-    except Exception as exc:  # noqa: BLE001 - the work is done; only its record is lost
-        logger.bind(event="records_down").warning(
-            "cannot record the run of {}: {}", ", ".join(runs), describe_db_error(exc, rt.engine.url)
-        )
+def _publish(rt: Runtime, runs: tuple[JobRun, ...], started: datetime, via: str) -> None:
+    rt.events.publish(JobRunsEnded(runs, started, datetime.now(timezone.utc), via))

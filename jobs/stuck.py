@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
-from typing import ClassVar
 
 from loguru import logger
 
 from db import locks
 from db.engine import database_errors
+from jobs.events import SweepFinished
 from jobs.model import RunId, as_utc
 from jobs.rules import STUCK_PATTERN, RetryPolicy, run_label
 from jobs.runtime import Runtime
@@ -76,17 +76,10 @@ class SweepResult:
     # The table's ids came back as text: this makes them ids again (UUIDs, ints or text).
     parse_id: Callable[[str | None], object] = field(default=lambda text: _uuid(text), compare=False, repr=False)
 
-    superseded_count: ClassVar[int] = 0  # a sweep supersedes no retry (the metrics read every result alike)
-
     @property
     def permanently_failed(self) -> int:
         """Chains this sweep ended: each got its dead letter (a retry that already existed is not one)."""
         return self.dead_lettered
-
-    @property
-    def stuck_detected(self) -> int:
-        """Runs found stuck and failed (planned, in a dry run)."""
-        return self.failed
 
     def counts(self) -> dict[str, int | str]:
         """The counts the sweep is recorded and logged with (`skipped` only when it was)."""
@@ -182,9 +175,23 @@ def sweep_stuck_runs(
     finishes its current batch and returns. Another sweep holding the sweep lock for longer than
     `lock_wait` makes this one a no-op (`skipped`). `use_lock=False` skips the lock, which only
     saves work: correctness rests on the row locks and conditional updates. The result keeps the
-    rows of the first `keep` runs failed (None: all of them, for `--json`).
+    rows of the first `keep` runs failed (None: all of them, for `--json`). Its result is
+    published (`SweepFinished`), a dry run's and a skipped sweep's too.
     """
-    policy = policy or rt.settings.policy
+    result = _sweep(rt, policy or rt.settings.policy, dry_run, stop, use_lock, lock_wait, keep)
+    rt.events.publish(SweepFinished(result))
+    return result
+
+
+def _sweep(
+    rt: Runtime,
+    policy: RetryPolicy,
+    dry_run: bool,
+    stop: threading.Event | None,
+    use_lock: bool,
+    lock_wait: timedelta,
+    keep: int | None,
+) -> SweepResult:
     started = time.monotonic()
     now = rt.clock.now()
     params = {"sr_cutoff": now - policy.stuck_after, "sr_now": now}

@@ -15,26 +15,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from scheduler.daemon import Daemon
     from scheduler.schedule import LiveSchedule, RecordedSchedule
 
-_running: Daemon | None = None
-
 __all__ = ["get_scheduler", "ScheduledJob"]
-
-
-def _set_running(daemon: Daemon | None) -> None:
-    global _running
-    _running = daemon
 
 
 def get_scheduler() -> LiveSchedule | RecordedSchedule:
     """The live schedule in the daemon's process; the recorded one (from the database) elsewhere,
     the same object at every call."""
     # Imported here: the CLI lives in this package, and `stuck-runs --help` should not load SQLAlchemy.
-    from scheduler.schedule import LiveSchedule, shared_schedule
+    from scheduler.schedule import current_schedule
 
-    return LiveSchedule(_running) if _running is not None else shared_schedule
+    return current_schedule()
 
 
 def __getattr__(name: str) -> Any:

@@ -1,8 +1,9 @@
 """`stuck-runs daemon`: APScheduler 3 running the two jobs, and nothing else of substance.
 
-The jobs call the service functions; listeners on APScheduler's events log what happened and
-tell systemd, and the records listener (scheduler/records.py) writes each job run to the database. Retries execute beside the scheduler
-(`ContinuousDispatch`), so a long scrape never delays the stuck checker. A tick that fires late
+The jobs call the service functions `check` and `process` call; each job run is published
+(`JobRunsEnded`) beside what the services publish, and the daemon's subscribers log it, count
+it (metrics), tell systemd and write its record (scheduler/records.py). Retries execute beside
+the scheduler (`ContinuousDispatch`), so a long scrape never delays the stuck checker. A tick that fires late
 still runs (misfire grace of one interval, coalesced, one instance at a time). The watchdog is
 fed by a job the scheduler itself dispatches, so a wedged scheduler gets the daemon restarted.
 """
@@ -17,25 +18,27 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
-from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MISSED, JobEvent
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MISSED, EVENT_JOB_SUBMITTED, JobEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.blocking import BlockingScheduler
 from loguru import logger
 
 from db.errors import DatabaseUnavailable
-from jobs.retries import ProcessResult, continue_fleet_failures, supersede_completed_chains
+from jobs.events import CHECKER, DAEMON, JOB_IDS, PROCESSOR, JobRun, JobRunsEnded
+from jobs.retries import ProcessResult, process_due_retries
 from jobs.runtime import Runtime
 from jobs.settings import Settings
+from jobs.status import job_error
 from jobs.stuck import SweepResult, sweep_stuck_runs
-from jobs.waiting import read_waiting
 from scheduler.dispatch import ContinuousDispatch
+from scheduler.logs import log_daemon_event
 from scheduler.metrics import Metrics
-from scheduler.notify import Notifier
-from scheduler.records import DaemonRecorder, finished_run
+from scheduler.notify import JobsStatus, Notifier
+from scheduler.records import DaemonRecorder
+from scheduler.schedule import set_running
+from scheduler.wiring import wire
 
-CHECKER = "stuck_run_checker"
-PROCESSOR = "retry_processor"
 HEARTBEAT = "daemon_heartbeat"
 WATCHDOG = "systemd_watchdog"
 HEARTBEAT_INTERVAL = timedelta(seconds=15)
@@ -58,12 +61,12 @@ class Daemon:
         self.stopping = stopping or threading.Event()
         self.metrics = metrics
         self.host, self.pid = socket.gethostname(), os.getpid()
-        self.records = DaemonRecorder(rt, self.host, self.pid, recorded=(CHECKER, PROCESSOR))
-        self.dispatch = ContinuousDispatch(rt, self.stopping, metrics.retry_event if metrics else None)
+        self.records = DaemonRecorder(rt, self.host, self.pid, self._next_run)
+        self.dispatch = ContinuousDispatch(rt, self.stopping)
         self._ready = False
         self._stop_lock = threading.Lock()
         self._stop_requested = False
-        self._last: dict[str, str] = {}
+        self._started: dict[str, datetime] = {}
         self._idle = threading.Condition()
         self._busy = 0
         self.scheduler = BlockingScheduler(timezone=timezone.utc, executors={"default": ThreadPoolExecutor(4)})
@@ -75,9 +78,13 @@ class Daemon:
             # Its own job, never held up by a slow database: only a scheduler that stopped
             # dispatching jobs stops feeding it.
             self._add(WATCHDOG, self.notifier.watchdog, self.notifier.watchdog_interval)
+        self.scheduler.add_listener(self._on_submitted, EVENT_JOB_SUBMITTED)
         self.scheduler.add_listener(self._on_finished, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
         self.scheduler.add_listener(self._on_missed, EVENT_JOB_MISSED)
-        self.records.subscribe(self.scheduler)  # after the log line, as the records always came
+        wire(rt)
+        # In this order, as they always came: counted, logged, told systemd, recorded.
+        subscribers = ([metrics] if metrics else []) + [log_daemon_event, JobsStatus(self.notifier, self.stopping)]
+        self._unsubscribe = [rt.events.subscribe(s) for s in (*subscribers, self.records)]
 
     def _add(self, job_id: str, func: Callable[[], object], every: timedelta) -> None:
         seconds = max(every.total_seconds(), 0.001)
@@ -96,25 +103,12 @@ class Daemon:
     # -- the jobs ---------------------------------------------------------------------------
 
     def check(self) -> SweepResult:
-        result = sweep_stuck_runs(self.rt, stop=self.stopping)
-        self._count(result)
-        return result
+        return sweep_stuck_runs(self.rt, stop=self.stopping)
 
     def process(self) -> ProcessResult:
-        """The floor under continuous dispatch: supersede, wake the slots, report what ran."""
-        superseded = supersede_completed_chains(self.rt)
-        if not self.rt.settings.hands_off:  # retries handed off before a change of executor (else: each poll)
-            self.dispatch.add_finished(continue_fleet_failures(self.rt))
-        self._count(ProcessResult(superseded))  # the executions were counted as the slots finished them
-        self.dispatch.poke()
-        waiting = read_waiting(self.rt)
-        if waiting is not None:  # a pass that starts nothing says why, once a tick
-            logger.bind(event="retries_waiting", due=waiting.due).info("retry processor: {}", waiting.message)
-        return ProcessResult(superseded, self.dispatch.take_finished(), waiting=waiting)
-
-    def _count(self, result: SweepResult | ProcessResult) -> None:
-        if self.metrics is not None:
-            self.metrics.count(result)
+        """`process`'s pass, the floor under continuous dispatch: the slots execute the due
+        retries, and the pass reports what they finished since the last."""
+        return process_due_retries(self.rt, stop=self.stopping, dispatch=self.dispatch.tick)
 
     def heartbeat(self) -> None:
         """Tells other processes this daemon is alive and when its jobs run next; READY=1 once."""
@@ -142,8 +136,12 @@ class Daemon:
         return {
             job.id: job.next_run_time.isoformat() if job.next_run_time else None
             for job in self.scheduler.get_jobs()
-            if job.id in (CHECKER, PROCESSOR)
+            if job.id in JOB_IDS
         }
+
+    def _next_run(self, job_id: str) -> datetime | None:
+        job = self.scheduler.get_job(job_id)
+        return job.next_run_time if job else None
 
     def _tracked(self, func: Callable[[], object]) -> Callable[[], object]:
         def run() -> object:
@@ -158,25 +156,20 @@ class Daemon:
 
         return run
 
-    # -- events: logs, metrics, systemd status (the records listen on their own) ------------
+    # -- APScheduler's events, published as job runs ---------------------------------------
+
+    def _on_submitted(self, event: JobEvent) -> None:
+        self._started[event.job_id] = datetime.now(timezone.utc)
 
     def _on_finished(self, event: JobEvent) -> None:
-        if event.job_id in (HEARTBEAT, WATCHDOG):
+        if event.job_id not in JOB_IDS:
             return
-        if self.metrics is not None:
-            self.metrics.job_finished(event.job_id, event.exception)
-        log = logger.bind(job=event.job_id, event="job_run")
-        started = self.records.started_at(event.job_id)
-        _, counts, error = finished_run(event, self.rt.engine.url)
-        if error is None:
-            text = ", ".join(f"{k}={v}" for k, v in counts.items()) or "done"
-            log.info("{} finished: {}", event.job_id, text)
+        now = datetime.now(timezone.utc)
+        if event.exception is None:
+            run = JobRun(event.job_id, "ok", event.retval.counts())
         else:
-            text = f"error: {error}"
-            log.error("{} failed: {}", event.job_id, error)
-        self._last[event.job_id] = f"{event.job_id} {started:%H:%M:%S} {text}"
-        if not self.stopping.is_set():  # "stopping" stays the last word
-            self.notifier.status("; ".join(self._last[j] for j in (CHECKER, PROCESSOR) if j in self._last))
+            run = JobRun(event.job_id, "error", {}, job_error(event.exception, self.rt.engine.url))
+        self.rt.events.publish(JobRunsEnded((run,), self._started.get(event.job_id, now), now, DAEMON))
 
     def _on_missed(self, event: JobEvent) -> None:
         logger.bind(job=event.job_id, event="job_missed").warning(
@@ -208,11 +201,9 @@ class Daemon:
 
     def run(self) -> None:
         """Runs until `request_stop`; returns once in-flight work is safe."""
-        from scheduler import _set_running
-
         _ = self.rt.executor  # a misconfigured executor stops the daemon before it starts
         self.records.register()
-        _set_running(self)
+        set_running(self)
         settings = self.rt.settings
         logger.info(
             "daemon started: {} every {}, {} every {}, {} retry slot(s), table {}",
@@ -228,13 +219,15 @@ class Daemon:
             if not self.stopping.is_set():
                 self.scheduler.start()
         finally:
-            _set_running(None)
+            set_running(None)
             deadline = time.monotonic() + STOP_TIMEOUT.total_seconds()
             with self._idle:
                 self._idle.wait_for(lambda: self._busy == 0, STOP_TIMEOUT.total_seconds())
             if not self.dispatch.join(timedelta(seconds=max(0.0, deadline - time.monotonic()))):
                 logger.warning("a retry slot was still busy at the stop deadline")
             self.records.stopped()
+            for unsubscribe in self._unsubscribe:
+                unsubscribe()
             self.notifier.close()
             logger.info("daemon stopped")
 

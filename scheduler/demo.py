@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from db.engine import make_engine
 from db.migrate import migrate
 from jobs.clock import ScaledClock
+from jobs.events import CHECKER
 from jobs.executor import ExecutionResult, InProcess
 from jobs.manual import ChainHistory, chain_history
 from jobs.model import Run
@@ -202,7 +203,7 @@ def run_demo(keep: bool = False) -> int:
         daemon = Daemon(runtime)
         # Virtual time stands at 09:00 until the first check has run: "the 09:00 check".
         daemon.scheduler.add_listener(
-            lambda event: event.job_id == "stuck_run_checker" and clock.run(), EVENT_JOB_EXECUTED
+            lambda event: event.job_id == CHECKER and clock.run(), EVENT_JOB_EXECUTED
         )
         logger.remove()
         logger.add(lambda m: click.echo(m, nl=False, err=True), format="{extra[vtime]} | {message}", level="INFO")

@@ -10,7 +10,6 @@ logged once when it starts and once when it ends.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from datetime import timedelta
 
 from loguru import logger
@@ -22,12 +21,10 @@ from jobs.runtime import Runtime
 
 
 class ContinuousDispatch:
-    def __init__(
-        self, rt: Runtime, stopping: threading.Event, observe: Callable[[str, object], None] | None = None
-    ) -> None:
+    def __init__(self, rt: Runtime, stopping: threading.Event) -> None:
         self.rt = rt
         self.stopping = stopping
-        self.dispatcher = RetryDispatcher(rt, rt.settings.policy, observe)
+        self.dispatcher = RetryDispatcher(rt, rt.settings.policy)  # it publishes each start and end
         self.poll = rt.clock.real(rt.settings.dispatch_poll)
         slots = range(rt.settings.max_concurrent_retries)
         self._wake = [threading.Event() for _ in slots]
@@ -40,6 +37,15 @@ class ContinuousDispatch:
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
+
+    def tick(self, stop: threading.Event) -> list[RetryOutcome]:
+        """The retry processor's pass hands the due retries to the slots (`process_due_retries`'s
+        `dispatch`): wakes them, and reports what they finished since the last tick."""
+        if not self.rt.settings.hands_off:  # retries handed off before a change of executor (else: each poll)
+            # Not published, as the slots' below: the fleet's outcomes are the fleet's (stats show them).
+            self.add_finished(continue_fleet_failures(self.rt))
+        self.poke()
+        return list(self.take_finished())
 
     def poke(self) -> None:
         """Look for due retries now (the retry processor's tick)."""
@@ -69,7 +75,7 @@ class ContinuousDispatch:
             try:
                 # Retries handed to the fleet end in the fleet: its failures continue their chains
                 # within a poll, not at the next processor tick.
-                # Not observed: the metrics count hand-offs; their outcomes are the fleet's (stats show them).
+                # Not published: the metrics count hand-offs; their outcomes are the fleet's (stats show them).
                 handed = continue_fleet_failures(self.rt) if slot == 0 and self.rt.settings.hands_off else []
                 outcomes = handed + self.dispatcher.work_slot(slot, self.stopping)
             except Exception as exc:  # noqa: BLE001 - an outage must not end the slot's thread

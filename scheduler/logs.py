@@ -9,6 +9,8 @@ from typing import Any
 
 from loguru import logger
 
+from jobs.events import DAEMON, Event, JobRunsEnded, ProcessorPassFinished
+
 TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss!UTC}Z | {level: <7} | {message}"
 CONTEXT_KEYS = ("event", "run_id", "chain", "attempt", "retry_id", "pattern", "job")
 
@@ -53,3 +55,18 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
         logger.add(sys.stderr, level=level, format=_json_line, backtrace=False, diagnose=False)
     else:
         logger.add(sys.stderr, level=level, format=TEXT_FORMAT, backtrace=False, diagnose=False)
+
+
+def log_daemon_event(event: Event) -> None:
+    """Subscriber (the daemon's): a line per job run, and why due retries wait, once a tick."""
+    match event:
+        case ProcessorPassFinished(result) if result.waiting is not None:
+            waiting = result.waiting  # a pass that starts nothing says why
+            logger.bind(event="retries_waiting", due=waiting.due).info("retry processor: {}", waiting.message)
+        case JobRunsEnded(runs, via=via) if via == DAEMON:
+            for run in runs:
+                log = logger.bind(job=run.job_id, event="job_run")
+                if run.error is None:
+                    log.info("{} finished: {}", run.job_id, run.summary)
+                else:
+                    log.error("{} failed: {}", run.job_id, run.error)

@@ -1,4 +1,4 @@
-"""Prometheus metrics for the daemon (METRICS_PORT), fed by the results the services return.
+"""Prometheus metrics for the daemon (METRICS_PORT), a subscriber to the events the services publish.
 
 Counters count what happened in this process since it started; the gauges of pending and
 running retries are read from the database by the heartbeat; the last successful run of each
@@ -16,8 +16,16 @@ import errno
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from db.errors import ConfigError
-from jobs.retries import ProcessResult, RetryOutcome
-from jobs.stuck import SweepResult
+from jobs.events import (
+    DAEMON,
+    Event,
+    JobRunsEnded,
+    ProcessorPassFinished,
+    RetryEnded,
+    RetryStarted,
+    SweepFinished,
+)
+from jobs.retries import ProcessResult
 
 PREFIX = "stuck_runs"
 
@@ -73,35 +81,34 @@ class Metrics:
                 f"METRICS_PORT={port} {reason}: choose a free port, or unset METRICS_PORT to serve no metrics"
             ) from None
 
-    def job_finished(self, job_id: str, error: BaseException | None) -> None:
-        """A job run ended: an error is counted, a success stamped (what it did is `count`ed)."""
-        if error is not None:
-            self.job_errors.labels(job_id).inc()
-            return
-        self.last_success.labels(job_id).set_to_current_time()
-
-    def count(self, result: SweepResult | ProcessResult) -> None:
-        """Counts what a result says happened; give each piece of work once (a sweep, a pass's
-        supersessions, each execution as the slot finishes it)."""
-        self.stuck_detected.inc(result.stuck_detected)
-        self.retries_scheduled.inc(result.retries_scheduled)
-        self.dead_lettered.inc(result.dead_lettered)
-        self.superseded.inc(result.superseded_count)
-
-    def retry_event(self, event: str, payload: object) -> None:
-        """Called by the retry slots: 'started' with the run, 'finished' with its outcome (one
-        handed to the fleet or postponed was never started here, and counts only as such)."""
-        if event == "started":
-            self.retries_started.inc()
-        elif event == "finished" and isinstance(payload, RetryOutcome):
-            execution = ProcessResult(executed=(payload,))
-            self.retries_succeeded.inc(execution.succeeded)
-            self.retries_failed.inc(execution.failed)
-            if execution.handed_off:
-                self.handed_off.labels(self.hands_off).inc(execution.handed_off)
-            if payload.status == "postponed":
-                self.postponed.inc()
-            self.count(execution)
+    def __call__(self, event: Event) -> None:
+        """Subscriber: counts what the events say happened, each piece of work once (a sweep, a
+        pass's supersessions, each execution as it ends, each job run)."""
+        match event:
+            case SweepFinished(result) if not result.dry_run:
+                self.stuck_detected.inc(result.failed)
+                self.retries_scheduled.inc(result.retries_scheduled)
+                self.dead_lettered.inc(result.dead_lettered)
+            case ProcessorPassFinished(result):
+                self.superseded.inc(len(result.superseded))  # its executions were counted as they ended
+            case RetryStarted():
+                self.retries_started.inc()
+            case RetryEnded(outcome):
+                # One handed to the fleet or postponed was never started here, and counts only as such.
+                execution = ProcessResult(executed=(outcome,))
+                self.retries_succeeded.inc(execution.succeeded)
+                self.retries_failed.inc(execution.failed)
+                if execution.handed_off:
+                    self.handed_off.labels(self.hands_off).inc(execution.handed_off)
+                self.postponed.inc(execution.postponed)
+                self.retries_scheduled.inc(execution.retries_scheduled)
+                self.dead_lettered.inc(execution.dead_lettered)
+            case JobRunsEnded(runs, via=via) if via == DAEMON:
+                for run in runs:  # an error is counted, a success stamped
+                    if run.error is not None:
+                        self.job_errors.labels(run.job_id).inc()
+                    else:
+                        self.last_success.labels(run.job_id).set_to_current_time()
 
     def counts(self, pending: int, running: int, handed_off_queued: int = 0, handed_off_running: int = 0) -> None:
         """The heartbeat's gauges: pending, executing here, and handed to the fleet (queued, running)."""

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Mapping
 from datetime import timedelta
 
 from loguru import logger
+
+from jobs.events import DAEMON, JOB_IDS, Event, JobRunsEnded
 
 
 class Notifier:
@@ -63,3 +66,20 @@ class Notifier:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+class JobsStatus:
+    """Subscriber (the daemon's): systemd's STATUS line, each job's last run and what it did
+    (`stuck_run_checker 09:00:00 failed=1, ...; retry_processor ...`)."""
+
+    def __init__(self, notifier: Notifier, stopping: threading.Event) -> None:
+        self.notifier, self.stopping = notifier, stopping
+        self._last: dict[str, str] = {}
+
+    def __call__(self, event: Event) -> None:
+        if not isinstance(event, JobRunsEnded) or event.via != DAEMON:
+            return
+        for run in event.runs:
+            self._last[run.job_id] = f"{run.job_id} {event.started:%H:%M:%S} {run.summary}"
+        if not self.stopping.is_set():  # "stopping" stays the last word
+            self.notifier.status("; ".join(self._last[j] for j in JOB_IDS if j in self._last))

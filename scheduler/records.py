@@ -1,54 +1,68 @@
-"""The daemon's records: its registration, heartbeat and stop, and one `stuck_runs_job_runs` row
-per job run, written from APScheduler's events so the jobs know nothing of them.
+"""The job records: one `stuck_runs_job_runs` row per job run, written from the published
+`JobRunsEnded` events so the jobs know nothing of them; and a daemon's own row (registration,
+heartbeat, stop).
 
-Other processes read them (`stuck-runs status`, `get_scheduler()`). A record lost in a database
-outage never stops the daemon: the outage is logged when it starts and when it ends, not per write.
+Other processes read them (`stuck-runs status`, `get_scheduler()`). A daemon's runs carry its id
+and each job's next run; work done outside it (`check`, `process`, `fix`, the script, the API)
+carries who ran it (`via`) in its counts. A record lost in a database outage never stops the
+work: a daemon logs the outage when it starts and when it ends, not per write.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import os
+import socket
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_SUBMITTED, JobEvent
-from apscheduler.schedulers.base import BaseScheduler
 from loguru import logger
 
 from db.daemons import DaemonRecords
 from db.engine import describe_db_error
+from jobs.events import DAEMON, VIA_KEY, Event, JobRunsEnded
 from jobs.runtime import Runtime
-from jobs.status import job_error
 
 
-def finished_run(event: JobEvent, url: Any) -> tuple[str, dict[str, Any], str | None]:
-    """A finished job run as it is recorded and logged: outcome (ok | error), counts, error."""
-    if event.exception is None:
-        return "ok", event.retval.counts(), None
-    return "error", {}, job_error(event.exception, url)
+class JobRecords:
+    """Subscriber: writes the runs of work done outside a daemon, in one transaction per event."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.engine = rt.engine
+        self.statements = DaemonRecords(rt.runs.table.schema, rt.runs.canonical_name)
+
+    def __call__(self, event: Event) -> None:
+        if not isinstance(event, JobRunsEnded) or event.via == DAEMON:
+            return
+        host, pid = socket.gethostname(), os.getpid()
+        try:
+            with self.engine.begin() as conn:
+                for run in event.runs:
+                    started = self.statements.job_started(None, run.job_id, host, pid, event.started)
+                    run_id = conn.execute(started).scalar_one()
+                    counts = {**run.counts, VIA_KEY: event.via}
+                    conn.execute(
+                        self.statements.job_finished(run_id, event.finished, run.outcome, counts, run.error, None)
+                    )
+        except Exception as exc:  # noqa: BLE001 - the work is done; only its record is lost
+            logger.bind(event="records_down").warning(
+                "cannot record the run of {}: {}",
+                ", ".join(run.job_id for run in event.runs),
+                describe_db_error(exc, self.engine.url),
+            )
 
 
 class DaemonRecorder:
-    """Writes one daemon's records; subscribed to the scheduler for the runs of `recorded` jobs."""
+    """Writes one daemon's records; as a subscriber, the runs of its own jobs."""
 
-    def __init__(self, rt: Runtime, host: str, pid: int, recorded: Collection[str]) -> None:
+    def __init__(self, rt: Runtime, host: str, pid: int, next_run: Callable[[str], datetime | None]) -> None:
+        """`next_run(job_id)`: when the scheduler runs the job next, recorded with each run."""
         self.engine = rt.engine
         self.statements = DaemonRecords(rt.runs.table.schema, rt.runs.canonical_name)
         self.host, self.pid = host, pid
-        self.recorded = frozenset(recorded)
+        self.next_run = next_run
         self.daemon_id: int | None = None
-        self._scheduler: BaseScheduler | None = None
-        self._started: dict[str, datetime] = {}
         self._db_down = False
-
-    def subscribe(self, scheduler: BaseScheduler) -> None:
-        self._scheduler = scheduler
-        scheduler.add_listener(self._on_submitted, EVENT_JOB_SUBMITTED)
-        scheduler.add_listener(self._on_finished, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
-
-    def started_at(self, job_id: str) -> datetime:
-        """When the job's current (or last) run was submitted; now if it never was."""
-        return self._started.get(job_id, datetime.now(timezone.utc))
 
     # -- the daemon's own row ---------------------------------------------------------------
 
@@ -65,23 +79,19 @@ class DaemonRecorder:
     def stopped(self) -> bool:
         return self._write(self.statements.stopped(self.daemon_id, datetime.now(timezone.utc)))
 
-    # -- events -----------------------------------------------------------------------------
+    # -- its job runs -----------------------------------------------------------------------
 
-    def _on_submitted(self, event: JobEvent) -> None:
-        self._started[event.job_id] = datetime.now(timezone.utc)
-
-    def _on_finished(self, event: JobEvent) -> None:
-        if event.job_id not in self.recorded:
+    def __call__(self, event: Event) -> None:
+        if not isinstance(event, JobRunsEnded) or event.via != DAEMON:
             return
-        started = self.started_at(event.job_id)
-        outcome, counts, error = finished_run(event, self.engine.url)
-        job = self._scheduler.get_job(event.job_id) if self._scheduler else None
-        next_run = job.next_run_time if job else None
-        finished = datetime.now(timezone.utc)
-        self._write(
-            self.statements.job_started(self.daemon_id, event.job_id, self.host, self.pid, started),
-            lambda run_id: self.statements.job_finished(run_id, finished, outcome, counts, error, next_run),
-        )
+        for run in event.runs:
+            next_run = self.next_run(run.job_id)
+            self._write(
+                self.statements.job_started(self.daemon_id, run.job_id, self.host, self.pid, event.started),
+                lambda run_id, run=run, next_run=next_run: self.statements.job_finished(
+                    run_id, event.finished, run.outcome, dict(run.counts), run.error, next_run
+                ),
+            )
 
     def _write(self, statement: Any, then: Callable[[Any], Any] | None = None) -> bool:
         """Writes a record; an outage is logged when it starts and when it ends, not per write."""

@@ -15,18 +15,18 @@ import threading
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from db.daemons import DaemonRecords
 from db.engine import database_errors, make_engine
 from db.table import split_name
+from jobs.events import JOB_IDS
 from jobs.settings import Settings, environment_with_dotenv, load_settings
-from jobs.status import ALIVE_WITHIN, JOB_IDS
+from jobs.status import ALIVE_WITHIN
 
 if TYPE_CHECKING:
+    from apscheduler.schedulers.base import BaseScheduler
     from sqlalchemy.engine import Engine
-
-    from scheduler.daemon import Daemon
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,33 @@ class ScheduledJob:
     pid: int | None = None
 
 
+class RunningDaemon(Protocol):
+    """What the live schedule reads of the daemon running in this process (scheduler/daemon.py)."""
+
+    host: str
+    pid: int
+    scheduler: BaseScheduler
+
+
+_running: RunningDaemon | None = None
+
+
+def set_running(daemon: RunningDaemon | None) -> None:
+    """The daemon calls it as it starts and stops: `get_scheduler()` then answers from it."""
+    global _running
+    _running = daemon
+
+
+def current_schedule() -> LiveSchedule | RecordedSchedule:
+    """The live schedule while a daemon runs in this process; the recorded one (shared) else."""
+    daemon = _running
+    return LiveSchedule(daemon) if daemon is not None else shared_schedule
+
+
 class LiveSchedule:
     """The schedule of the daemon running in this process."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: RunningDaemon) -> None:
         self._daemon = daemon
 
     def get_scheduled_jobs(self) -> list[ScheduledJob]:

@@ -88,8 +88,9 @@ def open_runtime(ctx: click.Context, role: str = "cli", *, executes: bool = Fals
     """The runtime for this invocation; with `executes`, refused before connecting when no
     executor could run a retry."""
     from jobs.runtime import Runtime
+    from scheduler.wiring import wire
 
-    runtime = Runtime.open(load_settings(ctx), role=role, executes=executes)
+    runtime = wire(Runtime.open(load_settings(ctx), role=role, executes=executes))
     try:
         yield runtime
     finally:

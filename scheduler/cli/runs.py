@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 import click
 
 from db.errors import EXIT_OK, EXIT_REFUSED, DueNowRefused, RetryRefused, UsageError
 from jobs.control import read_pause
 from jobs.due_now import DueNow, make_due_now
+from jobs.events import CHECKER, JOB_IDS, PROCESSOR, Event, RetryEnded, RetryStarted, Subscriber, SweepFinished
 from jobs.manual import (
     RETRY_KINDS,
     BulkRetryResult,
@@ -23,7 +23,7 @@ from jobs.manual import (
 from jobs.recovery import FixResult, fix_stuck_runs_with_retry
 from jobs.retries import ProcessResult, RetryOutcome, process_due_retries
 from jobs.settings import parse_duration
-from jobs.status import CHECKER, JOB_IDS, PROCESSOR, job_run
+from jobs.status import job_run
 from jobs.stuck import KEPT_RUNS, SweepResult, sweep_stuck_runs
 from scheduler.cli import (
     EXECUTION,
@@ -121,18 +121,19 @@ def process_summary(result: ProcessResult) -> str:
     return ", ".join(parts)
 
 
-def progress_printer(as_json: bool, show_all: bool = False) -> Callable[[str, object], None] | None:
-    """Prints each execution as it starts and ends (a retry can take an hour); nothing for --json."""
-    if as_json:
-        return None
+def progress_printer(as_json: bool, show_all: bool = False) -> Subscriber:
+    """Prints each execution as it starts and ends (a retry can take an hour), and `fix`'s sweep
+    before its pass; nothing for --json. Subscribed to the command's runtime."""
 
-    def observe(event: str, payload: object) -> None:
-        if event == "swept":
-            print_sweep(payload, show_all=show_all)  # type: ignore[arg-type]
-        elif event == "started":
-            click.echo(f"Executing {payload.label} (run {payload.id})…")  # type: ignore[attr-defined]
-        elif event == "finished":
-            outcome: RetryOutcome = payload  # type: ignore[assignment]
+    def show(event: Event) -> None:
+        if as_json:
+            return
+        if isinstance(event, SweepFinished):
+            print_sweep(event.result, show_all=show_all)  # type: ignore[arg-type]
+        elif isinstance(event, RetryStarted):
+            click.echo(f"Executing {event.run.label} (run {event.run.id})…")
+        elif isinstance(event, RetryEnded):
+            outcome: RetryOutcome = event.outcome  # type: ignore[assignment]
             message = f" — {outcome.message}" if outcome.message else ""
             if outcome.status == "handed_off":
                 click.echo(f"Handed {outcome.label} (run {outcome.run_id}) to the fleet")
@@ -153,7 +154,7 @@ def progress_printer(as_json: bool, show_all: bool = False) -> Callable[[str, ob
                 else:
                     click.echo(f"  {outcome.status} {run} after {outcome.seconds:.1f}s{message}{due}")
 
-    return observe
+    return show
 
 
 @cli.command()
@@ -193,22 +194,22 @@ def process(ctx: click.Context, dry_run: bool, show_all: bool, as_json: bool) ->
     Example:
       stuck-runs process --max-concurrent-retries 2
     """
-    observe = progress_printer(as_json)
     with interruptible() as interruption:
         with open_runtime(ctx, executes=not dry_run) as rt, job_run(rt, (PROCESSOR,), dry_run=dry_run) as record:
-            result = process_due_retries(rt, dry_run=dry_run, stop=interruption.event, observe=observe)
+            rt.events.subscribe(progress_printer(as_json))
+            result = process_due_retries(rt, dry_run=dry_run, stop=interruption.event)
             record(result)
         interruption.printing()
-        emit_json(result) if as_json else print_process(result, listed=observe is not None, show_all=show_all)
+        emit_json(result) if as_json else print_process(result, listed=True, show_all=show_all)
         interruption.report()
     return interruption.exit_code(EXIT_OK)
 
 
 def run_fix(ctx: click.Context, dry_run: bool, as_json: bool, show_all: bool = False) -> int:
     """`fix`, shared with scripts/fix_stuck_runs_with_retry.py."""
-    observe = progress_printer(as_json, show_all)
     with interruptible() as interruption:
         with open_runtime(ctx, executes=not dry_run) as rt, job_run(rt, JOB_IDS, dry_run=dry_run) as record:
+            rt.events.subscribe(progress_printer(as_json, show_all))
             policy = rt.settings.policy
             result: FixResult = fix_stuck_runs_with_retry(
                 max_duration_hours=policy.stuck_after.total_seconds() / 3600,
@@ -217,7 +218,6 @@ def run_fix(ctx: click.Context, dry_run: bool, as_json: bool, show_all: bool = F
                 runtime=rt,
                 dry_run=dry_run,
                 stop=interruption.event,
-                observe=observe,
                 keep=sweep_rows_kept(as_json, show_all),
             )
             record(result)

@@ -11,8 +11,8 @@ from fastapi.responses import Response
 from loguru import logger
 
 from db.errors import DatabaseUnavailable
-from jobs.settings import Settings
 from jobs.runtime import Runtime
+from jobs.settings import Settings
 from scheduler.web.answers import failure, install_error_handlers, install_timing
 from scheduler.web.api import build_api
 from scheduler.web.auth import Tokens
@@ -20,6 +20,7 @@ from scheduler.web.openapi import describe_errors
 from scheduler.web.pages import build_pages, not_found_page, render
 from scheduler.web.routes.session import build_session
 from scheduler.web.security import Caller
+from scheduler.wiring import wire
 
 
 def create_app(rt: Runtime, tokens: Tokens, *, clock: Callable[[], float] = time.time) -> FastAPI:
@@ -72,7 +73,7 @@ class Starting:
             threading.Thread(target=self._wait, args=(on_error,), name="wait-for-database", daemon=True).start()
 
     def _open(self) -> None:
-        runtime = Runtime.open(self.settings, role="web")
+        runtime = wire(Runtime.open(self.settings, role="web"))
         self.runtime = runtime
         self.current = create_app(runtime, self.tokens)
 

@@ -15,10 +15,12 @@ import pytest
 import sqlalchemy as sa
 
 from db.errors import DatabaseUnavailable
+from jobs.events import CHECKER, PROCESSOR
 from jobs.retries import supersede_completed_chains
 from jobs.stats import retry_stats
-from jobs.status import CHECKER, PROCESSOR, job_run, read_status
+from jobs.status import job_run, read_status
 from jobs.stuck import sweep_stuck_runs
+from scheduler.wiring import wire
 from tests.conftest import REPO
 from tests.helpers import insert_run, make_runtime, row
 
@@ -180,7 +182,7 @@ def test_check_process_fix_and_the_script_show_in_status(db_url, tmp_path):
 
 
 def test_a_run_that_failed_is_recorded_with_its_error(db_url):
-    rt = make_runtime(db_url)
+    rt = wire(make_runtime(db_url))  # the records subscribe as in every entry point
     with pytest.raises(DatabaseUnavailable), job_run(rt, (CHECKER,), dry_run=False):
         raise DatabaseUnavailable("database error while sweeping at db:5432: server closed the connection")
     [checker, processor] = read_status(rt).jobs

@@ -11,8 +11,10 @@ import pytest
 import sqlalchemy as sa
 from freezegun import freeze_time
 
+from db.engine import make_engine
 from db.errors import ConfigError
 from db.layout import Layout
+from db.migrate import migrate
 from jobs.control import cancel_run
 from jobs.dead_letters import requeue
 from jobs.doctor import describe_mapping
@@ -22,8 +24,6 @@ from jobs.manual import retry_run
 from jobs.retries import process_due_retries, supersede_completed_chains
 from jobs.rules import RetryPolicy
 from jobs.stuck import sweep_stuck_runs
-from db.engine import make_engine
-from db.migrate import migrate
 from tests.conftest import REPO
 from tests.helpers import ScriptedScraper, insert_due_retry, insert_run, make_runtime, row, rows
 

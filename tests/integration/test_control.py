@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
 
+from jobs.control import pause_retries, resume_retries
+from jobs.events import PauseBegan, PauseEnded
 from tests.daemons import DaemonProcess, wait_until
-from tests.helpers import insert_due_retry, insert_run, row, rows
+from tests.helpers import insert_due_retry, insert_run, make_runtime, row, rows
 from tests.integration.test_cli import cli, one_line_error
 from tests.web import ADMIN, READER, WebServer
 
@@ -120,6 +122,20 @@ def test_a_pause_for_a_while_ends_by_itself(engine, db_url):
     ran = cli("process", env={**env, "SCRAPE_RUN_COMMAND": "true"})
     assert ran.returncode == 0, ran.stderr
     assert status_of(engine, retry) == "completed"
+
+
+def test_a_pause_and_its_end_are_published_once_each(db_url):
+    rt = make_runtime(db_url)
+    seen = []
+    rt.events.subscribe(seen.append)
+    try:
+        began = pause_retries(rt, timedelta(hours=1), via="api")
+        ended = resume_retries(rt)
+        assert resume_retries(rt) is None  # nothing standing: nothing ended
+    finally:
+        rt.close()
+    assert seen == [PauseBegan(began), PauseEnded(ended)]
+    assert ended.paused_by == began.paused_by and "api on" in began.paused_by
 
 
 def test_retry_now_is_refused_while_paused(engine, db_url):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -13,12 +14,23 @@ import sqlalchemy as sa
 
 from db.engine import make_engine
 from db.errors import DatabaseUnavailable
+from jobs.events import (
+    DAEMON,
+    JOB_IDS,
+    JobRunsEnded,
+    ProcessorPassFinished,
+    RetryEnded,
+    RetryStarted,
+    SweepFinished,
+)
+from jobs.executor import InProcess
 from jobs.settings import load_settings
 from scheduler import get_scheduler
-from scheduler.schedule import RecordedSchedule
+from scheduler.daemon import Daemon
+from scheduler.schedule import LiveSchedule, RecordedSchedule
 from tests.conftest import REPO
 from tests.daemons import DaemonProcess, wait_until
-from tests.helpers import insert_run, row
+from tests.helpers import insert_due_retry, insert_run, make_runtime, row
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +85,53 @@ def release_schedule():
     """`get_scheduler()` keeps its engine for the process: let it go after the test."""
     yield
     get_scheduler().close()
+
+
+def test_get_scheduler_in_the_daemon_s_own_process_reads_its_live_schedule(db_url):
+    rt = make_runtime(db_url, InProcess())
+    daemon = Daemon(rt)
+    thread = threading.Thread(target=daemon.run, name="daemon", daemon=True)
+    thread.start()
+    try:
+        live = wait_until(lambda: isinstance(get_scheduler(), LiveSchedule) and get_scheduler())
+        jobs = wait_until(lambda: [j for j in live.get_scheduled_jobs() if j.next_run_time])
+        assert {j.id for j in jobs} == set(JOB_IDS)
+        assert all((j.host, j.pid) == (daemon.host, os.getpid()) for j in jobs)
+    finally:
+        daemon.request_stop()
+        thread.join(30)
+        rt.close()
+    assert not thread.is_alive() and not isinstance(get_scheduler(), LiveSchedule)  # stopped: the recorded one
+
+
+def test_one_subscription_hears_the_daemon_s_sweeps_passes_retries_and_job_runs(db_url):
+    """What notifications (SPEC §15) will do: subscribe once, hear what the daemon's jobs and slots did."""
+    rt = make_runtime(db_url, command=("true",))
+    with rt.engine.begin() as conn:
+        insert_run(conn, started_at=datetime.now(timezone.utc) - timedelta(hours=2))
+        insert_due_retry(conn)
+    heard = []
+    rt.events.subscribe(heard.append)
+    daemon = Daemon(rt)
+    thread = threading.Thread(target=daemon.run, name="daemon", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: {RetryEnded, JobRunsEnded} <= {type(e) for e in heard} and len(job_runs(heard)) >= 2)
+    finally:
+        daemon.request_stop()
+        thread.join(30)
+        rt.close()
+    [sweep] = [e.result for e in heard if isinstance(e, SweepFinished)]
+    assert sweep.failed == 1 and sweep.retries_scheduled == 1
+    assert any(isinstance(e, ProcessorPassFinished) for e in heard)
+    [started] = [e.run for e in heard if isinstance(e, RetryStarted)]
+    [ended] = [e.outcome for e in heard if isinstance(e, RetryEnded)]
+    assert ended.run_id == started.id and ended.status == "completed"
+    assert {run.job_id: run.outcome for run in job_runs(heard)} == {job_id: "ok" for job_id in JOB_IDS}
+
+
+def job_runs(heard: list) -> list:
+    return [run for e in heard if isinstance(e, JobRunsEnded) and e.via == DAEMON for run in e.runs]
 
 
 def test_get_scheduler_in_another_process_without_a_daemon_lists_both_jobs_unscheduled(

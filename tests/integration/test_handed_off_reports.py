@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from db.layout import Layout
+from jobs.events import ProcessorPassFinished, RetryEnded
 from jobs.retries import ProcessResult, RetryOutcome
 from jobs.rules import RetryPolicy
 from jobs.runtime import Runtime
@@ -201,13 +202,13 @@ def test_metrics_count_hand_offs_and_postponements_never_as_executions():
     metrics = Metrics("webhook")
     assert sample(metrics, "stuck_runs_retries_handed_off_total", how="webhook") == 0  # a series from the start
     for status in ("handed_off", "handed_off", "postponed", "completed", "failed"):
-        metrics.retry_event("finished", RetryOutcome("r", "[RETRY 1/4] q in b", status))
+        metrics(RetryEnded(RetryOutcome("r", "[RETRY 1/4] q in b", status)))
     assert sample(metrics, "stuck_runs_retries_handed_off_total", how="webhook") == 2
     assert sample(metrics, "stuck_runs_retries_postponed_total") == 1
     assert sample(metrics, "stuck_runs_retries_succeeded_total") == 1
     assert sample(metrics, "stuck_runs_retries_failed_total") == 1
     assert sample(metrics, "stuck_runs_retries_started_total") == 0  # only a 'started' event counts a start
-    metrics.count(ProcessResult(executed=(RetryOutcome("r", "q", "handed_off"),)))  # a tick's result adds none
+    metrics(ProcessorPassFinished(ProcessResult(executed=(RetryOutcome("r", "q", "handed_off"),))))  # a pass adds none
     assert sample(metrics, "stuck_runs_retries_handed_off_total", how="webhook") == 2
 
 

@@ -14,12 +14,12 @@ import sqlalchemy as sa
 
 from db.errors import CancelRefused, RetryRefused
 from jobs.control import cancel_run
+from jobs.executor import ExecutionResult
 from jobs.manual import retry_run
 from jobs.model import Run
 from jobs.retries import process_due_retries
 from jobs.rules import RetryPolicy
 from jobs.stuck import sweep_stuck_runs
-from jobs.executor import ExecutionResult
 from jobs.webhook import payload
 from tests.daemons import wait_until
 from tests.helpers import insert_due_retry, make_runtime, row

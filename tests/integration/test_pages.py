@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from db.daemons import DaemonRecords
 from db.errors import DatabaseUnavailable, UsageError
 from jobs.clock import ScaledClock
-from jobs.status import CHECKER, PROCESSOR
+from jobs.events import CHECKER, PROCESSOR
 from jobs.timeline import hourly_timeline
 from tests.helpers import insert_run, make_runtime, rows
 from tests.integration.test_api import failed_run, snapshot

@@ -3,6 +3,7 @@
 import uuid
 from datetime import datetime, timezone
 
+from jobs.events import ProcessorPassFinished, RetryEnded, RetryStarted, SweepFinished
 from jobs.retries import ProcessResult, RetryOutcome, SupersededRetry
 from jobs.stuck import SweepResult
 from scheduler.metrics import Metrics
@@ -44,7 +45,7 @@ def test_a_pass_counts_retries_and_dead_letters_only_of_failed_executions():
         outcome("completed", retry_due=DUE, dead_lettered=True),  # a scraper's own status: no retry of ours
     )
     result = ProcessResult(executed=executed)
-    assert (result.retries_scheduled, result.dead_lettered, result.stuck_detected) == (1, 1, 0)
+    assert (result.retries_scheduled, result.dead_lettered) == (1, 1)
 
 
 def sample(metrics, name):
@@ -53,12 +54,14 @@ def sample(metrics, name):
 
 def test_the_metrics_count_a_sweep_a_pass_and_each_execution_once():
     metrics = Metrics()
-    metrics.count(SweepResult(failed=4, retries_scheduled=3, dead_lettered=1))
-    metrics.count(ProcessResult((superseded(), superseded())))
-    metrics.retry_event("started", None)
-    metrics.retry_event("finished", outcome("failed", retry_due=DUE))
-    metrics.retry_event("finished", outcome("failed", dead_lettered=True))
-    metrics.retry_event("finished", outcome("completed"))
+    metrics(SweepFinished(SweepResult(failed=4, retries_scheduled=3, dead_lettered=1)))
+    metrics(SweepFinished(SweepResult(failed=9, retries_scheduled=9, dead_lettered=9, dry_run=True)))  # planned only
+    ended = (outcome("failed", retry_due=DUE), outcome("failed", dead_lettered=True), outcome("completed"))
+    metrics(RetryStarted(None))
+    for each in ended:
+        metrics(RetryEnded(each))
+    # The pass reports the executions again: only its supersessions are new.
+    metrics(ProcessorPassFinished(ProcessResult((superseded(), superseded()), ended)))
     counted = {
         name: sample(metrics, name)
         for name in (

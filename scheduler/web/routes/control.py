@@ -7,9 +7,9 @@ from datetime import timedelta
 
 from fastapi import APIRouter, Query
 
-from jobs.settings import parse_duration
 from jobs.control import pause_retries, resume_retries
 from jobs.runtime import Runtime
+from jobs.settings import parse_duration
 from jobs.status import CHECKER, job_run
 from jobs.stuck import sweep_stuck_runs
 from scheduler.documents import plain

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
-from jobs.settings import parse_duration
 from jobs.dead_letters import get_dead_letter, list_dead_letters, requeue
 from jobs.runtime import Runtime
+from jobs.settings import parse_duration
 from scheduler.documents import plain
 from scheduler.web.answers import answering
 from scheduler.web.security import Access, Flag, on

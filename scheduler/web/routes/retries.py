@@ -8,12 +8,12 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from db.errors import UsageError
-from jobs.settings import parse_duration
 from jobs.control import cancel_matching, cancel_run
 from jobs.due_now import make_due_now
 from jobs.listing import MAX_SEARCH
 from jobs.manual import RETRY_KINDS, RetryCriteria, chain_history, retry_matching, retry_run
 from jobs.runtime import Runtime
+from jobs.settings import parse_duration
 from scheduler.documents import plain
 from scheduler.web.answers import ApiError, answering
 from scheduler.web.security import Access, Flag, on, read_body

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
-from jobs.settings import parse_duration
 from jobs.listing import MAX_PAGE, MAX_SEARCH, RunFilter, list_runs
 from jobs.manual import chain_history
 from jobs.runtime import Runtime
+from jobs.settings import parse_duration
 from scheduler.documents import plain
 from scheduler.web.answers import answering
 from scheduler.web.security import Access, Flag, on

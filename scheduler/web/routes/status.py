@@ -6,8 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 
-from jobs.settings import parse_duration
 from jobs.runtime import Runtime
+from jobs.settings import parse_duration
 from jobs.stats import retry_stats
 from jobs.status import read_status
 from jobs.timeline import hourly_timeline
