@@ -128,8 +128,8 @@ COMMANDS = {
     "check": ("scheduler.cli.runs", "Fail runs stuck in 'running' and schedule their retries."),
     "process": ("scheduler.cli.runs", "Supersede retries whose chain completed, then execute the due ones."),
     "fix": ("scheduler.cli.runs", "A stuck-run sweep, then a pass over due retries (what the manual script does)."),
-    "retry": ("scheduler.cli.runs", "Retry a failed run now, or every failed chain matching filters."),
-    "history": ("scheduler.cli.runs", "Every attempt of a run's chain, oldest first."),
+    "retry": ("scheduler.cli.retry", "Retry a failed run now, or every failed chain matching filters."),
+    "history": ("scheduler.cli.retry", "Every attempt of a run's chain, oldest first."),
     "cancel": ("scheduler.cli.control", "Cancel a chain's pending retry, or every pending retry matching filters."),
     "pause": (
         "scheduler.cli.control",
