@@ -103,7 +103,3 @@ def one(dead: sa.Table) -> sa.Select:
 def purge(dead: sa.Table) -> sa.Delete:
     """Removes dead letters created before `:sr_before`."""
     return sa.delete(dead).where(dead.c.created_at < sa.bindparam("sr_before")).returning(dead.c.id)
-
-
-def created_since(dead: sa.Table) -> sa.Select:
-    return sa.select(sa.func.count()).select_from(dead).where(dead.c.created_at >= sa.bindparam("sr_since"))

@@ -44,7 +44,6 @@ UPDATED_SPELLINGS = (
 )
 _BOOKKEEPING = _CREATED | frozenset(UPDATED_SPELLINGS)
 DEAD_LETTERS_TABLE = "scrape_run_dead_letters"
-JOB_RUNS_TABLE = "stuck_runs_job_runs"
 _INPUT_KEY = "_sr_input_"  # the key of a scraper column whose name is a role another column plays
 
 
