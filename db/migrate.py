@@ -25,11 +25,13 @@ from db.engine import database_errors, make_engine, redacted
 from db.errors import DatabaseUnavailable, SchemaError
 from db.layout import Layout
 from db.shape import CheckForbids, check_heartbeat, check_lacks, check_shape, extend_check_statements, status_labels
-from db.table import DEAD_LETTERS_TABLE, dead_letters_name, quoted_relation, reflect_table, split_name
+from db.table import DEAD_LETTERS_TABLE, dead_letters_name, in_values, quoted_relation, reflect_table, split_name
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Fail fast instead of queueing behind a long transaction and blocking the scraper's writes.
 LOCK_TIMEOUT = "SET LOCAL lock_timeout = '10s'"
+# DDL is run and printed as text: a dialect that does not double `%` (no parameters follow).
+_DDL = postgresql.dialect(paramstyle="named")
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,11 @@ class TablePlan:
         return postgresql.dialect().identifier_preparer.quote(self.layout.column(role))
 
     def in_state(self, state: str) -> str:
-        """The predicate the statements use for `state` (the partial indexes must say the same)."""
-        values = ["'" + v.replace("'", "''") + "'" for v in self.layout.values(state)]
-        if len(values) == 1:
-            return f"{self.column('status')} = {values[0]}"
-        return f"{self.column('status')} IN ({', '.join(values)})"
+        """The statements' predicate for `state` (`in_values`), compiled for a partial index's WHERE:
+        the index must say what the queries say for the planner to use it. Its values are plain
+        literals (PostgreSQL compares an enum column with them as it does with the queries' casts)."""
+        predicate = in_values(sa.column(self.layout.column("status")), self.layout.values(state))
+        return str(predicate.compile(dialect=_DDL, compile_kwargs={"literal_binds": True}))
 
     @property
     def enum_values(self) -> tuple[str, ...]:

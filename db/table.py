@@ -10,6 +10,7 @@ run's label are resolved here too: `RunsTable` is the one object that knows the 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +105,21 @@ def dead_letters_name(table: sa.Table, id_kind: str) -> str:
     return DEAD_LETTERS_TABLE if id_kind == "uuid" else f"{table.name}_dead_letters"[:63]
 
 
+def status_value(value: str, enum: sa.types.TypeEngine | None = None) -> sa.ColumnElement:
+    """A status value as SQL: cast to the status enum, or a plain literal for a text column."""
+    return sa.cast(sa.literal(value, sa.Text), enum) if enum is not None else sa.literal(value)
+
+
+def in_values(
+    column: sa.ColumnElement, values: tuple[str, ...], value: Callable[[str], sa.ColumnElement] = status_value
+) -> sa.ColumnElement:
+    """`column` holds one of `values` (those that mean one state): the predicate of every statement,
+    and, compiled, of the partial indexes (db.migrate), which must say the same for the planner to use them."""
+    if len(values) == 1:
+        return column == value(values[0])
+    return column.in_([value(v) for v in values])
+
+
 @dataclass(frozen=True)
 class RunsTable:
     """The reflected runs table with its resolved mapping: what every statement is rendered from."""
@@ -160,7 +176,7 @@ class RunsTable:
     # -- statuses ---------------------------------------------------------------------------
 
     def _value(self, value: str) -> sa.ColumnElement:
-        return sa.cast(sa.literal(value, sa.Text), self.status_type) if self.status_is_enum else sa.literal(value)
+        return status_value(value, self.status_type if self.status_is_enum else None)
 
     def status(self, state: str) -> sa.ColumnElement:
         """The value stuck-runs writes for `state`, as SQL that an enum or a text column accepts."""
@@ -168,10 +184,7 @@ class RunsTable:
 
     def in_state(self, column: sa.ColumnElement, state: str) -> sa.ColumnElement:
         """`column` holds one of the values that mean `state`."""
-        values = self.layout.values(state)
-        if len(values) == 1:
-            return column == self._value(values[0])
-        return column.in_([self._value(v) for v in values])
+        return in_values(column, self.layout.values(state), self._value)
 
     def state_of(self, column: sa.ColumnElement) -> sa.ColumnElement:
         """The state a status value means, in stuck-runs' words; a value it does not know, as written."""
