@@ -6,7 +6,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, insert
 
 from db.arrays import array_param
-from db.table import DEAD_LETTERS_TABLE
+from db.reflect import DEAD_LETTERS_TABLE
 
 
 def dead_letters_table(

@@ -24,8 +24,18 @@ from sqlalchemy.exc import OperationalError
 from db.engine import database_errors, make_engine, redacted
 from db.errors import DatabaseUnavailable, SchemaError
 from db.layout import Layout
-from db.shape import CheckForbids, check_heartbeat, check_lacks, check_shape, extend_check_statements, status_labels
-from db.table import DEAD_LETTERS_TABLE, dead_letters_name, in_values, quoted_relation, reflect_table, split_name
+from db.reflect import (
+    DEAD_LETTERS_TABLE,
+    Reflected,
+    dead_letters_name,
+    id_kind,
+    quoted_relation,
+    reflect_table,
+    split_name,
+)
+from db.shape import ADDED_ROLES, CheckForbids, check_heartbeat, check_shape
+from db.status_values import check_lacks, extend_check_statements, status_labels
+from db.table import in_values
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Fail fast instead of queueing behind a long transaction and blocking the scraper's writes.
@@ -67,13 +77,12 @@ class TablePlan:
         return "status enum values " + ", ".join(self.enum_values)
 
 
-def plan_for(conn: Connection, table: sa.Table, qualified: str) -> TablePlan:
-    from db.shape import ADDED_ROLES, id_kind
-
+def plan_for(conn: Connection, reflected: Reflected) -> TablePlan:
+    table = reflected.table
     kind = id_kind(table)
     return TablePlan(
-        qualified,
-        table.info["layout"],
+        reflected.qualified,
+        reflected.layout,
         id_type=conn.execute(
             sa.text(
                 "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
@@ -237,11 +246,11 @@ def script_for_dba(url: str | None, qualified: str, heartbeat: str | None = None
     engine = make_engine(url, role="migrate", pool_size=1)
     try:
         with database_errors(engine, "reading what is already migrated"), engine.connect() as conn:
-            table = check_migratable(conn, qualified, heartbeat, layout, extend_check=True)
-            extend = extend_check_statements(conn, table)
-            plan = plan_for(conn, table, qualified)
+            reflected = check_migratable(conn, qualified, heartbeat, layout, extend_check=True)
+            extend = extend_check_statements(conn, reflected)
+            plan = plan_for(conn, reflected)
             stale = stale_indexes(conn, plan)
-            present = present_objects(conn, table, plan) - {f"index {name.split('.')[-1]}" for name in stale}
+            present = present_objects(conn, reflected.table, plan) - {f"index {name.split('.')[-1]}" for name in stale}
             invalid = (*_invalid_indexes(conn, qualified), *stale)
     except DatabaseUnavailable as exc:
         return _full_script(TablePlan(qualified, layout), str(exc))
@@ -249,7 +258,7 @@ def script_for_dba(url: str | None, qualified: str, heartbeat: str | None = None
         engine.dispose()
     where, head = f"{qualified} at {redacted(engine.url)}", head_revision()
     # A text status has no enum to extend: that step is not needed, nor is it there.
-    needless = frozenset() if table.info["enum_names"].get("status") else frozenset({plan.enum_step})
+    needless = frozenset() if reflected.status_enum else frozenset({plan.enum_step})
     sql = migration_sql(plan, present | needless, invalid)
     if extend:
         sql = _extend_check_script(extend) + sql
@@ -319,15 +328,15 @@ def migrate(
     """
     layout = layout or Layout()
     with database_errors(engine, f"migrating {qualified}"), engine.connect() as conn:
-        table = check_migratable(conn, qualified, heartbeat, layout, extend_check=extend_check)
+        reflected = check_migratable(conn, qualified, heartbeat, layout, extend_check=extend_check)
         extended: tuple[str, ...] = ()
         if extend_check:
-            statements = extend_check_statements(conn, table)
+            statements = extend_check_statements(conn, reflected)
             conn.commit()  # this session's reads hold a lock the ALTER TABLE would wait for
             _extend_check(engine, statements, stop)
             extended = tuple(f"CHECK {s.split(' CONSTRAINT ')[1]}" for s in statements if " VALIDATE " in s)
-            table = check_migratable(conn, qualified, heartbeat, layout)
-        plan = plan_for(conn, table, qualified)
+            reflected = check_migratable(conn, qualified, heartbeat, layout)
+        plan = plan_for(conn, reflected)
         _drop_invalid_indexes(engine, conn, qualified, plan)
         before = current_revision(conn, qualified)
         conn.commit()
@@ -351,10 +360,10 @@ def _complete(
 ) -> tuple[str, ...]:
     """Runs the steps a table at the newest revision still lacks: a mapping changed since it was
     migrated (a new status value for the enum, a newly mapped error column). Every step is idempotent."""
-    table = reflect_table(conn, qualified, layout)
-    plan = plan_for(conn, table, qualified)
-    present = present_objects(conn, table, plan)
-    needless = set() if table.info["enum_names"].get("status") else {plan.enum_step}
+    reflected = reflect_table(conn, qualified, layout)
+    plan = plan_for(conn, reflected)
+    present = present_objects(conn, reflected.table, plan)
+    needless = set() if reflected.status_enum else {plan.enum_step}
     missing = [
         step
         for _, steps in revision_steps(plan)
@@ -403,19 +412,20 @@ def check_migratable(
     layout: Layout | None = None,
     *,
     extend_check: bool = False,
-) -> sa.Table:
+) -> Reflected:
     """Raises what makes the migration impossible or useless, before any change: every check
     `load_runs_table` applies to the table and the heartbeat, and duplicate retry rows that the
     unique index would reject. A CHECK on status that forbids stuck-runs' values is refused with
     the statements that extend it, unless `extend_check` (the caller extends it). Returns the
     reflected table."""
-    table = reflect_table(conn, qualified, layout)
+    reflected = reflect_table(conn, qualified, layout)
+    table = reflected.table
     try:
-        check_shape(conn, table, qualified)
+        check_shape(conn, reflected)
     except CheckForbids:
-        lacking = check_lacks(conn, table)
+        lacking = check_lacks(conn, reflected)
         if not extend_check and lacking:
-            statements = "\n".join(f"  {sql};" for sql in extend_check_statements(conn, table))
+            statements = "\n".join(f"  {sql};" for sql in extend_check_statements(conn, reflected))
             raise SchemaError(
                 f"{qualified} has CHECK constraint {lacking[0]} on {table.c.status.name} that forbids values "
                 "stuck-runs writes: run `stuck-runs migrate --extend-check` to run these statements (NOT VALID, "
@@ -437,7 +447,7 @@ def check_migratable(
                 f"{qualified} has {duplicated} (original_run_id, retry_count) pair(s) with more than one retry row; "
                 "keep one row of each pair, then run `stuck-runs migrate` again"
             )
-    return table
+    return reflected
 
 
 def _invalid_indexes(conn: Connection, qualified: str) -> list[str]:

@@ -15,8 +15,9 @@ from db.errors import ConfigError, OperatorError
 from db.layout import STATES, WRITTEN_STATES
 from db.migrate import current_revision, head_revision, plan_for, stale_indexes
 from db.queries import RunQueries
+from db.reflect import ROLE_KEYS, sql_type
 from db.shape import heartbeat_problem
-from db.table import ROLE_KEYS, RunsTable, load_runs_table, sql_type
+from db.table import RunsTable, load_runs_table
 from jobs.config import Settings
 from jobs.executor import resolve_callable
 from jobs.runtime import check_placeholders
@@ -219,7 +220,7 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
         bad = [f"{name} ({'invalid' if state is False else 'missing'})" for name, state in states.items() if not state]
         bad += [
             f"{name} (built for another mapping)"
-            for name in stale_indexes(conn, plan_for(conn, runs.table, settings.table))
+            for name in stale_indexes(conn, plan_for(conn, runs.reflected))
         ]
         checks.append(
             Check(
