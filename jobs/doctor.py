@@ -13,7 +13,8 @@ from db import catalog
 from db.engine import database_errors, make_engine, redacted
 from db.errors import ConfigError, OperatorError
 from db.layout import STATES, WRITTEN_STATES
-from db.migrate import current_revision, head_revision, plan_for, stale_indexes
+from db.migrate import current_revision, head_revision, stale_indexes
+from db.migration_plan import plan_for
 from db.queries import RunQueries
 from db.reflect import ROLE_KEYS, sql_type
 from db.shape import heartbeat_problem

@@ -12,7 +12,8 @@ from sqlalchemy.dialects import postgresql
 
 from db.engine import make_engine
 from db.layout import Layout, parse_column_map, parse_run_label, parse_status_map
-from db.migrate import index_names, migrate
+from db.migrate import migrate
+from db.migration_plan import index_names
 from db.table import load_runs_table
 from tests.adopted import ADOPTABLE, Adopted
 
