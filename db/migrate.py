@@ -25,12 +25,12 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
 from db.engine import database_errors, make_engine, redacted
-from db.errors import DatabaseUnavailable, SchemaError
+from db.errors import DatabaseUnavailable
 from db.layout import Layout
 from db.migration_plan import Step, TablePlan, index_names, plan_for, quote_table, version_table_for
-from db.reflect import Reflected, reflect_table, split_name
-from db.shape import CheckForbids, check_heartbeat, check_shape
-from db.status_values import check_lacks, extend_check_statements, status_labels
+from db.reflect import Reflected, split_name
+from db.shape import check_migratable
+from db.status_values import extend_check_statements, status_labels
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Fail fast instead of queueing behind a long transaction and blocking the scraper's writes.
@@ -300,51 +300,6 @@ def _extend_check(engine: Engine, statements: list[str], stop: threading.Event |
         for sql in validate:
             stop_point(stop, "the CHECK's re-creation (NOT VALID; the next migrate --extend-check validates it)")
             conn.exec_driver_sql(sql)
-
-
-def check_migratable(
-    conn: Connection,
-    qualified: str,
-    heartbeat: str | None = None,
-    layout: Layout | None = None,
-    *,
-    extend_check: bool = False,
-) -> Reflected:
-    """Raises what makes the migration impossible or useless, before any change: every check
-    `load_runs_table` applies to the table and the heartbeat, and duplicate retry rows that the
-    unique index would reject. A CHECK on status that forbids stuck-runs' values is refused with
-    the statements that extend it, unless `extend_check` (the caller extends it). Returns the
-    reflected table."""
-    reflected = reflect_table(conn, qualified, layout)
-    table = reflected.table
-    try:
-        check_shape(conn, reflected)
-    except CheckForbids:
-        lacking = check_lacks(conn, reflected)
-        if not extend_check and lacking:
-            statements = "\n".join(f"  {sql};" for sql in extend_check_statements(conn, reflected))
-            raise SchemaError(
-                f"{qualified} has CHECK constraint {lacking[0]} on {table.c.status.name} that forbids values "
-                "stuck-runs writes: run `stuck-runs migrate --extend-check` to run these statements (NOT VALID, "
-                f"then VALIDATE: no long lock), or run them yourself:\n{statements}"
-            ) from None
-    check_heartbeat(table, qualified, heartbeat)
-    if {"original_run_id", "retry_count", "is_retry"} <= set(table.c.keys()):
-        duplicated = conn.execute(
-            sa.select(sa.func.count()).select_from(
-                sa.select(table.c.original_run_id)
-                .where(table.c.is_retry)
-                .group_by(table.c.original_run_id, table.c.retry_count)
-                .having(sa.func.count() > 1)
-                .subquery()
-            )
-        ).scalar_one()
-        if duplicated:
-            raise SchemaError(
-                f"{qualified} has {duplicated} (original_run_id, retry_count) pair(s) with more than one retry row; "
-                "keep one row of each pair, then run `stuck-runs migrate` again"
-            )
-    return reflected
 
 
 def _invalid_indexes(conn: Connection, qualified: str) -> list[str]:

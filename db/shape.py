@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from db.errors import ConfigError, NotMigrated, SchemaError
-from db.layout import RETRY_COLUMNS, label_fields
+from db.layout import RETRY_COLUMNS, Layout, label_fields
 from db.pauses import PAUSES
 from db.reflect import (
     DEAD_LETTERS_TABLE,
@@ -21,9 +21,10 @@ from db.reflect import (
     id_kind,
     id_sequence,
     quoted_relation,
+    reflect_table,
     sql_type,
 )
-from db.status_values import check_lacks, missing_enum_values, missing_values
+from db.status_values import check_lacks, extend_check_statements, missing_enum_values, missing_values
 
 _WRITTEN_ROLES = ("status", "error_message", "started_at", "completed_at")
 # Roles a table may lack before `migrate`, which adds them (SPEC §11).
@@ -301,3 +302,48 @@ def check_row_security(conn: Connection, table: sa.Table, qualified: str) -> Non
     problem = row_security_problem(conn, table, qualified)
     if problem:
         raise SchemaError(problem)
+
+
+def check_migratable(
+    conn: Connection,
+    qualified: str,
+    heartbeat: str | None = None,
+    layout: Layout | None = None,
+    *,
+    extend_check: bool = False,
+) -> Reflected:
+    """Raises what makes the migration impossible or useless, before any change: every check
+    `load_runs_table` applies to the table and the heartbeat, and duplicate retry rows that the
+    unique index would reject. A CHECK on status that forbids stuck-runs' values is refused with
+    the statements that extend it, unless `extend_check` (the caller extends it). Returns the
+    reflected table."""
+    reflected = reflect_table(conn, qualified, layout)
+    table = reflected.table
+    try:
+        check_shape(conn, reflected)
+    except CheckForbids:
+        lacking = check_lacks(conn, reflected)
+        if not extend_check and lacking:
+            statements = "\n".join(f"  {sql};" for sql in extend_check_statements(conn, reflected))
+            raise SchemaError(
+                f"{qualified} has CHECK constraint {lacking[0]} on {table.c.status.name} that forbids values "
+                "stuck-runs writes: run `stuck-runs migrate --extend-check` to run these statements (NOT VALID, "
+                f"then VALIDATE: no long lock), or run them yourself:\n{statements}"
+            ) from None
+    check_heartbeat(table, qualified, heartbeat)
+    if {"original_run_id", "retry_count", "is_retry"} <= set(table.c.keys()):
+        duplicated = conn.execute(
+            sa.select(sa.func.count()).select_from(
+                sa.select(table.c.original_run_id)
+                .where(table.c.is_retry)
+                .group_by(table.c.original_run_id, table.c.retry_count)
+                .having(sa.func.count() > 1)
+                .subquery()
+            )
+        ).scalar_one()
+        if duplicated:
+            raise SchemaError(
+                f"{qualified} has {duplicated} (original_run_id, retry_count) pair(s) with more than one retry row; "
+                "keep one row of each pair, then run `stuck-runs migrate` again"
+            )
+    return reflected
