@@ -1,6 +1,7 @@
 """What the revisions are rendered from: the planned table (`TablePlan`: its names from the mapping,
 its id's SQL type, where its dead letters go), stuck-runs' names for its indexes and version
-table, and the `Step`, one named idempotent statement of a revision. Pure: nothing here connects.
+table, and the `Step`, one named idempotent statement of a revision. Only `plan_for` reads the
+database (the id's SQL type); a plan without one is what `migrate --sql` prints with no URL.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def quote_table(dialect: Dialect, qualified: str) -> str:
 @dataclass(frozen=True)
 class Step:
     """One idempotent statement of a revision, named by what it creates ("column retry_count",
-    "index ix_..."), so `migrate --sql` can leave out what a database already has."""
+    "index ix_..."), so `migrate` and `migrate --sql` leave out what a database already has."""
 
     creates: str
     sql: str
