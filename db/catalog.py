@@ -9,9 +9,9 @@ from sqlalchemy.engine import Connection
 
 from db.daemons import DAEMONS, JOB_RUNS
 from db.engine import database_errors
-from db.migrate import index_names, quote_table
+from db.migration_plan import index_names, quote_table
 from db.pauses import PAUSES
-from db.table import DEAD_LETTERS_TABLE, split_name
+from db.reflect import DEAD_LETTERS_TABLE, split_name
 
 MIN_SERVER_VERSION = 130000  # gen_random_uuid() is built in from PostgreSQL 13
 

@@ -6,7 +6,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, insert
 
 from db.arrays import array_param
-from db.table import DEAD_LETTERS_TABLE
+from db.reflect import DEAD_LETTERS_TABLE
 
 
 def dead_letters_table(
@@ -103,7 +103,3 @@ def one(dead: sa.Table) -> sa.Select:
 def purge(dead: sa.Table) -> sa.Delete:
     """Removes dead letters created before `:sr_before`."""
     return sa.delete(dead).where(dead.c.created_at < sa.bindparam("sr_before")).returning(dead.c.id)
-
-
-def created_since(dead: sa.Table) -> sa.Select:
-    return sa.select(sa.func.count()).select_from(dead).where(dead.c.created_at >= sa.bindparam("sr_since"))

@@ -175,9 +175,3 @@ def database_errors(engine: Engine, doing: str) -> Iterator[None]:
         raise DatabaseUnavailable(
             f"database error while {doing} at {where}: {reason}", f"database error while {doing}: {reason}"
         ) from None
-
-
-def check_connection(engine: Engine) -> None:
-    """Raises `DatabaseUnavailable` with a one-line reason when the server cannot be reached."""
-    with database_errors(engine, "connecting"), engine.connect() as conn:
-        conn.exec_driver_sql("SELECT 1")

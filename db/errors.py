@@ -84,9 +84,3 @@ class DueNowRefused(OperatorError):
     def __init__(self, message: str, *, details: dict | None = None) -> None:
         super().__init__(message)
         self.details = details or {}
-
-
-class ExecutorError(OperatorError):
-    """The configured executor cannot be built (callable not importable, command not found)."""
-
-    exit_code = EXIT_USAGE

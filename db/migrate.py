@@ -1,115 +1,40 @@
-"""`stuck-runs migrate`: Alembic, with checks first so an impossible table gets a clear message.
+"""`stuck-runs migrate`: checks first, so an impossible table gets a clear message, then the steps
+the database lacks.
 
-The revisions live in `db/migrations/versions`, each a list of idempotent, named `Step`s; `--sql`
-prints the same steps (those a database lacks, when it can be asked) for a DBA to run by hand.
+The revisions live in `db/migrations/versions` (Alembic scripts, read for their order), each a
+list of idempotent, named `Step`s. One `Pending` is what a database lacks to reach the newest
+revision, its record in stuck-runs' Alembic version table included: `migrate` applies it,
+`migrate --sql` prints it for a DBA to run by hand (all of it when no database can be asked).
+No revision is reversible: the columns may predate stuck-runs and hold the chains' history, so
+dropping them is a DBA's decision, not a migration tool's.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import sqlalchemy as sa
-from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
 from db.engine import database_errors, make_engine, redacted
-from db.errors import DatabaseUnavailable, SchemaError
+from db.errors import DatabaseUnavailable
 from db.layout import Layout
-from db.shape import CheckForbids, check_heartbeat, check_lacks, check_shape, extend_check_statements, status_labels
-from db.table import DEAD_LETTERS_TABLE, dead_letters_name, quoted_relation, reflect_table, split_name
+from db.migration_plan import Step, TablePlan, index_names, plan_for, quote_table, version_table_for
+from db.reflect import Reflected, split_name
+from db.shape import check_migratable
+from db.status_values import extend_check_statements, status_labels
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Fail fast instead of queueing behind a long transaction and blocking the scraper's writes.
 LOCK_TIMEOUT = "SET LOCAL lock_timeout = '10s'"
-
-
-@dataclass(frozen=True)
-class TablePlan:
-    """What the revisions need to know of the table: its names (from the mapping), its id's SQL
-    type, where its dead letters go. Without a database (`migrate --sql`, no URL): UUID ids."""
-
-    qualified: str
-    layout: Layout = field(default_factory=Layout)
-    id_type: str = "UUID"
-    dead_letters: str = DEAD_LETTERS_TABLE
-    missing_roles: tuple[str, ...] = ()  # completed_at / error_message columns migrate adds
-
-    def column(self, role: str) -> str:
-        return postgresql.dialect().identifier_preparer.quote(self.layout.column(role))
-
-    def in_state(self, state: str) -> str:
-        """The predicate the statements use for `state` (the partial indexes must say the same)."""
-        values = ["'" + v.replace("'", "''") + "'" for v in self.layout.values(state)]
-        if len(values) == 1:
-            return f"{self.column('status')} = {values[0]}"
-        return f"{self.column('status')} IN ({', '.join(values)})"
-
-    @property
-    def enum_values(self) -> tuple[str, ...]:
-        """The values stuck-runs writes and a status enum may lack (the scraper's own it has)."""
-        states = ("pending_retry", "cancelled", "running", "completed", "failed")
-        states += ("queued",) if "queued" in self.layout.statuses else ()
-        return tuple(value for state in states for value in self.layout.values(state))
-
-    @property
-    def enum_step(self) -> str:
-        return "status enum values " + ", ".join(self.enum_values)
-
-
-def plan_for(conn: Connection, table: sa.Table, qualified: str) -> TablePlan:
-    from db.shape import ADDED_ROLES, id_kind
-
-    kind = id_kind(table)
-    return TablePlan(
-        qualified,
-        table.info["layout"],
-        id_type=conn.execute(
-            sa.text(
-                "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-                "WHERE a.attrelid = CAST(:rel AS regclass) AND a.attname = :column"
-            ),
-            {"rel": quoted_relation(table), "column": table.c.id.name},
-        ).scalar_one(),
-        dead_letters=dead_letters_name(table, kind),
-        missing_roles=tuple(role for role in ADDED_ROLES if role not in table.c),
-    )
-
-
-def version_table_for(qualified: str) -> tuple[str, str | None]:
-    """stuck-runs' own Alembic version table, next to the table it migrates."""
-    schema, name = split_name(qualified)
-    return f"stuck_runs_alembic_{name}"[:63], schema
-
-
-def index_names(qualified: str) -> dict[str, str]:
-    """stuck-runs' index names for the table: lower case, so they need no quoting (`ScrapingJob`)."""
-    _, name = split_name(qualified)
-    name = name.lower()
-    return {
-        "running": f"ix_{name}_running_started_at"[:63],
-        "pending": f"ix_{name}_pending_next_retry_at"[:63],
-        "chain": f"ix_{name}_original_run_id"[:63],
-        "unique_retry": f"ux_{name}_chain_retry"[:63],
-        "stats": f"ix_{name}_ended_attempts"[:63],
-        "newest": f"ix_{name}_newest_first"[:63],
-        "handed_off": f"ix_{name}_handed_off"[:63],
-        "fleet_failed": f"ix_{name}_fleet_failed"[:63],
-    }
-
-
-def quote_table(dialect: Dialect, qualified: str) -> str:
-    schema, name = split_name(qualified)
-    quote = dialect.identifier_preparer.quote
-    return f"{quote(schema)}.{quote(name)}" if schema else quote(name)
 
 
 @dataclass(frozen=True)
@@ -124,32 +49,21 @@ class MigrateResult:
         return self.before != self.after or bool(self.added)
 
 
-def _config(qualified: str, **attributes: object) -> Config:
+def _scripts(qualified: str) -> ScriptDirectory:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["table"] = qualified
-    config.attributes.update(attributes)
-    return config
+    return ScriptDirectory.from_config(config)
 
 
 def head_revision() -> str | None:
-    return ScriptDirectory.from_config(_config("scrape_runs")).get_current_head()
+    return _scripts("scrape_runs").get_current_head()
 
 
 def current_revision(conn: Connection, qualified: str) -> str | None:
     version_table, schema = version_table_for(qualified)
     context = MigrationContext.configure(conn, opts={"version_table": version_table, "version_table_schema": schema})
     return context.get_current_revision()
-
-
-@dataclass(frozen=True)
-class Step:
-    """One idempotent statement of a revision, named by what it creates ("column retry_count",
-    "index ix_..."), so `migrate --sql` can leave out what a database already has."""
-
-    creates: str
-    sql: str
-    concurrent: bool = False  # must run outside a transaction (CONCURRENTLY, ALTER TYPE ... ADD VALUE)
 
 
 class MigrationStopped(Exception):
@@ -162,67 +76,90 @@ def stop_point(stop: threading.Event | None, after: str) -> None:
         raise MigrationStopped(after)
 
 
-def apply_steps(op: Any, steps: list[Step], stop: threading.Event | None = None) -> None:
-    """Runs a revision's steps: the transactional ones first (rolled back together when stopped),
-    then the concurrent ones, each a statement of its own."""
-    transactional = [s for s in steps if not s.concurrent]
-    if transactional:
-        op.execute(LOCK_TIMEOUT)
-        for step in transactional:
-            stop_point(stop, "nothing: the columns and tables were rolled back")
-            op.execute(step.sql)
-    concurrent = [s for s in steps if s.concurrent]
-    done = [s.creates for s in transactional]
-    if concurrent:
-        with op.get_context().autocommit_block():
-            for step in concurrent:
-                stop_point(stop, ", ".join(done))
-                op.execute(step.sql)
-                done.append(step.creates)
-
-
 def revision_steps(plan: TablePlan) -> list[tuple[str, list[Step]]]:
     """Each revision, oldest first, with its steps for the planned table."""
-    scripts = reversed(list(ScriptDirectory.from_config(_config(plan.qualified)).walk_revisions()))
+    scripts = reversed(list(_scripts(plan.qualified).walk_revisions()))
     dialect = postgresql.dialect()
     return [(script.revision, script.module.steps(plan, dialect)) for script in scripts]
 
 
-def migration_sql(plan: TablePlan, present: frozenset[str] = frozenset(), invalid: tuple[str, ...] = ()) -> str:
-    """The DDL `migrate` would run, as a script a DBA can review and run with psql.
+@dataclass(frozen=True)
+class Pending:
+    """What a database lacks, in the order it is applied and printed: the transactional steps (one
+    transaction, rolled back together), the concurrent ones (each a statement of its own), then the
+    revision's record (one transaction, after everything it records)."""
 
-    Every statement is idempotent, the revision record included. Steps whose `creates` is in
-    `present` are left out; `invalid` indexes (a failed CONCURRENTLY build) are dropped first
-    so they are built again. Connects to nothing.
-    """
-    qualified = plan.qualified
+    transactional: tuple[Step, ...]
+    concurrent: tuple[Step, ...]
+    record: tuple[str, ...]
+
+
+def pending(plan: TablePlan, present: frozenset[str] = frozenset()) -> Pending:
+    """The steps whose `creates` is not in `present`, and the record of the newest revision unless
+    it is there. Every statement is idempotent, the record included."""
     revisions = revision_steps(plan)
     steps = [step for _, revision in revisions for step in revision if step.creates not in present]
     head = revisions[-1][0]
-    lines: list[str] = []
-    transactional = [s.sql for s in steps if not s.concurrent]
-    if transactional:
-        lines += ["BEGIN;", f"{LOCK_TIMEOUT};", *(f"{sql};" for sql in transactional), "COMMIT;"]
-    lines += [f"DROP INDEX CONCURRENTLY IF EXISTS {name};" for name in invalid]
-    lines += [f"{s.sql};" for s in steps if s.concurrent]
-    if f"revision {head}" not in present:
-        lines += _record_revision(qualified, head, [rev for rev, _ in revisions[:-1]])
-    return "\n\n".join(lines) + "\n" if lines else ""
+    older = [revision for revision, _ in revisions[:-1]]
+    record = () if f"revision {head}" in present else _record_revision(plan.qualified, head, older)
+    return Pending(tuple(s for s in steps if not s.concurrent), tuple(s for s in steps if s.concurrent), tuple(record))
 
 
 def _record_revision(qualified: str, head: str, older: list[str]) -> list[str]:
-    """What `migrate` records after the steps, written so that running it again changes nothing."""
+    """stuck-runs' Alembic version table brought to `head`, written so that running it again changes nothing."""
     name, schema = version_table_for(qualified)
-    table = quote_table(postgresql.dialect(), f"{schema}.{name}" if schema else name)
+    dialect = postgresql.dialect()
+    table = quote_table(dialect, f"{schema}.{name}" if schema else name)
+    # The key's name as Alembic gives it, quoted as Alembic quotes it (`ScrapingJob`'s keeps its case).
+    key = dialect.identifier_preparer.quote(f"{name}_pkc"[:63])
     earlier = ", ".join(f"'{rev}'" for rev in older) or "NULL"
     return [
-        "BEGIN;",
         f"CREATE TABLE IF NOT EXISTS {table} (\n    version_num VARCHAR(32) NOT NULL,\n"
-        f"    CONSTRAINT {f'{name}_pkc'[:63]} PRIMARY KEY (version_num)\n);",
-        f"UPDATE {table} SET version_num = '{head}' WHERE version_num IN ({earlier});",
-        f"INSERT INTO {table} (version_num) SELECT '{head}' WHERE NOT EXISTS (SELECT 1 FROM {table});",
-        "COMMIT;",
+        f"    CONSTRAINT {key} PRIMARY KEY (version_num)\n)",
+        f"UPDATE {table} SET version_num = '{head}' WHERE version_num IN ({earlier})",
+        f"INSERT INTO {table} (version_num) SELECT '{head}' WHERE NOT EXISTS (SELECT 1 FROM {table})",
     ]
+
+
+def apply(engine: Engine, steps: Pending, stop: threading.Event | None = None) -> tuple[str, ...]:
+    """Runs what `pending` found, as `migration_sql` prints it; returns what the steps created.
+    With `stop` set it stops between two statements (`MigrationStopped` says what was done)."""
+    if steps.transactional:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(LOCK_TIMEOUT)
+            for step in steps.transactional:
+                stop_point(stop, "nothing: the columns and tables were rolled back")
+                conn.exec_driver_sql(step.sql)
+    done = [step.creates for step in steps.transactional]
+    if steps.concurrent:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            for step in steps.concurrent:
+                stop_point(stop, ", ".join(done))
+                conn.exec_driver_sql(step.sql)
+                done.append(step.creates)
+    if steps.record:
+        stop_point(stop, ", ".join(done))
+        with engine.begin() as conn:
+            for sql in steps.record:
+                conn.exec_driver_sql(sql)
+    return tuple(done)
+
+
+def migration_sql(plan: TablePlan, present: frozenset[str] = frozenset(), invalid: tuple[str, ...] = ()) -> str:
+    """What `apply` would run, as a script a DBA can review and run with psql.
+
+    Steps whose `creates` is in `present` are left out; `invalid` indexes (a failed CONCURRENTLY
+    build, or one built for another mapping) are dropped first so they are built again. Connects to nothing.
+    """
+    steps = pending(plan, present)
+    lines: list[str] = []
+    if steps.transactional:
+        lines += ["BEGIN;", f"{LOCK_TIMEOUT};", *(f"{s.sql};" for s in steps.transactional), "COMMIT;"]
+    lines += [f"DROP INDEX CONCURRENTLY IF EXISTS {name};" for name in invalid]
+    lines += [f"{s.sql};" for s in steps.concurrent]
+    if steps.record:
+        lines += ["BEGIN;", *(f"{sql};" for sql in steps.record), "COMMIT;"]
+    return "\n\n".join(lines) + "\n" if lines else ""
 
 
 def script_for_dba(url: str | None, qualified: str, heartbeat: str | None = None, layout: Layout | None = None) -> str:
@@ -235,20 +172,18 @@ def script_for_dba(url: str | None, qualified: str, heartbeat: str | None = None
     engine = make_engine(url, role="migrate", pool_size=1)
     try:
         with database_errors(engine, "reading what is already migrated"), engine.connect() as conn:
-            table = check_migratable(conn, qualified, heartbeat, layout, extend_check=True)
-            extend = extend_check_statements(conn, table)
-            plan = plan_for(conn, table, qualified)
+            reflected = check_migratable(conn, qualified, heartbeat, layout, extend_check=True)
+            extend = extend_check_statements(conn, reflected)
+            plan = plan_for(conn, reflected)
             stale = stale_indexes(conn, plan)
-            present = present_objects(conn, table, plan) - {f"index {name.split('.')[-1]}" for name in stale}
+            present = present_objects(conn, reflected, plan) - {f"index {name.split('.')[-1]}" for name in stale}
             invalid = (*_invalid_indexes(conn, qualified), *stale)
     except DatabaseUnavailable as exc:
         return _full_script(TablePlan(qualified, layout), str(exc))
     finally:
         engine.dispose()
     where, head = f"{qualified} at {redacted(engine.url)}", head_revision()
-    # A text status has no enum to extend: that step is not needed, nor is it there.
-    needless = frozenset() if table.info["enum_names"].get("status") else frozenset({plan.enum_step})
-    sql = migration_sql(plan, present | needless, invalid)
+    sql = migration_sql(plan, present | _needless(reflected, plan), invalid)
     if extend:
         sql = _extend_check_script(extend) + sql
     if not sql:
@@ -276,8 +211,14 @@ def _full_script(plan: TablePlan, reason: str) -> str:
     )
 
 
-def present_objects(conn: Connection, table: sa.Table, plan: TablePlan) -> frozenset[str]:
+def _needless(reflected: Reflected, plan: TablePlan) -> frozenset[str]:
+    """Steps a table does not need: a text status has no enum to extend."""
+    return frozenset() if reflected.status_enum else frozenset({plan.enum_step})
+
+
+def present_objects(conn: Connection, reflected: Reflected, plan: TablePlan) -> frozenset[str]:
     """What of the migration the database already has, named as `Step.creates` names it."""
+    table = reflected.table
     found = {f"column {column.name}" for column in table.columns}
     found |= {
         f"{kind} {name}"
@@ -311,26 +252,28 @@ def migrate(
 
     A table that `load_runs_table` would refuse is refused before the first statement. A CHECK on
     status that forbids values stuck-runs writes is refused with the statements that extend it,
-    or, with `extend_check`, extended first (re-created NOT VALID, then validated). With `stop` set
-    (a signal), it stops between two statements and raises `MigrationStopped`; running it again
-    finishes the work, every step being idempotent.
+    or, with `extend_check`, extended first (re-created NOT VALID, then validated). A table at the
+    newest revision gets what its mapping now needs (a new enum value, a newly mapped error
+    column). With `stop` set (a signal), it stops between two statements and raises
+    `MigrationStopped`; running it again finishes the work, every step being idempotent.
     """
     layout = layout or Layout()
     with database_errors(engine, f"migrating {qualified}"), engine.connect() as conn:
-        table = check_migratable(conn, qualified, heartbeat, layout, extend_check=extend_check)
+        reflected = check_migratable(conn, qualified, heartbeat, layout, extend_check=extend_check)
         extended: tuple[str, ...] = ()
         if extend_check:
-            statements = extend_check_statements(conn, table)
+            statements = extend_check_statements(conn, reflected)
             conn.commit()  # this session's reads hold a lock the ALTER TABLE would wait for
             _extend_check(engine, statements, stop)
             extended = tuple(f"CHECK {s.split(' CONSTRAINT ')[1]}" for s in statements if " VALIDATE " in s)
-            table = check_migratable(conn, qualified, heartbeat, layout)
-        plan = plan_for(conn, table, qualified)
+            reflected = check_migratable(conn, qualified, heartbeat, layout)
+        plan = plan_for(conn, reflected)
         _drop_invalid_indexes(engine, conn, qualified, plan)
         before = current_revision(conn, qualified)
+        steps = pending(plan, present_objects(conn, reflected, plan) | _needless(reflected, plan))
         conn.commit()
         try:
-            command.upgrade(_config(qualified, connection=conn, plan=plan, stop=stop), "head")
+            done = apply(engine, steps, stop)
         except OperationalError as exc:
             if "lock timeout" in str(exc):
                 raise DatabaseUnavailable(
@@ -340,42 +283,7 @@ def migrate(
             raise
         after = current_revision(conn, qualified)
         conn.commit()
-        added = _complete(engine, conn, qualified, layout, stop) if before == after else ()
-    return MigrateResult(qualified, before, after, extended + added)
-
-
-def _complete(
-    engine: Engine, conn: Connection, qualified: str, layout: Layout, stop: threading.Event | None = None
-) -> tuple[str, ...]:
-    """Runs the steps a table at the newest revision still lacks: a mapping changed since it was
-    migrated (a new status value for the enum, a newly mapped error column). Every step is idempotent."""
-    table = reflect_table(conn, qualified, layout)
-    plan = plan_for(conn, table, qualified)
-    present = present_objects(conn, table, plan)
-    needless = set() if table.info["enum_names"].get("status") else {plan.enum_step}
-    missing = [
-        step
-        for _, steps in revision_steps(plan)
-        for step in steps
-        if step.creates not in present and step.creates not in needless
-    ]
-    conn.commit()
-    transactional = [step for step in missing if not step.concurrent]
-    if transactional:
-        with engine.begin() as run:
-            run.exec_driver_sql(LOCK_TIMEOUT)
-            for step in transactional:
-                stop_point(stop, "nothing: the columns were rolled back")
-                run.exec_driver_sql(step.sql)
-    done = [step.creates for step in transactional]
-    concurrent = [step for step in missing if step.concurrent]
-    if concurrent:
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as run:
-            for step in concurrent:
-                stop_point(stop, ", ".join(done))
-                run.exec_driver_sql(step.sql)
-                done.append(step.creates)
-    return tuple(done)
+    return MigrateResult(qualified, before, after, extended + (done if before == after else ()))
 
 
 def _extend_check(engine: Engine, statements: list[str], stop: threading.Event | None = None) -> None:
@@ -392,50 +300,6 @@ def _extend_check(engine: Engine, statements: list[str], stop: threading.Event |
         for sql in validate:
             stop_point(stop, "the CHECK's re-creation (NOT VALID; the next migrate --extend-check validates it)")
             conn.exec_driver_sql(sql)
-
-
-def check_migratable(
-    conn: Connection,
-    qualified: str,
-    heartbeat: str | None = None,
-    layout: Layout | None = None,
-    *,
-    extend_check: bool = False,
-) -> sa.Table:
-    """Raises what makes the migration impossible or useless, before any change: every check
-    `load_runs_table` applies to the table and the heartbeat, and duplicate retry rows that the
-    unique index would reject. A CHECK on status that forbids stuck-runs' values is refused with
-    the statements that extend it, unless `extend_check` (the caller extends it). Returns the
-    reflected table."""
-    table = reflect_table(conn, qualified, layout)
-    try:
-        check_shape(conn, table, qualified)
-    except CheckForbids:
-        lacking = check_lacks(conn, table)
-        if not extend_check and lacking:
-            statements = "\n".join(f"  {sql};" for sql in extend_check_statements(conn, table))
-            raise SchemaError(
-                f"{qualified} has CHECK constraint {lacking[0]} on {table.c.status.name} that forbids values "
-                "stuck-runs writes: run `stuck-runs migrate --extend-check` to run these statements (NOT VALID, "
-                f"then VALIDATE: no long lock), or run them yourself:\n{statements}"
-            ) from None
-    check_heartbeat(table, qualified, heartbeat)
-    if {"original_run_id", "retry_count", "is_retry"} <= set(table.c.keys()):
-        duplicated = conn.execute(
-            sa.select(sa.func.count()).select_from(
-                sa.select(table.c.original_run_id)
-                .where(table.c.is_retry)
-                .group_by(table.c.original_run_id, table.c.retry_count)
-                .having(sa.func.count() > 1)
-                .subquery()
-            )
-        ).scalar_one()
-        if duplicated:
-            raise SchemaError(
-                f"{qualified} has {duplicated} (original_run_id, retry_count) pair(s) with more than one retry row; "
-                "keep one row of each pair, then run `stuck-runs migrate` again"
-            )
-    return table
 
 
 def _invalid_indexes(conn: Connection, qualified: str) -> list[str]:

@@ -7,19 +7,25 @@ refused before `migrate` changes anything. Columns are named here as the table n
 
 from __future__ import annotations
 
-import re
-
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from db.errors import ConfigError, NotMigrated, SchemaError
-from db.layout import Layout, label_fields
+from db.layout import RETRY_COLUMNS, Layout, label_fields
 from db.pauses import PAUSES
-from db.table import DEAD_LETTERS_TABLE, RETRY_COLUMNS, dead_letters_name, quoted_relation, sql_type
+from db.reflect import (
+    DEAD_LETTERS_TABLE,
+    Reflected,
+    dead_letters_name,
+    id_kind,
+    id_sequence,
+    quoted_relation,
+    reflect_table,
+    sql_type,
+)
+from db.status_values import check_lacks, extend_check_statements, missing_enum_values, missing_values
 
 _WRITTEN_ROLES = ("status", "error_message", "started_at", "completed_at")
-_NEXTVAL = re.compile(r"nextval\('((?:[^']|'')+)'::regclass\)")
 # Roles a table may lack before `migrate`, which adds them (SPEC §11).
 ADDED_ROLES = {"completed_at": "TIMESTAMPTZ", "error_message": "TEXT"}
 
@@ -28,17 +34,9 @@ class CheckForbids(SchemaError):
     """A CHECK constraint on status forbids values stuck-runs writes: `migrate --extend-check` extends it."""
 
 
-def _layout(table: sa.Table) -> Layout:
-    return table.info.get("layout") or Layout()
-
-
-def _name(table: sa.Table, role: str) -> str:
-    return _layout(table).column(role)
-
-
-def check_shape(conn: Connection, table: sa.Table, qualified: str) -> None:
+def check_shape(conn: Connection, reflected: Reflected) -> None:
     """Raises `SchemaError` for a table stuck-runs cannot work with, migrated or not."""
-    layout = _layout(table)
+    table, qualified, layout = reflected.table, reflected.qualified, reflected.layout
     mapped = "COLUMN_MAP" if layout.columns else None
     for role in ("id", "status", "started_at"):
         if role not in table.c:
@@ -81,9 +79,9 @@ def check_shape(conn: Connection, table: sa.Table, qualified: str) -> None:
                 "or map another column"
             )
     _check_retry_columns(table, qualified)
-    _check_written_columns(conn, table, qualified)
+    _check_written_columns(conn, reflected)
     _check_unique_inputs(conn, table, qualified)
-    _check_status(conn, table, qualified)
+    _check_status(conn, reflected)
 
 
 MIN_ERROR_LENGTH = 64
@@ -116,10 +114,10 @@ def _check_retry_columns(table: sa.Table, qualified: str) -> None:
         )
 
 
-def _check_written_columns(conn: Connection, table: sa.Table, qualified: str) -> None:
+def _check_written_columns(conn: Connection, reflected: Reflected) -> None:
     """The error and completion columns are stuck-runs' to write: refused when they are the scraper's
     data (named in RUN_LABEL, NOT NULL, or filled on running runs), which stuck-runs would overwrite."""
-    layout = _layout(table)
+    table, qualified, layout = reflected.table, reflected.qualified, reflected.layout
     labelled = {column for _, column in label_fields(layout.label or "") if column}
     running = sa.cast(table.c.status, sa.Text).in_(layout.values("running"))
     for role in ("error_message", "completed_at"):
@@ -160,15 +158,6 @@ def _check_unique_inputs(conn: Connection, table: sa.Table, qualified: str) -> N
             )
 
 
-def id_kind(table: sa.Table) -> str:
-    kind = table.c.id.type
-    if isinstance(kind, sa.Uuid):
-        return "uuid"
-    if isinstance(kind, sa.Integer):
-        return "integer"
-    return "text"
-
-
 def _check_key(conn: Connection, table: sa.Table, qualified: str) -> None:
     key = [c.name for c in table.primary_key.columns]
     id_name = table.c.id.name
@@ -190,21 +179,8 @@ def _check_key(conn: Connection, table: sa.Table, qualified: str) -> None:
         )
 
 
-def id_sequence(conn: Connection, table: sa.Table) -> str | None:
-    """The sequence that numbers an integer id (serial, identity, or a default of nextval of one
-    the column does not own), as a regclass text."""
-    owned = conn.execute(
-        sa.select(sa.func.pg_get_serial_sequence(quoted_relation(table), table.c.id.name))
-    ).scalar_one_or_none()
-    if owned:
-        return owned
-    default = table.c.id.server_default
-    found = _NEXTVAL.search(str(getattr(default, "arg", ""))) if default is not None else None
-    return found[1].replace("''", "'") if found else None
-
-
-def _check_status(conn: Connection, table: sa.Table, qualified: str) -> None:
-    status, layout = table.c.status, _layout(table)
+def _check_status(conn: Connection, reflected: Reflected) -> None:
+    qualified, status, layout = reflected.qualified, reflected.table.c.status, reflected.layout
     if not isinstance(status.type, sa.String):
         raise SchemaError(
             f"{qualified}.{status.name} (the status) is {sql_type(status)}: stuck-runs needs text, varchar or an enum"
@@ -218,129 +194,21 @@ def _check_status(conn: Connection, table: sa.Table, qualified: str) -> None:
                 f"{qualified}.{status.name} is varchar({limit}), too short for {state}={value!r}: map {state} to a "
                 f"value of at most {limit} characters in STATUS_MAP, or widen the column"
             )
-    lacking = check_lacks(conn, table)
+    lacking = check_lacks(conn, reflected)
     if lacking:
         name, _ = lacking
         raise CheckForbids(
-            f"{qualified} has CHECK constraint {name} on {status.name} that forbids {_missing_values(conn, table)}: "
+            f"{qualified} has CHECK constraint {name} on {status.name} that forbids {missing_values(conn, reflected)}: "
             "run `stuck-runs migrate --extend-check` to extend it (or `migrate --sql` to see the statements)"
         )
 
 
-def status_constraints(conn: Connection, table: sa.Table) -> list[tuple[str, str]]:
-    """The CHECK constraints on the status column: (name, definition)."""
-    return [
-        (name, definition)
-        for name, definition in conn.execute(
-            sa.text(
-                "SELECT c.conname, pg_get_constraintdef(c.oid) FROM pg_constraint c "
-                "JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey) "
-                "WHERE c.conrelid = CAST(:rel AS regclass) AND c.contype = 'c' AND a.attname = :column "
-                "ORDER BY c.conname"
-            ),
-            {"rel": quoted_relation(table), "column": table.c.status.name},
-        )
-    ]
-
-
-def _written_values(table: sa.Table) -> list[str]:
-    layout = _layout(table)
-    return [layout.written(state) for state in layout.written_states()]
-
-
-def _mapped_values(table: sa.Table) -> list[str]:
-    """Every value the mapping names, written or only recognised (`indexing` of running=running|indexing)."""
-    layout = _layout(table)
-    return [value for state in layout.written_states() for value in layout.values(state)]
-
-
-def allows(conn: Connection, definition: str, table: sa.Table, value: str) -> bool:
-    """Whether a CHECK definition accepts `value` as the status (asked of PostgreSQL itself)."""
-    expression = definition.removeprefix("CHECK ").removesuffix(" NOT VALID")
-    probe = sa.text(f"SELECT {expression} FROM (SELECT CAST(:value AS text) AS {_quote(table.c.status.name)}) AS probe")
-    return conn.execute(probe, {"value": value}).scalar_one() is not False
-
-
-def _quote(name: str) -> str:
-    return postgresql.dialect().identifier_preparer.quote(name)
-
-
-def check_lacks(conn: Connection, table: sa.Table) -> tuple[str, str] | None:
-    """The first CHECK constraint on status that forbids a value stuck-runs writes, if any."""
-    for name, definition in status_constraints(conn, table):
-        if any(not allows(conn, definition, table, v) for v in _written_values(table)):
-            return name, definition
-    return None
-
-
-def _missing_values(conn: Connection, table: sa.Table) -> str:
-    lacking = check_lacks(conn, table)
-    if not lacking:
-        return ""
-    _, definition = lacking
-    return ", ".join(repr(v) for v in _written_values(table) if not allows(conn, definition, table, v))
-
-
-def extend_check_statements(conn: Connection, table: sa.Table) -> list[str]:
-    """The statements that let every CHECK on status accept the values stuck-runs writes: each is
-    re-created NOT VALID with those values allowed, then validated (no long lock for a scan)."""
-    column = _quote(table.c.status.name)
-    relation = quoted_relation(table)
-    statements = []
-    for name, definition in status_constraints(conn, table):
-        missing = [v for v in _written_values(table) if not allows(conn, definition, table, v)]
-        if not missing:
-            if definition.endswith(" NOT VALID"):  # extended by an --extend-check stopped before its VALIDATE
-                statements.append(f"ALTER TABLE {relation} VALIDATE CONSTRAINT {_quote(name)}")
-            continue
-        values = ", ".join("'" + v.replace("'", "''") + "'" for v in missing)
-        expression = definition.removeprefix("CHECK ").removesuffix(" NOT VALID")
-        statements += [
-            f"ALTER TABLE {relation} DROP CONSTRAINT {_quote(name)}",
-            f"ALTER TABLE {relation} ADD CONSTRAINT {_quote(name)} CHECK ({expression} OR {column} IN ({values})) "
-            "NOT VALID",
-            f"ALTER TABLE {relation} VALIDATE CONSTRAINT {_quote(name)}",
-        ]
-    return statements
-
-
-def status_labels(conn: Connection, table: sa.Table) -> set[str]:
-    """The values of the status enum (empty when status is not an enum)."""
-    return set(
-        conn.execute(
-            sa.text(
-                "SELECT e.enumlabel FROM pg_enum e JOIN pg_attribute a ON a.atttypid = e.enumtypid "
-                "WHERE a.attrelid = CAST(:rel AS regclass) AND a.attname = :column"
-            ),
-            {"rel": quoted_relation(table), "column": table.c.status.name},
-        ).scalars()
-    )
-
-
-def missing_enum_values(conn: Connection, table: sa.Table) -> list[str]:
-    """The values stuck-runs writes that the status enum lacks (none when status is text)."""
-    if not table.info["enum_names"].get("status"):
-        return []
-    labels = status_labels(conn, table)
-    return [v for v in _mapped_values(table) if v not in labels]
-
-
-def status_sql_type(conn: Connection, table: sa.Table) -> str:
-    """The status column's type as SQL can name it (schema-qualified, quoted when needed)."""
-    return conn.execute(
-        sa.text(
-            "SELECT format_type(a.atttypid, NULL) FROM pg_attribute a "
-            "WHERE a.attrelid = CAST(:rel AS regclass) AND a.attname = :column"
-        ),
-        {"rel": quoted_relation(table), "column": table.c.status.name},
-    ).scalar_one()
-
-
-def check_migrated(conn: Connection, table: sa.Table, qualified: str) -> None:
+def check_migrated(conn: Connection, reflected: Reflected) -> None:
     """Raises `NotMigrated` when what `migrate` adds is not there yet."""
+    table, qualified = reflected.table, reflected.qualified
     missing = [c for c in RETRY_COLUMNS if c not in table.c]
-    missing += [_name(table, role) for role in ADDED_ROLES if role not in table.c]
-    missing += [f"status value {v!r}" for v in missing_enum_values(conn, table)]
+    missing += [reflected.layout.column(role) for role in ADDED_ROLES if role not in table.c]
+    missing += [f"status value {v!r}" for v in missing_enum_values(conn, reflected)]
     dead = dead_letters_name(table, id_kind(table)) if "id" in table.c else DEAD_LETTERS_TABLE
     inspector = sa.inspect(conn)
     missing += [name for name in (dead, PAUSES) if not missing and not inspector.has_table(name, schema=table.schema)]
@@ -433,3 +301,48 @@ def check_row_security(conn: Connection, table: sa.Table, qualified: str) -> Non
     problem = row_security_problem(conn, table, qualified)
     if problem:
         raise SchemaError(problem)
+
+
+def check_migratable(
+    conn: Connection,
+    qualified: str,
+    heartbeat: str | None = None,
+    layout: Layout | None = None,
+    *,
+    extend_check: bool = False,
+) -> Reflected:
+    """Raises what makes the migration impossible or useless, before any change: every check
+    `load_runs_table` applies to the table and the heartbeat, and duplicate retry rows that the
+    unique index would reject. A CHECK on status that forbids stuck-runs' values is refused with
+    the statements that extend it, unless `extend_check` (the caller extends it). Returns the
+    reflected table."""
+    reflected = reflect_table(conn, qualified, layout)
+    table = reflected.table
+    try:
+        check_shape(conn, reflected)
+    except CheckForbids:
+        lacking = check_lacks(conn, reflected)
+        if not extend_check and lacking:
+            statements = "\n".join(f"  {sql};" for sql in extend_check_statements(conn, reflected))
+            raise SchemaError(
+                f"{qualified} has CHECK constraint {lacking[0]} on {table.c.status.name} that forbids values "
+                "stuck-runs writes: run `stuck-runs migrate --extend-check` to run these statements (NOT VALID, "
+                f"then VALIDATE: no long lock), or run them yourself:\n{statements}"
+            ) from None
+    check_heartbeat(table, qualified, heartbeat)
+    if {"original_run_id", "retry_count", "is_retry"} <= set(table.c.keys()):
+        duplicated = conn.execute(
+            sa.select(sa.func.count()).select_from(
+                sa.select(table.c.original_run_id)
+                .where(table.c.is_retry)
+                .group_by(table.c.original_run_id, table.c.retry_count)
+                .having(sa.func.count() > 1)
+                .subquery()
+            )
+        ).scalar_one()
+        if duplicated:
+            raise SchemaError(
+                f"{qualified} has {duplicated} (original_run_id, retry_count) pair(s) with more than one retry row; "
+                "keep one row of each pair, then run `stuck-runs migrate` again"
+            )
+    return reflected

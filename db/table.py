@@ -1,5 +1,5 @@
-"""The scraper's table as stuck-runs sees it: reflected once, its mapping resolved, its columns sorted
-by role.
+"""The scraper's table as stuck-runs sees it: reflected once (db.reflect), checked (db.shape), its
+mapping resolved, its columns sorted by role.
 
 Reflection keys each mapped column by its role (`t.c.status` is the column COLUMN_MAP names for
 status, rendered in SQL by its real name), so every statement is written once, in roles, and
@@ -9,7 +9,8 @@ run's label are resolved here too: `RunsTable` is the one object that knows the 
 
 from __future__ import annotations
 
-import functools
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,34 +19,21 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import UserDefinedType
 
-from db.errors import ConfigError, RunNotFound, SchemaError, UsageError
+from db.errors import ConfigError, RunNotFound, UsageError
 from db.layout import RETRY_COLUMNS, STATES, Layout, label_fields
-
-ROLE_KEYS = ("id", "status", "started_at", "completed_at", "error_message")
-# Bookkeeping timestamps describe one row, not the work: a retry gets its own (now), never a copy.
-# Their common spellings, compared without `_` and case: Rails' and Prisma's `created_at`/`updatedAt`,
-# Django's `created`/`modified`, `date_created`, `last_modified`... Only date/time columns count.
-_CREATED = frozenset({"created", "createdat", "createdon", "datecreated", "creationdate", "inserted", "insertedat"})
-# The spellings of the time of a row's last change, in the order one is chosen as the `updated_at`
-# role when COLUMN_MAP names none: stuck-runs sets it to now() on every write (ETL syncs by it).
-UPDATED_SPELLINGS = (
-    "updatedat",
-    "modifiedat",
-    "updated",
-    "modified",
-    "updatedon",
-    "modifiedon",
-    "lastmodified",
-    "lastmodifiedat",
-    "lastupdated",
-    "lastupdatedat",
-    "dateupdated",
-    "datemodified",
+from db.reflect import (
+    ROLE_KEYS,
+    Reflected,
+    dead_letters_name,
+    id_kind,
+    id_sequence,
+    is_bookkeeping,
+    is_generated,
+    reflect_table,
+    status_sql_type,
+    updated_column,
 )
-_BOOKKEEPING = _CREATED | frozenset(UPDATED_SPELLINGS)
-DEAD_LETTERS_TABLE = "scrape_run_dead_letters"
-JOB_RUNS_TABLE = "stuck_runs_job_runs"
-_INPUT_KEY = "_sr_input_"  # the key of a scraper column whose name is a role another column plays
+from db.shape import check_heartbeat, check_migrated, check_row_security, check_shape
 
 
 class _NamedType(UserDefinedType):
@@ -60,57 +48,26 @@ class _NamedType(UserDefinedType):
         return self.sql_name
 
 
-def split_name(qualified: str) -> tuple[str | None, str]:
-    schema, _, name = qualified.rpartition(".")
-    return (schema or None), name
+def status_value(value: str, enum: sa.types.TypeEngine | None = None) -> sa.ColumnElement:
+    """A status value as SQL: cast to the status enum, or a plain literal for a text column."""
+    return sa.cast(sa.literal(value, sa.Text), enum) if enum is not None else sa.literal(value)
 
 
-def _spelling(name: str) -> str:
-    return name.replace("_", "").lower()
-
-
-def _is_time(column: sa.Column) -> bool:
-    return isinstance(column.type, (sa.DateTime, sa.Date))
-
-
-def is_bookkeeping(column: sa.Column) -> bool:
-    """A row's own creation or change time (not the work's): never copied into a retry."""
-    return _is_time(column) and _spelling(column.name) in _BOOKKEEPING
-
-
-def updated_column(table: sa.Table, layout: Layout, qualified: str) -> str | None:
-    """The key of the `updated_at` role's column: COLUMN_MAP's, else the first column spelled like
-    one (UPDATED_SPELLINGS), else None. `ConfigError` when the mapped one is missing or no timestamp."""
-    mapped = layout.columns.get("updated_at")
-    if mapped is not None:
-        column = next((c for c in table.columns if c.name == mapped), None)
-        if column is None or not isinstance(column.type, sa.DateTime) or is_generated(column):
-            what = "is not a column of" if column is None else f"({sql_type(column)}) is no writable timestamp of"
-            raise ConfigError(
-                f"COLUMN_MAP: updated_at={mapped} {what} {qualified}: map a timestamp column, or leave updated_at out"
-            )
-        return column.key
-    found = {
-        _spelling(c.name): c.key
-        for c in table.columns
-        if isinstance(c.type, sa.DateTime) and not is_generated(c) and c.key not in ROLE_KEYS
-    }
-    return next((found[s] for s in UPDATED_SPELLINGS if s in found), None)
-
-
-def dead_letters_name(table: sa.Table, id_kind: str) -> str:
-    """Where the table's dead letters go: UUID ids share `scrape_run_dead_letters` (they cannot
-    collide, and that is where they always went); integer and text ids would collide with another
-    table's, so such a table gets its own, typed like its ids."""
-    return DEAD_LETTERS_TABLE if id_kind == "uuid" else f"{table.name}_dead_letters"[:63]
+def in_values(
+    column: sa.ColumnElement, values: tuple[str, ...], value: Callable[[str], sa.ColumnElement] = status_value
+) -> sa.ColumnElement:
+    """`column` holds one of `values` (those that mean one state): the predicate of every statement,
+    and, compiled, of the partial indexes (db.migrate), which must say the same for the planner to use them."""
+    if len(values) == 1:
+        return column == value(values[0])
+    return column.in_([value(v) for v in values])
 
 
 @dataclass(frozen=True)
 class RunsTable:
     """The reflected runs table with its resolved mapping: what every statement is rendered from."""
 
-    table: sa.Table
-    layout: Layout
+    reflected: Reflected  # the table with its mapped columns keyed by role, and the mapping
     heartbeat: str | None  # the heartbeat column's key
     input_columns: tuple[str, ...]  # keys of the columns a retry copies
     status_type: sa.types.TypeEngine  # the enum for CASTs, or the column's own text type
@@ -124,6 +81,14 @@ class RunsTable:
     # and `scrape_runs` are one table, so one set of locks, slots, pause and records.
     canonical: str | None = None
     updated: str | None = None  # the `updated_at` role's column key: set to now on every write
+
+    @property
+    def table(self) -> sa.Table:
+        return self.reflected.table
+
+    @property
+    def layout(self) -> Layout:
+        return self.reflected.layout
 
     def touched(self, now: sa.ColumnElement) -> dict[str, sa.ColumnElement]:
         """The values every write of a row sets besides its own: the bookkeeping time, now."""
@@ -161,7 +126,7 @@ class RunsTable:
     # -- statuses ---------------------------------------------------------------------------
 
     def _value(self, value: str) -> sa.ColumnElement:
-        return sa.cast(sa.literal(value, sa.Text), self.status_type) if self.status_is_enum else sa.literal(value)
+        return status_value(value, self.status_type if self.status_is_enum else None)
 
     def status(self, state: str) -> sa.ColumnElement:
         """The value stuck-runs writes for `state`, as SQL that an enum or a text column accepts."""
@@ -169,10 +134,7 @@ class RunsTable:
 
     def in_state(self, column: sa.ColumnElement, state: str) -> sa.ColumnElement:
         """`column` holds one of the values that mean `state`."""
-        values = self.layout.values(state)
-        if len(values) == 1:
-            return column == self._value(values[0])
-        return column.in_([self._value(v) for v in values])
+        return in_values(column, self.layout.values(state), self._value)
 
     def state_of(self, column: sa.ColumnElement) -> sa.ColumnElement:
         """The state a status value means, in stuck-runs' words; a value it does not know, as written."""
@@ -219,8 +181,6 @@ class RunsTable:
 
     def parse_id(self, text: str) -> object:
         """A run id as an operator typed it, checked against the id's kind."""
-        import uuid
-
         value = str(text).strip()
         if self.id_kind == "integer":
             digits = value[1:] if value.startswith("-") else value
@@ -333,90 +293,20 @@ class RunsTable:
 _CLEARED = frozenset({"error_message", "started_at", "completed_at"})
 
 
-def is_generated(column: sa.Column) -> bool:
-    default = column.server_default
-    serial = default is not None and "nextval(" in str(getattr(default, "arg", ""))
-    return bool(column.computed is not None or column.identity is not None or serial)
-
-
-def reflect_table(conn: Connection, qualified: str, layout: Layout | None = None) -> sa.Table:
-    """The table, its mapped columns keyed by their roles. Raises `SchemaError` when it does not exist."""
-    layout = layout or Layout()
-    schema, name = split_name(qualified)
-    roles = {layout.column(role): role for role in ROLE_KEYS}
-    enum_names: dict[str, str] = {}
-
-    def key_by_role(_inspector: Any, _table: Any, info: dict[str, Any]) -> None:
-        column = info["name"]
-        if column in roles:
-            info["key"] = roles[column]
-        elif column in ROLE_KEYS:  # `error_message` kept as an input while `error` plays the role
-            info["key"] = _INPUT_KEY + column
-        # A reflected Enum rejects values it did not know when reflected ('pending_retry' before
-        # the migration); read status as text and cast to the enum by name when writing.
-        if isinstance(info["type"], postgresql.ENUM):
-            enum_names[info.get("key", column)] = info["type"].name
-            info["type"] = sa.Text()
-
-    table = sa.Table(name, sa.MetaData(), schema=schema, listeners=[("column_reflect", key_by_role)])
-    inspector = sa.inspect(conn)
-    inspector.__class__ = _columns_and_key_only(type(inspector))
-    try:
-        inspector.reflect_table(table, None)
-    except sa.exc.NoSuchTableError:
-        raise SchemaError(
-            f"table {qualified} does not exist in this database: check DATABASE_URL and SCRAPE_RUNS_TABLE"
-        ) from None
-    table.info["enum_names"] = enum_names
-    table.info["layout"] = layout
-    return table
-
-
-@functools.cache
-def _columns_and_key_only(inspector: type) -> type:
-    """The inspector, reflecting a table's columns and primary key and nothing else: stuck-runs
-    reads the indexes and constraints it needs itself (db.shape, db.migrate), so the other six
-    catalog queries were a quarter of an idle `check`'s start-up. CHECK constraints above all:
-    SQLAlchemy 2.1 fails to build a reflected `NOT VALID` one (it passes its dialect options as a
-    keyword `CheckConstraint` does not take), which would refuse any table that has one."""
-
-    def nothing(*_: Any, **__: Any) -> dict:
-        return {}
-
-    skipped = (
-        "get_multi_foreign_keys",
-        "get_multi_indexes",
-        "get_multi_unique_constraints",
-        "get_multi_table_comment",
-        "get_multi_check_constraints",
-        "get_multi_table_options",
-    )
-    return type("InspectorColumnsAndKey", (inspector,), dict.fromkeys(skipped, nothing))
-
-
 def load_runs_table(
     conn: Connection, qualified: str, heartbeat: str | None = None, layout: Layout | None = None
 ) -> RunsTable:
     """Reflects and checks the table, resolving the mapping; raises `SchemaError`, `ConfigError` or
     `NotMigrated` with the fix."""
-    from db.shape import (
-        check_heartbeat,
-        check_migrated,
-        check_row_security,
-        check_shape,
-        id_kind,
-        id_sequence,
-        status_sql_type,
-    )
-
     layout = layout or Layout()
-    table = reflect_table(conn, qualified, layout)
-    check_shape(conn, table, qualified)
+    reflected = reflect_table(conn, qualified, layout)
+    table = reflected.table
+    check_shape(conn, reflected)
     check_heartbeat(table, qualified, heartbeat)
-    check_migrated(conn, table, qualified)
+    check_migrated(conn, reflected)
     check_row_security(conn, table, qualified)
     heartbeat_key = next((c.key for c in table.columns if c.name == heartbeat), None) if heartbeat else None
-    updated = updated_column(table, layout, qualified)
+    updated = updated_column(reflected)
     inputs = tuple(
         c.key
         for c in table.columns
@@ -427,7 +317,7 @@ def load_runs_table(
         and c.key != updated
         and not is_generated(c)
     )
-    enum_name = table.info["enum_names"].get("status")
+    enum_name = reflected.status_enum
     status_type: sa.types.TypeEngine = _NamedType(status_sql_type(conn, table)) if enum_name else table.c.status.type
     _check_label(table, qualified, layout)
     error = table.c.error_message.type
@@ -437,8 +327,7 @@ def load_runs_table(
     schema = table.schema
     in_search_path = schema is not None and schema == conn.exec_driver_sql("SELECT current_schema()").scalar()
     return RunsTable(
-        table,
-        layout,
+        reflected,
         heartbeat_key,
         inputs,
         status_type,
@@ -462,11 +351,3 @@ def _check_label(table: sa.Table, qualified: str, layout: Layout) -> None:
             raise ConfigError(f"RUN_LABEL: {{{column}}} is not a column of {qualified}; use some of {choices}")
 
 
-def sql_type(column: sa.Column) -> str:
-    """The column's type as PostgreSQL spells it (`integer`, `timestamp with time zone`...)."""
-    return column.type.compile(dialect=postgresql.dialect()).lower()
-
-
-def quoted_relation(table: sa.Table) -> str:
-    quote = postgresql.dialect().identifier_preparer.quote
-    return f"{quote(table.schema)}.{quote(table.name)}" if table.schema else quote(table.name)

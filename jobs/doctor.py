@@ -13,10 +13,12 @@ from db import catalog
 from db.engine import database_errors, make_engine, redacted
 from db.errors import ConfigError, OperatorError
 from db.layout import STATES, WRITTEN_STATES
-from db.migrate import current_revision, head_revision, plan_for, stale_indexes
+from db.migrate import current_revision, head_revision, stale_indexes
+from db.migration_plan import plan_for
 from db.queries import RunQueries
+from db.reflect import ROLE_KEYS, sql_type
 from db.shape import heartbeat_problem
-from db.table import ROLE_KEYS, RunsTable, load_runs_table, sql_type
+from db.table import RunsTable, load_runs_table
 from jobs.executor import resolve_callable
 from jobs.runtime import check_placeholders
 from jobs.settings import DECLARED, Settings
@@ -212,7 +214,7 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
         bad = [f"{name} ({'invalid' if state is False else 'missing'})" for name, state in states.items() if not state]
         bad += [
             f"{name} (built for another mapping)"
-            for name in stale_indexes(conn, plan_for(conn, runs.table, settings.table))
+            for name in stale_indexes(conn, plan_for(conn, runs.reflected))
         ]
         checks.append(
             Check(

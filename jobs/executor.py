@@ -34,7 +34,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from db.errors import ConfigError, ExecutorError
+from db.errors import EXIT_USAGE, ConfigError, OperatorError
 from jobs.model import Run
 from jobs.patterns import bounded_retry_after, parse_retry_after
 from jobs.settings import Settings
@@ -60,7 +60,14 @@ class ExecutionResult:
     postponed: bool = False  # the fleet could not take it now: due again later, no budget spent
 
 
-class StartFailed(ExecutorError):
+class ExecutorMisconfigured(OperatorError):
+    """The configured executor cannot run a retry: its callable is not importable, its command not
+    found. A configuration problem (exit 2), raised here where executors are built and started."""
+
+    exit_code = EXIT_USAGE
+
+
+class StartFailed(ExecutorMisconfigured):
     """The scraper could not be started (its program vanished, lost its execute bit...): a
     configuration problem, not a failed attempt, so it spends no budget."""
 
@@ -290,9 +297,9 @@ def resolve_callable(path: str) -> Callable[[Run], object]:
         for part in attribute.split("."):
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
-        raise ExecutorError(f"SCRAPE_RUN_CALLABLE={path!r} cannot be imported ({exc}): check the module path") from None
+        raise ExecutorMisconfigured(f"SCRAPE_RUN_CALLABLE={path!r} cannot be imported ({exc}): check the module path") from None
     if not callable(target):
-        raise ExecutorError(f"SCRAPE_RUN_CALLABLE={path!r} is not callable")
+        raise ExecutorMisconfigured(f"SCRAPE_RUN_CALLABLE={path!r} is not callable")
     return target
 
 
@@ -362,7 +369,7 @@ def build_executor(settings: Settings) -> Executor:
     if settings.command:
         program = settings.command[0]
         if shutil.which(program) is None:
-            raise ExecutorError(f"SCRAPE_RUN_COMMAND: {program!r} is not found or not executable: check PATH")
+            raise ExecutorMisconfigured(f"SCRAPE_RUN_COMMAND: {program!r} is not found or not executable: check PATH")
         return CommandExecutor(settings.command, settings.dotenv)
     if settings.callable_path:
         return CallableExecutor(settings.callable_path, settings.dotenv)

@@ -177,19 +177,27 @@ def retry_run(
 
 
 def _latest_retryable(rt: Runtime, run_id: RunId, policy: RetryPolicy, reset_budget: bool) -> Run:
-    """The chain's latest attempt if a retry of it may be scheduled; else `RetryRefused`."""
+    """The chain's latest attempt if a retry of it may be scheduled; else `RetryRefused`.
+
+    Which attempt that is, is the bulk retry's rule (`retry_candidates`) asked of this one chain;
+    the chain's history only says why, when there is none."""
     history = chain_history(rt, run_id)
     given = next(a for a in history.attempts if a.id == run_id)
     _refuse_status(given, rt)
-    completed = next((a for a in history.attempts if a.status == "completed"), None)
-    if completed:
-        raise RetryRefused(
-            f"run {run_id} cannot be retried: its chain completed with run {completed.id}",
-            details={"runId": str(run_id), "currentStatus": given.status, "completedRunId": str(completed.id)},
-        )
-    latest = history.attempts[-1]
-    if latest.id != given.id:
-        _refuse_status(latest, rt, of_chain=True)
+    statement = rt.queries.retry_candidates(root=True)
+    with database_errors(rt.engine, "reading the chain"), rt.engine.connect() as conn:
+        row = conn.execute(statement, {"sr_root": history.root_id, "sr_limit": 1}).mappings().first()
+    if row is None:
+        completed = next((a for a in history.attempts if a.status == "completed"), None)
+        if completed:
+            raise RetryRefused(
+                f"run {run_id} cannot be retried: its chain completed with run {completed.id}",
+                details={"runId": str(run_id), "currentStatus": given.status, "completedRunId": str(completed.id)},
+            )
+        latest = history.attempts[-1]
+        _refuse_status(latest, rt, of_chain=latest.id != given.id)
+        raise RetryRefused(f"run {run_id} changed while scheduling its retry; look at `stuck-runs history {run_id}`")
+    latest = Run.from_row(row, rt.runs.input_names)
     refusal = _budget_refusal(rt, latest, policy, reset_budget)
     if refusal:
         details = {

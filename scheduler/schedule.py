@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from db.daemons import DaemonRecords
 from db.engine import database_errors, make_engine
-from db.table import split_name
+from db.reflect import split_name
 from jobs.events import JOB_IDS
 from jobs.settings import Settings, environment_with_dotenv, load_settings
 from jobs.status import ALIVE_WITHIN

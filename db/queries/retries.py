@@ -323,6 +323,7 @@ class RetryStatements(TableStatements):
         since: bool = False,
         kind: str = "failed",
         cancelled: bool = False,
+        root: bool = False,
     ) -> sa.Select:
         """The latest attempts of chains that ended failed (none completed, no retry pending),
         newest first, up to `:sr_limit`, filtered by the given parameters:
@@ -330,7 +331,8 @@ class RetryStatements(TableStatements):
         `:sr_since` (ended at or after). `kind`: every failed chain, `permanent` (dead-lettered,
         not requeued) or `scraper` (failed by the scraper itself, never handled by stuck-runs).
         With `cancelled`, instead the failed attempts whose retry was cancelled and is the chain's
-        last row: chains the filters match that a bulk retry must skip (and say so).
+        last row: chains the filters match that a bulk retry must skip (and say so). With `root`,
+        only the chain rooted at `:sr_root`: what a manual retry of one run retries, by the same rule.
         """
         t, runs, dead = self.t, self.runs, self.dead_letters
         chain = sa.func.coalesce(t.c.original_run_id, t.c.id)
@@ -365,6 +367,9 @@ class RetryStatements(TableStatements):
                     runs.in_state(next_one.c.status, "cancelled"),
                 )
             )
+        if root:  # by the id and the chain index, as `chain` reads it
+            of_root = sa.bindparam("sr_root")
+            where.append(sa.or_(t.c.id == of_root, sa.and_(t.c.is_retry, t.c.original_run_id == of_root)))
         if kind == "permanent":
             where.append(sa.exists().where(dead.c.run_id == t.c.id, dead.c.requeued_at.is_(None)))
         elif kind == "scraper":

@@ -126,10 +126,11 @@ class SweepStatements(TableStatements):
     def _stuck_decision(
         self, template: str = STUCK_ERROR
     ) -> tuple[sa.ColumnElement, sa.ColumnElement, sa.ColumnElement]:
-        """`decide_stuck` of jobs.rules, per row, in SQL: (budget, message, due).
+        """What jobs.rules decides for a failed attempt, per stuck row, in SQL: (budget, message, due).
 
-        The same templates and the same arithmetic; tests/integration/test_stuck_rules_sql.py
-        holds the two to the same answers.
+        `chain_budget` for the budget, `stuck_error` for the message's duration and `decide_failure`
+        (with `retry_delay`) for the retry or the spent budget: the same templates and the same
+        arithmetic; tests/integration/test_stuck_rules_sql.py holds the two to the same answers.
         """
         t = self.t
         seconds = sa.cast(sa.extract("epoch", NOW - self.runs.progress()), sa.Numeric)

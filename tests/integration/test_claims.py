@@ -19,8 +19,8 @@ import pytest
 import sqlalchemy as sa
 
 from db.engine import make_engine
-from db.errors import ConfigError, ExecutorError
-from jobs.executor import CommandExecutor
+from db.errors import ConfigError
+from jobs.executor import CommandExecutor, ExecutorMisconfigured
 from jobs.recovery import fix_stuck_runs_with_retry
 from jobs.retries import process_due_retries
 from jobs.stuck import sweep_stuck_runs
@@ -167,7 +167,7 @@ def test_a_program_that_lost_its_execute_bit_hands_the_claim_back(db_url, tmp_pa
         _, retry = insert_due_retry(conn)
     before = table_state(db_url)
     program.chmod(stat.S_IRUSR)  # a deploy in progress: the binary is there but not executable
-    with pytest.raises(ExecutorError, match="could not start"):
+    with pytest.raises(ExecutorMisconfigured, match="could not start"):
         process_due_retries(rt)
     assert table_state(db_url) == before
     program.chmod(0o755)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from db.errors import ConfigError, ExecutorError
-from jobs.executor import CallableExecutor, CommandExecutor, build_executor
+from db.errors import ConfigError
+from jobs.executor import CallableExecutor, CommandExecutor, ExecutorMisconfigured, build_executor
 from jobs.model import Run
 from jobs.settings import load_settings
 from tests.daemons import wait_until
@@ -129,7 +129,7 @@ def test_a_cancel_stops_the_scraper_and_says_so(log_dir):
 
 
 def test_a_missing_program_is_a_configuration_error():
-    with pytest.raises(ExecutorError, match="not found"):
+    with pytest.raises(ExecutorMisconfigured, match="not found"):
         build_executor(load_settings({"SCRAPE_RUN_COMMAND": "no-such-scraper --run {run_id}"}))
     with pytest.raises(ConfigError, match="no executor configured"):
         build_executor(load_settings({}))
@@ -164,7 +164,7 @@ def test_a_hanging_callable_is_killed_at_the_timeout():
 
 @pytest.mark.parametrize("path", ["tests.scrapers:nothing_here", "tests.no_such_module:run"])
 def test_a_callable_that_cannot_be_imported_is_refused_at_start(path):
-    with pytest.raises(ExecutorError, match="cannot be imported"):
+    with pytest.raises(ExecutorMisconfigured, match="cannot be imported"):
         CallableExecutor(path)
 
 

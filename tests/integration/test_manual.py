@@ -306,3 +306,42 @@ def test_a_single_dry_run_checks_and_changes_nothing(rt):
     assert plan.retry_id is None and plan.message == "Run scheduled for retry (attempt 1/4)"
     with rt.engine.connect() as conn:
         assert rows(conn, "status = 'pending_retry'") == []
+
+
+# Chains as (status of each row, oldest first): the root, then its retries 1, 2...
+CHAIN_SHAPES = [
+    ("failed",),
+    ("failed", "failed"),
+    ("failed", "failed", "failed"),
+    ("failed", "pending_retry"),
+    ("failed", "running"),
+    ("failed", "completed"),
+    ("failed", "cancelled"),
+    ("failed", "failed", "cancelled"),
+    ("completed",),
+    ("failed", "completed", "failed"),  # a late completion of an earlier attempt: the chain is done
+]
+
+
+def test_a_manual_retry_takes_what_a_bulk_retry_takes_from_every_chain(rt):
+    """One rule says which attempt of a chain can be retried: a manual retry of any run of a chain
+    retries exactly the attempt a bulk retry lists for that chain, and is refused where it lists none."""
+    chains = []
+    with rt.engine.begin() as conn:
+        for number, shape in enumerate(CHAIN_SHAPES):
+            ids = []
+            for retry, status in enumerate(shape):
+                started = NOW - timedelta(hours=10 - retry, minutes=number)
+                chain = {"original_run_id": ids[0], "is_retry": True, "retry_count": retry} if ids else {}
+                ids.append(insert_run(conn, status=status, started_at=started, search_query=f"shape{number}", **chain))
+            chains.append(ids)
+    bulk = retry_matching(rt, RetryCriteria(limit=100, search_query="shape%"), dry_run=True)
+    listed = {item.failed_run_id for item in bulk.scheduled}
+    for shape, ids in zip(CHAIN_SHAPES, chains, strict=True):
+        expected = next((run_id for run_id in ids if run_id in listed), None)
+        for run_id in ids:
+            try:
+                taken = retry_run(rt, run_id, dry_run=True).failed_run_id
+            except RetryRefused:
+                taken = None
+            assert taken == (expected if shape[ids.index(run_id)] == "failed" else None), (shape, ids.index(run_id))

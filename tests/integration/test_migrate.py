@@ -10,7 +10,9 @@ import sqlalchemy as sa
 
 from db.engine import make_engine
 from db.errors import NotMigrated, SchemaError
-from db.migrate import TablePlan, check_migratable, current_revision, head_revision, migrate, migration_sql
+from db.migrate import current_revision, head_revision, migrate, migration_sql
+from db.migration_plan import TablePlan
+from db.shape import check_migratable
 from db.table import load_runs_table
 from tests.schema import ENUM_NAIVE, TEXT_STATUS
 

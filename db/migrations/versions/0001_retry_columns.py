@@ -8,10 +8,9 @@ Revision ID: 0001
 Revises:
 """
 
-from alembic import context, op
 from sqlalchemy.engine import Dialect
 
-from db.migrate import Step, TablePlan, apply_steps, index_names, quote_table
+from db.migration_plan import Step, TablePlan, index_names, quote_table
 from db.shape import ADDED_ROLES
 
 revision = "0001"
@@ -152,14 +151,3 @@ END $$""",
 def _in_execute(value: str) -> str:
     """A status value as a literal inside the quoted EXECUTE text of the DO block."""
     return "''" + value.replace("'", "''''") + "''"
-
-
-def upgrade() -> None:
-    attributes = context.config.attributes
-    apply_steps(op, steps(attributes["plan"], op.get_context().dialect), attributes.get("stop"))
-
-
-def downgrade() -> None:
-    # The columns may predate stuck-runs (added by hand) and hold the chains' history: dropping
-    # them is a decision for a DBA, not for a migration tool.
-    raise NotImplementedError("0001 is not reversible: drop the retry columns and indexes by hand if you must")

@@ -4,10 +4,9 @@ Revision ID: 0002
 Revises: 0001
 """
 
-from alembic import context, op
 from sqlalchemy.engine import Dialect
 
-from db.migrate import Step, TablePlan, apply_steps, index_names, quote_table
+from db.migration_plan import Step, TablePlan, index_names, quote_table
 
 revision = "0002"
 down_revision = "0001"
@@ -28,12 +27,3 @@ def steps(plan: TablePlan, dialect: Dialect) -> list[Step]:
             concurrent=True,
         ),
     ]
-
-
-def upgrade() -> None:
-    attributes = context.config.attributes
-    apply_steps(op, steps(attributes["plan"], op.get_context().dialect), attributes.get("stop"))
-
-
-def downgrade() -> None:
-    raise NotImplementedError("0002 is not reversible: drop failure_pattern and its index by hand if you must")

@@ -5,10 +5,9 @@ Revision ID: 0003
 Revises: 0002
 """
 
-from alembic import context, op
 from sqlalchemy.engine import Dialect
 
-from db.migrate import Step, TablePlan, apply_steps, index_names, quote_table
+from db.migration_plan import Step, TablePlan, index_names, quote_table
 
 revision = "0003"
 down_revision = "0002"
@@ -39,12 +38,3 @@ def steps(plan: TablePlan, dialect: Dialect) -> list[Step]:
 )""",
         ),
     ]
-
-
-def upgrade() -> None:
-    attributes = context.config.attributes
-    apply_steps(op, steps(attributes["plan"], op.get_context().dialect), attributes.get("stop"))
-
-
-def downgrade() -> None:
-    raise NotImplementedError("0003 is not reversible: drop its index by hand if you must")

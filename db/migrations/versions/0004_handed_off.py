@@ -6,10 +6,9 @@ Revision ID: 0004
 Revises: 0003
 """
 
-from alembic import context, op
 from sqlalchemy.engine import Dialect
 
-from db.migrate import Step, TablePlan, apply_steps, index_names, quote_table
+from db.migration_plan import Step, TablePlan, index_names, quote_table
 
 revision = "0004"
 down_revision = "0003"
@@ -39,12 +38,3 @@ def steps(plan: TablePlan, dialect: Dialect) -> list[Step]:
             concurrent=True,
         ),
     ]
-
-
-def upgrade() -> None:
-    attributes = context.config.attributes
-    apply_steps(op, steps(attributes["plan"], op.get_context().dialect), attributes.get("stop"))
-
-
-def downgrade() -> None:
-    raise NotImplementedError("0004 is not reversible: drop handed_off and its index by hand if you must")

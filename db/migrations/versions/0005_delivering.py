@@ -7,10 +7,9 @@ Revision ID: 0005
 Revises: 0004
 """
 
-from alembic import context, op
 from sqlalchemy.engine import Dialect
 
-from db.migrate import Step, TablePlan, apply_steps, quote_table
+from db.migration_plan import Step, TablePlan, quote_table
 
 revision = "0005"
 down_revision = "0004"
@@ -32,12 +31,3 @@ def steps(plan: TablePlan, dialect: Dialect) -> list[Step]:
             f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS postponements INTEGER NOT NULL DEFAULT 0",
         ),
     ]
-
-
-def upgrade() -> None:
-    attributes = context.config.attributes
-    apply_steps(op, steps(attributes["plan"], op.get_context().dialect), attributes.get("stop"))
-
-
-def downgrade() -> None:
-    raise NotImplementedError("0005 is not reversible: drop delivering_until, delivering_by and postponements by hand")
