@@ -18,7 +18,7 @@ from db.queries import RunQueries
 from db.shape import heartbeat_problem
 from db.table import ROLE_KEYS, RunsTable, load_runs_table, sql_type
 from jobs.config import Settings
-from jobs.executor import resolve_callable
+from jobs.executors.callable import resolve_callable
 from jobs.runtime import check_placeholders
 from jobs.status import untimed_message
 

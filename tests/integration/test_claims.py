@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from db.engine import make_engine
 from db.errors import ConfigError, ExecutorError
-from jobs.executor import CommandExecutor
+from jobs.executors.command import CommandExecutor
 from jobs.recovery import fix_stuck_runs_with_retry
 from jobs.retries import process_due_retries
 from jobs.stuck import sweep_stuck_runs
