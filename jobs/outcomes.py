@@ -166,15 +166,15 @@ def record_outcome(
                 log.bind(event="handed_off").info("{}: handed to the fleet ({})", run.label, how)
                 return RetryOutcome(run.id, run.label, "handed_off", delivered=True)
             case Released() if delivery is not None:  # stopping before anything was sent
-                return _put_back(conn, rt, log, run, delivery, delivery.was_due)
+                return _put_back(conn, rt, log, run, delivery, now, delivery.was_due)
             case OutcomeUnknown(stopping=True) if delivery is not None:
-                return _put_back(conn, rt, log, run, delivery, max(delivery.was_due, delivery.lease_until))
+                return _put_back(conn, rt, log, run, delivery, now, max(delivery.was_due, delivery.lease_until))
             case Postponed(error=error, retry_after=retry_after) if delivery is not None:
                 due = now + postponement(retry_after, policy, delivery.postponements)
-                return _put_back(conn, rt, log, run, delivery, due, postponed=error)
+                return _put_back(conn, rt, log, run, delivery, now, due, postponed=error)
             case OutcomeUnknown(error=error) if delivery is not None:
                 due = now + postponement(None, policy, delivery.postponements)
-                return _put_back(conn, rt, log, run, delivery, max(due, delivery.lease_until), postponed=error)
+                return _put_back(conn, rt, log, run, delivery, now, max(due, delivery.lease_until), postponed=error)
             case _:
                 raise TypeError(f"{outcome!r} cannot end a {'delivery' if delivered else 'retry run here'}")
         current = conn.execute(q.get, {"sr_run_id": run.id}).mappings().one()
@@ -199,20 +199,20 @@ def _end_mark(conn, q, delivery: Marked, now: datetime) -> str | None:
 
 
 def _put_back(
-    conn, rt: Runtime, log, run: Run, delivery: Marked, due: datetime, *, postponed: str | None = None
+    conn, rt: Runtime, log, run: Run, delivery: Marked, now: datetime, due: datetime, *, postponed: str | None = None
 ) -> RetryOutcome:
     """A delivery the fleet did not take back to `pending_retry`, due `due`, no budget spent; a
     postponement (`postponed`: why) counts towards the next one's backoff, a release does not."""
     params = {
         "sr_run_id": run.id,
         "sr_by": delivery.by,
-        "sr_now": rt.clock.now(),
+        "sr_now": now,
         "sr_marked_started": delivery.started_at,
         "sr_due": due,
         "sr_postponed": 0 if postponed is None else 1,
     }
     if conn.execute(rt.queries.put_back, params).first() is None:  # the fleet wrote a status after all
-        ended = _end_mark(conn, rt.queries, delivery, params["sr_now"])
+        ended = _end_mark(conn, rt.queries, delivery, now)
         if ended is None:
             return taken_over(log, run)
         log.bind(event="kept").info("{}: the fleet wrote {}; it stands", run.label, ended)
