@@ -135,7 +135,10 @@ def record_outcome(
     delivered = delivery is not None
     # What a failure the scraper wrote itself is decided with (below), as the outcome said it.
     error = pattern = retry_after = detail = None
-    with database_errors(rt.engine, f"recording the outcome of run {run.id}"), rt.engine.begin() as conn:
+    # A database error names what was written: a delivery's confirm or put-back, or an attempt's
+    # outcome (a refused delivery is a failed attempt like any other).
+    doing = "writing the delivery" if delivered and not isinstance(outcome, Failed) else "recording the outcome"
+    with database_errors(rt.engine, f"{doing} of run {run.id}"), rt.engine.begin() as conn:
         match outcome:
             case Completed(detail=detail) if delivery is None:
                 if conn.execute(q.complete, {"sr_now": now, "sr_run_id": run.id}).first():

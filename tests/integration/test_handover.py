@@ -351,3 +351,30 @@ def test_no_post_once_stopping_and_an_abandoned_post_is_not_due_before_its_lease
         pending = row(conn, marked.run.id)
     assert outcome.status == "released" and pending["status"] == "pending_retry" and pending["retry_count"] == 1
     assert pending["next_retry_at"] == again.lease_until
+
+
+def test_a_database_outage_while_writing_an_answer_names_the_delivery_or_the_refused_attempt(db_url, tmp_path, opened):
+    """The one `match` records every answer; a database error still says what it was writing:
+    the delivery (confirm, put-back) or, for a refusal, the attempt's outcome as for any failure."""
+    import dataclasses
+
+    from db.engine import make_engine
+    from db.errors import DatabaseUnavailable
+    from jobs.executors.outcome import HandedOver, Released
+    from jobs.outcomes import record_outcome
+
+    receiver, rt, deliveries, marked = _marked(db_url, tmp_path, opened)
+    receiver.stop()
+    down = dataclasses.replace(rt, engine=make_engine("postgresql+psycopg2://nobody@127.0.0.1:1/gone"))
+    try:
+        for outcome, doing in [
+            (HandedOver("webhook"), "writing the delivery"),
+            (Postponed("Webhook answered HTTP 503 Service Unavailable"), "writing the delivery"),
+            (Released(), "writing the delivery"),
+            (Failed("Webhook answered HTTP 500 Internal Server Error"), "recording the outcome"),
+        ]:
+            with pytest.raises(DatabaseUnavailable) as raised:
+                record_outcome(down, POLICY, marked.run, outcome, delivery=marked)
+            assert f"database error while {doing} of run {marked.run.id}" in str(raised.value)
+    finally:
+        down.engine.dispose()
