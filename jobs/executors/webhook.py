@@ -1,9 +1,9 @@
 """SCRAPE_RUN_WEBHOOK (SPEC §12): a due retry is POSTed to the fleet's own API, which runs it.
 
 It delivers one retry at a time (`Delivers`, jobs/executors/base.py): `deliver(run, stop)` POSTs
-and reports the receiver's answer as an outcome. The hand-over around it (the retry committed `running` and marked before the
-POST, confirmed or put back after it, delivered again with the same `Idempotency-Key` only after
-a delivering process died) is jobs/delivery.py's.
+and reports the receiver's answer as an outcome. The hand-over around it (the retry committed
+`running` and marked before the POST, confirmed or put back after it, delivered again with the
+same `Idempotency-Key` only after a delivering process died) is jobs/delivery.py's.
 
 What an answer means is decided by `judge`, pure: 2xx hands the retry over; 429 and 503 (with a
 `Retry-After` or not), a connection error or a timeout postpone it, no budget spent; any other
