@@ -20,7 +20,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from loguru import logger
 
-from jobs.executor import ExecutionResult, InProcess
+from jobs.executors.inprocess import InProcess
+from jobs.executors.outcome import Completed, RanHere
 from jobs.model import Run
 from jobs.settings import Settings
 
@@ -39,10 +40,10 @@ class NoScrape(InProcess):
         self.ids: list[str] = []
         self.lock = threading.Lock()
 
-    def execute(self, run: Run, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
+    def execute(self, run: Run, timeout: timedelta, cancel: threading.Event) -> RanHere:
         with self.lock:
             self.ids.append(str(run.id))
-        return ExecutionResult(ok=True)
+        return Completed()
 
 
 def worker(url: str, slots: int, start_file: str, out_file: str) -> None:

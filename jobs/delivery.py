@@ -1,5 +1,6 @@
 """The hand-over of a retry to the fleet (SPEC §12, amended), for an executor that delivers it
-(a webhook: `start_until(run, stop)` POSTs and returns the receiver's verdict).
+(`Delivers`, jobs/executors/base.py: a webhook's `deliver(run, stop)` POSTs and reports the
+receiver's answer as an outcome).
 
 1. Mark: in one short transaction, under the cap's lock, the retry is committed `running`
    (`started_at` now, `handed_off` set) and marked as being delivered by this delivery, with a
@@ -27,36 +28,24 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from loguru import logger
 
 from db.engine import database_errors
 from jobs.events import RetryEnded
-from jobs.executor import ExecutionResult
+from jobs.executors.base import Delivers
+from jobs.executors.outcome import DeliveryOutcome
 from jobs.model import Run, RunId
-from jobs.outcomes import RetryOutcome, record_outcome, taken_over
-from jobs.rules import RetryPolicy, format_time
+from jobs.outcomes import Marked, RetryOutcome, record_outcome
+from jobs.rules import RetryPolicy
 from jobs.runtime import Runtime
 
 # Beyond the delivery's own bound: the answer's confirm must commit within it, and two hosts'
 # clocks may each be off by doctor's CLOCK_SKEW_LIMIT (5 s) the other way: 30 s leaves room for
 # both and a slow commit, so a live delivery's lease never looks run out to another host.
 LEASE_MARGIN = timedelta(seconds=30)
-# Postponements without a Retry-After back off on their own scale: 1 min, doubling.
-FIRST_POSTPONEMENT = timedelta(minutes=1)
-MAX_DOUBLINGS = 20
-
-
-def postponement(result: ExecutionResult, policy: RetryPolicy, postponed_before: int) -> timedelta:
-    """How long a retry the fleet could not take waits: its Retry-After, taken as said (the fleet
-    knows when it has room); else 1 min doubling with each postponement of that retry, capped by
-    the retry delay but never under a minute (a one-minute outage costs minutes, not hours)."""
-    if result.retry_after is not None:
-        return result.retry_after
-    doubled = FIRST_POSTPONEMENT * 2 ** min(postponed_before, MAX_DOUBLINGS)
-    return max(FIRST_POSTPONEMENT, min(doubled, policy.retry_delay))
 
 
 def being_delivered(run: Run, now: datetime) -> tuple[str, int] | None:
@@ -73,29 +62,22 @@ def being_delivered(run: Run, now: datetime) -> tuple[str, int] | None:
     )
 
 
-@dataclass(frozen=True)
-class Marked:
-    """A retry committed `running` and marked as being delivered by this delivery (`by`)."""
-
-    run: Run
-    by: str
-    was_due: datetime  # a signal puts it back due as it was
-    postponements: int
-    lease_until: datetime  # nobody delivers it again before: an abandoned POST may live until then
-    started_at: object  # as the mark wrote it, raw: the put-back leaves a start the fleet wrote
-
-
 NO_ROOM = object()  # the cap is reached: nothing was marked
 
 
 class Deliveries:
-    """Marks, delivers and confirms (or puts back) due retries, as many at once as the cap allows."""
+    """Marks, delivers and confirms (or puts back) due retries, as many at once as the cap allows
+    (the dispatch strategy of an executor that delivers to the fleet)."""
 
-    def __init__(self, rt: Runtime, policy: RetryPolicy) -> None:
-        self.rt, self.policy = rt, policy
+    def __init__(
+        self,
+        rt: Runtime,
+        executor: Delivers,
+        policy: RetryPolicy,
+    ) -> None:
+        self.rt, self.executor, self.policy = rt, executor, policy
         self.process = f"{socket.gethostname()} pid {os.getpid()}"
-        bound = getattr(rt.executor, "delivery_bound", timedelta(0))
-        self.lease = bound + LEASE_MARGIN
+        self.lease = executor.bound + LEASE_MARGIN
 
     def drain(self, stop: threading.Event) -> list[RetryOutcome]:
         """Delivers due retries until none is due, the cap is reached or `stop` is set; as many at
@@ -105,6 +87,11 @@ class Deliveries:
             return self.deliver_in_turn(stop)
         with ThreadPoolExecutor(lanes, thread_name_prefix="delivery") as pool:
             return [o for done in pool.map(lambda _: self.deliver_in_turn(stop), range(lanes)) for o in done]
+
+    def work_slot(self, slot: int, stop: threading.Event) -> list[RetryOutcome]:
+        """A slot's lane (the daemon runs one per slot): a delivery holds no slot (nor session),
+        the row's mark counts it."""
+        return self.deliver_in_turn(stop)
 
     def deliver_in_turn(self, stop: threading.Event) -> list[RetryOutcome]:
         """One lane: delivers due retries one after another."""
@@ -145,7 +132,7 @@ class Deliveries:
                 "sr_now": now,
                 "sr_limit": 1,
                 "sr_run_id": run_id,
-                "sr_mode": "webhook",
+                "sr_mode": self.executor.mode,
                 "sr_by": f"{self.process} delivery {uuid.uuid4().hex[:12]}",
                 "sr_lease_until": now + self.lease,
             }
@@ -172,48 +159,14 @@ class Deliveries:
         )
 
     def deliver(self, marked: Marked, stop: threading.Event) -> RetryOutcome:
-        """Steps 2 and 3: the POST (no session held), then its answer written."""
+        """Steps 2 and 3: the delivery (no session held), then its answer written."""
         started = time.monotonic()
-        delivered = self.rt.executor.start_until(marked.run, stop)
-        outcome = self.settle(marked, delivered.result, abandoned=delivered.abandoned)
-        outcome = replace(outcome, seconds=time.monotonic() - started)
+        delivered = self.executor.deliver(marked.run, stop)
+        outcome = replace(self.settle(marked, delivered), seconds=time.monotonic() - started)
         self.rt.events.publish(RetryEnded(outcome))
         return outcome
 
-    def settle(self, marked: Marked, result: ExecutionResult, *, abandoned: bool = False) -> RetryOutcome:
-        """Step 3. `abandoned`: the POST was given up on while in flight (a signal, the delivery's
-        bound): the retry is not due before its lease ends, so nobody POSTs it while that request
-        may still reach the receiver."""
-        run, q, now = marked.run, self.rt.queries, self.rt.clock.now()
-        log = logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count)
-        mine = {"sr_run_id": run.id, "sr_by": marked.by, "sr_now": now}
-        back_params = {**mine, "sr_marked_started": marked.started_at}
-        not_before = marked.lease_until if abandoned else None
-        if not (result.handed_off or result.postponed):
-            return record_outcome(self.rt, self.policy, run, result, delivery=marked.by)  # refused
-        with database_errors(self.rt.engine, f"writing the delivery of run {run.id}"), self.rt.engine.begin() as conn:
-            if result.handed_off:
-                if not conn.execute(q.end_delivery, mine).first():
-                    return taken_over(log, run)
-                log.bind(event="handed_off").info("{}: handed to the fleet ({})", run.label, result.handed_off)
-                return RetryOutcome(run.id, run.label, "handed_off", delivered=True)
-            if result.cancelled:  # a signal: pending as it was, due, unspent, not a postponement
-                due = max(marked.was_due, not_before or marked.was_due)
-                back = conn.execute(q.put_back, {**back_params, "sr_due": due, "sr_postponed": 0}).first()
-            else:
-                due = now + postponement(result, self.policy, marked.postponements)
-                due = max(due, not_before or due)
-                back = conn.execute(q.put_back, {**back_params, "sr_due": due, "sr_postponed": 1}).first()
-            if back is None:  # the fleet wrote a status after all: it stands; the mark ends
-                ended = conn.execute(q.end_delivery, mine).first()
-                if ended is None:
-                    return taken_over(log, run)
-                log.bind(event="kept").info("{}: the fleet wrote {}; it stands", run.label, ended[0])
-                return RetryOutcome(run.id, run.label, ended[0], delivered=True)
-        if result.cancelled:
-            log.bind(event="released").info("{}: left pending_retry (stopped by a signal, no budget spent)", run.label)
-            return RetryOutcome(run.id, run.label, "released", delivered=True)
-        log.bind(event="postponed").warning(
-            "{}: {}; delivered again at {} (no budget spent)", run.label, result.error, format_time(due)
-        )
-        return RetryOutcome(run.id, run.label, "postponed", message=result.error, retry_due=due, delivered=True)
+    def settle(self, marked: Marked, delivered: DeliveryOutcome) -> RetryOutcome:
+        """Step 3: confirms the delivery, puts the retry back or fails the refused attempt, each
+        conditional on the mark still being this delivery's (jobs/outcomes.py)."""
+        return record_outcome(self.rt, self.policy, marked.run, delivered, delivery=marked)

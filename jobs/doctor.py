@@ -19,7 +19,7 @@ from db.queries import RunQueries
 from db.reflect import ROLE_KEYS, sql_type
 from db.shape import heartbeat_problem
 from db.table import RunsTable, load_runs_table
-from jobs.executor import resolve_callable
+from jobs.executors.callable import resolve_callable
 from jobs.runtime import check_placeholders
 from jobs.settings import DECLARED, Settings
 from jobs.status import untimed_message

@@ -1,23 +1,40 @@
 """What became of one retry attempt, written into its row: completed, failed (with the next retry
-or the end of its chain), put back by a signal, or whatever the scraper wrote itself, which stands.
+or the end of its chain), put back by a signal, handed to the fleet or put back for later, or
+whatever the scraper wrote itself, which stands.
 
-Shared by the retries executed here (jobs/retries.py), deliveries to the fleet (jobs/delivery.py)
-and the fleet's own failures, whose chains go on like any execution's.
+One `match` over the executors' closed set of outcomes (jobs/executors/outcome.py) in
+`record_outcome`, shared by the retries run here (jobs/running.py) and the deliveries to the
+fleet (jobs/delivery.py); and the fleet's own failures, whose chains go on like any execution's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from loguru import logger
 
 from db.engine import database_errors
-from jobs.executor import ExecutionResult
+from db.messages import TIMEOUT_PATTERN
+from jobs.executors.outcome import (
+    Cancelled,
+    Completed,
+    Failed,
+    HandedOver,
+    Outcome,
+    OutcomeUnknown,
+    Postponed,
+    Released,
+    TimedOut,
+)
 from jobs.model import Run, RunId
 from jobs.patterns import parse_retry_after
-from jobs.rules import FailureOutcome, RetryPolicy, chain_budget, decide_failure, timeout_error
+from jobs.rules import FailureOutcome, RetryPolicy, chain_budget, decide_failure, format_time, timeout_error
 from jobs.runtime import Runtime
+
+# Postponements without a Retry-After back off on their own scale: 1 min, doubling.
+FIRST_POSTPONEMENT = timedelta(minutes=1)
+MAX_POSTPONEMENT_DOUBLINGS = 20
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,17 @@ class RetryOutcome:
     failed_at_fleet: bool = False
 
 
+@dataclass(frozen=True)
+class Marked:
+    """A retry committed `running` and marked as being delivered by this delivery (`by`)."""
+
+    run: Run
+    by: str
+    was_due: datetime  # a signal puts it back due as it was
+    postponements: int
+    lease_until: datetime  # nobody delivers it again before: an abandoned POST may live until then
+    started_at: object  # as the mark wrote it, raw: the put-back leaves a start the fleet wrote
+
 
 def continue_fleet_failures(rt: Runtime, policy: RetryPolicy | None = None) -> list[RetryOutcome]:
     """Continues the chains of handed-off retries the fleet failed (SPEC §12), as for any failed
@@ -57,13 +85,14 @@ def continue_fleet_failures(rt: Runtime, policy: RetryPolicy | None = None) -> l
         for row in rows:
             run = Run.from_row(row, rt.runs.input_names)
             error = run.error_message or "Run failed"
-            result = ExecutionResult(ok=False, error=error, retry_after=parse_retry_after(error))
-            decided.append((run, _decide(rt, policy, run, error, result, now)))
+            decided.append((run, _decide(rt, policy, run, error, now, retry_after=parse_retry_after(error))))
         params = {"sr_now": now, **fail_params([(run.id, outcome, None) for run, outcome in decided])}
         failed = {row[0]: row for row in conn.execute(q.fail_reported, params)}
     return [
         replace(
-            _failed(logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count), run, outcome, row),
+            _failed(
+                logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count), run, outcome, row
+            ),
             failed_at_fleet=True,
         )
         for run, outcome in decided
@@ -84,54 +113,130 @@ def fail_params(items: list[tuple[object, FailureOutcome, str | None]]) -> dict[
 
 
 def record_outcome(
-    rt: Runtime, policy: RetryPolicy, run: Run, result: ExecutionResult, *, delivery: str | None = None
+    rt: Runtime, policy: RetryPolicy, run: Run, outcome: Outcome, *, delivery: Marked | None = None
 ) -> RetryOutcome:
-    """Writes what an execution did, never over a status someone else wrote.
+    """Writes what an attempt did, never over a status someone else wrote.
 
-    With `delivery` (the mark of a delivery the webhook refused, jobs/delivery.py) the mark is
-    ended in the same transaction, and nothing is written when it is no longer this delivery's
-    (its lease ran out and another process took the retry over).
+    A retry run here: `Completed` → `completed`; `Failed` or `TimedOut` → `failed` with the next
+    retry or the end of the chain; `Released` (a shutdown) → back to `pending_retry`, due now, no
+    budget spent. If the row is no longer `running` the scraper wrote its own status:
+    `completed` and others stand, and a `failed` it wrote continues the chain like any failure.
 
-    Success → `completed`. Failure → `failed` with the next retry or the end of the chain.
-    Cancelled by a shutdown → back to `pending_retry`, due now, no budget spent. If the row is
-    no longer `running` the scraper wrote its own status: `completed` and others stand, and a
-    `failed` it wrote continues the chain like any failure.
+    A retry delivered to the fleet (`delivery`: its mark, jobs/delivery.py) — each write
+    conditional on the mark still being this delivery's (else its lease ran out and another
+    process took the retry over: nothing is written): `HandedOver` confirms the delivery;
+    `Failed` (refused) ends the mark and fails the attempt as above; `Postponed` puts it back
+    due later, `Released` due as it was, both with no budget spent, `OutcomeUnknown` likewise
+    but never due before its lease ends (the POST may still reach the receiver). A put-back
+    leaves standing whatever the fleet wrote meanwhile.
     """
-    q = rt.queries
-    now = rt.clock.now()
+    q, now = rt.queries, rt.clock.now()
     log = logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count)
     delivered = delivery is not None
-    with database_errors(rt.engine, f"recording the outcome of run {run.id}"), rt.engine.begin() as conn:
-        if delivered and not conn.execute(q.end_delivery, {"sr_run_id": run.id, "sr_by": delivery, "sr_now": now}).first():
-            return taken_over(log, run)
-        if result.cancelled:
-            released = conn.execute(q.release, {"sr_now": now, "sr_ids": [run.id]}).first()
-            if released:
-                log.bind(event="released").info(
-                    "{}: put back to pending_retry (stopped by a signal, no budget spent)", run.label
-                )
-                return RetryOutcome(run.id, run.label, "released")
-        elif result.ok:
-            if conn.execute(q.complete, {"sr_now": now, "sr_run_id": run.id}).first():
-                log.bind(event="completed").success("{}: completed", run.label)
-                return RetryOutcome(run.id, run.label, "completed")
-        else:
-            error = timeout_error(rt.settings.timeout) if result.timed_out else (result.error or "Run failed")
-            outcome = _decide(rt, policy, run, error, result, now)
-            params = {"sr_now": now, **fail_params([(run.id, outcome, result.detail)])}
-            row = conn.execute(q.fail_running, params).first()
-            if row:
-                return _failed(log, run, outcome, row, delivered)
+    # What a failure the scraper wrote itself is decided with (below), as the outcome said it.
+    error = pattern = retry_after = detail = None
+    # A database error names what was written: a delivery's confirm or put-back, or an attempt's
+    # outcome (a refused delivery is a failed attempt like any other).
+    doing = "writing the delivery" if delivered and not isinstance(outcome, Failed) else "recording the outcome"
+    with database_errors(rt.engine, f"{doing} of run {run.id}"), rt.engine.begin() as conn:
+        match outcome:
+            case Completed(detail=detail) if delivery is None:
+                if conn.execute(q.complete, {"sr_now": now, "sr_run_id": run.id}).first():
+                    log.bind(event="completed").success("{}: completed", run.label)
+                    return RetryOutcome(run.id, run.label, "completed")
+            case Failed(error=error, pattern=pattern, retry_after=retry_after, detail=detail):
+                if delivery is not None and not _end_mark(conn, q, delivery, now):
+                    return taken_over(log, run)  # a refusal, but the retry is another delivery's now
+                failure = _decide(rt, policy, run, error or "Run failed", now, pattern, detail, retry_after)
+                if row := conn.execute(q.fail_running, _fail_one(now, run, failure, detail)).first():
+                    return _failed(log, run, failure, row, delivered)
+            case TimedOut(detail=detail) if delivery is None:
+                pattern = TIMEOUT_PATTERN
+                failure = _decide(rt, policy, run, timeout_error(rt.settings.timeout), now, pattern, detail)
+                if row := conn.execute(q.fail_running, _fail_one(now, run, failure, detail)).first():
+                    return _failed(log, run, failure, row)
+            case Released(detail=detail) if delivery is None:
+                if conn.execute(q.release, {"sr_now": now, "sr_ids": [run.id]}).first():
+                    log.bind(event="released").info(
+                        "{}: put back to pending_retry (stopped by a signal, no budget spent)", run.label
+                    )
+                    return RetryOutcome(run.id, run.label, "released")
+            case Cancelled() if delivery is None:
+                pass  # SPEC §16 writes `cancelled` here; until then what stands is read below
+            case HandedOver(how) if delivery is not None:
+                if not _end_mark(conn, q, delivery, now):
+                    return taken_over(log, run)
+                log.bind(event="handed_off").info("{}: handed to the fleet ({})", run.label, how)
+                return RetryOutcome(run.id, run.label, "handed_off", delivered=True)
+            case Released() if delivery is not None:  # stopping before anything was sent
+                return _put_back(conn, rt, log, run, delivery, now, delivery.was_due)
+            case OutcomeUnknown(stopping=True) if delivery is not None:
+                return _put_back(conn, rt, log, run, delivery, now, max(delivery.was_due, delivery.lease_until))
+            case Postponed(error=error, retry_after=retry_after) if delivery is not None:
+                due = now + postponement(retry_after, policy, delivery.postponements)
+                return _put_back(conn, rt, log, run, delivery, now, due, postponed=error)
+            case OutcomeUnknown(error=error) if delivery is not None:
+                due = now + postponement(None, policy, delivery.postponements)
+                return _put_back(conn, rt, log, run, delivery, now, max(due, delivery.lease_until), postponed=error)
+            case _:
+                raise TypeError(f"{outcome!r} cannot end a {'delivery' if delivered else 'retry run here'}")
         current = conn.execute(q.get, {"sr_run_id": run.id}).mappings().one()
         if current["status"] == "failed" and current["next_retry_at"] is None:
-            error = current["error_message"] or result.error or "Run failed"
-            outcome = _decide(rt, policy, run, error, result, now)
-            params = {"sr_now": now, **fail_params([(run.id, outcome, result.detail)])}
-            row = conn.execute(q.fail_reported, params).first()
-            if row:
-                return _failed(log, run, outcome, row, delivered)
+            failure = _decide(
+                rt, policy, run, current["error_message"] or error or "Run failed", now, pattern, detail, retry_after
+            )
+            if row := conn.execute(q.fail_reported, _fail_one(now, run, failure, detail)).first():
+                return _failed(log, run, failure, row, delivered)
     log.bind(event="kept").info("{}: the scraper wrote {}; it stands", run.label, current["status"])
     return RetryOutcome(run.id, run.label, current["status"], message=current["error_message"], delivered=delivered)
+
+
+def _fail_one(now: datetime, run: Run, failure: FailureOutcome, detail: str | None) -> dict[str, object]:
+    return {"sr_now": now, **fail_params([(run.id, failure, detail)])}
+
+
+def _end_mark(conn, q, delivery: Marked, now: datetime) -> str | None:
+    """Ends the mark of `delivery` if it is still this delivery's; the row's status, else None."""
+    ended = conn.execute(q.end_delivery, {"sr_run_id": delivery.run.id, "sr_by": delivery.by, "sr_now": now}).first()
+    return None if ended is None else ended[0]
+
+
+def _put_back(
+    conn, rt: Runtime, log, run: Run, delivery: Marked, now: datetime, due: datetime, *, postponed: str | None = None
+) -> RetryOutcome:
+    """A delivery the fleet did not take back to `pending_retry`, due `due`, no budget spent; a
+    postponement (`postponed`: why) counts towards the next one's backoff, a release does not."""
+    params = {
+        "sr_run_id": run.id,
+        "sr_by": delivery.by,
+        "sr_now": now,
+        "sr_marked_started": delivery.started_at,
+        "sr_due": due,
+        "sr_postponed": 0 if postponed is None else 1,
+    }
+    if conn.execute(rt.queries.put_back, params).first() is None:  # the fleet wrote a status after all
+        ended = _end_mark(conn, rt.queries, delivery, now)
+        if ended is None:
+            return taken_over(log, run)
+        log.bind(event="kept").info("{}: the fleet wrote {}; it stands", run.label, ended)
+        return RetryOutcome(run.id, run.label, ended, delivered=True)
+    if postponed is None:
+        log.bind(event="released").info("{}: left pending_retry (stopped by a signal, no budget spent)", run.label)
+        return RetryOutcome(run.id, run.label, "released", delivered=True)
+    log.bind(event="postponed").warning(
+        "{}: {}; delivered again at {} (no budget spent)", run.label, postponed, format_time(due)
+    )
+    return RetryOutcome(run.id, run.label, "postponed", message=postponed, retry_due=due, delivered=True)
+
+
+def postponement(retry_after: timedelta | None, policy: RetryPolicy, postponed_before: int) -> timedelta:
+    """How long a retry the fleet could not take waits: its Retry-After, taken as said (the fleet
+    knows when it has room); else 1 min doubling with each postponement of that retry, capped by
+    the retry delay but never under a minute (a one-minute outage costs minutes, not hours)."""
+    if retry_after is not None:
+        return retry_after
+    doubled = FIRST_POSTPONEMENT * 2 ** min(postponed_before, MAX_POSTPONEMENT_DOUBLINGS)
+    return max(FIRST_POSTPONEMENT, min(doubled, policy.retry_delay))
 
 
 def taken_over(log, run: Run) -> RetryOutcome:
@@ -143,11 +248,20 @@ def taken_over(log, run: Run) -> RetryOutcome:
 
 
 def _decide(
-    rt: Runtime, policy: RetryPolicy, run: Run, error: str, result: ExecutionResult, now: datetime
+    rt: Runtime,
+    policy: RetryPolicy,
+    run: Run,
+    error: str,
+    now: datetime,
+    pattern: str | None = None,
+    detail: str | None = None,
+    retry_after: timedelta | None = None,
 ) -> FailureOutcome:
-    pattern = "timeout" if result.timed_out else rt.classifier.classify(error)
-    if pattern == "unknown" and result.detail:
-        pattern = rt.classifier.classify(result.detail)
+    """The failure's pattern (as the outcome said, else classified from its error, then its
+    detail) and what follows it."""
+    pattern = pattern or rt.classifier.classify(error)
+    if pattern == "unknown" and detail:
+        pattern = rt.classifier.classify(detail)
     return decide_failure(
         error=error,
         pattern=pattern,
@@ -156,7 +270,7 @@ def _decide(
         now=now,
         policy=policy,
         rng=rt.rng,
-        retry_after=result.retry_after,
+        retry_after=retry_after,
     )
 
 

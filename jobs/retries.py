@@ -1,39 +1,35 @@
-"""The retry processor: supersede, claim, execute, record.
+"""The retry processor: supersede, then dispatch due retries, then say what happened.
 
 - Pending retries whose chain completed late (the scraper finished the "stuck" run after all)
   are cancelled as superseded.
-- Due retries are claimed under a global limit of MAX_CONCURRENT_RETRIES: a slot is a session
-  advisory lock held by the executing process, so a slot held by a process that died is free
-  at once. The claim also takes the run's own lock, which keeps the stuck checker off runs a
-  live process is executing.
+- Due retries are dispatched under a global limit of MAX_CONCURRENT_RETRIES by the strategy the
+  executor names (jobs/executors/base.py): run here in slots (jobs/running.py), delivered to the
+  fleet one by one, each marked in its row and counted from there (jobs/delivery.py), or handed
+  to the fleet's queue in one statement (jobs/queueing.py).
 - The outcome is recorded with a conditional update: a terminal status the scraper wrote
   itself stands (its `failed` still continues the chain) (jobs/outcomes.py).
-- A retry handed to the fleet takes no slot: a delivery (webhook) is marked in its row and
-  counted from there (jobs/delivery.py); a queue hand-off is one statement (jobs/handoff.py).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from loguru import logger
-from sqlalchemy.engine import Connection
 
-from db import locks
 from db.engine import database_errors
 from jobs.delivery import Deliveries
-from jobs.events import ProcessorPassFinished, RetryEnded, RetryStarted
-from jobs.executor import Execution
-from jobs.handoff import has_room, queue_due_retries, take_slot
-from jobs.model import Run, RunId
+from jobs.events import ProcessorPassFinished, RetryEnded
+from jobs.executors.base import Delivers, Queues, RunsHere
+from jobs.model import RunId
 from jobs.outcomes import RetryOutcome, continue_fleet_failures, fail_params, record_outcome
+from jobs.queueing import Queueing
 from jobs.rules import RetryPolicy, run_label, superseded_message
+from jobs.running import RunningHere
 from jobs.runtime import Runtime
 from jobs.waiting import Waiting, read_waiting
 
@@ -65,15 +61,6 @@ class DueRetry:
     run_id: RunId
     label: str
     due: datetime
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A retry this process claimed and started."""
-
-    run: Run
-    execution: Execution
-    run_locked: bool  # whether its run lock was taken (another session may hold it)
 
 
 @dataclass(frozen=True)
@@ -124,6 +111,7 @@ class ProcessResult:
     def released(self) -> int:
         """Executions stopped by a signal and put back to `pending_retry` (no budget spent)."""
         return sum(1 for o in self.executed if o.status == "released")
+
 
     @property
     def retries_scheduled(self) -> int:
@@ -243,162 +231,56 @@ def preview_due(rt: Runtime) -> tuple[DueRetry, ...]:
         )
 
 
-class RetryDispatcher:
-    """Claims and executes due retries in the slots it can take."""
-
-    def __init__(self, rt: Runtime, policy: RetryPolicy) -> None:
-        self.rt = rt
-        self.policy = policy
-        self.slots_ns = locks.namespace(rt.runs.canonical_name, locks.SLOTS)
-
-    @property
-    def deliveries(self) -> Deliveries | None:
-        """The hand-over, when the executor delivers to the fleet (a webhook) instead of running here."""
-        if getattr(self.rt.executor, "start_until", None) is None:
-            return None
-        return Deliveries(self.rt, self.policy)
+class Dispatch(Protocol):
+    """A dispatch strategy: how due retries get to the scraper (jobs/running.py, jobs/delivery.py,
+    jobs/queueing.py). Each publishes a retry's start and end (`RetryStarted`, `RetryEnded`) as they happen."""
 
     def drain(self, stop: threading.Event) -> list[RetryOutcome]:
-        """Executes due retries in every free slot until none is due (or `stop` is set)."""
-        deliveries = self.deliveries
-        if deliveries is not None and not self.rt.settings.handoff:
-            return deliveries.drain(stop)
-        slots = range(self.rt.settings.max_concurrent_retries)
-        if len(slots) == 1:
-            return self.work_slot(0, stop)
-        with ThreadPoolExecutor(len(slots), thread_name_prefix="retry-slot") as pool:
-            return [o for outcomes in pool.map(lambda slot: self.work_slot(slot, stop), slots) for o in outcomes]
+        """Dispatches due retries until none is due, the cap is reached or `stop` is set."""
 
     def work_slot(self, slot: int, stop: threading.Event) -> list[RetryOutcome]:
-        """Holds slot `slot` (if free) and executes due retries one after another in it."""
-        if self.rt.settings.handoff:
-            return self.hand_to_queue() if slot == 0 and not stop.is_set() else []
-        deliveries = self.deliveries
-        if deliveries is not None:  # a delivery holds no slot (nor session): the row's mark counts it
-            return deliveries.deliver_in_turn(stop)
-        outcomes: list[RetryOutcome] = []
-        with self._slot(slot) as conn:
-            while conn is not None and not stop.is_set() and has_room(self.rt, conn):
-                outcome = self._claim_and_execute(conn, stop)
-                if outcome is None:
-                    break
-                outcomes.append(outcome)
-                if outcome.status == "released":
-                    break  # stopping
-        return outcomes
+        """What one of the daemon's slot threads does in a poll (`scheduler/dispatch.py`)."""
 
     def run_now(self, run_id: RunId, stop: threading.Event, wait: Callable[[], None]) -> RetryOutcome | None:
-        """Executes pending retry `run_id` at once, in the first slot that is free.
+        """Dispatches pending retry `run_id` at once, due or not, once the cap leaves room (calling
+        `wait()` meanwhile); None when it was no longer pending."""
+
+
+@dataclass(frozen=True)
+class _Strategies:
+    """The dispatch strategies, one of which an executor picks (`Executor.dispatch_with`)."""
+
+    rt: Runtime
+    policy: RetryPolicy
+
+    def run_here(self, executor: RunsHere) -> Dispatch:
+        return RunningHere(self.rt, executor, self.policy)
+
+    def deliver(self, executor: Delivers) -> Dispatch:
+        return Deliveries(self.rt, executor, self.policy)
+
+    def queue(self, executor: Queues) -> Dispatch:
+        return Queueing(self.rt, executor)
+
+
+class RetryDispatcher:
+    """Dispatches due retries the way the runtime's executor asks for, chosen once here."""
+
+    def __init__(self, rt: Runtime, policy: RetryPolicy) -> None:
+        self.strategy: Dispatch = rt.executor.dispatch_with(_Strategies(rt, policy))
+
+    def drain(self, stop: threading.Event) -> list[RetryOutcome]:
+        """Dispatches due retries until none is due (or `stop` is set)."""
+        return self.strategy.drain(stop)
+
+    def work_slot(self, slot: int, stop: threading.Event) -> list[RetryOutcome]:
+        """One poll of slot `slot`'s thread: executes due retries in it, or delivers them."""
+        return self.strategy.work_slot(slot, stop)
+
+    def run_now(self, run_id: RunId, stop: threading.Event, wait: Callable[[], None]) -> RetryOutcome | None:
+        """Dispatches pending retry `run_id` at once, in the first slot that is free.
 
         Calls `wait()` between attempts while every slot is taken. Returns None if the retry
         was no longer pending (another process took it).
         """
-        if self.rt.settings.handoff:
-            handed = self.hand_to_queue(run_id)
-            return handed[0] if handed else None
-        deliveries = self.deliveries
-        if deliveries is not None:
-            return deliveries.run_now(run_id, stop, wait)
-        while not stop.is_set():
-            for slot in range(self.rt.settings.max_concurrent_retries):
-                with self._slot(slot) as conn:
-                    if conn is not None:
-                        return self._claim_and_execute(conn, stop, run_id)
-            wait()
-        return None
-
-    def hand_to_queue(self, run_id: RunId | None = None) -> list[RetryOutcome]:
-        """SCRAPE_RUN_HANDOFF: hands due retries (or pending retry `run_id`) to the fleet's queue."""
-        outcomes = []
-        for run in queue_due_retries(self.rt, run_id):
-            logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count, event="handed_off").info(
-                "{}: handed to the fleet's workers ({})", run.label, self.rt.runs.layout.written("queued")
-            )
-            outcome = RetryOutcome(run.id, run.label, "handed_off")
-            self.rt.events.publish(RetryEnded(outcome))
-            outcomes.append(outcome)
-        return outcomes
-
-    @contextmanager
-    def _slot(self, slot: int) -> Iterator[Connection | None]:
-        """A connection whose session holds slot `slot`, or None when another session holds it.
-
-        Whatever goes wrong, the session ends and every lock it held with it.
-        """
-        with database_errors(self.rt.engine, "executing retries"):
-            conn = self.rt.engine.connect()
-            try:
-                if not take_slot(self.rt, conn, self.slots_ns, slot):
-                    conn.rollback()
-                    yield None
-                    return
-                conn.commit()
-                yield conn
-                locks.unlock(conn, self.slots_ns, slot)
-                conn.commit()
-            except BaseException:
-                conn.invalidate()
-                raise
-            finally:
-                conn.close()
-
-    def _claim_and_execute(
-        self, conn: Connection, stop: threading.Event, run_id: RunId | None = None
-    ) -> RetryOutcome | None:
-        claim = self.claim(conn, run_id, stop)
-        if claim is None:
-            return None
-        try:
-            return self.wait_and_record(claim.run, claim.execution, stop)
-        finally:
-            if claim.run_locked:
-                locks.unlock_run(conn, self.rt.queries.runs_ns, claim.run.id)
-                conn.commit()
-
-    def claim(self, conn: Connection, run_id: RunId | None = None, stop: threading.Event | None = None) -> Claim | None:
-        """Claims the most overdue retry (or pending retry `run_id`, due or not) and starts it.
-
-        A retry run here is claimed (`running`, the run lock held in `conn`'s session) and
-        committed before its scraper starts: a process killed at any moment leaves either a
-        pending retry or a claimed one nobody else will start (the stuck checker fails it once
-        the lock is gone), never a scraper started for a claim that then rolled back and is
-        claimed again — a retry executed twice. A start that fails puts the retry back as it was
-        (due when it was, its budget unspent) and raises `StartFailed` (a configuration problem:
-        processing stops). Returns None when there is nothing to claim.
-        """
-        q = self.rt.queries
-        params = {"sr_now": self.rt.clock.now(), "sr_limit": 1, "sr_run_id": run_id}
-        statement = q.claim_due if run_id is None else q.claim_one
-        with conn.begin():
-            row = conn.execute(statement, params).mappings().first()
-        if row is None:
-            return None
-        run = Run.from_row(row, self.rt.runs.input_names)
-        execution = self._start_claimed(run, row["_sr_was_due"])
-        logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count, event="started").info(
-            "{}: started", run.label
-        )
-        self.rt.events.publish(RetryStarted(run))
-        return Claim(run, execution, bool(row["_sr_locked"]))
-
-    def _start_claimed(self, run: Run, was_due: datetime | None) -> Execution:
-        """Starts the scraper of a committed claim; if it cannot start, the retry goes back to
-        `pending_retry` as it was, due when it was, and the error is raised."""
-        try:
-            return self.rt.executor.start(run)
-        except BaseException:
-            with database_errors(self.rt.engine, f"handing back run {run.id}"), self.rt.engine.begin() as back:
-                back.execute(
-                    self.rt.queries.unclaim, {"sr_run_id": run.id, "sr_due": was_due, "sr_now": self.rt.clock.now()}
-                )
-            raise
-
-    def wait_and_record(self, run: Run, execution: Execution, stop: threading.Event) -> RetryOutcome:
-        started = time.monotonic()
-        timeout = self.rt.clock.real(self.rt.settings.timeout)
-        result = execution.wait(timeout, stop)
-        outcome = replace(record_outcome(self.rt, self.policy, run, result), seconds=time.monotonic() - started)
-        self.rt.events.publish(RetryEnded(outcome))
-        return outcome
-
-
+        return self.strategy.run_now(run_id, stop, wait)

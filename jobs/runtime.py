@@ -19,7 +19,8 @@ from db.queries import RunQueries
 from db.table import RunsTable, load_runs_table
 from jobs.clock import SystemClock
 from jobs.events import Events
-from jobs.executor import Executor, build_executor
+from jobs.executors.base import Executor
+from jobs.executors.wiring import build_executor
 from jobs.patterns import DEFAULT_PATTERNS, Classifier
 from jobs.settings import Settings
 
@@ -98,7 +99,6 @@ class Runtime:
 
     def close(self) -> None:
         executor = self.__dict__.get("executor") or self.executor_override
-        close = getattr(executor, "close", None)
-        if close is not None:
-            close()  # a webhook's pooled connections
+        if executor is not None:
+            executor.close()  # a webhook's pooled connections
         self.engine.dispose()

@@ -28,7 +28,8 @@ from db.engine import make_engine
 from db.migrate import migrate
 from jobs.clock import ScaledClock
 from jobs.events import CHECKER
-from jobs.executor import ExecutionResult, InProcess
+from jobs.executors.inprocess import InProcess
+from jobs.executors.outcome import Completed, Failed, RanHere, Released, TimedOut
 from jobs.manual import ChainHistory, chain_history
 from jobs.model import Run
 from jobs.runtime import Runtime
@@ -85,18 +86,18 @@ class SimulatedScraper(InProcess):
         self.parts = parts
         self.hung: set[str] = set()
 
-    def execute(self, run: Run, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
+    def execute(self, run: Run, timeout: timedelta, cancel: threading.Event) -> RanHere:
         part = self.parts.get(str(run.inputs["search_query"]), "healthy")
         if part == "hang-once" and run.inputs["search_query"] not in self.hung:
             self.hung.add(str(run.inputs["search_query"]))
             cancel.wait(timeout.total_seconds())  # the browser hangs until the executor gives up
-            return ExecutionResult(ok=False, timed_out=not cancel.is_set(), cancelled=cancel.is_set())
+            return Released() if cancel.is_set() else TimedOut()
         cancel.wait(self.clock.real(SCRAPE_TIME).total_seconds())
         if part == "http-503":
-            return ExecutionResult(ok=False, error="HTTP 503 Service Unavailable from the job board")
+            return Failed("HTTP 503 Service Unavailable from the job board")
         if part == "http-404":
-            return ExecutionResult(ok=False, error="HTTP 404 Not Found: the search page was removed")
-        return ExecutionResult(ok=True)
+            return Failed("HTTP 404 Not Found: the search page was removed")
+        return Completed()
 
 
 def _hhmm(value: datetime | None) -> str:

@@ -10,7 +10,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from jobs.executor import ExecutionResult, InProcess
+from jobs.executors.inprocess import InProcess
+from jobs.executors.outcome import Completed, RanHere
 from jobs.model import Run
 from jobs.rules import RetryPolicy
 from jobs.runtime import Runtime
@@ -73,12 +74,12 @@ def chain_of(conn: sa.Connection, root: uuid.UUID) -> list[dict]:
 class ScriptedScraper(InProcess):
     """An in-process executor: `script(run)` says what the scraper does for each attempt."""
 
-    def __init__(self, script: Callable[[Run], ExecutionResult] | None = None) -> None:
-        self.script = script or (lambda run: ExecutionResult(ok=True))
+    def __init__(self, script: Callable[[Run], RanHere] | None = None) -> None:
+        self.script = script or (lambda run: Completed())
         self.calls: list[Run] = []
         self.lock = threading.Lock()
 
-    def execute(self, run: Run, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
+    def execute(self, run: Run, timeout: timedelta, cancel: threading.Event) -> RanHere:
         with self.lock:
             self.calls.append(run)
         return self.script(run)

@@ -18,9 +18,9 @@ from db.migrate import migrate
 from jobs.control import cancel_run
 from jobs.dead_letters import requeue
 from jobs.doctor import describe_mapping
-from jobs.executor import ExecutionResult
-from jobs.handoff import queue_due_retries
+from jobs.executors.outcome import Completed, Failed, Released
 from jobs.manual import retry_run
+from jobs.queueing import queue_due_retries
 from jobs.retries import process_due_retries, supersede_completed_chains
 from jobs.rules import RetryPolicy
 from jobs.stuck import sweep_stuck_runs
@@ -57,10 +57,10 @@ def test_every_write_stuck_runs_makes_sets_updated_at_to_now(db_url):
             if run.inputs["search_query"] == "scraper fails":
                 conn.execute(sa.text("UPDATE scrape_runs SET status = 'failed' WHERE id = :id"), {"id": run.id})
         return {
-            "ok": ExecutionResult(ok=True),
-            "fails": ExecutionResult(ok=False, error="HTTP 503 Service Unavailable"),
-            "scraper fails": ExecutionResult(ok=False, error="captcha wall"),
-            "stopped": ExecutionResult(ok=False, cancelled=True),
+            "ok": Completed(),
+            "fails": Failed(error="HTTP 503 Service Unavailable"),
+            "scraper fails": Failed(error="captcha wall"),
+            "stopped": Released(),
         }[run.inputs["search_query"]]
 
     rt = make_runtime(db_url, ScriptedScraper(scraper), policy=RetryPolicy(max_retries=1))

@@ -20,7 +20,8 @@ import sqlalchemy as sa
 
 from db.engine import make_engine
 from db.errors import ConfigError
-from jobs.executor import CommandExecutor, ExecutorMisconfigured
+from jobs.executors.base import ExecutorMisconfigured
+from jobs.executors.command import CommandExecutor
 from jobs.recovery import fix_stuck_runs_with_retry
 from jobs.retries import process_due_retries
 from jobs.stuck import sweep_stuck_runs

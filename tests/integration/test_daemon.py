@@ -23,7 +23,7 @@ from jobs.events import (
     RetryStarted,
     SweepFinished,
 )
-from jobs.executor import InProcess
+from jobs.executors.inprocess import InProcess
 from jobs.settings import load_settings
 from scheduler import get_scheduler
 from scheduler.daemon import Daemon

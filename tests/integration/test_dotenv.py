@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.executor import build_executor
+from jobs.executors.outcome import Completed
+from jobs.executors.wiring import build_executor
 from jobs.settings import settings_from_environment
 from tests.integration.test_executor import a_run
 
@@ -53,7 +54,7 @@ def test_a_command_executors_scraper_sees_the_dotenv_values_under_the_real_envir
     monkeypatch.setenv("SCRAPE_RUN_COMMAND", command)
     executor = build_executor(settings_from_environment())
     result = executor.start(a_run("x")).wait(timedelta(seconds=60), threading.Event())
-    assert result.ok, result.error
+    assert isinstance(result, Completed), result
     assert json.loads(out.read_text()) == EXPECTED
 
 
@@ -68,6 +69,6 @@ def test_a_callable_executors_child_sees_the_dotenv_values_under_the_real_enviro
     monkeypatch.setenv("SCRAPE_RUN_CALLABLE", f"{__name__}:probe_environment")
     executor = build_executor(settings_from_environment())
     result = executor.start(a_run(str(out))).wait(timedelta(seconds=60), threading.Event())
-    assert result.ok, result.error
+    assert isinstance(result, Completed), result
     assert json.loads(out.read_text()) == EXPECTED
     assert "FROM_DOTENV" not in os.environ  # only the child took them

@@ -7,10 +7,10 @@ from datetime import datetime, timedelta, timezone
 import sqlalchemy as sa
 from freezegun import freeze_time
 
-from jobs.executor import ExecutionResult
+from jobs.executors.outcome import Completed
 from jobs.manual import chain_history
 from jobs.recovery import fix_stuck_runs_with_retry
-from jobs.retries import RetryDispatcher
+from jobs.running import RunningHere
 from jobs.stuck import sweep_stuck_runs
 from tests.helpers import ScriptedScraper, insert_run, make_runtime
 
@@ -64,7 +64,7 @@ def test_the_example_flow(variant_url, variant):
         # 13:00: the retry processor starts it, and its worker dies (the session ends).
         frozen.move_to(at(13))
         with rt.engine.connect() as conn:
-            claim = RetryDispatcher(rt, rt.settings.policy).claim(conn)
+            claim = RunningHere(rt, rt.executor, rt.settings.policy).claim(conn)
             conn.invalidate()  # the worker's process is gone, and its session with it
         assert claim is not None
         claimed = claim.run
@@ -87,7 +87,7 @@ def test_the_example_flow(variant_url, variant):
 
         def scrape(run):
             frozen.tick(timedelta(minutes=15))
-            return ExecutionResult(ok=True)
+            return Completed()
 
         scraper.script = scrape
         result = fix_stuck_runs_with_retry(1, 4, 4, runtime=rt)

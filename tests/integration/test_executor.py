@@ -13,7 +13,11 @@ from pathlib import Path
 import pytest
 
 from db.errors import ConfigError
-from jobs.executor import CallableExecutor, CommandExecutor, ExecutorMisconfigured, build_executor
+from jobs.executors.base import ExecutorMisconfigured
+from jobs.executors.callable import CallableExecutor
+from jobs.executors.command import CommandExecutor
+from jobs.executors.outcome import Completed, Failed, Released, TimedOut
+from jobs.executors.wiring import build_executor
 from jobs.model import Run
 from jobs.settings import load_settings
 from tests.daemons import wait_until
@@ -65,7 +69,7 @@ def test_a_query_reaches_the_command_as_plain_text(log_dir, tmp_path):
     query = f"ok $(touch {marker}); rm -rf {victim}; `touch {marker}`"
     run = a_run(query, location_query="Köln; echo 'x'")
     result = command_executor().execute(run, timedelta(seconds=30), threading.Event())
-    assert result.ok
+    assert isinstance(result, Completed)
     assert record(log_dir, run)["argv"] == ["--query", query, f"--run-id={run.id}"]
     assert not marker.exists() and victim.exists()
 
@@ -83,7 +87,7 @@ def test_the_runs_fields_are_in_the_environment(log_dir):
 
 def test_a_failure_reports_the_last_stderr_line_and_keeps_the_tail(log_dir):
     result = command_executor().execute(a_run("fail503"), timedelta(seconds=30), threading.Event())
-    assert not result.ok and not result.timed_out
+    assert isinstance(result, Failed)
     assert result.error == "requests.exceptions.HTTPError: 503 Server Error: Service Unavailable"
     assert "fetching page 1" in result.detail
 
@@ -96,23 +100,23 @@ def test_a_retry_after_on_stderr_is_reported(log_dir):
 def test_a_hanging_scraper_and_its_children_are_killed_at_the_timeout(log_dir):
     run = a_run("hang forever")
     result = command_executor().execute(run, timedelta(seconds=1), threading.Event())
-    assert result.timed_out and not result.ok and not result.cancelled
+    assert isinstance(result, TimedOut)
     pids = record(log_dir, run)
     assert not alive(pids["pid"]) and not alive(pids["child_pid"])
 
 
 def test_nothing_the_scraper_started_outlives_its_attempt(log_dir, monkeypatch):
-    monkeypatch.setattr("jobs.executor.KILL_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr("jobs.executors.processes.KILL_GRACE_SECONDS", 0.5)
     run = a_run("leak a browser")
     result = command_executor().execute(run, timedelta(seconds=30), threading.Event())
-    assert result.ok
+    assert isinstance(result, Completed)
     assert not alive(record(log_dir, run)["child_pid"])  # it ignored SIGTERM: SIGKILL ended it
 
 
 def test_a_hanging_callable_and_its_children_are_killed_at_the_timeout(log_dir):
     run = a_run("hang with a child")
     result = CallableExecutor("tests.scrapers:spawn_and_hang").execute(run, timedelta(seconds=2), threading.Event())
-    assert result.timed_out and not result.ok
+    assert isinstance(result, TimedOut)
     assert not alive(int((log_dir / f"{run.id}.child").read_text()))
 
 
@@ -123,7 +127,7 @@ def test_a_cancel_stops_the_scraper_and_says_so(log_dir):
     cancel = threading.Event()
     threading.Timer(0.2, cancel.set).start()
     result = execution.wait(timedelta(minutes=5), cancel)
-    assert result.cancelled and not result.timed_out and not result.ok
+    assert isinstance(result, Released)
     pids = record(log_dir, run)
     assert not alive(pids["pid"]) and not alive(pids["child_pid"])
 
@@ -137,7 +141,7 @@ def test_a_missing_program_is_a_configuration_error():
 
 def test_a_callable_that_returns_succeeds():
     result = CallableExecutor("tests.scrapers:succeed").execute(a_run("x"), timedelta(seconds=60), threading.Event())
-    assert result.ok
+    assert isinstance(result, Completed)
 
 
 def test_a_callable_that_raises_fails_with_its_traceback():
@@ -158,7 +162,7 @@ def test_a_callables_retry_after_attribute_is_reported():
 def test_a_hanging_callable_is_killed_at_the_timeout():
     execution = CallableExecutor("tests.scrapers:hang").start(a_run("x"))
     result = execution.wait(timedelta(seconds=2), threading.Event())
-    assert result.timed_out and not result.ok
+    assert isinstance(result, TimedOut)
     assert not alive(execution.process.pid)
 
 

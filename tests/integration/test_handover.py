@@ -14,13 +14,13 @@ import sqlalchemy as sa
 
 from db.errors import CancelRefused, RetryRefused
 from jobs.control import cancel_run
-from jobs.executor import ExecutionResult
+from jobs.executors.outcome import Failed, OutcomeUnknown, Postponed
+from jobs.executors.webhook import payload
 from jobs.manual import retry_run
 from jobs.model import Run
 from jobs.retries import process_due_retries
 from jobs.rules import RetryPolicy
 from jobs.stuck import sweep_stuck_runs
-from jobs.webhook import payload
 from tests.daemons import wait_until
 from tests.helpers import insert_due_retry, make_runtime, row
 from tests.receiver import start_receiver
@@ -290,7 +290,7 @@ def _marked(db_url, tmp_path, opened):
     receiver = start_receiver(tmp_path)
     rt = opened(db_url, receiver)
     [retry] = due_retries(db_url, 1)
-    deliveries = Deliveries(rt, POLICY)
+    deliveries = Deliveries(rt, rt.executor, POLICY)
     marked = deliveries.mark()
     assert marked.run.id == retry
     return receiver, rt, deliveries, marked
@@ -299,13 +299,11 @@ def _marked(db_url, tmp_path, opened):
 def test_a_put_back_leaves_a_retry_the_fleets_worker_started_running(db_url, tmp_path, opened):
     """The answer timed out, but the receiver had the retry and its worker wrote its own start:
     putting it back to pending would make the worker's outcome (conditional on running) miss."""
-    from jobs.executor import ExecutionResult
-
     receiver, rt, deliveries, marked = _marked(db_url, tmp_path, opened)
     try:
         with rt.engine.begin() as conn:
             conn.execute(sa.text("UPDATE scrape_runs SET started_at = now() WHERE id = :id"), {"id": marked.run.id})
-        late = ExecutionResult(ok=False, error="Webhook did not answer within 2s", postponed=True)
+        late = Postponed("Webhook did not answer within 2s")
         outcome = deliveries.settle(marked, late)
     finally:
         receiver.stop()
@@ -315,7 +313,6 @@ def test_a_put_back_leaves_a_retry_the_fleets_worker_started_running(db_url, tmp
 
 
 def test_a_refused_delivery_the_fleet_failed_and_another_process_continued_is_decided_once(db_url, tmp_path, opened):
-    from jobs.executor import ExecutionResult
     from jobs.outcomes import continue_fleet_failures
 
     receiver, rt, deliveries, marked = _marked(db_url, tmp_path, opened)
@@ -326,7 +323,7 @@ def test_a_refused_delivery_the_fleet_failed_and_another_process_continued_is_de
                 {"id": marked.run.id},
             )
         [continued] = continue_fleet_failures(rt)  # another process got there first
-        refused = ExecutionResult(ok=False, error="Webhook answered HTTP 500 Internal Server Error")
+        refused = Failed("Webhook answered HTTP 500 Internal Server Error")
         deliveries.settle(marked, refused)
     finally:
         receiver.stop()
@@ -346,11 +343,38 @@ def test_no_post_once_stopping_and_an_abandoned_post_is_not_due_before_its_lease
         with rt.engine.connect() as conn:
             assert row(conn, marked.run.id)["next_retry_at"] == marked.was_due
         again = deliveries.mark()
-        in_flight = ExecutionResult(ok=False, error="Stopped by a signal", cancelled=True, postponed=True)
-        deliveries.settle(again, in_flight, abandoned=True)  # the POST was still open when it stopped
+        in_flight = OutcomeUnknown("Stopped by a signal", stopping=True)
+        deliveries.settle(again, in_flight)  # the POST was still open when it stopped
     finally:
         receiver.stop()
     with rt.engine.connect() as conn:
         pending = row(conn, marked.run.id)
     assert outcome.status == "released" and pending["status"] == "pending_retry" and pending["retry_count"] == 1
     assert pending["next_retry_at"] == again.lease_until
+
+
+def test_a_database_outage_while_writing_an_answer_names_the_delivery_or_the_refused_attempt(db_url, tmp_path, opened):
+    """The one `match` records every answer; a database error still says what it was writing:
+    the delivery (confirm, put-back) or, for a refusal, the attempt's outcome as for any failure."""
+    import dataclasses
+
+    from db.engine import make_engine
+    from db.errors import DatabaseUnavailable
+    from jobs.executors.outcome import HandedOver, Released
+    from jobs.outcomes import record_outcome
+
+    receiver, rt, deliveries, marked = _marked(db_url, tmp_path, opened)
+    receiver.stop()
+    down = dataclasses.replace(rt, engine=make_engine("postgresql+psycopg2://nobody@127.0.0.1:1/gone"))
+    try:
+        for outcome, doing in [
+            (HandedOver("webhook"), "writing the delivery"),
+            (Postponed("Webhook answered HTTP 503 Service Unavailable"), "writing the delivery"),
+            (Released(), "writing the delivery"),
+            (Failed("Webhook answered HTTP 500 Internal Server Error"), "recording the outcome"),
+        ]:
+            with pytest.raises(DatabaseUnavailable) as raised:
+                record_outcome(down, POLICY, marked.run, outcome, delivery=marked)
+            assert f"database error while {doing} of run {marked.run.id}" in str(raised.value)
+    finally:
+        down.engine.dispose()

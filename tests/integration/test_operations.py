@@ -16,7 +16,7 @@ from db.engine import make_engine
 from db.errors import RunNotFound, UsageError
 from jobs.dead_letters import get_dead_letter, list_dead_letters, purge_dead_letters, requeue
 from jobs.doctor import run_checks
-from jobs.executor import ExecutionResult
+from jobs.executors.outcome import Completed, Failed
 from jobs.retries import process_due_retries
 from jobs.settings import load_settings
 from jobs.stats import retry_stats
@@ -41,9 +41,9 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def history(db_url):
     """A day of recovery: stuck runs, retries that succeed, fail, and a chain dead-lettered."""
     outcomes = {
-        "ok": ExecutionResult(ok=True),
-        "503": ExecutionResult(ok=False, error="HTTP 503 Service Unavailable"),
-        "404": ExecutionResult(ok=False, error="HTTP 404 Not Found", detail="Traceback: ...\nHTTP 404 Not Found"),
+        "ok": Completed(),
+        "503": Failed(error="HTTP 503 Service Unavailable"),
+        "404": Failed(error="HTTP 404 Not Found", detail="Traceback: ...\nHTTP 404 Not Found"),
     }
     scraper = ScriptedScraper(lambda run: outcomes[run.inputs["search_query"].split()[0]])
     with freeze_time(NOW - timedelta(hours=10)) as frozen:

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from freezegun import freeze_time
 
 from db import locks
-from jobs.executor import ExecutionResult
+from jobs.executors.outcome import Failed, Released, TimedOut
 from jobs.retries import process_due_retries
 from jobs.stuck import sweep_stuck_runs
 from tests.helpers import ScriptedScraper, chain_of, insert_due_retry, insert_run, make_runtime, row, rows
@@ -59,7 +59,7 @@ def test_a_late_completion_supersedes_the_pending_retry(db_url, frozen):
 
 def test_a_503_is_retried_with_the_next_retry_row(db_url, frozen):
     rt = make_runtime(
-        db_url, ScriptedScraper(lambda run: ExecutionResult(ok=False, error="HTTP 503 Service Unavailable"))
+        db_url, ScriptedScraper(lambda run: Failed(error="HTTP 503 Service Unavailable"))
     )
     with rt.engine.begin() as conn:
         root, retry = pending_retry(conn, config='{"pages": 1}')
@@ -73,8 +73,8 @@ def test_a_503_is_retried_with_the_next_retry_row(db_url, frozen):
 
 
 def test_a_404_is_permanent_and_dead_lettered_with_its_stderr(db_url, frozen):
-    failure = ExecutionResult(
-        ok=False, error="HTTP Error 404: Not Found", detail="Traceback ...\nHTTP Error 404: Not Found"
+    failure = Failed(
+        error="HTTP Error 404: Not Found", detail="Traceback ...\nHTTP Error 404: Not Found"
     )
     rt = make_runtime(db_url, ScriptedScraper(lambda run: failure))
     with rt.engine.begin() as conn:
@@ -95,7 +95,7 @@ def test_a_404_is_permanent_and_dead_lettered_with_its_stderr(db_url, frozen):
 
 
 def test_the_last_retry_failing_ends_the_chain(db_url, frozen):
-    rt = make_runtime(db_url, ScriptedScraper(lambda run: ExecutionResult(ok=False, error="Connection reset by peer")))
+    rt = make_runtime(db_url, ScriptedScraper(lambda run: Failed(error="Connection reset by peer")))
     with rt.engine.begin() as conn:
         root, retry = pending_retry(conn, retry_count=4, max_retries=4)
     [outcome] = process_due_retries(rt).executed
@@ -104,7 +104,7 @@ def test_the_last_retry_failing_ends_the_chain(db_url, frozen):
 
 
 def test_a_timeout_is_recorded_as_such(db_url, frozen):
-    rt = make_runtime(db_url, ScriptedScraper(lambda run: ExecutionResult(ok=False, timed_out=True)))
+    rt = make_runtime(db_url, ScriptedScraper(lambda run: TimedOut()))
     with rt.engine.begin() as conn:
         pending_retry(conn)
     [outcome] = process_due_retries(rt).executed
@@ -112,7 +112,7 @@ def test_a_timeout_is_recorded_as_such(db_url, frozen):
 
 
 def test_a_longer_retry_after_is_honoured(db_url, frozen):
-    result = ExecutionResult(ok=False, error="HTTP 429 Too Many Requests", retry_after=timedelta(hours=10))
+    result = Failed(error="HTTP 429 Too Many Requests", retry_after=timedelta(hours=10))
     rt = make_runtime(db_url, ScriptedScraper(lambda run: result))
     with rt.engine.begin() as conn:
         pending_retry(conn)
@@ -130,7 +130,7 @@ def test_a_failed_status_the_scraper_wrote_stands_and_continues_the_chain(db_url
                 ),
                 {"id": run.id, "t": NOW + timedelta(minutes=3)},
             )
-        return ExecutionResult(ok=False, error="exit code 1")
+        return Failed(error="exit code 1")
 
     rt = make_runtime(db_url, ScriptedScraper(scraper_fails_its_own_row))
     with rt.engine.begin() as conn:
@@ -147,7 +147,7 @@ def test_a_completed_status_the_scraper_wrote_stands(db_url, frozen):
     def scraper_completes_then_crashes(run):
         with rt.engine.begin() as conn:
             conn.execute(sa.text("UPDATE scrape_runs SET status = 'completed' WHERE id = :id"), {"id": run.id})
-        return ExecutionResult(ok=False, error="segfault on exit")
+        return Failed(error="segfault on exit")
 
     rt = make_runtime(db_url, ScriptedScraper(scraper_completes_then_crashes))
     with rt.engine.begin() as conn:
@@ -163,7 +163,7 @@ def test_a_shutdown_puts_the_retry_back_without_spending_budget(db_url, frozen):
 
     def sigterm_during_the_scrape(run):
         stop.set()
-        return ExecutionResult(ok=False, cancelled=True)
+        return Released()
 
     rt = make_runtime(db_url, ScriptedScraper(sigterm_during_the_scrape))
     with rt.engine.begin() as conn:

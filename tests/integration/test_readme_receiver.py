@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from jobs.executors.webhook import SIGNATURE_HEADER, payload, signature
 from jobs.model import Run
 from jobs.retries import process_due_retries
-from jobs.webhook import SIGNATURE_HEADER, payload, signature
 from tests.conftest import REPO
 from tests.fleet_worker import stop_process
 from tests.helpers import insert_due_retry, make_runtime, row

@@ -10,11 +10,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
+from jobs.executors.webhook import signature
 from jobs.retries import process_due_retries
 from jobs.rules import RetryPolicy
 from jobs.status import read_status
 from jobs.stuck import sweep_stuck_runs
-from jobs.webhook import signature
 from tests.helpers import chain_of, insert_due_retry, make_runtime, row
 from tests.receiver import start_receiver
 
@@ -288,34 +288,36 @@ def test_the_webhook_and_the_hand_off_are_flags_too(db_url, receiver):
 def test_a_receiver_dripping_bytes_is_given_up_after_the_timeout_not_days(receiver):
     import time
 
+    from jobs.executors.outcome import OutcomeUnknown
+    from jobs.executors.webhook import WebhookExecutor
     from jobs.model import Run
-    from jobs.webhook import WebhookExecutor
 
     receiver.set_script(["drip:30"])
     executor = WebhookExecutor(receiver.url + "/r/{run_id}", SECRET, timedelta(seconds=1))
     started = time.monotonic()
-    delivered = executor.start_until(Run(id="r1", status="pending_retry", what="x"), threading.Event())
+    delivered = executor.deliver(Run(id="r1", status="pending_retry", what="x"), threading.Event())
     took = time.monotonic() - started
     executor.close()
-    assert delivered.postponed and "did not answer within 1s" in delivered.result.error
+    assert isinstance(delivered, OutcomeUnknown) and "did not answer within 1s" in delivered.error
     assert took < 5, took  # connect + read timeout, though no single read ever waited 1 s
 
 
 def test_a_text_id_a_header_cannot_hold_is_percent_encoded_in_the_key(receiver):
+    from jobs.executors.outcome import HandedOver
+    from jobs.executors.webhook import WebhookExecutor
     from jobs.model import Run
-    from jobs.webhook import WebhookExecutor
 
     executor = WebhookExecutor(receiver.url + "/r/{run_id}", SECRET, timedelta(seconds=2))
-    delivered = executor.start_until(Run(id="café-1", status="pending_retry", what="x"), threading.Event())
+    delivered = executor.deliver(Run(id="café-1", status="pending_retry", what="x"), threading.Event())
     executor.close()
-    assert delivered.handed_off == "webhook"
+    assert delivered == HandedOver("webhook")
     [request] = receiver.requests()
     assert request["key"] == "caf%C3%A9-1" and request["path"] == "/r/caf%C3%A9-1"
     assert json.loads(request["body"])["id"] == "café-1"
 
 
 def test_an_answer_with_nul_and_escape_bytes_is_cleaned_before_it_is_stored():
-    from jobs.webhook import judge
+    from jobs.executors.webhook import judge
 
     verdict = judge(500, "Internal\x1b[31m", None, "boom\x00 \x1b[2Jgone")
     assert "\x00" not in verdict.error and "\x1b" not in verdict.error
@@ -325,7 +327,7 @@ def test_an_answer_with_nul_and_escape_bytes_is_cleaned_before_it_is_stored():
 def test_retry_after_in_seconds_or_as_an_http_date():
     from email.utils import format_datetime
 
-    from jobs.webhook import retry_after_delay
+    from jobs.executors.webhook import retry_after_delay
 
     assert retry_after_delay("120") == timedelta(seconds=120)
     assert retry_after_delay("0") == timedelta(0)
@@ -346,12 +348,12 @@ def test_a_retry_being_delivered_is_committed_running_so_no_other_process_delive
     receiver.set_script(["503:3600"])
     rt = webhook_runtime(db_url, receiver, max_concurrent_retries=2)  # room for another: none is due
     _, retry = due_retry(rt)
-    deliveries = Deliveries(rt, POLICY)
+    deliveries = Deliveries(rt, rt.executor, POLICY)
     marked = deliveries.mark()
     with rt.engine.connect() as other:  # before it is even delivered
         being = row(other, retry)
     assert (being["status"], being["handed_off"], being["delivering_by"]) == ("running", "webhook", marked.by)
-    assert Deliveries(rt, POLICY).mark() is None  # nothing else to deliver: it is not due twice
+    assert Deliveries(rt, rt.executor, POLICY).mark() is None  # nothing else to deliver: it is not due twice
     outcome = deliveries.deliver(marked, threading.Event())
     assert outcome.status == "postponed"
     with rt.engine.connect() as conn:

@@ -1,9 +1,9 @@
 """SCRAPE_RUN_WEBHOOK (SPEC §12): a due retry is POSTed to the fleet's own API, which runs it.
 
-It plugs into the executors' protocol (jobs/executor.py): `start(run)` delivers and reports the
-receiver's verdict. The hand-over around it (the retry committed `running` and marked before the
-POST, confirmed or put back after it, delivered again with the same `Idempotency-Key` only after
-a delivering process died) is jobs/delivery.py's.
+It delivers one retry at a time (`Delivers`, jobs/executors/base.py): `deliver(run, stop)` POSTs
+and reports the receiver's answer as an outcome. The hand-over around it (the retry committed
+`running` and marked before the POST, confirmed or put back after it, delivered again with the
+same `Idempotency-Key` only after a delivering process died) is jobs/delivery.py's.
 
 What an answer means is decided by `judge`, pure: 2xx hands the retry over; 429 and 503 (with a
 `Retry-After` or not), a connection error or a timeout postpone it, no budget spent; any other
@@ -22,7 +22,6 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from datetime import time as time_of_day
 from email.utils import parsedate_to_datetime
@@ -32,7 +31,8 @@ from urllib.parse import quote
 
 import httpx
 
-from jobs.executor import ExecutionResult
+from jobs.executors.base import Strategies, T
+from jobs.executors.outcome import DeliveryOutcome, Failed, HandedOver, OutcomeUnknown, Postponed, Released
 from jobs.model import Run
 from jobs.patterns import bounded_retry_after
 
@@ -45,27 +45,22 @@ POSTPONING = frozenset({429, 503})
 KEEPS_THE_POST = frozenset({307, 308})  # the redirects that repeat the request, method and body
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """What one delivery's answer means: `handed` (2xx), `postponed` (try again later, no budget
-    spent, `retry_after` when the receiver said), else a failed attempt with `error`."""
-
-    handed: bool = False
-    postponed: bool = False
-    error: str | None = None
-    retry_after: timedelta | None = None
+MODE = "webhook"  # the `handed_off` value of a retry delivered here
 
 
-def judge(status: int, reason: str = "", retry_after: str | None = None, body: str = "") -> Verdict:
-    """The verdict on an HTTP answer (SPEC §12)."""
+def judge(
+    status: int, reason: str = "", retry_after: str | None = None, body: str = ""
+) -> HandedOver | Postponed | Failed:
+    """What an HTTP answer means (SPEC §12): 2xx hands the retry over; 429 and 503 postpone it (to
+    the `Retry-After` when the receiver said); anything else is a failed attempt."""
     if 200 <= status < 300:
-        return Verdict(handed=True)
+        return HandedOver(MODE)
     after = retry_after_delay(retry_after)
     words = clean(f"HTTP {status} {reason}".strip())
     if status in POSTPONING:
-        return Verdict(postponed=True, error=f"Webhook answered {words}", retry_after=after)
+        return Postponed(f"Webhook answered {words}", retry_after=after)
     detail = clean(" ".join(body.split()))[:ERROR_BODY_CHARS]
-    return Verdict(error=f"Webhook answered {words}" + (f": {detail}" if detail else ""), retry_after=after)
+    return Failed(f"Webhook answered {words}" + (f": {detail}" if detail else ""), retry_after=after)
 
 
 def clean(text: str) -> str:
@@ -124,24 +119,10 @@ def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
     return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
 
-@dataclass
-class Delivered:
-    """An execution that is already over when the processor waits for it: the receiver answered."""
-
-    result: ExecutionResult
-    handed_off: str | None = None  # "webhook" when the fleet took the retry (the delivery is confirmed)
-    postponed: bool = False  # the fleet could not take it: put back, due again later
-    abandoned: bool = False  # given up on while the POST was in flight: the receiver may still get it
-
-    def wait(self, timeout: timedelta, cancel: threading.Event) -> ExecutionResult:
-        return self.result
-
-    def abandon(self) -> None:
-        pass  # nothing runs here; a receiver that took it de-duplicates the next delivery
-
-
 class WebhookExecutor:
     """Delivers retries through one pooled client (keep-alive between deliveries)."""
+
+    mode = MODE
 
     def __init__(self, template: str, secret: str | None, timeout: timedelta) -> None:
         self.template, self.secret = template, secret
@@ -159,13 +140,14 @@ class WebhookExecutor:
             },
             cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),  # each delivery stands alone
         )
+        # The longest one delivery lasts (`deliver` gives up then): its lease is this plus a margin.
+        self.bound = timedelta(seconds=self.client.timeout.connect + self.client.timeout.read)
 
-    @property
-    def delivery_bound(self) -> timedelta:
-        """The longest one delivery lasts (`start_until` gives up then): its lease is this plus a margin."""
-        return timedelta(seconds=self.client.timeout.connect + self.client.timeout.read)
+    def dispatch_with(self, strategies: Strategies[T]) -> T:
+        return strategies.deliver(self)
 
-    def start(self, run: Run) -> Delivered:
+    def post(self, run: Run) -> HandedOver | Postponed | Failed:
+        """One POST of `run`, waited for as long as httpx's timeouts allow (`deliver` bounds it)."""
         body = payload(run)
         # Percent-encoded: a text id may hold what a header cannot (é, a newline); ASCII ids stay as they are.
         headers = {"Content-Type": "application/json", "Idempotency-Key": quote(str(run.id), safe="")}
@@ -174,51 +156,43 @@ class WebhookExecutor:
         try:
             response = self._post(delivery_url(self.template, run), body, headers)
         except httpx.ConnectTimeout:
-            return _postponed(f"Webhook did not accept a connection within {self.client.timeout.connect:g}s")
+            return Postponed(f"Webhook did not accept a connection within {self.client.timeout.connect:g}s")
         except httpx.TimeoutException:
-            return _postponed(f"Webhook did not answer within {self.client.timeout.read:g}s")
+            return Postponed(f"Webhook did not answer within {self.client.timeout.read:g}s")
         except httpx.TransportError as exc:  # refused, reset, DNS, TLS: the fleet may be back later
-            return _postponed(f"Webhook unreachable: {type(exc).__name__}: {clean(str(exc))}"[:500])
+            return Postponed(f"Webhook unreachable: {type(exc).__name__}: {clean(str(exc))}"[:500])
         except (httpx.HTTPError, ValueError) as exc:  # a malformed redirect, an id a URL cannot hold
-            return Delivered(ExecutionResult(ok=False, error=f"Webhook delivery failed: {type(exc).__name__}"))
+            return Failed(f"Webhook delivery failed: {type(exc).__name__}")
         if isinstance(response, str):
-            return Delivered(ExecutionResult(ok=False, error=response))
+            return Failed(response)
         answer, start = response
-        verdict = judge(answer.status_code, answer.reason_phrase, answer.headers.get("retry-after"), start)
-        if verdict.handed:
-            return Delivered(ExecutionResult(ok=True, handed_off="webhook"), handed_off="webhook")
-        if verdict.postponed:
-            return _postponed(verdict.error, verdict.retry_after)
-        return Delivered(ExecutionResult(ok=False, error=verdict.error, retry_after=verdict.retry_after))
+        return judge(answer.status_code, answer.reason_phrase, answer.headers.get("retry-after"), start)
 
-    def start_until(self, run: Run, stop: threading.Event) -> Delivered:
-        """`start`, given up when `stop` is set (a signal): the process then stops at once and
+    def deliver(self, run: Run, stop: threading.Event) -> DeliveryOutcome:
+        """`post`, given up when `stop` is set (a signal): the process then stops at once and
         the retry is put back pending, its budget unspent. A delivery the receiver still takes
         after that is delivered again later with the same `Idempotency-Key`."""
-        stopped = "Stopped by a signal before the fleet answered"
         if stop.is_set():  # no POST once stopping: put back, and nothing is in flight
-            return Delivered(ExecutionResult(ok=False, error=stopped, cancelled=True, postponed=True), postponed=True)
-        answered: list[Delivered] = []
-        worker = threading.Thread(target=lambda: answered.append(self._start_quietly(run)), daemon=True)
+            return Released()
+        answered: list[HandedOver | Postponed | Failed] = []
+        worker = threading.Thread(target=lambda: answered.append(self._post_quietly(run)), daemon=True)
         worker.start()
         # httpx bounds each read, not the whole answer: a receiver dripping a byte a minute would
         # hold the row for days. The delivery as a whole gets connect + read timeout.
-        deadline = time.monotonic() + self.client.timeout.connect + self.client.timeout.read
+        deadline = time.monotonic() + self.bound.total_seconds()
         while worker.is_alive() and not stop.is_set() and time.monotonic() < deadline:
             worker.join(STOP_POLL_SECONDS)  # returns the moment the answer is in (a wait on `stop` did not)
         if answered:
             return answered[0]
         if not stop.is_set():
-            return replace(_postponed(f"Webhook did not answer within {self.client.timeout.read:g}s"), abandoned=True)
-        return Delivered(
-            ExecutionResult(ok=False, error=stopped, cancelled=True, postponed=True), postponed=True, abandoned=True
-        )
+            return OutcomeUnknown(f"Webhook did not answer within {self.client.timeout.read:g}s")
+        return OutcomeUnknown("Stopped by a signal before the fleet answered", stopping=True)
 
-    def _start_quietly(self, run: Run) -> Delivered:
+    def _post_quietly(self, run: Run) -> HandedOver | Postponed | Failed:
         try:
-            return self.start(run)
+            return self.post(run)
         except Exception as exc:  # noqa: BLE001 - the client closed under a delivery given up on
-            return Delivered(ExecutionResult(ok=False, error=f"Webhook delivery failed: {type(exc).__name__}"))
+            return Failed(f"Webhook delivery failed: {type(exc).__name__}")
 
     def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[httpx.Response, str] | str:
         """The answer (and the start of its body) after same-origin redirects, or why a redirect
@@ -259,7 +233,3 @@ def _body_start(response: httpx.Response) -> str:
         if len(read) >= BODY_READ_BYTES:
             break
     return read[:BODY_READ_BYTES].decode(response.encoding or "utf-8", "replace")
-
-
-def _postponed(error: str | None, retry_after: timedelta | None = None) -> Delivered:
-    return Delivered(ExecutionResult(ok=False, error=error, retry_after=retry_after, postponed=True), postponed=True)

@@ -1,10 +1,10 @@
-"""Retries handed to the fleet (SPEC §12): the room MAX_CONCURRENT_RETRIES leaves, and the
-hand-off to the fleet's queue.
+"""The slot cap: the room MAX_CONCURRENT_RETRIES leaves for one more retry.
 
 The cap counts, across every process, the retries executing here (each holds a slot lock) and
 those handed off and not yet ended (`handed_off` set, still queued or running). Both are read
 under one transaction-level advisory lock, which every hand-off also takes before it commits:
-a count never misses a retry that is changing from one kind to the other.
+a count never misses a retry that is changing from one kind to the other. (The lock is the
+queries' `handoff_lock`: every hand-over, queued or delivered, counts under it.)
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 from sqlalchemy.engine import Connection
 
 from db import locks
-from db.engine import database_errors
-from jobs.model import Run
 from jobs.runtime import Runtime
 
 
@@ -35,17 +33,3 @@ def has_room(rt: Runtime, conn: Connection) -> bool:
     with conn.begin():
         conn.execute(q.handoff_lock)
         return conn.execute(q.room, {"sr_max": rt.settings.max_concurrent_retries}).scalar_one() >= 0
-
-
-def queue_due_retries(rt: Runtime, run_id: object = None) -> list[Run]:
-    """Flips due retries (or pending retry `run_id`, due or not) to the scraper's queued value, as
-    many as the cap leaves room for, in one statement; returns the runs handed off."""
-    q = rt.queries
-    with database_errors(rt.engine, "handing retries to the fleet"), rt.engine.begin() as conn:
-        conn.execute(q.handoff_lock)
-        room = conn.execute(q.room, {"sr_max": rt.settings.max_concurrent_retries}).scalar_one()
-        if room <= 0:
-            return []
-        params = {"sr_now": rt.clock.now(), "sr_limit": room, "sr_run_id": run_id}
-        rows = conn.execute(q.queue_due if run_id is None else q.queue_one, params).mappings().all()
-    return [Run.from_row(row, rt.runs.input_names) for row in rows]

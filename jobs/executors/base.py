@@ -1,0 +1,102 @@
+"""The executors' protocols: how a due retry gets to a scraper. Two strategies, chosen once when
+the executor is built (jobs/executors/wiring.py), never asked about afterwards:
+
+- Run here (`RunsHere`: a command, a callable, an in-process scraper): the dispatcher claims the
+  retry (`running`, its slot and run lock held), commits the claim, `start`s the scraper, then
+  `wait`s for its `Execution` (jobs/running.py).
+- Hand over (SPEC §12): the fleet runs the retry and writes its outcome itself.
+  - `Delivers` (a webhook; Scrapyd and Celery next), one retry at a time: the dispatcher marks
+    the retry `running` as being delivered (with a lease), `deliver`s it with no session held,
+    then confirms the delivery or puts the retry back (jobs/delivery.py).
+  - `Queues` (SCRAPE_RUN_HANDOFF): due retries are flipped to the scraper's queued value in
+    sets, for its own workers to pick up (jobs/queueing.py); nothing is delivered.
+
+An executor says which strategy serves it by calling the matching method of the `Strategies` it
+is given (`dispatch_with`): a new executor is one module that implements one of these protocols.
+Executors only report what happened (jobs/executors/outcome.py); what it means for the row is
+decided in one place (jobs/outcomes.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Protocol, TypeVar
+
+from db.errors import EXIT_USAGE, OperatorError
+from jobs.executors.outcome import DeliveryOutcome, RanHere
+from jobs.model import Run
+
+T = TypeVar("T", covariant=True)
+
+
+class ExecutorMisconfigured(OperatorError):
+    """The configured executor cannot run a retry: its callable is not importable, its command not
+    found. A configuration problem (exit 2), raised where executors are built and started."""
+
+    exit_code = EXIT_USAGE
+
+
+class StartFailed(ExecutorMisconfigured):
+    """The scraper could not be started (its program vanished, lost its execute bit...): a
+    configuration problem, not a failed attempt, so it spends no budget."""
+
+
+class Strategies(Protocol[T]):
+    """The ways retries are dispatched (jobs/retries.py builds one of each kind on demand)."""
+
+    def run_here(self, executor: RunsHere) -> T:
+        """Claim, commit, start, wait: for an executor that runs the scraper in this host."""
+
+    def deliver(self, executor: Delivers) -> T:
+        """Mark, deliver, confirm or put back: for an executor that hands one retry to the fleet."""
+
+    def queue(self, executor: Queues) -> T:
+        """Flip due retries to the fleet's queued value, in sets."""
+
+
+class Executor(Protocol):
+    """What every executor does, whatever its strategy."""
+
+    def dispatch_with(self, strategies: Strategies[T]) -> T:
+        """Calls the one method of `strategies` that serves this executor, and returns what it gives."""
+
+    def close(self) -> None:
+        """Lets go of what the executor holds (a webhook's pooled connections); idempotent."""
+
+
+class Execution(Protocol):
+    """A scraper started here for one attempt."""
+
+    def wait(self, timeout: timedelta, cancel: threading.Event) -> RanHere:
+        """Waits for the scraper; gives up after `timeout` (wall time: `TimedOut`) or when `cancel`
+        is set (a shutdown: `Released`). Nothing the scraper started outlives the wait."""
+
+
+class RunsHere(Executor, Protocol):
+    """Runs the scraper in this host's processes (or this process: tests, the demo)."""
+
+    def start(self, run: Run) -> Execution:
+        """Starts the scraper for `run` (its claim is committed) and returns at once; raises
+        `StartFailed` when it cannot (the claim is then put back as it was)."""
+
+
+class Delivers(Executor, Protocol):
+    """Hands one retry at a time to the fleet (SPEC §12). `mode` is the `handed_off` value its marks
+    write; `bound` the longest one delivery lasts (its lease is this plus a margin)."""
+
+    mode: str
+    bound: timedelta
+
+    def deliver(self, run: Run, stop: threading.Event) -> DeliveryOutcome:
+        """Delivers `run` (committed `running`, marked as being delivered) and reports the fleet's
+        answer: `HandedOver`, `Failed` (refused), `Postponed`; `Released` when `stop` was set
+        before anything was sent; `OutcomeUnknown` when given up on in flight. Never raises for
+        what the fleet did; gives up on `stop` at once."""
+
+
+class Queues(Executor, Protocol):
+    """Hands due retries to the fleet's own workers by flipping them to `state` (a state of
+    STATUS_MAP, `queued`), in sets; the workers set `running` and write the outcome."""
+
+    state: str
