@@ -90,26 +90,6 @@ def test_a_postponement_takes_the_retry_after_else_doubles_from_a_minute_up_to_t
     assert postponement(None, RetryPolicy(retry_delay=timedelta(seconds=10)), 3) == timedelta(minutes=1)
 
 
-def getattr_on_an_executor(root: Path) -> list[str]:
-    """`getattr(x, ...)` where x names an executor or an execution, in jobs/ and scheduler/."""
-    found = []
-    for path in sorted(p for folder in ("jobs", "scheduler") for p in (root / folder).rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if (
-                isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Name)
-                and node.func.id in ("getattr", "hasattr")
-            ):
-                subject = ast.unparse(node.args[0]).lower() if node.args else ""
-                if "executor" in subject or "execution" in subject or "delivered" in subject:
-                    found.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
-    return found
-
-
-def test_nothing_asks_an_executor_or_an_execution_what_it_is():
-    assert getattr_on_an_executor(REPO) == []
-
-
 def test_the_executors_import_nothing_from_the_services_that_dispatch_them():
     services = {"jobs.retries", "jobs.running", "jobs.delivery", "jobs.queueing", "jobs.outcomes", "jobs.runtime"}
     found = {}
