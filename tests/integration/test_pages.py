@@ -748,7 +748,7 @@ def test_the_overview_s_cards_link_to_the_runs_they_count(web, engine):
 
 def test_the_runs_page_shows_stuck_runs_due_times_and_pages_back(db_url, engine):
     with engine.begin() as conn:
-        stuck = insert_run(conn, search_query="stuck one", started_at=NOW - timedelta(minutes=50))
+        insert_run(conn, search_query="stuck one", started_at=NOW - timedelta(minutes=50))
         insert_run(conn, search_query="young one", started_at=NOW - timedelta(minutes=5))
         due = NOW + timedelta(hours=3)
         insert_run(conn, status="pending_retry", search_query="waiting one", is_retry=True, retry_count=1, next_retry_at=due)
