@@ -38,7 +38,6 @@ from db.messages import (  # noqa: F401 - the templates are part of the rules' v
     STUCK_PATTERN,
     SUPERSEDED,
     TIMED_OUT,
-    TIMEOUT_PATTERN,
 )
 
 
