@@ -139,9 +139,10 @@ def test_reset_budget_retries_a_spent_chain(web, engine):
 
 
 def test_reset_stuck_runs_the_sweep_with_the_given_threshold(web, engine):
+    now = datetime.now(timezone.utc)  # its message names the hours stuck: not the module's import time
     with engine.begin() as conn:
-        insert_stuck_runs(conn, 3, NOW - timedelta(minutes=45))
-        fresh = insert_run(conn, started_at=NOW - timedelta(minutes=10))
+        insert_stuck_runs(conn, 3, now - timedelta(minutes=45))
+        fresh = insert_run(conn, started_at=now - timedelta(minutes=10))
     with web.client(ADMIN) as http:
         preview = http.post("/api/runs/reset-stuck", params={"timeout_minutes": 30, "dry_run": "true"})
         unchanged = snapshot(engine)
