@@ -1,0 +1,142 @@
+"""tests/cli.py runs commands in the test's process; these hold it to what the real process does,
+so that a test going through it can still fail for everything a process would show."""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from loguru import logger
+
+from db.engine import make_engine
+from tests.cli import run, run_process
+from tests.helpers import insert_run
+from tests.integration.test_cli import one_line_error
+
+STAMP = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d+)?(\+00:00|Z)?")
+
+
+def same(text: str) -> str:
+    """Output with what differs from one run to the next (times, durations, pids) blanked."""
+    text = STAMP.sub("<time>", text)
+    text = re.sub(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", "<uuid>", text)
+    text = re.sub(r"\b\d+(\.\d+)?(ms|s)\b", "<duration>", text)
+    return re.sub(r":\d+\b", ":<n>", text)
+
+
+@pytest.fixture
+def stuck(db_url):
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        insert_run(conn, started_at=datetime.now(timezone.utc) - timedelta(days=2))
+    engine.dispose()
+    return db_url
+
+
+def both(args: list[str], env: dict) -> tuple:
+    """The command in this process, then in a real one, on the same starting point."""
+    return run(args, env=env), run_process(args, env=env)
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--version"], {}),
+        (["check", "--no-such-flag"], {}),  # click's usage error: 2
+        (["no-such-command"], {}),
+        (["check"], {}),  # DATABASE_URL is not set
+        (["check", "--stuck-after", "soon"], {"DATABASE_URL": "postgresql://u@127.0.0.1:1/db"}),
+        (["check", "--json", "--stuck-after", "soon"], {"DATABASE_URL": "postgresql://u@127.0.0.1:1/db"}),
+        (["history", "not-a-uuid"], "db"),
+        (["sql", "pending"], "db"),
+        (["status", "--json"], "db"),
+    ],
+)
+def test_a_command_answers_in_process_as_the_process_does(db_url, args, env):
+    env = {"PATH": os.environ["PATH"], **({"DATABASE_URL": db_url} if env == "db" else env)}
+    inside, process = both(args, env)
+    assert inside.returncode == process.returncode, (inside, process)
+    assert same(inside.stdout) == same(process.stdout)
+    assert same(inside.stderr) == same(process.stderr)
+
+
+def test_a_sweep_logs_and_changes_the_table_alike_in_process_and_in_a_process(databases, templates):
+    results = []
+    for runner in (run, run_process):
+        url = databases.create(templates["text_tz"])
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            insert_run(conn, started_at=datetime.now(timezone.utc) - timedelta(days=2))
+        engine.dispose()
+        results.append(runner(["--log-level", "DEBUG", "check"], env={"DATABASE_URL": url}))
+    inside, process = results
+    assert inside.returncode == process.returncode == 0, (inside, process)
+    assert same(inside.stdout) == same(process.stdout)
+    assert "WARNING" in inside.stderr  # loguru's lines, on this call's stderr
+    assert same(inside.stderr) == same(process.stderr)
+
+
+def test_an_exception_that_escapes_is_a_traceback_on_stderr_and_exit_1(stuck, monkeypatch):
+    import scheduler.cli
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("a bug, not an operator's mistake")
+
+    monkeypatch.setattr(scheduler.cli, "settings_from_environment", broken)
+    result = run(["check"], env={"DATABASE_URL": stuck})
+    assert result.returncode == 1
+    assert result.stderr.startswith("Traceback (most recent call last):")
+    assert result.stderr.rstrip().endswith("RuntimeError: a bug, not an operator's mistake")
+    with pytest.raises(AssertionError, match="Traceback"):
+        one_line_error(result)  # the check the suite relies on sees it
+
+
+def test_exit_codes_stdin_and_the_environment_are_the_processes_own(monkeypatch):
+    import scheduler.cli
+
+    seen = {}
+
+    def probe(*_args, **_kwargs):
+        seen["stdin"] = __import__("sys").stdin.read()
+        seen["env"] = dict(os.environb)
+        seen["cwd"] = os.getcwd()
+        raise SystemExit(3)
+
+    monkeypatch.setattr(scheduler.cli, "settings_from_environment", probe)
+    before = dict(os.environb)
+    result = run(["check"], env={"ONLY": "this", "RAW": b"\xff"}, cwd="/")
+    assert result.returncode == 3
+    assert seen == {"stdin": "", "env": {b"ONLY": b"this", b"RAW": b"\xff"}, "cwd": "/"}
+    assert dict(os.environb) == before and os.getcwd() != "/"
+
+
+def test_loguru_is_left_as_it_was_found(stuck):
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(message.record["message"]), level="INFO")
+    try:
+        handlers = dict(logger._core.handlers)
+        result = run(["check"], env={"DATABASE_URL": stuck})
+        assert result.returncode == 0, result.stderr
+        assert "WARNING" in result.stderr and lines == []  # the command's logs went to its own stderr
+        assert logger._core.handlers == handlers
+        logger.info("after the command")
+        assert lines == ["after the command"]
+    finally:
+        logger.remove(sink)
+
+
+def test_no_session_of_a_command_outlives_it_even_one_the_command_forgot(stuck, monkeypatch):
+    from jobs.runtime import Runtime
+
+    monkeypatch.setattr(Runtime, "close", lambda self: None)  # a command that leaves its engine open
+    result = run(["check"], env={"DATABASE_URL": stuck})
+    assert result.returncode == 0, result.stderr
+    engine = make_engine(stuck)
+    with engine.connect() as conn:
+        sessions = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).scalar_one()
+    engine.dispose()
+    assert sessions == 0
