@@ -171,13 +171,19 @@ def _captured() -> Iterator[tuple[io.StringIO, io.StringIO]]:
 
 @contextmanager
 def _stdin_empty() -> Iterator[None]:
-    saved = sys.stdin
+    """stdin at end of file, for the command and for any process it starts (fd 0)."""
+    saved, saved_fd = sys.stdin, os.dup(0)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
     sys.stdin = open(os.devnull)  # noqa: SIM115 - closed below
     try:
         yield
     finally:
         sys.stdin.close()
         sys.stdin = saved
+        os.dup2(saved_fd, 0)
+        os.close(saved_fd)
 
 
 @contextmanager

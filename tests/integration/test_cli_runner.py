@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -126,15 +127,17 @@ def test_exit_codes_stdin_and_the_environment_are_the_processes_own(monkeypatch)
 
     def probe(*_args, **_kwargs):
         seen["stdin"] = __import__("sys").stdin.read()
+        seen["child's stdin"] = subprocess.run(["cat"], capture_output=True, text=True, timeout=10).stdout
         seen["env"] = dict(os.environb)
         seen["cwd"] = os.getcwd()
         raise SystemExit(3)
 
     monkeypatch.setattr(scheduler.cli, "settings_from_environment", probe)
     before = dict(os.environb)
-    result = run(["check"], env={"ONLY": "this", "RAW": b"\xff"}, cwd="/")
+    result = run(["check"], env={"ONLY": "this", "RAW": b"\xff", "PATH": os.environ["PATH"]}, cwd="/")
     assert result.returncode == 3
-    assert seen == {"stdin": "", "env": {b"ONLY": b"this", b"RAW": b"\xff"}, "cwd": "/"}
+    path = os.environ["PATH"].encode()
+    assert seen == {"stdin": "", "child's stdin": "", "env": {b"ONLY": b"this", b"RAW": b"\xff", b"PATH": path}, "cwd": "/"}
     assert dict(os.environb) == before and os.getcwd() != "/"
 
 
