@@ -19,8 +19,8 @@ from jobs.retries import supersede_completed_chains
 from jobs.stats import retry_stats
 from jobs.status import CHECKER, PROCESSOR, job_run, read_status
 from jobs.stuck import sweep_stuck_runs
-from tests.conftest import REPO
 from tests.cli import run
+from tests.conftest import REPO
 from tests.helpers import insert_run, make_runtime, row
 
 NOW = datetime.now(timezone.utc)

@@ -82,9 +82,7 @@ def test_a_refusal_is_the_same_in_process_and_in_the_console_script(args, env):
     ],
     ids=lambda args: args[-1] if args[0] == "--log-level" else args[0],
 )
-def test_a_command_answers_and_changes_the_table_alike_in_process_and_in_the_console_script(
-    databases, templates, args
-):
+def test_a_command_answers_and_changes_the_table_alike_in_process_and_in_the_console_script(databases, templates, args):
     results, tables = [], []
     for runner in (run, run_process):
         url = databases.create(templates["text_tz"])
@@ -95,7 +93,9 @@ def test_a_command_answers_and_changes_the_table_alike_in_process_and_in_the_con
         env = {"PATH": os.environ["PATH"], "DATABASE_URL": url, "SCRAPE_RUN_COMMAND": "true"}
         results.append(runner(args, env=env))
         with engine.connect() as conn:
-            tables.append(conn.exec_driver_sql("SELECT status, is_retry, retry_count FROM scrape_runs ORDER BY 1, 2, 3").all())
+            tables.append(
+                conn.exec_driver_sql("SELECT status, is_retry, retry_count FROM scrape_runs ORDER BY 1, 2, 3").all()
+            )
         engine.dispose()
     inside, process = results
     assert inside.returncode == process.returncode, (inside, process)
@@ -137,7 +137,12 @@ def test_exit_codes_stdin_and_the_environment_are_the_processes_own(monkeypatch)
     result = run(["check"], env={"ONLY": "this", "RAW": b"\xff", "PATH": os.environ["PATH"]}, cwd="/")
     assert result.returncode == 3
     path = os.environ["PATH"].encode()
-    assert seen == {"stdin": "", "child's stdin": "", "env": {b"ONLY": b"this", b"RAW": b"\xff", b"PATH": path}, "cwd": "/"}
+    assert seen == {
+        "stdin": "",
+        "child's stdin": "",
+        "env": {b"ONLY": b"this", b"RAW": b"\xff", b"PATH": path},
+        "cwd": "/",
+    }
     assert dict(os.environb) == before and os.getcwd() != "/"
 
 

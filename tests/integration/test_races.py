@@ -93,11 +93,24 @@ def test_concurrent_fix_scripts_create_exactly_one_retry_per_failed_attempt(db_u
     start = tmp_path / "go"
     ready = [tmp_path / f"ready-{n}" for n in range(6)]
     env = {"DATABASE_URL": db_url, "BATCH_SIZE": "7", "SCRAPE_RUN_COMMAND": "true"}
-    fixers = [spawn("-m", "tests.procs", "at_start", str(start), str(ready[n]), "fix", "--json", env=env) for n in range(3)]
+    fixers = [
+        spawn("-m", "tests.procs", "at_start", str(start), str(ready[n]), "fix", "--json", env=env) for n in range(3)
+    ]
     sweepers = [
         spawn(
-            "-m", "tests.procs", "sweeper", db_url, "--batch", "5", "--no-lock", "--rounds", "3", "--start", str(start),
-            "--ready", str(ready[3 + n]),
+            "-m",
+            "tests.procs",
+            "sweeper",
+            db_url,
+            "--batch",
+            "5",
+            "--no-lock",
+            "--rounds",
+            "3",
+            "--start",
+            str(start),
+            "--ready",
+            str(ready[3 + n]),
         )
         for n in range(3)
     ]
@@ -118,16 +131,35 @@ def test_a_scraper_completing_runs_during_sweeps_never_sees_a_completion_turned_
     start = tmp_path / "go"
     sweepers = [
         spawn(
-            "-m", "tests.procs", "sweeper", db_url, "--batch", "5", "--no-lock", "--start", str(start),
-            "--ready", str(tmp_path / f"ready-{n}"),
+            "-m",
+            "tests.procs",
+            "sweeper",
+            db_url,
+            "--batch",
+            "5",
+            "--no-lock",
+            "--start",
+            str(start),
+            "--ready",
+            str(tmp_path / f"ready-{n}"),
         )
         for n in range(3)
     ]
     scraper = spawn(
-        "-m", "tests.procs", "scraper", db_url, "--ids", str(tmp_path / "ids.json"), "--start", str(start),
-        "--ready", str(tmp_path / "ready-scraper"),
+        "-m",
+        "tests.procs",
+        "scraper",
+        db_url,
+        "--ids",
+        str(tmp_path / "ids.json"),
+        "--start",
+        str(start),
+        "--ready",
+        str(tmp_path / "ready-scraper"),
     )
-    start_together([*sweepers, scraper], [*(tmp_path / f"ready-{n}" for n in range(3)), tmp_path / "ready-scraper"], start)
+    start_together(
+        [*sweepers, scraper], [*(tmp_path / f"ready-{n}" for n in range(3)), tmp_path / "ready-scraper"], start
+    )
     finish(sweepers)
     completed = json.loads(finish([scraper])[0])["completed"]
     assert len(completed) == 200

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-TESTS = '''
+TESTS = """
 import pytest
 from tests.services import require_service
 
@@ -26,7 +26,7 @@ def test_skips_for_another_reason():
 
 def test_needs_nothing_missing():
     require_service("promtool", True, "apt-get install prometheus")
-'''
+"""
 
 
 @pytest.fixture
