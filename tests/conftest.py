@@ -21,6 +21,9 @@ from db.engine import make_engine
 from db.migrate import migrate
 from jobs.settings import ENV_VARS
 from tests.schema import VARIANTS
+from tests.services import pytest_runtest_makereport  # noqa: F401 - the hook: CI=true fails a missing service
+
+pytest_plugins = ["pytester"]
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,6 +18,25 @@ def wait_for(path: str | None) -> None:
         time.sleep(0.01)
 
 
+def ready(path: str | None) -> None:
+    """Says this process is at the start line: imports done, runtime open."""
+    if path:
+        Path(path).touch()
+
+
+def at_start(argv: list[str]) -> None:
+    """`stuck-runs ARGS` through the console script's entry, once the start file appears; READY is
+    touched when the imports are done: `python -m tests.procs at_start START READY ARGS...`."""
+    start, ready_file, *args = argv
+    import scheduler.cli
+    from jobs.runtime import Runtime  # noqa: F401 - what the command would import after the start
+
+    scheduler.cli.cli.get_command(None, args[0])  # the command's module
+    ready(ready_file)
+    wait_for(start)
+    scheduler.cli.main(args)
+
+
 def sweeper(args: argparse.Namespace) -> None:
     from datetime import timedelta
 
@@ -26,6 +45,7 @@ def sweeper(args: argparse.Namespace) -> None:
     from tests.helpers import make_runtime
 
     rt = make_runtime(args.url, batch_size=args.batch)
+    ready(args.ready)
     wait_for(args.start)
     failed = 0
     for _ in range(args.rounds):
@@ -39,6 +59,7 @@ def scraper(args: argparse.Namespace) -> None:
     engine = sa.create_engine(args.url)
     ids = json.loads(Path(args.ids).read_text())
     random.Random(args.seed).shuffle(ids)
+    ready(args.ready)
     wait_for(args.start)
     completed = []
     with engine.connect() as conn:
@@ -74,10 +95,13 @@ def claim_and_die(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["at_start"]:
+        return at_start(sys.argv[2:])
     parser = argparse.ArgumentParser()
     parser.add_argument("role", choices=["sweeper", "scraper", "claim_and_die"])
     parser.add_argument("url")
     parser.add_argument("--start")
+    parser.add_argument("--ready", help="a file to touch once at the start line")
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--no-lock", action="store_true")

@@ -40,6 +40,7 @@ from tests.adopted import (
     quote,
     utc_now,
 )
+from tests.cli import run
 from tests.conftest import REPO, Databases
 from tests.daemons import DaemonProcess, wait_until
 from tests.integration.test_cli import one_line_error
@@ -79,9 +80,7 @@ class Driver:
         return {**base, **{name: value for name, value in env.items() if value is not None}}
 
     def cli(self, *args: str, **env: str | None) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(STUCK_RUNS), *args], env=self.env(**env), cwd=self.cwd, capture_output=True, text=True, timeout=120
-        )
+        return run([*args], env=self.env(**env), cwd=self.cwd, timeout=120)
 
     def ok(self, *args: str, **env: str | None) -> subprocess.CompletedProcess:
         result = self.cli(*args, **env)

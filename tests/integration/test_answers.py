@@ -21,6 +21,7 @@ from jobs.stats import retry_stats
 from jobs.status import job_run, read_status
 from jobs.stuck import sweep_stuck_runs
 from scheduler.wiring import wire
+from tests.cli import run
 from tests.conftest import REPO
 from tests.helpers import insert_run, make_runtime, row
 
@@ -29,13 +30,7 @@ NOW = datetime.now(timezone.utc)
 
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "STUCK_", "RETRY_", "SCRAPE_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "scheduler", *args],
-        env={**base, "PYTHONPATH": str(REPO), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run([*args], env={**base, **env}, timeout=60)
 
 
 def ended(hours: float) -> dict:

@@ -1,4 +1,5 @@
 """Reduced runs of the benchmarks and the chaos suite, for CI: their correctness, not timings.
+Minutes of computing: a CI step of their own, `pytest -m trials` (.ci/run), not the default run.
 
 The figures themselves come from the full runs (`python -m bench`, `python -m chaos`) and are
 written in BENCHMARKS.md and RELIABILITY.md; wall-clock numbers are not asserted here.
@@ -16,7 +17,7 @@ import pytest
 from bench import anatomy
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.trials]
 
 
 def run(*args: str, timeout: float) -> subprocess.CompletedProcess:

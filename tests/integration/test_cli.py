@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from db.engine import make_engine
+from tests.cli import run
 from tests.conftest import REPO
 from tests.helpers import insert_run, row, rows
 from tests.schema import TEXT_STATUS
@@ -21,15 +22,9 @@ from tests.schema import TEXT_STATUS
 def cli(
     *args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess:
+    """`stuck-runs *args` (in this process: tests/cli.py) with this environment cleared of settings, `env` over it."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "STUCK_", "RETRY_", "SCRAPE_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "scheduler", *args],
-        env={**base, "PYTHONPATH": str(REPO), **(env or {})},
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run([*args], env={**base, **(env or {})}, cwd=cwd, timeout=timeout)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

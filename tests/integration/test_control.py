@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -93,12 +92,11 @@ def test_a_paused_daemon_starts_no_retry_until_resumed(engine, db_url, tmp_path)
     daemon = DaemonProcess(db_url, FAKE_SCRAPER_LOG=str(tmp_path), DISPATCH_POLL="1s", PROCESS_INTERVAL="2s")
     try:
         wait_until(lambda: "retry_processor" in daemon.output() or daemon.poll() is not None, timeout=30)
-        time.sleep(4)  # two polls and a processor tick: a due retry would have started by now
+        # the processor's tick says why nothing started, in the daemon's log: it had its chance
+        wait_until(lambda: "1 due retry held by a pause until resumed by cli on " in daemon.output(), timeout=30)
         assert status_of(engine, retry) == "pending_retry"
         status = cli("status", env=env)
         assert "Retries paused until resumed" in status.stdout
-        # the processor's tick says why nothing started, in the daemon's log
-        wait_until(lambda: "1 due retry held by a pause until resumed by cli on " in daemon.output(), timeout=30)
         resumed = cli("resume", env=env)
         assert resumed.returncode == 0 and "Retries resumed." in resumed.stdout
         wait_until(lambda: status_of(engine, retry) == "completed", timeout=30)
@@ -117,8 +115,7 @@ def test_a_pause_for_a_while_ends_by_itself(engine, db_url):
     held = cli("process", "--json", env={**env, "SCRAPE_RUN_COMMAND": "true"})
     assert held.returncode == 0, held.stderr
     assert status_of(engine, retry) == "pending_retry"
-    time.sleep(2.5)
-    assert "Retries paused" not in cli("status", env=env).stdout
+    wait_until(lambda: "Retries paused" not in cli("status", env=env).stdout, timeout=15)
     ran = cli("process", env={**env, "SCRAPE_RUN_COMMAND": "true"})
     assert ran.returncode == 0, ran.stderr
     assert status_of(engine, retry) == "completed"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -21,20 +20,14 @@ from jobs.retries import process_due_retries
 from jobs.settings import load_settings
 from jobs.stats import retry_stats
 from jobs.stuck import sweep_stuck_runs
-from tests.conftest import REPO
+from tests.cli import run
 from tests.helpers import ScriptedScraper, insert_run, make_runtime, rows
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "scheduler", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-    )
+    return run([*args], env={**os.environ, **(env or {})}, timeout=60)
 
 
 @pytest.fixture

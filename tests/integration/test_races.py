@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 from db.engine import make_engine
 from jobs.retries import process_due_retries, supersede_completed_chains
 from tests.conftest import REPO
+from tests.daemons import wait_until
 from tests.helpers import insert_due_retry, make_runtime
 
 FAKE = REPO / "tests" / "fake_scraper.py"
@@ -77,23 +79,47 @@ def chain_counts(engine: sa.Engine) -> dict:
         )
 
 
+def start_together(procs: list[subprocess.Popen], ready: list[Path], start: Path) -> None:
+    """A real start line: `start` appears once every process says it is ready (imports done,
+    runtime open), so they race from the same instant."""
+    wait_until(lambda: all(path.exists() for path in ready) or any(p.poll() is not None for p in procs), timeout=60)
+    assert all(p.poll() is None for p in procs), [p.communicate() for p in procs if p.poll() is not None]
+    start.touch()
+
+
 def test_concurrent_fix_scripts_create_exactly_one_retry_per_failed_attempt(db_url, tmp_path):
     engine = make_engine(db_url)
     seed_stuck(engine, 300)
     start = tmp_path / "go"
+    ready = [tmp_path / f"ready-{n}" for n in range(6)]
     env = {"DATABASE_URL": db_url, "BATCH_SIZE": "7", "SCRAPE_RUN_COMMAND": "true"}
-    fixers = [spawn("-m", "scheduler", "fix", "--json", env=env) for _ in range(3)]
+    fixers = [
+        spawn("-m", "tests.procs", "at_start", str(start), str(ready[n]), "fix", "--json", env=env) for n in range(3)
+    ]
     sweepers = [
         spawn(
-            "-m", "tests.procs", "sweeper", db_url, "--batch", "5", "--no-lock", "--rounds", "3", "--start", str(start)
+            "-m",
+            "tests.procs",
+            "sweeper",
+            db_url,
+            "--batch",
+            "5",
+            "--no-lock",
+            "--rounds",
+            "3",
+            "--start",
+            str(start),
+            "--ready",
+            str(ready[3 + n]),
         )
-        for _ in range(3)
+        for n in range(3)
     ]
-    time.sleep(0.5)
-    start.touch()
+    start_together(fixers + sweepers, ready, start)
     fixed = [json.loads(out)["sweep"]["failed"] for out in finish(fixers)]
     swept = [json.loads(out)["failed"] for out in finish(sweepers)]
     assert sum(fixed) + sum(swept) == 300  # every stuck run failed by exactly one process
+    # They did race: without the start line, one `fix` often failed all 300 before a sweeper began.
+    assert any(fixed) and any(swept), (fixed, swept)
     assert chain_counts(engine) == {"failed_roots": 300, "retries": 300, "chains_with_retry": 300, "running": 0}
     engine.dispose()
 
@@ -104,12 +130,36 @@ def test_a_scraper_completing_runs_during_sweeps_never_sees_a_completion_turned_
     (tmp_path / "ids.json").write_text(json.dumps(ids[::2]))
     start = tmp_path / "go"
     sweepers = [
-        spawn("-m", "tests.procs", "sweeper", db_url, "--batch", "5", "--no-lock", "--start", str(start))
-        for _ in range(3)
+        spawn(
+            "-m",
+            "tests.procs",
+            "sweeper",
+            db_url,
+            "--batch",
+            "5",
+            "--no-lock",
+            "--start",
+            str(start),
+            "--ready",
+            str(tmp_path / f"ready-{n}"),
+        )
+        for n in range(3)
     ]
-    scraper = spawn("-m", "tests.procs", "scraper", db_url, "--ids", str(tmp_path / "ids.json"), "--start", str(start))
-    time.sleep(0.5)
-    start.touch()
+    scraper = spawn(
+        "-m",
+        "tests.procs",
+        "scraper",
+        db_url,
+        "--ids",
+        str(tmp_path / "ids.json"),
+        "--start",
+        str(start),
+        "--ready",
+        str(tmp_path / "ready-scraper"),
+    )
+    start_together(
+        [*sweepers, scraper], [*(tmp_path / f"ready-{n}" for n in range(3)), tmp_path / "ready-scraper"], start
+    )
     finish(sweepers)
     completed = json.loads(finish([scraper])[0])["completed"]
     assert len(completed) == 200

@@ -175,7 +175,8 @@ def test_a_daemon_whose_database_goes_down_never_logs_the_secret(guarded, tmp_pa
         wait_until(lambda: job_runs(engine) >= earlier + 2)
         engine.dispose()
         guarded.server.stop()
-        time.sleep(4)
+        assert wait_for_log(daemon, " failed: database error", timeout=30)
+        assert wait_for_log(daemon, "cannot write the daemon's records", timeout=30)
         guarded.server.start()
         recovered = wait_for_log(daemon, "the database answers again", timeout=30)
     finally:

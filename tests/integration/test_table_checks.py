@@ -8,9 +8,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -20,21 +18,14 @@ from db.engine import make_engine
 from db.errors import ConfigError
 from db.migrate import migrate
 from db.table import load_runs_table
+from tests.cli import run
 from tests.helpers import insert_due_retry, insert_run
 from tests.schema import ENUM_NAIVE, TEXT_STATUS
-
-CONSOLE_SCRIPT = Path(sys.executable).parent / "stuck-runs"
 
 
 def stuck_runs(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "STUCK_", "RETRY_", "SCRAPE_"))}
-    return subprocess.run(
-        [str(CONSOLE_SCRIPT), *args],
-        env={**base, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run([*args], env={**base, **(env or {})}, timeout=timeout)
 
 
 def run_sql(url: str, *statements: str) -> None:
