@@ -130,6 +130,19 @@ def test_a_daemon_killed_during_the_post_leaves_the_retry_marked_and_delivered_a
         assert (status, handed) == ("running", "webhook") and f"pid {first.pid} " in by
         second = DaemonProcess(db_url, **settings)
         try:
+            # The lease is the delivery's bound and a 30 s margin; its first seconds show nobody
+            # delivers early, then the lease is brought forward to end 2 s from now (as 30 s
+            # passing would) and the second daemon delivers it once it ends, not before.
+            time.sleep(4)  # a negative: the started daemon's first ticks leave it alone
+            assert len(receiver.requests()) == 1  # within the lease: not delivered again
+            with engine.begin() as conn:
+                until = conn.execute(
+                    sa.text(
+                        "UPDATE scrape_runs SET delivering_until = now() + interval '2 seconds'"
+                        " WHERE id = :id AND delivering_by = :by RETURNING delivering_until"
+                    ),
+                    {"id": retry, "by": by},
+                ).scalar_one()
             wait_until(lambda: len(receiver.requests()) == 2, timeout=60)
             waited = time.monotonic() - killed_at
             wait_until(lambda: statuses(engine, {retry})["running"] == 1, timeout=30)
@@ -137,7 +150,7 @@ def test_a_daemon_killed_during_the_post_leaves_the_retry_marked_and_delivered_a
             second.stop()
     finally:
         receiver.stop()
-    assert waited >= 5  # not before the lease (2 s of delivery + a 10 s margin) ran out
+    assert waited >= 5  # not before the lease ran out
     first_post, second_post = receiver.requests()
     assert first_post["key"] == second_post["key"] == retry  # the receiver de-duplicates on it
     assert first_post["body"] == second_post["body"]
