@@ -118,8 +118,9 @@ def test_concurrent_fix_scripts_create_exactly_one_retry_per_failed_attempt(db_u
     fixed = [json.loads(out)["sweep"]["failed"] for out in finish(fixers)]
     swept = [json.loads(out)["failed"] for out in finish(sweepers)]
     assert sum(fixed) + sum(swept) == 300  # every stuck run failed by exactly one process
-    # They did race: without the start line, one `fix` often failed all 300 before a sweeper began.
-    assert any(fixed) and any(swept), (fixed, swept)
+    # They did race: without the start line, one `fix` often failed all 300 before another began.
+    # Which kind wins runs is the scheduler's choice (sweepers alone took all 300 once, 3 to 1).
+    assert sum(1 for n in (*fixed, *swept) if n) >= 2, (fixed, swept)
     assert chain_counts(engine) == {"failed_roots": 300, "retries": 300, "chains_with_retry": 300, "running": 0}
     engine.dispose()
 
