@@ -79,6 +79,14 @@ def chain_counts(engine: sa.Engine) -> dict:
         )
 
 
+def sweeper_at_start(db_url: str, start: Path, ready: Path, *more: str) -> subprocess.Popen:
+    """A sweeping process (batches of 5, no sweep lock) that says when it is ready and waits for `start`."""
+    return spawn(
+        "-m", "tests.procs", "sweeper", db_url, "--batch", "5", "--no-lock", *more,
+        "--start", str(start), "--ready", str(ready),
+    )
+
+
 def start_together(procs: list[subprocess.Popen], ready: list[Path], start: Path) -> None:
     """A real start line: `start` appears once every process says it is ready (imports done,
     runtime open), so they race from the same instant."""
@@ -96,24 +104,7 @@ def test_concurrent_fix_scripts_create_exactly_one_retry_per_failed_attempt(db_u
     fixers = [
         spawn("-m", "tests.procs", "at_start", str(start), str(ready[n]), "fix", "--json", env=env) for n in range(3)
     ]
-    sweepers = [
-        spawn(
-            "-m",
-            "tests.procs",
-            "sweeper",
-            db_url,
-            "--batch",
-            "5",
-            "--no-lock",
-            "--rounds",
-            "3",
-            "--start",
-            str(start),
-            "--ready",
-            str(ready[3 + n]),
-        )
-        for n in range(3)
-    ]
+    sweepers = [sweeper_at_start(db_url, start, ready[3 + n], "--rounds", "3") for n in range(3)]
     start_together(fixers + sweepers, ready, start)
     fixed = [json.loads(out)["sweep"]["failed"] for out in finish(fixers)]
     swept = [json.loads(out)["failed"] for out in finish(sweepers)]
@@ -130,22 +121,7 @@ def test_a_scraper_completing_runs_during_sweeps_never_sees_a_completion_turned_
     ids = seed_stuck(engine, 400)
     (tmp_path / "ids.json").write_text(json.dumps(ids[::2]))
     start = tmp_path / "go"
-    sweepers = [
-        spawn(
-            "-m",
-            "tests.procs",
-            "sweeper",
-            db_url,
-            "--batch",
-            "5",
-            "--no-lock",
-            "--start",
-            str(start),
-            "--ready",
-            str(tmp_path / f"ready-{n}"),
-        )
-        for n in range(3)
-    ]
+    sweepers = [sweeper_at_start(db_url, start, tmp_path / f"ready-{n}") for n in range(3)]
     scraper = spawn(
         "-m",
         "tests.procs",
