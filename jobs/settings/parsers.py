@@ -73,6 +73,46 @@ def parse_fraction(text: str, name: str) -> float:
     return value
 
 
+def parse_switch(text: str, name: str) -> bool:
+    """`on` or `off` (and true/false, yes/no, 1/0)."""
+    word = str(text).strip().lower()
+    if word in ("on", "true", "yes", "1"):
+        return True
+    if word in ("off", "false", "no", "0"):
+        return False
+    raise ConfigError(f"{name}={shown(text)} is not accepted: use on or off")
+
+
+def parse_margin(text: str, name: str) -> float:
+    """A factor from 1 to 100 (`2`, `1.5`): a learned limit is the p99 runtime times it."""
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        value = 0.0
+    if not 1.0 <= value <= 100.0:
+        raise ConfigError(f"{name}={shown(text)} is not accepted: use a factor from 1 to 100, such as 2")
+    return value
+
+
+def parse_kind_limits(text: str, name: str) -> dict[str, timedelta]:
+    """`jobs_de=15m,sitemap_full=8h`: a limit per kind of run (SPEC §14)."""
+    limits: dict[str, timedelta] = {}
+    for item in str(text).split(","):
+        if not item.strip():
+            continue
+        kind, sep, duration = (part.strip() for part in item.partition("="))
+        if not sep or not kind or not duration:
+            raise ConfigError(
+                f"{name}: {shown(item.strip())} is not kind=duration: write it as jobs_de=15m,sitemap_full=8h"
+            )
+        if kind in limits:
+            raise ConfigError(f"{name}: the kind {shown(kind)} is given twice: give each kind one limit")
+        limits[kind] = parse_duration(duration, f"{name} {kind}")
+    if not limits:
+        raise ConfigError(f"{name}={shown(text)} names no kind: write it as jobs_de=15m,sitemap_full=8h")
+    return limits
+
+
 def parse_choice(text: str, name: str, choices: tuple[str, ...], *, upper: bool = False) -> str:
     value = str(text).strip()
     value = value.upper() if upper else value.lower()

@@ -23,6 +23,16 @@ if TYPE_CHECKING:
 ENV_FOR_FLAG = {flag: env for env, flag in FLAG_FOR.items()}
 # Which settings each kind of command takes as flags; each flag and its help come from its
 # declaration (jobs/settings/declarations.py).
+# Each run by its own clock (SPEC §14): beside STUCK_AFTER wherever it is a flag.
+LIMITS = (
+    "STUCK_AFTER_BY_KIND",
+    "LEARN_THRESHOLDS",
+    "LEARN_WINDOW",
+    "LEARN_MIN_RUNS",
+    "LEARN_MARGIN",
+    "LEARN_FLOOR",
+    "STALL_AFTER",
+)
 POLICY = (
     "STUCK_AFTER",
     "RETRY_DELAY",
@@ -35,6 +45,7 @@ POLICY = (
     "BATCH_SIZE",
     "HEARTBEAT_COLUMN",
     "SCRAPE_RUNS_TABLE",
+    *LIMITS,
 )
 TABLE_MAPPING = ("COLUMN_MAP", "STATUS_MAP", "RUN_LABEL")
 # WEBHOOK_SECRET has no flag here: argv is what `ps` shows.

@@ -1,0 +1,95 @@
+"""Which limit judges a running run (SPEC §14): its own `max_runtime`, its kind's configured
+limit, its kind's learned limit, or the default `STUCK_AFTER`, in that order.
+
+The order is decided here, once. `Limits` holds what every process knows (the settings and the
+learned limits of `stuck_runs_thresholds`); `limit_for` applies the order to one run, for a
+retry executing here, the log line, the pages and the API; db/queries renders the same order
+from the same `Limits` into the sweep's SQL, and a test holds the two to the same answers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from jobs.rules import format_duration
+
+if TYPE_CHECKING:
+    from jobs.settings import Settings
+
+SOURCES = ("run", "configured", "learned", "default")  # the order of precedence
+
+
+@dataclass(frozen=True)
+class LearnedLimit:
+    """A kind's limit learned from its completed runs (a row of `stuck_runs_thresholds`)."""
+
+    limit: timedelta
+    runs: int  # completed runs in the window it was learned from
+    computed_at: datetime
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit but a run's own: the default, the configured and the learned ones by kind."""
+
+    default: timedelta
+    configured: Mapping[str, timedelta] = field(default_factory=dict)
+    learned: Mapping[str, LearnedLimit] = field(default_factory=dict)
+    stall_after: timedelta | None = None  # None: a run's progress may stand still as long as its limit
+
+    @classmethod
+    def from_settings(cls, settings: Settings, learned: Mapping[str, LearnedLimit] | None = None) -> Limits:
+        return cls(
+            default=settings.policy.stuck_after,
+            configured=dict(settings.stuck_after_by_kind),
+            learned=dict(learned or {}) if settings.learn_thresholds else {},
+            stall_after=settings.stall_after,
+        )
+
+
+@dataclass(frozen=True)
+class AppliedLimit:
+    """The limit that judges one run, and where it came from."""
+
+    limit: timedelta
+    source: str  # one of SOURCES
+    kind: str | None = None
+    learned_from: int | None = None  # completed runs, for a learned limit
+
+    def reason(self, kind_role: str = "kind") -> str:
+        """`limit 0.3h, learned for spider=jobs_de from 412 runs`: said beside the stuck message."""
+        shown = f"limit {format_duration(self.limit)}"
+        if self.source == "run":
+            return f"{shown}, the run's own max_runtime"
+        if self.source == "configured":
+            return f"{shown}, configured for {kind_role}={self.kind}"
+        if self.source == "learned":
+            return f"{shown}, learned for {kind_role}={self.kind} from {self.learned_from} runs"
+        return f"{shown}, the default (STUCK_AFTER)"
+
+
+def limit_for(limits: Limits, kind: str | None = None, max_runtime: timedelta | None = None) -> AppliedLimit:
+    """SPEC §14's precedence for one run: its own, its kind's configured, its kind's learned, the default."""
+    if max_runtime is not None:
+        return AppliedLimit(max_runtime, "run", kind)
+    if kind is not None and kind in limits.configured:
+        return AppliedLimit(limits.configured[kind], "configured", kind)
+    if kind is not None and kind in limits.learned:
+        learned = limits.learned[kind]
+        return AppliedLimit(learned.limit, "learned", kind, learned.runs)
+    return AppliedLimit(limits.default, "default", kind)
+
+
+def stall_limit(limits: Limits, applied: AppliedLimit) -> timedelta:
+    """How long a run's progress may stand still: `STALL_AFTER`, else the run's own limit."""
+    return limits.stall_after if limits.stall_after is not None else applied.limit
+
+
+def learned_limit(p99: timedelta, margin: float, floor: timedelta) -> timedelta:
+    """The p99 runtime times the margin, rounded up to a whole minute, never below the floor."""
+    minutes = math.ceil(p99.total_seconds() * margin / 60 - 1e-9)
+    return max(timedelta(minutes=max(minutes, 0)), floor)
