@@ -16,8 +16,11 @@ from db.errors import ConfigError
 
 ROLES = ("id", "status", "started_at", "completed_at", "error_message")
 # Roles a table may lack: `updated_at`, the bookkeeping time stuck-runs sets to now() on every write
-# (without a mapping, a column spelled like one is found by db.table).
-OPTIONAL_ROLES = ("updated_at",)
+# (without a mapping, a column spelled like one is found by db.table); and SPEC §14's `kind` (what
+# sort of run a row is), `max_runtime` (the run's own limit) and `progress` (a counter the scraper
+# raises), only when mapped.
+OPTIONAL_ROLES = ("updated_at", "kind", "max_runtime", "progress")
+LIMIT_ROLES = ("kind", "max_runtime", "progress")
 # The states stuck-runs reads and writes; `queued` is the scraper's own waiting value (§12's hand-off).
 STATES = ("running", "completed", "failed", "pending_retry", "cancelled", "queued")
 WRITTEN_STATES = ("running", "completed", "failed", "pending_retry", "cancelled")
@@ -90,7 +93,9 @@ def parse_column_map(text: str, name: str = "COLUMN_MAP") -> dict[str, str]:
     columns: dict[str, str] = {}
     for role, column in _pairs(text, name, "role=column", example):
         if role not in (*ROLES, *OPTIONAL_ROLES):
-            raise ConfigError(f"{name}: {_shown(role)} is not a role: map some of {', '.join((*ROLES, *OPTIONAL_ROLES))}")
+            raise ConfigError(
+                f"{name}: {_shown(role)} is not a role: map some of {', '.join((*ROLES, *OPTIONAL_ROLES))}"
+            )
         if role in columns:
             raise ConfigError(f"{name} maps {role} twice: keep one {role}=column")
         if column in RETRY_COLUMNS:

@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from db.errors import ConfigError, SchemaError
-from db.layout import Layout
+from db.layout import LIMIT_ROLES, Layout
 
 ROLE_KEYS = ("id", "status", "started_at", "completed_at", "error_message")
 # Bookkeeping timestamps describe one row, not the work: a retry gets its own (now), never a copy.
@@ -97,6 +97,36 @@ def updated_column(reflected: Reflected) -> str | None:
         if isinstance(c.type, sa.DateTime) and not is_generated(c) and c.key not in ROLE_KEYS
     }
     return next((found[s] for s in UPDATED_SPELLINGS if s in found), None)
+
+
+# An interval as reflected (PostgreSQL's own type) or as declared.
+INTERVALS = (sa.Interval, postgresql.INTERVAL)
+
+
+def limit_role_columns(reflected: Reflected) -> dict[str, str | None]:
+    """The keys of the columns mapped to SPEC §14's roles (`kind`, `max_runtime`, `progress`), None
+    where unmapped. `ConfigError` for a column the table lacks, or a `max_runtime` that is neither
+    an interval nor a number of seconds."""
+    table, layout, qualified = reflected.table, reflected.layout, reflected.qualified
+    keys: dict[str, str | None] = {}
+    for role in LIMIT_ROLES:
+        mapped = layout.columns.get(role)
+        column = next((c for c in table.columns if c.name == mapped), None) if mapped else None
+        if mapped and column is None:
+            raise ConfigError(
+                f"COLUMN_MAP: {role}={mapped} is not a column of {qualified}: map one of its columns, or leave {role} out"
+            )
+        if (
+            role == "max_runtime"
+            and column is not None
+            and not isinstance(column.type, (*INTERVALS, sa.Numeric, sa.Integer, sa.Float))
+        ):
+            raise ConfigError(
+                f"COLUMN_MAP: max_runtime={mapped} ({sql_type(column)}) is no interval or number of seconds: "
+                f"map an interval or numeric column, or leave max_runtime out"
+            )
+        keys[role] = column.key if column is not None else None
+    return keys
 
 
 def dead_letters_name(table: sa.Table, id_kind: str) -> str:

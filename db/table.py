@@ -22,6 +22,7 @@ from sqlalchemy.types import UserDefinedType
 from db.errors import ConfigError, RunNotFound, UsageError
 from db.layout import RETRY_COLUMNS, STATES, Layout, label_fields
 from db.reflect import (
+    INTERVALS,
     ROLE_KEYS,
     Reflected,
     dead_letters_name,
@@ -29,6 +30,7 @@ from db.reflect import (
     id_sequence,
     is_bookkeeping,
     is_generated,
+    limit_role_columns,
     reflect_table,
     status_sql_type,
     updated_column,
@@ -81,6 +83,11 @@ class RunsTable:
     # and `scrape_runs` are one table, so one set of locks, slots, pause and records.
     canonical: str | None = None
     updated: str | None = None  # the `updated_at` role's column key: set to now on every write
+    # SPEC §14's roles, each the mapped column's key or None: what sort of run a row is, the run's
+    # own limit (an interval or seconds), the counter the scraper raises as it works.
+    kind: str | None = None
+    max_runtime: str | None = None
+    progress_counter: str | None = None
 
     @property
     def table(self) -> sa.Table:
@@ -89,6 +96,20 @@ class RunsTable:
     @property
     def layout(self) -> Layout:
         return self.reflected.layout
+
+    def kind_text(self, source: sa.FromClause | None = None) -> sa.ColumnElement | None:
+        """The run's kind as text (how limits by kind name it), or None without a `kind` role."""
+        c = (source if source is not None else self.table).c
+        return sa.cast(c[self.kind], sa.Text) if self.kind else None
+
+    def max_runtime_seconds(self, source: sa.FromClause | None = None) -> sa.ColumnElement | None:
+        """The run's own limit in seconds (NULL where the scraper wrote none), or None without the role."""
+        if not self.max_runtime:
+            return None
+        column = (source if source is not None else self.table).c[self.max_runtime]
+        if isinstance(column.type, INTERVALS):
+            return sa.cast(sa.extract("epoch", column), sa.Float)
+        return sa.cast(column, sa.Float)
 
     def touched(self, now: sa.ColumnElement) -> dict[str, sa.ColumnElement]:
         """The values every write of a row sets besides its own: the bookkeeping time, now."""
@@ -307,12 +328,14 @@ def load_runs_table(
     check_row_security(conn, table, qualified)
     heartbeat_key = next((c.key for c in table.columns if c.name == heartbeat), None) if heartbeat else None
     updated = updated_column(reflected)
+    limit_roles = limit_role_columns(reflected)
     inputs = tuple(
         c.key
         for c in table.columns
         if c.key not in ROLE_KEYS
         and c.key not in RETRY_COLUMNS
         and c.key != heartbeat_key
+        and c.key != limit_roles["progress"]  # a retry starts with no progress of its own
         and not is_bookkeeping(c)
         and c.key != updated
         and not is_generated(c)
@@ -339,6 +362,9 @@ def load_runs_table(
         own_default,
         table.name if in_search_path else None,
         updated,
+        limit_roles["kind"],
+        limit_roles["max_runtime"],
+        limit_roles["progress"],
     )
 
 
@@ -349,5 +375,3 @@ def _check_label(table: sa.Table, qualified: str, layout: Layout) -> None:
         if column is not None and column not in names:
             choices = ", ".join("{" + n + "}" for n in sorted(names))
             raise ConfigError(f"RUN_LABEL: {{{column}}} is not a column of {qualified}; use some of {choices}")
-
-

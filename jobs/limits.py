@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from jobs.rules import format_duration
 
 if TYPE_CHECKING:
+    from jobs.runtime import Runtime
     from jobs.settings import Settings
 
 SOURCES = ("run", "configured", "learned", "default")  # the order of precedence
@@ -93,3 +94,9 @@ def learned_limit(p99: timedelta, margin: float, floor: timedelta) -> timedelta:
     """The p99 runtime times the margin, rounded up to a whole minute, never below the floor."""
     minutes = math.ceil(p99.total_seconds() * margin / 60 - 1e-9)
     return max(timedelta(minutes=max(minutes, 0)), floor)
+
+
+def current_limits(rt: Runtime) -> Limits:
+    """The limits in force for this process: the settings, and the learned limits once learning
+    reads them (`stuck_runs_thresholds`, refreshed at most hourly by whichever process needs them)."""
+    return Limits.from_settings(rt.settings)

@@ -214,7 +214,9 @@ class RetryStatements(TableStatements):
             due = (
                 self._due(lock=True).with_only_columns(t.c.id, t.c.next_retry_at).cte("due").prefix_with("MATERIALIZED")
             )
-        locked = sa.false() if to_queue or deliver else sa.func.pg_try_advisory_lock(self.runs_ns, locks.run_key(t.c.id))
+        locked = (
+            sa.false() if to_queue or deliver else sa.func.pg_try_advisory_lock(self.runs_ns, locks.run_key(t.c.id))
+        )
         return (
             self._update()
             .values(**values)
