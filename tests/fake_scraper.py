@@ -13,6 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+
+def write_record(path: Path, record: dict) -> None:
+    """Whole or not at all: a test waits for the file to exist, then reads it."""
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(json.dumps(record))
+    os.replace(partial, path)
+
+
 query = os.environ.get("SCRAPE_RUN_SEARCH_QUERY", "")
 log_dir = os.environ.get("FAKE_SCRAPER_LOG")
 if log_dir:
@@ -32,7 +40,7 @@ if log_dir:
         record["child_pid"] = child.pid
         while not ready.exists():
             time.sleep(0.01)
-    Path(log_dir, f"{os.environ['SCRAPE_RUN_ID']}.json").write_text(json.dumps(record))
+    write_record(Path(log_dir, f"{os.environ['SCRAPE_RUN_ID']}.json"), record)
 
 if query.startswith("hangonce"):
     marker = Path(log_dir or "/tmp", f"hung-{os.environ['SCRAPE_RUN_ORIGINAL_RUN_ID']}")
@@ -46,7 +54,7 @@ if query.startswith("slow"):
     time.sleep(1)
     if log_dir:
         record["started"], record["ended"] = started, time.time()
-        Path(log_dir, f"{os.environ['SCRAPE_RUN_ID']}.json").write_text(json.dumps(record))
+        write_record(Path(log_dir, f"{os.environ['SCRAPE_RUN_ID']}.json"), record)
 if query.startswith("fail503"):
     print("fetching page 1", file=sys.stderr)
     print("requests.exceptions.HTTPError: 503 Server Error: Service Unavailable", file=sys.stderr)

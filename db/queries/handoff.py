@@ -16,17 +16,24 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from db import locks
-from db.queries.common import NOW, TableStatements
-from db.table import RunsTable
+from db.queries.common import NOW, TableStatements, statement
+
+_UNMARKED = {"delivering_until": None, "delivering_by": None}
 
 
 class HandoffStatements(TableStatements):
     """`room`, `handoff_lock`, `hand_over` and `fleet_failures` for one table."""
 
-    def __init__(self, runs: RunsTable) -> None:
-        super().__init__(runs)
-        t = self.t
-        self.handoff_ns = locks.namespace(runs.canonical_name, locks.HANDOFF)
+    @property
+    def handoff_ns(self) -> int:
+        return locks.namespace(self.runs.canonical_name, locks.HANDOFF)
+
+    @statement
+    def room(self) -> sa.Select:
+        """The free slots: `:sr_max` less the retries handed to the fleet and not yet ended, less the
+        slots held by processes executing here. Read under `handoff_lock`, so no hand-off or slot
+        changes hands unseen while it is counted."""
+        t, runs = self.t, self.runs
         slots_ns = locks.namespace(runs.canonical_name, locks.SLOTS)
         # Not yet ended: queued (only a mapped value: an enum may lack the word) or running.
         waiting = [runs.in_state(t.c.status, "queued")] if "queued" in runs.layout.statuses else []
@@ -34,21 +41,28 @@ class HandoffStatements(TableStatements):
             t.c.handed_off.is_not(None), sa.or_(runs.in_state(t.c.status, "running"), *waiting)
         )
         held = sa.select(sa.func.count()).select_from(locks.held_keys(slots_ns).subquery())
-        # Read under `handoff_lock`, so no hand-off or slot changes hands unseen while it is counted.
-        self.room = sa.select(
-            sa.bindparam("sr_max", type_=sa.Integer) - handed.scalar_subquery() - held.scalar_subquery()
-        )
-        self.handoff_lock = sa.select(sa.func.pg_advisory_xact_lock(self.handoff_ns, 0))
-        self.mark_due = self._claim(one=False, deliver=True)
-        self.mark_one = self._claim(one=True, deliver=True)
-        self.mark_expired = self._mark_expired()
-        mine = [t.c.id == sa.bindparam("sr_run_id"), t.c.delivering_by == sa.bindparam("sr_by", type_=sa.Text)]
-        unmarked = {"delivering_until": None, "delivering_by": None}
-        # The fleet took it: the mark ends, whatever status the fleet has written since.
-        self.end_delivery = self._update().values(**unmarked).where(*mine).returning(runs.state_of(t.c.status))
-        # The fleet could not take it (or a signal stopped the delivery): pending again, due
-        # `:sr_due`, its budget unspent, `:sr_postponed` (0 or 1) more postponements.
-        self.put_back = (
+        return sa.select(sa.bindparam("sr_max", type_=sa.Integer) - handed.scalar_subquery() - held.scalar_subquery())
+
+    handoff_lock = statement(lambda self: sa.select(sa.func.pg_advisory_xact_lock(self.handoff_ns, 0)))
+    mark_due = statement(lambda self: self._claim(one=False, deliver=True))
+    mark_one = statement(lambda self: self._claim(one=True, deliver=True))
+    mark_expired = statement(lambda self: self._mark_expired())
+
+    def _mine(self) -> list[sa.ColumnElement]:
+        t = self.t
+        return [t.c.id == sa.bindparam("sr_run_id"), t.c.delivering_by == sa.bindparam("sr_by", type_=sa.Text)]
+
+    @statement
+    def end_delivery(self) -> sa.Update:
+        """The fleet took it: the mark ends, whatever status the fleet has written since."""
+        return self._update().values(**_UNMARKED).where(*self._mine()).returning(self.runs.state_of(self.t.c.status))
+
+    @statement
+    def put_back(self) -> sa.Update:
+        """The fleet could not take it (or a signal stopped the delivery): pending again, due
+        `:sr_due`, its budget unspent, `:sr_postponed` (0 or 1) more postponements."""
+        t, runs = self.t, self.runs
+        return (
             self._update()
             .values(
                 status=runs.status("pending_retry"),
@@ -56,20 +70,24 @@ class HandoffStatements(TableStatements):
                 started_at=runs.fresh_attempt_values(NOW).get("started_at", t.c.started_at),
                 handed_off=None,
                 postponements=t.c.postponements + sa.bindparam("sr_postponed", type_=sa.Integer),
-                **unmarked,
+                **_UNMARKED,
             )
             # Still the start the mark wrote: a fleet's worker that set its own start has the retry,
             # and its outcome (written conditionally on `running`) must find the row running.
             .where(
-                *mine,
+                *self._mine(),
                 runs.in_state(t.c.status, "running"),
                 t.c.started_at == sa.bindparam("sr_marked_started", type_=t.c.started_at.type),
             )
             .returning(t.c.id)
         )
-        # The scraper wrote `failed` on a retry it was handed: its chain goes on like any
-        # execution's failure (fail_reported writes the pattern, so each is taken once).
-        self.fleet_failures = (
+
+    @statement
+    def fleet_failures(self) -> sa.Select:
+        """The scraper wrote `failed` on a retry it was handed: its chain goes on like any
+        execution's failure (fail_reported writes the pattern, so each is taken once)."""
+        t, runs = self.t, self.runs
+        return (
             sa.select(*runs.keyed())
             .where(
                 t.c.handed_off.is_not(None),

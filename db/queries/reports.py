@@ -12,8 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from db.messages import STUCK_PATTERN
-from db.queries.common import NOW, TableStatements
-from db.table import RunsTable
+from db.queries.common import NOW, TableStatements, statement
 
 # What `stats` reads of each attempt that ended in its window.
 ENDED_COLUMNS = ("id", "original_run_id", "is_retry", "retry_count", "status", "failure_pattern", "handed_off")
@@ -25,10 +24,9 @@ class ReportStatements(TableStatements):
     # From RetryStatements, which RunQueries composes with this: the failed chains counted.
     retry_candidates: Callable[..., sa.Select]
 
-    def __init__(self, runs: RunsTable) -> None:
-        super().__init__(runs)
-        t = self.t
-        self.get = sa.select(*runs.keyed()).where(t.c.id == sa.bindparam("sr_run_id"))
+    @statement
+    def get(self) -> sa.Select:
+        return sa.select(*self.runs.keyed()).where(self.t.c.id == sa.bindparam("sr_run_id"))
 
     def chain(self) -> sa.Select:
         """Every attempt of the chain rooted at `:sr_root`, oldest first."""

@@ -13,34 +13,38 @@ import sqlalchemy as sa
 from db import locks
 from db.arrays import array_param
 from db.messages import RETRY_SCHEDULED_TAIL
-from db.queries.common import NOW, TableStatements, _arrays
-from db.table import RunsTable
+from db.queries.common import NOW, TableStatements, _arrays, statement
 
 
 class RetryStatements(TableStatements):
     """`fail_running`, `fail_reported`, `schedule`, `claim_due`, `claim_one`, `due_preview`,
     `complete`, `release`, the superseded batch and preview, and `cancel_pending` (superseded or by an operator)."""
 
-    def __init__(self, runs: RunsTable) -> None:
-        super().__init__(runs)
-        t = self.t
-        self.fail_running = self._fail("running", reported=False)
-        self.fail_reported = self._fail("failed", reported=True)
-        self.superseded_batch = self._superseded(lock=True)
-        self.superseded_preview = self._superseded(lock=False)
-        self.cancel_pending = self._transition("pending_retry", "cancelled")
-        self.claim_due = self._claim(one=False)
-        self.claim_one = self._claim(one=True)
-        self.queue_due = self._claim(one=False, to_queue=True)
-        self.queue_one = self._claim(one=True, to_queue=True)
-        self.due_preview = self._due(lock=False).add_columns(t.c.next_retry_at)
-        self.complete = (
+    fail_running = statement(lambda self: self._fail("running", reported=False))
+    fail_reported = statement(lambda self: self._fail("failed", reported=True))
+    superseded_batch = statement(lambda self: self._superseded(lock=True))
+    superseded_preview = statement(lambda self: self._superseded(lock=False))
+    cancel_pending = statement(lambda self: self._transition("pending_retry", "cancelled"))
+    claim_due = statement(lambda self: self._claim(one=False))
+    claim_one = statement(lambda self: self._claim(one=True))
+    queue_due = statement(lambda self: self._claim(one=False, to_queue=True))
+    queue_one = statement(lambda self: self._claim(one=True, to_queue=True))
+    due_preview = statement(lambda self: self._due(lock=False).add_columns(self.t.c.next_retry_at))
+
+    @statement
+    def complete(self) -> sa.Update:
+        t, runs = self.t, self.runs
+        return (
             self._update()
             .values(status=runs.status("completed"), completed_at=NOW)
             .where(t.c.id == sa.bindparam("sr_run_id"), runs.in_state(t.c.status, "running"))
             .returning(t.c.id)
         )
-        self.release = (
+
+    @statement
+    def release(self) -> sa.Update:
+        t, runs = self.t, self.runs
+        return (
             self._update()
             .values(
                 status=runs.status("pending_retry"),
@@ -50,8 +54,13 @@ class RetryStatements(TableStatements):
             .where(t.c.id.in_(sa.bindparam("sr_ids", expanding=True)), runs.in_state(t.c.status, "running"))
             .returning(t.c.id)
         )
-        self.schedule = self._schedule()
-        self.unclaim = (
+
+    schedule = statement(lambda self: self._schedule())
+
+    @statement
+    def unclaim(self) -> sa.Update:
+        t, runs = self.t, self.runs
+        return (
             self._update()
             .values(
                 status=runs.status("pending_retry"),

@@ -107,7 +107,7 @@ def parse_kind_limits(text: str, name: str) -> dict[str, timedelta]:
             )
         if kind in limits:
             raise ConfigError(f"{name}: the kind {shown(kind)} is given twice: give each kind one limit")
-        limits[kind] = parse_duration(duration, f"{name} {kind}")
+        limits[kind] = parse_duration(duration, f"{name} {shown(kind)}")
     if not limits:
         raise ConfigError(f"{name}={shown(text)} names no kind: write it as jobs_de=15m,sitemap_full=8h")
     return limits

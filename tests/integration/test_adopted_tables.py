@@ -465,25 +465,31 @@ def test_the_api_and_pages_of_issue_19_on_the_table(adopted, story, played):
     the single retry's dry run, reset-stuck by the configured limit, 20-digit ids) on every shape."""
     from urllib.parse import quote as url_part
 
-    from tests.web import ADMIN, WebServer
+    from tests.web import ADMIN, InProcessWeb
 
     t, d = adopted, played
     stuck = d.insert("ok-stuck-again")
     failed = d.insert("ok-failed-itself", status=t.failed, **{t.completed_at: t.stamp(utc_now())})
     _, _, pending = d.chain(story.fail503)
-    web = WebServer(d.url, **{k: v for k, v in d.env().items() if k != "DATABASE_URL"})
+    web = InProcessWeb(d.url, **{k: v for k, v in d.env().items() if k != "DATABASE_URL"})
     try:
         with web.client(ADMIN) as http:
             stuck_ids = [r["id"] for r in http.get("/api/runs", params={"stuck": "true"}).json()["data"]]
             due = http.get("/api/runs", params={"order": "due"}).json()["data"]
             started = http.get("/api/runs", params={"order": "started", "limit": 2}).json()
-            second = http.get("/api/runs", params={"order": "started", "limit": 2, "cursor": started["next_cursor"]}).json()
-            back = http.get("/api/runs", params={"order": "started", "limit": 2, "before": second["prev_cursor"]}).json()
+            second = http.get(
+                "/api/runs", params={"order": "started", "limit": 2, "cursor": started["next_cursor"]}
+            ).json()
+            back = http.get(
+                "/api/runs", params={"order": "started", "limit": 2, "before": second["prev_cursor"]}
+            ).json()
             rows_before = len(d.rows())
             preview = http.post(f"/api/runs/{url_part(str(failed), safe='')}/retry", params={"dry_run": "true"})
             rows_after_preview = len(d.rows())
             chain_page = http.get(f"/runs/{url_part(str(story.fail503), safe='')}", headers={"Accept": "text/html"})
-            pages = [http.get(p).status_code for p in ("/", "/runs?status=stuck", "/runs?order=due", "/runs?order=started")]
+            pages = [
+                http.get(p).status_code for p in ("/", "/runs?status=stuck", "/runs?order=due", "/runs?order=started")
+            ]
             cancelled = http.post(f"/api/runs/{url_part(str(pending[t.id]), safe='')}/cancel")
             reset = http.post("/api/runs/reset-stuck").json()
             twenty = http.get("/api/runs/" + "9" * 20)
@@ -688,11 +694,11 @@ def test_a_long_error_is_cut_to_fit_its_column_keeping_the_retry_tail(harvests_m
 def test_runs_search_listing_and_every_filter_work_on_the_table(adopted, story, played):
     """`/runs?q=`, `GET /api/runs` and each of their filters on every adopted shape (a JSON error
     column once answered 500: the search term was bound as JSONB and compared with ILIKE)."""
-    from tests.web import READER, WebServer
+    from tests.web import READER, InProcessWeb
 
     t, d = adopted, played
     _, failed_503, pending = d.chain(story.fail503)
-    server = WebServer(d.url, **t.env, STUCK_AFTER="1h")
+    server = InProcessWeb(d.url, **t.env, STUCK_AFTER="1h")
     try:
         with server.client(READER) as http:
 
@@ -740,7 +746,9 @@ def test_fixed_budgets_late_completions_due_now_and_bookkeeping_on_every_table(a
     for name in updated:
         assert d.row(late)[name] >= t.stamp(started), name  # the failure is a change ETL must see
     with d.engine.begin() as conn:  # the scraper completes it after all, its error column untouched
-        conn.execute(sa.text(f'UPDATE {t.quoted} SET "{t.status}" = :v WHERE "{t.id}" = :id'), {"v": t.completed, "id": late})
+        conn.execute(
+            sa.text(f'UPDATE {t.quoted} SET "{t.status}" = :v WHERE "{t.id}" = :id'), {"v": t.completed, "id": late}
+        )
     d.ok("process")
     assert d.row(late)[t.error] is None
     [superseded] = d.retries_of(late)
