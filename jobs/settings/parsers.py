@@ -353,3 +353,22 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a name other than localhost may resolve anywhere
+
+
+def parse_public_url(text: str, name: str) -> str:
+    """Where people open `serve`'s pages (behind a proxy, say): http(s)://host[:port][/path], no
+    credentials (it is written into messages), no query."""
+    from urllib.parse import urlsplit
+
+    value = str(text).strip().rstrip("/")
+    example = "e.g. https://stuck-runs.example.com"
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        parts, port = None, -1
+    if parts is None or parts.scheme.lower() not in ("http", "https") or not _is_host(parts.hostname or ""):
+        raise ConfigError(f"{name}={shown(value)} is not an http(s) URL: {example}")
+    if parts.username or parts.password or parts.query or parts.fragment or port in (-1, 0):
+        raise ConfigError(f"{name}: write the pages' address only, with no credentials, query or #: {example}")
+    return value
