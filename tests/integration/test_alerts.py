@@ -127,8 +127,8 @@ def test_a_receiver_that_refuses_hangs_or_is_gone_changes_nothing_of_the_sweep(d
     clock = SteeredClock()
     lines: list[str] = []
     sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{message}")
-    receiver.answer, receiver.hang_seconds = "hang", 3.0
-    urls = f"{receiver.url(rto='0.3', cto='0.3')} {absent_url()}"
+    receiver.answer, receiver.hang_seconds = "hang", 2.0
+    urls = f"{receiver.url(rto='1.5', cto='1.5')} {absent_url()}"
     stop = threading.Event()
     rt = runtime(db_url, urls, clock, alert_every=timedelta(minutes=15))
     alerts = Alerts(rt)
@@ -142,7 +142,7 @@ def test_a_receiver_that_refuses_hangs_or_is_gone_changes_nothing_of_the_sweep(d
         assert result.failed == 5 and result.retries_scheduled == 5
         with engine.connect() as conn:
             assert len(rows(conn, "status = 'failed'")) == 5 and len(rows(conn, "status = 'pending_retry'")) == 5
-        assert swept_in < 1.0, swept_in  # the hang is 3 s: the sweep never waited for it
+        assert swept_in < 1.0, swept_in  # a sender waits 1.5 s for the hanging receiver: the sweep never did
         wait_until(lambda: any("could not notify" in line for line in lines), timeout=10)
         receiver.answer = "refuse"
         clock.advance(minutes=15)
