@@ -132,7 +132,8 @@ def conditions(rt: Runtime, now: datetime, quiet_since: datetime, target: Target
             silent_for = now - (last or quiet_since)
             if silent_for >= alerts.SILENT_AFTER_INTERVALS * settings.check_interval:
                 when = last.isoformat(timespec="minutes") if last else None
-                found.append((alerts.CHECKER_SILENT, {"last_finished": when, "silent_for_s": silent_for.total_seconds()}))
+                silence = {"last_finished": when, "silent_for_s": silent_for.total_seconds()}
+                found.append((alerts.CHECKER_SILENT, silence))
     return found
 
 

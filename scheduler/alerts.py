@@ -97,7 +97,10 @@ class Alerts:
         elif shown not in self._failing:
             self._failing.add(shown)
             logger.bind(event="alert_failed", kind=delivery.kind).warning(
-                "could not notify {} ({}): {}; its message goes with the next", shown, delivery.url.service, delivery.error
+                "could not notify {} ({}): {}; its message goes with the next",
+                shown,
+                delivery.url.service,
+                delivery.error,
             )
 
     def _guarded(self, work) -> None:  # noqa: ANN001

@@ -13,7 +13,16 @@ from scheduler.cli import ALERTS, cli, config_options
 
 DATABASE_RETRY_SECONDS = 2  # while the database cannot be reached at start
 # `serve` sends notifications too, and notices a silent checker by CHECK_INTERVAL.
-SERVE = ("ADMIN_HOST", "ADMIN_PORT", "SCRAPE_RUNS_TABLE", "STUCK_AFTER", "RETRY_DELAY", "MAX_RETRIES", "CHECK_INTERVAL", *ALERTS)
+SERVE = (
+    "ADMIN_HOST",
+    "ADMIN_PORT",
+    "SCRAPE_RUNS_TABLE",
+    "STUCK_AFTER",
+    "RETRY_DELAY",
+    "MAX_RETRIES",
+    "CHECK_INTERVAL",
+    *ALERTS,
+)
 
 
 @cli.command()

@@ -69,11 +69,8 @@ def test_a_sweep_tells_the_receiver_how_many_runs_of_which_kinds_and_links_the_p
         conn.exec_driver_sql("ALTER TABLE scrape_runs ADD COLUMN site_kind TEXT")
     clock = SteeredClock()
     stuck(engine, clock, 12, site_kind="CASE WHEN g % 3 = 0 THEN 'sitemap' ELSE 'jobs_de' END")
-    rt = wire(
-        runtime(
-            db_url, receiver.url(), clock, layout=Layout(columns={"kind": "site_kind"}), public_url="https://ops.example"
-        )
-    )
+    kind = Layout(columns={"kind": "site_kind"})
+    rt = wire(runtime(db_url, receiver.url(), clock, layout=kind, public_url="https://ops.example"))
     try:
         result = sweep_stuck_runs(rt)
         assert result.failed == 12
@@ -286,7 +283,8 @@ def test_every_adopted_table_is_told_of_its_stuck_runs_and_counts_its_retries(da
         migrate(engine, adopted.table, None, layout, extend_check=adopted.check_guarded)
         clock = SteeredClock(datetime.now(timezone.utc))
         with engine.begin() as conn:
-            adopted.insert(conn, f"ok-{uuid.uuid4().hex[:6]}", status=adopted.running[0], started_at=clock.now() - timedelta(days=1))
+            long_ago = clock.now() - timedelta(days=1)
+            adopted.insert(conn, f"ok-{uuid.uuid4().hex[:6]}", status=adopted.running[0], started_at=long_ago)
         rt = wire(runtime(url, receiver.url(), clock, table=adopted.table, layout=layout))
         try:
             assert sweep_stuck_runs(rt).failed == 1
