@@ -15,8 +15,6 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from urllib.parse import urlencode
 
-from db.errors import ConfigError
-
 STUCK = "stuck"
 PERMANENT = "permanent"
 RETRY_FAILURE_RATE = "retry_failure_rate"
@@ -27,17 +25,6 @@ LISTED_ERRORS = 3
 ERROR_WIDTH = 160  # a last error is cut here: a phone shows two lines of it
 RATE_WINDOW = timedelta(hours=1)  # retry_failure_rate counts the retries that ended this recently
 SILENT_AFTER_INTERVALS = 2  # checker_silent: no finished check for this many CHECK_INTERVALs
-
-
-def parse_events(text: str, name: str) -> frozenset[str]:
-    """`stuck,permanent` (commas or spaces); an unknown kind is refused, naming the known ones."""
-    chosen = [part for part in str(text).replace(",", " ").split() if part]
-    for kind in chosen:
-        if kind not in EVENT_KINDS:
-            raise ConfigError(f"{name}: unknown event {kind!r}: use some of {', '.join(EVENT_KINDS)}")
-    if not chosen:
-        raise ConfigError(f"{name} names no event: use some of {', '.join(EVENT_KINDS)}, or unset it for all")
-    return frozenset(chosen)
 
 
 def _add_counts(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:

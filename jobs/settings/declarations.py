@@ -20,7 +20,7 @@ from typing import Any
 from db.errors import ConfigError
 from db.layout import Layout, parse_column_map, parse_run_label, parse_status_map
 from jobs.alert_urls import parse_alert_urls
-from jobs.alerts import EVENT_KINDS, parse_events
+from jobs.alerts import EVENT_KINDS
 from jobs.rules import RetryPolicy
 from jobs.settings.parsers import (
     LOG_LEVELS,
@@ -29,6 +29,7 @@ from jobs.settings.parsers import (
     parse_command,
     parse_database_url,
     parse_duration,
+    parse_events,
     parse_fraction,
     parse_handoff,
     parse_host,

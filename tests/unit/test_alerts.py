@@ -8,6 +8,7 @@ import pytest
 from db.errors import ConfigError
 from jobs import alerts
 from jobs.alert_urls import hide_secrets, parse_alert_urls
+from jobs.settings.parsers import parse_events
 
 
 def test_stuck_occurrences_add_up_and_keep_the_first_runs_labels():
@@ -56,11 +57,11 @@ def test_each_message_has_its_count_and_table_in_the_title_and_links_only_with_a
 
 
 def test_events_are_the_four_kinds_and_nothing_else():
-    assert alerts.parse_events("stuck, permanent", "ALERT_EVENTS") == {"stuck", "permanent"}
+    assert parse_events("stuck, permanent", "ALERT_EVENTS") == {"stuck", "permanent"}
     with pytest.raises(ConfigError, match=r"ALERT_EVENTS: unknown event 'hung': use some of stuck, permanent"):
-        alerts.parse_events("stuck,hung", "ALERT_EVENTS")
+        parse_events("stuck,hung", "ALERT_EVENTS")
     with pytest.raises(ConfigError, match="names no event"):
-        alerts.parse_events(" , ", "ALERT_EVENTS")
+        parse_events(" , ", "ALERT_EVENTS")
 
 
 def test_apprise_splits_alert_urls_and_a_mailto_with_several_recipients_stays_whole():
