@@ -84,7 +84,7 @@ def _of_sweep(rt: Runtime, result: Any) -> list[Occurrence]:
     found: list[Occurrence] = [(alerts.STUCK, stuck)]
     ended = [(label, row) for label, row in zip(labels, rows, strict=True) if row["dead_lettered"]]
     if result.dead_lettered:
-        errors = [row["message"] for _, row in ended[: alerts.LISTED_ERRORS]]
+        errors = alerts.distinct([row["message"] for _, row in ended])[: alerts.LISTED_ERRORS]
         permanent = {
             "count": result.dead_lettered,
             "labels": [label for label, _ in ended[: alerts.LISTED_RUNS]],

@@ -27,6 +27,11 @@ RATE_WINDOW = timedelta(hours=1)  # retry_failure_rate counts the retries that e
 SILENT_AFTER_INTERVALS = 2  # checker_silent: no finished check for this many CHECK_INTERVALs
 
 
+def distinct(items: list[str]) -> list[str]:
+    """`items` in order, each once: a hundred runs stuck alike say their error once."""
+    return list(dict.fromkeys(items))
+
+
 def _add_counts(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
     return {key: a.get(key, 0) + b.get(key, 0) for key in (*a, *(k for k in b if k not in a))}
 
@@ -49,7 +54,7 @@ def fold(kind: str, waiting: Mapping | None, new: Mapping) -> dict:
             "count": waiting["count"] + new["count"],
             "labels": [*waiting["labels"], *new["labels"]][:LISTED_RUNS],
             "patterns": _add_counts(waiting.get("patterns", {}), new.get("patterns", {})),
-            "errors": [*waiting.get("errors", []), *new.get("errors", [])][:LISTED_ERRORS],
+            "errors": distinct([*waiting.get("errors", []), *new.get("errors", [])])[:LISTED_ERRORS],
         }
     return dict(new)
 

@@ -23,7 +23,10 @@ from scheduler.wiring import wire
 from tests.adopted import ADOPTABLE, Adopted
 from tests.alert_receiver import Receiver, absent_url
 from tests.daemons import wait_until
-from tests.helpers import insert_stuck_runs, make_runtime, rows
+from jobs.executors.outcome import Failed
+from jobs.retries import process_due_retries
+from jobs.rules import RetryPolicy
+from tests.helpers import ScriptedScraper, insert_due_retry, insert_stuck_runs, make_runtime, rows
 from tests.integration.test_cli import cli, one_line_error
 from tests.integration.test_index_predicates import layout_of
 
@@ -162,6 +165,35 @@ def test_a_receiver_that_refuses_hangs_or_is_gone_changes_nothing_of_the_sweep(d
     assert any("takes notifications again" in line for line in lines)
 
 
+def test_chains_that_end_permanently_are_told_with_their_patterns_and_last_errors(db_url, engine, receiver):
+    """From a sweep whose runs have no budget left, and from a retry the scraper failed for good."""
+    clock = SteeredClock(datetime.now(timezone.utc))
+    scraper = ScriptedScraper(lambda run: Failed(error="HTTP Error 404: Not Found"))
+    rt = wire(runtime(db_url, receiver.url(), clock, policy=RetryPolicy(max_retries=0)))
+    rt.executor_override = scraper
+    try:
+        stuck(engine, clock, 2)
+        assert sweep_stuck_runs(rt).dead_lettered == 2
+        with engine.begin() as conn:
+            insert_due_retry(conn, search_query="Engineer", now=clock.now())
+        [ended] = process_due_retries(rt).executed
+        assert ended.dead_lettered
+        sent = alerting.tick(rt, clock.now())
+    finally:
+        rt.close()
+    assert sorted(d.kind for d in sent) == ["permanent", "stuck"]
+    [message] = [m for m in receiver.received if "permanently" in m["title"]]
+    assert message["title"] == "3 chains permanently failed in scrape_runs"
+    body = message["message"]
+    assert "Patterns: stuck 2, not_found 1" in body
+    assert "• q1 in Belgium\n• q2 in Belgium\n• [RETRY 1/4] Engineer in Belgium\n" in body
+    errors = [line for line in body.splitlines() if line.startswith("Last error: ")]
+    assert errors == [
+        "Last error: Run stuck for 2.0h - permanently failed after 0 attempts",  # twice, said once
+        "Last error: HTTP Error 404: Not Found - not retried: permanent error (not_found)",
+    ]
+
+
 def _ended_retries(engine: sa.Engine, when: datetime, outcomes: dict[str, list[str]]) -> None:
     """Retries that ended at `when`, per location: their statuses."""
     with engine.begin() as conn:
@@ -264,12 +296,28 @@ def test_alert_test_reports_each_url_secrets_masked_and_exits_1_when_one_failed(
     assert unset.returncode == 2 and "ALERT_URLS is not set" in one_line_error(unset)
 
 
-def test_doctor_names_each_urls_service_secrets_masked():
+def test_doctor_names_each_urls_service_secrets_masked_and_a_role_that_cannot_claim(db_url, engine):
+    """Every process records and claims in stuck_runs_alerts: a role that cannot write it would
+    notify nobody, doctor passing."""
+    role = f"sr_noalerts_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        conn.exec_driver_sql(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+        conn.exec_driver_sql(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+        conn.exec_driver_sql(f"REVOKE UPDATE ON stuck_runs_alerts FROM {role}")
+    url = sa.engine.make_url(db_url).set(username=role).render_as_string(hide_password=False)
     urls = f"slack://TokenAlpha/TokenBravo/TokenCharlie mailto://ops:{PASSWORD}@example.com?to=a@example.com,b@x.org"
-    result = cli("doctor", env={"ALERT_URLS": urls})
+    try:
+        result = cli("doctor", env={"DATABASE_URL": url, "SCRAPE_RUN_COMMAND": "true", "ALERT_URLS": urls})
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}")
+            conn.exec_driver_sql(f"DROP ROLE {role}")
     [line] = [line for line in result.stdout.splitlines() if "notifications" in line]
     assert "Slack (slack://T...a/T...o/T...e)" in line and "E-Mail (mailto://ops:****@example.com" in line, line
     assert PASSWORD not in result.stdout + result.stderr and "TokenAlpha" not in result.stdout
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("✗ privileges")] or [result.stderr]
+    assert "UPDATE on stuck_runs_alerts" in line
 
 
 @pytest.mark.parametrize("adopted", ADOPTABLE, ids=lambda a: a.name)

@@ -23,7 +23,7 @@ def test_stuck_occurrences_add_up_and_keep_the_first_runs_labels():
 
 def test_permanent_occurrences_add_up_their_patterns_and_keep_three_errors():
     one = {"count": 1, "labels": ["x"], "patterns": {"stuck": 1}, "errors": ["e1", "e2"]}
-    two = {"count": 2, "labels": ["y", "z"], "patterns": {"stuck": 1, "http_5xx": 1}, "errors": ["e3", "e4"]}
+    two = {"count": 2, "labels": ["y", "z"], "patterns": {"stuck": 1, "http_5xx": 1}, "errors": ["e2", "e3", "e4"]}
     folded = alerts.fold(alerts.PERMANENT, one, two)
     assert folded == {
         "count": 3,
