@@ -14,6 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 from loguru import logger
@@ -32,7 +33,7 @@ STOP_WAIT = timedelta(seconds=15)  # a stopping process still records what it qu
 class Alerts:
     """Subscriber of a process's events; `watch(stop)` makes it tick until `stop` is set."""
 
-    def __init__(self, rt: Runtime, target: TargetOf | None = None) -> None:
+    def __init__(self, rt: Runtime, target: TargetOf | None = None, tick_every: timedelta | None = None) -> None:
         self.rt = rt
         self.target = target  # TARGET's expression: a retry_failure_rate message names the worst target
         self.started = rt.clock.now()  # a checker that never ran has been silent since this
@@ -41,13 +42,13 @@ class Alerts:
         self._down = False
         settings = rt.settings
         every = min(settings.alert_every / 4, settings.check_interval, TICK_AT_MOST)
-        self.tick_every = max(rt.clock.real(every), TICK_AT_LEAST)
+        self.tick_every = tick_every or max(rt.clock.real(every), TICK_AT_LEAST)
 
     def __call__(self, event: Event) -> None:
         if self._queue is not None:
             self._queue.put(event)
             return
-        self._guarded(lambda: alerting.note(self.rt, alerting.occurrences_of(self.rt, event), self.rt.clock.now()))
+        self._guarded(lambda: self._note([event]))
 
     def watch(self, stop: threading.Event) -> threading.Thread:
         """Starts the thread that records queued events and ticks, until `stop` is set (then it
@@ -72,14 +73,19 @@ class Alerts:
                     events.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            now = self.rt.clock.now()
-            for event in events:
-                self._guarded(lambda event=event: alerting.note(self.rt, alerting.occurrences_of(self.rt, event), now))
+            noted = self._guarded(lambda: self._note(events)) if events else False
             if stop.is_set():
                 return
-            if events or time.monotonic() >= next_tick:  # what a sweep found goes out at once when due
+            if noted or time.monotonic() >= next_tick:  # what a sweep found goes out at once when due
                 self._guarded(self._tick)
                 next_tick = time.monotonic() + self.tick_every.total_seconds()
+
+    def _note(self, events: list[Event]) -> bool:
+        """Records what `events` hold; whether they held anything (a retry that started holds nothing)."""
+        now = self.rt.clock.now()
+        found = [occurrence for event in events for occurrence in alerting.occurrences_of(self.rt, event)]
+        alerting.note(self.rt, found, now)
+        return bool(found)
 
     def _tick(self) -> None:
         deliveries = alerting.tick(self.rt, self.started, self.target)
@@ -103,18 +109,20 @@ class Alerts:
                 delivery.error,
             )
 
-    def _guarded(self, work) -> None:  # noqa: ANN001
-        """Runs `work`; a database that does not answer (or a table `migrate` has not made yet) is
-        logged when it starts and when it ends, never raised into the publisher."""
+    def _guarded(self, work: Callable[[], object]) -> object:
+        """`work()`; a database that does not answer (or a table `migrate` has not made yet) is
+        logged when it starts and when it ends, never raised into the publisher (None then)."""
         try:
-            work()
+            done = work()
         except Exception as exc:  # noqa: BLE001 - notifications must never stop the work they report
             if not self._down:
                 logger.bind(event="alerts_down").warning(
-                    "notifications cannot reach their table: {}", describe_db_error(exc, self.rt.engine.url)
+                    "notifications cannot reach their table (`stuck-runs migrate` makes it): {}",
+                    describe_db_error(exc, self.rt.engine.url),
                 )
             self._down = True
-            return
+            return None
         if self._down:
             logger.bind(event="alerts_up").info("notifications reach their table again")
         self._down = False
+        return done

@@ -131,7 +131,7 @@ def test_a_receiver_that_refuses_hangs_or_is_gone_changes_nothing_of_the_sweep(d
     urls = f"{receiver.url(rto='1.5', cto='1.5')} {absent_url()}"
     stop = threading.Event()
     rt = runtime(db_url, urls, clock, alert_every=timedelta(minutes=15))
-    alerts = Alerts(rt)
+    alerts = Alerts(rt, tick_every=timedelta(milliseconds=200))  # a period's end noticed at once
     rt.events.subscribe(alerts)
     watcher = alerts.watch(stop)
     try:
@@ -151,7 +151,6 @@ def test_a_receiver_that_refuses_hangs_or_is_gone_changes_nothing_of_the_sweep(d
         wait_until(lambda: len(receiver.received) >= 2, timeout=10)
         receiver.answer = "ok"
         clock.advance(minutes=15)
-        assert sweep_stuck_runs(rt).failed == 0  # an event: the watching thread ticks at once
         wait_until(lambda: len(receiver.received) >= 3, timeout=10)
     finally:
         stop.set()
