@@ -274,6 +274,14 @@ def test_bad_notification_settings_are_one_line_exit_2_and_nothing_is_touched(db
         assert len(rows(conn, "status = 'running'")) == 2
 
 
+def test_a_daemon_with_an_unreadable_alert_url_stops_at_start_up(db_url):
+    """A real process: refused before it registers, sweeps or touches the database."""
+    result = cli("daemon", env={"DATABASE_URL": db_url, "ALERT_URLS": f"discord://{PASSWORD}"}, timeout=30)
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result)
+    assert "ALERT_URLS: the 1st URL (discord://…)" in line and PASSWORD not in result.stdout + result.stderr
+
+
 def test_alert_test_reports_each_url_secrets_masked_and_exits_1_when_one_failed(receiver):
     refused = Receiver()
     refused.answer = "refuse"
