@@ -3,6 +3,7 @@ real HTTP receiver on loopback, the real database, a clock the test steers."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -299,6 +300,11 @@ def test_alert_test_reports_each_url_secrets_masked_and_exits_1_when_one_failed(
     assert [m["title"] for m in receiver.received] == ["stuck-runs test message for scrape_runs"]
     for secret in (PASSWORD, "TokenAlpha", "TokenBravo", "TokenCharlie"):
         assert secret not in result.stdout + result.stderr
+    as_json = json.loads(cli("alert", "test", "--json", env={"ALERT_URLS": receiver.url()}).stdout)
+    assert as_json == {
+        "success": True,
+        "urls": [{"url": lines[0].split(" ")[1][:-1], "service": "JSON", "delivered": True, "error": None}],
+    }
     unset = cli("alert", "test")
     assert unset.returncode == 2 and "ALERT_URLS is not set" in one_line_error(unset)
 
