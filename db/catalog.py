@@ -7,6 +7,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from db.alerts import ALERTS
 from db.daemons import DAEMONS, JOB_RUNS
 from db.engine import database_errors
 from db.migration_plan import index_names, quote_table
@@ -55,6 +56,8 @@ def missing_privileges(
         f"{prefix}{JOB_RUNS}": ("SELECT", "INSERT", "UPDATE"),
         # Every claim reads it; pause and resume write it.
         f"{prefix}{PAUSES}": ("SELECT", "INSERT", "UPDATE", "DELETE"),
+        # Notifications (SPEC §15) record what waits and claim what is due there.
+        f"{prefix}{ALERTS}": ("SELECT", "INSERT", "UPDATE"),
     }
     lacking = []
     if (
@@ -76,7 +79,7 @@ def missing_privileges(
             ).scalar_one()
             if not allowed:
                 lacking.append(f"{privilege} on {table}")
-        if table == qualified or table.endswith(PAUSES):  # keyed by the runs table's name, no sequence
+        if table == qualified or table.endswith((PAUSES, ALERTS)):  # keyed by the runs table's name, no sequence
             continue
         # Our own tables number their rows with a sequence, which an INSERT must be allowed to use.
         sequence = conn.execute(sa.text("SELECT pg_get_serial_sequence(:r, 'id')"), {"r": relation}).scalar_one()

@@ -114,3 +114,14 @@ class DaemonRecords:
             .order_by(r.c.started_at.desc())
             .limit(1)
         )
+
+    def last_finished(self, job_id: str) -> sa.Select:
+        """When `job_id`'s latest finished run on this table finished, from any host and entry
+        point (no row: never). Newest starts first, on the (runs_table, job_id, started_at DESC) index."""
+        r = self.job_runs
+        return (
+            sa.select(r.c.finished_at)
+            .where(r.c.runs_table == self.runs_table, r.c.job_id == job_id, r.c.finished_at.is_not(None))
+            .order_by(r.c.started_at.desc())
+            .limit(1)
+        )

@@ -46,6 +46,8 @@ def run_checks(load_settings: Callable[[], Settings], now: Callable[[], datetime
     listed = ", ".join(setting.doctor.format(setting.of(settings)) for setting in DECLARED if setting.doctor)
     checks.append(Check("configuration", True, listed))
     checks.append(_executor(settings))
+    if settings.alert_urls:
+        checks.append(_notifications(settings))
     if not settings.database_url:
         checks.append(Check("connectivity", False, "DATABASE_URL is not set", "set DATABASE_URL=postgresql://..."))
         return checks
@@ -55,6 +57,12 @@ def run_checks(load_settings: Callable[[], Settings], now: Callable[[], datetime
     finally:
         engine.dispose()
     return checks
+
+
+def _notifications(settings: Settings) -> Check:
+    """Each ALERT_URLS URL by its service, secrets masked (`stuck-runs alert test` sends to them)."""
+    urls = ", ".join(f"{url.service} ({url.shown})" for url in settings.alert_urls)
+    return Check("notifications", True, f"{urls}; events {', '.join(sorted(settings.alert_events))}")
 
 
 def _executor(settings: Settings) -> Check:

@@ -81,7 +81,7 @@ class Daemon:
         self.scheduler.add_listener(self._on_submitted, EVENT_JOB_SUBMITTED)
         self.scheduler.add_listener(self._on_finished, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
         self.scheduler.add_listener(self._on_missed, EVENT_JOB_MISSED)
-        wire(rt)
+        wire(rt, watch=self.stopping)  # a daemon watches: it sends the notifications that are due
         # In this order, as they always came: counted, logged, told systemd, recorded.
         subscribers = ([metrics] if metrics else []) + [log_daemon_event, JobsStatus(self.notifier, self.stopping)]
         self._unsubscribe = [rt.events.subscribe(s) for s in (*subscribers, self.records)]

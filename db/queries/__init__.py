@@ -8,6 +8,7 @@ a constant number of statements whatever its size.
 
 from __future__ import annotations
 
+from db.queries.alerts import AlertStatements
 from db.queries.common import NOW
 from db.queries.handoff import HandoffStatements
 from db.queries.reports import ReportStatements
@@ -18,7 +19,9 @@ from db.queries.timeline import TimelineStatements
 __all__ = ["NOW", "RunQueries", "render"]
 
 
-class RunQueries(SweepStatements, RetryStatements, HandoffStatements, ReportStatements, TimelineStatements):
+class RunQueries(
+    SweepStatements, RetryStatements, HandoffStatements, ReportStatements, TimelineStatements, AlertStatements
+):
     """The statements for one table. Parameters are bound by name, all prefixed `sr_`: `sr_now`, `sr_run_id`...
 
     One module per concern: the stuck sweep (`sweep`), retries and claims (`retries`), retries

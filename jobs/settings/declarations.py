@@ -19,6 +19,8 @@ from typing import Any
 
 from db.errors import ConfigError
 from db.layout import Layout, parse_column_map, parse_run_label, parse_status_map
+from jobs.alert_urls import parse_alert_urls
+from jobs.alerts import EVENT_KINDS
 from jobs.rules import RetryPolicy
 from jobs.settings.parsers import (
     LOG_LEVELS,
@@ -27,6 +29,7 @@ from jobs.settings.parsers import (
     parse_command,
     parse_database_url,
     parse_duration,
+    parse_events,
     parse_fraction,
     parse_handoff,
     parse_host,
@@ -36,6 +39,7 @@ from jobs.settings.parsers import (
     parse_margin,
     parse_patterns,
     parse_patterns_file,
+    parse_public_url,
     parse_switch,
     parse_token,
     parse_webhook,
@@ -187,6 +191,20 @@ DECLARED: tuple[Setting, ...] = (
       "`serve`'s token that may do everything (at least 16 characters).", secret=True),
     S("READ_TOKEN", "--read-token", parse_token, "read_token",
       "`serve`'s token that may only read (at least 16 characters).", secret=True),
+    # Being told (SPEC §15).
+    S("ALERT_URLS", "--alert-urls", parse_alert_urls, "alert_urls",
+      "Notification URLs (Apprise's: slack://…, mailto://…, json://host/path…), space- or comma-separated.",
+      unset=(), secret=True, readme="Unset: no notifications. See [Being told](#being-told)."),
+    S("ALERT_EVENTS", "--alert-events", parse_events, "alert_events",
+      f"Which events notify: some of {', '.join(EVENT_KINDS)}.", ",".join(EVENT_KINDS)),
+    S("ALERT_EVERY", "--alert-every", parse_duration, "alert_every",
+      "At most one message per event kind this often; what happens meanwhile waits for the next.", "15m"),
+    S("ALERT_MIN_RETRIES", "--alert-min-retries", _int(1, 1_000_000), "alert_min_retries",
+      "retry_failure_rate: at least this many retries ended in the last hour.", "10"),
+    S("ALERT_FAILURE_RATE", "--alert-failure-rate", parse_fraction, "alert_failure_rate",
+      "retry_failure_rate: more than this fraction of them failed.", "0.5"),
+    S("PUBLIC_URL", "--public-url", parse_public_url, "public_url",
+      "Where people open `serve`'s pages; messages link there.", readme="E.g. `https://stuck-runs.example.com`."),
 )
 # fmt: on
 del S

@@ -58,6 +58,9 @@ EXECUTION = (
     "WEBHOOK_TIMEOUT",
     "SCRAPE_RUN_HANDOFF",
 )
+# Being told (SPEC §15): ALERT_URLS has no flag (its tokens are secrets); the processes that send
+# (daemon, serve) take these, the one-shot commands the choice of events they record.
+ALERTS = ("ALERT_EVENTS", "ALERT_EVERY", "ALERT_MIN_RETRIES", "ALERT_FAILURE_RATE", "PUBLIC_URL")
 
 
 def _remember_flag(ctx: click.Context, param: click.Parameter, value: object) -> None:
@@ -170,6 +173,7 @@ COMMANDS = {
         "scheduler.cli.web",
         "Serve the JSON API and the operators' pages on ADMIN_HOST:ADMIN_PORT (127.0.0.1:8080) until SIGTERM.",
     ),
+    "alert": ("scheduler.cli.alerts", "Notifications: `alert test` sends a test message to each ALERT_URLS URL."),
     "demo": (
         "scheduler.cli.admin",
         "Run the whole story on an embedded PostgreSQL, a virtual day in about 20 seconds.",

@@ -9,7 +9,7 @@ from db.errors import EXIT_OK, EXIT_REFUSED, UsageError
 from db.migrate import MigrationStopped, head_revision, migrate, script_for_dba
 from jobs.manual import chain_history
 from jobs.status import handed_off_message, read_status, untimed_message
-from scheduler.cli import EXECUTION, POLICY, cli, config_options, json_option, load_settings, open_runtime
+from scheduler.cli import ALERTS, EXECUTION, POLICY, cli, config_options, json_option, load_settings, open_runtime
 from scheduler.cli.interrupts import interruptible
 from scheduler.cli.output import emit_json, table, when
 
@@ -158,7 +158,7 @@ def status(ctx: click.Context, as_json: bool) -> int:
 
 
 @cli.command()
-@config_options(*POLICY, *EXECUTION, "CHECK_INTERVAL", "PROCESS_INTERVAL", "DISPATCH_POLL", "METRICS_PORT")
+@config_options(*POLICY, *EXECUTION, "CHECK_INTERVAL", "PROCESS_INTERVAL", "DISPATCH_POLL", "METRICS_PORT", *ALERTS)
 @click.pass_context
 def daemon(ctx: click.Context) -> int:
     """Run the stuck-run checker (hourly) and the retry processor (every 30 min) until SIGTERM.

@@ -143,7 +143,7 @@ def progress_printer(as_json: bool, show_all: bool = False) -> Subscriber:
 
 
 @cli.command()
-@config_options(*POLICY)
+@config_options(*POLICY, "ALERT_EVENTS")
 @dry_run_option
 @all_option
 @json_option
@@ -167,7 +167,7 @@ def check(ctx: click.Context, dry_run: bool, show_all: bool, as_json: bool) -> i
 
 
 @cli.command()
-@config_options(*POLICY, *EXECUTION)
+@config_options(*POLICY, *EXECUTION, "ALERT_EVENTS")
 @dry_run_option
 @all_option
 @json_option
@@ -216,7 +216,7 @@ def run_fix(ctx: click.Context, dry_run: bool, as_json: bool, show_all: bool = F
 
 
 @cli.command()
-@config_options(*POLICY, *EXECUTION)
+@config_options(*POLICY, *EXECUTION, "ALERT_EVENTS")
 @dry_run_option
 @all_option
 @json_option

@@ -9,10 +9,20 @@ import click
 
 from db.errors import EXIT_OK, ConfigError
 from jobs.settings import is_loopback
-from scheduler.cli import cli, config_options
+from scheduler.cli import ALERTS, cli, config_options
 
 DATABASE_RETRY_SECONDS = 2  # while the database cannot be reached at start
-SERVE = ("ADMIN_HOST", "ADMIN_PORT", "SCRAPE_RUNS_TABLE", "STUCK_AFTER", "RETRY_DELAY", "MAX_RETRIES")
+# `serve` sends notifications too, and notices a silent checker by CHECK_INTERVAL.
+SERVE = (
+    "ADMIN_HOST",
+    "ADMIN_PORT",
+    "SCRAPE_RUNS_TABLE",
+    "STUCK_AFTER",
+    "RETRY_DELAY",
+    "MAX_RETRIES",
+    "CHECK_INTERVAL",
+    *ALERTS,
+)
 
 
 @cli.command()

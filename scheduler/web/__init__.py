@@ -73,7 +73,7 @@ class Starting:
             threading.Thread(target=self._wait, args=(on_error,), name="wait-for-database", daemon=True).start()
 
     def _open(self) -> None:
-        runtime = wire(Runtime.open(self.settings, role="web"))
+        runtime = wire(Runtime.open(self.settings, role="web"), watch=self.stopping)  # sends notifications too
         self.runtime = runtime
         self.current = create_app(runtime, self.tokens)
 
