@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 
 from loguru import logger
 
@@ -73,7 +74,7 @@ class Alerts:
                     events.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            noted = self._guarded(lambda: self._note(events)) if events else False
+            noted = self._guarded(partial(self._note, events)) if events else False
             if stop.is_set():
                 return
             if noted or time.monotonic() >= next_tick:  # what a sweep found goes out at once when due

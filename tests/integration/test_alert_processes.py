@@ -40,7 +40,9 @@ def test_three_daemons_on_one_database_send_one_message_per_event(db_url, receiv
         wait_until(lambda: wanted <= set(receiver.titles()), timeout=60)
         # Every daemon has ticked three more times since: each had its chance to send them again.
         ticked = [d.output().count(TICKED) for d in daemons]
-        wait_until(lambda: all(d.output().count(TICKED) >= n + 3 for d, n in zip(daemons, ticked)), timeout=30)
+        wait_until(
+            lambda: all(d.output().count(TICKED) >= n + 3 for d, n in zip(daemons, ticked, strict=True)), timeout=30
+        )
     finally:
         logs = [d.stop() for d in daemons]
     assert sorted(receiver.titles()) == sorted(wanted), receiver.titles()

@@ -18,15 +18,15 @@ from db.layout import Layout
 from db.migrate import migrate
 from jobs import alerting
 from jobs.alert_urls import parse_alert_urls
+from jobs.executors.outcome import Failed
+from jobs.retries import process_due_retries
+from jobs.rules import RetryPolicy
 from jobs.stuck import sweep_stuck_runs
 from scheduler.alerts import Alerts
 from scheduler.wiring import wire
 from tests.adopted import ADOPTABLE, Adopted
 from tests.alert_receiver import Receiver, absent_url
 from tests.daemons import wait_until
-from jobs.executors.outcome import Failed
-from jobs.retries import process_due_retries
-from jobs.rules import RetryPolicy
 from tests.helpers import ScriptedScraper, insert_due_retry, insert_stuck_runs, make_runtime, rows
 from tests.integration.test_cli import cli, one_line_error
 from tests.integration.test_index_predicates import layout_of
