@@ -17,6 +17,8 @@ from tests.fleet_worker import EXIT_USAGE, fate_of, read_log, start_worker, stop
 from tests.own_server import OwnServer
 from tests.receiver import start_receiver
 
+pytestmark = pytest.mark.slow  # real fleet processes
+
 RUNS = """
 CREATE TABLE {table} (
     id UUID PRIMARY KEY DEFAULT gen_random_uuid(),

@@ -23,6 +23,8 @@ from tests.conftest import REPO
 from tests.daemons import wait_until
 from tests.helpers import insert_due_retry, insert_run, insert_stuck_runs, rows
 
+pytestmark = pytest.mark.slow  # real processes, signalled
+
 FAKE_SCRAPER = str(REPO / "tests" / "fake_scraper.py")
 SCRIPT = str(REPO / "scripts" / "fix_stuck_runs_with_retry.py")
 

@@ -27,6 +27,8 @@ from jobs.settings import Settings
 from jobs.stuck import sweep_stuck_runs
 from tests.schema import TEXT_STATUS
 
+pytestmark = pytest.mark.slow  # a long property over many drawn tables
+
 STATES = ("running", "completed", "failed", "pending_retry", "cancelled")
 WORDS = ("done", "ok", "success", "SUC", "fin", "err", "ERR", "ko", "wait", "PEN", "skip", "CAN", "RUN", "active")
 
