@@ -333,14 +333,19 @@ class ReportStatements(TableStatements):
         stuck-runs handled (the ended-attempts index; a run the scraper failed itself and nobody
         retried is not counted). With `since`, those whose last attempt ended since `:sr_since`.
         `status` and `stats` both count with this one statement."""
+        where = self.permanently_failed_where()
+        if since:
+            where.append(self.t.c.completed_at >= sa.bindparam("sr_since"))
+        return sa.select(self._count(*where).label("permanently_failed"))
+
+    def permanently_failed_where(self) -> list[sa.ColumnElement]:
+        """What makes a row the end of a chain that ended permanently failed (`permanently_failed`;
+        `stats --by` counts it per group)."""
         t = self.t
-        where = [
+        return [
             self.retry_candidates().whereclause,
             sa.or_(t.c.is_retry, t.c.failure_pattern.is_not(None)),
             # A failure the fleet wrote on a retry it was handed is not an end until its chain is
             # continued (within a poll): it may well be retried.
             sa.or_(t.c.handed_off.is_(None), t.c.failure_pattern.is_not(None)),
         ]
-        if since:
-            where.append(t.c.completed_at >= sa.bindparam("sr_since"))
-        return sa.select(self._count(*where).label("permanently_failed"))

@@ -353,3 +353,18 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a name other than localhost may resolve anywhere
+
+
+_HOST_OF = re.compile(r"host\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*\)", re.IGNORECASE)
+
+
+def parse_target(text: str, name: str = "TARGET") -> str:
+    """What a run scrapes (SPEC §15): a column (`site`) or the host of a URL column
+    (`host(start_url)`). Whether the table has that text column is checked against the table."""
+    value = str(text).strip()
+    host = _HOST_OF.fullmatch(value)
+    if host:
+        return f"host({host[1]})"
+    if _IDENTIFIER.fullmatch(value) and len(value) <= IDENTIFIER_MAX_LENGTH:
+        return value
+    raise ConfigError(f"{name}={shown(value)} is not accepted: use a column (site) or the host of a URL column (host(start_url))")

@@ -31,6 +31,7 @@ from jobs.manual import ChainHistory, chain_history, retry_run
 from jobs.runtime import Runtime
 from jobs.settings import parse_duration
 from jobs.stats import retry_stats
+from jobs.targets import TARGET, stats_by
 from jobs.status import read_status
 from jobs.timeline import HourlyTimeline, hourly_timeline
 from scheduler.documents import json_text, plain
@@ -316,14 +317,26 @@ def build_pages(
     @pages.get("/stats")
     def stats(request: Request, since: str = "7d") -> Response:
         def read() -> dict[str, Any]:
-            stats = retry_stats(rt, parse_duration(since, "since"))
+            window = parse_duration(since, "since")
+            stats = retry_stats(rt, window)
+            # The worst targets (SPEC §15), each linked to its runs, where TARGET names what runs scrape.
+            targets = stats_by(rt, TARGET, window, limit=10) if rt.settings.target else None
             return {
                 "page": "stats",
                 "since": since,
                 "stats": plain(stats),
                 "fleet": stats.fleet_shown(rt.settings.hands_off),
+                "targets": plain(targets),
+                "target_runs": target_runs_links(targets, since),
             }
 
         return page(request, "stats.html", "Failed to read stats", read)
 
     return pages
+
+
+def target_runs_links(targets: Any, since: str) -> list[str | None]:
+    """Each worst target's runs: the runs page searched for it, in the window (None: no target)."""
+    if targets is None:
+        return []
+    return [None if g.group is None else "/runs?" + urlencode({"q": g.group, "since": since}) for g in targets.groups]
