@@ -54,6 +54,7 @@ class ReportStatements(TableStatements):
         stuck: bool = False,
         order: str = "newest",
         backwards: bool = False,
+        target: sa.ColumnElement | None = None,
     ) -> sa.Select:
         """One page of runs, newest first by (started_at, id), runs not started (pending retries)
         first: `:sr_limit` rows after the cursor. `after` is None (the first page), `started` (the
@@ -64,9 +65,12 @@ class ReportStatements(TableStatements):
         `:sr_since`) or `due` (next_retry_at before `:sr_due_before`, overdue ones too). `stuck` keeps the
         runs `stuck_now`. `order` `started` (newest started, started runs only) and `due` (pending
         retries, soonest due first), and `backwards` (the page before the cursor, in reverse order: the
-        caller turns it round), are `_other_order`'s."""
+        caller turns it round), are `_other_order`'s. `target` (TARGET's value of a row, from
+        db/queries/groups.py) keeps the runs whose target is `:sr_target`: a worst target's runs."""
         t, runs = self.t, self.runs
         query = sa.select(*runs.keyed())
+        if target is not None:
+            query = query.where(target == sa.bindparam("sr_target", type_=sa.Text))
         if stuck:
             query = query.where(self.stuck_now())
         if state is not None:

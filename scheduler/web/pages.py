@@ -244,13 +244,13 @@ def build_pages(
         cursor: str = "",
         before: str = "",
         order: str = "",
+        target: str = "",
     ) -> Response:
-        chosen = {
-            name: value for name, value in (("status", status), ("q", q), ("since", since), ("order", order)) if value
-        }
+        fields = (("status", status), ("q", q), ("since", since), ("order", order), ("target", target))
+        chosen = {name: value for name, value in fields if value}
         form = {
             "page": "runs",
-            "filters": {"status": status, "q": q, "since": since, "order": order or "newest"},
+            "filters": {"status": status, "q": q, "since": since, "order": order or "newest", "target": target},
             "states": (*WRITTEN_STATES, STUCK_CHOICE),
             "orders": ORDER_CHOICES,
             "window_label": window_label(status or None),  # "Due within" for pending retries...
@@ -272,6 +272,7 @@ def build_pages(
                 stuck=stuck,
                 order=order or "newest",
                 before=before or None,
+                target=target or None,
             )
             found = list_runs(rt, filters)
             later = "/runs?" + urlencode({**chosen, "cursor": found.next_cursor}) if found.next_cursor else None
@@ -336,7 +337,7 @@ def build_pages(
 
 
 def target_runs_links(targets: Any, since: str) -> list[str | None]:
-    """Each worst target's runs: the runs page searched for it, in the window (None: no target)."""
+    """Each worst target's runs: the runs page filtered to it, started in the window (None: no target)."""
     if targets is None:
         return []
-    return [None if g.group is None else "/runs?" + urlencode({"q": g.group, "since": since}) for g in targets.groups]
+    return [None if g.group is None else "/runs?" + urlencode({"target": g.group, "since": since}) for g in targets.groups]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
@@ -201,8 +202,24 @@ def test_the_api_and_the_stats_page_show_the_same_groups(table):
     assert api["success"] and api["data"]["groups"] == cli_groups
     assert page.status_code == 200 and 'id="by-target"' in page.text
     worst = cli_groups[0]["group"]
-    assert f'href="/runs?q={worst}&amp;since=7d">{worst}</a>' in page.text
+    assert f'href="/runs?target={worst}&amp;since=7d">{worst}</a>' in page.text
     assert bad.status_code == 400 and "nosuch is not a column of scrape_runs" in bad.json()["error"]
+    # The link's page lists that target's runs started in the window, and no other's.
+    expected = {str(r["id"]) for r in rows if hand_host(r["start_url"]) == worst and r["started_at"] and r["started_at"] >= NOW - WINDOW}
+    assert len(expected) > 20
+    web = InProcessWeb(url, TARGET=TARGET)
+    try:
+        with web.client(READER) as http:
+            listed, link = set(), f"/runs?target={worst}&since=7d"
+            while link:
+                runs_page = http.get(link, headers={"Accept": "text/html"})
+                assert runs_page.status_code == 200, runs_page.text
+                listed |= set(re.findall(r'href="/runs/([0-9a-f-]{36})"', runs_page.text))
+                later = re.search(r'href="(/runs\?[^"]*cursor=[^"]*)"[^>]*>(?:Older|Next)', runs_page.text)
+                link = later[1].replace("&amp;", "&") if later else None
+    finally:
+        web.stop()
+    assert listed == expected
 
 
 def test_worst_retry_target_names_the_host_whose_retries_fail(table):
