@@ -70,12 +70,6 @@ def grouping(rt: Runtime, by: str) -> tuple[sa.ColumnElement, str]:
     return column_key(runs, by), by
 
 
-def check_target(rt: Runtime) -> None:
-    """Refuses a `TARGET` the table cannot answer (no such column, not text); no-op when unset."""
-    if rt.settings.target:
-        target_key(rt.runs, rt.settings.target)
-
-
 def stats_by(rt: Runtime, by: str, since: timedelta = timedelta(days=7), limit: int = 20) -> GroupedStats:
     """The window's numbers per group, worst first, the `limit` worst."""
     key, what = grouping(rt, by)

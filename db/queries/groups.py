@@ -38,7 +38,7 @@ def target_key(runs: RunsTable, target: str) -> sa.ColumnElement:
     column = _column(runs, name, f"TARGET={target}")
     if not isinstance(column.type, sa.String):
         raise ConfigError(
-            f"TARGET={target}: {name} is a {column.type} column, not text; name a text or varchar column"
+            f"TARGET={target}: {name} is of type {column.type}, not text; name a text or varchar column"
             + (" holding URLs" if host else "")
         )
     if host:

@@ -241,7 +241,7 @@ def test_worst_retry_target_names_the_host_whose_retries_fail(table):
     ("args", "env", "fragment"),
     [
         (["--by", "target"], {"TARGET": "nosuch"}, "TARGET=nosuch: nosuch is not a column of scrape_runs; use one of"),
-        (["--by", "target"], {"TARGET": "host(user_id)"}, "TARGET=host(user_id): user_id is a INTEGER column, not text"),
+        (["--by", "target"], {"TARGET": "host(user_id)"}, "TARGET=host(user_id): user_id is of type INTEGER, not text"),
         (["--by", "target"], {"TARGET": "host(start_url"}, "TARGET='host(start_url' is not accepted"),
         (["--by", "target"], {}, "--by target needs TARGET: set TARGET=COLUMN or TARGET=host(URL_COLUMN)"),
         (["--by", "nosuch"], {}, "--by nosuch: nosuch is not a column of scrape_runs"),
@@ -256,3 +256,12 @@ def test_bad_input_is_one_line_and_exit_2(table, args, env, fragment):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and fragment in lines[0], result.stderr
     assert result.stdout == ""
+
+
+def test_a_bad_target_is_refused_by_every_command_at_its_start(table):
+    """Not only `stats --by target`: a daemon or `serve` would otherwise start and fail later."""
+    url, _ = table
+    for command in (["status"], ["stats", "--by", "search_query"]):
+        result = cli(url, *command, TARGET="host(user_id)")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "TARGET=host(user_id): user_id is of type INTEGER, not text" in result.stderr
