@@ -48,8 +48,8 @@ SELECT (:queries)[1 + g % 10], (:places)[1 + (g / 10) % 10],
        CASE WHEN g % 20 = 0 THEN 1 ELSE 0 END, 4,
        CASE WHEN g % 20 = 0 THEN gen_random_uuid() END, g % 20 = 0,
        CASE WHEN g % 10 = 0 THEN (:patterns)[1 + (g / 10) % 5] END,
-       'https://' || CASE WHEN (g * 7919) % 500 % 3 = 0 THEN 'www.' ELSE '' END
-           || 'site' || (g * 7919) % 500 || '.example.com/search?q=' || g
+       'https://' || CASE WHEN (g::bigint * 7919) % 500 % 3 = 0 THEN 'www.' ELSE '' END
+           || 'site' || (g::bigint * 7919) % 500 || '.example.com/search?q=' || g
 FROM generate_series(1, :n) g
 """
 
