@@ -217,9 +217,18 @@ def test_the_api_and_the_stats_page_show_the_same_groups(table):
                 listed |= set(re.findall(r'href="/runs/([0-9a-f-]{36})"', runs_page.text))
                 later = re.search(r'href="(/runs\?[^"]*cursor=[^"]*)"[^>]*>(?:Older|Next)', runs_page.text)
                 link = later[1].replace("&amp;", "&") if later else None
+            api = http.get("/api/runs", params={"target": worst, "since": "7d", "limit": 500}).json()
+            unset = InProcessWeb(url)
+            try:
+                with unset.client(READER) as other:
+                    refused = other.get("/api/runs", params={"target": worst})
+            finally:
+                unset.stop()
     finally:
         web.stop()
     assert listed == expected
+    assert {str(r["id"]) for r in api["data"]} == expected
+    assert refused.status_code == 400 and "a target filter needs TARGET" in refused.json()["error"]
 
 
 def test_worst_retry_target_names_the_host_whose_retries_fail(table):
