@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from db.errors import ConfigError
 from db.messages import STUCK_PATTERN
+from db.queries.reports import ReportStatements
 from db.table import RunsTable
 
 # A URL's host: after an optional scheme and user info, up to the port, path, query or fragment.
@@ -61,7 +62,7 @@ def kind_key(runs: RunsTable) -> sa.ColumnElement:
     return key
 
 
-def stats_by_group(q, key: sa.ColumnElement, *, failing: bool = False) -> sa.Select:
+def stats_by_group(q: ReportStatements, key: sa.ColumnElement, *, failing: bool = False) -> sa.Select:
     """Per value of `key` (NULL is a group too): runs started since `:sr_since`, stuck
     detections, retries ended (and succeeded), chains ended permanently failed, and the commonest
     failure pattern with its count, in the window; worst first, at most `:sr_limit` groups.
@@ -69,7 +70,7 @@ def stats_by_group(q, key: sa.ColumnElement, *, failing: bool = False) -> sa.Sel
     Worst first: most chains permanently failed, then most retries failed, then most stuck
     detections, then most runs, then the group's name. With `failing`, only the groups where at
     least `:sr_min_retries` retries ended and more than `:sr_rate` of them failed, most failed
-    retries first (the retry-failure alert's target). `q` is the table's `RunQueries`."""
+    retries first (the retry-failure alert's target). `q`: the table's statements (`RunQueries`)."""
     t, runs = q.t, q.runs
     since = sa.bindparam("sr_since", type_=t.c.started_at.type)
     handled = sa.or_(t.c.is_retry, t.c.failure_pattern.is_not(None))
@@ -77,9 +78,7 @@ def stats_by_group(q, key: sa.ColumnElement, *, failing: bool = False) -> sa.Sel
     retry_ended = sa.and_(
         t.c.is_retry, sa.or_(runs.in_state(t.c.status, "completed"), runs.in_state(t.c.status, "failed"))
     )
-    permanent = sa.and_(
-        *q.permanently_failed_where(),
-    )
+    permanent = sa.and_(*q.permanently_failed_where())
     rows = (
         sa.select(
             key.label("grp"),
