@@ -149,6 +149,17 @@ def test_the_dashboard_is_importable_as_it_is():
         assert all(target["expr"].strip() and target["datasource"]["uid"] == reference for target in panel["targets"])
 
 
+def test_every_dashboard_query_is_promql_that_promtool_accepts(tmp_path):
+    """promtool parses each panel's query as a recording rule's: a typo fails here, not in Grafana."""
+    exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+    records = "".join(f"      - record: dashboard_query_{i}\n        expr: {json.dumps(e)}\n" for i, e in enumerate(exprs))
+    rules_file = tmp_path / "dashboard-queries.yml"
+    rules_file.write_text(f"groups:\n  - name: dashboard\n    rules:\n{records}")
+    checked = promtool("check", "rules", str(rules_file))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(exprs)} rules found" in checked.stdout
+
+
 def test_the_readme_names_the_kits_files():
     readme = (REPO / "README.md").read_text()
     for path in (RULES, DASHBOARD, *RULE_TESTS):
