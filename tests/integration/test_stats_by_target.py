@@ -29,8 +29,8 @@ TARGET = "host(start_url)"
 URLS = {
     "shop.example.com": ("https://shop.example.com/p/1", "HTTPS://Shop.Example.COM:8443/p?x=1"),
     "jobs.example.org": ("http://user:secret@jobs.example.org/search", "https://jobs.example.org"),
-    "news.example.net": ("news.example.net/today", "http://news.example.net:80/"),
-    "api.example.io": ("https://api.example.io/v1/items#top",),
+    "news.example.net": ("news.example.net/today", "http://news.example.net:80/", "news.example.net/?next=http://x.example/"),
+    "api.example.io": ("https://api.example.io/v1/items#top", "https://api.example.io?page=2"),
     "slow.example.dev": ("https://slow.example.dev/a", "https://SLOW.example.dev/b"),
     None: ("", "/relative/path"),
 }
@@ -41,7 +41,7 @@ def hand_host(url: str) -> str | None:
     """The host as a person reads it off the URL (urllib's parser, not the SQL's pattern)."""
     if not url or url.startswith("/"):
         return None
-    return urlsplit(url if "://" in url else "//" + url).hostname
+    return urlsplit(url if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url) else "//" + url).hostname
 
 
 def chains(rng: random.Random) -> list[list[dict]]:
