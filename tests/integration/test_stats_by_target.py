@@ -274,3 +274,12 @@ def test_a_bad_target_is_refused_by_every_command_at_its_start(table):
         result = cli(url, *command, TARGET="host(user_id)")
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert "TARGET=host(user_id): user_id is of type INTEGER, not text" in result.stderr
+
+
+def test_doctor_names_a_target_it_cannot_group_by(table):
+    url, _ = table
+    good = cli(url, "doctor", TARGET=TARGET)
+    bad = cli(url, "doctor", TARGET="host(user_id)")
+    assert "✓ target: stats --by target groups runs by host(start_url)" in good.stdout, good.stdout
+    assert bad.returncode == 1
+    assert "✗ target: TARGET=host(user_id): user_id is of type INTEGER, not text" in bad.stdout, bad.stdout
