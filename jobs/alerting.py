@@ -21,12 +21,12 @@ from db.alerts import AlertRecords
 from db.daemons import DaemonRecords
 from db.engine import database_errors
 from db.messages import STUCK_PATTERN
-from db.queries.alerts import TargetOf
 from jobs import alerts
 from jobs.alert_urls import AlertUrl, send
 from jobs.events import CHECKER, RetryEnded, SweepFinished
 from jobs.rules import run_label
 from jobs.runtime import Runtime
+from jobs.targets import worst_retry_target
 
 Occurrence = tuple[str, dict]  # an event kind and what happened
 Send = Callable[[AlertUrl, str, str], "str | None"]  # title, body -> None when delivered, else the error
@@ -107,9 +107,9 @@ def _kinds(rt: Runtime, run_ids: list[str]) -> dict[str, int]:
         return {str(name): n for name, n in conn.execute(statement) if name is not None}
 
 
-def conditions(rt: Runtime, now: datetime, quiet_since: datetime, target: TargetOf | None = None) -> list[Occurrence]:
+def conditions(rt: Runtime, now: datetime, quiet_since: datetime) -> list[Occurrence]:
     """What holds now and is worth a message: too many retries failed in the last hour (overall,
-    or for the worst target when `target` names what a run scrapes), and a checker that has not
+    or for the worst target when TARGET names what a run scrapes), and a checker that has not
     finished a run for two CHECK_INTERVALs (since `quiet_since`, when it never did: the time this
     process started watching)."""
     settings = rt.settings
@@ -118,13 +118,15 @@ def conditions(rt: Runtime, now: datetime, quiet_since: datetime, target: Target
         if alerts.RETRY_FAILURE_RATE in settings.alert_events:
             params = {"sr_since": now - alerts.RATE_WINDOW, "sr_min": settings.alert_min_retries}
             ended, failed = conn.execute(rt.queries.retry_failures(), params).one()
-            worst = conn.execute(rt.queries.worst_target(target), params).first() if target is not None else None
+            # The same target `stats --by target` ranks, by the same counts (jobs.targets).
+            worst = worst_retry_target(
+                rt, alerts.RATE_WINDOW, settings.alert_min_retries, settings.alert_failure_rate, now=now
+            )
             over = ended >= settings.alert_min_retries and failed > settings.alert_failure_rate * ended
-            worst_over = worst is not None and worst.failed > settings.alert_failure_rate * worst.ended
-            if over or worst_over:
+            if over or worst is not None:
                 rate: dict = {"ended": ended, "failed": failed}
-                if worst_over:
-                    rate.update(target=worst.target, target_ended=worst.ended, target_failed=worst.failed)
+                if worst is not None:
+                    rate.update(target=worst.group, target_ended=worst.retries, target_failed=worst.failed)
                 found.append((alerts.RETRY_FAILURE_RATE, rate))
         if alerts.CHECKER_SILENT in settings.alert_events:
             records = DaemonRecords(rt.runs.table.schema, rt.runs.canonical_name)
@@ -183,12 +185,10 @@ def send_due(rt: Runtime, now: datetime, send_one: Send = send) -> list[Delivery
     return deliveries
 
 
-def tick(
-    rt: Runtime, quiet_since: datetime, target: TargetOf | None = None, send_one: Send = send
-) -> list[Delivery]:
+def tick(rt: Runtime, quiet_since: datetime, send_one: Send = send) -> list[Delivery]:
     """One round of a process that watches: notes what holds now, then sends what is due."""
     now = rt.clock.now()
-    note(rt, conditions(rt, now, quiet_since, target), now)
+    note(rt, conditions(rt, now, quiet_since), now)
     return send_due(rt, now, send_one)
 
 

@@ -16,6 +16,7 @@ from db.layout import STATES, WRITTEN_STATES
 from db.migrate import current_revision, head_revision, stale_indexes
 from db.migration_plan import plan_for
 from db.queries import RunQueries
+from db.queries.groups import target_key
 from db.reflect import ROLE_KEYS, sql_type
 from db.shape import heartbeat_problem
 from db.table import RunsTable, load_runs_table
@@ -192,6 +193,12 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
         if settings.handoff:  # a value the column refuses was refused with the table, above
             value = runs.layout.written(settings.handoff)
             checks.append(Check("hand-off", True, f"{runs.name_of('status')} takes {value!r} ({settings.handoff})"))
+        if settings.target:  # what every other command refuses at its start, named with the fix
+            try:
+                target_key(runs, settings.target)
+                checks.append(Check("target", True, f"stats --by target groups runs by {settings.target}"))
+            except ConfigError as exc:
+                checks.append(Check("target", False, str(exc), "set TARGET to a text column, or host(URL_COLUMN)"))
         unmapped = _unmapped_values(conn, runs)
         if unmapped:
             checks.append(unmapped)
@@ -220,10 +227,7 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
         )
         states = catalog.index_state(conn, settings.table)
         bad = [f"{name} ({'invalid' if state is False else 'missing'})" for name, state in states.items() if not state]
-        bad += [
-            f"{name} (built for another mapping)"
-            for name in stale_indexes(conn, plan_for(conn, runs.reflected))
-        ]
+        bad += [f"{name} (built for another mapping)" for name in stale_indexes(conn, plan_for(conn, runs.reflected))]
         checks.append(
             Check(
                 "indexes",

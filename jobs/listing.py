@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from db.engine import database_errors
 from db.errors import UsageError
 from db.layout import STATES
+from db.queries.groups import target_key
 from jobs.model import Run, as_utc
 from jobs.runtime import Runtime
 
@@ -33,6 +34,7 @@ class RunFilter:
     stuck: bool = False  # only runs running past their limit (what `check` would fail now)
     order: str = "newest"  # newest (not started first, then newest started) | started | due
     before: str | None = None  # `prev_cursor` of the next page: the page before it
+    target: str | None = None  # only runs of this target (TARGET's value: a site, a host)
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,11 @@ def list_runs(rt: Runtime, filters: RunFilter) -> RunsPage:
     if filters.order not in ORDERS:
         raise UsageError(f"order {filters.order!r} is not an order: use one of {', '.join(ORDERS)}")
     if filters.order == "due" and filters.state not in (None, "pending_retry"):
-        raise UsageError(f"order=due lists pending retries by due time: drop status={filters.state} or order by started")
+        raise UsageError(
+            f"order=due lists pending retries by due time: drop status={filters.state} or order by started"
+        )
+    if filters.target is not None and not rt.settings.target:
+        raise UsageError("a target filter needs TARGET: set TARGET=COLUMN or TARGET=host(URL_COLUMN)")
     if filters.cursor and filters.before:
         raise UsageError("give cursor (the next page) or before (the previous page), not both")
     return _read_page(rt, filters)
@@ -119,6 +125,7 @@ def _read_page(rt: Runtime, filters: RunFilter) -> RunsPage:
         "sr_cutoff": rt.clock.now() - rt.settings.policy.stuck_after,
         "sr_after_at": at,
         "sr_after_id": run_id,
+        "sr_target": filters.target,
     }
     shape = {
         "state": filters.state,
@@ -127,6 +134,7 @@ def _read_page(rt: Runtime, filters: RunFilter) -> RunsPage:
         "stuck": filters.stuck,
         "order": filters.order,
         "backwards": backwards,
+        "target": target_key(rt.runs, rt.settings.target) if filters.target is not None else None,
     }
     with database_errors(rt.engine, "listing runs"), rt.engine.connect() as conn, conn.begin():
         conn.exec_driver_sql(f"SET LOCAL statement_timeout = {DASHBOARD_STATEMENT_TIMEOUT_MS}")

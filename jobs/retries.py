@@ -112,7 +112,6 @@ class ProcessResult:
         """Executions stopped by a signal and put back to `pending_retry` (no budget spent)."""
         return sum(1 for o in self.executed if o.status == "released")
 
-
     @property
     def retries_scheduled(self) -> int:
         """Failed attempts (executed or refused deliveries) whose chain got its next retry."""

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 from db.engine import database_errors, make_engine
 from db.errors import ConfigError
 from db.queries import RunQueries
+from db.queries.groups import target_key
 from db.table import RunsTable, load_runs_table
 from jobs.clock import SystemClock
 from jobs.events import Events
@@ -84,6 +85,8 @@ class Runtime:
         with database_errors(engine, "connecting"), engine.connect() as conn:
             runs = load_runs_table(conn, settings.table, settings.heartbeat_column, settings.layout)
         check_placeholders(settings, runs)
+        if settings.target:  # TARGET must name a text column of this table: refused at start, in one line
+            target_key(runs, settings.target)
         classifier = Classifier(settings.failure_patterns + DEFAULT_PATTERNS)
         return cls(settings, engine, runs, clock or SystemClock(), classifier=classifier, executor_override=executor)
 

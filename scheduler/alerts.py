@@ -21,7 +21,6 @@ from functools import partial
 from loguru import logger
 
 from db.engine import describe_db_error
-from db.queries.alerts import TargetOf
 from jobs import alerting
 from jobs.events import Event
 from jobs.runtime import Runtime
@@ -34,9 +33,8 @@ STOP_WAIT = timedelta(seconds=15)  # a stopping process still records what it qu
 class Alerts:
     """Subscriber of a process's events; `watch(stop)` makes it tick until `stop` is set."""
 
-    def __init__(self, rt: Runtime, target: TargetOf | None = None, tick_every: timedelta | None = None) -> None:
+    def __init__(self, rt: Runtime, tick_every: timedelta | None = None) -> None:
         self.rt = rt
-        self.target = target  # TARGET's expression: a retry_failure_rate message names the worst target
         self.started = rt.clock.now()  # a checker that never ran has been silent since this
         self._queue: queue.SimpleQueue[Event] | None = None
         self._failing: set[str] = set()  # URLs (masked) whose last message was not delivered
@@ -89,7 +87,7 @@ class Alerts:
         return bool(found)
 
     def _tick(self) -> None:
-        deliveries = alerting.tick(self.rt, self.started, self.target)
+        deliveries = alerting.tick(self.rt, self.started)
         for delivery in deliveries:
             self._log(delivery)
         logger.bind(event="alerts_tick").debug("notifications ticked: {} message(s) sent", len(deliveries))

@@ -26,6 +26,7 @@ from loguru import logger
 
 from db.errors import DatabaseUnavailable
 from jobs.events import CHECKER, DAEMON, JOB_IDS, PROCESSOR, JobRun, JobRunsEnded
+from jobs.fleet_health import fleet_health
 from jobs.retries import ProcessResult, process_due_retries
 from jobs.runtime import Runtime
 from jobs.settings import Settings
@@ -127,10 +128,12 @@ class Daemon:
         try:
             with self.rt.engine.connect() as conn:
                 counts = conn.execute(self.rt.queries.counts(), {"sr_cutoff": cutoff}).mappings().one()
+                health = fleet_health(self.rt, conn)
         except Exception:  # noqa: BLE001 - the records' write below reports the outage
             return
         handed = counts["handed_off_queued"], counts["handed_off_running"]
         self.metrics.counts(counts["pending_retry"], counts["running_retries"], *handed)
+        self.metrics.health(health.live_daemons, health.paused_at)
 
     def next_runs(self) -> dict[str, str | None]:
         return {
@@ -250,7 +253,7 @@ def run_daemon(settings: Settings, *, role: str = "daemon") -> None:
         signal.signal(signal.SIGINT, on_signal)
     metrics = None
     if settings.metrics_port:  # bound first: a port in use stops the daemon before it touches the database
-        metrics = Metrics(settings.hands_off)
+        metrics = Metrics(settings.hands_off, {CHECKER: settings.check_interval, PROCESSOR: settings.process_interval})
         metrics.serve(settings.metrics_port)
         logger.info("Prometheus metrics on port {}", settings.metrics_port)
     runtime = None

@@ -203,9 +203,7 @@ def run_demo(keep: bool = False) -> int:
         )
         daemon = Daemon(runtime)
         # Virtual time stands at 09:00 until the first check has run: "the 09:00 check".
-        daemon.scheduler.add_listener(
-            lambda event: event.job_id == CHECKER and clock.run(), EVENT_JOB_EXECUTED
-        )
+        daemon.scheduler.add_listener(lambda event: event.job_id == CHECKER and clock.run(), EVENT_JOB_EXECUTED)
         logger.remove()
         logger.add(lambda m: click.echo(m, nl=False, err=True), format="{extra[vtime]} | {message}", level="INFO")
         logger.configure(patcher=lambda record: record["extra"].setdefault("vtime", _hhmm(clock.now())))

@@ -12,6 +12,8 @@ fleet's receiver could not take it (it stays pending, no budget spent).
 from __future__ import annotations
 
 import errno
+from collections.abc import Mapping
+from datetime import datetime, timedelta
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
@@ -20,6 +22,8 @@ from jobs.events import (
     DAEMON,
     Event,
     JobRunsEnded,
+    PauseBegan,
+    PauseEnded,
     ProcessorPassFinished,
     RetryEnded,
     RetryStarted,
@@ -31,9 +35,9 @@ PREFIX = "stuck_runs"
 
 
 class Metrics:
-    def __init__(self, hands_off: str | None = None) -> None:
+    def __init__(self, hands_off: str | None = None, intervals: Mapping[str, timedelta] | None = None) -> None:
         """`hands_off`: how this process's settings hand retries to the fleet (webhook, queue), the
-        `how` of its hand-offs; None when it executes them itself."""
+        `how` of its hand-offs; None when it executes them itself. `intervals`: each job's."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.hands_off = hands_off or "unknown"
 
@@ -45,7 +49,9 @@ class Metrics:
         self.retries_started = counter("retries_started", "Retries claimed and started by this daemon")
         self.retries_succeeded = counter("retries_succeeded", "Retries that completed")
         self.retries_failed = counter("retries_failed", "Retries that failed")
-        self.handed_off = counter("retries_handed_off", "Retries handed to the fleet (webhook or queue), by how", ("how",))
+        self.handed_off = counter(
+            "retries_handed_off", "Retries handed to the fleet (webhook or queue), by how", ("how",)
+        )
         self.postponed = counter(
             "retries_postponed", "Retries the fleet could not take, due again later (no budget spent)"
         )
@@ -66,6 +72,35 @@ class Metrics:
             ("job",),
             registry=self.registry,
         )
+        # What the monitoring kit's alerts need (monitoring/, SPEC §15): the fleet as the database
+        # sees it at each heartbeat, and how often the jobs are meant to run.
+        self.live_daemons = Gauge(
+            f"{PREFIX}_live_daemons",
+            "Daemons of the table alive (heartbeat within 60s), as this daemon reads them",
+            registry=self.registry,
+        )
+        self.heartbeat_at = Gauge(
+            f"{PREFIX}_daemon_heartbeat_timestamp_seconds",
+            "When this daemon last beat (Unix time)",
+            registry=self.registry,
+        )
+        self.started_at = Gauge(
+            f"{PREFIX}_daemon_started_timestamp_seconds", "When this daemon started (Unix time)", registry=self.registry
+        )
+        self.started_at.set_to_current_time()
+        self.paused_since = Gauge(
+            f"{PREFIX}_paused_since_timestamp_seconds",
+            "When the pause in force began (Unix time); 0 when not paused",
+            registry=self.registry,
+        )
+        self.interval = Gauge(
+            f"{PREFIX}_job_interval_seconds",
+            "How often each job is scheduled (CHECK_INTERVAL, PROCESS_INTERVAL)",
+            ("job",),
+            registry=self.registry,
+        )
+        for job, every in (intervals or {}).items():
+            self.interval.labels(job).set(every.total_seconds())
         if hands_off:
             self.handed_off.labels(hands_off)  # a series from the start, so rate() sees the first one
 
@@ -103,6 +138,10 @@ class Metrics:
                 self.postponed.inc(execution.postponed)
                 self.retries_scheduled.inc(execution.retries_scheduled)
                 self.dead_lettered.inc(execution.dead_lettered)
+            case PauseBegan(state):
+                self.paused_since.set(state.paused_at.timestamp())
+            case PauseEnded():
+                self.paused_since.set(0)
             case JobRunsEnded(runs, via=via) if via == DAEMON:
                 for run in runs:  # an error is counted, a success stamped
                     if run.error is not None:
@@ -116,3 +155,9 @@ class Metrics:
         self.running.set(running)
         self.fleet.labels("queued").set(handed_off_queued)
         self.fleet.labels("running").set(handed_off_running)
+
+    def health(self, live_daemons: int, paused_at: datetime | None) -> None:
+        """The heartbeat's view of the fleet: daemons alive, the pause in force; and that it beat."""
+        self.live_daemons.set(live_daemons)
+        self.paused_since.set(paused_at.timestamp() if paused_at else 0)
+        self.heartbeat_at.set_to_current_time()

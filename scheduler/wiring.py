@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import threading
 
-from db.queries.alerts import TargetOf
 from jobs.runtime import Runtime
 from scheduler.alerts import Alerts
 from scheduler.records import JobRecords
 
 
-def wire(rt: Runtime, *, watch: threading.Event | None = None, target: TargetOf | None = None) -> Runtime:
+def wire(rt: Runtime, *, watch: threading.Event | None = None) -> Runtime:
     """Subscribes the job records of work done outside a daemon (`status` shows its last run), and,
     with ALERT_URLS, the notifications. A process that watches (a daemon, `serve`) passes the event
     that stops it as `watch`: it then also sends the notifications that are due, from a thread of
-    its own. `target`: TARGET's expression, which a retry_failure_rate message names the worst of."""
+    its own."""
     rt.events.subscribe(JobRecords(rt))
     if rt.settings.alert_urls:
-        alerts = Alerts(rt, target)
+        alerts = Alerts(rt)
         rt.events.subscribe(alerts)
         if watch is not None:
             alerts.watch(watch)

@@ -52,6 +52,7 @@ class ReportStatements(TableStatements):
         stuck: bool = False,
         order: str = "newest",
         backwards: bool = False,
+        target: sa.ColumnElement | None = None,
     ) -> sa.Select:
         """One page of runs, newest first by (started_at, id), runs not started (pending retries)
         first: `:sr_limit` rows after the cursor. `after` is None (the first page), `started` (the
@@ -62,9 +63,12 @@ class ReportStatements(TableStatements):
         `:sr_since`) or `due` (next_retry_at before `:sr_due_before`, overdue ones too). `stuck` keeps the
         runs `stuck_now`. `order` `started` (newest started, started runs only) and `due` (pending
         retries, soonest due first), and `backwards` (the page before the cursor, in reverse order: the
-        caller turns it round), are `_other_order`'s."""
+        caller turns it round), are `_other_order`'s. `target` (TARGET's value of a row, from
+        db/queries/groups.py) keeps the runs whose target is `:sr_target`: a worst target's runs."""
         t, runs = self.t, self.runs
         query = sa.select(*runs.keyed())
+        if target is not None:
+            query = query.where(target == sa.bindparam("sr_target", type_=sa.Text))
         if stuck:
             query = query.where(self.stuck_now())
         if state is not None:
@@ -331,14 +335,19 @@ class ReportStatements(TableStatements):
         stuck-runs handled (the ended-attempts index; a run the scraper failed itself and nobody
         retried is not counted). With `since`, those whose last attempt ended since `:sr_since`.
         `status` and `stats` both count with this one statement."""
+        where = self.permanently_failed_where()
+        if since:
+            where.append(self.t.c.completed_at >= sa.bindparam("sr_since"))
+        return sa.select(self._count(*where).label("permanently_failed"))
+
+    def permanently_failed_where(self) -> list[sa.ColumnElement]:
+        """What makes a row the end of a chain that ended permanently failed (`permanently_failed`;
+        `stats --by` counts it per group)."""
         t = self.t
-        where = [
+        return [
             self.retry_candidates().whereclause,
             sa.or_(t.c.is_retry, t.c.failure_pattern.is_not(None)),
             # A failure the fleet wrote on a retry it was handed is not an end until its chain is
             # continued (within a poll): it may well be retried.
             sa.or_(t.c.handed_off.is_(None), t.c.failure_pattern.is_not(None)),
         ]
-        if since:
-            where.append(t.c.completed_at >= sa.bindparam("sr_since"))
-        return sa.select(self._count(*where).label("permanently_failed"))

@@ -42,7 +42,9 @@ def resolve_callable(path: str) -> Callable[[Run], object]:
         for part in attribute.split("."):
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
-        raise ExecutorMisconfigured(f"SCRAPE_RUN_CALLABLE={path!r} cannot be imported ({exc}): check the module path") from None
+        raise ExecutorMisconfigured(
+            f"SCRAPE_RUN_CALLABLE={path!r} cannot be imported ({exc}): check the module path"
+        ) from None
     if not callable(target):
         raise ExecutorMisconfigured(f"SCRAPE_RUN_CALLABLE={path!r} is not callable")
     return target
@@ -63,7 +65,9 @@ class CallableExecutor:
 
     def start(self, run: Run) -> CallableExecution:
         receiver, sender = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=_call_in_child, args=(self.path, run, sender, self.environment), daemon=True)
+        process = self._context.Process(
+            target=_call_in_child, args=(self.path, run, sender, self.environment), daemon=True
+        )
         try:
             process.start()
         except OSError as exc:

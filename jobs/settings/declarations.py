@@ -22,6 +22,7 @@ from db.layout import Layout, parse_column_map, parse_run_label, parse_status_ma
 from jobs.alert_urls import parse_alert_urls
 from jobs.alerts import EVENT_KINDS
 from jobs.rules import RetryPolicy
+from jobs.settings.notice_parsers import parse_events, parse_public_url, parse_target
 from jobs.settings.parsers import (
     LOG_LEVELS,
     parse_callable,
@@ -29,7 +30,6 @@ from jobs.settings.parsers import (
     parse_command,
     parse_database_url,
     parse_duration,
-    parse_events,
     parse_fraction,
     parse_handoff,
     parse_host,
@@ -39,7 +39,6 @@ from jobs.settings.parsers import (
     parse_margin,
     parse_patterns,
     parse_patterns_file,
-    parse_public_url,
     parse_switch,
     parse_token,
     parse_webhook,
@@ -165,6 +164,9 @@ DECLARED: tuple[Setting, ...] = (
     S("STATUS_MAP", "--status-map", parse_status_map, "layout.statuses",
       "Values meaning running, completed, failed, pending_retry, cancelled: completed=done,...", unset={},
       readme="Unset, each state is the value of its name."),
+    S("TARGET", "--target", parse_target, "target",
+      "What a run scrapes, for stats --by target: a column (site) or host(URL_COLUMN).",
+      readme="A text column of the table; see [Stats by target](#stats-by-target)."),
     S("RUN_LABEL", "--run-label", parse_run_label, "layout.label",
       "How runs are named, from {column} placeholders.", default_shown="{search_query} in {location_query}",
       readme="Without those columns, the run's id."),

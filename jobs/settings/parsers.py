@@ -13,7 +13,6 @@ import string
 from datetime import timedelta
 
 from db.errors import ConfigError
-from jobs.alerts import EVENT_KINDS
 from jobs.patterns import PATTERNS_FILE_SHAPE, patterns_from_json
 
 MAX_DURATION = timedelta(days=3650)  # ten years: past any sane setting, far from datetime's and SQL's limits
@@ -354,33 +353,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a name other than localhost may resolve anywhere
-
-
-def parse_public_url(text: str, name: str) -> str:
-    """Where people open `serve`'s pages (behind a proxy, say): http(s)://host[:port][/path], no
-    credentials (it is written into messages), no query."""
-    from urllib.parse import urlsplit
-
-    value = str(text).strip().rstrip("/")
-    example = "e.g. https://stuck-runs.example.com"
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError:
-        parts, port = None, -1
-    if parts is None or parts.scheme.lower() not in ("http", "https") or not _is_host(parts.hostname or ""):
-        raise ConfigError(f"{name}={shown(value)} is not an http(s) URL: {example}")
-    if parts.username or parts.password or parts.query or parts.fragment or port in (-1, 0):
-        raise ConfigError(f"{name}: write the pages' address only, with no credentials, query or #: {example}")
-    return value
-
-
-def parse_events(text: str, name: str) -> frozenset[str]:
-    """ALERT_EVENTS: `stuck,permanent` (commas or spaces); an unknown kind is refused, naming the known."""
-    chosen = [part for part in str(text).replace(",", " ").split() if part]
-    for kind in chosen:
-        if kind not in EVENT_KINDS:
-            raise ConfigError(f"{name}: unknown event {shown(kind)}: use some of {', '.join(EVENT_KINDS)}")
-    if not chosen:
-        raise ConfigError(f"{name} names no event: use some of {', '.join(EVENT_KINDS)}, or unset it for all")
-    return frozenset(chosen)

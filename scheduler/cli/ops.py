@@ -12,6 +12,7 @@ from jobs.doctor import run_checks
 from jobs.settings import parse_duration, settings_from_environment
 from jobs.stats import HERE, retry_stats
 from jobs.status import handed_off_message
+from jobs.targets import GroupedStats, stats_by
 from scheduler.cli import EXECUTION, POLICY, cli, config_options, json_option, open_runtime
 from scheduler.cli.output import emit_json, table, when
 from scheduler.documents import json_text
@@ -29,10 +30,12 @@ def ran_where(how: str) -> str:
 
 @cli.command()
 @click.option("--since", default="7d", show_default=True, help="The window: attempts that ended within it.")
-@config_options("SCRAPE_RUNS_TABLE")
+@click.option("--by", help="Per group, worst first: target (TARGET), kind (COLUMN_MAP's kind) or a COLUMN.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True, help="Groups shown with --by.")
+@config_options("SCRAPE_RUNS_TABLE", "TARGET")
 @json_option
 @click.pass_context
-def stats(ctx: click.Context, since: str, as_json: bool) -> int:
+def stats(ctx: click.Context, since: str, by: str | None, limit: int, as_json: bool) -> int:
     """Retry metrics: totals, success rates, retries per chain, by failure pattern and attempt.
 
     Every retry count is of the retries that ended (completed or failed) in the window; those
@@ -40,11 +43,23 @@ def stats(ctx: click.Context, since: str, as_json: bool) -> int:
     beside them. Where retries are handed to the fleet (README: Handing retries to the fleet), a RAN table splits them by how
     they ran: here, or at the fleet by webhook or queue (the outcome the scraper wrote).
 
+    With --by, per target, kind or column instead: runs, stuck, retries ended, their success
+    rate, chains permanently failed and the commonest failure pattern, worst first.
+
     \b
-    Example:
+    Examples:
       stuck-runs stats --since 30d
+      stuck-runs stats --by target --since 24h
     """
     window = parse_duration(since, "--since")
+    if by is not None:
+        with open_runtime(ctx) as rt:
+            grouped = stats_by(rt, by, window, limit)
+        if as_json:
+            emit_json(grouped)
+        else:
+            print_groups(grouped)
+        return EXIT_OK
     with open_runtime(ctx) as rt:
         result = retry_stats(rt, window)
         fleet = result.fleet_shown(rt.settings.hands_off)
@@ -81,6 +96,29 @@ def stats(ctx: click.Context, since: str, as_json: bool) -> int:
         ((p.pattern or "(unclassified)", p.failures, p.retries, p.retries_succeeded) for p in result.by_pattern),
     )
     return EXIT_OK
+
+
+def print_groups(grouped: GroupedStats) -> None:
+    """`stats --by`'s table: one line per group, worst first."""
+    click.echo(f"Since {when(grouped.since)}, by {grouped.key}, worst first ({grouped.order}):")
+    if not grouped.groups:
+        click.echo("  no runs in the window")
+    table(
+        (grouped.by.upper(), "RUNS", "STUCK", "RETRIES ENDED", "SUCCESS RATE", "PERM. FAILED", "COMMONEST FAILURE"),
+        (
+            (
+                "(none)" if g.group is None else g.group,
+                g.runs,
+                g.stuck,
+                g.retries,
+                percent(g.success_rate),
+                g.permanently_failed,
+                f"{g.top_pattern} ({g.top_pattern_failures})" if g.top_pattern else "-",
+            )
+            for g in grouped.groups
+        ),
+        shrink=(grouped.by.upper(), "COMMONEST FAILURE"),
+    )
 
 
 @cli.group()

@@ -143,7 +143,11 @@ def _retry(
     interruption.printing()
     if as_json:
         made_due = isinstance(result, DueNow)
-        emit_json(result if wanted is None or dry_run else {"due_now" if made_due else "scheduled": result, "outcome": outcome})
+        emit_json(
+            result
+            if wanted is None or dry_run
+            else {"due_now" if made_due else "scheduled": result, "outcome": outcome}
+        )
     elif wanted is None:
         print_bulk(result, show_all)
     elif dry_run:

@@ -58,7 +58,6 @@ def refusal(exc: CancelRefused | RetryRefused) -> ApiError:
     return ApiError(400, error, details)
 
 
-
 def install_timing(app: FastAPI) -> None:
     """`Server-Timing: app;dur=<ms>` on every answer: what the server spent, for a browser's
     network panel and the benchmark, apart from the network and the client."""
@@ -71,7 +70,6 @@ def install_timing(app: FastAPI) -> None:
         if request.url.path.startswith("/api/"):
             response.headers.setdefault("Cache-Control", "no-store")  # answers name runs and errors
         return response
-
 
 
 def is_api(request: Request) -> bool:

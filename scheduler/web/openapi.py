@@ -50,4 +50,3 @@ def describe_errors(app: FastAPI) -> None:
         return schema
 
     app.openapi = document  # type: ignore[method-assign]
-

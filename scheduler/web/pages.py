@@ -32,6 +32,7 @@ from jobs.runtime import Runtime
 from jobs.settings import parse_duration
 from jobs.stats import retry_stats
 from jobs.status import read_status
+from jobs.targets import TARGET, stats_by
 from jobs.timeline import HourlyTimeline, hourly_timeline
 from scheduler.documents import json_text, plain
 from scheduler.web.answers import ApiError, answering
@@ -243,13 +244,13 @@ def build_pages(
         cursor: str = "",
         before: str = "",
         order: str = "",
+        target: str = "",
     ) -> Response:
-        chosen = {
-            name: value for name, value in (("status", status), ("q", q), ("since", since), ("order", order)) if value
-        }
+        fields = (("status", status), ("q", q), ("since", since), ("order", order), ("target", target))
+        chosen = {name: value for name, value in fields if value}
         form = {
             "page": "runs",
-            "filters": {"status": status, "q": q, "since": since, "order": order or "newest"},
+            "filters": {"status": status, "q": q, "since": since, "order": order or "newest", "target": target},
             "states": (*WRITTEN_STATES, STUCK_CHOICE),
             "orders": ORDER_CHOICES,
             "window_label": window_label(status or None),  # "Due within" for pending retries...
@@ -271,6 +272,7 @@ def build_pages(
                 stuck=stuck,
                 order=order or "newest",
                 before=before or None,
+                target=target or None,
             )
             found = list_runs(rt, filters)
             later = "/runs?" + urlencode({**chosen, "cursor": found.next_cursor}) if found.next_cursor else None
@@ -316,14 +318,28 @@ def build_pages(
     @pages.get("/stats")
     def stats(request: Request, since: str = "7d") -> Response:
         def read() -> dict[str, Any]:
-            stats = retry_stats(rt, parse_duration(since, "since"))
+            window = parse_duration(since, "since")
+            stats = retry_stats(rt, window)
+            # The worst targets (SPEC §15), each linked to its runs, where TARGET names what runs scrape.
+            targets = stats_by(rt, TARGET, window, limit=10) if rt.settings.target else None
             return {
                 "page": "stats",
                 "since": since,
                 "stats": plain(stats),
                 "fleet": stats.fleet_shown(rt.settings.hands_off),
+                "targets": plain(targets),
+                "target_runs": target_runs_links(targets, since),
             }
 
         return page(request, "stats.html", "Failed to read stats", read)
 
     return pages
+
+
+def target_runs_links(targets: Any, since: str) -> list[str | None]:
+    """Each worst target's runs: the runs page filtered to it, started in the window (None: no target)."""
+    if targets is None:
+        return []
+    return [
+        None if g.group is None else "/runs?" + urlencode({"target": g.group, "since": since}) for g in targets.groups
+    ]

@@ -142,7 +142,6 @@ def checked_parameters(request: Request) -> None:
         raise ApiError(400, "This endpoint takes no body: give its parameters in the query string")
 
 
-
 def no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [key for key, _ in pairs]
     repeated = sorted({key for key in keys if keys.count(key) > 1})
@@ -184,4 +183,3 @@ async def read_body(request: Request, model: type[BaseModel]) -> BaseModel:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ())) or "body"
         raise ApiError(400, f"Invalid {where}: {first.get('msg', 'not accepted')}") from None
-

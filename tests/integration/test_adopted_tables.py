@@ -460,6 +460,23 @@ def test_status_and_stats_count_the_table(adopted, story, played):
     }
 
 
+def test_stats_by_target_and_by_column_on_the_table(adopted, story, played):
+    """`stats --by` (SPEC §15) on every shape: its groups add up to `stats`' totals, by the host of
+    the steering column (TARGET) and by the column itself; `--by kind` without a kind column is refused."""
+    t, d = adopted, played
+    by_target = json.loads(d.ok("stats", "--by", "target", "--json", TARGET=f"host({t.steer})").stdout)
+    # TARGET naming the column itself (text, varchar...) is accepted when the table is opened.
+    by_column = json.loads(d.ok("stats", "--by", t.steer, "--json", TARGET=t.steer).stdout)
+    for grouped in (by_target, by_column):
+        summed = {
+            k: sum(g[k] for g in grouped["groups"]) for k in ("retries", "succeeded", "permanently_failed", "stuck")
+        }
+        assert summed == {"retries": 3, "succeeded": 1, "permanently_failed": 1, "stuck": 3}  # as `stats` counts them
+    assert by_column["key"] == t.steer and all(g["group"] for g in by_column["groups"])
+    kind = d.cli("stats", "--by", "kind")
+    assert kind.returncode == 2 and kind.stderr.count("\n") == 1 and "maps no kind" in kind.stderr, kind.stderr
+
+
 def test_the_api_and_pages_of_issue_19_on_the_table(adopted, story, played):
     """What `serve` gained (stuck filter, orders, previous pages, cancel and inputs on the chain,
     the single retry's dry run, reset-stuck by the configured limit, 20-digit ids) on every shape."""

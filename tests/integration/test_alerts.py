@@ -217,16 +217,16 @@ def _ended_retries(engine: sa.Engine, when: datetime, outcomes: dict[str, list[s
 
 def test_retry_failure_rate_is_counted_in_sql_over_the_last_hour_and_names_the_worst_target(db_url, engine, receiver):
     clock = SteeredClock()
-    rt = wire(runtime(db_url, receiver.url(), clock))
+    rt = wire(runtime(db_url, receiver.url(), clock, target="location_query"))
     try:
         # Nine ended in the hour (below ALERT_MIN_RETRIES), others two hours ago: nothing to say.
         _ended_retries(engine, clock.now() - timedelta(minutes=10), {"Belgium": ["failed"] * 6 + ["completed"] * 3})
         _ended_retries(engine, clock.now() - timedelta(hours=2), {"Belgium": ["failed"] * 5})
-        assert alerting.tick(rt, START, target=lambda t: t.c.location_query) == []
+        assert alerting.tick(rt, START) == []
         more = {"Belgium": ["failed"], "Ghent": ["completed"] * 4 + ["failed"]}
         _ended_retries(engine, clock.now() - timedelta(minutes=5), more)
         # 15 ended, 8 failed: more than half; Belgium's 10, 7 failed, the worst target.
-        [sent] = alerting.tick(rt, START, target=lambda t: t.c.location_query)
+        [sent] = alerting.tick(rt, START)
     finally:
         rt.close()
     assert sent.delivered

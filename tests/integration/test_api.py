@@ -616,7 +616,9 @@ def test_runs_page_back_by_a_reversed_keyset_in_every_order(web, engine):
                 "/api/runs", params={"limit": 3, "order": order, "cursor": _cursor_of(http, order, len(forward) - 2)}
             ).json()
             back = walk(http, {"limit": 3, "order": order}, key="prev_cursor", start=last["prev_cursor"])
-            assert [run for page in reversed(back) for run in page] == [run for page in forward[:-1] for run in page], order
+            assert [run for page in reversed(back) for run in page] == [run for page in forward[:-1] for run in page], (
+                order
+            )
     flat = {order: [run for page in walk_all(web, order) for run in page] for order in ("newest", "started", "due")}
     assert len(flat["newest"]) == 15 and len(flat["started"]) == 10 and len(flat["due"]) == 5
     assert set(flat["due"]) < set(flat["newest"]) and not set(flat["due"]) & set(flat["started"])
@@ -627,9 +629,9 @@ def _cursor_of(http, order: str, page: int) -> str | None:
     """next_cursor of page `page` (0: the first)."""
     cursor = None
     for _ in range(page + 1):
-        cursor = http.get("/api/runs", params={"limit": 3, "order": order, **({"cursor": cursor} if cursor else {})}).json()[
-            "next_cursor"
-        ]
+        cursor = http.get(
+            "/api/runs", params={"limit": 3, "order": order, **({"cursor": cursor} if cursor else {})}
+        ).json()["next_cursor"]
     return cursor
 
 
@@ -640,8 +642,12 @@ def walk_all(web, order: str) -> list[list[str]]:
 
 def test_the_due_order_is_soonest_first_and_the_stuck_filter_is_what_check_would_fail(db_url, engine):
     with engine.begin() as conn:
-        late = insert_run(conn, status="pending_retry", is_retry=True, retry_count=1, next_retry_at=NOW + timedelta(hours=2))
-        soon = insert_run(conn, status="pending_retry", is_retry=True, retry_count=1, next_retry_at=NOW + timedelta(minutes=5))
+        late = insert_run(
+            conn, status="pending_retry", is_retry=True, retry_count=1, next_retry_at=NOW + timedelta(hours=2)
+        )
+        soon = insert_run(
+            conn, status="pending_retry", is_retry=True, retry_count=1, next_retry_at=NOW + timedelta(minutes=5)
+        )
         stuck = insert_run(conn, started_at=NOW - timedelta(minutes=50))
         insert_run(conn, started_at=NOW - timedelta(minutes=20))  # running, within its limit
         insert_run(conn, status="failed", started_at=NOW - timedelta(hours=5))
@@ -691,7 +697,13 @@ def test_the_other_orders_and_the_previous_page_start_at_their_cursor_in_an_inde
         ).one()
     rt = make_runtime(db_url)
     try:
-        run = Run(id=middle.id, status="pending_retry", what="", started_at=middle.started_at, next_retry_at=middle.next_retry_at)
+        run = Run(
+            id=middle.id,
+            status="pending_retry",
+            what="",
+            started_at=middle.started_at,
+            next_retry_at=middle.next_retry_at,
+        )
         at, run_id = decode_cursor(rt, encode_cursor(run, order))
         statement = rt.queries.runs_page(
             state=None, search=False, since=None, after="started", order=order, backwards=backwards

@@ -75,7 +75,9 @@ def test_every_write_stuck_runs_makes_sets_updated_at_to_now(db_url):
 
         # Claims and outcomes: completed; failed with a retry; failed by the scraper; released on SIGTERM.
         with rt.engine.begin() as conn:
-            conn.execute(sa.text("UPDATE scrape_runs SET next_retry_at = :t WHERE id = :id"), {"t": NOW, "id": swept.retry_id})
+            conn.execute(
+                sa.text("UPDATE scrape_runs SET next_retry_at = :t WHERE id = :id"), {"t": NOW, "id": swept.retry_id}
+            )
             due = {what: insert_due_retry(conn, search_query=what, now=NOW)[1] for what in ("fails", "scraper fails")}
         _age_everything(rt.engine)
         outcomes = {o.run_id: o.status for o in process_due_retries(rt).executed}
@@ -138,10 +140,16 @@ def test_every_write_stuck_runs_makes_sets_updated_at_to_now(db_url):
         # A dead letter requeued: a chain whose budget the failed retry above spent.
         spent = due["fails"]
         with rt.engine.connect() as conn:
-            [chain_end] = [r["id"] for r in rows(conn, "original_run_id = :r AND retry_count = 2", r=row(conn, spent)["original_run_id"])]
+            [chain_end] = [
+                r["id"]
+                for r in rows(conn, "original_run_id = :r AND retry_count = 2", r=row(conn, spent)["original_run_id"])
+            ]
         _age_everything(rt.engine)
         with rt.engine.begin() as conn:
-            conn.execute(sa.text("UPDATE scrape_runs SET status = 'failed', next_retry_at = NULL WHERE id = :id"), {"id": chain_end})
+            conn.execute(
+                sa.text("UPDATE scrape_runs SET status = 'failed', next_retry_at = NULL WHERE id = :id"),
+                {"id": chain_end},
+            )
             conn.execute(
                 sa.text(
                     "INSERT INTO scrape_run_dead_letters (run_id, chain_id, attempts, budget, pattern, last_error, inputs, created_at)"
@@ -156,7 +164,9 @@ def test_every_write_stuck_runs_makes_sets_updated_at_to_now(db_url):
 
     # Handed to the fleet's queue (SCRAPE_RUN_HANDOFF).
     queued = Layout(statuses={"queued": ("pending",)})
-    queued_rt = make_runtime(db_url, handoff="queued", layout=queued, max_concurrent_retries=5)  # one is handed over above
+    queued_rt = make_runtime(
+        db_url, handoff="queued", layout=queued, max_concurrent_retries=5
+    )  # one is handed over above
     with freeze_time(NOW):
         with queued_rt.engine.begin() as conn:
             _, waiting = insert_due_retry(conn, search_query="queued", now=NOW)
@@ -216,7 +226,10 @@ def test_a_django_shaped_table_gets_fresh_created_and_modified_on_retries(db_url
         [attempt] = sweep_stuck_runs(rt).attempts
     with rt.engine.connect() as conn:
         failed, retry = (
-            conn.execute(sa.text("SELECT * FROM scraper_run WHERE id IN (:a, :b) ORDER BY retry_count"), {"a": stuck, "b": attempt.retry_id})
+            conn.execute(
+                sa.text("SELECT * FROM scraper_run WHERE id IN (:a, :b) ORDER BY retry_count"),
+                {"a": stuck, "b": attempt.retry_id},
+            )
             .mappings()
             .all()
         )

@@ -279,9 +279,17 @@ def test_bulk_retry_says_how_many_matched_beyond_its_limit_and_lists_every_skip_
     with engine.begin() as conn:
         spent = insert_run(conn, status="failed", search_query="Bulk spent", error_message="HTTP 503 from the site")
         insert_run(  # its last retry, 4 of 4, failed: the budget is spent
-            conn, status="failed", search_query="Bulk spent", error_message="HTTP 503 from the site", is_retry=True,
-            retry_count=4, max_retries=4, original_run_id=spent, failure_pattern="server_error",
-            started_at=NOW, completed_at=NOW,
+            conn,
+            status="failed",
+            search_query="Bulk spent",
+            error_message="HTTP 503 from the site",
+            is_retry=True,
+            retry_count=4,
+            max_retries=4,
+            original_run_id=spent,
+            failure_pattern="server_error",
+            started_at=NOW,
+            completed_at=NOW,
         )
         # a chain whose retry an operator cancelled: over, not retryable
         root, retry = insert_due_retry(conn, search_query="Bulk cancelled")

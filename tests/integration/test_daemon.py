@@ -409,4 +409,10 @@ def test_prometheus_metrics_are_served_and_count_what_happened(db_url, tmp_path)
     assert metrics["stuck_runs_dead_lettered_total"] == 1
     assert metrics['stuck_runs_job_last_success_timestamp_seconds{job="stuck_run_checker"}'] > now.timestamp() - 5
     assert "stuck_runs_pending_retries" in metrics and "stuck_runs_running_retries" in metrics
+    # The monitoring kit's gauges (monitoring/): the heartbeat's reading of the fleet, the intervals.
+    assert metrics["stuck_runs_live_daemons"] == 1 and metrics["stuck_runs_paused_since_timestamp_seconds"] == 0
+    assert metrics["stuck_runs_daemon_heartbeat_timestamp_seconds"] > now.timestamp() - 5
+    assert metrics["stuck_runs_daemon_started_timestamp_seconds"] > now.timestamp() - 5
+    assert metrics['stuck_runs_job_interval_seconds{job="stuck_run_checker"}'] == 3600
+    assert metrics['stuck_runs_job_interval_seconds{job="retry_processor"}'] == 1
     engine.dispose()

@@ -121,7 +121,9 @@ def test_an_action_on_a_retry_being_delivered_is_refused_at_once_with_when_to_tr
             body = answer.json()
             assert answer.status_code == 409, answer.text
             assert body["error"] == "Run is being delivered to the fleet"
-            assert 1 <= body["details"]["retryAfterSeconds"] <= 45  # the lease: 5 s connect, 10 s, 30 s margin and "try again in" in body["details"]["reason"]
+            assert (
+                1 <= body["details"]["retryAfterSeconds"] <= 45
+            )  # the lease: 5 s connect, 10 s, 30 s margin and "try again in" in body["details"]["reason"]
         started = time.monotonic()
         with pytest.raises(CancelRefused, match=r"being delivered to the fleet .*: try again in \d+s"):
             cancel_run(rt, retry)
@@ -253,7 +255,9 @@ def peak_sessions(db_url: str, tmp_path, cap: int, retries: int) -> tuple[int, f
         # Its output to a file: `process` prints a line per retry, and a pipe nobody reads while it
         # runs fills at 64 KB and blocks it (800 retries "never finished" that way).
         with open(tmp_path / "process.out", "w+") as output:
-            proc = subprocess.Popen([sys.executable, "-m", "scheduler", "process"], env=env, stdout=output, stderr=output)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "scheduler", "process"], env=env, stdout=output, stderr=output
+            )
             with watcher.connect() as conn:
                 while proc.poll() is None:
                     most = max(most, conn.execute(sa.text(SESSIONS)).scalar_one())

@@ -113,7 +113,9 @@ def test_a_budget_fixed_at_zero_by_the_sweep_is_honoured_by_a_plain_retry(rt):
     swept = sweep_stuck_runs(rt, RetryPolicy(max_retries=0))
     assert [a.message for a in swept.attempts] == ["Run stuck for 2.0h - permanently failed after 0 attempts"]
     # The policy in force is 4 retries now; the chain's budget was fixed at 0 and is spent.
-    with pytest.raises(RetryRefused, match=r"spent its retry budget \(0 of 0 retries spent; 1 attempt, the original run included"):
+    with pytest.raises(
+        RetryRefused, match=r"spent its retry budget \(0 of 0 retries spent; 1 attempt, the original run included"
+    ):
         retry_run(rt, run_id, policy=RetryPolicy(max_retries=4))
     with rt.engine.connect() as conn:
         assert chain_of(conn, run_id)[0]["max_retries"] == 0 and len(chain_of(conn, run_id)) == 1

@@ -180,7 +180,7 @@ def test_the_retry_button_counts_the_chain_s_next_retry_and_its_budget(web, engi
     assert page.index(f'/runs/{root}"') < page.index(f'/runs/{second}"')  # oldest first
     assert http.post(f"/api/runs/{second}/retry", headers={"Origin": web.base}).status_code == 200
     pending = http.get(f"/runs/{root}").text
-    assert "/retry\">" not in pending and "is already scheduled for retry" in pending
+    assert '/retry">' not in pending and "is already scheduled for retry" in pending
     assert pending.count('class="badge pending_retry"') == 1
     http.close()
 
@@ -654,7 +654,7 @@ def test_a_dead_letters_inputs_are_shown_as_json_on_the_page_and_by_dlq_show(web
     shown = cli("dlq", "show", "1", env={"DATABASE_URL": db_url})
     assert shown.returncode == 0, shown.stderr
     assert '        config = {"pages": 3}' in shown.stdout.splitlines(), shown.stdout
-    assert '        results_count = null' in shown.stdout.splitlines()
+    assert "        results_count = null" in shown.stdout.splitlines()
     assert '        location_query = "Belgium"' in shown.stdout.splitlines()
 
 
@@ -673,12 +673,21 @@ def test_permanently_failed_is_one_24h_count_named_alike_by_status_json_api_and_
     """A chain dead-lettered three days ago is outside the window everywhere; one of an hour ago in it."""
     for ended_ago in (timedelta(days=3), timedelta(hours=1)):
         root = failed_run(
-            engine, failure_pattern="stuck", started_at=NOW - ended_ago - timedelta(hours=3),
-            completed_at=NOW - ended_ago - timedelta(hours=2), max_retries=1,
+            engine,
+            failure_pattern="stuck",
+            started_at=NOW - ended_ago - timedelta(hours=3),
+            completed_at=NOW - ended_ago - timedelta(hours=2),
+            max_retries=1,
         )
         failed_run(
-            engine, is_retry=True, retry_count=1, max_retries=1, original_run_id=root, failure_pattern="server_error",
-            started_at=NOW - ended_ago - timedelta(minutes=30), completed_at=NOW - ended_ago,
+            engine,
+            is_retry=True,
+            retry_count=1,
+            max_retries=1,
+            original_run_id=root,
+            failure_pattern="server_error",
+            started_at=NOW - ended_ago - timedelta(minutes=30),
+            completed_at=NOW - ended_ago,
         )
     env = {"DATABASE_URL": db_url}
     text = cli("status", env=env)
@@ -706,7 +715,13 @@ def test_sign_in_returns_to_the_page_asked_for_and_never_to_another_host(web, en
         signed = http.post("/login", data={"token": READER, "next": asked})
         evil = [
             http.post("/login", data={"token": READER, "next": target}).headers["location"]
-            for target in ("//evil.example", "https://evil.example", "/\\evil.example", "/%2F%2Fevil.example", "/%5Cevil.example")
+            for target in (
+                "//evil.example",
+                "https://evil.example",
+                "/\\evil.example",
+                "/%2F%2Fevil.example",
+                "/%5Cevil.example",
+            )
         ]
         wrong = http.post("/login", data={"token": "not-a-token-of-this-server", "next": asked})
     assert sent.headers["location"] == "/login?" + urlencode({"next": asked})
@@ -742,7 +757,12 @@ def test_the_overview_s_cards_link_to_the_runs_they_count(web, engine):
     http, _ = signed_in(web, READER)
     overview = http.get("/").text
     http.close()
-    for link in ("/runs?status=running", "/runs?status=stuck", "/runs?status=pending_retry&amp;order=due", "/dead-letters"):
+    for link in (
+        "/runs?status=running",
+        "/runs?status=stuck",
+        "/runs?status=pending_retry&amp;order=due",
+        "/dead-letters",
+    ):
         assert f'<a href="{link}">' in overview, link
 
 
@@ -751,9 +771,13 @@ def test_the_runs_page_shows_stuck_runs_due_times_and_pages_back(db_url, engine)
         insert_run(conn, search_query="stuck one", started_at=NOW - timedelta(minutes=50))
         insert_run(conn, search_query="young one", started_at=NOW - timedelta(minutes=5))
         due = NOW + timedelta(hours=3)
-        insert_run(conn, status="pending_retry", search_query="waiting one", is_retry=True, retry_count=1, next_retry_at=due)
+        insert_run(
+            conn, status="pending_retry", search_query="waiting one", is_retry=True, retry_count=1, next_retry_at=due
+        )
         for n in range(60):
-            insert_run(conn, status="completed", search_query=f"job {n:02d}", started_at=NOW - timedelta(hours=1, minutes=n))
+            insert_run(
+                conn, status="completed", search_query=f"job {n:02d}", started_at=NOW - timedelta(hours=1, minutes=n)
+            )
     web = InProcessWeb(db_url, STUCK_AFTER="45m")
     try:
         http, _ = signed_in(web, READER)
@@ -771,14 +795,21 @@ def test_the_runs_page_shows_stuck_runs_due_times_and_pages_back(db_url, engine)
     assert "waiting one" not in started and started.index("young one") < started.index("job 00")  # not first
     assert f"{due:%Y-%m-%d %H:%M:%S} UTC" in due_page and "waiting one" in due_page and "job 00" not in due_page
     assert "order=started" in later and "job 59" in second and 'rel="prev"' not in back
-    assert re.findall(r'<a href="/runs/[^"]+">([^<]+)</a>', back) == re.findall(r'<a href="/runs/[^"]+">([^<]+)</a>', started)
+    assert re.findall(r'<a href="/runs/[^"]+">([^<]+)</a>', back) == re.findall(
+        r'<a href="/runs/[^"]+">([^<]+)</a>', started
+    )
 
 
 def test_the_chain_page_shows_the_run_s_inputs_and_a_cancel_button_to_an_admin(web, engine):
     root = failed_run(engine, search_query="Data Architect", location_query="Belgium")
     with engine.begin() as conn:
         pending = insert_run(
-            conn, status="pending_retry", is_retry=True, retry_count=1, original_run_id=root, next_retry_at=NOW + timedelta(hours=1)
+            conn,
+            status="pending_retry",
+            is_retry=True,
+            retry_count=1,
+            original_run_id=root,
+            next_retry_at=NOW + timedelta(hours=1),
         )
     admin, _ = signed_in(web, ADMIN)
     reader, _ = signed_in(web, READER)
@@ -815,7 +846,12 @@ def test_in_a_browser_an_admin_cancels_a_pending_retry_on_its_chain(browser, ser
     root = failed_run(engine)
     with engine.begin() as conn:
         pending = insert_run(
-            conn, status="pending_retry", is_retry=True, retry_count=1, original_run_id=root, next_retry_at=NOW + timedelta(hours=1)
+            conn,
+            status="pending_retry",
+            is_retry=True,
+            retry_count=1,
+            original_run_id=root,
+            next_retry_at=NOW + timedelta(hours=1),
         )
     sign_in(browser, served, ADMIN, first=f"/runs/{root}")
     button = until(browser, lambda d: d.find_element(By.XPATH, "//button[text()='Cancel retry']"))

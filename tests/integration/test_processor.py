@@ -58,9 +58,7 @@ def test_a_late_completion_supersedes_the_pending_retry(db_url, frozen):
 
 
 def test_a_503_is_retried_with_the_next_retry_row(db_url, frozen):
-    rt = make_runtime(
-        db_url, ScriptedScraper(lambda run: Failed(error="HTTP 503 Service Unavailable"))
-    )
+    rt = make_runtime(db_url, ScriptedScraper(lambda run: Failed(error="HTTP 503 Service Unavailable")))
     with rt.engine.begin() as conn:
         root, retry = pending_retry(conn, config='{"pages": 1}')
     [outcome] = process_due_retries(rt).executed
@@ -73,9 +71,7 @@ def test_a_503_is_retried_with_the_next_retry_row(db_url, frozen):
 
 
 def test_a_404_is_permanent_and_dead_lettered_with_its_stderr(db_url, frozen):
-    failure = Failed(
-        error="HTTP Error 404: Not Found", detail="Traceback ...\nHTTP Error 404: Not Found"
-    )
+    failure = Failed(error="HTTP Error 404: Not Found", detail="Traceback ...\nHTTP Error 404: Not Found")
     rt = make_runtime(db_url, ScriptedScraper(lambda run: failure))
     with rt.engine.begin() as conn:
         root, retry = pending_retry(conn)

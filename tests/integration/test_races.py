@@ -82,8 +82,18 @@ def chain_counts(engine: sa.Engine) -> dict:
 def sweeper_at_start(db_url: str, start: Path, ready: Path, *more: str) -> subprocess.Popen:
     """A sweeping process (batches of 5, no sweep lock) that says when it is ready and waits for `start`."""
     return spawn(
-        "-m", "tests.procs", "sweeper", db_url, "--batch", "5", "--no-lock", *more,
-        "--start", str(start), "--ready", str(ready),
+        "-m",
+        "tests.procs",
+        "sweeper",
+        db_url,
+        "--batch",
+        "5",
+        "--no-lock",
+        *more,
+        "--start",
+        str(start),
+        "--ready",
+        str(ready),
     )
 
 

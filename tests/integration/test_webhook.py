@@ -265,7 +265,10 @@ def test_process_says_what_went_to_the_fleet_and_what_was_postponed(db_url, rece
     [postponed_line] = [line for line in result.stdout.splitlines() if line.startswith("Postponed ")]
     assert handed_line.endswith(") to the fleet") and "[RETRY 1/4]" in handed_line
     # "delivered again at <time>", worded as the log line says it
-    assert re.search(r"— Webhook answered HTTP 503 Service Unavailable; delivered again at \d{4}-\d\d-\d\d \d\d:\d\d UTC \(no budget spent\)$", postponed_line)
+    assert re.search(
+        r"— Webhook answered HTTP 503 Service Unavailable; delivered again at \d{4}-\d\d-\d\d \d\d:\d\d UTC \(no budget spent\)$",
+        postponed_line,
+    )
     postponed = handed if f"(run {handed})" not in handed_line else postponed
     assert SECRET not in result.stdout + result.stderr
     with sa.create_engine(db_url).connect() as conn:

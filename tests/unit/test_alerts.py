@@ -8,7 +8,7 @@ import pytest
 from db.errors import ConfigError
 from jobs import alerts
 from jobs.alert_urls import hide_secrets, parse_alert_urls
-from jobs.settings.parsers import parse_events
+from jobs.settings.notice_parsers import parse_events
 
 
 def test_stuck_occurrences_add_up_and_keep_the_first_runs_labels():

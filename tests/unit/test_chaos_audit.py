@@ -59,7 +59,9 @@ def test_a_retry_the_fleet_took_delivered_again_while_its_process_lived_is_a_vio
     assert result.violations == ["retries the fleet took delivered again, their process alive: ['a']"]
     # Its process killed before the confirm: the lease ran out and another delivered it, as it must.
     killed = Audit()
-    _check_deliveries(killed, {"a": "completed", "b": "completed"}, log, disruptions=Disruptions(killed=frozenset({101})))
+    _check_deliveries(
+        killed, {"a": "completed", "b": "completed"}, log, disruptions=Disruptions(killed=frozenset({101}))
+    )
     assert killed.violations == []
 
 

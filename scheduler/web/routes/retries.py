@@ -134,5 +134,7 @@ def add_routes(api: APIRouter, rt: Runtime, access: Access) -> None:
         does before executing it; 409 when nothing of the chain is pending."""
         with answering("Failed to make the retry due"):
             done = make_due_now(rt, rt.runs.parse_id(run_id))
-        logger.bind(event="api_due_now", run_id=str(done.retry_id)).info("retry {} made due now over HTTP", done.retry_id)
+        logger.bind(event="api_due_now", run_id=str(done.retry_id)).info(
+            "retry {} made due now over HTTP", done.retry_id
+        )
         return {"success": True, "data": plain(done), "message": done.message}

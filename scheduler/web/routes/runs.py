@@ -30,13 +30,17 @@ def add_routes(api: APIRouter, rt: Runtime, access: Access) -> None:
         before: str | None = Query(None, description="prev_cursor of a page: the page before it"),
         stuck: Flag = Query("false", description="only runs running past their limit, as `check` judges them"),
         order: str = Query(
-            "newest", description="newest (runs not started first), started (newest started), due (pending retries by due time)"
+            "newest",
+            description="newest (runs not started first), started (newest started), due (pending retries by due time)",
         ),
+        target: str | None = Query(None, description="only runs of this target (TARGET's value: a site, a host)"),
     ) -> dict:
         """Runs newest first (or by start, or by due time), a keyset page at a time, either way."""
         with answering("Failed to list runs"):
             window = parse_duration(since, "since") if since else None
-            filters = RunFilter(status, q or None, window, limit, cursor, stuck=on(stuck), order=order, before=before)
+            filters = RunFilter(
+                status, q or None, window, limit, cursor, stuck=on(stuck), order=order, before=before, target=target
+            )
             page = list_runs(rt, filters)
         return {
             "success": True,

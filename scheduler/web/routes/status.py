@@ -10,6 +10,7 @@ from jobs.runtime import Runtime
 from jobs.settings import parse_duration
 from jobs.stats import retry_stats
 from jobs.status import read_status
+from jobs.targets import stats_by
 from jobs.timeline import hourly_timeline
 from scheduler.documents import plain
 from scheduler.web.answers import answering, failure
@@ -37,10 +38,17 @@ def add_routes(api: APIRouter, rt: Runtime, access: Access) -> None:
             return {"success": True, "data": plain(read_status(rt))}
 
     @api.get("/stats", dependencies=read)
-    def stats(since: str = Query("7d", description="a window such as 24h or 7d")) -> dict:
-        """Retry metrics over the window (`stuck-runs stats`), `by_how` they ran: here, webhook, queue."""
+    def stats(
+        since: str = Query("7d", description="a window such as 24h or 7d"),
+        by: str | None = Query(None, description="target, kind or a column: per group, worst first"),
+        limit: int = Query(20, ge=1, le=10_000, description="groups, with `by`"),
+    ) -> dict:
+        """Retry metrics over the window (`stuck-runs stats`), `by_how` they ran: here, webhook, queue.
+        With `by` (`stuck-runs stats --by`): per target, kind or column, worst first."""
         with answering("Failed to read stats"):
             window = parse_duration(since, "since")
+            if by is not None:
+                return {"success": True, "data": plain(stats_by(rt, by, window, limit))}
             return {"success": True, "data": plain(retry_stats(rt, window))}
 
     @api.get("/stats/hourly", dependencies=read)
