@@ -58,8 +58,23 @@ class PatternStats:
     retries_succeeded: int
 
 
+class RetryOutcomes:
+    """What `retries` ended and `succeeded` say besides: failed, and the success rate."""
+
+    retries: int
+    succeeded: int
+
+    @property
+    def failed(self) -> int:
+        return self.retries - self.succeeded
+
+    @property
+    def success_rate(self) -> float | None:
+        return self.succeeded / self.retries if self.retries else None
+
+
 @dataclass(frozen=True)
-class RetryStats:
+class RetryStats(RetryOutcomes):
     since: datetime
     retries: int  # retries that ended (completed or failed) in the window
     succeeded: int
@@ -74,14 +89,6 @@ class RetryStats:
     by_attempt: tuple[AttemptStats, ...]
     by_pattern: tuple[PatternStats, ...]
     by_how: tuple[HowStats, ...]  # here, webhook, queue
-
-    @property
-    def failed(self) -> int:
-        return self.retries - self.succeeded
-
-    @property
-    def success_rate(self) -> float | None:
-        return self.succeeded / self.retries if self.retries else None
 
     @property
     def retries_per_chain(self) -> float | None:

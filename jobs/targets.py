@@ -17,13 +17,14 @@ from db.engine import database_errors
 from db.errors import UsageError
 from db.queries.groups import KIND, column_key, kind_key, stats_by_group, target_key
 from jobs.runtime import Runtime
+from jobs.stats import RetryOutcomes
 
 TARGET = "target"
 WORST_FIRST = "most permanently failed, then most retries failed, then most stuck, then most runs"
 
 
 @dataclass(frozen=True)
-class GroupStats:
+class GroupStats(RetryOutcomes):
     group: str | None  # the target, kind or column value; None: rows without one
     runs: int  # runs started in the window (first attempts and retries)
     stuck: int  # stuck detections in the window
@@ -32,14 +33,6 @@ class GroupStats:
     permanently_failed: int  # chains whose last attempt ended failed in the window, no retry coming
     top_pattern: str | None  # the commonest failure pattern of the window's failed attempts
     top_pattern_failures: int
-
-    @property
-    def failed(self) -> int:
-        return self.retries - self.succeeded
-
-    @property
-    def success_rate(self) -> float | None:
-        return self.succeeded / self.retries if self.retries else None
 
 
 @dataclass(frozen=True)
