@@ -18,9 +18,10 @@ ROLES = ("id", "status", "started_at", "completed_at", "error_message")
 # Roles a table may lack: `updated_at`, the bookkeeping time stuck-runs sets to now() on every write
 # (without a mapping, a column spelled like one is found by db.table); and SPEC §14's `kind` (what
 # sort of run a row is), `max_runtime` (the run's own limit) and `progress` (a counter the scraper
-# raises), only when mapped.
-OPTIONAL_ROLES = ("updated_at", "kind", "max_runtime", "progress")
+# raises), and §16's `priority`, only when mapped.
+OPTIONAL_ROLES = ("updated_at", "kind", "max_runtime", "progress", "priority")
 LIMIT_ROLES = ("kind", "max_runtime", "progress")
+# SPEC §16: a number the scraper writes; more retries due than free slots go highest first.
 # The states stuck-runs reads and writes; `queued` is the scraper's own waiting value (§12's hand-off).
 STATES = ("running", "completed", "failed", "pending_retry", "cancelled", "queued")
 WRITTEN_STATES = ("running", "completed", "failed", "pending_retry", "cancelled")

@@ -129,6 +129,26 @@ def limit_role_columns(reflected: Reflected) -> dict[str, str | None]:
     return keys
 
 
+def priority_column(reflected: Reflected) -> str | None:
+    """The key of the column mapped to SPEC §16's `priority` role, None when unmapped; `ConfigError`
+    for a column the table lacks or one that holds no number."""
+    table, layout, qualified = reflected.table, reflected.layout, reflected.qualified
+    mapped = layout.columns.get("priority")
+    if not mapped:
+        return None
+    column = next((c for c in table.columns if c.name == mapped), None)
+    if column is None:
+        raise ConfigError(
+            f"COLUMN_MAP: priority={mapped} is not a column of {qualified}: map one of its columns, or leave priority out"
+        )
+    if not isinstance(column.type, (sa.Integer, sa.Numeric, sa.Float)):
+        raise ConfigError(
+            f"COLUMN_MAP: priority={mapped} ({sql_type(column)}) is not a number: "
+            f"map an integer or numeric column, or leave priority out"
+        )
+    return column.key
+
+
 def dead_letters_name(table: sa.Table, id_kind: str) -> str:
     """Where the table's dead letters go: UUID ids share `scrape_run_dead_letters` (they cannot
     collide, and that is where they always went); integer and text ids would collide with another

@@ -31,6 +31,7 @@ from db.reflect import (
     is_bookkeeping,
     is_generated,
     limit_role_columns,
+    priority_column,
     reflect_table,
     status_sql_type,
     updated_column,
@@ -88,6 +89,7 @@ class RunsTable:
     kind: str | None = None
     max_runtime: str | None = None
     progress_counter: str | None = None
+    priority: str | None = None  # SPEC §16's `priority` role: the mapped column's key, or None
 
     @property
     def table(self) -> sa.Table:
@@ -365,6 +367,7 @@ def load_runs_table(
         limit_roles["kind"],
         limit_roles["max_runtime"],
         limit_roles["progress"],
+        priority_column(reflected),
     )
 
 

@@ -11,7 +11,7 @@ from db.errors import ConfigError
 from db.layout import Layout, parse_column_map
 from db.table import load_runs_table
 
-COLUMNS = "ADD COLUMN spider TEXT, ADD COLUMN limit_s INTEGER, ADD COLUMN budget INTERVAL, ADD COLUMN items BIGINT, ADD COLUMN note TEXT"
+COLUMNS = "ADD COLUMN urgency SMALLINT, ADD COLUMN spider TEXT, ADD COLUMN limit_s INTEGER, ADD COLUMN budget INTERVAL, ADD COLUMN items BIGINT, ADD COLUMN note TEXT"
 
 
 @pytest.fixture
@@ -66,3 +66,11 @@ def test_a_role_the_table_cannot_play_is_refused_in_one_line(conn, column_map: s
         loaded(conn, column_map)
     assert str(refused.value).startswith(said), str(refused.value)
     assert "\n" not in str(refused.value)
+
+
+def test_priority_is_a_number_column(conn) -> None:
+    assert loaded(conn, "priority=urgency").priority == "urgency"
+    assert loaded(conn, "").priority is None
+    with pytest.raises(ConfigError) as refused:
+        loaded(conn, "priority=spider")
+    assert str(refused.value).startswith("COLUMN_MAP: priority=spider (text) is not a number")
