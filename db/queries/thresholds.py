@@ -1,0 +1,157 @@
+"""The statements behind learned limits and their evidence (SPEC §14): each kind's runtimes over
+its completed runs in a window, the stored learned limits (`stuck_runs_thresholds`), how many
+completed runs ran past a limit, the runs failed as stuck and how long past their limit they ran,
+and the runs running now.
+
+A runtime is `completed_at - started_at`, in seconds. A run's limit in the evidence is its own
+`max_runtime` when it has one, else its kind's (given per kind as arrays, decided in Python by
+jobs.limits.limit_for), else the default: the precedence of §14, never decided here.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from db import locks
+from db.arrays import array_param
+from db.messages import STUCK_PATTERN
+from db.table import RunsTable
+
+THRESHOLDS = "stuck_runs_thresholds"
+LEARNING = "learning"  # the lock namespace's purpose: one computation of learned limits at a time
+QUANTILES = (0.5, 0.95, 0.99)
+
+
+def thresholds_table(schema: str | None) -> sa.Table:
+    return sa.Table(
+        THRESHOLDS,
+        sa.MetaData(),
+        sa.Column("id", sa.BigInteger, primary_key=True),
+        sa.Column("runs_table", sa.Text, nullable=False),
+        sa.Column("kind", sa.Text),  # NULL: runs of no kind (or a table without a `kind` role)
+        sa.Column("runs", sa.Integer, nullable=False),
+        sa.Column("p50", sa.Interval),
+        sa.Column("p95", sa.Interval),
+        sa.Column("p99", sa.Interval),
+        sa.Column("longest", sa.Interval),
+        sa.Column("limit", sa.Interval),  # NULL: not learned (too few runs, or no kind)
+        sa.Column("learn_window", sa.Interval, nullable=False),
+        sa.Column("learned_with", sa.Text, nullable=False),
+        sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False),
+        schema=schema,
+    )
+
+
+class ThresholdStatements:
+    """The statements for one runs table. Parameters by name, prefixed `sr_`."""
+
+    def __init__(self, runs: RunsTable) -> None:
+        self.runs = runs
+        self.t = runs.table
+        self.stored = thresholds_table(self.t.schema)
+        self.lock_ns = locks.namespace(runs.canonical_name, LEARNING)
+
+    def _kind(self) -> sa.ColumnElement:
+        kind = self.runs.kind_text()
+        return (kind if kind is not None else sa.cast(sa.null(), sa.Text)).label("kind")
+
+    def _runtime(self) -> sa.ColumnElement:
+        t = self.t
+        return sa.extract("epoch", t.c.completed_at - t.c.started_at)
+
+    def _completed_in_window(self) -> list[sa.ColumnElement]:
+        t = self.t
+        return [
+            self.runs.in_state(t.c.status, "completed"),
+            t.c.completed_at >= sa.bindparam("sr_since", type_=sa.DateTime(timezone=True)),
+            t.c.started_at.is_not(None),
+        ]
+
+    def history(self) -> sa.Select:
+        """Per kind, the completed runs since `:sr_since`: `runs`, `quantiles` (seconds at p50, p95,
+        p99, interpolated: percentile_cont, one sort for the three) and `longest` (seconds).
+        With the learning index, one index-only scan of the window."""
+        runtime = self._runtime()
+        wanted = sa.cast(postgresql.array([sa.literal(q) for q in QUANTILES]), postgresql.ARRAY(sa.Float))
+        quantiles = sa.func.percentile_cont(wanted).within_group(runtime)
+        quantiles.type = postgresql.ARRAY(sa.Float)
+        kind = self._kind()
+        counted = sa.func.count().label("runs")
+        return (
+            sa.select(kind, counted, quantiles.label("quantiles"), sa.func.max(runtime).label("longest"))
+            .where(*self._completed_in_window())
+            .group_by(kind.element)
+        )
+
+    def _limit(self, limits: sa.FromClause) -> sa.ColumnElement:
+        """Each run's limit in seconds: its own, else its kind's (`limits`), else `:sr_default`."""
+        own = self.runs.max_runtime_seconds()
+        default = sa.bindparam("sr_default", type_=sa.Float)
+        return sa.func.coalesce(*([own] if own is not None else []), limits.c.seconds, default)
+
+    def _kind_limits(self) -> sa.TableValuedAlias:
+        """`unnest(:sr_kinds, :sr_secondss)`: the limit of each kind that has one of its own."""
+        return (
+            sa.func.unnest(array_param("sr_kinds", sa.Text), array_param("sr_secondss", sa.Float))
+            .table_valued(sa.column("kind", sa.Text), sa.column("seconds", sa.Float))
+            .render_derived(name="l")
+        )
+
+    def _judged(self, *where: sa.ColumnElement) -> tuple[sa.Select, sa.ColumnElement, sa.ColumnElement]:
+        limits = self._kind_limits()
+        kind_text = self.runs.kind_text()
+        on = (kind_text == limits.c.kind) if kind_text is not None else sa.false()
+        kind = self._kind()
+        source = sa.select(kind).select_from(self.t.outerjoin(limits, on)).where(*where)
+        return source, self._runtime() - self._limit(limits), kind
+
+    def over_limit(self) -> sa.Select:
+        """Per kind, the completed runs since `:sr_since` that ran longer than their limit: each
+        would have been failed while healthy."""
+        source, past, kind = self._judged(*self._completed_in_window())
+        return source.add_columns(sa.func.count().filter(past > 0).label("over_limit")).group_by(kind.element)
+
+    def caught(self) -> sa.Select:
+        """Per kind, the runs failed as stuck since `:sr_since`, and how long past their limit they
+        had run when the checker failed them (seconds: median, most)."""
+        t = self.t
+        source, past, kind = self._judged(
+            t.c.failure_pattern == STUCK_PATTERN,
+            self.runs.in_state(t.c.status, "failed"),
+            t.c.completed_at >= sa.bindparam("sr_since", type_=sa.DateTime(timezone=True)),
+            t.c.started_at.is_not(None),
+        )
+        median = sa.func.percentile_cont(0.5).within_group(past)
+        return source.add_columns(
+            sa.func.count().label("caught"), median.label("past_median"), sa.func.max(past).label("past_most")
+        ).group_by(kind.element)
+
+    def running(self) -> sa.Select:
+        """Per kind, the runs running now and when the oldest of them started."""
+        t = self.t
+        kind = self._kind()
+        return (
+            sa.select(kind, sa.func.count().label("running"), sa.func.min(t.c.started_at).label("oldest"))
+            .where(self.runs.in_state(t.c.status, "running"))
+            .group_by(kind.element)
+        )
+
+    # -- the stored learned limits ------------------------------------------------------------
+
+    def read(self) -> sa.Select:
+        s = self.stored
+        return sa.select(*(c for c in s.c if c.key not in ("id", "runs_table"))).where(
+            s.c.runs_table == self.runs.canonical_name
+        )
+
+    def take_lock(self) -> sa.Select:
+        """Waits for the transaction-level lock of this table's learning: one computation at a time."""
+        return sa.select(sa.func.pg_advisory_xact_lock(self.lock_ns, 0))
+
+    def forget(self) -> sa.Delete:
+        return sa.delete(self.stored).where(self.stored.c.runs_table == self.runs.canonical_name)
+
+    def store(self) -> sa.Insert:
+        """Inserts rows given as a list of dicts (the keys of `read`, and `runs_table`)."""
+        return sa.insert(self.stored)
