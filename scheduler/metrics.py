@@ -20,11 +20,13 @@ from jobs.events import (
     DAEMON,
     Event,
     JobRunsEnded,
+    LimitsInForce,
     ProcessorPassFinished,
     RetryEnded,
     RetryStarted,
     SweepFinished,
 )
+from jobs.limits import limit_for
 from jobs.retries import ProcessResult
 
 PREFIX = "stuck_runs"
@@ -66,6 +68,13 @@ class Metrics:
             ("job",),
             registry=self.registry,
         )
+        self.limit = Gauge(
+            f"{PREFIX}_limit_seconds",
+            "The limit a run of each kind gets (without a max_runtime of its own), by where it comes from "
+            "(configured, learned, default); kind=\"\" is the default (STUCK_AFTER) for runs of any other kind",
+            ("kind", "source"),
+            registry=self.registry,
+        )
         if hands_off:
             self.handed_off.labels(hands_off)  # a series from the start, so rate() sees the first one
 
@@ -103,6 +112,8 @@ class Metrics:
                 self.postponed.inc(execution.postponed)
                 self.retries_scheduled.inc(execution.retries_scheduled)
                 self.dead_lettered.inc(execution.dead_lettered)
+            case LimitsInForce(limits):
+                self.limits(limits)
             case JobRunsEnded(runs, via=via) if via == DAEMON:
                 for run in runs:  # an error is counted, a success stamped
                     if run.error is not None:
@@ -116,3 +127,14 @@ class Metrics:
         self.running.set(running)
         self.fleet.labels("queued").set(handed_off_queued)
         self.fleet.labels("running").set(handed_off_running)
+
+    def limits(self, limits: object) -> None:
+        """One series per kind with a limit of its own, and the default; a kind whose limit went away
+        (or changed source) loses its old series."""
+        series = {("", "default"): limits.default}
+        for kind in {*limits.configured, *limits.learned}:
+            applied = limit_for(limits, kind)
+            series[(kind, applied.source)] = applied.limit
+        self.limit.clear()
+        for (kind, source), limit in series.items():
+            self.limit.labels(kind, source).set(limit.total_seconds())

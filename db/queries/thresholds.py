@@ -155,3 +155,39 @@ class ThresholdStatements:
     def store(self) -> sa.Insert:
         """Inserts rows given as a list of dicts (the keys of `read`, and `runs_table`)."""
         return sa.insert(self.stored)
+
+    # -- what doctor checks ---------------------------------------------------------------------
+
+    def kinds_absent(self) -> sa.Select:
+        """Of `:sr_kinds`, those no completed or running run has (index probes, never a scan)."""
+        t, runs = self.t, self.runs
+        wanted = sa.func.unnest(array_param("sr_kinds", sa.Text)).table_valued("kind").render_derived(name="w")
+
+        def seen(state: str) -> sa.Exists:
+            return sa.exists().where(runs.kind_text() == wanted.c.kind, runs.in_state(t.c.status, state))
+
+        return sa.select(wanted.c.kind).where(~seen("completed"), ~seen("running"))
+
+    def max_runtime_outliers(self) -> sa.Select:
+        """Of up to `:sr_limit` rows with a `max_runtime`: how many, how many negative, how many
+        over `:sr_absurd` seconds."""
+        seconds = self.runs.max_runtime_seconds()
+        sample = sa.select(seconds.label("seconds")).where(seconds.is_not(None)).limit(sa.bindparam("sr_limit"))
+        s = sample.subquery("s")
+        return sa.select(
+            sa.func.count().label("sampled"),
+            sa.func.count().filter(s.c.seconds < 0).label("negative"),
+            sa.func.count().filter(s.c.seconds > sa.bindparam("sr_absurd", type_=sa.Float)).label("absurd"),
+        )
+
+    def progress_not_numbers(self) -> sa.Select:
+        """Of up to `:sr_limit` rows with a `progress`: how many, and how many do not read as a number."""
+        column = self.t.c[self.runs.progress_counter]
+        text = sa.cast(column, sa.Text)
+        sample = sa.select(text.label("value")).where(column.is_not(None)).limit(sa.bindparam("sr_limit"))
+        s = sample.subquery("s")
+        number = r"^\s*[-+]?[0-9]+(\.[0-9]+)?\s*$"
+        return sa.select(
+            sa.func.count().label("sampled"),
+            sa.func.count().filter(~s.c.value.op("~")(number)).label("not_numbers"),
+        )

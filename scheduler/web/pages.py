@@ -32,6 +32,7 @@ from jobs.runtime import Runtime
 from jobs.settings import parse_duration
 from jobs.stats import retry_stats
 from jobs.status import read_status
+from jobs.thresholds import span, thresholds
 from jobs.timeline import HourlyTimeline, hourly_timeline
 from scheduler.documents import json_text, plain
 from scheduler.web.answers import ApiError, answering
@@ -66,13 +67,18 @@ def percent(rate: float | None) -> str:
     return "—" if rate is None else f"{rate:.0%}"
 
 
+def seconds_span(seconds: float | None) -> str:
+    """A duration from `plain()` (seconds) as `stuck-runs thresholds` shows it: `12m`, `6h05m`."""
+    return span(None if seconds is None else timedelta(seconds=seconds))
+
+
 def path_part(value: object) -> str:
     """A run id (any type, any text) as one segment of a URL."""
     return quote(str(value), safe="")
 
 
 templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=StrictUndefined)
-templates.filters.update(when=shown_time, part=path_part, percent=percent, json=json_text)
+templates.filters.update(when=shown_time, part=path_part, percent=percent, json=json_text, span=seconds_span)
 templates.globals.update(refresh_seconds=REFRESH_SECONDS)
 
 
@@ -322,6 +328,7 @@ def build_pages(
                 "since": since,
                 "stats": plain(stats),
                 "fleet": stats.fleet_shown(rt.settings.hands_off),
+                "limits": plain(thresholds(rt)),  # SPEC §14: the same numbers as `stuck-runs thresholds`
             }
 
         return page(request, "stats.html", "Failed to read stats", read)
