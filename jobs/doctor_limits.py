@@ -100,7 +100,8 @@ def _progress(conn: sa.Connection, q: ThresholdStatements, runs: RunsTable) -> l
     if isinstance(column.type, sa.String) and not found["not_numbers"]:
         return []
     name = runs.name_of(runs.progress_counter)
-    seen = f"; of {found['sampled']:,} values sampled, {found['not_numbers']:,} are not numbers" if found["sampled"] else ""
+    sampled, odd = found["sampled"], found["not_numbers"]
+    seen = f"; of {sampled:,} values sampled, {odd:,} are not numbers" if sampled else ""
     return [
         (
             "progress",

@@ -189,5 +189,5 @@ class ThresholdStatements:
         number = r"^\s*[-+]?[0-9]+(\.[0-9]+)?\s*$"
         return sa.select(
             sa.func.count().label("sampled"),
-            sa.func.count().filter(~s.c.value.op("~")(number)).label("not_numbers"),
+            sa.func.count().filter(~s.c.value.regexp_match(number)).label("not_numbers"),
         )

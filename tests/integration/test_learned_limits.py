@@ -69,7 +69,9 @@ def runtime(url: str, **env: str) -> Runtime:
 def stored_rows(url: str) -> list[tuple]:
     engine = make_engine(url)
     with engine.connect() as conn:
-        rows = conn.exec_driver_sql('SELECT kind, runs, "limit", computed_at FROM stuck_runs_thresholds ORDER BY kind').all()
+        rows = conn.exec_driver_sql(
+            'SELECT kind, runs, "limit", computed_at FROM stuck_runs_thresholds ORDER BY kind'
+        ).all()
     engine.dispose()
     return [tuple(r) for r in rows]
 
@@ -154,9 +156,10 @@ def test_what_if_counts_are_the_hand_counted_ones_and_it_changes_nothing(fleet) 
             rt.close()
     shop = SPIDERS["shop_fr"].in_window()
     shop_limit = learned_limit(timedelta(seconds=percentile(shop, 0.99)), 1.5, timedelta(minutes=10))
+    jobs, sitemap = SPIDERS["jobs_de"].in_window(), SPIDERS["sitemap_full"].in_window()
     hand = {  # kind: (limit, source, completed runs that ran longer)
-        "jobs_de": (timedelta(minutes=8), "configured", sum(r > 480 for r in SPIDERS["jobs_de"].in_window())),
-        "sitemap_full": (timedelta(hours=6), "configured", sum(r > 6 * 3600 for r in SPIDERS["sitemap_full"].in_window())),
+        "jobs_de": (timedelta(minutes=8), "configured", sum(r > 480 for r in jobs)),
+        "sitemap_full": (timedelta(hours=6), "configured", sum(r > 6 * 3600 for r in sitemap)),
         "shop_fr": (shop_limit, "learned", sum(r > shop_limit.total_seconds() for r in shop)),
         "rare_spider": (timedelta(hours=8), "default", 0),
     }
@@ -167,7 +170,8 @@ def test_what_if_counts_are_the_hand_counted_ones_and_it_changes_nothing(fleet) 
         kind: (timedelta(hours=8), 0) for kind in hand
     }
     ran = {kind: timedelta(seconds=seconds) for kind, (_, seconds) in STUCK.items()}
-    assert (result["jobs_de"].caught, result["jobs_de"].caught_past_median) == (5, ran["jobs_de"] - timedelta(minutes=8))
+    caught = result["jobs_de"]
+    assert (caught.caught, caught.caught_past_median) == (5, ran["jobs_de"] - timedelta(minutes=8))
     assert result["sitemap_full"].caught_past_most == ran["sitemap_full"] - timedelta(hours=6)
     with engine.connect() as conn:
         assert conn.exec_driver_sql(checksum).scalar() == before
@@ -198,7 +202,11 @@ def test_two_processes_needing_learned_limits_at_once_compute_them_once(fleet) -
         holder.execute(sa.text("SELECT pg_advisory_xact_lock(:ns, 0)"), {"ns": _learning_namespace(fleet)})
         procs = [
             subprocess.Popen(
-                [sys.executable, "-c", LEARNER, fleet], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                [sys.executable, "-c", LEARNER, fleet],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             for _ in range(2)
         ]
@@ -229,7 +237,8 @@ def _learning_namespace(url: str) -> int:
 
 def _waiting_for_advisory_locks(engine: sa.Engine) -> int:
     with engine.connect() as conn:
-        return conn.exec_driver_sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").scalar()
+        waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        return conn.exec_driver_sql(waiting).scalar()
 
 
 def test_the_command_the_api_and_the_stats_page_show_the_same_numbers(fleet_url) -> None:
@@ -298,3 +307,32 @@ def test_the_learning_index_serves_the_computation(fleet_url) -> None:
         plan = conn.exec_driver_sql(f"EXPLAIN {statement}", params).scalars().all()
     engine.dispose()
     assert any("Index Only Scan using ix_scrape_runs_completed_by_kind" in line for line in plan), plan
+
+
+def test_doctor_shows_the_limits_and_warns_about_what_would_make_them_wrong(db_url) -> None:
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE scrape_runs ADD spider TEXT, ADD budget INTEGER, ADD items TEXT")
+        conn.exec_driver_sql(  # a budget below zero, one of twelve years; a progress that is no number
+            "INSERT INTO scrape_runs (search_query, location_query, status, spider, budget, items, started_at) VALUES"
+            " ('a', 'b', 'running', 'jobs_de', -60, 'lots', now()),"
+            " ('c', 'd', 'running', 'jobs_de', 400000000, '12', now())"
+        )
+    engine.dispose()
+    env = {
+        "DATABASE_URL": db_url,
+        "SCRAPE_RUN_COMMAND": "true",
+        "COLUMN_MAP": "kind=spider,max_runtime=budget,progress=items",
+        "STUCK_AFTER_BY_KIND": "jobs_de=20m,job_de=1h",
+    }
+    checked = run(["doctor"], env=env)
+    assert checked.returncode == 0, checked.stdout  # warnings, not failures
+    lines = {line.split(":")[0]: line for line in checked.stdout.splitlines()}
+    resolved = "✓ limits: default 1h (STUCK_AFTER); job_de 1h (configured); jobs_de 20m (configured)"
+    assert lines["✓ limits"].startswith(resolved)
+    assert "'job_de', which no completed or running run has in spider" in lines["! limits by kind"]
+    assert "of 2 rows sampled with a budget, 1 are negative and 1 longer than ten years" in lines["! max_runtime"]
+    assert "items (TEXT) is not a number column; of 2 values sampled, 1 are not numbers" in lines["! progress"]
+    learning = run(["doctor"], env={**env, "LEARN_THRESHOLDS": "on", "COLUMN_MAP": "kind=spider"})
+    assert "nothing learned yet: the first process that needs the limits learns them" in learning.stdout
+    assert "! max_runtime" not in learning.stdout and "! progress" not in learning.stdout
