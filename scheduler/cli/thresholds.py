@@ -10,6 +10,11 @@ from scheduler.cli import LIMITS, cli, config_options, json_option, open_runtime
 from scheduler.cli.output import emit_json, table, when
 
 NO_KIND = "(no kind)"
+LEGEND = """\
+OVER LIMIT: completed runs that ran longer than the limit; each would have been failed while healthy.
+CAUGHT: runs failed as stuck; PAST LIMIT: how long past the limit they had run when failed (median;
+negative: failed before it, so the limit would have let them run on). A run's own max_runtime beats
+its kind's limit."""
 
 
 @cli.command("thresholds")
@@ -70,8 +75,4 @@ def show(result: Thresholds) -> None:
     for k in result.kinds:
         if k.not_learned:
             click.echo(f"  {k.kind}: {k.not_learned}")
-    click.echo(
-        "OVER LIMIT: completed runs that ran longer than the limit — each would have been failed while healthy and "
-        "retried beside itself. CAUGHT: runs failed as stuck; PAST LIMIT: how long past the limit they had run when "
-        "failed (median; negative: before it). A run's own max_runtime beats its kind's limit."
-    )
+    click.echo(LEGEND)

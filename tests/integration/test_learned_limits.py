@@ -336,3 +336,26 @@ def test_doctor_shows_the_limits_and_warns_about_what_would_make_them_wrong(db_u
     learning = run(["doctor"], env={**env, "LEARN_THRESHOLDS": "on", "COLUMN_MAP": "kind=spider"})
     assert "nothing learned yet: the first process that needs the limits learns them" in learning.stdout
     assert "! max_runtime" not in learning.stdout and "! progress" not in learning.stdout
+
+
+# README's worked example ("Each run by its own clock"): the commands, and the settings over ENV.
+README_COMMANDS = (
+    (["thresholds"], {}),
+    (["thresholds", "--what-if", "learn=on"], {}),
+    (["thresholds", "--what-if", "learn=on,learn-margin=1.5"], {}),
+    (["thresholds"], {"LEARN_THRESHOLDS": "on", "LEARN_MARGIN": "1.5"}),
+)
+
+
+def readme_env(url: str, **env: str) -> dict[str, str]:
+    return {"DATABASE_URL": url, **ENV, "COLUMNS": "200", **env}
+
+
+def test_the_readme_shows_the_worked_examples_real_output(fleet) -> None:
+    readme = (REPO / "README.md").read_text()
+    with freeze_time(NOW):
+        for args, env in README_COMMANDS:
+            shown = run(args, env=readme_env(fleet, **env))
+            assert shown.returncode == 0, shown.stderr
+            block = "\n".join(shown.stdout.splitlines())
+            assert block in readme, f"README lacks the output of stuck-runs {' '.join(args)} ({env}):\n{block}"
