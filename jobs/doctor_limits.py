@@ -8,7 +8,7 @@ Reads only: learned limits are shown as stored, never computed here.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 
@@ -29,15 +29,17 @@ def limit_findings(conn: sa.Connection, settings: object, runs: RunsTable) -> li
     q = ThresholdStatements(runs)
     findings = [_resolved(conn, q, settings, runs)]
     if runs.kind and settings.stuck_after_by_kind:
-        absent = conn.execute(q.kinds_absent(), {"sr_kinds": list(settings.stuck_after_by_kind)}).scalars().all()
+        since = datetime.now(timezone.utc) - settings.learn_window
+        kinds = list(settings.stuck_after_by_kind)
+        absent = conn.execute(q.kinds_absent(), {"sr_kinds": kinds, "sr_since": since}).scalars().all()
         if absent:
             kind = runs.name_of(runs.kind)
             findings.append(
                 (
                     "limits by kind",
                     True,
-                    f"STUCK_AFTER_BY_KIND names {', '.join(map(repr, sorted(absent)))}, which no completed or "
-                    f"running run has in {kind}",
+                    f"STUCK_AFTER_BY_KIND names {', '.join(map(repr, sorted(absent)))}, which no run completed in "
+                    f"{span(settings.learn_window)} nor any running run has in {kind}",
                     f"check the spelling against the values of {kind}, or leave the kind out",
                     True,
                 )

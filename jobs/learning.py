@@ -6,7 +6,14 @@ Stored rows are fresh while younger than an hour and computed with the settings 
 (window, minimum runs, margin, floor: `learned_with`); otherwise the process that needs them takes
 the table's learning lock (transaction-level), looks again — another process may have just
 computed them — and computes them only if they are still stale. A process never computes while
-another does: it waits for the lock (under a second on ten million runs) and reads the other's rows.
+another does: it waits for the lock and reads the other's rows.
+
+Runtimes are counted by whole seconds per kind (`stuck_runs_runtimes`), and the counts move on:
+each learning adds the runs completed since the last and takes away those that left the window,
+two small ranges of the learning index, instead of reading the whole window again (a month of ten
+million runs). They are counted from scratch only the first time, or when the window grew. A run
+whose completion is written after its `completed_at` passed a learning (a scraper that commits its
+outcome long after stamping it) is not counted until the window is counted from scratch.
 
 This module knows the numbers, not the rule that turns a p99 into a limit: the caller gives it
 (jobs.limits.learned_limit), so the limit stored is the limit every process uses.
@@ -14,13 +21,14 @@ This module knows the numbers, not the rule that turns a p99 into a limit: the c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import cached_property
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import ProgrammingError
 
@@ -32,6 +40,8 @@ if TYPE_CHECKING:
     from jobs.runtime import Runtime
 
 FRESH_FOR = timedelta(hours=1)  # learned limits are computed at most this often
+QUANTILES = (0.5, 0.95, 0.99)
+FIRST_COUNT_TIMEOUT = timedelta(minutes=5)  # the lock wait and a first count from scratch, at most
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,7 @@ class Learned:
     computed_at: datetime | None
     window: timedelta
     learned_with: str
+    counted: tuple[datetime, datetime] | None = None  # the runs counted: completed in [from, until)
     computed: bool = False  # this call computed them (it held the learning lock)
 
     def fresh(self, now: datetime, learn: LearnSettings) -> bool:
@@ -106,19 +117,71 @@ def learn_limit(kind: KindHistory, learn: LearnSettings, rule: Rule) -> KindHist
     return replace(kind, limit=rule(kind.p99) if learned else None)
 
 
-def compute(conn: Connection, q: ThresholdStatements, now: datetime, learn: LearnSettings, rule: Rule) -> Learned:
-    """Every kind's history in the window, computed now (one statement), with the limits learned
-    by `rule` for kinds with at least `learn.min_runs` runs. Writes nothing."""
-    rows = conn.execute(q.history(), {"sr_since": now - learn.window}).mappings().all()
+def percentiles(counts: Sequence[tuple[int, int]]) -> tuple[int, tuple[float, ...], int | None]:
+    """From `(seconds, runs)` pairs sorted by seconds: how many runs, their p50, p95 and p99
+    interpolated between the two nearest ranks (as PostgreSQL's percentile_cont), and the longest."""
+    cumulative = list(accumulate(runs for _, runs in counts))
+    total = cumulative[-1] if cumulative else 0
+    if not total:
+        return 0, (), None
+
+    def at(rank: int) -> int:  # the runtime of the rank-th run (from 0) in order
+        return counts[bisect_right(cumulative, rank)][0]
+
+    values = []
+    for fraction in QUANTILES:
+        position = (total - 1) * fraction
+        low = int(position)
+        high = min(low + 1, total - 1)
+        values.append(at(low) + (at(high) - at(low)) * (position - low))
+    return total, tuple(values), counts[-1][0]
+
+
+def _kinds(rows: Iterable[tuple[str | None, int, int]], learn: LearnSettings, rule: Rule) -> tuple[KindHistory, ...]:
+    """Each kind's history from the counts, with its learned limit; always a row for runs of no kind."""
+    by_kind: dict[str | None, list[tuple[int, int]]] = {None: []}
+    for kind, seconds, runs in rows:
+        by_kind.setdefault(kind, []).append((seconds, runs))
     kinds = []
-    for row in rows:
-        p50, p95, p99 = (_seconds(v) for v in (row["quantiles"] or (None, None, None)))
-        seen = KindHistory(row["kind"], row["runs"], p50, p95, p99, _seconds(row["longest"]))
-        kinds.append(learn_limit(seen, learn, rule))
-    if not any(k.kind is None for k in kinds):  # always a row for no kind: a stored computation is never empty
-        kinds.append(KindHistory(None, 0))
-    kinds.sort(key=lambda k: (k.kind is None, k.kind or ""))
-    return Learned(tuple(kinds), None, learn.window, learn.fingerprint)
+    for kind, counts in by_kind.items():
+        total, (p50, p95, p99), longest = _summary(sorted(counts))
+        kinds.append(learn_limit(KindHistory(kind, total, p50, p95, p99, longest), learn, rule))
+    return tuple(sorted(kinds, key=lambda k: (k.kind is None, k.kind or "")))
+
+
+def _summary(counts: list[tuple[int, int]]) -> tuple[int, tuple, timedelta | None]:
+    total, values, longest = percentiles(counts)
+    shown = tuple(_seconds(v) for v in values) or (None, None, None)
+    return total, shown, _seconds(longest)
+
+
+def counting_plan(found: Learned | None, now: datetime, window: timedelta) -> dict[str, object]:
+    """The parameters that move the stored counts on to the window ending `now`: add the runs
+    completed since they were counted, take away those that left the window. Counted from scratch
+    when there are none, or they cannot be moved on (a longer window, counts older than the window)."""
+    since = now - window
+    counted = found.counted if found is not None else None
+    if counted is not None and counted[0] <= since <= counted[1] <= now:
+        return {"sr_keep": True, "sr_add_from": counted[1], "sr_add_until": now, "sr_drop_from": counted[0],
+                "sr_drop_until": since}
+    return {"sr_keep": False, "sr_add_from": since, "sr_add_until": now, "sr_drop_from": now, "sr_drop_until": now}
+
+
+def compute(
+    conn: Connection,
+    q: ThresholdStatements,
+    now: datetime,
+    learn: LearnSettings,
+    rule: Rule,
+    found: Learned | None = None,
+    *,
+    write: bool = False,
+) -> Learned:
+    """Every kind's history in the window ending `now`, from the counts `found` moved on (or counted
+    from scratch), with the limits learned by `rule` for kinds with at least `learn.min_runs` runs.
+    With `write`, the moved counts replace the stored ones (the caller holds the learning lock)."""
+    rows = conn.execute(q.recount() if write else q.runtimes(), counting_plan(found, now, learn.window)).all()
+    return Learned(_kinds(rows, learn, rule), None, learn.window, learn.fingerprint, (now - learn.window, now))
 
 
 def stored(conn: Connection, q: ThresholdStatements) -> Learned | None:
@@ -138,7 +201,8 @@ def stored(conn: Connection, q: ThresholdStatements) -> Learned | None:
         )
     )
     first = rows[0]
-    return Learned(kinds, first["computed_at"], first["learn_window"], first["learned_with"])
+    counted = (first["counted_from"], first["counted_until"])
+    return Learned(kinds, first["computed_at"], first["learn_window"], first["learned_with"], counted)
 
 
 def learned(rt: Runtime, learn: LearnSettings, rule: Rule) -> Learned:
@@ -153,12 +217,16 @@ def learned(rt: Runtime, learn: LearnSettings, rule: Rule) -> Learned:
         if found is not None and found.fresh(now, learn):
             return found
         with rt.engine.begin() as conn:
+            # The first count of a month of ten million runs takes seconds, once: not cut short by
+            # `serve`'s statement timeout for pages, whichever process needs the limits first.
+            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(FIRST_COUNT_TIMEOUT.total_seconds() * 1000)}")
             conn.execute(q.take_lock())  # released at commit
             found = stored(conn, q)  # read committed: what a process that held the lock just wrote
             if found is not None and found.fresh(now, learn):
                 return found
-            computed = compute(conn, q, now, learn, rule)
+            computed = compute(conn, q, now, learn, rule, found, write=True)
             conn.execute(q.forget())
+            since, until = computed.counted
             conn.execute(
                 q.store(),
                 [
@@ -172,18 +240,20 @@ def learned(rt: Runtime, learn: LearnSettings, rule: Rule) -> Learned:
                         "longest": k.longest,
                         "limit": k.limit,
                         "learn_window": learn.window,
+                        "counted_from": since,
+                        "counted_until": until,
                         "learned_with": learn.fingerprint,
                         "computed_at": now,
                     }
                     for k in computed.kinds
                 ],
             )
-    return Learned(computed.kinds, now, learn.window, learn.fingerprint, computed=True)
+    return replace(computed, computed_at=now, computed=True)
 
 
 def history_read_only(rt: Runtime, learn: LearnSettings, rule: Rule) -> Learned:
     """The history for `learn` without writing anything: the stored rows when fresh and learned
-    over the same window (their limits re-derived by `rule`), else computed now."""
+    over the same window (their limits re-derived by `rule`), else the stored counts moved on now."""
     q = ThresholdStatements(rt.runs)
     now = rt.clock.now()
     with database_errors(rt.engine, "reading learned limits"), rt.engine.connect() as conn:
@@ -191,8 +261,8 @@ def history_read_only(rt: Runtime, learn: LearnSettings, rule: Rule) -> Learned:
         if found is not None and found.computed_at is not None and now - found.computed_at < FRESH_FOR:
             if found.window == learn.window:
                 kinds = tuple(learn_limit(k, learn, rule) for k in found.kinds)
-                return Learned(kinds, found.computed_at, learn.window, learn.fingerprint)
-        return compute(conn, q, now, learn, rule)
+                return Learned(kinds, found.computed_at, learn.window, learn.fingerprint, found.counted)
+        return compute(conn, q, now, learn, rule, found)
 
 
 def span(value: timedelta | None) -> str:

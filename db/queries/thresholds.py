@@ -1,5 +1,6 @@
 """The statements behind learned limits and their evidence (SPEC §14): each kind's runtimes over
-its completed runs in a window, the stored learned limits (`stuck_runs_thresholds`), how many
+its completed runs in a window, counted by whole seconds (`stuck_runs_runtimes`) and moved on
+hourly by two small ranges of runs; the stored learned limits (`stuck_runs_thresholds`); how many
 completed runs ran past a limit, the runs failed as stuck and how long past their limit they ran,
 and the runs running now.
 
@@ -11,7 +12,6 @@ jobs.limits.limit_for), else the default: the precedence of §14, never decided 
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 
 from db import locks
 from db.arrays import array_param
@@ -19,8 +19,8 @@ from db.messages import STUCK_PATTERN
 from db.table import RunsTable
 
 THRESHOLDS = "stuck_runs_thresholds"
+RUNTIMES = "stuck_runs_runtimes"
 LEARNING = "learning"  # the lock namespace's purpose: one computation of learned limits at a time
-QUANTILES = (0.5, 0.95, 0.99)
 
 
 def thresholds_table(schema: str | None) -> sa.Table:
@@ -37,8 +37,25 @@ def thresholds_table(schema: str | None) -> sa.Table:
         sa.Column("longest", sa.Interval),
         sa.Column("limit", sa.Interval),  # NULL: not learned (too few runs, or no kind)
         sa.Column("learn_window", sa.Interval, nullable=False),
+        sa.Column("counted_from", sa.DateTime(timezone=True), nullable=False),  # the runtimes counted: runs
+        sa.Column("counted_until", sa.DateTime(timezone=True), nullable=False),  # completed in [from, until)
         sa.Column("learned_with", sa.Text, nullable=False),
         sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False),
+        schema=schema,
+    )
+
+
+def runtimes_table(schema: str | None) -> sa.Table:
+    """How many completed runs of each kind ran each whole number of seconds, over the window the
+    thresholds rows say (`counted_from`, `counted_until`): moved on hourly by two small ranges of
+    runs, never counted again from the whole window unless the window changed."""
+    return sa.Table(
+        RUNTIMES,
+        sa.MetaData(),
+        sa.Column("runs_table", sa.Text, nullable=False),
+        sa.Column("kind", sa.Text),
+        sa.Column("seconds", sa.Integer, nullable=False),
+        sa.Column("runs", sa.BigInteger, nullable=False),
         schema=schema,
     )
 
@@ -50,6 +67,7 @@ class ThresholdStatements:
         self.runs = runs
         self.t = runs.table
         self.stored = thresholds_table(self.t.schema)
+        self.histogram = runtimes_table(self.t.schema)
         self.lock_ns = locks.namespace(runs.canonical_name, LEARNING)
 
     def _kind(self) -> sa.ColumnElement:
@@ -68,20 +86,59 @@ class ThresholdStatements:
             t.c.started_at.is_not(None),
         ]
 
-    def history(self) -> sa.Select:
-        """Per kind, the completed runs since `:sr_since`: `runs`, `quantiles` (seconds at p50, p95,
-        p99, interpolated: percentile_cont, one sort for the three) and `longest` (seconds).
-        With the learning index, one index-only scan of the window."""
-        runtime = self._runtime()
-        wanted = sa.cast(postgresql.array([sa.literal(q) for q in QUANTILES]), postgresql.ARRAY(sa.Float))
-        quantiles = sa.func.percentile_cont(wanted).within_group(runtime)
-        quantiles.type = postgresql.ARRAY(sa.Float)
-        kind = self._kind()
-        counted = sa.func.count().label("runs")
+    def _counted(self, since: str, until: str, sign: int) -> sa.Select:
+        """Each completed run of `[:since, :until)` by completion time, as (kind, whole seconds it ran, sign)."""
+        t = self.t
+        seconds = sa.cast(sa.func.floor(self._runtime()), sa.Integer)
+        return sa.select(self._kind(), seconds.label("seconds"), sa.literal(sign).label("runs")).where(
+            self.runs.in_state(t.c.status, "completed"),
+            t.c.completed_at >= sa.bindparam(since, type_=sa.DateTime(timezone=True)),
+            t.c.completed_at < sa.bindparam(until, type_=sa.DateTime(timezone=True)),
+            t.c.started_at.is_not(None),
+        )
+
+    def _folded(self, counted: sa.FromClause) -> sa.Select:
+        """`counted` (kind, seconds, runs) with the runs completed in `[:sr_add_from, :sr_add_until)`
+        added and those of `[:sr_drop_from, :sr_drop_until)` taken away: the runtimes of a window
+        moved on, from the counts of the window before and two ranges of the learning index."""
+        parts = sa.union_all(
+            sa.select(counted.c.kind, counted.c.seconds, counted.c.runs),
+            self._counted("sr_add_from", "sr_add_until", 1),
+            self._counted("sr_drop_from", "sr_drop_until", -1),
+        ).subquery("parts")
+        total = sa.func.sum(parts.c.runs)
         return (
-            sa.select(kind, counted, quantiles.label("quantiles"), sa.func.max(runtime).label("longest"))
-            .where(*self._completed_in_window())
-            .group_by(kind.element)
+            sa.select(parts.c.kind, parts.c.seconds, sa.cast(total, sa.BigInteger).label("runs"))
+            .group_by(parts.c.kind, parts.c.seconds)
+            .having(total != 0)
+        )
+
+    def runtimes(self) -> sa.Select:
+        """How many completed runs of each kind ran each whole number of seconds, in the window
+        moved on (`_folded`) from the stored counts (with `:sr_keep`) or from none. Writes nothing."""
+        h = self.histogram
+        stored = sa.select(h.c.kind, h.c.seconds, h.c.runs).where(
+            h.c.runs_table == self.runs.canonical_name, sa.bindparam("sr_keep", type_=sa.Boolean)
+        )
+        return self._folded(stored.subquery("stored"))
+
+    def recount(self) -> sa.Insert:
+        """`runtimes`, stored in place of the stored counts (one statement); returns them."""
+        h = self.histogram
+        old = (
+            sa.delete(h)
+            .where(h.c.runs_table == self.runs.canonical_name)
+            .returning(h.c.kind, h.c.seconds, h.c.runs)
+            .cte("old")
+        )
+        kept = sa.select(old.c.kind, old.c.seconds, old.c.runs).where(sa.bindparam("sr_keep", type_=sa.Boolean))
+        new = self._folded(kept.subquery("kept")).subquery("new")
+        table = sa.literal(self.runs.canonical_name).label("runs_table")
+        rows = sa.select(table, new.c.kind, new.c.seconds, new.c.runs)
+        return (
+            sa.insert(h)
+            .from_select(["runs_table", "kind", "seconds", "runs"], rows)
+            .returning(h.c.kind, h.c.seconds, h.c.runs)
         )
 
     def _limit(self, limits: sa.FromClause) -> sa.ColumnElement:
@@ -159,14 +216,17 @@ class ThresholdStatements:
     # -- what doctor checks ---------------------------------------------------------------------
 
     def kinds_absent(self) -> sa.Select:
-        """Of `:sr_kinds`, those no completed or running run has (index probes, never a scan)."""
+        """Of `:sr_kinds`, those no run completed since `:sr_since` (the learning window) nor any
+        running run has: a kind there is found at its first run; one absent reads the window's range
+        of the learning index."""
         t, runs = self.t, self.runs
         wanted = sa.func.unnest(array_param("sr_kinds", sa.Text)).table_valued("kind").render_derived(name="w")
+        since = t.c.completed_at >= sa.bindparam("sr_since", type_=sa.DateTime(timezone=True))
 
-        def seen(state: str) -> sa.Exists:
-            return sa.exists().where(runs.kind_text() == wanted.c.kind, runs.in_state(t.c.status, state))
+        def seen(state: str, *where: sa.ColumnElement) -> sa.Exists:
+            return sa.exists().where(runs.kind_text() == wanted.c.kind, runs.in_state(t.c.status, state), *where)
 
-        return sa.select(wanted.c.kind).where(~seen("completed"), ~seen("running"))
+        return sa.select(wanted.c.kind).where(~seen("completed", since), ~seen("running"))
 
     def max_runtime_outliers(self) -> sa.Select:
         """Of up to `:sr_limit` rows with a `max_runtime`: how many, how many negative, how many

@@ -294,19 +294,66 @@ def test_a_metric_per_kinds_limit_follows_the_limits_in_force() -> None:
     assert value("stuck_runs_limit_seconds", {"kind": "sitemap_full", "source": "configured"}) is None
 
 
-def test_the_learning_index_serves_the_computation(fleet_url) -> None:
+def test_the_learning_index_serves_the_counting(fleet_url) -> None:
+    """Moving the counts on reads two ranges of the learning index, never the table."""
     from db.queries.thresholds import ThresholdStatements
     from db.table import load_runs_table
 
     engine = make_engine(fleet_url)
     with engine.connect() as conn:
         runs = load_runs_table(conn, "scrape_runs", layout=Layout(columns={"kind": "spider"}))
-        statement = ThresholdStatements(runs).history().compile(dialect=engine.dialect)
+        statement = ThresholdStatements(runs).runtimes().compile(dialect=engine.dialect)
         conn.exec_driver_sql("SET enable_seqscan = off")  # a small table: whether the index can serve it
-        params = {**statement.params, "sr_since": NOW - timedelta(days=30)}
-        plan = conn.exec_driver_sql(f"EXPLAIN {statement}", params).scalars().all()
+        moved = learning.counting_plan(
+            learning.Learned((), NOW, timedelta(days=30), "", (NOW - timedelta(days=30), NOW)),
+            NOW + timedelta(hours=1),
+            timedelta(days=30),
+        )
+        plan = conn.exec_driver_sql(f"EXPLAIN {statement}", {**statement.params, **moved}).scalars().all()
     engine.dispose()
-    assert any("Index Only Scan using ix_scrape_runs_completed_by_kind" in line for line in plan), plan
+    scans = [line for line in plan if "scrape_runs" in line and "Scan" in line]
+    assert len(scans) == 2 and all("Index Only Scan using ix_scrape_runs_completed_by_kind" in s for s in scans), plan
+
+
+def test_counts_moved_on_an_hour_later_are_a_count_from_scratch(fleet) -> None:
+    """An hour later, with runs completed meanwhile and runs gone out of the window, the counts moved on
+    give what counting the new window from scratch gives, and what a count by hand gives."""
+    later = NOW + timedelta(hours=1, minutes=1)
+    engine = make_engine(fleet)
+    with engine.begin() as conn:  # 40 jobs_de runs of 1000 s completed in the hour
+        conn.execute(
+            sa.text(
+                "INSERT INTO scrape_runs (search_query, location_query, status, spider, started_at, completed_at)"
+                " SELECT 'late ' || g, 'web', 'completed', 'jobs_de', :t - g * interval '1 minute' - interval '1000s',"
+                " :t - g * interval '1 minute' FROM generate_series(1, 40) g"
+            ),
+            {"t": later},
+        )
+    try:
+        with freeze_time(NOW) as clock:
+            rt = runtime(fleet, LEARN_THRESHOLDS="on")
+            learn = LearnSettings.of(rt.settings)
+            try:
+                assert learning.learned(rt, learn, learning_rule(learn)).computed
+                clock.move_to(later)
+                moved = learning.learned(rt, learn, learning_rule(learn))
+                with rt.engine.connect() as conn:
+                    q = learning.ThresholdStatements(rt.runs)
+                    afresh = learning.compute(conn, q, later, learn, learning_rule(learn))  # from scratch
+            finally:
+                rt.close()
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM scrape_runs WHERE search_query LIKE 'late %'"))
+        engine.dispose()
+    assert moved.computed and moved.counted == (later - timedelta(days=30), later)
+    assert moved.kinds == afresh.kinds
+    spider, shift = SPIDERS["jobs_de"], (later - NOW).total_seconds()
+    hand = [spider.runtime(g) for g in range(1, spider.runs + 1) if spider.completed_ago(g) + shift <= 30 * 86400]
+    hand += [1000] * 40
+    jobs = {k.kind: k for k in moved.kinds}["jobs_de"]
+    assert jobs.runs == len(hand)
+    assert abs(jobs.p99.total_seconds() - percentile(hand, 0.99)) < 0.001
 
 
 def test_doctor_shows_the_limits_and_warns_about_what_would_make_them_wrong(db_url) -> None:
@@ -330,7 +377,7 @@ def test_doctor_shows_the_limits_and_warns_about_what_would_make_them_wrong(db_u
     lines = {line.split(":")[0]: line for line in checked.stdout.splitlines()}
     resolved = "✓ limits: default 1h (STUCK_AFTER); job_de 1h (configured); jobs_de 20m (configured)"
     assert lines["✓ limits"].startswith(resolved)
-    assert "'job_de', which no completed or running run has in spider" in lines["! limits by kind"]
+    assert "'job_de', which no run completed in 30d nor any running run has in spider" in lines["! limits by kind"]
     assert "of 2 rows sampled with a budget, 1 are negative and 1 longer than ten years" in lines["! max_runtime"]
     assert "items (TEXT) is not a number column; of 2 values sampled, 1 are not numbers" in lines["! progress"]
     learning = run(["doctor"], env={**env, "LEARN_THRESHOLDS": "on", "COLUMN_MAP": "kind=spider"})

@@ -1,10 +1,13 @@
 """Learned limits (SPEC §14): `stuck_runs_thresholds`, each kind's runtimes over its completed runs
 in the learning window and the limit learned from them, computed at most hourly by whichever
-process needs them first; and, where COLUMN_MAP maps `kind`, the index that computation reads.
+process needs them first; `stuck_runs_runtimes`, the counts they are computed from (how many runs
+of a kind ran each whole number of seconds); and, where COLUMN_MAP maps `kind`, the index the
+counting reads.
 
-The index: `(kind, completed_at) INCLUDE (started_at)` over completed runs only, so learning from
-ten million runs is one index-only scan of the window, never a read of the table's rows (bench:
-`python -m bench.learning`). Without a `kind` role there is nothing to learn, and no index.
+The index: `(completed_at) INCLUDE (kind, started_at)` over completed runs only. Each hour the
+counts move on by the runs completed since and the runs that left the window, two small ranges
+of it, read from the index alone (bench: `python -m bench.learning`); the first count of a window
+is one index-only scan of it. Without a `kind` role there is nothing to learn, and no index.
 
 Revision ID: 0007
 Revises: 0005
@@ -46,10 +49,25 @@ def steps(plan: TablePlan, dialect: Dialect) -> list[Step]:
     longest INTERVAL,
     "limit" INTERVAL,
     learn_window INTERVAL NOT NULL,
+    counted_from TIMESTAMPTZ NOT NULL,
+    counted_until TIMESTAMPTZ NOT NULL,
     learned_with TEXT NOT NULL,
     computed_at TIMESTAMPTZ NOT NULL,
     UNIQUE (runs_table, kind)
 )""",
+        ),
+        Step(
+            "table stuck_runs_runtimes",
+            f"""CREATE TABLE IF NOT EXISTS {prefix}stuck_runs_runtimes (
+    runs_table TEXT NOT NULL,
+    kind TEXT,
+    seconds INTEGER NOT NULL,
+    runs BIGINT NOT NULL
+)""",
+        ),
+        Step(
+            "index ix_stuck_runs_runtimes_table",
+            f"CREATE INDEX IF NOT EXISTS ix_stuck_runs_runtimes_table ON {prefix}stuck_runs_runtimes (runs_table)",
         ),
     ]
     if "kind" in plan.layout.columns:
@@ -58,7 +76,7 @@ def steps(plan: TablePlan, dialect: Dialect) -> list[Step]:
             Step(
                 f"index {name}",
                 f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table}"
-                f" ({plan.column('kind')}, {plan.column('completed_at')}) INCLUDE ({plan.column('started_at')})"
+                f" ({plan.column('completed_at')}) INCLUDE ({plan.column('kind')}, {plan.column('started_at')})"
                 f" WHERE {plan.in_state('completed')}",
                 concurrent=True,
             )
