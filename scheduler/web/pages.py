@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from db.errors import ConfigError, RetryRefused, UsageError
+from db.errors import ConfigError, DatabaseUnavailable, RetryRefused, UsageError
 from db.layout import WRITTEN_STATES
 from jobs.dead_letters import list_dead_letters
 from jobs.listing import RunFilter, list_runs, window_label
@@ -65,6 +65,18 @@ def shown_time(value: str | None) -> str:
 
 def percent(rate: float | None) -> str:
     return "—" if rate is None else f"{rate:.0%}"
+
+
+def limits_section(rt: Runtime) -> dict[str, Any] | None:
+    """The stats page's limits by kind: the numbers of `stuck-runs thresholds`, where COLUMN_MAP maps
+    a kind; None when it maps none. Limits that cannot be read in time (a first count of a huge
+    window) leave the rest of the page standing: the section says so."""
+    if not rt.runs.kind:
+        return None
+    try:
+        return plain(thresholds(rt))
+    except DatabaseUnavailable:
+        return {"unavailable": True}
 
 
 def seconds_span(seconds: float | None) -> str:
@@ -328,7 +340,7 @@ def build_pages(
                 "since": since,
                 "stats": plain(stats),
                 "fleet": stats.fleet_shown(rt.settings.hands_off),
-                "limits": plain(thresholds(rt)),  # SPEC §14: the same numbers as `stuck-runs thresholds`
+                "limits": limits_section(rt),
             }
 
         return page(request, "stats.html", "Failed to read stats", read)
