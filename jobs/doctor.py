@@ -20,6 +20,7 @@ from db.queries.groups import target_key
 from db.reflect import ROLE_KEYS, sql_type
 from db.shape import heartbeat_problem
 from db.table import RunsTable, load_runs_table
+from jobs.doctor_limits import limit_findings
 from jobs.executors.callable import resolve_callable
 from jobs.runtime import check_placeholders
 from jobs.settings import DECLARED, Settings
@@ -238,6 +239,7 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
         )
         if current == head:
             checks.append(_untimed(conn, RunQueries(runs), settings.table))
+            checks.extend(Check(*finding) for finding in limit_findings(conn, settings, runs))
         lacking = catalog.missing_privileges(conn, settings.table, runs.dead_letters_name, runs.id_sequence)
         checks.append(
             Check(

@@ -133,7 +133,23 @@ class JobRunsEnded:
     via: str  # daemon, cli (also the manual script), api
 
 
-Event = SweepFinished | ProcessorPassFinished | RetryStarted | RetryEnded | PauseBegan | PauseEnded | JobRunsEnded
+@dataclass(frozen=True)
+class LimitsInForce:
+    """A process read the limits in force (SPEC §14): the default, by kind configured and learned."""
+
+    limits: Any  # a jobs.limits.Limits
+
+
+Event = (
+    SweepFinished
+    | ProcessorPassFinished
+    | RetryStarted
+    | RetryEnded
+    | PauseBegan
+    | PauseEnded
+    | JobRunsEnded
+    | LimitsInForce
+)
 Subscriber = Callable[[Event], None]
 
 

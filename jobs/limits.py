@@ -10,11 +10,14 @@ from the same `Limits` into the sweep's SQL, and a test holds the two to the sam
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+from jobs import learning
+from jobs.events import LimitsInForce
+from jobs.learning import KindHistory, LearnSettings
 from jobs.rules import format_duration
 
 if TYPE_CHECKING:
@@ -96,7 +99,29 @@ def learned_limit(p99: timedelta, margin: float, floor: timedelta) -> timedelta:
     return max(timedelta(minutes=max(minutes, 0)), floor)
 
 
+def learned_by_kind(kinds: Iterable[KindHistory], computed_at: datetime | None) -> dict[str, LearnedLimit]:
+    """The learned limits of the kinds that have one (enough runs in the window)."""
+    return {
+        k.kind: LearnedLimit(k.limit, k.runs, computed_at) for k in kinds if k.kind is not None and k.limit is not None
+    }
+
+
+def learning_rule(learn: LearnSettings) -> Callable[[timedelta], timedelta]:
+    """`learned_limit` with the margin and floor of `learn`: what a p99 runtime teaches."""
+    return lambda p99: learned_limit(p99, learn.margin, learn.floor)
+
+
 def current_limits(rt: Runtime) -> Limits:
-    """The limits in force for this process: the settings, and the learned limits once learning
-    reads them (`stuck_runs_thresholds`, refreshed at most hourly by whichever process needs them)."""
-    return Limits.from_settings(rt.settings)
+    """The limits in force for this process: the settings, and with LEARN_THRESHOLDS on the learned
+    limits of `stuck_runs_thresholds` (recomputed first when older than an hour, or learned with other
+    settings, by whichever process needs them first: jobs.learning). Published (`LimitsInForce`)
+    for the metrics."""
+    settings = rt.settings
+    learned: dict[str, LearnedLimit] = {}
+    if settings.learn_thresholds:
+        learn = LearnSettings.of(settings)
+        table = learning.learned(rt, learn, learning_rule(learn))
+        learned = learned_by_kind(table.kinds, table.computed_at)
+    limits = Limits.from_settings(settings, learned)
+    rt.events.publish(LimitsInForce(limits))
+    return limits

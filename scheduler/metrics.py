@@ -22,6 +22,7 @@ from jobs.events import (
     DAEMON,
     Event,
     JobRunsEnded,
+    LimitsInForce,
     PauseBegan,
     PauseEnded,
     ProcessorPassFinished,
@@ -29,6 +30,7 @@ from jobs.events import (
     RetryStarted,
     SweepFinished,
 )
+from jobs.limits import limit_for
 from jobs.retries import ProcessResult
 
 PREFIX = "stuck_runs"
@@ -101,6 +103,14 @@ class Metrics:
         )
         for job, every in (intervals or {}).items():
             self.interval.labels(job).set(every.total_seconds())
+
+        self.limit = Gauge(
+            f"{PREFIX}_limit_seconds",
+            "The limit a run of each kind gets (without a max_runtime of its own), by where it comes from "
+            '(configured, learned, default); kind="" is the default (STUCK_AFTER) for runs of any other kind',
+            ("kind", "source"),
+            registry=self.registry,
+        )
         if hands_off:
             self.handed_off.labels(hands_off)  # a series from the start, so rate() sees the first one
 
@@ -142,6 +152,9 @@ class Metrics:
                 self.paused_since.set(state.paused_at.timestamp())
             case PauseEnded():
                 self.paused_since.set(0)
+
+            case LimitsInForce(limits):
+                self.limits(limits)
             case JobRunsEnded(runs, via=via) if via == DAEMON:
                 for run in runs:  # an error is counted, a success stamped
                     if run.error is not None:
@@ -161,3 +174,14 @@ class Metrics:
         self.live_daemons.set(live_daemons)
         self.paused_since.set(paused_at.timestamp() if paused_at else 0)
         self.heartbeat_at.set_to_current_time()
+
+    def limits(self, limits: object) -> None:
+        """One series per kind with a limit of its own, and the default; a kind whose limit went away
+        (or changed source) loses its old series."""
+        series = {("", "default"): limits.default}
+        for kind in {*limits.configured, *limits.learned}:
+            applied = limit_for(limits, kind)
+            series[(kind, applied.source)] = applied.limit
+        self.limit.clear()
+        for (kind, source), limit in series.items():
+            self.limit.labels(kind, source).set(limit.total_seconds())

@@ -155,6 +155,10 @@ COMMANDS = {
         "Retry metrics: totals, success rates, retries per chain, by failure pattern and attempt.",
     ),
     "dlq": ("scheduler.cli.ops", "The dead-letter queue: chains that ended permanently failed."),
+    "thresholds": (
+        "scheduler.cli.thresholds",
+        "Each kind's runtimes, the limit in force and the evidence for choosing one.",
+    ),
     "doctor": (
         "scheduler.cli.ops",
         "Check configuration, connectivity, migration, indexes, clock skew, executor, privileges.",

@@ -18,12 +18,12 @@ from fastapi.routing import APIRoute
 from jobs.runtime import Runtime
 from scheduler.web.answers import failure
 from scheduler.web.auth import Tokens
-from scheduler.web.routes import control, dead_letters, retries, runs, status
+from scheduler.web.routes import control, dead_letters, retries, runs, status, thresholds
 from scheduler.web.security import Access, Caller
 
 # The literal paths (`/runs/reset-stuck`, `/runs/retry`) before the patterns that match them too
 # (`/runs/{run_id}`): see `refuse_other_methods`.
-CONCERNS = (status, control, retries, runs, dead_letters)
+CONCERNS = (status, control, retries, runs, dead_letters, thresholds)
 
 
 def build_api(

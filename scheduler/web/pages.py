@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from db.errors import ConfigError, RetryRefused, UsageError
+from db.errors import ConfigError, DatabaseUnavailable, RetryRefused, UsageError
 from db.layout import WRITTEN_STATES
 from jobs.dead_letters import list_dead_letters
 from jobs.listing import RunFilter, list_runs, window_label
@@ -33,6 +33,7 @@ from jobs.settings import parse_duration
 from jobs.stats import retry_stats
 from jobs.status import read_status
 from jobs.targets import TARGET, stats_by
+from jobs.thresholds import span, thresholds
 from jobs.timeline import HourlyTimeline, hourly_timeline
 from scheduler.documents import json_text, plain
 from scheduler.web.answers import ApiError, answering
@@ -67,13 +68,30 @@ def percent(rate: float | None) -> str:
     return "—" if rate is None else f"{rate:.0%}"
 
 
+def limits_section(rt: Runtime) -> dict[str, Any] | None:
+    """The stats page's limits by kind: the numbers of `stuck-runs thresholds`, where COLUMN_MAP maps
+    a kind; None when it maps none. Limits that cannot be read in time (a first count of a huge
+    window) leave the rest of the page standing: the section says so."""
+    if not rt.runs.kind:
+        return None
+    try:
+        return plain(thresholds(rt))
+    except DatabaseUnavailable:
+        return {"unavailable": True}
+
+
+def seconds_span(seconds: float | None) -> str:
+    """A duration from `plain()` (seconds) as `stuck-runs thresholds` shows it: `12m`, `6h05m`."""
+    return span(None if seconds is None else timedelta(seconds=seconds))
+
+
 def path_part(value: object) -> str:
     """A run id (any type, any text) as one segment of a URL."""
     return quote(str(value), safe="")
 
 
 templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=StrictUndefined)
-templates.filters.update(when=shown_time, part=path_part, percent=percent, json=json_text)
+templates.filters.update(when=shown_time, part=path_part, percent=percent, json=json_text, span=seconds_span)
 templates.globals.update(refresh_seconds=REFRESH_SECONDS)
 
 
@@ -329,6 +347,7 @@ def build_pages(
                 "fleet": stats.fleet_shown(rt.settings.hands_off),
                 "targets": plain(targets),
                 "target_runs": target_runs_links(targets, since),
+                "limits": limits_section(rt),
             }
 
         return page(request, "stats.html", "Failed to read stats", read)

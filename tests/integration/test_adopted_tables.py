@@ -785,3 +785,27 @@ def test_fixed_budgets_late_completions_due_now_and_bookkeeping_on_every_table(a
     label = t.label_of(d.row(hurried))
     assert done.stdout.splitlines()[:2] == [f"Retry 1/4 of {label} is due now", "Executed: completed"], done.stdout
     assert d.row(pending[t.id])[t.status] == t.completed
+
+
+def test_thresholds_show_each_kinds_runs_and_its_stuck_runs_on_every_table(adopted, played):
+    """SPEC §14 on every shape: the table gains a kind column; `thresholds` counts its completed runs
+    and the runs failed as stuck as a count by hand in SQL over the real names says; without a
+    kind role, every run is one row; a what-if changes nothing."""
+    t, d = adopted, played
+    with d.engine.begin() as conn:
+        conn.exec_driver_sql(f"ALTER TABLE {t.quoted} ADD COLUMN crawl_kind TEXT")
+        conn.exec_driver_sql(f"UPDATE {t.quoted} SET crawl_kind = 'jobs_de'")
+    column_map = ",".join(filter(None, (t.column_map, "kind=crawl_kind")))
+    before = d.snapshot()
+    shown = json.loads(d.ok("thresholds", "--json", COLUMN_MAP=column_map).stdout)
+    completed = d.rows(f'"{t.status}" = :v AND "{t.started_at}" IS NOT NULL', v=t.completed)
+    stuck = d.rows("failure_pattern = 'stuck'")
+    assert len(stuck) == 3  # the story's three chains, each failed stuck once
+    [jobs] = shown["kinds"]
+    assert (jobs["kind"], jobs["runs"], jobs["caught"]) == ("jobs_de", len(completed), 3)
+    assert jobs["source"] == "default" and jobs["limit"] == 3600
+    [everything] = json.loads(d.ok("thresholds", "--json").stdout)["kinds"]  # no kind role: one row for all
+    assert (everything["kind"], everything["runs"], everything["caught"]) == (None, len(completed), 3)
+    proposed = d.ok("thresholds", "--what-if", "jobs_de=30m,learn=on", COLUMN_MAP=column_map)
+    assert "What if jobs_de=30m,learn=on" in proposed.stdout
+    assert d.snapshot() == before

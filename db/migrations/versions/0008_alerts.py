@@ -2,7 +2,7 @@
 went out and what waits for the next, so replicas send one message, not one each.
 
 Revision ID: 0008
-Revises: 0005
+Revises: 0007
 """
 
 from sqlalchemy.engine import Dialect
@@ -10,7 +10,7 @@ from sqlalchemy.engine import Dialect
 from db.migration_plan import Step, TablePlan
 
 revision = "0008"
-down_revision = "0005"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,160 @@
+"""`python -m bench.learning [ROWS]`: learning limits over ten million completed runs, all inside
+the window (SPEC §14's bar: under a second, an index that serves it).
+
+One table of ROWS (default 10,000,000) completed runs of twenty spiders, from two minutes to six
+hours long, all completed within the last 30 days, and 300 running; the migration's learning index
+`(kind, completed_at) INCLUDE (started_at) WHERE completed`; VACUUM ANALYZE (a table that has been
+vacuumed, as autovacuum keeps a real one, so the scan reads the index only). Then, medians of
+five: the statement that learns (jobs.learning.compute, in-process), the whole recomputation as a
+process needing the limits does it (lock, compute, store), the plan (EXPLAIN ANALYZE BUFFERS), and
+`stuck-runs thresholds` as an operator runs it (the evidence reads every completed run of the window).
+
+On the embedded PostgreSQL, or DATABASE_URL's server (a role that may create databases).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from bench import data
+from db.engine import make_engine
+from db.layout import Layout
+from db.migrate import migrate
+from db.queries.thresholds import ThresholdStatements
+from jobs import learning
+from jobs.learning import LearnSettings
+from jobs.limits import learning_rule
+from jobs.runtime import Runtime
+from jobs.settings import load_settings
+
+SPIDERS = 20
+ENV = {"COLUMN_MAP": "kind=spider", "LEARN_THRESHOLDS": "on", "SCRAPE_RUN_COMMAND": "true"}
+# Spider s runs 2 minutes times 1.35^s (2 minutes to about six hours), give or take a third.
+HISTORY = """
+INSERT INTO scrape_runs (search_query, location_query, status, spider, started_at, completed_at)
+SELECT 'crawl', 'web', 'completed', 'spider_' || lpad((g % {spiders})::text, 2, '0'),
+       :now - make_interval(secs => g * :span / :n)
+            - make_interval(secs => 120 * power(1.35, g % {spiders}) * (0.67 + (g % 97) / 145.0)),
+       :now - make_interval(secs => g * :span / :n)
+FROM generate_series(1, :n) g
+"""
+
+
+def build(server_url: str, name: str, rows: int, now) -> str:
+    with data.admin(server_url).connect() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    url = data.database_url(server_url, name)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(data.TABLE)
+        conn.exec_driver_sql("ALTER TABLE scrape_runs ADD COLUMN spider TEXT")
+        conn.execute(sa.text(HISTORY.format(spiders=SPIDERS)), {"now": now, "n": rows, "span": 2592000.0})
+        conn.execute(
+            sa.text(
+                "INSERT INTO scrape_runs (search_query, location_query, status, spider, started_at)"
+                " SELECT 'live', 'web', 'running', 'spider_' || lpad((g % 20)::text, 2, '0'),"
+                " :now - g * interval '10 seconds' FROM generate_series(1, 300) g"
+            ),
+            {"now": now},
+        )
+        conn.exec_driver_sql("ALTER TABLE scrape_runs ADD PRIMARY KEY (id)")
+    migrate(engine, "scrape_runs", layout=Layout(columns={"kind": "spider"}))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("VACUUM ANALYZE scrape_runs")
+    engine.dispose()
+    return url
+
+
+def timed(action, repeat: int = 5) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.at = now
+
+    def now(self) -> datetime:
+        return self.at
+
+
+def main() -> None:
+    rows = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000_000
+    name = f"bench_learning_{rows}"
+    work = Path(tempfile.mkdtemp(prefix="bench-learning-"))
+    server_url, server = data.start_server(work)
+    now = data.bench_now()
+    url = data.database_url(server_url, name)
+    if os.environ.get("BENCH_KEEP") != "1":  # else reuse the table an earlier run built
+        started = time.perf_counter()
+        url = build(server_url, name, rows, now)
+        print(f"built {rows:,} runs in {time.perf_counter() - started:.0f} s", flush=True)
+    engine = make_engine(url)
+    with engine.connect() as conn:  # the table's own now: the newest completion (a kept table was built earlier)
+        now = conn.exec_driver_sql("SELECT max(completed_at) FROM scrape_runs").scalar_one()
+    engine.dispose()
+    clock = Clock(now)
+    rt = Runtime.open(load_settings({"DATABASE_URL": url, **ENV}), clock=clock)
+    learn = LearnSettings.of(rt.settings)
+    rule = learning_rule(learn)
+    q = ThresholdStatements(rt.runs)
+
+    def from_scratch() -> None:
+        with rt.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM stuck_runs_thresholds")
+        found = learning.learned(rt, learn, rule)
+        assert found.computed and sum(k.runs for k in found.kinds) >= 0.99 * rows  # a month of them
+
+    hour = timedelta(hours=1)
+    per_hour = rows * 3600 // 2_592_000
+
+    def an_hour_later() -> float:
+        """An hour of the fleet's runs completes (not timed); then the next process needing the limits
+        moves the counts on (timed)."""
+        with rt.engine.begin() as conn:
+            an_hour = {"now": clock.at + hour, "n": per_hour, "span": 3600.0}
+            conn.execute(sa.text(HISTORY.format(spiders=SPIDERS)), an_hour)
+        clock.at += hour
+        started = time.perf_counter()
+        found = learning.learned(rt, learn, rule)
+        took = time.perf_counter() - started
+        assert found.computed
+        return took
+
+    from_scratch()  # warm the cache, as a server that serves the table has it
+    scratch_times = timed(from_scratch, repeat=3)
+    hourly_times = [an_hour_later() for _ in range(5)]
+    with rt.engine.connect() as conn:
+        found = learning.stored(conn, q)
+        moved = learning.counting_plan(found, clock.at + hour, learn.window)
+        statement = q.runtimes().compile(dialect=rt.engine.dialect)
+        plan = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, BUFFERS) {statement}", {**statement.params, **moved})
+        plan = plan.scalars().all()
+    env = {**os.environ, "DATABASE_URL": url, **ENV, "COLUMNS": "200"}
+    command = [str(Path(sys.executable).with_name("stuck-runs")), "thresholds"]
+    command_times = timed(lambda: subprocess.run(command, env=env, check=True, capture_output=True), repeat=3)
+    rt.close()
+    print("\n".join(plan))
+    print(f"counted from scratch (first learning): median {statistics.median(scratch_times):.3f} s of {scratch_times}")
+    print(f"an hour later, counts moved on: median {statistics.median(hourly_times):.3f} s of {hourly_times}")
+    print(f"`stuck-runs thresholds`, whole command: median {statistics.median(command_times):.3f} s of {command_times}")
+    if server is not None:
+        server.cleanup()
+
+
+if __name__ == "__main__":
+    main()
