@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.sql.elements import Grouping
 
 from db.arrays import array_param
 from db.queries.common import NOW, TableStatements, duration_text
@@ -69,7 +71,9 @@ class LimitStatements(TableStatements):
     def _kind_entry(self, source: sa.FromClause, name: str, kind: sa.types.TypeEngine) -> sa.ColumnElement:
         if self.runs.kind is None:
             return sa.cast(sa.null(), kind)
-        return array_param(f"sr_lim_kind_{name}", kind)[self._kind_position(source)]
+        # Parenthesised: PostgreSQL subscripts `(CAST(... AS float[]))[i]`, not `CAST(...)[i]`.
+        array = sa.type_coerce(Grouping(array_param(f"sr_lim_kind_{name}", kind)), ARRAY(kind))
+        return array[self._kind_position(source)]
 
     def limit_seconds(self, source: sa.FromClause | None = None) -> sa.ColumnElement:
         """The limit that applies, in seconds: own, else the kind's, else the default."""
