@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from jobs.rules import format_duration
 
 if TYPE_CHECKING:
+    from jobs.model import Run
     from jobs.runtime import Runtime
     from jobs.settings import Settings
 
@@ -148,3 +149,19 @@ def runtime_judging_params(rt: Runtime, limits: Limits | None = None, now: datet
     runs = rt.runs
     role = runs.name_of(runs.kind) if runs.kind else "kind"
     return judging_params(limits, now if now is not None else rt.clock.now(), runs.canonical_name, role)
+
+
+def applied_to_run(rt: Runtime, run: Run, limits: Limits | None = None) -> AppliedLimit:
+    """The limit that judges `run` (a row read with its inputs): its own `max_runtime` (an interval
+    or seconds), its kind's, the default; what a retry executing here is timed and stalled by."""
+    runs = rt.runs
+    kind = run.inputs.get(runs.name_of(runs.kind)) if runs.kind else None
+    own = run.inputs.get(runs.name_of(runs.max_runtime)) if runs.max_runtime else None
+    if own is not None and not isinstance(own, timedelta):
+        own = timedelta(seconds=float(own))
+    return limit_for(limits if limits is not None else current_limits(rt), None if kind is None else str(kind), own)
+
+
+def execution_timeout(settings: Settings, applied: AppliedLimit) -> timedelta:
+    """`EXECUTION_TIMEOUT` when set, else the run's own limit (SPEC §14: not `STUCK_AFTER`)."""
+    return settings.execution_timeout or applied.limit

@@ -51,6 +51,14 @@ class LimitStatements(TableStatements):
             schema=self.t.schema,
         )
         self.progress_upkeep = self._progress_upkeep()
+        # A retry executing here: its progress counter now (None without the role).
+        self.progress_now = (
+            sa.select(self.t.c[runs.progress_counter]).where(
+                self.t.c.id == sa.bindparam("sr_run_id", type_=self.t.c.id.type)
+            )
+            if runs.progress_counter
+            else None
+        )
 
     # -- the limit that applies ---------------------------------------------------------------
 

@@ -123,7 +123,8 @@ DECLARED: tuple[Setting, ...] = (
       "Retries executing at once across all processes.", "1",
       readme="Those handed to the fleet and not yet ended count too."),
     S("EXECUTION_TIMEOUT", "--execution-timeout", parse_duration, "execution_timeout",
-      "Kill an execution after this long.", default_shown="= STUCK_AFTER"),
+      "Kill an execution after this long.", default_shown="= the run's limit",
+      readme="The run's limit by SPEC §14's precedence: its `max_runtime`, its kind's, `STUCK_AFTER`."),
     S("BATCH_SIZE", "--batch-size", _int(1, 100_000), "batch_size",
       "Rows per transaction.", "1000"),
     S("HEARTBEAT_COLUMN", "--heartbeat-column", parse_identifier, "heartbeat_column",
@@ -233,10 +234,6 @@ class _Derived:
     def hands_off(self) -> str | None:
         """How due retries leave for the fleet (`webhook`, `queue`), or None when they run here."""
         return "webhook" if self.webhook else ("queue" if self.handoff else None)
-
-    @property
-    def timeout(self) -> timedelta:
-        return self.execution_timeout or self.policy.stuck_after
 
     def require_database_url(self) -> str:
         if not self.database_url:
