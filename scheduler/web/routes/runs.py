@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 
 from jobs.listing import MAX_PAGE, MAX_SEARCH, RunFilter, list_runs
+from jobs.limits import limit_document
 from jobs.manual import chain_history
 from jobs.runtime import Runtime
 from jobs.settings import parse_duration
@@ -52,4 +53,5 @@ def add_routes(api: APIRouter, rt: Runtime, access: Access) -> None:
             wanted = rt.runs.parse_id(run_id)
             chain = chain_history(rt, wanted)
         this = next(a for a in chain.attempts if a.id == wanted)
-        return {"success": True, "data": {"run": plain(this), "chain": plain(chain)}}
+        limit = limit_document(rt, this)  # SPEC §14: which limit judges it, and why
+        return {"success": True, "data": {"run": plain(this), "chain": plain(chain), "limit": limit}}
