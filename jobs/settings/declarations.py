@@ -157,8 +157,11 @@ DECLARED: tuple[Setting, ...] = (
     S("METRICS_PORT", "--metrics-port", _int(1, 65535), "metrics_port",
       "Serve Prometheus metrics on this port.", readme="See [Metrics](#metrics)."),
     S("COLUMN_MAP", "--column-map", parse_column_map, "layout.columns",
-      "Columns playing id, status, started_at, completed_at, error_message: id=run_id,...", unset={},
-      readme="Unset, each role is the column of its name: see [Adopting your table](#adopting-your-table)."),
+      "Columns playing id, status, started_at, completed_at, error_message, and kind, max_runtime, progress: "
+      "id=run_id,kind=spider,...", unset={},
+      readme="Unset, each role is the column of its name: see [Adopting your table](#adopting-your-table). "
+             "`kind`, `max_runtime` and `progress` are only what you map: see "
+             "[Each run by its own clock](#each-run-by-its-own-clock)."),
     S("STATUS_MAP", "--status-map", parse_status_map, "layout.statuses",
       "Values meaning running, completed, failed, pending_retry, cancelled: completed=done,...", unset={},
       readme="Unset, each state is the value of its name."),
