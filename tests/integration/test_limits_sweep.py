@@ -192,3 +192,15 @@ def test_a_stall_defaults_to_the_runs_own_limit_and_a_spent_budget_says_so(db_ur
         letter = conn.execute(sa.text("SELECT run_id, last_error, detail FROM scrape_run_dead_letters")).one()
     assert letter.run_id == stalls and letter.detail == "limit 0.8h, the default (STUCK_AFTER)"
     assert letter.last_error == "Run stalled: no progress for 0.8h - permanently failed after 4 attempts"
+
+
+def test_the_scripts_max_duration_hours_sets_only_the_default(db_url):
+    from jobs.recovery import fix_stuck_runs_with_retry
+
+    rt = roles_runtime(db_url, stuck_after_by_kind={"sitemap": timedelta(hours=8), "jobs_de": timedelta(minutes=15)})
+    with rt.engine.begin() as conn:
+        run(conn, "sitemap", timedelta(hours=3), spider="sitemap")  # its kind's 8h, not the script's 2h
+        run(conn, "jobs_de", timedelta(minutes=20), spider="jobs_de")  # its kind's 15m, not 2h
+        run(conn, "plain", timedelta(hours=3))
+    fixed = fix_stuck_runs_with_retry(2, runtime=rt, dry_run=True)
+    assert {name(a) for a in fixed.sweep.attempts} == {"jobs_de", "plain"}
