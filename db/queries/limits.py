@@ -109,7 +109,9 @@ class LimitStatements(TableStatements):
         come written by jobs.limits; a run's own is its duration before `:sr_lim_run_reason`."""
         source = source if source is not None else self.t
         own = self._own_seconds(source)
-        own_text = sa.func.concat("limit ", duration_text(sa.cast(own, sa.Numeric)), _param("sr_lim_run_reason", sa.Text))
+        own_text = sa.func.concat(
+            "limit ", duration_text(sa.cast(own, sa.Numeric)), _param("sr_lim_run_reason", sa.Text)
+        )
         return sa.case(
             (own.is_not(None), own_text),
             (self._kind_entry(source, "s", sa.Float).is_not(None), self._kind_entry(source, "reason", sa.Text)),
@@ -199,9 +201,9 @@ class LimitStatements(TableStatements):
         running = runs.in_state(t.c.status, "running")
         still = sa.select(sa.literal(1)).where(t.c.id == sa.cast(p.c.run_id, t.c.id.type), running)
         gone = sa.delete(p).where(p.c.runs_table == table, ~sa.exists(still)).cte("gone")
-        rows = sa.select(
-            table, sa.cast(t.c.id, sa.Text), sa.cast(t.c[runs.progress_counter], sa.Text), NOW
-        ).where(running)
+        rows = sa.select(table, sa.cast(t.c.id, sa.Text), sa.cast(t.c[runs.progress_counter], sa.Text), NOW).where(
+            running
+        )
         upsert = postgresql.insert(p).from_select(["runs_table", "run_id", "progress", "changed_at"], rows)
         moved = p.c.progress.is_distinct_from(upsert.excluded.progress)
         upsert = upsert.on_conflict_do_update(

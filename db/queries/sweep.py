@@ -26,7 +26,6 @@ from db.queries.common import NOW, duration_text, render
 from db.queries.limits import LimitStatements
 from db.table import RunsTable
 
-
 # What the sweep says of a run it fails, by the state it found the run in.
 _ERRORS = {"running": STUCK_ERROR, "queued": NOT_STARTED_ERROR}
 
@@ -147,7 +146,7 @@ class SweepStatements(LimitStatements):
         else:
             values = [self.limit_seconds(), self.limit_source(), self.judged_reason()]
         names = [f"{prefix}limit_s", f"{prefix}limit_source", "_sr_detail" if prefix else "limit_reason"]
-        return [value.label(name) for value, name in zip(values, names)]
+        return [value.label(name) for value, name in zip(values, names, strict=True)]
 
     def _stuck_preview(self, state: str = "running") -> sa.Select:
         """What the sweep would do, changing nothing: the stuck runs (up to `:sr_limit`) with the

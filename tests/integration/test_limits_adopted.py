@@ -45,12 +45,23 @@ def test_a_kind_column_and_progress_judge_runs_on_every_table_shape(databases, a
     migrate(engine, adopted.table, None, layout_of(adopted), extend_check=adopted.check_guarded)
     with engine.begin() as conn:
         conn.exec_driver_sql(f'ALTER TABLE {adopted.quoted} ADD COLUMN "SpiderKind" TEXT, ADD COLUMN "Items" INT')
-        quick = adopted.insert(conn, "ok-quick", status=adopted.running[0], started_at=NOW - timedelta(minutes=20),
-                               **{"SpiderKind": "quick", "Items": 3})
-        adopted.insert(conn, "ok-long", status=adopted.running[0], started_at=NOW - timedelta(minutes=20),
-                       **{"SpiderKind": "long", "Items": 3})
-        ended = adopted.insert(conn, "ok-ended", status=adopted.running[0], started_at=NOW - timedelta(minutes=1),
-                               **{"Items": 1})
+        quick = adopted.insert(
+            conn,
+            "ok-quick",
+            status=adopted.running[0],
+            started_at=NOW - timedelta(minutes=20),
+            **{"SpiderKind": "quick", "Items": 3},
+        )
+        adopted.insert(
+            conn,
+            "ok-long",
+            status=adopted.running[0],
+            started_at=NOW - timedelta(minutes=20),
+            **{"SpiderKind": "long", "Items": 3},
+        )
+        ended = adopted.insert(
+            conn, "ok-ended", status=adopted.running[0], started_at=NOW - timedelta(minutes=1), **{"Items": 1}
+        )
     engine.dispose()
     roles = "kind=SpiderKind,progress=Items"
     env = {**adopted.env, "DATABASE_URL": url, "STUCK_AFTER_BY_KIND": "quick=15m", "STALL_AFTER": "30m"}

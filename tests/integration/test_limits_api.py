@@ -23,7 +23,9 @@ def fleet(db_url: str) -> dict[str, object]:
         ids = {
             "short": insert_run(conn, started_at=now - timedelta(minutes=20), spider="jobs_de"),
             "long": insert_run(conn, started_at=now - timedelta(hours=3), spider="sitemap"),
-            "own": insert_run(conn, started_at=now - timedelta(minutes=40), spider="sitemap", budget=timedelta(minutes=30)),
+            "own": insert_run(
+                conn, started_at=now - timedelta(minutes=40), spider="sitemap", budget=timedelta(minutes=30)
+            ),
             "plain": insert_run(conn, started_at=now - timedelta(minutes=40)),
         }
     engine.dispose()
@@ -37,14 +39,18 @@ def test_reset_stuck_judges_each_run_by_its_limit_unless_given_a_flat_threshold(
         admin, reader = web.client(ADMIN), web.client(READER)
         detail = reader.get(f"/api/runs/{ids['short']}").json()["data"]["limit"]
         assert detail == {
-            "seconds": 900.0, "source": "configured", "reason": "limit 0.3h, configured for spider=jobs_de",
+            "seconds": 900.0,
+            "source": "configured",
+            "reason": "limit 0.3h, configured for spider=jobs_de",
             "stall_seconds": None,
         }
         assert reader.get(f"/api/runs/{ids['own']}").json()["data"]["limit"]["reason"] == (
             "limit 0.5h, the run's own max_runtime"
         )
         assert "Judged by: limit 8.0h, configured for spider=sitemap" in reader.get(f"/runs/{ids['long']}").text
-        assert reader.get("/api/status").json()["data"]["runs"]["stuck"] == 2  # what the sweep will fail, not 3 by STUCK_AFTER
+        assert (
+            reader.get("/api/status").json()["data"]["runs"]["stuck"] == 2
+        )  # what the sweep will fail, not 3 by STUCK_AFTER
         flat = admin.post("/api/runs/reset-stuck", params={"timeout_minutes": 30, "dry_run": "true"}).json()
         assert set(flat["run_ids"]) == {str(ids["long"]), str(ids["own"]), str(ids["plain"])}
         answer = admin.post("/api/runs/reset-stuck").json()

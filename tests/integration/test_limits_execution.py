@@ -26,7 +26,9 @@ COMMAND = f"{shlex.quote(sys.executable)} {shlex.quote(str(FAKE))} --run-id={{ru
 def runtime(db_url):
     engine = sa.create_engine(db_url)
     with engine.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE scrape_runs ADD COLUMN spider TEXT, ADD COLUMN budget FLOAT, ADD COLUMN items INT")
+        conn.exec_driver_sql(
+            "ALTER TABLE scrape_runs ADD COLUMN spider TEXT, ADD COLUMN budget FLOAT, ADD COLUMN items INT"
+        )
     engine.dispose()
     made = []
 
@@ -49,7 +51,9 @@ def executed(rt, **columns) -> str:
     with rt.engine.begin() as conn:
         _, retry = insert_due_retry(conn, **columns)
         if "items" in columns:  # a retry starts without progress: the scraper's first count
-            conn.execute(sa.text("UPDATE scrape_runs SET items = :n WHERE id = :id"), {"n": columns["items"], "id": retry})
+            conn.execute(
+                sa.text("UPDATE scrape_runs SET items = :n WHERE id = :id"), {"n": columns["items"], "id": retry}
+            )
     [outcome] = process_due_retries(rt).executed
     return outcome.message
 

@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from db.layout import Layout, parse_column_map
-from jobs.limits import LearnedLimit, Limits, runtime_judging_params
-from jobs.stuck import sweep_stuck_runs
 from jobs.clock import ScaledClock
+from jobs.limits import LearnedLimit, Limits, runtime_judging_params
 from jobs.rules import RetryPolicy
 from jobs.runtime import Runtime
 from jobs.settings import Settings
+from jobs.stuck import sweep_stuck_runs
 
 NOW = datetime(2026, 11, 22, 9, 0, tzinfo=timezone.utc)
 KINDS = (None, "a", "b", "c")
@@ -121,17 +121,29 @@ def test_the_sweep_fails_exactly_what_the_spec_says(fleet_runtimes, fleet, drawn
                     "INSERT INTO scrape_runs (search_query, location_query, status, started_at, spider, limit_s, items, hb)"
                     " VALUES (:name, 'x', 'running', :started, :kind, :own, :items, :hb) RETURNING id"
                 ),
-                {"name": f"r{number}", "started": ago(run.started), "kind": run.kind, "own": run.own,
-                 "items": run.progress, "hb": ago(run.heartbeat)},
+                {
+                    "name": f"r{number}",
+                    "started": ago(run.started),
+                    "kind": run.kind,
+                    "own": run.own,
+                    "items": run.progress,
+                    "hb": ago(run.heartbeat),
+                },
             ).scalar_one()
             if run.recorded is not None:
                 value, changed = run.recorded
                 conn.execute(
                     sa.text("INSERT INTO stuck_runs_progress VALUES (:t, :id, :value, :at)"),
-                    {"t": rt.runs.canonical_name, "id": str(run_id), "value": None if value is None else str(value),
-                     "at": ago(changed)},
+                    {
+                        "t": rt.runs.canonical_name,
+                        "id": str(run_id),
+                        "value": None if value is None else str(value),
+                        "at": ago(changed),
+                    },
                 )
-    expected = {f"r{n}" for n, run in enumerate(fleet) if oracle(run, default, configured, learned, stall_after, heartbeat)}
+    expected = {
+        f"r{n}" for n, run in enumerate(fleet) if oracle(run, default, configured, learned, stall_after, heartbeat)
+    }
     with rt.engine.connect() as conn:
         counted = conn.execute(rt.queries.counts(), runtime_judging_params(rt, limits)).mappings().one()["stuck"]
     planned = sweep_stuck_runs(rt, dry_run=True, keep=None, limits=limits)

@@ -151,8 +151,10 @@ def test_progress_that_stands_still_moves_goes_null_or_ends(db_url, frozen):
         conn.execute(sa.text("UPDATE scrape_runs SET items = NULL WHERE id = :id"), {"id": ids["goes-null"]})
         conn.execute(sa.text("UPDATE scrape_runs SET status = 'completed' WHERE id = :id"), {"id": ids["ends"]})
         # "still-at" moved at the second sweep, so it stood still 3 minutes only.
-        conn.execute(sa.text("UPDATE stuck_runs_progress SET changed_at = :at WHERE run_id = :id"),
-                     {"at": NOW + timedelta(minutes=45), "id": str(ids["still-at"])})
+        conn.execute(
+            sa.text("UPDATE stuck_runs_progress SET changed_at = :at WHERE run_id = :id"),
+            {"at": NOW + timedelta(minutes=45), "id": str(ids["still-at"])},
+        )
     failed, planned = failed_and_planned(rt, limits)
     assert failed == {
         name: "Run stalled: no progress for 0.8h - retry 1/4 scheduled (no progress allowed for 0.8h (STALL_AFTER))"

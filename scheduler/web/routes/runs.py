@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
-from jobs.listing import MAX_PAGE, MAX_SEARCH, RunFilter, list_runs
 from jobs.limits import limit_document
+from jobs.listing import MAX_PAGE, MAX_SEARCH, RunFilter, list_runs
 from jobs.manual import chain_history
 from jobs.runtime import Runtime
 from jobs.settings import parse_duration
