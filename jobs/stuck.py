@@ -51,6 +51,7 @@ class FailedAttempt:
     retry_due: datetime | None
     dead_lettered: bool = False
     reason: str | None = None  # the limit that judged it, and why (SPEC §14)
+    limit_source: str | None = None  # run, configured, learned or default
 
     @property
     def retried(self) -> bool:
@@ -132,6 +133,7 @@ def _attempt(parse_id: Callable[[str | None], object], row) -> FailedAttempt:
         retry_due=as_utc(row["next_retry_at"]) if row["retried"] else None,
         dead_lettered=row["dead_lettered"],
         reason=row["limit_reason"],
+        limit_source=row["limit_source"],
     )
 
 
@@ -281,7 +283,16 @@ def _log(parse_id: Callable[[str | None], object], batch, *, already: int) -> No
             attempt=attempt.attempt,
             event="stuck",
             retry_id=str(attempt.retry_id or ""),
-        ).warning("{}: {}{}", attempt.label, attempt.message, f" ({attempt.reason})" if attempt.reason else "")
+            limit=attempt.reason or "",
+        ).warning("{}: {}{}", attempt.label, attempt.message, _said_limit(attempt))
+
+
+def _said_limit(attempt: FailedAttempt) -> str:
+    """The limit beside the message when it is not the default (whose line reads as before SPEC
+    §14); every line's JSON carries it as `limit` whatever it is."""
+    if attempt.reason is None or attempt.limit_source in (None, "default"):
+        return ""
+    return f" ({attempt.reason})"
 
 
 def _preview(rt: Runtime, policy: RetryPolicy, params: dict, started: float, keep: int | None) -> SweepResult:

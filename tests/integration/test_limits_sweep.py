@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 from freezegun import freeze_time
+from loguru import logger
 
 from db.layout import Layout, parse_column_map
 from jobs.limits import LearnedLimit, Limits
@@ -96,8 +97,19 @@ def test_a_per_run_limit_beats_a_learned_one_both_ways(db_url):
     with rt.engine.begin() as conn:
         run(conn, "shorter", timedelta(minutes=11), spider="sitemap", budget=timedelta(minutes=10))
         run(conn, "longer", timedelta(hours=6), spider="sitemap", budget=timedelta(hours=8))  # past the learned 5h
-    failed, planned = failed_and_planned(rt, limits)
-    assert set(failed) == planned == {"shorter"}
+        run(conn, "plain", timedelta(hours=2))
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="WARNING")
+    try:
+        failed, planned = failed_and_planned(rt, limits)
+    finally:
+        logger.remove(sink)
+    assert set(failed) == planned == {"shorter", "plain"}
+    # The log line names a limit that is not the default (its JSON carries every one as `limit`).
+    assert sorted(lines) == [
+        "plain in Belgium: Run stuck for 2.0h - retry 1/4 scheduled",
+        "shorter in Belgium: Run stuck for 0.2h - retry 1/4 scheduled (limit 0.2h, the run's own max_runtime)",
+    ]
 
 
 def test_learned_limits_count_only_with_learning_on_and_the_flat_threshold_ignores_every_limit(db_url):
