@@ -124,7 +124,7 @@ DECLARED: tuple[Setting, ...] = (
       readme="Those handed to the fleet and not yet ended count too."),
     S("EXECUTION_TIMEOUT", "--execution-timeout", parse_duration, "execution_timeout",
       "Kill an execution after this long.", default_shown="= the run's limit",
-      readme="The run's limit by SPEC §14's precedence: its `max_runtime`, its kind's, `STUCK_AFTER`."),
+      readme="The run's own limit: its `max_runtime`, else its kind's, else `STUCK_AFTER`."),
     S("BATCH_SIZE", "--batch-size", _int(1, 100_000), "batch_size",
       "Rows per transaction.", "1000"),
     S("HEARTBEAT_COLUMN", "--heartbeat-column", parse_identifier, "heartbeat_column",
