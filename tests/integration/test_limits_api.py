@@ -51,6 +51,8 @@ def test_reset_stuck_judges_each_run_by_its_limit_unless_given_a_flat_threshold(
         assert (
             reader.get("/api/status").json()["data"]["runs"]["stuck"] == 2
         )  # what the sweep will fail, not 3 by STUCK_AFTER
+        listed = reader.get("/api/runs", params={"stuck": "true"}).json()["data"]
+        assert {r["id"] for r in listed} == {str(ids["short"]), str(ids["own"])}  # the runs page's filter
         flat = admin.post("/api/runs/reset-stuck", params={"timeout_minutes": 30, "dry_run": "true"}).json()
         assert set(flat["run_ids"]) == {str(ids["long"]), str(ids["own"]), str(ids["plain"])}
         answer = admin.post("/api/runs/reset-stuck").json()
