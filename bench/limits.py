@@ -3,6 +3,7 @@ progress on, against the SQL floor (bench/contenders.py) and the sweep without t
 
     python -m bench.limits                          # 100k stuck of 1M, 3 runs each, interleaved
     python -m bench.limits --stuck 10000 --history 100000 --repeat 3
+    python -m bench.limits --idle 10000000          # the idle sweep's plan and time on 10M rows
 
 Every run of the table gets a kind (`spider`: four kinds) and a progress counter (`items`), and
 `stuck_runs_progress` holds what a sweep ten minutes earlier recorded (as in production, where
@@ -76,15 +77,85 @@ def ours(url: str, now: datetime, *, roles: bool) -> contenders.Timing:
         rt.close()
 
 
+def idle(server_url: str, rows: int, repeat: int) -> dict:
+    """The idle sweep with kinds, own max_runtime, learned limits and progress on: its plan (a
+    Seq Scan of scrape_runs or not) and its time, whole (`sweep_stuck_runs`, progress upkeep
+    included) and the batch statement alone (EXPLAIN ANALYZE)."""
+    now = data.bench_now()
+    url = data.build_template(server_url, TEMPLATE, history=rows, stuck=0, now=now)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # constant defaults: no rewrite of the history
+        conn.exec_driver_sql(
+            "ALTER TABLE scrape_runs ADD COLUMN spider TEXT DEFAULT 'other', ADD COLUMN items BIGINT,"
+            " ADD COLUMN budget INTERVAL"
+        )
+        conn.execute(
+            sa.text(
+                f"UPDATE scrape_runs SET spider = ({KINDS})[1 + user_id % 4], items = user_id,"
+                " budget = CASE WHEN user_id % 7 = 0 THEN interval '2 hours' END WHERE status = 'running'"
+            )
+        )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("VACUUM ANALYZE scrape_runs")
+    engine.dispose()
+    layout = Layout(columns=parse_column_map("kind=spider,max_runtime=budget,progress=items"))
+    rt = Runtime.open(Settings(database_url=url, layout=layout), clock=contenders.FixedClock(now))
+    logger.remove()
+    try:
+        sweep_stuck_runs(rt, limits=limits(now))  # the first records every running run's progress
+        walls = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            assert sweep_stuck_runs(rt, limits=limits(now)).failed == 0
+            walls.append(time.perf_counter() - started)
+        plan = _explain(rt, now)
+    finally:
+        rt.close()
+        data.drop(server_url, TEMPLATE)
+    execution = next(float(r.split(":")[1].split()[0]) for r in plan if r.startswith("Execution Time"))
+    return {
+        "rows": rows + data.LIVE_RUNS,
+        "sweep_ms_median": round(1000 * statistics.median(walls), 3),
+        "batch_query_ms": execution,
+        "seq_scan_of_scrape_runs": any("Seq Scan on scrape_runs" in r for r in plan),
+        "plan": plan,
+    }
+
+
+def _explain(rt: Runtime, now: datetime) -> list[str]:
+    from db.arrays import ArrayLiteral
+    from jobs.limits import runtime_judging_params
+    from jobs.stuck import sweep_params
+
+    compiled = rt.queries.stuck_batch.compile(dialect=rt.engine.dialect)
+    arrays = {name for name, bind in compiled.binds.items() if isinstance(bind.type, ArrayLiteral)}
+    params = {
+        **compiled.params,
+        **sweep_params(rt.settings.policy),
+        **runtime_judging_params(rt, limits(now), now),
+        "sr_cutoff": now - rt.settings.policy.stuck_after,
+        "sr_limit": 1000,
+    }
+    params = {k: ArrayLiteral().process_bind_param(v, None) if k in arrays else v for k, v in params.items()}
+    with rt.engine.connect() as conn:
+        rows = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {compiled}", params).scalars().all()
+        conn.rollback()
+    return list(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--history", type=int, default=1_000_000)
     parser.add_argument("--stuck", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--idle", type=int, default=0, help="measure the idle sweep on this many rows instead")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="stuck-runs-bench-") as work:
         server_url, server = data.start_server(Path(work))
         try:
+            if args.idle:
+                print(json.dumps(idle(server_url, args.idle, max(args.repeat, 5)), indent=2))
+                return
             now = data.bench_now()
             build(server_url, history=args.history, stuck=args.stuck, now=now)
             judge = now + timedelta(minutes=1)
