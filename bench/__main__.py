@@ -25,6 +25,7 @@ from loguru import logger
 
 from bench import anatomy, claims, contenders, data, startup
 from bench.contenders import FixedClock
+from jobs.limits import runtime_judging_params
 from jobs.runtime import Runtime
 from jobs.settings import Settings
 from jobs.stuck import sweep_stuck_runs
@@ -157,7 +158,8 @@ def idle(server_url: str, config: dict, repeat: int = 30) -> list[dict]:
 
 def explain(rt: Runtime, now) -> tuple[str, float]:
     statement = rt.queries.stuck_batch.compile(dialect=rt.engine.dialect)
-    params = {**statement.params, "sr_cutoff": now - rt.settings.policy.stuck_after, "sr_limit": 1000}
+    judging = runtime_judging_params(rt, now=now)  # SPEC §14's limits, as the sweep binds them
+    params = {**statement.params, **judging, "sr_cutoff": now - rt.settings.policy.stuck_after, "sr_limit": 1000}
     with rt.engine.connect() as conn:
         rows = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {statement}", params).scalars().all()
         conn.rollback()

@@ -15,6 +15,10 @@ HOURS_FROM_SECONDS = 360
 MINUTES_FROM_SECONDS = 60
 
 STUCK_ERROR = "Run stuck for {hours}"
+# SPEC §14: a run whose `progress` counter stood still for STALL_AFTER. Its failure_pattern is
+# STUCK_PATTERN's: a stall is failed like a stuck run (the same budget, retry, dead letter, and
+# the same late-completion rules and statistics), and the text tells the two apart.
+STALLED_ERROR = "Run stalled: no progress for {hours}"
 NOT_STARTED_ERROR = "Run not started after {hours}"  # handed to the fleet's queue, never picked up
 RETRY_SCHEDULED = "{error} - retry {number}/{budget} scheduled"
 # SPEC §3's exact text, whose number is the retries spent (the budget: `after 4 attempts` for 4/4),

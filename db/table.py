@@ -282,8 +282,9 @@ class RunsTable:
 
     # -- a retry's row ------------------------------------------------------------------------
 
-    def progress(self) -> sa.ColumnElement:
-        """When the run last showed progress: the heartbeat when set, else `started_at`."""
+    def last_sign_of_life(self) -> sa.ColumnElement:
+        """When the run last showed a sign of life: the heartbeat when set, else `started_at`.
+        (Not SPEC §14's `progress`, the counter a scraper raises: that is `progress_counter`.)"""
         if self.heartbeat:
             return sa.func.coalesce(self.c[self.heartbeat], self.c.started_at)
         return self.c.started_at

@@ -21,6 +21,7 @@ from jobs.learning import KindHistory, LearnSettings
 from jobs.rules import format_duration
 
 if TYPE_CHECKING:
+    from jobs.model import Run
     from jobs.runtime import Runtime
     from jobs.settings import Settings
 
@@ -44,6 +45,14 @@ class Limits:
     configured: Mapping[str, timedelta] = field(default_factory=dict)
     learned: Mapping[str, LearnedLimit] = field(default_factory=dict)
     stall_after: timedelta | None = None  # None: a run's progress may stand still as long as its limit
+    # False for a flat threshold (`reset-stuck`'s timeout_minutes): the default judges every run,
+    # a run's own max_runtime and its stalled progress included.
+    own: bool = True
+
+    @classmethod
+    def flat(cls, threshold: timedelta) -> Limits:
+        """One threshold for every run, for one call (SPEC §13's `timeout_minutes`)."""
+        return cls(default=threshold, own=False)
 
     @classmethod
     def from_settings(cls, settings: Settings, learned: Mapping[str, LearnedLimit] | None = None) -> Limits:
@@ -78,6 +87,8 @@ class AppliedLimit:
 
 def limit_for(limits: Limits, kind: str | None = None, max_runtime: timedelta | None = None) -> AppliedLimit:
     """SPEC §14's precedence for one run: its own, its kind's configured, its kind's learned, the default."""
+    if not limits.own:
+        return AppliedLimit(limits.default, "default", kind)
     if max_runtime is not None:
         return AppliedLimit(max_runtime, "run", kind)
     if kind is not None and kind in limits.configured:
@@ -125,3 +136,71 @@ def current_limits(rt: Runtime) -> Limits:
     limits = Limits.from_settings(settings, learned)
     rt.events.publish(LimitsInForce(limits))
     return limits
+
+
+def judging_params(limits: Limits, now: datetime, runs_table: str, kind_role: str = "kind") -> dict[str, object]:
+    """`limits` as the parameters of db/queries/limits.py's SQL (`sr_lim_*`, and `sr_now`): the
+    order of kinds' limits decided here by `limit_for`, one entry per kind with a limit of its
+    own; SQL adds only the run's own `max_runtime` before them and the default after."""
+    kinds = sorted(set(limits.configured) | set(limits.learned)) if limits.own else []
+    applied = [limit_for(limits, kind) for kind in kinds]
+    zero = f"limit {format_duration(timedelta(0))}"
+    seconds = [a.limit.total_seconds() for a in applied]
+    stall_reason = None
+    if limits.stall_after is not None:
+        stall_reason = f"no progress allowed for {format_duration(limits.stall_after)} (STALL_AFTER)"
+    return {
+        "sr_now": now,
+        "sr_lim_table": runs_table,
+        "sr_lim_default_s": limits.default.total_seconds(),
+        "sr_lim_min_s": min([limits.default.total_seconds(), *seconds]),
+        "sr_lim_own": limits.own,
+        "sr_lim_kinds": kinds,
+        "sr_lim_kind_s": seconds,
+        "sr_lim_kind_source": [a.source for a in applied],
+        "sr_lim_kind_reason": [a.reason(kind_role) for a in applied],
+        "sr_lim_default_reason": limit_for(limits).reason(kind_role),
+        "sr_lim_run_reason": AppliedLimit(timedelta(0), "run").reason(kind_role).removeprefix(zero),
+        "sr_lim_stall": limits.own,
+        "sr_lim_stall_s": limits.stall_after.total_seconds() if limits.stall_after is not None else None,
+        "sr_lim_stall_reason": stall_reason,
+    }
+
+
+def runtime_judging_params(rt: Runtime, limits: Limits | None = None, now: datetime | None = None) -> dict[str, object]:
+    """`judging_params` for this process's table: what the sweep, its dry run, `status`, the pages
+    and the listing bind, so all of them judge a run alike."""
+    limits = limits if limits is not None else current_limits(rt)
+    runs = rt.runs
+    role = runs.name_of(runs.kind) if runs.kind else "kind"
+    return judging_params(limits, now if now is not None else rt.clock.now(), runs.canonical_name, role)
+
+
+def applied_to_run(rt: Runtime, run: Run, limits: Limits | None = None) -> AppliedLimit:
+    """The limit that judges `run` (a row read with its inputs): its own `max_runtime` (an interval
+    or seconds), its kind's, the default; what a retry executing here is timed and stalled by."""
+    runs = rt.runs
+    kind = run.inputs.get(runs.name_of(runs.kind)) if runs.kind else None
+    own = run.inputs.get(runs.name_of(runs.max_runtime)) if runs.max_runtime else None
+    if own is not None and not isinstance(own, timedelta):
+        own = timedelta(seconds=float(own))
+    return limit_for(limits if limits is not None else current_limits(rt), None if kind is None else str(kind), own)
+
+
+def execution_timeout(settings: Settings, applied: AppliedLimit) -> timedelta:
+    """`EXECUTION_TIMEOUT` when set, else the run's own limit (SPEC §14: not `STUCK_AFTER`)."""
+    return settings.execution_timeout or applied.limit
+
+
+def limit_document(rt: Runtime, run: Run) -> dict[str, object]:
+    """The limit that judges `run` now and why, for the API's run detail and the run's page
+    (`limit 0.3h, learned for spider=jobs_de from 412 runs`)."""
+    limits = current_limits(rt)
+    applied = applied_to_run(rt, run, limits)
+    runs = rt.runs
+    return {
+        "seconds": applied.limit.total_seconds(),
+        "source": applied.source,
+        "reason": applied.reason(runs.name_of(runs.kind) if runs.kind else "kind"),
+        "stall_seconds": stall_limit(limits, applied).total_seconds() if runs.progress_counter else None,
+    }

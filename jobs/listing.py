@@ -16,6 +16,7 @@ from db.engine import database_errors
 from db.errors import UsageError
 from db.layout import STATES
 from db.queries.groups import target_key
+from jobs.limits import runtime_judging_params
 from jobs.model import Run, as_utc
 from jobs.runtime import Runtime
 
@@ -122,7 +123,7 @@ def _read_page(rt: Runtime, filters: RunFilter) -> RunsPage:
         "sr_search": like_pattern(filters.search) if filters.search else None,
         "sr_since": rt.clock.now() - filters.since if filters.since else None,
         "sr_due_before": rt.clock.now() + filters.since if filters.since else None,
-        "sr_cutoff": rt.clock.now() - rt.settings.policy.stuck_after,
+        **(runtime_judging_params(rt) if filters.stuck else {}),  # SPEC §14: the sweep's own judgement
         "sr_after_at": at,
         "sr_after_id": run_id,
         "sr_target": filters.target,

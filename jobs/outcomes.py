@@ -27,6 +27,7 @@ from jobs.executors.outcome import (
     Released,
     TimedOut,
 )
+from jobs.limits import applied_to_run, execution_timeout
 from jobs.model import Run, RunId
 from jobs.patterns import parse_retry_after
 from jobs.rules import FailureOutcome, RetryPolicy, chain_budget, decide_failure, format_time, timeout_error
@@ -150,9 +151,10 @@ def record_outcome(
                 failure = _decide(rt, policy, run, error or "Run failed", now, pattern, detail, retry_after)
                 if row := conn.execute(q.fail_running, _fail_one(now, run, failure, detail)).first():
                     return _failed(log, run, failure, row, delivered)
-            case TimedOut(detail=detail) if delivery is None:
+            case TimedOut(detail=detail, error=error) if delivery is None:
                 pattern = TIMEOUT_PATTERN
-                failure = _decide(rt, policy, run, timeout_error(rt.settings.timeout), now, pattern, detail)
+                said = error or timeout_error(execution_timeout(rt.settings, applied_to_run(rt, run)))
+                failure = _decide(rt, policy, run, said, now, pattern, detail)
                 if row := conn.execute(q.fail_running, _fail_one(now, run, failure, detail)).first():
                     return _failed(log, run, failure, row)
             case Released(detail=detail) if delivery is None:

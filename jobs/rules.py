@@ -34,6 +34,7 @@ from db.messages import (  # noqa: F401 - the templates are part of the rules' v
     ONE_ATTEMPT,
     PERMANENT_ERROR,
     RETRY_SCHEDULED,
+    STALLED_ERROR,
     STUCK_ERROR,
     STUCK_PATTERN,
     SUPERSEDED,
@@ -112,6 +113,11 @@ def format_time(value: datetime) -> str:
 
 def stuck_error(since: datetime, now: datetime) -> str:
     return STUCK_ERROR.format(hours=format_duration(now - since))
+
+
+def stalled_error(still_for: timedelta) -> str:
+    """A run (or a retry executing here) whose progress stood still for `still_for`."""
+    return STALLED_ERROR.format(hours=format_duration(still_for))
 
 
 def timeout_error(timeout: timedelta) -> str:

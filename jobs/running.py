@@ -24,9 +24,12 @@ from db import locks
 from db.engine import database_errors
 from jobs.events import RetryEnded, RetryStarted
 from jobs.executors.base import Execution, RunsHere
+from jobs.executors.outcome import Released, TimedOut
+from jobs.limits import applied_to_run, current_limits, execution_timeout, stall_limit
 from jobs.model import Run, RunId
 from jobs.outcomes import RetryOutcome, record_outcome
-from jobs.rules import RetryPolicy
+from jobs.progress_watch import ProgressWatch
+from jobs.rules import RetryPolicy, stalled_error, timeout_error
 from jobs.runtime import Runtime
 from jobs.slots import has_room, take_slot
 
@@ -164,9 +167,18 @@ class RunningHere:
             raise
 
     def wait_and_record(self, run: Run, execution: Execution, stop: threading.Event) -> RetryOutcome:
+        """Waits for the retry within its own limit (SPEC §14: EXECUTION_TIMEOUT, else the run's
+        limit by the precedence), stopping it when its progress stands still, and records how it ended."""
         started = time.monotonic()
-        timeout = self.rt.clock.real(self.rt.settings.timeout)
-        ended = execution.wait(timeout, stop)
+        limits = current_limits(self.rt)
+        applied = applied_to_run(self.rt, run, limits)
+        timeout = execution_timeout(self.rt.settings, applied)
+        with ProgressWatch(self.rt, run, stall_limit(limits, applied), stop) as watch:
+            ended = execution.wait(self.rt.clock.real(timeout), watch.event)
+        if isinstance(ended, TimedOut):
+            ended = replace(ended, error=timeout_error(timeout))
+        elif isinstance(ended, Released) and watch.stalled_for is not None and not stop.is_set():
+            ended = TimedOut(detail=ended.detail, error=stalled_error(watch.stalled_for))
         outcome = replace(record_outcome(self.rt, self.policy, run, ended), seconds=time.monotonic() - started)
         self.rt.events.publish(RetryEnded(outcome))
         return outcome

@@ -18,6 +18,7 @@ from db.engine import database_errors, describe_db_error
 from db.errors import DatabaseUnavailable, OperatorError
 from jobs.control import PauseState, read_pause
 from jobs.events import CHECKER, DAEMON, JOB_IDS, PROCESSOR, VIA_KEY, JobRun, JobRunsEnded
+from jobs.limits import runtime_judging_params
 from jobs.recovery import FixResult
 from jobs.runtime import Runtime
 from jobs.waiting import Waiting, read_waiting
@@ -119,7 +120,7 @@ def read_status(rt: Runtime) -> StatusReport:
     with database_errors(rt.engine, "reading the status"), rt.engine.connect() as conn:
         alive = conn.execute(records.alive(now - ALIVE_WITHIN)).mappings().all()
         last = {job_id: conn.execute(records.last_run(job_id)).mappings().first() for job_id in JOB_IDS}
-        counts = conn.execute(rt.queries.counts(), {"sr_cutoff": now - rt.settings.policy.stuck_after}).mappings().one()
+        counts = conn.execute(rt.queries.counts(), runtime_judging_params(rt, now=now)).mappings().one()
         permanent = conn.execute(rt.queries.permanently_failed(since=True), {"sr_since": since}).scalar_one()
         pause = read_pause(rt, conn)
         waiting = read_waiting(rt, conn)

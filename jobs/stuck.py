@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
 
@@ -24,6 +24,7 @@ from loguru import logger
 from db import locks
 from db.engine import database_errors
 from jobs.events import SweepFinished
+from jobs.limits import Limits, current_limits, runtime_judging_params
 from jobs.model import RunId, as_utc
 from jobs.rules import STUCK_PATTERN, RetryPolicy, run_label
 from jobs.runtime import Runtime
@@ -49,6 +50,8 @@ class FailedAttempt:
     retry_id: RunId | None
     retry_due: datetime | None
     dead_lettered: bool = False
+    reason: str | None = None  # the limit that judged it, and why (SPEC §14)
+    limit_source: str | None = None  # run, configured, learned or default
 
     @property
     def retried(self) -> bool:
@@ -129,6 +132,8 @@ def _attempt(parse_id: Callable[[str | None], object], row) -> FailedAttempt:
         retry_id=parse_id(row["retry_id"]),
         retry_due=as_utc(row["next_retry_at"]) if row["retried"] else None,
         dead_lettered=row["dead_lettered"],
+        reason=row["limit_reason"],
+        limit_source=row["limit_source"],
     )
 
 
@@ -145,6 +150,7 @@ def _row_document(row) -> dict:
         "retry_due": as_utc(row["next_retry_at"]).isoformat() if retried else None,
         "retried": retried,
         "dead_lettered": row["dead_lettered"],
+        "limit_reason": row["limit_reason"],
     }
 
 
@@ -168,8 +174,10 @@ def sweep_stuck_runs(
     use_lock: bool = True,
     lock_wait: timedelta = SWEEP_LOCK_WAIT,
     keep: int | None = KEPT_RUNS,
+    limits: Limits | None = None,
 ) -> SweepResult:
-    """Fails every run stuck longer than `policy.stuck_after`, batch by batch.
+    """Fails every run stuck past its limit (SPEC §14: `limits`, by default those in force with
+    `policy.stuck_after` as the default) or whose progress stalled, batch by batch.
 
     Runs being executed by a live stuck-runs process are not stuck. With `stop` set the sweep
     finishes its current batch and returns. Another sweep holding the sweep lock for longer than
@@ -178,7 +186,10 @@ def sweep_stuck_runs(
     rows of the first `keep` runs failed (None: all of them, for `--json`). Its result is
     published (`SweepFinished`), a dry run's and a skipped sweep's too.
     """
-    result = _sweep(rt, policy or rt.settings.policy, dry_run, stop, use_lock, lock_wait, keep)
+    policy = policy or rt.settings.policy
+    # STUCK_AFTER, --stuck-after and the script's max_duration_hours set the default, nothing else.
+    limits = limits if limits is not None else replace(current_limits(rt), default=policy.stuck_after)
+    result = _sweep(rt, policy, limits, dry_run, stop, use_lock, lock_wait, keep)
     rt.events.publish(SweepFinished(result))
     return result
 
@@ -186,6 +197,7 @@ def sweep_stuck_runs(
 def _sweep(
     rt: Runtime,
     policy: RetryPolicy,
+    limits: Limits,
     dry_run: bool,
     stop: threading.Event | None,
     use_lock: bool,
@@ -194,7 +206,7 @@ def _sweep(
 ) -> SweepResult:
     started = time.monotonic()
     now = rt.clock.now()
-    params = {"sr_cutoff": now - policy.stuck_after, "sr_now": now}
+    params = {**runtime_judging_params(rt, limits, now), "sr_cutoff": now - policy.stuck_after}
     if dry_run:
         return _preview(rt, policy, params, started, keep)
     rows: list = []
@@ -207,6 +219,9 @@ def _sweep(
             conn.rollback()
             return SweepResult(seconds=time.monotonic() - started, skipped=f"another sweep is running ({holder})")
         try:
+            if rt.queries.progress_upkeep is not None:
+                with conn.begin():  # SPEC §14: the progress each running run shows now, and since when
+                    conn.execute(rt.queries.progress_upkeep, params)
             for statement in _sweep_statements(rt, "batch"):
                 resume_from = EARLIEST
                 while not (stop and stop.is_set()):
@@ -268,7 +283,16 @@ def _log(parse_id: Callable[[str | None], object], batch, *, already: int) -> No
             attempt=attempt.attempt,
             event="stuck",
             retry_id=str(attempt.retry_id or ""),
-        ).warning("{}: {}", attempt.label, attempt.message)
+            limit=attempt.reason or "",
+        ).warning("{}: {}{}", attempt.label, attempt.message, _said_limit(attempt))
+
+
+def _said_limit(attempt: FailedAttempt) -> str:
+    """The limit beside the message when it is not the default (whose line reads as before SPEC
+    §14); every line's JSON carries it as `limit` whatever it is."""
+    if attempt.reason is None or attempt.limit_source in (None, "default"):
+        return ""
+    return f" ({attempt.reason})"
 
 
 def _preview(rt: Runtime, policy: RetryPolicy, params: dict, started: float, keep: int | None) -> SweepResult:

@@ -27,6 +27,7 @@ from loguru import logger
 from db.errors import DatabaseUnavailable
 from jobs.events import CHECKER, DAEMON, JOB_IDS, PROCESSOR, JobRun, JobRunsEnded
 from jobs.fleet_health import fleet_health
+from jobs.limits import runtime_judging_params
 from jobs.retries import ProcessResult, process_due_retries
 from jobs.runtime import Runtime
 from jobs.settings import Settings
@@ -124,10 +125,9 @@ class Daemon:
                 self.notifier.ready(f"running; table {self.rt.runs.qualified_name}")
 
     def _count_for_metrics(self) -> None:
-        cutoff = self.rt.clock.now() - self.rt.settings.policy.stuck_after
         try:
             with self.rt.engine.connect() as conn:
-                counts = conn.execute(self.rt.queries.counts(), {"sr_cutoff": cutoff}).mappings().one()
+                counts = conn.execute(self.rt.queries.counts(), runtime_judging_params(self.rt)).mappings().one()
                 health = fleet_health(self.rt, conn)
         except Exception:  # noqa: BLE001 - the records' write below reports the outage
             return

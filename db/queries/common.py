@@ -7,6 +7,7 @@ Parameters are bound by name, all prefixed `sr_`.
 
 from __future__ import annotations
 
+import string
 from functools import cached_property
 from typing import Any
 
@@ -17,10 +18,33 @@ from sqlalchemy.ext.compiler import compiles
 from db import locks
 from db.arrays import array_param
 from db.dead_letters import dead_letters_table, insert_from_failed
+from db.messages import HOURS_FROM_SECONDS, MINUTES_FROM_SECONDS
 from db.pauses import PauseRecords
 from db.table import RunsTable
 
 NOW = sa.bindparam("sr_now", type_=sa.DateTime(timezone=True))
+
+
+def render(template: str, **parts: sa.ColumnElement) -> sa.ColumnElement:
+    """A message template of jobs.rules as SQL: its literal text around the given expressions."""
+    pieces: list[sa.ColumnElement] = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        if literal:
+            pieces.append(sa.literal(literal, sa.Text))
+        if field is not None:
+            pieces.append(sa.cast(parts[field], sa.Text))
+    return sa.func.concat(*pieces)
+
+
+def duration_text(seconds: sa.ColumnElement) -> sa.ColumnElement:
+    """`format_duration` of jobs.rules in SQL, for a duration of `seconds` (numeric, not negative):
+    `1.2h` from HOURS_FROM_SECONDS on, whole minutes below, whole seconds below a minute."""
+    hours = sa.func.to_char(sa.func.round(seconds / 3600, 1), "FM999999990.0").concat("h")
+    minutes = sa.cast(sa.func.floor(seconds / 60), sa.Integer).concat("m")
+    whole_seconds = sa.cast(sa.func.floor(seconds), sa.Integer).concat("s")
+    return sa.case(
+        (seconds >= HOURS_FROM_SECONDS, hours), (seconds >= MINUTES_FROM_SECONDS, minutes), else_=whole_seconds
+    )
 
 
 def _arrays(**columns: sa.types.TypeEngine) -> sa.TableValuedAlias:

@@ -12,13 +12,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from db.messages import STUCK_PATTERN
-from db.queries.common import NOW, TableStatements, statement
+from db.queries.common import NOW, statement
+from db.queries.limits import LimitStatements
 
 # What `stats` reads of each attempt that ended in its window.
 ENDED_COLUMNS = ("id", "original_run_id", "is_retry", "retry_count", "status", "failure_pattern", "handed_off")
 
 
-class ReportStatements(TableStatements):
+class ReportStatements(LimitStatements):
     """`get`, `chain`, `counts`, `untimed`, `stats_*` and `permanently_failed` for one table."""
 
     # From RetryStatements, which RunQueries composes with this: the failed chains counted.
@@ -132,13 +133,14 @@ class ReportStatements(TableStatements):
         return query.order_by(key.asc().nulls_last(), t.c.id.asc()).limit(limit)
 
     def stuck_now(self) -> sa.ColumnElement:
-        """Running with no progress since `:sr_cutoff` (now less STUCK_AFTER): what `check` would
-        fail now, what the overview's "Stuck now" counts and the runs page's `stuck` filter shows."""
-        return sa.and_(self.runs.in_state(self.t.c.status, "running"), self.runs.progress() < sa.bindparam("sr_cutoff"))
+        """Running and past its limit, or stalled (SPEC §14, the sweep's own predicate, bound by
+        jobs.limits.judging_params): what `check` would fail now, what the overview's "Stuck now"
+        counts and the runs page's `stuck` filter shows."""
+        return sa.and_(self.runs.in_state(self.t.c.status, "running"), self.judged())
 
     def untimed(self) -> sa.ColumnElement:
         """Running runs with nothing to time them by (no started_at, no heartbeat): never stuck."""
-        return sa.and_(self.runs.in_state(self.t.c.status, "running"), self.runs.progress().is_(None))
+        return sa.and_(self.runs.in_state(self.t.c.status, "running"), self.runs.last_sign_of_life().is_(None))
 
     def monitoring_sql(self, kind: str, run_id: object = None) -> str:
         """SPEC §9's monitoring queries in the table's names: `pending`, or the `history` of `run_id`.
@@ -204,7 +206,7 @@ class ReportStatements(TableStatements):
         return sa.and_(self.runs.in_state(t.c.status, "running"), t.c.is_retry, t.c.handed_off.is_(None))
 
     def counts(self) -> sa.Select:
-        """How many runs are running, stuck (progress before `:sr_cutoff`), untimed, pending a
+        """How many runs are running, stuck (`stuck_now`), untimed, pending a
         retry, the retries executing here (`running_retries`) and those handed to the fleet and
         not yet ended; each an index probe, never a table scan. (How many chains ended
         permanently failed: `permanently_failed`.)"""

@@ -7,7 +7,6 @@ reads the very same decision expressions and writes nothing.
 
 from __future__ import annotations
 
-import string
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -16,57 +15,31 @@ from sqlalchemy.dialects import postgresql
 from db import locks
 from db.messages import (
     BUDGET_SPENT,
-    HOURS_FROM_SECONDS,
     MAX_DOUBLINGS,
-    MINUTES_FROM_SECONDS,
     NOT_STARTED_ERROR,
     RETRY_SCHEDULED,
+    STALLED_ERROR,
     STUCK_ERROR,
     STUCK_PATTERN,
 )
-from db.queries.common import NOW, TableStatements
-from db.table import RunsTable
-
-
-def render(template: str, **parts: sa.ColumnElement) -> sa.ColumnElement:
-    """A message template of jobs.rules as SQL: its literal text around the given expressions."""
-    pieces: list[sa.ColumnElement] = []
-    for literal, field, _, _ in string.Formatter().parse(template):
-        if literal:
-            pieces.append(sa.literal(literal, sa.Text))
-        if field is not None:
-            pieces.append(sa.cast(parts[field], sa.Text))
-    return sa.func.concat(*pieces)
-
-
-def duration_text(seconds: sa.ColumnElement) -> sa.ColumnElement:
-    """`format_duration` of jobs.rules in SQL, for a duration of `seconds` (numeric, not negative):
-    `1.2h` from HOURS_FROM_SECONDS on, whole minutes below, whole seconds below a minute."""
-    hours = sa.func.to_char(sa.func.round(seconds / 3600, 1), "FM999999990.0").concat("h")
-    minutes = sa.cast(sa.func.floor(seconds / 60), sa.Integer).concat("m")
-    whole_seconds = sa.cast(sa.func.floor(seconds), sa.Integer).concat("s")
-    return sa.case(
-        (seconds >= HOURS_FROM_SECONDS, hours), (seconds >= MINUTES_FROM_SECONDS, minutes), else_=whole_seconds
-    )
-
+from db.queries.common import NOW, duration_text, render, statement
+from db.queries.limits import LimitStatements
 
 # What the sweep says of a run it fails, by the state it found the run in.
 _ERRORS = {"running": STUCK_ERROR, "queued": NOT_STARTED_ERROR}
 
 
-class SweepStatements(TableStatements):
+class SweepStatements(LimitStatements):
     """`stuck_batch`, `sweep_batch`, `stuck_preview` and `stuck_preview_counts` for one table, and
     the same for retries handed to the fleet's queue that nobody started (`not_started_*`)."""
 
-    def __init__(self, runs: RunsTable) -> None:
-        super().__init__(runs)
-        self.stuck_batch = self._stuck_batch(lock=True)
-        self.sweep_batch = self._sweep_batch()
-        self.stuck_preview = self._stuck_preview()
-        self.stuck_preview_counts = self._preview_counts(self.stuck_preview)
-        self.not_started_batch = self._sweep_batch(state="queued")
-        self.not_started_preview = self._stuck_preview(state="queued")
-        self.not_started_preview_counts = self._preview_counts(self.not_started_preview)
+    stuck_batch = statement(lambda self: self._stuck_batch(lock=True))
+    sweep_batch = statement(lambda self: self._sweep_batch())
+    stuck_preview = statement(lambda self: self._stuck_preview())
+    stuck_preview_counts = statement(lambda self: self._preview_counts(self.stuck_preview))
+    not_started_batch = statement(lambda self: self._sweep_batch(state="queued"))
+    not_started_preview = statement(lambda self: self._stuck_preview(state="queued"))
+    not_started_preview_counts = statement(lambda self: self._preview_counts(self.not_started_preview))
 
     @staticmethod
     def _preview_counts(preview_query: sa.Select) -> sa.Select:
@@ -101,11 +74,13 @@ class SweepStatements(TableStatements):
         K runs in batches of B costs K²/B). With `state` queued: retries handed to the fleet's
         queue (`started_at` is when) that no worker started."""
         t, runs = self.t, self.runs
-        progress = runs.progress()
+        progress = runs.last_sign_of_life()
         watched = [runs.in_state(t.c.status, state)]
         if state == "queued":
             # Handed off either way: a webhook's receiver may queue it in the same value.
-            watched.append(t.c.handed_off.is_not(None))
+            watched += [t.c.handed_off.is_not(None), progress < sa.bindparam("sr_cutoff")]
+        else:
+            watched.append(self.judged())  # SPEC §14: each run by its own limit, or stalled
         query = (
             sa.select(
                 t.c.id,
@@ -115,7 +90,7 @@ class SweepStatements(TableStatements):
                 t.c.is_retry,
                 t.c.original_run_id,
             )
-            .where(*watched, progress < sa.bindparam("sr_cutoff"), ~self._executing(), self._not_being_delivered())
+            .where(*watched, ~self._executing(), self._not_being_delivered())
             .order_by(progress)
             .limit(sa.bindparam("sr_limit"))
         )
@@ -133,8 +108,15 @@ class SweepStatements(TableStatements):
         arithmetic; tests/integration/test_stuck_rules_sql.py holds the two to the same answers.
         """
         t = self.t
-        seconds = sa.cast(sa.extract("epoch", NOW - self.runs.progress()), sa.Numeric)
-        error = render(template, hours=duration_text(seconds))
+        if template == STUCK_ERROR:
+            # SPEC §14: hours by the clock that fired; a stalled run says so in its own words.
+            seconds = self.fired_seconds()
+            error = render(template, hours=duration_text(seconds))
+            if self.runs.progress_counter is not None:
+                error = sa.case((self.stuck(), error), else_=render(STALLED_ERROR, hours=duration_text(seconds)))
+        else:
+            seconds = sa.cast(sa.extract("epoch", NOW - self.runs.last_sign_of_life()), sa.Numeric)
+            error = render(template, hours=duration_text(seconds))
         # chain_budget: a retry's, or a root's stuck-runs already handled (it wrote the pattern), is kept.
         handled = sa.or_(t.c.is_retry, t.c.failure_pattern.is_not(None))
         budget = sa.case((handled, t.c.max_retries), else_=sa.bindparam("sr_policy_max", type_=sa.Integer))
@@ -152,6 +134,16 @@ class SweepStatements(TableStatements):
             else_=render(BUDGET_SPENT, error=error, attempts=t.c.retry_count),
         )
         return budget, message, due
+
+    def _limit_columns(self, state: str, prefix: str = "") -> list[sa.ColumnElement]:
+        """The limit that judged a running run (seconds, source) and why (the dead letter's detail,
+        the log line's reason); NULL for a retry nobody started (§12's `STUCK_AFTER`)."""
+        if state != "running":
+            values = [sa.cast(sa.null(), sa.Float), sa.cast(sa.null(), sa.Text), sa.cast(sa.null(), sa.Text)]
+        else:
+            values = [self.limit_seconds(), self.limit_source(), self.judged_reason()]
+        names = [f"{prefix}limit_s", f"{prefix}limit_source", "_sr_detail" if prefix else "limit_reason"]
+        return [value.label(name) for value, name in zip(values, names, strict=True)]
 
     def _stuck_preview(self, state: str = "running") -> sa.Select:
         """What the sweep would do, changing nothing: the stuck runs (up to `:sr_limit`) with the
@@ -172,6 +164,7 @@ class SweepStatements(TableStatements):
                 sa.cast(sa.null(), sa.Text).label("retry_id"),
                 due.is_not(None).label("retried"),
                 sa.false().label("dead_lettered"),
+                *self._limit_columns(state),
             )
             .join(stuck, stuck.c.id == t.c.id)
             .order_by(stuck.c.since)
@@ -216,7 +209,7 @@ class SweepStatements(TableStatements):
             .where(runs.in_state(t.c.status, state))
             # Each retry's id is drawn here, so no join is needed to report it: a join of the
             # two CTEs turned into a nested loop (a million comparisons a batch) on a big table.
-            .returning(*t.c, sa.cast(sa.null(), sa.Text).label("_sr_detail"), runs.new_id().label("_sr_retry_id"))
+            .returning(*t.c, *self._limit_columns(state, "_sr_"), runs.new_id().label("_sr_retry_id"))
             .cte("failed")
         )
         retried = self._retry_rows(failed, failed.c._sr_retry_id).cte("retried")
@@ -233,6 +226,9 @@ class SweepStatements(TableStatements):
             sa.case((created, sa.cast(failed.c._sr_retry_id, sa.Text)), else_=sa.null()).label("retry_id"),
             created.label("retried"),
             failed.c.id.in_(sa.select(dead.c.run_id)).label("dead_lettered"),
+            failed.c._sr_limit_s.label("limit_s"),
+            failed.c._sr_limit_source.label("limit_source"),
+            failed.c._sr_detail.label("limit_reason"),
         ).subquery("per_run")
         # The batch's counts ride on every row, and only the first `:sr_keep` rows (at least one,
         # to carry the counts) leave the server: a mass event does not ship 100,000 rows to Python.

@@ -36,9 +36,11 @@ class Failed:
 
 @dataclass(frozen=True)
 class TimedOut:
-    """The attempt outlasted SCRAPE_RUN_TIMEOUT and was killed: a failed attempt (`timeout`)."""
+    """The attempt outlasted its limit (EXECUTION_TIMEOUT, else the run's own: SPEC §14), or its
+    progress stood still, and was killed: a failed attempt (`timeout`)."""
 
     detail: str | None = None
+    error: str | None = None  # what the error column says (`Execution timed out after 6.0h`, `Run stalled: ...`)
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,8 @@ DECLARED: tuple[Setting, ...] = (
       "Retries executing at once across all processes.", "1",
       readme="Those handed to the fleet and not yet ended count too."),
     S("EXECUTION_TIMEOUT", "--execution-timeout", parse_duration, "execution_timeout",
-      "Kill an execution after this long.", default_shown="= STUCK_AFTER"),
+      "Kill an execution after this long.", default_shown="= the run's limit",
+      readme="The run's own limit: its `max_runtime`, else its kind's, else `STUCK_AFTER`."),
     S("BATCH_SIZE", "--batch-size", _int(1, 100_000), "batch_size",
       "Rows per transaction.", "1000"),
     S("HEARTBEAT_COLUMN", "--heartbeat-column", parse_identifier, "heartbeat_column",
@@ -159,8 +160,11 @@ DECLARED: tuple[Setting, ...] = (
     S("METRICS_PORT", "--metrics-port", _int(1, 65535), "metrics_port",
       "Serve Prometheus metrics on this port.", readme="See [Metrics](#metrics)."),
     S("COLUMN_MAP", "--column-map", parse_column_map, "layout.columns",
-      "Columns playing id, status, started_at, completed_at, error_message: id=run_id,...", unset={},
-      readme="Unset, each role is the column of its name: see [Adopting your table](#adopting-your-table)."),
+      "Columns playing id, status, started_at, completed_at, error_message, and kind, max_runtime, progress: "
+      "id=run_id,kind=spider,...", unset={},
+      readme="Unset, each role is the column of its name: see [Adopting your table](#adopting-your-table). "
+             "`kind`, `max_runtime` and `progress` are only what you map: see "
+             "[Each run by its own clock](#each-run-by-its-own-clock)."),
     S("STATUS_MAP", "--status-map", parse_status_map, "layout.statuses",
       "Values meaning running, completed, failed, pending_retry, cancelled: completed=done,...", unset={},
       readme="Unset, each state is the value of its name."),
@@ -253,10 +257,6 @@ class _Derived:
     def hands_off(self) -> str | None:
         """How due retries leave for the fleet (`webhook`, `queue`), or None when they run here."""
         return "webhook" if self.webhook else ("queue" if self.handoff else None)
-
-    @property
-    def timeout(self) -> timedelta:
-        return self.execution_timeout or self.policy.stuck_after
 
     def require_database_url(self) -> str:
         if not self.database_url:

@@ -26,6 +26,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from db.errors import ConfigError, DatabaseUnavailable, RetryRefused, UsageError
 from db.layout import WRITTEN_STATES
 from jobs.dead_letters import list_dead_letters
+from jobs.limits import limit_document
 from jobs.listing import RunFilter, list_runs, window_label
 from jobs.manual import ChainHistory, chain_history, retry_run
 from jobs.runtime import Runtime
@@ -318,6 +319,7 @@ def build_pages(
                 "run_id": str(wanted),
                 "chain": plain(history),
                 "inputs": plain(this).get("inputs") or {},
+                "limit": limit_document(rt, this),
                 "retry": retry_button(rt, history),
                 "due_now": due_now_action(history, rt.clock.now()),
                 "cancel": f"/api/runs/{path_part(pending[-1].id)}/cancel" if pending else None,

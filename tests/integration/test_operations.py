@@ -140,6 +140,7 @@ def test_doctor_passes_on_a_healthy_setup_and_names_each_problem(db_url, databas
         "migration",
         "indexes",
         "untimed runs",
+        "limits",
         "privileges",
     ]
     assert all(c.ok for c in healthy), healthy
@@ -227,6 +228,7 @@ def test_json_logs_carry_run_chain_attempt_and_event(db_url):
     [stuck] = [e for e in entries if e.get("event") == "stuck"]
     assert stuck["run_id"] == str(run_id) and stuck["level"] == "WARNING"
     assert stuck["message"] == "Data Architect in Belgium: Run stuck for 2.0h - retry 1/4 scheduled"
+    assert stuck["limit"] == "limit 1.0h, the default (STUCK_AFTER)"  # SPEC §14: which limit, and why
     assert stuck["chain"] == str(run_id) and stuck["attempt"] == 0 and stuck["retry_id"]
 
 

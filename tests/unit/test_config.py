@@ -11,6 +11,7 @@ import pytest
 from db.errors import ConfigError
 from db.layout import Layout
 from jobs.doctor import run_checks
+from jobs.limits import Limits, execution_timeout, limit_for
 from jobs.rules import RetryPolicy
 from jobs.settings import DECLARED, Settings, load_settings, parse_duration
 from jobs.settings.readme import README, with_table
@@ -82,9 +83,14 @@ def test_the_readmes_configuration_table_is_the_declarations():
         assert f"| `{setting.env}` |" in readme
 
 
-def test_execution_timeout_follows_the_stuck_threshold_unless_set():
-    assert load_settings({"STUCK_AFTER": "2h"}).timeout == timedelta(hours=2)
-    assert load_settings({"STUCK_AFTER": "2h", "EXECUTION_TIMEOUT": "30m"}).timeout == timedelta(minutes=30)
+def test_execution_timeout_follows_the_runs_own_limit_unless_set():
+    settings = load_settings({"STUCK_AFTER": "2h", "STUCK_AFTER_BY_KIND": "sitemap=6h"})
+    limits = Limits.from_settings(settings)
+    assert execution_timeout(settings, limit_for(limits)) == timedelta(hours=2)
+    assert execution_timeout(settings, limit_for(limits, "sitemap")) == timedelta(hours=6)
+    assert execution_timeout(settings, limit_for(limits, "sitemap", timedelta(hours=9))) == timedelta(hours=9)
+    fixed = load_settings({"STUCK_AFTER": "2h", "STUCK_AFTER_BY_KIND": "sitemap=6h", "EXECUTION_TIMEOUT": "30m"})
+    assert execution_timeout(fixed, limit_for(limits, "sitemap")) == timedelta(minutes=30)
 
 
 @pytest.mark.parametrize(

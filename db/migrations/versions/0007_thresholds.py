@@ -10,7 +10,7 @@ of it, read from the index alone (bench: `python -m bench.learning`); the first 
 is one index-only scan of it. Without a `kind` role there is nothing to learn, and no index.
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 """
 
 from sqlalchemy.engine import Dialect
@@ -19,7 +19,7 @@ from db.migration_plan import Step, TablePlan, quote_table
 from db.reflect import split_name
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 

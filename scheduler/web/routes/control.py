@@ -8,6 +8,7 @@ from datetime import timedelta
 from fastapi import APIRouter, Query
 
 from jobs.control import pause_retries, resume_retries
+from jobs.limits import Limits
 from jobs.runtime import Runtime
 from jobs.settings import parse_duration
 from jobs.status import CHECKER, job_run
@@ -31,14 +32,16 @@ def add_routes(api: APIRouter, rt: Runtime, access: Access) -> None:
         dry_run: Flag = "false",
     ) -> dict:
         """The stuck-run sweep of `check`, with this threshold or the configured one: it fails the stuck runs and schedules their retries."""
+        limits = None  # each run by its own limit, as `check` judges it
         policy = rt.settings.policy  # `check`'s own: STUCK_AFTER, and each run's limit where the table keeps one
         if timeout_minutes is not None:
             if timedelta(minutes=timeout_minutes) < timedelta(seconds=1):
                 raise ApiError(400, "Invalid timeout_minutes: use at least 1 second's worth (0.02)")
             policy = replace(policy, stuck_after=timedelta(minutes=timeout_minutes))
+            limits = Limits.flat(policy.stuck_after)  # one flat threshold for this call (SPEC §14)
         dry_run = on(dry_run)
         with answering("Failed to reset stuck runs"), job_run(rt, (CHECKER,), dry_run=dry_run, via="api") as record:
-            result = sweep_stuck_runs(rt, policy, dry_run=dry_run, keep=None)
+            result = sweep_stuck_runs(rt, policy, dry_run=dry_run, keep=None, limits=limits)
             record(result)  # `status` shows it as the checker's last run, as it shows `check`'s
         if result.skipped:
             raise ApiError(409, "Another sweep is running", {"reason": result.skipped})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
+from jobs.limits import limit_document
 from jobs.listing import MAX_PAGE, MAX_SEARCH, RunFilter, list_runs
 from jobs.manual import chain_history
 from jobs.runtime import Runtime
@@ -56,4 +57,5 @@ def add_routes(api: APIRouter, rt: Runtime, access: Access) -> None:
             wanted = rt.runs.parse_id(run_id)
             chain = chain_history(rt, wanted)
         this = next(a for a in chain.attempts if a.id == wanted)
-        return {"success": True, "data": {"run": plain(this), "chain": plain(chain)}}
+        limit = limit_document(rt, this)  # SPEC §14: which limit judges it, and why
+        return {"success": True, "data": {"run": plain(this), "chain": plain(chain), "limit": limit}}

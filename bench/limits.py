@@ -1,0 +1,199 @@
+"""SPEC §14's cost in a mass event: 100,000 stuck runs failed with kinds, learned limits and
+progress on, against the SQL floor (bench/contenders.py) and the sweep without them.
+
+    python -m bench.limits                          # 100k stuck of 1M, 3 runs each, interleaved
+    python -m bench.limits --stuck 10000 --history 100000 --repeat 3
+    python -m bench.limits --idle 10000000          # the idle sweep's plan and time on 10M rows
+
+Every run of the table gets a kind (`spider`: four kinds) and a progress counter (`items`), and
+`stuck_runs_progress` holds what a sweep ten minutes earlier recorded (as in production, where
+the sweep before the event saw the same runs). The limits are chosen so the same runs are stuck
+for every contender: jobs_de 55m and sitemap 80m configured, jobs_fr 70m learned, the default 1h
+for the fourth kind (live runs are at most 50 minutes old, stuck ones 1.5 to 5 hours). Medians
+are printed as JSON, with each contender's ratio to the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+from loguru import logger
+
+from bench import contenders, data
+from db.layout import Layout, parse_column_map
+from jobs.limits import LearnedLimit, Limits
+from jobs.runtime import Runtime
+from jobs.settings import Settings
+from jobs.stuck import sweep_stuck_runs
+
+TEMPLATE = "bench_tpl_limits"
+KINDS = "ARRAY['jobs_de', 'jobs_fr', 'sitemap', 'other']"
+
+
+def limits(now: datetime) -> Limits:
+    return Limits(
+        default=timedelta(hours=1),
+        configured={"jobs_de": timedelta(minutes=55), "sitemap": timedelta(minutes=80)},
+        learned={"jobs_fr": LearnedLimit(timedelta(minutes=70), 412, now)},
+    )
+
+
+def build(server_url: str, *, history: int, stuck: int, now: datetime) -> None:
+    url = data.build_template(server_url, TEMPLATE, history=history, stuck=stuck, now=now)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE scrape_runs ADD COLUMN spider TEXT, ADD COLUMN items BIGINT")
+        conn.execute(sa.text(f"UPDATE scrape_runs SET spider = ({KINDS})[1 + user_id % 4], items = results_count"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO stuck_runs_progress SELECT 'scrape_runs', id::text, items::text, :seen"
+                " FROM scrape_runs WHERE status = 'running'"
+            ),
+            {"seen": now - timedelta(minutes=10)},
+        )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("VACUUM ANALYZE scrape_runs")
+        conn.exec_driver_sql("VACUUM ANALYZE stuck_runs_progress")
+    engine.dispose()
+
+
+def ours(url: str, now: datetime, *, roles: bool) -> contenders.Timing:
+    logger.remove()
+    layout = Layout(columns=parse_column_map("kind=spider,progress=items")) if roles else Layout()
+    rt = Runtime.open(Settings(database_url=url, layout=layout), clock=contenders.FixedClock(now))
+    try:
+        started = time.perf_counter()
+        result = sweep_stuck_runs(rt, limits=limits(now) if roles else None)
+        name = "ours, kinds+learned+progress" if roles else "ours, STUCK_AFTER only"
+        return contenders.Timing(name, time.perf_counter() - started, result.failed)
+    finally:
+        rt.close()
+
+
+def idle(server_url: str, rows: int, repeat: int) -> dict:
+    """The idle sweep with kinds, own max_runtime, learned limits and progress on: its plan (a
+    Seq Scan of scrape_runs or not) and its time, whole (`sweep_stuck_runs`, progress upkeep
+    included) and the batch statement alone (EXPLAIN ANALYZE)."""
+    now = data.bench_now()
+    url = data.build_template(server_url, TEMPLATE, history=rows, stuck=0, now=now)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # constant defaults: no rewrite of the history
+        conn.exec_driver_sql(
+            "ALTER TABLE scrape_runs ADD COLUMN spider TEXT DEFAULT 'other', ADD COLUMN items BIGINT,"
+            " ADD COLUMN budget INTERVAL"
+        )
+        conn.execute(
+            sa.text(
+                f"UPDATE scrape_runs SET spider = ({KINDS})[1 + user_id % 4], items = user_id,"
+                " budget = CASE WHEN user_id % 7 = 0 THEN interval '2 hours' END WHERE status = 'running'"
+            )
+        )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("VACUUM ANALYZE scrape_runs")
+    engine.dispose()
+    layout = Layout(columns=parse_column_map("kind=spider,max_runtime=budget,progress=items"))
+    rt = Runtime.open(Settings(database_url=url, layout=layout), clock=contenders.FixedClock(now))
+    logger.remove()
+    try:
+        sweep_stuck_runs(rt, limits=limits(now))  # the first records every running run's progress
+        walls = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            assert sweep_stuck_runs(rt, limits=limits(now)).failed == 0
+            walls.append(time.perf_counter() - started)
+        plan = _explain(rt, now)
+    finally:
+        rt.close()
+        data.drop(server_url, TEMPLATE)
+    execution = next(float(r.split(":")[1].split()[0]) for r in plan if r.startswith("Execution Time"))
+    return {
+        "rows": rows + data.LIVE_RUNS,
+        "sweep_ms_median": round(1000 * statistics.median(walls), 3),
+        "batch_query_ms": execution,
+        "seq_scan_of_scrape_runs": any("Seq Scan on scrape_runs" in r for r in plan),
+        "plan": plan,
+    }
+
+
+def _explain(rt: Runtime, now: datetime) -> list[str]:
+    from db.arrays import ArrayLiteral
+    from jobs.limits import runtime_judging_params
+    from jobs.stuck import sweep_params
+
+    compiled = rt.queries.stuck_batch.compile(dialect=rt.engine.dialect)
+    arrays = {name for name, bind in compiled.binds.items() if isinstance(bind.type, ArrayLiteral)}
+    params = {
+        **compiled.params,
+        **sweep_params(rt.settings.policy),
+        **runtime_judging_params(rt, limits(now), now),
+        "sr_cutoff": now - rt.settings.policy.stuck_after,
+        "sr_limit": 1000,
+    }
+    params = {k: ArrayLiteral().process_bind_param(v, None) if k in arrays else v for k, v in params.items()}
+    with rt.engine.connect() as conn:
+        rows = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {compiled}", params).scalars().all()
+        conn.rollback()
+    return list(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--history", type=int, default=1_000_000)
+    parser.add_argument("--stuck", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--idle", type=int, default=0, help="measure the idle sweep on this many rows instead")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="stuck-runs-bench-") as work:
+        server_url, server = data.start_server(Path(work))
+        try:
+            if args.idle:
+                print(json.dumps(idle(server_url, args.idle, max(args.repeat, 5)), indent=2))
+                return
+            now = data.bench_now()
+            build(server_url, history=args.history, stuck=args.stuck, now=now)
+            judge = now + timedelta(minutes=1)
+            plan = {
+                "floor": lambda url: contenders.floor(url, judge),
+                "ours, STUCK_AFTER only": lambda url: ours(url, judge, roles=False),
+                "ours, kinds+learned+progress": lambda url: ours(url, judge, roles=True),
+            }
+            seconds: dict[str, list[float]] = {name: [] for name in plan}
+            failed: dict[str, set[int]] = {name: set() for name in plan}
+            for _ in range(args.repeat):
+                for name, run in plan.items():
+                    url, db = data.copy_of(server_url, TEMPLATE)
+                    try:
+                        timing = run(url)
+                    finally:
+                        data.drop(server_url, db)
+                    seconds[name].append(timing.seconds)
+                    failed[name].add(timing.failed)
+            floor = statistics.median(seconds["floor"])
+            print(
+                json.dumps(
+                    {
+                        "history": args.history,
+                        "stuck": args.stuck,
+                        "repeat": args.repeat,
+                        "failed": {name: sorted(counts) for name, counts in failed.items()},
+                        "median_seconds": {name: round(statistics.median(s), 3) for name, s in seconds.items()},
+                        "ratio_to_floor": {name: round(statistics.median(s) / floor, 2) for name, s in seconds.items()},
+                    },
+                    indent=2,
+                )
+            )
+            data.drop(server_url, TEMPLATE)
+        finally:
+            if server is not None:
+                server.cleanup()
+
+
+if __name__ == "__main__":
+    main()

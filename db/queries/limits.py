@@ -1,0 +1,214 @@
+"""SPEC §14's judgement of a running run in SQL: the limit that applies to it, whether it is
+stuck (past that limit; with a heartbeat, stale or past a cap) or stalled (its `progress`
+counter stood still), and the progress records the stall is judged from.
+
+The order of precedence is decided once, in jobs.limits; what reaches SQL are its results as
+bind parameters (never SQL built from values): the default, and for each kind with a limit of
+its own (configured, else learned: `limit_for`'s answer) its seconds, source, reason text and
+learned-from count, as parallel arrays. SQL applies the one step left, per row: the run's own
+`max_runtime`, else its kind's entry, else the default. The sweep, its dry run, the counts of
+`status` and the pages, and the runs listing all read these expressions; the parameters are
+named `sr_lim_*` (jobs.limits.judging_params binds them).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.sql.elements import Grouping
+
+from db.arrays import array_param
+from db.queries.common import NOW, TableStatements, duration_text, statement
+
+PROGRESS_TABLE = "stuck_runs_progress"
+
+SECOND = sa.literal_column("interval '1 second'", sa.Interval)
+
+
+def _param(name: str, kind: sa.types.TypeEngine) -> sa.BindParameter:
+    return sa.bindparam(name, type_=kind)
+
+
+def ago(seconds: sa.ColumnElement) -> sa.ColumnElement:
+    """The moment `seconds` before `:sr_now`."""
+    return NOW - seconds * SECOND
+
+
+class LimitStatements(TableStatements):
+    """The per-run limit, stuck and stalled predicates over the runs table (or a CTE of its rows)."""
+
+    @statement
+    def progress_table(self) -> sa.Table:
+        return sa.Table(
+            PROGRESS_TABLE,
+            sa.MetaData(),
+            sa.Column("runs_table", sa.Text, primary_key=True),
+            sa.Column("run_id", sa.Text, primary_key=True),
+            sa.Column("progress", sa.Text),
+            sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+            schema=self.t.schema,
+        )
+
+    progress_upkeep = statement(lambda self: self._progress_upkeep())
+
+    @statement
+    def progress_now(self) -> sa.Select | None:
+        """A retry executing here: its progress counter now (None without the role)."""
+        t, counter = self.t, self.runs.progress_counter
+        if not counter:
+            return None
+        return sa.select(t.c[counter]).where(t.c.id == sa.bindparam("sr_run_id", type_=t.c.id.type))
+
+    # -- the limit that applies ---------------------------------------------------------------
+
+    def _kind_position(self, source: sa.FromClause) -> sa.ColumnElement:
+        """The run's kind's place in `:sr_lim_kinds` (NULL: no limit of its kind; the default)."""
+        kind = self.runs.kind_text(source)
+        if kind is None:
+            return sa.null()
+        return sa.func.array_position(array_param("sr_lim_kinds", sa.Text), kind)
+
+    def _own_seconds(self, source: sa.FromClause) -> sa.ColumnElement:
+        """The run's own `max_runtime` in seconds; NULL without one, or in a flat call (`:sr_lim_own` false)."""
+        own = self.runs.max_runtime_seconds(source)
+        if own is None:
+            return sa.cast(sa.null(), sa.Float)
+        return sa.case((_param("sr_lim_own", sa.Boolean), own), else_=sa.null())
+
+    def _kind_entry(self, source: sa.FromClause, name: str, kind: sa.types.TypeEngine) -> sa.ColumnElement:
+        if self.runs.kind is None:
+            return sa.cast(sa.null(), kind)
+        # Parenthesised: PostgreSQL subscripts `(CAST(... AS float[]))[i]`, not `CAST(...)[i]`.
+        array = sa.type_coerce(Grouping(array_param(f"sr_lim_kind_{name}", kind)), ARRAY(kind))
+        return array[self._kind_position(source)]
+
+    def limit_seconds(self, source: sa.FromClause | None = None) -> sa.ColumnElement:
+        """The limit that applies, in seconds: own, else the kind's, else the default."""
+        source = source if source is not None else self.t
+        default = _param("sr_lim_default_s", sa.Float)
+        return sa.func.coalesce(self._own_seconds(source), self._kind_entry(source, "s", sa.Float), default)
+
+    def cap_seconds(self, source: sa.FromClause | None = None) -> sa.ColumnElement:
+        """Beside a heartbeat, the cap on the run's whole runtime: its own or its kind's (NULL: none;
+        `STUCK_AFTER` is not a cap)."""
+        source = source if source is not None else self.t
+        return sa.func.coalesce(self._own_seconds(source), self._kind_entry(source, "s", sa.Float))
+
+    def limit_source(self, source: sa.FromClause | None = None) -> sa.ColumnElement:
+        """`run`, `configured`, `learned` or `default` (jobs.limits.SOURCES)."""
+        source = source if source is not None else self.t
+        return sa.case(
+            (self._own_seconds(source).is_not(None), "run"),
+            (self._kind_entry(source, "s", sa.Float).is_not(None), self._kind_entry(source, "source", sa.Text)),
+            else_="default",
+        )
+
+    def limit_reason(self, source: sa.FromClause | None = None) -> sa.ColumnElement:
+        """`limit 0.3h, learned for spider=jobs_de from 412 runs`: each kind's text and the default's
+        come written by jobs.limits; a run's own is its duration before `:sr_lim_run_reason`."""
+        source = source if source is not None else self.t
+        own = self._own_seconds(source)
+        own_text = sa.func.concat(
+            "limit ", duration_text(sa.cast(own, sa.Numeric)), _param("sr_lim_run_reason", sa.Text)
+        )
+        return sa.case(
+            (own.is_not(None), own_text),
+            (self._kind_entry(source, "s", sa.Float).is_not(None), self._kind_entry(source, "reason", sa.Text)),
+            else_=_param("sr_lim_default_reason", sa.Text),
+        )
+
+    # -- stuck and stalled ----------------------------------------------------------------------
+
+    def capped(self) -> sa.ColumnElement:
+        """Beside a heartbeat: running longer than a cap (counted from `started_at`)."""
+        if self.runs.kind is None and self.runs.max_runtime is None:
+            return sa.false()  # no cap but STUCK_AFTER's staleness
+        return self.t.c.started_at < ago(self.cap_seconds())
+
+    def stuck(self) -> sa.ColumnElement:
+        """Running strictly longer than its limit; with a heartbeat, stale beyond the default or
+        past a cap. A sargable prefilter first: `started_at` before the smallest limit in force
+        (`:sr_lim_min_s`), unless the run has a limit of its own, keeps the idle sweep on the
+        running runs' index."""
+        t, runs = self.t, self.runs
+        if runs.heartbeat:
+            stale = runs.last_sign_of_life() < ago(_param("sr_lim_default_s", sa.Float))
+            return sa.or_(stale, self.capped())
+        exact = t.c.started_at < ago(self.limit_seconds())
+        prefilter = t.c.started_at < ago(_param("sr_lim_min_s", sa.Float))
+        own = self._own_seconds(t)
+        if runs.max_runtime is not None:
+            prefilter = sa.or_(prefilter, own.is_not(None))
+        return sa.and_(prefilter, exact)
+
+    def stalled_since(self) -> sa.ColumnElement:
+        """Since when the run's `progress` stood at its value now, as the sweep recorded it (NULL:
+        no record of this value, or no progress: a NULL progress never stalls)."""
+        p, t = self.progress_table, self.t
+        return (
+            sa.select(p.c.changed_at)
+            .where(
+                p.c.runs_table == _param("sr_lim_table", sa.Text),
+                p.c.run_id == sa.cast(t.c.id, sa.Text),
+                p.c.progress == sa.cast(t.c[self.runs.progress_counter], sa.Text),
+            )
+            .scalar_subquery()
+        )
+
+    def stalled(self) -> sa.ColumnElement:
+        """Progress stood still for `:sr_lim_stall_s` (NULL: the run's own limit); never without the
+        `progress` role or when `:sr_lim_stall` is off (a flat call)."""
+        if self.runs.progress_counter is None:
+            return sa.false()
+        stall = sa.func.coalesce(_param("sr_lim_stall_s", sa.Float), self.limit_seconds())
+        return sa.and_(_param("sr_lim_stall", sa.Boolean), self.stalled_since() < ago(stall))
+
+    def judged(self) -> sa.ColumnElement:
+        """What the sweep fails among running runs: stuck or stalled."""
+        return sa.or_(self.stuck(), self.stalled())
+
+    def fired_seconds(self) -> sa.ColumnElement:
+        """How long, by the clock that fired: `started_at` for a limit or a cap, the heartbeat for
+        staleness, the progress record for a stall (a stuck run is said stuck, not stalled)."""
+        t, runs = self.t, self.runs
+        since = t.c.started_at
+        if runs.heartbeat:
+            since = sa.case((self.capped(), t.c.started_at), else_=runs.last_sign_of_life())
+        if runs.progress_counter is not None:
+            since = sa.case((self.stuck(), since), else_=self.stalled_since())
+        return sa.cast(sa.extract("epoch", NOW - since), sa.Numeric)
+
+    def stall_reason(self) -> sa.ColumnElement:
+        """Why a stalled run was judged: `STALL_AFTER`'s text, else its own limit's reason."""
+        return sa.func.coalesce(_param("sr_lim_stall_reason", sa.Text), self.limit_reason())
+
+    def judged_reason(self) -> sa.ColumnElement:
+        if self.runs.progress_counter is None:
+            return self.limit_reason()
+        return sa.case((self.stuck(), self.limit_reason()), else_=self.stall_reason())
+
+    # -- the progress records -------------------------------------------------------------------
+
+    def _progress_upkeep(self) -> sa.Insert | None:
+        """One statement each sweep: every running run's progress recorded (`changed_at` moves only
+        when the value changed: an unchanged row is not written), and the records of runs no longer
+        running removed (by the runs' primary key: the record's id cast back to the id's type)."""
+        runs, t, p = self.runs, self.t, self.progress_table
+        if runs.progress_counter is None:
+            return None
+        table = _param("sr_lim_table", sa.Text)
+        running = runs.in_state(t.c.status, "running")
+        still = sa.select(sa.literal(1)).where(t.c.id == sa.cast(p.c.run_id, t.c.id.type), running)
+        gone = sa.delete(p).where(p.c.runs_table == table, ~sa.exists(still)).cte("gone")
+        rows = sa.select(table, sa.cast(t.c.id, sa.Text), sa.cast(t.c[runs.progress_counter], sa.Text), NOW).where(
+            running
+        )
+        upsert = postgresql.insert(p).from_select(["runs_table", "run_id", "progress", "changed_at"], rows)
+        moved = p.c.progress.is_distinct_from(upsert.excluded.progress)
+        upsert = upsert.on_conflict_do_update(
+            index_elements=[p.c.runs_table, p.c.run_id],
+            set_={"progress": upsert.excluded.progress, "changed_at": upsert.excluded.changed_at},
+            where=moved,
+        )
+        return upsert.add_cte(gone)

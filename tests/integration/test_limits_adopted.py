@@ -1,0 +1,93 @@
+"""SPEC §14 on every adopted table shape (integer, text and UUID ids, enum and CHECK statuses,
+naive timestamps, mixed-case names): a mapped kind column judges each run by its kind's limit,
+the progress records work with the table's own id type (kept, compared and removed), the
+dry run lists what the sweep fails, the run's API detail says which limit judges it."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from db.engine import make_engine
+from db.migrate import migrate
+from jobs.limits import limit_document
+from jobs.manual import chain_history
+from jobs.runtime import Runtime
+from jobs.settings import load_settings
+from jobs.stuck import sweep_stuck_runs
+from tests.adopted import ADOPTABLE, Adopted
+from tests.integration.test_index_predicates import layout_of
+
+NOW = datetime(2026, 11, 22, 9, 0, tzinfo=timezone.utc)
+
+
+class Clock:
+    """A clock that stands where the test puts it."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def now(self) -> datetime:
+        return self.at
+
+    def real(self, duration: timedelta) -> timedelta:
+        return duration
+
+
+@pytest.mark.parametrize("adopted", ADOPTABLE, ids=lambda a: a.name)
+def test_a_kind_column_and_progress_judge_runs_on_every_table_shape(databases, adopted: Adopted):
+    url = databases.create()
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(adopted.ddl)
+    migrate(engine, adopted.table, None, layout_of(adopted), extend_check=adopted.check_guarded)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'ALTER TABLE {adopted.quoted} ADD COLUMN "SpiderKind" TEXT, ADD COLUMN "Items" INT')
+        quick = adopted.insert(
+            conn,
+            "ok-quick",
+            status=adopted.running[0],
+            started_at=NOW - timedelta(minutes=20),
+            **{"SpiderKind": "quick", "Items": 3},
+        )
+        adopted.insert(
+            conn,
+            "ok-long",
+            status=adopted.running[0],
+            started_at=NOW - timedelta(minutes=20),
+            **{"SpiderKind": "long", "Items": 3},
+        )
+        ended = adopted.insert(
+            conn, "ok-ended", status=adopted.running[0], started_at=NOW - timedelta(minutes=1), **{"Items": 1}
+        )
+    engine.dispose()
+    roles = "kind=SpiderKind,progress=Items"
+    env = {**adopted.env, "DATABASE_URL": url, "STUCK_AFTER_BY_KIND": "quick=15m", "STALL_AFTER": "30m"}
+    env["COLUMN_MAP"] = f"{adopted.column_map},{roles}" if adopted.column_map else roles
+    progress = f"{adopted.schema}.stuck_runs_progress"  # beside the runs table
+    clock = Clock(NOW)
+    rt = Runtime.open(load_settings(env), clock=clock)
+    try:
+        [planned] = sweep_stuck_runs(rt, dry_run=True, keep=None).attempts
+        [failed] = sweep_stuck_runs(rt, keep=None).attempts
+        assert planned.run_id == failed.run_id == quick
+        assert failed.reason == "limit 0.3h, configured for SpiderKind=quick"
+        with rt.engine.begin() as conn:
+            recorded = conn.execute(sa.text(f"SELECT count(*) FROM {progress}")).scalar()
+            conn.execute(
+                sa.text(f'UPDATE {adopted.quoted} SET "{adopted.status}" = :done WHERE "{adopted.id}" = :id'),
+                {"done": adopted.completed, "id": ended},
+            )
+        assert recorded == 3  # every running run's progress, by its id as text
+        clock.at = NOW + timedelta(minutes=31)  # "ok-long" stood still at 3 for 31 minutes
+        [stalled] = sweep_stuck_runs(rt, keep=None).attempts
+        assert stalled.message.startswith("Run stalled: no progress for 0.5h - retry 1/")
+        with rt.engine.connect() as conn:
+            left = conn.execute(sa.text(f"SELECT run_id FROM {progress}")).scalars().all()
+        assert str(ended) not in left and str(quick) not in left  # ended runs' records are gone
+        this = next(a for a in chain_history(rt, stalled.run_id).attempts if a.id == stalled.run_id)
+        assert limit_document(rt, this)["reason"] == "limit 1.0h, the default (STUCK_AFTER)"
+    finally:
+        rt.close()
