@@ -131,8 +131,13 @@ def fail_ended_jobs(rt: Runtime, policy: RetryPolicy | None = None) -> list[Retr
     with database_errors(rt.engine, "failing the jobs that ended"), rt.engine.begin() as conn:
         params = {"sr_now": now, **fail_params([(run.id, outcome, None) for run, outcome in decided])}
         failed = {row[0]: row for row in conn.execute(q.fail_running, params)}
-    return [
-        _failed(logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count), run, outcome, row)
+    return [  # the fleet's failure, as those it writes itself: neither an execution here nor a delivery
+        replace(
+            _failed(
+                logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count), run, outcome, row
+            ),
+            failed_at_fleet=True,
+        )
         for run, outcome in decided
         if (row := failed.get(run.id)) is not None
     ]

@@ -180,8 +180,10 @@ class ScrapydExecutor:
             projects = self._call("GET", "listprojects.json").get("projects") or []
             if self.project not in projects:
                 listed = ", ".join(map(str, projects)) or "none"
-                return False, f"Scrapyd at {self.base} has no project {self.project!r} (it has {listed})", (
-                    "deploy the project (scrapyd-deploy), or fix SCRAPYD_PROJECT"
+                return (
+                    False,
+                    f"Scrapyd at {self.base} has no project {self.project!r} (it has {listed})",
+                    ("deploy the project (scrapyd-deploy), or fix SCRAPYD_PROJECT"),
                 )
             spiders = self._call("GET", "listspiders.json", params={"project": self.project}).get("spiders") or []
         except Unanswered as exc:
@@ -191,13 +193,19 @@ class ScrapydExecutor:
         node = status.get("node_name") or "?"
         if "{" not in self.spider and self.spider not in spiders:
             listed = ", ".join(map(str, spiders)) or "none"
-            return False, f"Scrapyd's project {self.project!r} has no spider {self.spider!r} (it has {listed})", (
-                "deploy the spider, or fix SCRAPYD_SPIDER"
+            return (
+                False,
+                f"Scrapyd's project {self.project!r} has no spider {self.spider!r} (it has {listed})",
+                ("deploy the spider, or fix SCRAPYD_SPIDER"),
             )
-        return True, (
-            f"Scrapyd at {self.base} (node {node}) answers; project {self.project!r} has spider(s) "
-            f"{', '.join(map(str, spiders))}"
-        ), None
+        return (
+            True,
+            (
+                f"Scrapyd at {self.base} (node {node}) answers; project {self.project!r} has spider(s) "
+                f"{', '.join(map(str, spiders))}"
+            ),
+            None,
+        )
 
     # --- the HTTP calls ----------------------------------------------------------------------
 
@@ -222,12 +230,12 @@ class ScrapydExecutor:
         except ValueError:
             answer = None
         if not isinstance(answer, dict):
-            raise Refused(f"{endpoint} at SCRAPYD_URL answered HTTP {response.status_code}, not Scrapyd's JSON: check SCRAPYD_URL")
+            raise Refused(
+                f"{endpoint} at SCRAPYD_URL answered HTTP {response.status_code}, not Scrapyd's JSON: check SCRAPYD_URL"
+            )
         if answer.get("status") != "ok":
             said = clean(str(answer.get("message") or "no message"))[:MESSAGE_CHARS]
-            raise Refused(
-                f"Scrapyd refused {endpoint}: {said}: check SCRAPYD_PROJECT, SCRAPYD_SPIDER and SCRAPYD_ARGS"
-            )
+            raise Refused(f"Scrapyd refused {endpoint}: {said}: check SCRAPYD_PROJECT, SCRAPYD_SPIDER and SCRAPYD_ARGS")
         return answer
 
     def _bounded(self, call: Callable[[], DeliveryOutcome], stop: threading.Event) -> DeliveryOutcome:

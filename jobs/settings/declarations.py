@@ -23,14 +23,6 @@ from jobs.alert_urls import parse_alert_urls
 from jobs.alerts import EVENT_KINDS
 from jobs.rules import RetryPolicy
 from jobs.settings.notice_parsers import parse_events, parse_public_url, parse_target
-from jobs.settings.scrapyd_parsers import (
-    parse_scrapyd_args,
-    parse_scrapyd_password,
-    parse_scrapyd_project,
-    parse_scrapyd_spider,
-    parse_scrapyd_url,
-    parse_scrapyd_username,
-)
 from jobs.settings.parsers import (
     LOG_LEVELS,
     parse_callable,
@@ -51,6 +43,14 @@ from jobs.settings.parsers import (
     parse_token,
     parse_webhook,
     parse_webhook_timeout,
+)
+from jobs.settings.scrapyd_parsers import (
+    parse_scrapyd_args,
+    parse_scrapyd_password,
+    parse_scrapyd_project,
+    parse_scrapyd_spider,
+    parse_scrapyd_url,
+    parse_scrapyd_username,
 )
 
 Parser = Callable[[str, str], object]

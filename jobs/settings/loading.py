@@ -121,7 +121,9 @@ def _check_scrapyd(settings: Settings, names: Mapping[str, str]) -> None:
     if not url:
         given = [env for env, value in _scrapyd_parts(settings) if value]
         if given:
-            raise ConfigError(f"{name(given[0])} is set but SCRAPYD_URL is not: set Scrapyd's URL, or unset {name(given[0])}")
+            raise ConfigError(
+                f"{name(given[0])} is set but SCRAPYD_URL is not: set Scrapyd's URL, or unset {name(given[0])}"
+            )
         return
     for env, value in _scrapyd_parts(settings)[:2]:
         if not value:
@@ -132,7 +134,9 @@ def _check_scrapyd(settings: Settings, names: Mapping[str, str]) -> None:
         )
     if bool(settings.scrapyd_username) != bool(settings.scrapyd_password):
         missing = "SCRAPYD_PASSWORD" if settings.scrapyd_username else "SCRAPYD_USERNAME"
-        raise ConfigError(f"{missing} is not set: Scrapyd's basic auth takes both SCRAPYD_USERNAME and SCRAPYD_PASSWORD")
+        raise ConfigError(
+            f"{missing} is not set: Scrapyd's basic auth takes both SCRAPYD_USERNAME and SCRAPYD_PASSWORD"
+        )
 
 
 def _scrapyd_parts(settings: Settings) -> list[tuple[str, object]]:

@@ -80,10 +80,14 @@ def _placeholders(template: str, name: str) -> list[str]:
     try:
         items = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
-        raise ConfigError(f"{name}: {shown(template)} is not a template ({exc}): write {{column}} placeholders") from None
+        raise ConfigError(
+            f"{name}: {shown(template)} is not a template ({exc}): write {{column}} placeholders"
+        ) from None
     for item, spec, conv in items:
         if spec or conv or not COMMAND_PLACEHOLDER.fullmatch(item):
-            raise ConfigError(f"{name}: {{{item}}} is not a placeholder: use {{run_id}} or {{column}} for an input column")
+            raise ConfigError(
+                f"{name}: {{{item}}} is not a placeholder: use {{run_id}} or {{column}} for an input column"
+            )
     return [item for item, _, _ in items]
 
 
@@ -109,7 +113,9 @@ def parse_scrapyd_args(text: str, name: str) -> tuple[tuple[str, str], ...]:
                 f"{name}: {shown(item)} is not name=template: write e.g. query={{search_query}},location={{location_query}}"
             )
         if argument in RESERVED_ARGUMENTS:
-            raise ConfigError(f"{name}: {argument} is one of schedule.json's own parameters: give the argument another name")
+            raise ConfigError(
+                f"{name}: {argument} is one of schedule.json's own parameters: give the argument another name"
+            )
         _placeholders(template, name)
         pairs.append((argument, template))
     names = [argument for argument, _ in pairs]

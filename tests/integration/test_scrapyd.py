@@ -79,7 +79,9 @@ def due(db_url: str, *modes: str) -> list:
 def rows(rt, ids) -> dict:
     with rt.engine.connect() as conn:
         found = conn.execute(
-            sa.text("SELECT id, status, error_message, handed_off, delivering_by FROM scrape_runs WHERE id = ANY(:ids)"),
+            sa.text(
+                "SELECT id, status, error_message, handed_off, delivering_by FROM scrape_runs WHERE id = ANY(:ids)"
+            ),
             {"ids": list(ids)},
         )
         return {r.id: r for r in found}
@@ -121,7 +123,10 @@ def test_a_job_that_ended_without_writing_or_is_unknown_is_a_failed_attempt(db_u
     found = rows(rt, (left, died, forgotten, in_flight))
     for run_id in (left, died, forgotten):
         assert found[run_id].status == "failed"
-        assert found[run_id].error_message == f"{ended_message(run_id)} - retry {2 if run_id != forgotten else 1}/4 scheduled"
+        assert (
+            found[run_id].error_message
+            == f"{ended_message(run_id)} - retry {2 if run_id != forgotten else 1}/4 scheduled"
+        )
     assert found[in_flight].status == "running"
 
 

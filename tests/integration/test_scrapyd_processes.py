@@ -64,8 +64,12 @@ def test_three_processes_at_once_schedule_every_retry_exactly_once(db_url, scrap
     env["MAX_CONCURRENT_RETRIES"] = str(RETRIES)
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "scheduler", "process"], env=env, cwd=REPO, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "scheduler", "process"],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for _ in range(3)
     ]
@@ -114,7 +118,9 @@ def test_every_adopted_table_hands_its_retries_to_scrapyd(databases, scrapyd, ad
             conn.exec_driver_sql(adopted.ddl)
         migrate(engine, adopted.table, None, layout, extend_check=adopted.check_guarded)
         with engine.begin() as conn:
-            adopted.insert(conn, steer, status=adopted.running[0], started_at=datetime.now(timezone.utc) - timedelta(days=1))
+            adopted.insert(
+                conn, steer, status=adopted.running[0], started_at=datetime.now(timezone.utc) - timedelta(days=1)
+            )
         rt = make_runtime(
             url,
             policy=RetryPolicy(retry_delay=timedelta(0)),
@@ -139,14 +145,19 @@ def test_every_adopted_table_hands_its_retries_to_scrapyd(databases, scrapyd, ad
     finally:
         engine.dispose()
     assert status == adopted.running[0]
-    [job] = [job for job in scrapyd.api("listjobs.json", project=PROJECT)["pending"] if job["args"].get("mode") == steer]
+    [job] = [
+        job for job in scrapyd.api("listjobs.json", project=PROJECT)["pending"] if job["args"].get("mode") == steer
+    ]
     assert (job["id"], job["args"]["run"]) == (str(outcome.run_id), str(outcome.run_id))
 
 
 @pytest.mark.parametrize(
     ("more", "said"),
     [
-        ({"SCRAPYD_URL": "ftp://scrapyd.internal:6800"}, "SCRAPYD_URL='ftp://scrapyd.internal:6800' is not an http(s) URL"),
+        (
+            {"SCRAPYD_URL": "ftp://scrapyd.internal:6800"},
+            "SCRAPYD_URL='ftp://scrapyd.internal:6800' is not an http(s) URL",
+        ),
         ({"SCRAPYD_ARGS": "q={nosuch}"}, "SCRAPYD_ARGS: {nosuch} is not a column of"),
         ({"SCRAPYD_SPIDER": "{site}_spider"}, "SCRAPYD_SPIDER: {site} is not a column of"),
         ({"SCRAPE_RUN_WEBHOOK": "http://fleet.internal/r/{run_id}"}, "SCRAPE_RUN_WEBHOOK and SCRAPYD_URL are both set"),
