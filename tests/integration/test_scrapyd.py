@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from jobs.executors.base import Cancels
 from jobs.executors.scrapyd import ended_message
 from jobs.model import Run
 from jobs.retries import process_due_retries
@@ -192,6 +193,7 @@ def test_cancel_asks_scrapyd_then_kills_a_job_that_ignores_it(db_url, scrapyd, o
     assert process_due_retries(rt).handed_off == 1
     run_ = Run(retry, "running", "")
     executor = rt.executor
+    assert isinstance(executor, Cancels)  # what the cancel of SPEC §16 asks an engine for
     wait_until(lambda: (scrapyd.home / f"{retry}.hanging").exists(), timeout=30)
     assert executor.still_running(run_)
     assert "it was running" in executor.cancel(run_, kill=False)
