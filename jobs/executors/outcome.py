@@ -96,6 +96,4 @@ RanHere = Completed | Failed | TimedOut | Released | Cancelled
 # What a delivery to the fleet reports (`Delivers.deliver`).
 DeliveryOutcome = HandedOver | Failed | Postponed | Released | OutcomeUnknown | Misconfigured
 # The closed set: every outcome an attempt can have.
-Outcome = (
-    Completed | Failed | TimedOut | Released | Cancelled | HandedOver | Postponed | OutcomeUnknown | Misconfigured
-)
+Outcome = Completed | Failed | TimedOut | Released | Cancelled | HandedOver | Postponed | OutcomeUnknown | Misconfigured
