@@ -172,8 +172,9 @@ class Deliveries:
         """Steps 2 and 3: the delivery (no session held), then its answer written."""
         started = time.monotonic()
         delivered = None
-        if marked.again and isinstance(self.executor, KnowsItsJobs):
-            # Its process died after the mark: the engine may have the job already (SPEC §16).
+        if (marked.again or marked.postponements) and isinstance(self.executor, KnowsItsJobs):
+            # Its delivering process died after the mark, or an earlier delivery went unanswered:
+            # the engine may have the job already, and takes a repeated id as a second job (SPEC §16).
             delivered = self.executor.has_job(marked.run)
         if delivered is None:
             delivered = self.executor.deliver(marked.run, stop)

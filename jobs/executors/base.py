@@ -98,8 +98,8 @@ class Delivers(Executor, Protocol):
 @runtime_checkable
 class KnowsItsJobs(Protocol):
     """A `Delivers` executor whose engine can tell which retries it has (by the retry's id as its
-    job id, SPEC §16): a retry whose delivering process died is delivered again only when the
-    engine knows no job of that id, and a job that ended while its row is still `running` is a
+    job id, SPEC §16): a retry whose delivering process died, or whose delivery went unanswered
+    (postponed), is delivered again only when the engine knows no job of that id, and a job that ended while its row is still `running` is a
     failed attempt (jobs/outcomes.py `fail_ended_jobs`)."""
 
     mode: str

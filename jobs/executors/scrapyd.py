@@ -122,15 +122,21 @@ class ScrapydExecutor:
         return HandedOver(MODE)
 
     def has_job(self, run: Run) -> DeliveryOutcome | None:
-        """For a retry whose delivering process died: handed over already when Scrapyd knows a job
-        of its id (pending, running or finished), None when it knows none (schedule it)."""
+        """For a retry that may have reached Scrapyd already (its delivering process died, or a
+        schedule.json went unanswered): handed over when Scrapyd knows a job of its id (pending,
+        running or finished), None when it knows none (schedule it). One status.json (Scrapyd
+        1.5+), else the project's listjobs.json."""
         try:
-            jobs = self.jobs()
+            try:
+                state = self._call("GET", "status.json", params={"project": self.project, "job": str(run.id)})
+                known = state.get("currstate") is not None
+            except Refused:  # an older Scrapyd, or an unknown project (then listjobs.json says so too)
+                known = str(run.id) in self.jobs()
         except Unanswered as exc:
             return Postponed(str(exc))
         except Refused:
             return None  # an unknown project knows no job: schedule.json says what is wrong
-        return HandedOver(MODE) if str(run.id) in jobs else None
+        return HandedOver(MODE) if known else None
 
     # --- KnowsItsJobs: the watch of handed-over jobs ----------------------------------------
 

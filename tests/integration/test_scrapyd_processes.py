@@ -23,6 +23,7 @@ from jobs.settings.scrapyd_parsers import ScrapydUrl
 from jobs.stuck import sweep_stuck_runs
 from tests.adopted import ADOPTABLE, Adopted
 from tests.cli import REPO
+from tests.daemons import wait_until
 from tests.helpers import insert_due_retry, make_runtime
 from tests.integration.test_cli import cli, one_line_error
 from tests.integration.test_index_predicates import layout_of
@@ -181,3 +182,56 @@ def test_bad_scrapyd_settings_are_one_line_exit_2_nothing_touched(db_url, scrapy
         assert conn.execute(sa.text("SELECT status FROM scrape_runs WHERE id = :id"), {"id": retry}).scalar_one() == (
             "pending_retry"
         )
+
+
+def due_postponed_now(db_url: str) -> None:
+    """The outage is over: what Scrapyd could not take is due now (as an operator makes it), not
+    after its postponement's backoff of a minute."""
+    with sa.create_engine(db_url).begin() as conn:
+        conn.execute(sa.text("UPDATE scrape_runs SET next_retry_at = now() WHERE status = 'pending_retry'"))
+
+
+@pytest.mark.slow
+def test_scrapyd_killed_while_three_processes_schedule_then_restarted_schedules_nothing_twice(db_url, scrapyd):
+    """kill -9 of Scrapyd with schedule.json calls in flight: a call Scrapyd committed but never
+    answered is postponed like one it never got; delivered again, it is scheduled only if Scrapyd
+    (its queue kept on disk) knows no job of its id. Nothing twice, nothing stranded."""
+    count = 150
+    with sa.create_engine(db_url).begin() as conn:
+        retries = {str(insert_due_retry(conn, search_query=f"k{i}")[1]) for i in range(count)}
+    env = {**os.environ, **env_for(scrapyd, db_url), "MAX_CONCURRENT_RETRIES": str(count), "LOG_LEVEL": "ERROR"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "scheduler", "process"],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    wait_until(lambda: len(retries & set(scrapyd.jobs()["pending"])) >= 10, timeout=60, every=0.02)
+    scrapyd.kill()
+    scrapyd.start()
+    outputs = [p.communicate(timeout=120) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], outputs
+    for _ in range(3):  # what was postponed, delivered again
+        due_postponed_now(db_url)
+        assert cli("process", env={**env_for(scrapyd, db_url), "MAX_CONCURRENT_RETRIES": str(count)}).returncode == 0
+    # The restarted Scrapyd starts what it had queued (its spider ends without writing: the row's
+    # attempt fails, and its retry is handed over in turn): a job is counted wherever it is.
+    jobs = scrapyd.jobs()
+    scheduled = Counter(job for state in ("pending", "running", "finished") for job in jobs[state] if job in retries)
+    assert set(scheduled) == retries  # none stranded
+    assert [job for job, n in scheduled.items() if n > 1] == []  # none twice
+    with sa.create_engine(db_url).connect() as conn:
+        states = conn.execute(
+            sa.text("SELECT id::text, status, error_message FROM scrape_runs WHERE id::text = ANY(:ids)"),
+            {"ids": list(retries)},
+        ).all()
+    for run_id, status, error in states:
+        if run_id in jobs["finished"]:
+            assert status == "failed" and error.startswith(f"Scrapyd job {run_id} finished without"), (status, error)
+        else:
+            assert status == "running", (run_id, status, error)
