@@ -10,12 +10,13 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 import sqlalchemy as sa
+from loguru import logger
 from sqlalchemy.engine import make_url
 
 from jobs.executors.base import Cancels
 from jobs.executors.scrapyd import ended_message
 from jobs.model import Run
-from jobs.retries import process_due_retries
+from jobs.retries import RetryDispatcher, process_due_retries
 from jobs.rules import RetryPolicy
 from jobs.settings.scrapyd_parsers import ScrapydUrl
 from tests.cli import run
@@ -215,3 +216,21 @@ def test_doctor_checks_scrapyd_its_project_and_its_spider(db_url, scrapyd):
     [line] = [line for line in down.stdout.splitlines() if "executor" in line]
     assert line.startswith("✗") and "Scrapyd unreachable" in line, line
     assert "s3cr3t" not in down.stdout + down.stderr
+
+
+def test_a_daemons_slots_say_a_configuration_error_once(db_url, scrapyd, opened):
+    """The daemon's slots meet the refused configuration at every poll: said once, again only after
+    a retry went through (the error then came back)."""
+    due(db_url, "write", "write")
+    rt = opened(db_url, scrapyd, scrapyd_spider="nope", max_concurrent_retries=2)
+    said: list[str] = []
+    sink = logger.add(
+        lambda message: said.append(message), level="ERROR", filter=lambda r: r["extra"].get("event") == "misconfigured"
+    )
+    try:
+        dispatcher = RetryDispatcher(rt, POLICY)
+        for slot in (0, 1, 0, 1):
+            assert [o.status for o in dispatcher.work_slot(slot, threading.Event())] == ["released"]
+    finally:
+        logger.remove(sink)
+    assert len(said) == 1 and "spider 'nope' not found" in said[0]
