@@ -149,7 +149,12 @@ def main() -> None:
         started = time.perf_counter()
         url = build(server_url, args.rows)
         print(f"built {args.rows:,} rows in {time.perf_counter() - started:.0f}s", flush=True)
-        figures = {"rows": args.rows, "repeat": args.repeat, "when": time.strftime("%Y-%m-%d"), **measure(url, args.repeat)}
+        figures = {
+            "rows": args.rows,
+            "repeat": args.repeat,
+            "when": time.strftime("%Y-%m-%d"),
+            **measure(url, args.repeat),
+        }
     finally:
         if server is not None:
             server.cleanup()

@@ -99,9 +99,7 @@ def _serve(checkout: Path, url: str, port: int) -> subprocess.Popen:
         "ADMIN_PORT": str(port),
         "LOG_LEVEL": "WARNING",
     }
-    return subprocess.Popen(
-        [_script(checkout), "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    return subprocess.Popen([_script(checkout), "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _until_healthy(client: httpx.Client, deadline: float) -> None:

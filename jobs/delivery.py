@@ -35,8 +35,8 @@ from loguru import logger
 
 from db.engine import database_errors
 from jobs.events import RetryEnded
-from jobs.executors.base import Delivers
-from jobs.executors.outcome import DeliveryOutcome
+from jobs.executors.base import Delivers, ExecutorMisconfigured, KnowsItsJobs
+from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured
 from jobs.model import Run, RunId
 from jobs.outcomes import Marked, RetryOutcome, record_outcome
 from jobs.rules import RetryPolicy
@@ -78,20 +78,29 @@ class Deliveries:
         self.rt, self.executor, self.policy = rt, executor, policy
         self.process = f"{socket.gethostname()} pid {os.getpid()}"
         self.lease = executor.bound + LEASE_MARGIN
+        self.misconfigured: str | None = None  # the configuration error the fleet answered last
+        self.said: str | None = None  # the one a daemon's slot said
+        self.lock = threading.Lock()
 
     def drain(self, stop: threading.Event) -> list[RetryOutcome]:
         """Delivers due retries until none is due, the cap is reached or `stop` is set; as many at
         once as MAX_CONCURRENT_RETRIES (threads, not sessions: none is held while delivering)."""
         lanes = self.rt.settings.max_concurrent_retries
         if lanes == 1:
-            return self.deliver_in_turn(stop)
-        with ThreadPoolExecutor(lanes, thread_name_prefix="delivery") as pool:
-            return [o for done in pool.map(lambda _: self.deliver_in_turn(stop), range(lanes)) for o in done]
+            outcomes = self.deliver_in_turn(stop)
+        else:
+            with ThreadPoolExecutor(lanes, thread_name_prefix="delivery") as pool:
+                outcomes = [o for done in pool.map(lambda _: self.deliver_in_turn(stop), range(lanes)) for o in done]
+        if self.misconfigured and not any(o.status == "handed_off" for o in outcomes):
+            raise ExecutorMisconfigured(self.misconfigured)  # a pass (`process`) ends on it: exit 2
+        return outcomes
 
     def work_slot(self, slot: int, stop: threading.Event) -> list[RetryOutcome]:
         """A slot's lane (the daemon runs one per slot): a delivery holds no slot (nor session),
         the row's mark counts it."""
-        return self.deliver_in_turn(stop)
+        outcomes = self.deliver_in_turn(stop)
+        self.say_misconfigured()
+        return outcomes
 
     def deliver_in_turn(self, stop: threading.Event) -> list[RetryOutcome]:
         """One lane: delivers due retries one after another."""
@@ -102,7 +111,7 @@ class Deliveries:
                 break
             outcome = self.deliver(marked, stop)
             outcomes.append(outcome)
-            if outcome.status in ("released", "postponed"):
+            if outcome.status in ("released", "postponed"):  # a refused configuration is released too
                 break  # stopping; or the fleet is busy: the next poll tries again
         return outcomes
 
@@ -156,15 +165,43 @@ class Deliveries:
             row["postponements"] or 0,
             params["sr_lease_until"],
             row["started_at"],
+            again,
         )
 
     def deliver(self, marked: Marked, stop: threading.Event) -> RetryOutcome:
         """Steps 2 and 3: the delivery (no session held), then its answer written."""
         started = time.monotonic()
-        delivered = self.executor.deliver(marked.run, stop)
+        delivered = None
+        if (marked.again or marked.postponements) and isinstance(self.executor, KnowsItsJobs):
+            # Its delivering process died after the mark, or an earlier delivery went unanswered:
+            # the engine may have the job already, and takes a repeated id as a second job (SPEC §16).
+            delivered = self.executor.has_job(marked.run)
+        if delivered is None:
+            delivered = self.executor.deliver(marked.run, stop)
         outcome = replace(self.settle(marked, delivered), seconds=time.monotonic() - started)
+        if isinstance(delivered, Misconfigured):  # nothing became of the retry: no end to publish
+            self.said_misconfigured(delivered.error)
+            return outcome
+        if isinstance(delivered, HandedOver):
+            with self.lock:  # fixed: a configuration error coming back is said again
+                self.misconfigured = self.said = None
         self.rt.events.publish(RetryEnded(outcome))
         return outcome
+
+    def said_misconfigured(self, error: str) -> None:
+        """Keeps the configuration the fleet refused: `drain` ends its pass on it (`process` exits
+        2 with it), a daemon's slot says it once (`work_slot`), not once per retry and poll."""
+        with self.lock:
+            self.misconfigured = error
+
+    def say_misconfigured(self) -> None:
+        with self.lock:
+            error, said = self.misconfigured, self.said
+            self.said = error
+        if error and error != said:
+            logger.bind(event="misconfigured").error(
+                "{}: due retries stay pending, untouched, until the configuration is fixed", error
+            )
 
     def settle(self, marked: Marked, delivered: DeliveryOutcome) -> RetryOutcome:
         """Step 3: confirms the delivery, puts the retry back or fails the refused attempt, each

@@ -87,14 +87,28 @@ def _executor(settings: Settings) -> Check:
         return Check("executor", True, f"callable {settings.callable_path}")
     if settings.webhook:
         return _webhook(settings.webhook)
+    if settings.scrapyd_url:
+        return _scrapyd(settings)
     if settings.handoff:
         return Check("executor", True, f"hand-off: due retries become {settings.layout.written('queued')!r}")
     return Check(
         "executor",
         False,
         "no executor configured: retries cannot run",
-        "set SCRAPE_RUN_COMMAND, SCRAPE_RUN_CALLABLE, SCRAPE_RUN_WEBHOOK or SCRAPE_RUN_HANDOFF",
+        "set SCRAPE_RUN_COMMAND, SCRAPE_RUN_CALLABLE, SCRAPE_RUN_WEBHOOK, SCRAPE_RUN_HANDOFF or SCRAPYD_URL",
     )
+
+
+def _scrapyd(settings: Settings) -> Check:
+    """Scrapyd answers daemonstatus.json and has the project and the spider (SPEC §16)."""
+    from jobs.executors.scrapyd import ScrapydExecutor  # httpx only where it is used
+
+    executor = ScrapydExecutor.from_settings(settings)
+    try:
+        ok, detail, fix = executor.health()
+    finally:
+        executor.close()
+    return Check("executor", ok, detail, fix)
 
 
 WEBHOOK_PROBE_TIMEOUT = 5.0
@@ -189,7 +203,7 @@ def _database_checks(engine: sa.Engine, settings: Settings, now: Callable[[], da
         try:
             check_placeholders(settings, runs)
         except ConfigError as exc:
-            fix = "fix SCRAPE_RUN_COMMAND" if settings.command else "fix SCRAPE_RUN_WEBHOOK"
+            fix = f"fix {str(exc).split(':', 1)[0]}"  # the setting the line names
             checks.append(Check("executor placeholders", False, str(exc), fix))
         if settings.handoff:  # a value the column refuses was refused with the table, above
             value = runs.layout.written(settings.handoff)

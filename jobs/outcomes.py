@@ -16,11 +16,13 @@ from loguru import logger
 
 from db.engine import database_errors
 from db.messages import TIMEOUT_PATTERN
+from jobs.executors.base import KnowsItsJobs
 from jobs.executors.outcome import (
     Cancelled,
     Completed,
     Failed,
     HandedOver,
+    Misconfigured,
     Outcome,
     OutcomeUnknown,
     Postponed,
@@ -71,6 +73,7 @@ class Marked:
     postponements: int
     lease_until: datetime  # nobody delivers it again before: an abandoned POST may live until then
     started_at: object  # as the mark wrote it, raw: the put-back leaves a start the fleet wrote
+    again: bool = False  # marked anew after its delivering process died (its lease ran out)
 
 
 def continue_fleet_failures(rt: Runtime, policy: RetryPolicy | None = None) -> list[RetryOutcome]:
@@ -90,6 +93,46 @@ def continue_fleet_failures(rt: Runtime, policy: RetryPolicy | None = None) -> l
         params = {"sr_now": now, **fail_params([(run.id, outcome, None) for run, outcome in decided])}
         failed = {row[0]: row for row in conn.execute(q.fail_reported, params)}
     return [
+        replace(
+            _failed(
+                logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count), run, outcome, row
+            ),
+            failed_at_fleet=True,
+        )
+        for run, outcome in decided
+        if (row := failed.get(run.id)) is not None
+    ]
+
+
+def follow_the_fleet(rt: Runtime, policy: RetryPolicy | None = None) -> list[RetryOutcome]:
+    """What a pass does for the retries handed to the fleet: the failures it wrote continue their
+    chains, and the jobs its engine reports ended without a status written are failed attempts."""
+    return continue_fleet_failures(rt, policy) + fail_ended_jobs(rt, policy)
+
+
+def fail_ended_jobs(rt: Runtime, policy: RetryPolicy | None = None) -> list[RetryOutcome]:
+    """Retries handed to an engine that knows its jobs (Scrapyd, SPEC §16), still `running`, whose
+    job the engine reports finished or no longer knows: a failed attempt each, chains continued.
+    Set-based: the rows read at once, the engine asked once (no session held meanwhile), the
+    failures written in one statement, each conditional on the row still `running`. Rows read
+    before the engine is asked: a retry handed over after the question is never judged by it."""
+    executor = rt.executor
+    if not isinstance(executor, KnowsItsJobs):
+        return []
+    policy = policy or rt.settings.policy
+    q = rt.queries
+    params = {"sr_mode": executor.mode, "sr_limit": rt.settings.batch_size}
+    with database_errors(rt.engine, "reading the retries handed over"), rt.engine.connect() as conn:
+        runs = [Run.from_row(row, rt.runs.input_names) for row in conn.execute(q.handed_running, params).mappings()]
+    ended = executor.ended_jobs(runs) if runs else None
+    if not ended:
+        return []
+    now = rt.clock.now()
+    decided = [(run, _decide(rt, policy, run, ended[run.id], now)) for run in runs if run.id in ended]
+    with database_errors(rt.engine, "failing the jobs that ended"), rt.engine.begin() as conn:
+        params = {"sr_now": now, **fail_params([(run.id, outcome, None) for run, outcome in decided])}
+        failed = {row[0]: row for row in conn.execute(q.fail_running, params)}
+    return [  # the fleet's failure, as those it writes itself: neither an execution here nor a delivery
         replace(
             _failed(
                 logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count), run, outcome, row
@@ -172,6 +215,8 @@ def record_outcome(
                 return RetryOutcome(run.id, run.label, "handed_off", delivered=True)
             case Released() if delivery is not None:  # stopping before anything was sent
                 return _put_back(conn, rt, log, run, delivery, now, delivery.was_due)
+            case Misconfigured(error=error) if delivery is not None:  # untouched: due as it was
+                return _put_back(conn, rt, log, run, delivery, now, delivery.was_due, refused=error)
             case OutcomeUnknown(stopping=True) if delivery is not None:
                 return _put_back(conn, rt, log, run, delivery, now, max(delivery.was_due, delivery.lease_until))
             case Postponed(error=error, retry_after=retry_after) if delivery is not None:
@@ -204,10 +249,20 @@ def _end_mark(conn, q, delivery: Marked, now: datetime) -> str | None:
 
 
 def _put_back(
-    conn, rt: Runtime, log, run: Run, delivery: Marked, now: datetime, due: datetime, *, postponed: str | None = None
+    conn,
+    rt: Runtime,
+    log,
+    run: Run,
+    delivery: Marked,
+    now: datetime,
+    due: datetime,
+    *,
+    postponed: str | None = None,
+    refused: str | None = None,
 ) -> RetryOutcome:
     """A delivery the fleet did not take back to `pending_retry`, due `due`, no budget spent; a
-    postponement (`postponed`: why) counts towards the next one's backoff, a release does not."""
+    postponement (`postponed`: why) counts towards the next one's backoff, a release does not,
+    nor a configuration the fleet refused (`refused`: said once, by jobs/delivery.py)."""
     params = {
         "sr_run_id": run.id,
         "sr_by": delivery.by,
@@ -222,6 +277,8 @@ def _put_back(
             return taken_over(log, run)
         log.bind(event="kept").info("{}: the fleet wrote {}; it stands", run.label, ended)
         return RetryOutcome(run.id, run.label, ended, delivered=True)
+    if refused is not None:
+        return RetryOutcome(run.id, run.label, "released", message=refused, delivered=True)
     if postponed is None:
         log.bind(event="released").info("{}: left pending_retry (stopped by a signal, no budget spent)", run.label)
         return RetryOutcome(run.id, run.label, "released", delivered=True)

@@ -26,7 +26,7 @@ from jobs.delivery import Deliveries
 from jobs.events import ProcessorPassFinished, RetryEnded
 from jobs.executors.base import Delivers, Queues, RunsHere
 from jobs.model import RunId
-from jobs.outcomes import RetryOutcome, continue_fleet_failures, fail_params, record_outcome
+from jobs.outcomes import RetryOutcome, continue_fleet_failures, fail_params, follow_the_fleet, record_outcome
 from jobs.queueing import Queueing
 from jobs.rules import RetryPolicy, run_label, superseded_message
 from jobs.running import RunningHere
@@ -39,6 +39,7 @@ __all__ = [
     "RetryOutcome",
     "continue_fleet_failures",
     "fail_params",
+    "follow_the_fleet",
     "process_due_retries",
     "record_outcome",
     "supersede_completed_chains",
@@ -173,7 +174,7 @@ def process_due_retries(
     if dispatch is not None:
         executed = dispatch(stop or threading.Event())
     else:
-        executed = continue_fleet_failures(rt, policy)
+        executed = follow_the_fleet(rt, policy)
         for outcome in executed:  # told like any attempt that ended: each line names its run
             rt.events.publish(RetryEnded(outcome))
         executed += RetryDispatcher(rt, policy).drain(stop or threading.Event())

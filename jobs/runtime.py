@@ -24,18 +24,17 @@ from jobs.executors.base import Executor
 from jobs.executors.wiring import build_executor
 from jobs.patterns import DEFAULT_PATTERNS, Classifier
 from jobs.settings import Settings
+from jobs.settings.scrapyd_parsers import scrapyd_templates
 
 
 def check_placeholders(settings: Settings, runs: RunsTable) -> None:
-    """SCRAPE_RUN_COMMAND and SCRAPE_RUN_WEBHOOK may name `{run_id}` and the table's input columns,
-    nothing else."""
-    variable, templates = (
-        ("SCRAPE_RUN_COMMAND", settings.command) if settings.command else ("SCRAPE_RUN_WEBHOOK", (settings.webhook,))
-    )
-    if not any(templates):
-        return
+    """SCRAPE_RUN_COMMAND, SCRAPE_RUN_WEBHOOK, SCRAPYD_SPIDER and SCRAPYD_ARGS may name `{run_id}` and
+    the table's input columns, nothing else."""
+    templates = [("SCRAPE_RUN_COMMAND", item) for item in settings.command or ()]
+    templates += [("SCRAPE_RUN_WEBHOOK", settings.webhook)] if settings.webhook else []
+    templates += scrapyd_templates(settings.scrapyd_spider, settings.scrapyd_args)
     names = {"run_id", *runs.input_names.values()}
-    for item in templates:
+    for variable, item in templates:
         for _, name, _, _ in string.Formatter().parse(item):
             if name is not None and name not in names:
                 inputs = ", ".join("{" + n + "}" for n in sorted(names))
@@ -80,7 +79,13 @@ class Runtime:
         timeout = WEB_STATEMENT_TIMEOUT_MS if role == "web" else None
         # A slot executing here holds a session (its advisory lock); a delivery to the fleet holds
         # none while the fleet answers (SPEC §12), so a webhook's process keeps a small pool whatever the cap.
-        pool = WEB_POOL if role == "web" else DELIVERY_POOL if settings.webhook else settings.max_concurrent_retries + 2
+        pool = (
+            WEB_POOL
+            if role == "web"
+            else DELIVERY_POOL
+            if settings.webhook or settings.scrapyd_url
+            else settings.max_concurrent_retries + 2
+        )
         engine = make_engine(url, role=role, pool_size=pool, statement_timeout_ms=timeout)
         with database_errors(engine, "connecting"), engine.connect() as conn:
             runs = load_runs_table(conn, settings.table, settings.heartbeat_column, settings.layout)

@@ -16,7 +16,7 @@ from loguru import logger
 
 from db.engine import describe_db_error
 from db.errors import OperatorError
-from jobs.retries import RetryDispatcher, RetryOutcome, continue_fleet_failures
+from jobs.retries import RetryDispatcher, RetryOutcome, continue_fleet_failures, follow_the_fleet
 from jobs.runtime import Runtime
 
 
@@ -76,7 +76,7 @@ class ContinuousDispatch:
                 # Retries handed to the fleet end in the fleet: its failures continue their chains
                 # within a poll, not at the next processor tick.
                 # Not published: the metrics count hand-offs; their outcomes are the fleet's (stats show them).
-                handed = continue_fleet_failures(self.rt) if slot == 0 and self.rt.settings.hands_off else []
+                handed = follow_the_fleet(self.rt) if slot == 0 and self.rt.settings.hands_off else []
                 outcomes = handed + self.dispatcher.work_slot(slot, self.stopping)
             except Exception as exc:  # noqa: BLE001 - an outage must not end the slot's thread
                 if not failing:

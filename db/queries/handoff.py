@@ -99,6 +99,22 @@ class HandoffStatements(TableStatements):
             .with_for_update(skip_locked=True, of=t)
         )
 
+    @statement
+    def handed_running(self) -> sa.Select:
+        """Retries handed over `:sr_mode` (confirmed: no delivery in flight), still `running`: an
+        engine that knows its jobs is asked whether theirs ended (jobs/outcomes.py fail_ended_jobs)."""
+        t, runs = self.t, self.runs
+        return (
+            sa.select(*runs.keyed())
+            .where(
+                t.c.handed_off == sa.bindparam("sr_mode", type_=sa.Text),
+                runs.in_state(t.c.status, "running"),
+                t.c.delivering_by.is_(None),
+            )
+            .order_by(t.c.started_at)
+            .limit(sa.bindparam("sr_limit"))
+        )
+
     def _mark_expired(self) -> sa.Update:
         """Marks anew one retry whose delivery's lease ran out while still marked (its process
         died between the mark and the confirm): delivered again, with the same Idempotency-Key.

@@ -5,7 +5,7 @@ the executor is built (jobs/executors/wiring.py), never asked about afterwards:
   retry (`running`, its slot and run lock held), commits the claim, `start`s the scraper, then
   `wait`s for its `Execution` (jobs/running.py).
 - Hand over (SPEC §12): the fleet runs the retry and writes its outcome itself.
-  - `Delivers` (a webhook; Scrapyd and Celery next), one retry at a time: the dispatcher marks
+  - `Delivers` (a webhook, Scrapyd), one retry at a time: the dispatcher marks
     the retry `running` as being delivered (with a lease), `deliver`s it with no session held,
     then confirms the delivery or puts the retry back (jobs/delivery.py).
   - `Queues` (SCRAPE_RUN_HANDOFF): due retries are flipped to the scraper's queued value in
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from db.errors import EXIT_USAGE, OperatorError
 from jobs.executors.outcome import DeliveryOutcome, RanHere
-from jobs.model import Run
+from jobs.model import Run, RunId
 
 T = TypeVar("T", covariant=True)
 
@@ -95,8 +95,38 @@ class Delivers(Executor, Protocol):
         what the fleet did; gives up on `stop` at once."""
 
 
+@runtime_checkable
+class KnowsItsJobs(Protocol):
+    """A `Delivers` executor whose engine can tell which retries it has (by the retry's id as its
+    job id, SPEC §16): a retry whose delivering process died, or whose delivery went unanswered
+    (postponed), is delivered again only when the engine knows no job of that id, and a job that ended while its row is still `running` is a
+    failed attempt (jobs/outcomes.py `fail_ended_jobs`)."""
+
+    mode: str
+
+    def has_job(self, run: Run) -> DeliveryOutcome | None:
+        """`HandedOver` when the engine knows a job of the run's id, None when it knows none;
+        `Postponed` when it could not be asked."""
+
+    def ended_jobs(self, runs: list[Run]) -> dict[RunId, str] | None:
+        """Of `runs` (handed over, still `running`), those whose job the engine reports ended or
+        no longer knows, each with its failed attempt's error; one question for them all. None
+        when the engine could not be asked (nothing is judged then)."""
+
+
 class Queues(Executor, Protocol):
     """Hands due retries to the fleet's own workers by flipping them to `state` (a state of
     STATUS_MAP, `queued`), in sets; the workers set `running` and write the outcome."""
 
     state: str
+
+
+@runtime_checkable
+class Cancels(Protocol):
+    """An engine a handed-over run can be stopped in (SPEC §16's cancel)."""
+
+    def cancel(self, run: Run, *, kill: bool) -> str:
+        """Ask the engine to stop the run's job (`kill`: the forceful way, after CANCEL_TIMEOUT); what it answered, for the log."""
+
+    def still_running(self, run: Run) -> bool:
+        """Whether the engine still runs the run's job."""

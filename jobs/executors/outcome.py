@@ -75,6 +75,15 @@ class Postponed:
 
 
 @dataclass(frozen=True)
+class Misconfigured:
+    """The fleet refused the configuration, not the retry (Scrapyd's `{"status": "error"}`: an
+    unknown project or spider, a refused argument): the retry goes back pending as it was, no
+    budget spent, no postponement counted; said once, and tried again at the next pass."""
+
+    error: str
+
+
+@dataclass(frozen=True)
 class OutcomeUnknown:
     """A delivery given up on while in flight (its bound passed, or a signal): the fleet may still
     get it, so the retry is not due again before its delivery's lease ends. `stopping`: given up
@@ -87,6 +96,6 @@ class OutcomeUnknown:
 # What an execution here reports (`Execution.wait`).
 RanHere = Completed | Failed | TimedOut | Released | Cancelled
 # What a delivery to the fleet reports (`Delivers.deliver`).
-DeliveryOutcome = HandedOver | Failed | Postponed | Released | OutcomeUnknown
+DeliveryOutcome = HandedOver | Failed | Postponed | Released | OutcomeUnknown | Misconfigured
 # The closed set: every outcome an attempt can have.
-Outcome = Completed | Failed | TimedOut | Released | Cancelled | HandedOver | Postponed | OutcomeUnknown
+Outcome = Completed | Failed | TimedOut | Released | Cancelled | HandedOver | Postponed | OutcomeUnknown | Misconfigured

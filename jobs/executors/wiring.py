@@ -30,7 +30,11 @@ def build_executor(settings: Settings) -> Executor:
         return WebhookExecutor(settings.webhook, settings.webhook_secret, settings.webhook_timeout)
     if settings.handoff:
         return QueueExecutor(settings.handoff)
+    if settings.scrapyd_url:
+        from jobs.executors.scrapyd import ScrapydExecutor  # httpx only where retries are delivered
+
+        return ScrapydExecutor.from_settings(settings)
     raise ConfigError(
         "no executor configured: set SCRAPE_RUN_COMMAND (e.g. 'python -m scraper --run-id {run_id}'), "
-        "SCRAPE_RUN_CALLABLE (package.module:function), SCRAPE_RUN_WEBHOOK (a URL) or SCRAPE_RUN_HANDOFF (queued)"
+        "SCRAPE_RUN_CALLABLE (package.module:function), SCRAPE_RUN_WEBHOOK (a URL), SCRAPE_RUN_HANDOFF (queued) or SCRAPYD_URL (with SCRAPYD_PROJECT and SCRAPYD_SPIDER)"
     )

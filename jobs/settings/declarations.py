@@ -44,6 +44,14 @@ from jobs.settings.parsers import (
     parse_webhook,
     parse_webhook_timeout,
 )
+from jobs.settings.scrapyd_parsers import (
+    parse_scrapyd_args,
+    parse_scrapyd_password,
+    parse_scrapyd_project,
+    parse_scrapyd_spider,
+    parse_scrapyd_url,
+    parse_scrapyd_username,
+)
 
 Parser = Callable[[str, str], object]
 
@@ -189,6 +197,19 @@ DECLARED: tuple[Setting, ...] = (
       readme="At most `10m`; no answer in time postpones it."),
     S("SCRAPE_RUN_HANDOFF", "--handoff", parse_handoff, "handoff",
       "queued: hand due retries to the fleet's workers (map queued in STATUS_MAP)."),
+    # Retries through Scrapyd (SPEC §16).
+    S("SCRAPYD_URL", "--scrapyd-url", parse_scrapyd_url, "scrapyd_url",
+      "Schedule due retries on this Scrapyd (http(s)://host:6800; user:password@ for basic auth).", secret=True,
+      readme="See [Retries through Scrapyd](#retries-through-scrapyd)."),
+    S("SCRAPYD_PROJECT", "--scrapyd-project", parse_scrapyd_project, "scrapyd_project",
+      "The Scrapyd project the spider is deployed in."),
+    S("SCRAPYD_SPIDER", "--scrapyd-spider", parse_scrapyd_spider, "scrapyd_spider",
+      "The spider to schedule: a name or a {column} template."),
+    S("SCRAPYD_ARGS", "--scrapyd-args", parse_scrapyd_args, "scrapyd_args",
+      "Spider arguments, name={column} templates: query={search_query},location={location_query}.", unset=()),
+    S("SCRAPYD_USERNAME", "--scrapyd-username", parse_scrapyd_username, "scrapyd_username", "Scrapyd's basic-auth user (or in SCRAPYD_URL)."),
+    S("SCRAPYD_PASSWORD", "--scrapyd-password", parse_scrapyd_password, "scrapyd_password",
+      "Scrapyd's basic-auth password (or in SCRAPYD_URL).", secret=True),
     S("ADMIN_HOST", "--host", parse_host, "admin_host",
       "Address `serve` listens on; not loopback only with ADMIN_TOKEN set.", "127.0.0.1"),
     S("ADMIN_PORT", "--port", _int(1, 65535), "admin_port",
@@ -252,10 +273,13 @@ class _Derived:
     execution_timeout: timedelta | None
     webhook: str | None
     handoff: str | None
+    scrapyd_url: object
 
     @property
     def hands_off(self) -> str | None:
-        """How due retries leave for the fleet (`webhook`, `queue`), or None when they run here."""
+        """How due retries leave for the fleet (`webhook`, `scrapyd`, `queue`), or None when they run here."""
+        if self.scrapyd_url:
+            return "scrapyd"
         return "webhook" if self.webhook else ("queue" if self.handoff else None)
 
     def require_database_url(self) -> str:

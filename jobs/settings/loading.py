@@ -85,6 +85,7 @@ def _check_consistency(settings: Settings, names: Mapping[str, str]) -> None:
             ("SCRAPE_RUN_CALLABLE", settings.callable_path),
             ("SCRAPE_RUN_WEBHOOK", settings.webhook),
             ("SCRAPE_RUN_HANDOFF", settings.handoff),
+            ("SCRAPYD_URL", settings.scrapyd_url),
         )
         if value
     ]
@@ -100,6 +101,7 @@ def _check_consistency(settings: Settings, names: Mapping[str, str]) -> None:
             f"{names.get('SCRAPE_RUN_HANDOFF', 'SCRAPE_RUN_HANDOFF')}={settings.handoff} but STATUS_MAP does not map "
             f"{settings.handoff}: add {settings.handoff}=<the value your workers pick runs up by> to STATUS_MAP"
         )
+    _check_scrapyd(settings, names)
     if settings.webhook_secret and not settings.webhook:
         raise ConfigError("WEBHOOK_SECRET is set but SCRAPE_RUN_WEBHOOK is not: set the webhook, or unset the secret")
     if settings.admin_token and settings.admin_token == settings.read_token:
@@ -110,6 +112,41 @@ def _check_consistency(settings: Settings, names: Mapping[str, str]) -> None:
             f"RETRY_MAX_DELAY ({policy.max_delay}) is shorter than RETRY_DELAY ({policy.retry_delay}): "
             "raise RETRY_MAX_DELAY or lower RETRY_DELAY"
         )
+
+
+def _check_scrapyd(settings: Settings, names: Mapping[str, str]) -> None:
+    """SCRAPYD_URL needs its project and spider; the other SCRAPYD_ settings need SCRAPYD_URL."""
+    name = lambda env: names.get(env, env)  # noqa: E731
+    url = settings.scrapyd_url
+    if not url:
+        given = [env for env, value in _scrapyd_parts(settings) if value]
+        if given:
+            raise ConfigError(
+                f"{name(given[0])} is set but SCRAPYD_URL is not: set Scrapyd's URL, or unset {name(given[0])}"
+            )
+        return
+    for env, value in _scrapyd_parts(settings)[:2]:
+        if not value:
+            raise ConfigError(f"SCRAPYD_URL is set but {env} is not: set {env} (the spider's project and name)")
+    if (settings.scrapyd_username or settings.scrapyd_password) and (url.username or url.password):
+        raise ConfigError(
+            f"{name('SCRAPYD_URL')} holds credentials and SCRAPYD_USERNAME/SCRAPYD_PASSWORD are set too: keep one"
+        )
+    if bool(settings.scrapyd_username) != bool(settings.scrapyd_password):
+        missing = "SCRAPYD_PASSWORD" if settings.scrapyd_username else "SCRAPYD_USERNAME"
+        raise ConfigError(
+            f"{missing} is not set: Scrapyd's basic auth takes both SCRAPYD_USERNAME and SCRAPYD_PASSWORD"
+        )
+
+
+def _scrapyd_parts(settings: Settings) -> list[tuple[str, object]]:
+    return [
+        ("SCRAPYD_PROJECT", settings.scrapyd_project),
+        ("SCRAPYD_SPIDER", settings.scrapyd_spider),
+        ("SCRAPYD_ARGS", settings.scrapyd_args),
+        ("SCRAPYD_USERNAME", settings.scrapyd_username),
+        ("SCRAPYD_PASSWORD", settings.scrapyd_password),
+    ]
 
 
 def settings_from_environment(flags: Mapping[str, object] | None = None) -> Settings:

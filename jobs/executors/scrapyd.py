@@ -1,0 +1,269 @@
+"""SCRAPYD_URL (SPEC §16): a due retry is scheduled on Scrapyd (`schedule.json`), the fleet's own
+engine, with the retry's id as the job's id; the spider writes the outcome into the row.
+
+It delivers one retry at a time (`Delivers`, jobs/executors/base.py) through §12's hand-over
+(jobs/delivery.py): committed `running` and marked, scheduled, confirmed or put back. Scrapyd
+accepts a repeated `jobid`, so exactly once is the hand-over's: a retry whose delivering process
+died is scheduled again only when Scrapyd knows no job of its id (`has_job`). What Scrapyd answers:
+- `{"status": "ok"}`: handed over; the row is `running` and the spider's.
+- unreachable, a timeout, HTTP 5xx: put back pending, no budget spent (a postponement's backoff).
+- `{"status": "error"}` with HTTP 200 (an unknown project or spider, a refused argument), or an
+  answer that is not Scrapyd's (401, 404): a configuration error (`Misconfigured`), said once, the
+  retry put back as it was, untouched: not failed, and not postponed further and further (it
+  goes the pass after the configuration is fixed).
+A job Scrapyd reports finished, or no longer knows, while its row is still `running` is a failed
+attempt (`ended_jobs`, one `listjobs.json` a pass for them all: jobs/fleet_jobs.py). A job is
+cancelled with `cancel.json` (`Cancels`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any
+
+import httpx
+
+from jobs.executors.base import Strategies, T
+from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured, OutcomeUnknown, Postponed, Released
+from jobs.executors.webhook import clean
+from jobs.model import Run, RunId
+
+MODE = "scrapyd"  # the `handed_off` value of a retry scheduled on Scrapyd
+CONNECT_TIMEOUT = timedelta(seconds=5)
+READ_TIMEOUT = timedelta(seconds=30)  # schedule.json lists the project's spiders (a process) the first time
+STOP_POLL_SECONDS = 0.1
+MESSAGE_CHARS = 200  # of Scrapyd's error message, kept in a log line
+
+
+def ended_message(job_id: object) -> str:
+    """The failed attempt of a job that ended without its spider writing the row (SPEC §16)."""
+    return f"Scrapyd job {job_id} finished without writing the run's status"
+
+
+class Unanswered(Exception):
+    """Scrapyd could not be asked (unreachable, a timeout, 5xx): why, in one line."""
+
+
+class Refused(Exception):
+    """Scrapyd (or what answers at SCRAPYD_URL) refused the request: a configuration error."""
+
+
+class ScrapydExecutor:
+    """Schedules, lists and cancels jobs through one pooled client."""
+
+    mode = MODE
+
+    def __init__(
+        self,
+        base: str,
+        project: str,
+        spider: str,
+        args: tuple[tuple[str, str], ...] = (),
+        auth: tuple[str, str] | None = None,
+        priority: str | None = None,
+    ) -> None:
+        self.base, self.project, self.spider, self.args, self.priority = base, project, spider, args, priority
+        self.client = httpx.Client(
+            timeout=httpx.Timeout(READ_TIMEOUT.total_seconds(), connect=CONNECT_TIMEOUT.total_seconds()),
+            auth=auth,
+            follow_redirects=False,
+            trust_env=False,  # no proxy from the environment: it would see every job and the credentials
+        )
+        self.bound = CONNECT_TIMEOUT + READ_TIMEOUT  # the longest one delivery lasts: its lease is this plus a margin
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ScrapydExecutor:
+        url = settings.scrapyd_url
+        user = settings.scrapyd_username or url.username
+        password = settings.scrapyd_password or url.password
+        return cls(
+            url.base,
+            settings.scrapyd_project,
+            settings.scrapyd_spider,
+            settings.scrapyd_args,
+            (user, password or "") if user else None,
+            settings.layout.columns.get("priority"),  # its real name: the run's inputs are keyed so
+        )
+
+    def dispatch_with(self, strategies: Strategies[T]) -> T:
+        return strategies.deliver(self)
+
+    # --- what a job is scheduled with --------------------------------------------------------
+
+    def job(self, run: Run) -> dict[str, str]:
+        """schedule.json's form: the project, the spider and its arguments from the run's columns,
+        `jobid` = the retry's id, `priority` from the run's when COLUMN_MAP maps one."""
+        values = {name: "" if value is None else str(value) for name, value in run.inputs.items()}
+        values["run_id"] = str(run.id)
+        form = {name: template.format_map(values) for name, template in self.args}
+        form |= {"project": self.project, "spider": self.spider.format_map(values), "jobid": str(run.id)}
+        if self.priority is not None and run.inputs.get(self.priority) is not None:
+            form["priority"] = str(run.inputs[self.priority])
+        return form
+
+    # --- Delivers --------------------------------------------------------------------------
+
+    def deliver(self, run: Run, stop: threading.Event) -> DeliveryOutcome:
+        """schedule.json for `run`, given up when `stop` is set or past `bound`."""
+        if stop.is_set():
+            return Released()
+        return self._bounded(lambda: self.schedule(run), stop)
+
+    def schedule(self, run: Run) -> HandedOver | Postponed | Misconfigured:
+        try:
+            self._call("POST", "schedule.json", data=self.job(run))
+        except Unanswered as exc:
+            return Postponed(str(exc))
+        except Refused as exc:
+            return Misconfigured(str(exc))
+        return HandedOver(MODE)
+
+    def has_job(self, run: Run) -> DeliveryOutcome | None:
+        """For a retry that may have reached Scrapyd already (its delivering process died, or a
+        schedule.json went unanswered): handed over when Scrapyd knows a job of its id (pending,
+        running or finished), None when it knows none (schedule it). One status.json (Scrapyd
+        1.5+), else the project's listjobs.json."""
+        try:
+            try:
+                state = self._call("GET", "status.json", params={"project": self.project, "job": str(run.id)})
+                known = state.get("currstate") is not None
+            except Refused:  # an older Scrapyd, or an unknown project (then listjobs.json says so too)
+                known = str(run.id) in self.jobs()
+        except Unanswered as exc:
+            return Postponed(str(exc))
+        except Refused:
+            return None  # an unknown project knows no job: schedule.json says what is wrong
+        return HandedOver(MODE) if known else None
+
+    # --- KnowsItsJobs: the watch of handed-over jobs ----------------------------------------
+
+    def jobs(self) -> dict[str, str]:
+        """Every job Scrapyd knows in the project: its id → pending, running or finished."""
+        answer = self._call("GET", "listjobs.json", params={"project": self.project})
+        known: dict[str, str] = {}
+        for state in ("finished", "running", "pending"):  # a job listed twice: the liveliest state wins
+            for job in answer.get(state) or ():
+                known[str(job.get("id"))] = state
+        return known
+
+    def ended_jobs(self, runs: list[Run]) -> dict[RunId, str] | None:
+        """Of `runs` (scheduled, still `running`), those whose job finished or Scrapyd no longer
+        knows (it keeps finished jobs in memory, the last `finished_to_keep`): one listjobs.json."""
+        try:
+            known = self.jobs()
+        except (Unanswered, Refused):
+            return None
+        return {run.id: ended_message(run.id) for run in runs if known.get(str(run.id)) in (None, "finished")}
+
+    # --- Cancels ---------------------------------------------------------------------------
+
+    def cancel(self, run: Run, *, kill: bool) -> str:
+        """cancel.json for the run's job (`kill`: signal=KILL); what Scrapyd answered."""
+        form = {"project": self.project, "job": str(run.id), **({"signal": "KILL"} if kill else {})}
+        try:
+            answer = self._call("POST", "cancel.json", data=form)
+        except (Unanswered, Refused) as exc:
+            return f"Scrapyd did not cancel job {run.id}: {exc}"
+        return f"Scrapyd cancelled job {run.id}{' with SIGKILL' if kill else ''} (it was {answer.get('prevstate')})"
+
+    def still_running(self, run: Run) -> bool:
+        """Whether Scrapyd still has the run's job pending or running; True when it cannot be asked
+        (nothing says it stopped)."""
+        try:
+            return self.jobs().get(str(run.id)) in ("pending", "running")
+        except (Unanswered, Refused):
+            return True
+
+    # --- doctor ----------------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, str, str | None]:
+        """(ok, what was found, the fix): Scrapyd answers, knows the project and the spider."""
+        try:
+            status = self._call("GET", "daemonstatus.json")
+            projects = self._call("GET", "listprojects.json").get("projects") or []
+            if self.project not in projects:
+                listed = ", ".join(map(str, projects)) or "none"
+                return (
+                    False,
+                    f"Scrapyd at {self.base} has no project {self.project!r} (it has {listed})",
+                    ("deploy the project (scrapyd-deploy), or fix SCRAPYD_PROJECT"),
+                )
+            spiders = self._call("GET", "listspiders.json", params={"project": self.project}).get("spiders") or []
+        except Unanswered as exc:
+            return False, str(exc), "start Scrapyd, or check SCRAPYD_URL's host, port and scheme"
+        except Refused as exc:
+            return False, str(exc), "check SCRAPYD_URL and the credentials"
+        node = status.get("node_name") or "?"
+        if "{" not in self.spider and self.spider not in spiders:
+            listed = ", ".join(map(str, spiders)) or "none"
+            return (
+                False,
+                f"Scrapyd's project {self.project!r} has no spider {self.spider!r} (it has {listed})",
+                ("deploy the spider, or fix SCRAPYD_SPIDER"),
+            )
+        return (
+            True,
+            (
+                f"Scrapyd at {self.base} (node {node}) answers; project {self.project!r} has spider(s) "
+                f"{', '.join(map(str, spiders))}"
+            ),
+            None,
+        )
+
+    # --- the HTTP calls ----------------------------------------------------------------------
+
+    def _call(self, method: str, endpoint: str, **request: Any) -> Mapping[str, Any]:
+        """One call of Scrapyd's API: its JSON when `status` is ok; `Unanswered` or `Refused`."""
+        url = f"{self.base}/{endpoint}"
+        try:
+            response = self.client.request(method, url, **request)
+        except httpx.TimeoutException:
+            raise Unanswered(f"Scrapyd did not answer {endpoint} in time") from None
+        except httpx.TransportError as exc:  # refused, reset, DNS, TLS: it may be back later
+            raise Unanswered(f"Scrapyd unreachable: {type(exc).__name__}: {clean(str(exc))}"[:300]) from None
+        if response.status_code >= 500:
+            raise Unanswered(f"Scrapyd answered HTTP {response.status_code} to {endpoint}")
+        if response.status_code in (401, 403):
+            raise Refused(
+                f"Scrapyd refused the credentials (HTTP {response.status_code}): "
+                "set SCRAPYD_USERNAME and SCRAPYD_PASSWORD (or user:password@ in SCRAPYD_URL)"
+            )
+        try:
+            answer = response.json() if response.status_code == 200 else None
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise Refused(
+                f"{endpoint} at SCRAPYD_URL answered HTTP {response.status_code}, not Scrapyd's JSON: check SCRAPYD_URL"
+            )
+        if answer.get("status") != "ok":
+            said = clean(str(answer.get("message") or "no message"))[:MESSAGE_CHARS]
+            raise Refused(f"Scrapyd refused {endpoint}: {said}: check SCRAPYD_PROJECT, SCRAPYD_SPIDER and SCRAPYD_ARGS")
+        return answer
+
+    def _bounded(self, call: Callable[[], DeliveryOutcome], stop: threading.Event) -> DeliveryOutcome:
+        """`call` in a thread, given up when `stop` is set or once `bound` has passed."""
+        answered: list[DeliveryOutcome] = []
+
+        def answer() -> None:
+            try:
+                answered.append(call())
+            except Exception as exc:  # noqa: BLE001 - the client closed under a delivery given up on
+                answered.append(Postponed(f"Scrapyd delivery failed: {type(exc).__name__}"))
+
+        worker = threading.Thread(target=answer, daemon=True)
+        worker.start()
+        deadline = time.monotonic() + self.bound.total_seconds()
+        while worker.is_alive() and not stop.is_set() and time.monotonic() < deadline:
+            worker.join(STOP_POLL_SECONDS)
+        if answered:
+            return answered[0]
+        if not stop.is_set():
+            return OutcomeUnknown(f"Scrapyd did not answer schedule.json within {self.bound.total_seconds():g}s")
+        return OutcomeUnknown("Stopped by a signal before Scrapyd answered", stopping=True)
+
+    def close(self) -> None:
+        self.client.close()
