@@ -22,6 +22,7 @@ from typing import Protocol
 from loguru import logger
 
 from db.engine import database_errors
+from jobs.cancelling import engine_cancels
 from jobs.delivery import Deliveries
 from jobs.events import ProcessorPassFinished, RetryEnded
 from jobs.executors.base import Delivers, Queues, RunsHere
@@ -173,6 +174,7 @@ def process_due_retries(
     if dispatch is not None:
         executed = dispatch(stop or threading.Event())
     else:
+        engine_cancels(rt)  # operators' cancels of retries handed to an engine (SPEC §16)
         executed = continue_fleet_failures(rt, policy)
         for outcome in executed:  # told like any attempt that ended: each line names its run
             rt.events.publish(RetryEnded(outcome))

@@ -22,8 +22,10 @@ from sqlalchemy.engine import Connection
 
 from db import locks
 from db.engine import database_errors
+from jobs.cancelling import CancelWatch
 from jobs.events import RetryEnded, RetryStarted
 from jobs.executors.base import Execution, RunsHere
+from jobs.executors.outcome import Cancelled, Released
 from jobs.model import Run, RunId
 from jobs.outcomes import RetryOutcome, record_outcome
 from jobs.rules import RetryPolicy
@@ -52,6 +54,7 @@ class RunningHere:
     ) -> None:
         self.rt, self.executor, self.policy = rt, executor, policy
         self.slots_ns = locks.namespace(rt.runs.canonical_name, locks.SLOTS)
+        self.cancels = CancelWatch(rt)  # an operator's cancel of a retry executing here (SPEC §16)
         # Told ("started", run) and ("finished", outcome) as they happen (the daemon's metrics).
 
     def drain(self, stop: threading.Event) -> list[RetryOutcome]:
@@ -166,7 +169,10 @@ class RunningHere:
     def wait_and_record(self, run: Run, execution: Execution, stop: threading.Event) -> RetryOutcome:
         started = time.monotonic()
         timeout = self.rt.clock.real(self.rt.settings.timeout)
-        ended = execution.wait(timeout, stop)
+        with self.cancels.watching(run, stop) as interrupt:
+            ended = execution.wait(timeout, interrupt)
+        if interrupt.cancelled_by is not None and isinstance(ended, Released):
+            ended = Cancelled(by=interrupt.cancelled_by)
         outcome = replace(record_outcome(self.rt, self.policy, run, ended), seconds=time.monotonic() - started)
         self.rt.events.publish(RetryEnded(outcome))
         return outcome

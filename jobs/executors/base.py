@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from db.errors import EXIT_USAGE, OperatorError
 from jobs.executors.outcome import DeliveryOutcome, RanHere
@@ -65,12 +65,32 @@ class Executor(Protocol):
         """Lets go of what the executor holds (a webhook's pooled connections); idempotent."""
 
 
+class Interrupt(threading.Event):
+    """What stops the wait of a retry run here: a shutdown, or an operator's cancel (SPEC §16),
+    whose `grace` (CANCEL_TIMEOUT) is what the scraper gets between SIGTERM and SIGKILL."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled_by: str | None = None
+        self.grace: timedelta | None = None  # None: the shutdown's own grace
+
+    def cancel(self, by: str, grace: timedelta) -> None:
+        self.cancelled_by, self.grace = by, grace
+        self.set()
+
+
+def grace_of(cancel: threading.Event) -> timedelta | None:
+    """The SIGTERM-to-SIGKILL grace an interrupted wait gives the scraper (None: the default)."""
+    return cancel.grace if isinstance(cancel, Interrupt) else None
+
+
 class Execution(Protocol):
     """A scraper started here for one attempt."""
 
     def wait(self, timeout: timedelta, cancel: threading.Event) -> RanHere:
         """Waits for the scraper; gives up after `timeout` (wall time: `TimedOut`) or when `cancel`
-        is set (a shutdown: `Released`). Nothing the scraper started outlives the wait."""
+        is set (a shutdown: `Released`; an operator's `Interrupt.cancel`: the caller records it
+        `Cancelled`). Nothing the scraper started outlives the wait."""
 
 
 class RunsHere(Executor, Protocol):
@@ -100,3 +120,14 @@ class Queues(Executor, Protocol):
     STATUS_MAP, `queued`), in sets; the workers set `running` and write the outcome."""
 
     state: str
+
+
+@runtime_checkable
+class Cancels(Protocol):
+    """An engine a handed-over run can be stopped in (SPEC §16's cancel)."""
+
+    def cancel(self, run: Run, *, kill: bool) -> str:
+        """Ask the engine to stop the run's job (`kill`: the forceful way, after CANCEL_TIMEOUT); what it answered, for the log."""
+
+    def still_running(self, run: Run) -> bool:
+        """Whether the engine still runs the run's job."""

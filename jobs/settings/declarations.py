@@ -127,6 +127,8 @@ DECLARED: tuple[Setting, ...] = (
       readme="Those handed to the fleet and not yet ended count too."),
     S("EXECUTION_TIMEOUT", "--execution-timeout", parse_duration, "execution_timeout",
       "Kill an execution after this long.", default_shown="= STUCK_AFTER"),
+    S("CANCEL_TIMEOUT", "--cancel-timeout", parse_duration, "cancel_timeout",
+      "A cancelled retry still running this long after SIGTERM (or the engine's cancel) is killed.", "30s"),
     S("BATCH_SIZE", "--batch-size", _int(1, 100_000), "batch_size",
       "Rows per transaction.", "1000"),
     S("HEARTBEAT_COLUMN", "--heartbeat-column", parse_identifier, "heartbeat_column",
