@@ -178,10 +178,16 @@ class RetryStatements(TableStatements):
                 ~self._chain_completed(t).exists(),
                 self.pauses.not_paused(NOW),
             )
-            .order_by(t.c.next_retry_at)
+            .order_by(*self._start_order())
             .limit(sa.bindparam("sr_limit"))
         )
         return query.with_for_update(skip_locked=True, of=t) if lock else query
+
+    def _start_order(self) -> list[sa.ColumnElement]:
+        """Which due retry starts first when slots are fewer (SPEC §16): the highest `priority`
+        (when COLUMN_MAP maps one; none last), then the longest overdue."""
+        t, priority = self.t, self.runs.priority
+        return [t.c[priority].desc().nulls_last(), t.c.next_retry_at] if priority else [t.c.next_retry_at]
 
     def _claim(self, *, one: bool, to_queue: bool = False, deliver: bool = False) -> sa.Update:
         """Claims up to `:sr_limit` due retries (with `one`: pending retry `:sr_run_id`, due or
