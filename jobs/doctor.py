@@ -21,6 +21,7 @@ from db.reflect import ROLE_KEYS, sql_type
 from db.shape import heartbeat_problem
 from db.table import RunsTable, load_runs_table
 from jobs.executors.callable import resolve_callable
+from jobs.executors.celery import CeleryExecutor
 from jobs.runtime import check_placeholders
 from jobs.settings import DECLARED, Settings
 from jobs.status import untimed_message
@@ -88,12 +89,33 @@ def _executor(settings: Settings) -> Check:
         return _webhook(settings.webhook)
     if settings.handoff:
         return Check("executor", True, f"hand-off: due retries become {settings.layout.written('queued')!r}")
+    if settings.celery_broker_url:
+        return _celery(settings)
     return Check(
         "executor",
         False,
         "no executor configured: retries cannot run",
         "set SCRAPE_RUN_COMMAND, SCRAPE_RUN_CALLABLE, SCRAPE_RUN_WEBHOOK or SCRAPE_RUN_HANDOFF",
     )
+
+
+def _celery(settings: Settings) -> Check:
+    """That Celery is installed and the broker answers (SPEC §16)."""
+    try:
+        executor = CeleryExecutor(settings.celery_broker_url, settings.celery_task, settings.celery_queue)
+    except OperatorError as exc:
+        return Check("executor", False, str(exc), "install the extra, or unset CELERY_BROKER_URL")
+    try:
+        return Check("executor", True, executor.check())
+    except Exception as exc:  # noqa: BLE001 - whatever the transport raised: the broker does not answer
+        return Check(
+            "executor",
+            False,
+            f"Celery broker {executor.broker} does not answer ({type(exc).__name__})",
+            "start the broker or fix CELERY_BROKER_URL: due retries wait (postponed) until it answers",
+        )
+    finally:
+        executor.close()
 
 
 WEBHOOK_PROBE_TIMEOUT = 5.0

@@ -80,7 +80,13 @@ class Runtime:
         timeout = WEB_STATEMENT_TIMEOUT_MS if role == "web" else None
         # A slot executing here holds a session (its advisory lock); a delivery to the fleet holds
         # none while the fleet answers (SPEC §12), so a webhook's process keeps a small pool whatever the cap.
-        pool = WEB_POOL if role == "web" else DELIVERY_POOL if settings.webhook else settings.max_concurrent_retries + 2
+        pool = (
+            WEB_POOL
+            if role == "web"
+            else DELIVERY_POOL
+            if settings.webhook or settings.celery_broker_url
+            else settings.max_concurrent_retries + 2
+        )
         engine = make_engine(url, role=role, pool_size=pool, statement_timeout_ms=timeout)
         with database_errors(engine, "connecting"), engine.connect() as conn:
             runs = load_runs_table(conn, settings.table, settings.heartbeat_column, settings.layout)

@@ -103,10 +103,14 @@ class RunsHere(Executor, Protocol):
 
 class Delivers(Executor, Protocol):
     """Hands one retry at a time to the fleet (SPEC §12). `mode` is the `handed_off` value its marks
-    write; `bound` the longest one delivery lasts (its lease is this plus a margin)."""
+    write; `bound` the longest one delivery lasts (its lease is this plus a margin); `sends_again`
+    below."""
 
     mode: str
     bound: timedelta
+    # Whether a retry whose delivering process died (its lease ran out) is delivered again: a
+    # webhook, with the same Idempotency-Key; Celery never (the stuck checker finds a lost task).
+    sends_again: bool
 
     def deliver(self, run: Run, stop: threading.Event) -> DeliveryOutcome:
         """Delivers `run` (committed `running`, marked as being delivered) and reports the fleet's

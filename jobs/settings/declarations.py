@@ -22,6 +22,7 @@ from db.layout import Layout, parse_column_map, parse_run_label, parse_status_ma
 from jobs.alert_urls import parse_alert_urls
 from jobs.alerts import EVENT_KINDS
 from jobs.rules import RetryPolicy
+from jobs.settings.engine_parsers import parse_broker_url, parse_task_name
 from jobs.settings.notice_parsers import parse_events, parse_public_url, parse_target
 from jobs.settings.parsers import (
     LOG_LEVELS,
@@ -187,6 +188,13 @@ DECLARED: tuple[Setting, ...] = (
       readme="At most `10m`; no answer in time postpones it."),
     S("SCRAPE_RUN_HANDOFF", "--handoff", parse_handoff, "handoff",
       "queued: hand due retries to the fleet's workers (map queued in STATUS_MAP)."),
+    S("CELERY_BROKER_URL", "--celery-broker-url", parse_broker_url, "celery_broker_url",
+      "Send due retries as Celery tasks through this broker (redis://, amqp://...).", secret=True,
+      readme="Needs `pip install 'stuck-runs[celery]'`. See [Retries through Celery](#retries-through-celery)."),
+    S("CELERY_TASK", "--celery-task", parse_task_name, "celery_task",
+      "The Celery task's name, e.g. scraper.tasks.scrape (with CELERY_BROKER_URL)."),
+    S("CELERY_QUEUE", "--celery-queue", parse_task_name, "celery_queue",
+      "The queue the tasks go to.", readme="Unset: the task's own routing (Celery's default queue)."),
     S("ADMIN_HOST", "--host", parse_host, "admin_host",
       "Address `serve` listens on; not loopback only with ADMIN_TOKEN set.", "127.0.0.1"),
     S("ADMIN_PORT", "--port", _int(1, 65535), "admin_port",
@@ -250,10 +258,13 @@ class _Derived:
     execution_timeout: timedelta | None
     webhook: str | None
     handoff: str | None
+    celery_broker_url: str | None
 
     @property
     def hands_off(self) -> str | None:
-        """How due retries leave for the fleet (`webhook`, `queue`), or None when they run here."""
+        """How due retries leave for the fleet (`webhook`, `queue`, `celery`), or None when they run here."""
+        if self.celery_broker_url:
+            return "celery"
         return "webhook" if self.webhook else ("queue" if self.handoff else None)
 
     @property

@@ -85,6 +85,7 @@ def _check_consistency(settings: Settings, names: Mapping[str, str]) -> None:
             ("SCRAPE_RUN_CALLABLE", settings.callable_path),
             ("SCRAPE_RUN_WEBHOOK", settings.webhook),
             ("SCRAPE_RUN_HANDOFF", settings.handoff),
+            ("CELERY_BROKER_URL", settings.celery_broker_url),
         )
         if value
     ]
@@ -100,6 +101,7 @@ def _check_consistency(settings: Settings, names: Mapping[str, str]) -> None:
             f"{names.get('SCRAPE_RUN_HANDOFF', 'SCRAPE_RUN_HANDOFF')}={settings.handoff} but STATUS_MAP does not map "
             f"{settings.handoff}: add {settings.handoff}=<the value your workers pick runs up by> to STATUS_MAP"
         )
+    _check_celery(settings, names)
     if settings.webhook_secret and not settings.webhook:
         raise ConfigError("WEBHOOK_SECRET is set but SCRAPE_RUN_WEBHOOK is not: set the webhook, or unset the secret")
     if settings.admin_token and settings.admin_token == settings.read_token:
@@ -109,6 +111,24 @@ def _check_consistency(settings: Settings, names: Mapping[str, str]) -> None:
         raise ConfigError(
             f"RETRY_MAX_DELAY ({policy.max_delay}) is shorter than RETRY_DELAY ({policy.retry_delay}): "
             "raise RETRY_MAX_DELAY or lower RETRY_DELAY"
+        )
+
+
+def _check_celery(settings: Settings, names: Mapping[str, str]) -> None:
+    """CELERY_TASK and CELERY_QUEUE say where a broker's tasks go: meaningless without the broker,
+    and a broker without a task name sends nothing."""
+    named = {env: names.get(env, env) for env in ("CELERY_BROKER_URL", "CELERY_TASK", "CELERY_QUEUE")}
+    if not settings.celery_broker_url:
+        for env, value in (("CELERY_TASK", settings.celery_task), ("CELERY_QUEUE", settings.celery_queue)):
+            if value:
+                raise ConfigError(
+                    f"{named[env]} is set but CELERY_BROKER_URL is not: set the broker (redis://host:6379/0), "
+                    f"or unset {named[env]}"
+                )
+    elif not settings.celery_task:
+        raise ConfigError(
+            f"{named['CELERY_BROKER_URL']} is set but CELERY_TASK is not: name the task that scrapes a run "
+            "(e.g. CELERY_TASK=scraper.tasks.scrape)"
         )
 
 
