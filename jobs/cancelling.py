@@ -83,8 +83,9 @@ def request_running_cancel(rt: Runtime, run: Run, *, via: str = "cli", dry_run: 
     if dry_run:
         return RunningCancel("would_request")
     q, now, key = rt.queries, rt.clock.now(), str(run.id)
-    tells_engine = run.handed_off is not None and run.handed_off == rt.settings.hands_off
-    tells_engine = tells_engine and isinstance(_configured_executor(rt), Cancels)
+    # An engine's run (Celery, Scrapyd) is requested whatever this process is configured with: the
+    # dispatcher pass of a process that sends to that engine tells it (a CLI needs no broker).
+    tells_engine = run.handed_off is not None and run.handed_off not in ROW_ONLY
     with database_errors(rt.engine, "cancelling a running retry"), rt.engine.begin() as conn:
         if run.handed_off is not None and not tells_engine:
             statement = q.cancel_queued if run.status == "queued" else q.cancel_running
@@ -102,14 +103,6 @@ def request_running_cancel(rt: Runtime, run: Run, *, via: str = "cli", dry_run: 
         "{}: {}", run.label, RunningCancel(how).message(run, rt.settings.dispatch_poll.total_seconds())
     )
     return RunningCancel(how)
-
-
-def _configured_executor(rt: Runtime) -> object | None:
-    """The executor the settings name, if any (a command line that only cancels needs none)."""
-    try:
-        return rt.executor_override or rt.executor
-    except Exception:  # noqa: BLE001 - no executor configured here: a hand-off is cancelled in the row
-        return None
 
 
 class CancelWatch:

@@ -4,6 +4,7 @@ outcome (tests/celery_fleet.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -110,6 +111,7 @@ def worker(redis_url, fleet_db):
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # a group of its own: the pool's children end with it
     )
 
     def ready() -> bool:
@@ -118,7 +120,8 @@ def worker(redis_url, fleet_db):
 
     wait_until(ready, timeout=60, every=0.1)
     yield proc
-    os.killpg(proc.pid, signal.SIGKILL)  # the worker and its pool's children: nothing of the fleet outlives the module
+    with contextlib.suppress(ProcessLookupError):  # the worker and its pool's children: none outlives the module
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     log.close()
 
