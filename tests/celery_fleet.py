@@ -34,8 +34,16 @@ def engine() -> sa.Engine:
 def scrape(self, run_id: str, **inputs: object) -> str:
     with engine().begin() as conn:
         conn.execute(
-            sa.text("INSERT INTO celery_seen (task_id, run_id, search_query, pid) VALUES (:t, :r, :q, :p)"),
-            {"t": self.request.id, "r": run_id, "q": str(inputs.get("search_query")), "p": os.getpid()},
+            sa.text(
+                "INSERT INTO celery_seen (task_id, run_id, search_query, pid, priority) VALUES (:t, :r, :q, :p, :n)"
+            ),
+            {
+                "t": self.request.id,
+                "r": run_id,
+                "q": str(inputs.get("search_query")),
+                "p": os.getpid(),
+                "n": (self.request.delivery_info or {}).get("priority"),
+            },
         )
     query = str(inputs.get("search_query") or "")
     if query.startswith("hang"):

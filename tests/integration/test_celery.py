@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from db.engine import make_engine
+from db.layout import Layout, parse_column_map
 from jobs.retries import process_due_retries
 from tests.conftest import REPO, Databases
 from tests.daemons import DaemonProcess, wait_until
@@ -80,7 +81,10 @@ def fleet_db(server_url, templates):
     url = dbs.create(templates["text_tz"])
     engine = make_engine(url)
     with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE celery_seen (task_id TEXT, run_id TEXT, search_query TEXT, pid INT)")
+        conn.exec_driver_sql(
+            "CREATE TABLE celery_seen (task_id TEXT, run_id TEXT, search_query TEXT, pid INT, priority INT)"
+        )
+        conn.exec_driver_sql("ALTER TABLE scrape_runs ADD COLUMN urgency SMALLINT")
     engine.dispose()
     yield url
     dbs.drop_all()
@@ -155,8 +159,8 @@ def seen(engine) -> list[tuple]:
 
 def test_a_due_retry_is_sent_as_a_task_whose_worker_writes_the_outcome(engine, fleet_db, redis_url):
     with engine.begin() as conn:
-        _, retry = insert_due_retry(conn, search_query="Welder")
-    rt = runtime(fleet_db, redis_url)
+        _, retry = insert_due_retry(conn, search_query="Welder", urgency=8)
+    rt = runtime(fleet_db, redis_url, layout=Layout(columns=parse_column_map("priority=urgency")))
     try:
         result = process_due_retries(rt)
     finally:
@@ -167,6 +171,8 @@ def test_a_due_retry_is_sent_as_a_task_whose_worker_writes_the_outcome(engine, f
         done = row(conn, retry)
     assert done["handed_off"] == "celery" and done["delivering_by"] is None
     assert seen(engine) == [(str(retry), str(retry), "Welder")]  # task_id = the retry's id; the inputs as kwargs
+    with engine.connect() as conn:  # priority 8 of 0..9, higher first, on Redis's scale (0 first): 1
+        assert conn.execute(sa.text("SELECT priority FROM celery_seen")).scalar_one() == 1
 
 
 def test_three_processes_at_once_send_each_retry_exactly_once(engine, fleet_db, redis_url):
