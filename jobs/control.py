@@ -18,6 +18,7 @@ from db.engine import database_errors
 from db.errors import CancelRefused
 from db.messages import CANCELLED_BY_OPERATOR
 from db.queries.retries import matching_count
+from jobs.cancelling import request_running_cancel
 from jobs.delivery import being_delivered
 from jobs.events import PauseBegan, PauseEnded
 from jobs.manual import RetryCriteria, beyond_limit, chain_history, criteria_params
@@ -33,9 +34,15 @@ class CancelledRetry:
     attempt: int
     budget: int
     cancelled: bool  # False in a dry run, or when it stopped being pending meanwhile
+    # A running retry's (SPEC §16): `requested` (its executing process or engine stops it within
+    # DISPATCH_POLL), `cancelled` at once, `row_only` (a hand-off the fleet is not told of); None: pending.
+    running: str | None = None
+    note: str | None = None  # what happened to a running one, said in full
 
     @property
     def message(self) -> str:
+        if self.note:
+            return self.note
         done = "cancelled" if self.cancelled else "would be cancelled"
         return f"Retry {self.attempt}/{self.budget} {done}"
 
@@ -54,13 +61,15 @@ class BulkCancelResult:
     matched: int = 0  # pending retries the filters match, the limit aside
     limit: int | None = None  # how many of them this took (soonest due first)
     skipped: tuple[SkippedCancel, ...] = ()  # taken but not cancelled, each with its reason
+    running: bool = False  # running retries were taken too (`--running`)
 
     @property
     def message(self) -> str:
         """What the CLI prints first and the API answers."""
         verb = "Would cancel" if self.dry_run else "Cancelled"
+        which = "pending or running" if self.running else "pending"
         return (
-            f"{verb} {len(self.cancelled)} of {self.matched} matching pending retry(ies); {len(self.skipped)} skipped"
+            f"{verb} {len(self.cancelled)} of {self.matched} matching {which} retry(ies); {len(self.skipped)} skipped"
         )
 
     @property
@@ -81,13 +90,16 @@ class PauseState:
         return f"Retries paused {until} (by {self.paused_by}, at {format_time(self.paused_at)})"
 
 
-def cancel_run(rt: Runtime, run_id: RunId, *, dry_run: bool = False) -> CancelledRetry:
-    """Cancels the pending retry of `run_id`'s chain (`Cancelled by operator`); `CancelRefused`
-    when nothing of the chain is pending."""
+def cancel_run(rt: Runtime, run_id: RunId, *, dry_run: bool = False, via: str = "cli") -> CancelledRetry:
+    """Cancels the pending retry of `run_id`'s chain (`Cancelled by operator`), or its running
+    retry (SPEC §16: jobs/cancelling.py); `CancelRefused` when nothing of the chain is pending or
+    running as a retry stuck-runs started."""
     chain = chain_history(rt, run_id)
     pending = [a for a in chain.attempts if a.status == "pending_retry"]
     if not pending:
         latest = chain.attempts[-1]
+        if latest.status in ("running", "queued"):
+            return cancel_running(rt, latest, dry_run=dry_run, via=via)
         if delivery := being_delivered(latest, rt.clock.now()):
             raise CancelRefused(delivery[0], details={"runId": str(latest.id)}, retry_after=delivery[1])
         raise CancelRefused(
@@ -100,24 +112,48 @@ def cancel_run(rt: Runtime, run_id: RunId, *, dry_run: bool = False) -> Cancelle
     return done
 
 
-def cancel_matching(rt: Runtime, criteria: RetryCriteria, *, dry_run: bool = False) -> BulkCancelResult:
-    """Cancels every pending retry matching `criteria` (at most its limit): the inputs, and the
-    error and end of the attempt each retries."""
-    columns_like, params = criteria_params(rt, criteria)
-    statement = rt.queries.pending_candidates(
-        error_like=criteria.error_like is not None, columns_like=columns_like, since=criteria.since is not None
+def cancel_running(rt: Runtime, run: Run, *, dry_run: bool = False, via: str = "cli") -> CancelledRetry:
+    """Cancels running retry `run` (SPEC §16), as `request_running_cancel` decides."""
+    done = request_running_cancel(rt, run, via=via, dry_run=dry_run)
+    note = done.message(run, rt.settings.dispatch_poll.total_seconds())
+    return CancelledRetry(
+        run.id, run.label, run.retry_count, run.max_retries, done.how != "would_request", done.how, note
     )
+
+
+def cancel_matching(
+    rt: Runtime, criteria: RetryCriteria, *, dry_run: bool = False, running: bool = False, via: str = "cli"
+) -> BulkCancelResult:
+    """Cancels every pending retry matching `criteria` (at most its limit): the inputs, and the
+    error and end of the attempt each retries. With `running`, the running retries stuck-runs
+    started that match too (SPEC §16), each as `cancel RUN_ID` would."""
+    columns_like, params = criteria_params(rt, criteria)
+    states = ("pending_retry", "running") if running else ("pending_retry",)
+    found: dict[str, list[Run]] = {}
+    matched = 0
     with database_errors(rt.engine, "finding retries to cancel"), rt.engine.connect() as conn, conn.begin():
-        found = [Run.from_row(r, rt.runs.input_names) for r in conn.execute(statement, params).mappings()]
-        matched = conn.execute(matching_count(statement), params).scalar_one()
-    results = _cancel(rt, found, dry_run)
-    done = tuple(item for item in results if item.cancelled or dry_run)
-    skipped = tuple(
+        for state in states:
+            statement = rt.queries.pending_candidates(
+                error_like=criteria.error_like is not None,
+                columns_like=columns_like,
+                since=criteria.since is not None,
+                state=state,
+            )
+            found[state] = [Run.from_row(r, rt.runs.input_names) for r in conn.execute(statement, params).mappings()]
+            matched += conn.execute(matching_count(statement), params).scalar_one()
+    results = _cancel(rt, found["pending_retry"], dry_run)
+    skipped = [
         SkippedCancel(item.retry_id, item.label, "it stopped being pending meanwhile (started, or cancelled)")
         for item in results
         if not (item.cancelled or dry_run)
-    )
-    return BulkCancelResult(done, dry_run, matched, criteria.limit, skipped)
+    ]
+    results = [item for item in results if item.cancelled or dry_run]
+    for run in found.get("running", []):
+        try:
+            results.append(cancel_running(rt, run, dry_run=dry_run, via=via))
+        except CancelRefused as refused:
+            skipped.append(SkippedCancel(run.id, run.label, str(refused)))
+    return BulkCancelResult(tuple(results), dry_run, matched, criteria.limit, tuple(skipped), running)
 
 
 def _cancel(rt: Runtime, pending: list[Run], dry_run: bool) -> list[CancelledRetry]:

@@ -145,7 +145,9 @@ class Deliveries:
                 "sr_by": f"{self.process} delivery {uuid.uuid4().hex[:12]}",
                 "sr_lease_until": now + self.lease,
             }
-            row = None if run_id is not None else conn.execute(q.mark_expired, params).mappings().first()
+            # An executor that never sends twice leaves a lapsed mark to the stuck checker (SPEC §12).
+            again = run_id is None and self.executor.sends_again
+            row = conn.execute(q.mark_expired, params).mappings().first() if again else None
             again = row is not None
             if row is None:
                 if conn.execute(q.room, {"sr_max": self.rt.settings.max_concurrent_retries}).scalar_one() <= 0:

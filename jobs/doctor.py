@@ -22,6 +22,7 @@ from db.shape import heartbeat_problem
 from db.table import RunsTable, load_runs_table
 from jobs.doctor_limits import limit_findings
 from jobs.executors.callable import resolve_callable
+from jobs.executors.celery import CeleryExecutor
 from jobs.runtime import check_placeholders
 from jobs.settings import DECLARED, Settings
 from jobs.status import untimed_message
@@ -91,6 +92,8 @@ def _executor(settings: Settings) -> Check:
         return _scrapyd(settings)
     if settings.handoff:
         return Check("executor", True, f"hand-off: due retries become {settings.layout.written('queued')!r}")
+    if settings.celery_broker_url:
+        return _celery(settings)
     return Check(
         "executor",
         False,
@@ -109,6 +112,25 @@ def _scrapyd(settings: Settings) -> Check:
     finally:
         executor.close()
     return Check("executor", ok, detail, fix)
+
+
+def _celery(settings: Settings) -> Check:
+    """That Celery is installed and the broker answers (SPEC §16)."""
+    try:
+        executor = CeleryExecutor(settings.celery_broker_url, settings.celery_task, settings.celery_queue)
+    except OperatorError as exc:
+        return Check("executor", False, str(exc), "install the extra, or unset CELERY_BROKER_URL")
+    try:
+        return Check("executor", True, executor.check())
+    except Exception as exc:  # noqa: BLE001 - whatever the transport raised: the broker does not answer
+        return Check(
+            "executor",
+            False,
+            f"Celery broker {executor.broker} does not answer ({type(exc).__name__})",
+            "start the broker or fix CELERY_BROKER_URL: due retries wait (postponed) until it answers",
+        )
+    finally:
+        executor.close()
 
 
 WEBHOOK_PROBE_TIMEOUT = 5.0

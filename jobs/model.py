@@ -39,6 +39,7 @@ class Run:
     inputs: Mapping[str, Any] = field(default_factory=dict)
     delivering_until: datetime | None = None  # the lease of its delivery to the fleet, while one is in flight
     delivering_by: str | None = None
+    handed_off: str | None = None  # how it left for the fleet (webhook, queue, an engine's name); None: run here
 
     @property
     def chain_id(self) -> RunId:
@@ -67,4 +68,5 @@ class Run:
             inputs={name: row[key] for key, name in (inputs or {}).items() if key in row},
             delivering_until=as_utc(row.get("delivering_until")),
             delivering_by=row.get("delivering_by"),
+            handed_off=row.get("handed_off"),
         )

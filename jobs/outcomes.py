@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from loguru import logger
 
 from db.engine import database_errors
-from db.messages import TIMEOUT_PATTERN
+from db.messages import CANCELLED_BY_OPERATOR, TIMEOUT_PATTERN
 from jobs.executors.base import KnowsItsJobs
 from jobs.executors.outcome import (
     Cancelled,
@@ -183,6 +183,8 @@ def record_outcome(
     # outcome (a refused delivery is a failed attempt like any other).
     doing = "writing the delivery" if delivered and not isinstance(outcome, Failed) else "recording the outcome"
     with database_errors(rt.engine, f"{doing} of run {run.id}"), rt.engine.begin() as conn:
+        if delivery is None:  # a cancel asked for as it ended is over with it, whatever stands
+            conn.execute(q.forget_cancel, {"sr_run_key": str(run.id)})
         match outcome:
             case Completed(detail=detail) if delivery is None:
                 if conn.execute(q.complete, {"sr_now": now, "sr_run_id": run.id}).first():
@@ -206,8 +208,15 @@ def record_outcome(
                         "{}: put back to pending_retry (stopped by a signal, no budget spent)", run.label
                     )
                     return RetryOutcome(run.id, run.label, "released")
-            case Cancelled() if delivery is None:
-                pass  # SPEC §16 writes `cancelled` here; until then what stands is read below
+            case Cancelled(by=by) if delivery is None:
+                params = {"sr_now": now, "sr_ids": [run.id], "sr_message": CANCELLED_BY_OPERATOR}
+                if conn.execute(q.cancel_running, params).first():
+                    log.bind(event="cancelled").warning(
+                        "{}: cancelled by operator ({}): its processes stopped, no budget spent, no retry",
+                        run.label,
+                        by,
+                    )
+                    return RetryOutcome(run.id, run.label, "cancelled", message=CANCELLED_BY_OPERATOR)
             case HandedOver(how) if delivery is not None:
                 if not _end_mark(conn, q, delivery, now):
                     return taken_over(log, run)

@@ -22,6 +22,7 @@ from typing import Protocol
 from loguru import logger
 
 from db.engine import database_errors
+from jobs.cancelling import engine_cancels
 from jobs.delivery import Deliveries
 from jobs.events import ProcessorPassFinished, RetryEnded
 from jobs.executors.base import Delivers, Queues, RunsHere
@@ -174,6 +175,7 @@ def process_due_retries(
     if dispatch is not None:
         executed = dispatch(stop or threading.Event())
     else:
+        engine_cancels(rt)  # operators' cancels of retries handed to an engine (SPEC §16)
         executed = follow_the_fleet(rt, policy)
         for outcome in executed:  # told like any attempt that ended: each line names its run
             rt.events.publish(RetryEnded(outcome))

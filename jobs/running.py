@@ -22,9 +22,10 @@ from sqlalchemy.engine import Connection
 
 from db import locks
 from db.engine import database_errors
+from jobs.cancelling import CancelWatch
 from jobs.events import RetryEnded, RetryStarted
 from jobs.executors.base import Execution, RunsHere
-from jobs.executors.outcome import Released, TimedOut
+from jobs.executors.outcome import Cancelled, Released, TimedOut
 from jobs.limits import applied_to_run, current_limits, execution_timeout, stall_limit
 from jobs.model import Run, RunId
 from jobs.outcomes import RetryOutcome, record_outcome
@@ -55,6 +56,7 @@ class RunningHere:
     ) -> None:
         self.rt, self.executor, self.policy = rt, executor, policy
         self.slots_ns = locks.namespace(rt.runs.canonical_name, locks.SLOTS)
+        self.cancels = CancelWatch(rt)  # an operator's cancel of a retry executing here (SPEC §16)
         # Told ("started", run) and ("finished", outcome) as they happen (the daemon's metrics).
 
     def drain(self, stop: threading.Event) -> list[RetryOutcome]:
@@ -173,10 +175,15 @@ class RunningHere:
         limits = current_limits(self.rt)
         applied = applied_to_run(self.rt, run, limits)
         timeout = execution_timeout(self.rt.settings, applied)
-        with ProgressWatch(self.rt, run, stall_limit(limits, applied), stop) as watch:
-            ended = execution.wait(self.rt.clock.real(timeout), watch.event)
+        with (
+            ProgressWatch(self.rt, run, stall_limit(limits, applied), stop) as watch,
+            self.cancels.watching(run, watch.event) as interrupt,
+        ):
+            ended = execution.wait(self.rt.clock.real(timeout), interrupt)
         if isinstance(ended, TimedOut):
             ended = replace(ended, error=timeout_error(timeout))
+        elif isinstance(ended, Released) and interrupt.cancelled_by is not None:
+            ended = Cancelled(by=interrupt.cancelled_by)
         elif isinstance(ended, Released) and watch.stalled_for is not None and not stop.is_set():
             ended = TimedOut(detail=ended.detail, error=stalled_error(watch.stalled_for))
         outcome = replace(record_outcome(self.rt, self.policy, run, ended), seconds=time.monotonic() - started)

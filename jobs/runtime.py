@@ -83,7 +83,7 @@ class Runtime:
             WEB_POOL
             if role == "web"
             else DELIVERY_POOL
-            if settings.webhook or settings.scrapyd_url
+            if settings.webhook or settings.scrapyd_url or settings.celery_broker_url
             else settings.max_concurrent_retries + 2
         )
         engine = make_engine(url, role=role, pool_size=pool, statement_timeout_ms=timeout)

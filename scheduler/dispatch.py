@@ -16,6 +16,7 @@ from loguru import logger
 
 from db.engine import describe_db_error
 from db.errors import OperatorError
+from jobs.cancelling import engine_cancels
 from jobs.retries import RetryDispatcher, RetryOutcome, continue_fleet_failures, follow_the_fleet
 from jobs.runtime import Runtime
 
@@ -77,6 +78,8 @@ class ContinuousDispatch:
                 # within a poll, not at the next processor tick.
                 # Not published: the metrics count hand-offs; their outcomes are the fleet's (stats show them).
                 handed = follow_the_fleet(self.rt) if slot == 0 and self.rt.settings.hands_off else []
+                if slot == 0:  # operators' cancels of retries handed to an engine (SPEC §16), within a poll
+                    engine_cancels(self.rt)
                 outcomes = handed + self.dispatcher.work_slot(slot, self.stopping)
             except Exception as exc:  # noqa: BLE001 - an outage must not end the slot's thread
                 if not failing:

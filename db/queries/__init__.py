@@ -9,6 +9,7 @@ a constant number of statements whatever its size.
 from __future__ import annotations
 
 from db.queries.alerts import AlertStatements
+from db.queries.cancels import CancelStatements
 from db.queries.common import NOW
 from db.queries.handoff import HandoffStatements
 from db.queries.reports import ReportStatements
@@ -20,7 +21,13 @@ __all__ = ["NOW", "RunQueries", "render"]
 
 
 class RunQueries(
-    SweepStatements, RetryStatements, HandoffStatements, ReportStatements, TimelineStatements, AlertStatements
+    SweepStatements,
+    RetryStatements,
+    HandoffStatements,
+    ReportStatements,
+    TimelineStatements,
+    AlertStatements,
+    CancelStatements,
 ):
     """The statements for one table. Parameters are bound by name, all prefixed `sr_`: `sr_now`, `sr_run_id`...
 

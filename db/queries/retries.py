@@ -18,7 +18,8 @@ from db.queries.common import NOW, TableStatements, _arrays, statement
 
 class RetryStatements(TableStatements):
     """`fail_running`, `fail_reported`, `schedule`, `claim_due`, `claim_one`, `due_preview`,
-    `complete`, `release`, the superseded batch and preview, and `cancel_pending` (superseded or by an operator)."""
+    `complete`, `release`, the superseded batch and preview, and `cancel_pending` (superseded or by an
+    operator; the candidates of a bulk cancel are db/queries/cancels.py's)."""
 
     fail_running = statement(lambda self: self._fail("running", reported=False))
     fail_reported = statement(lambda self: self._fail("failed", reported=True))
@@ -177,10 +178,16 @@ class RetryStatements(TableStatements):
                 ~self._chain_completed(t).exists(),
                 self.pauses.not_paused(NOW),
             )
-            .order_by(t.c.next_retry_at)
+            .order_by(*self._start_order())
             .limit(sa.bindparam("sr_limit"))
         )
         return query.with_for_update(skip_locked=True, of=t) if lock else query
+
+    def _start_order(self) -> list[sa.ColumnElement]:
+        """Which due retry starts first when slots are fewer (SPEC §16): the highest `priority`
+        (when COLUMN_MAP maps one; none last), then the longest overdue."""
+        t, priority = self.t, self.runs.priority
+        return [t.c[priority].desc().nulls_last(), t.c.next_retry_at] if priority else [t.c.next_retry_at]
 
     def _claim(self, *, one: bool, to_queue: bool = False, deliver: bool = False) -> sa.Update:
         """Claims up to `:sr_limit` due retries (with `one`: pending retry `:sr_run_id`, due or
@@ -295,35 +302,6 @@ class RetryStatements(TableStatements):
                 sa.or_(t.c.next_retry_at.is_(None), t.c.next_retry_at > NOW),
             )
             .returning(t.c.id, t.c.next_retry_at)
-        )
-
-    def pending_candidates(
-        self, *, error_like: bool = False, columns_like: tuple[str, ...] = (), since: bool = False
-    ) -> sa.Select:
-        """Pending retries, soonest due first, up to `:sr_limit`: `:sr_<column>_like` on their
-        inputs; `:sr_error_like` and `:sr_since` on the attempt each retries (its error, its end)."""
-        t, runs = self.t, self.runs
-        where = [runs.in_state(t.c.status, "pending_retry")]
-        for column in columns_like:
-            where.append(sa.cast(t.c[column], sa.Text).ilike(sa.bindparam(f"sr_{column}_like")))
-        if error_like or since:
-            before = self.t.alias("before")
-            retried = [
-                sa.func.coalesce(before.c.original_run_id, before.c.id) == t.c.original_run_id,
-                before.c.retry_count == t.c.retry_count - 1,
-            ]
-            if error_like:
-                error = sa.cast(runs.error_text(before.c.error_message), sa.Text)
-                retried.append(error.ilike(sa.bindparam("sr_error_like")))
-            if since:
-                ended = sa.func.coalesce(before.c.completed_at, before.c.started_at)
-                retried.append(ended >= sa.bindparam("sr_since", type_=sa.DateTime(timezone=True)))
-            where.append(sa.exists().where(*retried))
-        return (
-            sa.select(*runs.keyed())
-            .where(*where)
-            .order_by(t.c.next_retry_at.asc().nulls_last())
-            .limit(sa.bindparam("sr_limit"))
         )
 
     def retry_candidates(

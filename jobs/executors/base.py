@@ -65,12 +65,32 @@ class Executor(Protocol):
         """Lets go of what the executor holds (a webhook's pooled connections); idempotent."""
 
 
+class Interrupt(threading.Event):
+    """What stops the wait of a retry run here: a shutdown, or an operator's cancel (SPEC §16),
+    whose `grace` (CANCEL_TIMEOUT) is what the scraper gets between SIGTERM and SIGKILL."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled_by: str | None = None
+        self.grace: timedelta | None = None  # None: the shutdown's own grace
+
+    def cancel(self, by: str, grace: timedelta) -> None:
+        self.cancelled_by, self.grace = by, grace
+        self.set()
+
+
+def grace_of(cancel: threading.Event) -> timedelta | None:
+    """The SIGTERM-to-SIGKILL grace an interrupted wait gives the scraper (None: the default)."""
+    return cancel.grace if isinstance(cancel, Interrupt) else None
+
+
 class Execution(Protocol):
     """A scraper started here for one attempt."""
 
     def wait(self, timeout: timedelta, cancel: threading.Event) -> RanHere:
         """Waits for the scraper; gives up after `timeout` (wall time: `TimedOut`) or when `cancel`
-        is set (a shutdown: `Released`). Nothing the scraper started outlives the wait."""
+        is set (a shutdown: `Released`; an operator's `Interrupt.cancel`: the caller records it
+        `Cancelled`). Nothing the scraper started outlives the wait."""
 
 
 class RunsHere(Executor, Protocol):
@@ -83,10 +103,14 @@ class RunsHere(Executor, Protocol):
 
 class Delivers(Executor, Protocol):
     """Hands one retry at a time to the fleet (SPEC §12). `mode` is the `handed_off` value its marks
-    write; `bound` the longest one delivery lasts (its lease is this plus a margin)."""
+    write; `bound` the longest one delivery lasts (its lease is this plus a margin); `sends_again`
+    below."""
 
     mode: str
     bound: timedelta
+    # Whether a retry whose delivering process died (its lease ran out) is delivered again: a
+    # webhook, with the same Idempotency-Key; Celery never (the stuck checker finds a lost task).
+    sends_again: bool
 
     def deliver(self, run: Run, stop: threading.Event) -> DeliveryOutcome:
         """Delivers `run` (committed `running`, marked as being delivered) and reports the fleet's

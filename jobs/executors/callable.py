@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from jobs.executors.base import ExecutorMisconfigured, StartFailed, Strategies, T
+from jobs.executors.base import ExecutorMisconfigured, StartFailed, Strategies, T, grace_of
 from jobs.executors.outcome import Completed, Failed, RanHere, Released, TimedOut
 from jobs.executors.processes import ERROR_LINE_CHARS, end_group, wait_until
 from jobs.model import Run
@@ -94,7 +94,7 @@ class CallableExecution:
         try:
             stopped = wait_until(lambda seconds: receiver.poll(seconds) or not process.is_alive(), timeout, cancel)
             if stopped is not None:
-                end_group(process.pid, lambda: not process.is_alive())
+                end_group(process.pid, lambda: not process.is_alive(), grace_of(cancel))
                 return TimedOut() if stopped == "timeout" else Released()
             try:
                 kind, error, detail, retry_after = receiver.recv()

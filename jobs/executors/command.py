@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from jobs.executors.base import StartFailed, Strategies, T
+from jobs.executors.base import StartFailed, Strategies, T, grace_of
 from jobs.executors.outcome import Completed, Failed, RanHere, Released, TimedOut
 from jobs.executors.processes import end_group, last_line, run_environment, wait_until
 from jobs.model import Run
@@ -70,7 +70,9 @@ class CommandExecution:
         process = self.process
         with self.stderr as stderr:
             stopped = wait_until(_exited(process), timeout, cancel)
-            end_group(process.pid, lambda: process.poll() is not None)
+            end_group(
+                process.pid, lambda: process.poll() is not None, grace_of(cancel) if stopped == "cancel" else None
+            )
             stderr.seek(max(0, os.fstat(stderr.fileno()).st_size - STDERR_TAIL_BYTES))
             tail = stderr.read().decode("utf-8", "replace")
         if stopped == "timeout":

@@ -52,7 +52,7 @@ class Released:
 
 @dataclass(frozen=True)
 class Cancelled:
-    """Stopped by an operator (SPEC §16): no budget spent, no retry scheduled. Not produced yet."""
+    """Stopped by an operator (SPEC §16): no budget spent, no retry scheduled (jobs/cancelling.py)."""
 
     by: str | None = None
 

@@ -68,15 +68,17 @@ def wait_until(finished: Callable[[float], bool], timeout: timedelta, cancel: th
     return None
 
 
-def end_group(pgid: int, reaped: Callable[[], bool]) -> None:
+def end_group(pgid: int, reaped: Callable[[], bool], grace: timedelta | None = None) -> None:
     """Ends what is left of the scraper's process group once its attempt is over.
 
     SIGTERM, then SIGKILL after the grace to whatever still runs. It waits for the whole group,
     not only the leader: a browser outliving its scraper would keep the memory and the site's
     session, and a retry would then run beside it. `reaped` reaps the leader and says whether
-    it has exited.
+    it has exited. `grace`: how long SIGTERM is given before SIGKILL (an operator's cancel:
+    CANCEL_TIMEOUT), else KILL_GRACE_SECONDS.
     """
-    for sig, grace in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, KILL_GRACE_SECONDS)):
+    term_grace = KILL_GRACE_SECONDS if grace is None else grace.total_seconds()
+    for sig, wait in ((signal.SIGTERM, term_grace), (signal.SIGKILL, KILL_GRACE_SECONDS)):
         if reaped() and not _group_alive(pgid):
             return
         try:
@@ -88,7 +90,7 @@ def end_group(pgid: int, reaped: Callable[[], bool]) -> None:
                 return
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pgid, sig)  # a spawned callable that has not made its group yet
-        deadline = time.monotonic() + grace
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if reaped() and not _group_alive(pgid):
                 return

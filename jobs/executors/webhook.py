@@ -123,6 +123,7 @@ class WebhookExecutor:
     """Delivers retries through one pooled client (keep-alive between deliveries)."""
 
     mode = MODE
+    sends_again = True  # with the same Idempotency-Key: the receiver de-duplicates
 
     def __init__(self, template: str, secret: str | None, timeout: timedelta) -> None:
         self.template, self.secret = template, secret

@@ -34,7 +34,12 @@ def build_executor(settings: Settings) -> Executor:
         from jobs.executors.scrapyd import ScrapydExecutor  # httpx only where retries are delivered
 
         return ScrapydExecutor.from_settings(settings)
+    if settings.celery_broker_url:
+        from jobs.executors.celery import CeleryExecutor  # Celery only where retries are sent to it
+
+        priority = settings.layout.columns.get("priority")
+        return CeleryExecutor(settings.celery_broker_url, settings.celery_task, settings.celery_queue, priority)
     raise ConfigError(
         "no executor configured: set SCRAPE_RUN_COMMAND (e.g. 'python -m scraper --run-id {run_id}'), "
-        "SCRAPE_RUN_CALLABLE (package.module:function), SCRAPE_RUN_WEBHOOK (a URL), SCRAPE_RUN_HANDOFF (queued) or SCRAPYD_URL (with SCRAPYD_PROJECT and SCRAPYD_SPIDER)"
+        "SCRAPE_RUN_CALLABLE (package.module:function), SCRAPE_RUN_WEBHOOK (a URL), SCRAPE_RUN_HANDOFF (queued), SCRAPYD_URL (with SCRAPYD_PROJECT and SCRAPYD_SPIDER) or CELERY_BROKER_URL with CELERY_TASK"
     )

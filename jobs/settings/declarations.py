@@ -22,6 +22,7 @@ from db.layout import Layout, parse_column_map, parse_run_label, parse_status_ma
 from jobs.alert_urls import parse_alert_urls
 from jobs.alerts import EVENT_KINDS
 from jobs.rules import RetryPolicy
+from jobs.settings.engine_parsers import parse_broker_url, parse_task_name
 from jobs.settings.notice_parsers import parse_events, parse_public_url, parse_target
 from jobs.settings.parsers import (
     LOG_LEVELS,
@@ -136,6 +137,8 @@ DECLARED: tuple[Setting, ...] = (
     S("EXECUTION_TIMEOUT", "--execution-timeout", parse_duration, "execution_timeout",
       "Kill an execution after this long.", default_shown="= the run's limit",
       readme="The run's own limit: its `max_runtime`, else its kind's, else `STUCK_AFTER`."),
+    S("CANCEL_TIMEOUT", "--cancel-timeout", parse_duration, "cancel_timeout",
+      "A cancelled retry still running this long after SIGTERM (or the engine's cancel) is killed.", "30s"),
     S("BATCH_SIZE", "--batch-size", _int(1, 100_000), "batch_size",
       "Rows per transaction.", "1000"),
     S("HEARTBEAT_COLUMN", "--heartbeat-column", parse_identifier, "heartbeat_column",
@@ -210,6 +213,13 @@ DECLARED: tuple[Setting, ...] = (
     S("SCRAPYD_USERNAME", "--scrapyd-username", parse_scrapyd_username, "scrapyd_username", "Scrapyd's basic-auth user (or in SCRAPYD_URL)."),
     S("SCRAPYD_PASSWORD", "--scrapyd-password", parse_scrapyd_password, "scrapyd_password",
       "Scrapyd's basic-auth password (or in SCRAPYD_URL).", secret=True),
+    S("CELERY_BROKER_URL", "--celery-broker-url", parse_broker_url, "celery_broker_url",
+      "Send due retries as Celery tasks through this broker (redis://, amqp://...).", secret=True,
+      readme="Needs `pip install 'stuck-runs[celery]'`. See [Retries through Celery](#retries-through-celery)."),
+    S("CELERY_TASK", "--celery-task", parse_task_name, "celery_task",
+      "The Celery task's name, e.g. scraper.tasks.scrape (with CELERY_BROKER_URL)."),
+    S("CELERY_QUEUE", "--celery-queue", parse_task_name, "celery_queue",
+      "The queue the tasks go to.", readme="Unset: the task's own routing (Celery's default queue)."),
     S("ADMIN_HOST", "--host", parse_host, "admin_host",
       "Address `serve` listens on; not loopback only with ADMIN_TOKEN set.", "127.0.0.1"),
     S("ADMIN_PORT", "--port", _int(1, 65535), "admin_port",
@@ -274,12 +284,15 @@ class _Derived:
     webhook: str | None
     handoff: str | None
     scrapyd_url: object
+    celery_broker_url: str | None
 
     @property
     def hands_off(self) -> str | None:
-        """How due retries leave for the fleet (`webhook`, `scrapyd`, `queue`), or None when they run here."""
+        """How due retries leave for the fleet (`webhook`, `scrapyd`, `celery`, `queue`), or None when they run here."""
         if self.scrapyd_url:
             return "scrapyd"
+        if self.celery_broker_url:
+            return "celery"
         return "webhook" if self.webhook else ("queue" if self.handoff else None)
 
     def require_database_url(self) -> str:

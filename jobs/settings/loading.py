@@ -86,6 +86,7 @@ def _check_consistency(settings: Settings, names: Mapping[str, str]) -> None:
             ("SCRAPE_RUN_WEBHOOK", settings.webhook),
             ("SCRAPE_RUN_HANDOFF", settings.handoff),
             ("SCRAPYD_URL", settings.scrapyd_url),
+            ("CELERY_BROKER_URL", settings.celery_broker_url),
         )
         if value
     ]
@@ -102,6 +103,7 @@ def _check_consistency(settings: Settings, names: Mapping[str, str]) -> None:
             f"{settings.handoff}: add {settings.handoff}=<the value your workers pick runs up by> to STATUS_MAP"
         )
     _check_scrapyd(settings, names)
+    _check_celery(settings, names)
     if settings.webhook_secret and not settings.webhook:
         raise ConfigError("WEBHOOK_SECRET is set but SCRAPE_RUN_WEBHOOK is not: set the webhook, or unset the secret")
     if settings.admin_token and settings.admin_token == settings.read_token:
@@ -147,6 +149,24 @@ def _scrapyd_parts(settings: Settings) -> list[tuple[str, object]]:
         ("SCRAPYD_USERNAME", settings.scrapyd_username),
         ("SCRAPYD_PASSWORD", settings.scrapyd_password),
     ]
+
+
+def _check_celery(settings: Settings, names: Mapping[str, str]) -> None:
+    """CELERY_TASK and CELERY_QUEUE say where a broker's tasks go: meaningless without the broker,
+    and a broker without a task name sends nothing."""
+    named = {env: names.get(env, env) for env in ("CELERY_BROKER_URL", "CELERY_TASK", "CELERY_QUEUE")}
+    if not settings.celery_broker_url:
+        for env, value in (("CELERY_TASK", settings.celery_task), ("CELERY_QUEUE", settings.celery_queue)):
+            if value:
+                raise ConfigError(
+                    f"{named[env]} is set but CELERY_BROKER_URL is not: set the broker (redis://host:6379/0), "
+                    f"or unset {named[env]}"
+                )
+    elif not settings.celery_task:
+        raise ConfigError(
+            f"{named['CELERY_BROKER_URL']} is set but CELERY_TASK is not: name the task that scrapes a run "
+            "(e.g. CELERY_TASK=scraper.tasks.scrape)"
+        )
 
 
 def settings_from_environment(flags: Mapping[str, object] | None = None) -> Settings:

@@ -144,7 +144,10 @@ COMMANDS = {
     "fix": ("scheduler.cli.runs", "A stuck-run sweep, then a pass over due retries (what the manual script does)."),
     "retry": ("scheduler.cli.retry", "Retry a failed run now, or every failed chain matching filters."),
     "history": ("scheduler.cli.retry", "Every attempt of a run's chain, oldest first."),
-    "cancel": ("scheduler.cli.control", "Cancel a chain's pending retry, or every pending retry matching filters."),
+    "cancel": (
+        "scheduler.cli.control",
+        "Cancel a chain's pending or running retry, or every pending retry matching filters.",
+    ),
     "pause": (
         "scheduler.cli.control",
         "Stop every process from starting retries; sweeps go on, retries stay scheduled.",

@@ -21,7 +21,8 @@ from scheduler.cli.output import emit_json, listing
 @click.option(
     "--limit", type=click.IntRange(1, 100_000), default=100, show_default=True, help="Bulk: at most this many."
 )
-@config_options("SCRAPE_RUNS_TABLE")
+@click.option("--running", is_flag=True, help="Bulk: cancel the matching running retries too (SPEC §16).")
+@config_options("SCRAPE_RUNS_TABLE", "DISPATCH_POLL")
 @dry_run_option
 @all_option
 @json_option
@@ -34,19 +35,25 @@ def cancel(
     location_query: str | None,
     since: str | None,
     limit: int,
+    running: bool,
     dry_run: bool,
     show_all: bool,
     as_json: bool,
 ) -> int:
-    """Cancel a chain's pending retry, or every pending retry matching filters.
+    """Cancel a chain's pending or running retry, or every pending retry matching filters.
 
-    The retry becomes `cancelled` ("Cancelled by operator") and never runs; the chain is over.
-    Refused when nothing of the chain is pending.
+    The retry becomes `cancelled` ("Cancelled by operator"), spends no budget and is not retried;
+    the chain is over. A running retry is stopped by the process executing it, on any host, within
+    DISPATCH_POLL (its process group: SIGTERM, then SIGKILL after CANCEL_TIMEOUT), or by the engine
+    it was handed to; one handed to a webhook or a queue is cancelled in the row only. A bulk cancel
+    touches running retries only with --running. Refused when nothing of the chain is pending or
+    running.
 
     \b
     Examples:
       stuck-runs cancel 3f1c2a7e-8d1b-4c55-9a57-2b0f5c1d9e11
       stuck-runs cancel --error-like '%403%' --since 24h --dry-run
+      stuck-runs cancel --search-query '%Nurse%' --running
     """
     criteria = RetryCriteria(
         error_like=error_like,
@@ -57,6 +64,8 @@ def cancel(
     )
     if run_id and criteria.given:
         raise UsageError("give a RUN_ID or bulk filters (--error-like, --since...), not both")
+    if run_id and running:
+        raise UsageError("--running is for a bulk cancel: `cancel RUN_ID` cancels the chain's running retry as it is")
     if not run_id and not criteria.given:
         raise UsageError("give a RUN_ID, or filters for a bulk cancel (--error-like, --search-query, --since...)")
     with open_runtime(ctx) as rt:
@@ -64,9 +73,12 @@ def cancel(
             done = cancel_run(rt, parse_run_id(rt, run_id), dry_run=dry_run)
             result = BulkCancelResult((done,), dry_run)
         else:
-            result = cancel_matching(rt, criteria, dry_run=dry_run)
+            result = cancel_matching(rt, criteria, dry_run=dry_run, running=running)
     if as_json:
         emit_json(result)
+        return EXIT_OK
+    if run_id and done.running:
+        click.echo(f"{done.message}.")
         return EXIT_OK
     if run_id:
         verb = "Would cancel" if dry_run else "Cancelled"

@@ -314,6 +314,9 @@ def build_pages(
             history = chain_history(rt, wanted)
             this = next(a for a in history.attempts if a.id == wanted)
             pending = [a for a in history.attempts if a.status == "pending_retry"]
+            latest = history.attempts[-1]
+            running = latest.is_retry and latest.status in ("running", "queued")  # SPEC §16: stopped, then cancelled
+            target = pending[-1] if pending else latest if running else None
             return {
                 "page": "runs",
                 "run_id": str(wanted),
@@ -322,7 +325,8 @@ def build_pages(
                 "limit": limit_document(rt, this),
                 "retry": retry_button(rt, history),
                 "due_now": due_now_action(history, rt.clock.now()),
-                "cancel": f"/api/runs/{path_part(pending[-1].id)}/cancel" if pending else None,
+                "cancel": f"/api/runs/{path_part(target.id)}/cancel" if target else None,
+                "cancel_label": "Cancel running retry" if running and not pending else "Cancel retry",
             }
 
         return page(request, "chain.html", "Failed to read the chain", read)

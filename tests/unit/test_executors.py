@@ -98,3 +98,13 @@ def test_the_executors_import_nothing_from_the_services_that_dispatch_them():
             if isinstance(node, ast.ImportFrom) and node.module in services:
                 found.setdefault(path.name, []).append(node.module)
     assert found == {}
+
+
+def test_a_run_s_priority_is_put_on_the_broker_s_scale_turned_around_for_redis():
+    from jobs.executors.celery import broker_priority, runs_low_first
+
+    assert runs_low_first("redis://:pw@h:6379/0") and runs_low_first("rediss://h/0")
+    assert not runs_low_first("amqp://guest@h//")
+    redis = [broker_priority(p, low_first=True) for p in (9, 8, 5, 0, -3, 42, None)]
+    assert redis == [0, 1, 4, 9, 9, 0, None]  # higher first becomes lower first; clamped to 0..9
+    assert [broker_priority(p, low_first=False) for p in (9, 2.6, -1, 100)] == [9, 3, 0, 9]

@@ -45,6 +45,7 @@ class BulkCancel(BaseModel):
     location_query: str | None = Field(None, max_length=MAX_SEARCH)
     since: str | None = Field(None, max_length=20, description="the retried attempt ended within this long")
     limit: int = Field(100, ge=1, le=10_000)
+    running: bool = Field(False, description="cancel the matching running retries too (SPEC §16)")
     dry_run: bool = True
 
 
@@ -100,7 +101,7 @@ def add_routes(api: APIRouter, rt: Runtime, access: Access) -> None:
             )
             if not criteria.given:
                 raise UsageError("give filters for a bulk cancel (error_like, search_query, location_query, since)")
-            result = cancel_matching(rt, criteria, dry_run=filters.dry_run)
+            result = cancel_matching(rt, criteria, dry_run=filters.dry_run, running=filters.running, via="api")
         return {"success": True, "data": plain(result), "message": result.message}
 
     @api.post("/runs/{run_id}/retry", dependencies=admin)
@@ -123,9 +124,10 @@ def add_routes(api: APIRouter, rt: Runtime, access: Access) -> None:
 
     @api.post("/runs/{run_id}/cancel", dependencies=admin)
     def cancel(run_id: str, dry_run: Flag = "false") -> dict:
-        """Cancels the chain's pending retry ("Cancelled by operator"), as `stuck-runs cancel RUN_ID`."""
+        """Cancels the chain's pending retry ("Cancelled by operator"), or asks for its running retry to be
+        stopped and cancelled (SPEC §16), as `stuck-runs cancel RUN_ID`."""
         with answering("Failed to cancel retry"):
-            done = cancel_run(rt, rt.runs.parse_id(run_id), dry_run=on(dry_run))
+            done = cancel_run(rt, rt.runs.parse_id(run_id), dry_run=on(dry_run), via="api")
         return {"success": True, "data": plain(done), "message": done.message}
 
     @api.post("/runs/{run_id}/due-now", dependencies=admin)

@@ -1,0 +1,152 @@
+"""CELERY_BROKER_URL + CELERY_TASK (SPEC §16): a due retry is sent as a Celery task, `task_id` =
+the retry's id, `run_id` and the run's inputs (by their real names) as keyword arguments; the
+task writes the run's outcome into its row, as any run does.
+
+It delivers one retry at a time (`Delivers`) through §12's hand-over (jobs/delivery.py): the row
+is committed `running` and marked before the task is sent, confirmed after. A broker that cannot
+be reached puts the retry back (`Postponed`: due again after the postponements' backoff, no
+budget spent). A retry whose sending process died is never sent again (`sends_again` False): the
+task may already be in the queue, and a task lost that way is found by the stuck checker like any
+run. Celery is an optional dependency (`pip install 'stuck-runs[celery]'`), imported only here.
+
+A run's priority (COLUMN_MAP's `priority`, higher first) is clamped to 0..9 and, for Redis, whose
+transport runs 0 first, turned around (9 - p): a priority-9 run is sent at Redis priority 0.
+AMQP brokers run the higher number first, so it travels as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from jobs.executors.base import ExecutorMisconfigured, Strategies, T
+from jobs.executors.outcome import DeliveryOutcome, HandedOver, Postponed, Released
+from jobs.model import Run
+
+MODE = "celery"  # the `handed_off` value of a retry sent here
+EXTRA = "pip install 'stuck-runs[celery]'"
+CONNECT_TIMEOUT = timedelta(seconds=5)
+STOP_POLL_SECONDS = 0.1
+PRIORITY_STEPS = 10  # 0..9: what Redis's and RabbitMQ's Celery transports both take
+INSPECT_TIMEOUT = 2.0  # how long `still_running` waits for the workers' answers
+
+
+def load_celery() -> Any:
+    """The `celery` package, or one line naming the extra to install (exit 2)."""
+    try:
+        import celery
+    except ImportError:
+        raise ExecutorMisconfigured(f"CELERY_BROKER_URL is set but Celery is not installed here: {EXTRA}") from None
+    return celery
+
+
+def runs_low_first(broker_url: str) -> bool:
+    """Whether the broker's transport runs priority 0 first (Redis) rather than the highest (AMQP)."""
+    return urlsplit(broker_url).scheme.lower() in ("redis", "rediss", "sentinel")
+
+
+def broker_priority(priority: object, low_first: bool) -> int | None:
+    """The run's priority (higher first) on the broker's 0..9 scale; None when the run has none."""
+    if priority is None:
+        return None
+    step = max(0, min(PRIORITY_STEPS - 1, round(float(priority))))
+    return PRIORITY_STEPS - 1 - step if low_first else step
+
+
+def task_kwargs(run: Run) -> dict[str, Any]:
+    """`run_id` and the inputs, as JSON holds them (a timestamp in ISO 8601, a UUID as text)."""
+    fields = {**run.inputs, "run_id": run.id}
+    return json.loads(json.dumps(fields, default=lambda v: v.isoformat() if hasattr(v, "isoformat") else str(v)))
+
+
+def redacted(broker_url: str) -> str:
+    """The broker as a log line may show it: scheme, host and port, never a password."""
+    parts = urlsplit(broker_url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}"
+
+
+class CeleryExecutor:
+    """Sends retries through one Celery app (its broker connections pooled between sends)."""
+
+    mode = MODE
+    sends_again = False  # a send whose process died may have reached the queue: never sent twice
+
+    def __init__(
+        self, broker_url: str, task: str, queue: str | None = None, priority_column: str | None = None
+    ) -> None:
+        celery = load_celery()
+        self.broker = redacted(broker_url)
+        self.task, self.queue = task, queue
+        self.priority_column = priority_column  # the input the run's priority is read from, if mapped
+        self.low_first = runs_low_first(broker_url)
+        self.app = celery.Celery("stuck-runs", broker=broker_url, set_as_current=False)
+        seconds = CONNECT_TIMEOUT.total_seconds()
+        self.app.conf.update(
+            broker_connection_retry=False,
+            broker_connection_retry_on_startup=False,
+            broker_connection_timeout=seconds,
+            broker_transport_options={"socket_connect_timeout": seconds, "socket_timeout": seconds, "max_retries": 0},
+            task_create_missing_queues=True,
+            result_backend=None,
+        )
+        # The longest one send lasts (`deliver` gives up then): connecting, then publishing.
+        self.bound = CONNECT_TIMEOUT * 2
+
+    def dispatch_with(self, strategies: Strategies[T]) -> T:
+        return strategies.deliver(self)
+
+    def send(self, run: Run) -> HandedOver | Postponed:
+        """One `send_task`; a broker that cannot be reached postpones the retry (nothing was sent)."""
+        options: dict[str, Any] = {"task_id": str(run.id), "kwargs": task_kwargs(run), "retry": False}
+        if self.queue:
+            options["queue"] = self.queue
+        priority = broker_priority(
+            run.inputs.get(self.priority_column) if self.priority_column else None, self.low_first
+        )
+        if priority is not None:
+            options["priority"] = priority
+        try:
+            self.app.send_task(self.task, **options)
+        except Exception as exc:  # noqa: BLE001 - kombu's and the transport's own errors: the broker is not there
+            return Postponed(f"Celery broker {self.broker} unreachable: {type(exc).__name__}")
+        return HandedOver(MODE)
+
+    def deliver(self, run: Run, stop: threading.Event) -> DeliveryOutcome:
+        """`send`, bounded: a send given up on in flight may have reached the queue, so it counts as
+        sent (never sent twice); a lost one is the stuck checker's to find."""
+        if stop.is_set():
+            return Released()
+        answered: list[HandedOver | Postponed] = []
+        worker = threading.Thread(target=lambda: answered.append(self.send(run)), daemon=True)
+        worker.start()
+        deadline = time.monotonic() + self.bound.total_seconds()
+        while worker.is_alive() and time.monotonic() < deadline:
+            worker.join(STOP_POLL_SECONDS)
+        return answered[0] if answered else HandedOver(MODE)
+
+    def cancel(self, run: Run, *, kill: bool) -> str:
+        """Revokes the run's task and terminates it where a worker runs it (SIGKILL with `kill`)."""
+        signal = "SIGKILL" if kill else "SIGTERM"
+        self.app.control.revoke(str(run.id), terminate=True, signal=signal)
+        return f"revoked, terminate with {signal}"
+
+    def still_running(self, run: Run) -> bool:
+        """Whether a worker reports the run's task among its active ones."""
+        active = self.app.control.inspect(timeout=INSPECT_TIMEOUT).active() or {}
+        return any(task.get("id") == str(run.id) for tasks in active.values() for task in tasks or [])
+
+    def check(self) -> str:
+        """That the broker answers (doctor); raises what the connection raised."""
+        with self.app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=CONNECT_TIMEOUT.total_seconds())
+        return f"Celery broker {self.broker} answers; tasks go to {self.task}" + (
+            f" on {self.queue}" if self.queue else ""
+        )
+
+    def close(self) -> None:
+        self.app.close()
