@@ -21,7 +21,7 @@ from scheduler.cli.output import emit_json, listing
 @click.option(
     "--limit", type=click.IntRange(1, 100_000), default=100, show_default=True, help="Bulk: at most this many."
 )
-@click.option("--running", is_flag=True, help="Bulk: cancel the matching running retries too (SPEC §16).")
+@click.option("--running", is_flag=True, help="Bulk: cancel the matching running retries too.")
 @config_options("SCRAPE_RUNS_TABLE", "DISPATCH_POLL")
 @dry_run_option
 @all_option
