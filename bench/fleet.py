@@ -75,14 +75,14 @@ def _dsn(url: str) -> str:
     return sa.engine.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def _ids(url: str, older_than_minutes: int | None) -> list[str]:
+def _ids(url: str, *, stuck: bool) -> list[str]:
+    """The healthy running runs (started within 55 minutes) or the stuck ones (over 90 minutes ago)."""
+    age = "started_at < :newest - interval '90 minutes'" if stuck else "started_at > :newest - interval '55 minutes'"
     engine = sa.create_engine(url)
     with engine.connect() as conn:
-        age = "started_at > :now - interval '55 minutes'" if older_than_minutes is None else "started_at < :now - interval '90 minutes'"
-        rows = conn.execute(
-            sa.text(f"SELECT id::text FROM scrape_runs WHERE status = 'running' AND {age} ORDER BY id"),
-            {"now": conn.exec_driver_sql("SELECT max(started_at) FROM scrape_runs WHERE status = 'running'").scalar_one()},
-        ).scalars().all()
+        newest = conn.exec_driver_sql("SELECT max(started_at) FROM scrape_runs WHERE status = 'running'").scalar_one()
+        sql = f"SELECT id::text FROM scrape_runs WHERE status = 'running' AND {age} ORDER BY id"
+        rows = conn.execute(sa.text(sql), {"newest": newest}).scalars().all()
     engine.dispose()
     return list(rows)
 
@@ -159,7 +159,7 @@ def round_of(server_url: str, judge, writers: int, pause: float) -> dict:
     result: dict = {"load_before": os.getloadavg()[0]}
     url, db = data.copy_of(server_url, mass.TEMPLATE)
     try:
-        healthy, stuck = _ids(url, None), _ids(url, 90)
+        healthy, stuck = _ids(url, stuck=False), _ids(url, stuck=True)
         with Fleet(url, HEALTHY, healthy, writers, pause) as fleet:
             began = time.monotonic()
             seconds, failed, held = sweep(url, judge)
@@ -176,7 +176,7 @@ def round_of(server_url: str, judge, writers: int, pause: float) -> dict:
         data.drop(server_url, db)
     url, db = data.copy_of(server_url, mass.TEMPLATE)
     try:
-        with Fleet(url, HEALTHY, _ids(url, None), writers, pause) as fleet:
+        with Fleet(url, HEALTHY, _ids(url, stuck=False), writers, pause) as fleet:
             began = time.monotonic()
             time.sleep(seconds)
             ended = time.monotonic()

@@ -116,7 +116,8 @@ def command(url: str, now: datetime) -> contenders.Timing:
             )
     finally:
         rt.close()
-    by_kind = ",".join(f"{kind}={(limit + late).total_seconds():.3f}s" for kind, limit in limits(now).configured.items())
+    configured = limits(now).configured.items()
+    by_kind = ",".join(f"{kind}={(limit + late).total_seconds():.3f}s" for kind, limit in configured)
     timing = contenders.command(url, now, env={**COMMAND_ENV, "STUCK_AFTER_BY_KIND": by_kind})
     return contenders.Timing("command, kinds+learned+progress", timing.seconds, timing.failed)
 
