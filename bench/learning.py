@@ -9,6 +9,11 @@ five: the statement that learns (jobs.learning.compute, in-process), the whole r
 process needing the limits does it (lock, compute, store), the plan (EXPLAIN ANALYZE BUFFERS), and
 `stuck-runs thresholds` as an operator runs it (the evidence reads every completed run of the window).
 
+`python -m bench.learning --profile [ROWS]`: the first count alone, beside what bounds it from
+below, each timed (median of 3) and its plan printed: the counting statement as learning runs it,
+and bare statements over the same window of the learning index: the index-only count of its
+entries (the floor), with and without parallel workers, and the count by kind.
+
 On the embedded PostgreSQL, or DATABASE_URL's server (a role that may create databases).
 """
 
@@ -92,8 +97,65 @@ class Clock:
         return self.at
 
 
+# Bare statements over the window of the learning index (`:since`, `:until`): what bounds the count.
+WINDOW = "FROM scrape_runs WHERE status = 'completed' AND completed_at >= :since AND completed_at < :until"
+FLOORS = {
+    "bare count of the window, the planner's choice": f"SELECT count(*) {WINDOW}",
+    "bare index-only count of the window (the floor; seq scan off)": f"SELECT count(*) {WINDOW}",
+    "bare index-only count, no parallel workers (seq scan off)": f"SELECT count(*) {WINDOW}",
+    "count by kind and whole second, date_part (double precision)": (
+        "SELECT spider, floor(date_part('epoch', completed_at - started_at))::int AS s, count(*)"
+        f" {WINDOW} AND started_at IS NOT NULL GROUP BY 1, 2"
+    ),
+    "count by kind and whole second, extract (numeric, as before)": (
+        "SELECT spider, floor(extract(epoch FROM completed_at - started_at))::int AS s, count(*)"
+        f" {WINDOW} AND started_at IS NOT NULL GROUP BY 1, 2"
+    ),
+}
+
+
+def profile(rt: Runtime, now: datetime, learn: LearnSettings) -> None:
+    """The first count (from scratch, rolled back) and the floors beside it: plans and medians of 3."""
+    q = ThresholdStatements(rt.runs)
+    fresh = learning.counting_plan(None, now, learn.window)
+    window = {"since": now - learn.window, "until": now}
+    counting = q.recount() if hasattr(q, "recount") else q.runtimes()  # before and after the change it measured
+    statement = counting.compile(dialect=rt.engine.dialect)
+    variants = {"the first count as learning runs it": (str(statement), {**statement.params, **fresh})}
+    variants |= {"the first count as learning runs it, seq scan off": variants["the first count as learning runs it"]}
+    variants |= {name: (sql, window) for name, sql in FLOORS.items()}
+    for name, (sql, params) in variants.items():
+        with rt.engine.connect() as conn:
+            if "no parallel" in name:
+                conn.exec_driver_sql("SET max_parallel_workers_per_gather = 0")
+            if "seq scan off" in name:
+                conn.exec_driver_sql("SET enable_seqscan = off")
+            conn.commit()  # session settings, kept past the rollbacks below
+            text = sa.text(sql) if ":since" in sql else None
+            run = (
+                (lambda: conn.execute(text, params))
+                if text is not None
+                else (lambda: conn.exec_driver_sql(sql, params))
+            )
+            run()  # warm
+            conn.rollback()
+            times = []
+            for _ in range(3):
+                started = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - started)
+                conn.rollback()
+            explain = f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {sql}"
+            plan = conn.execute(sa.text(explain), params) if text is not None else conn.exec_driver_sql(explain, params)
+            plan = plan.scalars().all()
+            conn.rollback()
+        print(f"\n== {name}: median {statistics.median(times):.3f} s of {[round(t, 3) for t in times]}")
+        print("\n".join(plan), flush=True)
+
+
 def main() -> None:
-    rows = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000_000
+    args = [a for a in sys.argv[1:] if a != "--profile"]
+    rows = int(args[0]) if args else 10_000_000
     name = f"bench_learning_{rows}"
     work = Path(tempfile.mkdtemp(prefix="bench-learning-"))
     server_url, server = data.start_server(work)
@@ -111,6 +173,12 @@ def main() -> None:
     rt = Runtime.open(load_settings({"DATABASE_URL": url, **ENV}), clock=clock)
     learn = LearnSettings.of(rt.settings)
     rule = learning_rule(learn)
+    if "--profile" in sys.argv:
+        profile(rt, now, learn)
+        rt.close()
+        if server is not None:
+            server.cleanup()
+        return
     q = ThresholdStatements(rt.runs)
 
     def from_scratch() -> None:

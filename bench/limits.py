@@ -4,13 +4,21 @@ progress on, against the SQL floor (bench/contenders.py) and the sweep without t
     python -m bench.limits                          # 100k stuck of 1M, 3 runs each, interleaved
     python -m bench.limits --stuck 10000 --history 100000 --repeat 3
     python -m bench.limits --idle 10000000          # the idle sweep's plan and time on 10M rows
+    python -m bench.limits --no-command             # without `stuck-runs check` as a contender
 
 Every run of the table gets a kind (`spider`: four kinds) and a progress counter (`items`), and
 `stuck_runs_progress` holds what a sweep ten minutes earlier recorded (as in production, where
 the sweep before the event saw the same runs). The limits are chosen so the same runs are stuck
 for every contender: jobs_de 55m and sitemap 80m configured, jobs_fr 70m learned, the default 1h
 for the fourth kind (live runs are at most 50 minutes old, stuck ones 1.5 to 5 hours). Medians
-are printed as JSON, with each contender's ratio to the floor.
+are printed as JSON, with each contender's ratio to the floor and every run's seconds.
+
+The whole command (`stuck-runs check`, a new process, its output to a file) runs with the same
+limits: COLUMN_MAP kind and progress, STUCK_AFTER_BY_KIND for jobs_de and sitemap, LEARN_THRESHOLDS
+on with jobs_fr's 70m stored in `stuck_runs_thresholds` just before it starts (fresh, as the hourly
+learning leaves it: the command reads the stored limits and does not learn). It judges by the real
+clock, so every limit it is given is stretched by how long ago the bench's `now` was
+(contenders.command), and it fails the same runs.
 """
 
 from __future__ import annotations
@@ -28,9 +36,10 @@ from loguru import logger
 
 from bench import contenders, data
 from db.layout import Layout, parse_column_map
+from jobs.learning import LearnSettings
 from jobs.limits import LearnedLimit, Limits
 from jobs.runtime import Runtime
-from jobs.settings import Settings
+from jobs.settings import Settings, load_settings
 from jobs.stuck import sweep_stuck_runs
 
 TEMPLATE = "bench_tpl_limits"
@@ -75,6 +84,42 @@ def ours(url: str, now: datetime, *, roles: bool) -> contenders.Timing:
         return contenders.Timing(name, time.perf_counter() - started, result.failed)
     finally:
         rt.close()
+
+
+COMMAND_ENV = {"COLUMN_MAP": "kind=spider,progress=items", "LEARN_THRESHOLDS": "on", "SCRAPE_RUN_COMMAND": "true"}
+STORE_LEARNED = """
+INSERT INTO stuck_runs_thresholds (runs_table, kind, runs, p50, p95, p99, longest, "limit", learn_window,
+                                   counted_from, counted_until, learned_with, computed_at)
+SELECT :table, kind, CASE WHEN kind = 'jobs_fr' THEN 412 ELSE 0 END, NULL, NULL, NULL, NULL,
+       CASE WHEN kind = 'jobs_fr' THEN :jobs_fr END, :window, :learned - :window, :learned, :learned_with, :learned
+FROM unnest(CAST(:kinds AS text[])) AS kind
+"""
+
+
+def command(url: str, now: datetime) -> contenders.Timing:
+    """`stuck-runs check` with kinds, learned limits (stored, fresh) and progress on, as cron runs it."""
+    late = datetime.now(now.tzinfo) - now
+    settings = load_settings({"DATABASE_URL": url, **COMMAND_ENV})
+    rt = Runtime.open(settings)
+    try:
+        with rt.engine.begin() as conn:
+            conn.execute(
+                sa.text(STORE_LEARNED),
+                {
+                    "table": rt.runs.canonical_name,
+                    "kinds": ["jobs_de", "jobs_fr", "sitemap", "other"],
+                    "jobs_fr": limits(now).learned["jobs_fr"].limit + late,
+                    "window": settings.learn_window,
+                    "learned": datetime.now(now.tzinfo),
+                    "learned_with": LearnSettings.of(settings).fingerprint,
+                },
+            )
+    finally:
+        rt.close()
+    configured = limits(now).configured.items()
+    by_kind = ",".join(f"{kind}={(limit + late).total_seconds():.3f}s" for kind, limit in configured)
+    timing = contenders.command(url, now, env={**COMMAND_ENV, "STUCK_AFTER_BY_KIND": by_kind})
+    return contenders.Timing("command, kinds+learned+progress", timing.seconds, timing.failed)
 
 
 def idle(server_url: str, rows: int, repeat: int) -> dict:
@@ -149,6 +194,7 @@ def main() -> None:
     parser.add_argument("--stuck", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--idle", type=int, default=0, help="measure the idle sweep on this many rows instead")
+    parser.add_argument("--no-command", action="store_true", help="leave out `stuck-runs check`")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="stuck-runs-bench-") as work:
         server_url, server = data.start_server(Path(work))
@@ -164,6 +210,8 @@ def main() -> None:
                 "ours, STUCK_AFTER only": lambda url: ours(url, judge, roles=False),
                 "ours, kinds+learned+progress": lambda url: ours(url, judge, roles=True),
             }
+            if not args.no_command:
+                plan["command, kinds+learned+progress"] = lambda url: command(url, judge)
             seconds: dict[str, list[float]] = {name: [] for name in plan}
             failed: dict[str, set[int]] = {name: set() for name in plan}
             for _ in range(args.repeat):
@@ -175,6 +223,7 @@ def main() -> None:
                         data.drop(server_url, db)
                     seconds[name].append(timing.seconds)
                     failed[name].add(timing.failed)
+                    print(f"  {name:<34} {timing.seconds:7.3f} s  {timing.failed:,} failed", flush=True)
             floor = statistics.median(seconds["floor"])
             print(
                 json.dumps(
@@ -185,6 +234,7 @@ def main() -> None:
                         "failed": {name: sorted(counts) for name, counts in failed.items()},
                         "median_seconds": {name: round(statistics.median(s), 3) for name, s in seconds.items()},
                         "ratio_to_floor": {name: round(statistics.median(s) / floor, 2) for name, s in seconds.items()},
+                        "every_run_seconds": {name: [round(x, 3) for x in s] for name, s in seconds.items()},
                     },
                     indent=2,
                 )

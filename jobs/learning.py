@@ -182,7 +182,12 @@ def compute(
     """Every kind's history in the window ending `now`, from the counts `found` moved on (or counted
     from scratch), with the limits learned by `rule` for kinds with at least `learn.min_runs` runs.
     With `write`, the moved counts replace the stored ones (the caller holds the learning lock)."""
-    rows = conn.execute(q.recount() if write else q.runtimes(), counting_plan(found, now, learn.window)).all()
+    rows = conn.execute(q.runtimes(), counting_plan(found, now, learn.window)).all()
+    if write:  # the moved counts in place of the stored ones
+        conn.execute(q.forget_counts())
+        if rows:
+            table = q.runs.canonical_name
+            conn.execute(q.store_counts(), [{"runs_table": table, **row._mapping} for row in rows])
     return Learned(_kinds(rows, learn, rule), None, learn.window, learn.fingerprint, (now - learn.window, now))
 
 

@@ -89,7 +89,10 @@ class ThresholdStatements:
     def _counted(self, since: str, until: str, sign: int) -> sa.Select:
         """Each completed run of `[:since, :until)` by completion time, as (kind, whole seconds it ran, sign)."""
         t = self.t
-        seconds = sa.cast(sa.func.floor(self._runtime()), sa.Integer)
+        # date_part, not extract: extract's epoch is numeric (PostgreSQL 14+), whose arithmetic over
+        # the ten million runs of a first count cost more than reading them (bench.learning --profile).
+        elapsed = sa.func.date_part("epoch", t.c.completed_at - t.c.started_at, type_=sa.Float)
+        seconds = sa.cast(sa.func.floor(elapsed), sa.Integer)
         return sa.select(self._kind(), seconds.label("seconds"), sa.literal(sign).label("runs")).where(
             self.runs.in_state(t.c.status, "completed"),
             t.c.completed_at >= sa.bindparam(since, type_=sa.DateTime(timezone=True)),
@@ -122,24 +125,15 @@ class ThresholdStatements:
         )
         return self._folded(stored.subquery("stored"))
 
-    def recount(self) -> sa.Insert:
-        """`runtimes`, stored in place of the stored counts (one statement); returns them."""
+    def forget_counts(self) -> sa.Delete:
         h = self.histogram
-        old = (
-            sa.delete(h)
-            .where(h.c.runs_table == self.runs.canonical_name)
-            .returning(h.c.kind, h.c.seconds, h.c.runs)
-            .cte("old")
-        )
-        kept = sa.select(old.c.kind, old.c.seconds, old.c.runs).where(sa.bindparam("sr_keep", type_=sa.Boolean))
-        new = self._folded(kept.subquery("kept")).subquery("new")
-        table = sa.literal(self.runs.canonical_name).label("runs_table")
-        rows = sa.select(table, new.c.kind, new.c.seconds, new.c.runs)
-        return (
-            sa.insert(h)
-            .from_select(["runs_table", "kind", "seconds", "runs"], rows)
-            .returning(h.c.kind, h.c.seconds, h.c.runs)
-        )
+        return sa.delete(h).where(h.c.runs_table == self.runs.canonical_name)
+
+    def store_counts(self) -> sa.Insert:
+        """Inserts counts given as a list of dicts (kind, seconds, runs, runs_table). The counts are
+        read by `runtimes`, a plain SELECT, and stored apart: a statement that writes never runs in
+        parallel, and the first count of a window needs the workers."""
+        return sa.insert(self.histogram)
 
     def _limit(self, limits: sa.FromClause) -> sa.ColumnElement:
         """Each run's limit in seconds: its own, else its kind's (`limits`), else `:sr_default`."""

@@ -315,6 +315,37 @@ def test_the_learning_index_serves_the_counting(fleet_url) -> None:
     assert len(scans) == 2 and all("Index Only Scan using ix_scrape_runs_completed_by_kind" in s for s in scans), plan
 
 
+def test_the_first_count_is_a_read_the_server_may_split_over_parallel_workers(fleet) -> None:
+    """The first count of a window reads all of it (ten million runs in bench.learning): the statement
+    that reads the runs table writes nothing, so PostgreSQL may run it in parallel (it never runs a
+    statement that writes so); the counts are stored by another statement."""
+    read: list[tuple[str, object]] = []
+    with freeze_time(NOW):
+        rt = runtime(fleet, LEARN_THRESHOLDS="on")
+        listen = lambda conn, cursor, statement, params, *_: read.append((statement, params))  # noqa: E731
+        sa.event.listen(rt.engine, "before_cursor_execute", listen)
+        try:
+            learn = LearnSettings.of(rt.settings)
+            assert learning.learned(rt, learn, learning_rule(learn)).computed
+        finally:
+            rt.close()
+    counting = [(statement, params) for statement, params in read if "FROM scrape_runs" in statement]
+    assert len(counting) == 1, [statement for statement, _ in read]
+    engine = make_engine(fleet)
+    with engine.connect() as conn:  # a small table: parallel made free, to see whether it may be used at all
+        for setting in (
+            "parallel_setup_cost",
+            "parallel_tuple_cost",
+            "min_parallel_table_scan_size",
+            "min_parallel_index_scan_size",
+        ):
+            conn.exec_driver_sql(f"SET {setting} = 0")
+        plan = conn.exec_driver_sql(f"EXPLAIN {counting[0][0]}", counting[0][1]).scalars().all()
+        conn.rollback()
+    engine.dispose()
+    assert any("Gather" in line for line in plan), plan
+
+
 def test_counts_moved_on_an_hour_later_are_a_count_from_scratch(fleet) -> None:
     """An hour later, with runs completed meanwhile and runs gone out of the window, the counts moved on
     give what counting the new window from scratch gives, and what a count by hand gives."""
