@@ -100,6 +100,13 @@ def quote_table(dialect: Dialect, qualified: str) -> str:
     return f"{quote(schema)}.{quote(name)}" if schema else quote(name)
 
 
+def own_table_prefix(dialect: Dialect, qualified: str) -> str:
+    """Where stuck-runs' own tables go: the runs table's schema, quoted, with its dot (`"crawler".`),
+    or nothing for a table in the search path."""
+    schema = qualified.rpartition(".")[0]
+    return f"{dialect.identifier_preparer.quote(schema)}." if schema else ""
+
+
 @dataclass(frozen=True)
 class Step:
     """One idempotent statement of a revision, named by what it creates ("column retry_count",

@@ -12,13 +12,12 @@ from db.queries.common import TableStatements
 
 class AlertStatements(TableStatements):
     def _retries_ended_since(self) -> list[sa.ColumnElement]:
-        t, runs = self.t, self.runs
+        t = self.t
         return [
             # The ended-attempts index's own predicate, then what narrows it to retries that ran and ended.
             sa.or_(t.c.is_retry, t.c.failure_pattern.is_not(None)),
             t.c.completed_at >= sa.bindparam("sr_since"),
-            t.c.is_retry,
-            sa.or_(runs.in_state(t.c.status, "completed"), runs.in_state(t.c.status, "failed")),
+            self.retry_ended(t),
         ]
 
     def retry_failures(self) -> sa.Select:

@@ -82,6 +82,12 @@ class TableStatements:
         self.runs_ns = locks.namespace(runs.canonical_name, locks.RUNS)
         self.pauses = PauseRecords(t.schema, runs.canonical_name)
 
+    def retry_ended(self, source: sa.FromClause) -> sa.ColumnElement:
+        """A retry that ran and ended: completed or failed (a cancelled one never ran). What `stats`,
+        `stats --by` and the retry_failure_rate notification all count as a retry ended."""
+        ended = sa.or_(self.runs.in_state(source.c.status, "completed"), self.runs.in_state(source.c.status, "failed"))
+        return sa.and_(source.c.is_retry, ended)
+
     def _update(self) -> sa.Update:
         """`UPDATE` of the runs table, as every statement that changes a run starts: the row's
         bookkeeping time (the `updated_at` role, when the table has one) is set to now, so ETL that

@@ -86,9 +86,7 @@ def stats_by_group(q: ReportStatements, key: sa.ColumnElement, *, failing: bool 
     since = sa.bindparam("sr_since", type_=t.c.started_at.type)
     handled = sa.or_(t.c.is_retry, t.c.failure_pattern.is_not(None))
     ended_in_window = sa.and_(handled, t.c.completed_at >= sa.bindparam("sr_since", type_=t.c.completed_at.type))
-    retry_ended = sa.and_(
-        t.c.is_retry, sa.or_(runs.in_state(t.c.status, "completed"), runs.in_state(t.c.status, "failed"))
-    )
+    retry_ended = q.retry_ended(t)
     permanent = sa.and_(*q.permanently_failed_where())
     rows = (
         sa.select(

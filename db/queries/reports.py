@@ -245,17 +245,12 @@ class ReportStatements(LimitStatements):
             .subquery("ended")
         )
 
-    def _retry_ended(self, e: sa.Subquery) -> sa.ColumnElement:
-        """A retry that ran and ended: completed or failed (a cancelled one never ran)."""
-        ended = sa.or_(self.runs.in_state(e.c.status, "completed"), self.runs.in_state(e.c.status, "failed"))
-        return sa.and_(e.c.is_retry, ended)
-
     def stats_summary(self) -> sa.Select:
         """Retries ended in the window (succeeded, chains), retries cancelled in it, retries
         pending, executing here and handed to the fleet (queued, running) now, and stuck
         detections in the window."""
         e, t, runs = self._ended(), self.t, self.runs
-        ended = self._retry_ended(e)
+        ended = self.retry_ended(e)
         return sa.select(
             sa.func.count().filter(ended).label("retries"),
             sa.func.count().filter(ended, runs.in_state(e.c.status, "completed")).label("succeeded"),
@@ -277,7 +272,7 @@ class ReportStatements(LimitStatements):
                 sa.func.count().label("retries"),
                 sa.func.count().filter(runs.in_state(e.c.status, "completed")).label("succeeded"),
             )
-            .where(self._retry_ended(e))
+            .where(self.retry_ended(e))
             .group_by(e.c[key])
             .order_by(e.c[key].nulls_first())
         )
@@ -315,7 +310,7 @@ class ReportStatements(LimitStatements):
                     ),
                 ),
             )
-            .where(self._retry_ended(e))
+            .where(self.retry_ended(e))
         )
         counted = sa.union_all(failures, retries).subquery("counted")
         failed = sa.func.count().filter(~counted.c.is_retry)

@@ -7,7 +7,7 @@ Revises: 0002
 
 from sqlalchemy.engine import Dialect
 
-from db.migration_plan import Step, TablePlan, index_names, quote_table
+from db.migration_plan import Step, TablePlan, index_names, own_table_prefix, quote_table
 
 revision = "0003"
 down_revision = "0002"
@@ -18,8 +18,7 @@ depends_on = None
 def steps(plan: TablePlan, dialect: Dialect) -> list[Step]:
     table = quote_table(dialect, plan.qualified)
     newest = index_names(plan.qualified)["newest"]
-    schema = plan.qualified.rpartition(".")[0]
-    prefix = f"{dialect.identifier_preparer.quote(schema)}." if schema else ""
+    prefix = own_table_prefix(dialect, plan.qualified)
     started, run_id = plan.column("started_at"), plan.column("id")
     return [
         # Keyset pages (started_at, id) of ten million runs read a page's rows, never sort the table.

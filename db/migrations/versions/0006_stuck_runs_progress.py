@@ -12,7 +12,7 @@ Revises: 0005
 
 from sqlalchemy.engine import Dialect
 
-from db.migration_plan import Step, TablePlan
+from db.migration_plan import Step, TablePlan, own_table_prefix
 
 revision = "0006"
 down_revision = "0005"
@@ -23,9 +23,7 @@ PROGRESS_TABLE = "stuck_runs_progress"
 
 
 def steps(plan: TablePlan, dialect: Dialect) -> list[Step]:
-    quote = dialect.identifier_preparer.quote
-    schema = plan.qualified.rpartition(".")[0]
-    prefix = f"{quote(schema)}." if schema else ""
+    prefix = own_table_prefix(dialect, plan.qualified)
     return [
         Step(
             f"table {PROGRESS_TABLE}",

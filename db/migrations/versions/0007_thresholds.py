@@ -15,7 +15,7 @@ Revises: 0006
 
 from sqlalchemy.engine import Dialect
 
-from db.migration_plan import Step, TablePlan, quote_table
+from db.migration_plan import Step, TablePlan, own_table_prefix, quote_table
 from db.reflect import split_name
 
 revision = "0007"
@@ -31,8 +31,7 @@ def learning_index(qualified: str) -> str:
 
 def steps(plan: TablePlan, dialect: Dialect) -> list[Step]:
     table = quote_table(dialect, plan.qualified)
-    schema = plan.qualified.rpartition(".")[0]
-    prefix = f"{dialect.identifier_preparer.quote(schema)}." if schema else ""
+    prefix = own_table_prefix(dialect, plan.qualified)
     steps = [
         # One row per (runs table, kind) and one for runs of no kind (kind NULL), replaced together
         # by each computation; `learned_with` is the settings that shaped them (window, margin...).

@@ -7,7 +7,7 @@ Revises: 0007
 
 from sqlalchemy.engine import Dialect
 
-from db.migration_plan import Step, TablePlan
+from db.migration_plan import Step, TablePlan, own_table_prefix
 
 revision = "0008"
 down_revision = "0007"
@@ -16,8 +16,7 @@ depends_on = None
 
 
 def steps(plan: TablePlan, dialect: Dialect) -> list[Step]:
-    schema = plan.qualified.rpartition(".")[0]
-    prefix = f"{dialect.identifier_preparer.quote(schema)}." if schema else ""
+    prefix = own_table_prefix(dialect, plan.qualified)
     return [
         Step(
             "table stuck_runs_alerts",

@@ -10,7 +10,7 @@ Revises: 0008
 
 from sqlalchemy.engine import Dialect
 
-from db.migration_plan import Step, TablePlan
+from db.migration_plan import Step, TablePlan, own_table_prefix
 
 revision = "0009"
 down_revision = "0008"
@@ -19,8 +19,7 @@ depends_on = None
 
 
 def steps(plan: TablePlan, dialect: Dialect) -> list[Step]:
-    schema = plan.qualified.rpartition(".")[0]
-    prefix = f"{dialect.identifier_preparer.quote(schema)}." if schema else ""
+    prefix = own_table_prefix(dialect, plan.qualified)
     return [
         Step(
             "table stuck_runs_cancels",
