@@ -96,13 +96,20 @@ def test_a_retry_that_ignores_sigterm_is_killed_after_cancel_timeout(engine, db_
         proc.stop()
 
 
+# SIGTERM is ignored from the first line, so the cancel's SIGTERM cannot end the scraper before it
+# has written its completion (a slow start under load did, once): only CANCEL_TIMEOUT's SIGKILL
+# ends it, well after the completion is in. `ready` tells the test it is reading the requests.
 COMPLETES_THEN_HANGS = """
+import signal
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
 import os, sys, time
 import sqlalchemy as sa
 engine = sa.create_engine(os.environ["DATABASE_URL"])
 run_id = os.environ["SCRAPE_RUN_ID"]
 asked = sa.text("SELECT count(*) FROM stuck_runs_cancels WHERE run_id = :id")
 with engine.connect() as conn:
+    conn.execute(sa.text("SELECT 1"))
+    open(sys.argv[1], "w").close()
     while not conn.execute(asked, dict(id=run_id)).scalar_one():
         conn.rollback()
         time.sleep(0.02)
@@ -118,9 +125,11 @@ def test_a_cancel_that_races_the_run_s_own_completion_leaves_the_completion_stan
     _, retry = due(engine)
     script = tmp_path / "completes.py"
     script.write_text(COMPLETES_THEN_HANGS)
-    proc = executing(db_url, f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}")
+    ready = tmp_path / "ready"
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} {shlex.quote(str(ready))}"
+    proc = executing(db_url, command, CANCEL_TIMEOUT="3s")
     try:
-        wait_until(lambda: status(engine, retry) == "running", timeout=30)
+        wait_until(ready.exists, timeout=30)
         assert cli("cancel", str(retry), env={"DATABASE_URL": db_url}).returncode == 0
         assert proc.proc.wait(60) == 0  # its process was stopped all the same
     finally:
