@@ -104,3 +104,50 @@ class InProcessWeb:
         for http in self.clients:
             http.close()
         self.app.close()
+
+
+class ThreadedWebServer(InProcessWeb):
+    """The app `serve` builds, served as `serve` serves it (uvicorn with serve's options, on a
+    loopback socket) from a thread of this process: for a browser, which needs a real socket but
+    not a process of its own (a `serve` process costs ~1 s of imports; its start, bind and log are
+    WebServer's tests). Same `client(token)` and `base` as WebServer: real HTTP."""
+
+    def __init__(self, db_url: str, **env: str) -> None:
+        import threading
+
+        import uvicorn
+
+        super().__init__(db_url, **env)
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=10,
+            lifespan="off",
+        )
+        self.server = uvicorn.Server(config)
+        listening = socket.socket()
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        listening.bind(("127.0.0.1", self.port))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [listening]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise AssertionError("the threaded server did not start within 30 s")
+            time.sleep(0.02)
+
+    def client(self, token: str | None = None, **headers: str) -> httpx.Client:
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return httpx.Client(base_url=self.base, headers=headers, timeout=30, follow_redirects=False)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the threaded server did not stop within 30 s"
+        super().stop()

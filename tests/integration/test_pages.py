@@ -33,7 +33,7 @@ from tests.helpers import insert_run, make_runtime, rows
 from tests.integration.test_api import failed_run, snapshot
 from tests.integration.test_api_auth import signed_in
 from tests.integration.test_cli import cli
-from tests.web import ADMIN, READER, InProcessWeb, WebServer
+from tests.web import ADMIN, READER, InProcessWeb, ThreadedWebServer, WebServer
 
 pytestmark = pytest.mark.slow
 NOW = datetime.now(timezone.utc)
@@ -362,6 +362,15 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
+@pytest.fixture
+def page_server(db_url):
+    """`serve`'s app on a real socket for the browser, from a thread of this process: the browser
+    tests but the first (which drives a real `serve` process) need the pages, not the process."""
+    server = ThreadedWebServer(db_url)
+    yield server
+    server.stop()
+
+
 def until(driver, condition, timeout: float = 20):
     """`condition` met within `timeout`; asked again when the page replaced an element while it read it
     (a refresh swaps #live: the element it found can be gone by the time it reads its text)."""
@@ -500,7 +509,7 @@ def test_a_pending_retry_s_make_due_now_button_is_an_admin_s_and_same_origin(web
     admin.close()
 
 
-def test_in_a_browser_an_admin_makes_a_pending_retry_due_now(browser, served, engine):
+def test_in_a_browser_an_admin_makes_a_pending_retry_due_now(browser, page_server, engine):
     from selenium.webdriver.common.by import By
 
     from tests.helpers import insert_due_retry
@@ -508,8 +517,8 @@ def test_in_a_browser_an_admin_makes_a_pending_retry_due_now(browser, served, en
     later = datetime.now(timezone.utc) + timedelta(hours=3)
     with engine.begin() as conn:
         root, retry = insert_due_retry(conn, due=later)
-    sign_in(browser, served, ADMIN, first=f"/runs/{root}")
-    browser.get(f"{served.base}/runs/{root}")
+    sign_in(browser, page_server, ADMIN, first=f"/runs/{root}")
+    browser.get(f"{page_server.base}/runs/{root}")
     due_now = f'button[data-post="/api/runs/{retry}/due-now"]'
     button = until(browser, lambda d: d.find_element(By.CSS_SELECTOR, due_now))
     assert button.text == "Make due now"
@@ -523,25 +532,25 @@ def test_in_a_browser_an_admin_makes_a_pending_retry_due_now(browser, served, en
     assert no_alert(browser)
 
 
-def test_in_a_browser_a_script_in_a_query_is_shown_as_text_and_never_run(browser, served, engine):
+def test_in_a_browser_a_script_in_a_query_is_shown_as_text_and_never_run(browser, page_server, engine):
     from selenium.webdriver.common.by import By
 
     hostile = failed_run(engine, search_query=SCRIPT, error_message='<img src=x onerror="alert(2)">')
-    sign_in(browser, served, READER)
+    sign_in(browser, page_server, READER)
     for path in ("/runs", f"/runs/{hostile}"):
-        browser.get(served.base + path)
+        browser.get(page_server.base + path)
         until(browser, lambda d: d.find_elements(By.ID, "live"))
         assert no_alert(browser), path
         assert SCRIPT in browser.find_element(By.ID, "live").text, path
     assert browser.execute_script("return document.querySelectorAll('#live script, #live img').length") == 0
 
 
-def test_in_a_browser_pages_follow_the_system_s_dark_mode(browser, served, engine, db_url):
+def test_in_a_browser_pages_follow_the_system_s_dark_mode(browser, page_server, engine, db_url):
     from selenium.webdriver.common.by import By
 
     week_of_activity(engine, db_url)
     run_id = spent_chain(engine)
-    sign_in(browser, served, READER)
+    sign_in(browser, page_server, READER)
     background = "return getComputedStyle(document.body).backgroundColor"
     browser.execute_cdp_cmd(
         "Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "light"}]}
@@ -552,7 +561,7 @@ def test_in_a_browser_pages_follow_the_system_s_dark_mode(browser, served, engin
     )
     dark = browser.execute_script(background)
     screenshot(browser, "overview-dark")
-    browser.get(f"{served.base}/runs/{run_id}")
+    browser.get(f"{page_server.base}/runs/{run_id}")
     until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "ol.timeline"))
     assert browser.execute_script(background) == dark
     screenshot(browser, "chain-dark")
@@ -561,14 +570,14 @@ def test_in_a_browser_pages_follow_the_system_s_dark_mode(browser, served, engin
     assert sum(map(int, re.findall(r"\d+", dark)[:3])) < 150 < sum(map(int, re.findall(r"\d+", light)[:3]))
 
 
-def test_in_a_browser_a_read_only_session_has_no_retry_button_and_signs_out(browser, served, engine):
+def test_in_a_browser_a_read_only_session_has_no_retry_button_and_signs_out(browser, page_server, engine):
     from selenium.webdriver.common.by import By
 
     run_id = failed_run(engine)
     dead_letter(engine, spent_chain(engine), "Traceback ...")
-    sign_in(browser, served, READER, first=f"/runs/{run_id}")
+    sign_in(browser, page_server, READER, first=f"/runs/{run_id}")
     for path in (f"/runs/{run_id}", "/dead-letters"):
-        browser.get(served.base + path)
+        browser.get(page_server.base + path)
         until(browser, lambda d: d.find_elements(By.ID, "live"))
         assert browser.find_elements(By.TAG_NAME, "button") == [
             browser.find_element(By.CSS_SELECTOR, ".sign-out button")
@@ -576,30 +585,30 @@ def test_in_a_browser_a_read_only_session_has_no_retry_button_and_signs_out(brow
         assert "Retry (" not in browser.find_element(By.ID, "live").text
     browser.find_element(By.CSS_SELECTOR, ".sign-out button").click()
     until(browser, lambda d: urlsplit(d.current_url).path == "/login")
-    browser.get(served.base + "/stats")
+    browser.get(page_server.base + "/stats")
     assert urlsplit(browser.current_url).path == "/login"  # signed out
 
 
-def test_in_a_browser_a_visible_page_refreshes_itself(browser, served, engine):
+def test_in_a_browser_a_visible_page_refreshes_itself(browser, page_server, engine):
     from selenium.webdriver.common.by import By
 
     run_id = failed_run(engine)
-    sign_in(browser, served, READER)
-    browser.get(f"{served.base}/runs/{run_id}")
+    sign_in(browser, page_server, READER)
+    browser.get(f"{page_server.base}/runs/{run_id}")
     browser.execute_script("window.stillThisDocument = true")
     assert "pending_retry" not in browser.find_element(By.ID, "live").text
-    with served.client(ADMIN) as http:
+    with page_server.client(ADMIN) as http:
         assert http.post(f"/api/runs/{run_id}/retry").status_code == 200
     until(browser, lambda d: "pending_retry" in d.find_element(By.ID, "live").text, timeout=25)
     assert browser.execute_script("return window.stillThisDocument") is True  # refreshed in place, not reloaded
 
 
-def test_in_a_browser_a_hidden_page_does_not_refresh(browser, served, engine):
+def test_in_a_browser_a_hidden_page_does_not_refresh(browser, page_server, engine):
     from selenium.webdriver.common.by import By
 
     run_id = failed_run(engine)
-    sign_in(browser, served, READER)
-    browser.get(f"{served.base}/runs/{run_id}")
+    sign_in(browser, page_server, READER)
+    browser.get(f"{page_server.base}/runs/{run_id}")
     until(browser, lambda d: d.find_elements(By.ID, "live"))
     browser.execute_script(
         """
@@ -840,7 +849,7 @@ def test_a_busy_hour_is_never_a_sliver_in_the_chart():
     assert bars[0]["ok_height"] == pytest.approx(160) and bars[0]["failed_height"] == 0
 
 
-def test_in_a_browser_an_admin_cancels_a_pending_retry_on_its_chain(browser, served, engine):
+def test_in_a_browser_an_admin_cancels_a_pending_retry_on_its_chain(browser, page_server, engine):
     from selenium.webdriver.common.by import By
 
     root = failed_run(engine)
@@ -853,7 +862,7 @@ def test_in_a_browser_an_admin_cancels_a_pending_retry_on_its_chain(browser, ser
             original_run_id=root,
             next_retry_at=NOW + timedelta(hours=1),
         )
-    sign_in(browser, served, ADMIN, first=f"/runs/{root}")
+    sign_in(browser, page_server, ADMIN, first=f"/runs/{root}")
     button = until(browser, lambda d: d.find_element(By.XPATH, "//button[text()='Cancel retry']"))
     button.click()
     until(browser, lambda d: "cancelled" in d.find_element(By.ID, "live").text)
@@ -865,38 +874,38 @@ def test_in_a_browser_an_admin_cancels_a_pending_retry_on_its_chain(browser, ser
     assert re.fullmatch(r"updated \d\d:\d\d:\d\d UTC|", browser.find_element(By.ID, "refresh-state").text)
 
 
-def test_in_a_browser_an_admin_pauses_retries_for_a_while_and_resumes_them(browser, served, engine):
+def test_in_a_browser_an_admin_pauses_retries_for_a_while_and_resumes_them(browser, page_server, engine):
     from selenium.webdriver.common.by import By
 
-    sign_in(browser, served, ADMIN)
+    sign_in(browser, page_server, ADMIN)
     browser.find_element(By.ID, "pause-for").send_keys("2h")
     browser.find_element(By.XPATH, "//button[text()='Pause retries']").click()
     until(browser, lambda d: d.find_elements(By.XPATH, "//button[text()='Resume retries']"))
-    with served.client(READER) as http:
+    with page_server.client(READER) as http:
         pause = http.get("/api/status").json()["data"]["pause"]
     until_ = datetime.fromisoformat(pause["until"])
     assert timedelta(minutes=119) < until_ - datetime.now(timezone.utc) <= timedelta(hours=2)
     assert pause["paused_by"].startswith("api on ")
     browser.find_element(By.XPATH, "//button[text()='Resume retries']").click()
     until(browser, lambda d: d.find_elements(By.ID, "pause-for"))
-    with served.client(READER) as http:
+    with page_server.client(READER) as http:
         assert http.get("/api/status").json()["data"]["pause"] is None
     # The refresh time, as every time on the pages: UTC.
     browser.execute_script('document.getElementById("live").dataset.refresh = "1"')
-    browser.get(served.base + "/")
+    browser.get(page_server.base + "/")
     browser.execute_script('document.getElementById("live").dataset.refresh = "1"')
     until(browser, lambda d: d.find_element(By.ID, "refresh-state").text)
     assert re.fullmatch(r"updated \d\d:\d\d:\d\d UTC", browser.find_element(By.ID, "refresh-state").text)
 
 
-def test_in_a_browser_a_read_only_session_has_no_pause_or_cancel_button(browser, served, engine):
+def test_in_a_browser_a_read_only_session_has_no_pause_or_cancel_button(browser, page_server, engine):
     from selenium.webdriver.common.by import By
 
     root = failed_run(engine)
     with engine.begin() as conn:
         insert_run(conn, status="pending_retry", is_retry=True, retry_count=1, original_run_id=root, next_retry_at=NOW)
-    sign_in(browser, served, READER)
+    sign_in(browser, page_server, READER)
     assert not browser.find_elements(By.ID, "pause-for")
-    browser.get(f"{served.base}/runs/{root}")
+    browser.get(f"{page_server.base}/runs/{root}")
     until(browser, lambda d: d.find_elements(By.ID, "inputs"))
     assert not browser.find_elements(By.XPATH, "//button[text()='Cancel retry']")
