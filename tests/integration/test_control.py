@@ -14,7 +14,7 @@ from jobs.events import PauseBegan, PauseEnded
 from tests.daemons import DaemonProcess, wait_until
 from tests.helpers import insert_due_retry, insert_run, make_runtime, row, rows
 from tests.integration.test_cli import cli, one_line_error
-from tests.web import ADMIN, READER, WebServer
+from tests.web import ADMIN, READER, InProcessWeb
 
 pytestmark = pytest.mark.slow
 NOW = datetime.now(timezone.utc)
@@ -169,7 +169,7 @@ def test_bad_pause_length_is_one_line_and_exit_2(db_url):
 
 def test_cancel_pause_and_resume_over_the_api(engine, db_url):
     root, retry = due_retry(engine)
-    web = WebServer(db_url)
+    web = InProcessWeb(db_url)
     try:
         with web.client(READER) as reader:
             assert reader.post(f"/api/runs/{root}/cancel").status_code == 403
@@ -310,7 +310,7 @@ def test_bulk_retry_says_how_many_matched_beyond_its_limit_and_lists_every_skip_
     assert "cancelled" in reasons["Bulk cancelled in Belgium"], reasons
     text = cli("retry", "--error-like", "%503%", "--dry-run", env=env).stdout
     assert "2 skipped" in text.splitlines()[0] and "Bulk cancelled in Belgium" in text, text
-    server = WebServer(db_url)
+    server = InProcessWeb(db_url)
     try:
         with server.client(ADMIN) as http:
             answer = http.post("/api/runs/retry", json={"error_like": "%503%", "limit": 3}).json()
@@ -344,7 +344,7 @@ def test_bulk_cancel_says_how_many_matched_beyond_its_limit_over_cli_json_and_ap
     assert "--limit 5" in preview.stdout
     report = json.loads(cli("cancel", "--search-query", "Blocked%", "--limit", "2", "--json", env=env).stdout)
     assert report["matched"] == 5 and len(report["cancelled"]) == 2 and report["skipped"] == []
-    server = WebServer(db_url)
+    server = InProcessWeb(db_url)
     try:
         with server.client(ADMIN) as http:
             preview = http.post("/api/runs/cancel", json={"search_query": "Blocked%", "limit": 2}).json()
@@ -378,7 +378,7 @@ def test_process_status_api_and_overview_say_why_due_retries_wait(engine, db_url
     assert as_json["waiting"]["due"] == 2 and as_json["waiting"]["message"].startswith("2 due retries held by a pause")
     status = cli("status", env=env)
     assert "2 due retries held by a pause until resumed by cli on " in status.stdout, status.stdout
-    server = WebServer(db_url)
+    server = InProcessWeb(db_url)
     try:
         with server.client(READER) as http:
             api = http.get("/api/status").json()["data"]
