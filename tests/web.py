@@ -42,7 +42,7 @@ class WebServer(DaemonProcess):
         self.base = f"http://127.0.0.1:{self.port}"
         self._wait_ready(ready)
 
-    def _wait_ready(self, health: int = 200, timeout: float = 30) -> None:
+    def _wait_ready(self, health: int = 200, timeout: float = 120) -> None:
         """Until /api/health answers `health` (503: serving, its database not reached yet)."""
         deadline = time.monotonic() + timeout
         # One client for the polls: each new one loads the CA bundle (~25 ms of CPU) for plain HTTP.
