@@ -40,7 +40,12 @@ class WebServer(DaemonProcess):
             settings = {"ADMIN_TOKEN": ADMIN, "READ_TOKEN": READER, **settings}
         super().__init__(db_url, sys.executable, "-m", "scheduler", "serve", *args, **settings)
         self.base = f"http://127.0.0.1:{self.port}"
-        self._wait_ready(ready)
+        try:
+            self._wait_ready(ready)
+        except BaseException:
+            # Ended here: a serve left running is a ResourceWarning failing whichever test comes next.
+            self.kill()
+            raise
 
     def _wait_ready(self, health: int = 200, timeout: float = 120) -> None:
         """Until /api/health answers `health` (503: serving, its database not reached yet)."""
