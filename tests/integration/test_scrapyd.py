@@ -195,7 +195,7 @@ def test_cancel_asks_scrapyd_then_kills_a_job_that_ignores_it(db_url, scrapyd, o
     run_ = Run(retry, "running", "")
     executor = rt.executor
     assert isinstance(executor, Cancels)  # what the cancel of SPEC §16 asks an engine for
-    wait_until(lambda: (scrapyd.home / f"{retry}.hanging").exists(), timeout=30)
+    wait_until(lambda: (scrapyd.home / f"{retry}.hanging").exists(), timeout=120)  # a Scrapy start under load
     assert executor.still_running(run_)
     assert "it was running" in executor.cancel(run_, kill=False)
     assert not threading.Event().wait(1.5)  # the spider's grace: it does not stop
