@@ -74,7 +74,9 @@ WITH roots AS (
 INSERT INTO scrape_runs (search_query, location_query, status, is_retry, original_run_id, retry_count, next_retry_at)
 SELECT 'write', 'Belgium', 'pending_retry', true, id, 1, now() - interval '1 minute' FROM roots
 """
-FINISH = "UPDATE scrape_runs SET status = 'completed', completed_at = now() WHERE status = 'running' AND handed_off = :mode"
+FINISH = (
+    "UPDATE scrape_runs SET status = 'completed', completed_at = now() WHERE status = 'running' AND handed_off = :mode"
+)
 SESSIONS = "SELECT count(*) FROM pg_stat_activity WHERE datname = :db AND application_name LIKE 'stuck-runs%'"
 PENDING = "SELECT count(*) FROM scrape_runs WHERE status = 'pending_retry'"
 HANDED = "SELECT count(*) FROM scrape_runs WHERE is_retry AND handed_off = :mode AND status <> 'pending_retry'"
@@ -242,6 +244,20 @@ def seed(url: str, retries: int) -> None:
     engine.dispose()
 
 
+def create_database(server_url: str) -> str:
+    """The bench's database, its table migrated (empty); its URL."""
+    with admin(server_url).connect() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {NAME} WITH (FORCE)")
+        conn.exec_driver_sql(f"CREATE DATABASE {NAME}")
+    url = database_url(server_url, NAME)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(TABLE)
+    migrate(engine, "scrape_runs")
+    engine.dispose()
+    return url
+
+
 def floor(engine: Engine, retries: int, cap: int) -> dict:
     engine.reset()
     with engine.client(cap) as send:
@@ -332,15 +348,7 @@ def run(engines: list[str], plan: list[tuple[int, int]], rounds: int) -> dict:
     server_url, server = start_server(work)
     results: dict = {"plan": plan, "rounds": rounds, "load_before": load(), "results": []}
     try:
-        with admin(server_url).connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {NAME} WITH (FORCE)")
-            conn.exec_driver_sql(f"CREATE DATABASE {NAME}")
-        url = database_url(server_url, NAME)
-        engine = make_engine(url)
-        with engine.begin() as conn:
-            conn.exec_driver_sql(TABLE)
-        migrate(engine, "scrape_runs")
-        engine.dispose()
+        url = create_database(server_url)
         with ExitStack() as stack:
             for name in engines:
                 started = STARTS[name](work, url)
