@@ -145,8 +145,8 @@ def start_scrapyd_engine(work: Path, url: str) -> Engine:
         "scrapyd_spider": "rows",
         "scrapyd_args": (("mode", "{search_query}"),),
     }
-    with client(50) as send:  # warm-up: the project's spider list, read once by Scrapyd
-        for i in range(50):
+    with client(1) as send:  # warm-up: the project's spider list, read once by Scrapyd
+        for i in range(5):
             send(i)
     return Engine("scrapyd", settings, client, stops=[scrapyd.stop])
 
