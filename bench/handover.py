@@ -350,12 +350,14 @@ def run(engines: list[str], plan: list[tuple[int, int]], rounds: int) -> dict:
     try:
         url = create_database(server_url)
         with ExitStack() as stack:
+            started = []
             for name in engines:
-                started = STARTS[name](work, url)
-                for stop in started.stops:
+                started.append(STARTS[name](work, url))
+                for stop in started[-1].stops:
                     stack.callback(stop)
-                for cap, retries in plan:
-                    results["results"].append(measure(started, url, cap, retries, rounds))
+            for cap, retries in plan:  # the plan's first cap for every engine first: it is what counts
+                for engine in started:
+                    results["results"].append(measure(engine, url, cap, retries, rounds))
         results["load_after"] = load()
     finally:
         if server is not None:
