@@ -64,3 +64,15 @@ def test_a_few_chaos_trials_find_no_violation():
     assert webhook["acknowledged"] > 0 and webhook["handed_off"] > 0
     assert handoff["worker_claims"] > 0 and handoff["handed_off"] > 0
     assert result.returncode == 0
+
+
+def test_the_hand_over_bench_hands_every_retry_to_each_engine_on_a_small_pool(tmp_path):
+    figures = tmp_path / "handover.json"
+    result = run("-m", "bench.handover", "--plan", "4:10", "--json", str(figures), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads(figures.read_text())["results"]
+    assert [r["engine"] for r in results] == ["scrapyd", "celery", "webhook"]
+    for engine in results:
+        assert engine["all_handed"] and engine["pass_errors"] == 0, engine
+        assert engine["floor_refused"] == 0, engine  # the floor handed as many, so the ratio compares like with like
+        assert 1 <= engine["peak_sessions"] <= 8, engine  # SPEC §12: a small pool whatever the cap

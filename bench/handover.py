@@ -1,0 +1,390 @@
+"""Retries handed over to Scrapyd, Celery and a webhook (SPEC §12, §16), each beside the same
+engine driven directly by a bare client at the same concurrency (the floor), in one run.
+
+    python -m bench.handover [--engines scrapyd celery webhook] [--plan 100:10000 1:1000 256:1000]
+                             [--rounds 1] [--json PATH]
+
+Every engine is real and on loopback, and its fleet "finishes at once", so the hand-over is what
+is measured, not the fleet:
+- Scrapyd (tests/scrapyd_fleet.py's tiny project) queues the jobs and starts none (a poll interval
+  of an hour);
+- Celery sends to a real redis-server; no worker consumes (one would share the machine's two
+  cores with both contenders and measure its own pool; its task writing the row is the fleet);
+- for both, a thread completes every handed-over row the moment it reads `running`, as a spider
+  or a task writing its outcome conditionally on `running` would, so the cap's slots come free
+  at once;
+- the webhook's receiver is tests/receiver.py in fleet mode with `--at-once` (bench/receiver.py:
+  with a real server's listen backlog): it writes the row `completed` (conditionally on
+  `running`) before it answers.
+
+For each engine and each `cap:retries` of the plan, `--rounds` times, interleaved:
+- the floor: `cap` threads handing `retries` fresh ids to the engine through one pooled client and
+  nothing else (no database, no mark, no confirm): Scrapyd's schedule.json POSTs, Celery's
+  `send_task`, the receiver's POSTs (same body shape, an Idempotency-Key each);
+- ours: `process_due_retries` (what `stuck-runs process` runs) at MAX_CONCURRENT_RETRIES=`cap`
+  over `retries` due retries, in passes until none is pending; beside it, the most sessions the
+  process held at one time, sampled from pg_stat_activity every 5 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import sqlalchemy as sa
+from loguru import logger
+
+from bench.data import admin, database_url, start_server
+from db.engine import make_engine
+from db.errors import DatabaseUnavailable
+from db.migrate import migrate
+from jobs.retries import process_due_retries
+from jobs.rules import RetryPolicy
+from jobs.runtime import Runtime
+from jobs.settings import Settings
+
+NAME = "bench_handover"
+ENGINES = ("scrapyd", "celery", "webhook")
+PLAN = ("100:10000", "1:1000", "256:1000")
+TASK = "fleet.scrape"
+TABLE = """CREATE TABLE scrape_runs (id UUID PRIMARY KEY DEFAULT gen_random_uuid(), search_query TEXT NOT NULL,
+ location_query TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'running', error_message TEXT, started_at TIMESTAMPTZ,
+ completed_at TIMESTAMPTZ, config JSONB NOT NULL DEFAULT '{}', user_id INTEGER)"""
+DUE = """
+WITH roots AS (
+    INSERT INTO scrape_runs (search_query, location_query, status, started_at, completed_at, next_retry_at)
+    SELECT 'write', 'Belgium', 'failed', now() - interval '2 hours', now() - interval '1 hour',
+           now() - interval '1 minute'
+    FROM generate_series(1, :n) RETURNING id
+)
+INSERT INTO scrape_runs (search_query, location_query, status, is_retry, original_run_id, retry_count, next_retry_at)
+SELECT 'write', 'Belgium', 'pending_retry', true, id, 1, now() - interval '1 minute' FROM roots
+"""
+FINISH = (
+    "UPDATE scrape_runs SET status = 'completed', completed_at = now() WHERE status = 'running' AND handed_off = :mode"
+)
+SESSIONS = "SELECT count(*) FROM pg_stat_activity WHERE datname = :db AND application_name LIKE 'stuck-runs%'"
+PENDING = "SELECT count(*) FROM scrape_runs WHERE status = 'pending_retry'"
+HANDED = "SELECT count(*) FROM scrape_runs WHERE is_retry AND handed_off = :mode AND status <> 'pending_retry'"
+
+
+class Background(threading.Thread):
+    """Runs `sql` over and over until stopped; `most` keeps the largest number it returned."""
+
+    def __init__(self, url: str, sql: str, params: dict | None = None) -> None:
+        super().__init__(daemon=True)
+        self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        self.sql, self.params, self.most, self.halt = sa.text(sql), params or {}, 0, threading.Event()
+
+    def run(self) -> None:
+        with self.engine.connect() as conn:
+            while not self.halt.is_set():
+                result = conn.execute(self.sql, self.params)
+                self.most = max(self.most, result.scalar_one() if result.returns_rows else 0)
+                conn.commit()
+                self.halt.wait(0.005)
+
+    def stop(self) -> int:
+        self.halt.set()
+        self.join()
+        self.engine.dispose()
+        return self.most
+
+
+@dataclass
+class Engine:
+    """One engine on loopback: the settings that hand retries to it, a bare client's hand-over
+    of one fresh id (`client(cap)` opens it, yields `send`), and whether a thread must play the
+    fleet that finishes at once (the receiver finishes its rows itself)."""
+
+    name: str
+    settings: dict
+    client: Callable[[int], object]  # a context manager yielding send(i) -> bool
+    finisher: bool = True
+    reset: Callable[[], None] = lambda: None  # between runs: the engine's queue emptied
+    stops: list[Callable[[], None]] = field(default_factory=list)
+
+
+def start_scrapyd_engine(work: Path, url: str) -> Engine:
+    from jobs.settings.scrapyd_parsers import ScrapydUrl
+    from tests.scrapyd_fleet import PROJECT, start_scrapyd
+
+    scrapyd = start_scrapyd(work / "scrapyd", poll_interval=3600, max_proc=1)
+
+    @contextmanager
+    def client(cap: int) -> Iterator[Callable[[int], bool]]:
+        limits = httpx.Limits(max_connections=cap, max_keepalive_connections=cap)
+        with httpx.Client(limits=limits, timeout=30, trust_env=False) as http:
+
+            def send(_: int) -> bool:
+                form = {"project": PROJECT, "spider": "rows", "jobid": str(uuid.uuid4()), "mode": "write"}
+                try:
+                    return http.post(f"{scrapyd.url}/schedule.json", data=form).json()["status"] == "ok"
+                except httpx.HTTPError:  # Scrapyd's listen backlog (50) overflows past ~100 at once: reset
+                    return False
+
+            yield send
+
+    settings = {
+        "scrapyd_url": ScrapydUrl(scrapyd.url),
+        "scrapyd_project": PROJECT,
+        "scrapyd_spider": "rows",
+        "scrapyd_args": (("mode", "{search_query}"),),
+    }
+    with client(1) as send:  # warm-up: the project's spider list, read once by Scrapyd
+        for i in range(5):
+            send(i)
+    return Engine("scrapyd", settings, client, stops=[scrapyd.stop])
+
+
+def start_celery_engine(work: Path, url: str) -> Engine:
+    import celery
+    import redis
+
+    from tests.scrapyd_fleet import free_port
+
+    server = shutil.which("redis-server")
+    if server is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    broker = f"redis://127.0.0.1:{port}/0"
+    store = redis.Redis.from_url(broker)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            store.ping()
+            break
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("redis-server did not start") from None
+            time.sleep(0.05)
+
+    @contextmanager
+    def client(cap: int) -> Iterator[Callable[[int], bool]]:
+        # The executor's own app configuration but none of its code: send_task, nothing else.
+        app = celery.Celery("bench-floor", broker=broker, set_as_current=False)
+        app.conf.update(broker_connection_retry=False, task_create_missing_queues=True, result_backend=None)
+
+        def send(_: int) -> bool:
+            run_id = str(uuid.uuid4())
+            kwargs = {"search_query": "write", "location_query": "Belgium", "run_id": run_id}
+            app.send_task(TASK, task_id=run_id, kwargs=kwargs, retry=False)
+            return True
+
+        try:
+            yield send
+        finally:
+            app.close()
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(10)
+
+    return Engine(
+        "celery", {"celery_broker_url": broker, "celery_task": TASK}, client, reset=store.flushdb, stops=[stop]
+    )
+
+
+def start_webhook_engine(work: Path, url: str) -> Engine:
+    from bench.receiver import start
+
+    receiver = start(work, url.replace("postgresql+psycopg2://", "postgresql://", 1), "scrape_runs")
+
+    @contextmanager
+    def client(cap: int) -> Iterator[Callable[[int], bool]]:
+        limits = httpx.Limits(max_connections=cap, max_keepalive_connections=cap)
+        with httpx.Client(limits=limits, timeout=30, trust_env=False) as http:
+
+            def send(_: int) -> bool:
+                run_id = str(uuid.uuid4())
+                body = {"search_query": "write", "location_query": "Belgium", "id": run_id, "retry_count": 1}
+                headers = {"Idempotency-Key": run_id}
+                try:
+                    return http.post(f"{receiver.url}/runs", json=body, headers=headers).is_success
+                except httpx.TransportError:  # what ours would postpone
+                    return False
+
+            yield send
+
+    def reset() -> None:
+        receiver.log.write_text("")  # its log of every request, so it does not grow across runs
+
+    return Engine("webhook", {"webhook": f"{receiver.url}/runs"}, client, False, reset, [receiver.stop])
+
+
+STARTS = {"scrapyd": start_scrapyd_engine, "celery": start_celery_engine, "webhook": start_webhook_engine}
+
+
+def seed(url: str, retries: int) -> None:
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE scrape_runs"))
+        conn.execute(sa.text(DUE), {"n": retries})
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("VACUUM ANALYZE scrape_runs")
+    engine.dispose()
+
+
+def create_database(server_url: str) -> str:
+    """The bench's database, its table migrated (empty); its URL."""
+    with admin(server_url).connect() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {NAME} WITH (FORCE)")
+        conn.exec_driver_sql(f"CREATE DATABASE {NAME}")
+    url = database_url(server_url, NAME)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(TABLE)
+    migrate(engine, "scrape_runs")
+    engine.dispose()
+    return url
+
+
+def floor(engine: Engine, retries: int, cap: int) -> dict:
+    engine.reset()
+    with engine.client(cap) as send:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(cap) as pool:
+            done = sum(pool.map(send, range(retries)))
+        seconds = time.perf_counter() - started
+    return {"handed": done, "refused": retries - done, "seconds": round(seconds, 2), "per_second": done / seconds}
+
+
+def ours(engine: Engine, url: str, retries: int, cap: int) -> dict:
+    seed(url, retries)
+    engine.reset()
+    settings = Settings(
+        database_url=url, policy=RetryPolicy(), max_concurrent_retries=cap, log_level="WARNING", **engine.settings
+    )
+    fleet = Background(url, FINISH, {"mode": engine.name}) if engine.finisher else None
+    sessions = Background(url, SESSIONS, {"db": NAME})
+    if fleet:
+        fleet.start()
+    sessions.start()
+    rt = Runtime.open(settings, executes=True)
+    started = time.perf_counter()
+    handed = passes = 0
+    errors: list[str] = []
+    try:
+        while True:
+            passes += 1
+            try:
+                handed += process_due_retries(rt).handed_off
+            except DatabaseUnavailable as exc:  # the pass ends on it; a daemon's next poll goes on
+                errors.append(str(exc).split(" at postgresql")[0])
+            with rt.engine.connect() as conn:
+                if not conn.execute(sa.text(PENDING)).scalar():
+                    break
+        seconds = time.perf_counter() - started
+        with rt.engine.connect() as conn:  # a pass that ended on an error left its marked retries handed
+            handed = conn.execute(sa.text(HANDED), {"mode": engine.name}).scalar_one()
+    finally:
+        rt.close()
+        if fleet:
+            fleet.stop()
+    return {
+        "handed": handed,
+        "seconds": round(seconds, 2),
+        "per_second": handed / seconds,
+        "passes": passes,
+        "pass_errors": errors,
+        "peak_sessions": sessions.stop(),
+    }
+
+
+def measure(engine: Engine, url: str, cap: int, retries: int, rounds: int) -> dict:
+    """`rounds` times the floor then ours, interleaved; the medians, and every run."""
+    floors, ourses = [], []
+    for _ in range(rounds):
+        floors.append(floor(engine, retries, cap))
+        ourses.append(ours(engine, url, retries, cap))
+        print(
+            f"  {engine.name:<8} cap {cap:>3}, {retries:>6,} retries: floor {floors[-1]['per_second']:8.1f}/s "
+            f"ours {ourses[-1]['per_second']:8.1f}/s (peak sessions {ourses[-1]['peak_sessions']}, "
+            f"{ourses[-1]['handed']:,} handed, {len(ourses[-1]['pass_errors'])} pass(es) ended on an error)",
+            flush=True,
+        )
+    floor_rate = statistics.median(f["per_second"] for f in floors)
+    our_rate = statistics.median(o["per_second"] for o in ourses)
+    return {
+        "engine": engine.name,
+        "cap": cap,
+        "retries": retries,
+        "floor_per_second": round(floor_rate, 1),
+        "ours_per_second": round(our_rate, 1),
+        "ratio": round(floor_rate / our_rate, 2),
+        "peak_sessions": max(o["peak_sessions"] for o in ourses),
+        "floor_refused": sum(f["refused"] for f in floors),
+        "all_handed": all(o["handed"] == retries for o in ourses),
+        "pass_errors": sum(len(o["pass_errors"]) for o in ourses),
+        "runs": {"floor": floors, "ours": ourses},
+    }
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def run(engines: list[str], plan: list[tuple[int, int]], rounds: int) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="stuck-runs-bench-handover-"))
+    server_url, server = start_server(work)
+    results: dict = {"plan": plan, "rounds": rounds, "load_before": load(), "results": []}
+    try:
+        url = create_database(server_url)
+        with ExitStack() as stack:
+            started = []
+            for name in engines:
+                started.append(STARTS[name](work, url))
+                for stop in started[-1].stops:
+                    stack.callback(stop)
+            for cap, retries in plan:  # the plan's first cap for every engine first: it is what counts
+                for engine in started:
+                    results["results"].append(measure(engine, url, cap, retries, rounds))
+        results["load_after"] = load()
+    finally:
+        if server is not None:
+            server.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def parse_plan(items: list[str]) -> list[tuple[int, int]]:
+    return [(int(cap), int(retries)) for cap, _, retries in (item.partition(":") for item in items)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.handover", description=__doc__.split("\n")[0])
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--plan", nargs="+", default=list(PLAN), help="CAP:RETRIES pairs")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args(argv)
+    logger.remove()  # a line per retry on a terminal would be measured too
+    logger.add(sys.stderr, level="WARNING")
+    results = run(args.engines, parse_plan(args.plan), args.rounds)
+    summary = [{k: v for k, v in r.items() if k != "runs"} for r in results["results"]]
+    print(json.dumps({**{k: v for k, v in results.items() if k != "results"}, "results": summary}, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
