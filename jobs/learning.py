@@ -182,7 +182,10 @@ def compute(
     """Every kind's history in the window ending `now`, from the counts `found` moved on (or counted
     from scratch), with the limits learned by `rule` for kinds with at least `learn.min_runs` runs.
     With `write`, the moved counts replace the stored ones (the caller holds the learning lock)."""
-    rows = conn.execute(q.runtimes(), counting_plan(found, now, learn.window)).all()
+    plan = counting_plan(found, now, learn.window)
+    # Moved on: the stored counts and two small ranges. From scratch: the whole window, in the
+    # order of the index that groups it (revision 0010).
+    rows = conn.execute(q.runtimes() if plan["sr_keep"] else q.first_count(), plan).all()
     if write:  # the moved counts in place of the stored ones
         conn.execute(q.forget_counts())
         if rows:

@@ -86,18 +86,40 @@ class ThresholdStatements:
             t.c.started_at.is_not(None),
         ]
 
-    def _counted(self, since: str, until: str, sign: int) -> sa.Select:
-        """Each completed run of `[:since, :until)` by completion time, as (kind, whole seconds it ran, sign)."""
+    def whole_seconds(self) -> sa.ColumnElement:
+        """How many whole seconds a run ran: the expression revision 0010's index holds, written
+        alike (the planner reads it from the index only for the very same expression). date_part,
+        not extract: extract's epoch is numeric (PostgreSQL 14+), whose arithmetic over the ten
+        million runs of a first count cost more than reading them (bench.learning --profile)."""
         t = self.t
-        # date_part, not extract: extract's epoch is numeric (PostgreSQL 14+), whose arithmetic over
-        # the ten million runs of a first count cost more than reading them (bench.learning --profile).
         elapsed = sa.func.date_part("epoch", t.c.completed_at - t.c.started_at, type_=sa.Float)
-        seconds = sa.cast(sa.func.floor(elapsed), sa.Integer)
-        return sa.select(self._kind(), seconds.label("seconds"), sa.literal(sign).label("runs")).where(
+        return sa.cast(sa.func.floor(elapsed), sa.Integer)
+
+    def _completed_between(self, since: str, until: str) -> list[sa.ColumnElement]:
+        t = self.t
+        return [
             self.runs.in_state(t.c.status, "completed"),
             t.c.completed_at >= sa.bindparam(since, type_=sa.DateTime(timezone=True)),
             t.c.completed_at < sa.bindparam(until, type_=sa.DateTime(timezone=True)),
             t.c.started_at.is_not(None),
+        ]
+
+    def _counted(self, since: str, until: str, sign: int) -> sa.Select:
+        """Each completed run of `[:since, :until)` by completion time, as (kind, whole seconds it ran, sign)."""
+        return sa.select(self._kind(), self.whole_seconds().label("seconds"), sa.literal(sign).label("runs")).where(
+            *self._completed_between(since, until)
+        )
+
+    def first_count(self) -> sa.Select:
+        """How many completed runs of each kind ran each whole number of seconds, those completed in
+        `[:sr_add_from, :sr_add_until)`: the count of a window from scratch, grouped as revision
+        0010's index orders them, so the server reads them in order and counts them as they come
+        (no hashing of ten million pairs). Writes nothing: the server may split it over workers."""
+        kind, seconds = self._kind(), self.whole_seconds()
+        return (
+            sa.select(kind, seconds.label("seconds"), sa.cast(sa.func.count(), sa.BigInteger).label("runs"))
+            .where(*self._completed_between("sr_add_from", "sr_add_until"))
+            .group_by(kind.element, seconds)
         )
 
     def _folded(self, counted: sa.FromClause) -> sa.Select:

@@ -78,9 +78,9 @@ def test_a_database_that_was_never_migrated_says_to_migrate(databases):
     assert result.returncode == 1
     assert "run `stuck-runs migrate`" in one_line_error(result)
     migrated = cli("migrate", env={"DATABASE_URL": url})
-    assert migrated.returncode == 0 and "Migrated scrape_runs from revision none to 0009" in migrated.stdout
+    assert migrated.returncode == 0 and "Migrated scrape_runs from revision none to 0010" in migrated.stdout
     again = cli("migrate", env={"DATABASE_URL": url})
-    assert "already at revision 0009; nothing changed" in again.stdout
+    assert "already at revision 0010; nothing changed" in again.stdout
 
 
 def test_migrate_sql_prints_ddl_without_a_database():

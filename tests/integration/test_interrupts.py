@@ -223,7 +223,7 @@ def test_a_signal_during_migrate_stops_it_between_statements_and_a_rerun_finishe
         timeout=120,
         cwd=REPO,
     )
-    assert again.returncode == 0 and "Migrated scrape_runs from revision none to 0009" in again.stdout, again.stderr
+    assert again.returncode == 0 and "Migrated scrape_runs from revision none to 0010" in again.stdout, again.stderr
     with engine.connect() as conn:
         invalid = conn.exec_driver_sql("SELECT count(*) FROM pg_index WHERE NOT indisvalid").scalar_one()
     engine.dispose()

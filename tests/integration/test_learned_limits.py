@@ -315,6 +315,29 @@ def test_the_learning_index_serves_the_counting(fleet_url) -> None:
     assert len(scans) == 2 and all("Index Only Scan using ix_scrape_runs_completed_by_kind" in s for s in scans), plan
 
 
+def test_the_first_count_reads_the_runs_grouped_from_the_runtime_index(fleet_url) -> None:
+    """Counting a window from scratch reads each run's kind and whole seconds from revision 0010's
+    index, in the order it groups them: a GroupAggregate over an index-only scan, with no hashing of
+    the pairs and no sort (ten million runs in bench.learning)."""
+    from db.queries.thresholds import ThresholdStatements
+    from db.table import load_runs_table
+
+    engine = make_engine(fleet_url)
+    with engine.connect() as conn:
+        runs = load_runs_table(conn, "scrape_runs", layout=Layout(columns={"kind": "spider"}))
+        statement = ThresholdStatements(runs).first_count().compile(dialect=engine.dialect)
+        # A small table: whether the index can serve the grouping at all, not what it costs here.
+        for setting in ("enable_seqscan", "enable_hashagg", "enable_sort", "max_parallel_workers_per_gather"):
+            conn.exec_driver_sql(f"SET {setting} = 0")
+        fresh = learning.counting_plan(None, NOW, timedelta(days=30))
+        plan = conn.exec_driver_sql(f"EXPLAIN {statement}", {**statement.params, **fresh}).scalars().all()
+        conn.rollback()
+    engine.dispose()
+    assert "GroupAggregate" in plan[0], plan
+    assert any("Index Only Scan using ix_scrape_runs_runtime_by_kind" in line for line in plan), plan
+    assert not any("Sort" in line or "HashAggregate" in line for line in plan), plan
+
+
 def test_the_first_count_is_a_read_the_server_may_split_over_parallel_workers(fleet) -> None:
     """The first count of a window reads all of it (ten million runs in bench.learning): the statement
     that reads the runs table writes nothing, so PostgreSQL may run it in parallel (it never runs a

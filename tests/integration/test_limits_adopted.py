@@ -5,6 +5,7 @@ dry run lists what the sweep fails, the run's API detail says which limit judges
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -12,7 +13,10 @@ import sqlalchemy as sa
 
 from db.engine import make_engine
 from db.migrate import migrate
-from jobs.limits import limit_document
+from db.queries.thresholds import ThresholdStatements
+from jobs import learning
+from jobs.learning import LearnSettings
+from jobs.limits import learning_rule, limit_document
 from jobs.manual import chain_history
 from jobs.runtime import Runtime
 from jobs.settings import load_settings
@@ -42,9 +46,16 @@ def test_a_kind_column_and_progress_judge_runs_on_every_table_shape(databases, a
     engine = make_engine(url)
     with engine.begin() as conn:
         conn.exec_driver_sql(adopted.ddl)
-    migrate(engine, adopted.table, None, layout_of(adopted), extend_check=adopted.check_guarded)
-    with engine.begin() as conn:
         conn.exec_driver_sql(f'ALTER TABLE {adopted.quoted} ADD COLUMN "SpiderKind" TEXT, ADD COLUMN "Items" INT')
+    layout = layout_of(adopted)  # kind mapped: revision 0010's index is built
+    migrate(
+        engine,
+        adopted.table,
+        None,
+        replace(layout, columns={**layout.columns, "kind": "SpiderKind"}),
+        extend_check=adopted.check_guarded,
+    )
+    with engine.begin() as conn:
         quick = adopted.insert(
             conn,
             "ok-quick",
@@ -89,5 +100,31 @@ def test_a_kind_column_and_progress_judge_runs_on_every_table_shape(databases, a
         assert str(ended) not in left and str(quick) not in left  # ended runs' records are gone
         this = next(a for a in chain_history(rt, stalled.run_id).attempts if a.id == stalled.run_id)
         assert limit_document(rt, this)["reason"] == "limit 1.0h, the default (STUCK_AFTER)"
+        learns_over_the_runtime_index(rt, adopted)
     finally:
         rt.close()
+
+
+def learns_over_the_runtime_index(rt: Runtime, adopted: Adopted) -> None:
+    """Revision 0010's index on this shape serves the first count in its order (GroupAggregate over
+    an index-only scan), and the runtimes learned are the hand-counted ones."""
+    completed = rt.runs.table.c.completed_at.name
+    with rt.engine.begin() as conn:
+        for i in range(1, 6):  # ran 101..105 s, completed within the window
+            ended = NOW - timedelta(hours=i)
+            more = {"SpiderKind": "done", completed: adopted.stamp(ended)}
+            adopted.insert(
+                conn, f"done-{i}", status=adopted.completed, started_at=ended - timedelta(seconds=100 + i), **more
+            )
+    learn = LearnSettings.of(rt.settings)
+    done = learning.learned(rt, learn, learning_rule(learn)).by_kind["done"]
+    assert (done.runs, done.p50, done.longest) == (5, timedelta(seconds=103), timedelta(seconds=105))
+    statement = ThresholdStatements(rt.runs).first_count().compile(dialect=rt.engine.dialect)
+    fresh = learning.counting_plan(None, NOW, learn.window)
+    with rt.engine.connect() as conn:
+        for setting in ("enable_seqscan", "enable_hashagg", "enable_sort", "max_parallel_workers_per_gather"):
+            conn.exec_driver_sql(f"SET {setting} = 0")  # a small table: whether the index serves it
+        plan = conn.exec_driver_sql(f"EXPLAIN {statement}", {**statement.params, **fresh}).scalars().all()
+        conn.rollback()
+    index = f"ix_{adopted.table.split('.')[-1].lower()}_runtime_by_kind"
+    assert "GroupAggregate" in plan[0] and any(f"Index Only Scan using {index}" in line for line in plan), plan

@@ -185,6 +185,40 @@ def test_progress_that_stands_still_moves_goes_null_or_ends(db_url, frozen):
     assert str(ids["still"]) not in left and str(ids["moves"]) in left
 
 
+def test_the_progress_upkeep_neither_writes_nor_locks_a_counter_that_stood_still(db_url, frozen):
+    """In a mass event every running run is offered to the upkeep: one whose counter stood still is
+    left alone, not even locked (an upsert that locks 100,000 unchanged records was most of the
+    limits' cost in bench.limits). Here a record another transaction holds does not make it wait."""
+    from jobs.limits import runtime_judging_params
+
+    rt = roles_runtime(db_url)
+    limits = Limits(default=timedelta(hours=8))
+    with rt.engine.begin() as conn:
+        ids = dict(run(conn, name, timedelta(minutes=5), items=10) for name in ("still", "moves"))
+    assert sweep_stuck_runs(rt, limits=limits).failed == 0  # records both
+    frozen.tick(timedelta(minutes=10))
+    with rt.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE scrape_runs SET items = 11 WHERE id = :id"), {"id": ids["moves"]})
+    holder = rt.engine.connect()
+    try:
+        holder.execute(
+            sa.text("SELECT 1 FROM stuck_runs_progress WHERE run_id = :id FOR UPDATE"), {"id": str(ids["still"])}
+        )
+        with rt.engine.begin() as conn:
+            conn.exec_driver_sql("SET LOCAL lock_timeout = '3s'")  # waiting for the holder would fail here
+            conn.execute(rt.queries.progress_upkeep, runtime_judging_params(rt, limits, rt.clock.now()))
+    finally:
+        holder.rollback()
+        holder.close()
+    with rt.engine.connect() as conn:
+        recorded = {
+            r: (p, at)
+            for r, p, at in conn.execute(sa.text("SELECT run_id, progress, changed_at FROM stuck_runs_progress"))
+        }
+    assert recorded[str(ids["still"])] == ("10", NOW)
+    assert recorded[str(ids["moves"])] == ("11", NOW + timedelta(minutes=10))
+
+
 def test_a_stall_defaults_to_the_runs_own_limit_and_a_spent_budget_says_so(db_url, frozen):
     # Beside a heartbeat a run that beats but does nothing is found by its progress: no stall
     # limit set, its own limit (here the default) is how long the counter may stand still.

@@ -293,13 +293,13 @@ def test_migrate_sql_without_a_database_prints_the_full_idempotent_script(databa
         ran = psql(url, unset.stdout)
         assert ran.returncode == 0, ran.stderr
     migrated = stuck_runs("migrate", env={"DATABASE_URL": url})
-    assert migrated.returncode == 0 and "already at revision 0009; nothing changed" in migrated.stdout
+    assert migrated.returncode == 0 and "already at revision 0010; nothing changed" in migrated.stdout
 
 
 def test_migrate_sql_with_a_database_prints_only_what_is_missing(databases, db_url):
     done = stuck_runs("migrate", "--sql", env={"DATABASE_URL": db_url})
     assert done.returncode == 0, done.stderr
-    assert "has everything up to revision 0009: nothing to run" in one_line(done.stdout)
+    assert "has everything up to revision 0010: nothing to run" in one_line(done.stdout)
 
     url = databases.create()
     run_sql(
