@@ -38,7 +38,7 @@ import sqlalchemy as sa
 
 from chaos.audit import Disruptions, ScrapydSeen, audit
 from chaos.fleets import WebhookFleet, WorkerFleet
-from chaos.scrapyd import ScrapydFleet, append_report
+from chaos.scrapyd import SCRAPYD_IN_FLIGHT, SCRAPYD_SETTLE_TIMEOUT, ScrapydFleet, append_report
 from chaos.server import OwnServer
 from db.engine import make_engine
 from db.migrate import migrate
@@ -160,7 +160,7 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, ki
                 "INSERT INTO scrape_runs (search_query, location_query, started_at)"
                 " SELECT 'stuck ' || g, 'Belgium', now() - interval '1 hour' FROM generate_series(1, :n) g"
             ),
-            {"n": rng.randint(3, 10) if kind == "scrapyd" else rng.randint(50, 400)},
+            {"n": rng.randint(2, 6) if kind == "scrapyd" else rng.randint(50, 400)},
         )
     migrate(engine, "scrape_runs")
     engine.dispose()
@@ -192,7 +192,8 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, ki
     for index in range(3):
         procs.start_daemon(index)
     scrapers = subprocess.Popen(
-        [sys.executable, "-m", "chaos.fleet", url, str(seed), str(stop_file), str(fleet_log)],
+        [sys.executable, "-m", "chaos.fleet", url, str(seed), str(stop_file), str(fleet_log)]
+        + ([str(SCRAPYD_IN_FLIGHT)] if kind == "scrapyd" else []),
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -254,7 +255,7 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, ki
     for index, proc in enumerate(procs.daemons):  # every replica up for the settling
         if proc is None or proc.poll() is not None:
             procs.start_daemon(index)
-    settle_deadline = time.monotonic() + SETTLE_TIMEOUT
+    settle_deadline = time.monotonic() + (SCRAPYD_SETTLE_TIMEOUT if kind == "scrapyd" else SETTLE_TIMEOUT)
     while open_runs(url) != 0 and time.monotonic() < settle_deadline:
         if fleet is not None:
             fleet.tend()

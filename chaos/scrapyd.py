@@ -25,10 +25,14 @@ from tests.scrapyd_fleet import PROJECT, Scrapyd, project_egg, start_scrapyd
 PROJECT_DIR = Path(__file__).parent / "scrapyd_project"
 SPIDER = "fates"
 MAX_PROC = 6  # spider processes at once: each costs a second of CPU to start
-HANG_SECONDS = "10"  # a hung spider's sleep: past STUCK_AFTER, so the stuck checker fails its row
+HANG_SECONDS = "25"  # a hung spider's sleep: past STUCK_AFTER, so the stuck checker fails its row
 # Beyond the trials' settings: a spider needs seconds to start on a loaded machine (a CPU second
 # each), and a chain of stuck-failed attempts lasts STUCK_AFTER times its retries.
-TRIAL_SETTINGS = {"STUCK_AFTER": "6s", "MAX_RETRIES": "2"}
+TRIAL_SETTINGS = {"STUCK_AFTER": "12s", "MAX_RETRIES": "2"}
+SCRAPYD_IN_FLIGHT = 6  # runs the simulated scraper fleet keeps going at once (30 in other trials)
+# A retry whose schedule.json went unanswered (Scrapyd killed, or slow to list its spiders) waits
+# out its delivery's lease: 65 s (a 35 s bound and a 30 s margin).
+SCRAPYD_SETTLE_TIMEOUT = 200.0
 WATCH_EVERY = 0.25
 
 
@@ -169,7 +173,9 @@ def append_report(trials: list, argv: list[str], path: Path) -> None:
         "",
         "Settings as in the trials above, except "
         + ", ".join(f"`{k}={v}`" for k, v in TRIAL_SETTINGS.items())
-        + f"; Scrapyd `max_proc={MAX_PROC}`, `poll_interval=0.2`; a hung spider sleeps {HANG_SECONDS} s.",
+        + f"; Scrapyd `max_proc={MAX_PROC}`, `poll_interval=0.2`; a hung spider sleeps {HANG_SECONDS} s; "
+        f"the simulated scraper fleet keeps {SCRAPYD_IN_FLIGHT} runs going at once; settling lasts up to "
+        f"{SCRAPYD_SETTLE_TIMEOUT:.0f} s.",
         "",
         "Scrapyd trials: retries are scheduled on a real Scrapyd on loopback (chaos/scrapyd.py) whose",
         "spiders complete, fail (503, 404), complete slowly, hang or die without writing, each writing",
