@@ -61,6 +61,7 @@ class ScrapydFleet:
             egg=project_egg(PROJECT_DIR, "chaos_spiders"),
             env=spider_env,
             finished_to_keep=100_000,  # every job of one lifetime stays listed: the auditor reads them
+            start_timeout=180.0,  # a Python process can take a minute to start on a loaded machine
         )
         self.lifetime = 0
         self.restarts: list[float] = []  # wall clock of each kill -9 of Scrapyd

@@ -62,6 +62,7 @@ class Scrapyd:
     poll_interval: float
     process: subprocess.Popen | None = None
     env: dict[str, str] | None = None  # its spiders' environment too (None: this process's)
+    start_timeout: float = 30.0
 
     def api(self, endpoint: str, **params: str) -> dict:
         return httpx.get(f"{self.url}/{endpoint}", params=params, timeout=10).json()
@@ -76,7 +77,7 @@ class Scrapyd:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "scrapyd"], cwd=self.home, env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.start_timeout
         while True:
             try:
                 if httpx.get(f"{self.url}/daemonstatus.json", timeout=1).status_code == 200:
@@ -109,6 +110,7 @@ def start_scrapyd(
     egg: bytes | None = None,
     env: dict[str, str] | None = None,
     finished_to_keep: int = 100,
+    start_timeout: float = 30.0,
 ) -> Scrapyd:
     """Scrapyd in `home`, the project deployed (version 1; `egg`: another project's), answering on
     a free loopback port; `env` its own and its spiders' environment."""
@@ -123,6 +125,6 @@ def start_scrapyd(
         f"eggs_dir = {home / 'eggs'}\ndbs_dir = {home / 'dbs'}\nlogs_dir = {home / 'logs'}\n"
         f"poll_interval = {poll_interval}\nmax_proc = {max_proc}\nfinished_to_keep = {finished_to_keep}\n"
     )
-    server = Scrapyd(f"http://127.0.0.1:{port}", home, port, poll_interval, env=env)
+    server = Scrapyd(f"http://127.0.0.1:{port}", home, port, poll_interval, env=env, start_timeout=start_timeout)
     server.start()
     return server

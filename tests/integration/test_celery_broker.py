@@ -32,7 +32,8 @@ from jobs.stuck import sweep_stuck_runs
 from tests.conftest import REPO
 from tests.daemons import DaemonProcess, wait_until
 from tests.helpers import insert_due_retry, make_runtime
-from tests.integration.test_celery import PASSWORD, TASK, fleet_db, free_port  # noqa: F401 - fleet_db: a fixture
+from tests.integration.test_celery import PASSWORD, TASK, free_port
+from tests.integration.test_celery import fleet_db as fleet_db  # a module fixture, shared
 from tests.services import require_service
 
 pytestmark = pytest.mark.slow
