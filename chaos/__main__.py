@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -396,6 +397,7 @@ def main() -> None:
                         "kind": trial.kind,
                         "seconds": trial.seconds,
                         "events": len(trial.events),
+                        "event_counts": dict(Counter(trial.events)),
                         "violations": trial.violations,
                         **trial.totals,
                     },
