@@ -10,7 +10,10 @@ random moments and restarts the database. Trials take turns at how retries run: 
 a scraper that succeeds, fails (503, 404), hangs or writes its own status (`command`); POSTed to
 a webhook receiver that runs them, which the monkey crashes and which answers 429s, 503s, 500s,
 404s, resets and answers later than the daemons wait (`webhook`); or handed to two workers
-polling the queued value, which the monkey kills mid-run (`handoff`). Then the scrapers stop,
+polling the queued value, which the monkey kills mid-run (`handoff`); or scheduled on a real
+Scrapyd whose spiders complete, fail, hang or die, which the monkey kills and restarts, while it
+also stops daemons with SIGTERM mid-delivery (`scrapyd`, asked for with `--kinds scrapyd`). Then
+the scrapers stop,
 the daemons settle every chain, stop gracefully, and the auditor checks the invariants
 (chaos/audit.py).
 """
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,8 +37,9 @@ from pathlib import Path
 import psutil
 import sqlalchemy as sa
 
-from chaos.audit import Disruptions, audit
+from chaos.audit import Disruptions, ScrapydSeen, audit
 from chaos.fleets import WebhookFleet, WorkerFleet
+from chaos.scrapyd import SCRAPYD_IN_FLIGHT, SCRAPYD_SETTLE_TIMEOUT, ScrapydFleet, append_report
 from chaos.server import OwnServer
 from db.engine import make_engine
 from db.migrate import migrate
@@ -56,15 +61,17 @@ SETTINGS = {
 }
 SETTLE_TIMEOUT = 90.0
 FLEET_CONCURRENCY = "6"  # a fleet takes more retries at once than one host runs
-# Trial n runs its retries the n-th way: here (a command), by webhook, or by hand-off (SPEC §12).
-KINDS = ("command", "webhook", "handoff")
+# Trial n runs its retries the n-th way: here (a command), by webhook, or by hand-off (SPEC §12);
+# on Scrapyd (SPEC §16) when asked for: its spiders cost a second of CPU each.
+KINDS = ("command", "webhook", "handoff", "scrapyd")
+DEFAULT_KINDS = KINDS[:3]
 
 
 @dataclass
 class Trial:
     seed: int
     chaos_seconds: float
-    kind: str = "command"  # how retries run: command (here), webhook or handoff (the fleet, SPEC §12)
+    kind: str = "command"  # how retries run: command (here); webhook, handoff (SPEC §12) or scrapyd (§16)
     events: list[str] = field(default_factory=list)
     killed: set[int] = field(default_factory=set)  # pids the monkey sent kill -9
     restarts: list[tuple[float, float]] = field(default_factory=list)  # database down, wall clock
@@ -154,7 +161,7 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, ki
                 "INSERT INTO scrape_runs (search_query, location_query, started_at)"
                 " SELECT 'stuck ' || g, 'Belgium', now() - interval '1 hour' FROM generate_series(1, :n) g"
             ),
-            {"n": rng.randint(50, 400)},
+            {"n": rng.randint(2, 6) if kind == "scrapyd" else rng.randint(50, 400)},
         )
     migrate(engine, "scrape_runs")
     engine.dispose()
@@ -171,11 +178,13 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, ki
         "CHAOS_EXEC_LOG": str(exec_log),
         "CHAOS_SEED": str(seed),
     }
-    fleet: WebhookFleet | WorkerFleet | None = None
+    fleet: WebhookFleet | WorkerFleet | ScrapydFleet | None = None
     if kind == "webhook":
         fleet = WebhookFleet(url, trial_dir, rng, env)
     elif kind == "handoff":
         fleet = WorkerFleet(url, trial_dir, seed, env)
+    elif kind == "scrapyd":
+        fleet = ScrapydFleet(url, trial_dir, env)
     if fleet is None:
         env["SCRAPE_RUN_COMMAND"] = f"{sys.executable} -m chaos.executor {{run_id}}"
     else:
@@ -184,7 +193,8 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, ki
     for index in range(3):
         procs.start_daemon(index)
     scrapers = subprocess.Popen(
-        [sys.executable, "-m", "chaos.fleet", url, str(seed), str(stop_file), str(fleet_log)],
+        [sys.executable, "-m", "chaos.fleet", url, str(seed), str(stop_file), str(fleet_log)]
+        + ([str(SCRAPYD_IN_FLIGHT)] if kind == "scrapyd" else []),
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -197,6 +207,8 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, ki
         actions = {"kill_daemon": 30, "script": 20, "kill_script": 15, "restart_db": 5, "nothing": 30}
         if fleet is not None:
             actions["crash_fleet"] = 15
+        if kind == "scrapyd":  # a daemon stopped with schedule.json calls in flight (SPEC §16)
+            actions["term_daemon"] = 15
         action = rng.choices(list(actions), list(actions.values()))[0]
         if action == "kill_daemon":
             index = rng.randrange(3)
@@ -207,6 +219,14 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, ki
                 proc.wait()
                 trial.events.append("kill -9 daemon")
             time.sleep(rng.uniform(0, 1))
+            procs.start_daemon(index)
+        elif action == "term_daemon":
+            index = rng.randrange(3)
+            proc = procs.daemons[index]
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+                trial.events.append("SIGTERM daemon")
             procs.start_daemon(index)
         elif action == "script":
             procs.start_script()
@@ -236,7 +256,7 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, ki
     for index, proc in enumerate(procs.daemons):  # every replica up for the settling
         if proc is None or proc.poll() is not None:
             procs.start_daemon(index)
-    settle_deadline = time.monotonic() + SETTLE_TIMEOUT
+    settle_deadline = time.monotonic() + (SCRAPYD_SETTLE_TIMEOUT if kind == "scrapyd" else SETTLE_TIMEOUT)
     while open_runs(url) != 0 and time.monotonic() < settle_deadline:
         if fleet is not None:
             fleet.tend()
@@ -245,6 +265,9 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, ki
     kill_leftover_scrapers(exec_log)
     if fleet is not None:
         fleet.stop()
+    seen = None
+    if isinstance(fleet, ScrapydFleet):
+        seen = ScrapydSeen(fleet.spider_log, tuple(fleet.sightings))
     result = audit(
         url,
         fleet_log,
@@ -252,6 +275,7 @@ def run_trial(server: OwnServer, seed: int, chaos_seconds: float, work: Path, ki
         receiver_log=fleet.log if isinstance(fleet, WebhookFleet) else None,
         worker_logs=fleet.logs if isinstance(fleet, WorkerFleet) else (),
         disruptions=Disruptions(frozenset(trial.killed), tuple(trial.restarts)),
+        scrapyd=seen,
     )
     trial.violations, trial.totals = result.violations, result.totals
     trial.seconds = round(time.monotonic() - started, 1)
@@ -348,7 +372,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="shorter chaos per trial")
     parser.add_argument(
-        "--kinds", default=",".join(KINDS), help=f"how retries run, in turns: some of {', '.join(KINDS)}"
+        "--kinds", default=",".join(DEFAULT_KINDS), help=f"how retries run, in turns: some of {', '.join(KINDS)}"
+    )
+    parser.add_argument(
+        "--append", action="store_true", help="append the trials as a section of the report, not rewrite it"
     )
     parser.add_argument("--out", default=str(REPO / "RELIABILITY.md"), help="the report ('-': none)")
     args = parser.parse_args()
@@ -370,6 +397,7 @@ def main() -> None:
                         "kind": trial.kind,
                         "seconds": trial.seconds,
                         "events": len(trial.events),
+                        "event_counts": dict(Counter(trial.events)),
                         "violations": trial.violations,
                         **trial.totals,
                     },
@@ -379,7 +407,9 @@ def main() -> None:
             )
     finally:
         server.cleanup()
-    if args.out != "-":
+    if args.out != "-" and args.append:
+        append_report(trials, sys.argv[1:], Path(args.out))
+    elif args.out != "-":
         write_report(trials, args.seed, args.quick, Path(args.out))
     sys.exit(1 if any(t.violations for t in trials) else 0)
 

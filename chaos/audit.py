@@ -94,6 +94,15 @@ class Audit:
 
 
 @dataclass(frozen=True)
+class ScrapydSeen:
+    """What a Scrapyd trial saw: the spiders' log and every job `listjobs.json` listed
+    (chaos/scrapyd.py `Sighting`s), with the Scrapyd lifetime each came from."""
+
+    spider_log: Path
+    sightings: tuple = ()
+
+
+@dataclass(frozen=True)
 class Disruptions:
     """What the monkey did that may cut a delivery short: the pids it killed, when the database
     restarted (wall-clock seconds)."""
@@ -109,6 +118,7 @@ def audit(
     receiver_log: Path | None = None,
     worker_logs=(),
     disruptions: Disruptions = Disruptions(),
+    scrapyd: ScrapydSeen | None = None,
 ) -> Audit:
     result = Audit()
     engine = sa.create_engine(url)
@@ -136,6 +146,8 @@ def audit(
                 result.check(not still, f"retries still being delivered after the trial settled: {still}")
             if worker_logs:
                 _check_workers(result, status, worker_logs)
+            if scrapyd is not None:
+                _check_scrapyd(result, status, scrapyd, daemons_killed=bool(disruptions.killed))
             for name, sql, params in (
                 ("failed attempts whose scheduled retry is missing or doubled", RETRIES_PER_SCHEDULED, {}),
                 (
@@ -228,6 +240,48 @@ def _check_workers(result: Audit, status: dict[str, str], worker_logs) -> None:
     turned = [i for i in completed if status.get(i) != "completed"]
     result.check(not turned, f"completions a worker wrote were overwritten: {turned[:5]}")
     result.totals_extra = {"worker_claims": sum(claimed.values())}
+
+
+STATE_ORDER = {"pending": 0, "running": 1, "finished": 2}
+
+
+def _check_scrapyd(result: Audit, status: dict[str, str], seen: ScrapydSeen, daemons_killed: bool) -> None:
+    """The Scrapyd fleet (SPEC §16): each retry scheduled exactly once by its job id. Scrapyd never
+    listed one id twice in an answer, nor a job going back (finished, then pending or running
+    again: scheduled anew while Scrapyd knew it), and no spider ran one job twice. The one
+    rescheduling SPEC §16 allows: a retry whose delivering process died (a daemon was killed)
+    whose job the restarted Scrapyd no longer knew (it keeps finished and running jobs in
+    memory only) — counted, not a violation. Every job was a retry of the table, and no
+    completion a spider wrote was overwritten."""
+    listed_twice = sorted({s.job for s in seen.sightings if s.listed > 1})
+    result.check(not listed_twice, f"job ids Scrapyd listed twice (scheduled twice): {listed_twice[:5]}")
+    went_back, forgotten = set(), set()
+    last: dict[str, tuple[int, int]] = {}  # job -> (lifetime, state rank) last seen
+    for sighting in sorted(seen.sightings, key=lambda s: s.at):
+        rank = STATE_ORDER[sighting.state]
+        before = last.get(sighting.job)
+        if before is not None and before[1] > rank and before[1] > 0:  # finished/running before, now earlier
+            if before[0] == sighting.lifetime or not daemons_killed:
+                went_back.add(sighting.job)
+            else:
+                forgotten.add(sighting.job)
+        last[sighting.job] = (sighting.lifetime, rank)
+    result.check(not went_back, f"jobs Scrapyd knew that were scheduled again: {sorted(went_back)[:5]}")
+    spiders = [line.split() for line in _lines(seen.spider_log)]
+    starts = Counter(parts[1] for parts in spiders if parts and parts[0] == "start")
+    twice = sorted(job for job, n in starts.items() if n > 1 and job not in forgotten)
+    result.check(not twice, f"jobs a spider ran twice: {twice[:5]}")
+    unknown = sorted({s.job for s in seen.sightings if s.job not in status} | {j for j in starts if j not in status})
+    result.check(not unknown, f"Scrapyd jobs of no retry: {unknown[:5]}")
+    written = [parts[1] for parts in spiders if parts and parts[0] == "completed"]
+    turned = [job for job in written if status.get(job) != "completed"]
+    result.check(not turned, f"completions a spider wrote were overwritten: {turned[:5]}")
+    result.totals_extra = {
+        "scrapyd_jobs": len({s.job for s in seen.sightings} | set(starts)),
+        "spider_runs": sum(starts.values()),
+        "spider_completions": len(written),
+        "rescheduled_after_scrapyd_forgot": len(forgotten),
+    }
 
 
 def _lines(path: Path) -> list[str]:

@@ -1,6 +1,6 @@
 """The simulated scraper fleet: starts runs, finishes most, abandons some, completes late.
 
-    python -m chaos.fleet URL SEED STOP_FILE LOG_FILE
+    python -m chaos.fleet URL SEED STOP_FILE LOG_FILE [IN_FLIGHT]
 
 Every completion it commits is logged (`completed <id>`): the auditor checks none of them was
 ever turned into a failure.
@@ -24,7 +24,7 @@ FINISH = (
 )
 
 
-def main(url: str, seed: int, stop_file: str, log_file: str) -> None:
+def main(url: str, seed: int, stop_file: str, log_file: str, most_in_flight: int = 30) -> None:
     rng = random.Random(seed)
     engine = sa.create_engine(url, pool_pre_ping=True)
     in_flight: list[tuple[str, float, str]] = []  # (id, finish at, fate)
@@ -34,7 +34,7 @@ def main(url: str, seed: int, stop_file: str, log_file: str) -> None:
             finishing: list[tuple[str, float, str]] = []
             try:
                 with engine.begin() as conn:
-                    if len(in_flight) < 30 and rng.random() < 0.7:
+                    if len(in_flight) < most_in_flight and rng.random() < 0.7:
                         run_id = str(
                             conn.execute(
                                 sa.text(START),
@@ -77,4 +77,4 @@ def main(url: str, seed: int, stop_file: str, log_file: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], *map(int, sys.argv[5:6]))

@@ -36,13 +36,14 @@ def scrapyd_installed() -> bool:
     return True
 
 
-def project_egg() -> bytes:
-    """The project as an egg: its package and EGG-INFO/entry_points.txt naming its settings."""
+def project_egg(project_dir: Path = PROJECT_DIR, package: str = "stuck_spiders") -> bytes:
+    """The project as an egg: its package and EGG-INFO/entry_points.txt naming its settings
+    (`package` in `project_dir`: the tests' project, or the chaos trials' own)."""
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as egg:
-        for path in sorted((PROJECT_DIR / "stuck_spiders").rglob("*.py")):
-            egg.write(path, path.relative_to(PROJECT_DIR).as_posix())
-        egg.writestr("EGG-INFO/entry_points.txt", "[scrapy]\nsettings = stuck_spiders.settings\n")
+        for path in sorted((project_dir / package).rglob("*.py")):
+            egg.write(path, path.relative_to(project_dir).as_posix())
+        egg.writestr("EGG-INFO/entry_points.txt", f"[scrapy]\nsettings = {package}.settings\n")
         egg.writestr("EGG-INFO/PKG-INFO", "Metadata-Version: 1.0\nName: stuck-spiders\nVersion: 1\n")
     return out.getvalue()
 
@@ -60,6 +61,8 @@ class Scrapyd:
     port: int
     poll_interval: float
     process: subprocess.Popen | None = None
+    env: dict[str, str] | None = None  # its spiders' environment too (None: this process's)
+    start_timeout: float = 30.0
 
     def api(self, endpoint: str, **params: str) -> dict:
         return httpx.get(f"{self.url}/{endpoint}", params=params, timeout=10).json()
@@ -72,9 +75,9 @@ class Scrapyd:
     def start(self) -> None:
         with (self.home / "scrapyd.out").open("ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "scrapyd"], cwd=self.home, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "scrapyd"], cwd=self.home, env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.start_timeout
         while True:
             try:
                 if httpx.get(f"{self.url}/daemonstatus.json", timeout=1).status_code == 200:
@@ -99,19 +102,29 @@ class Scrapyd:
                 self.kill()
 
 
-def start_scrapyd(home: Path, *, poll_interval: float = 0.1, max_proc: int = 4) -> Scrapyd:
-    """Scrapyd in `home`, the project deployed (version 1), answering on a free loopback port."""
+def start_scrapyd(
+    home: Path,
+    *,
+    poll_interval: float = 0.1,
+    max_proc: int = 4,
+    egg: bytes | None = None,
+    env: dict[str, str] | None = None,
+    finished_to_keep: int = 100,
+    start_timeout: float = 30.0,
+) -> Scrapyd:
+    """Scrapyd in `home`, the project deployed (version 1; `egg`: another project's), answering on
+    a free loopback port; `env` its own and its spiders' environment."""
     require_service("scrapyd", scrapyd_installed(), "pip install scrapyd scrapy")
     shutil.rmtree(home, ignore_errors=True)
     (home / "eggs" / PROJECT).mkdir(parents=True)
-    (home / "eggs" / PROJECT / "1.egg").write_bytes(project_egg())
+    (home / "eggs" / PROJECT / "1.egg").write_bytes(project_egg() if egg is None else egg)
     port = free_port()
     (home / "scrapyd.conf").write_text(
         "[scrapyd]\n"
         f"bind_address = 127.0.0.1\nhttp_port = {port}\n"
         f"eggs_dir = {home / 'eggs'}\ndbs_dir = {home / 'dbs'}\nlogs_dir = {home / 'logs'}\n"
-        f"poll_interval = {poll_interval}\nmax_proc = {max_proc}\n"
+        f"poll_interval = {poll_interval}\nmax_proc = {max_proc}\nfinished_to_keep = {finished_to_keep}\n"
     )
-    server = Scrapyd(f"http://127.0.0.1:{port}", home, port, poll_interval)
+    server = Scrapyd(f"http://127.0.0.1:{port}", home, port, poll_interval, env=env, start_timeout=start_timeout)
     server.start()
     return server

@@ -264,7 +264,10 @@ class ScrapydExecutor:
             return answered[0]
         if not stop.is_set():
             return OutcomeUnknown(f"Scrapyd did not answer schedule.json within {self.bound.total_seconds():g}s")
-        return OutcomeUnknown("Stopped by a signal before Scrapyd answered", stopping=True)
+        # Not `stopping`: a release counts no postponement, and only a postponed (or lapsed)
+        # retry's next delivery asks Scrapyd first (`has_job`); Scrapyd may have this job already
+        # and would take the same jobid as a second job.
+        return OutcomeUnknown("Stopped by a signal before Scrapyd answered schedule.json")
 
     def close(self) -> None:
         self.client.close()
