@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -34,6 +34,7 @@ from datetime import datetime, timedelta
 from loguru import logger
 
 from db.engine import database_errors
+from jobs.batching import Batches
 from jobs.events import RetryEnded
 from jobs.executors.base import Delivers, ExecutorMisconfigured, KnowsItsJobs
 from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured
@@ -81,6 +82,7 @@ class Deliveries:
         self.misconfigured: str | None = None  # the configuration error the fleet answered last
         self.said: str | None = None  # the one a daemon's slot said
         self.lock = threading.Lock()
+        self.batches: Batches[None, Marked | object | None] = Batches(self.mark_batch)
 
     def drain(self, stop: threading.Event) -> list[RetryOutcome]:
         """Delivers due retries until none is due, the cap is reached or `stop` is set; as many at
@@ -128,10 +130,23 @@ class Deliveries:
         return None
 
     def mark(self, run_id: RunId | None = None) -> Marked | object | None:
-        """Step 1: a retry whose lease ran out (redelivered first: it counts already), else the
-        most overdue due retry (or pending retry `run_id`) if the cap leaves room; under the cap's
-        lock, so no count misses a mark. None: nothing to deliver; NO_ROOM: the cap is reached."""
-        q = self.rt.queries
+        """Step 1 for a lane: a retry marked for it (with `run_id`: pending retry `run_id`, due or
+        not, in a transaction of its own). None: nothing to deliver; NO_ROOM: the cap is reached.
+        Lanes asking at once are marked for in one transaction (`mark_batch`); a lane waiting for it
+        holds no session, so a confirm never waits for a session behind marks."""
+        if run_id is not None:
+            return self.mark_batch([run_id])[0]
+        return self.batches.ask(None)
+
+    def mark_batch(self, asking: Sequence[RunId | None]) -> list[Marked | object | None]:
+        """Marks, in one short transaction under the cap's lock (so no count misses a mark), one
+        retry for each of `asking` (all None, or one run id): retries whose lease ran out first
+        (redelivered: they count already), then the due ones the cap leaves room for, highest
+        priority then longest overdue first. As many as lanes ask and no more: a lease starts at
+        the mark, so each marked retry is sent at once. Lanes left without one get None (nothing
+        is due) or NO_ROOM (the cap is reached)."""
+        q, wanted = self.rt.queries, len(asking)
+        run_id = asking[0]
         with database_errors(self.rt.engine, "marking a retry as being delivered"), self.rt.engine.begin() as conn:
             conn.execute(q.handoff_lock)
             # Time read once the lock is held: a wait for a pooled connection or for the lock must
@@ -139,7 +154,7 @@ class Deliveries:
             now = self.rt.clock.now()
             params = {
                 "sr_now": now,
-                "sr_limit": 1,
+                "sr_limit": wanted,
                 "sr_run_id": run_id,
                 "sr_mode": self.executor.mode,
                 "sr_by": f"{self.process} delivery {uuid.uuid4().hex[:12]}",
@@ -147,14 +162,29 @@ class Deliveries:
             }
             # An executor that never sends twice leaves a lapsed mark to the stuck checker (SPEC §12).
             again = run_id is None and self.executor.sends_again
-            row = conn.execute(q.mark_expired, params).mappings().first() if again else None
-            again = row is not None
-            if row is None:
-                if conn.execute(q.room, {"sr_max": self.rt.settings.max_concurrent_retries}).scalar_one() <= 0:
-                    return NO_ROOM
-                row = conn.execute(q.mark_due if run_id is None else q.mark_one, params).mappings().first()
-            if row is None:
-                return None
+            lapsed = conn.execute(q.mark_expired, params).mappings().all() if again else []
+            due: list = []
+            short = wanted - len(lapsed)
+            verdict: object | None = None  # what a lane left without a retry is told
+            if short > 0:
+                room = conn.execute(q.room, {"sr_max": self.rt.settings.max_concurrent_retries}).scalar_one()
+                verdict = NO_ROOM
+                if room > 0:
+                    taking = min(short, room)
+                    statement = q.mark_due if run_id is None else q.mark_one
+                    due = conn.execute(statement, {**params, "sr_limit": taking}).mappings().all()
+                    verdict = None if len(due) < taking else NO_ROOM
+        marked = [self.marked(row, params, now, again=True) for row in lapsed]
+        marked += [self.marked(row, params, now) for row in sorted(due, key=self.start_order)]
+        return marked + [verdict] * (wanted - len(marked))
+
+    def start_order(self, row) -> tuple:
+        """SPEC §16's order within a set marked at once, as `mark_due` chose them: the highest
+        priority first (none last), then the longest overdue."""
+        priority = row[self.rt.runs.priority] if self.rt.runs.priority else None
+        return (priority is None, -(priority or 0), row["_sr_was_due"])
+
+    def marked(self, row, params: dict, now: datetime, *, again: bool = False) -> Marked:
         run = Run.from_row(row, self.rt.runs.input_names)
         if again:
             logger.bind(run_id=str(run.id), event="redelivering").warning(

@@ -116,9 +116,9 @@ class HandoffStatements(TableStatements):
         )
 
     def _mark_expired(self) -> sa.Update:
-        """Marks anew one retry whose delivery's lease ran out while still marked (its process
-        died between the mark and the confirm): delivered again, with the same Idempotency-Key.
-        Only a `running` one: a status the fleet wrote meanwhile ends it."""
+        """Marks anew up to `:sr_limit` retries whose delivery's lease ran out while still marked
+        (their process died between the mark and the confirm): delivered again, with the same
+        Idempotency-Key. Only `running` ones: a status the fleet wrote meanwhile ends it."""
         t, runs = self.t, self.runs
         expired = [
             runs.in_state(t.c.status, "running"),
@@ -129,7 +129,7 @@ class HandoffStatements(TableStatements):
             sa.select(t.c.id)
             .where(*expired, self.pauses.not_paused(NOW))
             .order_by(t.c.delivering_until)
-            .limit(1)
+            .limit(sa.bindparam("sr_limit"))
             .with_for_update(skip_locked=True)
             .cte("lapsed")
             .prefix_with("MATERIALIZED")
