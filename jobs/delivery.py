@@ -39,7 +39,7 @@ from jobs.events import RetryEnded
 from jobs.executors.base import Delivers, ExecutorMisconfigured, KnowsItsJobs
 from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured
 from jobs.model import Run, RunId
-from jobs.outcomes import Marked, RetryOutcome, record_outcome
+from jobs.outcomes import Marked, RetryOutcome, record_outcome, taken_over
 from jobs.rules import RetryPolicy
 from jobs.runtime import Runtime
 
@@ -83,6 +83,7 @@ class Deliveries:
         self.said: str | None = None  # the one a daemon's slot said
         self.lock = threading.Lock()
         self.batches: Batches[None, Marked | object | None] = Batches(self.mark_batch)
+        self.confirms: Batches[Marked, str | None] = Batches(self.end_marks)
 
     def drain(self, stop: threading.Event) -> list[RetryOutcome]:
         """Delivers due retries until none is due, the cap is reached or `stop` is set; as many at
@@ -238,4 +239,28 @@ class Deliveries:
     def settle(self, marked: Marked, delivered: DeliveryOutcome) -> RetryOutcome:
         """Step 3: confirms the delivery, puts the retry back or fails the refused attempt, each
         conditional on the mark still being this delivery's (jobs/outcomes.py)."""
+        if isinstance(delivered, HandedOver):  # the common case: confirmed in sets (`end_marks`)
+            return self.confirm(marked, delivered)
         return record_outcome(self.rt, self.policy, marked.run, delivered, delivery=marked)
+
+    def confirm(self, marked: Marked, delivered: HandedOver) -> RetryOutcome:
+        """The fleet took the retry: its mark ends (as `record_outcome`'s `HandedOver` writes it),
+        together with those of the lanes confirming at the same time, in one statement."""
+        run = marked.run
+        log = logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count)
+        if self.confirms.ask(marked) is None:
+            return taken_over(log, run)
+        log.bind(event="handed_off").info("{}: handed to the fleet ({})", run.label, delivered.how)
+        return RetryOutcome(run.id, run.label, "handed_off", delivered=True)
+
+    def end_marks(self, marks: Sequence[Marked]) -> list[str | None]:
+        """Ends the marks of `marks` still their deliveries', in one statement; each one's status
+        then, or None where the lease ran out and another process took the retry over."""
+        ids = [m.run.id for m in marks]
+        which = f"run {ids[0]}" if len(ids) == 1 else f"{len(ids)} runs ({ids[0]}, ...)"
+        with database_errors(self.rt.engine, f"writing the delivery of {which}"), self.rt.engine.begin() as conn:
+            params = {"sr_ids": ids, "sr_bys": [m.by for m in marks], "sr_now": self.rt.clock.now()}
+            ended = {
+                (run_id, by): status for run_id, by, status in conn.execute(self.rt.queries.end_deliveries, params)
+            }
+        return [ended.get((m.run.id, m.by)) for m in marks]

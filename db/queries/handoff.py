@@ -16,7 +16,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from db import locks
-from db.queries.common import NOW, TableStatements, statement
+from db.queries.common import NOW, TableStatements, _arrays, statement
 
 _UNMARKED = {"delivering_until": None, "delivering_by": None}
 
@@ -56,6 +56,20 @@ class HandoffStatements(TableStatements):
     def end_delivery(self) -> sa.Update:
         """The fleet took it: the mark ends, whatever status the fleet has written since."""
         return self._update().values(**_UNMARKED).where(*self._mine()).returning(self.runs.state_of(self.t.c.status))
+
+    @statement
+    def end_deliveries(self) -> sa.Update:
+        """The fleet took them (a set of confirms in one statement): the mark of each of `:sr_ids`
+        ends if it is still its delivery's (`:sr_bys`, pairwise), whatever status the fleet has
+        written since; the (id, mark) pairs whose mark ended, with their status."""
+        t, runs = self.t, self.runs
+        confirmed = _arrays(id=runs.id_type, by=sa.Text)
+        return (
+            self._update()
+            .values(**_UNMARKED)
+            .where(t.c.id == confirmed.c.id, t.c.delivering_by == confirmed.c.by)
+            .returning(t.c.id, confirmed.c.by, runs.state_of(t.c.status))
+        )
 
     @statement
     def put_back(self) -> sa.Update:

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from db.layout import Layout, parse_column_map
 from jobs.delivery import NO_ROOM, Deliveries
+from jobs.executors.outcome import HandedOver
 from jobs.outcomes import Marked
 from jobs.rules import RetryPolicy
 from tests.daemons import wait_until
@@ -22,6 +23,7 @@ from tests.integration.test_priority import due_retries as prioritized
 from tests.integration.test_races import finish, spawn
 from tests.receiver import start_receiver
 
+WAITING_FOR_A_ROW = "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
 WAITING_FOR_THE_LOCK = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
 HANDED = "SELECT count(*) FROM scrape_runs WHERE status = 'running' AND handed_off = 'webhook'"
 POLICY = RetryPolicy(retry_delay=timedelta(hours=4), stuck_after=timedelta(hours=1))
@@ -159,3 +161,60 @@ def test_three_processes_marking_sets_at_once_never_exceed_the_cap_and_deliver_e
         assert conn.execute(sa.text(HANDED)).scalar_one() == 5
         assert conn.execute(sa.text("SELECT count(*) FROM scrape_runs WHERE delivering_by IS NOT NULL")).scalar() == 0
     engine.dispose()
+
+
+def test_confirms_end_each_mark_still_its_deliverys_in_one_statement(db_url, tmp_path, opened):
+    receiver = start_receiver(tmp_path)
+    try:
+        rt = opened(db_url, receiver, max_concurrent_retries=10)
+        due_retries(db_url, 3)
+        deliveries = Deliveries(rt, rt.executor, POLICY)
+        marks = deliveries.mark_batch([None] * 3)
+        taken = marks[1].run.id
+        with rt.engine.begin() as conn:  # its lease ran out and another process marked it anew
+            conn.execute(sa.text("UPDATE scrape_runs SET delivering_by = 'another' WHERE id = :id"), {"id": taken})
+            conn.execute(sa.text("UPDATE scrape_runs SET status = 'completed' WHERE id = :id"), {"id": marks[2].run.id})
+        ended = deliveries.end_marks(marks)
+        with rt.engine.connect() as conn:
+            left = {
+                r[0]: r[1] for r in conn.execute(sa.text("SELECT id, delivering_by FROM scrape_runs WHERE is_retry"))
+            }
+    finally:
+        receiver.stop()
+    assert ended == ["running", None, "completed"]  # what the fleet wrote stands
+    assert left == {marks[0].run.id: None, taken: "another", marks[2].run.id: None}
+
+
+def test_lanes_confirming_while_a_set_is_written_are_confirmed_together_in_the_next(db_url, tmp_path, opened):
+    receiver = start_receiver(tmp_path)
+    try:
+        rt = opened(db_url, receiver, max_concurrent_retries=10)
+        due_retries(db_url, 5)
+        deliveries = Deliveries(rt, rt.executor, POLICY)
+        marks = deliveries.mark_batch([None] * 5)
+        statements: list[str] = []
+        sa.event.listen(rt.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+        outcomes: dict[int, object] = {}
+
+        def lane(n: int) -> None:
+            outcomes[n] = deliveries.settle(marks[n], HandedOver("webhook"))
+
+        lanes = [threading.Thread(target=lane, args=(n,)) for n in range(5)]
+        holder = sa.create_engine(db_url)
+        with holder.begin() as conn:  # the first lane's confirm waits for this row lock
+            conn.execute(sa.text("SELECT 1 FROM scrape_runs WHERE id = :id FOR UPDATE"), {"id": marks[0].run.id})
+            lanes[0].start()
+            wait_until(lambda: conn.execute(sa.text(WAITING_FOR_A_ROW)).scalar_one() == 1, timeout=60)
+            for thread in lanes[1:]:
+                thread.start()
+            wait_until(lambda: len(deliveries.confirms._waiting) == 4, timeout=60)
+            assert rt.engine.pool.checkedout() == 1  # the four wait for the next set, not for a session
+        holder.dispose()
+        for thread in lanes:
+            thread.join(60)
+    finally:
+        receiver.stop()
+    assert sorted(o.status for o in outcomes.values()) == ["handed_off"] * 5
+    assert sum("unnest" in statement for statement in statements) == 2  # the first lane's, then the four's
+    with rt.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM scrape_runs WHERE delivering_by IS NOT NULL")).scalar() == 0
