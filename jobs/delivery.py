@@ -32,6 +32,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 from loguru import logger
+from sqlalchemy.exc import OperationalError
 
 from db.engine import database_errors
 from jobs.batching import Batches
@@ -64,6 +65,7 @@ def being_delivered(run: Run, now: datetime) -> tuple[str, int] | None:
 
 
 NO_ROOM = object()  # the cap is reached: nothing was marked
+DEADLOCK, DEADLOCK_ATTEMPTS = "40P01", 3  # a set of confirms PostgreSQL ended to break a deadlock: tried again
 
 
 class Deliveries:
@@ -258,9 +260,18 @@ class Deliveries:
         then, or None where the lease ran out and another process took the retry over."""
         ids = [m.run.id for m in marks]
         which = f"run {ids[0]}" if len(ids) == 1 else f"{len(ids)} runs ({ids[0]}, ...)"
-        with database_errors(self.rt.engine, f"writing the delivery of {which}"), self.rt.engine.begin() as conn:
-            params = {"sr_ids": ids, "sr_bys": [m.by for m in marks], "sr_now": self.rt.clock.now()}
-            ended = {
-                (run_id, by): status for run_id, by, status in conn.execute(self.rt.queries.end_deliveries, params)
-            }
+        params = {"sr_ids": ids, "sr_bys": [m.by for m in marks]}
+        with database_errors(self.rt.engine, f"writing the delivery of {which}"):
+            for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+                try:
+                    with self.rt.engine.begin() as conn:
+                        rows = conn.execute(self.rt.queries.end_deliveries, {**params, "sr_now": self.rt.clock.now()})
+                        ended = {(run_id, by): status for run_id, by, status in rows}
+                    break
+                except OperationalError as exc:
+                    # A set locks its rows one after another: a fleet writing several of them in one
+                    # statement may lock them in another order. PostgreSQL then ends one of the two;
+                    # if ours, nothing was written and the same conditional writes are tried again.
+                    if getattr(exc.orig, "pgcode", None) != DEADLOCK or attempt == DEADLOCK_ATTEMPTS:
+                        raise
         return [ended.get((m.run.id, m.by)) for m in marks]

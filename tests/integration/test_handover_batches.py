@@ -218,3 +218,34 @@ def test_lanes_confirming_while_a_set_is_written_are_confirmed_together_in_the_n
     assert sum("unnest" in statement for statement in statements) == 2  # the first lane's, then the four's
     with rt.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM scrape_runs WHERE delivering_by IS NOT NULL")).scalar() == 0
+
+
+def test_a_set_of_confirms_postgresql_ends_to_break_a_deadlock_is_written_again(db_url, tmp_path, opened):
+    """A fleet that writes several rows in one transaction may lock them in another order than a
+    set of confirms: PostgreSQL ends one of the two; if the set, it is tried again, not lost."""
+    receiver = start_receiver(tmp_path)
+    try:
+        rt = opened(db_url, receiver, max_concurrent_retries=10)
+        due_retries(db_url, 2)
+        deliveries = Deliveries(rt, rt.executor, POLICY)
+        first, last = deliveries.mark_batch([None] * 2)
+        # Ours detects the deadlock (100 ms) long before the fleet's transaction would (60 s).
+        sa.event.listen(rt.engine, "connect", lambda dbapi, _: dbapi.cursor().execute("SET deadlock_timeout = '100ms'"))
+        rt.engine.dispose()  # its sessions open anew, with that setting
+        fleet = sa.create_engine(db_url)
+        ended: list = []
+        with fleet.begin() as conn:
+            conn.exec_driver_sql("SET deadlock_timeout = '60s'")
+            lock = "UPDATE scrape_runs SET status = 'completed' WHERE id = :id"
+            conn.execute(sa.text(lock), {"id": last.run.id})
+            confirming = threading.Thread(target=lambda: ended.extend(deliveries.end_marks([first, last])))
+            confirming.start()
+            wait_until(lambda: conn.execute(sa.text(WAITING_FOR_A_ROW)).scalar_one() == 1, timeout=60)
+            conn.execute(sa.text(lock), {"id": first.run.id})  # waits for the set, which waits for it
+        fleet.dispose()
+        confirming.join(60)
+    finally:
+        receiver.stop()
+    assert ended == ["completed", "completed"]  # written again once the fleet's transaction ended
+    with rt.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM scrape_runs WHERE delivering_by IS NOT NULL")).scalar() == 0
