@@ -5,12 +5,15 @@ receiver's answer as an outcome).
 1. Mark: in one short transaction, under the cap's lock, the retry is committed `running`
    (`started_at` now, `handed_off` set) and marked as being delivered by this delivery, with a
    lease: the delivery's own bound plus a margin. From this commit on a fleet may write its
-   outcome (conditionally on `running`) the moment it has the retry.
+   outcome (conditionally on `running`) the moment it has the retry. The lanes that want a retry
+   at the same time are marked for in one such transaction (a set: `mark_batch`), and wait for it
+   holding no session.
 2. Deliver, with no database session held: a process delivering 256 retries at once still
    holds only its small pool, and an operator's action on the row waits for nothing.
-3. Confirm (the mark ends, whatever the fleet wrote stands), or put it back to `pending_retry`
-   when the fleet could not take it (only over `running`), or fail the attempt the webhook
-   refused: each conditional on the mark still being this delivery's.
+3. Confirm (the mark ends, whatever the fleet wrote stands; lanes confirming at once in one
+   statement: `end_marks`), or put it back to `pending_retry` when the fleet could not take it
+   (only over `running`), or fail the attempt the webhook refused: each conditional on the mark
+   still being this delivery's.
 
 A process that dies anywhere in between leaves a marked `running` row: once its lease runs out
 another process marks it anew and delivers it again with the same Idempotency-Key (the only
