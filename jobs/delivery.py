@@ -5,12 +5,15 @@ receiver's answer as an outcome).
 1. Mark: in one short transaction, under the cap's lock, the retry is committed `running`
    (`started_at` now, `handed_off` set) and marked as being delivered by this delivery, with a
    lease: the delivery's own bound plus a margin. From this commit on a fleet may write its
-   outcome (conditionally on `running`) the moment it has the retry.
+   outcome (conditionally on `running`) the moment it has the retry. The lanes that want a retry
+   at the same time are marked for in one such transaction (a set: `mark_batch`), and wait for it
+   holding no session.
 2. Deliver, with no database session held: a process delivering 256 retries at once still
    holds only its small pool, and an operator's action on the row waits for nothing.
-3. Confirm (the mark ends, whatever the fleet wrote stands), or put it back to `pending_retry`
-   when the fleet could not take it (only over `running`), or fail the attempt the webhook
-   refused: each conditional on the mark still being this delivery's.
+3. Confirm (the mark ends, whatever the fleet wrote stands; lanes confirming at once in one
+   statement: `end_marks`), or put it back to `pending_retry` when the fleet could not take it
+   (only over `running`), or fail the attempt the webhook refused: each conditional on the mark
+   still being this delivery's.
 
 A process that dies anywhere in between leaves a marked `running` row: once its lease runs out
 another process marks it anew and delivers it again with the same Idempotency-Key (the only
@@ -26,19 +29,21 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timedelta
 
 from loguru import logger
+from sqlalchemy.exc import OperationalError
 
 from db.engine import database_errors
+from jobs.batching import Batches
 from jobs.events import RetryEnded
 from jobs.executors.base import Delivers, ExecutorMisconfigured, KnowsItsJobs
 from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured
 from jobs.model import Run, RunId
-from jobs.outcomes import Marked, RetryOutcome, record_outcome
+from jobs.outcomes import Marked, RetryOutcome, record_outcome, taken_over
 from jobs.rules import RetryPolicy
 from jobs.runtime import Runtime
 
@@ -63,6 +68,7 @@ def being_delivered(run: Run, now: datetime) -> tuple[str, int] | None:
 
 
 NO_ROOM = object()  # the cap is reached: nothing was marked
+DEADLOCK, DEADLOCK_ATTEMPTS = "40P01", 3  # a set of confirms PostgreSQL ended to break a deadlock: tried again
 
 
 class Deliveries:
@@ -81,6 +87,8 @@ class Deliveries:
         self.misconfigured: str | None = None  # the configuration error the fleet answered last
         self.said: str | None = None  # the one a daemon's slot said
         self.lock = threading.Lock()
+        self.batches: Batches[None, Marked | object | None] = Batches(self.mark_batch)
+        self.confirms: Batches[Marked, str | None] = Batches(self.end_marks)
 
     def drain(self, stop: threading.Event) -> list[RetryOutcome]:
         """Delivers due retries until none is due, the cap is reached or `stop` is set; as many at
@@ -128,10 +136,23 @@ class Deliveries:
         return None
 
     def mark(self, run_id: RunId | None = None) -> Marked | object | None:
-        """Step 1: a retry whose lease ran out (redelivered first: it counts already), else the
-        most overdue due retry (or pending retry `run_id`) if the cap leaves room; under the cap's
-        lock, so no count misses a mark. None: nothing to deliver; NO_ROOM: the cap is reached."""
-        q = self.rt.queries
+        """Step 1 for a lane: a retry marked for it (with `run_id`: pending retry `run_id`, due or
+        not, in a transaction of its own). None: nothing to deliver; NO_ROOM: the cap is reached.
+        Lanes asking at once are marked for in one transaction (`mark_batch`); a lane waiting for it
+        holds no session, so a confirm never waits for a session behind marks."""
+        if run_id is not None:
+            return self.mark_batch([run_id])[0]
+        return self.batches.ask(None)
+
+    def mark_batch(self, asking: Sequence[RunId | None]) -> list[Marked | object | None]:
+        """Marks, in one short transaction under the cap's lock (so no count misses a mark), one
+        retry for each of `asking` (all None, or one run id): retries whose lease ran out first
+        (redelivered: they count already), then the due ones the cap leaves room for, highest
+        priority then longest overdue first. As many as lanes ask and no more: a lease starts at
+        the mark, so each marked retry is sent at once. Lanes left without one get None (nothing
+        is due) or NO_ROOM (the cap is reached)."""
+        q, wanted = self.rt.queries, len(asking)
+        run_id = asking[0]
         with database_errors(self.rt.engine, "marking a retry as being delivered"), self.rt.engine.begin() as conn:
             conn.execute(q.handoff_lock)
             # Time read once the lock is held: a wait for a pooled connection or for the lock must
@@ -139,7 +160,7 @@ class Deliveries:
             now = self.rt.clock.now()
             params = {
                 "sr_now": now,
-                "sr_limit": 1,
+                "sr_limit": wanted,
                 "sr_run_id": run_id,
                 "sr_mode": self.executor.mode,
                 "sr_by": f"{self.process} delivery {uuid.uuid4().hex[:12]}",
@@ -147,14 +168,29 @@ class Deliveries:
             }
             # An executor that never sends twice leaves a lapsed mark to the stuck checker (SPEC §12).
             again = run_id is None and self.executor.sends_again
-            row = conn.execute(q.mark_expired, params).mappings().first() if again else None
-            again = row is not None
-            if row is None:
-                if conn.execute(q.room, {"sr_max": self.rt.settings.max_concurrent_retries}).scalar_one() <= 0:
-                    return NO_ROOM
-                row = conn.execute(q.mark_due if run_id is None else q.mark_one, params).mappings().first()
-            if row is None:
-                return None
+            lapsed = conn.execute(q.mark_expired, params).mappings().all() if again else []
+            due: list = []
+            short = wanted - len(lapsed)
+            verdict: object | None = None  # what a lane left without a retry is told
+            if short > 0:
+                room = conn.execute(q.room, {"sr_max": self.rt.settings.max_concurrent_retries}).scalar_one()
+                verdict = NO_ROOM
+                if room > 0:
+                    taking = min(short, room)
+                    statement = q.mark_due if run_id is None else q.mark_one
+                    due = conn.execute(statement, {**params, "sr_limit": taking}).mappings().all()
+                    verdict = None if len(due) < taking else NO_ROOM
+        marked = [self.marked(row, params, now, again=True) for row in lapsed]
+        marked += [self.marked(row, params, now) for row in sorted(due, key=self.start_order)]
+        return marked + [verdict] * (wanted - len(marked))
+
+    def start_order(self, row) -> tuple:
+        """SPEC §16's order within a set marked at once, as `mark_due` chose them: the highest
+        priority first (none last), then the longest overdue."""
+        priority = row[self.rt.runs.priority] if self.rt.runs.priority else None
+        return (priority is None, -(priority or 0), row["_sr_was_due"])
+
+    def marked(self, row, params: dict, now: datetime, *, again: bool = False) -> Marked:
         run = Run.from_row(row, self.rt.runs.input_names)
         if again:
             logger.bind(run_id=str(run.id), event="redelivering").warning(
@@ -208,4 +244,37 @@ class Deliveries:
     def settle(self, marked: Marked, delivered: DeliveryOutcome) -> RetryOutcome:
         """Step 3: confirms the delivery, puts the retry back or fails the refused attempt, each
         conditional on the mark still being this delivery's (jobs/outcomes.py)."""
+        if isinstance(delivered, HandedOver):  # the common case: confirmed in sets (`end_marks`)
+            return self.confirm(marked, delivered)
         return record_outcome(self.rt, self.policy, marked.run, delivered, delivery=marked)
+
+    def confirm(self, marked: Marked, delivered: HandedOver) -> RetryOutcome:
+        """The fleet took the retry: its mark ends (as `record_outcome`'s `HandedOver` writes it),
+        together with those of the lanes confirming at the same time, in one statement."""
+        run = marked.run
+        log = logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count)
+        if self.confirms.ask(marked) is None:
+            return taken_over(log, run)
+        log.bind(event="handed_off").info("{}: handed to the fleet ({})", run.label, delivered.how)
+        return RetryOutcome(run.id, run.label, "handed_off", delivered=True)
+
+    def end_marks(self, marks: Sequence[Marked]) -> list[str | None]:
+        """Ends the marks of `marks` still their deliveries', in one statement; each one's status
+        then, or None where the lease ran out and another process took the retry over."""
+        ids = [m.run.id for m in marks]
+        which = f"run {ids[0]}" if len(ids) == 1 else f"{len(ids)} runs ({ids[0]}, ...)"
+        params = {"sr_ids": ids, "sr_bys": [m.by for m in marks]}
+        with database_errors(self.rt.engine, f"writing the delivery of {which}"):
+            for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+                try:
+                    with self.rt.engine.begin() as conn:
+                        rows = conn.execute(self.rt.queries.end_deliveries, {**params, "sr_now": self.rt.clock.now()})
+                        ended = {(run_id, by): status for run_id, by, status in rows}
+                    break
+                except OperationalError as exc:
+                    # A set locks its rows one after another: a fleet writing several of them in one
+                    # statement may lock them in another order. PostgreSQL then ends one of the two;
+                    # if ours, nothing was written and the same conditional writes are tried again.
+                    if getattr(exc.orig, "pgcode", None) != DEADLOCK or attempt == DEADLOCK_ATTEMPTS:
+                        raise
+        return [ended.get((m.run.id, m.by)) for m in marks]

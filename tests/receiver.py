@@ -190,6 +190,10 @@ class Fleet:
 
 class ScriptedServer(ThreadingHTTPServer):
     daemon_threads = True
+    # A real receiver's listen backlog (uvicorn and nginx: 2048), not http.server's 5: a process
+    # marking its lanes' retries in one transaction sends as many POSTs at once, and the kernel
+    # resets connections past the backlog (postponed deliveries the test would read as lost).
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], args: argparse.Namespace) -> None:
         super().__init__(address, ScriptedHandler)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from db import locks
-from db.queries.common import NOW, TableStatements, statement
+from db.queries.common import NOW, TableStatements, _arrays, statement
 
 _UNMARKED = {"delivering_until": None, "delivering_by": None}
 
@@ -56,6 +56,20 @@ class HandoffStatements(TableStatements):
     def end_delivery(self) -> sa.Update:
         """The fleet took it: the mark ends, whatever status the fleet has written since."""
         return self._update().values(**_UNMARKED).where(*self._mine()).returning(self.runs.state_of(self.t.c.status))
+
+    @statement
+    def end_deliveries(self) -> sa.Update:
+        """The fleet took them (a set of confirms in one statement): the mark of each of `:sr_ids`
+        ends if it is still its delivery's (`:sr_bys`, pairwise), whatever status the fleet has
+        written since; the (id, mark) pairs whose mark ended, with their status."""
+        t, runs = self.t, self.runs
+        confirmed = _arrays(id=runs.id_type, by=sa.Text)
+        return (
+            self._update()
+            .values(**_UNMARKED)
+            .where(t.c.id == confirmed.c.id, t.c.delivering_by == confirmed.c.by)
+            .returning(t.c.id, confirmed.c.by, runs.state_of(t.c.status))
+        )
 
     @statement
     def put_back(self) -> sa.Update:
@@ -116,9 +130,9 @@ class HandoffStatements(TableStatements):
         )
 
     def _mark_expired(self) -> sa.Update:
-        """Marks anew one retry whose delivery's lease ran out while still marked (its process
-        died between the mark and the confirm): delivered again, with the same Idempotency-Key.
-        Only a `running` one: a status the fleet wrote meanwhile ends it."""
+        """Marks anew up to `:sr_limit` retries whose delivery's lease ran out while still marked
+        (their process died between the mark and the confirm): delivered again, with the same
+        Idempotency-Key. Only `running` ones: a status the fleet wrote meanwhile ends it."""
         t, runs = self.t, self.runs
         expired = [
             runs.in_state(t.c.status, "running"),
@@ -129,7 +143,7 @@ class HandoffStatements(TableStatements):
             sa.select(t.c.id)
             .where(*expired, self.pauses.not_paused(NOW))
             .order_by(t.c.delivering_until)
-            .limit(1)
+            .limit(sa.bindparam("sr_limit"))
             .with_for_update(skip_locked=True)
             .cte("lapsed")
             .prefix_with("MATERIALIZED")

@@ -130,6 +130,11 @@ class WebhookExecutor:
         connect = min(CONNECT_TIMEOUT, timeout).total_seconds()
         self.client = httpx.Client(
             timeout=httpx.Timeout(timeout.total_seconds(), connect=connect),
+            # A connection for every lane (MAX_CONCURRENT_RETRIES is at most 256), kept alive: a
+            # delivery never queues in httpcore's pool, whose sync pool may close a connection it
+            # has just given to a queued request (encode/httpcore#1110: "Bad file descriptor", or a
+            # hang until the read timeout) when the hand-over's sets start many POSTs at once.
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
             follow_redirects=False,
             trust_env=False,  # no proxy from the environment: it would see every retry and its signature
             # The system's trust store (and SSL_CERT_FILE): a receiver behind the company's own CA.
