@@ -28,7 +28,7 @@ import httpx
 
 from jobs.executors.base import Strategies, T
 from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured, OutcomeUnknown, Postponed, Released
-from jobs.executors.webhook import clean
+from jobs.executors.webhook import LANE_LIMITS, clean
 from jobs.model import Run, RunId
 
 MODE = "scrapyd"  # the `handed_off` value of a retry scheduled on Scrapyd
@@ -70,6 +70,7 @@ class ScrapydExecutor:
         self.client = httpx.Client(
             timeout=httpx.Timeout(READ_TIMEOUT.total_seconds(), connect=CONNECT_TIMEOUT.total_seconds()),
             auth=auth,
+            limits=LANE_LIMITS,  # as the webhook's: no call queues in httpcore's pool
             follow_redirects=False,
             trust_env=False,  # no proxy from the environment: it would see every job and the credentials
         )

@@ -48,6 +48,14 @@ KEEPS_THE_POST = frozenset({307, 308})  # the redirects that repeat the request,
 MODE = "webhook"  # the `handed_off` value of a retry delivered here
 
 
+# A connection for every lane (MAX_CONCURRENT_RETRIES is at most 256), kept alive: a delivery
+# never queues in httpcore's pool, whose sync pool may close a connection it has just given to a
+# queued request (encode/httpcore#1110: "Bad file descriptor", or a hang until the read timeout)
+# when the hand-over's sets start many calls at once. Every executor that calls the fleet over
+# HTTP uses it.
+LANE_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+
+
 def judge(
     status: int, reason: str = "", retry_after: str | None = None, body: str = ""
 ) -> HandedOver | Postponed | Failed:
@@ -130,11 +138,7 @@ class WebhookExecutor:
         connect = min(CONNECT_TIMEOUT, timeout).total_seconds()
         self.client = httpx.Client(
             timeout=httpx.Timeout(timeout.total_seconds(), connect=connect),
-            # A connection for every lane (MAX_CONCURRENT_RETRIES is at most 256), kept alive: a
-            # delivery never queues in httpcore's pool, whose sync pool may close a connection it
-            # has just given to a queued request (encode/httpcore#1110: "Bad file descriptor", or a
-            # hang until the read timeout) when the hand-over's sets start many POSTs at once.
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
+            limits=LANE_LIMITS,
             follow_redirects=False,
             trust_env=False,  # no proxy from the environment: it would see every retry and its signature
             # The system's trust store (and SSL_CERT_FILE): a receiver behind the company's own CA.
