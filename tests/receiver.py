@@ -1,4 +1,5 @@
-"""A webhook receiver in a process of its own, for the §12 tests and the chaos harness.
+"""A webhook receiver in a process of its own, for the §12 tests and the chaos harness (or, for
+tests where the process is not the point, the same server in a thread: `start_threaded_receiver`).
 
     python -m tests.receiver --port-file PATH --log PATH --script PATH [--secret S] [--port N]
         [--database-url URL --table NAME [--fail-every N] [--at-once]]
@@ -392,6 +393,75 @@ class Receiver:
         return stop_process(self.process, timeout)
 
 
+class ThreadedReceiver(Receiver):
+    """The same receiver (the same server, script, log and fleet) served from a thread of this
+    process, for tests where its being a process of its own is not the point: a receiver process
+    costs an interpreter's start and its imports. `stop` ends the server; what it read is as
+    the process's."""
+
+    def __init__(self, directory: Path, args: list[str]) -> None:
+        self.process = None  # type: ignore[assignment]
+        self.directory = directory
+        self.server = ScriptedServer(("127.0.0.1", 0), parse_args(args))
+        self.port = self.server.port
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, name="receiver", daemon=True
+        )
+        self.thread.start()
+
+    def stop(self, timeout: float = 10) -> int:
+        if self.thread.is_alive():
+            self.server.shutdown()
+            self.thread.join(timeout)
+            self.server.server_close()
+            if self.server.fleet is not None:
+                self.server.fleet.engine.dispose()
+        return 0
+
+
+def _receiver_args(
+    directory: Path,
+    script: dict | list[str] | tuple[str, ...] | None,
+    secret: str | None,
+    database_url: str | None,
+    table: str | None,
+    fail_every: int | None,
+    at_once: bool,
+) -> list[str]:
+    """The receiver's command line in `directory`, its script written there."""
+    if isinstance(script, dict):
+        answers, default = script.get("answers", []), script.get("default", "ok")
+    else:
+        answers, default = list(script or []), "ok"
+    args = ["--port-file", str(directory / "port"), "--log", str(directory / "requests.jsonl")]
+    args += ["--script", str(directory / "script.json")]
+    for flag, value in (("--secret", secret), ("--database-url", database_url), ("--table", table)):
+        if value is not None:
+            args += [flag, value]
+    if fail_every is not None:
+        args += ["--fail-every", str(fail_every)]
+    if at_once:
+        args.append("--at-once")
+    write_script(directory / "script.json", answers, default)
+    return args
+
+
+def start_threaded_receiver(
+    tmp_path: Path,
+    script: dict | list[str] | tuple[str, ...] | None = None,
+    secret: str | None = None,
+    database_url: str | None = None,
+    table: str | None = None,
+    fail_every: int | None = None,
+    at_once: bool = False,
+) -> ThreadedReceiver:
+    """`start_receiver`'s receiver in a thread of this process (same arguments, same reading)."""
+    directory = Path(tempfile.mkdtemp(prefix="receiver-", dir=tmp_path))
+    return ThreadedReceiver(
+        directory, _receiver_args(directory, script, secret, database_url, table, fail_every, at_once)
+    )
+
+
 def start_receiver(
     tmp_path: Path,
     script: dict | list[str] | tuple[str, ...] | None = None,
@@ -404,21 +474,8 @@ def start_receiver(
     """Starts `python -m tests.receiver` in a directory of its own under tmp_path and waits for
     its port. `script` is `{"answers": [...], "default": ...}` or just the answers (then "ok")."""
     directory = Path(tempfile.mkdtemp(prefix="receiver-", dir=tmp_path))
-    if isinstance(script, dict):
-        answers, default = script.get("answers", []), script.get("default", "ok")
-    else:
-        answers, default = list(script or []), "ok"
+    args = _receiver_args(directory, script, secret, database_url, table, fail_every, at_once)
     port_file = directory / "port"
-    args = ["--port-file", str(port_file), "--log", str(directory / "requests.jsonl")]
-    args += ["--script", str(directory / "script.json")]
-    for flag, value in (("--secret", secret), ("--database-url", database_url), ("--table", table)):
-        if value is not None:
-            args += [flag, value]
-    if fail_every is not None:
-        args += ["--fail-every", str(fail_every)]
-    if at_once:
-        args.append("--at-once")
-    write_script(directory / "script.json", answers, default)
     receiver = Receiver(start_process("tests.receiver", args, directory / "stderr.txt"), 0, directory)
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     while not port_file.exists():

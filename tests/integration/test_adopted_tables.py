@@ -6,7 +6,10 @@ the monitoring SQL, doctor and the daemon. Tables that cannot be adopted, and ma
 are wrong, are refused in one line with nothing changed.
 
 Databases are built once per table per module (the DDL, then migrated, then a story played
-on it) and every test works on its own copy (`CREATE DATABASE ... TEMPLATE`).
+on it); every test that writes works on its own copy (`CREATE DATABASE ... TEMPLATE`), the tests
+that only read the story share one copy (`viewed`, which checks at its end that nothing wrote).
+The daemon runs over every table from a thread (`Daemon`, as the command builds it), and as a
+real process on two of them (its start, SIGTERM and exit).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -33,7 +37,9 @@ from tests.adopted import (
     ERROR_503,
     HARVESTS,
     LONG_ERROR,
+    PAGE_FETCHES,
     REFUSED,
+    SCRAPING_JOB,
     SYNC_BATCHES,
     Adopted,
     Refused,
@@ -297,10 +303,23 @@ def fresh(adopted: Adopted, migrated: str, databases: Databases, tmp_path: Path)
 
 @pytest.fixture
 def played(adopted: Adopted, story: Story, databases: Databases, tmp_path: Path) -> Iterator[Driver]:
-    """The table after the story, on a database of this test's own."""
+    """The table after the story, on a database of this test's own (for a test that writes)."""
     driver = Driver(adopted, databases.create(story.template), tmp_path)
     yield driver
     driver.close()
+
+
+@pytest.fixture(scope="module")
+def viewed(adopted: Adopted, story: Story, template_dbs: Databases, workdir: Path) -> Iterator[Driver]:
+    """The table after the story, one copy shared by the tests that only read it (the reports,
+    the listings, the SQL): a copy per test cost a CREATE and a DROP DATABASE (a checkpoint)
+    each. Its end checks that they did only read: everything as the story left it."""
+    driver = Driver(adopted, template_dbs.create(story.template), workdir)
+    before = driver.snapshot()
+    yield driver
+    after = driver.snapshot()
+    driver.close()
+    assert after == before, "a test on the shared story wrote to it: give it `played`"
 
 
 # --- the story, step by step -----------------------------------------------------------------------
@@ -380,8 +399,8 @@ def test_check_fails_a_stuck_run_names_it_by_its_label_and_schedules_its_retry(a
     assert d.retries_of(young) == []
 
 
-def test_process_runs_due_retries_to_each_end(adopted, story, played):
-    t, d = adopted, played
+def test_process_runs_due_retries_to_each_end(adopted, story, viewed):
+    t, d = adopted, viewed
     root, done = d.chain(story.ok)
     assert done[t.status] == t.completed and done[t.completed_at] is not None
 
@@ -399,8 +418,8 @@ def test_process_runs_due_retries_to_each_end(adopted, story, played):
     assert last["next_retry_at"] is None
 
 
-def test_a_permanent_failure_is_one_dead_letter(adopted, story, played):
-    t, d = adopted, played
+def test_a_permanent_failure_is_one_dead_letter(adopted, story, viewed):
+    t, d = adopted, viewed
     letters = json.loads(d.ok("dlq", "list", "--json").stdout)
     (letter,) = letters
     _, last = d.chain(story.not_found)
@@ -430,8 +449,8 @@ def test_retry_of_a_run_the_scraper_failed_itself(adopted, fresh):
     assert d.retries_of(done) == []
 
 
-def test_history_shows_the_chain_oldest_first(adopted, story, played):
-    t, d = adopted, played
+def test_history_shows_the_chain_oldest_first(adopted, story, viewed):
+    t, d = adopted, viewed
     chain = d.chain(story.fail503)
     report = json.loads(d.ok("history", str(story.fail503), "--json").stdout)
     attempts = report["attempts"]
@@ -444,8 +463,8 @@ def test_history_shows_the_chain_oldest_first(adopted, story, played):
     assert "Total attempts: 2" in text  # the pending retry is not an attempt made yet
 
 
-def test_status_and_stats_count_the_table(adopted, story, played):
-    d = played
+def test_status_and_stats_count_the_table(adopted, story, viewed):
+    d = viewed
     runs = json.loads(d.ok("status", "--json").stdout)["runs"]
     assert (runs["running"], runs["stuck"], runs["pending_retry"], runs["permanently_failed"]) == (0, 0, 1, 1)
     stats = json.loads(d.ok("stats", "--json").stdout)
@@ -460,10 +479,10 @@ def test_status_and_stats_count_the_table(adopted, story, played):
     }
 
 
-def test_stats_by_target_and_by_column_on_the_table(adopted, story, played):
+def test_stats_by_target_and_by_column_on_the_table(adopted, story, viewed):
     """`stats --by` (SPEC §15) on every shape: its groups add up to `stats`' totals, by the host of
     the steering column (TARGET) and by the column itself; `--by kind` without a kind column is refused."""
-    t, d = adopted, played
+    t, d = adopted, viewed
     by_target = json.loads(d.ok("stats", "--by", "target", "--json", TARGET=f"host({t.steer})").stdout)
     # TARGET naming the column itself (text, varchar...) is accepted when the table is opened.
     by_column = json.loads(d.ok("stats", "--by", t.steer, "--json", TARGET=t.steer).stdout)
@@ -529,8 +548,8 @@ def test_the_api_and_pages_of_issue_19_on_the_table(adopted, story, played):
     assert get_on_post.status_code == 405
 
 
-def test_sql_prints_the_monitoring_queries_in_the_tables_names(adopted, story, played):
-    t, d = adopted, played
+def test_sql_prints_the_monitoring_queries_in_the_tables_names(adopted, story, viewed):
+    t, d = adopted, viewed
     pending_sql = d.ok("sql", "pending").stdout
     assert t.relation in pending_sql and t.status in pending_sql and t.pending_retry in pending_sql
     pending = d.run_sql(pending_sql)
@@ -552,18 +571,61 @@ def test_doctor_passes_and_prints_the_resolved_mapping(adopted, fresh):
         assert re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", out), f"{name!r} not in doctor's output:\n{out}"
 
 
-def test_the_daemon_fails_a_stuck_run_and_stops_on_sigterm(adopted, fresh):
+DAEMON_SETTINGS = {"CHECK_INTERVAL": "1h", "PROCESS_INTERVAL": "30m"}
+
+
+def test_the_daemon_fails_a_stuck_run_on_the_table(adopted, fresh):
+    """The daemon over every shape: `Daemon` (its scheduler, jobs, records and stop, as `stuck-runs
+    daemon` builds it from the same settings and runtime) run from a thread of this process. Its
+    being a process (start, SIGTERM, exit code, log) is the next test's, on the shapes whose names a
+    process's start must get right."""
+    from jobs.runtime import Runtime
+    from jobs.settings import load_settings
+    from scheduler.daemon import Daemon
+
     t, d = adopted, fresh
     stuck = d.insert("ok-daemon")
-    daemon = DaemonProcess(d.url, str(STUCK_RUNS), "daemon", **d.env(CHECK_INTERVAL="1h", PROCESS_INTERVAL="30m"))
+    rt = Runtime.open(load_settings(d.env(**DAEMON_SETTINGS)), role="daemon", executes=True)
+    daemon, raised = Daemon(rt), []
+
+    def run() -> None:
+        try:
+            daemon.run()
+        except BaseException as exc:  # noqa: BLE001 - said by the test, not lost in a thread
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, name="daemon", daemon=True)
+    thread.start()
     try:
-        wait_until(lambda: d.row(stuck)[t.status] == t.failed, timeout=30)
+        wait_until(lambda: d.row(stuck)[t.status] == t.failed, timeout=120)
     finally:
-        log = daemon.stop()
-    assert daemon.returncode == 0, log
-    assert "Traceback" not in log
+        daemon.request_stop()
+        thread.join(120)
+        rt.close()
+    assert not thread.is_alive() and raised == [], raised
     assert d.row(stuck)[t.error] == STUCK_MESSAGE
     assert [r[t.status] for r in d.retries_of(stuck)] == [t.pending_retry]
+
+
+@pytest.mark.parametrize("table", [SCRAPING_JOB, PAGE_FETCHES], ids=lambda t: t.name)
+def test_the_daemon_process_fails_a_stuck_run_and_stops_on_sigterm(table, databases, tmp_path):
+    """`stuck-runs daemon` as a process on the two names a process reads from its environment and
+    must quote or qualify right: a mixed-case table (with an enum, naive times and an ORM's text
+    ids) and a schema-qualified one (with two running values and a CHECK)."""
+    t, d = table, adopt(table, databases, tmp_path)
+    try:
+        stuck = d.insert("ok-daemon")
+        daemon = DaemonProcess(d.url, str(STUCK_RUNS), "daemon", **d.env(**DAEMON_SETTINGS))
+        try:
+            wait_until(lambda: d.row(stuck)[t.status] == t.failed, timeout=120)
+        finally:
+            log = daemon.stop(timeout=120)
+        assert daemon.returncode == 0, log
+        assert "Traceback" not in log
+        assert d.row(stuck)[t.error] == STUCK_MESSAGE
+        assert [r[t.status] for r in d.retries_of(stuck)] == [t.pending_retry]
+    finally:
+        d.close()
 
 
 # --- one table, one rule -------------------------------------------------------------------------
@@ -708,12 +770,12 @@ def test_a_long_error_is_cut_to_fit_its_column_keeping_the_retry_tail(harvests_m
     d.close()
 
 
-def test_runs_search_listing_and_every_filter_work_on_the_table(adopted, story, played):
+def test_runs_search_listing_and_every_filter_work_on_the_table(adopted, story, viewed):
     """`/runs?q=`, `GET /api/runs` and each of their filters on every adopted shape (a JSON error
     column once answered 500: the search term was bound as JSONB and compared with ILIKE)."""
     from tests.web import READER, InProcessWeb
 
-    t, d = adopted, played
+    t, d = adopted, viewed
     _, failed_503, pending = d.chain(story.fail503)
     server = InProcessWeb(d.url, **t.env, STUCK_AFTER="1h")
     try:

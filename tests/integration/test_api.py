@@ -301,8 +301,39 @@ def test_openapi_describes_every_endpoint(web):
 # -- the database down -----------------------------------------------------------------------------
 
 
-def test_the_database_down_is_a_500_with_the_envelope_and_no_secret(tmp_path):
-    server = migrated_server(tmp_path)
+def answers(url: str) -> bool:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return True
+    except sa.exc.OperationalError:
+        return False
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory: pytest.TempPathFactory):
+    """One PostgreSQL of this module's own (a migrated scrape_runs) for the tests that stop and
+    start it: a server of each test's own (an initdb each) was most of their time."""
+    server = migrated_server(tmp_path_factory.mktemp("own-server"))
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def outage(own_server):
+    """The module's server, running; left running for the next test whatever this one did."""
+    if not answers(own_server.url):
+        own_server.start()
+    yield own_server
+    if not answers(own_server.url):
+        own_server.start()
+
+
+def test_the_database_down_is_a_500_with_the_envelope_and_no_secret(outage):
+    server = outage
     secret = "Sekr3t-never-shown"
     url = server.url + f"&password={secret}"
     engine = make_engine(server.url)
@@ -319,7 +350,6 @@ def test_the_database_down_is_a_500_with_the_envelope_and_no_secret(tmp_path):
             recovered = http.post(f"/api/runs/{run_id}/retry")
     finally:
         log = web.stop()
-        server.cleanup()
     assert retry.status_code == 500, retry.text
     assert retry.json()["success"] is False and retry.json()["error"] == "Failed to retry run"
     assert status.status_code == 500 and status.json()["error"] == "Failed to read status"
@@ -542,8 +572,8 @@ def test_a_deep_page_starts_at_its_cursor_in_the_index(engine, db_url):
     assert "Index Cond: (ROW(started_at, id) < ROW(" in plan, plan
 
 
-def test_serve_started_while_the_database_is_down_waits_for_it_and_then_serves(tmp_path):
-    server = migrated_server(tmp_path)
+def test_serve_started_while_the_database_is_down_waits_for_it_and_then_serves(outage):
+    server = outage
     engine = make_engine(server.url)
     run_id = failed_run(engine)
     engine.dispose()
@@ -563,7 +593,6 @@ def test_serve_started_while_the_database_is_down_waits_for_it_and_then_serves(t
         assert web.poll() is None  # still the first process: no restart loop
     finally:
         log = web.stop() if web else ""
-        server.cleanup()
     assert health.status_code == 503 and health.json() == {
         "success": False,
         "error": "Database unavailable",
@@ -715,21 +744,24 @@ def test_the_other_orders_and_the_previous_page_start_at_their_cursor_in_an_inde
     assert any(condition in line for line in plan.splitlines() if "Index Cond:" in line), plan  # never a filter
 
 
-def test_serve_waiting_for_its_database_exits_as_at_start_if_the_table_is_not_there_when_it_answers(tmp_path):
+def test_serve_waiting_for_its_database_exits_as_at_start_if_the_table_is_not_there_when_it_answers(outage):
     """The database answers, the table is missing: what `serve` says and does at start (exit 1,
     one line), not a server answering 503 forever."""
-    from tests.daemons import wait_until
-    from tests.own_server import OwnServer
+    from sqlalchemy.engine import make_url
 
-    server = OwnServer(tmp_path)  # a database without scrape_runs
+    from tests.daemons import wait_until
+
+    server = outage
+    name = f"no_table_{uuid.uuid4().hex[:8]}"  # a database without scrape_runs
+    with sa.create_engine(server.url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool).connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
     server.stop()
     web = None
     try:
-        web = WebServer(server.url, ready=503)
+        web = WebServer(make_url(server.url).set(database=name).render_as_string(hide_password=False), ready=503)
         server.start()
-        wait_until(lambda: web.poll() is not None, timeout=30)
+        wait_until(lambda: web.poll() is not None, timeout=120)
     finally:
         log = web.stop() if web is not None else ""  # SIGTERM only if still running
-        server.cleanup()
     assert web.returncode == 1, log
     assert "stuck-runs: table scrape_runs does not exist in this database" in log and "Traceback" not in log

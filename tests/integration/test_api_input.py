@@ -13,7 +13,7 @@ from tests.helpers import insert_run, insert_stuck_runs
 from tests.integration.test_api import failed_run, snapshot
 from tests.integration.test_cli import cli, one_line_error
 from tests.own_server import migrated_server
-from tests.web import ADMIN, READER, InProcessWeb, WebServer
+from tests.web import ADMIN, READER, InProcessWeb, ThreadedWebServer
 
 pytestmark = pytest.mark.slow
 NOW = datetime.now(timezone.utc)
@@ -126,8 +126,17 @@ def test_sign_out_ends_the_session_even_for_a_saved_cookie(web):
 
 
 def test_wrong_tokens_and_database_failures_reach_the_log(tmp_path):
+    """What serve's log says (at serve's default level, INFO), from serve's app on a real socket
+    in a thread of this process: the log's lines, not the process, are the point (a serve
+    process's own log is test_api's and test_pages')."""
+    from loguru import logger
+
+    from scheduler.logs import TEXT_FORMAT
+
     server = migrated_server(tmp_path)
-    web = WebServer(server.url)
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="INFO", format=TEXT_FORMAT)
+    web = ThreadedWebServer(server.url)
     try:
         with web.client("wrong-wrong-wrong-wrong") as http:
             assert http.get("/api/status").status_code == 401
@@ -138,8 +147,10 @@ def test_wrong_tokens_and_database_failures_reach_the_log(tmp_path):
             health = http.get("/api/health")
             server.start()
     finally:
-        log = web.stop()
+        web.stop()
+        logger.remove(sink)
         server.cleanup()
+    log = "\n".join(lines)
     assert down.status_code == 500
     assert "postgresql" not in down.text and str(tmp_path) not in down.text  # no connection details to a client
     assert health.status_code == 503 and health.json()["error"] == "Database unavailable"

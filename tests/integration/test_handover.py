@@ -1,6 +1,10 @@
 """The hand-over of SPEC §12 (amended): the retry is committed `running` and marked as being
 delivered before the POST, delivered with no database session held, then confirmed or put back,
-each a conditional write that leaves standing what the fleet wrote meanwhile."""
+each a conditional write that leaves standing what the fleet wrote meanwhile.
+
+The receivers answer from a thread of the test process (tests/receiver.py's server, script and
+fleet): what is tested is the hand-over's side; a receiver process is test_handoff_daemons' and
+test_webhook's."""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from jobs.rules import RetryPolicy
 from jobs.stuck import sweep_stuck_runs
 from tests.daemons import wait_until
 from tests.helpers import insert_due_retry, make_runtime, row
-from tests.receiver import start_receiver
+from tests.receiver import start_threaded_receiver
 
 POLICY = RetryPolicy(retry_delay=timedelta(hours=4), stuck_after=timedelta(hours=1))
 
@@ -52,7 +56,7 @@ def test_a_fleet_that_writes_its_outcome_at_once_keeps_it(db_url, tmp_path, open
     """The fleet writes `completed ... WHERE status = 'running'` before it even answers: the row
     must already read `running` (committed before the POST), or the write matches nothing."""
     retries = due_retries(db_url, 30)
-    receiver = start_receiver(tmp_path, database_url=db_url, table="scrape_runs", at_once=True)
+    receiver = start_threaded_receiver(tmp_path, database_url=db_url, table="scrape_runs", at_once=True)
     try:
         rt = opened(db_url, receiver, max_concurrent_retries=30)
         result = process_due_retries(rt)
@@ -68,7 +72,7 @@ def test_a_fleet_that_writes_its_outcome_at_once_keeps_it(db_url, tmp_path, open
 
 
 def test_postponements_back_off_from_a_minute_doubling_capped_by_the_retry_delay(db_url, tmp_path, opened):
-    receiver = start_receiver(tmp_path, script={"default": "503"})
+    receiver = start_threaded_receiver(tmp_path, script={"default": "503"})
     try:
         rt = opened(db_url, receiver)
         [retry] = due_retries(db_url, 1)
@@ -97,7 +101,7 @@ def test_postponements_back_off_from_a_minute_doubling_capped_by_the_retry_delay
 
 def _delivering(db_url, tmp_path, opened):
     """A retry whose delivery is in flight (the receiver hangs 8 s), and the runtime delivering it."""
-    receiver = start_receiver(tmp_path, script=["hang:8"])
+    receiver = start_threaded_receiver(tmp_path, script=["hang:8"])
     rt = opened(db_url, receiver, webhook_timeout=timedelta(seconds=10))
     [retry] = due_retries(db_url, 1)
     worker = threading.Thread(target=process_due_retries, args=(rt,), daemon=True)
@@ -108,9 +112,9 @@ def _delivering(db_url, tmp_path, opened):
 
 def test_an_action_on_a_retry_being_delivered_is_refused_at_once_with_when_to_try_again(db_url, tmp_path, opened):
     from tests.integration.test_cli import cli
-    from tests.web import ADMIN, WebServer
+    from tests.web import ADMIN, InProcessWeb
 
-    web = WebServer(db_url)  # up before the delivery starts: its 8 s are for the actions
+    web = InProcessWeb(db_url)  # up before the delivery starts: its 8 s are for the actions
     receiver, rt, retry, worker = _delivering(db_url, tmp_path, opened)
     try:
         with web.client(ADMIN) as http:
@@ -159,7 +163,7 @@ def test_the_stuck_checker_leaves_a_retry_being_delivered_alone(db_url, tmp_path
 
 def test_a_delivery_marked_by_a_process_that_died_is_delivered_again_with_its_key(db_url, tmp_path, opened):
     """kill -9 right after the mark committed: the row reads running, marked, its lease running out."""
-    receiver = start_receiver(tmp_path)
+    receiver = start_threaded_receiver(tmp_path)
     try:
         rt = opened(db_url, receiver)
         [retry] = due_retries(db_url, 1)
@@ -193,7 +197,7 @@ def test_a_delivery_marked_by_a_process_that_died_is_delivered_again_with_its_ke
 def test_a_refused_delivery_is_a_delivery_not_an_execution(db_url, tmp_path):
     from tests.integration.test_cli import cli
 
-    receiver = start_receiver(tmp_path, script=["status:404", "status:500"])
+    receiver = start_threaded_receiver(tmp_path, script=["status:404", "status:500"])
     try:
         due_retries(db_url, 2)
         env = {"DATABASE_URL": db_url, "SCRAPE_RUN_WEBHOOK": receiver.url + "/r/{run_id}"}
@@ -240,7 +244,7 @@ def peak_sessions(db_url: str, tmp_path, cap: int, retries: int) -> tuple[int, f
             ),
             {"n": retries},
         )
-    receiver = start_receiver(tmp_path, database_url=db_url, table="scrape_runs", at_once=True)
+    receiver = start_threaded_receiver(tmp_path, database_url=db_url, table="scrape_runs", at_once=True)
     watcher = sa.create_engine(db_url)
     env = {
         **os.environ,
@@ -292,7 +296,7 @@ def test_a_process_keeps_a_small_pool_of_sessions_whatever_the_cap(db_url, tmp_p
 def _marked(db_url, tmp_path, opened):
     from jobs.delivery import Deliveries
 
-    receiver = start_receiver(tmp_path)
+    receiver = start_threaded_receiver(tmp_path)
     rt = opened(db_url, receiver)
     [retry] = due_retries(db_url, 1)
     deliveries = Deliveries(rt, rt.executor, POLICY)
