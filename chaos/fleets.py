@@ -35,6 +35,24 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def postponed_due_now(url: str) -> None:
+    """A fleet's outage is over: what it could not take is due now, as an operator would make it,
+    rather than after a postponement's backoff (at least a minute: longer than a trial)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "UPDATE scrape_runs SET next_retry_at = now() "
+                    "WHERE status = 'pending_retry' AND postponements > 0 AND next_retry_at > now()"
+                )
+            )
+    finally:
+        engine.dispose()
+
+
 class WebhookFleet:
     def __init__(self, url: str, work: Path, rng: random.Random, env: dict[str, str]) -> None:
         self.url, self.work, self.env = url, work, env
@@ -85,19 +103,7 @@ class WebhookFleet:
         write_script(self.script, [], "ok")  # the answers from now on: all 2xx (the counter goes on)
         # The outage is over: what the fleet could not take is due now, as an operator would make
         # it, rather than after its postponement's backoff (at least a minute: longer than a trial).
-        import sqlalchemy as sa
-
-        engine = sa.create_engine(self.url.replace("postgresql://", "postgresql+psycopg2://", 1))
-        try:
-            with engine.begin() as conn:
-                conn.execute(
-                    sa.text(
-                        "UPDATE scrape_runs SET next_retry_at = now() "
-                        "WHERE status = 'pending_retry' AND postponements > 0 AND next_retry_at > now()"
-                    )
-                )
-        finally:
-            engine.dispose()
+        postponed_due_now(self.url.replace("postgresql://", "postgresql+psycopg2://", 1))
 
     def tend(self) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -20,6 +20,7 @@ import httpx
 import psutil
 import sqlalchemy as sa
 
+from chaos.fleets import postponed_due_now
 from tests.scrapyd_fleet import PROJECT, Scrapyd, project_egg, start_scrapyd
 
 PROJECT_DIR = Path(__file__).parent / "scrapyd_project"
@@ -115,17 +116,7 @@ class ScrapydFleet:
     def settle(self) -> None:
         """What Scrapyd could not take during its outage is due now, as an operator would make it,
         rather than after a postponement's backoff (a minute: longer than a trial)."""
-        engine = sa.create_engine(self.url)
-        try:
-            with engine.begin() as conn:
-                conn.execute(
-                    sa.text(
-                        "UPDATE scrape_runs SET next_retry_at = now() "
-                        "WHERE status = 'pending_retry' AND postponements > 0 AND next_retry_at > now()"
-                    )
-                )
-        finally:
-            engine.dispose()
+        postponed_due_now(self.url)
 
     def tend(self) -> None:
         if self.scrapyd.process is None or self.scrapyd.process.poll() is not None:
