@@ -43,7 +43,7 @@ from jobs.events import RetryEnded
 from jobs.executors.base import Delivers, ExecutorMisconfigured, KnowsItsJobs
 from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured
 from jobs.model import Run, RunId
-from jobs.outcomes import Marked, RetryOutcome, record_outcome, taken_over
+from jobs.outcomes import Marked, RetryOutcome, handed_to_fleet, record_outcome, taken_over
 from jobs.rules import RetryPolicy
 from jobs.runtime import Runtime
 
@@ -255,8 +255,7 @@ class Deliveries:
         log = logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count)
         if self.confirms.ask(marked) is None:
             return taken_over(log, run)
-        log.bind(event="handed_off").info("{}: handed to the fleet ({})", run.label, delivered.how)
-        return RetryOutcome(run.id, run.label, "handed_off", delivered=True)
+        return handed_to_fleet(log, run, delivered.how)
 
     def end_marks(self, marks: Sequence[Marked]) -> list[str | None]:
         """Ends the marks of `marks` still their deliveries', in one statement; each one's status

@@ -92,16 +92,7 @@ def continue_fleet_failures(rt: Runtime, policy: RetryPolicy | None = None) -> l
             decided.append((run, _decide(rt, policy, run, error, now, retry_after=parse_retry_after(error))))
         params = {"sr_now": now, **fail_params([(run.id, outcome, None) for run, outcome in decided])}
         failed = {row[0]: row for row in conn.execute(q.fail_reported, params)}
-    return [
-        replace(
-            _failed(
-                logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count), run, outcome, row
-            ),
-            failed_at_fleet=True,
-        )
-        for run, outcome in decided
-        if (row := failed.get(run.id)) is not None
-    ]
+    return _failed_at_fleet(decided, failed)
 
 
 def follow_the_fleet(rt: Runtime, policy: RetryPolicy | None = None) -> list[RetryOutcome]:
@@ -132,7 +123,13 @@ def fail_ended_jobs(rt: Runtime, policy: RetryPolicy | None = None) -> list[Retr
     with database_errors(rt.engine, "failing the jobs that ended"), rt.engine.begin() as conn:
         params = {"sr_now": now, **fail_params([(run.id, outcome, None) for run, outcome in decided])}
         failed = {row[0]: row for row in conn.execute(q.fail_running, params)}
-    return [  # the fleet's failure, as those it writes itself: neither an execution here nor a delivery
+    # The fleet's failure, as those it writes itself: neither an execution here nor a delivery.
+    return _failed_at_fleet(decided, failed)
+
+
+def _failed_at_fleet(decided: list[tuple[Run, FailureOutcome]], failed: dict) -> list[RetryOutcome]:
+    """The attempts the fleet failed (`decided`) whose failure was written (`failed`, by run id)."""
+    return [
         replace(
             _failed(
                 logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count), run, outcome, row
@@ -220,8 +217,7 @@ def record_outcome(
             case HandedOver(how) if delivery is not None:
                 if not _end_mark(conn, q, delivery, now):
                     return taken_over(log, run)
-                log.bind(event="handed_off").info("{}: handed to the fleet ({})", run.label, how)
-                return RetryOutcome(run.id, run.label, "handed_off", delivered=True)
+                return handed_to_fleet(log, run, how)
             case Released() if delivery is not None:  # stopping before anything was sent
                 return _put_back(conn, rt, log, run, delivery, now, delivery.was_due)
             case Misconfigured(error=error) if delivery is not None:  # untouched: due as it was
@@ -249,6 +245,13 @@ def record_outcome(
 
 def _fail_one(now: datetime, run: Run, failure: FailureOutcome, detail: str | None) -> dict[str, object]:
     return {"sr_now": now, **fail_params([(run.id, failure, detail)])}
+
+
+def handed_to_fleet(log, run: Run, how: str) -> RetryOutcome:
+    """A delivery confirmed (its mark ended): said and counted alike whether it was confirmed
+    alone (`record_outcome`) or in a set (jobs/delivery.py)."""
+    log.bind(event="handed_off").info("{}: handed to the fleet ({})", run.label, how)
+    return RetryOutcome(run.id, run.label, "handed_off", delivered=True)
 
 
 def _end_mark(conn, q, delivery: Marked, now: datetime) -> str | None:
