@@ -37,7 +37,7 @@ from pathlib import Path
 import psutil
 import sqlalchemy as sa
 
-from chaos.audit import Disruptions, ScrapydSeen, audit
+from chaos.audit import Disruptions, ScrapydSeen, audit, figures_lines
 from chaos.fleets import WebhookFleet, WorkerFleet
 from chaos.scrapyd import SCRAPYD_IN_FLIGHT, SCRAPYD_SETTLE_TIMEOUT, ScrapydFleet, append_report
 from chaos.server import OwnServer
@@ -344,7 +344,7 @@ def write_report(trials: list[Trial], seed: int, quick: bool, path: Path) -> Non
     ]
     kinds = Counter(t.kind for t in trials)
     lines.append(f"| trials: {', '.join(f'{kind} {n}' for kind, n in sorted(kinds.items()))} | {len(trials):,} |")
-    for key in (
+    keys = (
         "runs",
         "stuck_failed",
         "retries",
@@ -357,12 +357,8 @@ def write_report(trials: list[Trial], seed: int, quick: bool, path: Path) -> Non
         "fleet_completions",
         "superseded",
         "dead_letters",
-    ):
-        lines.append(f"| {key.replace('_', ' ')} | {totals.get(key, 0):,} |")
-    for event, count in sorted(events.items()):
-        lines.append(f"| {event} | {count:,} |")
-    lines += ["", "## Violations", ""]
-    lines += [f"- trial seed {s}: {v}" for s, v in violations] or ["None."]
+    )
+    lines += figures_lines(keys, totals, events, violations, "## Violations")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -286,3 +286,12 @@ def _check_scrapyd(result: Audit, status: dict[str, str], seen: ScrapydSeen, dae
 
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
+
+
+def figures_lines(keys: tuple[str, ...], totals: dict, events: dict, violations: list, heading: str) -> list[str]:
+    """A report's table rows (the totals named by `keys`, then every event) and its violations
+    under `heading`: the same for every kind's report."""
+    lines = [f"| {key.replace('_', ' ')} | {totals.get(key, 0):,} |" for key in keys]
+    lines += [f"| {event} | {count:,} |" for event, count in sorted(events.items())]
+    lines += ["", heading, ""]
+    return lines + ([f"- trial seed {s}: {v}" for s, v in violations] or ["None."])

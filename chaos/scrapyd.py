@@ -20,6 +20,7 @@ import httpx
 import psutil
 import sqlalchemy as sa
 
+from chaos.audit import figures_lines
 from chaos.fleets import postponed_due_now
 from tests.scrapyd_fleet import PROJECT, Scrapyd, project_egg, start_scrapyd
 
@@ -182,7 +183,7 @@ def append_report(trials: list, argv: list[str], path: Path) -> None:
         "| | count |",
         "| --- | ---: |",
     ]
-    for key in (
+    keys = (
         "runs",
         "stuck_failed",
         "retries",
@@ -195,11 +196,7 @@ def append_report(trials: list, argv: list[str], path: Path) -> None:
         "fleet_completions",
         "superseded",
         "dead_letters",
-    ):
-        lines.append(f"| {key.replace('_', ' ')} | {totals.get(key, 0):,} |")
-    for event, count in sorted(events.items()):
-        lines.append(f"| {event} | {count:,} |")
-    lines += ["", "Violations:", ""]
-    lines += [f"- trial seed {s}: {v}" for s, v in violations] or ["None."]
+    )
+    lines += figures_lines(keys, totals, events, violations, "Violations:")
     with path.open("a") as out:
         out.write("\n".join(lines) + "\n")
