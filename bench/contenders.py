@@ -103,32 +103,40 @@ def command(
     out: str | None = None,
     env: dict[str, str] | None = None,
     count: Callable[[str], int] | None = None,
+    code: Path | None = None,
 ) -> Timing:
     """`stuck-runs check` as an operator or cron runs it: a new process, its output to a file.
 
     It judges by the real clock (nothing in the product takes another one): its STUCK_AFTER is
     stretched by however long ago `now` was, so its cutoff, and the runs it fails, are the
     others'. Its messages' hours differ, so the bench compares its counts, not its messages.
+    With `code` (a checkout), that checkout's command runs (what its `stuck-runs` script runs),
+    so two versions compare in one run.
     """
-    script = Path(sys.executable).with_name("stuck-runs")
+    argv = [str(Path(sys.executable).with_name("stuck-runs")), "check"]
     late = datetime.now(timezone.utc) - now
     stuck_after = (POLICY.stuck_after + late).total_seconds()
     environment = {**os.environ, **(env or {}), "DATABASE_URL": url, "STUCK_AFTER": f"{stuck_after:.6f}s"}
+    if code is not None:
+        argv = [sys.executable, "-c", "import sys; from scheduler.cli import main; sys.exit(main())", "check"]
+        environment["PYTHONPATH"] = str(code)
     with open(out or os.devnull, "w") as stdout:
         started = time.perf_counter()
-        subprocess.run([str(script), "check"], env=environment, stdout=stdout, stderr=subprocess.STDOUT, check=True)
+        subprocess.run(argv, env=environment, stdout=stdout, stderr=subprocess.STDOUT, check=True, cwd=code)
         seconds = time.perf_counter() - started
     return Timing("command", seconds, (count or failed_as_stuck)(url))
 
 
-def floor(url: str, now: datetime, sql: str = FLOOR) -> Timing:
-    """The floor's statement (or a variant of it, bench/anatomy.py) in one transaction."""
+def floor(url: str, now: datetime, sql: str = FLOOR, extra: dict | None = None) -> Timing:
+    """The floor's statement (or a variant of it, bench/anatomy.py, bench/limits.py: `extra` binds
+    its own parameters) in one transaction."""
     engine = sa.create_engine(url)
     params = {
         "now": now,
         "cutoff": now - POLICY.stuck_after,
         "due": now + POLICY.retry_delay,
         "budget": POLICY.max_retries,
+        **(extra or {}),
     }
     try:
         started = time.perf_counter()

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import datetime, timedelta
@@ -37,7 +40,7 @@ from loguru import logger
 from bench import contenders, data
 from db.layout import Layout, parse_column_map
 from jobs.learning import LearnSettings
-from jobs.limits import LearnedLimit, Limits
+from jobs.limits import LearnedLimit, Limits, limit_for
 from jobs.runtime import Runtime
 from jobs.settings import Settings, load_settings
 from jobs.stuck import sweep_stuck_runs
@@ -52,6 +55,50 @@ def limits(now: datetime) -> Limits:
         configured={"jobs_de": timedelta(minutes=55), "sitemap": timedelta(minutes=80)},
         learned={"jobs_fr": LearnedLimit(timedelta(minutes=70), 412, now)},
     )
+
+
+# This scenario's own floor: contenders.FLOOR with each run judged by its kind's limit, SPEC §14's
+# precedence applied by hand: the run's own max_runtime (none here: the table has no such column),
+# else the kind's configured limit, else its learned one, else the default, as a CASE over the kinds
+# with a limit of their own. One statement, one transaction; the index's prefilter (`started_at`
+# before the smallest limit) is what anyone writing it would add. It reads no progress: with
+# STALL_AFTER unset a run stalls only after standing still for its own limit, counted from a record
+# made while it ran, so a stalled run is past its limit anyway and stuck (and no counter stood still
+# here at all).
+def kinds_floor_sql(kinds: list[str]) -> str:
+    whens = " ".join(f"WHEN :kind_{i} THEN :limit_{i}" for i in range(len(kinds)))
+    judged = f"started_at < :now - :smallest AND started_at < :now - CASE spider {whens} ELSE :default END"
+    return contenders.FLOOR.replace("started_at < :cutoff", judged)
+
+
+def kinds_floor(url: str, now: datetime) -> contenders.Timing:
+    """The kinds floor: the same runs failed as ours, by the same limits, nothing else."""
+    applied = limits(now)
+    kinds = sorted({*applied.configured, *applied.learned})
+    by_kind = {kind: limit_for(applied, kind).limit for kind in kinds}
+    params = {
+        **{f"kind_{i}": kind for i, kind in enumerate(kinds)},
+        **{f"limit_{i}": by_kind[kind] for i, kind in enumerate(kinds)},
+        "default": applied.default,
+        "smallest": min([applied.default, *by_kind.values()]),
+    }
+    timing = contenders.floor(url, now, kinds_floor_sql(kinds), extra=params)
+    return contenders.Timing("floor, kinds", timing.seconds, timing.failed)
+
+
+def failed_ids(url: str) -> str:
+    """Which runs a contender failed as stuck, as one digest of their ids (the same set, the same digest)."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(
+                sa.text(
+                    "SELECT count(*) || ':' || md5(string_agg(id::text, ',' ORDER BY id)) FROM scrape_runs"
+                    " WHERE status = 'failed' AND failure_pattern = 'stuck'"
+                )
+            ).scalar_one()
+    finally:
+        engine.dispose()
 
 
 def build(server_url: str, *, history: int, stuck: int, now: datetime) -> None:
@@ -96,7 +143,7 @@ FROM unnest(CAST(:kinds AS text[])) AS kind
 """
 
 
-def command(url: str, now: datetime) -> contenders.Timing:
+def command(url: str, now: datetime, code: Path | None = None, out: str | None = None) -> contenders.Timing:
     """`stuck-runs check` with kinds, learned limits (stored, fresh) and progress on, as cron runs it."""
     late = datetime.now(now.tzinfo) - now
     settings = load_settings({"DATABASE_URL": url, **COMMAND_ENV})
@@ -118,8 +165,28 @@ def command(url: str, now: datetime) -> contenders.Timing:
         rt.close()
     configured = limits(now).configured.items()
     by_kind = ",".join(f"{kind}={(limit + late).total_seconds():.3f}s" for kind, limit in configured)
-    timing = contenders.command(url, now, env={**COMMAND_ENV, "STUCK_AFTER_BY_KIND": by_kind})
+    env = {**COMMAND_ENV, "STUCK_AFTER_BY_KIND": by_kind}
+    timing = contenders.command(url, now, env=env, code=code, out=out)
     return contenders.Timing("command, kinds+learned+progress", timing.seconds, timing.failed)
+
+
+BEFORE_OURS = """
+import json, sys
+from datetime import datetime
+from bench.limits import ours
+timing = ours(sys.argv[1], datetime.fromisoformat(sys.argv[2]), roles=True)
+print(json.dumps([timing.seconds, timing.failed]))
+"""
+
+
+def ours_elsewhere(url: str, now: datetime, code: Path) -> contenders.Timing:
+    """`ours` with kinds+learned+progress as another checkout (`code`) runs it: in a process of its
+    own, timed inside (the sweep alone, as `ours`), to compare two versions in one run."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    argv = [sys.executable, "-c", BEFORE_OURS, url, now.isoformat()]
+    done = subprocess.run(argv, env=env, cwd=code, capture_output=True, text=True, check=True)
+    seconds, failed = json.loads(done.stdout.strip().splitlines()[-1])
+    return contenders.Timing("ours, before", seconds, failed)
 
 
 def idle(server_url: str, rows: int, repeat: int) -> dict:
@@ -195,6 +262,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--idle", type=int, default=0, help="measure the idle sweep on this many rows instead")
     parser.add_argument("--no-command", action="store_true", help="leave out `stuck-runs check`")
+    parser.add_argument("--no-plain", action="store_true", help="leave out the sweep without limits")
+    parser.add_argument("--before", type=Path, help="a checkout of the code before: its sweep and command too")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="stuck-runs-bench-") as work:
         server_url, server = data.start_server(Path(work))
@@ -205,44 +274,64 @@ def main() -> None:
             now = data.bench_now()
             build(server_url, history=args.history, stuck=args.stuck, now=now)
             judge = now + timedelta(minutes=1)
+            out = str(Path(work) / "check.out")  # the command's output, as a user's terminal or cron's mail gets it
+            here = Path(__file__).resolve().parent.parent
             plan = {
                 "floor": lambda url: contenders.floor(url, judge),
-                "ours, STUCK_AFTER only": lambda url: ours(url, judge, roles=False),
-                "ours, kinds+learned+progress": lambda url: ours(url, judge, roles=True),
+                "floor, kinds": lambda url: kinds_floor(url, judge),
             }
+            if not args.no_plain:
+                plan["ours, STUCK_AFTER only"] = lambda url: ours(url, judge, roles=False)
+            if args.before:
+                plan["ours, kinds+learned+progress, before"] = lambda url: ours_elsewhere(url, judge, args.before)
+            plan["ours, kinds+learned+progress"] = lambda url: ours(url, judge, roles=True)
             if not args.no_command:
-                plan["command, kinds+learned+progress"] = lambda url: command(url, judge)
-            seconds: dict[str, list[float]] = {name: [] for name in plan}
-            failed: dict[str, set[int]] = {name: set() for name in plan}
-            for _ in range(args.repeat):
-                for name, run in plan.items():
-                    url, db = data.copy_of(server_url, TEMPLATE)
-                    try:
-                        timing = run(url)
-                    finally:
-                        data.drop(server_url, db)
-                    seconds[name].append(timing.seconds)
-                    failed[name].add(timing.failed)
-                    print(f"  {name:<34} {timing.seconds:7.3f} s  {timing.failed:,} failed", flush=True)
-            floor = statistics.median(seconds["floor"])
-            print(
-                json.dumps(
-                    {
-                        "history": args.history,
-                        "stuck": args.stuck,
-                        "repeat": args.repeat,
-                        "failed": {name: sorted(counts) for name, counts in failed.items()},
-                        "median_seconds": {name: round(statistics.median(s), 3) for name, s in seconds.items()},
-                        "ratio_to_floor": {name: round(statistics.median(s) / floor, 2) for name, s in seconds.items()},
-                        "every_run_seconds": {name: [round(x, 3) for x in s] for name, s in seconds.items()},
-                    },
-                    indent=2,
-                )
-            )
+                if args.before:
+                    plan["command, kinds+learned+progress, before"] = lambda url: command(url, judge, args.before, out)
+                plan["command, kinds+learned+progress"] = lambda url: command(url, judge, here, out)
+            rounds(server_url, plan, args)
             data.drop(server_url, TEMPLATE)
         finally:
             if server is not None:
                 server.cleanup()
+
+
+def rounds(server_url: str, plan: dict, args: argparse.Namespace) -> None:
+    """Every contender once per round, in turn, each on a fresh copy; medians, each beside both
+    floors, and which runs each failed (one digest of their ids: the same for all, or it says so)."""
+    seconds: dict[str, list[float]] = {name: [] for name in plan}
+    failed: dict[str, set[str]] = {name: set() for name in plan}
+    loads = [os.getloadavg()]
+    for _ in range(args.repeat):
+        for name, run in plan.items():
+            url, db = data.copy_of(server_url, TEMPLATE)
+            try:
+                timing = run(url)
+                failed[name].add(failed_ids(url))
+            finally:
+                data.drop(server_url, db)
+            seconds[name].append(timing.seconds)
+            print(f"  {name:<42} {timing.seconds:7.3f} s  {timing.failed:,} failed", flush=True)
+        loads.append(os.getloadavg())
+    medians = {name: statistics.median(s) for name, s in seconds.items()}
+    digests = {digest for found in failed.values() for digest in found}
+    print(
+        json.dumps(
+            {
+                "history": args.history,
+                "stuck": args.stuck,
+                "repeat": args.repeat,
+                "same_runs_failed_by_all": len(digests) == 1,
+                "failed_ids": {name: sorted(found) for name, found in failed.items()},
+                "median_seconds": {name: round(m, 3) for name, m in medians.items()},
+                "ratio_to_kinds_floor": {name: round(m / medians["floor, kinds"], 2) for name, m in medians.items()},
+                "ratio_to_plain_floor": {name: round(m / medians["floor"], 2) for name, m in medians.items()},
+                "every_run_seconds": {name: [round(x, 3) for x in s] for name, s in seconds.items()},
+                "load_average_1_5_15_after_each_round": [[round(x, 2) for x in load] for load in loads],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":
