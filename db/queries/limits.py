@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import Grouping
 
 from db.arrays import array_param
-from db.queries.common import NOW, TableStatements, duration_text, statement
+from db.queries.common import NOW, TableStatements, duration_text, render, statement
 
 PROGRESS_TABLE = "stuck_runs_progress"
 
@@ -61,12 +61,15 @@ class LimitStatements(TableStatements):
         return sa.select(t.c[counter]).where(t.c.id == sa.bindparam("sr_run_id", type_=t.c.id.type))
 
     # -- the limit that applies ---------------------------------------------------------------
+    # Each takes the run's kind's place in the kinds' arrays as `position` when the statement has
+    # it already (the sweep's locked rows carry it: one `array_position` per run, not one per use);
+    # without it, it is looked up where it is used.
 
-    def _kind_position(self, source: sa.FromClause) -> sa.ColumnElement:
+    def kind_position(self, source: sa.FromClause | None = None) -> sa.ColumnElement:
         """The run's kind's place in `:sr_lim_kinds` (NULL: no limit of its kind; the default)."""
-        kind = self.runs.kind_text(source)
+        kind = self.runs.kind_text(source if source is not None else self.t)
         if kind is None:
-            return sa.null()
+            return sa.cast(sa.null(), sa.Integer)
         return sa.func.array_position(array_param("sr_lim_kinds", sa.Text), kind)
 
     def _own_seconds(self, source: sa.FromClause) -> sa.ColumnElement:
@@ -76,35 +79,40 @@ class LimitStatements(TableStatements):
             return sa.cast(sa.null(), sa.Float)
         return sa.case((_param("sr_lim_own", sa.Boolean), own), else_=sa.null())
 
-    def _kind_entry(self, source: sa.FromClause, name: str, kind: sa.types.TypeEngine) -> sa.ColumnElement:
+    def _kind_entry(
+        self, source: sa.FromClause, name: str, kind: sa.types.TypeEngine, position: sa.ColumnElement | None
+    ) -> sa.ColumnElement:
         if self.runs.kind is None:
             return sa.cast(sa.null(), kind)
         # Parenthesised: PostgreSQL subscripts `(CAST(... AS float[]))[i]`, not `CAST(...)[i]`.
         array = sa.type_coerce(Grouping(array_param(f"sr_lim_kind_{name}", kind)), ARRAY(kind))
-        return array[self._kind_position(source)]
+        return array[position if position is not None else self.kind_position(source)]
 
-    def limit_seconds(self, source: sa.FromClause | None = None) -> sa.ColumnElement:
+    def limit_seconds(
+        self, source: sa.FromClause | None = None, position: sa.ColumnElement | None = None
+    ) -> sa.ColumnElement:
         """The limit that applies, in seconds: own, else the kind's, else the default."""
         source = source if source is not None else self.t
         default = _param("sr_lim_default_s", sa.Float)
-        return sa.func.coalesce(self._own_seconds(source), self._kind_entry(source, "s", sa.Float), default)
+        kinds = self._kind_entry(source, "s", sa.Float, position)
+        return sa.func.coalesce(self._own_seconds(source), kinds, default)
 
-    def cap_seconds(self, source: sa.FromClause | None = None) -> sa.ColumnElement:
+    def cap_seconds(self, position: sa.ColumnElement | None = None) -> sa.ColumnElement:
         """Beside a heartbeat, the cap on the run's whole runtime: its own or its kind's (NULL: none;
         `STUCK_AFTER` is not a cap)."""
-        source = source if source is not None else self.t
-        return sa.func.coalesce(self._own_seconds(source), self._kind_entry(source, "s", sa.Float))
+        return sa.func.coalesce(self._own_seconds(self.t), self._kind_entry(self.t, "s", sa.Float, position))
 
-    def limit_source(self, source: sa.FromClause | None = None) -> sa.ColumnElement:
+    def limit_source(
+        self, source: sa.FromClause | None = None, position: sa.ColumnElement | None = None
+    ) -> sa.ColumnElement:
         """`run`, `configured`, `learned` or `default` (jobs.limits.SOURCES)."""
         source = source if source is not None else self.t
-        return sa.case(
-            (self._own_seconds(source).is_not(None), "run"),
-            (self._kind_entry(source, "s", sa.Float).is_not(None), self._kind_entry(source, "source", sa.Text)),
-            else_="default",
-        )
+        kinds = self._kind_entry(source, "source", sa.Text, position)  # NULL exactly where the kind has no limit
+        return sa.case((self._own_seconds(source).is_not(None), "run"), else_=sa.func.coalesce(kinds, "default"))
 
-    def limit_reason(self, source: sa.FromClause | None = None) -> sa.ColumnElement:
+    def limit_reason(
+        self, source: sa.FromClause | None = None, position: sa.ColumnElement | None = None
+    ) -> sa.ColumnElement:
         """`limit 0.3h, learned for spider=jobs_de from 412 runs`: each kind's text and the default's
         come written by jobs.limits; a run's own is its duration before `:sr_lim_run_reason`."""
         source = source if source is not None else self.t
@@ -112,21 +120,20 @@ class LimitStatements(TableStatements):
         own_text = sa.func.concat(
             "limit ", duration_text(sa.cast(own, sa.Numeric)), _param("sr_lim_run_reason", sa.Text)
         )
+        kinds = self._kind_entry(source, "reason", sa.Text, position)  # NULL exactly where the kind has no limit
         return sa.case(
-            (own.is_not(None), own_text),
-            (self._kind_entry(source, "s", sa.Float).is_not(None), self._kind_entry(source, "reason", sa.Text)),
-            else_=_param("sr_lim_default_reason", sa.Text),
+            (own.is_not(None), own_text), else_=sa.func.coalesce(kinds, _param("sr_lim_default_reason", sa.Text))
         )
 
     # -- stuck and stalled ----------------------------------------------------------------------
 
-    def capped(self) -> sa.ColumnElement:
+    def capped(self, position: sa.ColumnElement | None = None) -> sa.ColumnElement:
         """Beside a heartbeat: running longer than a cap (counted from `started_at`)."""
         if self.runs.kind is None and self.runs.max_runtime is None:
             return sa.false()  # no cap but STUCK_AFTER's staleness
-        return self.t.c.started_at < ago(self.cap_seconds())
+        return self.t.c.started_at < ago(self.cap_seconds(position))
 
-    def stuck(self) -> sa.ColumnElement:
+    def stuck(self, position: sa.ColumnElement | None = None) -> sa.ColumnElement:
         """Running strictly longer than its limit; with a heartbeat, stale beyond the default or
         past a cap. A sargable prefilter first: `started_at` before the smallest limit in force
         (`:sr_lim_min_s`), unless the run has a limit of its own, keeps the idle sweep on the
@@ -134,8 +141,8 @@ class LimitStatements(TableStatements):
         t, runs = self.t, self.runs
         if runs.heartbeat:
             stale = runs.last_sign_of_life() < ago(_param("sr_lim_default_s", sa.Float))
-            return sa.or_(stale, self.capped())
-        exact = t.c.started_at < ago(self.limit_seconds())
+            return sa.or_(stale, self.capped(position))
+        exact = t.c.started_at < ago(self.limit_seconds(position=position))
         prefilter = t.c.started_at < ago(_param("sr_lim_min_s", sa.Float))
         own = self._own_seconds(t)
         if runs.max_runtime is not None:
@@ -168,25 +175,32 @@ class LimitStatements(TableStatements):
         """What the sweep fails among running runs: stuck or stalled."""
         return sa.or_(self.stuck(), self.stalled())
 
-    def fired_seconds(self) -> sa.ColumnElement:
-        """How long, by the clock that fired: `started_at` for a limit or a cap, the heartbeat for
-        staleness, the progress record for a stall (a stuck run is said stuck, not stalled)."""
+    def fired_error(self, template: str, stalled_template: str, position: sa.ColumnElement | None = None):
+        """The stuck message with its hours by the clock that fired: `started_at` for a limit or a
+        cap, the heartbeat for staleness, the progress record for a stall (`stalled_template`: a
+        run both stuck and stalled is said stuck). Each condition is judged once per run, each
+        branch says its own hours."""
         t, runs = self.t, self.runs
-        since = t.c.started_at
+
+        def said(text: str, since: sa.ColumnElement) -> sa.ColumnElement:
+            return render(text, hours=duration_text(sa.cast(sa.extract("epoch", NOW - since), sa.Numeric)))
+
+        error = said(template, t.c.started_at)
         if runs.heartbeat:
-            since = sa.case((self.capped(), t.c.started_at), else_=runs.last_sign_of_life())
+            error = sa.case((self.capped(position), error), else_=said(template, runs.last_sign_of_life()))
         if runs.progress_counter is not None:
-            since = sa.case((self.stuck(), since), else_=self.stalled_since())
-        return sa.cast(sa.extract("epoch", NOW - since), sa.Numeric)
+            error = sa.case((self.stuck(position), error), else_=said(stalled_template, self.stalled_since()))
+        return error
 
-    def stall_reason(self) -> sa.ColumnElement:
+    def stall_reason(self, position: sa.ColumnElement | None = None) -> sa.ColumnElement:
         """Why a stalled run was judged: `STALL_AFTER`'s text, else its own limit's reason."""
-        return sa.func.coalesce(_param("sr_lim_stall_reason", sa.Text), self.limit_reason())
+        return sa.func.coalesce(_param("sr_lim_stall_reason", sa.Text), self.limit_reason(position=position))
 
-    def judged_reason(self) -> sa.ColumnElement:
+    def judged_reason(self, position: sa.ColumnElement | None = None) -> sa.ColumnElement:
         if self.runs.progress_counter is None:
-            return self.limit_reason()
-        return sa.case((self.stuck(), self.limit_reason()), else_=self.stall_reason())
+            return self.limit_reason(position=position)
+        reason = self.limit_reason(position=position)
+        return sa.case((self.stuck(position), reason), else_=self.stall_reason(position))
 
     # -- the progress records -------------------------------------------------------------------
 

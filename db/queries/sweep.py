@@ -11,6 +11,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.sql.expression import ColumnClause
 
 from db import locks
 from db.messages import (
@@ -99,7 +100,7 @@ class SweepStatements(LimitStatements):
         return query.with_for_update(skip_locked=True, of=t) if lock else query
 
     def _stuck_decision(
-        self, template: str = STUCK_ERROR
+        self, template: str = STUCK_ERROR, position: sa.ColumnElement | None = None
     ) -> tuple[sa.ColumnElement, sa.ColumnElement, sa.ColumnElement]:
         """What jobs.rules decides for a failed attempt, per stuck row, in SQL: (budget, message, due).
 
@@ -110,10 +111,7 @@ class SweepStatements(LimitStatements):
         t = self.t
         if template == STUCK_ERROR:
             # SPEC §14: hours by the clock that fired; a stalled run says so in its own words.
-            seconds = self.fired_seconds()
-            error = render(template, hours=duration_text(seconds))
-            if self.runs.progress_counter is not None:
-                error = sa.case((self.stuck(), error), else_=render(STALLED_ERROR, hours=duration_text(seconds)))
+            error = self.fired_error(template, STALLED_ERROR, position)
         else:
             seconds = sa.cast(sa.extract("epoch", NOW - self.runs.last_sign_of_life()), sa.Numeric)
             error = render(template, hours=duration_text(seconds))
@@ -135,13 +133,19 @@ class SweepStatements(LimitStatements):
         )
         return budget, message, due
 
-    def _limit_columns(self, state: str, prefix: str = "") -> list[sa.ColumnElement]:
+    def _limit_columns(
+        self, state: str, prefix: str = "", position: sa.ColumnElement | None = None
+    ) -> list[sa.ColumnElement]:
         """The limit that judged a running run (seconds, source) and why (the dead letter's detail,
         the log line's reason); NULL for a retry nobody started (§12's `STUCK_AFTER`)."""
         if state != "running":
             values = [sa.cast(sa.null(), sa.Float), sa.cast(sa.null(), sa.Text), sa.cast(sa.null(), sa.Text)]
         else:
-            values = [self.limit_seconds(), self.limit_source(), self.judged_reason()]
+            values = [
+                self.limit_seconds(position=position),
+                self.limit_source(position=position),
+                self.judged_reason(position),
+            ]
         names = [f"{prefix}limit_s", f"{prefix}limit_source", "_sr_detail" if prefix else "limit_reason"]
         return [value.label(name) for value, name in zip(values, names, strict=True)]
 
@@ -182,14 +186,21 @@ class SweepStatements(LimitStatements):
         """
         t, runs = self.t, self.runs
         stuck_runs = self._stuck_batch(lock=True, resume=True, state=state)
+        # Each locked run's kind's place in the limits' arrays, looked up once here: the message,
+        # the limit, its source and reason below index the arrays by it (looked up at each use,
+        # it was about ten `array_position` calls per failed run).
         stuck = (
             stuck_runs.with_only_columns(
-                sa.literal_column("ctid").label("scrape_runs_ctid"), stuck_runs.selected_columns.since
+                sa.literal_column("ctid").label("scrape_runs_ctid"),
+                stuck_runs.selected_columns.since,
+                self.kind_position().label("kind_position"),
             )
             .cte("stuck")
             .prefix_with("MATERIALIZED")
         )
-        budget, message, due = self._stuck_decision(_ERRORS[state])
+        position = stuck.c.kind_position if state == "running" and runs.kind is not None else None
+        ctid = ColumnClause("ctid", _selectable=t)
+        budget, message, due = self._stuck_decision(_ERRORS[state], position)
         failed = (
             self._update()
             .values(
@@ -201,15 +212,16 @@ class SweepStatements(LimitStatements):
                 failure_pattern=STUCK_PATTERN,
             )
             # The locked rows by their physical address (stable: the same statement holds their
-            # locks). Joined to the CTE instead, the planner rescanned every running row per batch.
-            .where(
-                sa.literal_column("ctid")
-                == sa.any_(sa.func.array(sa.select(stuck.c.scrape_runs_ctid).scalar_subquery()))
-            )
+            # locks): a TID scan of the batch's runs. Joined to the CTE by it alone (for the kind's
+            # position), the planner hashed every running run per batch instead on a mass event's
+            # table; with both, it reads the batch's runs by TID and then joins them
+            # (tests/integration/test_mass_event_plans.py holds the plan).
+            .where(ctid == sa.any_(sa.func.array(sa.select(stuck.c.scrape_runs_ctid).scalar_subquery())))
+            .where(ctid == stuck.c.scrape_runs_ctid)
             .where(runs.in_state(t.c.status, state))
             # Each retry's id is drawn here, so no join is needed to report it: a join of the
             # two CTEs turned into a nested loop (a million comparisons a batch) on a big table.
-            .returning(*t.c, *self._limit_columns(state, "_sr_"), runs.new_id().label("_sr_retry_id"))
+            .returning(*t.c, *self._limit_columns(state, "_sr_", position), runs.new_id().label("_sr_retry_id"))
             .cte("failed")
         )
         retried = self._retry_rows(failed, failed.c._sr_retry_id).cte("retried")

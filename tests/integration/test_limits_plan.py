@@ -56,21 +56,22 @@ def big_table(url: str, heartbeat: bool, roles: str = "kind=spider,max_runtime=b
     return make_runtime(url, layout=layout, heartbeat_column="updated_at" if heartbeat else None)
 
 
-def plan_of(rt, statement) -> str:
+def plan_of(rt, statement, *, limits: Limits = LIMITS, options: str = "COSTS OFF") -> str:
+    """EXPLAIN (`options`) of one of the sweep's statements, bound as the sweep binds it."""
     compiled = statement.compile(dialect=rt.engine.dialect)
     arrays = {name for name, bind in compiled.binds.items() if isinstance(bind.type, ArrayLiteral)}
     params = {
         **compiled.params,
         **sweep_params(rt.settings.policy),
-        **runtime_judging_params(rt, LIMITS, NOW),
-        "sr_cutoff": NOW - LIMITS.default,
+        **runtime_judging_params(rt, limits, NOW),
+        "sr_cutoff": NOW - limits.default,
         "sr_limit": 1000,
         "sr_keep": 200,
         "sr_from": datetime(1, 1, 2, tzinfo=timezone.utc),
     }
     params = {k: ArrayLiteral().process_bind_param(v, None) if k in arrays else v for k, v in params.items()}
     with rt.engine.connect() as conn:
-        rows = conn.exec_driver_sql(f"EXPLAIN (COSTS OFF) {compiled}", params).scalars().all()
+        rows = conn.exec_driver_sql(f"EXPLAIN ({options}) {compiled}", params).scalars().all()
         conn.rollback()
     return "\n".join(rows)
 

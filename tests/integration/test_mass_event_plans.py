@@ -1,0 +1,85 @@
+"""Plans on a mass event's table: a tenth of a big table running and stuck, its ended runs holding
+error messages and completion times, kinds with limits of their own and progress kept.
+
+Opening a runtime (every command's start: reflection and the table's checks) never reads the
+whole runs table (the planner guessed a Seq Scan would soon find a running run holding an error
+message, and read every row to find none). The sweep's batch reaches its locked runs by TID and
+looks each one's kind up once."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from db.layout import Layout, parse_column_map
+from tests.conftest import Databases
+from tests.helpers import make_runtime
+from tests.integration.test_limits_plan import LIMITS, NOW, plan_of
+
+
+@pytest.fixture(scope="module")
+def mass_event_url(server_url, templates):
+    """60,000 runs, one in ten running (a mass event), the others ended with their messages."""
+    databases = Databases(server_url)
+    url = databases.create(templates["text_tz"])
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE scrape_runs ADD COLUMN spider TEXT, ADD COLUMN items BIGINT")
+        conn.execute(
+            sa.text(
+                "INSERT INTO scrape_runs (search_query, location_query, status, started_at, completed_at,"
+                " error_message, spider, items) SELECT 'q' || g, 'x',"
+                " CASE WHEN g % 10 = 0 THEN 'running' ELSE 'failed' END, :now - g * interval '1 second',"
+                " CASE WHEN g % 10 <> 0 THEN :now END, CASE WHEN g % 10 <> 0 THEN 'HTTP 503' END,"
+                " (ARRAY['jobs_de', 'jobs_fr', 'sitemap_full', 'other'])[1 + g % 4], g FROM generate_series(1, 60000) g"
+            ),
+            {"now": NOW},
+        )
+        conn.exec_driver_sql("ANALYZE scrape_runs")
+    engine.dispose()
+    yield url
+    databases.drop_all()
+
+
+def test_opening_a_runtime_in_a_mass_event_never_scans_the_runs_table(mass_event_url):
+    engine = sa.create_engine(mass_event_url)
+    seen: list[tuple[str, object]] = []
+
+    def remember(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        if "scrape_runs" in statement and statement.lstrip().upper().startswith("SELECT"):
+            seen.append((statement, parameters))
+
+    sa.event.listen(sa.Engine, "before_cursor_execute", remember)
+    try:
+        make_runtime(mass_event_url).close()
+    finally:
+        sa.event.remove(sa.Engine, "before_cursor_execute", remember)
+    assert seen, "no statement read the runs table"
+    with engine.connect() as conn:
+        for statement, parameters in seen:
+            plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN (COSTS OFF) {statement}", parameters).scalars())
+            assert "Seq Scan on scrape_runs" not in plan, f"{statement}\n{plan}"
+    engine.dispose()
+
+
+def batch_plan(url: str) -> str:
+    """EXPLAIN VERBOSE of one sweep batch with kinds and progress on (what each node computes)."""
+    rt = make_runtime(url, layout=Layout(columns=parse_column_map("kind=spider,progress=items")))
+    try:
+        return plan_of(rt, rt.queries.sweep_batch, limits=LIMITS, options="VERBOSE, COSTS OFF")
+    finally:
+        rt.close()
+
+
+def test_a_mass_event_batch_reaches_its_locked_runs_by_tid_and_looks_each_kind_up_once(mass_event_url):
+    plan = batch_plan(mass_event_url)
+    assert "Seq Scan on public.scrape_runs" not in plan, plan
+    # The kind is looked up where the batch locks its runs (to judge them, and the position they
+    # carry), never again where they are failed: looked up at each use there (the message's
+    # hours, the limit, its source and reason), it was called about ten times per failed run.
+    locking, failing = plan.split("CTE failed", 1)
+    assert "array_position(" in locking, plan
+    assert "array_position(" not in failing, plan
+    # The runs it fails are read by TID, never by walking (or hashing) every running run again.
+    assert "Tid Scan on public.scrape_runs" in failing, plan
+    assert "ix_scrape_runs_running_started_at" not in failing, plan
