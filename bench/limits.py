@@ -83,7 +83,7 @@ def kinds_floor(url: str, now: datetime) -> contenders.Timing:
         "smallest": min([applied.default, *by_kind.values()]),
     }
     timing = contenders.floor(url, now, kinds_floor_sql(kinds), extra=params)
-    return contenders.Timing("floor, kinds", timing.seconds, timing.failed)
+    return contenders.Timing("floor, kinds", timing.seconds, timing.failed, timing.backend_cpu)
 
 
 def failed_ids(url: str) -> str:
@@ -125,10 +125,13 @@ def ours(url: str, now: datetime, *, roles: bool) -> contenders.Timing:
     layout = Layout(columns=parse_column_map("kind=spider,progress=items")) if roles else Layout()
     rt = Runtime.open(Settings(database_url=url, layout=layout), clock=contenders.FixedClock(now))
     try:
+        with rt.engine.connect() as conn:  # the pool's one connection, which the sweep then takes
+            pid = contenders.backend_pid(conn)
+        cpu = contenders.backend_cpu(pid)
         started = time.perf_counter()
         result = sweep_stuck_runs(rt, limits=limits(now) if roles else None)
         name = "ours, kinds+learned+progress" if roles else "ours, STUCK_AFTER only"
-        return contenders.Timing(name, time.perf_counter() - started, result.failed)
+        return contenders.Timing(name, time.perf_counter() - started, result.failed, contenders.cpu_spent(pid, cpu))
     finally:
         rt.close()
 
@@ -171,11 +174,31 @@ def command(url: str, now: datetime, code: Path | None = None, out: str | None =
 
 
 BEFORE_OURS = """
-import json, sys
+import json, os, sys
 from datetime import datetime
-from bench.limits import ours
-timing = ours(sys.argv[1], datetime.fromisoformat(sys.argv[2]), roles=True)
-print(json.dumps([timing.seconds, timing.failed]))
+from pathlib import Path
+import bench.limits as checkout
+
+def stat(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+spent = []
+sweep = checkout.sweep_stuck_runs
+
+def measured(rt, **kwargs):  # the sweep's backend CPU, as `ours` measures it here
+    with rt.engine.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        conn.commit()
+    before = stat(pid)
+    try:
+        return sweep(rt, **kwargs)
+    finally:
+        spent.append(round(stat(pid) - before, 3))
+
+checkout.sweep_stuck_runs = measured
+timing = checkout.ours(sys.argv[1], datetime.fromisoformat(sys.argv[2]), roles=True)
+print(json.dumps([timing.seconds, timing.failed, spent[0]]))
 """
 
 
@@ -185,8 +208,8 @@ def ours_elsewhere(url: str, now: datetime, code: Path) -> contenders.Timing:
     env = {**os.environ, "PYTHONPATH": str(code)}
     argv = [sys.executable, "-c", BEFORE_OURS, url, now.isoformat()]
     done = subprocess.run(argv, env=env, cwd=code, capture_output=True, text=True, check=True)
-    seconds, failed = json.loads(done.stdout.strip().splitlines()[-1])
-    return contenders.Timing("ours, before", seconds, failed)
+    seconds, failed, cpu = json.loads(done.stdout.strip().splitlines()[-1])
+    return contenders.Timing("ours, before", seconds, failed, cpu)
 
 
 def idle(server_url: str, rows: int, repeat: int) -> dict:
@@ -300,6 +323,7 @@ def rounds(server_url: str, plan: dict, args: argparse.Namespace) -> None:
     """Every contender once per round, in turn, each on a fresh copy; medians, each beside both
     floors, and which runs each failed (one digest of their ids: the same for all, or it says so)."""
     seconds: dict[str, list[float]] = {name: [] for name in plan}
+    cpu: dict[str, list[float]] = {name: [] for name in plan}
     failed: dict[str, set[str]] = {name: set() for name in plan}
     loads = [os.getloadavg()]
     for _ in range(args.repeat):
@@ -311,7 +335,10 @@ def rounds(server_url: str, plan: dict, args: argparse.Namespace) -> None:
             finally:
                 data.drop(server_url, db)
             seconds[name].append(timing.seconds)
-            print(f"  {name:<42} {timing.seconds:7.3f} s  {timing.failed:,} failed", flush=True)
+            if timing.backend_cpu is not None:
+                cpu[name].append(timing.backend_cpu)
+            spent = "" if timing.backend_cpu is None else f"  (server CPU {timing.backend_cpu:.3f} s)"
+            print(f"  {name:<42} {timing.seconds:7.3f} s  {timing.failed:,} failed{spent}", flush=True)
         loads.append(os.getloadavg())
     medians = {name: statistics.median(s) for name, s in seconds.items()}
     digests = {digest for found in failed.values() for digest in found}
@@ -327,6 +354,9 @@ def rounds(server_url: str, plan: dict, args: argparse.Namespace) -> None:
                 "ratio_to_kinds_floor": {name: round(m / medians["floor, kinds"], 2) for name, m in medians.items()},
                 "ratio_to_plain_floor": {name: round(m / medians["floor"], 2) for name, m in medians.items()},
                 "every_run_seconds": {name: [round(x, 3) for x in s] for name, s in seconds.items()},
+                # The server backend's CPU seconds (the command's is not read: another process's).
+                "median_server_cpu_seconds": {name: round(statistics.median(c), 3) for name, c in cpu.items() if c},
+                "every_run_server_cpu_seconds": {name: c for name, c in cpu.items() if c},
                 "load_average_1_5_15_after_each_round": [[round(x, 2) for x in load] for load in loads],
             },
             indent=2,

@@ -226,31 +226,39 @@ class SweepStatements(LimitStatements):
         )
         retried = self._retry_rows(failed, failed.c._sr_retry_id).cte("retried")
         dead = self._dead_letters(failed).cte("dead")
-        created = failed.c._sr_retry_id.in_(sa.select(retried.c.id))
-        per_run = sa.select(
-            sa.cast(failed.c.id, sa.Text).label("run_id"),
-            sa.cast(sa.func.coalesce(failed.c.original_run_id, failed.c.id), sa.Text).label("chain_id"),
-            runs.what(failed).label("what"),
-            failed.c.retry_count,
-            failed.c.max_retries.label("budget"),
-            runs.error_text(failed.c.error_message).label("message"),
-            failed.c.next_retry_at,
-            sa.case((created, sa.cast(failed.c._sr_retry_id, sa.Text)), else_=sa.null()).label("retry_id"),
-            created.label("retried"),
-            failed.c.id.in_(sa.select(dead.c.run_id)).label("dead_lettered"),
-            failed.c._sr_limit_s.label("limit_s"),
-            failed.c._sr_limit_source.label("limit_source"),
-            failed.c._sr_detail.label("limit_reason"),
-        ).subquery("per_run")
         # The batch's counts ride on every row, and only the first `:sr_keep` rows (at least one,
         # to carry the counts) leave the server: a mass event does not ship 100,000 rows to Python.
+        # What a kept row says (ids as text, its label, its message) is computed for those rows
+        # only, after the counts: for the whole batch it was work done a thousand times to keep 20.
+        created = failed.c._sr_retry_id.in_(sa.select(retried.c.id))
         counted = sa.select(
-            *per_run.c,
+            *failed.c,
+            created.label("_sr_retried"),
+            failed.c.id.in_(sa.select(dead.c.run_id)).label("_sr_dead"),
             sa.func.count().over().label("batch_failed"),
-            sa.func.count().filter(per_run.c.retried).over().label("batch_retried"),
-            sa.func.count().filter(per_run.c.dead_lettered).over().label("batch_dead_lettered"),
+            sa.func.count().filter(created).over().label("batch_retried"),
+            sa.func.count().filter(failed.c.id.in_(sa.select(dead.c.run_id))).over().label("batch_dead_lettered"),
             sa.select(sa.func.max(stuck.c.since)).scalar_subquery().label("batch_until"),
             sa.func.row_number().over().label("_sr_n"),
         ).subquery("counted")
+        kept = counted.c
         keep = sa.func.greatest(sa.bindparam("sr_keep", type_=sa.Integer), 1)
-        return sa.select(*(c for c in counted.c if c.name != "_sr_n")).where(counted.c._sr_n <= keep)
+        return sa.select(
+            sa.cast(kept.id, sa.Text).label("run_id"),
+            sa.cast(sa.func.coalesce(kept.original_run_id, kept.id), sa.Text).label("chain_id"),
+            runs.what(counted).label("what"),
+            kept.retry_count,
+            kept.max_retries.label("budget"),
+            runs.error_text(kept.error_message).label("message"),
+            kept.next_retry_at,
+            sa.case((kept._sr_retried, sa.cast(kept._sr_retry_id, sa.Text)), else_=sa.null()).label("retry_id"),
+            kept._sr_retried.label("retried"),
+            kept._sr_dead.label("dead_lettered"),
+            kept._sr_limit_s.label("limit_s"),
+            kept._sr_limit_source.label("limit_source"),
+            kept._sr_detail.label("limit_reason"),
+            kept.batch_failed,
+            kept.batch_retried,
+            kept.batch_dead_lettered,
+            kept.batch_until,
+        ).where(kept._sr_n <= keep)
