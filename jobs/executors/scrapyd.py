@@ -55,6 +55,7 @@ class ScrapydExecutor:
     """Schedules, lists and cancels jobs through one pooled client."""
 
     mode = MODE
+    lanes = None  # a schedule.json waits for Scrapyd's answer: one lane per slot of the cap
     sends_again = True  # a lapsed mark is scheduled again only when Scrapyd knows no job of its id (has_job)
 
     def __init__(

@@ -132,6 +132,7 @@ class WebhookExecutor:
 
     mode = MODE
     sends_again = True  # with the same Idempotency-Key: the receiver de-duplicates
+    lanes = None  # a POST waits for the receiver's answer: one lane per slot of the cap
 
     def __init__(self, template: str, secret: str | None, timeout: timedelta) -> None:
         self.template, self.secret = template, secret
