@@ -17,16 +17,15 @@ AMQP brokers run the higher number first, so it travels as it is.
 from __future__ import annotations
 
 import json
-import queue
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future, TimeoutError
+from concurrent.futures import TimeoutError
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 from jobs.executors.base import ExecutorMisconfigured, Strategies, T
 from jobs.executors.outcome import DeliveryOutcome, HandedOver, Postponed, Released
+from jobs.executors.senders import Senders
 from jobs.model import Run
 
 MODE = "celery"  # the `handed_off` value of a retry sent here
@@ -75,42 +74,6 @@ def redacted(broker_url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}{port}"
 
 
-class Senders:
-    """Daemon threads that run `send` for the lanes, started as sends need them and never more than
-    `count`: cheaper than a thread per send, and a send stuck past its bound on a broker that does
-    not answer holds neither a lane nor the process's exit."""
-
-    def __init__(self, send: Callable[[Run], HandedOver | Postponed], count: int) -> None:
-        self.send, self.count = send, count
-        self.work: queue.SimpleQueue = queue.SimpleQueue()
-        self.lock = threading.Lock()
-        self.started = 0
-
-    def submit(self, run: Run) -> Future:
-        future: Future = Future()
-        self.work.put((future, run))
-        with self.lock:
-            if self.started < self.count:
-                self.started += 1
-                threading.Thread(target=self.serve, name=f"celery-send-{self.started}", daemon=True).start()
-        return future
-
-    def serve(self) -> None:
-        while (item := self.work.get()) is not None:
-            future, run = item
-            if future.set_running_or_notify_cancel():  # not given up on before it started
-                try:
-                    future.set_result(self.send(run))
-                except BaseException as exc:  # noqa: BLE001 - the lane that waits for it raises it
-                    future.set_exception(exc)
-
-    def close(self) -> None:
-        with self.lock:
-            for _ in range(self.started):
-                self.work.put(None)
-            self.started = self.count  # none started after
-
-
 class CeleryExecutor:
     """Sends retries through one Celery app (its broker connections pooled between sends)."""
 
@@ -138,7 +101,7 @@ class CeleryExecutor:
         )
         # The longest one send lasts (`deliver` gives up then): connecting, then publishing.
         self.bound = CONNECT_TIMEOUT * 2
-        self.senders = Senders(self.send, LANES)
+        self.senders = Senders("celery-send")
 
     def dispatch_with(self, strategies: Strategies[T]) -> T:
         return strategies.deliver(self)
@@ -166,7 +129,7 @@ class CeleryExecutor:
         a sender took it (every sender stuck on a broker that does not answer) was never sent."""
         if stop.is_set():
             return Released()
-        sending = self.senders.submit(run)
+        sending = self.senders.submit(lambda: self.send(run))
         try:
             return sending.result(timeout=self.bound.total_seconds())
         except TimeoutError:

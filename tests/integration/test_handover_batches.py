@@ -6,6 +6,7 @@ in one process or several."""
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -15,6 +16,7 @@ from db.layout import Layout, parse_column_map
 from jobs.batching import Combined
 from jobs.delivery import NO_ROOM, Deliveries, lanes_for
 from jobs.executors.outcome import HandedOver
+from jobs.executors.senders import Senders, answer_within
 from jobs.outcomes import Marked
 from jobs.rules import RetryPolicy
 from tests.daemons import wait_until
@@ -350,3 +352,24 @@ def test_a_lane_finding_no_room_waits_for_its_pass_own_deliveries_to_settle_then
         assert answers == [True]
     finally:
         receiver.stop()
+
+
+def test_sends_reuse_idle_sender_threads_and_one_given_up_on_before_it_started_never_runs():
+    senders = Senders("test-send")
+    try:
+        for n in range(20):  # one after another, each once the last one's sender is idle again
+            assert answer_within(senders.submit(lambda n=n: n), threading.Event(), time.monotonic() + 60) == n
+            wait_until(lambda: senders.idle == 1, timeout=60)
+        assert senders.started == 1
+    finally:
+        senders.close()
+    waiting, ran = Senders("test-send"), []
+    waiting.closed = True  # no sender starts: a send waits in the queue, as behind stuck ones
+    try:
+        late = waiting.submit(lambda: ran.append("late"))
+        assert answer_within(late, threading.Event(), time.monotonic() + 0.2) is None and late.cancelled()
+        waiting.closed = False
+        assert answer_within(waiting.submit(lambda: "next"), threading.Event(), time.monotonic() + 60) == "next"
+        assert ran == []  # the sender that started skipped the send given up on
+    finally:
+        waiting.close()
