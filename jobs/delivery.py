@@ -7,11 +7,12 @@ receiver's answer as an outcome).
    lease: the delivery's own bound plus a margin. From this commit on a fleet may write its
    outcome (conditionally on `running`) the moment it has the retry. The lanes that want a retry
    at the same time are marked for in one such transaction (a set: `mark_batch`), and wait for it
-   holding no session.
+   holding no session; in a pass (`drain`) a set takes as many as the cap leaves room for, and
+   the next lanes deliver them (`ready`).
 2. Deliver, with no database session held: a process delivering 256 retries at once still
    holds only its small pool, and an operator's action on the row waits for nothing.
 3. Confirm (the mark ends, whatever the fleet wrote stands; lanes confirming at once in one
-   statement: `end_marks`), or put it back to `pending_retry` when the fleet could not take it
+   statement: `end_marks`; in a pass, by whichever lane is free, the others going on), or put it back to `pending_retry` when the fleet could not take it
    (only over `running`), or fail the attempt the webhook refused: each conditional on the mark
    still being this delivery's.
 
