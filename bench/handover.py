@@ -2,7 +2,7 @@
 engine driven directly by a bare client at the same concurrency (the floor), in one run.
 
     python -m bench.handover [--engines scrapyd celery webhook] [--plan 100:10000 1:1000 256:1000]
-                             [--rounds 1] [--json PATH]
+                             [--rounds 1] [--whole] [--json PATH]
 
 Every engine is real and on loopback, and its fleet "finishes at once", so the hand-over is what
 is measured, not the fleet:
@@ -23,19 +23,23 @@ For each engine and each `cap:retries` of the plan, `--rounds` times, interleave
   `send_task`, the receiver's POSTs (same body shape, an Idempotency-Key each);
 - ours: `process_due_retries` (what `stuck-runs process` runs) at MAX_CONCURRENT_RETRIES=`cap`
   over `retries` due retries, in passes until none is pending; beside it, the most sessions the
-  process held at one time, sampled from pg_stat_activity every 5 ms.
+  process held at one time, sampled from pg_stat_activity every 5 ms;
+- the whole command (`--whole`): `stuck-runs process` as a user runs it, one process a pass until
+  none is pending, the same settings from the environment, its output (a line per retry on stdout,
+  the log on stderr) written to files: start-up, imports and output included.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -82,27 +86,39 @@ PENDING = "SELECT count(*) FROM scrape_runs WHERE status = 'pending_retry'"
 HANDED = "SELECT count(*) FROM scrape_runs WHERE is_retry AND handed_off = :mode AND status <> 'pending_retry'"
 
 
-class Background(threading.Thread):
-    """Runs `sql` over and over until stopped; `most` keeps the largest number it returned."""
+def poll(url: str, sql: str, params: dict, ready, halt, most) -> None:
+    """Runs `sql` over and over (every 5 ms) until `halt` is set; `most` keeps the largest number
+    it returned; `ready` once it ran once."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        while not halt.is_set():
+            result = conn.execute(sa.text(sql), params)
+            most.value = max(most.value, result.scalar_one() if result.returns_rows else 0)
+            conn.commit()
+            ready.set()
+            halt.wait(0.005)
+    engine.dispose()
+
+
+class Background:
+    """`poll` in a process of its own, as the fleet and a monitoring query are: not in the process
+    measured, whose interpreter it would share (a thread there took a quarter of its GIL)."""
 
     def __init__(self, url: str, sql: str, params: dict | None = None) -> None:
-        super().__init__(daemon=True)
-        self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-        self.sql, self.params, self.most, self.halt = sa.text(sql), params or {}, 0, threading.Event()
+        context = multiprocessing.get_context("spawn")
+        self.ready, self.halt, self.most = context.Event(), context.Event(), context.Value("q", 0)
+        args = (url, sql, params or {}, self.ready, self.halt, self.most)
+        self.process = context.Process(target=poll, args=args, daemon=True)
 
-    def run(self) -> None:
-        with self.engine.connect() as conn:
-            while not self.halt.is_set():
-                result = conn.execute(self.sql, self.params)
-                self.most = max(self.most, result.scalar_one() if result.returns_rows else 0)
-                conn.commit()
-                self.halt.wait(0.005)
+    def start(self) -> None:
+        self.process.start()
+        if not self.ready.wait(60):
+            raise SystemExit(f"the bench's poller did not start (exit code {self.process.exitcode})")
 
     def stop(self) -> int:
         self.halt.set()
-        self.join()
-        self.engine.dispose()
-        return self.most
+        self.process.join(30)
+        return self.most.value
 
 
 @dataclass
@@ -310,9 +326,71 @@ def ours(engine: Engine, url: str, retries: int, cap: int) -> dict:
     }
 
 
-def measure(engine: Engine, url: str, cap: int, retries: int, rounds: int) -> dict:
-    """`rounds` times the floor then ours, interleaved; the medians, and every run."""
-    floors, ourses = [], []
+def command_environment(engine: Engine, url: str, cap: int) -> dict[str, str]:
+    """The environment a user's `stuck-runs process` reads the engine's settings from."""
+    names = {
+        "webhook": "SCRAPE_RUN_WEBHOOK",
+        "scrapyd_url": "SCRAPYD_URL",
+        "scrapyd_project": "SCRAPYD_PROJECT",
+        "scrapyd_spider": "SCRAPYD_SPIDER",
+        "celery_broker_url": "CELERY_BROKER_URL",
+        "celery_task": "CELERY_TASK",
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SCRAPYD_", "CELERY_", "SCRAPE_RUN_"))}
+    env.update(DATABASE_URL=url, MAX_CONCURRENT_RETRIES=str(cap))
+    for name, value in engine.settings.items():
+        if name == "scrapyd_args":
+            env["SCRAPYD_ARGS"] = ",".join(f"{arg}={template}" for arg, template in value)
+        else:
+            env[names[name]] = str(value)
+    return env
+
+
+def whole(engine: Engine, url: str, retries: int, cap: int, work: Path) -> dict:
+    """`stuck-runs process` as a user runs it, a process a pass until none is pending."""
+    seed(url, retries)
+    engine.reset()
+    command = [str(Path(sys.executable).with_name("stuck-runs")), "process"]
+    env = command_environment(engine, url, cap)
+    fleet = Background(url, FINISH, {"mode": engine.name}) if engine.finisher else None
+    sessions = Background(url, SESSIONS, {"db": NAME})
+    if fleet:
+        fleet.start()
+    sessions.start()
+    check = make_engine(url)
+    handed = passes = failed = lines = 0
+    started = time.perf_counter()
+    try:
+        while True:
+            passes += 1
+            with open(work / "stdout", "w") as out, open(work / "stderr", "w") as err:
+                failed += subprocess.run(command, env=env, stdout=out, stderr=err, check=False).returncode != 0
+            lines += sum(1 for _ in open(work / "stdout"))
+            with check.connect() as conn:
+                if not conn.execute(sa.text(PENDING)).scalar():
+                    break
+        seconds = time.perf_counter() - started
+        with check.connect() as conn:
+            handed = conn.execute(sa.text(HANDED), {"mode": engine.name}).scalar_one()
+    finally:
+        check.dispose()
+        if fleet:
+            fleet.stop()
+    return {
+        "handed": handed,
+        "seconds": round(seconds, 2),
+        "per_second": handed / seconds,
+        "passes": passes,
+        "failed_passes": failed,
+        "stdout_lines": lines,
+        "peak_sessions": sessions.stop(),
+    }
+
+
+def measure(engine: Engine, url: str, cap: int, retries: int, rounds: int, work: Path | None = None) -> dict:
+    """`rounds` times the floor, ours and (with `work`) the whole command, interleaved; the medians,
+    and every run."""
+    floors, ourses, wholes = [], [], []
     for _ in range(rounds):
         floors.append(floor(engine, retries, cap))
         ourses.append(ours(engine, url, retries, cap))
@@ -322,8 +400,26 @@ def measure(engine: Engine, url: str, cap: int, retries: int, rounds: int) -> di
             f"{ourses[-1]['handed']:,} handed, {len(ourses[-1]['pass_errors'])} pass(es) ended on an error)",
             flush=True,
         )
+        if work is not None:
+            wholes.append(whole(engine, url, retries, cap, work))
+            print(
+                f"  {engine.name:<8} cap {cap:>3}, {retries:>6,} retries: whole command "
+                f"{wholes[-1]['per_second']:8.1f}/s ({wholes[-1]['passes']} pass(es), {wholes[-1]['handed']:,} handed, "
+                f"{wholes[-1]['stdout_lines']:,} lines out, peak sessions {wholes[-1]['peak_sessions']}, "
+                f"{wholes[-1]['failed_passes']} failed)",
+                flush=True,
+            )
     floor_rate = statistics.median(f["per_second"] for f in floors)
     our_rate = statistics.median(o["per_second"] for o in ourses)
+    whole_figures = {}
+    if wholes:
+        whole_rate = statistics.median(w["per_second"] for w in wholes)
+        whole_figures = {
+            "whole_per_second": round(whole_rate, 1),
+            "whole_ratio": round(floor_rate / whole_rate, 2),
+            "whole_all_handed": all(w["handed"] == retries for w in wholes),
+            "whole_peak_sessions": max(w["peak_sessions"] for w in wholes),
+        }
     return {
         "engine": engine.name,
         "cap": cap,
@@ -335,7 +431,8 @@ def measure(engine: Engine, url: str, cap: int, retries: int, rounds: int) -> di
         "floor_refused": sum(f["refused"] for f in floors),
         "all_handed": all(o["handed"] == retries for o in ourses),
         "pass_errors": sum(len(o["pass_errors"]) for o in ourses),
-        "runs": {"floor": floors, "ours": ourses},
+        **whole_figures,
+        "runs": {"floor": floors, "ours": ourses, "whole": wholes},
     }
 
 
@@ -343,7 +440,7 @@ def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def run(engines: list[str], plan: list[tuple[int, int]], rounds: int) -> dict:
+def run(engines: list[str], plan: list[tuple[int, int]], rounds: int, whole_command: bool = False) -> dict:
     work = Path(tempfile.mkdtemp(prefix="stuck-runs-bench-handover-"))
     server_url, server = start_server(work)
     results: dict = {"plan": plan, "rounds": rounds, "load_before": load(), "results": []}
@@ -357,7 +454,9 @@ def run(engines: list[str], plan: list[tuple[int, int]], rounds: int) -> dict:
                     stack.callback(stop)
             for cap, retries in plan:  # the plan's first cap for every engine first: it is what counts
                 for engine in started:
-                    results["results"].append(measure(engine, url, cap, retries, rounds))
+                    results["results"].append(
+                        measure(engine, url, cap, retries, rounds, work if whole_command else None)
+                    )
         results["load_after"] = load()
     finally:
         if server is not None:
@@ -375,11 +474,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--plan", nargs="+", default=list(PLAN), help="CAP:RETRIES pairs")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--whole", action="store_true", help="also time `stuck-runs process` as a user runs it")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     logger.remove()  # a line per retry on a terminal would be measured too
     logger.add(sys.stderr, level="WARNING")
-    results = run(args.engines, parse_plan(args.plan), args.rounds)
+    results = run(args.engines, parse_plan(args.plan), args.rounds, args.whole)
     summary = [{k: v for k, v in r.items() if k != "runs"} for r in results["results"]]
     print(json.dumps({**{k: v for k, v in results.items() if k != "results"}, "results": summary}, indent=2))
     if args.json:

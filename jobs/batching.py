@@ -1,4 +1,4 @@
-"""Requests of many threads served in sets (the hand-over's marks, jobs/delivery.py).
+"""Requests of many threads served in sets (the hand-over's marks and confirms, jobs/delivery.py).
 
 A thread that asks while no set is being served serves every request waiting at that moment (its
 own included) with one call; threads asking meanwhile wait, holding nothing (no session), and the
@@ -62,3 +62,36 @@ class Batches(Generic[T, R]):
         if ticket.error is not None:
             raise ticket.error
         return ticket.result  # type: ignore[return-value]
+
+
+class Combined(Generic[T]):
+    """`add(item)` hands `item` to `write(items)` without waiting for it: the thread that adds while
+    no set is being written writes every item added until none is left (its own first), in sets;
+    threads adding meanwhile go on at once. So one `write` runs at a time, each over as many items
+    as came while the last one ran, and no item is left unwritten once every `add` has returned.
+    An error `write` raises is raised in the thread writing (its set's items were not written)."""
+
+    def __init__(self, write: Callable[[Sequence[T]], None]) -> None:
+        self._write = write
+        self._lock = threading.Lock()
+        self._waiting: list[T] = []
+        self._writing = False
+
+    def add(self, item: T) -> None:
+        with self._lock:
+            self._waiting.append(item)
+            if self._writing:
+                return  # the thread writing takes it in its next set
+            self._writing = True
+        try:
+            while True:
+                with self._lock:
+                    items, self._waiting = self._waiting, []
+                    if not items:
+                        self._writing = False
+                        return
+                self._write(items)
+        except BaseException:
+            with self._lock:
+                self._writing = False
+            raise

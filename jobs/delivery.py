@@ -7,11 +7,12 @@ receiver's answer as an outcome).
    lease: the delivery's own bound plus a margin. From this commit on a fleet may write its
    outcome (conditionally on `running`) the moment it has the retry. The lanes that want a retry
    at the same time are marked for in one such transaction (a set: `mark_batch`), and wait for it
-   holding no session.
+   holding no session; in a pass (`drain`) a set takes as many as the cap leaves room for, and
+   the next lanes deliver them (`ready`).
 2. Deliver, with no database session held: a process delivering 256 retries at once still
    holds only its small pool, and an operator's action on the row waits for nothing.
 3. Confirm (the mark ends, whatever the fleet wrote stands; lanes confirming at once in one
-   statement: `end_marks`), or put it back to `pending_retry` when the fleet could not take it
+   statement: `end_marks`; in a pass, by whichever lane is free, the others going on), or put it back to `pending_retry` when the fleet could not take it
    (only over `running`), or fail the attempt the webhook refused: each conditional on the mark
    still being this delivery's.
 
@@ -29,6 +30,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -38,10 +40,10 @@ from loguru import logger
 from sqlalchemy.exc import OperationalError
 
 from db.engine import database_errors
-from jobs.batching import Batches
+from jobs.batching import Batches, Combined
 from jobs.events import RetryEnded
 from jobs.executors.base import Delivers, ExecutorMisconfigured, KnowsItsJobs
-from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured
+from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured, Released
 from jobs.model import Run, RunId
 from jobs.outcomes import Marked, RetryOutcome, handed_to_fleet, record_outcome, taken_over
 from jobs.rules import RetryPolicy
@@ -67,6 +69,22 @@ def being_delivered(run: Run, now: datetime) -> tuple[str, int] | None:
     )
 
 
+def confirmed(marked: Marked, delivered: HandedOver, status: str | None) -> RetryOutcome:
+    """A delivery the fleet took, its mark ended (`status`: the row's then), or None: its lease ran
+    out first and another process has the retry."""
+    run = marked.run
+    log = logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count)
+    return taken_over(log, run) if status is None else handed_to_fleet(log, run, delivered.how)
+
+
+def lanes_for(executor: Delivers, cap: int) -> int:
+    """How many deliveries a pass runs at once: the cap, or fewer where the engine takes a retry in
+    a few milliseconds (`lanes`: Celery's send_task) and more threads would only contend for the
+    interpreter. The cap still bounds what is in flight: it is counted in the rows, under its lock."""
+    return max(1, min(cap, executor.lanes or cap))
+
+
+STOP_POLL_SECONDS = 0.1  # how soon a lane waiting for room sees a stop
 NO_ROOM = object()  # the cap is reached: nothing was marked
 DEADLOCK, DEADLOCK_ATTEMPTS = "40P01", 3  # a set of confirms PostgreSQL ended to break a deadlock: tried again
 
@@ -87,18 +105,42 @@ class Deliveries:
         self.misconfigured: str | None = None  # the configuration error the fleet answered last
         self.said: str | None = None  # the one a daemon's slot said
         self.lock = threading.Lock()
-        self.batches: Batches[None, Marked | object | None] = Batches(self.mark_batch)
+        # Retries marked beyond the lanes asking (`drain` only: `ahead`), in start order: the next
+        # lanes take them without a transaction of their own.
+        self.ready: deque[Marked] = deque()
+        self.ahead = 0
+        # This process's deliveries marked and not yet settled, and how many have settled: a lane
+        # finding no room waits for a settle while some are unsettled (`room_may_come`).
+        self.settled = threading.Condition(threading.Lock())
+        self.unsettled = self.settles = 0
+        self.batches: Batches[None, Marked | object | None] = Batches(
+            lambda asking: self.mark_batch(asking, self.ahead)
+        )
         self.confirms: Batches[Marked, str | None] = Batches(self.end_marks)
+        self.later: Combined[tuple[Marked, HandedOver, float]] = Combined(self.write_confirms)
+        self.confirmed: list[RetryOutcome] = []  # a pass's, written by whichever lane wrote their set
 
     def drain(self, stop: threading.Event) -> list[RetryOutcome]:
         """Delivers due retries until none is due, the cap is reached or `stop` is set; as many at
         once as MAX_CONCURRENT_RETRIES (threads, not sessions: none is held while delivering)."""
-        lanes = self.rt.settings.max_concurrent_retries
-        if lanes == 1:
-            outcomes = self.deliver_in_turn(stop)
-        else:
-            with ThreadPoolExecutor(lanes, thread_name_prefix="delivery") as pool:
-                outcomes = [o for done in pool.map(lambda _: self.deliver_in_turn(stop), range(lanes)) for o in done]
+        cap = self.rt.settings.max_concurrent_retries
+        lanes = lanes_for(self.executor, cap)
+        # A set marks as many as the cap leaves room for, not only the lanes asking: fewer sets, so
+        # fewer turns of the cap's lock. Only here: a pass's lanes take the rest, or put it back.
+        self.ahead = cap - 1 if lanes > 1 else 0
+        try:
+            if lanes == 1:
+                outcomes = self.deliver_in_turn(stop)
+            else:
+                with ThreadPoolExecutor(lanes, thread_name_prefix="delivery") as pool:
+                    lanes_done = pool.map(lambda _: self.deliver_in_turn(stop), range(lanes))
+                    outcomes = [o for done in lanes_done for o in done]
+            outcomes += [self.release(marked) for marked in self.take_ready(all_of_them=True)]
+        finally:
+            self.ahead = 0  # what follows (run_now, a slot) marks and confirms one by one
+        with self.lock:
+            outcomes += self.confirmed
+            self.confirmed = []
         if self.misconfigured and not any(o.status == "handed_off" for o in outcomes):
             raise ExecutorMisconfigured(self.misconfigured)  # a pass (`process`) ends on it: exit 2
         return outcomes
@@ -113,15 +155,50 @@ class Deliveries:
     def deliver_in_turn(self, stop: threading.Event) -> list[RetryOutcome]:
         """One lane: delivers due retries one after another."""
         outcomes: list[RetryOutcome] = []
+        asking = True  # for new marks; once the fleet is busy, only those marked already
         while not stop.is_set():
-            marked = self.mark()
+            marked = next(self.take_ready(), None) or (self.mark() if asking else None)
+            if marked is NO_ROOM and self.ahead and self.room_may_come(stop):
+                continue
             if marked is None or marked is NO_ROOM:
-                break
-            outcome = self.deliver(marked, stop)
+                # A set served meanwhile may have marked ahead (for this lane too): taken first.
+                marked = next(self.take_ready(), None)
+                if marked is None:
+                    break
+            if marked.lease_until - self.rt.clock.now() < self.executor.bound:  # type: ignore[union-attr]
+                # Waited for a lane so long that its lease might end before its delivery could:
+                # another process could deliver it too. Back to pending, due as it was.
+                outcomes.append(self.release(marked))  # type: ignore[arg-type]
+                continue
+            outcome = self.deliver(marked, stop)  # type: ignore[arg-type]
+            if outcome is None:  # handed over: confirmed in a set
+                continue
             outcomes.append(outcome)
             if outcome.status in ("released", "postponed"):  # a refused configuration is released too
-                break  # stopping; or the fleet is busy: the next poll tries again
+                # Stopping; or the fleet is busy: the next poll tries again. Those marked already
+                # are still tried (each is put back as the fleet answers it), never left marked.
+                asking = False
         return outcomes
+
+    def room_may_come(self, stop: threading.Event) -> bool:
+        """The cap is reached while this pass has deliveries of its own unsettled (marked ahead, all
+        at once: the lanes asking next find no room): waits for one of them to settle (its fleet
+        may end it at once, freeing a slot) and says to ask again; False once none is unsettled,
+        so a pass still ends when the cap is taken by what is running."""
+        with self.settled:
+            if self.unsettled <= 0:
+                return False
+            seen = self.settles
+            while self.settles == seen and not stop.is_set():
+                self.settled.wait(STOP_POLL_SECONDS)
+            return True
+
+    def count_settled(self, marked: int = 0, settled: int = 0) -> None:
+        with self.settled:
+            self.unsettled += marked - settled
+            self.settles += settled
+            if settled:
+                self.settled.notify_all()
 
     def run_now(self, run_id: RunId, stop: threading.Event, wait: Callable[[], None]) -> RetryOutcome | None:
         """Delivers pending retry `run_id` at once, due or not, once the cap leaves room (calling
@@ -144,13 +221,32 @@ class Deliveries:
             return self.mark_batch([run_id])[0]
         return self.batches.ask(None)
 
-    def mark_batch(self, asking: Sequence[RunId | None]) -> list[Marked | object | None]:
+    def take_ready(self, *, all_of_them: bool = False):
+        """The retries marked ahead, first marked first: the next one (or, at the end of a pass,
+        every one left)."""
+        while True:
+            try:
+                yield self.ready.popleft()
+            except IndexError:
+                return
+            if not all_of_them:
+                return
+
+    def release(self, marked: Marked) -> RetryOutcome:
+        """A retry marked ahead that no lane delivered: pending again, due as it was, nothing sent."""
+        outcome = self.settle(marked, Released())
+        self.count_settled(settled=1)
+        self.rt.events.publish(RetryEnded(outcome))
+        return outcome
+
+    def mark_batch(self, asking: Sequence[RunId | None], ahead: int = 0) -> list[Marked | object | None]:
         """Marks, in one short transaction under the cap's lock (so no count misses a mark), one
         retry for each of `asking` (all None, or one run id): retries whose lease ran out first
         (redelivered: they count already), then the due ones the cap leaves room for, highest
-        priority then longest overdue first. As many as lanes ask and no more: a lease starts at
-        the mark, so each marked retry is sent at once. Lanes left without one get None (nothing
-        is due) or NO_ROOM (the cap is reached)."""
+        priority then longest overdue first. Lanes left without one get None (nothing is due) or
+        NO_ROOM (the cap is reached). With `ahead`, up to that many more due ones, as the room
+        allows, are marked for the next lanes (`ready`): their leases start now, so a lane takes
+        one only while its lease still covers a whole delivery (`deliver_in_turn`)."""
         q, wanted = self.rt.queries, len(asking)
         run_id = asking[0]
         with database_errors(self.rt.engine, "marking a retry as being delivered"), self.rt.engine.begin() as conn:
@@ -176,13 +272,15 @@ class Deliveries:
                 room = conn.execute(q.room, {"sr_max": self.rt.settings.max_concurrent_retries}).scalar_one()
                 verdict = NO_ROOM
                 if room > 0:
-                    taking = min(short, room)
+                    taking = min(short + (ahead if run_id is None else 0), room)
                     statement = q.mark_due if run_id is None else q.mark_one
                     due = conn.execute(statement, {**params, "sr_limit": taking}).mappings().all()
                     verdict = None if len(due) < taking else NO_ROOM
         marked = [self.marked(row, params, now, again=True) for row in lapsed]
         marked += [self.marked(row, params, now) for row in sorted(due, key=self.start_order)]
-        return marked + [verdict] * (wanted - len(marked))
+        self.count_settled(marked=len(marked))
+        self.ready.extend(marked[wanted:])
+        return marked[:wanted] + [verdict] * (wanted - len(marked))
 
     def start_order(self, row) -> tuple:
         """SPEC §16's order within a set marked at once, as `mark_due` chose them: the highest
@@ -206,8 +304,10 @@ class Deliveries:
             again,
         )
 
-    def deliver(self, marked: Marked, stop: threading.Event) -> RetryOutcome:
-        """Steps 2 and 3: the delivery (no session held), then its answer written."""
+    def deliver(self, marked: Marked, stop: threading.Event) -> RetryOutcome | None:
+        """Steps 2 and 3: the delivery (no session held), then its answer written. In a pass, a
+        delivery the fleet took is confirmed by whichever lane writes the next set of confirms
+        (`write_confirms`), and this lane goes on at once: None."""
         started = time.monotonic()
         delivered = None
         if (marked.again or marked.postponements) and isinstance(self.executor, KnowsItsJobs):
@@ -216,7 +316,15 @@ class Deliveries:
             delivered = self.executor.has_job(marked.run)
         if delivered is None:
             delivered = self.executor.deliver(marked.run, stop)
-        outcome = replace(self.settle(marked, delivered), seconds=time.monotonic() - started)
+        if isinstance(delivered, HandedOver) and self.ahead:  # a pass's: confirmed in sets, unwaited
+            with self.lock:
+                self.misconfigured = self.said = None
+            self.later.add((marked, delivered, started))
+            return None
+        try:
+            outcome = replace(self.settle(marked, delivered), seconds=time.monotonic() - started)
+        finally:
+            self.count_settled(settled=1)
         if isinstance(delivered, Misconfigured):  # nothing became of the retry: no end to publish
             self.said_misconfigured(delivered.error)
             return outcome
@@ -251,11 +359,22 @@ class Deliveries:
     def confirm(self, marked: Marked, delivered: HandedOver) -> RetryOutcome:
         """The fleet took the retry: its mark ends (as `record_outcome`'s `HandedOver` writes it),
         together with those of the lanes confirming at the same time, in one statement."""
-        run = marked.run
-        log = logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count)
-        if self.confirms.ask(marked) is None:
-            return taken_over(log, run)
-        return handed_to_fleet(log, run, delivered.how)
+        return confirmed(marked, delivered, self.confirms.ask(marked))
+
+    def write_confirms(self, handed: Sequence[tuple[Marked, HandedOver, float]]) -> None:
+        """A pass's set of deliveries the fleet took (`deliver`): their marks ended in one
+        statement, each told and published as it ended, kept for `drain`."""
+        ended = self.end_marks([marked for marked, _, _ in handed])
+        now = time.monotonic()
+        outcomes = [
+            replace(confirmed(marked, delivered, status), seconds=now - started)
+            for (marked, delivered, started), status in zip(handed, ended)
+        ]
+        self.count_settled(settled=len(outcomes))
+        for outcome in outcomes:
+            self.rt.events.publish(RetryEnded(outcome))
+        with self.lock:
+            self.confirmed += outcomes
 
     def end_marks(self, marks: Sequence[Marked]) -> list[str | None]:
         """Ends the marks of `marks` still their deliveries', in one statement; each one's status

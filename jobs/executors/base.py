@@ -111,6 +111,9 @@ class Delivers(Executor, Protocol):
     # Whether a retry whose delivering process died (its lease ran out) is delivered again: a
     # webhook, with the same Idempotency-Key; Celery never (the stuck checker finds a lost task).
     sends_again: bool
+    # How many deliveries a pass runs at once at most (jobs/delivery.py `lanes_for`); None: one per
+    # slot of the cap (a delivery that waits for the fleet's answer, like a webhook's POST).
+    lanes: int | None
 
     def deliver(self, run: Run, stop: threading.Event) -> DeliveryOutcome:
         """Delivers `run` (committed `running`, marked as being delivered) and reports the fleet's

@@ -18,21 +18,25 @@ from __future__ import annotations
 
 import json
 import threading
-import time
+from concurrent.futures import TimeoutError
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 from jobs.executors.base import ExecutorMisconfigured, Strategies, T
 from jobs.executors.outcome import DeliveryOutcome, HandedOver, Postponed, Released
+from jobs.executors.senders import Senders
 from jobs.model import Run
 
 MODE = "celery"  # the `handed_off` value of a retry sent here
 EXTRA = "pip install 'stuck-runs[celery]'"
 CONNECT_TIMEOUT = timedelta(seconds=5)
-STOP_POLL_SECONDS = 0.1
 PRIORITY_STEPS = 10  # 0..9: what Redis's and RabbitMQ's Celery transports both take
 INSPECT_TIMEOUT = 2.0  # how long `still_running` waits for the workers' answers
+# Deliveries a pass runs at once (jobs/delivery.py `lanes_for`), whatever the cap: a send_task takes
+# a few milliseconds, so a handful of lanes keeps the broker busy; 100 threads only contend for the
+# interpreter and the app's producer pool (whose default size is 10).
+LANES = 24
 
 
 def load_celery() -> Any:
@@ -74,6 +78,7 @@ class CeleryExecutor:
     """Sends retries through one Celery app (its broker connections pooled between sends)."""
 
     mode = MODE
+    lanes: int | None = LANES
     sends_again = False  # a send whose process died may have reached the queue: never sent twice
 
     def __init__(
@@ -96,6 +101,7 @@ class CeleryExecutor:
         )
         # The longest one send lasts (`deliver` gives up then): connecting, then publishing.
         self.bound = CONNECT_TIMEOUT * 2
+        self.senders = Senders("celery-send")
 
     def dispatch_with(self, strategies: Strategies[T]) -> T:
         return strategies.deliver(self)
@@ -117,17 +123,21 @@ class CeleryExecutor:
         return HandedOver(MODE)
 
     def deliver(self, run: Run, stop: threading.Event) -> DeliveryOutcome:
-        """`send`, bounded: a send given up on in flight may have reached the queue, so it counts as
-        sent (never sent twice); a lost one is the stuck checker's to find."""
+        """`send`, bounded, in one of the executor's sender threads (one started per send cost more
+        than the send): a send given up on in flight may have reached the queue, so it counts as
+        sent (never sent twice; a lost one is the stuck checker's to find); one given up on before
+        a sender took it (every sender stuck on a broker that does not answer) was never sent."""
         if stop.is_set():
             return Released()
-        answered: list[HandedOver | Postponed] = []
-        worker = threading.Thread(target=lambda: answered.append(self.send(run)), daemon=True)
-        worker.start()
-        deadline = time.monotonic() + self.bound.total_seconds()
-        while worker.is_alive() and time.monotonic() < deadline:
-            worker.join(STOP_POLL_SECONDS)
-        return answered[0] if answered else HandedOver(MODE)
+        sending = self.senders.submit(lambda: self.send(run))
+        try:
+            return sending.result(timeout=self.bound.total_seconds())
+        except TimeoutError:
+            if sending.cancel():
+                return Postponed(
+                    f"Celery broker {self.broker} did not take the task in {self.bound.total_seconds():g}s"
+                )
+            return HandedOver(MODE)
 
     def cancel(self, run: Run, *, kill: bool) -> str:
         """Revokes the run's task and terminates it where a worker runs it (SIGKILL with `kill`)."""
@@ -149,4 +159,5 @@ class CeleryExecutor:
         )
 
     def close(self) -> None:
+        self.senders.close()
         self.app.close()

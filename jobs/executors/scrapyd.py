@@ -28,13 +28,13 @@ import httpx
 
 from jobs.executors.base import Strategies, T
 from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured, OutcomeUnknown, Postponed, Released
+from jobs.executors.senders import Senders, answer_within
 from jobs.executors.webhook import LANE_LIMITS, clean
 from jobs.model import Run, RunId
 
 MODE = "scrapyd"  # the `handed_off` value of a retry scheduled on Scrapyd
 CONNECT_TIMEOUT = timedelta(seconds=5)
 READ_TIMEOUT = timedelta(seconds=30)  # schedule.json lists the project's spiders (a process) the first time
-STOP_POLL_SECONDS = 0.1
 MESSAGE_CHARS = 200  # of Scrapyd's error message, kept in a log line
 
 
@@ -55,6 +55,7 @@ class ScrapydExecutor:
     """Schedules, lists and cancels jobs through one pooled client."""
 
     mode = MODE
+    lanes = None  # a schedule.json waits for Scrapyd's answer: one lane per slot of the cap
     sends_again = True  # a lapsed mark is scheduled again only when Scrapyd knows no job of its id (has_job)
 
     def __init__(
@@ -67,6 +68,7 @@ class ScrapydExecutor:
         priority: str | None = None,
     ) -> None:
         self.base, self.project, self.spider, self.args, self.priority = base, project, spider, args, priority
+        self.senders = Senders("scrapyd-schedule")
         self.client = httpx.Client(
             timeout=httpx.Timeout(READ_TIMEOUT.total_seconds(), connect=CONNECT_TIMEOUT.total_seconds()),
             auth=auth,
@@ -248,21 +250,16 @@ class ScrapydExecutor:
 
     def _bounded(self, call: Callable[[], DeliveryOutcome], stop: threading.Event) -> DeliveryOutcome:
         """`call` in a thread, given up when `stop` is set or once `bound` has passed."""
-        answered: list[DeliveryOutcome] = []
 
-        def answer() -> None:
+        def answer() -> DeliveryOutcome:
             try:
-                answered.append(call())
+                return call()
             except Exception as exc:  # noqa: BLE001 - the client closed under a delivery given up on
-                answered.append(Postponed(f"Scrapyd delivery failed: {type(exc).__name__}"))
+                return Postponed(f"Scrapyd delivery failed: {type(exc).__name__}")
 
-        worker = threading.Thread(target=answer, daemon=True)
-        worker.start()
-        deadline = time.monotonic() + self.bound.total_seconds()
-        while worker.is_alive() and not stop.is_set() and time.monotonic() < deadline:
-            worker.join(STOP_POLL_SECONDS)
-        if answered:
-            return answered[0]
+        answered = answer_within(self.senders.submit(answer), stop, time.monotonic() + self.bound.total_seconds())
+        if answered is not None:
+            return answered
         if not stop.is_set():
             return OutcomeUnknown(f"Scrapyd did not answer schedule.json within {self.bound.total_seconds():g}s")
         # Not `stopping`: a release counts no postponement, and only a postponed (or lapsed)
@@ -271,4 +268,5 @@ class ScrapydExecutor:
         return OutcomeUnknown("Stopped by a signal before Scrapyd answered schedule.json")
 
     def close(self) -> None:
+        self.senders.close()
         self.client.close()

@@ -33,11 +33,11 @@ import httpx
 
 from jobs.executors.base import Strategies, T
 from jobs.executors.outcome import DeliveryOutcome, Failed, HandedOver, OutcomeUnknown, Postponed, Released
+from jobs.executors.senders import Senders, answer_within
 from jobs.model import Run
 from jobs.patterns import bounded_retry_after
 
 CONNECT_TIMEOUT = timedelta(seconds=5)
-STOP_POLL_SECONDS = 0.1  # how often a delivery in flight looks at the stop flag
 MAX_REDIRECTS = 5
 ERROR_BODY_CHARS = 200  # of an error answer, kept in the attempt's error
 SIGNATURE_HEADER = "X-Stuck-Runs-Signature"
@@ -132,10 +132,12 @@ class WebhookExecutor:
 
     mode = MODE
     sends_again = True  # with the same Idempotency-Key: the receiver de-duplicates
+    lanes = None  # a POST waits for the receiver's answer: one lane per slot of the cap
 
     def __init__(self, template: str, secret: str | None, timeout: timedelta) -> None:
         self.template, self.secret = template, secret
         connect = min(CONNECT_TIMEOUT, timeout).total_seconds()
+        self.senders = Senders("webhook-post")
         self.client = httpx.Client(
             timeout=httpx.Timeout(timeout.total_seconds(), connect=connect),
             limits=LANE_LIMITS,
@@ -184,16 +186,13 @@ class WebhookExecutor:
         after that is delivered again later with the same `Idempotency-Key`."""
         if stop.is_set():  # no POST once stopping: put back, and nothing is in flight
             return Released()
-        answered: list[HandedOver | Postponed | Failed] = []
-        worker = threading.Thread(target=lambda: answered.append(self._post_quietly(run)), daemon=True)
-        worker.start()
+        posting = self.senders.submit(lambda: self._post_quietly(run))
         # httpx bounds each read, not the whole answer: a receiver dripping a byte a minute would
         # hold the row for days. The delivery as a whole gets connect + read timeout.
         deadline = time.monotonic() + self.bound.total_seconds()
-        while worker.is_alive() and not stop.is_set() and time.monotonic() < deadline:
-            worker.join(STOP_POLL_SECONDS)  # returns the moment the answer is in (a wait on `stop` did not)
-        if answered:
-            return answered[0]
+        answered = answer_within(posting, stop, deadline)
+        if answered is not None:
+            return answered
         if not stop.is_set():
             return OutcomeUnknown(f"Webhook did not answer within {self.client.timeout.read:g}s")
         return OutcomeUnknown("Stopped by a signal before the fleet answered", stopping=True)
@@ -230,6 +229,7 @@ class WebhookExecutor:
         return f"Webhook redirected more than {MAX_REDIRECTS} times: point SCRAPE_RUN_WEBHOOK at the final URL"
 
     def close(self) -> None:
+        self.senders.close()
         self.client.close()
 
 

@@ -6,14 +6,17 @@ in one process or several."""
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
 
 from db.layout import Layout, parse_column_map
-from jobs.delivery import NO_ROOM, Deliveries
+from jobs.batching import Combined
+from jobs.delivery import NO_ROOM, Deliveries, lanes_for
 from jobs.executors.outcome import HandedOver
+from jobs.executors.senders import Senders, answer_within
 from jobs.outcomes import Marked
 from jobs.rules import RetryPolicy
 from tests.daemons import wait_until
@@ -249,3 +252,124 @@ def test_a_set_of_confirms_postgresql_ends_to_break_a_deadlock_is_written_again(
     assert ended == ["completed", "completed"]  # written again once the fleet's transaction ended
     with rt.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM scrape_runs WHERE delivering_by IS NOT NULL")).scalar() == 0
+
+
+def test_a_pass_marks_ahead_as_many_as_the_room_allows_in_start_order_for_the_next_lanes(db_url, tmp_path, opened):
+    receiver = start_receiver(tmp_path)  # nothing is delivered: only marked
+    try:
+        rt = opened(db_url, receiver, max_concurrent_retries=5)
+        due = due_retries(db_url, 8)
+        deliveries = Deliveries(rt, rt.executor, POLICY)
+        asked = deliveries.mark_batch([None], ahead=7)
+        ahead = list(deliveries.ready)
+        then = deliveries.mark_batch([None], ahead=7)
+    finally:
+        receiver.stop()
+    assert len(asked) == 1 and len(ahead) == 4  # the room of 5: one for the lane asking, four ahead
+    assert [m.run.id for m in asked + ahead] == due[:5]  # as they were due, the longest overdue first
+    assert len({m.by for m in asked + ahead}) == 1  # one transaction
+    assert then == [NO_ROOM] and len(deliveries.ready) == 4
+    with rt.engine.connect() as conn:
+        assert conn.execute(sa.text(HANDED)).scalar_one() == 5
+
+
+def test_retries_marked_ahead_that_no_lane_delivered_are_put_back_as_they_were(db_url, tmp_path, opened):
+    receiver = start_receiver(tmp_path)
+    try:
+        rt = opened(db_url, receiver, max_concurrent_retries=10)
+        due_retries(db_url, 4)
+        deliveries = Deliveries(rt, rt.executor, POLICY)
+        (lanes,) = deliveries.mark_batch([None], ahead=3)  # three marked ahead; then the pass is stopped
+        stop = threading.Event()
+        stop.set()
+        outcomes = deliveries.drain(stop)
+        with rt.engine.connect() as conn:
+            left = conn.execute(
+                sa.text(
+                    "SELECT status, delivering_by IS NOT NULL, next_retry_at < now() FROM scrape_runs"
+                    " WHERE is_retry AND id <> :id"
+                ),
+                {"id": lanes.run.id},
+            ).all()
+    finally:
+        receiver.stop()
+    assert [o.status for o in outcomes] == ["released"] * 3 and not deliveries.ready
+    assert left == [("pending_retry", False, True)] * 3  # unmarked, due as they were
+    assert receiver.requests() == []
+
+
+def test_a_pass_lanes_hand_their_confirms_over_and_go_on_each_set_written_once(db_url, tmp_path, opened):
+    """Confirms written by whichever lane finds no set being written, over all that came meanwhile:
+    a lane adding one while a set is written does not wait for it."""
+    writing, go = threading.Event(), threading.Event()
+    sets: list[list[int]] = []
+
+    def write(items):
+        sets.append(list(items))
+        if len(sets) == 1:
+            writing.set()
+            assert go.wait(60)
+
+    combined = Combined(write)
+    first = threading.Thread(target=combined.add, args=(0,))
+    first.start()
+    assert writing.wait(60)
+    for n in range(1, 4):
+        combined.add(n)  # returns at once: the first thread writes them next
+    go.set()
+    first.join(60)
+    assert sets == [[0], [1, 2, 3]]
+
+
+def test_a_celery_pass_runs_a_few_lanes_whatever_the_cap_and_a_webhook_one_per_slot():
+    class Engine:
+        def __init__(self, lanes):
+            self.lanes = lanes
+
+    celery_like, webhook_like = Engine(8), Engine(None)
+    assert lanes_for(celery_like, 100) == 8 and lanes_for(celery_like, 3) == 3
+    assert lanes_for(webhook_like, 100) == 100
+
+
+def test_a_lane_finding_no_room_waits_for_its_pass_own_deliveries_to_settle_then_asks_again(db_url, tmp_path, opened):
+    """A set marked ahead fills the cap at once: the lanes asking next find no room, which the fleet
+    may free as soon as one of the pass's own deliveries is settled; with none unsettled, the cap is
+    taken by what is running and the lane ends its pass."""
+    receiver = start_receiver(tmp_path)
+    try:
+        rt = opened(db_url, receiver, max_concurrent_retries=2)
+        deliveries = Deliveries(rt, rt.executor, POLICY)
+        stop = threading.Event()
+        assert deliveries.room_may_come(stop) is False  # nothing of its own in flight
+        deliveries.count_settled(marked=2)
+        answers: list[bool] = []
+        waiting = threading.Thread(target=lambda: answers.append(deliveries.room_may_come(stop)))
+        waiting.start()
+        wait_until(lambda: waiting.is_alive() and deliveries.unsettled == 2, timeout=60)
+        assert answers == []  # waits while both are in flight
+        deliveries.count_settled(settled=1)
+        waiting.join(60)
+        assert answers == [True]
+    finally:
+        receiver.stop()
+
+
+def test_sends_reuse_idle_sender_threads_and_one_given_up_on_before_it_started_never_runs():
+    senders = Senders("test-send")
+    try:
+        for n in range(20):  # one after another, each once the last one's sender is idle again
+            assert answer_within(senders.submit(lambda n=n: n), threading.Event(), time.monotonic() + 60) == n
+            wait_until(lambda: senders.idle == 1, timeout=60)
+        assert senders.started == 1
+    finally:
+        senders.close()
+    waiting, ran = Senders("test-send"), []
+    waiting.closed = True  # no sender starts: a send waits in the queue, as behind stuck ones
+    try:
+        late = waiting.submit(lambda: ran.append("late"))
+        assert answer_within(late, threading.Event(), time.monotonic() + 0.2) is None and late.cancelled()
+        waiting.closed = False
+        assert answer_within(waiting.submit(lambda: "next"), threading.Event(), time.monotonic() + 60) == "next"
+        assert ran == []  # the sender that started skipped the send given up on
+    finally:
+        waiting.close()
