@@ -119,14 +119,14 @@ class ThresholdStatements:
         against the window; otherwise each run is (`_first_count_in_window`). Writes nothing."""
         if self.runs.kind is None:
             return self._first_count_in_window()
-        inside = self._all_inside_window()
+        inside = self.all_inside_window().scalar_subquery()
         return sa.union_all(
             self._first_count_by_pair().where(inside),
             self._first_count_of_no_kind().where(inside),
             self._first_count_in_window().where(~inside),
         )
 
-    def _all_inside_window(self) -> sa.ColumnElement:
+    def all_inside_window(self) -> sa.Select:
         """Whether every completed run's `completed_at` is in `[:sr_add_from, :sr_add_until)`: min and
         max, two probes of 0007's index (false when none has one; those runs are no runtime)."""
         t = self.t
@@ -135,7 +135,7 @@ class ThresholdStatements:
             sa.func.max(t.c.completed_at) < sa.bindparam("sr_add_until", type_=sa.DateTime(timezone=True)),
         )
         found = sa.select(sa.func.coalesce(bounds, sa.false())).where(self.runs.in_state(t.c.status, "completed"))
-        return found.correlate(None).scalar_subquery()
+        return found.correlate(None)
 
     def _first_count_in_window(self) -> sa.Select:
         """The first count checking each run's completion against the window, grouped as revision
