@@ -339,20 +339,26 @@ def test_the_first_count_reads_the_runs_grouped_from_the_runtime_index(fleet_url
     assert not any("Sort" in line or "HashAggregate" in line for line in plan), plan
 
 
-def test_the_first_count_is_a_read_the_server_may_split_over_parallel_workers(fleet) -> None:
-    """The first count of a window reads all of it (ten million runs in bench.learning): the statement
-    that reads the runs table writes nothing, so PostgreSQL may run it in parallel (it never runs a
-    statement that writes so); the counts are stored by another statement."""
-    read: list[tuple[str, object]] = []
+def statements_of_a_first_learning(url: str, **env: str) -> list[tuple[str, object]]:
+    """What a first learning (nothing stored yet) sends to the server: each statement and its parameters."""
+    sent: list[tuple[str, object]] = []
     with freeze_time(NOW):
-        rt = runtime(fleet, LEARN_THRESHOLDS="on")
-        listen = lambda conn, cursor, statement, params, *_: read.append((statement, params))  # noqa: E731
+        rt = runtime(url, LEARN_THRESHOLDS="on", **env)
+        listen = lambda conn, cursor, statement, params, *_: sent.append((statement, params))  # noqa: E731
         sa.event.listen(rt.engine, "before_cursor_execute", listen)
         try:
             learn = LearnSettings.of(rt.settings)
             assert learning.learned(rt, learn, learning_rule(learn)).computed
         finally:
             rt.close()
+    return sent
+
+
+def test_the_first_count_is_a_read_the_server_may_split_over_parallel_workers(fleet) -> None:
+    """The first count of a window reads all of it (ten million runs in bench.learning): the statement
+    that reads the runs table writes nothing, so PostgreSQL may run it in parallel (it never runs a
+    statement that writes so); the counts are stored by another statement."""
+    read = statements_of_a_first_learning(fleet)
     counting = [
         (statement, params) for statement, params in read if "FROM scrape_runs" in statement and "count(" in statement
     ]
@@ -561,15 +567,6 @@ def test_the_first_count_of_a_window_holding_every_run_is_not_compiled_by_jit(fl
     a server's JIT would only add its compilation (about 0.2 s of 51 functions on PostgreSQL 15 at
     ten million runs, BENCHMARKS.md): it is turned off for that count's transaction. A count that
     checks each run against the window keeps it (there it gains more than it costs)."""
-    sent: list[str] = []
-    with freeze_time(NOW):
-        rt = runtime(fleet, LEARN_THRESHOLDS="on", LEARN_WINDOW=window)
-        listen = lambda conn, cursor, statement, *_: sent.append(statement)  # noqa: E731
-        sa.event.listen(rt.engine, "before_cursor_execute", listen)
-        try:
-            learn = LearnSettings.of(rt.settings)
-            assert learning.learned(rt, learn, learning_rule(learn)).computed
-        finally:
-            rt.close()
+    sent = [statement for statement, _ in statements_of_a_first_learning(fleet, LEARN_WINDOW=window)]
     counting = next(i for i, statement in enumerate(sent) if "WITH RECURSIVE pairs" in statement)
     assert ("SET LOCAL jit = off" in sent[:counting]) == (window == "60d"), sent
