@@ -20,7 +20,11 @@ from db.table import RunsTable
 
 THRESHOLDS = "stuck_runs_thresholds"
 RUNTIMES = "stuck_runs_runtimes"
-LEARNING = "learning"  # the lock namespace's purpose: one computation of learned limits at a time
+LEARNING = "learning"
+# The most (kind, whole seconds) pairs a first count walks (~5 us each) before it counts run by run
+# instead (~40 ns a run): 20,000 pairs are ~0.1 s, won back by 2.5M runs; ten million runs of twenty
+# spiders in bench.learning make 1,923.
+PAIRS_WALKED_AT_MOST = 20_000  # the lock namespace's purpose: one computation of learned limits at a time
 
 
 def thresholds_table(schema: str | None) -> sa.Table:
@@ -119,11 +123,12 @@ class ThresholdStatements:
         against the window; otherwise each run is (`_first_count_in_window`). Writes nothing."""
         if self.runs.kind is None:
             return self._first_count_in_window()
-        inside = self.all_inside_window().scalar_subquery()
+        by_pair, few = self._first_count_by_pair()
+        walk = sa.and_(self.all_inside_window().scalar_subquery(), few)
         return sa.union_all(
-            self._first_count_by_pair().where(inside),
-            self._first_count_of_no_kind().where(inside),
-            self._first_count_in_window().where(~inside),
+            by_pair.where(walk),
+            self._first_count_of_no_kind().where(walk),
+            self._first_count_in_window().where(~walk),
         )
 
     def all_inside_window(self) -> sa.Select:
@@ -147,16 +152,20 @@ class ThresholdStatements:
             .group_by(kind.element, seconds)
         )
 
-    def _first_count_by_pair(self) -> sa.Select:
+    def _first_count_by_pair(self) -> tuple[sa.Select, sa.ColumnElement]:
         """Each (kind, whole seconds) pair of completed runs, found by skipping from one to the next
-        in revision 0010's index (a recursive walk: a few thousand probes), and its runs counted in
-        the index by an equality on both: no run's completion checked, no per-run comparison of
-        group keys, as a bare count of the index's entries costs."""
+        in revision 0010's index (a recursive walk), and its runs counted in the index by an equality
+        on both: no run's completion checked, no per-run comparison of group keys, as a bare count
+        of the index's entries costs. And whether the pairs are few enough to walk (at most
+        `:sr_pairs_at_most`): each costs a few microseconds, where the runs of a pair, checked and
+        grouped, cost some 30-50 ns each (bench.learning), so a fleet whose runs spread over many
+        pairs is counted run by run instead; the walk stops one pair past the bound."""
         t, completed = self.t, self.runs.in_state(self.t.c.status, "completed")
         kind, seconds = t.c[self.runs.kind], self.whole_seconds()
         known = (completed, kind.is_not(None), seconds.is_not(None))
+        at_most = sa.bindparam("sr_pairs_at_most", PAIRS_WALKED_AT_MOST, type_=sa.Integer)
         first = sa.select(kind.label("kind"), seconds.label("seconds")).where(*known).order_by(kind, seconds).limit(1)
-        pairs = first.cte("pairs", recursive=True)
+        pairs = first.add_columns(sa.literal(1, sa.Integer).label("walked")).cte("pairs", recursive=True)
         after = (
             sa.select(kind.label("kind"), seconds.label("seconds"))
             .where(*known, sa.tuple_(kind, seconds) > sa.tuple_(pairs.c.kind, pairs.c.seconds))
@@ -164,15 +173,18 @@ class ThresholdStatements:
             .limit(1)
             .lateral("next_pair")
         )
-        pairs = pairs.union_all(sa.select(after.c.kind, after.c.seconds).select_from(pairs.join(after, sa.true())))
+        step = sa.select(after.c.kind, after.c.seconds, pairs.c.walked + 1).select_from(pairs.join(after, sa.true()))
+        pairs = pairs.union_all(step.where(pairs.c.walked <= at_most))
         runs = (
             sa.select(sa.cast(sa.func.count(), sa.BigInteger).label("runs"))
             .where(completed, kind == pairs.c.kind, seconds == pairs.c.seconds)
             .lateral("pair_runs")
         )
-        return sa.select(sa.cast(pairs.c.kind, sa.Text).label("kind"), pairs.c.seconds, runs.c.runs).select_from(
+        counted = sa.select(sa.cast(pairs.c.kind, sa.Text).label("kind"), pairs.c.seconds, runs.c.runs).select_from(
             pairs.join(runs, sa.true())
         )
+        few = sa.select(sa.func.count() <= at_most).select_from(pairs).scalar_subquery()
+        return counted, few
 
     def _first_count_of_no_kind(self) -> sa.Select:
         """The runs of no kind by whole seconds, read in the order of revision 0010's index (where

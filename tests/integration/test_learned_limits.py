@@ -474,12 +474,13 @@ def test_the_readme_shows_the_worked_examples_real_output(fleet) -> None:
 # -- the first count when every completed run is inside the window (ten million in bench.learning) ---
 
 
-def first_count_run(conn: sa.Connection, runs, window: timedelta) -> tuple[list[tuple], list[dict]]:
-    """The first count of the window ending NOW: its rows, and the scans of the runs table it ran."""
+def first_count_run(conn: sa.Connection, runs, window: timedelta, **more: object) -> tuple[list[tuple], list[dict]]:
+    """The first count of the window ending NOW (parameters `more` over its own): its rows, and the
+    scans of the runs table it ran."""
     from db.queries.thresholds import ThresholdStatements
 
     statement = ThresholdStatements(runs).first_count().compile(dialect=conn.dialect)
-    params = {**statement.params, **learning.counting_plan(None, NOW, window)}
+    params = {**statement.params, **learning.counting_plan(None, NOW, window), **more}
     rows = conn.exec_driver_sql(str(statement), params).all()
     rows = sorted((tuple(r) for r in rows), key=lambda r: (r[0] is None, r[0] or "", r[1]))
     return rows, executed_scans(conn, str(statement), params, "scrape_runs")
@@ -570,3 +571,22 @@ def test_the_first_count_of_a_window_holding_every_run_is_not_compiled_by_jit(fl
     sent = [statement for statement, _ in statements_of_a_first_learning(fleet, LEARN_WINDOW=window)]
     counting = next(i for i, statement in enumerate(sent) if "WITH RECURSIVE pairs" in statement)
     assert ("SET LOCAL jit = off" in sent[:counting]) == (window == "60d"), sent
+
+
+def test_the_first_count_of_a_window_with_more_pairs_than_it_walks_checks_each_run(fleet_url) -> None:
+    """Each (kind, whole seconds) pair costs a walk and a count (a few microseconds): a fleet whose
+    runs spread over many more pairs than their number warrants (one run in each) would pay that for
+    every run. Past `sr_pairs_at_most` pairs the count is made by checking each run against the
+    window, as before; the counts are the same."""
+    from db.table import load_runs_table
+
+    window = timedelta(days=60)
+    engine = make_engine(fleet_url)
+    with engine.connect() as conn:
+        runs = load_runs_table(conn, "scrape_runs", layout=Layout(columns={"kind": "spider"}))
+        walked, walked_scans = first_count_run(conn, runs, window)
+        fallen, fallen_scans = first_count_run(conn, runs, window, sr_pairs_at_most=10)
+        conn.rollback()
+    engine.dispose()
+    assert not checks_the_window(walked_scans) and checks_the_window(fallen_scans), fallen_scans
+    assert walked == fallen
