@@ -16,6 +16,14 @@ below, each timed (median of 3) and its plan printed: the counting statement as 
 and bare statements over the same window of the learning index: the index-only count of its
 entries (the floor), with and without parallel workers, and the count by kind.
 
+`python -m bench.learning --first [ROWS]`: SPEC §14's bar, the first learning of a window holding
+every run, beside the floor, interleaved rounds (medians of 5), the machine's load before and after:
+the floor (the bare index-only count of the window's entries, no workers), the first count alone,
+the whole first learning in-process (`learned()`: lock, count, store); and as a user runs it,
+`stuck-runs check --dry-run` needing the limits first (nothing stored: it learns) beside the same
+command with them stored and fresh. The command runs on the real clock, so its window is made a
+day longer than the table's history (LEARN_WINDOW=31d): every run still inside it.
+
 On the embedded PostgreSQL, or DATABASE_URL's server (a role that may create databases).
 """
 
@@ -156,8 +164,71 @@ def profile(rt: Runtime, now: datetime, learn: LearnSettings) -> None:
         print("\n".join(plan), flush=True)
 
 
+def first_learning(rt: Runtime, now: datetime, learn: LearnSettings, rounds: int = 5) -> None:
+    """The first learning beside the floor, interleaved rounds: each figure and its medians."""
+    q = ThresholdStatements(rt.runs)
+    window = {"since": now - learn.window, "until": now}
+    count = q.first_count().compile(dialect=rt.engine.dialect)
+    fresh = {**count.params, **learning.counting_plan(None, now, learn.window)}
+    rule = learning_rule(learn)
+    env = {**os.environ, "DATABASE_URL": rt.settings.database_url, **ENV, "LEARN_WINDOW": "31d"}
+    check = [str(Path(sys.executable).with_name("stuck-runs")), "check", "--dry-run"]
+
+    def forget() -> None:
+        with rt.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM stuck_runs_thresholds")
+
+    def floor() -> None:
+        with rt.engine.connect() as conn:
+            conn.exec_driver_sql("SET max_parallel_workers_per_gather = 0")
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            conn.execute(sa.text(FLOORS["bare index-only count, no parallel workers (seq scan off)"]), window)
+            conn.rollback()
+
+    def first_count() -> None:
+        with rt.engine.connect() as conn:
+            conn.exec_driver_sql(str(count), fresh).all()
+            conn.rollback()
+
+    def learned() -> None:
+        found = learning.learned(rt, learn, rule)
+        assert found.computed and sum(k.runs for k in found.kinds) == rows  # every run inside the window
+
+    def command() -> None:
+        subprocess.run(check, env=env, check=True, capture_output=True)
+
+    with rt.engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT count(*) FROM scrape_runs WHERE status = 'completed'").scalar_one()
+    contenders = {
+        "floor: bare index-only count of the window, no workers": (floor, None),
+        "the first count alone (first_count)": (first_count, None),
+        "the whole first learning, in-process (learned())": (learned, forget),
+        "`stuck-runs check --dry-run`, nothing stored: it learns first": (command, forget),
+        # right after it: what it stored is fresh (the same settings, within the hour)
+        "`stuck-runs check --dry-run`, limits stored and fresh": (command, None),
+    }
+    print(f"before: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}", flush=True)
+    for action, setup in contenders.values():  # warm, as a server serving the table has it
+        if setup:
+            setup()
+        action()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, (action, setup) in contenders.items():
+            if setup:
+                setup()
+            started = time.perf_counter()
+            action()
+            times[name].append(time.perf_counter() - started)
+    print(f"after: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    base = statistics.median(times["floor: bare index-only count of the window, no workers"])
+    for name, taken in times.items():
+        median = statistics.median(taken)
+        print(f"{name}: median {median:.3f} s ({median / base:.2f}x the floor) of {[round(t, 3) for t in taken]}")
+
+
 def main() -> None:
-    args = [a for a in sys.argv[1:] if a != "--profile"]
+    args = [a for a in sys.argv[1:] if a not in ("--profile", "--first")]
     rows = int(args[0]) if args else 10_000_000
     name = f"bench_learning_{rows}"
     work = Path(tempfile.mkdtemp(prefix="bench-learning-"))
@@ -169,15 +240,16 @@ def main() -> None:
         url = build(server_url, name, rows, now)
         print(f"built {rows:,} runs in {time.perf_counter() - started:.0f} s", flush=True)
     engine = make_engine(url)
-    with engine.connect() as conn:  # the table's own now: the newest completion (a kept table was built earlier)
-        now = conn.exec_driver_sql("SELECT max(completed_at) FROM scrape_runs").scalar_one()
+    with engine.connect() as conn:  # the table's own now: just after its newest completion (a kept table
+        # was built earlier), so the window [now - 30 days, now) holds every run of the table
+        now = conn.exec_driver_sql("SELECT max(completed_at) FROM scrape_runs").scalar_one() + timedelta(microseconds=1)
     engine.dispose()
     clock = Clock(now)
     rt = Runtime.open(load_settings({"DATABASE_URL": url, **ENV}), clock=clock)
     learn = LearnSettings.of(rt.settings)
     rule = learning_rule(learn)
-    if "--profile" in sys.argv:
-        profile(rt, now, learn)
+    if "--profile" in sys.argv or "--first" in sys.argv:
+        (profile if "--profile" in sys.argv else first_learning)(rt, now, learn)
         rt.close()
         if server is not None:
             server.cleanup()

@@ -183,6 +183,11 @@ def compute(
     from scratch), with the limits learned by `rule` for kinds with at least `learn.min_runs` runs.
     With `write`, the moved counts replace the stored ones (the caller holds the learning lock)."""
     plan = counting_plan(found, now, learn.window)
+    if not plan["sr_keep"] and q.runs.kind is not None and conn.execute(q.all_inside_window(), plan).scalar():
+        # Counted pair by pair in the index (first_count), nearly no expression runs per run: a
+        # server's JIT would only add its compilation (~0.2 s at ten million runs, BENCHMARKS.md).
+        # A hint only: first_count decides again, in its own snapshot, whether to check the window.
+        conn.exec_driver_sql("SET LOCAL jit = off")
     # Moved on: the stored counts and two small ranges. From scratch: the whole window, in the
     # order of the index that groups it (revision 0010).
     rows = conn.execute(q.runtimes() if plan["sr_keep"] else q.first_count(), plan).all()
