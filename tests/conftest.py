@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from db.engine import make_engine
 from db.migrate import migrate
 from jobs.settings import ENV_VARS
+from tests.compiled import compile_per_engine, share_compiled_statements
 from tests.schema import VARIANTS
 from tests.services import pytest_runtest_makereport  # noqa: F401 - the hook: CI=true fails a missing service
 
@@ -159,6 +160,18 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in ("COLUMNS", "LINES"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def compiled_once(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Engines share their compiled statements (tests/compiled.py), but in the trials: a benchmark
+    measures what a process pays."""
+    if request.node.get_closest_marker("trials"):
+        yield
+        return
+    share_compiled_statements()
+    yield
+    compile_per_engine()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
