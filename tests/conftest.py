@@ -174,37 +174,10 @@ def compiled_once(request: pytest.FixtureRequest) -> Iterator[None]:
     compile_per_engine()
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slow tests (real processes, seconds each) first: on a few workers, a long test that
-    starts last is the whole suite's tail, while the short ones fill the gaps at the end.
-
-    And the tests that share a module-scoped fixture go to one worker together (`--dist
-    loadgroup`, pyproject.toml): dealt out one by one, each of four workers built every such
-    fixture again (a Scrapyd, a Celery worker, a Chromium, a PostgreSQL of a module's own, each
-    adopted table's story)."""
+    starts last is the whole suite's tail, while the short ones fill the gaps at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-    for item in items:
-        group = shared_fixtures_group(item)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
-
-
-def shared_fixtures_group(item: pytest.Item) -> str | None:
-    """The module and the parameters of the module-scoped fixtures `item` uses, or None."""
-    info = getattr(item, "_fixtureinfo", None)
-    if info is None:
-        return None
-    shared = [
-        name
-        for name in info.names_closure
-        if any(definition.scope == "module" for definition in info.name2fixturedefs.get(name, ()))
-    ]
-    if not shared:
-        return None
-    indices = getattr(getattr(item, "callspec", None), "indices", {})
-    params = ",".join(f"{name}={indices[name]}" for name in sorted(shared) if name in indices)
-    return f"{item.path.stem}[{params}]" if params else item.path.stem
 
 
 def pytest_configure(config: pytest.Config) -> None:
