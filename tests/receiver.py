@@ -337,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # A short poll: `shutdown` waits for the loop to look, and a test waits for the process's end
+    # (the default half second was most of each webhook test's teardown).
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     write_atomically(Path(args.port_file), str(server.port))
     while not stopping.wait(1):
         pass

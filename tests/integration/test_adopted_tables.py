@@ -76,7 +76,9 @@ class Driver:
         self.t = table
         self.url = url
         self.cwd = cwd  # no .env up from here
-        self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        # One connection kept for the test's own reads and inserts (a session per query cost a
+        # backend's start each); idle between them, it holds no lock the commands could meet.
+        self.engine = sa.create_engine(url, pool_size=1, max_overflow=4)
 
     def env(self, **changes: str | None) -> dict[str, str]:
         """The table's settings over a clean environment; a None change unsets a variable."""
