@@ -6,7 +6,9 @@ The first count of a window (once per table, and when `LEARN_WINDOW` grows) coun
 run in it by kind and whole second. Over 0007's index, ordered by `completed_at`, PostgreSQL must
 compute each run's seconds from its two timestamps and hash ten million (kind, seconds) pairs; over
 this one it reads each run's seconds from the index, already grouped, and counts them as they come
-(a GroupAggregate over an index-only scan: no hashing, no sort). `completed_at` and `started_at`
+(a GroupAggregate over an index-only scan: no hashing, no sort; and when every completed run is
+inside the window, it skips from one (kind, seconds) pair to the next and counts each pair's runs by
+an index condition, db/queries/thresholds.py). `completed_at` and `started_at`
 are included so the window's bounds are checked from the index alone (PostgreSQL allows an
 index-only scan of an expression index only when the expression's columns are in it). The hourly
 counts still move on by two ranges of 0007's index; when a window holds a small part of a long
