@@ -22,14 +22,24 @@ try:
     main({args!r})
 except SystemExit:
     pass
-heavy = ("sqlalchemy", "alembic", "apscheduler", "prometheus_client", "psycopg2", "multiprocessing.pool")
+heavy = {heavy!r}
 print(json.dumps(sorted(name for name in heavy if name in sys.modules)))
 """
+HEAVY = ("sqlalchemy", "alembic", "apscheduler", "prometheus_client", "psycopg2", "multiprocessing.pool")
+# What only executing, cancelling or pausing needs: `check` sweeps and records, nothing more.
+PROCESSING = (
+    "jobs.recovery",
+    "jobs.retries",
+    "jobs.delivery",
+    "jobs.cancelling",
+    "jobs.control",
+    "jobs.executors.wiring",
+)
 
 
-def loaded_by(*args: str, env: dict | None = None) -> list[str]:
+def loaded_by(*args: str, env: dict | None = None, heavy: tuple[str, ...] = HEAVY) -> list[str]:
     result = subprocess.run(
-        [sys.executable, "-c", PROBE.format(args=list(args))],
+        [sys.executable, "-c", PROBE.format(args=list(args), heavy=heavy)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -48,6 +58,12 @@ def test_check_loads_no_migrations_scheduler_or_metrics(monkeypatch):
     # Unreachable on purpose: the point is what `check` imports on its way to the database.
     env = {"DATABASE_URL": "postgresql://u@127.0.0.1:1/db", "PATH": "/usr/bin:/bin"}
     assert set(loaded_by("check", env=env)) <= {"sqlalchemy", "psycopg2"}
+
+
+def test_check_loads_no_retry_processor_or_executors():
+    # The processor, hand-over and executors are a third of `check`'s imports (BENCHMARKS.md, start-0612).
+    env = {"DATABASE_URL": "postgresql://u@127.0.0.1:1/db", "PATH": "/usr/bin:/bin"}
+    assert loaded_by("check", env=env, heavy=PROCESSING) == []
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
