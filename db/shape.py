@@ -124,25 +124,36 @@ def _check_written_columns(conn: Connection, reflected: Reflected) -> None:
         running = sa.cast(table.c.status, sa.Text).in_(values)  # a value the enum lacks is no error
     else:  # as the running runs' partial index says it (db.table.in_values), so it can serve
         running = table.c.status == values[0] if len(values) == 1 else table.c.status.in_(values)
-    # In the running runs' index order: a mass event leaves a tenth of a big table running, and
-    # the planner then read the whole table (a Seq Scan at every command's start) to find none.
-    held = sa.select(sa.literal(1)).where(running).order_by(table.c.started_at).limit(1)
-    for role in ("error_message", "completed_at"):
-        if role not in table.c:
-            continue
+    # Which of the two columns running runs hold values in, in one walk of the running runs (their
+    # partial index): a mass event leaves a tenth of a big table running, each walk reads them all
+    # to find none, and a walk per column was two at every command's start.
+    roles = [role for role in ("error_message", "completed_at") if role in table.c]
+    held: dict[str, bool] | None = None
+    for role in roles:
         column = table.c[role]
         why = None
         if column.name in labelled:
             why = "RUN_LABEL names it"
         elif not column.nullable:
             why = "it is NOT NULL, and a new attempt has none"
-        elif conn.execute(held.where(column.is_not(None))).first():
-            why = "running runs already hold values in it"
+        else:
+            held = held if held is not None else _held_by_running(conn, table, running, roles)
+            if held[role]:
+                why = "running runs already hold values in it"
         if why:
             raise ConfigError(
                 f"COLUMN_MAP: {qualified}.{column.name} cannot be the {role}: {why}, so it is the scraper's data "
                 f"and stuck-runs would overwrite it; map a column for stuck-runs to write (migrate adds a missing one)"
             )
+
+
+def _held_by_running(
+    conn: Connection, table: sa.Table, running: sa.ColumnElement[bool], roles: list[str]
+) -> dict[str, bool]:
+    """For each role's column, whether a running run holds a value in it."""
+    filled = [table.c[role].is_not(None) for role in roles]
+    found = sa.select(*(sa.func.coalesce(sa.func.bool_or(f), False) for f in filled)).where(running, sa.or_(*filled))
+    return dict(zip(roles, conn.execute(found).one(), strict=True))
 
 
 def _check_unique_inputs(conn: Connection, table: sa.Table, qualified: str) -> None:

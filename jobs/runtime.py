@@ -10,6 +10,7 @@ import random
 import string
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
 
@@ -20,11 +21,12 @@ from db.queries.groups import target_key
 from db.table import RunsTable, load_runs_table
 from jobs.clock import SystemClock
 from jobs.events import Events
-from jobs.executors.base import Executor
-from jobs.executors.wiring import build_executor
 from jobs.patterns import DEFAULT_PATTERNS, Classifier
 from jobs.settings import Settings
 from jobs.settings.scrapyd_parsers import scrapyd_templates
+
+if TYPE_CHECKING:  # built when a retry is to run (`build_executor`): a sweep starts without the executors
+    from jobs.executors.base import Executor
 
 
 def check_placeholders(settings: Settings, runs: RunsTable) -> None:
@@ -74,6 +76,8 @@ class Runtime:
         """
         url = settings.require_database_url()
         if executes and executor is None:
+            from jobs.executors.wiring import build_executor
+
             executor = build_executor(settings)
         # What serves people waits for nothing for long: a page that would hang on a lock answers 500.
         timeout = WEB_STATEMENT_TIMEOUT_MS if role == "web" else None
@@ -103,6 +107,8 @@ class Runtime:
     def executor(self) -> Executor:
         """Built on first use (or at `open` with `executes`), so commands that execute nothing
         need no executor configured."""
+        from jobs.executors.wiring import build_executor
+
         return self.executor_override or build_executor(self.settings)
 
     def close(self) -> None:

@@ -5,23 +5,25 @@ outside the daemon as job runs, for the records (scheduler/records.py) to write.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL
 
 from db.daemons import DaemonRecords
 from db.engine import database_errors, describe_db_error
 from db.errors import DatabaseUnavailable, OperatorError
-from jobs.control import PauseState, read_pause
 from jobs.events import CHECKER, DAEMON, JOB_IDS, PROCESSOR, VIA_KEY, JobRun, JobRunsEnded
 from jobs.limits import runtime_judging_params
-from jobs.recovery import FixResult
 from jobs.runtime import Runtime
-from jobs.waiting import Waiting, read_waiting
+
+if TYPE_CHECKING:  # read where `status` reads them: `check` records its run without the processor's imports
+    from jobs.control import PauseState
+    from jobs.waiting import Waiting
 
 ALIVE_WITHIN = timedelta(seconds=60)  # four missed heartbeats and a daemon counts as gone
 
@@ -114,6 +116,9 @@ def read_status(rt: Runtime) -> StatusReport:
     the API and the overview alike: the window is bounded so the ended-attempts index answers it
     (over all time the count reads every failed attempt of the table's history: seconds at ten
     million rows), and each shows the window beside the number."""
+    from jobs.control import read_pause
+    from jobs.waiting import read_waiting
+
     now = rt.clock.now()
     since = now - PERMANENT_WINDOW
     records = DaemonRecords(rt.runs.table.schema, rt.runs.canonical_name)
@@ -188,8 +193,15 @@ def job_run(
     if dry_run or not results:
         return
     [result] = results
-    parts = {CHECKER: result.sweep, PROCESSOR: result.process} if isinstance(result, FixResult) else {}
+    parts = {CHECKER: result.sweep, PROCESSOR: result.process} if _is_fix(result) else {}
     _publish(rt, tuple(JobRun(job_id, "ok", parts.get(job_id, result).counts()) for job_id in job_ids), started, via)
+
+
+def _is_fix(result: object) -> bool:
+    """Whether `result` is `fix`'s (both jobs'). A FixResult exists only once jobs.recovery is
+    imported, so a process that never imported it (`check`) is not made to import it here."""
+    recovery = sys.modules.get("jobs.recovery")
+    return recovery is not None and isinstance(result, recovery.FixResult)
 
 
 def _publish(rt: Runtime, runs: tuple[JobRun, ...], started: datetime, via: str) -> None:

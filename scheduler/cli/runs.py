@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from db.errors import EXIT_OK
 from jobs.events import CHECKER, JOB_IDS, PROCESSOR, Event, RetryEnded, RetryStarted, Subscriber, SweepFinished
-from jobs.recovery import FixResult, fix_stuck_runs_with_retry
-from jobs.retries import ProcessResult, RetryOutcome, process_due_retries
 from jobs.status import job_run
 from jobs.stuck import KEPT_RUNS, SweepResult, sweep_stuck_runs
 from scheduler.cli import (
@@ -22,6 +22,10 @@ from scheduler.cli import (
 )
 from scheduler.cli.interrupts import interruptible
 from scheduler.cli.output import emit_json, listing, when
+
+if TYPE_CHECKING:  # `process` and `fix` import them when they run: `check` starts without them
+    from jobs.recovery import FixResult
+    from jobs.retries import ProcessResult, RetryOutcome
 
 
 def print_sweep(result: SweepResult, *, show_all: bool = False) -> None:
@@ -179,6 +183,8 @@ def process(ctx: click.Context, dry_run: bool, show_all: bool, as_json: bool) ->
     Example:
       stuck-runs process --max-concurrent-retries 2
     """
+    from jobs.retries import process_due_retries
+
     with interruptible() as interruption:
         with open_runtime(ctx, executes=not dry_run) as rt, job_run(rt, (PROCESSOR,), dry_run=dry_run) as record:
             rt.events.subscribe(progress_printer(as_json))
@@ -192,6 +198,8 @@ def process(ctx: click.Context, dry_run: bool, show_all: bool, as_json: bool) ->
 
 def run_fix(ctx: click.Context, dry_run: bool, as_json: bool, show_all: bool = False) -> int:
     """`fix`, shared with scripts/fix_stuck_runs_with_retry.py."""
+    from jobs.recovery import fix_stuck_runs_with_retry
+
     with interruptible() as interruption:
         with open_runtime(ctx, executes=not dry_run) as rt, job_run(rt, JOB_IDS, dry_run=dry_run) as record:
             rt.events.subscribe(progress_printer(as_json, show_all))

@@ -62,6 +62,23 @@ def test_opening_a_runtime_in_a_mass_event_never_scans_the_runs_table(mass_event
     engine.dispose()
 
 
+def test_opening_a_runtime_walks_the_running_runs_once(mass_event_url):
+    # Whether running runs hold an error message or a completion time is one walk of them, not
+    # one per column: each walk reads every running run (a tenth of the table here) to find none.
+    walks: list[str] = []
+
+    def remember(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        if "FROM scrape_runs" in statement:
+            walks.append(statement)
+
+    sa.event.listen(sa.Engine, "before_cursor_execute", remember)
+    try:
+        make_runtime(mass_event_url).close()
+    finally:
+        sa.event.remove(sa.Engine, "before_cursor_execute", remember)
+    assert len(walks) == 1, walks
+
+
 def batch_plan(url: str) -> str:
     """EXPLAIN VERBOSE of one sweep batch with kinds and progress on (what each node computes)."""
     rt = make_runtime(url, layout=Layout(columns=parse_column_map("kind=spider,progress=items")))
