@@ -24,7 +24,6 @@ until the delivery it covers has surely ended.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import threading
@@ -44,8 +43,9 @@ from jobs.batching import Batches, Combined
 from jobs.events import RetryEnded
 from jobs.executors.base import Delivers, ExecutorMisconfigured, KnowsItsJobs
 from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured, Released
-from jobs.model import Run, RunId
-from jobs.outcomes import Marked, RetryOutcome, handed_to_fleet, record_outcome, taken_over
+from jobs.model import RunId
+from jobs.outcomes import Marked, RetryOutcome, confirmed, record_outcome
+from jobs.outcomes import being_delivered as being_delivered  # where the other modules import it
 from jobs.rules import RetryPolicy
 from jobs.runtime import Runtime
 
@@ -53,28 +53,6 @@ from jobs.runtime import Runtime
 # clocks may each be off by doctor's CLOCK_SKEW_LIMIT (5 s) the other way: 30 s leaves room for
 # both and a slow commit, so a live delivery's lease never looks run out to another host.
 LEASE_MARGIN = timedelta(seconds=30)
-
-
-def being_delivered(run: Run, now: datetime) -> tuple[str, int] | None:
-    """Why an operator's action on `run` must wait, and for how many seconds: its delivery to the
-    fleet is in flight (SPEC §12). None when it is not being delivered."""
-    if run.status != "running" or run.delivering_until is None or run.delivering_until <= now:
-        return None
-    seconds = max(1, math.ceil((run.delivering_until - now).total_seconds()))
-    by = run.delivering_by.split(" delivery ")[0] if run.delivering_by else "another process"
-    return (
-        f"retry {run.id} is being delivered to the fleet (by {by}): try again in {seconds}s, once the fleet "
-        "has it or it is pending again",
-        seconds,
-    )
-
-
-def confirmed(marked: Marked, delivered: HandedOver, status: str | None) -> RetryOutcome:
-    """A delivery the fleet took, its mark ended (`status`: the row's then), or None: its lease ran
-    out first and another process has the retry."""
-    run = marked.run
-    log = logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count)
-    return taken_over(log, run) if status is None else handed_to_fleet(log, run, delivered.how)
 
 
 def lanes_for(executor: Delivers, cap: int) -> int:
@@ -109,6 +87,9 @@ class Deliveries:
         # lanes take them without a transaction of their own.
         self.ready: deque[Marked] = deque()
         self.ahead = 0
+        # One lane at a time marks the next set while the others deliver those ready, until a set
+        # finds nothing more due (`mark_before_running_dry`).
+        self.marking_ahead, self.due_left = threading.Lock(), True
         # This process's deliveries marked and not yet settled, and how many have settled: a lane
         # finding no room waits for a settle while some are unsettled (`room_may_come`).
         self.settled = threading.Condition(threading.Lock())
@@ -137,7 +118,7 @@ class Deliveries:
                     outcomes = [o for done in lanes_done for o in done]
             outcomes += [self.release(marked) for marked in self.take_ready(all_of_them=True)]
         finally:
-            self.ahead = 0  # what follows (run_now, a slot) marks and confirms one by one
+            self.ahead, self.due_left = 0, True  # what follows (run_now, a slot) marks and confirms one by one
         with self.lock:
             outcomes += self.confirmed
             self.confirmed = []
@@ -157,7 +138,8 @@ class Deliveries:
         outcomes: list[RetryOutcome] = []
         asking = True  # for new marks; once the fleet is busy, only those marked already
         while not stop.is_set():
-            marked = next(self.take_ready(), None) or (self.mark() if asking else None)
+            marked = (asking and self.mark_before_running_dry()) or next(self.take_ready(), None)
+            marked = marked or (self.mark() if asking else None)
             if marked is NO_ROOM and self.ahead and self.room_may_come(stop):
                 continue
             if marked is None or marked is NO_ROOM:
@@ -179,6 +161,22 @@ class Deliveries:
                 # are still tried (each is put back as the fleet answers it), never left marked.
                 asking = False
         return outcomes
+
+    def mark_before_running_dry(self) -> Marked | None:
+        """In a pass, once a quarter of what a set marks ahead is taken: one lane marks the next set
+        (one for itself, the rest ready) while the others deliver those ready (a set under the lock
+        takes longer than the lanes take to deliver half of one). None otherwise, or when it marked
+        none (no room yet, or nothing more due): the lanes take those ready."""
+        if not (self.ahead and self.due_left and self.ready) or len(self.ready) * 4 > self.ahead * 3:
+            return None
+        if not self.marking_ahead.acquire(blocking=False):
+            return None  # another lane is marking it
+        try:
+            marked = self.mark()
+        finally:
+            self.marking_ahead.release()
+        self.due_left = marked is not None
+        return marked if isinstance(marked, Marked) else None
 
     def room_may_come(self, stop: threading.Event) -> bool:
         """The cap is reached while this pass has deliveries of its own unsettled (marked ahead, all
@@ -268,14 +266,19 @@ class Deliveries:
             due: list = []
             short = wanted - len(lapsed)
             verdict: object | None = None  # what a lane left without a retry is told
-            if short > 0:
-                room = conn.execute(q.room, {"sr_max": self.rt.settings.max_concurrent_retries}).scalar_one()
+            cap = {"sr_max": self.rt.settings.max_concurrent_retries}
+            if short > 0 and run_id is None:
+                # The room counted and marked up to in one statement; counted apart only when none was
+                # marked (it may have grown since: a lane told "nothing due" then ends early, no more).
+                due = conn.execute(q.mark_in_room, {**params, **cap, "sr_limit": short + ahead}).mappings().all()
+                room = due[0]["_sr_room"] if due else conn.execute(q.room, cap).scalar_one()
+                verdict = NO_ROOM if room <= 0 or len(due) >= min(short + ahead, room) else None
+            elif short > 0:
+                room = conn.execute(q.room, cap).scalar_one()
                 verdict = NO_ROOM
                 if room > 0:
-                    taking = min(short + (ahead if run_id is None else 0), room)
-                    statement = q.mark_due if run_id is None else q.mark_one
-                    due = conn.execute(statement, {**params, "sr_limit": taking}).mappings().all()
-                    verdict = None if len(due) < taking else NO_ROOM
+                    due = conn.execute(q.mark_one, {**params, "sr_limit": min(short, room)}).mappings().all()
+                    verdict = None if len(due) < min(short, room) else NO_ROOM
         marked = [self.marked(row, params, now, again=True) for row in lapsed]
         marked += [self.marked(row, params, now) for row in sorted(due, key=self.start_order)]
         self.count_settled(marked=len(marked))
@@ -289,20 +292,12 @@ class Deliveries:
         return (priority is None, -(priority or 0), row["_sr_was_due"])
 
     def marked(self, row, params: dict, now: datetime, *, again: bool = False) -> Marked:
-        run = Run.from_row(row, self.rt.runs.input_names)
+        marked = Marked.from_row(row, self.rt.runs.input_names, params["sr_by"], params["sr_lease_until"], now, again)
         if again:
-            logger.bind(run_id=str(run.id), event="redelivering").warning(
-                "{}: its delivery's lease ran out (the delivering process died): delivered again", run.label
+            logger.bind(run_id=str(marked.run.id), event="redelivering").warning(
+                "{}: its delivery's lease ran out (the delivering process died): delivered again", marked.run.label
             )
-        return Marked(
-            run,
-            params["sr_by"],
-            row["_sr_was_due"] or now,
-            row["postponements"] or 0,
-            params["sr_lease_until"],
-            row["started_at"],
-            again,
-        )
+        return marked
 
     def deliver(self, marked: Marked, stop: threading.Event) -> RetryOutcome | None:
         """Steps 2 and 3: the delivery (no session held), then its answer written. In a pass, a

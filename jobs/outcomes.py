@@ -9,6 +9,7 @@ fleet (jobs/delivery.py); and the fleet's own failures, whose chains go on like 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -74,6 +75,26 @@ class Marked:
     lease_until: datetime  # nobody delivers it again before: an abandoned POST may live until then
     started_at: object  # as the mark wrote it, raw: the put-back leaves a start the fleet wrote
     again: bool = False  # marked anew after its delivering process died (its lease ran out)
+
+    @classmethod
+    def from_row(cls, row, inputs, by: str, lease_until: datetime, now: datetime, again: bool = False) -> Marked:
+        """A retry as its mark returned it (a row through `RunsTable.keyed()`, with `_sr_was_due`)."""
+        was_due, postponements = row["_sr_was_due"] or now, row["postponements"] or 0
+        return cls(Run.from_row(row, inputs), by, was_due, postponements, lease_until, row["started_at"], again)
+
+
+def being_delivered(run: Run, now: datetime) -> tuple[str, int] | None:
+    """Why an operator's action on `run` must wait, and for how many seconds: its delivery to the
+    fleet is in flight (SPEC §12). None when it is not being delivered."""
+    if run.status != "running" or run.delivering_until is None or run.delivering_until <= now:
+        return None
+    seconds = max(1, math.ceil((run.delivering_until - now).total_seconds()))
+    by = run.delivering_by.split(" delivery ")[0] if run.delivering_by else "another process"
+    return (
+        f"retry {run.id} is being delivered to the fleet (by {by}): try again in {seconds}s, once the fleet "
+        "has it or it is pending again",
+        seconds,
+    )
 
 
 def continue_fleet_failures(rt: Runtime, policy: RetryPolicy | None = None) -> list[RetryOutcome]:
@@ -252,6 +273,14 @@ def handed_to_fleet(log, run: Run, how: str) -> RetryOutcome:
     alone (`record_outcome`) or in a set (jobs/delivery.py)."""
     log.bind(event="handed_off").info("{}: handed to the fleet ({})", run.label, how)
     return RetryOutcome(run.id, run.label, "handed_off", delivered=True)
+
+
+def confirmed(marked: Marked, delivered: HandedOver, status: str | None) -> RetryOutcome:
+    """A delivery the fleet took, its mark ended (`status`: the row's then), or None: its lease ran
+    out first and another process has the retry (jobs/delivery.py confirms in sets)."""
+    run = marked.run
+    log = logger.bind(run_id=str(run.id), chain=str(run.chain_id), attempt=run.retry_count)
+    return taken_over(log, run) if status is None else handed_to_fleet(log, run, delivered.how)
 
 
 def _end_mark(conn, q, delivery: Marked, now: datetime) -> str | None:

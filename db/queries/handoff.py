@@ -14,6 +14,7 @@ which holds a slot lock instead.
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlalchemy.sql import visitors
 
 from db import locks
 from db.queries.common import NOW, TableStatements, _arrays, statement
@@ -28,8 +29,9 @@ class HandoffStatements(TableStatements):
     def handoff_ns(self) -> int:
         return locks.namespace(self.runs.canonical_name, locks.HANDOFF)
 
-    @statement
-    def room(self) -> sa.Select:
+    room = statement(lambda self: self._room())
+
+    def _room(self) -> sa.Select:
         """The free slots: `:sr_max` less the retries handed to the fleet and not yet ended, less the
         slots held by processes executing here. Read under `handoff_lock`, so no hand-off or slot
         changes hands unseen while it is counted."""
@@ -45,6 +47,7 @@ class HandoffStatements(TableStatements):
 
     handoff_lock = statement(lambda self: sa.select(sa.func.pg_advisory_xact_lock(self.handoff_ns, 0)))
     mark_due = statement(lambda self: self._claim(one=False, deliver=True))
+    mark_in_room = statement(lambda self: self._mark_in_room())
     mark_one = statement(lambda self: self._claim(one=True, deliver=True))
     mark_expired = statement(lambda self: self._mark_expired())
 
@@ -128,6 +131,28 @@ class HandoffStatements(TableStatements):
             .order_by(t.c.started_at)
             .limit(sa.bindparam("sr_limit"))
         )
+
+    def _mark_in_room(self) -> sa.Update:
+        """`mark_due` for at most the room `:sr_max` leaves (`room`), counted in the same statement:
+        one round trip fewer under the cap's lock. Each row returns that room (`_sr_room`); none is
+        returned when the room is none or nothing is due (`room` then tells which)."""
+        counted = self._room().cte("room")  # counted once, not for each row returned
+        room = sa.select(counted.c[0]).scalar_subquery()
+        taking = sa.func.greatest(0, sa.func.least(sa.bindparam("sr_limit", type_=sa.Integer), room))
+
+        # `mark_due`'s statement, its due ones (`_claim`'s "due" CTE) those up to the room instead.
+        t = self.t
+        due = (self._due(lock=True).with_only_columns(t.c.id, t.c.next_retry_at).limit(taking).cte("due")).prefix_with(
+            "MATERIALIZED"
+        )
+
+        def in_room(element: sa.ClauseElement) -> sa.ClauseElement | None:
+            if isinstance(element, sa.ColumnClause) and isinstance(element.table, sa.CTE):
+                return due.c[element.key] if element.table.name == "due" else None
+            return None
+
+        marked = visitors.replacement_traverse(self._claim(one=False, deliver=True), {}, in_room)
+        return marked.returning(room.label("_sr_room"))
 
     def _mark_expired(self) -> sa.Update:
         """Marks anew up to `:sr_limit` retries whose delivery's lease ran out while still marked

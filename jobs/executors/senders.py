@@ -12,9 +12,16 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, TimeoutError
-from typing import TypeVar
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
+
+
+class Closes(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Closes)
 STOP_POLL_SECONDS = 0.1  # how soon a lane waiting for a send sees `stop`
 
 
@@ -72,3 +79,42 @@ class Senders:
             self.closed = True
             for _ in range(self.started):
                 self.work.put(None)
+
+
+class ClientPerThread(Generic[C]):
+    """An HTTP client (`make()`) for each thread that calls the fleet, made on its first call and
+    used by that thread only. httpcore 1.0's pool walks all its connections at every request and
+    every answer (for each idle one, all of them again): one client shared by 100 lanes spent most
+    of a delivery's CPU there. A client of its own, one connection kept alive, never queues a
+    request either (encode/httpcore#1110: a pool closing a connection it just gave out)."""
+
+    def __init__(self, make: Callable[[], C]) -> None:
+        self.make = make
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.clients: list[tuple[threading.Thread, C]] = []
+        self.closed = False
+
+    def get(self) -> C:
+        client = getattr(self.local, "client", None)
+        if client is not None:
+            return client
+        client = self.make()
+        with self.lock:
+            # A pass's lanes end with it: their clients (a socket each) go, not one more a pass.
+            ended = [c for thread, c in self.clients if not thread.is_alive()]
+            self.clients = [(thread, c) for thread, c in self.clients if thread.is_alive()]
+            closed = self.closed
+            if not closed:
+                self.clients.append((threading.current_thread(), client))
+        for old in ended + ([client] if closed else []):
+            old.close()  # closed: a call on it raises, as on a closed shared client
+        self.local.client = client
+        return client
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            clients, self.clients = self.clients, []
+        for _, client in clients:
+            client.close()

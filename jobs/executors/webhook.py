@@ -33,7 +33,7 @@ import httpx
 
 from jobs.executors.base import Strategies, T
 from jobs.executors.outcome import DeliveryOutcome, Failed, HandedOver, OutcomeUnknown, Postponed, Released
-from jobs.executors.senders import Senders, answer_within
+from jobs.executors.senders import ClientPerThread, Senders, answer_within
 from jobs.model import Run
 from jobs.patterns import bounded_retry_after
 
@@ -51,9 +51,11 @@ MODE = "webhook"  # the `handed_off` value of a retry delivered here
 # A connection for every lane (MAX_CONCURRENT_RETRIES is at most 256), kept alive: a delivery
 # never queues in httpcore's pool, whose sync pool may close a connection it has just given to a
 # queued request (encode/httpcore#1110: "Bad file descriptor", or a hang until the read timeout)
-# when the hand-over's sets start many calls at once. Every executor that calls the fleet over
-# HTTP uses it.
+# when the hand-over's sets start many calls at once. Scrapyd's one client uses it.
 LANE_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+# The webhook's: a client per sending thread (`ClientPerThread`), one call at a time each, so one
+# connection kept alive (a redirect's answer is closed before it is followed).
+ONE_AT_A_TIME = httpx.Limits(max_connections=1, max_keepalive_connections=1)
 
 
 def judge(
@@ -128,7 +130,7 @@ def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
 
 
 class WebhookExecutor:
-    """Delivers retries through one pooled client (keep-alive between deliveries)."""
+    """Delivers retries, a client per sending thread (`ClientPerThread`, keep-alive between deliveries)."""
 
     mode = MODE
     sends_again = True  # with the same Idempotency-Key: the receiver de-duplicates
@@ -138,22 +140,28 @@ class WebhookExecutor:
         self.template, self.secret = template, secret
         connect = min(CONNECT_TIMEOUT, timeout).total_seconds()
         self.senders = Senders("webhook-post")
-        self.client = httpx.Client(
-            timeout=httpx.Timeout(timeout.total_seconds(), connect=connect),
-            limits=LANE_LIMITS,
-            follow_redirects=False,
-            trust_env=False,  # no proxy from the environment: it would see every retry and its signature
-            # The system's trust store (and SSL_CERT_FILE): a receiver behind the company's own CA.
-            verify=ssl.create_default_context(),
-            # Which process delivered, for the receiver's logs (and the chaos auditor's).
-            headers={
-                "User-Agent": f"stuck-runs ({socket.gethostname()}; pid {os.getpid()})",
-                "Accept-Encoding": "identity",  # an error page is read 4 KB at most, never inflated
-            },
-            cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),  # each delivery stands alone
+        self.timeout = httpx.Timeout(timeout.total_seconds(), connect=connect)
+        # The system's trust store (and SSL_CERT_FILE): a receiver behind the company's own CA.
+        # Read once: every sender's client shares it.
+        tls = ssl.create_default_context()
+        # Which process delivered, for the receiver's logs (and the chaos auditor's).
+        headers = {
+            "User-Agent": f"stuck-runs ({socket.gethostname()}; pid {os.getpid()})",
+            "Accept-Encoding": "identity",  # an error page is read 4 KB at most, never inflated
+        }
+        self.clients = ClientPerThread(
+            lambda: httpx.Client(
+                timeout=self.timeout,
+                limits=ONE_AT_A_TIME,
+                follow_redirects=False,
+                trust_env=False,  # no proxy from the environment: it would see every retry and its signature
+                verify=tls,
+                headers=headers,
+                cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),  # each delivery stands alone
+            )
         )
         # The longest one delivery lasts (`deliver` gives up then): its lease is this plus a margin.
-        self.bound = timedelta(seconds=self.client.timeout.connect + self.client.timeout.read)
+        self.bound = timedelta(seconds=self.timeout.connect + self.timeout.read)
 
     def dispatch_with(self, strategies: Strategies[T]) -> T:
         return strategies.deliver(self)
@@ -168,9 +176,9 @@ class WebhookExecutor:
         try:
             response = self._post(delivery_url(self.template, run), body, headers)
         except httpx.ConnectTimeout:
-            return Postponed(f"Webhook did not accept a connection within {self.client.timeout.connect:g}s")
+            return Postponed(f"Webhook did not accept a connection within {self.timeout.connect:g}s")
         except httpx.TimeoutException:
-            return Postponed(f"Webhook did not answer within {self.client.timeout.read:g}s")
+            return Postponed(f"Webhook did not answer within {self.timeout.read:g}s")
         except httpx.TransportError as exc:  # refused, reset, DNS, TLS: the fleet may be back later
             return Postponed(f"Webhook unreachable: {type(exc).__name__}: {clean(str(exc))}"[:500])
         except (httpx.HTTPError, ValueError) as exc:  # a malformed redirect, an id a URL cannot hold
@@ -194,7 +202,7 @@ class WebhookExecutor:
         if answered is not None:
             return answered
         if not stop.is_set():
-            return OutcomeUnknown(f"Webhook did not answer within {self.client.timeout.read:g}s")
+            return OutcomeUnknown(f"Webhook did not answer within {self.timeout.read:g}s")
         return OutcomeUnknown("Stopped by a signal before the fleet answered", stopping=True)
 
     def _post_quietly(self, run: Run) -> HandedOver | Postponed | Failed:
@@ -206,9 +214,10 @@ class WebhookExecutor:
     def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[httpx.Response, str] | str:
         """The answer (and the start of its body) after same-origin redirects, or why a redirect
         was not followed."""
-        request = self.client.build_request("POST", url, content=body, headers=headers)
+        client = self.clients.get()
+        request = client.build_request("POST", url, content=body, headers=headers)
         for _ in range(MAX_REDIRECTS + 1):
-            response = self.client.send(request, stream=True)
+            response = client.send(request, stream=True)
             try:
                 start = _body_start(response)
             finally:
@@ -230,7 +239,7 @@ class WebhookExecutor:
 
     def close(self) -> None:
         self.senders.close()
-        self.client.close()
+        self.clients.close()
 
 
 BODY_READ_BYTES = 4096  # of an answer's body: enough for its error; a receiver's megabytes are not read
