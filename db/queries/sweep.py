@@ -221,7 +221,13 @@ class SweepStatements(LimitStatements):
             .where(runs.in_state(t.c.status, state))
             # Each retry's id is drawn here, so no join is needed to report it: a join of the
             # two CTEs turned into a nested loop (a million comparisons a batch) on a big table.
-            .returning(*t.c, *self._limit_columns(state, "_sr_", position), runs.new_id().label("_sr_retry_id"))
+            .returning(
+                *t.c,
+                *self._limit_columns(state, "_sr_", position),
+                runs.new_id().label("_sr_retry_id"),
+                stuck.c.since.label("_sr_since"),
+                stuck.c.scrape_runs_ctid.label("_sr_ctid"),
+            )
             .cte("failed")
         )
         retried = self._retry_rows(failed, failed.c._sr_retry_id).cte("retried")
@@ -239,26 +245,32 @@ class SweepStatements(LimitStatements):
             sa.func.count().filter(created).over().label("batch_retried"),
             sa.func.count().filter(failed.c.id.in_(sa.select(dead.c.run_id))).over().label("batch_dead_lettered"),
             sa.select(sa.func.max(stuck.c.since)).scalar_subquery().label("batch_until"),
-            sa.func.row_number().over().label("_sr_n"),
+            # The kept rows are the batch's oldest by sign of life, ties in the table's own order,
+            # in that order: the log's first lines and the alerts' lists show them so.
+            sa.func.row_number().over(order_by=(failed.c._sr_since, failed.c._sr_ctid)).label("_sr_n"),
         ).subquery("counted")
         kept = counted.c
         keep = sa.func.greatest(sa.bindparam("sr_keep", type_=sa.Integer), 1)
-        return sa.select(
-            sa.cast(kept.id, sa.Text).label("run_id"),
-            sa.cast(sa.func.coalesce(kept.original_run_id, kept.id), sa.Text).label("chain_id"),
-            runs.what(counted).label("what"),
-            kept.retry_count,
-            kept.max_retries.label("budget"),
-            runs.error_text(kept.error_message).label("message"),
-            kept.next_retry_at,
-            sa.case((kept._sr_retried, sa.cast(kept._sr_retry_id, sa.Text)), else_=sa.null()).label("retry_id"),
-            kept._sr_retried.label("retried"),
-            kept._sr_dead.label("dead_lettered"),
-            kept._sr_limit_s.label("limit_s"),
-            kept._sr_limit_source.label("limit_source"),
-            kept._sr_detail.label("limit_reason"),
-            kept.batch_failed,
-            kept.batch_retried,
-            kept.batch_dead_lettered,
-            kept.batch_until,
-        ).where(kept._sr_n <= keep)
+        return (
+            sa.select(
+                sa.cast(kept.id, sa.Text).label("run_id"),
+                sa.cast(sa.func.coalesce(kept.original_run_id, kept.id), sa.Text).label("chain_id"),
+                runs.what(counted).label("what"),
+                kept.retry_count,
+                kept.max_retries.label("budget"),
+                runs.error_text(kept.error_message).label("message"),
+                kept.next_retry_at,
+                sa.case((kept._sr_retried, sa.cast(kept._sr_retry_id, sa.Text)), else_=sa.null()).label("retry_id"),
+                kept._sr_retried.label("retried"),
+                kept._sr_dead.label("dead_lettered"),
+                kept._sr_limit_s.label("limit_s"),
+                kept._sr_limit_source.label("limit_source"),
+                kept._sr_detail.label("limit_reason"),
+                kept.batch_failed,
+                kept.batch_retried,
+                kept.batch_dead_lettered,
+                kept.batch_until,
+            )
+            .where(kept._sr_n <= keep)
+            .order_by(kept._sr_n)
+        )
