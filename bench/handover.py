@@ -284,36 +284,27 @@ def floor(engine: Engine, retries: int, cap: int) -> dict:
     return {"handed": done, "refused": retries - done, "seconds": round(seconds, 2), "per_second": done / seconds}
 
 
-def ours(engine: Engine, url: str, retries: int, cap: int) -> dict:
-    seed(url, retries)
-    engine.reset()
-    settings = Settings(
-        database_url=url, policy=RetryPolicy(), max_concurrent_retries=cap, log_level="WARNING", **engine.settings
-    )
+def passes_until_none_pending(engine: Engine, url: str, check: sa.Engine, one_pass) -> dict:
+    """`one_pass` over and over until no retry is pending, timed, with the fleet finishing what is
+    handed and the sessions sampled beside it; `check` asks whether any is pending and counts."""
     fleet = Background(url, FINISH, {"mode": engine.name}) if engine.finisher else None
     sessions = Background(url, SESSIONS, {"db": NAME})
     if fleet:
         fleet.start()
     sessions.start()
-    rt = Runtime.open(settings, executes=True)
+    passes = 0
     started = time.perf_counter()
-    handed = passes = 0
-    errors: list[str] = []
     try:
         while True:
             passes += 1
-            try:
-                handed += process_due_retries(rt).handed_off
-            except DatabaseUnavailable as exc:  # the pass ends on it; a daemon's next poll goes on
-                errors.append(str(exc).split(" at postgresql")[0])
-            with rt.engine.connect() as conn:
+            one_pass()
+            with check.connect() as conn:
                 if not conn.execute(sa.text(PENDING)).scalar():
                     break
         seconds = time.perf_counter() - started
-        with rt.engine.connect() as conn:  # a pass that ended on an error left its marked retries handed
+        with check.connect() as conn:  # a pass that ended on an error left its marked retries handed
             handed = conn.execute(sa.text(HANDED), {"mode": engine.name}).scalar_one()
     finally:
-        rt.close()
         if fleet:
             fleet.stop()
     return {
@@ -321,9 +312,29 @@ def ours(engine: Engine, url: str, retries: int, cap: int) -> dict:
         "seconds": round(seconds, 2),
         "per_second": handed / seconds,
         "passes": passes,
-        "pass_errors": errors,
         "peak_sessions": sessions.stop(),
     }
+
+
+def ours(engine: Engine, url: str, retries: int, cap: int) -> dict:
+    seed(url, retries)
+    engine.reset()
+    settings = Settings(
+        database_url=url, policy=RetryPolicy(), max_concurrent_retries=cap, log_level="WARNING", **engine.settings
+    )
+    rt = Runtime.open(settings, executes=True)
+    errors: list[str] = []
+
+    def one_pass() -> None:
+        try:
+            process_due_retries(rt)
+        except DatabaseUnavailable as exc:  # the pass ends on it; a daemon's next poll goes on
+            errors.append(str(exc).split(" at postgresql")[0])
+
+    try:
+        return {**passes_until_none_pending(engine, url, rt.engine, one_pass), "pass_errors": errors}
+    finally:
+        rt.close()
 
 
 def command_environment(engine: Engine, url: str, cap: int) -> dict[str, str]:
@@ -352,39 +363,20 @@ def whole(engine: Engine, url: str, retries: int, cap: int, work: Path) -> dict:
     engine.reset()
     command = [str(Path(sys.executable).with_name("stuck-runs")), "process"]
     env = command_environment(engine, url, cap)
-    fleet = Background(url, FINISH, {"mode": engine.name}) if engine.finisher else None
-    sessions = Background(url, SESSIONS, {"db": NAME})
-    if fleet:
-        fleet.start()
-    sessions.start()
+    failed = lines = 0
+
+    def one_pass() -> None:
+        nonlocal failed, lines
+        with open(work / "stdout", "w") as out, open(work / "stderr", "w") as err:
+            failed += subprocess.run(command, env=env, stdout=out, stderr=err, check=False).returncode != 0
+        lines += sum(1 for _ in open(work / "stdout"))
+
     check = make_engine(url)
-    handed = passes = failed = lines = 0
-    started = time.perf_counter()
     try:
-        while True:
-            passes += 1
-            with open(work / "stdout", "w") as out, open(work / "stderr", "w") as err:
-                failed += subprocess.run(command, env=env, stdout=out, stderr=err, check=False).returncode != 0
-            lines += sum(1 for _ in open(work / "stdout"))
-            with check.connect() as conn:
-                if not conn.execute(sa.text(PENDING)).scalar():
-                    break
-        seconds = time.perf_counter() - started
-        with check.connect() as conn:
-            handed = conn.execute(sa.text(HANDED), {"mode": engine.name}).scalar_one()
+        figures = passes_until_none_pending(engine, url, check, one_pass)
     finally:
         check.dispose()
-        if fleet:
-            fleet.stop()
-    return {
-        "handed": handed,
-        "seconds": round(seconds, 2),
-        "per_second": handed / seconds,
-        "passes": passes,
-        "failed_passes": failed,
-        "stdout_lines": lines,
-        "peak_sessions": sessions.stop(),
-    }
+    return {**figures, "failed_passes": failed, "stdout_lines": lines}
 
 
 def measure(engine: Engine, url: str, cap: int, retries: int, rounds: int, work: Path | None = None) -> dict:
