@@ -5,7 +5,6 @@ outside the daemon as job runs, for the records (scheduler/records.py) to write.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from sqlalchemy.engine import URL
 from db.daemons import DaemonRecords
 from db.engine import database_errors, describe_db_error
 from db.errors import DatabaseUnavailable, OperatorError
-from jobs.events import CHECKER, DAEMON, JOB_IDS, PROCESSOR, VIA_KEY, JobRun, JobRunsEnded
+from jobs.events import DAEMON, JOB_IDS, VIA_KEY, JobRun, JobRunsEnded
 from jobs.limits import runtime_judging_params
 from jobs.runtime import Runtime
 
@@ -177,8 +176,8 @@ def job_run(
     """Publishes work done outside the daemon (`check`, `process`, `fix`, the manual script, the
     API) as a run of each job in `job_ids` (`JobRunsEnded`), which the job records write
     (scheduler/records.py), so `status` shows the last run from any entry point. Give the work's
-    result (a sweep's, a processor pass's, or a `FixResult` for both jobs) to the function this
-    yields. An error is published too and raised again; a dry run is not. `via` (cli, api) says
+    result (a sweep's, a processor pass's, or for several jobs a mapping of each job's id to its
+    result) to the function this yields. An error is published too and raised again; a dry run is not. `via` (cli, api) says
     who ran it.
     """
     results: list[object] = []
@@ -193,15 +192,8 @@ def job_run(
     if dry_run or not results:
         return
     [result] = results
-    parts = {CHECKER: result.sweep, PROCESSOR: result.process} if _is_fix(result) else {}
-    _publish(rt, tuple(JobRun(job_id, "ok", parts.get(job_id, result).counts()) for job_id in job_ids), started, via)
-
-
-def _is_fix(result: object) -> bool:
-    """Whether `result` is `fix`'s (both jobs'). A FixResult exists only once jobs.recovery is
-    imported, so a process that never imported it (`check`) is not made to import it here."""
-    recovery = sys.modules.get("jobs.recovery")
-    return recovery is not None and isinstance(result, recovery.FixResult)
+    parts = result if isinstance(result, dict) else dict.fromkeys(job_ids, result)
+    _publish(rt, tuple(JobRun(job_id, "ok", parts[job_id].counts()) for job_id in job_ids), started, via)
 
 
 def _publish(rt: Runtime, runs: tuple[JobRun, ...], started: datetime, via: str) -> None:

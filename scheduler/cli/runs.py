@@ -213,7 +213,7 @@ def run_fix(ctx: click.Context, dry_run: bool, as_json: bool, show_all: bool = F
                 stop=interruption.event,
                 keep=sweep_rows_kept(as_json, show_all),
             )
-            record(result)
+            record({CHECKER: result.sweep, PROCESSOR: result.process})
         interruption.printing()
         if as_json:
             emit_json(result)

@@ -21,7 +21,7 @@ from jobs.settings import load_settings
 from jobs.stats import retry_stats
 from jobs.stuck import sweep_stuck_runs
 from tests.cli import run
-from tests.helpers import ScriptedScraper, insert_run, make_runtime, rows
+from tests.helpers import ScriptedScraper, insert_due_retry, insert_run, make_runtime, rows
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 
@@ -230,6 +230,21 @@ def test_json_logs_carry_run_chain_attempt_and_event(db_url):
     assert stuck["message"] == "Data Architect in Belgium: Run stuck for 2.0h - retry 1/4 scheduled"
     assert stuck["limit"] == "limit 1.0h, the default (STUCK_AFTER)"  # SPEC §14: which limit, and why
     assert stuck["chain"] == str(run_id) and stuck["attempt"] == 0 and stuck["retry_id"]
+
+
+def test_fix_records_each_jobs_run_with_that_jobs_own_counts(db_url, engine):
+    """`fix` is both jobs: `status` shows the sweep's counts as the checker's last run and the
+    pass's as the processor's, as the daemon's runs of them would be."""
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:
+        insert_run(conn, started_at=now - timedelta(hours=2))  # stuck: failed, its retry due in 4h
+        insert_due_retry(conn, search_query="Engineer", now=now)  # due now: executed by the pass
+    result = cli("fix", env={"DATABASE_URL": db_url, "SCRAPE_RUN_COMMAND": "true"})
+    assert result.returncode == 0, result.stderr
+    with engine.connect() as conn:
+        counts = dict(conn.execute(sa.text("SELECT job_id, counts FROM stuck_runs_job_runs")).all())
+    assert counts["stuck_run_checker"]["failed"] == 1 and "executed" not in counts["stuck_run_checker"]
+    assert counts["retry_processor"]["executed"] == 1 and "batches" not in counts["retry_processor"]
 
 
 @pytest.mark.parametrize(

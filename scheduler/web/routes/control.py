@@ -8,10 +8,11 @@ from datetime import timedelta
 from fastapi import APIRouter, Query
 
 from jobs.control import pause_retries, resume_retries
+from jobs.events import CHECKER
 from jobs.limits import Limits
 from jobs.runtime import Runtime
 from jobs.settings import parse_duration
-from jobs.status import CHECKER, job_run
+from jobs.status import job_run
 from jobs.stuck import sweep_stuck_runs
 from scheduler.documents import plain
 from scheduler.web.answers import ApiError, answering
