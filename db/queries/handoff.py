@@ -14,7 +14,6 @@ which holds a slot lock instead.
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.sql import visitors
 
 from db import locks
 from db.queries.common import NOW, TableStatements, _arrays, statement
@@ -139,20 +138,7 @@ class HandoffStatements(TableStatements):
         counted = self._room().cte("room")  # counted once, not for each row returned
         room = sa.select(counted.c[0]).scalar_subquery()
         taking = sa.func.greatest(0, sa.func.least(sa.bindparam("sr_limit", type_=sa.Integer), room))
-
-        # `mark_due`'s statement, its due ones (`_claim`'s "due" CTE) those up to the room instead.
-        t = self.t
-        due = (self._due(lock=True).with_only_columns(t.c.id, t.c.next_retry_at).limit(taking).cte("due")).prefix_with(
-            "MATERIALIZED"
-        )
-
-        def in_room(element: sa.ClauseElement) -> sa.ClauseElement | None:
-            if isinstance(element, sa.ColumnClause) and isinstance(element.table, sa.CTE):
-                return due.c[element.key] if element.table.name == "due" else None
-            return None
-
-        marked = visitors.replacement_traverse(self._claim(one=False, deliver=True), {}, in_room)
-        return marked.returning(room.label("_sr_room"))
+        return self._claim(one=False, deliver=True, limit=taking).returning(room.label("_sr_room"))
 
     def _mark_expired(self) -> sa.Update:
         """Marks anew up to `:sr_limit` retries whose delivery's lease ran out while still marked

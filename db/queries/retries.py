@@ -189,8 +189,10 @@ class RetryStatements(TableStatements):
         t, priority = self.t, self.runs.priority
         return [t.c[priority].desc().nulls_last(), t.c.next_retry_at] if priority else [t.c.next_retry_at]
 
-    def _claim(self, *, one: bool, to_queue: bool = False, deliver: bool = False) -> sa.Update:
-        """Claims up to `:sr_limit` due retries (with `one`: pending retry `:sr_run_id`, due or
+    def _claim(
+        self, *, one: bool, to_queue: bool = False, deliver: bool = False, limit: sa.ColumnElement | None = None
+    ) -> sa.Update:
+        """Claims up to `:sr_limit` (or `limit`) due retries (with `one`: pending retry `:sr_run_id`, due or
         not) for execution, and takes their run locks.
 
         The run lock (session-level, in the claiming connection) tells the stuck checker the
@@ -227,9 +229,10 @@ class RetryStatements(TableStatements):
         else:
             # MATERIALIZED: the LIMIT ... SKIP LOCKED must run once. As an IN (subquery)
             # PostgreSQL may rescan it per outer row and claim more rows than the limit.
-            due = (
-                self._due(lock=True).with_only_columns(t.c.id, t.c.next_retry_at).cte("due").prefix_with("MATERIALIZED")
-            )
+            due = self._due(lock=True).with_only_columns(t.c.id, t.c.next_retry_at)
+            if limit is not None:
+                due = due.limit(limit)
+            due = due.cte("due").prefix_with("MATERIALIZED")
         locked = (
             sa.false() if to_queue or deliver else sa.func.pg_try_advisory_lock(self.runs_ns, locks.run_key(t.c.id))
         )
