@@ -20,11 +20,11 @@ from db.table import RunsTable
 
 THRESHOLDS = "stuck_runs_thresholds"
 RUNTIMES = "stuck_runs_runtimes"
-LEARNING = "learning"
+LEARNING = "learning"  # the lock namespace's purpose: one computation of learned limits at a time
 # The most (kind, whole seconds) pairs a first count walks (~5 us each) before it counts run by run
 # instead (~40 ns a run): 20,000 pairs are ~0.1 s, won back by 2.5M runs; ten million runs of twenty
 # spiders in bench.learning make 1,923.
-PAIRS_WALKED_AT_MOST = 20_000  # the lock namespace's purpose: one computation of learned limits at a time
+PAIRS_WALKED_AT_MOST = 20_000
 
 
 def thresholds_table(schema: str | None) -> sa.Table:
