@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection, Dialect
 from db.layout import Layout
 from db.reflect import DEAD_LETTERS_TABLE, Reflected, dead_letters_name, id_kind, quoted_relation, split_name
 from db.shape import ADDED_ROLES
-from db.table import in_values
+from db.status_values import in_values
 
 # DDL is run and printed as text: a dialect that does not double `%` (no parameters follow).
 _DDL = postgresql.dialect(paramstyle="named")

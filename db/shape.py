@@ -23,7 +23,7 @@ from db.reflect import (
     reflect_table,
     sql_type,
 )
-from db.status_values import check_lacks, extend_check_statements, missing_enum_values, missing_values
+from db.status_values import check_lacks, extend_check_statements, in_values, missing_enum_values, missing_values
 
 _WRITTEN_ROLES = ("status", "error_message", "started_at", "completed_at")
 # Roles a table may lack before `migrate`, which adds them (SPEC §11).
@@ -122,8 +122,8 @@ def _check_written_columns(conn: Connection, reflected: Reflected) -> None:
     values = layout.values("running")
     if reflected.status_enum:
         running = sa.cast(table.c.status, sa.Text).in_(values)  # a value the enum lacks is no error
-    else:  # as the running runs' partial index says it (db.table.in_values), so it can serve
-        running = table.c.status == values[0] if len(values) == 1 else table.c.status.in_(values)
+    else:  # as the running runs' partial index says it, so it can serve
+        running = in_values(table.c.status, values)
     # Which of the two columns running runs hold values in, in one walk of the running runs (their
     # partial index): a mass event leaves a tenth of a big table running, each walk reads them all
     # to find none, and a walk per column was two at every command's start.

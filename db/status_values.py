@@ -7,12 +7,29 @@ extend a CHECK (`migrate --extend-check`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from db.layout import Layout
 from db.reflect import Reflected, quoted_relation
+
+
+def status_value(value: str, enum: sa.types.TypeEngine | None = None) -> sa.ColumnElement:
+    """A status value as SQL: cast to the status enum, or a plain literal for a text column."""
+    return sa.cast(sa.literal(value, sa.Text), enum) if enum is not None else sa.literal(value)
+
+
+def in_values(
+    column: sa.ColumnElement, values: tuple[str, ...], value: Callable[[str], sa.ColumnElement] = status_value
+) -> sa.ColumnElement:
+    """`column` holds one of `values` (those that mean one state): the predicate of every statement,
+    and, compiled, of the partial indexes (db.migrate), which must say the same for the planner to use them."""
+    if len(values) == 1:
+        return column == value(values[0])
+    return column.in_([value(v) for v in values])
 
 
 def status_constraints(conn: Connection, table: sa.Table) -> list[tuple[str, str]]:

@@ -10,7 +10,6 @@ run's label are resolved here too: `RunsTable` is the one object that knows the 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +36,7 @@ from db.reflect import (
     updated_column,
 )
 from db.shape import check_heartbeat, check_migrated, check_row_security, check_shape
+from db.status_values import in_values, status_value
 
 
 class _NamedType(UserDefinedType):
@@ -49,21 +49,6 @@ class _NamedType(UserDefinedType):
 
     def get_col_spec(self, **_: Any) -> str:
         return self.sql_name
-
-
-def status_value(value: str, enum: sa.types.TypeEngine | None = None) -> sa.ColumnElement:
-    """A status value as SQL: cast to the status enum, or a plain literal for a text column."""
-    return sa.cast(sa.literal(value, sa.Text), enum) if enum is not None else sa.literal(value)
-
-
-def in_values(
-    column: sa.ColumnElement, values: tuple[str, ...], value: Callable[[str], sa.ColumnElement] = status_value
-) -> sa.ColumnElement:
-    """`column` holds one of `values` (those that mean one state): the predicate of every statement,
-    and, compiled, of the partial indexes (db.migrate), which must say the same for the planner to use them."""
-    if len(values) == 1:
-        return column == value(values[0])
-    return column.in_([value(v) for v in values])
 
 
 @dataclass(frozen=True)
