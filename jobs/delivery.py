@@ -64,6 +64,7 @@ def lanes_for(executor: Delivers, cap: int) -> int:
 
 STOP_POLL_SECONDS = 0.1  # how soon a lane waiting for room sees a stop
 NO_ROOM = object()  # the cap is reached: nothing was marked
+LEASE_TOO_SHORT = "it waited for a lane so long that its lease would end before a delivery could"
 DEADLOCK, DEADLOCK_ATTEMPTS = "40P01", 3  # a set of confirms PostgreSQL ended to break a deadlock: tried again
 
 
@@ -150,7 +151,7 @@ class Deliveries:
             if marked.lease_until - self.rt.clock.now() < self.executor.bound:  # type: ignore[union-attr]
                 # Waited for a lane so long that its lease might end before its delivery could:
                 # another process could deliver it too. Back to pending, due as it was.
-                outcomes.append(self.release(marked))  # type: ignore[arg-type]
+                outcomes.append(self.release(marked, LEASE_TOO_SHORT))  # type: ignore[arg-type]
                 continue
             outcome = self.deliver(marked, stop)  # type: ignore[arg-type]
             if outcome is None:  # handed over: confirmed in a set
@@ -230,9 +231,10 @@ class Deliveries:
             if not all_of_them:
                 return
 
-    def release(self, marked: Marked) -> RetryOutcome:
-        """A retry marked ahead that no lane delivered: pending again, due as it was, nothing sent."""
-        outcome = self.settle(marked, Released())
+    def release(self, marked: Marked, why: str | None = None) -> RetryOutcome:
+        """A retry marked ahead that no lane delivered: pending again, due as it was, nothing sent;
+        `why` is said in its log line (None: the pass was stopped by a signal)."""
+        outcome = self.settle(marked, Released(detail=why))
         self.count_settled(settled=1)
         self.rt.events.publish(RetryEnded(outcome))
         return outcome

@@ -239,8 +239,8 @@ def record_outcome(
                 if not _end_mark(conn, q, delivery, now):
                     return taken_over(log, run)
                 return handed_to_fleet(log, run, how)
-            case Released() if delivery is not None:  # stopping before anything was sent
-                return _put_back(conn, rt, log, run, delivery, now, delivery.was_due)
+            case Released(detail=why) if delivery is not None:  # stopping (or not sending) before anything was sent
+                return _put_back(conn, rt, log, run, delivery, now, delivery.was_due, released=why)
             case Misconfigured(error=error) if delivery is not None:  # untouched: due as it was
                 return _put_back(conn, rt, log, run, delivery, now, delivery.was_due, refused=error)
             case OutcomeUnknown(stopping=True) if delivery is not None:
@@ -300,10 +300,12 @@ def _put_back(
     *,
     postponed: str | None = None,
     refused: str | None = None,
+    released: str | None = None,
 ) -> RetryOutcome:
     """A delivery the fleet did not take back to `pending_retry`, due `due`, no budget spent; a
     postponement (`postponed`: why) counts towards the next one's backoff, a release does not,
-    nor a configuration the fleet refused (`refused`: said once, by jobs/delivery.py)."""
+    nor a configuration the fleet refused (`refused`: said once, by jobs/delivery.py); a release says
+    `released` as its reason, else that a signal stopped it."""
     params = {
         "sr_run_id": run.id,
         "sr_by": delivery.by,
@@ -321,7 +323,9 @@ def _put_back(
     if refused is not None:
         return RetryOutcome(run.id, run.label, "released", message=refused, delivered=True)
     if postponed is None:
-        log.bind(event="released").info("{}: left pending_retry (stopped by a signal, no budget spent)", run.label)
+        log.bind(event="released").info(
+            "{}: left pending_retry ({}, no budget spent)", run.label, released or "stopped by a signal"
+        )
         return RetryOutcome(run.id, run.label, "released", delivered=True)
     log.bind(event="postponed").warning(
         "{}: {}; delivered again at {} (no budget spent)", run.label, postponed, format_time(due)

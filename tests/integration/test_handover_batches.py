@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from loguru import logger
 
 from db.layout import Layout, parse_column_map
 from jobs.batching import Combined
-from jobs.delivery import NO_ROOM, Deliveries, lanes_for
+from jobs.clock import SystemClock
+from jobs.delivery import LEASE_MARGIN, LEASE_TOO_SHORT, NO_ROOM, Deliveries, lanes_for
 from jobs.executors.outcome import HandedOver
 from jobs.executors.senders import Senders, answer_within
 from jobs.outcomes import Marked
@@ -296,6 +298,37 @@ def test_retries_marked_ahead_that_no_lane_delivered_are_put_back_as_they_were(d
     assert [o.status for o in outcomes] == ["released"] * 3 and not deliveries.ready
     assert left == [("pending_retry", False, True)] * 3  # unmarked, due as they were
     assert receiver.requests() == []
+
+
+class LaterClock(SystemClock):
+    """The system's clock, `ahead` later: a pass that takes up retries marked `ahead` ago."""
+
+    def __init__(self, ahead: timedelta) -> None:
+        self.ahead = ahead
+
+    def now(self) -> datetime:
+        return super().now() + self.ahead
+
+
+def test_retries_marked_ahead_whose_lease_ran_short_are_put_back_saying_so(db_url, tmp_path, opened):
+    """A retry that waited for a lane until its lease no longer covers a delivery is not sent (another
+    process could deliver it too): put back, and its log line says why, not that a signal stopped it."""
+    receiver = start_receiver(tmp_path)
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="INFO")
+    try:
+        rt = opened(db_url, receiver, max_concurrent_retries=10)
+        due_retries(db_url, 4)
+        deliveries = Deliveries(rt, rt.executor, POLICY)
+        (lanes,) = deliveries.mark_batch([None], ahead=3)
+        rt.clock = LaterClock(LEASE_MARGIN + timedelta(seconds=1))  # the lanes take them 31 s later
+        outcomes = deliveries.drain(threading.Event())
+    finally:
+        logger.remove(sink)
+        receiver.stop()
+    assert [o.status for o in outcomes].count("released") == 3 and not deliveries.ready  # then marked anew
+    released = [line for line in lines if "left pending_retry" in line]
+    assert len(released) == 3 and all(LEASE_TOO_SHORT in line for line in released), released
 
 
 def test_a_pass_lanes_hand_their_confirms_over_and_go_on_each_set_written_once(db_url, tmp_path, opened):
