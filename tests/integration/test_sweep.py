@@ -12,6 +12,7 @@ from sqlalchemy.engine import make_url
 from db import locks
 from jobs.rules import RetryPolicy
 from jobs.stuck import sweep_stuck_runs
+from tests.daemons import wait_until
 from tests.helpers import chain_of, insert_run, make_runtime, row, rows
 
 NOW = datetime(2026, 11, 22, 9, 0, tzinfo=timezone.utc)
@@ -168,11 +169,21 @@ def test_a_run_a_live_process_is_executing_is_not_stuck(db_url):
     holder.execute(sa.select(sa.func.pg_advisory_lock(runs_ns, locks.run_key(sa.literal(str(executing))))))
     holder.execute(sa.select(sa.func.pg_advisory_lock(slots_ns, locks.run_key(sa.literal(str(elsewhere))))))
     holder.commit()
+    holder_pid = holder.execute(sa.select(sa.func.pg_backend_pid())).scalar_one()
     try:
         assert sorted(a.run_id for a in sweep_stuck_runs(rt).attempts) == sorted([orphan, elsewhere])
     finally:
         holder.invalidate()
         holder.close()
+    # The server lets the run's lock go as the holder's backend ends, a moment after its socket closed.
+    # A transaction of its own for each look: PostgreSQL reads pg_stat_activity once per transaction.
+    gone = sa.text("SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = :pid")
+
+    def holder_gone() -> bool:
+        with rt.engine.connect() as conn:
+            return conn.execute(gone, {"pid": holder_pid}).scalar_one()
+
+    wait_until(holder_gone, timeout=60)
     assert [a.run_id for a in sweep_stuck_runs(rt).attempts] == [executing]
 
 
