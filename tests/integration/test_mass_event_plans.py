@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
+from db.arrays import ArrayLiteral
 from db.layout import Layout, parse_column_map
+from jobs.limits import runtime_judging_params
 from tests.conftest import Databases
 from tests.helpers import make_runtime
 from tests.integration.test_limits_plan import LIMITS, NOW, plan_of
@@ -100,3 +102,35 @@ def test_a_mass_event_batch_reaches_its_locked_runs_by_tid_and_looks_each_kind_u
     # The runs it fails are read by TID, never by walking (or hashing) every running run again.
     assert "Tid Scan on public.scrape_runs" in failing, plan
     assert "ix_scrape_runs_running_started_at" not in failing, plan
+
+
+def test_the_progress_upkeep_reads_each_record_once(mass_event_url):
+    # Every running run recorded already and no counter moved (the sweep before the event saw
+    # them): the upkeep writes nothing, and reads the records once, joined in full to the running
+    # runs. It read them twice (to delete the ended runs' records, then to write the moved ones).
+    rt = make_runtime(mass_event_url, layout=Layout(columns=parse_column_map("kind=spider,progress=items")))
+    upkeep = rt.queries.progress_upkeep
+    params = {**runtime_judging_params(rt, LIMITS, NOW), "sr_cutoff": NOW - LIMITS.default}
+    compiled = upkeep.compile(dialect=rt.engine.dialect)
+    bound = {**compiled.params, **params}
+    bound = {k: ArrayLiteral().process_bind_param(v, None) if isinstance(v, list) else v for k, v in bound.items()}
+    try:
+        with rt.engine.connect() as conn:
+            conn.execute(upkeep, params)  # records every running run
+            running = conn.exec_driver_sql("SELECT count(*) FROM scrape_runs WHERE status = 'running'").scalar()
+            explain = f"EXPLAIN (ANALYZE, FORMAT JSON) {compiled}"
+            plan = conn.exec_driver_sql(explain, bound).scalar_one()[0]["Plan"]
+            conn.rollback()
+    finally:
+        rt.close()
+
+    def records_read(node: dict) -> int:
+        own = (
+            node["Actual Rows"]
+            if node.get("Relation Name") == "stuck_runs_progress" and "Scan" in node["Node Type"]
+            else 0
+        )
+        return own + sum(records_read(child) for child in node.get("Plans", []))
+
+    assert running == 6000
+    assert records_read(plan) <= running + 1, plan  # the delete's join stops at its first record: none ended
