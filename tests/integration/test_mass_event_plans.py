@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from db.arrays import ArrayLiteral
 from db.layout import Layout, parse_column_map
 from jobs.limits import runtime_judging_params
+from jobs.stuck import sweep_params
 from tests.conftest import Databases
 from tests.helpers import make_runtime
 from tests.integration.test_limits_plan import LIMITS, NOW, plan_of
@@ -100,6 +101,37 @@ def test_a_mass_event_batch_reaches_its_locked_runs_by_tid_and_looks_each_kind_u
     assert "array_position(" in locking, plan
     assert "array_position(" not in failing, plan
     # The runs it fails are read by TID, never by walking (or hashing) every running run again.
+    assert "Tid Scan on public.scrape_runs" in failing, plan
+    assert "ix_scrape_runs_running_started_at" not in failing, plan
+
+
+def test_a_mass_event_batch_prepared_keeps_the_same_plan_when_generic(mass_event_url):
+    # The sweep prepares its batch once and PostgreSQL keeps a generic plan after five runs: that
+    # plan, with the resume point and the rows kept as parameters, is still the index walk of the
+    # running runs and the TID scan of the ones locked (the status and every other value of the
+    # sweep are bound into the PREPARE as literals, so the partial index's predicate matches).
+    rt = make_runtime(mass_event_url, layout=Layout(columns=parse_column_map("kind=spider,progress=items")))
+    params = {
+        **sweep_params(rt.settings.policy),
+        **runtime_judging_params(rt, LIMITS, NOW),
+        "sr_cutoff": NOW - LIMITS.default,
+        "sr_limit": 1000,
+    }
+    prepare = rt.queries.sweep_batch_prepared
+    try:
+        with rt.engine.connect() as conn:
+            conn.execute(prepare, {**params, "p1": NOW - LIMITS.default, "p2": 200})  # with a first batch
+            conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+            explain = f"EXPLAIN (VERBOSE, COSTS OFF) EXECUTE {prepare.name} ('0001-01-02 00:00:00+00', 200)"
+            plan = "\n".join(conn.exec_driver_sql(explain).scalars())
+            conn.exec_driver_sql("DEALLOCATE ALL")
+            conn.exec_driver_sql("RESET plan_cache_mode")
+            conn.rollback()
+    finally:
+        rt.close()
+    assert "$1" in plan and "Seq Scan on public.scrape_runs" not in plan, plan
+    locking, failing = plan.split("CTE failed", 1)
+    assert "ix_scrape_runs_running_started_at" in locking, plan
     assert "Tid Scan on public.scrape_runs" in failing, plan
     assert "ix_scrape_runs_running_started_at" not in failing, plan
 
