@@ -260,25 +260,35 @@ class SweepStatements(LimitStatements):
         # What a kept row says (ids as text, its label, its message) is computed for those rows
         # only, after the counts: for the whole batch it was work done a thousand times to keep 20.
         created = failed.c._sr_retry_id.in_(sa.select(retried.c.id))
-        counted = sa.select(
-            *failed.c,
-            created.label("_sr_retried"),
-            failed.c.id.in_(sa.select(dead.c.run_id)).label("_sr_dead"),
-            sa.func.count().over().label("batch_failed"),
-            sa.func.count().filter(created).over().label("batch_retried"),
-            sa.func.count().filter(failed.c.id.in_(sa.select(dead.c.run_id))).over().label("batch_dead_lettered"),
-            sa.select(sa.func.max(stuck.c.since)).scalar_subquery().label("batch_until"),
-            # The kept rows are the batch's oldest by sign of life, ties in the table's own order,
-            # in that order: the log's first lines and the alerts' lists show them so.
-            sa.func.row_number().over(order_by=(failed.c._sr_since, failed.c._sr_ctid)).label("_sr_n"),
-        ).subquery("counted")
-        kept = counted.c
+        dead_lettered = failed.c.id.in_(sa.select(dead.c.run_id))
+        counts = (
+            sa.select(
+                sa.func.count().label("batch_failed"),
+                sa.func.count().filter(created).label("batch_retried"),
+                sa.func.count().filter(dead_lettered).label("batch_dead_lettered"),
+                sa.select(sa.func.max(stuck.c.since)).scalar_subquery().label("batch_until"),
+            )
+            .select_from(failed)
+            .subquery("counts")
+        )
+        # The kept rows are the batch's oldest by sign of life, ties in the table's own order,
+        # in that order: the log's first lines and the alerts' lists show them so. Picked by a
+        # sort that keeps only them (window functions over the batch sorted and stored all its
+        # rows, wide ones, to keep one after the first batches).
+        order = (failed.c._sr_since, failed.c._sr_ctid)
         keep = sa.func.greatest(keep if keep is not None else sa.bindparam("sr_keep", type_=sa.Integer), 1)
+        first = (
+            sa.select(*failed.c, created.label("_sr_retried"), dead_lettered.label("_sr_dead"))
+            .order_by(*order)
+            .limit(keep)
+            .subquery("kept")
+        )
+        kept = first.c
         return (
             sa.select(
                 sa.cast(kept.id, sa.Text).label("run_id"),
                 sa.cast(sa.func.coalesce(kept.original_run_id, kept.id), sa.Text).label("chain_id"),
-                runs.what(counted).label("what"),
+                runs.what(first).label("what"),
                 kept.retry_count,
                 kept.max_retries.label("budget"),
                 runs.error_text(kept.error_message).label("message"),
@@ -289,11 +299,11 @@ class SweepStatements(LimitStatements):
                 kept._sr_limit_s.label("limit_s"),
                 kept._sr_limit_source.label("limit_source"),
                 kept._sr_detail.label("limit_reason"),
-                kept.batch_failed,
-                kept.batch_retried,
-                kept.batch_dead_lettered,
-                kept.batch_until,
+                counts.c.batch_failed,
+                counts.c.batch_retried,
+                counts.c.batch_dead_lettered,
+                counts.c.batch_until,
             )
-            .where(kept._sr_n <= keep)
-            .order_by(kept._sr_n)
+            .select_from(first.join(counts, sa.true()))
+            .order_by(kept._sr_since, kept._sr_ctid)
         )

@@ -105,6 +105,16 @@ def test_a_mass_event_batch_reaches_its_locked_runs_by_tid_and_looks_each_kind_u
     assert "ix_scrape_runs_running_started_at" not in failing, plan
 
 
+def test_a_mass_event_batch_keeps_its_first_rows_without_sorting_or_storing_the_batch(mass_event_url):
+    # The counts are one aggregate over the failed runs and the kept rows a LIMIT over their
+    # order (a top-N sort of the rows kept): window functions (a row number and the counts over
+    # the batch) sorted and stored all of a batch's wide rows, to keep one after the first batches.
+    plan = batch_plan(mass_event_url)
+    returned = plan.rsplit("CTE dead", 1)[1]
+    assert "WindowAgg" not in plan, plan
+    assert "Limit" in returned and "Aggregate" in returned, plan
+
+
 def test_a_mass_event_batch_prepared_keeps_the_same_plan_when_generic(mass_event_url):
     # The sweep prepares its batch once and PostgreSQL keeps a generic plan after five runs: that
     # plan, with the resume point and the rows kept as parameters, is still the index walk of the
