@@ -23,6 +23,8 @@ from loguru import logger
 
 from db import locks
 from db.engine import database_errors
+from db.prepared import DEALLOCATE_ALL
+from db.prepared import execute as execute_prepared
 from jobs.events import SweepFinished
 from jobs.limits import Limits, current_limits, runtime_judging_params
 from jobs.model import RunId, as_utc
@@ -213,6 +215,7 @@ def _sweep(
     failed = retried = dead = batches = 0
     sweep_ns = locks.namespace(rt.runs.canonical_name, locks.SWEEP)
     statement_params = {**params, **sweep_params(policy), "sr_limit": rt.settings.batch_size}
+    prepared = False  # whether this sweep prepared statements on its session (ended with it)
     with database_errors(rt.engine, "sweeping stuck runs"), rt.engine.connect() as conn:
         if use_lock and not locks.lock_within(conn, sweep_ns, 0, int(lock_wait.total_seconds() * 1000)):
             holder = locks.holder(conn, sweep_ns, 0) or "another process"
@@ -222,13 +225,20 @@ def _sweep(
             if rt.queries.progress_upkeep is not None:
                 with conn.begin():  # SPEC §14: the progress each running run shows now, and since when
                     conn.execute(rt.queries.progress_upkeep, params)
-            for statement in _sweep_statements(rt, "batch"):
-                resume_from = EARLIEST
+            for prepare in _sweep_statements(rt, "batch"):
+                # Prepared with its first batch, executed for the next (db.prepared): a mass
+                # event's hundred batches are parsed and planned once, not each.
+                resume_from, executing = EARLIEST, None
                 while not (stop and stop.is_set()):
                     room = ALL_ROWS if keep is None else max(0, keep - len(rows))
-                    batch_params = {**statement_params, "sr_keep": room, "sr_from": resume_from}
                     with conn.begin():
-                        batch = conn.execute(statement, batch_params).mappings().all()
+                        if executing is None:
+                            prepared = True
+                            batch_params = {**statement_params, "p1": resume_from, "p2": room}
+                            batch = conn.execute(prepare, batch_params).mappings().all()
+                            executing = execute_prepared(prepare.name, 2)
+                        else:
+                            batch = conn.execute(executing, {"p1": resume_from, "p2": room}).mappings().all()
                     batches += 1
                     kept = batch[:room]
                     _log(rt.runs.id_from_text, kept, already=len(rows))
@@ -241,6 +251,9 @@ def _sweep(
                         break
                     resume_from = batch[0]["batch_until"]
         finally:
+            if prepared and not conn.invalidated:  # the pool's next user may prepare them again
+                conn.execute(DEALLOCATE_ALL)
+                conn.commit()
             if use_lock:
                 locks.unlock(conn, sweep_ns, 0)
                 conn.commit()
@@ -261,11 +274,13 @@ def _sweep_statements(rt: Runtime, kind: str) -> list:
     and, where the table maps a `queued` value (SPEC §12's hand-off), retries handed to the
     fleet's queue that no worker started."""
     q = rt.queries
-    statements = [{"batch": q.sweep_batch, "preview": q.stuck_preview, "preview_counts": q.stuck_preview_counts}[kind]]
+    statements = [
+        {"batch": q.sweep_batch_prepared, "preview": q.stuck_preview, "preview_counts": q.stuck_preview_counts}[kind]
+    ]
     if "queued" in rt.runs.layout.statuses:
         statements.append(
             {
-                "batch": q.not_started_batch,
+                "batch": q.not_started_batch_prepared,
                 "preview": q.not_started_preview,
                 "preview_counts": q.not_started_preview_counts,
             }[kind]

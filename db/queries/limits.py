@@ -208,11 +208,13 @@ class LimitStatements(TableStatements):
         """One statement each sweep: every running run's progress recorded (`changed_at` moves only
         when the value changed), and the records of runs no longer running removed.
 
-        The running runs are read once (ids and counters as text, as the records keep them), and
-        only those with no record or a moved counter reach the upsert: a run whose counter stood
-        still is not written, and not locked either. Offering every running run to ON CONFLICT
-        instead locked each unchanged record (100,000 in a mass event: most of the upkeep's time,
-        bench.limits)."""
+        The running runs (ids and counters as text, as the records keep them) and the table's
+        records are joined once, in full: a running run with no record or a moved counter is
+        upserted, a record with no running run deleted; a run whose counter stood still is not
+        written, and not locked either (offering every running run to ON CONFLICT locked each
+        unchanged record: 100,000 in a mass event). Joined twice instead (once to find the
+        records to delete, once those to write), the upkeep read and hashed both sides twice: half
+        its time in a mass event (bench.limits)."""
         runs, t, p = self.runs, self.t, self.progress_table
         if runs.progress_counter is None:
             return None
@@ -223,18 +225,32 @@ class LimitStatements(TableStatements):
                 sa.cast(t.c[runs.progress_counter], sa.Text).label("progress"),
             )
             .where(runs.in_state(t.c.status, "running"))
-            .cte("running")
+            .subquery("running")
+        )
+        recorded = sa.select(p.c.run_id, p.c.progress).where(p.c.runs_table == table).subquery("recorded")
+        changes = (
+            sa.select(
+                running.c.run_id.label("running_id"),
+                running.c.progress,
+                recorded.c.run_id.label("recorded_id"),
+            )
+            .select_from(running.join(recorded, recorded.c.run_id == running.c.run_id, full=True))
+            .where(
+                sa.or_(
+                    running.c.run_id.is_(None),
+                    recorded.c.run_id.is_(None),
+                    recorded.c.progress.is_distinct_from(running.c.progress),
+                )
+            )
+            .cte("changes")
             .prefix_with("MATERIALIZED")
         )
-        still = sa.select(sa.literal(1)).where(running.c.run_id == p.c.run_id)
-        gone = sa.delete(p).where(p.c.runs_table == table, ~sa.exists(still)).cte("gone")
-        recorded = p.alias("recorded")
-        known = sa.and_(recorded.c.runs_table == table, recorded.c.run_id == running.c.run_id)
-        rows = (
-            sa.select(table, running.c.run_id, running.c.progress, NOW)
-            .select_from(running.outerjoin(recorded, known))
-            .where(sa.or_(recorded.c.run_id.is_(None), recorded.c.progress.is_distinct_from(running.c.progress)))
+        gone = (
+            sa.delete(p)
+            .where(p.c.runs_table == table, p.c.run_id == changes.c.recorded_id, changes.c.running_id.is_(None))
+            .cte("gone")
         )
+        rows = sa.select(table, changes.c.running_id, changes.c.progress, NOW).where(changes.c.running_id.is_not(None))
         upsert = postgresql.insert(p).from_select(["runs_table", "run_id", "progress", "changed_at"], rows)
         moved = p.c.progress.is_distinct_from(upsert.excluded.progress)  # a counter moved since it was read
         upsert = upsert.on_conflict_do_update(
@@ -242,4 +258,4 @@ class LimitStatements(TableStatements):
             set_={"progress": upsert.excluded.progress, "changed_at": upsert.excluded.changed_at},
             where=moved,
         )
-        return upsert.add_cte(running).add_cte(gone)
+        return upsert.add_cte(changes).add_cte(gone)

@@ -23,8 +23,12 @@ from db.messages import (
     STUCK_ERROR,
     STUCK_PATTERN,
 )
+from db.prepared import Prepare, placeholder
 from db.queries.common import NOW, duration_text, render, statement
 from db.queries.limits import LimitStatements
+
+# The session's name of each prepared sweep batch (db.prepared), by the state it sweeps.
+PREPARED_NAMES = {"running": "sr_sweep_batch", "queued": "sr_not_started_batch"}
 
 # What the sweep says of a run it fails, by the state it found the run in.
 _ERRORS = {"running": STUCK_ERROR, "queued": NOT_STARTED_ERROR}
@@ -36,9 +40,11 @@ class SweepStatements(LimitStatements):
 
     stuck_batch = statement(lambda self: self._stuck_batch(lock=True))
     sweep_batch = statement(lambda self: self._sweep_batch())
+    sweep_batch_prepared = statement(lambda self: self._prepared_batch("running"))
     stuck_preview = statement(lambda self: self._stuck_preview())
     stuck_preview_counts = statement(lambda self: self._preview_counts(self.stuck_preview))
     not_started_batch = statement(lambda self: self._sweep_batch(state="queued"))
+    not_started_batch_prepared = statement(lambda self: self._prepared_batch("queued"))
     not_started_preview = statement(lambda self: self._stuck_preview(state="queued"))
     not_started_preview_counts = statement(lambda self: self._preview_counts(self.not_started_preview))
 
@@ -68,8 +74,8 @@ class SweepStatements(LimitStatements):
         until = self.t.c.delivering_until
         return sa.or_(until.is_(None), until < sa.bindparam("sr_cutoff"))
 
-    def _stuck_batch(self, *, lock: bool, resume: bool = False, state: str = "running") -> sa.Select:
-        """Stuck runs, oldest progress first, up to `:sr_limit`; with `resume`, from `:sr_from` on
+    def _stuck_batch(self, *, lock: bool, resume: sa.ColumnElement | None = None, state: str = "running") -> sa.Select:
+        """Stuck runs, oldest progress first, up to `:sr_limit`; with `resume` (`:sr_from`), from there on
         (where the sweep's previous batch ended), so a batch does not walk again over the index
         entries of the runs earlier batches failed (dead until vacuum: walked again, a sweep of
         K runs in batches of B costs K²/B). With `state` queued: retries handed to the fleet's
@@ -95,8 +101,8 @@ class SweepStatements(LimitStatements):
             .order_by(progress)
             .limit(sa.bindparam("sr_limit"))
         )
-        if resume:
-            query = query.where(progress >= sa.bindparam("sr_from", type_=sa.DateTime(timezone=True)))
+        if resume is not None:
+            query = query.where(progress >= resume)
         return query.with_for_update(skip_locked=True, of=t) if lock else query
 
     def _stuck_decision(
@@ -174,7 +180,22 @@ class SweepStatements(LimitStatements):
             .order_by(stuck.c.since)
         )
 
-    def _sweep_batch(self, state: str = "running") -> sa.Select:
+    def _prepared_batch(self, state: str) -> Prepare:
+        """`_sweep_batch` prepared, and executed for a sweep's first batch (db.prepared): `$1` is
+        `:sr_from`, `$2` `:sr_keep` (`p1`, `p2` of each EXECUTE); every other parameter is bound
+        at PREPARE (the sweep's, the same for all its batches)."""
+        since = self.runs.last_sign_of_life().type  # the table's own: naive or not, as `:sr_from` was
+        resume_from = placeholder(1, since)
+        batch = self._sweep_batch(state, resume_from=resume_from, keep=placeholder(2, sa.Integer))
+        return Prepare(PREPARED_NAMES[state], [since.compile(postgresql.dialect()), "integer"], batch)
+
+    def _sweep_batch(
+        self,
+        state: str = "running",
+        *,
+        resume_from: sa.ColumnElement | None = None,
+        keep: sa.ColumnElement | None = None,
+    ) -> sa.Select:
         """One batch of the stuck sweep in one statement: lock up to `:sr_limit` stuck runs
         (SKIP LOCKED), fail them with the rules' decision, create their retries and dead letters.
 
@@ -185,7 +206,9 @@ class SweepStatements(LimitStatements):
         batch_dead_lettered and batch_until (the latest progress it took: the next batch's `:sr_from`).
         """
         t, runs = self.t, self.runs
-        stuck_runs = self._stuck_batch(lock=True, resume=True, state=state)
+        if resume_from is None:
+            resume_from = sa.bindparam("sr_from", type_=sa.DateTime(timezone=True))
+        stuck_runs = self._stuck_batch(lock=True, resume=resume_from, state=state)
         # Each locked run's kind's place in the limits' arrays, looked up once here: the message,
         # the limit, its source and reason below index the arrays by it (looked up at each use,
         # it was about ten `array_position` calls per failed run).
@@ -237,25 +260,35 @@ class SweepStatements(LimitStatements):
         # What a kept row says (ids as text, its label, its message) is computed for those rows
         # only, after the counts: for the whole batch it was work done a thousand times to keep 20.
         created = failed.c._sr_retry_id.in_(sa.select(retried.c.id))
-        counted = sa.select(
-            *failed.c,
-            created.label("_sr_retried"),
-            failed.c.id.in_(sa.select(dead.c.run_id)).label("_sr_dead"),
-            sa.func.count().over().label("batch_failed"),
-            sa.func.count().filter(created).over().label("batch_retried"),
-            sa.func.count().filter(failed.c.id.in_(sa.select(dead.c.run_id))).over().label("batch_dead_lettered"),
-            sa.select(sa.func.max(stuck.c.since)).scalar_subquery().label("batch_until"),
-            # The kept rows are the batch's oldest by sign of life, ties in the table's own order,
-            # in that order: the log's first lines and the alerts' lists show them so.
-            sa.func.row_number().over(order_by=(failed.c._sr_since, failed.c._sr_ctid)).label("_sr_n"),
-        ).subquery("counted")
-        kept = counted.c
-        keep = sa.func.greatest(sa.bindparam("sr_keep", type_=sa.Integer), 1)
+        dead_lettered = failed.c.id.in_(sa.select(dead.c.run_id))
+        counts = (
+            sa.select(
+                sa.func.count().label("batch_failed"),
+                sa.func.count().filter(created).label("batch_retried"),
+                sa.func.count().filter(dead_lettered).label("batch_dead_lettered"),
+                sa.select(sa.func.max(stuck.c.since)).scalar_subquery().label("batch_until"),
+            )
+            .select_from(failed)
+            .subquery("counts")
+        )
+        # The kept rows are the batch's oldest by sign of life, ties in the table's own order,
+        # in that order: the log's first lines and the alerts' lists show them so. Picked by a
+        # sort that keeps only them (window functions over the batch sorted and stored all its
+        # rows, wide ones, to keep one after the first batches).
+        order = (failed.c._sr_since, failed.c._sr_ctid)
+        keep = sa.func.greatest(keep if keep is not None else sa.bindparam("sr_keep", type_=sa.Integer), 1)
+        first = (
+            sa.select(*failed.c, created.label("_sr_retried"), dead_lettered.label("_sr_dead"))
+            .order_by(*order)
+            .limit(keep)
+            .subquery("kept")
+        )
+        kept = first.c
         return (
             sa.select(
                 sa.cast(kept.id, sa.Text).label("run_id"),
                 sa.cast(sa.func.coalesce(kept.original_run_id, kept.id), sa.Text).label("chain_id"),
-                runs.what(counted).label("what"),
+                runs.what(first).label("what"),
                 kept.retry_count,
                 kept.max_retries.label("budget"),
                 runs.error_text(kept.error_message).label("message"),
@@ -266,11 +299,11 @@ class SweepStatements(LimitStatements):
                 kept._sr_limit_s.label("limit_s"),
                 kept._sr_limit_source.label("limit_source"),
                 kept._sr_detail.label("limit_reason"),
-                kept.batch_failed,
-                kept.batch_retried,
-                kept.batch_dead_lettered,
-                kept.batch_until,
+                counts.c.batch_failed,
+                counts.c.batch_retried,
+                counts.c.batch_dead_lettered,
+                counts.c.batch_until,
             )
-            .where(kept._sr_n <= keep)
-            .order_by(kept._sr_n)
+            .select_from(first.join(counts, sa.true()))
+            .order_by(kept._sr_since, kept._sr_ctid)
         )

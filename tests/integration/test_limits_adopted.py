@@ -41,21 +41,23 @@ class Clock:
         return duration
 
 
-@pytest.mark.parametrize("adopted", ADOPTABLE, ids=lambda a: a.name)
-def test_a_kind_column_and_progress_judge_runs_on_every_table_shape(databases, adopted: Adopted):
+def with_kind_and_progress(databases, adopted: Adopted) -> tuple[str, sa.Engine]:
+    """A database holding `adopted`'s table with a `SpiderKind` and an `Items` column, migrated with
+    the kind mapped (revision 0010's index is built); its url and an engine on it."""
     url = databases.create()
     engine = make_engine(url)
     with engine.begin() as conn:
         conn.exec_driver_sql(adopted.ddl)
         conn.exec_driver_sql(f'ALTER TABLE {adopted.quoted} ADD COLUMN "SpiderKind" TEXT, ADD COLUMN "Items" INT')
-    layout = layout_of(adopted)  # kind mapped: revision 0010's index is built
-    migrate(
-        engine,
-        adopted.table,
-        None,
-        replace(layout, columns={**layout.columns, "kind": "SpiderKind"}),
-        extend_check=adopted.check_guarded,
-    )
+    layout = layout_of(adopted)
+    columns = {**layout.columns, "kind": "SpiderKind"}
+    migrate(engine, adopted.table, None, replace(layout, columns=columns), extend_check=adopted.check_guarded)
+    return url, engine
+
+
+@pytest.mark.parametrize("adopted", ADOPTABLE, ids=lambda a: a.name)
+def test_a_kind_column_and_progress_judge_runs_on_every_table_shape(databases, adopted: Adopted):
+    url, engine = with_kind_and_progress(databases, adopted)
     with engine.begin() as conn:
         quick = adopted.insert(
             conn,
@@ -130,3 +132,31 @@ def learns_over_the_runtime_index(rt: Runtime, adopted: Adopted) -> None:
     index = f"ix_{adopted.table.split('.')[-1].lower()}_runtime_by_kind"
     assert not checks_the_window(scans, completed), scans
     assert any(scan.get("Index Name") == index and "Index Cond" in scan for scan in scans), scans
+
+
+@pytest.mark.parametrize("adopted", ADOPTABLE, ids=lambda a: a.name)
+def test_a_sweep_of_several_batches_fails_each_run_once_on_every_table_shape(databases, adopted: Adopted):
+    # Batches after the first run the statement prepared on the session, resumed from where the
+    # last one ended by a parameter of the table's own timestamp type (naive or not).
+    url, engine = with_kind_and_progress(databases, adopted)
+    with engine.begin() as conn:
+        for i in range(8):  # two share a start: a batch may end between them
+            started = NOW - timedelta(hours=3, minutes=min(i, 6))
+            adopted.insert(conn, f"ok-{i}", status=adopted.running[0], started_at=started, SpiderKind="quick", Items=i)
+    engine.dispose()
+    roles = "kind=SpiderKind,progress=Items"
+    env = {**adopted.env, "DATABASE_URL": url, "STUCK_AFTER_BY_KIND": "quick=15m", "BATCH_SIZE": "3"}
+    env["COLUMN_MAP"] = f"{adopted.column_map},{roles}" if adopted.column_map else roles
+    rt = Runtime.open(load_settings(env), clock=Clock(NOW))
+    try:
+        result = sweep_stuck_runs(rt, keep=None)
+        assert (result.failed, result.retries_scheduled) == (8, 8)
+        assert len({a.run_id for a in result.attempts}) == 8
+        assert all(a.reason == "limit 0.3h, configured for SpiderKind=quick" for a in result.attempts)
+        again = sweep_stuck_runs(rt, keep=None)
+        # Three batches of the running runs (one more each where a queued state is mapped, empty).
+        assert again.failed == 0 and result.batches - again.batches == 2
+        with rt.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar_one() == 0
+    finally:
+        rt.close()

@@ -11,7 +11,10 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
+from db.arrays import ArrayLiteral
 from db.layout import Layout, parse_column_map
+from jobs.limits import runtime_judging_params
+from jobs.stuck import sweep_params
 from tests.conftest import Databases
 from tests.helpers import make_runtime
 from tests.integration.test_limits_plan import LIMITS, NOW, plan_of
@@ -100,3 +103,76 @@ def test_a_mass_event_batch_reaches_its_locked_runs_by_tid_and_looks_each_kind_u
     # The runs it fails are read by TID, never by walking (or hashing) every running run again.
     assert "Tid Scan on public.scrape_runs" in failing, plan
     assert "ix_scrape_runs_running_started_at" not in failing, plan
+
+
+def test_a_mass_event_batch_keeps_its_first_rows_without_sorting_or_storing_the_batch(mass_event_url):
+    # The counts are one aggregate over the failed runs and the kept rows a LIMIT over their
+    # order (a top-N sort of the rows kept): window functions (a row number and the counts over
+    # the batch) sorted and stored all of a batch's wide rows, to keep one after the first batches.
+    plan = batch_plan(mass_event_url)
+    returned = plan.rsplit("CTE dead", 1)[1]
+    assert "WindowAgg" not in plan, plan
+    assert "Limit" in returned and "Aggregate" in returned, plan
+
+
+def test_a_mass_event_batch_prepared_keeps_the_same_plan_when_generic(mass_event_url):
+    # The sweep prepares its batch once and PostgreSQL keeps a generic plan after five runs: that
+    # plan, with the resume point and the rows kept as parameters, is still the index walk of the
+    # running runs and the TID scan of the ones locked (the status and every other value of the
+    # sweep are bound into the PREPARE as literals, so the partial index's predicate matches).
+    rt = make_runtime(mass_event_url, layout=Layout(columns=parse_column_map("kind=spider,progress=items")))
+    params = {
+        **sweep_params(rt.settings.policy),
+        **runtime_judging_params(rt, LIMITS, NOW),
+        "sr_cutoff": NOW - LIMITS.default,
+        "sr_limit": 1000,
+    }
+    prepare = rt.queries.sweep_batch_prepared
+    try:
+        with rt.engine.connect() as conn:
+            conn.execute(prepare, {**params, "p1": NOW - LIMITS.default, "p2": 200})  # with a first batch
+            conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+            explain = f"EXPLAIN (VERBOSE, COSTS OFF) EXECUTE {prepare.name} ('0001-01-02 00:00:00+00', 200)"
+            plan = "\n".join(conn.exec_driver_sql(explain).scalars())
+            conn.exec_driver_sql("DEALLOCATE ALL")
+            conn.exec_driver_sql("RESET plan_cache_mode")
+            conn.rollback()
+    finally:
+        rt.close()
+    assert "$1" in plan and "Seq Scan on public.scrape_runs" not in plan, plan
+    locking, failing = plan.split("CTE failed", 1)
+    assert "ix_scrape_runs_running_started_at" in locking, plan
+    assert "Tid Scan on public.scrape_runs" in failing, plan
+    assert "ix_scrape_runs_running_started_at" not in failing, plan
+
+
+def test_the_progress_upkeep_reads_each_record_once(mass_event_url):
+    # Every running run recorded already and no counter moved (the sweep before the event saw
+    # them): the upkeep writes nothing, and reads the records once, joined in full to the running
+    # runs. It read them twice (to delete the ended runs' records, then to write the moved ones).
+    rt = make_runtime(mass_event_url, layout=Layout(columns=parse_column_map("kind=spider,progress=items")))
+    upkeep = rt.queries.progress_upkeep
+    params = {**runtime_judging_params(rt, LIMITS, NOW), "sr_cutoff": NOW - LIMITS.default}
+    compiled = upkeep.compile(dialect=rt.engine.dialect)
+    bound = {**compiled.params, **params}
+    bound = {k: ArrayLiteral().process_bind_param(v, None) if isinstance(v, list) else v for k, v in bound.items()}
+    try:
+        with rt.engine.connect() as conn:
+            conn.execute(upkeep, params)  # records every running run
+            running = conn.exec_driver_sql("SELECT count(*) FROM scrape_runs WHERE status = 'running'").scalar()
+            explain = f"EXPLAIN (ANALYZE, FORMAT JSON) {compiled}"
+            plan = conn.exec_driver_sql(explain, bound).scalar_one()[0]["Plan"]
+            conn.rollback()
+    finally:
+        rt.close()
+
+    def records_read(node: dict) -> int:
+        own = (
+            node["Actual Rows"]
+            if node.get("Relation Name") == "stuck_runs_progress" and "Scan" in node["Node Type"]
+            else 0
+        )
+        return own + sum(records_read(child) for child in node.get("Plans", []))
+
+    assert running == 6000
+    assert records_read(plan) <= running + 1, plan  # the delete's join stops at its first record: none ended

@@ -42,6 +42,36 @@ def test_the_sweep_counts_every_run_and_keeps_the_first(db_url):
     rt.close()
 
 
+def test_a_sweep_of_many_batches_sends_its_statement_once_and_leaves_nothing_prepared(db_url):
+    # Sent as text for every batch, the server parsed and planned the big statement a hundred
+    # times in a mass event; it is prepared with the first batch and executed for the others.
+    rt = make_runtime(db_url, batch_size=5)
+    sent: list[str] = []
+
+    def remember(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        sent.append(statement)
+
+    sa.event.listen(rt.engine, "before_cursor_execute", remember)
+    try:
+        for stuck in (23, 7):  # the second sweep prepares again on the pool's (same) session
+            with rt.engine.begin() as conn:
+                insert_stuck_runs(conn, stuck, THREE_HOURS_AGO)
+            sent.clear()
+            result = sweep_stuck_runs(rt)
+            assert (result.failed, result.retries_scheduled, result.batches) == (stuck, stuck, stuck // 5 + 1)
+            whole = [s for s in sent if "SKIP LOCKED" in s]
+            assert len(whole) == 1 and whole[0].startswith("PREPARE "), whole  # with the first batch
+            assert sum(s.startswith("EXECUTE ") for s in sent) == stuck // 5  # the others'
+            assert sent[-2:][0] == "DEALLOCATE ALL"  # before the sweep lock's release
+    finally:
+        sa.event.remove(rt.engine, "before_cursor_execute", remember)
+    with rt.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar_one() == 0
+        retries = conn.exec_driver_sql("SELECT count(*) FROM scrape_runs WHERE status = 'pending_retry'").scalar()
+    assert retries == 30
+    rt.close()
+
+
 def test_a_mass_event_is_one_summary_line_in_the_log(db_url):
     rt = make_runtime(db_url, batch_size=100)
     with rt.engine.begin() as conn:
