@@ -12,6 +12,7 @@ through `python -c "...main()"` with the tree on PYTHONPATH (what bench.contende
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -62,23 +63,39 @@ def measure(url: str, repeat: int = 7) -> dict:
 RUN_MAIN = "import sys; from scheduler.cli import main; sys.exit(main())"
 
 
+def _wall_and_cpu(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and the child's CPU seconds (user + system): on a shared machine the CPU a
+    command spends moves far less with the load than its wall time does."""
+    spent = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = _seconds(argv, env)
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (now.ru_utime - spent.ru_utime) + (now.ru_stime - spent.ru_stime)
+
+
 def compare(url: str, before: Path, repeat: int = 7) -> dict:
-    """Each command, this tree and `before` alternating, `repeat` runs each: medians and the load."""
+    """Each command, this tree and `before` alternating, `repeat` runs each: medians of the wall
+    time and of the process's CPU time, and the load."""
     here = Path(__file__).resolve().parent.parent
     trees = {"before": before.resolve(), "after": here}
     env = {"DATABASE_URL": url, "LOG_LEVEL": "WARNING"}
     figures: dict = {}
     loads = [os.getloadavg()]
     for name, args in COMMANDS.items():
-        times: dict[str, list[float]] = {side: [] for side in trees}
+        times: dict[str, list[tuple[float, float]]] = {side: [] for side in trees}
         for side, tree in trees.items():  # warm the page cache
             _seconds([sys.executable, "-c", RUN_MAIN, *args], {**os.environ, **env, "PYTHONPATH": str(tree)})
         for _ in range(repeat):
             for side, tree in trees.items():
                 argv = [sys.executable, "-c", RUN_MAIN, *args]
-                times[side].append(_seconds(argv, {**os.environ, **env, "PYTHONPATH": str(tree)}))
-        figures[name] = {side: round(statistics.median(t), 4) for side, t in times.items()}
-        figures[name]["every_run"] = {side: [round(x, 4) for x in t] for side, t in times.items()}
+                times[side].append(_wall_and_cpu(argv, {**os.environ, **env, "PYTHONPATH": str(tree)}))
+        figures[name] = {
+            f"{side}_{what}": round(statistics.median(t[i] for t in runs), 4)
+            for side, runs in times.items()
+            for i, what in enumerate(("wall_s", "cpu_s"))
+        }
+        figures[name]["every_run_wall_cpu"] = {
+            side: [(round(w, 4), round(c, 4)) for w, c in t] for side, t in times.items()
+        }
         loads.append(os.getloadavg())
     return {
         "repeat": repeat,
