@@ -141,8 +141,8 @@ def _collect_again() -> None:
 @contextmanager
 def _no_collection() -> Iterator[None]:
     """The console process collects nothing while its runtime opens either: the driver, the dialect,
-    the reflected table and its checks (~40 collections, ~6 ms of an idle `check`) build what lives
-    as long as the process, and that is frozen with the rest."""
+    the reflected table and its checks build what lives as long as the process (10 collections
+    there, of an idle `check`'s 42), and that is frozen with the rest."""
     if not _console or not gc.isenabled():
         yield
         return
@@ -157,7 +157,7 @@ def _no_collection() -> Iterator[None]:
 def _end(code: int) -> None:
     """Ends the process with `code`. The console process, once its output is flushed and its atexit
     handlers have run (the log's, the pool's, a temporary file's), ends without the interpreter's
-    teardown: freeing each of its ~450 modules and their objects one by one took ~15 ms of every
+    teardown: freeing each of its ~430 modules and their objects one by one took ~15 ms of every
     command, to no one's benefit. Where that could lose anything (another thread still running, an
     output that cannot be flushed: a closed pipe is reported as before), it exits as always."""
     if _console and threading.active_count() == 1:
