@@ -228,10 +228,26 @@ def check_migrated(conn: Connection, reflected: Reflected) -> None:
     missing += [reflected.layout.column(role) for role in ADDED_ROLES if role not in table.c]
     missing += [f"status value {v!r}" for v in missing_enum_values(conn, reflected)]
     dead = dead_letters_name(table, id_kind(table)) if "id" in table.c else DEAD_LETTERS_TABLE
-    inspector = sa.inspect(conn)
-    missing += [name for name in (dead, PAUSES) if not missing and not inspector.has_table(name, schema=table.schema)]
+    if not missing:
+        present = _tables_present(conn, (dead, PAUSES), table.schema)
+        missing += [name for name in (dead, PAUSES) if name not in present]
     if missing:
         raise NotMigrated(f"table {qualified} is not migrated (missing {', '.join(missing)}): run `stuck-runs migrate`")
+
+
+def _tables_present(conn: Connection, names: tuple[str, ...], schema: str | None) -> set[str]:
+    """Which of `names` are tables or views in `schema` (without one: visible on the search path), as
+    SQLAlchemy's `has_table` says of each, in one round trip rather than one per name."""
+    where = "n.nspname = :schema" if schema else "pg_catalog.pg_table_is_visible(c.oid)"
+    return set(
+        conn.execute(
+            sa.text(
+                "SELECT c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                f"WHERE c.relname = ANY (CAST(:names AS text[])) AND c.relkind IN ('r', 'p', 'f', 'v', 'm') AND {where}"
+            ),
+            {"names": list(names), **({"schema": schema} if schema else {})},
+        ).scalars()
+    )
 
 
 def heartbeat_candidates(table: sa.Table) -> list[str]:

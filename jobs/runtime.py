@@ -43,6 +43,18 @@ def check_placeholders(settings: Settings, runs: RunsTable) -> None:
                 raise ConfigError(f"{variable}: {{{name}}} is not a column of {runs.qualified_name}; use {inputs}")
 
 
+class LazyClassifier(Classifier):
+    """The configured patterns, compiled when an error is first classified: a sweep classifies none
+    (its message is the stuck one), an execution's outcome does."""
+
+    def __init__(self, patterns: tuple[tuple[str, str], ...]) -> None:
+        self._patterns = patterns
+
+    @cached_property
+    def _compiled(self) -> tuple:  # type: ignore[override]
+        return Classifier(self._patterns)._compiled
+
+
 WEB_STATEMENT_TIMEOUT_MS = 5000
 WEB_POOL = 8  # connections of `serve`; as many again may open for a burst
 DELIVERY_POOL = 4  # connections of a process delivering to a webhook (as many again for a burst), whatever the cap
@@ -96,7 +108,7 @@ class Runtime:
         check_placeholders(settings, runs)
         if settings.target:  # TARGET must name a text column of this table: refused at start, in one line
             target_key(runs, settings.target)
-        classifier = Classifier(settings.failure_patterns + DEFAULT_PATTERNS)
+        classifier = LazyClassifier(settings.failure_patterns + DEFAULT_PATTERNS)
         return cls(settings, engine, runs, clock or SystemClock(), classifier=classifier, executor_override=executor)
 
     @cached_property

@@ -8,10 +8,12 @@ adds its own: metrics, log lines, systemd's status, its records). A listener eve
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
-from jobs.runtime import Runtime
-from scheduler.alerts import Alerts
 from scheduler.records import JobRecords
+
+if TYPE_CHECKING:
+    from jobs.runtime import Runtime
 
 
 def wire(rt: Runtime, *, watch: threading.Event | None = None) -> Runtime:
@@ -21,6 +23,9 @@ def wire(rt: Runtime, *, watch: threading.Event | None = None) -> Runtime:
     its own."""
     rt.events.subscribe(JobRecords(rt))
     if rt.settings.alert_urls:
+        # Imported only here: without ALERT_URLS (most `check` runs) the alerts' code is not loaded.
+        from scheduler.alerts import Alerts
+
         alerts = Alerts(rt)
         rt.events.subscribe(alerts)
         if watch is not None:

@@ -19,7 +19,6 @@ from typing import Any
 
 from db.errors import ConfigError
 from db.layout import Layout, parse_column_map, parse_run_label, parse_status_map
-from jobs.alert_urls import parse_alert_urls
 from jobs.alerts import EVENT_KINDS
 from jobs.rules import RetryPolicy
 from jobs.settings.engine_parsers import parse_broker_url, parse_task_name
@@ -100,6 +99,14 @@ def _int(minimum: int, maximum: int) -> Parser:
 
 def _choice(*choices: str, upper: bool = False) -> Parser:
     return partial(parse_choice, choices=choices, upper=upper)
+
+
+def _alert_urls(text: str, name: str) -> tuple:
+    """ALERT_URLS, read by jobs.alert_urls: imported when the setting is given, so a process
+    without notifications loads none of their code."""
+    from jobs.alert_urls import parse_alert_urls as parse
+
+    return parse(text, name)
 
 
 # fmt: off
@@ -229,7 +236,7 @@ DECLARED: tuple[Setting, ...] = (
     S("READ_TOKEN", "--read-token", parse_token, "read_token",
       "`serve`'s token that may only read (at least 16 characters).", secret=True),
     # Being told (SPEC §15).
-    S("ALERT_URLS", "--alert-urls", parse_alert_urls, "alert_urls",
+    S("ALERT_URLS", "--alert-urls", _alert_urls, "alert_urls",
       "Notification URLs (Apprise's: slack://…, mailto://…, json://host/path…), space- or comma-separated.",
       unset=(), secret=True, readme="Unset: no notifications. See [Being told](#being-told)."),
     S("ALERT_EVENTS", "--alert-events", parse_events, "alert_events",

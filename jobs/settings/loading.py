@@ -11,9 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from dotenv import find_dotenv
-from dotenv.main import DotEnv
-
 from db.errors import ConfigError
 from jobs.patterns import KNOWN_PATTERNS
 from jobs.settings.declarations import DECLARED, Settings, settings_from
@@ -187,10 +184,29 @@ def environment_with_dotenv() -> dict[str, str]:
 _DISABLED = {"1", "true", "t", "yes", "y"}
 
 
+def _any_dotenv() -> bool:
+    """Whether anything is named `.env` in the current directory or above: where nothing is, there is
+    nothing to read, and python-dotenv (~4 ms of every command's start) is not loaded to say so. Where
+    something is, python-dotenv's own `find_dotenv` decides whether it is the file."""
+    here = os.path.abspath(os.getcwd())
+    while True:
+        if os.path.lexists(os.path.join(here, ".env")):
+            return True
+        parent = os.path.dirname(here)
+        if parent == here:
+            return False
+        here = parent
+
+
 def read_dotenv() -> dict[str, str]:
     """`.env`'s values (current directory upwards), as `load_dotenv(override=False)` would have set
     them; checked first for what would be a traceback (not UTF-8, a NUL byte), even when
     PYTHON_DOTENV_DISABLED turns the file off."""
+    if not _any_dotenv():
+        return {}
+    from dotenv import find_dotenv
+    from dotenv.main import DotEnv
+
     path = find_dotenv(usecwd=True)
     if not path:
         return {}
