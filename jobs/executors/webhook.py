@@ -48,13 +48,9 @@ KEEPS_THE_POST = frozenset({307, 308})  # the redirects that repeat the request,
 MODE = "webhook"  # the `handed_off` value of a retry delivered here
 
 
-# A connection for every lane (MAX_CONCURRENT_RETRIES is at most 256), kept alive: a delivery
-# never queues in httpcore's pool, whose sync pool may close a connection it has just given to a
-# queued request (encode/httpcore#1110: "Bad file descriptor", or a hang until the read timeout)
-# when the hand-over's sets start many calls at once. Scrapyd's one client uses it.
-LANE_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-# The webhook's: a client per sending thread (`ClientPerThread`), one call at a time each, so one
-# connection kept alive (a redirect's answer is closed before it is followed).
+# A client per sending thread (`ClientPerThread`; Scrapyd's too), one call at a time each, so one
+# connection kept alive (a redirect's answer is closed before it is followed), and no call ever
+# queues in httpcore's pool (encode/httpcore#1110: a pool closing a connection it just gave out).
 ONE_AT_A_TIME = httpx.Limits(max_connections=1, max_keepalive_connections=1)
 
 

@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 
 from jobs.executors.base import Cancels
 from jobs.executors.scrapyd import ended_message
+from jobs.executors.senders import ClientPerThread
 from jobs.model import Run
 from jobs.retries import RetryDispatcher, process_due_retries
 from jobs.rules import RetryPolicy
@@ -73,6 +74,20 @@ def env_for(scrapyd, db_url: str, **more: str) -> dict[str, str]:
     }
 
 
+def hooked(executor, event: str, hook) -> None:
+    """`hook` on every `event` ("request", "response") of each client `executor` makes from now on:
+    its clients are a thread's own, so every thread gets a new one, hooked; the old ones close."""
+    unhooked = executor.clients
+
+    def make():
+        client = unhooked.make()
+        client.event_hooks[event].append(hook)
+        return client
+
+    executor.clients = ClientPerThread(make)
+    unhooked.close()
+
+
 def due(db_url: str, *modes: str) -> list:
     with sa.create_engine(db_url).begin() as conn:
         return [insert_due_retry(conn, search_query=mode)[1] for mode in modes]
@@ -119,7 +134,7 @@ def test_a_job_that_ended_without_writing_or_is_unknown_is_a_failed_attempt(db_u
             delivering_until=datetime.now(timezone.utc) + timedelta(minutes=1),
         )
     calls = []
-    rt.executor.client.event_hooks["request"].append(lambda request: calls.append(request.url.path))
+    hooked(rt.executor, "request", lambda request: calls.append(request.url.path))
     result = process_due_retries(rt)
     assert sorted(str(o.run_id) for o in result.executed) == sorted(map(str, (left, died, forgotten)))
     assert calls.count("/listjobs.json") == 1
@@ -177,7 +192,7 @@ def test_a_dead_delivery_is_scheduled_again_only_when_scrapyd_knows_no_such_job(
     assert httpx.post(f"{scrapyd.url}/schedule.json", data=form).json()["status"] == "ok"
     rt = opened(db_url, scrapyd)
     calls = []
-    rt.executor.client.event_hooks["request"].append(lambda request: calls.append(request.url.path))
+    hooked(rt.executor, "request", lambda request: calls.append(request.url.path))
     assert process_due_retries(rt).handed_off == 2
     assert calls.count("/schedule.json") == 1
     jobs = scrapyd.jobs()

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -28,6 +29,7 @@ from tests.daemons import wait_until
 from tests.helpers import insert_due_retry, make_runtime
 from tests.integration.test_cli import cli, one_line_error
 from tests.integration.test_index_predicates import layout_of
+from tests.integration.test_scrapyd import hooked
 from tests.scrapyd_fleet import PROJECT, start_scrapyd
 
 
@@ -50,19 +52,26 @@ def env_for(scrapyd, db_url: str, **more: str) -> dict[str, str]:
     }
 
 
+def runtime_on(scrapyd_url: str, db_url: str, cap: int, **more):
+    """A runtime that hands retries to the Scrapyd at `scrapyd_url`, at most `cap` at once."""
+    return make_runtime(
+        db_url,
+        policy=RetryPolicy(),
+        max_concurrent_retries=cap,
+        scrapyd_url=ScrapydUrl(scrapyd_url),
+        scrapyd_project=PROJECT,
+        scrapyd_spider="rows",
+        **more,
+    )
+
+
 def test_the_runs_priority_travels_to_scrapyd(db_url, scrapyd):
     """COLUMN_MAP's priority (here user_id) becomes schedule.json's `priority`: Scrapyd's queue
     lists (and starts) the highest first."""
     with sa.create_engine(db_url).begin() as conn:
         ids = {str(insert_due_retry(conn, search_query=f"p{p}", user_id=p)[1]): p for p in (3, 9, 1)}
-    rt = make_runtime(
-        db_url,
-        policy=RetryPolicy(),
-        max_concurrent_retries=3,
-        scrapyd_url=ScrapydUrl(scrapyd.url),
-        scrapyd_project=PROJECT,
-        scrapyd_spider="rows",
-        layout=layout_of(ADOPTABLE[-1]).__class__({"priority": "user_id"}, {}, None),
+    rt = runtime_on(
+        scrapyd.url, db_url, 3, layout=layout_of(ADOPTABLE[-1]).__class__({"priority": "user_id"}, {}, None)
     )
     try:
         assert process_due_retries(rt).handed_off == 3
@@ -70,6 +79,35 @@ def test_the_runs_priority_travels_to_scrapyd(db_url, scrapyd):
         rt.close()
     pending = [job for job in scrapyd.jobs()["pending"] if job in ids]
     assert [ids[job] for job in pending] == [9, 3, 1]
+
+
+def test_each_thread_schedules_through_a_connection_of_its_own_kept_alive(db_url, scrapyd):
+    """A client per thread that calls Scrapyd, as the webhook's (jobs/executors/senders.py
+    ClientPerThread): no connection serves two threads (one pooled client shared by a pass's 100
+    senders spent more of the process's CPU in its pool's bookkeeping than in the calls, CPU that
+    Scrapyd's one thread on the same cores then lacked), and each stays open from one job to the next."""
+    with sa.create_engine(db_url).begin() as conn:
+        for _ in range(24):
+            insert_due_retry(conn, search_query="leave")
+    rt = runtime_on(scrapyd.url, db_url, 4)
+    threads_of = defaultdict(set)  # a connection (its local port) -> the threads that called through it
+
+    def seen(response) -> None:
+        port = response.extensions["network_stream"].get_extra_info("socket").getsockname()[1]
+        threads_of[port].add(threading.get_ident())
+
+    hooked(rt.executor, "response", seen)
+    try:
+        # Each handed over is `running` for the pass's lanes to count: the cap frees no slot, so one
+        # pass hands 4; the next passes the next 4 (the rows finished between them, as a fleet's).
+        for _ in range(6):
+            assert process_due_retries(rt).handed_off == 4
+            with rt.engine.begin() as conn:
+                conn.execute(sa.text("UPDATE scrape_runs SET status = 'completed' WHERE status = 'running'"))
+    finally:
+        rt.close()
+    assert sum(map(len, threads_of.values())) == len(threads_of), dict(threads_of)  # one thread a connection
+    assert len(threads_of) <= 8  # kept alive: 24 jobs through a handful of connections, not one each
 
 
 @pytest.mark.parametrize("adopted", ADOPTABLE, ids=lambda a: a.name)
