@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 
@@ -36,12 +36,24 @@ def application_name(role: str) -> str:
     return f"stuck-runs {role} {socket.gethostname()}:{os.getpid()}"[:63]
 
 
+# An execution option: SQL sent ahead of the statement, in the same query string (one round trip). On
+# a connection in autocommit the string's statements are one transaction (PostgreSQL's implicit
+# block of a multi-statement query), each with a snapshot of its own; the driver returns the last
+# one's rows, so the statement's results are read as usual.
+PRECEDED_BY = "stuck_runs_preceded_by"
+
+
+def _preceded(conn, cursor, statement, parameters, context, executemany):
+    before = context.execution_options.get(PRECEDED_BY) if context is not None else None
+    return (f"{before}; {statement}" if before else statement), parameters
+
+
 def make_engine(url: str, *, role: str = "cli", pool_size: int = 5, statement_timeout_ms: int | None = None) -> Engine:
     """An engine for `url` whose connections are UTC and named; nothing is connected yet.
 
     `statement_timeout_ms` bounds every statement of the engine's sessions (lock waits included)."""
     options = "-c TimeZone=UTC" + (f" -c statement_timeout={statement_timeout_ms}" if statement_timeout_ms else "")
-    return create_engine(
+    engine = create_engine(
         url,
         pool_pre_ping=True,
         pool_size=pool_size,
@@ -52,6 +64,8 @@ def make_engine(url: str, *, role: str = "cli", pool_size: int = 5, statement_ti
             "options": options,
         },
     )
+    event.listen(engine, "before_cursor_execute", _preceded, retval=True)
+    return engine
 
 
 def _parsed(url: str | URL | None) -> URL | None:

@@ -2,13 +2,11 @@
 (`Delivers`, jobs/executors/base.py: a webhook's `deliver(run, stop)` POSTs and reports the
 receiver's answer as an outcome).
 
-1. Mark: in one short transaction, under the cap's lock, the retry is committed `running`
-   (`started_at` now, `handed_off` set) and marked as being delivered by this delivery, with a
-   lease: the delivery's own bound plus a margin. From this commit on a fleet may write its
-   outcome (conditionally on `running`) the moment it has the retry. The lanes that want a retry
-   at the same time are marked for in one such transaction (a set: `mark_batch`), and wait for it
-   holding no session; in a pass (`drain`) a set takes as many as the cap leaves room for, and
-   the next lanes deliver them (`ready`).
+1. Mark: in one short transaction under the cap's lock (one round trip), the retry is committed
+   `running` (`started_at` now, `handed_off` set), marked as being delivered by this delivery with
+   a lease (the delivery's own bound plus a margin); from then a fleet may write its outcome. Lanes
+   wanting a retry at once are marked for in one such transaction (a set: `mark_batch`), waiting
+   holding no session; in a pass (`drain`) a set takes all the room, for the next lanes (`ready`).
 2. Deliver, with no database session held: a process delivering 256 retries at once still
    holds only its small pool, and an operator's action on the row waits for nothing.
 3. Confirm (the mark ends, whatever the fleet wrote stands; lanes confirming at once in one
@@ -38,7 +36,7 @@ from datetime import datetime, timedelta
 from loguru import logger
 from sqlalchemy.exc import OperationalError
 
-from db.engine import database_errors
+from db.engine import PRECEDED_BY, database_errors
 from jobs.batching import Batches, Combined
 from jobs.events import RetryEnded
 from jobs.executors.base import Delivers, ExecutorMisconfigured, KnowsItsJobs
@@ -84,8 +82,7 @@ class Deliveries:
         self.misconfigured: str | None = None  # the configuration error the fleet answered last
         self.said: str | None = None  # the one a daemon's slot said
         self.lock = threading.Lock()
-        # Retries marked beyond the lanes asking (`drain` only: `ahead`), in start order: the next
-        # lanes take them without a transaction of their own.
+        # Retries marked beyond the lanes asking (`drain`'s `ahead`), in start order, for the next lanes.
         self.ready: deque[Marked] = deque()
         self.ahead = 0
         # One lane at a time marks the next set while the others deliver those ready, until a set
@@ -149,8 +146,8 @@ class Deliveries:
                 if marked is None:
                     break
             if marked.lease_until - self.rt.clock.now() < self.executor.bound:  # type: ignore[union-attr]
-                # Waited for a lane so long that its lease might end before its delivery could:
-                # another process could deliver it too. Back to pending, due as it was.
+                # Its lease might end before its delivery could (another process could deliver it
+                # too): back to pending, due as it was.
                 outcomes.append(self.release(marked, LEASE_TOO_SHORT))  # type: ignore[arg-type]
                 continue
             outcome = self.deliver(marked, stop)  # type: ignore[arg-type]
@@ -221,8 +218,7 @@ class Deliveries:
         return self.batches.ask(None)
 
     def take_ready(self, *, all_of_them: bool = False):
-        """The retries marked ahead, first marked first: the next one (or, at the end of a pass,
-        every one left)."""
+        """The retries marked ahead, first marked first: the next one (or, ending a pass, all)."""
         while True:
             try:
                 yield self.ready.popleft()
@@ -240,52 +236,60 @@ class Deliveries:
         return outcome
 
     def mark_batch(self, asking: Sequence[RunId | None], ahead: int = 0) -> list[Marked | object | None]:
-        """Marks, in one short transaction under the cap's lock (so no count misses a mark), one
-        retry for each of `asking` (all None, or one run id): retries whose lease ran out first
-        (redelivered: they count already), then the due ones the cap leaves room for, highest
-        priority then longest overdue first. Lanes left without one get None (nothing is due) or
-        NO_ROOM (the cap is reached). With `ahead`, up to that many more due ones, as the room
-        allows, are marked for the next lanes (`ready`): their leases start now, so a lane takes
+        """Marks, under the cap's lock (so no count misses a mark), one retry for each of `asking`
+        (all None: `mark_set`; or one run id: `mark_run`). Lanes left without one get None (nothing
+        is due) or NO_ROOM (the cap is reached). With `ahead`, up to that many more due ones, as the
+        room allows, are marked for the next lanes (`ready`): their leases start now, so a lane takes
         one only while its lease still covers a whole delivery (`deliver_in_turn`)."""
-        q, wanted = self.rt.queries, len(asking)
-        run_id = asking[0]
-        with database_errors(self.rt.engine, "marking a retry as being delivered"), self.rt.engine.begin() as conn:
-            conn.execute(q.handoff_lock)
-            # Time read once the lock is held: a wait for a pooled connection or for the lock must
-            # not shorten the lease of a POST that only starts after this commits.
-            now = self.rt.clock.now()
-            params = {
-                "sr_now": now,
-                "sr_limit": wanted,
-                "sr_run_id": run_id,
-                "sr_mode": self.executor.mode,
-                "sr_by": f"{self.process} delivery {uuid.uuid4().hex[:12]}",
-                "sr_lease_until": now + self.lease,
-            }
-            # An executor that never sends twice leaves a lapsed mark to the stuck checker (SPEC §12).
-            again = run_id is None and self.executor.sends_again
-            lapsed = conn.execute(q.mark_expired, params).mappings().all() if again else []
-            due: list = []
-            short = wanted - len(lapsed)
-            verdict: object | None = None  # what a lane left without a retry is told
-            cap = {"sr_max": self.rt.settings.max_concurrent_retries}
-            if short > 0 and run_id is None:
-                # The room counted and marked up to in one statement; counted apart only when none was
-                # marked (it may have grown since: a lane told "nothing due" then ends early, no more).
-                due = conn.execute(q.mark_in_room, {**params, **cap, "sr_limit": short + ahead}).mappings().all()
-                room = due[0]["_sr_room"] if due else conn.execute(q.room, cap).scalar_one()
-                verdict = NO_ROOM if room <= 0 or len(due) >= min(short + ahead, room) else None
-            elif short > 0:
-                room = conn.execute(q.room, cap).scalar_one()
-                verdict = NO_ROOM
-                if room > 0:
-                    due = conn.execute(q.mark_one, {**params, "sr_limit": min(short, room)}).mappings().all()
-                    verdict = None if len(due) < min(short, room) else NO_ROOM
+        wanted, run_id = len(asking), asking[0]
+        with database_errors(self.rt.engine, "marking a retry as being delivered"):
+            lapsed, due, verdict, params, now = (
+                self.mark_set(wanted, ahead) if run_id is None else self.mark_run(run_id)
+            )
         marked = [self.marked(row, params, now, again=True) for row in lapsed]
         marked += [self.marked(row, params, now) for row in sorted(due, key=self.start_order)]
         self.count_settled(marked=len(marked))
         self.ready.extend(marked[wanted:])
         return marked[:wanted] + [verdict] * (wanted - len(marked))
+
+    def params(self, now: datetime, run_id: RunId | None = None) -> dict:  # a mark's, for one set
+        by, lease = f"{self.process} delivery {uuid.uuid4().hex[:12]}", now + self.lease
+        return {"sr_now": now, "sr_run_id": run_id, "sr_mode": self.executor.mode, "sr_by": by, "sr_lease_until": lease}
+
+    def mark_set(self, wanted: int, ahead: int) -> tuple[list, list, object | None, dict, datetime]:
+        """Retries whose lease ran out first (redelivered: they count already; an executor that never
+        sends twice leaves them to the stuck checker, SPEC §12), then the due ones the room allows,
+        highest priority then longest overdue first. Each is one query string on a connection in
+        autocommit: the cap's lock, then the statement (PRECEDED_BY): one round trip, one
+        transaction, the statement's snapshot taken once the lock is held."""
+        q, locked = self.rt.queries, {PRECEDED_BY: self.rt.queries.handoff_lock_ahead}
+        cap = {"sr_max": self.rt.settings.max_concurrent_retries}
+        with self.rt.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            # Read before the lock is waited for: that wait shortens the lease, and a lane delivers
+            # a retry only while its lease still covers a whole delivery (`deliver_in_turn`).
+            now = self.rt.clock.now()
+            params, lapsed = {**self.params(now), "sr_limit": wanted}, []
+            if self.executor.sends_again:
+                lapsed = conn.execute(q.mark_expired, params, execution_options=locked).mappings().all()
+            short, due, verdict = wanted - len(lapsed), [], None
+            if short > 0:
+                marking = {**params, **cap, "sr_limit": short + ahead}
+                due = conn.execute(q.mark_in_room, marking, execution_options=locked).mappings().all()
+                # Counted apart only when none was marked (a lane told "nothing due" then ends early).
+                room = due[0]["_sr_room"] if due else conn.execute(q.room, cap).scalar_one()
+                verdict = NO_ROOM if room <= 0 or len(due) >= min(short + ahead, room) else None
+        return lapsed, due, verdict, params, now
+
+    def mark_run(self, run_id: RunId) -> tuple[list, list, object | None, dict, datetime]:
+        """Pending retry `run_id`, due or not, in a transaction under the cap's lock."""
+        q = self.rt.queries
+        with self.rt.engine.begin() as conn:
+            conn.execute(q.handoff_lock)
+            now = self.rt.clock.now()  # once the lock is held: its wait does not shorten the lease
+            params = {**self.params(now, run_id), "sr_limit": 1}
+            room = conn.execute(q.room, {"sr_max": self.rt.settings.max_concurrent_retries}).scalar_one()
+            due = conn.execute(q.mark_one, params).mappings().all() if room > 0 else []
+        return [], due, (NO_ROOM if room <= 0 or due else None), params, now
 
     def start_order(self, row) -> tuple:
         """SPEC §16's order within a set marked at once, as `mark_due` chose them: the highest
@@ -332,8 +336,8 @@ class Deliveries:
         return outcome
 
     def said_misconfigured(self, error: str) -> None:
-        """Keeps the configuration the fleet refused: `drain` ends its pass on it (`process` exits
-        2 with it), a daemon's slot says it once (`work_slot`), not once per retry and poll."""
+        """Keeps the configuration the fleet refused: `drain` ends its pass on it (exit 2), a
+        daemon's slot says it once (`work_slot`)."""
         with self.lock:
             self.misconfigured = error
 
@@ -382,7 +386,8 @@ class Deliveries:
         with database_errors(self.rt.engine, f"writing the delivery of {which}"):
             for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
                 try:
-                    with self.rt.engine.begin() as conn:
+                    # One statement, its own transaction: one round trip (no BEGIN, no COMMIT).
+                    with self.rt.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                         rows = conn.execute(self.rt.queries.end_deliveries, {**params, "sr_now": self.rt.clock.now()})
                         ended = {(run_id, by): status for run_id, by, status in rows}
                     break

@@ -45,6 +45,13 @@ class HandoffStatements(TableStatements):
         return sa.select(sa.bindparam("sr_max", type_=sa.Integer) - handed.scalar_subquery() - held.scalar_subquery())
 
     handoff_lock = statement(lambda self: sa.select(sa.func.pg_advisory_xact_lock(self.handoff_ns, 0)))
+
+    @property
+    def handoff_lock_ahead(self) -> str:
+        """`handoff_lock` as the SQL that precedes a statement in its query string (db/engine.py
+        PRECEDED_BY): the lock and the statement in one round trip. Its keys are numbers, written in."""
+        return f"SELECT pg_advisory_xact_lock({int(self.handoff_ns)}, 0)"
+
     mark_due = statement(lambda self: self._claim(one=False, deliver=True))
     mark_in_room = statement(lambda self: self._mark_in_room())
     mark_one = statement(lambda self: self._claim(one=True, deliver=True))

@@ -175,7 +175,11 @@ class RetryStatements(TableStatements):
             .where(
                 self.runs.in_state(t.c.status, "pending_retry"),
                 t.c.next_retry_at <= NOW,
-                ~self._chain_completed(t).exists(),
+                # OFFSET 0: a subquery PostgreSQL runs for each candidate (by the primary key and the
+                # chain index), never pulled up into an anti-join planned from the table's stats:
+                # with stats taken when few runs had completed, that join compared every candidate
+                # with every completed run (15-50 ms for a set of 70 marks over 10,000 runs).
+                ~self._chain_completed(t).offset(0).exists(),
                 self.pauses.not_paused(NOW),
             )
             .order_by(*self._start_order())

@@ -119,7 +119,8 @@ class Delivers(Executor, Protocol):
         """Delivers `run` (committed `running`, marked as being delivered) and reports the fleet's
         answer: `HandedOver`, `Failed` (refused), `Postponed`; `Released` when `stop` was set
         before anything was sent; `OutcomeUnknown` when given up on in flight. Never raises for
-        what the fleet did; gives up on `stop` at once."""
+        what the fleet did; gives up on `stop` at once (Celery: once a send under way ends, within
+        its `bound`)."""
 
 
 @runtime_checkable

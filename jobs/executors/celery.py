@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import json
 import threading
-from concurrent.futures import TimeoutError
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 from jobs.executors.base import ExecutorMisconfigured, Strategies, T
 from jobs.executors.outcome import DeliveryOutcome, HandedOver, Postponed, Released
-from jobs.executors.senders import Senders
 from jobs.model import Run
 
 MODE = "celery"  # the `handed_off` value of a retry sent here
@@ -35,7 +33,7 @@ PRIORITY_STEPS = 10  # 0..9: what Redis's and RabbitMQ's Celery transports both 
 INSPECT_TIMEOUT = 2.0  # how long `still_running` waits for the workers' answers
 # Deliveries a pass runs at once (jobs/delivery.py `lanes_for`), whatever the cap: a send_task takes
 # a few milliseconds, so a handful of lanes keeps the broker busy; 100 threads only contend for the
-# interpreter and the app's producer pool (whose default size is 10).
+# interpreter. The app's pool holds a connection for each (its default is 10), so they never wait.
 LANES = 24
 
 
@@ -98,10 +96,11 @@ class CeleryExecutor:
             broker_transport_options={"socket_connect_timeout": seconds, "socket_timeout": seconds, "max_retries": 0},
             task_create_missing_queues=True,
             result_backend=None,
+            broker_pool_limit=LANES,
         )
-        # The longest one send lasts (`deliver` gives up then): connecting, then publishing.
+        # The longest one send lasts: the broker's connect and socket timeouts (retries off). A lane
+        # of a pass never waits for a pooled connection (one each); a daemon's slots beyond LANES may.
         self.bound = CONNECT_TIMEOUT * 2
-        self.senders = Senders("celery-send")
 
     def dispatch_with(self, strategies: Strategies[T]) -> T:
         return strategies.deliver(self)
@@ -123,21 +122,12 @@ class CeleryExecutor:
         return HandedOver(MODE)
 
     def deliver(self, run: Run, stop: threading.Event) -> DeliveryOutcome:
-        """`send`, bounded, in one of the executor's sender threads (one started per send cost more
-        than the send): a send given up on in flight may have reached the queue, so it counts as
-        sent (never sent twice; a lost one is the stuck checker's to find); one given up on before
-        a sender took it (every sender stuck on a broker that does not answer) was never sent."""
+        """`send`, in the lane itself (a hand-off to a thread of its own and back cost more than the
+        send): bounded by the broker's timeouts (`bound`), so the lane needs no thread to give up on
+        it. A send under way when `stop` is set ends first (within `bound`)."""
         if stop.is_set():
             return Released()
-        sending = self.senders.submit(lambda: self.send(run))
-        try:
-            return sending.result(timeout=self.bound.total_seconds())
-        except TimeoutError:
-            if sending.cancel():
-                return Postponed(
-                    f"Celery broker {self.broker} did not take the task in {self.bound.total_seconds():g}s"
-                )
-            return HandedOver(MODE)
+        return self.send(run)
 
     def cancel(self, run: Run, *, kill: bool) -> str:
         """Revokes the run's task and terminates it where a worker runs it (SIGKILL with `kill`)."""
@@ -159,5 +149,4 @@ class CeleryExecutor:
         )
 
     def close(self) -> None:
-        self.senders.close()
         self.app.close()

@@ -1,8 +1,9 @@
-"""The threads a delivering executor sends in (a webhook's POST, Scrapyd's schedule.json, Celery's
-send_task): the lane waiting for a send gives up on it when `stop` is set or its bound has passed,
-so the send runs in a thread of its own. Starting one per send cost more than a Celery send itself;
-these are kept and reused, one started only when none is idle, so a send stuck past its bound
-delays no other. Daemon threads: a send stuck on a fleet that never answers holds no exit.
+"""The threads a delivering executor sends in (a webhook's POST, Scrapyd's schedule.json): the lane
+waiting for a send gives up on it when `stop` is set or its bound has passed, so the send runs in
+a thread of its own. Starting one per send cost more than the send; these are kept and reused, one
+started only when none is idle, so a send stuck past its bound delays no other. Daemon threads: a
+send stuck on a fleet that never answers holds no exit. (Celery sends in the lane itself: its send
+is bounded by the broker's own timeouts, and the hand-off to a thread cost more than the send.)
 """
 
 from __future__ import annotations

@@ -296,3 +296,26 @@ def test_without_celery_installed_the_line_names_the_extra(db_url, monkeypatch):
     result = cli("process", env={"DATABASE_URL": db_url, "CELERY_BROKER_URL": "redis://h:1/0", "CELERY_TASK": TASK})
     assert result.returncode == 2
     assert "Celery is not installed here: pip install 'stuck-runs[celery]'" in one_line_error(result)
+
+
+def test_a_send_runs_in_the_lane_that_delivers_it_with_no_thread_of_its_own(redis_url):
+    import threading
+
+    import redis
+
+    from jobs.executors.celery import CeleryExecutor
+    from jobs.executors.outcome import HandedOver
+    from jobs.model import Run
+
+    queue = f"lanes-{uuid.uuid4().hex[:8]}"  # no worker consumes it: what was sent stays there
+    executor = CeleryExecutor(redis_url, TASK, queue)
+    store = redis.Redis.from_url(redis_url)
+    try:
+        sent = executor.deliver(Run(id=str(uuid.uuid4()), status="running", what="q"), threading.Event())
+        assert isinstance(sent, HandedOver) and store.llen(queue) == 1
+        # Sent by the lane itself: no thread started for it (a hand-off to another thread and back
+        # for each send cost more than the send).
+        assert not [t for t in threading.enumerate() if t.name.startswith("celery-send")]
+    finally:
+        store.delete(queue)
+        executor.close()

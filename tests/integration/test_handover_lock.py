@@ -44,13 +44,17 @@ def due_retries(engine: sa.Engine, count: int) -> list:
         return [insert_due_retry(conn, search_query=f"q{i}")[1] for i in range(count)]
 
 
-def statements_run(engine: sa.Engine, call) -> list[str]:
-    """The statements on the runs table (or its lock) that `call()` ran."""
+def statements_run(engine: sa.Engine, call, *, autocommit: list[bool] | None = None) -> list[str]:
+    """The query strings on the runs table (or its lock) that `call()` sent; with `autocommit`, whether
+    each was sent on a connection in autocommit (then psycopg2 sends no BEGIN before it and no COMMIT
+    after it: the string is the one round trip, its statements one transaction)."""
     ran: list[str] = []
 
     def seen(conn, cursor, statement, parameters, context, executemany) -> None:
         if "scrape_runs" in statement or "pg_advisory" in statement:
             ran.append(statement)
+            if autocommit is not None:
+                autocommit.append(conn.connection.dbapi_connection.autocommit)
 
     sa.event.listen(engine, "before_cursor_execute", seen)
     try:
@@ -60,14 +64,24 @@ def statements_run(engine: sa.Engine, call) -> list[str]:
     return ran
 
 
+def locked_then(statement: str, marking: str) -> bool:
+    """`statement` takes the cap's lock, then runs `marking`, in one query string."""
+    lock, _, then = statement.partition(";")
+    return "pg_advisory_xact_lock" in lock and marking in then and "pg_advisory" not in then
+
+
 def test_a_set_counts_the_room_and_marks_up_to_it_in_one_statement_under_the_lock(webhook_runtime):
     rt = webhook_runtime(3)
     due = due_retries(rt.engine, 5)
     deliveries = Deliveries(rt, rt.executor, POLICY)
     answers: list = []
-    ran = statements_run(rt.engine, lambda: answers.extend(deliveries.mark_batch([None, None], ahead=4)))
-    # The lock, the lapsed leases (a webhook sends again), then the room and the mark together.
-    assert len(ran) == 3 and "pg_advisory_xact_lock" in ran[0]
+    autocommit: list[bool] = []
+    call = lambda: answers.extend(deliveries.mark_batch([None, None], ahead=4))  # noqa: E731
+    ran = statements_run(rt.engine, call, autocommit=autocommit)
+    # A webhook sends again: the lapsed leases marked anew under the lock, then the room counted and
+    # marked up to under it; each one query string, one round trip, one transaction.
+    assert len(ran) == 2 and all(locked_then(s, "UPDATE scrape_runs") for s in ran) and all(autocommit)
+    assert "delivering_until <" in ran[0] and "delivering_until <" not in ran[1]
     assert all(isinstance(a, Marked) for a in answers) and len(deliveries.ready) == 1  # the room of 3
     assert [m.run.id for m in [*answers, *deliveries.ready]] == due[:3]  # the longest overdue first
     assert deliveries.mark_batch([None]) == [NO_ROOM]  # the cap is reached: not "nothing due"
@@ -77,6 +91,31 @@ def test_a_set_counts_the_room_and_marks_up_to_it_in_one_statement_under_the_loc
     assert deliveries.mark_batch([None]) == [None]  # room left, nothing due
     with rt.engine.connect() as conn:
         assert conn.execute(sa.text(HANDED)).scalar_one() == 2
+
+
+def test_an_engine_never_sent_twice_marks_a_set_in_one_round_trip_and_confirms_it_in_one(webhook_runtime):
+    rt = webhook_runtime(3)
+    due = due_retries(rt.engine, 4)
+    rt.executor.sends_again = False  # as Celery: a lapsed lease is the stuck checker's, not marked anew
+    deliveries = Deliveries(rt, rt.executor, POLICY)
+    answers: list = []
+    autocommit: list[bool] = []
+    ran = statements_run(
+        rt.engine, lambda: answers.extend(deliveries.mark_batch([None], ahead=2)), autocommit=autocommit
+    )
+    assert len(ran) == 1 and locked_then(ran[0], "UPDATE scrape_runs") and autocommit == [True]
+    marked = [*answers, *deliveries.ready]
+    assert [m.run.id for m in marked] == due[:3]
+    with rt.engine.begin() as conn:  # the fleet wrote one's outcome already: its confirm leaves it standing
+        conn.execute(sa.text("UPDATE scrape_runs SET status = 'completed' WHERE id = :id"), {"id": due[0]})
+    autocommit.clear()
+    ended = []
+    ran = statements_run(rt.engine, lambda: ended.extend(deliveries.end_marks(marked)), autocommit=autocommit)
+    assert len(ran) == 1 and ran[0].startswith("UPDATE scrape_runs") and autocommit == [True]
+    assert ended == ["completed", "running", "running"]
+    with rt.engine.connect() as conn:
+        unmarked = "SELECT count(*) FROM scrape_runs WHERE delivering_by IS NULL AND handed_off = 'webhook'"
+        assert conn.execute(sa.text(unmarked)).scalar_one() == 3
 
 
 def test_a_pass_marks_its_next_set_once_half_the_ready_ones_are_taken_the_older_ones_first(webhook_runtime):
@@ -122,3 +161,27 @@ def test_each_thread_calling_the_fleet_has_a_client_of_its_own_closed_once_the_t
     last.start()
     last.join(60)
     assert after[0].is_closed  # closed: a call on it raises, as on the one shared client before
+
+
+def test_a_set_checks_each_candidates_chain_for_a_completed_run_by_index_whatever_the_stats(webhook_runtime):
+    rt = webhook_runtime(3)
+    due_retries(rt.engine, 3)
+    rt.executor.sends_again = False
+    marking: list = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany) -> None:
+        if "pg_advisory_xact_lock" in statement:
+            marking.append((statement.partition(";")[2], parameters))
+
+    sa.event.listen(rt.engine, "before_cursor_execute", seen)
+    try:
+        Deliveries(rt, rt.executor, POLICY).mark_set(1, 2)
+    finally:
+        sa.event.remove(rt.engine, "before_cursor_execute", seen)
+    statement, parameters = marking[0]
+    with rt.engine.connect() as conn:
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql("EXPLAIN " + statement, parameters))
+    # A subquery run for each candidate (on a large table: its chain's root by the primary key, its
+    # retries by the chain index), never an anti-join whose plan the stats choose: with stats taken
+    # while few runs had completed, that join compared every candidate with every completed run.
+    assert "Anti Join" not in plan and "NOT EXISTS(SubPlan" in plan, plan
