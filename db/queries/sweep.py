@@ -30,6 +30,17 @@ from db.queries.limits import LimitStatements
 # The session's name of each prepared sweep batch (db.prepared), by the state it sweeps.
 PREPARED_NAMES = {"running": "sr_sweep_batch", "queued": "sr_not_started_batch"}
 
+# A sweep's batch commits without waiting for its WAL to reach the disk (jobs.stuck says why that
+# loses nothing); the sweep then makes every one of them durable at once with FLUSH_COMMITS.
+ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
+# A transaction that commits under the session's own synchronous_commit and writes a WAL record
+# (a transactional logical-decoding message, with an xid): its commit waits for the WAL up to its
+# commit record, which covers every commit record before it. A transaction that only takes an xid
+# (`pg_current_xact_id()`) would not do: having written no WAL before its commit record,
+# PostgreSQL commits it asynchronously whatever the setting (xact.c, RecordTransactionCommit).
+# Logical decoding's output plugins pass such a message on only when asked for messages.
+FLUSH_COMMITS = sa.text("SELECT pg_logical_emit_message(true, 'stuck-runs', 'sweep committed')")
+
 # What the sweep says of a run it fails, by the state it found the run in.
 _ERRORS = {"running": STUCK_ERROR, "queued": NOT_STARTED_ERROR}
 
@@ -187,7 +198,8 @@ class SweepStatements(LimitStatements):
         since = self.runs.last_sign_of_life().type  # the table's own: naive or not, as `:sr_from` was
         resume_from = placeholder(1, since)
         batch = self._sweep_batch(state, resume_from=resume_from, keep=placeholder(2, sa.Integer))
-        return Prepare(PREPARED_NAMES[state], [since.compile(postgresql.dialect()), "integer"], batch)
+        types = [since.compile(postgresql.dialect()), "integer"]
+        return Prepare(PREPARED_NAMES[state], types, batch, before=ASYNC_COMMIT)
 
     def _sweep_batch(
         self,
