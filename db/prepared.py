@@ -31,24 +31,31 @@ DEALLOCATE_ALL = sa.text("DEALLOCATE ALL")
 class Prepare(Executable, ClauseElement):
     """`PREPARE name (types) AS statement; EXECUTE name (:p1, …)`: the statement's bind
     parameters are bound now, once; its `$1`, `$2`… (`placeholder`) by `p1`, `p2`… here (its first
-    execution, in the same round trip) and at each `execute` after."""
+    execution, in the same round trip) and at each `execute` after. `before`: SQL sent ahead of
+    each execution in its round trip (`execute` with the same `before` for the others)."""
 
     inherit_cache = True
     _traverse_internals = [
         ("name", InternalTraversal.dp_string),
         ("types", InternalTraversal.dp_string_list),
         ("statement", InternalTraversal.dp_clauseelement),
+        ("before", InternalTraversal.dp_string),
     ]
 
-    def __init__(self, name: str, types: Sequence[str], statement: ClauseElement) -> None:
-        self.name, self.types, self.statement = name, list(types), statement
+    def __init__(self, name: str, types: Sequence[str], statement: ClauseElement, before: str = "") -> None:
+        self.name, self.types, self.statement, self.before = name, list(types), statement, before
+
+    def execute(self) -> sa.TextClause:
+        """`EXECUTE` of this statement once prepared, with what comes before it."""
+        return execute(self.name, len(self.types), before=self.before)
 
 
 @compiles(Prepare, "postgresql")
 def _prepare(element: Prepare, compiler, **kw) -> str:  # noqa: ANN001 - SQLAlchemy's signature
     name, body = _quote(element.name), compiler.process(element.statement, **kw)
     args = ", ".join(compiler.process(sa.bindparam(f"p{n}"), **kw) for n in range(1, len(element.types) + 1))
-    return f"PREPARE {name} ({', '.join(element.types)}) AS {body}; EXECUTE {name} ({args})"
+    before = f"{element.before}; " if element.before else ""
+    return f"{before}PREPARE {name} ({', '.join(element.types)}) AS {body}; EXECUTE {name} ({args})"
 
 
 def placeholder(number: int, kind: sa.types.TypeEngine) -> sa.ColumnElement:
@@ -56,10 +63,10 @@ def placeholder(number: int, kind: sa.types.TypeEngine) -> sa.ColumnElement:
     return sa.literal_column(f"${number}", kind)
 
 
-def execute(name: str, count: int) -> sa.TextClause:
-    """`EXECUTE name (:p1, …)`: bind `p1`… in the order of the `$n`."""
+def execute(name: str, count: int, before: str = "") -> sa.TextClause:
+    """`EXECUTE name (:p1, …)`: bind `p1`… in the order of the `$n` (`before`: SQL sent ahead of it)."""
     args = ", ".join(f":p{n}" for n in range(1, count + 1))
-    return sa.text(f"EXECUTE {_quote(name)} ({args})")
+    return sa.text(f"{before}; " * bool(before) + f"EXECUTE {_quote(name)} ({args})")
 
 
 def _quote(name: str) -> str:

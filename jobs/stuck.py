@@ -24,7 +24,7 @@ from loguru import logger
 from db import locks
 from db.engine import database_errors
 from db.prepared import DEALLOCATE_ALL
-from db.prepared import execute as execute_prepared
+from db.queries.sweep import FLUSH_COMMITS
 from jobs.events import SweepFinished
 from jobs.limits import Limits, current_limits, runtime_judging_params
 from jobs.model import RunId, as_utc
@@ -216,6 +216,22 @@ def _sweep(
     sweep_ns = locks.namespace(rt.runs.canonical_name, locks.SWEEP)
     statement_params = {**params, **sweep_params(policy), "sr_limit": rt.settings.batch_size}
     prepared = False  # whether this sweep prepared statements on its session (ended with it)
+    # Each batch commits asynchronously (db.queries.sweep.ASYNC_COMMIT: its COMMIT does not wait
+    # for the WAL to reach the disk, a hundred waits in a mass event), and the sweep makes them
+    # all durable at once before it returns, logs or publishes anything (FLUSH_COMMITS). Why
+    # nothing is lost or doubled:
+    # - a crash of the server before the flush loses whole batches only, each one transaction:
+    #   its runs are `running` again, their retries and dead letters gone with them, and the next
+    #   sweep fails them again (one retry each, as the first would have made);
+    # - another session that acts on a batch's rows (a hand-over marks a retry, an executor
+    #   claims one) does so in a transaction that writes, and its synchronous commit flushes the
+    #   WAL up to its own commit record, past the batch's: nothing leaves on a batch a crash could
+    #   undo. A reader that only reads (a page, `status`) may show a failure a crash then undoes,
+    #   as it may show a state that changes a moment later anyway;
+    # - this sweep's own word (the log lines of failed runs, its result, SweepFinished and the
+    #   alerts on it, the job record written after it) comes after the flush. If the flush cannot
+    #   run (the connection broke), the batches' runs are not logged: they may be lost.
+    unflushed = False  # a batch committed asynchronously that no flush has covered yet
     with database_errors(rt.engine, "sweeping stuck runs"), rt.engine.connect() as conn:
         if use_lock and not locks.lock_within(conn, sweep_ns, 0, int(lock_wait.total_seconds() * 1000)):
             holder = locks.holder(conn, sweep_ns, 0) or "another process"
@@ -236,14 +252,13 @@ def _sweep(
                             prepared = True
                             batch_params = {**statement_params, "p1": resume_from, "p2": room}
                             batch = conn.execute(prepare, batch_params).mappings().all()
-                            executing = execute_prepared(prepare.name, 2)
+                            executing = prepare.execute()
                         else:
                             batch = conn.execute(executing, {"p1": resume_from, "p2": room}).mappings().all()
                     batches += 1
-                    kept = batch[:room]
-                    _log(rt.runs.id_from_text, kept, already=len(rows))
-                    rows.extend(kept)
+                    rows.extend(batch[:room])
                     if batch:
+                        unflushed = unflushed or batch[0]["batch_failed"] > 0
                         failed += batch[0]["batch_failed"]
                         retried += batch[0]["batch_retried"]
                         dead += batch[0]["batch_dead_lettered"]
@@ -251,12 +266,20 @@ def _sweep(
                         break
                     resume_from = batch[0]["batch_until"]
         finally:
-            if prepared and not conn.invalidated:  # the pool's next user may prepare them again
-                conn.execute(DEALLOCATE_ALL)
-                conn.commit()
-            if use_lock:
-                locks.unlock(conn, sweep_ns, 0)
-                conn.commit()
+            try:
+                if unflushed and not conn.invalidated:
+                    with conn.begin():
+                        conn.execute(FLUSH_COMMITS)
+                    unflushed = False
+                if not unflushed:
+                    _log(rt.runs.id_from_text, rows)
+            finally:
+                if prepared and not conn.invalidated:  # the pool's next user may prepare them again
+                    conn.execute(DEALLOCATE_ALL)
+                    conn.commit()
+                if use_lock:
+                    locks.unlock(conn, sweep_ns, 0)
+                    conn.commit()
     listing = rt.queries.listing_sql(now)
     logged = min(len(rows), LOGGED_RUNS_PER_SWEEP)
     if failed > logged:
@@ -288,10 +311,10 @@ def _sweep_statements(rt: Runtime, kind: str) -> list:
     return statements
 
 
-def _log(parse_id: Callable[[str | None], object], batch, *, already: int) -> None:
+def _log(parse_id: Callable[[str | None], object], rows) -> None:
     """Each failed run by name, up to LOGGED_RUNS_PER_SWEEP a sweep; the sweep then says in one
     line how many more there were and how to list them (journald would drop a storm anyway)."""
-    for attempt in (_attempt(parse_id, row) for row in batch[: max(0, LOGGED_RUNS_PER_SWEEP - already)]):
+    for attempt in (_attempt(parse_id, row) for row in rows[:LOGGED_RUNS_PER_SWEEP]):
         logger.bind(
             run_id=str(attempt.run_id),
             chain=str(attempt.chain_id),

@@ -30,6 +30,17 @@ from db.queries.limits import LimitStatements
 # The session's name of each prepared sweep batch (db.prepared), by the state it sweeps.
 PREPARED_NAMES = {"running": "sr_sweep_batch", "queued": "sr_not_started_batch"}
 
+# A sweep's batch commits without waiting for its WAL to reach the disk (jobs.stuck says why that
+# loses nothing); the sweep then makes every one of them durable at once with FLUSH_COMMITS.
+ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
+# A transaction that commits under the session's own synchronous_commit and writes a WAL record
+# (a transactional logical-decoding message, with an xid): its commit waits for the WAL up to its
+# commit record, which covers every commit record before it. A transaction that only takes an xid
+# (`pg_current_xact_id()`) would not do: having written no WAL before its commit record,
+# PostgreSQL commits it asynchronously whatever the setting (xact.c, RecordTransactionCommit).
+# Logical decoding's output plugins pass such a message on only when asked for messages.
+FLUSH_COMMITS = sa.text("SELECT pg_logical_emit_message(true, 'stuck-runs', 'sweep committed')")
+
 # What the sweep says of a run it fails, by the state it found the run in.
 _ERRORS = {"running": STUCK_ERROR, "queued": NOT_STARTED_ERROR}
 
@@ -187,7 +198,8 @@ class SweepStatements(LimitStatements):
         since = self.runs.last_sign_of_life().type  # the table's own: naive or not, as `:sr_from` was
         resume_from = placeholder(1, since)
         batch = self._sweep_batch(state, resume_from=resume_from, keep=placeholder(2, sa.Integer))
-        return Prepare(PREPARED_NAMES[state], [since.compile(postgresql.dialect()), "integer"], batch)
+        types = [since.compile(postgresql.dialect()), "integer"]
+        return Prepare(PREPARED_NAMES[state], types, batch, before=ASYNC_COMMIT)
 
     def _sweep_batch(
         self,
@@ -259,31 +271,26 @@ class SweepStatements(LimitStatements):
         # to carry the counts) leave the server: a mass event does not ship 100,000 rows to Python.
         # What a kept row says (ids as text, its label, its message) is computed for those rows
         # only, after the counts: for the whole batch it was work done a thousand times to keep 20.
-        created = failed.c._sr_retry_id.in_(sa.select(retried.c.id))
-        dead_lettered = failed.c.id.in_(sa.select(dead.c.run_id))
-        counts = (
-            sa.select(
-                sa.func.count().label("batch_failed"),
-                sa.func.count().filter(created).label("batch_retried"),
-                sa.func.count().filter(dead_lettered).label("batch_dead_lettered"),
-                sa.select(sa.func.max(stuck.c.since)).scalar_subquery().label("batch_until"),
-            )
-            .select_from(failed)
-            .subquery("counts")
-        )
+        # Each count is its own CTE's rows: a retry or a dead letter is returned only when it was
+        # inserted (ON CONFLICT DO NOTHING returns none), at most one of each per failed run.
+        counts = sa.select(
+            sa.select(sa.func.count()).select_from(failed).scalar_subquery().label("batch_failed"),
+            sa.select(sa.func.count()).select_from(retried).scalar_subquery().label("batch_retried"),
+            sa.select(sa.func.count()).select_from(dead).scalar_subquery().label("batch_dead_lettered"),
+            sa.select(sa.func.max(stuck.c.since)).scalar_subquery().label("batch_until"),
+        ).subquery("counts")
         # The kept rows are the batch's oldest by sign of life, ties in the table's own order,
         # in that order: the log's first lines and the alerts' lists show them so. Picked by a
         # sort that keeps only them (window functions over the batch sorted and stored all its
-        # rows, wide ones, to keep one after the first batches).
+        # rows, wide ones, to keep one after the first batches); whether each got its retry or
+        # its dead letter is looked up for them alone (for every run of the batch, it was two
+        # hashed lookups a row before the sort, to keep none once a sweep kept its rows).
         order = (failed.c._sr_since, failed.c._sr_ctid)
         keep = sa.func.greatest(keep if keep is not None else sa.bindparam("sr_keep", type_=sa.Integer), 1)
-        first = (
-            sa.select(*failed.c, created.label("_sr_retried"), dead_lettered.label("_sr_dead"))
-            .order_by(*order)
-            .limit(keep)
-            .subquery("kept")
-        )
+        first = sa.select(*failed.c).order_by(*order).limit(keep).subquery("kept")
         kept = first.c
+        created = kept._sr_retry_id.in_(sa.select(retried.c.id))
+        dead_lettered = kept.id.in_(sa.select(dead.c.run_id))
         return (
             sa.select(
                 sa.cast(kept.id, sa.Text).label("run_id"),
@@ -293,9 +300,9 @@ class SweepStatements(LimitStatements):
                 kept.max_retries.label("budget"),
                 runs.error_text(kept.error_message).label("message"),
                 kept.next_retry_at,
-                sa.case((kept._sr_retried, sa.cast(kept._sr_retry_id, sa.Text)), else_=sa.null()).label("retry_id"),
-                kept._sr_retried.label("retried"),
-                kept._sr_dead.label("dead_lettered"),
+                sa.case((created, sa.cast(kept._sr_retry_id, sa.Text)), else_=sa.null()).label("retry_id"),
+                created.label("retried"),
+                dead_lettered.label("dead_lettered"),
                 kept._sr_limit_s.label("limit_s"),
                 kept._sr_limit_source.label("limit_source"),
                 kept._sr_detail.label("limit_reason"),

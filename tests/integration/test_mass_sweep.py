@@ -8,6 +8,8 @@ from datetime import datetime, timedelta, timezone
 import sqlalchemy as sa
 from loguru import logger
 
+from db.queries.sweep import ASYNC_COMMIT, FLUSH_COMMITS
+from jobs.events import SweepFinished
 from jobs.stuck import LOGGED_RUNS_PER_SWEEP, sweep_stuck_runs
 from tests.helpers import insert_run, insert_stuck_runs, make_runtime
 from tests.integration.test_cli import cli
@@ -60,8 +62,8 @@ def test_a_sweep_of_many_batches_sends_its_statement_once_and_leaves_nothing_pre
             result = sweep_stuck_runs(rt)
             assert (result.failed, result.retries_scheduled, result.batches) == (stuck, stuck, stuck // 5 + 1)
             whole = [s for s in sent if "SKIP LOCKED" in s]
-            assert len(whole) == 1 and whole[0].startswith("PREPARE "), whole  # with the first batch
-            assert sum(s.startswith("EXECUTE ") for s in sent) == stuck // 5  # the others'
+            assert len(whole) == 1 and whole[0].startswith(f"{ASYNC_COMMIT}; PREPARE "), whole  # with the first batch
+            assert sum(s.startswith(f"{ASYNC_COMMIT}; EXECUTE ") for s in sent) == stuck // 5  # the others'
             assert sent[-2:][0] == "DEALLOCATE ALL"  # before the sweep lock's release
     finally:
         sa.event.remove(rt.engine, "before_cursor_execute", remember)
@@ -70,6 +72,77 @@ def test_a_sweep_of_many_batches_sends_its_statement_once_and_leaves_nothing_pre
         retries = conn.exec_driver_sql("SELECT count(*) FROM scrape_runs WHERE status = 'pending_retry'").scalar()
     assert retries == 30
     rt.close()
+
+
+def test_a_sweeps_batches_commit_without_waiting_and_one_flush_covers_them_before_it_says_anything(db_url):
+    # A hundred batches each waited for its commit to reach the disk in a mass event; they commit
+    # asynchronously, and one synchronous commit that writes WAL (so it waits for the WAL up to
+    # it, every batch's commit included) ends the sweep, before its log lines, its result and
+    # SweepFinished (the alerts). The session's own setting applies to that commit (here
+    # remote_write: not forced to `on`), and an idle sweep flushes nothing (it wrote nothing).
+    with sa.create_engine(db_url, isolation_level="AUTOCOMMIT").connect() as conn:
+        name = sa.engine.make_url(db_url).database
+        conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET synchronous_commit = remote_write')
+    rt = make_runtime(db_url, batch_size=5)
+    seen: list[str] = []
+
+    def committing(conn) -> None:  # noqa: ANN001 - SQLAlchemy's signature
+        if seen and seen[-1] in ("batch", "flush"):  # their transactions' commits (not the lock's)
+            cursor = conn.connection.dbapi_connection.cursor()  # raw: no events of its own
+            cursor.execute("SHOW synchronous_commit")
+            seen.append(f"commit {cursor.fetchone()[0]}")
+
+    def sending(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        seen.append("flush" if statement == str(FLUSH_COMMITS) else "batch" if ASYNC_COMMIT in statement else "other")
+
+    sa.event.listen(rt.engine, "commit", committing)
+    sa.event.listen(rt.engine, "before_cursor_execute", sending)
+    sink = logger.add(lambda message: seen.append("log"), level="WARNING", format="{message}")
+    unsubscribe = rt.events.subscribe(
+        lambda event: seen.append("finished") if isinstance(event, SweepFinished) else None
+    )
+    try:
+        with rt.engine.begin() as conn:
+            insert_stuck_runs(conn, 12, THREE_HOURS_AGO)
+        seen.clear()
+        result = sweep_stuck_runs(rt)
+        swept = [s for s in seen if s != "other"]
+        seen.clear()
+        idle = sweep_stuck_runs(rt)
+        idle_seen = [s for s in seen if s != "other"]
+    finally:
+        unsubscribe()
+        logger.remove(sink)
+        sa.event.remove(rt.engine, "commit", committing)
+        sa.event.remove(rt.engine, "before_cursor_execute", sending)
+    assert (result.failed, result.batches, idle.failed) == (12, 3, 0)
+    batches = ["batch", "commit off"] * 3  # 5, 5 and 2 runs
+    assert swept == [*batches, "flush", "commit remote_write", *["log"] * 12, "finished"], swept
+    assert idle_seen == ["batch", "commit off", "finished"], idle_seen
+    with rt.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM scrape_runs WHERE status = 'pending_retry'").scalar() == 12
+    rt.close()
+
+
+def test_the_flush_makes_earlier_asynchronous_commits_durable(db_url):
+    # What FLUSH_COMMITS is for: the WAL up to an earlier asynchronous commit is flushed when it
+    # returns. (A transaction that only takes an xid commits asynchronously whatever the setting.)
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SET synchronous_commit = off")
+        conn.commit()
+        with conn.begin():
+            conn.exec_driver_sql("UPDATE scrape_runs SET status = status")
+            conn.exec_driver_sql("CREATE TABLE flushed_or_not (x int)")
+        written = conn.exec_driver_sql("SELECT pg_current_wal_insert_lsn()").scalar()
+        conn.commit()
+        conn.exec_driver_sql("SET synchronous_commit = on")
+        conn.commit()
+        with conn.begin():
+            conn.execute(FLUSH_COMMITS)
+        flushed = conn.exec_driver_sql("SELECT pg_current_wal_flush_lsn() - %(lsn)s::pg_lsn", {"lsn": written}).scalar()
+    engine.dispose()
+    assert flushed >= 0
 
 
 def test_a_mass_event_is_one_summary_line_in_the_log(db_url):
