@@ -91,6 +91,7 @@ FINISH = (
 SESSIONS = "SELECT count(*) FROM pg_stat_activity WHERE datname = :db AND application_name LIKE 'stuck-runs%'"
 PENDING = "SELECT count(*) FROM scrape_runs WHERE status = 'pending_retry'"
 HANDED = "SELECT count(*) FROM scrape_runs WHERE is_retry AND handed_off = :mode AND status <> 'pending_retry'"
+MISSING = "SELECT * FROM scrape_runs WHERE id::text = ANY(:ids)"
 HANDED_IDS = "SELECT id FROM scrape_runs WHERE is_retry AND handed_off = :mode AND status <> 'pending_retry'"
 
 
@@ -100,9 +101,18 @@ def poll(url: str, sql: str, params: dict, ready, halt, most) -> None:
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     with engine.connect() as conn:
         while not halt.is_set():
-            result = conn.execute(sa.text(sql), params)
-            most.value = max(most.value, result.scalar_one() if result.returns_rows else 0)
-            conn.commit()
+            try:
+                result = conn.execute(sa.text(sql), params)
+                most.value = max(most.value, result.scalar_one() if result.returns_rows else 0)
+                conn.commit()
+            except sa.exc.OperationalError as exc:
+                # The fleet's UPDATE over every running row can deadlock with ours' set-wide
+                # marks and confirms: PostgreSQL ends one of them. A fleet goes on; a poller that
+                # died here left the cap's slots taken and the bench measuring a stall.
+                if getattr(exc.orig, "pgcode", None) != "40P01":
+                    raise
+                conn.rollback()
+                continue
             ready.set()
             halt.wait(0.005)
     engine.dispose()
@@ -379,9 +389,15 @@ def exactly_once(engine: Engine, check: sa.Engine) -> dict:
     """Whether the engine received each handed retry once and nothing else (by its id)."""
     received = Counter(engine.received())
     handed = set(handed_ids(check, engine.name))
+    missing = sorted(handed - set(received))
+    rows = []
+    if missing:  # what the database says of a retry the engine never received
+        with check.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(sa.text(MISSING), {"ids": missing[:5]})]
     return {
         "received": sum(received.values()),
         "received_twice": sum(1 for n in received.values() if n > 1),
+        "not_received": [{k: str(v) for k, v in row.items()} for row in rows] + missing[5:6],
         "exactly_once": set(received) == handed and all(n == 1 for n in received.values()),
     }
 
