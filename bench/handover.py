@@ -227,6 +227,7 @@ def start_scrapyd_engine(work: Path, url: str) -> Engine:
 
 def start_celery_engine(work: Path, url: str) -> Engine:
     import celery
+    import kombu.pools
     import redis
 
     from tests.scrapyd_fleet import free_port
@@ -278,6 +279,10 @@ def start_celery_engine(work: Path, url: str) -> Engine:
             yield send
         finally:
             app.close()
+            # kombu keeps its connection and producer pools in process-wide registries keyed by
+            # the broker's URL: ours' app, opened next in this process, would take over the
+            # floor's pools (closed with the app above) instead of its own.
+            kombu.pools.reset()
 
     def stop() -> None:
         proc.terminate()
