@@ -18,15 +18,20 @@ is measured, not the fleet:
   `running`) before it answers.
 
 For each engine and each `cap:retries` of the plan, `--rounds` times, interleaved:
-- the floor: `cap` threads handing `retries` fresh ids to the engine through one pooled client and
-  nothing else (no database, no mark, no confirm): Scrapyd's schedule.json POSTs, Celery's
-  `send_task`, the receiver's POSTs (same body shape, an Idempotency-Key each);
+- the floor: `cap` threads handing `retries` fresh ids to the engine and nothing else (no database,
+  no mark, no confirm), the best a bare client does: Scrapyd's schedule.json POSTs and the
+  receiver's POSTs through a client per thread (one connection kept alive each: httpx's pool shared
+  by 100 threads spends more CPU walking its connections than sending), Celery's `send_task`
+  through one app whose pool holds a connection per thread; the same request as ours (form, body,
+  headers, timeouts), written here and not imported, so the floor stays independent of the code
+  it judges;
 - ours: `process_due_retries` (what `stuck-runs process` runs) at MAX_CONCURRENT_RETRIES=`cap`
   over `retries` due retries, in passes until none is pending; beside it, the most sessions the
-  process held at one time, sampled from pg_stat_activity every 5 ms;
+  process held at one time, sampled from pg_stat_activity every 5 ms; and that the engine
+  received each retry exactly once (Scrapyd's queue, the broker's list, the receiver's log);
 - the whole command (`--whole`): `stuck-runs process` as a user runs it, one process a pass until
   none is pending, the same settings from the environment, its output (a line per retry on stdout,
-  the log on stderr) written to files: start-up, imports and output included.
+  the log on stderr) written to files: start-up, imports and output included; exactly once too.
 """
 
 from __future__ import annotations
@@ -36,14 +41,16 @@ import json
 import multiprocessing
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +91,8 @@ FINISH = (
 SESSIONS = "SELECT count(*) FROM pg_stat_activity WHERE datname = :db AND application_name LIKE 'stuck-runs%'"
 PENDING = "SELECT count(*) FROM scrape_runs WHERE status = 'pending_retry'"
 HANDED = "SELECT count(*) FROM scrape_runs WHERE is_retry AND handed_off = :mode AND status <> 'pending_retry'"
+MISSING = "SELECT * FROM scrape_runs WHERE id::text = ANY(:ids)"
+HANDED_IDS = "SELECT id FROM scrape_runs WHERE is_retry AND handed_off = :mode AND status <> 'pending_retry'"
 
 
 def poll(url: str, sql: str, params: dict, ready, halt, most) -> None:
@@ -92,9 +101,18 @@ def poll(url: str, sql: str, params: dict, ready, halt, most) -> None:
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     with engine.connect() as conn:
         while not halt.is_set():
-            result = conn.execute(sa.text(sql), params)
-            most.value = max(most.value, result.scalar_one() if result.returns_rows else 0)
-            conn.commit()
+            try:
+                result = conn.execute(sa.text(sql), params)
+                most.value = max(most.value, result.scalar_one() if result.returns_rows else 0)
+                conn.commit()
+            except sa.exc.OperationalError as exc:
+                # The fleet's UPDATE over every running row can deadlock with ours' set-wide
+                # marks and confirms: PostgreSQL ends one of them. A fleet goes on; a poller that
+                # died here left the cap's slots taken and the bench measuring a stall.
+                if getattr(exc.orig, "pgcode", None) != "40P01":
+                    raise
+                conn.rollback()
+                continue
             ready.set()
             halt.wait(0.005)
     engine.dispose()
@@ -130,9 +148,35 @@ class Engine:
     name: str
     settings: dict
     client: Callable[[int], object]  # a context manager yielding send(i) -> bool
+    received: Callable[[], list[str]]  # the ids the engine received since `reset`, one per request
     finisher: bool = True
-    reset: Callable[[], None] = lambda: None  # between runs: the engine's queue emptied
+    reset: Callable[[], None] = lambda: None  # between runs: what the engine received forgotten
     stops: list[Callable[[], None]] = field(default_factory=list)
+
+
+@contextmanager
+def client_per_thread(make: Callable[[], httpx.Client]) -> Iterator[Callable[[], httpx.Client]]:
+    """`get()`: the calling thread's own client, made on its first call; all closed at the end. A
+    bare client's best at 100 threads: httpcore's pool, shared, walks all its connections at each
+    request and answer (for each idle one, all of them again)."""
+    local, made, lock = threading.local(), [], threading.Lock()
+
+    def get() -> httpx.Client:
+        http = getattr(local, "http", None)
+        if http is None:
+            http = local.http = make()
+            with lock:
+                made.append(http)
+        return http
+
+    try:
+        yield get
+    finally:
+        for http in made:
+            http.close()
+
+
+ONE_CONNECTION = httpx.Limits(max_connections=1, max_keepalive_connections=1)  # one call at a time a thread
 
 
 def start_scrapyd_engine(work: Path, url: str) -> Engine:
@@ -140,20 +184,34 @@ def start_scrapyd_engine(work: Path, url: str) -> Engine:
     from tests.scrapyd_fleet import PROJECT, start_scrapyd
 
     scrapyd = start_scrapyd(work / "scrapyd", poll_interval=3600, max_proc=1)
+    queue = work / "scrapyd" / "dbs" / f"{PROJECT}.db"  # Scrapyd's pending jobs (SQLite), never started
 
     @contextmanager
     def client(cap: int) -> Iterator[Callable[[int], bool]]:
-        limits = httpx.Limits(max_connections=cap, max_keepalive_connections=cap)
-        with httpx.Client(limits=limits, timeout=30, trust_env=False) as http:
+        timeout = httpx.Timeout(30, connect=5)  # ours: 30 s to read, 5 to connect
+        make = lambda: httpx.Client(timeout=timeout, limits=ONE_CONNECTION, follow_redirects=False, trust_env=False)  # noqa: E731
+        with client_per_thread(make) as http:
 
             def send(_: int) -> bool:
-                form = {"project": PROJECT, "spider": "rows", "jobid": str(uuid.uuid4()), "mode": "write"}
+                form = {"mode": "write", "project": PROJECT, "spider": "rows", "jobid": str(uuid.uuid4())}
                 try:
-                    return http.post(f"{scrapyd.url}/schedule.json", data=form).json()["status"] == "ok"
+                    return http().post(f"{scrapyd.url}/schedule.json", data=form).json()["status"] == "ok"
                 except httpx.HTTPError:  # Scrapyd's listen backlog (50) overflows past ~100 at once: reset
                     return False
 
             yield send
+
+    def queued(sql: str) -> list:
+        with sqlite3.connect(queue, timeout=30) as db:  # Scrapyd writes it from its one thread
+            return db.execute(sql).fetchall()
+
+    def reset() -> None:
+        # Every run starts on an empty queue: a queue of the runs before would make each later
+        # run's inserts (and ours' listjobs.json) slower than the first's.
+        queued("DELETE FROM spider_queue")
+
+    def received() -> list[str]:
+        return [json.loads(message)["_job"] for (message,) in queued("SELECT message FROM spider_queue")]
 
     settings = {
         "scrapyd_url": ScrapydUrl(scrapyd.url),
@@ -161,14 +219,15 @@ def start_scrapyd_engine(work: Path, url: str) -> Engine:
         "scrapyd_spider": "rows",
         "scrapyd_args": (("mode", "{search_query}"),),
     }
-    with client(1) as send:  # warm-up: the project's spider list, read once by Scrapyd
+    with client(1) as send:  # warm-up: the project's spider list, read once by Scrapyd (and its queue made)
         for i in range(5):
             send(i)
-    return Engine("scrapyd", settings, client, stops=[scrapyd.stop])
+    return Engine("scrapyd", settings, client, received, reset=reset, stops=[scrapyd.stop])
 
 
 def start_celery_engine(work: Path, url: str) -> Engine:
     import celery
+    import kombu.pools
     import redis
 
     from tests.scrapyd_fleet import free_port
@@ -196,28 +255,45 @@ def start_celery_engine(work: Path, url: str) -> Engine:
 
     @contextmanager
     def client(cap: int) -> Iterator[Callable[[int], bool]]:
-        # The executor's own app configuration but none of its code: send_task, nothing else.
+        # One app, as a producer has: its pool holds a connection for each of the `cap` threads
+        # (its default, 10, would have 90 of 100 wait for one), the broker's timeouts as ours
+        # (retries off). send_task, nothing else; the same keyword arguments as ours.
         app = celery.Celery("bench-floor", broker=broker, set_as_current=False)
-        app.conf.update(broker_connection_retry=False, task_create_missing_queues=True, result_backend=None)
+        timeouts = {"socket_connect_timeout": 5, "socket_timeout": 5, "max_retries": 0}
+        app.conf.update(
+            broker_connection_retry=False,
+            broker_connection_timeout=5,
+            broker_transport_options=timeouts,
+            task_create_missing_queues=True,
+            result_backend=None,
+            broker_pool_limit=cap,
+        )
 
         def send(_: int) -> bool:
             run_id = str(uuid.uuid4())
-            kwargs = {"search_query": "write", "location_query": "Belgium", "run_id": run_id}
-            app.send_task(TASK, task_id=run_id, kwargs=kwargs, retry=False)
+            kwargs = {"search_query": "write", "location_query": "Belgium", "config": {}, "user_id": None}
+            app.send_task(TASK, task_id=run_id, kwargs={**kwargs, "run_id": run_id}, retry=False)
             return True
 
         try:
             yield send
         finally:
             app.close()
+            # kombu keeps its connection and producer pools in process-wide registries keyed by
+            # the broker's URL: ours' app, opened next in this process, would take over the
+            # floor's pools (closed with the app above) instead of its own.
+            kombu.pools.reset()
 
     def stop() -> None:
         proc.terminate()
         proc.wait(10)
 
-    return Engine(
-        "celery", {"celery_broker_url": broker, "celery_task": TASK}, client, reset=store.flushdb, stops=[stop]
-    )
+    def received() -> list[str]:
+        # The tasks waiting in Celery's default queue (a Redis list): nobody consumes them.
+        return [json.loads(message)["headers"]["id"] for message in store.lrange("celery", 0, -1)]
+
+    settings = {"celery_broker_url": broker, "celery_task": TASK}
+    return Engine("celery", settings, client, received, reset=store.flushdb, stops=[stop])
 
 
 def start_webhook_engine(work: Path, url: str) -> Engine:
@@ -227,15 +303,17 @@ def start_webhook_engine(work: Path, url: str) -> Engine:
 
     @contextmanager
     def client(cap: int) -> Iterator[Callable[[int], bool]]:
-        limits = httpx.Limits(max_connections=cap, max_keepalive_connections=cap)
-        with httpx.Client(limits=limits, timeout=30, trust_env=False) as http:
+        timeout = httpx.Timeout(30, connect=5)  # ours' default: SCRAPE_RUN_TIMEOUT 30 s, 5 to connect
+        make = lambda: httpx.Client(timeout=timeout, limits=ONE_CONNECTION, follow_redirects=False, trust_env=False)  # noqa: E731
+        with client_per_thread(make) as http:
 
             def send(_: int) -> bool:
                 run_id = str(uuid.uuid4())
-                body = {"search_query": "write", "location_query": "Belgium", "id": run_id, "retry_count": 1}
-                headers = {"Idempotency-Key": run_id}
+                fields = {"search_query": "write", "location_query": "Belgium", "config": {}, "user_id": None}
+                body = {**fields, "id": run_id, "retry_count": 1, "max_retries": 4, "original_run_id": run_id}
+                headers = {"Content-Type": "application/json", "Idempotency-Key": run_id}
                 try:
-                    return http.post(f"{receiver.url}/runs", json=body, headers=headers).is_success
+                    return http().post(f"{receiver.url}/runs", content=json.dumps(body), headers=headers).is_success
                 except httpx.TransportError:  # what ours would postpone
                     return False
 
@@ -244,7 +322,10 @@ def start_webhook_engine(work: Path, url: str) -> Engine:
     def reset() -> None:
         receiver.log.write_text("")  # its log of every request, so it does not grow across runs
 
-    return Engine("webhook", {"webhook": f"{receiver.url}/runs"}, client, False, reset, [receiver.stop])
+    def received() -> list[str]:
+        return [request["key"] for request in receiver.requests() if request["method"] == "POST"]
+
+    return Engine("webhook", {"webhook": f"{receiver.url}/runs"}, client, received, False, reset, [receiver.stop])
 
 
 STARTS = {"scrapyd": start_scrapyd_engine, "celery": start_celery_engine, "webhook": start_webhook_engine}
@@ -275,13 +356,55 @@ def create_database(server_url: str) -> str:
 
 
 def floor(engine: Engine, retries: int, cap: int) -> dict:
+    """`cap` threads sending `retries` fresh ids, each taking the next number as it is free (no
+    futures, no queue: a number is handed out by one call of the iterator, atomic under the GIL)."""
     engine.reset()
+    numbers = iter(range(retries))
+    handed = [0] * cap
+
+    def thread(slot: int) -> None:
+        handed[slot] = sum(send(i) for i in numbers)
+
     with engine.client(cap) as send:
+        threads = [threading.Thread(target=thread, args=(slot,), name=f"floor-{slot}") for slot in range(cap)]
         started = time.perf_counter()
-        with ThreadPoolExecutor(cap) as pool:
-            done = sum(pool.map(send, range(retries)))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         seconds = time.perf_counter() - started
-    return {"handed": done, "refused": retries - done, "seconds": round(seconds, 2), "per_second": done / seconds}
+    done = sum(handed)
+    received = engine.received()
+    return {
+        "handed": done,
+        "refused": retries - done,
+        "seconds": round(seconds, 2),
+        "per_second": done / seconds,
+        "received": len(received),
+    }
+
+
+def handed_ids(check: sa.Engine, mode: str) -> list[str]:
+    with check.connect() as conn:
+        rows = conn.execute(sa.text(HANDED_IDS), {"mode": mode})
+        return [str(row[0]) for row in rows]
+
+
+def exactly_once(engine: Engine, check: sa.Engine) -> dict:
+    """Whether the engine received each handed retry once and nothing else (by its id)."""
+    received = Counter(engine.received())
+    handed = set(handed_ids(check, engine.name))
+    missing = sorted(handed - set(received))
+    rows = []
+    if missing:  # what the database says of a retry the engine never received
+        with check.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(sa.text(MISSING), {"ids": missing[:5]})]
+    return {
+        "received": sum(received.values()),
+        "received_twice": sum(1 for n in received.values() if n > 1),
+        "not_received": [{k: str(v) for k, v in row.items()} for row in rows] + missing[5:6],
+        "exactly_once": set(received) == handed and all(n == 1 for n in received.values()),
+    }
 
 
 def passes_until_none_pending(engine: Engine, url: str, check: sa.Engine, one_pass) -> dict:
@@ -332,7 +455,8 @@ def ours(engine: Engine, url: str, retries: int, cap: int) -> dict:
             errors.append(str(exc).split(" at postgresql")[0])
 
     try:
-        return {**passes_until_none_pending(engine, url, rt.engine, one_pass), "pass_errors": errors}
+        figures = passes_until_none_pending(engine, url, rt.engine, one_pass)
+        return {**figures, "pass_errors": errors, **exactly_once(engine, rt.engine)}
     finally:
         rt.close()
 
@@ -374,9 +498,9 @@ def whole(engine: Engine, url: str, retries: int, cap: int, work: Path) -> dict:
     check = make_engine(url)
     try:
         figures = passes_until_none_pending(engine, url, check, one_pass)
+        return {**figures, "failed_passes": failed, "stdout_lines": lines, **exactly_once(engine, check)}
     finally:
         check.dispose()
-    return {**figures, "failed_passes": failed, "stdout_lines": lines}
 
 
 def measure(engine: Engine, url: str, cap: int, retries: int, rounds: int, work: Path | None = None) -> dict:
@@ -384,21 +508,26 @@ def measure(engine: Engine, url: str, cap: int, retries: int, rounds: int, work:
     and every run."""
     floors, ourses, wholes = [], [], []
     for _ in range(rounds):
+        at = f"{time.strftime('%H:%M:%S')}, load {load()}"
         floors.append(floor(engine, retries, cap))
         ourses.append(ours(engine, url, retries, cap))
         print(
-            f"  {engine.name:<8} cap {cap:>3}, {retries:>6,} retries: floor {floors[-1]['per_second']:8.1f}/s "
-            f"ours {ourses[-1]['per_second']:8.1f}/s (peak sessions {ourses[-1]['peak_sessions']}, "
-            f"{ourses[-1]['handed']:,} handed, {len(ourses[-1]['pass_errors'])} pass(es) ended on an error)",
+            f"  {engine.name:<8} cap {cap:>3}, {retries:>6,} retries ({at}): floor {floors[-1]['per_second']:8.1f}/s "
+            f"ours {ourses[-1]['per_second']:8.1f}/s = {floors[-1]['per_second'] / ourses[-1]['per_second']:.2f}x "
+            f"(peak sessions {ourses[-1]['peak_sessions']}, {ourses[-1]['handed']:,} handed, "
+            f"{'each received once' if ourses[-1]['exactly_once'] else 'NOT each received once'}, "
+            f"{len(ourses[-1]['pass_errors'])} pass(es) ended on an error)",
             flush=True,
         )
         if work is not None:
             wholes.append(whole(engine, url, retries, cap, work))
             print(
                 f"  {engine.name:<8} cap {cap:>3}, {retries:>6,} retries: whole command "
-                f"{wholes[-1]['per_second']:8.1f}/s ({wholes[-1]['passes']} pass(es), {wholes[-1]['handed']:,} handed, "
+                f"{wholes[-1]['per_second']:8.1f}/s = {floors[-1]['per_second'] / wholes[-1]['per_second']:.2f}x "
+                f"({wholes[-1]['passes']} pass(es), {wholes[-1]['handed']:,} handed, "
+                f"{'each received once' if wholes[-1]['exactly_once'] else 'NOT each received once'}, "
                 f"{wholes[-1]['stdout_lines']:,} lines out, peak sessions {wholes[-1]['peak_sessions']}, "
-                f"{wholes[-1]['failed_passes']} failed)",
+                f"{wholes[-1]['failed_passes']} failed; load {load()})",
                 flush=True,
             )
     floor_rate = statistics.median(f["per_second"] for f in floors)
@@ -411,6 +540,7 @@ def measure(engine: Engine, url: str, cap: int, retries: int, rounds: int, work:
             "whole_ratio": round(floor_rate / whole_rate, 2),
             "whole_all_handed": all(w["handed"] == retries for w in wholes),
             "whole_peak_sessions": max(w["peak_sessions"] for w in wholes),
+            "whole_exactly_once": all(w["exactly_once"] for w in wholes),
         }
     return {
         "engine": engine.name,
@@ -422,6 +552,8 @@ def measure(engine: Engine, url: str, cap: int, retries: int, rounds: int, work:
         "peak_sessions": max(o["peak_sessions"] for o in ourses),
         "floor_refused": sum(f["refused"] for f in floors),
         "all_handed": all(o["handed"] == retries for o in ourses),
+        "exactly_once": all(o["exactly_once"] for o in ourses),  # the engine received each retry once
+        "floor_received": all(f["received"] == f["handed"] for f in floors),
         "pass_errors": sum(len(o["pass_errors"]) for o in ourses),
         **whole_figures,
         "runs": {"floor": floors, "ours": ourses, "whole": wholes},

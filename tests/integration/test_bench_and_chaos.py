@@ -68,7 +68,7 @@ def test_a_few_chaos_trials_find_no_violation():
 
 def test_the_hand_over_bench_hands_every_retry_to_each_engine_on_a_small_pool(tmp_path):
     figures = tmp_path / "handover.json"
-    result = run("-m", "bench.handover", "--plan", "4:10", "--json", str(figures), timeout=300)
+    result = run("-m", "bench.handover", "--plan", "4:10", "--whole", "--json", str(figures), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads(figures.read_text())["results"]
     assert [r["engine"] for r in results] == ["scrapyd", "celery", "webhook"]
@@ -76,3 +76,7 @@ def test_the_hand_over_bench_hands_every_retry_to_each_engine_on_a_small_pool(tm
         assert engine["all_handed"] and engine["pass_errors"] == 0, engine
         assert engine["floor_refused"] == 0, engine  # the floor handed as many, so the ratio compares like with like
         assert 1 <= engine["peak_sessions"] <= 8, engine  # SPEC §12: a small pool whatever the cap
+        # The engine itself (Scrapyd's queue, the broker's list, the receiver's log) received each
+        # handed retry once and nothing else, from ours and from the whole command; the floor's all.
+        assert engine["exactly_once"] and engine["whole_exactly_once"] and engine["whole_all_handed"], engine
+        assert engine["floor_received"], engine
