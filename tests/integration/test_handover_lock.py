@@ -185,3 +185,30 @@ def test_a_set_checks_each_candidates_chain_for_a_completed_run_by_index_whateve
     # retries by the chain index), never an anti-join whose plan the stats choose: with stats taken
     # while few runs had completed, that join compared every candidate with every completed run.
     assert "Anti Join" not in plan and "NOT EXISTS(SubPlan" in plan, plan
+
+
+def test_a_set_finding_no_room_says_so_even_when_room_comes_free_right_after_it(webhook_runtime, db_url):
+    rt = webhook_runtime(2)
+    due = due_retries(rt.engine, 3)
+    rt.executor.sends_again = False  # as Celery: the set is the one marking statement
+    deliveries = Deliveries(rt, rt.executor, POLICY)
+    assert len(deliveries.mark_batch([None], ahead=1)) == 1 and len(deliveries.ready) == 1  # the cap of 2
+    fleet = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+
+    def fleet_ends_one(conn, cursor, statement, parameters, context, executemany) -> None:
+        # The fleet ends a retry the moment the set's marking statement has run (no room then):
+        # a slot is free by the time anything after that statement could count the room again.
+        if "pg_advisory_xact_lock" in statement:
+            with fleet.begin() as other:
+                other.execute(sa.text("UPDATE scrape_runs SET status = 'completed' WHERE id = :id"), {"id": due[0]})
+
+    sa.event.listen(rt.engine, "after_cursor_execute", fleet_ends_one)
+    try:
+        # The cap was reached when the set marked: "no room", never "nothing due" (a lane told
+        # nothing is due ends, and a pass stops marking ahead, while one retry is still due).
+        assert deliveries.mark_batch([None]) == [NO_ROOM]
+    finally:
+        sa.event.remove(rt.engine, "after_cursor_execute", fleet_ends_one)
+        fleet.dispose()
+    third = deliveries.mark_batch([None])[0]
+    assert isinstance(third, Marked) and third.run.id == due[2]
