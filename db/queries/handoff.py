@@ -73,11 +73,22 @@ class HandoffStatements(TableStatements):
         written since; the (id, mark) pairs whose mark ended, with their status."""
         t, runs = self.t, self.runs
         confirmed = _arrays(id=runs.id_type, by=sa.Text)
+        # Their rows locked first, in the table's order: a fleet ending many of them in one statement
+        # locks them in its scan's order, the table's; locked in the order given (a join by the key),
+        # the two could each hold a row the other waits for, and PostgreSQL ends one after a second.
+        locked = (
+            sa.select(t.c.id, confirmed.c.by)
+            .where(t.c.id == confirmed.c.id, t.c.delivering_by == confirmed.c.by)
+            .order_by(sa.literal_column("ctid"))  # the unnest has none: the table's
+            .with_for_update(of=t)
+            .cte("locked")
+            .prefix_with("MATERIALIZED")
+        )
         return (
             self._update()
             .values(**_UNMARKED)
-            .where(t.c.id == confirmed.c.id, t.c.delivering_by == confirmed.c.by)
-            .returning(t.c.id, confirmed.c.by, runs.state_of(t.c.status))
+            .where(t.c.id == locked.c.id, t.c.delivering_by == locked.c.by)
+            .returning(t.c.id, locked.c.by, runs.state_of(t.c.status))
         )
 
     @statement
