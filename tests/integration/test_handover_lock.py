@@ -245,9 +245,7 @@ def test_a_set_of_confirms_locks_its_rows_in_the_tables_order_as_a_fleet_updatin
                 target=lambda: ended.extend(deliveries.end_marks([by_id[second], by_id[first]]))
             )
             confirming.start()
-            waiting = (
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%scrape_runs%'"
-            )
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%scrape_runs%'"
             wait_until(lambda: scalar(fleet, waiting) == 1, timeout=30)
             # The confirms wait for the first row holding no other: the fleet takes the second at once
             # (locked in the other order, the two would deadlock: PostgreSQL ends one after a second).
