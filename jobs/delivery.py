@@ -274,9 +274,9 @@ class Deliveries:
             short, due, verdict = wanted - len(lapsed), [], None
             if short > 0:
                 marking = {**params, **cap, "sr_limit": short + ahead}
-                due = conn.execute(q.mark_in_room, marking, execution_options=locked).mappings().all()
-                # Counted apart only when none was marked (a lane told "nothing due" then ends early).
-                room = due[0]["_sr_room"] if due else conn.execute(q.room, cap).scalar_one()
+                rows = conn.execute(q.mark_in_room, marking, execution_options=locked).mappings().all()
+                # The room as the marking statement counted it; none marked: one row saying only that.
+                room, due = rows[0]["_sr_room"], [row for row in rows if row["_sr_locked"] is not None]
                 verdict = NO_ROOM if room <= 0 or len(due) >= min(short + ahead, room) else None
         return lapsed, due, verdict, params, now
 

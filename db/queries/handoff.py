@@ -73,11 +73,22 @@ class HandoffStatements(TableStatements):
         written since; the (id, mark) pairs whose mark ended, with their status."""
         t, runs = self.t, self.runs
         confirmed = _arrays(id=runs.id_type, by=sa.Text)
+        # Their rows locked first, in the table's order: a fleet ending many of them in one statement
+        # locks them in its scan's order, the table's; locked in the order given (a join by the key),
+        # the two could each hold a row the other waits for, and PostgreSQL ends one after a second.
+        locked = (
+            sa.select(t.c.id, confirmed.c.by)
+            .where(t.c.id == confirmed.c.id, t.c.delivering_by == confirmed.c.by)
+            .order_by(sa.literal_column("ctid"))  # the unnest has none: the table's
+            .with_for_update(of=t)
+            .cte("locked")
+            .prefix_with("MATERIALIZED")
+        )
         return (
             self._update()
             .values(**_UNMARKED)
-            .where(t.c.id == confirmed.c.id, t.c.delivering_by == confirmed.c.by)
-            .returning(t.c.id, confirmed.c.by, runs.state_of(t.c.status))
+            .where(t.c.id == locked.c.id, t.c.delivering_by == locked.c.by)
+            .returning(t.c.id, locked.c.by, runs.state_of(t.c.status))
         )
 
     @statement
@@ -138,14 +149,17 @@ class HandoffStatements(TableStatements):
             .limit(sa.bindparam("sr_limit"))
         )
 
-    def _mark_in_room(self) -> sa.Update:
+    def _mark_in_room(self) -> sa.Select:
         """`mark_due` for at most the room `:sr_max` leaves (`room`), counted in the same statement:
-        one round trip fewer under the cap's lock. Each row returns that room (`_sr_room`); none is
-        returned when the room is none or nothing is due (`room` then tells which)."""
+        one round trip fewer under the cap's lock. Each row carries that room (`_sr_room`); when none
+        was marked, one row of NULLs (`_sr_locked` NULL) carries it alone: no room, or nothing due,
+        told by the statement's own count (one counted after it may already see a slot the fleet
+        freed meanwhile, and take "no room" for "nothing due")."""
         counted = self._room().cte("room")  # counted once, not for each row returned
         room = sa.select(counted.c[0]).scalar_subquery()
         taking = sa.func.greatest(0, sa.func.least(sa.bindparam("sr_limit", type_=sa.Integer), room))
-        return self._claim(one=False, deliver=True, limit=taking).returning(room.label("_sr_room"))
+        marked = self._claim(one=False, deliver=True, limit=taking).cte("marked")
+        return sa.select(marked, counted.c[0].label("_sr_room")).select_from(counted.outerjoin(marked, sa.true()))
 
     def _mark_expired(self) -> sa.Update:
         """Marks anew up to `:sr_limit` retries whose delivery's lease ran out while still marked

@@ -117,6 +117,10 @@ class CeleryExecutor:
             options["priority"] = priority
         try:
             self.app.send_task(self.task, **options)
+        # Not told apart (none of kombu's or redis-py's errors says which): a connection refused or
+        # timed out before the message was written, and a reply not read after it was (kombu raises
+        # OperationalError for both, from the same redis-py classes). Only the second may have queued
+        # the task: a broker dying between taking it and answering can get it twice.
         except Exception as exc:  # noqa: BLE001 - kombu's and the transport's own errors: the broker is not there
             return Postponed(f"Celery broker {self.broker} unreachable: {type(exc).__name__}")
         return HandedOver(MODE)

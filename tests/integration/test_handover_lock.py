@@ -15,6 +15,7 @@ from jobs.delivery import NO_ROOM, Deliveries
 from jobs.executors.senders import ClientPerThread
 from jobs.outcomes import Marked
 from jobs.rules import RetryPolicy
+from tests.daemons import wait_until
 from tests.helpers import insert_due_retry, make_runtime
 from tests.receiver import start_receiver
 
@@ -111,7 +112,7 @@ def test_an_engine_never_sent_twice_marks_a_set_in_one_round_trip_and_confirms_i
     autocommit.clear()
     ended = []
     ran = statements_run(rt.engine, lambda: ended.extend(deliveries.end_marks(marked)), autocommit=autocommit)
-    assert len(ran) == 1 and ran[0].startswith("UPDATE scrape_runs") and autocommit == [True]
+    assert len(ran) == 1 and ran[0].count("UPDATE scrape_runs") == 1 and ";" not in ran[0] and autocommit == [True]
     assert ended == ["completed", "running", "running"]
     with rt.engine.connect() as conn:
         unmarked = "SELECT count(*) FROM scrape_runs WHERE delivering_by IS NULL AND handed_off = 'webhook'"
@@ -185,3 +186,72 @@ def test_a_set_checks_each_candidates_chain_for_a_completed_run_by_index_whateve
     # retries by the chain index), never an anti-join whose plan the stats choose: with stats taken
     # while few runs had completed, that join compared every candidate with every completed run.
     assert "Anti Join" not in plan and "NOT EXISTS(SubPlan" in plan, plan
+
+
+def test_a_set_finding_no_room_says_so_even_when_room_comes_free_right_after_it(webhook_runtime, db_url):
+    rt = webhook_runtime(2)
+    due = due_retries(rt.engine, 3)
+    rt.executor.sends_again = False  # as Celery: the set is the one marking statement
+    deliveries = Deliveries(rt, rt.executor, POLICY)
+    assert len(deliveries.mark_batch([None], ahead=1)) == 1 and len(deliveries.ready) == 1  # the cap of 2
+    fleet = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+
+    def fleet_ends_one(conn, cursor, statement, parameters, context, executemany) -> None:
+        # The fleet ends a retry the moment the set's marking statement has run (no room then):
+        # a slot is free by the time anything after that statement could count the room again.
+        if "pg_advisory_xact_lock" in statement:
+            with fleet.begin() as other:
+                other.execute(sa.text("UPDATE scrape_runs SET status = 'completed' WHERE id = :id"), {"id": due[0]})
+
+    sa.event.listen(rt.engine, "after_cursor_execute", fleet_ends_one)
+    try:
+        # The cap was reached when the set marked: "no room", never "nothing due" (a lane told
+        # nothing is due ends, and a pass stops marking ahead, while one retry is still due).
+        assert deliveries.mark_batch([None]) == [NO_ROOM]
+    finally:
+        sa.event.remove(rt.engine, "after_cursor_execute", fleet_ends_one)
+        fleet.dispose()
+    third = deliveries.mark_batch([None])[0]
+    assert isinstance(third, Marked) and third.run.id == due[2]
+
+
+def scalar(engine: sa.Engine, sql: str):
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql)).scalar_one()
+
+
+def test_a_set_of_confirms_locks_its_rows_in_the_tables_order_as_a_fleet_updating_many_does(webhook_runtime, db_url):
+    rt = webhook_runtime(3)
+    due_retries(rt.engine, 2)
+    rt.executor.sends_again = False
+    with rt.engine.begin() as conn:  # a table as large as a fleet's: each confirm finds its row by the key
+        filler = "INSERT INTO scrape_runs (search_query, location_query, status) SELECT 'old', 'x', 'completed' FROM generate_series(1, 3000)"
+        conn.execute(sa.text(filler))
+        conn.execute(sa.text("ANALYZE scrape_runs"))
+    deliveries = Deliveries(rt, rt.executor, POLICY)
+    marked = [deliveries.mark_batch([None], ahead=1)[0], *deliveries.ready]
+    with rt.engine.connect() as conn:
+        order = "SELECT id FROM scrape_runs WHERE id = ANY(:ids) ORDER BY ctid"
+        first, second = conn.execute(sa.text(order), {"ids": [m.run.id for m in marked]}).scalars()
+    by_id = {m.run.id: m for m in marked}
+    fleet = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    ended: list = []
+    try:
+        with fleet.connect() as other:
+            # A fleet ending many rows in one statement locks them in the table's order: it holds the
+            # first while the set of confirms (given the second first) starts.
+            other.execute(sa.text("SELECT 1 FROM scrape_runs WHERE id = :id FOR UPDATE"), {"id": first})
+            confirming = threading.Thread(
+                target=lambda: ended.extend(deliveries.end_marks([by_id[second], by_id[first]]))
+            )
+            confirming.start()
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%scrape_runs%'"
+            wait_until(lambda: scalar(fleet, waiting) == 1, timeout=30)
+            # The confirms wait for the first row holding no other: the fleet takes the second at once
+            # (locked in the other order, the two would deadlock: PostgreSQL ends one after a second).
+            other.execute(sa.text("SELECT 1 FROM scrape_runs WHERE id = :id FOR UPDATE NOWAIT"), {"id": second})
+            other.commit()
+        confirming.join(30)
+    finally:
+        fleet.dispose()
+    assert ended == ["running", "running"]
