@@ -447,16 +447,21 @@ def ours(engine: Engine, url: str, retries: int, cap: int) -> dict:
     )
     rt = Runtime.open(settings, executes=True)
     errors: list[str] = []
+    postponed: Counter[str] = Counter()
 
     def one_pass() -> None:
         try:
-            process_due_retries(rt)
+            result = process_due_retries(rt)
         except DatabaseUnavailable as exc:  # the pass ends on it; a daemon's next poll goes on
             errors.append(str(exc).split(" at postgresql")[0])
+            return
+        # Why a send was postponed: the bench's fleet finishes a row the moment it reads `running`,
+        # before the send, so a postponed one stays finished and the engine never gets it.
+        postponed.update(o.message or "" for o in result.executed if o.status == "postponed")
 
     try:
         figures = passes_until_none_pending(engine, url, rt.engine, one_pass)
-        return {**figures, "pass_errors": errors, **exactly_once(engine, rt.engine)}
+        return {**figures, "pass_errors": errors, "postponed": dict(postponed), **exactly_once(engine, rt.engine)}
     finally:
         rt.close()
 
@@ -519,6 +524,9 @@ def measure(engine: Engine, url: str, cap: int, retries: int, rounds: int, work:
             f"{len(ourses[-1]['pass_errors'])} pass(es) ended on an error)",
             flush=True,
         )
+        if not ourses[-1]["exactly_once"] or ourses[-1]["postponed"]:
+            shown = {k: ourses[-1][k] for k in ("postponed", "received", "received_twice", "not_received")}
+            print(f"    ours: {json.dumps(shown, default=str)}", flush=True)
         if work is not None:
             wholes.append(whole(engine, url, retries, cap, work))
             print(
