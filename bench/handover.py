@@ -572,28 +572,34 @@ def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def run(engines: list[str], plan: list[tuple[int, int]], rounds: int, whole_command: bool = False) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="stuck-runs-bench-handover-"))
+@contextmanager
+def engines_on_a_server(prefix: str, names: list[str]) -> Iterator[tuple[Path, str, list[Engine]]]:
+    """A work directory, a PostgreSQL server with the bench's database (its URL) and the named
+    engines started on loopback; all stopped, and the directory removed, on leaving."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     server_url, server = start_server(work)
-    results: dict = {"plan": plan, "rounds": rounds, "load_before": load(), "results": []}
     try:
         url = create_database(server_url)
         with ExitStack() as stack:
             started = []
-            for name in engines:
+            for name in names:
                 started.append(STARTS[name](work, url))
                 for stop in started[-1].stops:
                     stack.callback(stop)
-            for cap, retries in plan:  # the plan's first cap for every engine first: it is what counts
-                for engine in started:
-                    results["results"].append(
-                        measure(engine, url, cap, retries, rounds, work if whole_command else None)
-                    )
-        results["load_after"] = load()
+            yield work, url, started
     finally:
         if server is not None:
             server.cleanup()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run(engines: list[str], plan: list[tuple[int, int]], rounds: int, whole_command: bool = False) -> dict:
+    results: dict = {"plan": plan, "rounds": rounds, "load_before": load(), "results": []}
+    with engines_on_a_server("stuck-runs-bench-handover-", engines) as (work, url, started):
+        for cap, retries in plan:  # the plan's first cap for every engine first: it is what counts
+            for engine in started:
+                results["results"].append(measure(engine, url, cap, retries, rounds, work if whole_command else None))
+        results["load_after"] = load()
     return results
 
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import sqlalchemy as sa
 from loguru import logger
@@ -78,21 +76,10 @@ def main() -> None:
     args = parser.parse_args()
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
-    work = Path(tempfile.mkdtemp(prefix="stuck-runs-bench-phases-"))
-    server_url, server = handover.start_server(work)
-    try:
-        url = handover.create_database(server_url)
-        engine = handover.STARTS[args.engine](work, url)
-        try:
-            floor = handover.floor(engine, args.retries, args.cap)
-            instrument()
-            ours = handover.ours(engine, url, args.retries, args.cap)
-        finally:
-            for stop in engine.stops:
-                stop()
-    finally:
-        if server is not None:
-            server.cleanup()
+    with handover.engines_on_a_server("stuck-runs-bench-phases-", [args.engine]) as (_, url, (engine,)):
+        floor = handover.floor(engine, args.retries, args.cap)
+        instrument()
+        ours = handover.ours(engine, url, args.retries, args.cap)
     print(f"{args.engine}, cap {args.cap}, {args.retries:,} retries, load {handover.load()}")
     print(f"floor {floor['per_second']:.1f}/s, ours {ours['per_second']:.1f}/s over {ours['seconds']} s")
     for phase, values in TIMES.items():

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,34 +72,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     handover.logger.remove()
-    work = Path(tempfile.mkdtemp(prefix="stuck-runs-bench-scrapyd-"))
-    server_url, server = handover.start_server(work)
-    try:
-        url = handover.create_database(server_url)
-        engine = handover.start_scrapyd_engine(work, url)
-        try:
-            pid = scrapyd_pid()
-            for _ in range(args.rounds):
-                sides = {
-                    "floor": lambda: handover.floor(engine, args.retries, args.cap),
-                    "ours": lambda: handover.ours(engine, url, args.retries, args.cap),
-                }
-                for side, run in sides.items():
-                    figures = costed(run, pid)
-                    print(
-                        f"{side:<5} {figures['per_second']:7.1f}/s  {figures['handed']:,} handed; CPU a job: "
-                        f"Scrapyd {figures['scrapyd_ms_a_job']} ms, handing {figures['handing_ms_a_job']} ms, "
-                        f"machine {figures['machine_ms_a_job']} ms"
-                        + (f"; peak sessions {figures['peak_sessions']}" if "peak_sessions" in figures else ""),
-                        flush=True,
-                    )
-        finally:
-            for stop in engine.stops:
-                stop()
-    finally:
-        if server is not None:
-            server.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
+    with handover.engines_on_a_server("stuck-runs-bench-scrapyd-", ["scrapyd"]) as (_, url, (engine,)):
+        pid = scrapyd_pid()
+        for _ in range(args.rounds):
+            sides = {
+                "floor": lambda: handover.floor(engine, args.retries, args.cap),
+                "ours": lambda: handover.ours(engine, url, args.retries, args.cap),
+            }
+            for side, run in sides.items():
+                figures = costed(run, pid)
+                print(
+                    f"{side:<5} {figures['per_second']:7.1f}/s  {figures['handed']:,} handed; CPU a job: "
+                    f"Scrapyd {figures['scrapyd_ms_a_job']} ms, handing {figures['handing_ms_a_job']} ms, "
+                    f"machine {figures['machine_ms_a_job']} ms"
+                    + (f"; peak sessions {figures['peak_sessions']}" if "peak_sessions" in figures else ""),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
