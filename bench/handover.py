@@ -10,9 +10,13 @@ is measured, not the fleet:
   of an hour);
 - Celery sends to a real redis-server; no worker consumes (one would share the machine's two
   cores with both contenders and measure its own pool; its task writing the row is the fleet);
-- for both, a thread completes every handed-over row the moment it reads `running`, as a spider
-  or a task writing its outcome conditionally on `running` would, so the cap's slots come free
-  at once;
+- for both, a process plays the workers, every 5 ms: it completes the row of each job the engine
+  took, conditionally on `running`, as a spider or a task writing its outcome would, so the cap's
+  slots come free at once; never a row whose job the engine does not hold (a send that failed is
+  put back and sent again, as in a fleet). Celery's jobs are read from the broker's list; Scrapyd's
+  are the deliveries it answered ok to (their marks ended): reading its queue, a SQLite file, from
+  another process would take the file's locks against Scrapyd's one writer, whose busy handler
+  then sleeps (BENCHMARKS.md, "a fleet that finishes only what the engine took");
 - the webhook's receiver is tests/receiver.py in fleet mode with `--at-once` (bench/receiver.py:
   with a real server's listen backlog): it writes the row `completed` (conditionally on
   `running`) before it answers.
@@ -85,9 +89,10 @@ WITH roots AS (
 INSERT INTO scrape_runs (search_query, location_query, status, is_retry, original_run_id, retry_count, next_retry_at)
 SELECT 'write', 'Belgium', 'pending_retry', true, id, 1, now() - interval '1 minute' FROM roots
 """
-FINISH = (
-    "UPDATE scrape_runs SET status = 'completed', completed_at = now() WHERE status = 'running' AND handed_off = :mode"
-)
+FINISH = "UPDATE scrape_runs SET status = 'completed', completed_at = now() WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'running'"
+FINISH_CONFIRMED = """UPDATE scrape_runs SET status = 'completed', completed_at = now()
+WHERE status = 'running' AND handed_off = :mode AND delivering_by IS NULL"""
+QUEUE = "celery"  # Celery's default queue: a Redis list, the newest task first (LPUSH)
 SESSIONS = "SELECT count(*) FROM pg_stat_activity WHERE datname = :db AND application_name LIKE 'stuck-runs%'"
 PENDING = "SELECT count(*) FROM scrape_runs WHERE status = 'pending_retry'"
 HANDED = "SELECT count(*) FROM scrape_runs WHERE is_retry AND handed_off = :mode AND status <> 'pending_retry'"
@@ -101,14 +106,55 @@ def poll(url: str, sql: str, params: dict, ready, halt, most) -> None:
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     with engine.connect() as conn:
         while not halt.is_set():
+            most.value = max(most.value, conn.execute(sa.text(sql), params).scalar_one())
+            conn.commit()
+            ready.set()
+            halt.wait(0.005)
+    engine.dispose()
+
+
+def tasks_taken(broker_url: str) -> Callable[[], list[str]]:
+    """`take()`: the ids of the tasks the broker received since the last call, as Celery's workers
+    would find them in its list. Nothing is consumed: `Engine.received` counts them all."""
+    import redis
+
+    store, seen = redis.Redis.from_url(broker_url), 0
+
+    def take() -> list[str]:
+        nonlocal seen
+        # All but the `seen` oldest (at the tail), in one command: a task pushed meanwhile is in it
+        # or in the next read, never skipped.
+        messages = store.lrange(QUEUE, 0, -(seen + 1))
+        seen += len(messages)
+        return [json.loads(message)["headers"]["id"] for message in messages]
+
+    return take
+
+
+def finish_taken(url: str, taken: tuple[str, str], ready, halt, most) -> None:
+    """The fleet that finishes at once: every 5 ms until `halt`, the rows of the jobs the engine
+    took completed, conditionally on `running`, as a spider or a task writing its outcome does:
+    with `("broker", URL)` the tasks read from Celery's list since (`most` counts them), with
+    `("confirmed", mode)` the retries of that mode whose delivery was answered ok (their marks
+    ended). `ready` once it wrote once."""
+    kind, where = taken
+    take, waiting = (tasks_taken(where) if kind == "broker" else None), []
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        while not halt.is_set():
+            if take is not None:
+                waiting += (tasks := take())
+                most.value += len(tasks)
             try:
-                result = conn.execute(sa.text(sql), params)
-                most.value = max(most.value, result.scalar_one() if result.returns_rows else 0)
+                if take is None:
+                    conn.execute(sa.text(FINISH_CONFIRMED), {"mode": where})
+                elif waiting:
+                    conn.execute(sa.text(FINISH), {"ids": waiting})
                 conn.commit()
+                waiting = []
             except sa.exc.OperationalError as exc:
-                # The fleet's UPDATE over every running row can deadlock with ours' set-wide
-                # marks and confirms: PostgreSQL ends one of them. A fleet goes on; a poller that
-                # died here left the cap's slots taken and the bench measuring a stall.
+                # Ending many rows in one statement can deadlock with ours' set-wide marks and
+                # confirms: PostgreSQL ends one of the two. A fleet writes the same outcomes again.
                 if getattr(exc.orig, "pgcode", None) != "40P01":
                     raise
                 conn.rollback()
@@ -119,14 +165,14 @@ def poll(url: str, sql: str, params: dict, ready, halt, most) -> None:
 
 
 class Background:
-    """`poll` in a process of its own, as the fleet and a monitoring query are: not in the process
-    measured, whose interpreter it would share (a thread there took a quarter of its GIL)."""
+    """`target(*args, ready, halt, most)` (`poll`, `finish_taken`) in a process of its own, as the
+    fleet and a monitoring query are: not in the process measured, whose interpreter it would share
+    (a thread there took a quarter of its GIL)."""
 
-    def __init__(self, url: str, sql: str, params: dict | None = None) -> None:
+    def __init__(self, target: Callable[..., None], *args: object) -> None:
         context = multiprocessing.get_context("spawn")
         self.ready, self.halt, self.most = context.Event(), context.Event(), context.Value("q", 0)
-        args = (url, sql, params or {}, self.ready, self.halt, self.most)
-        self.process = context.Process(target=poll, args=args, daemon=True)
+        self.process = context.Process(target=target, args=(*args, self.ready, self.halt, self.most), daemon=True)
 
     def start(self) -> None:
         self.process.start()
@@ -142,14 +188,15 @@ class Background:
 @dataclass
 class Engine:
     """One engine on loopback: the settings that hand retries to it, a bare client's hand-over
-    of one fresh id (`client(cap)` opens it, yields `send`), and whether a thread must play the
-    fleet that finishes at once (the receiver finishes its rows itself)."""
+    of one fresh id (`client(cap)` opens it, yields `send`), and how the process playing the fleet
+    that finishes at once knows the jobs the engine took (`finish_taken`; None: the receiver
+    finishes its rows itself)."""
 
     name: str
     settings: dict
     client: Callable[[int], object]  # a context manager yielding send(i) -> bool
     received: Callable[[], list[str]]  # the ids the engine received since `reset`, one per request
-    finisher: bool = True
+    taken_from: tuple[str, str] | None = None
     reset: Callable[[], None] = lambda: None  # between runs: what the engine received forgotten
     stops: list[Callable[[], None]] = field(default_factory=list)
 
@@ -222,7 +269,7 @@ def start_scrapyd_engine(work: Path, url: str) -> Engine:
     with client(1) as send:  # warm-up: the project's spider list, read once by Scrapyd (and its queue made)
         for i in range(5):
             send(i)
-    return Engine("scrapyd", settings, client, received, reset=reset, stops=[scrapyd.stop])
+    return Engine("scrapyd", settings, client, received, ("confirmed", "scrapyd"), reset, [scrapyd.stop])
 
 
 def start_celery_engine(work: Path, url: str) -> Engine:
@@ -290,10 +337,10 @@ def start_celery_engine(work: Path, url: str) -> Engine:
 
     def received() -> list[str]:
         # The tasks waiting in Celery's default queue (a Redis list): nobody consumes them.
-        return [json.loads(message)["headers"]["id"] for message in store.lrange("celery", 0, -1)]
+        return [json.loads(message)["headers"]["id"] for message in store.lrange(QUEUE, 0, -1)]
 
     settings = {"celery_broker_url": broker, "celery_task": TASK}
-    return Engine("celery", settings, client, received, reset=store.flushdb, stops=[stop])
+    return Engine("celery", settings, client, received, ("broker", broker), store.flushdb, [stop])
 
 
 def start_webhook_engine(work: Path, url: str) -> Engine:
@@ -325,7 +372,7 @@ def start_webhook_engine(work: Path, url: str) -> Engine:
     def received() -> list[str]:
         return [request["key"] for request in receiver.requests() if request["method"] == "POST"]
 
-    return Engine("webhook", {"webhook": f"{receiver.url}/runs"}, client, received, False, reset, [receiver.stop])
+    return Engine("webhook", {"webhook": f"{receiver.url}/runs"}, client, received, None, reset, [receiver.stop])
 
 
 STARTS = {"scrapyd": start_scrapyd_engine, "celery": start_celery_engine, "webhook": start_webhook_engine}
@@ -410,8 +457,8 @@ def exactly_once(engine: Engine, check: sa.Engine) -> dict:
 def passes_until_none_pending(engine: Engine, url: str, check: sa.Engine, one_pass) -> dict:
     """`one_pass` over and over until no retry is pending, timed, with the fleet finishing what is
     handed and the sessions sampled beside it; `check` asks whether any is pending and counts."""
-    fleet = Background(url, FINISH, {"mode": engine.name}) if engine.finisher else None
-    sessions = Background(url, SESSIONS, {"db": NAME})
+    fleet = Background(finish_taken, url, engine.taken_from) if engine.taken_from else None
+    sessions = Background(poll, url, SESSIONS, {"db": NAME})
     if fleet:
         fleet.start()
     sessions.start()
@@ -447,7 +494,7 @@ def ours(engine: Engine, url: str, retries: int, cap: int) -> dict:
     )
     rt = Runtime.open(settings, executes=True)
     errors: list[str] = []
-    postponed: Counter[str] = Counter()
+    not_handed: Counter[str] = Counter()
 
     def one_pass() -> None:
         try:
@@ -455,13 +502,13 @@ def ours(engine: Engine, url: str, retries: int, cap: int) -> dict:
         except DatabaseUnavailable as exc:  # the pass ends on it; a daemon's next poll goes on
             errors.append(str(exc).split(" at postgresql")[0])
             return
-        # Why a send was postponed: the bench's fleet finishes a row the moment it reads `running`,
-        # before the send, so a postponed one stays finished and the engine never gets it.
-        postponed.update(o.message or "" for o in result.executed if o.status == "postponed")
+        # Every delivery that did not end handed over (postponed, released, ...), and why: each is
+        # due again, and received once all the same, or the check below says which was not.
+        not_handed.update(f"{o.status}: {o.message or ''}" for o in result.executed if o.status != "handed_off")
 
     try:
         figures = passes_until_none_pending(engine, url, rt.engine, one_pass)
-        return {**figures, "pass_errors": errors, "postponed": dict(postponed), **exactly_once(engine, rt.engine)}
+        return {**figures, "pass_errors": errors, "not_handed": dict(not_handed), **exactly_once(engine, rt.engine)}
     finally:
         rt.close()
 
@@ -524,8 +571,8 @@ def measure(engine: Engine, url: str, cap: int, retries: int, rounds: int, work:
             f"{len(ourses[-1]['pass_errors'])} pass(es) ended on an error)",
             flush=True,
         )
-        if not ourses[-1]["exactly_once"] or ourses[-1]["postponed"]:
-            shown = {k: ourses[-1][k] for k in ("postponed", "received", "received_twice", "not_received")}
+        if not ourses[-1]["exactly_once"] or ourses[-1]["not_handed"]:
+            shown = {k: ourses[-1][k] for k in ("not_handed", "received", "received_twice", "not_received")}
             print(f"    ours: {json.dumps(shown, default=str)}", flush=True)
         if work is not None:
             wholes.append(whole(engine, url, retries, cap, work))
