@@ -62,7 +62,7 @@ def lanes_for(executor: Delivers, cap: int) -> int:
 
 STOP_POLL_SECONDS = 0.1  # how soon a lane waiting for room sees a stop
 NO_ROOM = object()  # the cap is reached: nothing was marked
-LEASE_TOO_SHORT = "it waited for a lane so long that its lease would end before a delivery could"
+LEASE_TOO_SHORT = "its lease would end before a delivery could: it waited too long for a lane or for the cap's lock"
 DEADLOCK, DEADLOCK_ATTEMPTS = "40P01", 3  # a set of confirms PostgreSQL ended to break a deadlock: tried again
 
 

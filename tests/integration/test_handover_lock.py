@@ -119,7 +119,7 @@ def test_an_engine_never_sent_twice_marks_a_set_in_one_round_trip_and_confirms_i
         assert conn.execute(sa.text(unmarked)).scalar_one() == 3
 
 
-def test_a_pass_marks_its_next_set_once_half_the_ready_ones_are_taken_the_older_ones_first(webhook_runtime):
+def test_a_pass_marks_its_next_set_once_a_quarter_of_the_ready_ones_are_taken_the_older_ones_first(webhook_runtime):
     rt = webhook_runtime(10)
     due_retries(rt.engine, 20)
     deliveries = Deliveries(rt, rt.executor, POLICY)
