@@ -66,10 +66,18 @@ def task_kwargs(run: Run) -> dict[str, Any]:
 
 
 def redacted(broker_url: str) -> str:
-    """The broker as a log line may show it: scheme, host and port, never a password."""
-    parts = urlsplit(broker_url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}"
+    """The broker as a log line may show it: scheme, host and port of each (`;` between Celery's
+    failover or Sentinel URLs), never a password."""
+
+    def one(url: str) -> str:
+        try:
+            parts = urlsplit(url.strip())
+            port = f":{parts.port}" if parts.port else ""
+            return f"{parts.scheme}://{parts.hostname}{port}"
+        except ValueError:  # refused at start (jobs/settings/engine_parsers.py); never a traceback here
+            return f"{urlsplit(url.strip()).scheme}://…"
+
+    return ";".join(one(url) for url in broker_url.split(";"))
 
 
 class CeleryExecutor:

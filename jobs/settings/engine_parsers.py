@@ -14,8 +14,15 @@ _TASK_NAME = re.compile(r"[A-Za-z_][\w.:-]{0,199}")
 
 
 def parse_broker_url(text: str, name: str) -> str:
-    """A Celery broker URL: a scheme Celery's brokers speak (with revoke and priorities), and a host."""
+    """A Celery broker URL: a scheme Celery's brokers speak (with revoke and priorities), a host and,
+    if given, a port; several separated by `;` (Celery's failover, Sentinel's list), each so."""
     url = str(text).strip()
+    for each in url.split(";"):
+        check_broker_url(each.strip(), name)
+    return url
+
+
+def check_broker_url(url: str, name: str) -> None:
     try:
         parts = urlsplit(url)
         host = parts.hostname
@@ -28,7 +35,13 @@ def parse_broker_url(text: str, name: str) -> str:
             f"{name}={said} is not a broker URL: use redis://host:6379/0 or amqp://user@host// "
             "(a password goes in the URL; it is never shown)"
         )
-    return url
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+    except ValueError:
+        raise ConfigError(
+            f"{name}={said} has a port that is not a number from 0 to 65535: e.g. redis://host:6379/0 "
+            "(several brokers are separated by ';', each a whole URL)"
+        ) from None
 
 
 def parse_task_name(text: str, name: str) -> str:

@@ -280,6 +280,12 @@ def test_doctor_checks_the_broker_answers(fleet_db, redis_url):
         ({"CELERY_TASK": TASK}, "CELERY_TASK is set but CELERY_BROKER_URL is not"),
         ({"CELERY_BROKER_URL": f"redis://:{PASSWORD}@h:1/0"}, "CELERY_BROKER_URL is set but CELERY_TASK is not"),
         ({"CELERY_BROKER_URL": f"http://:{PASSWORD}@h/", "CELERY_TASK": TASK}, "is not a broker URL"),
+        ({"CELERY_BROKER_URL": f"redis://:{PASSWORD}@h:99999/0", "CELERY_TASK": TASK}, "has a port that is not"),
+        ({"CELERY_BROKER_URL": f"redis://:{PASSWORD}@h:abc/0", "CELERY_TASK": TASK}, "has a port that is not"),
+        (  # Celery's failover list, its second URL with no host
+            {"CELERY_BROKER_URL": f"redis://:{PASSWORD}@h1:6379/0;redis://:{PASSWORD}@:6379/0", "CELERY_TASK": TASK},
+            "is not a broker URL",
+        ),
         (
             {"CELERY_BROKER_URL": f"redis://:{PASSWORD}@h:1/0", "CELERY_TASK": TASK, "SCRAPE_RUN_COMMAND": "true"},
             "SCRAPE_RUN_COMMAND and CELERY_BROKER_URL are both set",
@@ -289,6 +295,15 @@ def test_doctor_checks_the_broker_answers(fleet_db, redis_url):
 def test_bad_celery_settings_are_one_line_and_exit_2(db_url, env, says):
     result = cli("process", env={"DATABASE_URL": db_url, **env})
     assert result.returncode == 2 and says in one_line_error(result) and PASSWORD not in result.stderr
+
+
+def test_a_list_of_sentinels_is_a_broker_url_shown_without_its_passwords():
+    from jobs.executors.celery import redacted
+    from jobs.settings.engine_parsers import parse_broker_url
+
+    url = f"sentinel://:{PASSWORD}@h1:26379;sentinel://:{PASSWORD}@h2:26380"
+    assert parse_broker_url(url, "CELERY_BROKER_URL") == url
+    assert redacted(url) == "sentinel://h1:26379;sentinel://h2:26380"
 
 
 def test_without_celery_installed_the_line_names_the_extra(db_url, monkeypatch):
