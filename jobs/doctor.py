@@ -22,7 +22,7 @@ from db.shape import heartbeat_problem
 from db.table import RunsTable, load_runs_table
 from jobs.doctor_limits import limit_findings
 from jobs.executors.callable import resolve_callable
-from jobs.executors.celery import CeleryExecutor
+from jobs.executors.celery import CeleryExecutor, credentials_refused, refused_login
 from jobs.runtime import check_placeholders
 from jobs.settings import DECLARED, Settings
 from jobs.status import untimed_message
@@ -123,6 +123,13 @@ def _celery(settings: Settings) -> Check:
     try:
         return Check("executor", True, executor.check())
     except Exception as exc:  # noqa: BLE001 - whatever the transport raised: the broker does not answer
+        if refused_login(exc):
+            return Check(
+                "executor",
+                False,
+                credentials_refused(executor.broker),
+                "fix CELERY_BROKER_URL: due retries stay pending, untouched, until the broker takes it",
+            )
         return Check(
             "executor",
             False,

@@ -80,6 +80,25 @@ def redacted(broker_url: str) -> str:
     return ";".join(one(url) for url in broker_url.split(";"))
 
 
+REFUSED_LOGIN = ("AuthenticationError", "AccessRefused")  # redis-py's and py-amqp's, by name: neither imported here
+
+
+def refused_login(exc: BaseException | None) -> bool:
+    """Whether the broker answered and refused the credentials (anywhere in what `exc` was raised
+    from): a configuration to fix, not a broker that is down."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if type(exc).__name__ in REFUSED_LOGIN:
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def credentials_refused(broker: str) -> str:
+    return f"Celery broker {broker} refused the credentials: check the user and password in CELERY_BROKER_URL"
+
+
 class CeleryExecutor:
     """Sends retries through one Celery app (its broker connections pooled between sends)."""
 

@@ -274,6 +274,14 @@ def test_doctor_checks_the_broker_answers(fleet_db, redis_url):
     assert PASSWORD not in dead.stdout + dead.stderr
 
 
+def test_doctor_says_the_broker_refused_the_credentials_not_that_it_is_down(fleet_db, redis_url):
+    wrong = redis_url.replace(PASSWORD, "not-the-password")
+    result = cli("doctor", env={"DATABASE_URL": fleet_db, **celery_env(wrong)})
+    said = result.stdout + result.stderr
+    assert result.returncode != 0 and "refused the credentials" in said and "does not answer" not in said
+    assert "not-the-password" not in said
+
+
 @pytest.mark.parametrize(
     ("env", "says"),
     [
