@@ -98,7 +98,10 @@ def request_running_cancel(rt: Runtime, run: Run, *, via: str = "cli", dry_run: 
         if statement is not None:
             params = {"sr_ids": [run.id], "sr_now": now, "sr_message": CANCELLED_BY_OPERATOR}
             if conn.execute(statement, params).first() is None:
-                raise CancelRefused(f"retry {run.id} stopped running meanwhile; see `stuck-runs history {run.id}`")
+                raise CancelRefused(
+                    f"retry {run.id} stopped running, or another process started delivering it, meanwhile; "
+                    f"see `stuck-runs history {run.id}`"
+                )
     logger.bind(run_id=key, event="cancel_requested" if how == "requested" else "cancelled").info(
         "{}: {}", run.label, RunningCancel(how).message(run, rt.settings.dispatch_poll.total_seconds())
     )
@@ -183,20 +186,17 @@ def act_on_cancels(rt: Runtime, executor: Cancels, mode: str) -> int:
     message = {"sr_now": now, "sr_message": CANCELLED_BY_OPERATOR}
     with database_errors(rt.engine, "cancelling retries handed to the engine"), rt.engine.begin() as conn:
         requests = dict(conn.execute(q.unsignalled_cancels, {"sr_limit": rt.settings.batch_size}).all())
-        runs = _runs(rt, conn, requests)
-        targets = [
-            run
-            for run in runs
-            if run.status == "running" and run.handed_off == mode and being_delivered(run, now) is None
-        ]
-        here = {str(run.id) for run in runs if run.status == "running" and run.handed_off is None}
+        running = [run for run in _runs(rt, conn, requests) if run.status == "running"]
+        targets = [run for run in running if run.handed_off == mode and being_delivered(run, now) is None]
         cancelled = set()
         if targets:
             cancelled = set(conn.execute(q.cancel_running, {**message, "sr_ids": [r.id for r in targets]}).scalars())
         asked = [run for run in targets if run.id in cancelled]
         conn.execute(q.signal_cancels, {"sr_now": now, "sr_keys": [str(run.id) for run in asked]})
-        # Delivered at this instant: the next pass; run here: the executing process's own watch.
-        waiting = {str(run.id) for run in targets if being_delivered(run, now)} | here
+        # Kept: delivered at this instant (or marked anew since read: the conditional write left it
+        # to that delivery), the next pass; run here, the executing process's own watch. A row that
+        # ended meanwhile is no longer running at the next pass, which drops its request then.
+        waiting = {str(run.id) for run in running if run.handed_off in (None, mode) and run.id not in cancelled}
         dropped = [key for key in requests if key not in waiting and key not in {str(r.id) for r in asked}]
         conn.execute(q.drop_cancels, {"sr_keys": dropped})
     for run in asked:

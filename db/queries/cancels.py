@@ -86,9 +86,13 @@ class CancelStatements(TableStatements):
     cancel_queued = statement(lambda self: self._cancel_from("queued"))
 
     def _cancel_from(self, state: str) -> sa.Update:
-        """Runs `:sr_ids` still in `state` become `cancelled` with `:sr_message`; no budget is spent
-        and no retry scheduled (nothing else of the chain changes). Their delivery mark ends."""
+        """Runs `:sr_ids` still in `state` and not being delivered become `cancelled` with
+        `:sr_message`; no budget is spent and no retry scheduled (nothing else of the chain
+        changes). A row another process marked for delivery (its lease not yet run out) is left to
+        that delivery, even when the caller read it before the mark (SPEC §12); a lease that ran
+        out (its process died) ends with the row."""
         t, runs = self.t, self.runs
+        not_delivered = sa.or_(t.c.delivering_until.is_(None), t.c.delivering_until <= NOW)
         return (
             self._update()
             .values(
@@ -99,7 +103,9 @@ class CancelStatements(TableStatements):
                 delivering_until=None,
                 delivering_by=None,
             )
-            .where(t.c.id == sa.any_(array_param("sr_ids", runs.id_type)), runs.in_state(t.c.status, state))
+            .where(
+                t.c.id == sa.any_(array_param("sr_ids", runs.id_type)), runs.in_state(t.c.status, state), not_delivered
+            )
             .returning(t.c.id)
         )
 

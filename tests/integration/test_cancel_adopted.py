@@ -5,7 +5,7 @@ what it was told; the database is real."""
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -120,4 +120,71 @@ def test_an_engine_s_run_is_cancelled_once_then_killed_after_cancel_timeout_by_o
         wait_until(lambda: act_on_cancels(rt, fleet, "celery") == 0 and (str(handed), True) in fleet.told, timeout=10)
         assert fleet.told == [(str(handed), False), (str(handed), True)] and requests(rt) == [str(here)]
     finally:
+        rt.close()
+
+
+def request(engine, run_id, *, signalled_ago: timedelta | None = None) -> None:
+    """A cancel request for `run_id`, as `cancel` writes it (`signalled_ago`: the engine was asked then)."""
+    signalled = "NULL" if signalled_ago is None else f"now() - interval '{signalled_ago.total_seconds()} seconds'"
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(f"INSERT INTO stuck_runs_cancels VALUES ('scrape_runs', :id, now(), 'test', {signalled})"),
+            {"id": str(run_id)},
+        )
+
+
+def test_a_request_for_a_run_being_delivered_waits_for_the_next_pass(engine, db_url):
+    """A Scrapyd retry whose lease ran out, re-marked by another daemon before this pass: its
+    request stays until the delivery ends, then the pass cancels it."""
+    now = datetime.now(timezone.utc)
+    lease = {"delivering_by": "other host pid 1 delivery abc", "delivering_until": now + timedelta(minutes=5)}
+    _, retry = running_retry(engine, handed_off="scrapyd", **lease)
+    request(engine, retry)
+    fleet = Engine()
+    rt = make_runtime(db_url)
+    try:
+        assert act_on_cancels(rt, fleet, "scrapyd") == 0
+        assert requests(rt) == [str(retry)] and fleet.told == [] and status(engine, retry) == "running"
+        with engine.begin() as conn:  # the delivery ended: handed over, the mark gone
+            conn.execute(sa.text("UPDATE scrape_runs SET delivering_until = NULL, delivering_by = NULL"))
+        assert act_on_cancels(rt, fleet, "scrapyd") == 1
+    finally:
+        rt.close()
+    assert fleet.told == [(str(retry), False)] and status(engine, retry) == "cancelled"
+
+
+def scalar(engine, query: str):
+    """`query`'s value read in a transaction of its own (the activity statistics a transaction
+    reads are those of its first look)."""
+    with engine.connect() as conn:
+        return conn.execute(sa.text(query)).scalar_one()
+
+
+def test_a_run_marked_again_while_the_pass_cancels_it_is_left_to_its_delivery(engine, db_url):
+    """The pass read the row with its lease run out; another daemon marks it anew (row locked,
+    not committed) before the pass's conditional write: the write waits, then leaves the row to
+    the new delivery, and the request stays for the next pass."""
+    now = datetime.now(timezone.utc)
+    lapsed = {"delivering_by": "dead pid 1 delivery x", "delivering_until": now - timedelta(minutes=1)}
+    _, retry = running_retry(engine, handed_off="scrapyd", **lapsed)
+    request(engine, retry)
+    fleet = Engine()
+    rt = make_runtime(db_url)
+    remark = engine.connect()
+    try:
+        remark.execute(
+            sa.text("UPDATE scrape_runs SET delivering_until = now() + interval '5 minutes' WHERE id = :id"),
+            {"id": retry},
+        )
+        passed: list[int] = []
+        thread = threading.Thread(target=lambda: passed.append(act_on_cancels(rt, fleet, "scrapyd")))
+        thread.start()
+        blocked = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE%'"
+        wait_until(lambda: scalar(engine, blocked) > 0 or not thread.is_alive(), timeout=30)
+        remark.commit()
+        thread.join(30)
+        assert passed == [0] and fleet.told == [] and status(engine, retry) == "running"
+        assert requests(rt) == [str(retry)]
+    finally:
+        remark.close()
         rt.close()
