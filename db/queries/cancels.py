@@ -25,7 +25,8 @@ _KEY = sa.bindparam("sr_run_key", type_=sa.Text)  # the run's id as text (str(id
 
 class CancelStatements(TableStatements):
     """`request_cancel`, `cancel_requested`, `forget_cancel`, `nobody_executes`, `cancel_running`,
-    `cancel_queued`, and an engine's `unsignalled_cancels`, `signal_cancels`, `overdue_cancels`."""
+    `cancel_queued`, and an engine's `unsignalled_cancels`, `signal_cancels`, `drop_cancels`,
+    `claim_overdue`, `unclaim_cancels`."""
 
     @statement
     def cancels(self) -> sa.Table:
@@ -134,12 +135,33 @@ class CancelStatements(TableStatements):
         return sa.delete(c).where(self._of_table(), c.c.run_id == sa.any_(keys))
 
     @statement
-    def overdue_cancels(self) -> sa.Delete:
-        """Takes the requests an engine was asked about at or before `:sr_before` (CANCEL_TIMEOUT
-        ago): the pass that deletes one is the one that stops it forcefully if it still runs."""
+    def claim_overdue(self) -> sa.Update:
+        """Claims the requests an engine was asked about at or before `:sr_before` (CANCEL_TIMEOUT
+        ago) for the pass that stops them forcefully if they still run: `signalled_at` moves to
+        now, so no other pass takes them for CANCEL_TIMEOUT (and, should this pass's process die,
+        one takes them then). The pass drops those the engine answered about (`drop_cancels`) and
+        gives back the others (`unclaim_cancels`)."""
         c = self.cancels
         before = sa.bindparam("sr_before", type_=sa.DateTime(timezone=True))
-        return sa.delete(c).where(self._of_table(), c.c.signalled_at <= before).returning(c.c.run_id)
+        return (
+            sa.update(c)
+            .where(self._of_table(), c.c.signalled_at <= before)
+            .values(signalled_at=NOW)
+            .returning(c.c.run_id)
+        )
+
+    @statement
+    def unclaim_cancels(self) -> sa.Update:
+        """Gives requests `:sr_keys` claimed at `:sr_now` back as overdue (`signalled_at` =
+        `:sr_before`): the engine did not answer, the next pass asks again."""
+        c = self.cancels
+        keys = array_param("sr_keys", sa.Text)
+        before = sa.bindparam("sr_before", type_=sa.DateTime(timezone=True))
+        return (
+            sa.update(c)
+            .where(self._of_table(), c.c.run_id == sa.any_(keys), c.c.signalled_at == NOW)
+            .values(signalled_at=before)
+        )
 
     @statement
     def runs_by_ids(self) -> sa.Select:
