@@ -98,7 +98,10 @@ def request_running_cancel(rt: Runtime, run: Run, *, via: str = "cli", dry_run: 
         if statement is not None:
             params = {"sr_ids": [run.id], "sr_now": now, "sr_message": CANCELLED_BY_OPERATOR}
             if conn.execute(statement, params).first() is None:
-                raise CancelRefused(f"retry {run.id} stopped running meanwhile; see `stuck-runs history {run.id}`")
+                raise CancelRefused(
+                    f"retry {run.id} stopped running, or another process started delivering it, meanwhile; "
+                    f"see `stuck-runs history {run.id}`"
+                )
     logger.bind(run_id=key, event="cancel_requested" if how == "requested" else "cancelled").info(
         "{}: {}", run.label, RunningCancel(how).message(run, rt.settings.dispatch_poll.total_seconds())
     )
@@ -183,45 +186,64 @@ def act_on_cancels(rt: Runtime, executor: Cancels, mode: str) -> int:
     message = {"sr_now": now, "sr_message": CANCELLED_BY_OPERATOR}
     with database_errors(rt.engine, "cancelling retries handed to the engine"), rt.engine.begin() as conn:
         requests = dict(conn.execute(q.unsignalled_cancels, {"sr_limit": rt.settings.batch_size}).all())
-        runs = _runs(rt, conn, requests)
-        targets = [
-            run
-            for run in runs
-            if run.status == "running" and run.handed_off == mode and being_delivered(run, now) is None
-        ]
-        here = {str(run.id) for run in runs if run.status == "running" and run.handed_off is None}
+        running = [run for run in _runs(rt, conn, requests) if run.status == "running"]
+        targets = [run for run in running if run.handed_off == mode and being_delivered(run, now) is None]
         cancelled = set()
         if targets:
             cancelled = set(conn.execute(q.cancel_running, {**message, "sr_ids": [r.id for r in targets]}).scalars())
         asked = [run for run in targets if run.id in cancelled]
         conn.execute(q.signal_cancels, {"sr_now": now, "sr_keys": [str(run.id) for run in asked]})
-        # Delivered at this instant: the next pass; run here: the executing process's own watch.
-        waiting = {str(run.id) for run in targets if being_delivered(run, now)} | here
+        # Kept: delivered at this instant (or marked anew since read: the conditional write left it
+        # to that delivery), the next pass; run here, the executing process's own watch. A row that
+        # ended meanwhile is no longer running at the next pass, which drops its request then.
+        waiting = {str(run.id) for run in running if run.handed_off in (None, mode) and run.id not in cancelled}
         dropped = [key for key in requests if key not in waiting and key not in {str(r.id) for r in asked}]
         conn.execute(q.drop_cancels, {"sr_keys": dropped})
     for run in asked:
-        answer = _tell(executor, run, kill=False)
+        answer = _tell(executor, run, kill=False)[1]
         logger.bind(run_id=str(run.id), event="cancelled").warning(
             "{}: cancelled by operator ({}); the engine answered: {}", run.label, requests[str(run.id)], answer
         )
-    _kill_overdue(rt, executor)
+    _kill_overdue(rt, executor, mode)
     return len(asked)
 
 
-def _kill_overdue(rt: Runtime, executor: Cancels) -> None:
-    before = rt.clock.now() - rt.settings.cancel_timeout
+def _kill_overdue(rt: Runtime, executor: Cancels, mode: str) -> None:
+    """Stops forcefully the jobs the engine still runs CANCEL_TIMEOUT after their cancel: one
+    question to the engine for them all. A request the engine did not answer about (it cannot
+    tell, or the kill was not told) is given back for the next pass; the others are dropped."""
+    q, now = rt.queries, rt.clock.now()
+    before = now - rt.settings.cancel_timeout
     with database_errors(rt.engine, "stopping cancelled retries"), rt.engine.begin() as conn:
-        keys = list(conn.execute(rt.queries.overdue_cancels, {"sr_before": before}).scalars())
+        keys = list(conn.execute(q.claim_overdue, {"sr_now": now, "sr_before": before}).scalars())
         runs = _runs(rt, conn, keys)
-    for run in runs:
-        if executor.still_running(run):
-            answer = _tell(executor, run, kill=True)
-            logger.bind(run_id=str(run.id), event="cancel_killed").warning(
-                "{}: still running {} after its cancel: stopped forcefully; the engine answered: {}",
+    if not keys:
+        return
+    unanswered: list[str] = []
+    if runs:
+        running = executor.still_running(runs)
+        if running is None:
+            unanswered = [str(run.id) for run in runs]
+            logger.bind(event="cancel_kill_postponed").warning(
+                "the {} engine did not answer whether the cancelled retries still run ({} due for a forceful "
+                "stop): asked again at the next pass",
+                mode,
+                len(runs),
+            )
+        for run in running or ():
+            told, answer = _tell(executor, run, kill=True)
+            if not told:
+                unanswered.append(str(run.id))
+            logger.bind(run_id=str(run.id), event="cancel_killed" if told else "cancel_kill_postponed").warning(
+                "{}: still running {} after its cancel: {}; the engine answered: {}",
                 run.label,
                 rt.settings.cancel_timeout,
+                "stopped forcefully" if told else "the forceful stop is tried again at the next pass",
                 answer,
             )
+    with database_errors(rt.engine, "stopping cancelled retries"), rt.engine.begin() as conn:
+        conn.execute(q.unclaim_cancels, {"sr_now": now, "sr_before": before, "sr_keys": unanswered})
+        conn.execute(q.drop_cancels, {"sr_keys": [key for key in keys if key not in unanswered]})
 
 
 def _runs(rt: Runtime, conn, keys) -> list[Run]:
@@ -240,8 +262,9 @@ def _runs(rt: Runtime, conn, keys) -> list[Run]:
     ]
 
 
-def _tell(executor: Cancels, run: Run, *, kill: bool) -> str:
+def _tell(executor: Cancels, run: Run, *, kill: bool) -> tuple[bool, str]:
+    """Whether the engine was told to stop the run's job, and its answer for the log."""
     try:
-        return executor.cancel(run, kill=kill)
+        return True, executor.cancel(run, kill=kill)
     except Exception as exc:  # noqa: BLE001 - an engine that fails to answer: said in the log, the row stays cancelled
-        return f"no answer ({type(exc).__name__}: {exc})"
+        return False, f"no answer ({type(exc).__name__}: {exc})"

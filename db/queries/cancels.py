@@ -25,7 +25,8 @@ _KEY = sa.bindparam("sr_run_key", type_=sa.Text)  # the run's id as text (str(id
 
 class CancelStatements(TableStatements):
     """`request_cancel`, `cancel_requested`, `forget_cancel`, `nobody_executes`, `cancel_running`,
-    `cancel_queued`, and an engine's `unsignalled_cancels`, `signal_cancels`, `overdue_cancels`."""
+    `cancel_queued`, and an engine's `unsignalled_cancels`, `signal_cancels`, `drop_cancels`,
+    `claim_overdue`, `unclaim_cancels`."""
 
     @statement
     def cancels(self) -> sa.Table:
@@ -86,9 +87,13 @@ class CancelStatements(TableStatements):
     cancel_queued = statement(lambda self: self._cancel_from("queued"))
 
     def _cancel_from(self, state: str) -> sa.Update:
-        """Runs `:sr_ids` still in `state` become `cancelled` with `:sr_message`; no budget is spent
-        and no retry scheduled (nothing else of the chain changes). Their delivery mark ends."""
+        """Runs `:sr_ids` still in `state` and not being delivered become `cancelled` with
+        `:sr_message`; no budget is spent and no retry scheduled (nothing else of the chain
+        changes). A row another process marked for delivery (its lease not yet run out) is left to
+        that delivery, even when the caller read it before the mark (SPEC §12); a lease that ran
+        out (its process died) ends with the row."""
         t, runs = self.t, self.runs
+        not_delivered = sa.or_(t.c.delivering_until.is_(None), t.c.delivering_until <= NOW)
         return (
             self._update()
             .values(
@@ -99,7 +104,9 @@ class CancelStatements(TableStatements):
                 delivering_until=None,
                 delivering_by=None,
             )
-            .where(t.c.id == sa.any_(array_param("sr_ids", runs.id_type)), runs.in_state(t.c.status, state))
+            .where(
+                t.c.id == sa.any_(array_param("sr_ids", runs.id_type)), runs.in_state(t.c.status, state), not_delivered
+            )
             .returning(t.c.id)
         )
 
@@ -128,12 +135,33 @@ class CancelStatements(TableStatements):
         return sa.delete(c).where(self._of_table(), c.c.run_id == sa.any_(keys))
 
     @statement
-    def overdue_cancels(self) -> sa.Delete:
-        """Takes the requests an engine was asked about at or before `:sr_before` (CANCEL_TIMEOUT
-        ago): the pass that deletes one is the one that stops it forcefully if it still runs."""
+    def claim_overdue(self) -> sa.Update:
+        """Claims the requests an engine was asked about at or before `:sr_before` (CANCEL_TIMEOUT
+        ago) for the pass that stops them forcefully if they still run: `signalled_at` moves to
+        now, so no other pass takes them for CANCEL_TIMEOUT (and, should this pass's process die,
+        one takes them then). The pass drops those the engine answered about (`drop_cancels`) and
+        gives back the others (`unclaim_cancels`)."""
         c = self.cancels
         before = sa.bindparam("sr_before", type_=sa.DateTime(timezone=True))
-        return sa.delete(c).where(self._of_table(), c.c.signalled_at <= before).returning(c.c.run_id)
+        return (
+            sa.update(c)
+            .where(self._of_table(), c.c.signalled_at <= before)
+            .values(signalled_at=NOW)
+            .returning(c.c.run_id)
+        )
+
+    @statement
+    def unclaim_cancels(self) -> sa.Update:
+        """Gives requests `:sr_keys` claimed at `:sr_now` back as overdue (`signalled_at` =
+        `:sr_before`): the engine did not answer, the next pass asks again."""
+        c = self.cancels
+        keys = array_param("sr_keys", sa.Text)
+        before = sa.bindparam("sr_before", type_=sa.DateTime(timezone=True))
+        return (
+            sa.update(c)
+            .where(self._of_table(), c.c.run_id == sa.any_(keys), c.c.signalled_at == NOW)
+            .values(signalled_at=before)
+        )
 
     @statement
     def runs_by_ids(self) -> sa.Select:

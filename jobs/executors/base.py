@@ -154,7 +154,9 @@ class Cancels(Protocol):
     """An engine a handed-over run can be stopped in (SPEC §16's cancel)."""
 
     def cancel(self, run: Run, *, kill: bool) -> str:
-        """Ask the engine to stop the run's job (`kill`: the forceful way, after CANCEL_TIMEOUT); what it answered, for the log."""
+        """Ask the engine to stop the run's job (`kill`: the forceful way, after CANCEL_TIMEOUT); what it answered, for the log.
+        Raises when the engine could not be told."""
 
-    def still_running(self, run: Run) -> bool:
-        """Whether the engine still runs the run's job."""
+    def still_running(self, runs: list[Run]) -> list[Run] | None:
+        """Those of `runs` whose job the engine still runs, one question for them all; None when
+        the engine cannot be asked (it cannot tell)."""

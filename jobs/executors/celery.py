@@ -30,7 +30,7 @@ MODE = "celery"  # the `handed_off` value of a retry sent here
 EXTRA = "pip install 'stuck-runs[celery]'"
 CONNECT_TIMEOUT = timedelta(seconds=5)
 PRIORITY_STEPS = 10  # 0..9: what Redis's and RabbitMQ's Celery transports both take
-INSPECT_TIMEOUT = 2.0  # how long `still_running` waits for the workers' answers
+INSPECT_TIMEOUT = 2.0  # how long `still_running` waits for the workers' answers (once a pass)
 # Deliveries a pass runs at once (jobs/delivery.py `lanes_for`), whatever the cap: a send_task takes
 # a few milliseconds, so a handful of lanes keeps the broker busy; 100 threads only contend for the
 # interpreter. The app's pool holds a connection for each (its default is 10), so they never wait.
@@ -161,15 +161,22 @@ class CeleryExecutor:
         return self.send(run)
 
     def cancel(self, run: Run, *, kill: bool) -> str:
-        """Revokes the run's task and terminates it where a worker runs it (SIGKILL with `kill`)."""
+        """Revokes the run's task and terminates it where a worker runs it (SIGKILL with `kill`);
+        raises what the broker raised when it cannot be reached."""
         signal = "SIGKILL" if kill else "SIGTERM"
         self.app.control.revoke(str(run.id), terminate=True, signal=signal)
         return f"revoked, terminate with {signal}"
 
-    def still_running(self, run: Run) -> bool:
-        """Whether a worker reports the run's task among its active ones."""
-        active = self.app.control.inspect(timeout=INSPECT_TIMEOUT).active() or {}
-        return any(task.get("id") == str(run.id) for tasks in active.values() for task in tasks or [])
+    def still_running(self, runs: list[Run]) -> list[Run] | None:
+        """Those of `runs` whose task a worker reports among its active ones: one question to the
+        workers (waiting INSPECT_TIMEOUT for their answers) for them all. None when the broker
+        cannot be reached (nothing can tell whether they stopped)."""
+        try:
+            active = self.app.control.inspect(timeout=INSPECT_TIMEOUT).active() or {}
+        except Exception:  # noqa: BLE001 - kombu's and the transport's own errors: the broker is not there
+            return None
+        ids = {task.get("id") for tasks in active.values() for task in tasks or []}
+        return [run for run in runs if str(run.id) in ids]
 
     def check(self) -> str:
         """That the broker answers (doctor); raises what the connection raised."""

@@ -171,21 +171,21 @@ class ScrapydExecutor:
     # --- Cancels ---------------------------------------------------------------------------
 
     def cancel(self, run: Run, *, kill: bool) -> str:
-        """cancel.json for the run's job (`kill`: signal=KILL); what Scrapyd answered."""
+        """cancel.json for the run's job (`kill`: signal=KILL); what Scrapyd answered. Raises
+        `Unanswered` or `Refused` when Scrapyd was not told (the caller says so; a forceful stop
+        is tried again at the next pass)."""
         form = {"project": self.project, "job": str(run.id), **({"signal": "KILL"} if kill else {})}
-        try:
-            answer = self._call("POST", "cancel.json", data=form)
-        except (Unanswered, Refused) as exc:
-            return f"Scrapyd did not cancel job {run.id}: {exc}"
+        answer = self._call("POST", "cancel.json", data=form)
         return f"Scrapyd cancelled job {run.id}{' with SIGKILL' if kill else ''} (it was {answer.get('prevstate')})"
 
-    def still_running(self, run: Run) -> bool:
-        """Whether Scrapyd still has the run's job pending or running; True when it cannot be asked
-        (nothing says it stopped)."""
+    def still_running(self, runs: list[Run]) -> list[Run] | None:
+        """Those of `runs` whose job Scrapyd still has pending or running: one listjobs.json for
+        them all. None when Scrapyd cannot be asked (nothing says they stopped)."""
         try:
-            return self.jobs().get(str(run.id)) in ("pending", "running")
+            known = self.jobs()
         except (Unanswered, Refused):
-            return True
+            return None
+        return [run for run in runs if known.get(str(run.id)) in ("pending", "running")]
 
     # --- doctor ----------------------------------------------------------------------------
 

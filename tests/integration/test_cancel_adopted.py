@@ -1,11 +1,12 @@
 """Cancelling running retries (SPEC §16) on every adopted table shape, and the dispatcher pass that
 stops a retry handed to an engine (`Cancels`), in-process: the engine is a stand-in that records
-what it was told; the database is real."""
+what it was told (or a Celery whose broker nobody runs); the database is real."""
 
 from __future__ import annotations
 
+import socket
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -25,6 +26,7 @@ from tests.adopted import ADOPTABLE, Adopted, utc_now
 from tests.daemons import wait_until
 from tests.helpers import make_runtime
 from tests.integration.test_cancel_running import running_retry, status
+from tests.integration.test_cli import cli
 from tests.integration.test_index_predicates import layout_of
 
 
@@ -91,8 +93,8 @@ class Engine:
             self.told.append((str(run.id), kill))
         return "killed" if kill else "revoked"
 
-    def still_running(self, run) -> bool:
-        return not any(kill for _, kill in self.told)
+    def still_running(self, runs):
+        return [run for run in runs if (str(run.id), True) not in self.told]
 
 
 def test_an_engine_s_run_is_cancelled_once_then_killed_after_cancel_timeout_by_one_pass(engine, db_url):
@@ -121,3 +123,157 @@ def test_an_engine_s_run_is_cancelled_once_then_killed_after_cancel_timeout_by_o
         assert fleet.told == [(str(handed), False), (str(handed), True)] and requests(rt) == [str(here)]
     finally:
         rt.close()
+
+
+def request(engine, run_id, *, signalled_ago: timedelta | None = None) -> None:
+    """A cancel request for `run_id`, as `cancel` writes it (`signalled_ago`: the engine was asked then)."""
+    signalled = "NULL" if signalled_ago is None else f"now() - interval '{signalled_ago.total_seconds()} seconds'"
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(f"INSERT INTO stuck_runs_cancels VALUES ('scrape_runs', :id, now(), 'test', {signalled})"),
+            {"id": str(run_id)},
+        )
+
+
+def test_a_request_for_a_run_being_delivered_waits_for_the_next_pass(engine, db_url):
+    """A Scrapyd retry whose lease ran out, re-marked by another daemon before this pass: its
+    request stays until the delivery ends, then the pass cancels it."""
+    now = datetime.now(timezone.utc)
+    lease = {"delivering_by": "other host pid 1 delivery abc", "delivering_until": now + timedelta(minutes=5)}
+    _, retry = running_retry(engine, handed_off="scrapyd", **lease)
+    request(engine, retry)
+    fleet = Engine()
+    rt = make_runtime(db_url)
+    try:
+        assert act_on_cancels(rt, fleet, "scrapyd") == 0
+        assert requests(rt) == [str(retry)] and fleet.told == [] and status(engine, retry) == "running"
+        with engine.begin() as conn:  # the delivery ended: handed over, the mark gone
+            conn.execute(sa.text("UPDATE scrape_runs SET delivering_until = NULL, delivering_by = NULL"))
+        assert act_on_cancels(rt, fleet, "scrapyd") == 1
+    finally:
+        rt.close()
+    assert fleet.told == [(str(retry), False)] and status(engine, retry) == "cancelled"
+
+
+def scalar(engine, query: str):
+    """`query`'s value read in a transaction of its own (the activity statistics a transaction
+    reads are those of its first look)."""
+    with engine.connect() as conn:
+        return conn.execute(sa.text(query)).scalar_one()
+
+
+def test_a_run_marked_again_while_the_pass_cancels_it_is_left_to_its_delivery(engine, db_url):
+    """The pass read the row with its lease run out; another daemon marks it anew (row locked,
+    not committed) before the pass's conditional write: the write waits, then leaves the row to
+    the new delivery, and the request stays for the next pass."""
+    now = datetime.now(timezone.utc)
+    lapsed = {"delivering_by": "dead pid 1 delivery x", "delivering_until": now - timedelta(minutes=1)}
+    _, retry = running_retry(engine, handed_off="scrapyd", **lapsed)
+    request(engine, retry)
+    fleet = Engine()
+    rt = make_runtime(db_url)
+    remark = engine.connect()
+    try:
+        remark.execute(
+            sa.text("UPDATE scrape_runs SET delivering_until = now() + interval '5 minutes' WHERE id = :id"),
+            {"id": retry},
+        )
+        passed: list[int] = []
+        thread = threading.Thread(target=lambda: passed.append(act_on_cancels(rt, fleet, "scrapyd")))
+        thread.start()
+        blocked = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE%'"
+        wait_until(lambda: scalar(engine, blocked) > 0 or not thread.is_alive(), timeout=30)
+        remark.commit()
+        thread.join(30)
+        assert passed == [0] and fleet.told == [] and status(engine, retry) == "running"
+        assert requests(rt) == [str(retry)]
+    finally:
+        remark.close()
+        rt.close()
+
+
+class Unreachable(Engine):
+    """An engine that cannot be asked whether its jobs run, nor told to kill them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[list[str]] = []
+
+    def still_running(self, runs):
+        self.asked.append(sorted(str(run.id) for run in runs))
+        return None
+
+    def cancel(self, run, *, kill: bool) -> str:
+        raise ConnectionError("broker down")
+
+
+class KillFails(Engine):
+    """An engine that says every job still runs, once for them all, and fails to kill `failing`."""
+
+    def __init__(self, failing) -> None:
+        super().__init__()
+        self.failing, self.asked = str(failing), 0
+
+    def still_running(self, runs):
+        self.asked += 1
+        return list(runs)
+
+    def cancel(self, run, *, kill: bool) -> str:
+        if str(run.id) == self.failing:
+            raise ConnectionError("no answer")
+        return super().cancel(run, kill=kill)
+
+
+def cancelled_retry(engine) -> str:
+    """A retry cancelled in its row whose engine was asked to stop it a minute ago."""
+    _, retry = running_retry(engine, handed_off="celery")
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE scrape_runs SET status = 'cancelled' WHERE id = :id"), {"id": retry})
+    request(engine, retry, signalled_ago=timedelta(minutes=1))
+    return str(retry)
+
+
+def test_an_engine_that_cannot_tell_keeps_the_forceful_stop_for_the_next_pass(engine, db_url):
+    overdue = sorted(cancelled_retry(engine) for _ in range(2))
+    rt = make_runtime(db_url, cancel_timeout=timedelta(seconds=1))
+    try:
+        down = Unreachable()
+        assert act_on_cancels(rt, down, "celery") == 0
+        assert down.asked == [overdue] and sorted(requests(rt)) == overdue  # one question for both, both kept
+        assert act_on_cancels(rt, down, "celery") == 0 and len(down.asked) == 2  # the next pass asks again
+        half = KillFails(failing=overdue[0])
+        assert act_on_cancels(rt, half, "celery") == 0
+    finally:
+        rt.close()
+    assert half.asked == 1 and half.told == [(overdue[1], True)]  # one failing kill skips no other
+    assert requests(rt) == [overdue[0]]  # the kill the engine did not answer: tried again next pass
+
+
+def test_celery_with_its_broker_down_keeps_the_forceful_stop_and_says_so(engine, db_url):
+    pytest.importorskip("celery", reason="missing service: celery (pip install 'stuck-runs[celery]')")
+    _, retry = running_retry(engine, handed_off="celery")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        "DATABASE_URL": db_url,
+        "CELERY_BROKER_URL": f"redis://:Sekr1t@127.0.0.1:{port}/0",
+        "CELERY_TASK": "fleet.scrape",
+        "CANCEL_TIMEOUT": "1s",
+    }
+    asked = cli("cancel", str(retry), env=env)
+    assert asked.returncode == 0, asked.stderr
+    first = cli("process", env=env)  # cancels the row; the revoke finds no broker
+    assert first.returncode == 0 and "Traceback" not in first.stderr, first.stderr
+    assert status(engine, retry) == "cancelled"
+    with engine.begin() as conn:  # CANCEL_TIMEOUT has passed since the engine was asked
+        conn.execute(sa.text("UPDATE stuck_runs_cancels SET signalled_at = now() - interval '1 minute'"))
+    later = cli("process", env=env)
+    assert later.returncode == 0 and "Traceback" not in later.stderr, later.stderr
+    assert "Sekr1t" not in later.stdout + later.stderr
+    assert "the celery engine did not answer whether the cancelled retries still run" in later.stderr
+    with engine.connect() as conn:
+        kept = conn.execute(
+            sa.text("SELECT run_id, signalled_at <= now() - interval '1 second' FROM stuck_runs_cancels")
+        )
+        assert kept.all() == [(str(retry), True)]  # overdue still: the next pass tries again

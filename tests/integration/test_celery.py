@@ -251,7 +251,7 @@ def test_a_running_task_is_revoked_and_terminated_by_cancel(engine, fleet_db, re
         process_due_retries(rt)  # a dispatcher pass: revoke, terminate
         assert status(engine, retry) == "cancelled"
         cancelled = _run(rt, retry)
-        wait_until(lambda: not rt.executor.still_running(cancelled), timeout=30)  # terminated in the worker
+        wait_until(lambda: rt.executor.still_running([cancelled]) == [], timeout=30)  # terminated in the worker
     finally:
         rt.close()
     with engine.connect() as conn:

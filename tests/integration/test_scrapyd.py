@@ -5,6 +5,7 @@ or ends without writing. Scrapyd runs each job as a real `scrapy crawl` process.
 from __future__ import annotations
 
 import threading
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import httpx
@@ -14,7 +15,7 @@ from loguru import logger
 from sqlalchemy.engine import make_url
 
 from jobs.executors.base import Cancels
-from jobs.executors.scrapyd import ended_message
+from jobs.executors.scrapyd import ScrapydExecutor, Unanswered, ended_message
 from jobs.executors.senders import ClientPerThread
 from jobs.model import Run
 from jobs.retries import RetryDispatcher, process_due_retries
@@ -212,12 +213,24 @@ def test_cancel_asks_scrapyd_then_kills_a_job_that_ignores_it(db_url, scrapyd, o
     executor = rt.executor
     assert isinstance(executor, Cancels)  # what the cancel of SPEC §16 asks an engine for
     wait_until(lambda: (scrapyd.home / f"{retry}.hanging").exists(), timeout=120)  # a Scrapy start under load
-    assert executor.still_running(run_)
+    assert executor.still_running([run_]) == [run_]
     assert "it was running" in executor.cancel(run_, kill=False)
     assert not threading.Event().wait(1.5)  # the spider's grace: it does not stop
-    assert executor.still_running(run_)
+    assert executor.still_running([run_]) == [run_]
     assert executor.cancel(run_, kill=True) == f"Scrapyd cancelled job {retry} with SIGKILL (it was running)"
-    wait_until(lambda: not executor.still_running(run_), timeout=10)
+    wait_until(lambda: executor.still_running([run_]) == [], timeout=10)
+
+
+def test_scrapyd_unreachable_cannot_tell_whether_a_job_runs_nor_be_told_to_stop_it():
+    """What the cancel pass keeps a forceful stop for the next pass on (jobs/cancelling.py)."""
+    executor = ScrapydExecutor(f"http://127.0.0.1:{free_port()}", PROJECT, "spider")
+    run_ = Run(uuid.uuid4(), "running", "")
+    try:
+        assert executor.still_running([run_]) is None
+        with pytest.raises(Unanswered, match="Scrapyd unreachable"):
+            executor.cancel(run_, kill=True)
+    finally:
+        executor.close()
 
 
 def test_doctor_checks_scrapyd_its_project_and_its_spider(db_url, scrapyd):
