@@ -52,9 +52,14 @@ class RunningCancel:
         attempt = f"retry {run.retry_count}/{run.max_retries} ({run.id})"
         match self.how:
             case "requested":
-                where = "the engine it was handed to" if run.handed_off else "the process executing it"
+                if run.handed_off:  # the engine is told by a stuck-runs process configured for it
+                    return (
+                        f"Cancel of running {attempt} requested: the daemon tells the engine it was handed to "
+                        f"within DISPATCH_POLL ({poll_seconds:g}s); with no daemon running, the next `process` does"
+                    )
                 return (
-                    f"Cancel of running {attempt} requested: {where} stops it within DISPATCH_POLL ({poll_seconds:g}s)"
+                    f"Cancel of running {attempt} requested: the process executing it stops it within "
+                    f"DISPATCH_POLL ({poll_seconds:g}s)"
                 )
             case "cancelled":
                 return f"Running {attempt} cancelled: no process was executing it any more"
@@ -194,9 +199,10 @@ def act_on_cancels(rt: Runtime, executor: Cancels, mode: str) -> int:
         asked = [run for run in targets if run.id in cancelled]
         conn.execute(q.signal_cancels, {"sr_now": now, "sr_keys": [str(run.id) for run in asked]})
         # Kept: delivered at this instant (or marked anew since read: the conditional write left it
-        # to that delivery), the next pass; run here, the executing process's own watch. A row that
+        # to that delivery), the next pass; run here, the executing process's own watch; handed to
+        # another engine, a process of that engine's (the same table may feed both). A row that
         # ended meanwhile is no longer running at the next pass, which drops its request then.
-        waiting = {str(run.id) for run in running if run.handed_off in (None, mode) and run.id not in cancelled}
+        waiting = {str(run.id) for run in running if run.id not in cancelled}
         dropped = [key for key in requests if key not in waiting and key not in {str(r.id) for r in asked}]
         conn.execute(q.drop_cancels, {"sr_keys": dropped})
     for run in asked:
@@ -216,10 +222,12 @@ def _kill_overdue(rt: Runtime, executor: Cancels, mode: str) -> None:
     before = now - rt.settings.cancel_timeout
     with database_errors(rt.engine, "stopping cancelled retries"), rt.engine.begin() as conn:
         keys = list(conn.execute(q.claim_overdue, {"sr_now": now, "sr_before": before}).scalars())
-        runs = _runs(rt, conn, keys)
+        claimed = _runs(rt, conn, keys)
     if not keys:
         return
-    unanswered: list[str] = []
+    # Another engine's job is stopped by a process of that engine's, never through this one.
+    runs = [run for run in claimed if run.handed_off == mode]
+    unanswered = [str(run.id) for run in claimed if run.handed_off != mode]
     if runs:
         running = executor.still_running(runs)
         if running is None:

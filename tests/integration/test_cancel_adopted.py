@@ -249,6 +249,22 @@ def test_an_engine_that_cannot_tell_keeps_the_forceful_stop_for_the_next_pass(en
     assert requests(rt) == [overdue[0]]  # the kill the engine did not answer: tried again next pass
 
 
+def test_a_process_of_one_engine_leaves_another_engines_cancels_to_it(engine, db_url):
+    """One table, two engines (a Celery daemon and a Scrapyd one): neither drops nor stops
+    through itself what the other was handed."""
+    _, fresh = running_retry(engine, handed_off="celery")
+    request(engine, fresh)
+    overdue = cancelled_retry(engine)  # Celery's, asked a minute ago
+    rt = make_runtime(db_url, cancel_timeout=timedelta(seconds=1))
+    scrapyd = KillFails(failing=None)
+    try:
+        assert act_on_cancels(rt, scrapyd, "scrapyd") == 0
+    finally:
+        rt.close()
+    assert scrapyd.asked == 0 and scrapyd.told == []
+    assert sorted(requests(rt)) == sorted([str(fresh), overdue]) and status(engine, fresh) == "running"
+
+
 def test_celery_with_its_broker_down_keeps_the_forceful_stop_and_says_so(engine, db_url):
     pytest.importorskip("celery", reason="missing service: celery (pip install 'stuck-runs[celery]')")
     _, retry = running_retry(engine, handed_off="celery")
