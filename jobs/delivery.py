@@ -1,23 +1,20 @@
 """The hand-over of a retry to the fleet (SPEC §12, amended), for an executor that delivers it
-(`Delivers`, jobs/executors/base.py: a webhook's `deliver(run, stop)` POSTs and reports the
-receiver's answer as an outcome).
+(`Delivers`, jobs/executors/base.py: a webhook's `deliver(run, stop)` POSTs, reports the answer).
 
 1. Mark: in one short transaction under the cap's lock (one round trip), the retry is committed
    `running` (`started_at` now, `handed_off` set), marked as being delivered by this delivery with
    a lease (the delivery's own bound plus a margin); from then a fleet may write its outcome. Lanes
    wanting a retry at once are marked for in one such transaction (a set: `mark_batch`), waiting
    holding no session; in a pass (`drain`) a set takes all the room, for the next lanes (`ready`).
-2. Deliver, with no database session held: a process delivering 256 retries at once still
-   holds only its small pool, and an operator's action on the row waits for nothing.
-3. Confirm (the mark ends, whatever the fleet wrote stands; lanes confirming at once in one
-   statement: `end_marks`; in a pass, by whichever lane is free, the others going on), or put it back to `pending_retry` when the fleet could not take it
-   (only over `running`), or fail the attempt the webhook refused: each conditional on the mark
-   still being this delivery's.
+2. Deliver, with no database session held (a process delivering 256 at once holds its small pool).
+3. Confirm (the mark ends, whatever the fleet wrote stands; in sets: `end_marks`), or put it back
+   to `pending_retry` when the fleet could not take it (only over `running`), or fail the attempt
+   the webhook refused: each conditional on the mark still being this delivery's.
 
 A process that dies anywhere in between leaves a marked `running` row: once its lease runs out
-another process marks it anew and delivers it again with the same Idempotency-Key (the only
-way a receiver sees one retry twice). Two processes never deliver it at once: a lease stands
-until the delivery it covers has surely ended.
+another process marks it anew and delivers it again with the same Idempotency-Key (the only way
+a receiver sees one retry twice). Two processes never deliver it at once: a lane sends only while
+the lease still covers a whole delivery (also after asking the engine whether it has the job).
 """
 
 from __future__ import annotations
@@ -41,6 +38,7 @@ from jobs.batching import Batches, Combined
 from jobs.events import RetryEnded
 from jobs.executors.base import Delivers, ExecutorMisconfigured, KnowsItsJobs
 from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured, Released
+from jobs.executors.webhook import clean
 from jobs.model import RunId
 from jobs.outcomes import Marked, RetryOutcome, confirmed, record_outcome
 from jobs.outcomes import being_delivered as being_delivered  # where the other modules import it
@@ -54,15 +52,15 @@ LEASE_MARGIN = timedelta(seconds=30)
 
 
 def lanes_for(executor: Delivers, cap: int) -> int:
-    """How many deliveries a pass runs at once: the cap, or fewer where the engine takes a retry in
-    a few milliseconds (`lanes`: Celery's send_task) and more threads would only contend for the
-    interpreter. The cap still bounds what is in flight: it is counted in the rows, under its lock."""
+    """How many deliveries a pass runs at once: the cap, or fewer where the engine takes a retry in a
+    few ms (`lanes`: Celery's send_task; more threads would contend for the interpreter)."""
     return max(1, min(cap, executor.lanes or cap))
 
 
 STOP_POLL_SECONDS = 0.1  # how soon a lane waiting for room sees a stop
 NO_ROOM = object()  # the cap is reached: nothing was marked
 LEASE_TOO_SHORT = "its lease would end before a delivery could: it waited too long for a lane or for the cap's lock"
+ASKED_TOO_LONG = "its lease would end before a delivery could: asking the fleet whether it had the job took too long"
 DEADLOCK, DEADLOCK_ATTEMPTS = "40P01", 3  # a set of confirms PostgreSQL ended to break a deadlock: tried again
 
 
@@ -91,7 +89,7 @@ class Deliveries:
         # This process's deliveries marked and not yet settled, and how many have settled: a lane
         # finding no room waits for a settle while some are unsettled (`room_may_come`).
         self.settled = threading.Condition(threading.Lock())
-        self.unsettled = self.settles = 0
+        self.unsettled, self.settles, self.broken = 0, 0, False  # broken: a lane of the pass raised
         self.batches: Batches[None, Marked | object | None] = Batches(
             lambda asking: self.mark_batch(asking, self.ahead)
         )
@@ -106,17 +104,18 @@ class Deliveries:
         lanes = lanes_for(self.executor, cap)
         # A set marks as many as the cap leaves room for, not only the lanes asking: fewer sets, so
         # fewer turns of the cap's lock. Only here: a pass's lanes take the rest, or put it back.
-        self.ahead = cap - 1 if lanes > 1 else 0
+        self.ahead, self.broken, self.unsettled, outcomes = (cap - 1 if lanes > 1 else 0), False, 0, []  # anew
         try:
             if lanes == 1:
                 outcomes = self.deliver_in_turn(stop)
             else:
                 with ThreadPoolExecutor(lanes, thread_name_prefix="delivery") as pool:
-                    lanes_done = pool.map(lambda _: self.deliver_in_turn(stop), range(lanes))
+                    lanes_done = pool.map(lambda _: self.lane_of_a_pass(stop), range(lanes))
                     outcomes = [o for done in lanes_done for o in done]
-            outcomes += [self.release(marked) for marked in self.take_ready(all_of_them=True)]
         finally:
             self.ahead, self.due_left = 0, True  # what follows (run_now, a slot) marks and confirms one by one
+            # Also when a lane raised (a database error): none marked ahead is left marked.
+            outcomes += [self.release(marked) for marked in self.take_ready(all_of_them=True)]
         with self.lock:
             outcomes += self.confirmed
             self.confirmed = []
@@ -130,6 +129,13 @@ class Deliveries:
         outcomes = self.deliver_in_turn(stop)
         self.say_misconfigured()
         return outcomes
+
+    def lane_of_a_pass(self, stop: threading.Event) -> list[RetryOutcome]:
+        try:
+            return self.deliver_in_turn(stop)
+        except BaseException:  # the others wait for no settle of its: the pass ends once they are done
+            self.count_settled(broke=True)
+            raise
 
     def deliver_in_turn(self, stop: threading.Event) -> list[RetryOutcome]:
         """One lane: delivers due retries one after another."""
@@ -162,9 +168,8 @@ class Deliveries:
 
     def mark_before_running_dry(self) -> Marked | None:
         """In a pass, once a quarter of what a set marks ahead is taken: one lane marks the next set
-        (one for itself, the rest ready) while the others deliver those ready (a set under the lock
-        takes longer than the lanes take to deliver half of one). None otherwise, or when it marked
-        none (no room yet, or nothing more due): the lanes take those ready."""
+        while the others deliver those ready (a set under the lock takes longer than delivering half
+        of one). None otherwise, or when it marked none: the lanes take those ready."""
         if not (self.ahead and self.due_left and self.ready) or len(self.ready) * 4 > self.ahead * 3:
             return None
         if not self.marking_ahead.acquire(blocking=False):
@@ -177,23 +182,23 @@ class Deliveries:
         return marked if isinstance(marked, Marked) else None
 
     def room_may_come(self, stop: threading.Event) -> bool:
-        """The cap is reached while this pass has deliveries of its own unsettled (marked ahead, all
-        at once: the lanes asking next find no room): waits for one of them to settle (its fleet
-        may end it at once, freeing a slot) and says to ask again; False once none is unsettled,
-        so a pass still ends when the cap is taken by what is running."""
+        """The cap is reached while this pass has deliveries of its own unsettled (marked ahead):
+        waits for one to settle (freeing a slot) and says to ask again; False once none is unsettled
+        or a lane raised, so a pass still ends when the cap is taken by what is running."""
         with self.settled:
-            if self.unsettled <= 0:
+            if self.unsettled <= 0 or self.broken:
                 return False
             seen = self.settles
-            while self.settles == seen and not stop.is_set():
+            while self.settles == seen and not stop.is_set() and not self.broken:
                 self.settled.wait(STOP_POLL_SECONDS)
             return True
 
-    def count_settled(self, marked: int = 0, settled: int = 0) -> None:
+    def count_settled(self, marked: int = 0, settled: int = 0, broke: bool = False) -> None:
         with self.settled:
             self.unsettled += marked - settled
             self.settles += settled
-            if settled:
+            self.broken |= broke  # a lane of this pass raised: what it had may never settle
+            if settled or broke:
                 self.settled.notify_all()
 
     def run_now(self, run_id: RunId, stop: threading.Event, wait: Callable[[], None]) -> RetryOutcome | None:
@@ -210,9 +215,8 @@ class Deliveries:
 
     def mark(self, run_id: RunId | None = None) -> Marked | object | None:
         """Step 1 for a lane: a retry marked for it (with `run_id`: pending retry `run_id`, due or
-        not, in a transaction of its own). None: nothing to deliver; NO_ROOM: the cap is reached.
-        Lanes asking at once are marked for in one transaction (`mark_batch`); a lane waiting for it
-        holds no session, so a confirm never waits for a session behind marks."""
+        not, alone). None: nothing to deliver; NO_ROOM: the cap is reached. Lanes asking at once are
+        marked for in one transaction (`mark_batch`), waiting holding no session."""
         if run_id is not None:
             return self.mark_batch([run_id])[0]
         return self.batches.ask(None)
@@ -228,19 +232,17 @@ class Deliveries:
                 return
 
     def release(self, marked: Marked, why: str | None = None) -> RetryOutcome:
-        """A retry marked ahead that no lane delivered: pending again, due as it was, nothing sent;
-        `why` is said in its log line (None: the pass was stopped by a signal)."""
+        """A marked retry no lane delivered: pending, due as it was; `why` in its log line (None: a signal)."""
         outcome = self.settle(marked, Released(detail=why))
         self.count_settled(settled=1)
         self.rt.events.publish(RetryEnded(outcome))
         return outcome
 
     def mark_batch(self, asking: Sequence[RunId | None], ahead: int = 0) -> list[Marked | object | None]:
-        """Marks, under the cap's lock (so no count misses a mark), one retry for each of `asking`
-        (all None: `mark_set`; or one run id: `mark_run`). Lanes left without one get None (nothing
-        is due) or NO_ROOM (the cap is reached). With `ahead`, up to that many more due ones, as the
-        room allows, are marked for the next lanes (`ready`): their leases start now, so a lane takes
-        one only while its lease still covers a whole delivery (`deliver_in_turn`)."""
+        """Marks, under the cap's lock, one retry for each of `asking` (all None: `mark_set`; or one
+        run id: `mark_run`); lanes left without one get None (none due) or NO_ROOM (the cap is reached).
+        With `ahead`, up to that many more, as the room allows, for the next lanes (`ready`): their
+        leases start now (a lane takes one only while it covers a delivery: `deliver_in_turn`)."""
         wanted, run_id = len(asking), asking[0]
         with database_errors(self.rt.engine, "marking a retry as being delivered"):
             lapsed, due, verdict, params, now = (
@@ -257,11 +259,9 @@ class Deliveries:
         return {"sr_now": now, "sr_run_id": run_id, "sr_mode": self.executor.mode, "sr_by": by, "sr_lease_until": lease}
 
     def mark_set(self, wanted: int, ahead: int) -> tuple[list, list, object | None, dict, datetime]:
-        """Retries whose lease ran out first (redelivered: they count already; an executor that never
-        sends twice leaves them to the stuck checker, SPEC §12), then the due ones the room allows,
-        highest priority then longest overdue first. Each is one query string on a connection in
-        autocommit: the cap's lock, then the statement (PRECEDED_BY): one round trip, one
-        transaction, the statement's snapshot taken once the lock is held."""
+        """Retries whose lease ran out first (they count already; an executor that never sends twice
+        leaves them to the stuck checker, SPEC §12), then the due ones the room allows, in start
+        order. Each is the cap's lock then the statement (PRECEDED_BY), in autocommit: one round trip."""
         q, locked = self.rt.queries, {PRECEDED_BY: self.rt.queries.handoff_lock_ahead}
         cap = {"sr_max": self.rt.settings.max_concurrent_retries}
         with self.rt.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -306,17 +306,20 @@ class Deliveries:
         return marked
 
     def deliver(self, marked: Marked, stop: threading.Event) -> RetryOutcome | None:
-        """Steps 2 and 3: the delivery (no session held), then its answer written. In a pass, a
-        delivery the fleet took is confirmed by whichever lane writes the next set of confirms
-        (`write_confirms`), and this lane goes on at once: None."""
-        started = time.monotonic()
-        delivered = None
-        if (marked.again or marked.postponements) and isinstance(self.executor, KnowsItsJobs):
-            # Its delivering process died after the mark, or an earlier delivery went unanswered:
-            # the engine may have the job already, and takes a repeated id as a second job (SPEC §16).
-            delivered = self.executor.has_job(marked.run)
-        if delivered is None:
-            delivered = self.executor.deliver(marked.run, stop)
+        """Steps 2 and 3: the delivery (no session held), then its answer written; in a pass, one the
+        fleet took is confirmed in the next set of confirms (`write_confirms`), unwaited: None."""
+        started, delivered = time.monotonic(), None
+        try:
+            if (marked.again or marked.postponements) and isinstance(self.executor, KnowsItsJobs):
+                # Its delivering process died after the mark, or an earlier delivery went unanswered:
+                # the engine may have the job already, and takes a repeated id as a second job (SPEC §16).
+                delivered = self.executor.has_job(marked.run, stop)  # within a `bound`
+                if delivered is None and marked.lease_until - self.rt.clock.now() < self.executor.bound:
+                    delivered = Released(detail=ASKED_TOO_LONG)  # another process may deliver it now
+            if delivered is None:
+                delivered = self.executor.deliver(marked.run, stop)
+        except Exception as exc:  # noqa: BLE001 - an executor's bug: its retry is put back, not left marked
+            delivered = Released(detail=f"its delivery raised {type(exc).__name__}: {clean(str(exc))[:200]}")
         if isinstance(delivered, HandedOver) and self.ahead:  # a pass's: confirmed in sets, unwaited
             with self.lock:
                 self.misconfigured = self.said = None
@@ -336,8 +339,7 @@ class Deliveries:
         return outcome
 
     def said_misconfigured(self, error: str) -> None:
-        """Keeps the configuration the fleet refused: `drain` ends its pass on it (exit 2), a
-        daemon's slot says it once (`work_slot`)."""
+        """The configuration the fleet refused: `drain` ends on it (exit 2), a slot says it once."""
         with self.lock:
             self.misconfigured = error
 
@@ -358,13 +360,11 @@ class Deliveries:
         return record_outcome(self.rt, self.policy, marked.run, delivered, delivery=marked)
 
     def confirm(self, marked: Marked, delivered: HandedOver) -> RetryOutcome:
-        """The fleet took the retry: its mark ends (as `record_outcome`'s `HandedOver` writes it),
-        together with those of the lanes confirming at the same time, in one statement."""
+        """The fleet took the retry: its mark ends, with those of the lanes confirming at once."""
         return confirmed(marked, delivered, self.confirms.ask(marked))
 
     def write_confirms(self, handed: Sequence[tuple[Marked, HandedOver, float]]) -> None:
-        """A pass's set of deliveries the fleet took (`deliver`): their marks ended in one
-        statement, each told and published as it ended, kept for `drain`."""
+        """A pass's deliveries the fleet took: marks ended in one statement, each published, for `drain`."""
         ended = self.end_marks([marked for marked, _, _ in handed])
         now = time.monotonic()
         outcomes = [

@@ -11,12 +11,14 @@ run. Celery is an optional dependency (`pip install 'stuck-runs[celery]'`), impo
 
 A run's priority (COLUMN_MAP's `priority`, higher first) is clamped to 0..9 and, for Redis, whose
 transport runs 0 first, turned around (9 - p): a priority-9 run is sent at Redis priority 0.
-AMQP brokers run the higher number first, so it travels as it is.
+AMQP brokers run the higher number first, so it travels as it is. A run with none (NULL, NaN,
+±Infinity) goes last: at 9 on Redis, with no priority option on AMQP.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 from datetime import timedelta
 from typing import Any
@@ -51,11 +53,24 @@ def runs_low_first(broker_url: str) -> bool:
     return urlsplit(broker_url).scheme.lower() in ("redis", "rediss", "sentinel")
 
 
-def broker_priority(priority: object, low_first: bool) -> int | None:
-    """The run's priority (higher first) on the broker's 0..9 scale; None when the run has none."""
-    if priority is None:
+def known_priority(priority: object) -> float | None:
+    """The run's priority as a number; None when it has none: NULL, or NaN or ±Infinity (a numeric
+    or double precision column holds them), or not a number at all."""
+    try:
+        number = float(priority)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
         return None
-    step = max(0, min(PRIORITY_STEPS - 1, round(float(priority))))
+    return number if math.isfinite(number) else None
+
+
+def broker_priority(priority: object, low_first: bool) -> int | None:
+    """The run's priority (higher first) on the broker's 0..9 scale. A run with none goes last: on
+    a broker running 0 first, at 9 (kombu's default, 0, would run it first); else None (no
+    priority option: AMQP's default, 0, is its last)."""
+    number = known_priority(priority)
+    if number is None:
+        return PRIORITY_STEPS - 1 if low_first else None
+    step = max(0, min(PRIORITY_STEPS - 1, round(number)))
     return PRIORITY_STEPS - 1 - step if low_first else step
 
 
@@ -137,11 +152,10 @@ class CeleryExecutor:
         options: dict[str, Any] = {"task_id": str(run.id), "kwargs": task_kwargs(run), "retry": False}
         if self.queue:
             options["queue"] = self.queue
-        priority = broker_priority(
-            run.inputs.get(self.priority_column) if self.priority_column else None, self.low_first
-        )
-        if priority is not None:
-            options["priority"] = priority
+        if self.priority_column:  # none mapped: no priority option (nothing to order them by)
+            priority = broker_priority(run.inputs.get(self.priority_column), self.low_first)
+            if priority is not None:
+                options["priority"] = priority
         try:
             self.app.send_task(self.task, **options)
         # Not told apart (none of kombu's or redis-py's errors says which): a connection refused or

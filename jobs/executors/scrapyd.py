@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 from jobs.executors.base import Strategies, T
+from jobs.executors.celery import known_priority
 from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured, OutcomeUnknown, Postponed, Released
 from jobs.executors.senders import ClientPerThread, Senders, answer_within
 from jobs.executors.webhook import ONE_AT_A_TIME, clean
@@ -110,7 +111,7 @@ class ScrapydExecutor:
         values["run_id"] = str(run.id)
         form = {name: template.format_map(values) for name, template in self.args}
         form |= {"project": self.project, "spider": self.spider.format_map(values), "jobid": str(run.id)}
-        if self.priority is not None and run.inputs.get(self.priority) is not None:
+        if self.priority is not None and known_priority(run.inputs.get(self.priority)) is not None:
             form["priority"] = str(run.inputs[self.priority])
         return form
 
@@ -120,7 +121,11 @@ class ScrapydExecutor:
         """schedule.json for `run`, given up when `stop` is set or past `bound`."""
         if stop.is_set():
             return Released()
-        return self._bounded(lambda: self.schedule(run), stop)
+        answered = self._bounded(lambda: self.schedule(run), stop, "schedule.json")
+        # Given up in flight: Scrapyd may have the job. Not `stopping`: a release counts no
+        # postponement, and only a postponed (or lapsed) retry's next delivery asks Scrapyd first
+        # (`has_job`); Scrapyd would take the same jobid as a second job.
+        return answered[0] if answered else OutcomeUnknown(self._given_up("schedule.json", stop))
 
     def schedule(self, run: Run) -> HandedOver | Postponed | Misconfigured:
         try:
@@ -131,11 +136,16 @@ class ScrapydExecutor:
             return Misconfigured(str(exc))
         return HandedOver(MODE)
 
-    def has_job(self, run: Run) -> DeliveryOutcome | None:
+    def has_job(self, run: Run, stop: threading.Event | None = None) -> DeliveryOutcome | None:
         """For a retry that may have reached Scrapyd already (its delivering process died, or a
         schedule.json went unanswered): handed over when Scrapyd knows a job of its id (pending,
         running or finished), None when it knows none (schedule it). One status.json (Scrapyd
-        1.5+), else the project's listjobs.json."""
+        1.5+), else the project's listjobs.json: both within one `bound` (its lease covers that and
+        a schedule.json, jobs/delivery.py), given up at `stop`; not asked: postponed (asked again)."""
+        answered = self._bounded(lambda: self.ask_job(run), stop or threading.Event(), "status.json")
+        return answered[0] if answered else Postponed(self._given_up("status.json", stop))
+
+    def ask_job(self, run: Run) -> DeliveryOutcome | None:
         try:
             try:
                 state = self._call("GET", "status.json", params={"project": self.project, "job": str(run.id)})
@@ -254,24 +264,22 @@ class ScrapydExecutor:
             raise Refused(f"Scrapyd refused {endpoint}: {said}: check SCRAPYD_PROJECT, SCRAPYD_SPIDER and SCRAPYD_ARGS")
         return answer
 
-    def _bounded(self, call: Callable[[], DeliveryOutcome], stop: threading.Event) -> DeliveryOutcome:
-        """`call` in a thread, given up when `stop` is set or once `bound` has passed."""
+    def _bounded(self, call: Callable[[], T], stop: threading.Event, endpoint: str) -> tuple[T | Postponed] | None:
+        """`call()` in a thread (one-tuple: its answer may be None), or None when given up on: once
+        `stop` is set or `bound` has passed."""
 
-        def answer() -> DeliveryOutcome:
+        def answer() -> tuple[T | Postponed]:
             try:
-                return call()
-            except Exception as exc:  # noqa: BLE001 - the client closed under a delivery given up on
-                return Postponed(f"Scrapyd delivery failed: {type(exc).__name__}")
+                return (call(),)
+            except Exception as exc:  # noqa: BLE001 - the client closed under a call given up on
+                return (Postponed(f"Scrapyd {endpoint} failed: {type(exc).__name__}"),)
 
-        answered = answer_within(self.senders.submit(answer), stop, time.monotonic() + self.bound.total_seconds())
-        if answered is not None:
-            return answered
-        if not stop.is_set():
-            return OutcomeUnknown(f"Scrapyd did not answer schedule.json within {self.bound.total_seconds():g}s")
-        # Not `stopping`: a release counts no postponement, and only a postponed (or lapsed)
-        # retry's next delivery asks Scrapyd first (`has_job`); Scrapyd may have this job already
-        # and would take the same jobid as a second job.
-        return OutcomeUnknown("Stopped by a signal before Scrapyd answered schedule.json")
+        return answer_within(self.senders.submit(answer), stop, time.monotonic() + self.bound.total_seconds())
+
+    def _given_up(self, endpoint: str, stop: threading.Event | None) -> str:
+        if stop is not None and stop.is_set():
+            return f"Stopped by a signal before Scrapyd answered {endpoint}"
+        return f"Scrapyd did not answer {endpoint} within {self.bound.total_seconds():g}s"
 
     def close(self) -> None:
         self.senders.close()

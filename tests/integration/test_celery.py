@@ -345,3 +345,35 @@ def test_a_send_runs_in_the_lane_that_delivers_it_with_no_thread_of_its_own(redi
     finally:
         store.delete(queue)
         executor.close()
+
+
+def test_on_redis_a_retry_with_no_priority_is_queued_after_every_prioritised_one(redis_url):
+    """Redis runs priority 0 first, and kombu sends a task with no priority option at 0: a retry
+    with none (SPEC §16: none last) goes at 9, the bottom; with no priority column mapped there is
+    nothing to order by, and no priority option is sent. kombu keeps one Redis list a priority:
+    `queue` for 0, then `queue\\x06\\x16<n>`."""
+    import threading
+
+    import redis
+
+    from jobs.executors.celery import CeleryExecutor
+    from jobs.model import Run
+
+    queue = f"order-{uuid.uuid4().hex[:8]}"  # no worker consumes it: what was sent stays there
+    store = redis.Redis.from_url(redis_url)
+
+    def lists_after_sending(priority_column, *urgencies) -> dict[str, int]:
+        executor = CeleryExecutor(redis_url, TASK, queue, priority_column=priority_column)
+        try:
+            for urgency in urgencies:
+                run = Run(id=str(uuid.uuid4()), status="running", what="q", inputs={"urgency": urgency})
+                executor.deliver(run, threading.Event())
+            lists = {key.decode().removeprefix(queue): store.llen(key) for key in store.keys(f"{queue}*")}
+        finally:
+            store.delete(*store.keys(f"{queue}*"))
+            executor.close()
+        return {name.replace("\x06\x16", "priority "): count for name, count in lists.items()}
+
+    assert lists_after_sending("urgency", None) == {"priority 9": 1}
+    assert lists_after_sending("urgency", float("nan"), 9, 0) == {"": 1, "priority 9": 2}
+    assert lists_after_sending(None, None, 9) == {"": 2}

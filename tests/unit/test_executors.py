@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import threading
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,29 @@ def test_a_run_s_priority_is_put_on_the_broker_s_scale_turned_around_for_redis()
 
     assert runs_low_first("redis://:pw@h:6379/0") and runs_low_first("rediss://h/0")
     assert not runs_low_first("amqp://guest@h//")
-    redis = [broker_priority(p, low_first=True) for p in (9, 8, 5, 0, -3, 42, None)]
-    assert redis == [0, 1, 4, 9, 9, 0, None]  # higher first becomes lower first; clamped to 0..9
+    redis = [broker_priority(p, low_first=True) for p in (9, 8, 5, 0, -3, 42)]
+    assert redis == [0, 1, 4, 9, 9, 0]  # higher first becomes lower first; clamped to 0..9
     assert [broker_priority(p, low_first=False) for p in (9, 2.6, -1, 100)] == [9, 3, 0, 9]
+
+
+def test_a_run_with_no_priority_goes_last_nan_and_infinity_counting_as_none():
+    """PostgreSQL's numeric and double precision hold NaN and ±Infinity: a priority like that is
+    none (never an error in the delivery lane). None goes last: 9 on Redis (0 first); on AMQP no
+    priority option (its default, 0, is the last)."""
+    from jobs.executors.celery import broker_priority
+    from jobs.executors.scrapyd import ScrapydExecutor
+    from jobs.model import Run
+
+    nothing = (None, float("nan"), float("inf"), float("-inf"), Decimal("NaN"), Decimal("Infinity"))
+    assert [broker_priority(p, low_first=True) for p in nothing] == [9] * len(nothing)
+    assert [broker_priority(p, low_first=False) for p in nothing] == [None] * len(nothing)
+    scrapyd = ScrapydExecutor("http://127.0.0.1:1", "p", "s", priority="urgency")
+    try:
+        for value in nothing:
+            assert "priority" not in scrapyd.job(Run(id="r1", status="running", what="q", inputs={"urgency": value}))
+        assert (
+            scrapyd.job(Run(id="r1", status="running", what="q", inputs={"urgency": Decimal("2.5")}))["priority"]
+            == "2.5"
+        )
+    finally:
+        scrapyd.close()
