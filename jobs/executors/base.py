@@ -132,9 +132,9 @@ class KnowsItsJobs(Protocol):
 
     mode: str
 
-    def has_job(self, run: Run) -> DeliveryOutcome | None:
+    def has_job(self, run: Run, stop: threading.Event | None = None) -> DeliveryOutcome | None:
         """`HandedOver` when the engine knows a job of the run's id, None when it knows none;
-        `Postponed` when it could not be asked."""
+        `Postponed` when it could not be asked, or gave up (its bound passed, or `stop` was set)."""
 
     def ended_jobs(self, runs: list[Run]) -> dict[RunId, str] | None:
         """Of `runs` (handed over, still `running`), those whose job the engine reports ended or

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from jobs.executors.base import ExecutorMisconfigured, Strategies, T
-from jobs.executors.outcome import DeliveryOutcome, HandedOver, Postponed, Released
+from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured, Postponed, Released
 from jobs.model import Run
 
 MODE = "celery"  # the `handed_off` value of a retry sent here
@@ -147,8 +147,9 @@ class CeleryExecutor:
     def dispatch_with(self, strategies: Strategies[T]) -> T:
         return strategies.deliver(self)
 
-    def send(self, run: Run) -> HandedOver | Postponed:
-        """One `send_task`; a broker that cannot be reached postpones the retry (nothing was sent)."""
+    def send(self, run: Run) -> HandedOver | Postponed | Misconfigured:
+        """One `send_task`; a broker that cannot be reached postpones the retry (nothing was sent), one
+        that refuses the credentials leaves it untouched and says so once (a configuration to fix)."""
         options: dict[str, Any] = {"task_id": str(run.id), "kwargs": task_kwargs(run), "retry": False}
         if self.queue:
             options["queue"] = self.queue
@@ -163,6 +164,8 @@ class CeleryExecutor:
         # OperationalError for both, from the same redis-py classes). Only the second may have queued
         # the task: a broker dying between taking it and answering can get it twice.
         except Exception as exc:  # noqa: BLE001 - kombu's and the transport's own errors: the broker is not there
+            if refused_login(exc):
+                return Misconfigured(credentials_refused(self.broker))
             return Postponed(f"Celery broker {self.broker} unreachable: {type(exc).__name__}")
         return HandedOver(MODE)
 

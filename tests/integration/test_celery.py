@@ -277,6 +277,23 @@ def test_doctor_checks_the_broker_answers(fleet_db, redis_url):
     assert PASSWORD not in dead.stdout + dead.stderr
 
 
+def test_a_broker_that_refuses_the_credentials_leaves_the_retry_untouched_and_exits_2(engine, fleet_db, redis_url):
+    with engine.begin() as conn:
+        _, retry = insert_due_retry(conn)
+        due = row(conn, retry)["next_retry_at"]
+    wrong = redis_url.replace(PASSWORD, "not-the-password")
+    result = cli("process", env={"DATABASE_URL": fleet_db, **celery_env(wrong)})
+    said = result.stdout + result.stderr
+    assert result.returncode == 2 and "refused the credentials: check the user and password in CELERY_BROKER_URL" in (
+        one_line_error(result)
+    )
+    assert "not-the-password" not in said and "Traceback" not in said
+    with engine.connect() as conn:  # not postponed: a password is not fixed by waiting
+        back = row(conn, retry)
+    assert back["status"] == "pending_retry" and back["postponements"] == 0 and back["next_retry_at"] == due
+    assert back["handed_off"] is None and back["retry_count"] == 1
+
+
 def test_doctor_says_the_broker_refused_the_credentials_not_that_it_is_down(fleet_db, redis_url):
     wrong = redis_url.replace(PASSWORD, "not-the-password")
     result = cli("doctor", env={"DATABASE_URL": fleet_db, **celery_env(wrong)})
