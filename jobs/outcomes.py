@@ -303,7 +303,8 @@ def _put_back(
     released: str | None = None,
 ) -> RetryOutcome:
     """A delivery the fleet did not take back to `pending_retry`, due `due`, no budget spent; a
-    postponement (`postponed`: why) counts towards the next one's backoff, a release does not,
+    postponement (`postponed`: why) counts towards the next one's backoff, a release does not (but
+    one of a retry marked anew after its process died does: it may be at the fleet),
     nor a configuration the fleet refused (`refused`: said once, by jobs/delivery.py); a release says
     `released` as its reason, else that a signal stopped it."""
     params = {
@@ -312,7 +313,9 @@ def _put_back(
         "sr_now": now,
         "sr_marked_started": delivery.started_at,
         "sr_due": due,
-        "sr_postponed": 0 if postponed is None else 1,
+        # A retry marked anew after its delivering process died may be at the fleet already: put back
+        # unsent, it counts a postponement all the same, so its next delivery asks the fleet first.
+        "sr_postponed": 0 if postponed is None and not delivery.again else 1,
     }
     if conn.execute(rt.queries.put_back, params).first() is None:  # the fleet wrote a status after all
         ended = _end_mark(conn, rt.queries, delivery, now)

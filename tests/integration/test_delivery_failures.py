@@ -145,6 +145,35 @@ def test_a_job_check_that_ate_the_lease_puts_the_retry_back_saying_why(engine, d
     assert (found["status"], found["delivering_by"], found["postponements"]) == ("pending_retry", None, 1)
 
 
+def test_a_lapsed_delivery_put_back_unsent_is_asked_about_first_next_time(engine, db_url, scrapyd):
+    """A retry whose delivering process died (its schedule.json may have reached Scrapyd) is marked
+    anew; this delivery, too, sends nothing (its lease ran short). Put back, it must still be one
+    whose next delivery asks Scrapyd first: a release that counted no postponement forgot it, and
+    the next delivery scheduled a second job of its id."""
+    with engine.begin() as conn:
+        _, retry = insert_due_retry(conn)
+        conn.execute(
+            sa.text(
+                "UPDATE scrape_runs SET status = 'running', handed_off = 'scrapyd', started_at = now(),"
+                " delivering_by = 'a process that died', delivering_until = now() - interval '1 minute'"
+                " WHERE id = :id"
+            ),
+            {"id": retry},
+        )
+    rt = make_runtime(db_url, scrapyd_url=ScrapydUrl(scrapyd.url), scrapyd_project="p", scrapyd_spider="s")
+    rt.clock = clock = ShiftedClock()
+    deliveries = Deliveries(rt, rt.executor, RetryPolicy())
+    scrapyd.on_status = lambda job: setattr(clock, "shift", deliveries.lease - rt.executor.bound / 2)
+    try:
+        outcomes = deliveries.drain(threading.Event())
+    finally:
+        rt.close()
+    assert [o.status for o in outcomes] == ["released"] and scrapyd.scheduled == []
+    with engine.connect() as conn:
+        found = row(conn, retry)
+    assert (found["status"], found["delivering_by"], found["postponements"]) == ("pending_retry", None, 1)
+
+
 def test_scrapyd_s_job_check_is_given_up_past_its_bound_and_at_a_stop(scrapyd):
     """has_job asks status.json (then, on an older Scrapyd, listjobs.json): however long those
     take, it answers within one `bound`, and at once when stopping; not asked is postponed."""
