@@ -20,9 +20,12 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
+
+from loguru import logger
 
 from jobs.executors.base import ExecutorMisconfigured, Strategies, T
 from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured, Postponed, Released
@@ -98,16 +101,31 @@ def redacted(broker_url: str) -> str:
 REFUSED_LOGIN = ("AuthenticationError", "AccessRefused")  # redis-py's and py-amqp's, by name: neither imported here
 
 
+# What redis-py raises once a command was written whole and the broker, still connected, did not
+# answer in time (redis/connection.py's read_response): it may have queued the task. Not a connection
+# found closed at the read: that is what a pooled socket to a broker killed since says (nothing
+# queued), and a Redis that died after queueing it lost it too unless it persists its data.
+REPLY_LOST = ("Timeout reading from",)
+
+
+def raised_from(exc: BaseException | None) -> Iterator[BaseException]:
+    """`exc` and what it was raised from, outermost first."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        yield exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+
+
 def refused_login(exc: BaseException | None) -> bool:
     """Whether the broker answered and refused the credentials (anywhere in what `exc` was raised
     from): a configuration to fix, not a broker that is down."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if type(exc).__name__ in REFUSED_LOGIN:
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(type(e).__name__ in REFUSED_LOGIN for e in raised_from(exc))
+
+
+def reply_lost(exc: BaseException | None) -> bool:
+    """Whether the send failed after the broker was given the whole message (its answer late)."""
+    return any(str(e).startswith(REPLY_LOST) for e in raised_from(exc))
 
 
 def credentials_refused(broker: str) -> str:
@@ -159,13 +177,22 @@ class CeleryExecutor:
                 options["priority"] = priority
         try:
             self.app.send_task(self.task, **options)
-        # Not told apart (none of kombu's or redis-py's errors says which): a connection refused or
-        # timed out before the message was written, and a reply not read after it was (kombu raises
-        # OperationalError for both, from the same redis-py classes). Only the second may have queued
-        # the task: a broker dying between taking it and answering can get it twice.
+        # kombu raises OperationalError alike for a broker that could not be reached (nothing was
+        # written: postponed) and for a reply lost after the whole message was written, told apart
+        # by redis-py's own words: the broker may have queued that one, and a retry is never sent
+        # twice (`sends_again`): handed over; a task that was lost after all, the stuck checker finds.
         except Exception as exc:  # noqa: BLE001 - kombu's and the transport's own errors: the broker is not there
             if refused_login(exc):
                 return Misconfigured(credentials_refused(self.broker))
+            if reply_lost(exc):
+                logger.bind(run_id=str(run.id), event="reply_lost").warning(
+                    "{}: Celery broker {} was sent the task but its answer was lost ({}): counted handed over, "
+                    "never sent twice; if the broker did not keep it, the stuck checker fails the run after STUCK_AFTER",
+                    run.label,
+                    self.broker,
+                    type(exc).__name__,
+                )
+                return HandedOver(MODE)
             return Postponed(f"Celery broker {self.broker} unreachable: {type(exc).__name__}")
         return HandedOver(MODE)
 

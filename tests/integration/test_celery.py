@@ -12,14 +12,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from datetime import datetime, timedelta, timezone
+from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy as sa
 
 from db.engine import make_engine
 from db.layout import Layout, parse_column_map
+from jobs.executors import celery as celery_executor
 from jobs.retries import process_due_retries
 from tests.conftest import REPO, Databases
 from tests.daemons import DaemonProcess, wait_until
@@ -194,6 +197,72 @@ def test_three_processes_at_once_send_each_retry_exactly_once(engine, fleet_db, 
     executions = seen(engine)
     assert sorted(task for task, _, _ in executions) == sorted(str(r) for r in retries), logs  # once each
     assert "Traceback" not in "".join(logs) and PASSWORD not in "".join(logs)
+
+
+class ReplyLosingProxy:
+    """Between stuck-runs and Redis: it passes the first LPUSH on and Redis queues it, but Redis's
+    answer never reaches the client (a network, or a broker, failing between taking a task and
+    answering): the client's read times out, the connection still open."""
+
+    def __init__(self, redis_url: str) -> None:
+        target = urlsplit(redis_url)
+        self.upstream = (target.hostname, target.port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = redis_url.replace(f":{target.port}/", f":{self.listener.getsockname()[1]}/")
+        self.lost = threading.Event()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                threading.Thread(target=self.relay, args=(client,), daemon=True).start()
+
+    def relay(self, client: socket.socket) -> None:
+        with client, socket.create_connection(self.upstream) as upstream:
+            threading.Thread(target=self.answers, args=(upstream, client), daemon=True).start()
+            with contextlib.suppress(OSError):
+                while data := client.recv(65536):
+                    upstream.sendall(data)
+                    if b"LPUSH" in data:
+                        self.lost.set()  # the answers stop here
+
+    def answers(self, upstream: socket.socket, client: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := upstream.recv(65536):
+                if self.lost.is_set():
+                    return
+                client.sendall(data)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_task_whose_reply_was_lost_is_never_sent_again(engine, fleet_db, redis_url, monkeypatch):
+    """The broker took the task and its answer never came: postponed, the retry would be sent a
+    second time (two tasks of one id, two scrapes). Counted handed over, it is sent once; had the
+    broker lost it, the stuck checker would find the run like any lost task (SPEC §16)."""
+    import redis
+
+    with engine.begin() as conn:
+        _, retry = insert_due_retry(conn)
+    queue = f"lost-{uuid.uuid4().hex[:8]}"  # no worker consumes it
+    proxy = ReplyLosingProxy(redis_url)
+    monkeypatch.setattr(celery_executor, "CONNECT_TIMEOUT", timedelta(seconds=1))  # its read times out sooner
+    rt = runtime(fleet_db, proxy.url, celery_queue=queue)
+    try:
+        first = process_due_retries(rt)
+        second = process_due_retries(rt)
+    finally:
+        rt.close()
+        proxy.close()
+    assert proxy.lost.is_set() and [o.status for o in first.executed] == ["handed_off"] and not second.executed
+    store = redis.Redis.from_url(redis_url)
+    assert store.llen(queue) == 1
+    store.delete(queue)
+    with engine.connect() as conn:
+        handed = row(conn, retry)
+    assert (handed["status"], handed["handed_off"], handed["delivering_by"]) == ("running", "celery", None)
 
 
 def test_an_unreachable_broker_puts_the_retry_back_with_no_budget_spent(engine, fleet_db):
