@@ -79,15 +79,15 @@ def chain_counts(engine: sa.Engine) -> dict:
         )
 
 
-def sweeper_at_start(db_url: str, start: Path, ready: Path, *more: str) -> subprocess.Popen:
-    """A sweeping process (batches of 5, no sweep lock) that says when it is ready and waits for `start`."""
+def sweeper_at_start(db_url: str, start: Path, ready: Path, *more: str, batch: int = 5) -> subprocess.Popen:
+    """A sweeping process (batches of `batch`, no sweep lock) that says when it is ready and waits for `start`."""
     return spawn(
         "-m",
         "tests.procs",
         "sweeper",
         db_url,
         "--batch",
-        "5",
+        str(batch),
         "--no-lock",
         *more,
         "--start",
@@ -114,7 +114,9 @@ def test_concurrent_fix_scripts_create_exactly_one_retry_per_failed_attempt(db_u
     fixers = [
         spawn("-m", "tests.procs", "at_start", str(start), str(ready[n]), "fix", "--json", env=env) for n in range(3)
     ]
-    sweepers = [sweeper_at_start(db_url, start, ready[3 + n], "--rounds", "3") for n in range(3)]
+    # Batches of one: a sweep of 300 in batches of 5 had become fast enough (a prepared statement,
+    # commits not waited for) that one sweeper failed all 300 before the others had seen the start.
+    sweepers = [sweeper_at_start(db_url, start, ready[3 + n], "--rounds", "3", batch=1) for n in range(3)]
     start_together(fixers + sweepers, ready, start)
     fixed = [json.loads(out)["sweep"]["failed"] for out in finish(fixers)]
     swept = [json.loads(out)["failed"] for out in finish(sweepers)]
