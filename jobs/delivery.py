@@ -37,8 +37,7 @@ from db.engine import PRECEDED_BY, database_errors
 from jobs.batching import Batches, Combined
 from jobs.events import RetryEnded
 from jobs.executors.base import Delivers, ExecutorMisconfigured, KnowsItsJobs
-from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured, Released
-from jobs.executors.webhook import clean
+from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured, Released, clean
 from jobs.model import RunId
 from jobs.outcomes import Marked, RetryOutcome, confirmed, record_outcome
 from jobs.outcomes import being_delivered as being_delivered  # where the other modules import it

@@ -20,6 +20,7 @@ How counts are worded, everywhere the tool prints one (SPEC §3, §6, §10):
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -200,3 +201,13 @@ def run_label(what: object, retry_count: int, max_retries: int) -> str:
     """How operators name a run: `[RETRY 1/4] Data Architect in Belgium` (`what`: RUN_LABEL's text)."""
     what = str(what) if what not in (None, "") else "(no label)"
     return f"[RETRY {retry_count}/{max_retries}] {what}" if retry_count > 0 else what
+
+
+def known_priority(priority: object) -> float | None:
+    """A run's priority (COLUMN_MAP's `priority`) as a number; None when it has none: NULL, or NaN
+    or ±Infinity (a numeric or double precision column holds them), or not a number at all."""
+    try:
+        number = float(priority)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None

@@ -18,7 +18,6 @@ AMQP brokers run the higher number first, so it travels as it is. A run with non
 from __future__ import annotations
 
 import json
-import math
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -30,6 +29,7 @@ from loguru import logger
 from jobs.executors.base import ExecutorMisconfigured, Strategies, T
 from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured, Postponed, Released
 from jobs.model import Run
+from jobs.rules import known_priority
 
 MODE = "celery"  # the `handed_off` value of a retry sent here
 EXTRA = "pip install 'stuck-runs[celery]'"
@@ -54,16 +54,6 @@ def load_celery() -> Any:
 def runs_low_first(broker_url: str) -> bool:
     """Whether the broker's transport runs priority 0 first (Redis) rather than the highest (AMQP)."""
     return urlsplit(broker_url).scheme.lower() in ("redis", "rediss", "sentinel")
-
-
-def known_priority(priority: object) -> float | None:
-    """The run's priority as a number; None when it has none: NULL, or NaN or ±Infinity (a numeric
-    or double precision column holds them), or not a number at all."""
-    try:
-        number = float(priority)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def broker_priority(priority: object, low_first: bool) -> int | None:

@@ -17,6 +17,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 
+def clean(text: str) -> str:
+    """Text an answer (or an error) brought, fit for a log line and the error column: no NUL
+    (PostgreSQL refuses it), no control characters (a terminal would obey them)."""
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
 @dataclass(frozen=True)
 class Completed:
     """The scraper finished successfully."""

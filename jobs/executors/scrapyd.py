@@ -27,11 +27,19 @@ from typing import Any
 import httpx
 
 from jobs.executors.base import Strategies, T
-from jobs.executors.celery import known_priority
-from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured, OutcomeUnknown, Postponed, Released
+from jobs.executors.outcome import (
+    DeliveryOutcome,
+    HandedOver,
+    Misconfigured,
+    OutcomeUnknown,
+    Postponed,
+    Released,
+    clean,
+)
 from jobs.executors.senders import ClientPerThread, Senders, answer_within
-from jobs.executors.webhook import ONE_AT_A_TIME, clean
+from jobs.executors.webhook import ONE_AT_A_TIME
 from jobs.model import Run, RunId
+from jobs.rules import known_priority
 
 MODE = "scrapyd"  # the `handed_off` value of a retry scheduled on Scrapyd
 CONNECT_TIMEOUT = timedelta(seconds=5)

@@ -32,7 +32,7 @@ from urllib.parse import quote
 import httpx
 
 from jobs.executors.base import Strategies, T
-from jobs.executors.outcome import DeliveryOutcome, Failed, HandedOver, OutcomeUnknown, Postponed, Released
+from jobs.executors.outcome import DeliveryOutcome, Failed, HandedOver, OutcomeUnknown, Postponed, Released, clean
 from jobs.executors.senders import ClientPerThread, Senders, answer_within
 from jobs.model import Run
 from jobs.patterns import bounded_retry_after
@@ -67,12 +67,6 @@ def judge(
         return Postponed(f"Webhook answered {words}", retry_after=after)
     detail = clean(" ".join(body.split()))[:ERROR_BODY_CHARS]
     return Failed(f"Webhook answered {words}" + (f": {detail}" if detail else ""), retry_after=after)
-
-
-def clean(text: str) -> str:
-    """Text an answer brought, fit for a log line and the error column: no NUL (PostgreSQL refuses
-    it), no control characters (a terminal would obey them)."""
-    return "".join(c if c.isprintable() else " " for c in text)
 
 
 def retry_after_delay(value: str | None) -> timedelta | None:

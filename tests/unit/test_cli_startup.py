@@ -69,6 +69,17 @@ def test_check_loads_no_retry_processor_or_executors():
     assert loaded_by("check", env=env, heavy=PROCESSING) == []
 
 
+def test_a_process_that_runs_retries_here_loads_no_http_client():
+    # httpx is the webhook's and Scrapyd's (jobs/executors/wiring.py imports them only for those):
+    # a command executor's `process` has no use for it.
+    env = {
+        "DATABASE_URL": "postgresql://u@127.0.0.1:1/db",
+        "PATH": "/usr/bin:/bin",
+        "SCRAPE_RUN_COMMAND": "true",
+    }
+    assert loaded_by("process", env=env, heavy=("httpx", "jobs.delivery")) == ["jobs.delivery"]
+
+
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_the_listed_short_help_is_the_commands_own(name):
     command = cli.get_command(click.Context(cli), name)
