@@ -2,20 +2,24 @@
 tests where the process is not the point, the same server in a thread: `start_threaded_receiver`).
 
     python -m tests.receiver --port-file PATH --log PATH --script PATH [--secret S] [--port N]
-        [--database-url URL --table NAME [--fail-every N] [--at-once]]
+        [--database-url URL --table NAME [--fail-every N] [--at-once]] [--log-answers]
 
 Every request (any method, any path) is logged on arrival, before it is answered, as one JSON
 line. What request i (0-based) is answered is read from the script at that moment (a test may
 rewrite it while the receiver runs): `{"answers": [token, ...], "default": token}` gives
 answers[i], or the default past the list; a script that cannot be read means "ok". Tokens:
 ok, ok:NNN (2xx), status:NNN, 429[:SECONDS], 503[:SECONDS] (Retry-After), hang:SECONDS (then
-202), reset (RST, no answer), redirect-other (307 to 127.0.0.2), redirect-same (307 to
+202), cut[:NNN] (the status line and headers of NNN, default 202, then the connection closed
+before the body, as a receiver killed mid-answer leaves it), reset (RST, no answer), redirect-other (307 to 127.0.0.2), redirect-same (307 to
 /redirected).
 
 Fleet mode (--database-url and --table): a 2xx answer to a JSON body with an "id" hands the run
 to a background "scrape" that completes its row a moment later (every Nth accepted run fails
 with a 503 under --fail-every N); an Idempotency-Key already accepted is answered 200
 `{"duplicate": true}` and not run again. `{"event": ...}` lines record each scrape's end.
+With --log-answers each request's line carries an id (`"n"`) and an `{"event": "answered", "n":
+...}` line follows once its answer went out in full: an answer the process died in the middle
+of (or the client gave up on) has none.
 With --at-once the fleet is as fast as a fleet can be: it writes `completed` conditionally
 (`... WHERE status = 'running'`, as SPEC §12 lets a fleet write) before it even answers.
 """
@@ -61,6 +65,7 @@ class Answer:
     delay_seconds: float = 0.0
     reset: bool = False
     drip_seconds: float = 0.0  # headers sent a byte every 0.2 s for this long, then the answer
+    cut: bool = False  # the status line and headers sent, then the connection closed before the body
 
     @property
     def accepts(self) -> bool:
@@ -92,6 +97,8 @@ def answer_for(token: str, port: int) -> Answer:
             return Answer(delay_seconds=float(argument))
         if token == "reset":
             return Answer(reset=True)
+        if name == "cut":
+            return Answer(status=int(argument) if argument else 202, cut=True)
         if token == "redirect-other":
             return _text(307, (("Location", f"http://127.0.0.2:{port}/elsewhere"),))
         if name == "redirect-same":  # redirect-same:302 answers that code instead of 307
@@ -202,15 +209,17 @@ class ScriptedServer(ThreadingHTTPServer):
         self.script = Path(args.script)
         self.secret = args.secret
         self.log = JsonLog(args.log)
+        self.log_answers = bool(getattr(args, "log_answers", False))
         fleet = args.database_url and Fleet(args.database_url, args.table, args.fail_every, self.log, args.at_once)
         self.fleet = fleet or None
         self.lock = threading.Lock()
         self.received = 0
 
-    def next_token(self) -> str:
+    def next_token(self) -> tuple[int, str]:
+        """This request's number in the process and the script's answer for it."""
         with self.lock:
             index, self.received = self.received, self.received + 1
-        return token_at(self.script, index)
+        return index, token_at(self.script, index)
 
 
 class ScriptedHandler(BaseHTTPRequestHandler):
@@ -228,7 +237,7 @@ class ScriptedHandler(BaseHTTPRequestHandler):
     def handle_any(self) -> None:
         body = self._read_body()
         server = self.server
-        token = server.next_token()
+        index, token = server.next_token()
         answer = answer_for(token, server.port)
         key = self.headers.get("Idempotency-Key")
         run_id = run_id_in(body) if server.fleet and answer.accepts else None
@@ -238,8 +247,11 @@ class ScriptedHandler(BaseHTTPRequestHandler):
         headers: dict[str, str] = {}
         for name, value in self.headers.items():
             headers[name.lower()] = f"{headers[name.lower()]}, {value}" if name.lower() in headers else value
+        # Which request, for its `answered` line: the count restarts with the process, the pid not.
+        n = f"{os.getpid()}-{index}" if server.log_answers else None
         server.log.write(
             {
+                **({"n": n} if n else {}),
                 "method": self.command,
                 "path": self.path,
                 "headers": headers,
@@ -256,6 +268,9 @@ class ScriptedHandler(BaseHTTPRequestHandler):
             self._send(answer)
         except OSError:
             self.close_connection = True  # the client gave up (its timeout); the run was accepted anyway
+        else:
+            if n and not (answer.reset or answer.cut):
+                server.log.write({"event": "answered", "n": n})
         if number is not None:
             threading.Thread(target=server.fleet.scrape, args=(run_id, number), daemon=True).start()
 
@@ -299,6 +314,11 @@ class ScriptedHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", answer.content_type)
             self.send_header("Content-Length", str(len(answer.body)))
         self.end_headers()
+        if answer.cut:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)  # the client reads the headers, then the end
+            self.close_connection = True
+            return
         if not bodiless:
             self.wfile.write(answer.body)
 
@@ -325,6 +345,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--table")
     parser.add_argument("--fail-every", type=int)
     parser.add_argument("--at-once", action="store_true")
+    parser.add_argument("--log-answers", action="store_true", help="log when each answer went out in full")
     args = parser.parse_args(argv)
     if bool(args.database_url) != bool(args.table):
         parser.error("--database-url and --table go together (fleet mode needs both)")
@@ -429,6 +450,7 @@ def _receiver_args(
     table: str | None,
     fail_every: int | None,
     at_once: bool,
+    log_answers: bool = False,
 ) -> list[str]:
     """The receiver's command line in `directory`, its script written there."""
     if isinstance(script, dict):
@@ -444,6 +466,8 @@ def _receiver_args(
         args += ["--fail-every", str(fail_every)]
     if at_once:
         args.append("--at-once")
+    if log_answers:
+        args.append("--log-answers")
     write_script(directory / "script.json", answers, default)
     return args
 
@@ -472,11 +496,12 @@ def start_receiver(
     table: str | None = None,
     fail_every: int | None = None,
     at_once: bool = False,
+    log_answers: bool = False,
 ) -> Receiver:
     """Starts `python -m tests.receiver` in a directory of its own under tmp_path and waits for
     its port. `script` is `{"answers": [...], "default": ...}` or just the answers (then "ok")."""
     directory = Path(tempfile.mkdtemp(prefix="receiver-", dir=tmp_path))
-    args = _receiver_args(directory, script, secret, database_url, table, fail_every, at_once)
+    args = _receiver_args(directory, script, secret, database_url, table, fail_every, at_once, log_answers)
     port_file = directory / "port"
     receiver = Receiver(start_process("tests.receiver", args, directory / "stderr.txt"), 0, directory)
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS

@@ -5,7 +5,8 @@ and reports the receiver's answer as an outcome. The hand-over around it (the re
 `running` and marked before the POST, confirmed or put back after it, delivered again with the
 same `Idempotency-Key` only after a delivering process died) is jobs/delivery.py's.
 
-What an answer means is decided by `judge`, pure: 2xx hands the retry over; 429 and 503 (with a
+What an answer means is decided by `judge`, pure: 2xx hands the retry over (its status line is
+the receiver's word: a body cut short after it changes nothing); 429 and 503 (with a
 `Retry-After` or not), a connection error or a timeout postpone it, no budget spent; any other
 status is a failed attempt whose error names it, so the failure patterns (§7) decide: 404/410
 and 401/403 end the chain. A redirect is followed only when it repeats the POST (307, 308) to the
@@ -210,6 +211,12 @@ class WebhookExecutor:
             response = client.send(request, stream=True)
             try:
                 start = _body_start(response)
+            except httpx.TransportError:
+                # A 2xx hands the retry over (SPEC §12): a receiver that said so and died before its
+                # body took it. Any other answer cut short is a connection error, postponed.
+                if not response.is_success:
+                    raise
+                start = ""
             finally:
                 response.close()
             if not response.is_redirect:

@@ -123,6 +123,28 @@ def test_a_reset_or_a_timeout_postpones_the_retry(db_url, receiver, webhook_runt
 
 
 @pytest.mark.parametrize(
+    ("answer", "outcome", "kept"),
+    [
+        ("cut:202", "handed_off", ("running", "webhook", 0)),
+        ("cut:500", "postponed", ("pending_retry", None, 1)),  # any other answer cut short: a connection error
+    ],
+)
+def test_a_2xx_whose_body_is_cut_short_still_hands_the_retry_over(
+    db_url, receiver, webhook_runtime, answer, outcome, kept
+):
+    """SPEC §12: a 2xx hands it over. A receiver that said 202 and died before its body took the
+    retry: delivered again, it would be taken twice by a fleet that lost its keys with the crash."""
+    receiver.set_script([answer])
+    rt = webhook_runtime(db_url, receiver)
+    _, retry = due_retry(rt)
+    assert [o.status for o in process_due_retries(rt).executed] == [outcome]
+    with rt.engine.connect() as conn:
+        written = row(conn, retry)
+    assert (written["status"], written["handed_off"], written["postponements"]) == kept
+    assert len(receiver.requests()) == 1
+
+
+@pytest.mark.parametrize(
     ("code", "pattern"), [(404, "not_found"), (410, "not_found"), (401, "forbidden"), (403, "forbidden")]
 )
 def test_404_410_401_403_end_the_chain_as_a_permanent_error(db_url, receiver, webhook_runtime, code, pattern):
@@ -303,6 +325,28 @@ def test_a_receiver_dripping_bytes_is_given_up_after_the_timeout_not_days(receiv
     executor.close()
     assert isinstance(delivered, OutcomeUnknown) and "did not answer within 1s" in delivered.error
     assert took < 5, took  # connect + read timeout, though no single read ever waited 1 s
+
+
+def test_the_receiver_logs_an_answer_that_went_out_in_full_and_no_other(tmp_path):
+    """What the chaos auditor reads (--log-answers): an answer the receiver died in the middle of,
+    or reset, has no `answered` line; one sent in full has."""
+    from jobs.executors.outcome import HandedOver, Postponed
+    from jobs.executors.webhook import WebhookExecutor
+    from jobs.model import Run
+
+    receiver = start_receiver(tmp_path, ["ok", "cut:202", "reset"], log_answers=True)
+    executor = WebhookExecutor(receiver.url + "/r/{run_id}", None, timedelta(seconds=2))
+    try:
+        outcomes = [
+            executor.deliver(Run(id=f"r{i}", status="pending_retry", what="x"), threading.Event()) for i in range(3)
+        ]
+    finally:
+        executor.close()
+        receiver.stop()
+    assert [type(o) for o in outcomes] == [HandedOver, HandedOver, Postponed]
+    requests = receiver.requests()
+    assert [r["answer"] for r in requests] == ["ok", "cut:202", "reset"] and len({r["n"] for r in requests}) == 3
+    assert [e["n"] for e in receiver.events() if e["event"] == "answered"] == [requests[0]["n"]]
 
 
 def test_a_text_id_a_header_cannot_hold_is_percent_encoded_in_the_key(receiver):
