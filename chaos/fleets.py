@@ -82,6 +82,7 @@ class WebhookFleet:
             "scrape_runs",
             "--fail-every",
             "5",
+            "--log-answers",  # the auditor tells an answer the monkey cut short from one the daemon heard
         ]
         with open(self.work / "receiver.stderr", "a") as err:
             self.process = subprocess.Popen(
