@@ -29,7 +29,11 @@ class Notifier:
         self._watchdog = (
             timedelta(microseconds=int(usec)) if usec.isdigit() and (not pid or pid == str(os.getpid())) else None
         )
+        # Sent to from the watchdog job, the jobs' status and a stop, each a thread of its own: one
+        # socket, opened under the lock; none once closed (a last watchdog ping may come after).
         self._socket: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._closed = False
 
     @property
     def enabled(self) -> bool:
@@ -44,9 +48,12 @@ class Notifier:
         if not self._address:
             return
         try:
-            if self._socket is None:
-                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._socket.sendto("\n".join(fields).encode(), self._address)
+            with self._lock:
+                if self._closed:
+                    return
+                if self._socket is None:
+                    self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._socket.sendto("\n".join(fields).encode(), self._address)
         except OSError as exc:
             logger.warning("could not notify systemd at {}: {}", self._address.lstrip("\0"), exc)
 
@@ -63,9 +70,11 @@ class Notifier:
         self.send("STOPPING=1", "STATUS=stopping")
 
     def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
+        with self._lock:
+            self._closed = True
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
 
 
 class JobsStatus:

@@ -101,7 +101,9 @@ def _notifying_server() -> type:
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             if self.started:
-                Notifier().ready(f"serving on {self.config.host}:{self.config.port}")
+                notifier = Notifier()
+                notifier.ready(f"serving on {self.config.host}:{self.config.port}")
+                notifier.close()  # the one message serve sends
 
     return NotifyingServer
 

@@ -126,6 +126,36 @@ def open_sockets() -> set[str]:
     return found
 
 
+def test_the_notifier_opens_one_socket_whatever_the_threads_and_none_once_closed(notify_socket, monkeypatch):
+    """The watchdog, the jobs' status and a stop send from threads of their own: two opening the
+    socket at once left one unclosed (a ResourceWarning in a full run), and a watchdog ping after
+    the daemon's close opened one nobody closed."""
+    import scheduler.notify
+
+    sock, path = notify_socket
+    opened = []
+    real_socket = socket.socket
+
+    def slow_socket(*args):  # widens the window two threads could both open one in
+        time.sleep(0.05)
+        opened.append(real_socket(*args))
+        return opened[-1]
+
+    monkeypatch.setattr(scheduler.notify.socket, "socket", slow_socket)
+    notifier = Notifier({"NOTIFY_SOCKET": path})
+    start = threading.Barrier(8)
+    pings = [threading.Thread(target=lambda: (start.wait(), notifier.watchdog())) for _ in range(8)]
+    for thread in pings:
+        thread.start()
+    for thread in pings:
+        thread.join()
+    assert len(opened) == 1 and fields_of(receive(sock, time.monotonic() + 0.5)) == ["WATCHDOG=1"] * 8
+    notifier.close()
+    notifier.watchdog()
+    assert len(opened) == 1 and opened[0].fileno() == -1  # closed, and nothing opened after
+    assert receive(sock, time.monotonic() + 0.3) == []
+
+
 def test_without_notify_socket_nothing_is_sent(notify_socket, monkeypatch):
     """Given an environment without NOTIFY_SOCKET, the notifier opens no socket and sends nothing,
     not even to the socket the process's own environment names."""
