@@ -41,7 +41,7 @@ from jobs.executors.outcome import DeliveryOutcome, HandedOver, Misconfigured, R
 from jobs.model import RunId
 from jobs.outcomes import Marked, RetryOutcome, confirmed, record_outcome
 from jobs.outcomes import being_delivered as being_delivered  # where the other modules import it
-from jobs.rules import RetryPolicy
+from jobs.rules import RetryPolicy, known_priority
 from jobs.runtime import Runtime
 
 # Beyond the delivery's own bound: the answer's confirm must commit within it, and two hosts'
@@ -292,8 +292,8 @@ class Deliveries:
 
     def start_order(self, row) -> tuple:
         """SPEC §16's order within a set marked at once, as `mark_due` chose them: the highest
-        priority first (none last), then the longest overdue."""
-        priority = row[self.rt.runs.priority] if self.rt.runs.priority else None
+        priority first (none last: NULL, NaN, ±Infinity), then the longest overdue."""
+        priority = known_priority(row[self.rt.runs.priority]) if self.rt.runs.priority else None
         return (priority is None, -(priority or 0), row["_sr_was_due"])
 
     def marked(self, row, params: dict, now: datetime, *, again: bool = False) -> Marked:

@@ -189,9 +189,15 @@ class RetryStatements(TableStatements):
 
     def _start_order(self) -> list[sa.ColumnElement]:
         """Which due retry starts first when slots are fewer (SPEC §16): the highest `priority`
-        (when COLUMN_MAP maps one; none last), then the longest overdue."""
+        (when COLUMN_MAP maps one; none last), then the longest overdue. NaN and ±Infinity (a
+        numeric or double precision column holds them) are none, as jobs.rules.known_priority
+        says: `p - p = 0` holds for finite numbers only (PostgreSQL sorts NaN above them all)."""
         t, priority = self.t, self.runs.priority
-        return [t.c[priority].desc().nulls_last(), t.c.next_retry_at] if priority else [t.c.next_retry_at]
+        if not priority:
+            return [t.c.next_retry_at]
+        column = t.c[priority]
+        finite = sa.case((column - column == 0, column), else_=sa.null())
+        return [finite.desc().nulls_last(), t.c.next_retry_at]
 
     def _claim(
         self, *, one: bool, to_queue: bool = False, deliver: bool = False, limit: sa.ColumnElement | None = None
