@@ -10,8 +10,8 @@ rewrite it while the receiver runs): `{"answers": [token, ...], "default": token
 answers[i], or the default past the list; a script that cannot be read means "ok". Tokens:
 ok, ok:NNN (2xx), status:NNN, 429[:SECONDS], 503[:SECONDS] (Retry-After), hang:SECONDS (then
 202), cut[:NNN] (the status line and headers of NNN, default 202, then the connection closed
-before the body, as a receiver killed mid-answer leaves it), reset (RST, no answer), redirect-other (307 to 127.0.0.2), redirect-same (307 to
-/redirected).
+before the body, as a receiver killed mid-answer leaves it), reset (RST, no answer),
+redirect-other (307 to 127.0.0.2), redirect-same (307 to /redirected).
 
 Fleet mode (--database-url and --table): a 2xx answer to a JSON body with an "id" hands the run
 to a background "scrape" that completes its row a moment later (every Nth accepted run fails
@@ -209,7 +209,7 @@ class ScriptedServer(ThreadingHTTPServer):
         self.script = Path(args.script)
         self.secret = args.secret
         self.log = JsonLog(args.log)
-        self.log_answers = bool(getattr(args, "log_answers", False))
+        self.log_answers = args.log_answers
         fleet = args.database_url and Fleet(args.database_url, args.table, args.fail_every, self.log, args.at_once)
         self.fleet = fleet or None
         self.lock = threading.Lock()
